@@ -1,0 +1,11 @@
+"""Cell2Sentence for Scanpy: cells as ranked gene sentences, read and written by language models."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+from . import models, pl, pp, prompts, tl
+
+__all__ = ["models", "pl", "pp", "prompts", "tl"]
+
+__version__ = version("sc-c2s")

@@ -1,0 +1,173 @@
+"""Access to :class:`~anndata.AnnData` and :class:`~mudata.MuData`: every verb reads and writes through here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+
+if TYPE_CHECKING:
+    from mudata import MuData
+
+#: Key of the :attr:`~anndata.AnnData.uns` entry written by :func:`sc_c2s.pp.to_sentences`.
+C2S_KEY = "c2s"
+#: Key of the ranked gene indices in :attr:`~anndata.AnnData.obsm`.
+GENES_KEY = "c2s_genes"
+#: Key of the sentence strings in :attr:`~anndata.AnnData.obs`.
+SENTENCE_KEY = "c2s_sentence"
+DEFAULT_MOD = "rna"
+
+
+def _is_mudata(data: object) -> bool:
+    try:
+        from mudata import MuData
+    except ImportError:  # pragma: no cover - mudata is a dependency
+        return False
+    return isinstance(data, MuData)
+
+
+@dataclass
+class Matrix:
+    """The expression matrix a verb works on, with the names of its genes."""
+
+    X: Any
+    """In-memory or backed matrix, cells × genes."""
+    var_names: pd.Index
+    """Names of the genes in the columns of :attr:`X`."""
+    var: pd.DataFrame
+    """Gene annotation matching the columns of :attr:`X`."""
+    source: str
+    """Where it came from, for messages: ``"X"``, ``"layers['counts']"`` or ``"raw.X"``."""
+    log1p_base: float | None
+    """Base of ``log1p`` recorded by :func:`scanpy.pp.log1p` for this source, ``None`` if unknown."""
+
+
+class DataHandler:
+    """One entry point for :class:`~anndata.AnnData` and :class:`~mudata.MuData`.
+
+    Parameters
+    ----------
+    data
+        The object the user passed.
+    mod
+        Modality of a :class:`~mudata.MuData` that holds the expression (default ``"rna"``).
+        Ignored for :class:`~anndata.AnnData`.
+    """
+
+    def __init__(self, data: AnnData | MuData, mod: str | None = None) -> None:
+        if _is_mudata(data):
+            mod = DEFAULT_MOD if mod is None else mod
+            if mod not in data.mod:
+                msg = f"MuData has no modality {mod!r}; pass `mod=` with one of {list(data.mod)}."
+                raise KeyError(msg)
+            self.data = data
+            self.adata: AnnData = data.mod[mod]
+            self.mod: str | None = mod
+        elif isinstance(data, AnnData):
+            self.data = data
+            self.adata = data
+            self.mod = None
+        else:
+            msg = f"Expected an AnnData or MuData object, got {type(data).__name__}."
+            raise TypeError(msg)
+
+    @property
+    def is_mudata(self) -> bool:
+        """Whether the user passed a :class:`~mudata.MuData`."""
+        return self.mod is not None
+
+    @property
+    def is_view(self) -> bool:
+        """Whether the AnnData holding the results is a view."""
+        return self.adata.is_view
+
+    def matrix(self, *, layer: str | None = None, use_raw: bool | None = None) -> Matrix:
+        """Select the expression matrix the way scanpy does.
+
+        ``use_raw=None`` means :attr:`~anndata.AnnData.raw` when it exists and no layer is asked for.
+        """
+        adata = self.adata
+        if layer is not None and use_raw:
+            msg = "Pass either `layer=` or `use_raw=True`, not both."
+            raise ValueError(msg)
+        if use_raw is None:
+            use_raw = layer is None and adata.raw is not None
+        log1p = adata.uns.get("log1p", {})
+        base = log1p.get("base", None) if isinstance(log1p, dict) else None
+        if use_raw:
+            if adata.raw is None:
+                msg = "`use_raw=True` but the AnnData has no `.raw`; pass `use_raw=False` or a `layer=`."
+                raise ValueError(msg)
+            raw = adata.raw
+            return Matrix(raw.X, raw.var_names, raw.var, "raw.X", base)
+        if layer is not None:
+            if layer not in adata.layers:
+                msg = f"No layer {layer!r}; available layers: {list(adata.layers)}."
+                raise KeyError(msg)
+            return Matrix(adata.layers[layer], adata.var_names, adata.var, f"layers[{layer!r}]", base)
+        return Matrix(adata.X, adata.var_names, adata.var, "X", base)
+
+    @property
+    def obs_names(self) -> pd.Index:
+        """Names of the cells."""
+        return self.adata.obs_names
+
+    @property
+    def n_obs(self) -> int:
+        """Number of cells."""
+        return self.adata.n_obs
+
+    @property
+    def uns(self) -> dict:
+        """The :attr:`~anndata.AnnData.uns` that holds C2S results."""
+        return self.adata.uns
+
+    @property
+    def obs(self) -> pd.DataFrame:
+        """The :attr:`~anndata.AnnData.obs` of the modality that holds C2S results."""
+        return self.adata.obs
+
+    @property
+    def obsm(self):
+        """The :attr:`~anndata.AnnData.obsm` of the modality that holds C2S results."""
+        return self.adata.obsm
+
+    def c2s(self) -> dict:
+        """The results of :func:`sc_c2s.pp.to_sentences`, or a clear error if it has not run."""
+        if C2S_KEY not in self.uns or GENES_KEY not in self.obsm:
+            where = f"the {self.mod!r} modality" if self.is_mudata else "this AnnData"
+            msg = (
+                f"No cell sentences found in {where} (`uns[{C2S_KEY!r}]` and `obsm[{GENES_KEY!r}]`). "
+                "Run `sc_c2s.pp.to_sentences(adata)` first."
+            )
+            raise KeyError(msg)
+        return self.uns[C2S_KEY]
+
+    def save(self, attr: str, key: str, value: Any) -> None:
+        """Write one result into ``obs``, ``obsm`` or ``uns``; ``obs`` columns are mirrored into ``mdata.obs``."""
+        getattr(self.adata, attr)[key] = value
+        if attr == "obs" and self.is_mudata:
+            self.data.obs[f"{self.mod}:{key}"] = pd.Series(np.asarray(value), index=self.adata.obs_names).reindex(
+                self.data.obs_names
+            )
+
+    def save_all(self, results: dict[tuple[str, str], Any], *, start: Any, message: str = "    finished") -> None:
+        """Write several results and log them the way scanpy does (``added`` plus where each went)."""
+        for (attr, key), value in results.items():
+            self.save(attr, key, value)
+        where = "mdata.mod[{!r}].".format(self.mod) if self.is_mudata else "adata."
+        added = ",\n    ".join(f"{key!r}, {where}{attr}" for attr, key in results)
+        logg.info(message, time=start, deep=f"added\n    {added}")
+
+
+def prepare(data: AnnData | MuData, *, copy: bool = False) -> AnnData | MuData:
+    """Return the object to write into: a copy when asked, otherwise the user's object (views are actualised)."""
+    if copy:
+        return data.copy()
+    if isinstance(data, AnnData) and data.is_view:
+        data._init_as_actual(data.copy())
+    return data

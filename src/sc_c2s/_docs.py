@@ -1,0 +1,46 @@
+"""Parameter descriptions shared by several functions, written once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from inspect import cleandoc
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable)
+
+
+def doc_params(**params: str) -> Callable[[F], F]:
+    """Fill ``{name}`` fields of a docstring with shared parameter descriptions."""
+
+    def decorate(obj: F) -> F:
+        obj.__doc__ = cleandoc(obj.__doc__).format_map(params)
+        return obj
+
+    return decorate
+
+
+doc_adata = """\
+adata
+    Annotated data matrix of cells × genes, or a :class:`~mudata.MuData` whose ``mod`` modality holds them."""
+
+doc_mod = """\
+mod
+    Modality of a :class:`~mudata.MuData` that holds gene expression (default ``"rna"``); ignored for
+    :class:`~anndata.AnnData`. Columns added to ``obs`` are mirrored into ``mdata.obs`` as ``"{mod}:{key}"``."""
+
+doc_model = """\
+model
+    A model from :func:`sc_c2s.models.load`, or anything it accepts: a name from
+    :func:`sc_c2s.models.available`, ``"demo"``, or the path of a checkpoint directory."""
+
+doc_device = """\
+device
+    Torch device to run on; ``None`` picks the model's device."""
+
+doc_batch_size = """\
+batch_size
+    Cells per forward pass; ``None`` picks a size for the device (larger on a GPU)."""
+
+doc_organism = """\
+organism
+    ``"Homo sapiens"`` or ``"Mus musculus"`` for the prompt; ``None`` takes the model's."""

@@ -1,0 +1,73 @@
+"""C2S metadata of a checkpoint: what a model needs to be prompted and read correctly.
+
+Checkpoints made by this package carry it as ``c2s_metadata.json`` beside the weights; published checkpoints get
+the same fields from the registry.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+#: File name of the metadata inside a checkpoint directory.
+METADATA_FILE = "c2s_metadata.json"
+#: Tasks a checkpoint can be trained for, named after the prompt templates in :mod:`sc_c2s.prompts`.
+TASKS = ("cell_type_prediction", "cell_type_generation")
+
+
+@dataclass
+class C2SMetadata:
+    """What a C2S checkpoint needs beside its weights."""
+
+    name: str = ""
+    """Registry name or directory name."""
+    prompt_style: str = "c2s"
+    """Template family; ``"c2s"`` is the published format of :mod:`sc_c2s.prompts`."""
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    """Tasks the model was trained for."""
+    organism: str = "Homo sapiens"
+    """Organism named in prompts."""
+    n_genes: int = 200
+    """Genes per sentence the model was trained on."""
+    upper_case: bool = True
+    """Whether gene names are upper-cased in prompts."""
+    vocabulary: list[str] | None = None
+    """Gene words the model knows (``None``: any, as for published checkpoints)."""
+    labels: list[str] | None = None
+    """Cell types the model was trained on, when known."""
+    rank_fit: dict[str, Any] | None = None
+    """Rank → expression fit of the training data (see :class:`sc_c2s._rank_model.RankFit`)."""
+    training: dict[str, Any] = field(default_factory=dict)
+    """How the model was trained: base model, data, split, epochs, learning rate…"""
+    scores: dict[str, Any] = field(default_factory=dict)
+    """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> C2SMetadata:
+        """Build from a dict; unknown keys are ignored so newer files still load."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def read(cls, directory: str | Path) -> C2SMetadata:
+        """Read ``c2s_metadata.json`` from a checkpoint directory."""
+        return cls.from_dict(json.loads((Path(directory) / METADATA_FILE).read_text()))
+
+    def write(self, directory: str | Path) -> Path:
+        """Write ``c2s_metadata.json`` into a checkpoint directory and return its path."""
+        path = Path(directory) / METADATA_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        return path
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    msg = f"Cannot write {type(o).__name__} to JSON"
+    raise TypeError(msg)

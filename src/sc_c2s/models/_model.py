@@ -1,0 +1,64 @@
+"""The object :func:`sc_c2s.models.load` returns: a model, its tokenizer and its C2S metadata."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ._metadata import C2SMetadata
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass
+class C2SModel:
+    """A loaded C2S checkpoint.
+
+    Pass it as ``model=`` to :func:`sc_c2s.tl.annotate`, :func:`sc_c2s.tl.generate` and :func:`sc_c2s.tl.embed`.
+    """
+
+    model: PreTrainedModel
+    """The causal language model, in eval mode on :attr:`device`."""
+    tokenizer: PreTrainedTokenizerBase
+    """Its tokenizer, padding on the left."""
+    metadata: C2SMetadata
+    """Prompt style, organism, vocabulary, labels, rank fit, training and scores."""
+    path: Path
+    """Directory the files were loaded from."""
+    revision: str | None = None
+    """Hugging Face revision of a registry model."""
+    sha256: dict[str, str] = field(default_factory=dict)
+    """Hash of each file of the checkpoint."""
+
+    @property
+    def name(self) -> str:
+        """Registry name or directory name."""
+        return self.metadata.name or self.path.name
+
+    @property
+    def device(self) -> torch.device:
+        """Device the model lives on."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point type of the weights."""
+        return next(self.model.parameters()).dtype
+
+    def provenance(self) -> dict[str, Any]:
+        """Name, revision, path and file hashes, for ``uns[key]["params"]``."""
+        record = {"model": self.name, "path": str(self.path), "sha256": dict(self.sha256)}
+        if self.revision is not None:
+            record["revision"] = self.revision
+        return record
+
+    def __repr__(self) -> str:
+        n_params = sum(p.numel() for p in self.model.parameters())
+        labels = f", {len(self.metadata.labels)} labels" if self.metadata.labels else ""
+        return (
+            f"C2SModel({self.name!r}: {type(self.model).__name__}, {n_params / 1e6:.1f}M parameters on "
+            f"{self.device} ({str(self.dtype).removeprefix('torch.')}), {self.metadata.organism}{labels})"
+        )

@@ -1,0 +1,184 @@
+"""Rank genes per cell over any matrix AnnData can hold, in row blocks, through the numba kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from anndata.abc import CSCDataset, CSRDataset
+from scanpy import settings
+from scipy import sparse
+
+from . import _kernels
+
+#: Dtypes the kernels are compiled for; others are converted block by block.
+_KERNEL_DTYPES = (np.float32, np.float64, np.int32, np.int64)
+#: Target size of one row block of a dense or CSC matrix.
+_BLOCK_BYTES = 64 * 2**20
+
+
+class NotExpressionError(ValueError):
+    """The matrix holds negative values or NaN, so it is not expression (counts or normalised)."""
+
+
+@dataclass
+class Ranking:
+    """Genes of each cell, best first."""
+
+    genes: np.ndarray
+    """``(n_cells, width)`` int32 column indices, ``-1`` padding."""
+    values: np.ndarray | None
+    """The matching values (float64), when asked for."""
+    n_expressed: np.ndarray
+    """Number of expressed genes per cell (also those beyond ``width``)."""
+
+
+@contextmanager
+def _threads() -> Iterator[int]:
+    """Run numba on ``scanpy.settings.n_jobs`` threads (``None`` or ``-1``: all)."""
+    n_jobs = settings.n_jobs
+    n = numba.config.NUMBA_NUM_THREADS if n_jobs is None or n_jobs < 1 else min(n_jobs, numba.config.NUMBA_NUM_THREADS)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        numba.set_num_threads(previous)
+
+
+def _as_kernel_dtype(a: np.ndarray) -> np.ndarray:
+    return a if a.dtype.type in _KERNEL_DTYPES else a.astype(np.float64)
+
+
+def _block_rows(n_cols: int, bytes_per_entry: float) -> int:
+    return max(1, int(_BLOCK_BYTES // max(1.0, n_cols * bytes_per_entry)))
+
+
+def _row_blocks(X) -> Iterator[tuple[int, object]]:
+    """Yield ``(start, block)`` with each block a CSR matrix or a C-contiguous dense array.
+
+    In-memory CSR and C-contiguous dense matrices are one block, used as they are. CSC matrices are cut into
+    row blocks without converting the whole matrix; backed and other matrices are read block by block.
+    """
+    n_rows, n_cols = X.shape
+    if isinstance(X, np.ndarray) and X.flags.c_contiguous:
+        yield 0, X
+    elif isinstance(X, np.ndarray):
+        step = _block_rows(n_cols, X.itemsize)
+        for start in range(0, n_rows, step):
+            yield start, np.ascontiguousarray(X[start : start + step])
+    elif sparse.issparse(X) and X.format == "csr":
+        yield 0, X
+    elif sparse.issparse(X) and X.format == "csc":
+        X = X if X.has_sorted_indices else X.sorted_indices()
+        step = _block_rows(n_cols, X.nnz / max(n_rows, 1) / max(n_cols, 1) * 24)
+        cursor = X.indptr[:-1].astype(np.int64)
+        for start in range(0, n_rows, step):
+            stop = min(n_rows, start + step)
+            rows, cols, vals = _kernels.csc_rows_to_csr(X.indptr, X.indices, X.data, cursor, stop)
+            yield start, sparse.csr_matrix((vals, (rows - start, cols)), shape=(stop - start, n_cols))
+    elif sparse.issparse(X):
+        yield 0, X.tocsr()
+    elif isinstance(X, CSRDataset | CSCDataset) or hasattr(X, "dtype") and hasattr(X, "__getitem__"):
+        step = 10_000 if isinstance(X, CSRDataset | CSCDataset) else _block_rows(n_cols, X.dtype.itemsize)
+        for start in range(0, n_rows, step):
+            block = X[start : start + step]
+            yield start, block.tocsr() if sparse.issparse(block) else np.ascontiguousarray(block)
+    else:
+        msg = (
+            f"Cannot rank genes in a matrix of type {type(X).__name__}; use a numpy array, a scipy sparse matrix "
+            "or a backed AnnData (for dask arrays, load the data into memory first with `adata.to_memory()`)."
+        )
+        raise TypeError(msg)
+
+
+def _max_expressed(X) -> int:
+    """An upper bound on the number of expressed genes in a row, read without densifying."""
+    if sparse.issparse(X) and X.format == "csr":
+        return int(np.diff(X.indptr).max(initial=0))
+    if sparse.issparse(X) and X.format == "csc":
+        return int(np.bincount(X.indices, minlength=X.shape[0]).max(initial=0))
+    best = 0
+    for _, block in _row_blocks(X):
+        if sparse.issparse(block):
+            best = max(best, int(np.diff(block.indptr).max(initial=0)))
+        else:
+            best = max(best, int(_kernels.count_nonzero_dense(_as_kernel_dtype(block))))
+    return best
+
+
+def rank_genes(
+    X,
+    *,
+    n_genes: int | None,
+    random_state: int,
+    cells: np.ndarray | None = None,
+    with_values: bool = False,
+    source: str = "X",
+) -> Ranking:
+    """Rank the expressed genes of every row of ``X``, best first.
+
+    Parameters
+    ----------
+    X
+        Cells × genes: dense, any scipy sparse format, or a backed AnnData matrix.
+    n_genes
+        Keep at most this many genes per cell; ``None`` keeps all expressed genes.
+    random_state
+        Seed of the tie-break permutation.
+    cells
+        Id of each row for the tie-break key (default: the row number).
+    with_values
+        Also return the ranked values.
+    source
+        Name of the matrix in error messages.
+
+    Raises
+    ------
+    NotExpressionError
+        If ``X`` holds negative values or NaN.
+    """
+    n_rows, n_cols = X.shape
+    width = min(n_genes, n_cols) if n_genes is not None else _max_expressed(X)
+    cells = np.arange(n_rows, dtype=np.int64) if cells is None else np.asarray(cells, dtype=np.int64)
+    genes = np.full((n_rows, width), -1, dtype=np.int32)
+    values = np.zeros((n_rows if with_values else 0, width), dtype=np.float64)
+    n_expressed = np.zeros(n_rows, dtype=np.int32)
+    status = np.zeros(n_rows, dtype=np.int8)
+    seed = np.uint64(np.int64(random_state) & np.int64(0x7FFFFFFFFFFFFFFF))
+    with _threads() as n_threads:
+        for start, block in _row_blocks(X):
+            stop = start + block.shape[0]
+            if stop == start:
+                continue
+            n_chunks = min(stop - start, 8 * n_threads)
+            block_values = values[start:stop] if with_values else values
+            args = (cells[start:stop], width, seed, n_chunks, genes[start:stop], block_values)
+            outs = (n_expressed[start:stop], status[start:stop])
+            if sparse.issparse(block):
+                data = _as_kernel_dtype(np.asarray(block.data))
+                _kernels.rank_csr(np.asarray(block.indptr), np.asarray(block.indices), data, *args, *outs)
+            else:
+                _kernels.rank_dense(_as_kernel_dtype(np.asarray(block)), *args, *outs)
+            _raise_if_not_expression(status[start:stop], start, source)
+    longest = int(n_expressed.max(initial=0))
+    if longest < width:
+        genes = np.ascontiguousarray(genes[:, :longest])
+        values = np.ascontiguousarray(values[:, :longest])
+    return Ranking(genes, values if with_values else None, n_expressed)
+
+
+def _raise_if_not_expression(status: np.ndarray, offset: int, source: str) -> None:
+    bad = np.flatnonzero(status != _kernels.OK)
+    if bad.size == 0:
+        return
+    what = "NaN" if status[bad[0]] == _kernels.NAN else "negative values"
+    msg = (
+        f"`{source}` holds {what} (first in cell {offset + bad[0]}), so it is not expression data: it looks scaled "
+        "or corrected. Rank raw counts or normalised expression instead: pass `use_raw=True` if `.raw` holds them, "
+        "or `layer=` with a counts layer."
+    )
+    raise NotExpressionError(msg)

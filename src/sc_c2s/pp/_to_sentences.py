@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scanpy import logging as logg
+
+from .. import _rank_model
+from .._data import C2S_KEY, GENES_KEY, SENTENCE_KEY, DataHandler, Matrix, prepare
+from .._docs import doc_adata, doc_mod, doc_params
+from . import _kernels
+from ._rank import rank_genes
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+
+@doc_params(doc_adata=doc_adata, doc_mod=doc_mod)
+def to_sentences(
+    adata: AnnData | MuData,
+    *,
+    n_genes: int | None = None,
+    layer: str | None = None,
+    use_raw: bool | None = None,
+    gene_symbols: str | None = None,
+    mod: str | None = None,
+    sentences: bool = True,
+    rank_fit: bool | int = True,
+    random_state: int = 0,
+    copy: bool = False,
+) -> AnnData | MuData | None:
+    """Turn each cell into a cell sentence: its expressed genes ordered by descending expression.
+
+    Genes with expression above zero are ranked per cell; stored zeros are never ranked. Ranking is the same on
+    counts and on normalised or log-normalised data, since both transformations keep the order within a cell.
+    Equal values are ordered by a random permutation seeded by `random_state` that depends only on the seed,
+    the cell and the gene, so CSR, CSC and dense storage give identical sentences.
+
+    Ranking runs in parallel numba kernels on :attr:`scanpy.settings.n_jobs` threads (``-1``: all cores),
+    without densifying sparse data. Backed AnnData objects are read in row blocks.
+
+    Parameters
+    ----------
+    {doc_adata}
+    n_genes
+        Keep at most this many genes per cell (the published checkpoints read 200). ``None`` keeps every
+        expressed gene.
+    layer
+        Rank this layer instead of ``X``.
+    use_raw
+        Rank :attr:`~anndata.AnnData.raw`. ``None`` means raw if present and no `layer` is given.
+    gene_symbols
+        Column of ``var`` whose values are the words of the sentence (e.g. ``"gene_symbol"`` when
+        ``var_names`` are Ensembl IDs). ``None`` uses ``var_names``.
+    {doc_mod}
+    sentences
+        Also store the sentences as strings in ``obs["c2s_sentence"]``; switch off for very large data, where
+        ``obsm["c2s_genes"]`` holds the same information compactly.
+    rank_fit
+        Fit the rank → expression model used to turn generated sentences back into expression, on up to
+        2,000 sampled cells (an integer sets the number of cells); ``False`` skips it.
+    random_state
+        Seed of the tie-break permutation and of the cells sampled for the rank fit.
+    copy
+        Return a copy instead of writing into `adata`.
+
+    Returns
+    -------
+    ``None``, or a copy of `adata` if ``copy=True``, with
+
+    ``obsm["c2s_genes"]``
+        int32 array of cells × genes: indices into ``uns["c2s"]["genes"]``, best first, ``-1`` padding.
+    ``obs["c2s_sentence"]``
+        The sentences: gene names joined by single spaces (if ``sentences=True``).
+    ``uns["c2s"]``
+        ``"params"``, the ``"genes"`` the indices point into, and ``"rank_fit"``: slope, intercept, R²,
+        Pearson r, Spearman ρ and the sample size of the fit (if ``rank_fit``).
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import sc_c2s
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> sc_c2s.pp.to_sentences(adata)  # ranks `adata.raw`, log-normalised expression
+    >>> adata.obs["c2s_sentence"].iloc[0].split()[:3]
+    ['FTL', 'FTH1', 'CD74']
+    """
+    start = logg.info("ranking genes per cell")
+    if n_genes is not None and (not isinstance(n_genes, int | np.integer) or n_genes < 1):
+        msg = f"`n_genes` must be a positive integer or None, got {n_genes!r}."
+        raise ValueError(msg)
+    matrix = DataHandler(adata, mod).matrix(layer=layer, use_raw=use_raw)
+    if 0 in matrix.X.shape:
+        msg = f"`{matrix.source}` is empty ({matrix.X.shape[0]} cells × {matrix.X.shape[1]} genes): nothing to rank."
+        raise ValueError(msg)
+    words = gene_words(matrix, gene_symbols)
+    ranking = rank_genes(matrix.X, n_genes=n_genes, random_state=random_state, source=matrix.source)
+    n_empty = int(np.sum(ranking.n_expressed == 0))
+    if n_empty:
+        logg.warning(f"{n_empty} cells express no gene; their sentences are empty")
+    fit = None
+    if rank_fit is not False:
+        n_cells = _rank_model.DEFAULT_N_CELLS if rank_fit is True else int(rank_fit)
+        fit = _rank_model.fit(matrix.X, n_cells=n_cells, random_state=random_state, log1p_base=matrix.log1p_base)
+
+    params = {
+        "n_genes": n_genes,
+        "layer": layer,
+        "use_raw": matrix.source == "raw.X",
+        "gene_symbols": gene_symbols,
+        "random_state": random_state,
+    }
+    uns = {"params": {k: v for k, v in params.items() if v is not None}, "genes": words}
+    if fit is not None:
+        uns["rank_fit"] = fit.to_dict()
+    results = {("obsm", GENES_KEY): ranking.genes}
+    if sentences:
+        results[("obs", SENTENCE_KEY)] = join_sentences(ranking.genes, words)
+    results[("uns", C2S_KEY)] = uns
+
+    adata = prepare(adata, copy=copy)
+    DataHandler(adata, mod).save_all(results, start=start)
+    return adata if copy else None
+
+
+def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
+    """The word of each gene, checked: no missing, duplicated, empty or space-holding names."""
+    if gene_symbols is None:
+        names, where = matrix.var_names.to_series(), "var_names"
+    elif gene_symbols in matrix.var.columns:
+        names, where = matrix.var[gene_symbols], f"var[{gene_symbols!r}]"
+    else:
+        msg = f"`gene_symbols={gene_symbols!r}` is not a column of var; columns: {list(matrix.var.columns)}."
+        raise KeyError(msg)
+    if names.isna().any():
+        msg = f"{where} has {int(names.isna().sum())} missing names; fill them (e.g. with the var_names) first."
+        raise ValueError(msg)
+    names = names.astype(str)
+    duplicated = names[names.duplicated()].unique()
+    if len(duplicated):
+        fix = (
+            "adata.var_names_make_unique()"
+            if gene_symbols is None
+            else f"adata.var[{gene_symbols!r}] = anndata.utils.make_index_unique(adata.var[{gene_symbols!r}].astype(str))"
+        )
+        msg = (
+            f"{len(duplicated)} gene names in {where} occur more than once (e.g. {', '.join(duplicated[:5])}); "
+            f"a sentence needs one word per gene. Make them unique with `{fix}`, or sum duplicated genes first."
+        )
+        raise ValueError(msg)
+    bad = names[~names.str.fullmatch(r"\S+")]
+    if len(bad):
+        msg = f"{len(bad)} gene names in {where} are empty or contain whitespace (e.g. {bad.iloc[0]!r}); rename them."
+        raise ValueError(msg)
+    upper = names.str.upper()
+    collide = names[upper.duplicated(keep=False)]
+    if len(collide):
+        warnings.warn(
+            f"{len(collide)} gene names in {where} differ only by case (e.g. {', '.join(collide[:4])}); they become "
+            "the same word for the published checkpoints, which read upper-cased genes.",
+            UserWarning,
+            stacklevel=3,
+        )
+    return names.to_numpy(dtype=object)
+
+
+def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
+    """Sentences for rows of gene indices (``-1`` ends a row): words joined by single spaces.
+
+    The bytes of all sentences are written in parallel into one buffer, decoded once and split.
+    """
+    encoded = [w.encode() for w in words]
+    word_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=word_offsets[1:])
+    word_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    lengths = _kernels.sentence_lengths(genes, np.diff(word_offsets))
+    row_offsets = np.zeros(len(genes) + 1, dtype=np.int64)
+    np.cumsum(lengths + 1, out=row_offsets[1:])
+    buffer = np.empty(row_offsets[-1], dtype=np.uint8)
+    _kernels.write_sentences(genes, word_bytes, word_offsets, row_offsets[:-1], ord("\n"), buffer)
+    return np.array(buffer[:-1].tobytes().decode().split("\n"), dtype=object)

@@ -1,0 +1,127 @@
+"""Prompt strings in the format of the published C2S checkpoints.
+
+The functions here build the exact text a model reads, so they also serve to prompt other language models with
+cell sentences. A training sample is ``prompt + " " + answer``; the published checkpoints were trained on
+upper-cased gene names and the top 200 genes.
+
+Examples
+--------
+>>> from sc_c2s import prompts
+>>> print(prompts.cell_type_prediction(["CD3D", "IL7R"], organism="Homo sapiens"))
+The following is a list of 2 gene names ordered by descending expression level in a Homo sapiens cell. Your task is to give the cell type which this cell belongs to based on its gene expression.
+Cell sentence: CD3D IL7R.
+The cell type corresponding to these genes is:
+>>> prompts.answer("CD4 T cell")
+' CD4 T cell.'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+Organism = Literal["Homo sapiens", "Mus musculus"]
+ORGANISMS: tuple[str, ...] = ("Homo sapiens", "Mus musculus")
+
+#: Template of the cell-type prediction task; the answer follows as ``" {cell_type}."``.
+CELL_TYPE_PREDICTION = (
+    "The following is a list of {num_genes} gene names ordered by descending expression level in a {organism} "
+    "cell. Your task is to give the cell type which this cell belongs to based on its gene expression.\n"
+    "Cell sentence: {cell_sentence}.\n"
+    "The cell type corresponding to these genes is:"
+)
+#: Template of the conditional generation task; the answer follows as ``" {cell_sentence}."``.
+CELL_TYPE_GENERATION = (
+    "Generate a list of {num_genes} genes in order of descending expression which represent a {organism} cell "
+    "of cell type {cell_type}.\n"
+    "Cell sentence:"
+)
+#: Words of the templates, for word-level tokenizers.
+TEMPLATE_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        (CELL_TYPE_PREDICTION + " " + CELL_TYPE_GENERATION)
+        .replace("{num_genes}", "")
+        .replace("{organism}", " ".join(ORGANISMS))
+        .replace("{cell_sentence}", "")
+        .replace("{cell_type}", "")
+        .replace(".", " ")
+        .replace(":", " ")
+        .split()
+    )
+)
+
+
+def check_organism(organism: str) -> str:
+    """Return `organism` if the published prompts know it, else raise a clear error."""
+    if organism not in ORGANISMS:
+        msg = f"`organism` must be one of {ORGANISMS}, got {organism!r}."
+        raise ValueError(msg)
+    return organism
+
+
+def cell_sentence(words: Sequence[str], *, upper: bool = True) -> str:
+    """Join gene names into a sentence, upper-cased as the published checkpoints expect by default."""
+    sentence = " ".join(words)
+    return sentence.upper() if upper else sentence
+
+
+def cell_type_prediction(words: Sequence[str], *, organism: Organism = "Homo sapiens", upper: bool = True) -> str:
+    """Prompt asking for the cell type of the cell whose ranked genes are `words`.
+
+    ``{num_genes}`` in the template is ``len(words)``: the genes actually in the sentence.
+    """
+    return CELL_TYPE_PREDICTION.format(
+        num_genes=len(words), organism=check_organism(organism), cell_sentence=cell_sentence(words, upper=upper)
+    )
+
+
+def cell_type_generation(cell_type: str, *, n_genes: int, organism: Organism = "Homo sapiens") -> str:
+    """Prompt asking for a cell sentence of `n_genes` genes for a cell of `cell_type`."""
+    return CELL_TYPE_GENERATION.format(num_genes=n_genes, organism=check_organism(organism), cell_type=cell_type)
+
+
+def answer(text: str) -> str:
+    """The answer as it follows a prompt in training: a space, the text, a period."""
+    return f" {text}."
+
+
+def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: str | None = None) -> list[list[str]]:
+    """Gene words of each cell's sentence, best first, from ``obsm["c2s_genes"]``, truncated to `n_genes`."""
+    from ._data import GENES_KEY, DataHandler
+
+    handler = DataHandler(adata, mod)
+    genes = np.asarray(handler.c2s()["genes"], dtype=object)
+    ranked = np.asarray(handler.obsm[GENES_KEY])[:, :n_genes]
+    return [genes[row[row >= 0]].tolist() for row in ranked]
+
+
+def cell_type_prediction_prompts(
+    adata: AnnData | MuData,
+    *,
+    n_genes: int | None = 200,
+    organism: Organism = "Homo sapiens",
+    upper: bool = True,
+    mod: str | None = None,
+) -> list[str]:
+    """Cell-type prediction prompts for every cell of `adata`, from :func:`sc_c2s.pp.to_sentences` results.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import sc_c2s
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> sc_c2s.pp.to_sentences(adata)
+    >>> prompts = sc_c2s.prompts.cell_type_prediction_prompts(adata, n_genes=3)
+    >>> prompts[0].splitlines()[1]
+    'Cell sentence: FTL FTH1 CD74.'
+    """
+    return [
+        cell_type_prediction(words, organism=organism, upper=upper)
+        for words in sentence_words(adata, n_genes=n_genes, mod=mod)
+    ]

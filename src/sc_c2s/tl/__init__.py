@@ -1,0 +1,7 @@
+"""Tools: reading and writing cell sentences with language models."""
+
+from __future__ import annotations
+
+from ._from_sentences import from_sentences
+
+__all__ = ["from_sentences"]

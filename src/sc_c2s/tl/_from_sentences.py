@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scipy import sparse
+
+from .._rank_model import RankFit
+
+#: Characters stripped from both ends of a word; those inside gene names (``-``, ``.``, ``_``) stay inside.
+_PUNCTUATION = ",;:.!?\"'`()[]{}<>*"
+
+
+def from_sentences(
+    sentences: Iterable[str],
+    *,
+    genes: Sequence[str] | pd.Index,
+    rank_fit: Mapping[str, Any] | RankFit,
+) -> AnnData:
+    """Turn cell sentences back into expression with the rank → expression model.
+
+    Works on any text: sentences made by a C2S model, by another language model or by
+    :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; punctuation around words and the
+    trailing period are stripped. Words are matched to `genes` ignoring case; unknown words are dropped, and
+    a gene named twice keeps its first position. The gene at 0-based position ``p`` among the kept words gets
+    ``intercept + slope * log10(1 + p)``, clipped at 0.
+
+    Parameters
+    ----------
+    sentences
+        One sentence per cell.
+    genes
+        Vocabulary: the genes of the result, e.g. ``adata.var_names`` or ``adata.uns["c2s"]["genes"]``.
+    rank_fit
+        The fitted model, e.g. ``adata.uns["c2s"]["rank_fit"]`` or a checkpoint's ``metadata.rank_fit``.
+
+    Returns
+    -------
+    A new AnnData of sentences × `genes` whose sparse ``X`` holds reconstructed expression on the scale of the fit
+    (``log10(1 + x)`` of counts normalised to the median library size), with ``obs`` columns
+
+    ``n_valid_genes``
+        Words that are genes of the vocabulary, counted once.
+    ``n_unknown_words``
+        Words that are not.
+    ``n_duplicate_genes``
+        Repeats of a gene already in the sentence.
+
+    Examples
+    --------
+    >>> import sc_c2s
+    >>> fit = {"slope": -0.68, "intercept": 2.24}
+    >>> cells = sc_c2s.tl.from_sentences(["CD3D cd3e, XYZ CD3D."], genes=["CD3D", "CD3E", "CD4"], rank_fit=fit)
+    >>> cells.X.toarray().round(2)
+    array([[2.24, 2.04, 0.  ]], dtype=float32)
+    >>> cells.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].iloc[0].tolist()
+    [2, 1, 1]
+    """
+    fit = RankFit.from_dict(rank_fit)
+    genes = pd.Index(np.asarray(genes, dtype=str))
+    if genes.has_duplicates:
+        msg = f"`genes` must be unique; duplicated: {list(genes[genes.duplicated()].unique()[:5])}."
+        raise ValueError(msg)
+    vocabulary: dict[str, int] = {}
+    for i, gene in enumerate(genes.str.upper()):
+        vocabulary.setdefault(gene, i)
+    if isinstance(sentences, str):
+        msg = "`sentences` must be a list of sentences, not one string; wrap it in a list."
+        raise TypeError(msg)
+
+    indptr, indices, counts = [0], [], []
+    for sentence in sentences:
+        words = (w.strip(_PUNCTUATION).upper() for w in str(sentence).split())
+        hits = [vocabulary.get(w, -1) for w in words if w]
+        known = [h for h in hits if h >= 0]
+        kept = list(dict.fromkeys(known))
+        indices.extend(kept)
+        indptr.append(len(indices))
+        counts.append((len(kept), len(hits) - len(known), len(known) - len(kept)))
+
+    indptr = np.asarray(indptr, dtype=np.int64)
+    positions = np.arange(len(indices)) - np.repeat(indptr[:-1], np.diff(indptr))
+    X = sparse.csr_matrix(
+        (fit.predict(positions).astype(np.float32), np.asarray(indices, dtype=np.int32), indptr),
+        shape=(len(indptr) - 1, len(genes)),
+    )
+    X.eliminate_zeros()
+    obs = pd.DataFrame(
+        np.asarray(counts, dtype=np.int32).reshape(-1, 3),
+        columns=["n_valid_genes", "n_unknown_words", "n_duplicate_genes"],
+        index=pd.Index([str(i) for i in range(X.shape[0])]),
+    )
+    return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={"c2s_rank_fit": fit.to_dict()})
