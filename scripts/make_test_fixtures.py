@@ -1,0 +1,91 @@
+"""Derive the small committed test fixtures in ``tests/data`` from the shared real datasets.
+
+Run from the repository root: ``python scripts/make_test_fixtures.py [--source ../shared/data]``.
+The sampling is seeded, so the output is reproducible; ``tests/data/README.md`` lists the checksums.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+from anndata.utils import make_index_unique
+from scipy import sparse
+
+SEED = 0
+OUT = Path(__file__).resolve().parents[1] / "tests" / "data"
+
+
+def stratified_sample(labels: pd.Series, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Positions of ``n`` cells drawn without replacement, allocated to each stratum in proportion (at least 1)."""
+    codes, uniques = pd.factorize(labels, sort=True)
+    counts = np.bincount(codes, minlength=len(uniques))
+    quota = np.maximum(1, np.floor(counts / counts.sum() * n)).astype(int)
+    # hand the remainder to the largest strata, one cell each
+    for i in np.argsort(-counts, kind="stable")[: n - quota.sum()]:
+        quota[i] += 1
+    picks = [
+        rng.choice(np.flatnonzero(codes == i), size=min(q, c), replace=False)
+        for i, (q, c) in enumerate(zip(quota, counts, strict=True))
+    ]
+    return np.sort(np.concatenate(picks))
+
+
+def top_genes(x: sparse.csr_matrix, n: int) -> np.ndarray:
+    """Positions of the ``n`` genes with the largest total counts, in their original order."""
+    totals = np.asarray(x.sum(axis=0)).ravel()
+    return np.sort(np.argsort(-totals, kind="stable")[:n])
+
+
+def finish(adata: ad.AnnData) -> ad.AnnData:
+    x = sparse.csr_matrix(adata.X, dtype=np.float32)
+    x.sort_indices()
+    x.eliminate_zeros()
+    adata.X = x
+    adata.obs_names = adata.obs_names.astype(str)
+    adata.var_names = adata.var_names.astype(str)
+    return adata
+
+
+def cellbench(source: Path, rng: np.random.Generator) -> ad.AnnData:
+    full = ad.read_h5ad(source / "cellbench_5cl_counts.h5ad")
+    strata = full.obs["cell_type"].astype(str) + "|" + full.obs["batch"].astype(str)
+    cells = stratified_sample(strata, 300, rng)
+    genes = top_genes(full.X, 2000)
+    sub = full[cells, genes].copy()
+    symbols = sub.var["gene_symbol"].astype(object).where(sub.var["gene_symbol"].notna(), sub.var_names.to_series())
+    sub = ad.AnnData(
+        X=sub.X,
+        obs=sub.obs[["cell_type", "batch"]].astype("category"),
+        var=pd.DataFrame({"gene_symbol": make_index_unique(pd.Index(symbols.astype(str)))}, index=sub.var_names),
+    )
+    return finish(sub)
+
+
+def pbmc4k(source: Path, rng: np.random.Generator) -> ad.AnnData:
+    full = ad.read_h5ad(source / "pbmc4k_top2000_counts.h5ad")
+    cells = stratified_sample(full.obs["cluster"].astype(str), 500, rng)
+    sub = full[cells].copy()
+    sub = ad.AnnData(X=sub.X, obs=sub.obs[["cluster"]].astype("category"), var=pd.DataFrame(index=sub.var_names))
+    return finish(sub)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    args = parser.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    for name, make in [("cellbench_300.h5ad", cellbench), ("pbmc4k_500.h5ad", pbmc4k)]:
+        adata = make(args.source, np.random.default_rng(SEED))
+        path = OUT / name
+        adata.write_h5ad(path, compression="gzip")
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        print(f"{digest}  {name}  {adata.n_obs} x {adata.n_vars}, {adata.X.nnz} nonzeros, {path.stat().st_size} bytes")
+
+
+if __name__ == "__main__":
+    main()
