@@ -1,0 +1,265 @@
+"""The numba ranking kernels and their wrapper, against a plain numpy reference."""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+import scanpy as sc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from scipy import sparse
+
+from sc_c2s.pp import _kernels, _rank
+from sc_c2s.pp._rank import NotExpressionError, rank_genes
+from sc_c2s.pp._to_sentences import join_sentences
+
+
+def reference(X: np.ndarray, seed: int, k: int | None = None, cells: np.ndarray | None = None) -> list[list[int]]:
+    """Expressed genes of each row, by descending value, then by descending tie key; the first ``k``."""
+    cells = np.arange(X.shape[0]) if cells is None else cells
+    out = []
+    for cell, row in zip(cells, np.asarray(X, dtype=np.float64), strict=True):
+        genes = np.flatnonzero(row)
+        keys = np.array([_kernels.tie_key(seed, int(cell), int(g)) for g in genes], dtype=np.uint64)
+        order = np.lexsort((~keys, -row[genes]))  # ~key ascending = key descending
+        out.append(genes[order][:k].tolist())
+    return out
+
+
+def as_lists(genes: np.ndarray) -> list[list[int]]:
+    return [row[row >= 0].tolist() for row in genes]
+
+
+def run_kernel(X: np.ndarray, k: int, seed: int, n_chunks: int, fmt: str, rng: np.random.Generator):
+    """Call a kernel directly; CSR input gets shuffled indices and a few stored zeros."""
+    n_rows = X.shape[0]
+    genes = np.full((n_rows, k), -1, dtype=np.int32)
+    values = np.zeros((n_rows, k))
+    n_expressed = np.zeros(n_rows, dtype=np.int32)
+    status = np.zeros(n_rows, dtype=np.int8)
+    cells = np.arange(n_rows, dtype=np.int64)
+    if fmt == "dense":
+        _kernels.rank_dense(X, cells, k, np.uint64(seed), n_chunks, genes, values, n_expressed, status)
+    else:
+        coo = sparse.coo_matrix(X)
+        zeros = rng.integers(0, X.shape, size=(3, 2))  # stored zeros where X is 0
+        zeros = zeros[X[zeros[:, 0], zeros[:, 1]] == 0]
+        zeros = np.unique(zeros, axis=0)
+        row = np.concatenate([coo.row, zeros[:, 0]])
+        col = np.concatenate([coo.col, zeros[:, 1]])
+        data = np.concatenate([coo.data, np.zeros(len(zeros), dtype=X.dtype)])
+        perm = rng.permutation(len(row))
+        csr = sparse.csr_matrix((data[perm], (row[perm], col[perm])), shape=X.shape)
+        csr.has_sorted_indices = False
+        csr.indices, csr.data = csr.indices.copy(), csr.data.copy()
+        for i in range(n_rows):  # scramble the order within each row
+            s, e = csr.indptr[i], csr.indptr[i + 1]
+            p = rng.permutation(e - s) + s
+            csr.indices[s:e], csr.data[s:e] = csr.indices[p], csr.data[p]
+        _kernels.rank_csr(
+            csr.indptr, csr.indices, csr.data, cells, k, np.uint64(seed), n_chunks, genes, values, n_expressed, status
+        )
+    return genes, values, n_expressed, status
+
+
+tie_heavy = hnp.arrays(
+    dtype=st.sampled_from([np.float32, np.float64, np.int32, np.int64]),
+    shape=hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=12),
+    elements=st.sampled_from([0, 0, 0, 1, 1, 2, 3, 7]),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(X=tie_heavy, data=st.data(), fmt=st.sampled_from(["csr", "dense"]))
+def test_kernel_matches_reference(X, data, fmt):
+    k = data.draw(st.integers(1, X.shape[1]), label="k")
+    seed = data.draw(st.integers(0, 2**63 - 1), label="seed")
+    n_chunks = data.draw(st.integers(1, X.shape[0]), label="n_chunks")
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="rng"))
+
+    genes, values, n_expressed, status = run_kernel(X, k, seed, n_chunks, fmt, rng)
+
+    expected = reference(X, seed, k)
+    assert as_lists(genes) == expected
+    assert np.all(status == _kernels.OK)
+    np.testing.assert_array_equal(n_expressed, (X != 0).sum(axis=1))
+    for i, row in enumerate(expected):
+        np.testing.assert_array_equal(values[i, : len(row)], X[i, row])
+        assert np.all(values[i, len(row) :] == 0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    X=hnp.arrays(
+        np.float64,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=20),
+        elements=st.floats(0, 1e6, allow_subnormal=False),
+    ),
+    seed=st.integers(0, 2**63 - 1),
+)
+def test_rank_genes_matches_reference_on_continuous_values(X, seed):
+    ranking = rank_genes(X, n_genes=None, random_state=seed)
+    assert as_lists(ranking.genes) == reference(X, seed)
+    assert ranking.genes.shape == (X.shape[0], (X != 0).sum(axis=1).max())
+
+
+def test_tie_key_is_a_pure_function_of_seed_cell_and_gene():
+    key = _kernels.tie_key(42, 7, 3)
+    assert key == _kernels.tie_key(42, 7, 3)
+    assert 0 <= key < 2**64
+    others = {_kernels.tie_key(43, 7, 3), _kernels.tie_key(42, 8, 3), _kernels.tie_key(42, 7, 4)}
+    assert key not in others
+    assert len(others) == 3
+
+
+def test_tie_order_is_a_permutation_that_varies_with_seed_and_cell():
+    """Among 50 genes with equal values, each seed and cell gives its own order of all 50."""
+    X = np.ones((3, 50), dtype=np.float32)
+    orders = {tuple(row) for seed in (0, 1, 2) for row in rank_genes(X, n_genes=None, random_state=seed).genes}
+    assert len(orders) == 9
+    assert all(sorted(order) == list(range(50)) for order in orders)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_kernel_flags_negative_and_nan_rows(fmt):
+    X = np.array([[1, 2, 0], [1, -1, 0], [np.nan, 0, 1], [0, 0, 0]], dtype=np.float64)
+    _, _, n_expressed, status = run_kernel(X, 3, 0, 2, fmt, np.random.default_rng(0))
+    np.testing.assert_array_equal(status, [_kernels.OK, _kernels.NEGATIVE, _kernels.NAN, _kernels.OK])
+    assert n_expressed[0] == 2
+    assert n_expressed[3] == 0
+
+
+def test_csc_rows_to_csr_extracts_consecutive_blocks():
+    rng = np.random.default_rng(0)
+    X = sparse.random(40, 25, density=0.2, format="csc", random_state=rng, dtype=np.float32)
+    cursor = X.indptr[:-1].astype(np.int64)
+    pieces = []
+    for start, stop in [(0, 7), (7, 8), (8, 8), (8, 40)]:
+        rows, cols, vals = _kernels.csc_rows_to_csr(X.indptr, X.indices, X.data, cursor, stop)
+        assert np.all((rows >= start) & (rows < stop))
+        pieces.append(sparse.coo_matrix((vals, (rows, cols)), shape=X.shape))
+    np.testing.assert_array_equal(sum(pieces).toarray(), X.toarray())
+    np.testing.assert_array_equal(cursor, X.indptr[1:])
+
+
+def test_count_nonzero_dense():
+    X = np.array([[0, 1, 2], [0, 0, 0], [3, 3, 3]], dtype=np.float32)
+    assert _kernels.count_nonzero_dense(X) == 3
+    assert _kernels.count_nonzero_dense(X[:2]) == 2
+
+
+def test_join_sentences_handles_padding_empty_rows_and_multibyte_words():
+    words = np.array(["CD3D", "α-actin", "HLA-A", "IL7R"], dtype=object)
+    genes = np.array([[1, 0, 3], [2, -1, -1], [-1, -1, -1], [3, 2, 1]], dtype=np.int32)
+    assert join_sentences(genes, words).tolist() == ["α-actin CD3D IL7R", "HLA-A", "", "IL7R HLA-A α-actin"]
+    assert join_sentences(np.zeros((0, 2), dtype=np.int32), words).tolist() == []
+
+
+def all_formats(X: np.ndarray) -> dict[str, object]:
+    return {
+        "dense": X,
+        "dense_fortran": np.asfortranarray(X),
+        "csr": sparse.csr_matrix(X),
+        "csc": sparse.csc_matrix(X),
+        "csc_unsorted": unsorted_csc(X),
+        "coo": sparse.coo_matrix(X),
+        "csr_array": sparse.csr_array(X),
+        "csc_array": sparse.csc_array(X),
+    }
+
+
+def unsorted_csc(X: np.ndarray) -> sparse.csc_matrix:
+    csc = sparse.csc_matrix(X)
+    for j in range(csc.shape[1]):
+        s, e = csc.indptr[j], csc.indptr[j + 1]
+        csc.indices[s:e], csc.data[s:e] = csc.indices[s:e][::-1].copy(), csc.data[s:e][::-1].copy()
+    csc.has_sorted_indices = False
+    return csc
+
+
+@pytest.mark.parametrize("block_bytes", [64, 2**26], ids=["one_row_blocks", "one_block"])
+def test_every_format_and_block_size_gives_the_same_ranking(monkeypatch, block_bytes):
+    monkeypatch.setattr(_rank, "_BLOCK_BYTES", block_bytes)
+    rng = np.random.default_rng(1)
+    X = (rng.poisson(0.6, size=(30, 20)) * rng.integers(0, 2, size=(30, 20))).astype(np.float32)
+    expected = reference(X, 5)
+    for name, M in all_formats(X).items():
+        ranking = rank_genes(M, n_genes=None, random_state=5)
+        assert as_lists(ranking.genes) == expected, name
+        np.testing.assert_array_equal(ranking.n_expressed, (X != 0).sum(axis=1))
+
+
+@pytest.mark.parametrize("dtype", [np.int8, np.uint16, np.int32, np.int64, np.float16, np.float32, np.float64])
+def test_every_dtype_gives_the_same_ranking(dtype):
+    X = np.array([[0, 3, 1, 3, 0, 2], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 0]])
+    expected = reference(X, 0)
+    formats = {"dense": X.astype(dtype)} if dtype == np.float16 else all_formats(X.astype(dtype))  # no sparse float16
+    for name, M in formats.items():
+        assert as_lists(rank_genes(M, n_genes=None, random_state=0).genes) == expected, (name, dtype)
+
+
+def test_rank_genes_width_values_and_cell_ids():
+    X = np.array([[0, 5, 2, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=np.float32)
+    full = rank_genes(X, n_genes=None, random_state=0, with_values=True)
+    np.testing.assert_array_equal(full.genes, [[1, 2], [0, -1], [-1, -1]])
+    np.testing.assert_array_equal(full.values, [[5, 2], [1, 0], [0, 0]])
+    assert full.values.dtype == np.float64
+    # n_genes larger than the longest row is trimmed to it; a smaller one truncates
+    np.testing.assert_array_equal(rank_genes(X, n_genes=10, random_state=0).genes, full.genes)
+    np.testing.assert_array_equal(rank_genes(X, n_genes=1, random_state=0).genes, [[1], [0], [-1]])
+    assert rank_genes(X, n_genes=None, random_state=0).values is None
+    # ids of the rows, not their positions, seed the tie-break
+    ties = np.ones((2, 30))
+    by_id = rank_genes(ties, n_genes=None, random_state=3, cells=np.array([10, 11]))
+    assert as_lists(by_id.genes) == reference(ties, 3, cells=np.array([10, 11]))
+    assert as_lists(by_id.genes) != as_lists(rank_genes(ties, n_genes=None, random_state=3).genes)
+
+
+def test_rank_genes_all_empty():
+    ranking = rank_genes(sparse.csr_matrix((3, 4), dtype=np.float32), n_genes=None, random_state=0)
+    assert ranking.genes.shape == (3, 0)
+    np.testing.assert_array_equal(ranking.n_expressed, 0)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "csr", "csc"])
+@pytest.mark.parametrize(("bad", "what"), [(-1.0, "negative values"), (np.nan, "NaN")])
+def test_rank_genes_refuses_non_expression(fmt, bad, what):
+    X = np.ones((4, 3))
+    X[2, 1] = bad
+    with pytest.raises(NotExpressionError, match=rf"`layers\['z'\]` holds {what} \(first in cell 2\).*use_raw=True"):
+        rank_genes(all_formats(X)[fmt], n_genes=2, random_state=0, source="layers['z']")
+
+
+def test_rank_genes_refuses_unknown_matrix_types():
+    with pytest.raises(TypeError, match="Cannot rank genes in a matrix of type _Shaped.*to_memory"):
+        rank_genes(_Shaped(), n_genes=1, random_state=0)
+
+
+class _Shaped:
+    shape = (2, 2)
+
+
+@pytest.mark.usefixtures("n_jobs")
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [(1, 1), (-1, numba.config.NUMBA_NUM_THREADS), (10_000, numba.config.NUMBA_NUM_THREADS)],
+    ids=["one", "all", "capped"],
+)
+def test_threads_follow_scanpy_n_jobs(setting, expected):
+    sc.settings.n_jobs = setting
+    before = numba.get_num_threads()
+    with _rank._threads() as n:
+        assert n == expected == numba.get_num_threads()
+    assert numba.get_num_threads() == before
+
+
+@pytest.mark.usefixtures("n_jobs")
+def test_thread_count_does_not_change_results():
+    rng = np.random.default_rng(2)
+    X = sparse.random(200, 50, density=0.3, format="csr", random_state=rng, data_rvs=lambda n: rng.integers(1, 4, n))
+    sc.settings.n_jobs = 1
+    one = rank_genes(X, n_genes=20, random_state=0).genes
+    sc.settings.n_jobs = -1
+    np.testing.assert_array_equal(one, rank_genes(X, n_genes=20, random_state=0).genes)
