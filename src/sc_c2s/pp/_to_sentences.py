@@ -171,6 +171,8 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
 
     The bytes of all sentences are written in parallel into one buffer, decoded once and split.
     """
+    if len(genes) == 0:
+        return np.empty(0, dtype=object)
     encoded = [w.encode() for w in words]
     word_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=word_offsets[1:])
