@@ -165,9 +165,12 @@ class DataHandler:
 
 
 def prepare(data: AnnData | MuData, *, copy: bool = False) -> AnnData | MuData:
-    """Return the object to write into: a copy when asked, otherwise the user's object (views are actualised)."""
+    """Return the object to write into: a copy when asked, otherwise the user's object (views are actualised).
+
+    The copy of a backed AnnData is loaded into memory; the file is not touched.
+    """
     if copy:
-        return data.copy()
-    if isinstance(data, AnnData) and data.is_view:
+        return data.to_memory() if isinstance(data, AnnData) and data.isbacked else data.copy()
+    if data.is_view:
         data._init_as_actual(data.copy())
     return data

@@ -85,11 +85,14 @@ def to_sentences(
     >>> adata = sc.datasets.pbmc68k_reduced()
     >>> sc_c2s.pp.to_sentences(adata)  # ranks `adata.raw`, log-normalised expression
     >>> adata.obs["c2s_sentence"].iloc[0].split()[:3]
-    ['FTL', 'FTH1', 'CD74']
+    ['FTL', 'CD74', 'HLA-DPA1']
     """
     start = logg.info("ranking genes per cell")
-    if n_genes is not None and (not isinstance(n_genes, int | np.integer) or n_genes < 1):
+    if n_genes is not None and not _is_positive_int(n_genes):
         msg = f"`n_genes` must be a positive integer or None, got {n_genes!r}."
+        raise ValueError(msg)
+    if not isinstance(rank_fit, bool) and not _is_positive_int(rank_fit):
+        msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)
     matrix = DataHandler(adata, mod).matrix(layer=layer, use_raw=use_raw)
     if 0 in matrix.X.shape:
@@ -123,6 +126,10 @@ def to_sentences(
     adata = prepare(adata, copy=copy)
     DataHandler(adata, mod).save_all(results, start=start)
     return adata if copy else None
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
 
 
 def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
