@@ -71,10 +71,10 @@ def container(request) -> Container:
 
 @pytest.fixture
 def scanpy_log():
-    """A stream receiving what scanpy logs during the test, at info verbosity."""
+    """A stream receiving what scanpy logs during the test, including the `deep` details of `finished`."""
     stream = io.StringIO()
     logfile, verbosity = sc.settings.logfile, sc.settings.verbosity
-    sc.settings.logfile, sc.settings.verbosity = stream, "info"
+    sc.settings.logfile, sc.settings.verbosity = stream, "hint"
     yield stream
     sc.settings.logfile, sc.settings.verbosity = logfile, verbosity
 

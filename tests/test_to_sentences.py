@@ -1,0 +1,565 @@
+"""`sc_c2s.pp.to_sentences` on hand-built matrices, the real fixtures and every container."""
+
+from __future__ import annotations
+
+import warnings
+
+import anndata as ad
+import mudata as md
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+from scipy import sparse, stats
+
+import sc_c2s
+from sc_c2s.pp._kernels import tie_key
+from sc_c2s.pp._rank import NotExpressionError
+
+GENES = ["CD3D", "CD8A", "IL7R", "MS4A1", "NKG7"]
+HAND = np.array(
+    [
+        [0, 3, 1, 0, 2],
+        [5, 0, 0, 0, 0],
+        [0, 0, 0, 0, 0],
+        [2, 2, 0, 2, 1],
+    ]
+)
+
+
+def tie_order(genes: list[int], seed: int, cell: int) -> list[int]:
+    """Equal-valued genes of a cell, in the order of the documented tie-break key (highest first)."""
+    return sorted(genes, key=lambda g: tie_key(seed, cell, g), reverse=True)
+
+
+def expected_hand(seed: int) -> list[str]:
+    tied = [GENES[g] for g in tie_order([0, 1, 3], seed, 3)]
+    return ["CD8A NKG7 IL7R", "CD3D", "", " ".join([*tied, "NKG7"])]
+
+
+def as_format(X: np.ndarray, fmt: str):
+    return {"dense": np.asarray, "csr": sparse.csr_matrix, "csc": sparse.csc_matrix}[fmt](X)
+
+
+def hand_adata(fmt: str = "csr", dtype=np.float32) -> ad.AnnData:
+    return ad.AnnData(as_format(HAND.astype(dtype), fmt), var=pd.DataFrame(index=GENES))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+@pytest.mark.parametrize("dtype", [np.int64, np.int32, np.float32, np.float64])
+def test_hand_built_sentences(container, fmt, dtype):
+    data = container.wrap(hand_adata(fmt, dtype))
+    sc_c2s.pp.to_sentences(data, rank_fit=False)
+    adata = container.rna(data)
+
+    assert adata.obs["c2s_sentence"].tolist() == expected_hand(0)
+    genes = adata.obsm["c2s_genes"]
+    assert genes.dtype == np.int32
+    assert genes.shape == (4, 4)  # the longest sentence
+    np.testing.assert_array_equal(genes[:3], [[1, 4, 2, -1], [0, -1, -1, -1], [-1, -1, -1, -1]])
+    assert adata.uns["c2s"]["genes"].tolist() == GENES
+    assert adata.uns["c2s"]["params"] == {"random_state": 0, "use_raw": False}
+    assert "rank_fit" not in adata.uns["c2s"]
+    if container.is_mudata:
+        assert data.obs["rna:c2s_sentence"].tolist() == expected_hand(0)
+
+
+def test_ties_follow_the_seed():
+    """Each seed orders the three tied genes of cell 3 by its own key; over a few seeds, several orders occur."""
+    orders = set()
+    for seed in range(8):
+        adata = hand_adata()
+        sc_c2s.pp.to_sentences(adata, rank_fit=False, random_state=seed)
+        assert adata.obs["c2s_sentence"].tolist() == expected_hand(seed)
+        orders.add(adata.obs["c2s_sentence"].iloc[3])
+    assert len(orders) > 1
+
+
+def test_stored_zeros_are_never_ranked():
+    X = sparse.csr_matrix(HAND.astype(np.float32))
+    with_zeros = sparse.csr_matrix(
+        (np.r_[0.0, 3, 1, 2, 5, 0, 0, 2, 2, 2, 1], [0, 1, 2, 4, 0, 1, 3, 0, 1, 3, 4], [0, 4, 5, 7, 11]), shape=(4, 5)
+    )
+    assert with_zeros.nnz == X.nnz + 3
+    for M in [with_zeros, with_zeros.tocsc()]:
+        adata = ad.AnnData(M, var=pd.DataFrame(index=GENES))
+        sc_c2s.pp.to_sentences(adata, rank_fit=False)
+        assert adata.obs["c2s_sentence"].tolist() == expected_hand(0)
+
+
+def test_empty_cells_are_logged(scanpy_log):
+    adata = hand_adata()
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    log = scanpy_log.getvalue()
+    assert "1 cells express no gene; their sentences are empty" in log
+    assert "'c2s_genes', adata.obsm" in log
+    assert "'c2s_sentence', adata.obs" in log
+    assert "'c2s', adata.uns" in log
+
+
+def test_formats_agree_on_real_data(cellbench):
+    """CSR, CSC and dense storage of a real matrix give identical sentences."""
+    results = []
+    for M in [cellbench.X, cellbench.X.tocsc(), cellbench.X.toarray(), cellbench.X.astype(np.int32).toarray()]:
+        adata = ad.AnnData(M, var=cellbench.var)
+        sc_c2s.pp.to_sentences(adata, n_genes=300, rank_fit=False, gene_symbols="gene_symbol")
+        results.append(adata.obsm["c2s_genes"])
+    for other in results[1:]:
+        np.testing.assert_array_equal(other, results[0])
+
+
+def test_matches_numpy_reference_on_real_data(pbmc4k):
+    """Full sentences of real counts, which hold many ties, equal a plain numpy ranking."""
+    sc_c2s.pp.to_sentences(pbmc4k, rank_fit=False, random_state=3)
+    X = pbmc4k.X.toarray()
+    for cell in range(0, pbmc4k.n_obs, 25):
+        genes = np.flatnonzero(X[cell])
+        keys = np.array([tie_key(3, cell, g) for g in genes], dtype=np.uint64)
+        expected = pbmc4k.var_names[genes[np.lexsort((~keys, -X[cell, genes]))]]
+        assert pbmc4k.obs["c2s_sentence"].iloc[cell] == " ".join(expected)
+
+
+def test_obsm_indexes_into_uns_genes(cellbench):
+    sc_c2s.pp.to_sentences(cellbench, gene_symbols="gene_symbol", rank_fit=False)
+    words = np.asarray(cellbench.uns["c2s"]["genes"])
+    assert words.tolist() == cellbench.var["gene_symbol"].tolist()
+    for i in [0, 150, 299]:
+        row = cellbench.obsm["c2s_genes"][i]
+        assert cellbench.obs["c2s_sentence"].iloc[i] == " ".join(words[row[row >= 0]])
+        assert (row >= 0).sum() == cellbench.X[i].nnz
+    assert cellbench.uns["c2s"]["params"]["gene_symbols"] == "gene_symbol"
+
+
+def test_n_genes_truncates(container, cellbench):
+    full = cellbench.copy()
+    sc_c2s.pp.to_sentences(full, rank_fit=False)
+    data = container.wrap(cellbench)
+    sc_c2s.pp.to_sentences(data, n_genes=50, rank_fit=False)
+    adata = container.rna(data)
+    np.testing.assert_array_equal(adata.obsm["c2s_genes"], full.obsm["c2s_genes"][:, :50])
+    assert all(
+        " ".join(s.split()[:50]) == t for s, t in zip(full.obs["c2s_sentence"], adata.obs["c2s_sentence"], strict=True)
+    )
+    assert adata.uns["c2s"]["params"]["n_genes"] == 50
+
+
+def test_n_genes_above_the_longest_sentence():
+    adata = hand_adata()
+    sc_c2s.pp.to_sentences(adata, n_genes=1000, rank_fit=False)
+    assert adata.obsm["c2s_genes"].shape == (4, 4)
+    assert adata.obs["c2s_sentence"].tolist() == expected_hand(0)
+
+
+def test_options_off(container, pbmc4k):
+    data = container.wrap(pbmc4k)
+    sc_c2s.pp.to_sentences(data, sentences=False, rank_fit=False)
+    adata = container.rna(data)
+    assert "c2s_sentence" not in adata.obs
+    assert set(adata.uns["c2s"]) == {"params", "genes"}
+    assert adata.obsm["c2s_genes"].shape[0] == pbmc4k.n_obs
+
+
+def test_pbmc68k_uses_raw_by_default(container, pbmc68k):
+    data = container.wrap(pbmc68k)
+    sc_c2s.pp.to_sentences(data, n_genes=200)
+    adata = container.rna(data)
+    assert adata.uns["c2s"]["params"]["use_raw"] is True
+    assert adata.obs["c2s_sentence"].iloc[0].split()[:3] == ["FTL", "CD74", "HLA-DPA1"]
+    assert adata.uns["c2s"]["genes"].tolist() == pbmc68k.raw.var_names.tolist()
+    expressed = np.diff(pbmc68k.raw.X.indptr)
+    np.testing.assert_array_equal((adata.obsm["c2s_genes"] >= 0).sum(axis=1), np.minimum(expressed, 200))
+
+
+def test_layer(container, pbmc4k):
+    pbmc4k.layers["counts"] = pbmc4k.X.copy()
+    expected = pbmc4k.copy()
+    sc_c2s.pp.to_sentences(expected, rank_fit=False)
+    sc.pp.normalize_total(pbmc4k)
+    sc.pp.log1p(pbmc4k)
+    data = container.wrap(pbmc4k)
+    sc_c2s.pp.to_sentences(data, layer="counts", rank_fit=False)
+    adata = container.rna(data)
+    assert adata.uns["c2s"]["params"]["layer"] == "counts"
+    pd.testing.assert_series_equal(adata.obs["c2s_sentence"], expected.obs["c2s_sentence"])
+
+
+def test_normalised_and_counts_give_the_same_sentences(cellbench):
+    counts = cellbench.copy()
+    sc_c2s.pp.to_sentences(counts, rank_fit=False)
+    sc.pp.normalize_total(cellbench, target_sum=1e4)
+    sc.pp.log1p(cellbench)
+    sc_c2s.pp.to_sentences(cellbench, rank_fit=False)
+    np.testing.assert_array_equal(cellbench.obsm["c2s_genes"], counts.obsm["c2s_genes"])
+
+
+def test_reproducible_and_seeded(pbmc4k):
+    runs = {}
+    for seed in [7, 7, 8]:
+        adata = pbmc4k.copy()
+        sc_c2s.pp.to_sentences(adata, rank_fit=False, random_state=seed)
+        runs.setdefault(seed, []).append(adata.obsm["c2s_genes"])
+    np.testing.assert_array_equal(runs[7][0], runs[7][1])
+    a, b = runs[7][0], runs[8][0]
+    assert not np.array_equal(a, b)
+    X = pbmc4k.X.toarray()
+    # different seeds only reorder genes of equal expression
+    rows = np.arange(len(X))[:, None]
+    np.testing.assert_array_equal(np.where(a >= 0, X[rows, a], 0), np.where(b >= 0, X[rows, b], 0))
+    np.testing.assert_array_equal(np.sort(a, axis=1), np.sort(b, axis=1))
+
+
+def test_data_is_not_modified(container, pbmc68k):
+    pbmc68k.layers["scaled"] = pbmc68k.X.copy()
+    before = pbmc68k.copy()
+    data = container.wrap(pbmc68k)
+    sc_c2s.pp.to_sentences(data)
+    adata = container.rna(data)
+    np.testing.assert_array_equal(adata.X, before.X)
+    assert adata.X.dtype == before.X.dtype
+    np.testing.assert_array_equal(adata.layers["scaled"], before.layers["scaled"])
+    assert (adata.raw.X != before.raw.X).nnz == 0
+    pd.testing.assert_frame_equal(adata.var, before.var)
+
+
+def test_anndata_view(pbmc4k):
+    view = pbmc4k[100:160, 500:]
+    expected = view.copy()
+    sc_c2s.pp.to_sentences(expected, n_genes=30)
+    sc_c2s.pp.to_sentences(view, n_genes=30)
+    assert not view.is_view
+    np.testing.assert_array_equal(view.obsm["c2s_genes"], expected.obsm["c2s_genes"])
+    pd.testing.assert_series_equal(view.obs["c2s_sentence"], expected.obs["c2s_sentence"])
+    assert view.uns["c2s"]["rank_fit"] == expected.uns["c2s"]["rank_fit"]
+    assert "c2s_genes" not in pbmc4k.obsm
+    assert "c2s" not in pbmc4k.uns
+
+
+def test_mudata_view(pbmc4k):
+    with md.set_options(pull_on_update=False):
+        mdata = md.MuData({"rna": pbmc4k})
+    view = mdata[:40]
+    expected = pbmc4k[:40].copy()
+    sc_c2s.pp.to_sentences(expected, rank_fit=False)
+    sc_c2s.pp.to_sentences(view, rank_fit=False)
+    assert not view.is_view
+    assert view.obs["rna:c2s_sentence"].tolist() == expected.obs["c2s_sentence"].tolist()
+    assert "c2s_genes" not in mdata.mod["rna"].obsm
+
+
+def test_mudata_modality_choice(pbmc4k):
+    with md.set_options(pull_on_update=False):
+        mdata = md.MuData({"gex": pbmc4k, "adt": ad.AnnData(np.ones((pbmc4k.n_obs, 2)), obs=pbmc4k.obs[[]])})
+    with pytest.raises(KeyError, match=r"no modality 'rna'; pass `mod=` with one of \['gex', 'adt'\]"):
+        sc_c2s.pp.to_sentences(mdata)
+    sc_c2s.pp.to_sentences(mdata, mod="gex", rank_fit=False)
+    assert "gex:c2s_sentence" in mdata.obs
+    assert "c2s_genes" in mdata.mod["gex"].obsm
+    assert "c2s_genes" not in mdata.mod["adt"].obsm
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
+def test_backed(tmp_path, pbmc4k, dense):
+    if dense:
+        pbmc4k.X = pbmc4k.X.toarray()
+    pbmc4k.write_h5ad(tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    sc_c2s.pp.to_sentences(backed, n_genes=100)
+    sc_c2s.pp.to_sentences(pbmc4k, n_genes=100)
+    assert backed.isbacked
+    np.testing.assert_array_equal(backed.obsm["c2s_genes"], pbmc4k.obsm["c2s_genes"])
+    pd.testing.assert_series_equal(backed.obs["c2s_sentence"], pbmc4k.obs["c2s_sentence"])
+    assert backed.uns["c2s"]["rank_fit"] == pytest.approx(pbmc4k.uns["c2s"]["rank_fit"])
+
+
+def test_backed_copy(tmp_path, pbmc4k):
+    pbmc4k.write_h5ad(tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    result = sc_c2s.pp.to_sentences(backed, n_genes=10, rank_fit=False, copy=True)
+    assert not result.isbacked
+    assert "c2s_genes" in result.obsm
+    assert "c2s_genes" not in backed.obsm
+
+
+def test_copy(container, pbmc4k):
+    expected = pbmc4k.copy()
+    sc_c2s.pp.to_sentences(expected, n_genes=20)
+    data = container.wrap(pbmc4k)
+    result = sc_c2s.pp.to_sentences(data, n_genes=20, copy=True)
+    assert type(result) is type(data)
+    assert result is not data
+    assert "c2s_genes" not in container.rna(data).obsm
+    assert "c2s" not in container.rna(data).uns
+    np.testing.assert_array_equal(container.rna(result).obsm["c2s_genes"], expected.obsm["c2s_genes"])
+    assert sc_c2s.pp.to_sentences(data, n_genes=20) is None
+
+
+def test_write_and_read_back(container, tmp_path, cellbench):
+    data = container.wrap(cellbench)
+    sc_c2s.pp.to_sentences(data, gene_symbols="gene_symbol", n_genes=100)
+    if container.is_mudata:
+        data.write(tmp_path / "x.h5mu")
+        back = md.read_h5mu(tmp_path / "x.h5mu")
+        assert back.obs["rna:c2s_sentence"].tolist() == data.obs["rna:c2s_sentence"].tolist()
+    else:
+        data.write_h5ad(tmp_path / "x.h5ad")
+        back = ad.read_h5ad(tmp_path / "x.h5ad")
+    adata, read = container.rna(data), container.rna(back)
+    np.testing.assert_array_equal(read.obsm["c2s_genes"], adata.obsm["c2s_genes"])
+    assert read.obs["c2s_sentence"].tolist() == adata.obs["c2s_sentence"].tolist()
+    assert read.uns["c2s"]["genes"].tolist() == adata.uns["c2s"]["genes"].tolist()
+    assert read.uns["c2s"]["params"] == adata.uns["c2s"]["params"]
+    assert read.uns["c2s"]["rank_fit"] == adata.uns["c2s"]["rank_fit"]
+    assert (
+        sc_c2s.tl.from_sentences(
+            read.obs["c2s_sentence"], genes=read.uns["c2s"]["genes"], rank_fit=read.uns["c2s"]["rank_fit"]
+        )
+        .obs["n_valid_genes"]
+        .tolist()
+        == (read.obsm["c2s_genes"] >= 0).sum(axis=1).tolist()
+    )
+
+
+# ---- the rank fit ----------------------------------------------------------------------------------------------
+
+
+def independent_fit(normalised: np.ndarray) -> dict[str, float]:
+    """Fit log10(1 + x) on log10(1 + rank0) over expressed genes with rank0 < 999, row by row in numpy."""
+    xs, ys = [], []
+    for row in normalised:
+        values = np.sort(row[row > 0])[::-1][:999]
+        xs.append(np.log10(1 + np.arange(len(values))))
+        ys.append(np.log10(1 + values))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    slope, intercept = np.polyfit(x, y, 1)
+    r = stats.pearsonr(x, y).statistic
+    return {
+        "slope": slope,
+        "intercept": intercept,
+        "r2": r**2,
+        "pearson_r": r,
+        "spearman_rho": stats.spearmanr(x, y).statistic,
+        "n_points": len(x),
+    }
+
+
+def assert_fit(fit: dict, expected: dict, rtol: float = 1e-6) -> None:
+    for key, value in expected.items():
+        assert fit[key] == pytest.approx(value, rel=rtol), key
+
+
+def test_rank_fit_on_counts(container, cellbench):
+    reference = cellbench.copy()
+    reference.X = reference.X.astype(np.float64)
+    sc.pp.normalize_total(reference)  # to the median library size
+    expected = independent_fit(reference.X.toarray())
+
+    data = container.wrap(cellbench)
+    sc_c2s.pp.to_sentences(data, n_genes=200)
+    fit = container.rna(data).uns["c2s"]["rank_fit"]
+    assert_fit(fit, expected)
+    assert fit["n_cells"] == 300
+    assert fit["input"] == "linear"
+    assert fit["target_sum"] == np.median(np.asarray(cellbench.X.sum(axis=1)))
+    # the real figures: a steep, tight line (C2S reports slope ≈ -0.68, R² ≈ 0.8 on immune data)
+    assert -0.8 < fit["slope"] < -0.6
+    assert fit["r2"] > 0.9
+
+
+def test_rank_fit_on_log_normalised_raw(pbmc68k):
+    """`pbmc68k_reduced().raw` is log-normalised: the fit undoes log1p instead of normalising the logs again."""
+    counts = ad.AnnData(np.expm1(pbmc68k.raw.X.toarray().astype(np.float64)))
+    sc.pp.normalize_total(counts)
+    expected = independent_fit(counts.X)
+
+    sc_c2s.pp.to_sentences(pbmc68k)
+    fit = pbmc68k.uns["c2s"]["rank_fit"]
+    assert fit["input"] == "log1p"
+    assert_fit(fit, expected, rtol=1e-5)
+
+    twice = ad.AnnData(pbmc68k.raw.X.astype(np.float64))
+    sc.pp.normalize_total(twice)
+    assert fit["intercept"] != pytest.approx(independent_fit(twice.X.toarray())["intercept"], rel=0.05)
+
+
+@pytest.mark.parametrize("base", [None, 2.0])
+def test_rank_fit_is_the_same_on_counts_and_log_normalised(cellbench, base):
+    counts = cellbench.copy()
+    sc_c2s.pp.to_sentences(counts)
+    sc.pp.normalize_total(cellbench)
+    sc.pp.log1p(cellbench, base=base)
+    sc_c2s.pp.to_sentences(cellbench)
+    fit = cellbench.uns["c2s"]["rank_fit"]
+    assert fit["input"] == "log1p"
+    assert_fit(fit, {k: counts.uns["c2s"]["rank_fit"][k] for k in ["slope", "intercept", "r2", "spearman_rho"]}, 1e-5)
+
+
+def test_rank_fit_on_normalised_data_keeps_its_scale(cellbench):
+    """Normalised input is linear; its library sizes are all the target sum, which sets the fit's scale."""
+    counts = cellbench.copy()
+    sc_c2s.pp.to_sentences(counts)
+    sc.pp.normalize_total(cellbench)  # to the median: the same scale as the fit on counts
+    sc_c2s.pp.to_sentences(cellbench)
+    fit = cellbench.uns["c2s"]["rank_fit"]
+    assert fit["input"] == "linear"
+    assert_fit(fit, {k: counts.uns["c2s"]["rank_fit"][k] for k in ["slope", "intercept", "r2", "target_sum"]}, 1e-5)
+
+    sc.pp.normalize_total(cellbench, target_sum=1e4)
+    sc_c2s.pp.to_sentences(cellbench)
+    fit = cellbench.uns["c2s"]["rank_fit"]
+    assert fit["target_sum"] == pytest.approx(1e4)
+    reference = cellbench.X.toarray().astype(np.float64)
+    assert_fit(fit, independent_fit(reference * (1e4 / reference.sum(axis=1, keepdims=True))), 1e-5)
+
+
+def test_rank_fit_sample(pbmc4k):
+    sc_c2s.pp.to_sentences(pbmc4k, rank_fit=120, random_state=4)
+    fit = pbmc4k.uns["c2s"]["rank_fit"]
+    assert fit["n_cells"] == 120
+    cells = np.sort(np.random.default_rng(4).choice(pbmc4k.n_obs, size=120, replace=False))
+    reference = pbmc4k[cells].copy()
+    reference.X = reference.X.astype(np.float64)
+    sc.pp.normalize_total(reference)
+    assert_fit(fit, independent_fit(reference.X.toarray()))
+
+
+# ---- bad input -------------------------------------------------------------------------------------------------
+
+
+def assert_untouched(adata: ad.AnnData, before: ad.AnnData) -> None:
+    assert "c2s" not in adata.uns
+    assert "c2s_genes" not in adata.obsm
+    assert "c2s_sentence" not in adata.obs
+    X, Y = adata.X, before.X
+    np.testing.assert_array_equal(X.toarray() if sparse.issparse(X) else X, Y.toarray() if sparse.issparse(Y) else Y)
+
+
+def test_scaled_data_is_refused(container, pbmc68k):
+    before = pbmc68k.copy()
+    data = container.wrap(pbmc68k)
+    with pytest.raises(NotExpressionError, match=r"`X` holds negative values.*scaled.*use_raw=True.*layer="):
+        sc_c2s.pp.to_sentences(data, use_raw=False)
+    assert_untouched(container.rna(data), before)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_nan_is_refused(container, fmt):
+    X = HAND.astype(np.float64)
+    X[3, 2] = np.nan
+    adata = ad.AnnData(as_format(X, fmt), var=pd.DataFrame(index=GENES))
+    before = adata.copy()
+    data = container.wrap(adata)
+    with pytest.raises(ValueError, match=r"`X` holds NaN \(first in cell 3\)"):
+        sc_c2s.pp.to_sentences(data)
+    assert_untouched(container.rna(data), before)
+
+
+def test_negative_in_a_layer_names_the_layer():
+    adata = hand_adata()
+    adata.layers["scaled"] = -adata.X
+    with pytest.raises(ValueError, match=r"`layers\['scaled'\]` holds negative values"):
+        sc_c2s.pp.to_sentences(adata, layer="scaled")
+
+
+@pytest.mark.parametrize(
+    ("var", "kwargs", "error", "match"),
+    [
+        (
+            pd.DataFrame(index=["A", "B", "A", "C", "D"]),
+            {},
+            ValueError,
+            r"1 gene names in var_names occur more than once \(e\.g\. A\).*adata\.var_names_make_unique\(\)",
+        ),
+        (
+            pd.DataFrame({"sym": ["A", "B", "B", "C", "C"]}, index=GENES),
+            {"gene_symbols": "sym"},
+            ValueError,
+            r"2 gene names in var\['sym'\] occur more than once.*make_index_unique",
+        ),
+        (
+            pd.DataFrame({"sym": ["A", None, "B", "C", "D"]}, index=GENES),
+            {"gene_symbols": "sym"},
+            ValueError,
+            r"var\['sym'\] has 1 missing names",
+        ),
+        (
+            pd.DataFrame(index=GENES),
+            {"gene_symbols": "symbol"},
+            KeyError,
+            r"`gene_symbols='symbol'` is not a column of var",
+        ),
+        (
+            pd.DataFrame(index=["A", "B C", "D", "E", "F"]),
+            {},
+            ValueError,
+            r"1 gene names in var_names are empty or contain whitespace \(e\.g\. 'B C'\)",
+        ),
+        (
+            pd.DataFrame({"sym": ["A", "", "B", "C", "D"]}, index=GENES),
+            {"gene_symbols": "sym"},
+            ValueError,
+            r"are empty or contain whitespace",
+        ),
+    ],
+    ids=["duplicated", "duplicated_symbols", "missing_symbols", "no_column", "space", "empty_name"],
+)
+def test_bad_gene_names(container, var, kwargs, error, match):
+    with warnings.catch_warnings():
+        # anndata's and mudata's own warnings about the duplicated names under test
+        warnings.filterwarnings("ignore", "(Variable|var)_? ?names are not unique", UserWarning)
+        adata = ad.AnnData(sparse.csr_matrix(HAND.astype(np.float32)), var=var)
+        before = adata.copy()
+        data = container.wrap(adata)
+    with pytest.raises(error, match=match):
+        sc_c2s.pp.to_sentences(data, **kwargs)
+    assert_untouched(container.rna(data), before)
+
+
+def test_case_collisions_warn(container):
+    adata = ad.AnnData(sparse.csr_matrix(HAND.astype(np.float32)), var=pd.DataFrame(index=["CD3D", "Cd3d", *GENES[2:]]))
+    data = container.wrap(adata)
+    with pytest.warns(UserWarning, match=r"2 gene names in var_names differ only by case \(e\.g\. CD3D, Cd3d\)"):
+        sc_c2s.pp.to_sentences(data, rank_fit=False)
+    assert container.rna(data).obs["c2s_sentence"].iloc[1] == "CD3D"
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (4, 0), (0, 0)])
+def test_empty_matrix(container, shape):
+    data = container.wrap(ad.AnnData(sparse.csr_matrix(shape, dtype=np.float32)))
+    with pytest.raises(ValueError, match=rf"`X` is empty \({shape[0]} cells × {shape[1]} genes\): nothing to rank"):
+        sc_c2s.pp.to_sentences(data)
+
+
+@pytest.mark.parametrize("n_genes", [0, -5, 2.5, "200", True])
+def test_bad_n_genes(n_genes):
+    adata = hand_adata()
+    with pytest.raises(ValueError, match=r"`n_genes` must be a positive integer or None"):
+        sc_c2s.pp.to_sentences(adata, n_genes=n_genes)
+    assert "c2s" not in adata.uns
+
+
+@pytest.mark.parametrize("rank_fit", [0, -1, 2.5, "all"])
+def test_bad_rank_fit(rank_fit):
+    adata = hand_adata()
+    with pytest.raises(ValueError, match=r"`rank_fit` must be True, False or a positive number of cells"):
+        sc_c2s.pp.to_sentences(adata, rank_fit=rank_fit)
+
+
+def test_layer_and_use_raw(pbmc68k):
+    pbmc68k.layers["x"] = abs(pbmc68k.X)
+    with pytest.raises(ValueError, match=r"Pass either `layer=` or `use_raw=True`, not both"):
+        sc_c2s.pp.to_sentences(pbmc68k, layer="x", use_raw=True)
+    sc_c2s.pp.to_sentences(pbmc68k, layer="x", rank_fit=False)  # use_raw=None with a layer: the layer
+    assert pbmc68k.uns["c2s"]["params"] == {"layer": "x", "use_raw": False, "random_state": 0}
+
+
+def test_missing_layer_and_raw():
+    adata = hand_adata()
+    with pytest.raises(KeyError, match=r"No layer 'counts'; available layers: \[\]"):
+        sc_c2s.pp.to_sentences(adata, layer="counts")
+    with pytest.raises(ValueError, match=r"`use_raw=True` but the AnnData has no `.raw`"):
+        sc_c2s.pp.to_sentences(adata, use_raw=True)
+
+
+def test_not_a_container():
+    with pytest.raises(TypeError, match=r"Expected an AnnData or MuData object, got ndarray"):
+        sc_c2s.pp.to_sentences(HAND)
