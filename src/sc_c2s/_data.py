@@ -137,7 +137,7 @@ class DataHandler:
         return self.adata.obsm
 
     def c2s(self) -> dict:
-        """The results of :func:`sc_c2s.pp.to_sentences`, or a clear error if it has not run."""
+        """Return the results of :func:`sc_c2s.pp.to_sentences`, or raise a clear error if it has not run."""
         if C2S_KEY not in self.uns or GENES_KEY not in self.obsm:
             where = f"the {self.mod!r} modality" if self.is_mudata else "this AnnData"
             msg = (
@@ -159,7 +159,7 @@ class DataHandler:
         """Write several results and log them the way scanpy does (``added`` plus where each went)."""
         for (attr, key), value in results.items():
             self.save(attr, key, value)
-        where = "mdata.mod[{!r}].".format(self.mod) if self.is_mudata else "adata."
+        where = f"mdata.mod[{self.mod!r}]." if self.is_mudata else "adata."
         added = ",\n    ".join(f"{key!r}, {where}{attr}" for attr, key in results)
         logg.info(message, time=start, deep=f"added\n    {added}")
 

@@ -1,11 +1,11 @@
-"""The inverse model of C2S: a linear fit of log expression on log rank, used to turn sentences into expression.
+r"""The inverse model of C2S: a linear fit of log expression on log rank, used to turn sentences into expression.
 
 Per cell, expression is normalised to the median library size and transformed with ``log10(1 + x)``; over the
 expressed genes with 0-based rank ``rank0 < 999`` on a sample of cells, ordinary least squares fits
 
 .. math::
 
-    \\log_{10}(1 + x) = \\text{intercept} + \\text{slope} \\cdot \\log_{10}(1 + \\text{rank0}).
+    \log_{10}(1 + x) = \text{intercept} + \text{slope} \cdot \log_{10}(1 + \text{rank0}).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ class RankFit:
         return np.clip(self.intercept + self.slope * np.log10(1 + position), 0, None)
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict for ``uns`` or JSON."""
+        """Return a plain dict for ``uns`` or JSON."""
         return asdict(self)
 
     @classmethod

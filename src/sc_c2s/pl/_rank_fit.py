@@ -6,9 +6,9 @@ import numpy as np
 from matplotlib import pyplot as plt
 from scanpy import settings
 
-from .. import _rank_model
-from .._data import DataHandler
-from .._docs import doc_adata, doc_mod, doc_params
+from sc_c2s import _rank_model
+from sc_c2s._data import DataHandler
+from sc_c2s._docs import doc_adata, doc_mod, doc_params
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -81,7 +81,7 @@ def rank_fit(
         _, ax = plt.subplots(figsize=(5, 4))
     hexbin = ax.hexbin(x, y, gridsize=gridsize, bins="log", mincnt=1, cmap=cmap, linewidths=0)
     ax.figure.colorbar(hexbin, ax=ax, label="genes × cells")
-    line_x = np.linspace(0, np.log10(_rank_model.MAX_RANK + 1), 100)
+    line_x = np.linspace(0, x.max(), 100)  # over the ranks the data reach
     ax.plot(line_x, fit.intercept + fit.slope * line_x, color=line_color, lw=2)
     ax.text(
         0.97,

@@ -209,7 +209,7 @@ def csc_rows_to_csr(indptr, indices, data, cursor, stop):
 
 @njit(parallel=True, cache=True)
 def sentence_lengths(gene_idx, word_lengths):
-    """Number of bytes of each row's sentence (words joined by single spaces)."""
+    """Count the bytes of each row's sentence (words joined by single spaces)."""
     n_rows, width = gene_idx.shape
     lengths = np.zeros(n_rows, dtype=np.int64)
     for i in prange(n_rows):

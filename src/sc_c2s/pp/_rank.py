@@ -96,7 +96,7 @@ def _row_blocks(X) -> Iterator[tuple[int, object]]:
 
 
 def _max_expressed(X) -> int:
-    """An upper bound on the number of expressed genes in a row, read without densifying."""
+    """Bound the number of expressed genes in a row from above, without densifying."""
     if sparse.issparse(X) and X.format == "csr":
         return int(np.diff(X.indptr).max(initial=0))
     if sparse.issparse(X) and X.format == "csc":

@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scanpy import logging as logg
 
-from .. import _rank_model
-from .._data import C2S_KEY, GENES_KEY, SENTENCE_KEY, DataHandler, Matrix, prepare
-from .._docs import doc_adata, doc_mod, doc_params
+from sc_c2s import _rank_model
+from sc_c2s._data import C2S_KEY, GENES_KEY, SENTENCE_KEY, DataHandler, Matrix, prepare
+from sc_c2s._docs import doc_adata, doc_mod, doc_params
+
 from . import _kernels
 from ._rank import rank_genes
 
@@ -133,7 +134,7 @@ def _is_positive_int(value: object) -> bool:
 
 
 def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
-    """The word of each gene, checked: no missing, duplicated, empty or space-holding names."""
+    """Return the word of each gene, checked: no missing, duplicated, empty or space-holding names."""
     if gene_symbols is None:
         names, where = matrix.var_names.to_series(), "var_names"
     elif gene_symbols in matrix.var.columns:

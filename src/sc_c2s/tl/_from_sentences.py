@@ -8,10 +8,10 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
-from .._rank_model import RankFit
+from sc_c2s._rank_model import RankFit
 
 #: Characters stripped from both ends of a word; those inside gene names (``-``, ``.``, ``_``) stay inside.
-_PUNCTUATION = ",;:.!?\"'`()[]{}<>*"
+_PUNCTUATION = ",;:.!?\"'`()[]{}<>*-–—"
 
 
 def from_sentences(
@@ -24,14 +24,15 @@ def from_sentences(
 
     Works on any text: sentences made by a C2S model, by another language model or by
     :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; punctuation around words and the
-    trailing period are stripped. Words are matched to `genes` ignoring case; unknown words are dropped, and
+    trailing period are stripped; a missing sentence (``None`` or NaN) is empty. Words are matched to `genes` ignoring case; unknown words are dropped, and
     a gene named twice keeps its first position. The gene at 0-based position ``p`` among the kept words gets
     ``intercept + slope * log10(1 + p)``, clipped at 0.
 
     Parameters
     ----------
     sentences
-        One sentence per cell.
+        One sentence per cell; the index of a :class:`~pandas.Series` (e.g. ``adata.obs["c2s_sentence"]``)
+        becomes the ``obs_names`` of the result.
     genes
         Vocabulary: the genes of the result, e.g. ``adata.var_names`` or ``adata.uns["c2s"]["genes"]``.
     rank_fit
@@ -73,7 +74,7 @@ def from_sentences(
 
     indptr, indices, counts = [0], [], []
     for sentence in sentences:
-        words = (w.strip(_PUNCTUATION).upper() for w in str(sentence).split())
+        words = (w.strip(_PUNCTUATION).upper() for w in _text(sentence).split())
         hits = [vocabulary.get(w, -1) for w in words if w]
         known = [h for h in hits if h >= 0]
         kept = list(dict.fromkeys(known))
@@ -91,6 +92,13 @@ def from_sentences(
     obs = pd.DataFrame(
         np.asarray(counts, dtype=np.int32).reshape(-1, 3),
         columns=["n_valid_genes", "n_unknown_words", "n_duplicate_genes"],
-        index=pd.Index([str(i) for i in range(X.shape[0])]),
+        index=sentences.index.astype(str)
+        if isinstance(sentences, pd.Series)
+        else pd.RangeIndex(X.shape[0]).astype(str),
     )
     return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={"c2s_rank_fit": fit.to_dict()})
+
+
+def _text(sentence: object) -> str:
+    """Return the sentence as a string; ``None`` and NaN (e.g. a cell missing from a MuData modality) are empty."""
+    return "" if pd.api.types.is_scalar(sentence) and pd.isna(sentence) else str(sentence)
