@@ -1,0 +1,122 @@
+"""`DataHandler` and `prepare`: one way in and out of AnnData and MuData."""
+
+from __future__ import annotations
+
+import anndata as ad
+import mudata as md
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+
+from sc_c2s._data import DataHandler, prepare
+
+
+def test_matrix_selection(container, pbmc68k):
+    pbmc68k.layers["abs"] = abs(pbmc68k.X)
+    handler = DataHandler(container.wrap(pbmc68k))
+
+    raw = handler.matrix()  # raw when present
+    assert raw.source == "raw.X"
+    assert raw.X is pbmc68k.raw.X
+    assert raw.var_names.equals(pbmc68k.raw.var_names)
+    assert handler.matrix(use_raw=True).source == "raw.X"
+
+    x = handler.matrix(use_raw=False)
+    assert (x.source, x.X.shape) == ("X", pbmc68k.shape)
+    assert x.var is pbmc68k.var
+
+    layer = handler.matrix(layer="abs")  # a layer wins over raw
+    assert layer.source == "layers['abs']"
+    assert layer.X is pbmc68k.layers["abs"]
+
+
+def test_log1p_base_is_read_from_uns(cellbench):
+    assert DataHandler(cellbench).matrix().log1p_base is None
+    sc.pp.log1p(cellbench, base=2)
+    assert DataHandler(cellbench).matrix().log1p_base == 2
+    assert DataHandler(cellbench).matrix().source == "X"  # no raw
+
+
+def test_matrix_errors(pbmc4k):
+    handler = DataHandler(pbmc4k)
+    with pytest.raises(ValueError, match=r"Pass either `layer=` or `use_raw=True`, not both"):
+        handler.matrix(layer="counts", use_raw=True)
+    with pytest.raises(ValueError, match=r"`use_raw=True` but the AnnData has no `.raw`"):
+        handler.matrix(use_raw=True)
+    with pytest.raises(KeyError, match=r"No layer 'counts'"):
+        handler.matrix(layer="counts")
+
+
+def test_containers(pbmc4k):
+    with pytest.raises(TypeError, match=r"Expected an AnnData or MuData object, got DataFrame"):
+        DataHandler(pbmc4k.obs)
+    handler = DataHandler(pbmc4k, mod="ignored")
+    assert handler.adata is pbmc4k
+    assert not handler.is_mudata
+    with md.set_options(pull_on_update=False):
+        mdata = md.MuData({"rna": pbmc4k})
+    handler = DataHandler(mdata)
+    assert handler.adata is mdata.mod["rna"]
+    assert handler.is_mudata
+    assert handler.n_obs == pbmc4k.n_obs
+    with pytest.raises(KeyError, match=r"MuData has no modality 'atac'; pass `mod=` with one of \['rna'\]"):
+        DataHandler(mdata, mod="atac")
+
+
+def test_save_mirrors_obs_into_mudata(pbmc4k):
+    """Cells missing from the modality get NaN in `mdata.obs`."""
+    rna = pbmc4k[:10].copy()
+    other = ad.AnnData(np.ones((12, 2)), obs=pd.DataFrame(index=pbmc4k.obs_names[:12]))
+    with md.set_options(pull_on_update=False):
+        mdata = md.MuData({"rna": rna, "adt": other})
+    handler = DataHandler(mdata)
+    handler.save("obs", "score", np.arange(10.0))
+    handler.save("obsm", "emb", np.ones((10, 3)))
+    handler.save("uns", "info", {"a": 1})
+    np.testing.assert_array_equal(rna.obs["score"], np.arange(10.0))
+    mirrored = mdata.obs["rna:score"]
+    np.testing.assert_array_equal(mirrored.loc[rna.obs_names], np.arange(10.0))
+    assert mirrored.loc[pbmc4k.obs_names[10:12]].isna().all()
+    assert rna.obsm["emb"].shape == (10, 3)
+    assert rna.uns["info"] == {"a": 1}
+    assert "rna:emb" not in mdata.obsm
+
+
+def test_save_all_logs(container, pbmc4k, scanpy_log):
+    data = container.wrap(pbmc4k)
+    handler = DataHandler(data)
+    start = sc.logging.info("computing")
+    handler.save_all({("obs", "a"): np.zeros(pbmc4k.n_obs), ("uns", "b"): {}}, start=start)
+    where = "mdata.mod['rna']." if container.is_mudata else "adata."
+    assert f"added\n    'a', {where}obs,\n    'b', {where}uns" in scanpy_log.getvalue()
+
+
+def test_c2s_needs_to_sentences(container, pbmc4k):
+    handler = DataHandler(container.wrap(pbmc4k))
+    where = "the 'rna' modality" if container.is_mudata else "this AnnData"
+    with pytest.raises(KeyError, match=rf"No cell sentences found in {where}"):
+        handler.c2s()
+
+
+def test_prepare(tmp_path, pbmc4k):
+    copy = prepare(pbmc4k, copy=True)
+    assert copy is not pbmc4k
+    assert prepare(pbmc4k) is pbmc4k
+
+    view = pbmc4k[:5]
+    assert prepare(view) is view
+    assert not view.is_view
+    assert view.n_obs == 5
+
+    pbmc4k.write_h5ad(tmp_path / "x.h5ad")
+    backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
+    loaded = prepare(backed, copy=True)
+    assert not loaded.isbacked
+    assert backed.isbacked
+
+    with md.set_options(pull_on_update=False):
+        mview = md.MuData({"rna": pbmc4k})[:7]
+    assert prepare(mview) is mview
+    assert not mview.is_view
+    assert mview.mod["rna"].n_obs == 7

@@ -1,0 +1,153 @@
+"""`sc_c2s.tl.from_sentences`: text back to expression."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import sc_c2s
+from sc_c2s._rank_model import RankFit
+
+GENES = ["CD3D", "CD3E", "HLA-A", "RP11-34P13.7", "IL7R", "Cd4"]
+FIT = {"slope": -1.0, "intercept": 2.0}
+
+
+def expression(position: int) -> float:
+    """The fit's value at a 0-based position: 2 - log10(1 + p), clipped at 0."""
+    return max(0.0, 2.0 - np.log10(1 + position))
+
+
+def dense(cells) -> np.ndarray:
+    return cells.X.toarray()
+
+
+def counts(cells) -> list[list[int]]:
+    return cells.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy().tolist()
+
+
+def test_plain_sentence():
+    cells = sc_c2s.tl.from_sentences(["IL7R CD3D HLA-A"], genes=GENES, rank_fit=FIT)
+    expected = np.zeros((1, len(GENES)), dtype=np.float32)
+    expected[0, [4, 0, 2]] = [expression(0), expression(1), expression(2)]
+    np.testing.assert_allclose(dense(cells), expected, rtol=1e-6)
+    assert cells.X.dtype == np.float32
+    assert cells.var_names.tolist() == GENES
+    assert cells.obs_names.tolist() == ["0"]
+    assert counts(cells) == [[3, 0, 0]]
+    assert cells.uns["c2s_rank_fit"]["slope"] == -1.0
+
+
+def test_punctuation_and_trailing_period():
+    """Commas, quotes, brackets and the final period go; hyphens and dots inside gene names stay."""
+    text = '"IL7R", (CD3D); HLA-A: RP11-34P13.7.'
+    cells = sc_c2s.tl.from_sentences([text], genes=GENES, rank_fit=FIT)
+    row = dense(cells)[0]
+    for position, gene in enumerate(["IL7R", "CD3D", "HLA-A", "RP11-34P13.7"]):
+        assert row[GENES.index(gene)] == pytest.approx(expression(position))
+    assert counts(cells) == [[4, 0, 0]]
+
+
+def test_unknown_words_are_dropped_and_counted():
+    """Unknown words do not take a position; words that are only punctuation are not words."""
+    cells = sc_c2s.tl.from_sentences(["FOO CD3D - bar ... CD3E XIST."], genes=GENES, rank_fit=FIT)
+    row = dense(cells)[0]
+    assert row[0] == pytest.approx(expression(0))
+    assert row[1] == pytest.approx(expression(1))
+    assert counts(cells) == [[2, 3, 0]]  # FOO, bar, XIST; "-" and "..." are no words
+
+
+def test_duplicates_keep_the_first_position():
+    cells = sc_c2s.tl.from_sentences(["CD3E CD3D CD3E IL7R CD3D CD3D"], genes=GENES, rank_fit=FIT)
+    row = dense(cells)[0]
+    assert row[1] == pytest.approx(expression(0))
+    assert row[0] == pytest.approx(expression(1))
+    assert row[4] == pytest.approx(expression(2))  # positions count kept genes only
+    assert counts(cells) == [[3, 0, 3]]
+
+
+def test_case_is_ignored():
+    cells = sc_c2s.tl.from_sentences(["cd3d Cd3E CD4 hla-a"], genes=GENES, rank_fit=FIT)
+    row = dense(cells)[0]
+    np.testing.assert_allclose(row[[0, 1, 5, 2]], [expression(p) for p in range(4)], rtol=1e-6)
+    assert counts(cells) == [[4, 0, 0]]
+
+
+def test_case_insensitive_duplicates():
+    cells = sc_c2s.tl.from_sentences(["CD3D cd3d"], genes=GENES, rank_fit=FIT)
+    assert counts(cells) == [[1, 0, 1]]
+
+
+def test_vocabulary_names_differing_by_case_match_the_first():
+    cells = sc_c2s.tl.from_sentences(["cd4"], genes=["CD4", "Cd4"], rank_fit=FIT)
+    np.testing.assert_allclose(dense(cells), [[2.0, 0.0]])
+
+
+def test_empty_and_missing_sentences():
+    sentences = pd.Series(["", "   ", None, np.nan, "CD3D"], index=list("abcde"))
+    cells = sc_c2s.tl.from_sentences(sentences, genes=GENES, rank_fit=FIT)
+    assert cells.obs_names.tolist() == list("abcde")
+    assert counts(cells) == [[0, 0, 0]] * 4 + [[1, 0, 0]]
+    assert dense(cells)[:4].sum() == 0
+
+
+def test_whitespace_of_any_kind_separates_words():
+    cells = sc_c2s.tl.from_sentences(["CD3D\tCD3E\nIL7R  HLA-A"], genes=GENES, rank_fit=FIT)
+    assert counts(cells) == [[4, 0, 0]]
+
+
+def test_prediction_clipped_at_zero_keeps_the_gene_valid():
+    """Far down the sentence the line goes below 0: expression 0 (not stored), still counted as valid."""
+    fit = {"slope": -1.0, "intercept": 0.5}  # 0 from position 3 on
+    cells = sc_c2s.tl.from_sentences([" ".join(GENES)], genes=GENES, rank_fit=fit)
+    row = dense(cells)[0]
+    assert cells.X.nnz == 3
+    np.testing.assert_allclose(row[:3], [0.5, 0.5 - np.log10(2), 0.5 - np.log10(3)], rtol=1e-6)
+    assert np.all(row[3:] == 0)
+    assert counts(cells) == [[6, 0, 0]]
+
+
+def test_many_sentences_and_any_iterable():
+    sentences = (s for s in ["CD3D", "IL7R CD3D", "XYZ"])
+    cells = sc_c2s.tl.from_sentences(sentences, genes=pd.Index(GENES), rank_fit=RankFit(**FIT))
+    assert cells.shape == (3, len(GENES))
+    assert counts(cells) == [[1, 0, 0], [2, 0, 0], [0, 1, 0]]
+    assert cells.obs_names.tolist() == ["0", "1", "2"]
+    assert dense(cells)[1, 0] == pytest.approx(expression(1))
+
+
+def test_no_sentences():
+    cells = sc_c2s.tl.from_sentences([], genes=GENES, rank_fit=FIT)
+    assert cells.shape == (0, len(GENES))
+
+
+def test_round_trip_from_to_sentences(pbmc68k):
+    sc_c2s.pp.to_sentences(pbmc68k, n_genes=100)
+    c2s = pbmc68k.uns["c2s"]
+    cells = sc_c2s.tl.from_sentences(pbmc68k.obs["c2s_sentence"], genes=c2s["genes"], rank_fit=c2s["rank_fit"])
+    assert cells.obs_names.equals(pbmc68k.obs_names)
+    assert (cells.obs["n_unknown_words"] == 0).all()
+    assert (cells.obs["n_duplicate_genes"] == 0).all()
+    genes = pbmc68k.obsm["c2s_genes"]
+    np.testing.assert_array_equal(cells.obs["n_valid_genes"], (genes >= 0).sum(axis=1))
+    fit = RankFit.from_dict(c2s["rank_fit"])
+    X = dense(cells)
+    for cell in [0, 350, 699]:
+        row = genes[cell][genes[cell] >= 0]
+        np.testing.assert_allclose(X[cell, row], fit.predict(np.arange(len(row))), rtol=1e-6)
+        assert np.count_nonzero(X[cell]) == np.count_nonzero(fit.predict(np.arange(len(row))))
+
+
+def test_one_string_is_refused():
+    with pytest.raises(TypeError, match=r"`sentences` must be a list of sentences, not one string; wrap it in a list"):
+        sc_c2s.tl.from_sentences("CD3D CD3E", genes=GENES, rank_fit=FIT)
+
+
+def test_duplicated_genes_are_refused():
+    with pytest.raises(ValueError, match=r"`genes` must be unique; duplicated: \['CD3D'\]"):
+        sc_c2s.tl.from_sentences(["CD3D"], genes=["CD3D", "CD3D"], rank_fit=FIT)
+
+
+def test_incomplete_fit_is_refused():
+    with pytest.raises(ValueError, match=r"A rank fit needs 'slope' and 'intercept'"):
+        sc_c2s.tl.from_sentences(["CD3D"], genes=GENES, rank_fit={"slope": -0.7})

@@ -1,0 +1,82 @@
+"""`sc_c2s.pl.rank_fit`: the density, the fitted line and its figures."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib import pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.collections import PolyCollection
+from matplotlib.figure import Figure
+
+import sc_c2s
+from sc_c2s import _rank_model
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_draws_density_line_and_figures(container, cellbench):
+    data = container.wrap(cellbench)
+    sc_c2s.pp.to_sentences(data, gene_symbols="gene_symbol")
+    fit = container.rna(data).uns["c2s"]["rank_fit"]
+    ax = sc_c2s.pl.rank_fit(data, show=False)
+
+    assert isinstance(ax, Axes)
+    hexbins = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(hexbins) == 1
+    assert hexbins[0].get_array().sum() == fit["n_points"]  # every point of the fit is in the density
+    (line,) = ax.get_lines()
+    x, y = line.get_data()
+    np.testing.assert_allclose(y, fit["intercept"] + fit["slope"] * x)
+    assert x[0] == 0
+    assert x[-1] == pytest.approx(np.log10(_rank_model.MAX_RANK))  # cellbench cells have ≥ 999 genes
+    (text,) = ax.texts
+    assert text.get_text() == f"slope {fit['slope']:.3f}\nintercept {fit['intercept']:.3f}\n$R^2$ {fit['r2']:.3f}"
+    assert ax.get_xlabel() == "log10(1 + rank)"
+    assert "300 cells" in ax.get_title()
+    assert len(ax.figure.axes) == 2  # with a colour bar
+
+
+def test_line_stops_where_the_data_stop(pbmc68k):
+    sc_c2s.pp.to_sentences(pbmc68k)
+    ax = sc_c2s.pl.rank_fit(pbmc68k, show=False)
+    longest = int(np.diff(pbmc68k.raw.X.indptr).max())
+    assert ax.get_lines()[0].get_data()[0][-1] == pytest.approx(np.log10(longest))
+
+
+def test_given_axes_and_return_fig(pbmc4k):
+    sc_c2s.pp.to_sentences(pbmc4k, rank_fit=100)
+    fig, (ax1, ax2) = plt.subplots(1, 2)
+    assert sc_c2s.pl.rank_fit(pbmc4k, ax=ax2, show=False) is ax2
+    assert len(ax2.get_lines()) == 1
+    assert not ax1.has_data()
+    assert sc_c2s.pl.rank_fit(pbmc4k, ax=ax1, return_fig=True) is fig
+    assert isinstance(fig, Figure)
+
+
+def test_show(monkeypatch, pbmc4k):
+    shown = []
+    monkeypatch.setattr(plt, "show", lambda: shown.append(True))
+    sc_c2s.pp.to_sentences(pbmc4k, rank_fit=50)
+    assert sc_c2s.pl.rank_fit(pbmc4k, show=True) is None
+    assert shown == [True]
+
+
+def test_png(tmp_path, pbmc68k):
+    sc_c2s.pp.to_sentences(pbmc68k)
+    ax = sc_c2s.pl.rank_fit(pbmc68k, show=False)
+    ax.figure.savefig(tmp_path / "rank_fit.png", dpi=60)
+    assert (tmp_path / "rank_fit.png").stat().st_size > 5_000
+
+
+def test_needs_sentences_and_a_fit(container, pbmc4k):
+    data = container.wrap(pbmc4k)
+    with pytest.raises(KeyError, match=r"No cell sentences found.*Run `sc_c2s.pp.to_sentences\(adata\)` first"):
+        sc_c2s.pl.rank_fit(data, show=False)
+    sc_c2s.pp.to_sentences(data, rank_fit=False)
+    with pytest.raises(KeyError, match=r"No rank fit in `uns\['c2s'\]`"):
+        sc_c2s.pl.rank_fit(data, show=False)

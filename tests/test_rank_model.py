@@ -1,0 +1,126 @@
+"""The rank ↔ expression model: fit, prediction, serialisation, detection of log input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import sparse
+
+from sc_c2s import _rank_model
+from sc_c2s._rank_model import RankFit
+
+
+def test_predict_is_the_line_clipped_at_zero():
+    fit = RankFit(slope=-1.0, intercept=1.5)
+    np.testing.assert_allclose(fit.predict([0, 9, 99, 999]), [1.5, 0.5, 0.0, 0.0])
+    assert fit.predict(0) == pytest.approx(1.5)
+    np.testing.assert_allclose(RankFit(slope=-0.68, intercept=2.24).predict(np.array([1])), [2.24 - 0.68 * np.log10(2)])
+
+
+def test_dict_round_trip():
+    fit = RankFit(slope=-0.7, intercept=2.2, r2=0.8, pearson_r=-0.89, spearman_rho=-0.9, n_cells=10, n_points=99)
+    d = fit.to_dict()
+    assert d["slope"] == -0.7
+    assert d["input"] == "linear"
+    assert RankFit.from_dict(d) == fit
+    assert RankFit.from_dict(fit) is fit
+
+
+def test_from_dict_takes_what_h5ad_gives_back():
+    """Values read back from h5ad are numpy scalars; unknown keys are ignored."""
+    fit = RankFit.from_dict({"slope": np.float64(-0.5), "intercept": np.float32(2.0), "n_cells": np.int64(3), "x": 1})
+    assert fit == RankFit(slope=-0.5, intercept=2.0, n_cells=3)
+    assert type(fit.slope) is float
+    assert type(fit.n_cells) is int
+
+
+def test_from_dict_needs_slope_and_intercept():
+    with pytest.raises(ValueError, match=r"A rank fit needs 'slope' and 'intercept'"):
+        RankFit.from_dict({"intercept": 2.0})
+
+
+def test_sample_cells():
+    np.testing.assert_array_equal(_rank_model.sample_cells(5, 10, 0), np.arange(5))
+    a = _rank_model.sample_cells(1000, 100, 0)
+    assert len(np.unique(a)) == 100
+    assert np.all(np.diff(a) > 0)
+    np.testing.assert_array_equal(a, _rank_model.sample_cells(1000, 100, 0))
+    assert not np.array_equal(a, _rank_model.sample_cells(1000, 100, 1))
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (np.array([0, 1, 5, 300]), False),  # counts
+        (np.log1p(np.array([0, 1, 5, 300])), True),  # log1p of counts
+        (np.array([0.0, 12.5, 80.3, 1000.2]), False),  # normalised, not logged
+        (np.array([0.0, 0.0]), False),  # nothing expressed
+        (np.array([0, 2, 4.0]), False),  # integers stored as floats
+    ],
+    ids=["counts", "log1p", "normalised", "empty", "float_counts"],
+)
+def test_is_log_transformed(values, expected):
+    assert _rank_model.is_log_transformed(values) is expected
+
+
+def test_fit_on_a_hand_built_matrix():
+    """Two cells whose values follow the line exactly: the fit recovers it."""
+    slope, intercept = -0.5, 2.0
+    ranks = np.arange(4)
+    target = 10 ** (intercept + slope * np.log10(1 + ranks)) - 1  # log10(1 + x) = line
+    X = np.vstack([target, target[::-1]])  # both cells have the same library size: no rescaling
+    fit = _rank_model.fit(X, n_cells=10)
+    assert fit.slope == pytest.approx(slope)
+    assert fit.intercept == pytest.approx(intercept)
+    assert fit.r2 == pytest.approx(1.0)
+    assert fit.pearson_r == pytest.approx(-1.0)
+    assert fit.spearman_rho == pytest.approx(-1.0)
+    assert (fit.n_cells, fit.n_points, fit.input) == (2, 8, "linear")
+    assert fit.target_sum == pytest.approx(target.sum())
+
+
+def test_fit_keeps_only_the_first_999_ranks():
+    X = np.arange(1500, 0, -1, dtype=np.float64)[None, :]
+    fit = _rank_model.fit(sparse.csr_matrix(X))
+    assert fit.n_points == _rank_model.MAX_RANK == 999
+
+
+def test_fit_does_not_depend_on_storage_or_seed_when_all_cells_are_used(pbmc4k):
+    X = pbmc4k.X
+    fits = [
+        _rank_model.fit(X, random_state=0),
+        _rank_model.fit(X.tocsc(), random_state=0),
+        _rank_model.fit(X.toarray(), random_state=0),
+        _rank_model.fit(X, random_state=5),  # another tie order: the same (rank, value) pairs
+    ]
+    for other in fits[1:]:
+        for key in ["slope", "intercept", "r2", "spearman_rho", "n_points", "target_sum"]:
+            assert getattr(other, key) == pytest.approx(getattr(fits[0], key), rel=1e-9), key
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
+def test_fit_does_not_modify_log_input(dense):
+    rng = np.random.default_rng(0)
+    X = np.log1p(rng.poisson(1.0, size=(50, 40)).astype(np.float64))
+    X = X if dense else sparse.csr_matrix(X)
+    before = X.copy()
+    fit = _rank_model.fit(X)
+    assert fit.input == "log1p"
+    np.testing.assert_array_equal(X if dense else X.toarray(), before if dense else before.toarray())
+
+
+def test_log_base_is_undone():
+    rng = np.random.default_rng(1)
+    counts = rng.poisson(2.0, size=(60, 50)).astype(np.float64)
+    counts[:, 0] += 1  # every cell expresses a gene
+    linear = _rank_model.fit(counts)
+    log2 = _rank_model.fit(np.log1p(counts) / np.log(2), log1p_base=2.0)
+    assert log2.input == "log1p"
+    assert log2.slope == pytest.approx(linear.slope, rel=1e-9)
+    assert log2.intercept == pytest.approx(linear.intercept, rel=1e-9)
+
+
+def test_too_few_points():
+    X = sparse.csr_matrix(np.eye(4))  # one gene per cell: every point at rank 0
+    with pytest.raises(ValueError, match=r"Too few expressed genes.*pass `rank_fit=False`"):
+        _rank_model.fit(X)
