@@ -1,0 +1,193 @@
+"""Downloading registry checkpoints into one cache folder, with retries, atomic writes and sha256 checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pooch
+from scanpy import logging as logg
+
+from . import _registry
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+#: Environment variable that moves the download cache.
+CACHE_ENV = "SC_C2S_CACHE"
+#: Environment variable that points downloads at a mirror or a local server.
+BASE_URL_ENV = "SC_C2S_BASE_URL"
+#: Where files come from by default.
+HF_URL = "https://huggingface.co/{repo}/resolve/{revision}/{file}"
+#: File beside the downloaded files that records the sha256 of each at its first download.
+HASHES_FILE = "sha256.json"
+#: Further attempts after a failed download (waiting 1 s, 2 s, … between them).
+RETRIES = 3
+
+
+def cache_dir() -> Path:
+    """Folder that holds downloaded checkpoints: ``$SC_C2S_CACHE``, else the user cache of the OS."""
+    return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("sc_c2s")).expanduser()
+
+
+def file_url(base_url: str, repo: str, revision: str, file: str) -> str:
+    """URL of a checkpoint file.
+
+    A `base_url` with ``{repo}``, ``{revision}`` or ``{file}`` fields is a template; any other is the root of a
+    Hugging Face mirror, under which files are at ``{repo}/resolve/{revision}/{file}``.
+    """
+    template = base_url if "{" in base_url else base_url.rstrip("/") + "/{repo}/resolve/{revision}/{file}"
+    return template.format(repo=repo, revision=revision, file=file)
+
+
+def fetch(name: str, *, revision: str | None = None, base_url: str | None = None, progressbar: bool = True) -> Path:
+    """Download a registry checkpoint into the cache, or check the copy that is there.
+
+    Files go to ``{cache}/{repo}/{revision}/``, where the cache is ``$SC_C2S_CACHE`` or the user cache folder of
+    the OS (``~/.cache/sc_c2s`` on Linux). A download is written to a temporary file and moved into place only
+    when complete, and retried after a failure. Each file's sha256 is checked against the registry's where it
+    has one; otherwise it is recorded at the first download (trust on first use) in ``sha256.json`` beside
+    the files, and every later call checks the files against it.
+
+    Parameters
+    ----------
+    name
+        A name from :func:`~sc_c2s.models.available` (not ``"demo"``, which comes with the package), or its
+        Hugging Face repository.
+    revision
+        Commit, branch or tag; ``None`` takes the registry's pinned revision. Known hashes apply to that
+        revision only.
+    base_url
+        Where to download from instead of Hugging Face: the root of a mirror, or a template with ``{repo}``,
+        ``{revision}`` and ``{file}`` fields (see :func:`file_url`). Defaults to ``$SC_C2S_BASE_URL``, then to
+        ``https://huggingface.co/{repo}/resolve/{revision}/{file}``.
+    progressbar
+        Show a progress bar per downloaded file.
+
+    Returns
+    -------
+    The folder holding the checkpoint's files, ready for :func:`~sc_c2s.models.load`.
+
+    Raises
+    ------
+    ConnectionError
+        When a file cannot be downloaded. The message lists the missing files, their URLs and the folder where
+        they can be put by hand.
+    ValueError
+        When a file does not match its sha256: the registry's, or the one recorded at its first download.
+
+    Examples
+    --------
+    >>> import sc_c2s
+    >>> path = sc_c2s.models.fetch("C2S-Pythia-410m-cell-type-prediction")  # doctest: +SKIP
+    >>> sorted(p.name for p in path.iterdir())  # doctest: +SKIP
+    ['config.json', 'generation_config.json', 'model.safetensors', 'sha256.json', ...]
+
+    Without network, put the files in the folder named by the error; a mirror can replace Hugging Face:
+
+    >>> import os
+    >>> os.environ["SC_C2S_BASE_URL"] = "https://hf-mirror.example.org"  # doctest: +SKIP
+    """
+    if name == _registry.DEMO:
+        msg = f"{name!r} comes with the package; there is nothing to download. Open it with `load({name!r})`."
+        raise ValueError(msg)
+    entry = _registry.get(name)
+    download = _Download(
+        entry=entry,
+        revision=revision or entry.revision,
+        base_url=base_url or os.environ.get(BASE_URL_ENV) or HF_URL,
+        progressbar=progressbar,
+    )
+    for file in entry.files:
+        download.get(file)
+    for index in (f for f in entry.files if f.endswith(".index.json")):
+        for shard in sorted(set(json.loads((download.directory / index).read_text())["weight_map"].values())):
+            download.get(shard)
+    if download.start is not None:
+        logg.info("    finished", time=download.start)
+    return download.directory
+
+
+def recorded_hashes(directory: Path) -> dict[str, str]:
+    """Read the sha256 of each file of a fetched checkpoint from its ``sha256.json``."""
+    path = directory / HASHES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+class _Download:
+    """The files of one checkpoint revision: downloads what is missing and checks what is there."""
+
+    def __init__(self, *, entry: _registry.RegistryEntry, revision: str, base_url: str, progressbar: bool):
+        self.entry, self.revision, self.base_url, self.progressbar = entry, revision, base_url, progressbar
+        self.directory = cache_dir() / entry.repo / revision
+        self.known = entry.sha256 if revision == entry.revision else {}
+        self.hashes = recorded_hashes(self.directory)
+        self.start: datetime | None = None
+
+    def get(self, file: str) -> None:
+        import requests
+
+        path = self.directory / file
+        if path.is_file():
+            self._check(file, pooch.file_hash(str(path)))
+            return
+        if self.start is None:
+            self.start = logg.info(f"downloading {self.entry.name} ({self.revision}) to {self.directory}")
+        url = file_url(self.base_url, self.entry.repo, self.revision, file)
+        storage = pooch.Pooch(
+            path=self.directory,
+            base_url="",
+            registry={file: self.known.get(file)},
+            urls={file: url},
+            retry_if_failed=RETRIES,
+        )
+        try:
+            storage.fetch(file, progressbar=self.progressbar)
+        except requests.RequestException as e:
+            raise ConnectionError(self._offline_message(e)) from e
+        except ValueError as e:
+            if file not in self.known:
+                raise
+            msg = (
+                f"{file} downloaded from {url} does not match the sha256 the registry pins for {self.entry.name} "
+                f"at {self.revision}: {e}\nThe download was discarded. The server may hold another revision of "
+                "the file; check the mirror set by `base_url` or $SC_C2S_BASE_URL."
+            )
+            raise ValueError(msg) from e
+        self._check(file, pooch.file_hash(str(path)))
+
+    def _check(self, file: str, actual: str) -> None:
+        """Compare a file's hash with the known or recorded one, and record it."""
+        expected = self.known.get(file) or self.hashes.get(file)
+        if expected is not None and actual != expected:
+            origin = "the registry pins" if file in self.known else "was recorded at its first download"
+            path = self.directory / file
+            msg = (
+                f"{path} does not match the sha256 that {origin}: expected {expected}, got {actual}. The file "
+                f"changed or is damaged. Delete it and fetch it again:\n    rm {str(path)!r}\n"
+                f"    sc_c2s.models.fetch({self.entry.name!r}, revision={self.revision!r})"
+            )
+            raise ValueError(msg)
+        if self.hashes.get(file) != actual:
+            self.hashes[file] = actual
+            tmp = self.directory / f".{HASHES_FILE}.tmp"
+            tmp.write_text(json.dumps(self.hashes, indent=2, sort_keys=True) + "\n")
+            tmp.replace(self.directory / HASHES_FILE)
+
+    def _offline_message(self, error: Exception) -> str:
+        missing = [f for f in self.entry.files if not (self.directory / f).is_file()]
+        urls = "\n".join(f"    {file_url(self.base_url, self.entry.repo, self.revision, f)}  ->  {f}" for f in missing)
+        shards = (
+            "\nand the shards listed in each *.index.json, from the same place"
+            if any(f.endswith(".index.json") for f in self.entry.files)
+            else ""
+        )
+        return (
+            f"Could not download {self.entry.name} ({self.entry.repo} at {self.revision}): {error}\n"
+            f"To install the checkpoint by hand (without network, say), download these files elsewhere and put "
+            f"them in\n    {self.directory}\nunder these names:\n{urls}{shards}\n"
+            f"Files already there are checked, not downloaded again. To download from a mirror instead, set "
+            f"${BASE_URL_ENV} or pass `base_url`."
+        )
