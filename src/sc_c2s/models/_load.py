@@ -1,0 +1,227 @@
+"""Opening a checkpoint (registry name, bundled demo or directory) on a device, in a dtype, with its metadata."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pooch
+from scanpy import logging as logg
+
+from . import _download, _registry
+from ._metadata import METADATA_FILE, C2SMetadata
+from ._model import C2SModel
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+#: Files of a checkpoint directory that `load` hashes: configuration, weights and tokenizer (not optimizer states).
+_CHECKPOINT_SUFFIXES = frozenset({".json", ".safetensors", ".bin", ".model", ".txt"})
+
+
+def load(
+    name_or_path: str | os.PathLike[str],
+    *,
+    revision: str | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> C2SModel:
+    """Open a C2S checkpoint: the model, its tokenizer and its C2S metadata.
+
+    Parameters
+    ----------
+    name_or_path
+        A name from :func:`~sc_c2s.models.available` (downloaded on first use by
+        :func:`~sc_c2s.models.fetch`), ``"demo"`` for the small model bundled with the package, or the path of
+        a checkpoint directory: one written by :func:`sc_c2s.tl.finetune` (with ``c2s_metadata.json``) or a
+        Hugging Face download of a published checkpoint. Registry names take precedence over paths; pass a
+        :class:`~pathlib.Path` or a path with a separator to open a directory that has such a name.
+    revision
+        Revision of a registry checkpoint; ``None`` takes the registry's pinned one. Not for directories.
+    device
+        Torch device; ``None`` picks CUDA if available, else the CPU (never MPS unless asked for).
+    dtype
+        Floating-point type of the weights, as a :class:`torch.dtype` or its name (``"bfloat16"``); ``None``
+        picks bfloat16 on CUDA (float16 where the GPU lacks bfloat16) and float32 elsewhere.
+
+    Returns
+    -------
+    The loaded model, in eval mode on `device`, with its tokenizer padding on the left (the end-of-sequence
+    token pads when the tokenizer has no padding token), its metadata, its revision and the sha256 of each
+    file. Metadata come from the checkpoint's ``c2s_metadata.json``, else from the registry for a published
+    checkpoint, else are the defaults of :class:`~sc_c2s.models.C2SMetadata`. Code shipped with a checkpoint
+    is never run.
+
+    Examples
+    --------
+    >>> import sc_c2s
+    >>> model = sc_c2s.models.load("demo")  # doctest: +SKIP
+    >>> model.provenance()  # doctest: +SKIP
+    {'model': 'demo', 'path': '…/sc_c2s/models/demo', 'sha256': {'config.json': '…', …}}
+    >>> model = sc_c2s.models.load("C2S-Pythia-410m-cell-type-prediction", device="cuda")  # doctest: +SKIP
+    >>> model = sc_c2s.models.load("path/to/finetuned", dtype="float32")  # doctest: +SKIP
+    """
+    if not isinstance(name_or_path, str | os.PathLike):
+        msg = (
+            "`name_or_path` must be a name from `sc_c2s.models.available()`, 'demo' or a checkpoint directory, "
+            f"got a {type(name_or_path).__name__}."
+        )
+        raise TypeError(msg)
+    entry = _registry.lookup(name_or_path) if isinstance(name_or_path, str) else None
+    if entry is not None:
+        revision = revision or entry.revision
+        path = _download.fetch(entry.name, revision=revision)
+        sha256 = _download.recorded_hashes(path)
+        return _open(path, metadata=entry.metadata(), revision=revision, sha256=sha256, device=device, dtype=dtype)
+    if revision is not None:
+        msg = f"`revision` selects a revision of a registry checkpoint; {str(name_or_path)!r} is not one."
+        raise ValueError(msg)
+    if name_or_path == _registry.DEMO:
+        path = _registry.demo_dir()
+        if not path.is_dir():
+            msg = (
+                f"The demo checkpoint is missing from this installation of sc_c2s (expected at {path}). Reinstall "
+                "sc_c2s, or load a name from `sc_c2s.models.available()` or a checkpoint directory."
+            )
+            raise FileNotFoundError(msg)
+    else:
+        path = Path(name_or_path).expanduser()
+        if not path.is_dir():
+            msg = (
+                f"{str(name_or_path)!r} is neither a checkpoint directory nor a name from "
+                f"`sc_c2s.models.available()`: {', '.join(map(repr, _registry.names()))}."
+            )
+            raise ValueError(msg)
+    return _open(path, metadata=_metadata(path), revision=None, sha256=_hash_files(path), device=device, dtype=dtype)
+
+
+def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.device | None = None) -> C2SModel:
+    """Turn a `model=` argument into a loaded model: the helper every tool of :mod:`sc_c2s.tl` uses.
+
+    Parameters
+    ----------
+    model
+        A model from :func:`load`, or anything :func:`load` accepts.
+    device
+        Torch device. A loaded model is moved there in place (keeping its dtype); ``None`` leaves it where it
+        is, and loads anything else on the default device of :func:`load`.
+
+    Returns
+    -------
+    The loaded model.
+
+    Examples
+    --------
+    >>> import sc_c2s
+    >>> model = sc_c2s.models.resolve("demo")  # doctest: +SKIP
+    >>> sc_c2s.models.resolve(model) is model  # doctest: +SKIP
+    True
+    """
+    if isinstance(model, C2SModel):
+        if device is not None:
+            model.model.to(device)
+        return model
+    return load(model, device=device)
+
+
+def _open(
+    path: Path,
+    *,
+    metadata: C2SMetadata,
+    revision: str | None,
+    sha256: dict[str, str],
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+) -> C2SModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device, dtype = _device_and_dtype(device, dtype)
+    start = logg.info(f"loading {metadata.name or path.name} on {device} in {str(dtype).removeprefix('torch.')}")
+    with _no_progress_bars():
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=False)
+    _prepare_tokenizer(tokenizer, model, path)
+    model.to(device).eval()
+    logg.info("    finished", time=start)
+    return C2SModel(model=model, tokenizer=tokenizer, metadata=metadata, path=path, revision=revision, sha256=sha256)
+
+
+def _device_and_dtype(
+    device: str | torch.device | None, dtype: str | torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """Choose the device and dtype to load on: CUDA in bfloat16 when there is a GPU, else the CPU in float32."""
+    import torch
+
+    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if dtype is None:
+        if device.type != "cuda":
+            return device, torch.float32
+        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        msg = f"`dtype` must be a floating-point torch dtype such as torch.bfloat16 or 'float32', got {dtype!r}."
+        raise ValueError(msg)
+    return device, resolved
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Hide the progress bars transformers shows while loading weights."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, path: Path) -> None:
+    """Pad on the left with a padding token the model knows, and check the tokenizer fits the model."""
+    n_tokens, n_rows = len(tokenizer), model.get_input_embeddings().num_embeddings
+    if not n_rows // 2 <= n_tokens <= n_rows:
+        msg = (
+            f"The tokenizer of {path} has {n_tokens} tokens but the model embeds {n_rows}: they do not belong "
+            "together, or the tokenizer was not read correctly (a SentencePiece `tokenizer.model`, as Gemma "
+            "checkpoints have, needs `pip install sentencepiece protobuf`)."
+        )
+        raise ValueError(msg)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            msg = f"The tokenizer of {path} has neither a padding nor an end-of-sequence token to pad with."
+            raise ValueError(msg)
+        tokenizer.pad_token = tokenizer.eos_token
+    for config in (model.config, model.generation_config):
+        if getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = tokenizer.pad_token_id
+
+
+def _metadata(path: Path) -> C2SMetadata:
+    """Metadata of a checkpoint directory: its own file, else the registry's, else defaults (with a warning)."""
+    if (path / METADATA_FILE).is_file():
+        return C2SMetadata.read(path)
+    entry = _registry.match(path)
+    if entry is not None:
+        return entry.metadata()
+    logg.warning(
+        f"{path} has no {METADATA_FILE} and is not a published checkpoint: prompting it with the defaults of "
+        "C2SMetadata (published prompt format, Homo sapiens, 200 genes)."
+    )
+    return C2SMetadata(name=path.name)
+
+
+def _hash_files(path: Path) -> dict[str, str]:
+    """sha256 of the configuration, weight and tokenizer files of a checkpoint directory."""
+    return {
+        p.name: pooch.file_hash(str(p))
+        for p in sorted(path.iterdir())
+        if p.is_file() and p.suffix in _CHECKPOINT_SUFFIXES and p.name != _download.HASHES_FILE
+    }
