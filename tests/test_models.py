@@ -1,0 +1,433 @@
+"""sc_c2s.models: the registry, downloads through pooch from a server on 127.0.0.1, and loading."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pooch
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from sc_c2s import models
+from sc_c2s.models import C2SMetadata, C2SModel, _download, _registry
+from sc_c2s.models._load import _device_and_dtype
+from sc_c2s.models._metadata import TASKS
+from sc_c2s.models._scratch import build_model, build_tokenizer
+
+GENES = [f"GENE{i}" for i in range(40)]
+LABELS = ["T cell", "B cell"]
+PUBLISHED = [
+    "C2S-Pythia-410m-cell-type-prediction",
+    "C2S-Pythia-410m-cell-type-conditioned-cell-generation",
+    "C2S-Pythia-410m-diverse-single-and-multi-cell-tasks",
+    "pythia-160m-c2s",
+    "C2S-Scale-Pythia-1b-pt",
+    "C2S-Scale-Gemma-2-2B",
+    "C2S-Scale-Gemma-2-27B",
+]
+
+
+class CheckpointServer(ThreadingHTTPServer):
+    """Serves the files under `root` at their relative paths on a free port of 127.0.0.1.
+
+    `requests` counts GET requests per path. `drop[name] = n` makes the next `n` requests for files called `name`
+    announce the full ``Content-Length``, send half the bytes and close the connection.
+    """
+
+    def __init__(self, root: Path):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.root = root
+        self.requests: Counter[str] = Counter()
+        self.drop: Counter[str] = Counter()
+        self.lock = threading.Lock()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: CheckpointServer
+
+    def do_GET(self) -> None:
+        path = self.server.root / self.path.lstrip("/")
+        with self.server.lock:
+            self.server.requests[self.path] += 1
+            drop = self.server.drop[path.name] > 0
+            self.server.drop[path.name] -= drop
+        if not path.is_file():
+            self.send_error(404)
+            return
+        data = path.read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2] if drop else data)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        """Keep the test output quiet."""
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def registry_entry(name: str, files: list[str], **kwargs) -> _registry.RegistryEntry:
+    return _registry.RegistryEntry(
+        name=name,
+        repo=f"test/{name}",
+        revision="rev1",
+        files=tuple(files),
+        size_gb=0.0,
+        architecture="GPTNeoXForCausalLM",
+        base_model="none",
+        tasks=("cell_type_prediction",),
+        prompt_style="c2s",
+        n_genes=20,
+        context_length=168,
+        license="BSD-3-Clause",
+        description="A tiny checkpoint built by the tests.",
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """A tiny GPT-NeoX and its word-level tokenizer, saved whole ("tiny") and in weight shards ("tiny-sharded")."""
+    tokenizer = build_tokenizer(GENES, LABELS, max_genes=20)
+    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+    paths = {"tiny": tmp_path_factory.mktemp("tiny"), "tiny-sharded": tmp_path_factory.mktemp("tiny-sharded")}
+    model.save_pretrained(paths["tiny"])
+    model.save_pretrained(paths["tiny-sharded"], max_shard_size="20KB")
+    for path in paths.values():
+        tokenizer.save_pretrained(path)
+    assert len(list(paths["tiny-sharded"].glob("model-*-of-*.safetensors"))) > 1
+    return paths
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "cache"
+    monkeypatch.setenv(_download.CACHE_ENV, str(path))
+    return path
+
+
+@pytest.fixture
+def hub(checkpoints, cache, tmp_path, monkeypatch):
+    """The tiny checkpoints in the registry, served like Hugging Face (and flat under /flat/) on 127.0.0.1."""
+    root = tmp_path / "server"
+    for name, source in checkpoints.items():
+        shutil.copytree(source, root / "test" / name / "resolve" / "rev1")
+        files = sorted(p.name for p in source.iterdir() if not re.fullmatch(r"model-.*-of-.*", p.name))
+        monkeypatch.setitem(_registry.REGISTRY, name, registry_entry(name, files))
+    shutil.copytree(checkpoints["tiny"], root / "flat")
+    monkeypatch.setattr(pooch.core.time, "sleep", lambda seconds: None)
+    server = CheckpointServer(root)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
+    thread.start()
+    monkeypatch.setenv(_download.BASE_URL_ENV, server.url)
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_available_lists_published_checkpoints_and_demo():
+    zoo = models.available()
+    assert list(zoo.index) == [*PUBLISHED, "demo"]
+    assert zoo.loc["C2S-Scale-Gemma-2-27B", "revision"] == "44c2ff7dd5edc26daf9c3f4106e18e162a55676a"
+    published = zoo.loc[PUBLISHED]
+    assert all(r == "main" or re.fullmatch(r"[0-9a-f]{40}", r) for r in published["revision"])
+    assert (published["repo"] == "vandijklab/" + published.index).all()
+    assert set(published["architecture"]) == {"GPTNeoXForCausalLM", "Gemma2ForCausalLM"}
+    assert all(set(tasks) <= set(TASKS) and tasks for tasks in published["tasks"])
+    assert zoo.loc["pythia-160m-c2s", "prompt_style"] == "c2s-legacy"
+    assert zoo.loc["C2S-Pythia-410m-cell-type-prediction", "tasks"] == ("cell_type_prediction",)
+    assert "config.json" in zoo.loc["C2S-Scale-Gemma-2-2B", "files"]
+    fields = {f.name for f in dataclasses.fields(_registry.RegistryEntry)}
+    assert all(set(unconfirmed) <= fields for unconfirmed in zoo["unconfirmed"])
+
+
+def test_fetch_downloads_into_the_cache_then_reuses_it(hub, checkpoints, cache):
+    source = checkpoints["tiny"]
+    path = models.fetch("tiny", progressbar=False)
+    assert path == cache / "test" / "tiny" / "rev1"
+    assert sorted(p.name for p in path.iterdir()) == sorted([*os.listdir(source), _download.HASHES_FILE])
+    assert all((path / p.name).read_bytes() == p.read_bytes() for p in source.iterdir())
+    assert _download.recorded_hashes(path) == {p.name: sha256(p) for p in source.iterdir()}
+    assert hub.requests == Counter({f"/test/tiny/resolve/rev1/{p.name}": 1 for p in source.iterdir()})
+
+    assert models.fetch("test/tiny", progressbar=False) == path  # by repository, from the cache
+    assert sum(hub.requests.values()) == len(os.listdir(source))
+
+
+def test_fetch_reads_the_shards_from_the_index(hub, checkpoints):
+    source = checkpoints["tiny-sharded"]
+    path = models.fetch("tiny-sharded", progressbar=False)
+    assert sorted(p.name for p in path.iterdir()) == sorted([*os.listdir(source), _download.HASHES_FILE])
+    assert set(_download.recorded_hashes(path)) == set(os.listdir(source))
+
+
+def test_known_hash_mismatch_is_an_error(hub, checkpoints, cache, monkeypatch):
+    config = checkpoints["tiny"] / "config.json"
+    entry = _registry.REGISTRY["tiny"]
+    monkeypatch.setitem(_registry.REGISTRY, "tiny", dataclasses.replace(entry, sha256={"config.json": "0" * 64}))
+    with pytest.raises(ValueError, match="config.json") as error:
+        models.fetch("tiny", progressbar=False)
+    assert "0" * 64 in str(error.value)
+    assert sha256(config) in str(error.value)
+    assert not (cache / "test" / "tiny" / "rev1" / "config.json").exists()
+    assert hub.requests["/test/tiny/resolve/rev1/config.json"] == 1 + _download.RETRIES
+
+    monkeypatch.setitem(_registry.REGISTRY, "tiny", dataclasses.replace(entry, sha256={"config.json": sha256(config)}))
+    path = models.fetch("tiny", progressbar=False)
+    assert (path / "config.json").read_bytes() == config.read_bytes()
+    assert _download.recorded_hashes(path) == {p.name: sha256(p) for p in checkpoints["tiny"].iterdir()}
+
+
+def test_file_changed_since_first_download_is_an_error(hub, checkpoints):
+    path = models.fetch("tiny", progressbar=False)
+    changed = path / "tokenizer.json"
+    recorded = _download.recorded_hashes(path)["tokenizer.json"]
+    with changed.open("a") as f:
+        f.write(" ")
+    n_requests = sum(hub.requests.values())
+    for call in (lambda: models.fetch("tiny", progressbar=False), lambda: models.load("tiny")):
+        with pytest.raises(ValueError, match="Delete it and fetch it again") as error:
+            call()
+        assert str(changed) in str(error.value)
+        assert f"expected {recorded}, got {sha256(changed)}" in str(error.value)
+    assert sum(hub.requests.values()) == n_requests
+
+    changed.unlink()
+    models.fetch("tiny", progressbar=False)
+    assert changed.read_bytes() == (checkpoints["tiny"] / "tokenizer.json").read_bytes()
+    assert hub.requests["/test/tiny/resolve/rev1/tokenizer.json"] == 2
+
+
+def test_interrupted_download_leaves_no_complete_looking_file(hub, checkpoints, cache):
+    source = sorted(os.listdir(checkpoints["tiny"]))
+    hub.drop["model.safetensors"] = 1 + _download.RETRIES
+    with pytest.raises(ConnectionError, match="model.safetensors"):
+        models.fetch("tiny", progressbar=False)
+    assert hub.requests["/test/tiny/resolve/rev1/model.safetensors"] == 1 + _download.RETRIES
+    path = cache / "test" / "tiny" / "rev1"
+    before = sorted(p.name for p in path.iterdir())
+    downloaded = source[: source.index("model.safetensors")]
+    assert before == sorted([*downloaded, _download.HASHES_FILE])  # no partial or temporary file
+    assert sorted(_download.recorded_hashes(path)) == downloaded
+
+    hub.requests.clear()
+    models.fetch("tiny", progressbar=False)
+    assert set(hub.requests) == {f"/test/tiny/resolve/rev1/{f}" for f in source if f not in downloaded}
+    assert (path / "model.safetensors").read_bytes() == (checkpoints["tiny"] / "model.safetensors").read_bytes()
+
+
+def test_dropped_connection_is_retried(hub, checkpoints):
+    hub.drop["model.safetensors"] = 1
+    path = models.fetch("tiny", progressbar=False)
+    assert hub.requests["/test/tiny/resolve/rev1/model.safetensors"] == 2
+    assert (path / "model.safetensors").read_bytes() == (checkpoints["tiny"] / "model.safetensors").read_bytes()
+
+
+def test_offline_error_names_files_urls_and_cache_folder(hub, cache, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv(_download.BASE_URL_ENV, closed)
+    with pytest.raises(ConnectionError) as error:
+        models.fetch("tiny", progressbar=False)
+    message = str(error.value)
+    assert str(cache / "test" / "tiny" / "rev1") in message
+    for file in _registry.REGISTRY["tiny"].files:
+        assert f"{closed}/test/tiny/resolve/rev1/{file}  ->  {file}" in message
+    assert "shards" not in message
+    with pytest.raises(ConnectionError, match=r"shards listed in each \*.index.json"):
+        models.fetch("tiny-sharded", progressbar=False)
+
+
+def test_base_url_argument_overrides_the_environment(hub, checkpoints, cache, monkeypatch):
+    monkeypatch.setenv(_download.BASE_URL_ENV, "http://127.0.0.1:9")  # discard port: nothing listens
+    assert models.fetch("tiny", base_url=hub.url, progressbar=False) == cache / "test" / "tiny" / "rev1"
+
+    monkeypatch.setenv(_download.CACHE_ENV, str(cache.with_name("flat-cache")))
+    path = models.fetch("tiny", base_url=hub.url + "/flat/{file}", progressbar=False)
+    assert {f"/flat/{f}" for f in os.listdir(checkpoints["tiny"])} <= set(hub.requests)
+    assert _download.recorded_hashes(path) == {p.name: sha256(p) for p in checkpoints["tiny"].iterdir()}
+
+
+def test_unknown_name_lists_available_names():
+    with pytest.raises(ValueError, match="neither a checkpoint directory nor a name") as error:
+        models.load("no-such-model")
+    assert all(repr(name) in str(error.value) for name in [*PUBLISHED, "demo"])
+    with pytest.raises(ValueError, match="No checkpoint called 'no-such-model'. Available: 'C2S-Pythia-410m"):
+        models.fetch("no-such-model")
+    with pytest.raises(TypeError, match="available"):
+        models.load(42)
+
+
+def test_load_registry_checkpoint(hub, checkpoints, cache, no_gpu):
+    source = checkpoints["tiny"]
+    model = models.load("tiny")
+    assert isinstance(model, C2SModel)
+    assert model.metadata == _registry.REGISTRY["tiny"].metadata()
+    assert model.metadata.name == "tiny"
+    assert model.metadata.n_genes == 20
+    assert model.metadata.tasks == ["cell_type_prediction"]
+    assert (model.device, model.dtype) == (torch.device("cpu"), torch.float32)
+    assert not model.model.training
+    assert model.tokenizer.padding_side == "left"
+    assert model.tokenizer.pad_token == "[PAD]"
+    reference = AutoModelForCausalLM.from_pretrained(source).state_dict()
+    assert model.model.state_dict().keys() == reference.keys()
+    assert all(torch.equal(v, reference[k]) for k, v in model.model.state_dict().items())
+    path = cache / "test" / "tiny" / "rev1"
+    assert model.provenance() == {
+        "model": "tiny",
+        "path": str(path),
+        "sha256": {p.name: sha256(p) for p in source.iterdir()},
+        "revision": "rev1",
+    }
+
+
+def test_load_finetuned_directory_reads_its_metadata(checkpoints, tmp_path):
+    path = tmp_path / "finetuned"
+    shutil.copytree(checkpoints["tiny"], path)
+    metadata = C2SMetadata(
+        name="finetuned-test",
+        organism="Mus musculus",
+        n_genes=20,
+        vocabulary=GENES,
+        labels=LABELS,
+        training={"epochs": 1},
+        scores={"accuracy": 0.5},
+    )
+    metadata.write(path)
+    model = models.load(path, device="cpu", dtype="bfloat16")
+    assert model.metadata == metadata
+    assert model.dtype == torch.bfloat16
+    assert model.provenance() == {
+        "model": "finetuned-test",
+        "path": str(path),
+        "sha256": {p.name: sha256(p) for p in path.iterdir()},
+    }
+    with pytest.raises(ValueError, match="`revision` selects a revision of a registry checkpoint"):
+        models.load(path, revision="main")
+
+
+def test_load_published_layout_takes_registry_metadata(checkpoints, tmp_path, scanpy_log):
+    name = "C2S-Pythia-410m-cell-type-prediction"
+    hf_cache = tmp_path / f"models--vandijklab--{name}" / "snapshots" / "0123abc"
+    shutil.copytree(checkpoints["tiny"], hf_cache)
+    model = models.load(hf_cache, device="cpu")
+    assert model.metadata == _registry.REGISTRY[name].metadata()
+    assert model.metadata.tasks == ["cell_type_prediction"]
+    assert model.revision is None
+    assert "no c2s_metadata.json" not in scanpy_log.getvalue()
+
+    unrelated = tmp_path / "unrelated"
+    shutil.copytree(checkpoints["tiny"], unrelated)
+    assert models.load(str(unrelated), device="cpu").metadata == C2SMetadata(name="unrelated")
+    assert f"{unrelated} has no c2s_metadata.json" in scanpy_log.getvalue()
+
+
+def test_load_demo_from_the_bundled_directory(checkpoints, tmp_path, monkeypatch):
+    missing = tmp_path / "missing"
+    monkeypatch.setattr(_registry, "demo_dir", lambda: missing)
+    with pytest.raises(FileNotFoundError, match=f"expected at {missing}"):
+        models.load("demo")
+    assert models.available().loc["demo", "files"] == ()
+
+    demo = tmp_path / "demo"
+    shutil.copytree(checkpoints["tiny"], demo)
+    C2SMetadata(n_genes=20, labels=LABELS).write(demo)
+    monkeypatch.setattr(_registry, "demo_dir", lambda: demo)
+    model = models.load("demo", device="cpu")
+    assert (model.name, model.path, model.revision) == ("demo", demo, None)
+    assert model.metadata.labels == LABELS
+    row = models.available().loc["demo"]
+    assert row["files"] == tuple(sorted(os.listdir(demo)))
+    assert (row["architecture"], row["n_genes"], row["context_length"]) == ("GPTNeoXForCausalLM", 20, 168)
+    with pytest.raises(ValueError, match="nothing to download"):
+        models.fetch("demo")
+
+
+def test_device_and_dtype_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert _device_and_dtype(None, None) == (cpu, torch.float32)  # never MPS unless asked for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert _device_and_dtype(None, None) == (torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert _device_and_dtype("cuda:1", None) == (torch.device("cuda:1"), torch.float16)
+    assert _device_and_dtype("cpu", None) == (cpu, torch.float32)
+    assert _device_and_dtype(cpu, "bfloat16") == (cpu, torch.bfloat16)
+    assert _device_and_dtype("cpu", torch.float16) == (cpu, torch.float16)
+    for bad in ("int8", "nonsense", torch.int64):
+        with pytest.raises(ValueError, match="floating-point torch dtype"):
+            _device_and_dtype("cpu", bad)
+
+
+def test_tokenizer_without_padding_token_pads_with_eos(checkpoints, tmp_path):
+    path = tmp_path / "no-pad"
+    shutil.copytree(checkpoints["tiny"], path)
+    tokenizer = build_tokenizer(GENES, LABELS, max_genes=20)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(path)
+    for name in ("config.json", "generation_config.json"):
+        config = json.loads((path / name).read_text())
+        config["pad_token_id"] = None
+        (path / name).write_text(json.dumps(config))
+    model = models.load(path, device="cpu")
+    assert model.tokenizer.pad_token == "[EOS]"
+    assert model.model.config.pad_token_id == model.model.generation_config.pad_token_id
+    assert model.model.config.pad_token_id == model.tokenizer.eos_token_id
+
+
+def test_tokenizer_that_does_not_fit_the_model_is_an_error(checkpoints, tmp_path):
+    path = tmp_path / "mismatch"
+    shutil.copytree(checkpoints["tiny"], path)
+    build_tokenizer([f"OTHER{i}" for i in range(500)], max_genes=20).save_pretrained(path)
+    with pytest.raises(ValueError, match=r"has \d+ tokens but the model embeds \d+"):
+        models.load(path, device="cpu")
+
+
+def test_code_shipped_with_a_checkpoint_never_runs(checkpoints, tmp_path):
+    path = tmp_path / "remote-code"
+    shutil.copytree(checkpoints["tiny"], path)
+    config = json.loads((path / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "custom.Config", "AutoModelForCausalLM": "custom.Model"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "custom.py").write_text("from pathlib import Path\nPath(__file__).with_name('ran').touch()\n")
+    assert type(models.load(path, device="cpu").model).__name__ == "GPTNeoXForCausalLM"
+    assert not (path / "ran").exists()
+
+
+def test_resolve_passes_models_through_and_loads_the_rest(checkpoints):
+    model = models.load(checkpoints["tiny"], device="cpu")
+    assert models.resolve(model) is model
+    assert models.resolve(model, device="cpu") is model
+    assert model.device == torch.device("cpu")
+    assert models.resolve(checkpoints["tiny"], device="cpu").sha256 == model.sha256
+    with pytest.raises(TypeError, match="available"):
+        models.resolve(model.model)
