@@ -1,0 +1,155 @@
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from matplotlib import pyplot as plt
+from matplotlib.lines import Line2D
+from scanpy import settings
+
+from sc_c2s._docs import doc_mod, doc_params
+from sc_c2s.tl._score_generation import comparison, pca, project
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from anndata import AnnData
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from mudata import MuData
+
+
+@doc_params(doc_mod=doc_mod)
+def generation(
+    real: AnnData | MuData,
+    generated: AnnData,
+    *,
+    label_key: str,
+    generated_key: str = "cell_type",
+    basis: Literal["pca", "umap"] = "pca",
+    n_genes: int | None = None,
+    n_comps: int = 50,
+    palette: Sequence[str] | Mapping[str, str] | None = None,
+    size: float = 12.0,
+    random_state: int = 0,
+    mod: str | None = None,
+    ax: Axes | None = None,
+    show: bool | None = None,
+    return_fig: bool = False,
+) -> Axes | Figure | None:
+    """Plot real and generated cells together, coloured by cell type.
+
+    Both are put on the scale of :func:`sc_c2s.tl.score_generation`: sentences read back into expression with
+    one rank fit. ``basis="pca"`` shows the first two principal components of the real cells, with the
+    generated cells projected onto them; ``basis="umap"`` embeds both together with :func:`scanpy.tl.umap` on
+    `n_comps` such components. Real cells are small dots, generated cells crosses of their type's colour, so
+    generated cells that land among the real cells of their type are what a good model gives.
+
+    Parameters
+    ----------
+    real
+        Real cells that went through :func:`sc_c2s.pp.to_sentences`.
+    generated
+        Cells from :func:`sc_c2s.tl.generate`.
+    label_key
+        Column of the real cells' ``obs`` with their types.
+    generated_key
+        Column of the generated cells' ``obs`` with their types.
+    basis
+        ``"pca"`` or ``"umap"``.
+    n_genes
+        Genes per real sentence; ``None`` takes the `n_genes` of the generation.
+    n_comps
+        Principal components for the UMAP.
+    palette
+        Colours of the cell types, as a list or a mapping; ``None`` uses scanpy's default palette.
+    size
+        Marker size of the real cells; generated cells are drawn larger.
+    random_state
+        Seed of the PCA and the UMAP.
+    {doc_mod}
+    ax
+        Axes to draw on; a new figure if ``None``.
+    show
+        Show the plot; ``None`` follows :attr:`scanpy.settings.autoshow`.
+    return_fig
+        Return the figure instead of the axes.
+
+    Returns
+    -------
+    The axes (or the figure if `return_fig`), or ``None`` if the plot was shown.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import sc_c2s
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> sc_c2s.pp.to_sentences(adata)
+    >>> generated = sc_c2s.tl.generate(adata, model="demo", cell_types={{"CD14+ Monocyte": 20, "CD19+ B": 20}})
+    >>> ax = sc_c2s.pl.generation(adata, generated, label_key="bulk_labels", show=False)
+    """
+    if basis not in ("pca", "umap"):
+        msg = f"`basis` must be 'pca' or 'umap', got {basis!r}."
+        raise ValueError(msg)
+    data = comparison(real, generated, label_key=label_key, generated_key=generated_key, n_genes=n_genes, mod=mod)
+    mean, components = pca(data.real, 2 if basis == "pca" else n_comps, random_state)
+    coords = np.vstack([project(data.real, mean, components), project(data.generated, mean, components)])
+    if basis == "umap":
+        coords = _umap(coords, random_state)
+    n_real = data.real.shape[0]
+    labels = np.concatenate([data.real_labels, data.generated_labels])
+    colors = _colors(list(dict.fromkeys(labels)), palette)
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 5))
+    for label, color in colors.items():
+        real_rows = np.flatnonzero(data.real_labels == label)
+        generated_rows = n_real + np.flatnonzero(data.generated_labels == label)
+        ax.scatter(*coords[real_rows].T, s=size, color=color, alpha=0.5, linewidths=0, rasterized=True)
+        ax.scatter(*coords[generated_rows].T, s=size * 3, color=color, marker="x", linewidths=1.2, rasterized=True)
+    type_handles = [Line2D([], [], ls="", marker="o", color=c, label=label) for label, c in colors.items()]
+    origin_handles = [
+        Line2D([], [], ls="", marker="o", color="grey", alpha=0.5, label=f"real ({n_real})"),
+        Line2D([], [], ls="", marker="x", color="grey", label=f"generated ({data.generated.shape[0]})"),
+    ]
+    legend = ax.legend(handles=type_handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="type")
+    ax.add_artist(legend)
+    ax.legend(handles=origin_handles, loc="lower left", bbox_to_anchor=(1.01, 0), frameon=False)
+    name = "PC" if basis == "pca" else "UMAP"
+    ax.set_xlabel(f"{name}1")
+    ax.set_ylabel(f"{name}2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"Real and generated cells ({data.n_genes} genes per sentence)")
+    if return_fig:
+        return ax.figure
+    if settings.autoshow if show is None else show:
+        plt.show()
+        return None
+    return ax
+
+
+def _umap(coords: np.ndarray, random_state: int) -> np.ndarray:
+    """Embed the rows of `coords` with scanpy's UMAP and its defaults."""
+    import scanpy as sc
+    from anndata import AnnData
+
+    embedding = AnnData(obsm={"X_pca": coords}, shape=(coords.shape[0], 0))
+    sc.pp.neighbors(embedding, use_rep="X_pca", random_state=random_state)
+    sc.tl.umap(embedding, random_state=random_state)
+    return embedding.obsm["X_umap"]
+
+
+def _colors(labels: list[str], palette: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """Pick a colour for each label: from the mapping, cycling through the list, or scanpy's default palettes."""
+    from scanpy.plotting.palettes import default_20, default_102
+
+    if isinstance(palette, Mapping):
+        missing = [label for label in labels if label not in palette]
+        if missing:
+            msg = f"`palette` has no colour for {missing}."
+            raise KeyError(msg)
+        return {label: palette[label] for label in labels}
+    colors = list(palette) if palette is not None else default_20 if len(labels) <= 20 else default_102
+    return {label: colors[i % len(colors)] for i, label in enumerate(labels)}

@@ -1,0 +1,424 @@
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+from scanpy import logging as logg
+from scipy import sparse
+
+from sc_c2s import prompts
+from sc_c2s._data import SENTENCE_KEY, DataHandler
+from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_organism, doc_params
+from sc_c2s.tl import _inference
+from sc_c2s.tl._from_sentences import from_sentences
+
+if TYPE_CHECKING:
+    import torch
+    from mudata import MuData
+
+    from sc_c2s.models._model import C2SModel
+
+#: Key of the parameters in the result's :attr:`~anndata.AnnData.uns`.
+KEY = "c2s_generate"
+#: Extra genes' worth of new tokens allowed beyond `n_genes`, as a share of `n_genes`.
+_SLACK = 0.1
+#: The period that ends a generated sentence: one followed by whitespace or the end of the text.
+_SENTENCE_END = re.compile(r"\.(?=\s|$)")
+#: Largest automatic batch on a GPU.
+_MAX_BATCH = 1024
+#: Share of the free GPU memory that the key/value cache of an automatic batch may take.
+_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class _Target:
+    """Where generated sentences go: the vocabulary, the rank fit and the columns of the result."""
+
+    words: np.ndarray
+    """Gene words that generated sentences are matched against."""
+    rank_fit: dict[str, Any]
+    var: pd.DataFrame
+    """``var`` of the result."""
+    columns: np.ndarray | None
+    """Column of the result for each word (``-1``: none); ``None`` when the words are the columns."""
+    source: str
+    """``"adata"`` or ``"checkpoint"``, for the parameters."""
+
+
+@doc_params(
+    doc_adata=doc_adata,
+    doc_model=doc_model,
+    doc_organism=doc_organism,
+    doc_batch_size=doc_batch_size,
+    doc_device=doc_device,
+    doc_mod=doc_mod,
+)
+def generate(
+    adata: AnnData | MuData | None = None,
+    *,
+    model: C2SModel | str,
+    cell_types: Sequence[str] | Mapping[str, int],
+    n_genes: int = 200,
+    organism: str | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = 50,
+    top_p: float | None = 0.95,
+    random_state: int = 0,
+    batch_size: int | None = None,
+    device: str | torch.device | None = None,
+    mod: str | None = None,
+) -> AnnData:
+    """Generate cells of given types with a C2S model and turn them into expression.
+
+    Each cell is prompted with the conditional generation prompt of :mod:`sc_c2s.prompts` and its sentence is
+    sampled token by token (temperature, then top-k, then top-p) until the sentence's closing period or the
+    end-of-sequence token, within a token budget sized from `n_genes` and the tokenizer's tokens per gene.
+    Every cell draws from its own seeded random stream, so `random_state` fixes the cells whatever
+    `batch_size` (up to floating-point differences between batch shapes on some devices).
+
+    The sentences become expression through :func:`sc_c2s.tl.from_sentences` with the rank fit of `adata` when
+    given, else the checkpoint's. Expression is on that fit's scale: ``log10(1 + x)`` of counts normalised to
+    the median library size. Put the real data on the same scale before comparing values directly;
+    :func:`sc_c2s.tl.score_generation` does that for you.
+
+    Parameters
+    ----------
+    {doc_adata}
+        Optional: cells that went through :func:`sc_c2s.pp.to_sentences` with a rank fit. Their gene words are
+        the vocabulary, their rank fit turns positions into expression and the result has their ``var_names``
+        in the same order, so ``anndata.concat([adata, generated])`` works. Without it, the checkpoint's
+        vocabulary and rank fit are used.
+    {doc_model}
+    cell_types
+        Cell types to generate: a list with one entry per cell (``["B cell", "B cell", "NK cell"]``) or a
+        mapping of cell type to number of cells (``{{"B cell": 500, "NK cell": 500}}``). For a model with a
+        label set (``model.metadata.labels``), other types are an error.
+    n_genes
+        Genes per sentence to ask for; the published checkpoints were trained on 200.
+    {doc_organism}
+    temperature
+        Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it.
+    top_k
+        Sample among this many most likely tokens; ``None`` for no limit.
+    top_p
+        Sample among the most likely tokens whose probabilities add up to this (nucleus sampling); ``None`` for
+        no limit.
+    random_state
+        Seed of the sampling.
+    {doc_batch_size}
+    {doc_device}
+    {doc_mod}
+
+    Returns
+    -------
+    A new AnnData of the generated cells, named ``"generated-0"``, ``"generated-1"``, … in the order of
+    `cell_types`, with
+
+    ``X``
+        Reconstructed expression, sparse.
+    ``var``
+        ``adata.var_names`` (with the gene-symbol column used for the sentences, if any), or the checkpoint's
+        vocabulary.
+    ``obs["cell_type"]``
+        The requested type.
+    ``obs["c2s_sentence"]``
+        The generated sentence, without its closing period.
+    ``obs["n_valid_genes"]``, ``obs["n_unknown_words"]``, ``obs["n_duplicate_genes"]``
+        Words that are genes of the vocabulary, that are not, and repeats (see :func:`sc_c2s.tl.from_sentences`).
+    ``uns["c2s_generate"]["params"]``
+        The arguments, the token budget, the rank fit used and the model's provenance.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import sc_c2s
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> sc_c2s.pp.to_sentences(adata)
+    >>> generated = sc_c2s.tl.generate(adata, model="demo", cell_types={{"CD14+ Monocyte": 5, "CD19+ B": 5}})
+    >>> generated.obs["cell_type"].value_counts().to_dict()
+    {{'CD14+ Monocyte': 5, 'CD19+ B': 5}}
+    """
+    from sc_c2s.models import resolve
+
+    start = logg.info("generating cells")
+    _check_sampling(n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state)
+    c2s_model = resolve(model, device=device)
+    if c2s_model.metadata.prompt_style != "c2s" or "cell_type_generation" not in c2s_model.metadata.tasks:
+        logg.warning(
+            f"{c2s_model.name!r} was not trained for cell-type conditioned generation in the prompt format of "
+            "`sc_c2s.prompts`; expect poor cells."
+        )
+    types = _requested_types(cell_types, c2s_model.metadata.labels)
+    organism = prompts.check_organism(organism or c2s_model.metadata.organism)
+    target = _target(adata, mod=mod, model=c2s_model)
+    budget = _token_budget(c2s_model, target.words, n_genes)
+    if batch_size is None and c2s_model.device.type == "cuda":
+        batch_size = _gpu_batch_size(c2s_model, budget["max_new_tokens"] + 64)
+    batch_size = _inference.resolve_batch_size(batch_size, c2s_model.device)
+
+    sentences = _sample(
+        c2s_model,
+        [prompts.cell_type_generation(t, n_genes=n_genes, organism=organism) for t in types],
+        max_new_tokens=budget["max_new_tokens"],
+        stop_ids=budget["stop_ids"],
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        random_state=random_state,
+        batch_size=batch_size,
+    )
+
+    cells = from_sentences(sentences, genes=target.words, rank_fit=target.rank_fit)
+    X = cells.X if target.columns is None else cells.X @ _selection(target.columns, len(target.var))
+    obs = cells.obs.copy()
+    obs.insert(0, "cell_type", pd.Categorical(types, categories=list(dict.fromkeys(types))))
+    obs.insert(1, SENTENCE_KEY, np.asarray(sentences, dtype=object))
+    obs.index = pd.Index([f"generated-{i}" for i in range(len(types))])
+    params = {
+        "cell_types": {t: int(n) for t, n in pd.Series(types).value_counts(sort=False).items()},
+        "n_genes": n_genes,
+        "organism": organism,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "random_state": random_state,
+        "batch_size": batch_size,
+        "max_new_tokens": budget["max_new_tokens"],
+        "tokens_per_gene": budget["tokens_per_gene"],
+        "vocabulary": target.source,
+        "rank_fit": target.rank_fit,
+        **c2s_model.provenance(),
+    }
+    result = AnnData(
+        sparse.csr_matrix(X, dtype=np.float32),
+        obs=obs,
+        var=target.var,
+        uns={KEY: {"params": {k: v for k, v in params.items() if v is not None}}},
+    )
+    n_words = obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy().sum()
+    valid = obs["n_valid_genes"].sum() / n_words if n_words else float("nan")
+    logg.info(
+        "    finished",
+        time=start,
+        deep=f"generated {result.n_obs} cells; {valid:.1%} of the generated words are genes of the vocabulary",
+    )
+    return result
+
+
+def _check_sampling(*, n_genes: int, temperature: float, top_k: int | None, top_p: float | None, random_state: int):
+    _inference.check_n_genes(n_genes)
+    if not temperature > 0:
+        msg = f"`temperature` must be positive, got {temperature!r}."
+        raise ValueError(msg)
+    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 1):
+        msg = f"`top_k` must be a positive integer or None, got {top_k!r}."
+        raise ValueError(msg)
+    if top_p is not None and not 0 < top_p <= 1:
+        msg = f"`top_p` must be in (0, 1] or None, got {top_p!r}."
+        raise ValueError(msg)
+    if not isinstance(random_state, int | np.integer) or random_state < 0:
+        msg = f"`random_state` must be a non-negative integer seed, got {random_state!r}."
+        raise ValueError(msg)
+
+
+def _requested_types(cell_types: Sequence[str] | Mapping[str, int], labels: Sequence[str] | None) -> list[str]:
+    """Return the cell type of each cell to generate, checked against the model's label set."""
+    if isinstance(cell_types, str):
+        msg = f"`cell_types` must be a list or a mapping of type → count, not one string; use [{cell_types!r}]."
+        raise TypeError(msg)
+    if isinstance(cell_types, Mapping):
+        bad = {t: n for t, n in cell_types.items() if not isinstance(n, int | np.integer) or n < 0}
+        if bad:
+            msg = f"Counts in `cell_types` must be non-negative integers; got {bad}."
+            raise ValueError(msg)
+        types = [str(t) for t, n in cell_types.items() for _ in range(n)]
+    else:
+        types = [str(t) for t in cell_types]
+    if not types:
+        msg = "`cell_types` asks for no cells; pass e.g. ['B cell'] or {'B cell': 100}."
+        raise ValueError(msg)
+    if labels is not None:
+        unknown = sorted(set(types) - set(labels))
+        if unknown:
+            msg = f"The model does not know the cell types {unknown}. It was trained on: {sorted(labels)}."
+            raise ValueError(msg)
+    return types
+
+
+def _target(adata: AnnData | MuData | None, *, mod: str | None, model: C2SModel) -> _Target:
+    """Vocabulary, rank fit and result columns from `adata`'s sentences, or from the checkpoint."""
+    if adata is None:
+        metadata = model.metadata
+        missing = [name for name in ("vocabulary", "rank_fit") if getattr(metadata, name) is None]
+        if missing:
+            msg = (
+                f"The checkpoint {model.name!r} carries no {' and no '.join(missing)}, so generated sentences cannot "
+                "be turned into expression on their own. Pass `adata` that went through "
+                "`sc_c2s.pp.to_sentences(adata)`."
+            )
+            raise ValueError(msg)
+        words = np.asarray(metadata.vocabulary, dtype=object)
+        return _Target(
+            words, dict(metadata.rank_fit), pd.DataFrame(index=pd.Index(words, dtype=str)), None, "checkpoint"
+        )
+
+    handler = DataHandler(adata, mod)
+    c2s = handler.c2s()
+    if "rank_fit" not in c2s:
+        msg = "No rank fit in `uns['c2s']`; run `sc_c2s.pp.to_sentences(adata, rank_fit=True)` first."
+        raise KeyError(msg)
+    params = c2s["params"]
+    ranked_names = handler.adata.raw.var_names if params.get("use_raw", False) else handler.adata.var_names
+    words = np.asarray(c2s["genes"], dtype=object)
+    if len(words) != len(ranked_names):
+        msg = (
+            f"`uns['c2s']['genes']` has {len(words)} genes but the ranked matrix has {len(ranked_names)}; the data "
+            "changed since `sc_c2s.pp.to_sentences`. Run it again."
+        )
+        raise ValueError(msg)
+    var_names = handler.adata.var_names
+    var = pd.DataFrame(index=var_names.copy())
+    symbols = params.get("gene_symbols")
+    if symbols is not None and symbols in handler.adata.var.columns:
+        var[symbols] = handler.adata.var[symbols].to_numpy()
+    return _Target(words, dict(c2s["rank_fit"]), var, var_names.get_indexer(ranked_names), "adata")
+
+
+def _selection(columns: np.ndarray, n_columns: int) -> sparse.csr_matrix:
+    """Build the 0/1 matrix that moves word ``i`` to column ``columns[i]``, dropping words whose column is ``-1``."""
+    rows = np.flatnonzero(columns >= 0)
+    return sparse.csr_matrix(
+        (np.ones(len(rows), dtype=np.float32), (rows, columns[rows])), shape=(len(columns), n_columns)
+    )
+
+
+def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str, Any]:
+    """Size the new tokens for `n_genes` genes and their period, and choose the tokens that end a sentence.
+
+    Tokens per gene are measured on the vocabulary as the model writes it (a space, then the upper-cased
+    word). The period ends a sentence only if no gene contains its token (as in ``RP11-34P13.3`` with a
+    sub-word tokenizer); otherwise the text is cut at the period afterwards.
+    """
+    tokenizer = model.tokenizer
+    spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
+    ids = _inference.tokenize(model, spaced, special_tokens=False)
+    tokens_per_gene = float(np.mean([len(i) for i in ids]))
+    max_new_tokens = math.ceil(tokens_per_gene * math.ceil(n_genes * (1 + _SLACK))) + 2
+    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    period = tokenizer.convert_tokens_to_ids(".")
+    if period is not None and period != tokenizer.unk_token_id and not any(period in i for i in ids):
+        stop_ids.append(period)
+    return {"tokens_per_gene": round(tokens_per_gene, 3), "max_new_tokens": max_new_tokens, "stop_ids": stop_ids}
+
+
+def _gpu_batch_size(model: C2SModel, n_tokens: int) -> int:
+    """As many cells as let the key/value cache of `n_tokens` tokens per cell fill part of the free GPU memory."""
+    import torch
+
+    config = model.model.config.get_text_config()
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
+    per_cell = 2 * config.num_hidden_layers * n_kv_heads * head_dim * model.dtype.itemsize * n_tokens
+    free, _ = torch.cuda.mem_get_info(model.device)
+    return int(np.clip(_MEMORY_SHARE * free // per_cell, 1, _MAX_BATCH))
+
+
+def _uniforms(random_state: int, cell: int, n_steps: int) -> np.ndarray:
+    """Draw the `n_steps` uniform numbers of one cell.
+
+    A counter-based generator (Philox) jumps straight to the cell's block, so its numbers depend only on the
+    seed, the cell and `n_steps`, not on the batch it is in.
+    """
+    width = 4 * math.ceil(n_steps / 4)  # Philox yields blocks of four numbers
+    bit_generator = np.random.Philox(key=random_state)
+    bit_generator.advance(int(cell) * width // 4)
+    return np.random.Generator(bit_generator).random(n_steps)
+
+
+class _Sampler:
+    """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call."""
+
+    def __init__(self, uniforms: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None):
+        self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
+        self.step = 0
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        uniform = self.uniforms[:, self.step]
+        self.step += 1
+        return _sample_token(logits.float(), uniform, self.temperature, self.top_k, self.top_p)
+
+
+def _sample(
+    c2s: C2SModel,
+    texts: list[str],
+    *,
+    max_new_tokens: int,
+    stop_ids: list[int],
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    random_state: int,
+    batch_size: int,
+) -> list[str]:
+    """Generate a sentence for each prompt; return them without their closing period."""
+    import torch
+
+    ids = _inference.tokenize(c2s, texts)
+    _inference.check_prompts(c2s, ids, room=max_new_tokens)
+    pad_id = _inference.pad_id(c2s.tokenizer)
+    out: list[str] = [""] * len(texts)
+    with _inference.inference(c2s.model):
+        for batch in _inference.batches(
+            ids, batch_size=batch_size, pad_id=pad_id, device=c2s.device, desc="generating"
+        ):
+            uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
+            sampler = _Sampler(
+                torch.from_numpy(uniforms).to(c2s.device, torch.float32),
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+            )
+            tokens, _ = _inference.decode(
+                c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
+            )
+            for i, text in zip(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids), strict=True):
+                out[i] = text
+    return out
+
+
+def _sample_token(
+    logits: torch.Tensor, uniform: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
+    """One token per row by inverse transform sampling of the temperature, top-k and top-p filtered softmax."""
+    import torch
+
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        values, index = torch.topk(logits, top_k, dim=-1)
+    else:
+        values, index = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(values, dim=-1)
+    if top_p is not None:
+        # keep a token while the tokens before it hold less than top_p; the first is always kept
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)
+    cumulative = probs.cumsum(-1)
+    # the first token whose cumulative probability reaches u · total; never one of probability 0
+    chosen = (cumulative < (uniform * cumulative[:, -1])[:, None]).sum(-1, keepdim=True)
+    return index.gather(-1, chosen.clamp(max=index.shape[-1] - 1)).squeeze(-1)
+
+
+def _texts(tokenizer, tokens: np.ndarray, stop_ids: list[int]) -> list[str]:
+    """Text of each row of new tokens up to its stop token, cut at the closing period, spaces normalised."""
+    rows = []
+    for row in tokens:
+        stops = np.flatnonzero(np.isin(row, stop_ids))
+        rows.append(row[: stops[0] if len(stops) else len(row)].tolist())
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return [" ".join(_SENTENCE_END.split(text, maxsplit=1)[0].split()) for text in texts]

@@ -1,0 +1,308 @@
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scanpy import logging as logg
+from scipy import sparse
+from scipy.spatial.distance import cdist, pdist
+
+from sc_c2s import prompts
+from sc_c2s._data import SENTENCE_KEY, DataHandler
+from sc_c2s._docs import doc_mod, doc_params
+from sc_c2s.tl._from_sentences import from_sentences
+from sc_c2s.tl._generate import KEY as GENERATE_KEY
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+#: Genes per sentence when `generated` does not record how many it asked for.
+_DEFAULT_N_GENES = 200
+#: Cells sampled to pick the RBF bandwidth (median pairwise distance).
+_BANDWIDTH_CELLS = 1000
+#: Columns of the result, in order.
+COLUMNS = [
+    "n_real",
+    "n_generated",
+    "knn_recovery",
+    "knn_recovery_control",
+    "pearson",
+    "pearson_control",
+    "mmd",
+    "mmd_control",
+    "energy",
+    "energy_control",
+    "valid_rate",
+    "duplicate_rate",
+    "sentence_length",
+    "sentence_length_real",
+]
+
+
+@dataclass
+class Comparison:
+    """Real and generated cells on one scale: their sentences read back into expression over the same genes."""
+
+    real: sparse.csr_matrix
+    """Real cells × genes: their top `n_genes` sentence genes through the rank fit."""
+    generated: sparse.csr_matrix
+    """Generated cells × the same genes: their sentences through the same rank fit."""
+    real_labels: np.ndarray
+    generated_labels: np.ndarray
+    generated_counts: pd.DataFrame
+    """``n_valid_genes``, ``n_unknown_words``, ``n_duplicate_genes`` of each generated cell against the real genes."""
+    real_lengths: np.ndarray
+    """Genes in each real cell's sentence."""
+    n_genes: int
+
+
+def comparison(
+    real: AnnData | MuData,
+    generated: AnnData,
+    *,
+    label_key: str,
+    generated_key: str = "cell_type",
+    n_genes: int | None = None,
+    mod: str | None = None,
+) -> Comparison:
+    """Put real and generated cells on the same scale (see :func:`score_generation`)."""
+    handler = DataHandler(real, mod)
+    c2s = handler.c2s()
+    if label_key not in handler.obs.columns:
+        msg = f"`label_key={label_key!r}` is not a column of the real cells' obs; columns: {list(handler.obs.columns)}."
+        raise KeyError(msg)
+    for key in (SENTENCE_KEY, generated_key):
+        if key not in generated.obs.columns:
+            msg = f"The generated cells have no obs[{key!r}]; pass the AnnData returned by `sc_c2s.tl.generate`" + (
+                " (or set `generated_key=`)." if key == generated_key else "."
+            )
+            raise KeyError(msg)
+    params = generated.uns.get(GENERATE_KEY, {}).get("params", {})
+    n_genes = n_genes or int(params.get("n_genes", _DEFAULT_N_GENES))
+    fit = params.get("rank_fit", c2s.get("rank_fit"))
+    if fit is None:
+        msg = "No rank fit in the generated cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
+        raise KeyError(msg)
+    words = np.asarray(c2s["genes"], dtype=str)
+    real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
+    real_cells = from_sentences([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
+    generated_cells = from_sentences(generated.obs[SENTENCE_KEY].astype(str).tolist(), genes=words, rank_fit=fit)
+    return Comparison(
+        real=real_cells.X,
+        generated=generated_cells.X,
+        real_labels=handler.obs[label_key].astype(str).to_numpy(),
+        generated_labels=generated.obs[generated_key].astype(str).to_numpy(),
+        generated_counts=generated_cells.obs,
+        real_lengths=np.array([len(w) for w in real_words]),
+        n_genes=n_genes,
+    )
+
+
+def pca(X: sparse.csr_matrix, n_comps: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and principal axes (``n_comps`` × genes) of `X`, without densifying it."""
+    import scanpy as sc
+
+    n_comps = max(1, min(n_comps, X.shape[0] - 1, X.shape[1] - 1))
+    _, components, _, _ = sc.pp.pca(X, n_comps=n_comps, return_info=True, random_state=random_state)
+    return np.asarray(X.mean(axis=0)).ravel(), components
+
+
+def project(X: sparse.csr_matrix, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Coordinates of the rows of `X` on the principal axes."""
+    return np.asarray(X @ components.T) - mean @ components.T
+
+
+@doc_params(doc_mod=doc_mod)
+def score_generation(
+    real: AnnData | MuData,
+    generated: AnnData,
+    *,
+    label_key: str,
+    generated_key: str = "cell_type",
+    n_genes: int | None = None,
+    n_comps: int = 50,
+    n_neighbors: int = 10,
+    max_cells: int = 1000,
+    random_state: int = 0,
+    mod: str | None = None,
+) -> pd.DataFrame:
+    """Score generated cells against real cells of the same types, beside a real-vs-real control.
+
+    **Scale.** Both sides are read the same way: each real cell's top `n_genes` sentence genes and each
+    generated sentence become expression through :func:`sc_c2s.tl.from_sentences` over the real cells' genes
+    with one rank fit (the one :func:`sc_c2s.tl.generate` used, else the real cells'). So values are
+    ``log10(1 + x)`` of counts normalised to the median library size, and a generator that writes sentences
+    exactly like the real ones scores like the control whatever the error of the rank fit.
+
+    **Control.** The real cells of each type are split at random into halves: a reference half R and a control
+    half C. Every metric compares the reference half with the generated cells G and, computed the same way, with
+    C. The distributional metrics use the same number of cells on both sides (the smaller of C and G), so
+    their sample-size bias is the same.
+
+    Metrics per cell type:
+
+    ``knn_recovery``
+        Share of G whose label a k-nearest-neighbour classifier, fit on R of all types in a PCA space fit on R,
+        predicts as their requested type (control: the share of C).
+    ``pearson``
+        Pearson correlation over genes between the mean expression of G and of R (control: C and R).
+    ``mmd``
+        Maximum mean discrepancy (the square root of the biased estimate of MMD²) between G and R in the PCA
+        space, with a Gaussian kernel whose width is the median distance between cells of R (control: C and R).
+    ``energy``
+        Energy distance (the square root of the biased estimate of 2E|G−R| − E|G−G'| − E|R−R'|) in the PCA
+        space (control: C and R).
+    ``valid_rate``, ``duplicate_rate``
+        Share of generated words that are genes of the real cells, and that repeat a gene.
+    ``sentence_length``, ``sentence_length_real``
+        Mean words per generated sentence, and mean genes per real sentence (at most `n_genes`).
+
+    Types of G absent from the real cells, and types with fewer than two real cells, are left out with a
+    warning. The row ``"overall"`` holds the sums of the counts and the means over types of the rest.
+
+    Parameters
+    ----------
+    real
+        Real cells that went through :func:`sc_c2s.pp.to_sentences`.
+    generated
+        Cells from :func:`sc_c2s.tl.generate`: ``obs["c2s_sentence"]`` and the requested type.
+    label_key
+        Column of the real cells' ``obs`` with their types.
+    generated_key
+        Column of the generated cells' ``obs`` with their types.
+    n_genes
+        Genes per real sentence; ``None`` takes the `n_genes` that :func:`~sc_c2s.tl.generate` asked for.
+    n_comps
+        Principal components of the space of the kNN classifier, MMD and energy distance.
+    n_neighbors
+        Neighbours of the kNN classifier.
+    max_cells
+        At most this many cells per type and side (sampled with `random_state`), which bounds the memory of the
+        distance matrices.
+    random_state
+        Seed of the split into halves, of the subsampling and of the PCA.
+    {doc_mod}
+
+    Returns
+    -------
+    A DataFrame with one row per cell type and a row ``"overall"``, and the columns ``n_real``,
+    ``n_generated`` (cells compared), then each metric beside its ``*_control``.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import sc_c2s
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> sc_c2s.pp.to_sentences(adata)
+    >>> generated = sc_c2s.tl.generate(adata, model="demo", cell_types={{"CD14+ Monocyte": 20, "CD19+ B": 20}})
+    >>> scores = sc_c2s.tl.score_generation(adata, generated, label_key="bulk_labels")
+    >>> scores.loc["overall", ["knn_recovery", "knn_recovery_control"]].shape
+    (2,)
+    """
+    from sklearn.neighbors import KNeighborsClassifier
+
+    start = logg.info("scoring generated cells")
+    data = comparison(real, generated, label_key=label_key, generated_key=generated_key, n_genes=n_genes, mod=mod)
+    rng = np.random.default_rng(random_state)
+    types = _types(data)
+
+    halves = {t: _split(np.flatnonzero(data.real_labels == t), max_cells, rng) for t in types}
+    gen = {t: rng.permutation(np.flatnonzero(data.generated_labels == t))[:max_cells] for t in types}
+    reference = np.concatenate([halves[t][0] for t in types])
+    mean, components = pca(data.real[reference], n_comps, random_state)
+    real_pcs = project(data.real, mean, components)
+    gen_pcs = project(data.generated, mean, components)
+    sample = rng.permutation(reference)[:_BANDWIDTH_CELLS]
+    bandwidth = float(np.median(pdist(real_pcs[sample]))) or 1.0
+    knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(reference)))
+    knn.fit(real_pcs[reference], data.real_labels[reference])
+
+    rows = {}
+    for t in types:
+        ref, control = halves[t]
+        g = gen[t]
+        m = min(len(control), len(g))
+        counts = data.generated_counts.iloc[g].sum()
+        n_words = counts.sum()
+        rows[t] = {
+            "n_real": len(ref) + len(control),
+            "n_generated": len(g),
+            "knn_recovery": float(np.mean(knn.predict(gen_pcs[g]) == t)),
+            "knn_recovery_control": float(np.mean(knn.predict(real_pcs[control]) == t)),
+            "pearson": _pearson(data.generated[g], data.real[ref]),
+            "pearson_control": _pearson(data.real[control], data.real[ref]),
+            "mmd": _mmd(gen_pcs[g[:m]], real_pcs[ref], bandwidth),
+            "mmd_control": _mmd(real_pcs[control[:m]], real_pcs[ref], bandwidth),
+            "energy": _energy(gen_pcs[g[:m]], real_pcs[ref]),
+            "energy_control": _energy(real_pcs[control[:m]], real_pcs[ref]),
+            "valid_rate": counts["n_valid_genes"] / n_words if n_words else np.nan,
+            "duplicate_rate": counts["n_duplicate_genes"] / n_words if n_words else np.nan,
+            "sentence_length": n_words / len(g),
+            "sentence_length_real": float(np.mean(data.real_lengths[np.concatenate([ref, control])])),
+        }
+    scores = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
+    overall = scores.mean()
+    overall[["n_real", "n_generated"]] = scores[["n_real", "n_generated"]].sum()
+    scores.loc["overall"] = overall
+    scores[["n_real", "n_generated"]] = scores[["n_real", "n_generated"]].astype(int)
+    scores.index.name = "cell_type"
+    logg.info("    finished", time=start)
+    return scores
+
+
+def _types(data: Comparison) -> list[str]:
+    """Types present on both sides with at least two real cells, in the order of the generated cells."""
+    real = pd.Series(data.real_labels).value_counts()
+    requested = list(dict.fromkeys(data.generated_labels))
+    absent = [t for t in requested if real.get(t, 0) == 0]
+    few = [t for t in requested if real.get(t, 0) == 1]
+    if absent or few:
+        warnings.warn(
+            f"Left out generated cell types with no real cells {absent} or only one {few}.", UserWarning, stacklevel=3
+        )
+    types = [t for t in requested if real.get(t, 0) >= 2]
+    if not types:
+        msg = (
+            "No generated cell type is a type of the real cells with at least two cells; check `label_key` and "
+            f"`generated_key`. Real types: {sorted(real.index)[:20]}."
+        )
+        raise ValueError(msg)
+    return types
+
+
+def _split(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split `cells` at random into a reference half and a control half, each at most `max_cells` long."""
+    cells = rng.permutation(cells)
+    half = (len(cells) + 1) // 2
+    return cells[:half][:max_cells], cells[half:][:max_cells]
+
+
+def _pearson(a: sparse.csr_matrix, b: sparse.csr_matrix) -> float:
+    """Pearson correlation over genes of the mean expression of the rows of `a` and of `b`."""
+    mean_a, mean_b = np.asarray(a.mean(axis=0)).ravel(), np.asarray(b.mean(axis=0)).ravel()
+    if np.ptp(mean_a) == 0 or np.ptp(mean_b) == 0:
+        return np.nan
+    return float(np.corrcoef(mean_a, mean_b)[0, 1])
+
+
+def _mmd(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
+    """Square root of the biased MMD² between the rows of `x` and `y` with a Gaussian kernel."""
+
+    def kernel(a, b):
+        return np.exp(-cdist(a, b, "sqeuclidean") / (2 * bandwidth**2)).mean()
+
+    if len(x) == 0 or len(y) == 0:
+        return np.nan
+    return float(np.sqrt(max(kernel(x, x) + kernel(y, y) - 2 * kernel(x, y), 0.0)))
+
+
+def _energy(x: np.ndarray, y: np.ndarray) -> float:
+    """Square root of the biased energy distance between the rows of `x` and `y`."""
+    if len(x) == 0 or len(y) == 0:
+        return np.nan
+    value = 2 * cdist(x, y).mean() - cdist(x, x).mean() - cdist(y, y).mean()
+    return float(np.sqrt(max(value, 0.0)))

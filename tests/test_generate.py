@@ -1,0 +1,250 @@
+"""sc_c2s.tl.generate: prompting, seeded sampling, stopping, and the AnnData it returns."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import anndata as ad
+import numpy as np
+import pytest
+import torch
+
+import sc_c2s
+from sc_c2s._rank_model import RankFit
+from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models._scratch import build_model, build_tokenizer
+from sc_c2s.tl import _generate
+
+
+@pytest.fixture(scope="module")
+def _ranked(_cellbench) -> ad.AnnData:
+    adata = _cellbench.copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol")
+    return adata
+
+
+@pytest.fixture
+def ranked(_ranked) -> ad.AnnData:
+    """CellBench cells ranked with gene symbols as words (var_names are Ensembl IDs)."""
+    return _ranked.copy()
+
+
+@pytest.fixture(scope="module")
+def tiny(_ranked) -> C2SModel:
+    """A random GPT-NeoX over the CellBench gene symbols and cell lines: it writes random words."""
+    labels = sorted(_ranked.obs["cell_type"].unique())
+    tokenizer = build_tokenizer(list(_ranked.uns["c2s"]["genes"]), labels)
+    model = build_model(tokenizer, hidden_size=32, n_layers=1, n_heads=2).eval()
+    metadata = C2SMetadata(name="tiny", labels=labels)
+    return C2SModel(model=model, tokenizer=tokenizer, metadata=metadata, path=Path("tiny"))
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in language model that writes the same tokens after any prompt, one per step, surely."""
+
+    def __init__(self, script: list[int], vocab_size: int):
+        super().__init__()
+        self.script, self.vocab_size = script, vocab_size
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = SimpleNamespace(max_position_embeddings=4096)
+
+    def forward(self, input_ids, past_key_values=None, **kwargs):
+        step = 0 if past_key_values is None else past_key_values
+        logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -100.0)
+        logits[:, :, self.script[min(step, len(self.script) - 1)]] = 100.0
+        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+
+
+def scripted(tiny: C2SModel, words: list[str], **metadata) -> C2SModel:
+    ids = tiny.tokenizer.convert_tokens_to_ids(words)
+    model = Scripted(ids, len(tiny.tokenizer))
+    return C2SModel(
+        model=model, tokenizer=tiny.tokenizer, metadata=C2SMetadata(name="scripted", **metadata), path=Path()
+    )
+
+
+def test_sentence_stops_at_period_and_maps_words_to_var_names(ranked, tiny):
+    symbols = ranked.var["gene_symbol"]
+    genes = ["CD99", "DPM1", "LASP1"]
+    model = scripted(tiny, [*genes, "CD99", ".", "AK2", "FKBP4"])
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549", "H838"], n_genes=20)
+
+    assert generated.obs["c2s_sentence"].tolist() == ["CD99 DPM1 LASP1 CD99"] * 2
+    counts = generated.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy()
+    np.testing.assert_array_equal(counts, [[3, 0, 1], [3, 0, 1]])
+    # the result's columns are adata's Ensembl IDs; each symbol's value is the rank fit at its position
+    assert generated.var_names.equals(ranked.var_names)
+    assert generated.var["gene_symbol"].equals(symbols)
+    expected = np.zeros(ranked.n_vars, dtype=np.float32)
+    columns = [symbols.index[symbols == g][0] for g in genes]
+    expected[ranked.var_names.get_indexer(columns)] = RankFit.from_dict(ranked.uns["c2s"]["rank_fit"]).predict(
+        [0, 1, 2]
+    )
+    np.testing.assert_allclose(generated.X.toarray(), [expected, expected], rtol=1e-6)
+
+
+def test_sentence_stops_at_eos(ranked, tiny):
+    model = scripted(tiny, ["DPM1", "[EOS]", "AK2"])
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=5)
+    assert generated.obs["c2s_sentence"].tolist() == ["DPM1"]
+
+
+def test_token_budget_follows_n_genes(ranked, tiny):
+    model = scripted(tiny, ["DPM1"])  # never stops
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=10)
+    max_new_tokens = generated.uns["c2s_generate"]["params"]["max_new_tokens"]
+    assert generated.uns["c2s_generate"]["params"]["tokens_per_gene"] == 1  # one word-level token per gene
+    assert 10 < max_new_tokens <= 14
+    assert generated.obs["c2s_sentence"].iloc[0].split() == ["DPM1"] * max_new_tokens
+
+
+def test_sample_token_is_the_inverse_cdf_of_the_filtered_distribution():
+    logits = torch.log(torch.tensor([[0.2, 0.5, 0.3, 1e-9]])).repeat(4, 1)
+    uniform = torch.tensor([0.0, 0.6, 0.7, 0.999999])
+    # top_p=0.75 keeps 0.5 and 0.3 (0.5 < 0.75 before the second): renormalised 0.625 / 0.375
+    np.testing.assert_array_equal(_generate._sample_token(logits, uniform, 1.0, None, 0.75), [1, 1, 2, 2])
+    # top_k=1 is greedy
+    np.testing.assert_array_equal(_generate._sample_token(logits, uniform, 1.0, 1, None), [1, 1, 1, 1])
+    # no filter: order 0.5, 0.3, 0.2 (cumulative 0.5, 0.8, 1.0)
+    np.testing.assert_array_equal(_generate._sample_token(logits, uniform, 1.0, None, None), [1, 2, 2, 0])
+    # a high temperature flattens to 1/4 each, in the same order: u = 0.6 picks the third most likely
+    np.testing.assert_array_equal(_generate._sample_token(logits[:1], uniform[1:2], 1e6, None, None), [0])
+
+
+def test_uniforms_depend_on_seed_and_cell_only():
+    a = _generate._uniforms(0, 5, 7)
+    assert a.shape == (7,)
+    np.testing.assert_array_equal(a, _generate._uniforms(0, 5, 7))
+    assert not np.array_equal(a, _generate._uniforms(0, 6, 7))
+    assert not np.array_equal(a, _generate._uniforms(1, 5, 7))
+
+
+def test_same_seed_same_cells_whatever_the_batch_size(ranked, tiny):
+    cell_types = {"A549": 4, "H1975": 3, "HCC827": 2}
+    kwargs = {"model": tiny, "cell_types": cell_types, "n_genes": 15}
+    first = sc_c2s.tl.generate(ranked, random_state=3, batch_size=2, **kwargs)
+    again = sc_c2s.tl.generate(ranked, random_state=3, batch_size=9, **kwargs)
+    other = sc_c2s.tl.generate(ranked, random_state=4, batch_size=2, **kwargs)
+    assert first.obs["c2s_sentence"].tolist() == again.obs["c2s_sentence"].tolist()
+    assert (first.X != again.X).nnz == 0
+    assert first.obs["c2s_sentence"].tolist() != other.obs["c2s_sentence"].tolist()
+    # cells of one type differ from each other
+    assert first.obs["c2s_sentence"].iloc[:4].nunique() == 4
+
+
+def test_result_layout_and_concat(ranked, tiny, scanpy_log):
+    generated = sc_c2s.tl.generate(ranked, model=tiny, cell_types={"A549": 3, "H838": 2}, n_genes=12, batch_size=4)
+
+    assert generated.obs_names.tolist() == [f"generated-{i}" for i in range(5)]
+    assert generated.obs["cell_type"].tolist() == ["A549"] * 3 + ["H838"] * 2
+    assert generated.obs["cell_type"].cat.categories.tolist() == ["A549", "H838"]
+    assert generated.X.format == "csr"
+    assert generated.X.dtype == np.float32
+    # the counts match reading the sentences again over adata's words
+    reread = sc_c2s.tl.from_sentences(
+        generated.obs["c2s_sentence"], genes=ranked.uns["c2s"]["genes"], rank_fit=ranked.uns["c2s"]["rank_fit"]
+    )
+    cols = ["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]
+    np.testing.assert_array_equal(generated.obs[cols].to_numpy(), reread.obs[cols].to_numpy())
+    np.testing.assert_array_equal(generated.X.getnnz(axis=1), reread.obs["n_valid_genes"])
+    params = generated.uns["c2s_generate"]["params"]
+    assert params["cell_types"] == {"A549": 3, "H838": 2}
+    assert params["model"] == "tiny"
+    assert params["vocabulary"] == "adata"
+    assert params["rank_fit"] == ranked.uns["c2s"]["rank_fit"]
+    assert {"temperature", "top_k", "top_p", "random_state", "batch_size", "organism"} <= set(params)
+    assert "generated 5 cells" in scanpy_log.getvalue()
+
+    both = ad.concat([ranked, generated], label="origin", keys=["real", "generated"])
+    assert both.shape == (ranked.n_obs + 5, ranked.n_vars)
+    assert both.var_names.equals(ranked.var_names)
+    assert both.obs["cell_type"].tolist()[-5:] == ["A549"] * 3 + ["H838"] * 2
+
+
+def test_var_follows_a_subset_of_the_ranked_genes(pbmc68k, tiny):
+    sc_c2s.pp.to_sentences(pbmc68k)  # ranks .raw: 765 genes
+    subset = pbmc68k[:, ::3].copy()
+    labels = list(pbmc68k.obs["bulk_labels"].cat.categories)
+    words = list(pbmc68k.raw.var_names[:3])
+    tokenizer = build_tokenizer(list(pbmc68k.raw.var_names), labels)
+    model = C2SModel(
+        model=Scripted(tokenizer.convert_tokens_to_ids([*words, "."]), len(tokenizer)),
+        tokenizer=tokenizer,
+        metadata=C2SMetadata(name="scripted"),
+        path=Path(),
+    )
+    generated = sc_c2s.tl.generate(subset, model=model, cell_types=["CD19+ B"])
+    assert generated.var_names.equals(subset.var_names)
+    # three valid genes; only the first of them (raw column 0) is a column of the subset
+    assert generated.obs["n_valid_genes"].iloc[0] == 3
+    assert generated.X.nnz == 1
+    assert generated.X[0, subset.var_names.get_loc(words[0])] > 0
+
+
+def test_mudata_uses_the_modality(ranked, tiny, container):
+    data = container.wrap(ranked)
+    generated = sc_c2s.tl.generate(data, model=tiny, cell_types=["H2228"], n_genes=5)
+    assert generated.var_names.equals(ranked.var_names)
+
+
+def test_without_adata_uses_the_checkpoint_vocabulary(ranked, tiny):
+    words = list(ranked.uns["c2s"]["genes"][:50])
+    fit = {"slope": -0.5, "intercept": 2.0}
+    model = scripted(tiny, ["DPM1", "CD99", "."], vocabulary=words, rank_fit=fit)
+    generated = sc_c2s.tl.generate(model=model, cell_types=["A549"], n_genes=5)
+    assert generated.var_names.tolist() == words
+    np.testing.assert_allclose(generated.X.toarray()[0, :2], [2.0, 2.0 - 0.5 * math.log10(2)], rtol=1e-6)
+    assert generated.uns["c2s_generate"]["params"]["vocabulary"] == "checkpoint"
+
+
+def test_without_adata_needs_vocabulary_and_rank_fit(tiny):
+    with pytest.raises(ValueError, match=r"no vocabulary and no rank_fit.*Pass `adata`"):
+        sc_c2s.tl.generate(model=tiny, cell_types=["A549"])
+
+
+def test_unknown_cell_type_lists_the_known_ones(ranked, tiny):
+    with pytest.raises(ValueError, match=r"does not know the cell types \['T cell'\].*A549"):
+        sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549", "T cell"])
+
+
+def test_unknown_model(ranked):
+    with pytest.raises(ValueError, match="available"):
+        sc_c2s.tl.generate(ranked, model="no-such-model", cell_types=["A549"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"cell_types": "A549"}, TypeError, "not one string"),
+        ({"cell_types": []}, ValueError, "asks for no cells"),
+        ({"cell_types": {"A549": -1}}, ValueError, "non-negative integers"),
+        ({"cell_types": ["A549"], "n_genes": 0}, ValueError, "n_genes"),
+        ({"cell_types": ["A549"], "temperature": 0}, ValueError, "temperature"),
+        ({"cell_types": ["A549"], "top_k": 0}, ValueError, "top_k"),
+        ({"cell_types": ["A549"], "top_p": 1.5}, ValueError, "top_p"),
+        ({"cell_types": ["A549"], "random_state": None}, ValueError, "random_state"),
+        ({"cell_types": ["A549"], "batch_size": 0}, ValueError, "batch_size"),
+        ({"cell_types": ["A549"], "organism": "Danio rerio"}, ValueError, "organism"),
+    ],
+)
+def test_bad_arguments(ranked, tiny, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        sc_c2s.tl.generate(ranked, model=tiny, **kwargs)
+
+
+def test_adata_needs_sentences_and_rank_fit(cellbench, tiny):
+    with pytest.raises(KeyError, match="to_sentences"):
+        sc_c2s.tl.generate(cellbench, model=tiny, cell_types=["A549"])
+    sc_c2s.pp.to_sentences(cellbench, gene_symbols="gene_symbol", rank_fit=False)
+    with pytest.raises(KeyError, match="rank_fit=True"):
+        sc_c2s.tl.generate(cellbench, model=tiny, cell_types=["A549"])
+
+
+def test_adata_is_not_modified(ranked, tiny):
+    before = ranked.copy()
+    sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549"], n_genes=5)
+    assert (ranked.X != before.X).nnz == 0
+    assert list(ranked.uns) == list(before.uns)
+    assert ranked.obs.equals(before.obs)

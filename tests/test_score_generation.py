@@ -1,0 +1,161 @@
+"""sc_c2s.tl.score_generation and sc_c2s.pl.generation: generated cells against real ones."""
+
+from __future__ import annotations
+
+import math
+
+import anndata as ad
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.legend import Legend
+from scipy import stats
+
+import sc_c2s
+from sc_c2s.tl import _score_generation
+
+mpl.use("Agg")
+
+
+@pytest.fixture(scope="module")
+def halves(_cellbench) -> tuple[ad.AnnData, ad.AnnData]:
+    """CellBench split at random into real cells and stand-in "generated" cells: the other half's sentences."""
+    adata = _cellbench.copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=200)
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    real, other = adata[order[:150]].copy(), adata[order[150:]].copy()
+    fake = ad.AnnData(
+        obs=pd.DataFrame(
+            {
+                "cell_type": other.obs["cell_type"].astype(str).to_numpy(),
+                "c2s_sentence": other.obs["c2s_sentence"].to_numpy(),
+            },
+            index=[f"generated-{i}" for i in range(other.n_obs)],
+        )
+    )
+    return real, fake
+
+
+def score(real, generated, **kwargs) -> pd.DataFrame:
+    return sc_c2s.tl.score_generation(real, generated, label_key="cell_type", **kwargs)
+
+
+def test_real_cells_score_like_the_control(halves):
+    real, fake = halves
+    scores = score(real, fake)
+
+    assert scores.columns.tolist() == _score_generation.COLUMNS
+    assert scores.index.tolist() == [*fake.obs["cell_type"].unique(), "overall"]
+    assert scores.loc["overall", "n_real"] == real.n_obs
+    assert scores.loc["overall", "n_generated"] == fake.n_obs
+    overall = scores.loc["overall"]
+    assert abs(overall["knn_recovery"] - overall["knn_recovery_control"]) < 0.15
+    assert overall["pearson"] > overall["pearson_control"] - 0.03
+    assert overall["mmd"] < 1.5 * overall["mmd_control"]
+    assert overall["energy"] < 1.5 * overall["energy_control"]
+    assert (scores["valid_rate"] == 1).all()
+    assert (scores["duplicate_rate"] == 0).all()
+    assert overall["sentence_length"] == pytest.approx(overall["sentence_length_real"], abs=5)
+
+
+def test_shuffled_labels_score_clearly_worse(halves):
+    real, fake = halves
+    shuffled = fake.copy()
+    shuffled.obs["cell_type"] = np.random.default_rng(1).permutation(shuffled.obs["cell_type"].to_numpy())
+    overall = score(real, shuffled).loc["overall"]
+    assert overall["knn_recovery"] < 0.5 * overall["knn_recovery_control"]
+    assert overall["mmd"] > 1.5 * overall["mmd_control"]
+    assert overall["energy"] > 1.2 * overall["energy_control"]
+    assert overall["pearson"] < overall["pearson_control"] - 0.03
+
+
+def test_random_cells_score_clearly_worse(halves):
+    real, fake = halves
+    words = np.asarray(real.uns["c2s"]["genes"])
+    rng = np.random.default_rng(2)
+    noise = fake.copy()
+    noise.obs["c2s_sentence"] = [" ".join(rng.choice(words, 200, replace=False)) for _ in range(noise.n_obs)]
+    overall = score(real, noise).loc["overall"]
+    assert overall["knn_recovery"] < 0.5 * overall["knn_recovery_control"]
+    assert overall["pearson"] < 0.3
+    assert overall["mmd"] > 2 * overall["mmd_control"]
+    assert overall["energy"] > 1.5 * overall["energy_control"]
+
+
+def test_validity_rates_count_words(halves):
+    real, fake = halves
+    odd = fake[:4].copy()
+    odd.obs["cell_type"] = "A549"
+    # 3 valid genes, 1 unknown word and 1 repeat per cell: 5 words
+    odd.obs["c2s_sentence"] = ["DPM1 CD99 NOTAGENE DPM1 LASP1."] * 4
+    scores = score(real, odd)
+    assert scores.loc["A549", "valid_rate"] == pytest.approx(3 / 5)
+    assert scores.loc["A549", "duplicate_rate"] == pytest.approx(1 / 5)
+    assert scores.loc["A549", "sentence_length"] == 5
+
+
+def test_mmd_and_energy_match_hand_computed_values():
+    x, y = np.array([[0.0]]), np.array([[1.0]])
+    assert _score_generation._mmd(x, y, bandwidth=1.0) == pytest.approx(math.sqrt(2 - 2 * math.exp(-0.5)))
+    assert _score_generation._mmd(x, x, bandwidth=1.0) == 0
+    assert _score_generation._energy(x, y) == pytest.approx(math.sqrt(2))
+    # in one dimension, the energy distance of scipy (the same V-statistic)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=30), rng.normal(1, 2, size=20)
+    assert _score_generation._energy(a[:, None], b[:, None]) == pytest.approx(stats.energy_distance(a, b))
+
+
+def test_generated_types_absent_from_real_are_left_out(halves):
+    real, fake = halves
+    extra = fake.copy()
+    extra.obs["cell_type"] = extra.obs["cell_type"].astype(str)
+    extra.obs.iloc[:3, extra.obs.columns.get_loc("cell_type")] = "T cell"
+    with pytest.warns(UserWarning, match=r"no real cells \['T cell'\]"):
+        scores = score(real, extra)
+    assert "T cell" not in scores.index
+    assert scores.loc["overall", "n_generated"] == fake.n_obs - 3
+
+
+def test_errors(halves):
+    real, fake = halves
+    with pytest.raises(KeyError, match="label_key='nope'"):
+        sc_c2s.tl.score_generation(real, fake, label_key="nope")
+    with pytest.raises(KeyError, match="c2s_sentence"):
+        score(real, ad.AnnData(obs=fake.obs[["cell_type"]]))
+    with pytest.raises(KeyError, match="generated_key"):
+        score(real, fake, generated_key="label")
+    other = fake.copy()
+    other.obs["cell_type"] = "T cell"
+    with pytest.raises(ValueError, match="No generated cell type"), pytest.warns(UserWarning):
+        score(real, other)
+    raw = real.copy()
+    del raw.uns["c2s"]
+    with pytest.raises(KeyError, match="to_sentences"):
+        score(raw, fake)
+
+
+def test_mudata_real(halves, container):
+    real, fake = halves
+    scores = score(container.wrap(real.copy()), fake)
+    pd.testing.assert_frame_equal(scores, score(real, fake))
+
+
+@pytest.mark.parametrize("basis", ["pca", "umap"])
+def test_plot_shows_real_and_generated(halves, basis):
+    real, fake = halves
+    ax = sc_c2s.pl.generation(real, fake, label_key="cell_type", basis=basis, show=False)
+    n_points = sum(len(c.get_offsets()) for c in ax.collections)
+    assert n_points == real.n_obs + fake.n_obs
+    legends = [child for child in ax.get_children() if isinstance(child, Legend)]
+    labels = {text.get_text() for legend in legends for text in legend.get_texts()}
+    assert {"real (150)", "generated (150)", "A549"} <= labels
+    assert ax.get_xlabel() == ("PC1" if basis == "pca" else "UMAP1")
+
+
+def test_plot_errors(halves):
+    real, fake = halves
+    with pytest.raises(ValueError, match="basis"):
+        sc_c2s.pl.generation(real, fake, label_key="cell_type", basis="tsne", show=False)
+    with pytest.raises(KeyError, match="no colour"):
+        sc_c2s.pl.generation(real, fake, label_key="cell_type", palette={"A549": "red"}, show=False)
