@@ -1,0 +1,288 @@
+"""Speed and memory of `sc_c2s.pp.to_sentences` beside a numpy per-row argsort and the reference `cell2sentence`.
+
+Run from the repository root::
+
+    python benchmarks/bench_sentences.py
+
+The reference column needs `cell2sentence` (CC BY-NC-ND, so not a dependency); install it in a throwaway venv that
+sees this environment and run the script with that venv's python::
+
+    python -m venv --system-site-packages /tmp/refenv
+    /tmp/refenv/bin/pip install cell2sentence datasets plotnine accelerate
+    /tmp/refenv/bin/python benchmarks/bench_sentences.py
+
+Figures are wall-clock cells per second, the best of `--repeats` runs, on `scanpy.settings.n_jobs` threads
+(`--n-jobs`, default all cores). Slow baselines run on the first `--baseline-cells` cells. Peak memory is the
+high-water mark of the process's resident memory during one call, above what it held before the call (the input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import io
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anndata as ad
+import numba
+import numpy as np
+import pandas as pd
+import scanpy as sc
+from anndata.utils import make_index_unique
+from scipy import sparse
+
+import sc_c2s
+
+ROOT = Path(__file__).resolve().parents[1]
+MB = 2**20
+
+
+# ---- data --------------------------------------------------------------------------------------------------------
+
+
+def cellbench(path: Path) -> ad.AnnData:
+    """CellBench counts with gene symbols as `var_names` (the reference reads the words from there)."""
+    adata = ad.read_h5ad(path)
+    symbols = adata.var["gene_symbol"].astype(object).where(adata.var["gene_symbol"].notna(), adata.var_names)
+    adata.var_names = make_index_unique(pd.Index(symbols.astype(str)))
+    return ad.AnnData(sparse.csr_matrix(adata.X, dtype=np.float32), var=pd.DataFrame(index=adata.var_names))
+
+
+def synthetic(n_cells: int, n_genes: int, expressed: int, seed: int = 0) -> ad.AnnData:
+    """Counts (geometric, p = 0.3: mostly 1-5, so many ties) of `expressed` genes per cell, CSR float32.
+
+    Each cell expresses a rotation of one of 64 random gene sets, so the rows differ without a sort per row.
+    """
+    rng = np.random.default_rng(seed)
+    bases = [np.sort(rng.choice(n_genes, expressed, replace=False)).astype(np.int32) for _ in range(64)]
+    indices = np.empty(n_cells * expressed, dtype=np.int32)
+    offsets = rng.integers(0, n_genes, n_cells)
+    which = rng.integers(0, len(bases), n_cells)
+    for i in range(n_cells):
+        base, offset = bases[which[i]], offsets[i]
+        wrap = np.searchsorted(base, n_genes - offset)
+        row = indices[i * expressed : (i + 1) * expressed]
+        row[: expressed - wrap] = base[wrap:] + (offset - n_genes)
+        row[expressed - wrap :] = base[:wrap] + offset
+    data = rng.geometric(0.3, size=n_cells * expressed).astype(np.float32)
+    indptr = np.arange(0, n_cells * expressed + 1, expressed, dtype=np.int64)
+    X = sparse.csr_matrix((data, indices, indptr), shape=(n_cells, n_genes))
+    names = pd.Index([f"G{j:05d}" for j in range(n_genes)])
+    return ad.AnnData(X, obs=pd.DataFrame(index=[f"c{i}" for i in range(n_cells)]), var=pd.DataFrame(index=names))
+
+
+# ---- measurement -------------------------------------------------------------------------------------------------
+
+
+def _status_mb(field: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
+
+
+def peak_extra_mb(fn: Callable[[], object]) -> float:
+    """Highest resident memory during `fn()` above the resident memory before it, in MiB (Linux)."""
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
+    before = _status_mb("VmRSS")
+    fn()
+    return _status_mb("VmHWM") - before
+
+
+def best_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def numpy_baseline(X: sparse.csr_matrix, n_genes: int | None, names: np.ndarray | None) -> None:
+    """Per-row `np.argsort` of the stored values, descending; the gene words joined if `names` is given."""
+    indptr, indices, data = X.indptr, X.indices, X.data
+    for i in range(X.shape[0]):
+        start, stop = indptr[i], indptr[i + 1]
+        genes = indices[start:stop][np.argsort(-data[start:stop], kind="stable")[:n_genes]]
+        if names is not None:
+            " ".join(names[genes])
+
+
+def reference(adata: ad.AnnData) -> None:
+    """The reference package: its vocabulary, then its sentences (all expressed genes, as strings)."""
+    from cell2sentence import utils
+
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        vocabulary = utils.generate_vocabulary(adata)
+        utils.generate_sentences(adata, vocabulary)
+
+
+def output_mb(adata: ad.AnnData) -> float:
+    size = adata.obsm["c2s_genes"].nbytes
+    if "c2s_sentence" in adata.obs:
+        size += sum(sys.getsizeof(s) + 8 for s in adata.obs["c2s_sentence"])
+    return size / MB
+
+
+def clear(adata: ad.AnnData) -> None:
+    adata.obsm.pop("c2s_genes", None)
+    adata.uns.pop("c2s", None)
+    if "c2s_sentence" in adata.obs:
+        del adata.obs["c2s_sentence"]
+
+
+def input_mb(X: sparse.csr_matrix) -> float:
+    return (X.data.nbytes + X.indices.nbytes + X.indptr.nbytes) / MB
+
+
+def import_time(repeats: int = 5) -> tuple[float, float, bool]:
+    """Median seconds of `import scanpy` and of `import sc_c2s` after it, each in a fresh interpreter."""
+    code = (
+        "import sys, time; t0 = time.perf_counter(); import scanpy; t1 = time.perf_counter(); import sc_c2s; "
+        "t2 = time.perf_counter(); print(t1 - t0, t2 - t1, 'torch' in sys.modules or 'transformers' in sys.modules)"
+    )
+    runs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+        for _ in range(repeats)
+    ]
+    return (
+        statistics.median(float(r[0]) for r in runs),
+        statistics.median(float(r[1]) for r in runs),
+        any(r[2] == "True" for r in runs),
+    )
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------------------
+
+
+def bench(name: str, adata: ad.AnnData, args: argparse.Namespace, has_reference: bool) -> list[dict]:
+    X = adata.X
+    names = adata.var_names.to_numpy()
+    n_base = min(args.baseline_cells, adata.n_obs)
+    small = adata[:n_base].copy()
+    rows = []
+
+    def add(method: str, n_genes: int | None, strings: bool, cells: int, seconds: float, memory: float = np.nan):
+        rows.append(
+            {
+                "data": name,
+                "method": method,
+                "genes": "all" if n_genes is None else f"top {n_genes}",
+                "strings": "yes" if strings else "no",
+                "cells": cells,
+                "cells/s": cells / seconds,
+                "extra MiB": memory,
+            }
+        )
+
+    for n_genes in (200, None):
+        for strings in (False, True):
+            target = adata
+            if n_genes is None and strings and adata.n_obs > args.full_cells:
+                target = adata[: args.full_cells].copy()  # full sentences as strings of 100,000 cells: many GB
+
+            def run(target=target, n_genes=n_genes, strings=strings):
+                sc_c2s.pp.to_sentences(target, n_genes=n_genes, sentences=strings, rank_fit=False)
+
+            seconds = best_time(run, args.repeats)
+            clear(target)
+            extra = peak_extra_mb(run)
+            out = output_mb(target)
+            clear(target)
+            add("sc_c2s", n_genes, strings, target.n_obs, seconds, extra - out)
+            if n_genes == 200 and strings:
+                seconds = best_time(lambda target=target: sc_c2s.pp.to_sentences(target, n_genes=200), args.repeats)
+                clear(target)
+                add("sc_c2s + rank fit (2,000 cells)", 200, True, target.n_obs, seconds)
+            base = best_time(
+                lambda n_genes=n_genes, s=strings: numpy_baseline(small.X, n_genes, names if s else None), 1
+            )
+            add("numpy argsort per row", n_genes, strings, n_base, base)
+    if has_reference:
+        seconds = best_time(lambda: reference(small), 1)
+        add("cell2sentence", None, True, n_base, seconds)
+    print(
+        f"\n{name}: {adata.n_obs:,} cells × {adata.n_vars:,} genes, {X.nnz / adata.n_obs:,.0f} expressed per cell, "
+        f"input (CSR arrays) {input_mb(X):,.0f} MiB"
+    )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cellbench_5cl_counts.h5ad")
+    parser.add_argument("--n-cells", type=int, default=100_000)
+    parser.add_argument("--n-genes", type=int, default=20_000)
+    parser.add_argument("--expressed", type=int, default=2_000)
+    parser.add_argument("--baseline-cells", type=int, default=5_000, help="cells for the numpy and reference runs")
+    parser.add_argument("--full-cells", type=int, default=20_000, help="cells for full sentences as strings")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--n-jobs", type=int, default=-1)
+    args = parser.parse_args()
+
+    sc.settings.n_jobs = args.n_jobs
+    sc.settings.verbosity = 0
+    try:
+        import cell2sentence  # noqa: F401
+    except ImportError:
+        has_reference = False
+    else:
+        has_reference = True
+    print(
+        f"sc_c2s {sc_c2s.__version__}, numba {numba.__version__}, {numba.config.NUMBA_NUM_THREADS} cores, "
+        f"scanpy.settings.n_jobs={args.n_jobs}, load average {os.getloadavg()[0]:.1f}; "
+        f"reference cell2sentence {'importable' if has_reference else 'not importable: column skipped'}"
+    )
+    warm = synthetic(50, 300, 30)  # load the compiled kernels before timing
+    sc_c2s.pp.to_sentences(warm, n_genes=10)
+    sc_c2s.pp.to_sentences(warm)
+
+    rows = []
+    if args.data.exists():
+        rows += bench("CellBench", cellbench(args.data), args, has_reference)
+    else:
+        print(f"{args.data} not found: CellBench skipped")
+    start = time.perf_counter()
+    data = synthetic(args.n_cells, args.n_genes, args.expressed)
+    print(f"(synthetic matrix built in {time.perf_counter() - start:.0f} s)")
+    rows += bench("synthetic", data, args, has_reference)
+
+    table = pd.DataFrame(rows)
+    for (name, genes, strings), group in table.groupby(["data", "genes", "strings"], sort=False):
+        numpy_rate = group.loc[group["method"] == "numpy argsort per row", "cells/s"]
+        ref = table.loc[(table["data"] == name) & (table["method"] == "cell2sentence"), "cells/s"]
+        table.loc[group.index, "× numpy"] = group["cells/s"] / numpy_rate.iloc[0] if len(numpy_rate) else np.nan
+        if genes == "all" and strings == "yes" and len(ref):
+            table.loc[group.index, "× cell2sentence"] = group["cells/s"] / ref.iloc[0]
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print()
+        print(
+            table.to_string(
+                index=False,
+                formatters={
+                    "cells/s": "{:,.0f}".format,
+                    "cells": "{:,}".format,
+                    "extra MiB": lambda v: "" if np.isnan(v) else f"{v:,.0f}",
+                    "× numpy": lambda v: "" if np.isnan(v) else f"{v:.1f}",
+                    "× cell2sentence": lambda v: "" if np.isnan(v) else f"{v:.1f}",
+                },
+            )
+        )
+    print("\n'extra MiB': peak resident memory during the call above input + output (target ≤ 200)")
+    scanpy_s, c2s_s, heavy = import_time()
+    print(
+        f"import scanpy {scanpy_s:.2f} s; import sc_c2s after it {c2s_s:.3f} s (target ≤ 0.3 s); "
+        f"torch or transformers imported: {heavy}"
+    )
+
+
+if __name__ == "__main__":
+    main()
