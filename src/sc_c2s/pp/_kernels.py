@@ -5,7 +5,12 @@ Ranking keeps the expressed (non-zero) entries of a row, best first. Equal value
 64-bit key hashed from ``(seed, cell, gene)``, which is a seeded random permutation that depends on
 nothing else, so CSR, CSC and dense storage of the same matrix give the same order.
 
-Top-k selection uses a bounded heap (``O(nnz log k)``), so a short sentence never sorts a whole row.
+Each expressed entry becomes one 64-bit sort key: the float32 bits of its value (order-preserving for values
+``>= 0``), then the top bits of its tie-break key, then its position in the row. Top-k selection is a quickselect
+on those keys (``O(nnz)``), followed by a sort of the ``k`` selected, so a short sentence never sorts a whole row.
+Entries whose packed keys agree on value and tie-key bits are put in order by their full tie-break keys, so the
+result is exact. Rows holding a value that is not exactly a float32 (e.g. float64 log-normalised data) take a
+bounded-heap path (``O(nnz log k)``) that compares values and full keys directly.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-#: Row status codes written by the ranking kernels.
-OK, NEGATIVE, NAN = 0, 1, 2
+#: Row status codes written by the ranking kernels (``INEXACT`` only internally: a value that is not a float32).
+OK, NEGATIVE, NAN, INEXACT = 0, 1, 2, 3
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: Values are binned by the leading 12 bits of their float32 pattern (sign, exponent, 3 mantissa bits).
+_BIN_SHIFT = 20
+N_BINS = 2**12
 
 
 @njit(cache=True, inline="always")
@@ -100,6 +108,161 @@ def _rank_entries(values, genes, k, seed, cell, heap_v, heap_g, out_genes, out_v
     return n_expressed, OK
 
 
+@njit(cache=True)
+def _select_smallest(a, hi, k):
+    """Rearrange ``a[:hi]`` so that ``a[:k]`` holds its ``k`` smallest values, in any order (quickselect)."""
+    lo = 0
+    while hi - lo > 16:
+        mid = (lo + hi) >> 1
+        x, y, z = a[lo], a[mid], a[hi - 1]
+        pivot = max(min(x, y), min(max(x, y), z))  # median of three
+        i, j = lo, hi - 1
+        while i <= j:
+            while a[i] < pivot:
+                i += 1
+            while a[j] > pivot:
+                j -= 1
+            if i <= j:
+                a[i], a[j] = a[j], a[i]
+                i += 1
+                j -= 1
+        # now a[lo:i] <= pivot <= a[j + 1:hi]
+        if k <= j + 1:
+            hi = j + 1
+        elif k >= i:
+            lo = i
+        else:
+            return
+    for x in range(lo + 1, hi):  # insertion sort of the last small range
+        v = a[x]
+        y = x - 1
+        while y >= lo and a[y] > v:
+            a[y + 1] = a[y]
+            y -= 1
+        a[y + 1] = v
+
+
+@njit(cache=True)
+def _order_by_key(positions, start, stop, genes, seed, cell):
+    """Insertion-sort ``positions[start:stop]`` (entries of equal value) by descending tie-break key."""
+    for x in range(start + 1, stop):
+        p = positions[x]
+        key = tie_key(seed, cell, genes[p])
+        y = x - 1
+        while y >= start and tie_key(seed, cell, genes[positions[y]]) < key:
+            positions[y + 1] = positions[y]
+            y -= 1
+        positions[y + 1] = p
+
+
+@njit(cache=True)
+def _rank_packed(values, genes, k, seed, cell, histogram, packed, positions, out_genes, out_values):
+    """Rank the entries of one cell through packed 64-bit keys; return ``(n_expressed, status)``.
+
+    When the row has more than ``k`` entries, a histogram of the values' leading bits first finds the bin that
+    holds the ``k``-th best value, and only entries from that bin up are packed and selected. ``histogram``
+    (zeros, :data:`N_BINS` long) is left zeroed; ``packed`` and ``positions`` are scratch arrays at least as long
+    as the row. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
+    """
+    n_entries = values.shape[0]
+    select = k < n_entries
+    n = 0
+    low, high = N_BINS, 0
+    for t in range(n_entries):
+        v = values[t]
+        if v != v or v < 0 or np.float32(v) != v:
+            for b in range(low, high + 1):
+                histogram[b] = 0
+            return n, NAN if v != v else NEGATIVE if v < 0 else INEXACT
+        if v == 0:
+            continue
+        n += 1
+        if select:
+            b = np.int64(np.float32(v).view(np.uint32) >> np.uint32(_BIN_SHIFT))
+            histogram[b] += 1
+            low, high = min(low, b), max(high, b)
+    floor = 0  # bins below this cannot reach the top k
+    if select and n > k:
+        above, floor = 0, high
+        while above + histogram[floor] < k:
+            above += histogram[floor]
+            floor -= 1
+    for b in range(low, high + 1):
+        histogram[b] = 0
+
+    pos_bits = np.uint64(1)
+    while (np.uint64(1) << pos_bits) < n_entries:
+        pos_bits += np.uint64(1)
+    key_shift = np.uint64(32) + pos_bits  # keeps the top 32 - pos_bits bits of the tie-break key
+    pos_mask = (np.uint64(1) << pos_bits) - np.uint64(1)
+    n_packed = 0
+    for t in range(n_entries):
+        v = values[t]
+        if v == 0:
+            continue
+        bits = np.uint64(np.float32(v).view(np.uint32))
+        if bits >> np.uint64(_BIN_SHIFT) < floor:
+            continue
+        key = tie_key(seed, cell, genes[t])
+        # inverted, so that ascending order is best first
+        packed[n_packed] = ~((bits << np.uint64(32)) | ((key >> key_shift) << pos_bits) | np.uint64(t))
+        n_packed += 1
+    m = min(n_packed, k)
+    if 0 < m < n_packed:
+        _select_smallest(packed, n_packed, m)
+        worst_in = packed[0]
+        for x in range(1, m):
+            worst_in = max(worst_in, packed[x])
+        best_out = packed[m]
+        for x in range(m + 1, n_packed):
+            best_out = min(best_out, packed[x])
+        group = worst_in >> pos_bits
+        if best_out >> pos_bits == group:
+            # equal value and tie-key bits across the cut: choose the members that enter by their full keys
+            n_group = 0
+            for x in range(n_packed):
+                if packed[x] >> pos_bits == group:
+                    positions[n_group] = x
+                    n_group += 1
+            members = np.empty(n_group, dtype=np.int64)
+            for x in range(n_group):
+                members[x] = np.int64(~packed[positions[x]] & pos_mask)
+            _order_by_key(members, 0, n_group, genes, seed, cell)
+            slot = 0
+            for x in range(n_group):
+                if positions[x] < m:
+                    packed[positions[x]] = (group << pos_bits) | (~np.uint64(members[slot]) & pos_mask)
+                    slot += 1
+    selected = packed[:m]
+    selected.sort()
+    for j in range(m):
+        positions[j] = np.int64(~selected[j] & pos_mask)
+    start = 0
+    for j in range(1, m + 1):  # runs of equal value and tie-key bits: order by the full keys
+        if j == m or selected[j] >> pos_bits != selected[start] >> pos_bits:
+            if j - start > 1:
+                _order_by_key(positions, start, j, genes, seed, cell)
+            start = j
+    want_values = out_values.shape[0] > 0
+    for j in range(m):
+        p = positions[j]
+        out_genes[j] = genes[p]
+        if want_values:
+            out_values[j] = values[p]
+    return n, OK
+
+
+@njit(cache=True)
+def _rank_row(values, genes, k, seed, cell, heap_v, heap_g, histogram, packed, positions, out_genes, out_values):
+    """Rank one cell: packed keys when every value is a float32, else the bounded heap."""
+    n_expressed, status = _rank_packed(
+        values, genes, k, seed, cell, histogram, packed, positions, out_genes, out_values
+    )
+    if status == INEXACT:
+        return _rank_entries(values, genes, k, seed, cell, heap_v, heap_g, out_genes, out_values)
+    return n_expressed, status
+
+
 @njit(parallel=True, cache=True)
 def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_values, n_expressed, status):
     """Rank every row of a CSR matrix.
@@ -115,7 +278,7 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
     seed
         Seed of the tie-break permutation.
     n_chunks
-        Number of row chunks processed in parallel (each allocates its own heap).
+        Number of row chunks processed in parallel (each allocates its own scratch arrays).
     out_genes
         ``(n_rows, width)`` int32, prefilled with ``-1``; receives gene indices, best first.
     out_values
@@ -126,14 +289,32 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
     n_rows = indptr.shape[0] - 1
     chunk = (n_rows + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
+        first, last = c * chunk, min(n_rows, (c + 1) * chunk)
+        longest = 0
+        for i in range(first, last):
+            longest = max(longest, indptr[i + 1] - indptr[i])
         heap_v = np.empty(k, dtype=data.dtype)
         heap_g = np.empty(k, dtype=np.int32)
+        histogram = np.zeros(N_BINS, dtype=np.int64)
+        packed = np.empty(longest, dtype=np.uint64)
+        positions = np.empty(longest, dtype=np.int64)
         no_values = np.empty(0, dtype=out_values.dtype)
-        for i in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+        for i in range(first, last):
             start, stop = indptr[i], indptr[i + 1]
             row_values = out_values[i] if out_values.shape[0] > 0 else no_values
-            n_expressed[i], status[i] = _rank_entries(
-                data[start:stop], indices[start:stop], k, seed, cells[i], heap_v, heap_g, out_genes[i], row_values
+            n_expressed[i], status[i] = _rank_row(
+                data[start:stop],
+                indices[start:stop],
+                k,
+                seed,
+                cells[i],
+                heap_v,
+                heap_g,
+                histogram,
+                packed,
+                positions,
+                out_genes[i],
+                row_values,
             )
 
 
@@ -147,6 +328,9 @@ def rank_dense(X, cells, k, seed, n_chunks, out_genes, out_values, n_expressed, 
         heap_g = np.empty(k, dtype=np.int32)
         row_v = np.empty(n_cols, dtype=X.dtype)
         row_g = np.empty(n_cols, dtype=np.int32)
+        histogram = np.zeros(N_BINS, dtype=np.int64)
+        packed = np.empty(n_cols, dtype=np.uint64)
+        positions = np.empty(n_cols, dtype=np.int64)
         no_values = np.empty(0, dtype=out_values.dtype)
         for i in range(c * chunk, min(n_rows, (c + 1) * chunk)):
             n = 0
@@ -157,8 +341,19 @@ def rank_dense(X, cells, k, seed, n_chunks, out_genes, out_values, n_expressed, 
                     row_g[n] = j
                     n += 1
             row_values = out_values[i] if out_values.shape[0] > 0 else no_values
-            n_expressed[i], status[i] = _rank_entries(
-                row_v[:n], row_g[:n], k, seed, cells[i], heap_v, heap_g, out_genes[i], row_values
+            n_expressed[i], status[i] = _rank_row(
+                row_v[:n],
+                row_g[:n],
+                k,
+                seed,
+                cells[i],
+                heap_v,
+                heap_g,
+                histogram,
+                packed,
+                positions,
+                out_genes[i],
+                row_values,
             )
 
 
