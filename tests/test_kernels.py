@@ -105,6 +105,69 @@ def test_rank_genes_matches_reference_on_continuous_values(X, seed):
     assert ranking.genes.shape == (X.shape[0], (X != 0).sum(axis=1).max())
 
 
+def numpy_tie_keys(seed: int, cell: int, genes: np.ndarray) -> np.ndarray:
+    """The documented tie-break key, SplitMix64 twice, written again in numpy."""
+
+    def mix(x):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+    with np.errstate(over="ignore"):
+        base = mix(np.array([seed], dtype=np.uint64) + np.uint64(cell) * np.uint64(0x9E3779B97F4A7C15))
+        return mix(base ^ np.asarray(genes).astype(np.uint64))
+
+
+def test_numpy_tie_keys_match_the_kernel():
+    genes = np.array([0, 1, 2, 19_999, 2**31 - 1])
+    for seed, cell in [(0, 0), (42, 7), (2**63 - 1, 10**9)]:
+        expected = [_kernels.tie_key(seed, cell, int(g)) for g in genes]
+        assert numpy_tie_keys(seed, cell, genes).tolist() == expected
+
+
+@pytest.mark.parametrize("fmt", ["csr", "dense"])
+def test_long_tied_rows_order_by_the_full_tie_key(fmt):
+    """100,000 genes of one cell at two values: the fast path packs only 15 bits of each tie key beside the value,
+    so many tied genes share them, and the full keys must decide, also across the cut of the top k."""
+    n, seed, cell = 100_000, 9, 3
+    rng = np.random.default_rng(0)
+    row = np.ones(n, dtype=np.float32)
+    row[rng.choice(n, 40, replace=False)] = 2
+    X = np.zeros((cell + 1, n), dtype=np.float32)
+    X[cell] = row
+    keys = numpy_tie_keys(seed, cell, np.arange(n))
+    ones = row == 1
+    assert len(np.unique(keys[ones] >> np.uint64(49))) < ones.sum() - 10_000  # many shared 15-bit prefixes
+    order = np.lexsort((~keys, -row))
+    M = sparse.csr_matrix(X) if fmt == "csr" else X
+    for k in [1, 40, 41, 777, 5_000, n - 1, None]:
+        ranking = rank_genes(M, n_genes=k, random_state=seed, with_values=True)
+        np.testing.assert_array_equal(ranking.genes[cell], order[:k])
+        np.testing.assert_array_equal(ranking.values[cell], row[order[:k]])
+
+
+def test_rows_with_and_without_float32_values_mix():
+    """Rows with a value that is not a float32 take the heap path; the other rows of the chunk are unaffected."""
+    rng = np.random.default_rng(3)
+    X = rng.integers(0, 4, size=(40, 300)).astype(np.float64)
+    X[::2, -1] = 0.1  # not a float32: the heap path
+    X[1::4, 5] = 2**40  # an integer-valued float64 that is a float32
+    expected = reference(X, 1)
+    for M in [X, sparse.csr_matrix(X)]:
+        for k in [3, 50, None]:
+            assert as_lists(rank_genes(M, n_genes=k, random_state=1).genes) == [r[:k] for r in expected]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64])
+def test_large_integers_beyond_float32(dtype):
+    """2**24 + 1 is no float32: such rows are ranked exactly too."""
+    X = np.array([[2**24 + 1, 2**24, 2**24 + 1, 3, 0]], dtype=dtype)
+    expected = reference(X, 0)
+    assert expected[0][2:] == [1, 3]
+    assert as_lists(rank_genes(sparse.csr_matrix(X), n_genes=None, random_state=0).genes) == expected
+    assert as_lists(rank_genes(X, n_genes=3, random_state=0).genes) == [expected[0][:3]]
+
+
 def test_tie_key_is_a_pure_function_of_seed_cell_and_gene():
     key = _kernels.tie_key(42, 7, 3)
     assert key == _kernels.tie_key(42, 7, 3)
