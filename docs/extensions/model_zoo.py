@@ -1,8 +1,11 @@
-"""The ``model-zoo`` directive: a table of :func:`sc_c2s.models.available`, made when the docs are built."""
+"""The ``model-zoo`` directive: the registry of :func:`sc_c2s.models.available`, made when the docs are built.
+
+It writes a compact table (name, description, tasks, genes per sentence, size, license) and, below it, the details
+of each checkpoint (repository and revision, base model, architecture, context, values that could not be confirmed).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from docutils import nodes
@@ -13,67 +16,86 @@ if TYPE_CHECKING:
     from sphinx.application import Sphinx
 
 
-def _text(value: Any) -> nodes.Node:
+def _missing(value: Any) -> bool:
     import pandas as pd
 
+    return value is None or (not isinstance(value, tuple | list | dict) and pd.isna(value))
+
+
+def _text(value: Any) -> str:
     if isinstance(value, tuple | list):
-        return nodes.Text(", ".join(map(str, value)) or "–")
-    if value is None or pd.isna(value):
-        return nodes.Text("–")
+        return ", ".join(map(str, value)) or "–"
+    if _missing(value):
+        return "–"
     if isinstance(value, float):
-        return nodes.Text(f"{value:.2g}" if value < 1 else f"{value:.1f}")
-    return nodes.Text(str(value))
+        return f"{value:.2g}" if value < 1 else f"{value:.1f}"
+    return str(value)
 
 
-def _repo(repo: str | None) -> nodes.Node:
-    if repo is None:
-        return nodes.Text("bundled")
-    return nodes.reference(repo, repo, refuri=f"https://huggingface.co/{repo}")
+def _tasks(tasks: tuple[str, ...]) -> str:
+    return _text([t.removeprefix("cell_type_") for t in tasks])
 
 
-def _revision(revision: str | None) -> nodes.Node:
-    return nodes.literal(text=revision[:10]) if revision else _text(None)
-
-
-#: Columns of the table: header, column of :func:`sc_c2s.models.available` (``None``: the index) and formatter.
-COLUMNS: Sequence[tuple[str, str | None, Callable[[Any], nodes.Node]]] = (
-    ("name", None, lambda name: nodes.literal(text=name)),
-    ("Hugging Face repository", "repo", _repo),
-    ("revision", "revision", _revision),
-    ("tasks", "tasks", _text),
-    ("genes", "n_genes", _text),
-    ("size (GB)", "size_gb", _text),
-    ("license", "license", _text),
-    ("description", "description", _text),
-    ("unconfirmed", "unconfirmed", _text),
-)
+def _paragraph(*children: nodes.Node | str) -> nodes.paragraph:
+    return nodes.paragraph("", "", *(nodes.Text(c) if isinstance(c, str) else c for c in children))
 
 
 def table(zoo: pd.DataFrame) -> nodes.table:
-    """Make a docutils table of the registry, one row per checkpoint."""
-    group = nodes.tgroup(cols=len(COLUMNS))
-    group += [nodes.colspec(colwidth=1) for _ in COLUMNS]
+    """Make the summary table, one row per checkpoint."""
+    columns = {
+        "name": lambda name, _: [nodes.reference("", name, refid=nodes.make_id(f"model-{name}"))],
+        "description": lambda _, e: [e["description"]],
+        "tasks": lambda _, e: [_tasks(e["tasks"])],
+        "genes": lambda _, e: [_text(e["n_genes"])],
+        "size (GB)": lambda _, e: [_text(e["size_gb"])],
+        "license": lambda _, e: [_text(e["license"])],
+    }
+    group = nodes.tgroup(cols=len(columns))
+    group += [nodes.colspec(colwidth=w) for w in (3, 5, 2, 1, 1, 2)]
     head = nodes.row()
-    head += [nodes.entry("", nodes.paragraph("", header)) for header, _, _ in COLUMNS]
+    head += [nodes.entry("", _paragraph(header)) for header in columns]
     group += nodes.thead("", head)
     body = nodes.tbody()
     for name, entry in zoo.iterrows():
         row = nodes.row()
-        for _, column, fmt in COLUMNS:
-            row += nodes.entry("", nodes.paragraph("", "", fmt(name if column is None else entry[column])))
+        row += [nodes.entry("", _paragraph(*cell(name, entry))) for cell in columns.values()]
         body += row
     group += body
     return nodes.table("", group, classes=["model-zoo"])
 
 
+def details(zoo: pd.DataFrame) -> nodes.definition_list:
+    """Make one definition per checkpoint with where it comes from and how it was built."""
+    items = nodes.definition_list()
+    for name, e in zoo.iterrows():
+        if _missing(e["repo"]):
+            source = _paragraph("Bundled with the package; no download.")
+        else:
+            link = nodes.reference("", e["repo"], refuri=f"https://huggingface.co/{e['repo']}")
+            source = _paragraph("Hugging Face: ", link, " at revision ", nodes.literal(text=e["revision"]), ".")
+        facts = (
+            f"Base model {_text(e['base_model'])}; {_text(e['architecture'])}; context {_text(e['context_length'])} "
+            f"tokens; prompt style {_text(e['prompt_style'])}; organism {_text(e['organism'])}."
+        )
+        definition = nodes.definition("", source, _paragraph(facts))
+        if len(e["unconfirmed"]):
+            definition += _paragraph(f"Not confirmed from the model card: {_text(e['unconfirmed'])}.")
+        term = nodes.term("", "", nodes.literal(text=name))
+        items += nodes.definition_list_item("", term, definition, ids=[nodes.make_id(f"model-{name}")])
+    return items
+
+
 class ModelZoo(SphinxDirective):
-    """Insert the registry of :mod:`sc_c2s.models` as a table."""
+    """Insert the registry of :mod:`sc_c2s.models`: a table and the details of each checkpoint."""
 
     def run(self) -> list[nodes.Node]:
-        """Return the table, built from the registry of the installed package."""
+        """Return the nodes, built from the registry of the installed package."""
         from sc_c2s import models
 
-        return [table(models.available())]
+        # rebuild the page when the registry changes
+        self.env.note_dependency(models.available.__code__.co_filename)
+        zoo = models.available()
+        return [table(zoo), nodes.rubric("", "Details"), details(zoo)]
 
 
 def setup(app: Sphinx) -> dict[str, bool]:
