@@ -6,11 +6,12 @@ Ranking keeps the expressed (non-zero) entries of a row, best first. Equal value
 nothing else, so CSR, CSC and dense storage of the same matrix give the same order.
 
 Each expressed entry becomes one 64-bit sort key: the float32 bits of its value (order-preserving for values
-``>= 0``), then the top bits of its tie-break key, then its position in the row. Top-k selection is a quickselect
-on those keys (``O(nnz)``), followed by a sort of the ``k`` selected, so a short sentence never sorts a whole row.
-Entries whose packed keys agree on value and tie-key bits are put in order by their full tie-break keys, so the
-result is exact. Rows holding a value that is not exactly a float32 (e.g. float64 log-normalised data) take a
-bounded-heap path (``O(nnz log k)``) that compares values and full keys directly.
+``>= 0``), then the top bits of its tie-break key, then its position in the row. For the top ``k`` of a longer row,
+a histogram of the values' leading bits finds the bin of the ``k``-th best value, only entries from that bin up
+are packed, and a quickselect keeps ``k`` of them (``O(nnz)``); the ``k`` kept are radix-sorted, so a short sentence
+never sorts a whole row. Entries whose packed keys agree on value and tie-key bits are put in order by their full
+tie-break keys, so the result is exact. Rows holding a value that is not exactly a float32 (e.g. float64
+log-normalised data) take a bounded-heap path (``O(nnz log k)``) that compares values and full keys directly.
 """
 
 from __future__ import annotations
@@ -143,6 +144,38 @@ def _select_smallest(a, hi, k):
 
 
 @njit(cache=True)
+def _radix_sort(a, spare, counts):
+    """Sort ``a`` in place (least significant byte first); ``spare`` is as long, ``counts`` is ``(8, 256)``."""
+    n = a.shape[0]
+    if n < 2:
+        return
+    counts[:] = 0
+    for i in range(n):
+        x = a[i]
+        for d in range(8):
+            counts[d, (x >> np.uint64(8 * d)) & np.uint64(0xFF)] += 1
+    src, dst = a, spare[:n]
+    swapped = False
+    for d in range(8):
+        shift = np.uint64(8 * d)
+        c = counts[d]
+        if c[(src[0] >> shift) & np.uint64(0xFF)] == n:  # one value of this byte: nothing to move
+            continue
+        total = 0
+        for b in range(256):
+            total, c[b] = total + c[b], total
+        for i in range(n):
+            x = src[i]
+            b = (x >> shift) & np.uint64(0xFF)
+            dst[c[b]] = x
+            c[b] += 1
+        src, dst = dst, src
+        swapped = not swapped
+    if swapped:
+        a[:] = src
+
+
+@njit(cache=True)
 def _order_by_key(positions, start, stop, genes, seed, cell):
     """Insertion-sort ``positions[start:stop]`` (entries of equal value) by descending tie-break key."""
     for x in range(start + 1, stop):
@@ -156,13 +189,13 @@ def _order_by_key(positions, start, stop, genes, seed, cell):
 
 
 @njit(cache=True)
-def _rank_packed(values, genes, k, seed, cell, histogram, packed, positions, out_genes, out_values):
+def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts, positions, out_genes, out_values):
     """Rank the entries of one cell through packed 64-bit keys; return ``(n_expressed, status)``.
 
     When the row has more than ``k`` entries, a histogram of the values' leading bits first finds the bin that
     holds the ``k``-th best value, and only entries from that bin up are packed and selected. ``histogram``
-    (zeros, :data:`N_BINS` long) is left zeroed; ``packed`` and ``positions`` are scratch arrays at least as long
-    as the row. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
+    (zeros, :data:`N_BINS` long) is left zeroed; ``packed``, ``spare`` and ``positions`` are scratch arrays at
+    least as long as the row, ``counts`` one of ``(8, 256)`` for the radix sort. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
     """
     n_entries = values.shape[0]
     select = k < n_entries
@@ -234,7 +267,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, positions, out
                     packed[positions[x]] = (group << pos_bits) | (~np.uint64(members[slot]) & pos_mask)
                     slot += 1
     selected = packed[:m]
-    selected.sort()
+    _radix_sort(selected, spare, counts)
     for j in range(m):
         positions[j] = np.int64(~selected[j] & pos_mask)
     start = 0
@@ -253,10 +286,12 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, positions, out
 
 
 @njit(cache=True)
-def _rank_row(values, genes, k, seed, cell, heap_v, heap_g, histogram, packed, positions, out_genes, out_values):
+def _rank_row(
+    values, genes, k, seed, cell, heap_v, heap_g, histogram, packed, spare, counts, positions, out_genes, out_values
+):
     """Rank one cell: packed keys when every value is a float32, else the bounded heap."""
     n_expressed, status = _rank_packed(
-        values, genes, k, seed, cell, histogram, packed, positions, out_genes, out_values
+        values, genes, k, seed, cell, histogram, packed, spare, counts, positions, out_genes, out_values
     )
     if status == INEXACT:
         return _rank_entries(values, genes, k, seed, cell, heap_v, heap_g, out_genes, out_values)
@@ -297,6 +332,8 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
         heap_g = np.empty(k, dtype=np.int32)
         histogram = np.zeros(N_BINS, dtype=np.int64)
         packed = np.empty(longest, dtype=np.uint64)
+        spare = np.empty(longest, dtype=np.uint64)
+        counts = np.empty((8, 256), dtype=np.int64)
         positions = np.empty(longest, dtype=np.int64)
         no_values = np.empty(0, dtype=out_values.dtype)
         for i in range(first, last):
@@ -312,6 +349,8 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
                 heap_g,
                 histogram,
                 packed,
+                spare,
+                counts,
                 positions,
                 out_genes[i],
                 row_values,
@@ -330,6 +369,8 @@ def rank_dense(X, cells, k, seed, n_chunks, out_genes, out_values, n_expressed, 
         row_g = np.empty(n_cols, dtype=np.int32)
         histogram = np.zeros(N_BINS, dtype=np.int64)
         packed = np.empty(n_cols, dtype=np.uint64)
+        spare = np.empty(n_cols, dtype=np.uint64)
+        counts = np.empty((8, 256), dtype=np.int64)
         positions = np.empty(n_cols, dtype=np.int64)
         no_values = np.empty(0, dtype=out_values.dtype)
         for i in range(c * chunk, min(n_rows, (c + 1) * chunk)):
@@ -351,6 +392,8 @@ def rank_dense(X, cells, k, seed, n_chunks, out_genes, out_values, n_expressed, 
                 heap_g,
                 histogram,
                 packed,
+                spare,
+                counts,
                 positions,
                 out_genes[i],
                 row_values,
