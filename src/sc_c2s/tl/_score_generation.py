@@ -154,7 +154,7 @@ def score_generation(
         Maximum mean discrepancy (the square root of the biased estimate of MMD²) between G and R in the PCA
         space, with a Gaussian kernel whose width is the median distance between cells of R (control: C and R).
     ``energy``
-        Energy distance (the square root of the biased estimate of 2E|G−R| − E|G−G'| − E|R−R'|) in the PCA
+        Energy distance (the square root of the biased estimate of ``2E|G−R| − E|G−G'| − E|R−R'|``) in the PCA
         space (control: C and R).
     ``valid_rate``, ``duplicate_rate``
         Share of generated words that are genes of the real cells, and that repeat a gene.

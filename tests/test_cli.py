@@ -1,0 +1,179 @@
+"""The sc-c2s command: end to end in a subprocess, and its exit codes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import sc_c2s
+from sc_c2s import cli
+from sc_c2s.models import C2SMetadata, _download
+from sc_c2s.models._scratch import build_model, build_tokenizer
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, _cellbench) -> Path:
+    """A tiny random checkpoint over the CellBench gene symbols and cell lines, with a vocabulary and rank fit."""
+    adata = _cellbench.copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol")
+    words = [w.upper() for w in adata.uns["c2s"]["genes"]]
+    labels = sorted(adata.obs["cell_type"].unique())
+    tokenizer = build_tokenizer(words, labels, max_genes=20)
+    path = tmp_path_factory.mktemp("tiny-cli")
+    build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    C2SMetadata(
+        name="tiny-cli", labels=labels, vocabulary=words, rank_fit=adata.uns["c2s"]["rank_fit"], n_genes=20
+    ).write(path)
+    return path
+
+
+@pytest.fixture
+def env(tmp_path) -> dict[str, str]:
+    """The environment of a subprocess: an empty model cache, no GPU, quiet threads."""
+    return {
+        **os.environ,
+        _download.CACHE_ENV: str(tmp_path / "cache"),
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def sc_c2s_command(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "sc_c2s.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
+
+
+def test_console_script_is_declared():
+    (entry,) = [e for e in entry_points(group="console_scripts") if e.name == "sc-c2s"]
+    assert entry.value == "sc_c2s.cli:main"
+
+
+def test_demo_writes_its_files(tmp_path, env):
+    out = tmp_path / "demo"
+    result = sc_c2s_command("demo", "--out", out, "--n-cells", "10", env=env)
+    assert result.returncode == 0, result.stderr
+    assert {p.name for p in out.iterdir()} == {
+        "pbmc68k_c2s.h5ad",
+        "generated.h5ad",
+        "generation_scores.csv",
+        "rank_fit.png",
+        "generation.png",
+        "report.txt",
+    }
+    for step in range(1, 7):
+        assert f"[{step}/6]" in result.stderr
+    real = ad.read_h5ad(out / "pbmc68k_c2s.h5ad")
+    generated = ad.read_h5ad(out / "generated.h5ad")
+    assert {"c2s_sentence", "c2s_cell_type", "c2s_cell_type_score"} <= set(real.obs.columns)
+    assert generated.var_names.equals(real.var_names)
+    assert generated.obs["cell_type"].value_counts().eq(10).all()
+    report = (out / "report.txt").read_text()
+    assert "Rank → expression fit" in report
+    assert "knn_recovery" in report
+    assert report in result.stdout
+    assert (out / "rank_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def small_file(tmp_path, cellbench) -> Path:
+    """40 CellBench cells in an .h5ad file."""
+    path = tmp_path / "cells.h5ad"
+    cellbench[::10].copy().write_h5ad(path)
+    return path
+
+
+def test_generate_in_a_subprocess(tmp_path, env, checkpoint, small_file):
+    out = tmp_path / "generated.h5ad"
+    result = sc_c2s_command(
+        "generate", "--model", checkpoint, "--cell-types", "A549=3", "H838", "A549=1", "--n-genes", "10",
+        "--data", small_file, "--gene-symbols", "gene_symbol", "--seed", "7", "--out", out, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "generating 5 cells" in result.stderr
+    generated = ad.read_h5ad(out)
+    assert generated.obs["cell_type"].tolist() == ["A549"] * 4 + ["H838"]
+    assert generated.var_names.equals(ad.read_h5ad(small_file).var_names)
+    params = generated.uns["c2s_generate"]["params"]
+    assert params["random_state"] == 7
+    assert params["n_genes"] == 10
+
+
+def test_generate_without_data_uses_the_checkpoint(tmp_path, checkpoint):
+    out = tmp_path / "generated.h5ad"
+    argv = ["-q", "generate", "--model", str(checkpoint), "--cell-types", "H2228=2", "--n-genes", "10"]
+    assert cli.main([*argv, "--out", str(out)]) == cli.EXIT_OK
+    generated = ad.read_h5ad(out)
+    assert generated.n_obs == 2
+    assert generated.var_names.tolist() == C2SMetadata.read(checkpoint).vocabulary
+
+
+def test_annotate(tmp_path, checkpoint, small_file):
+    out = tmp_path / "annotated.h5ad"
+    argv = ["-q", "annotate", str(small_file), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
+    assert cli.main([*argv, "--gene-symbols", "gene_symbol", "--out", str(out)]) == cli.EXIT_OK
+    cells = ad.read_h5ad(out)
+    assert set(cells.obs["c2s_cell_type"]) <= set(cells.obs["cell_type"])
+    assert np.all((cells.obs["c2s_cell_type_score"] > 0) & (cells.obs["c2s_cell_type_score"] <= 1))
+    assert cells.uns["c2s"]["params"]["gene_symbols"] == "gene_symbol"
+
+
+def test_models_list(capsys):
+    assert cli.main(["models", "list"]) == cli.EXIT_OK
+    listing = capsys.readouterr().out
+    assert "C2S-Pythia-410m-cell-type-prediction" in listing
+    assert "demo" in listing
+
+
+@pytest.mark.parametrize(
+    ("argv", "code", "message"),
+    [
+        (["annotate", "missing.h5ad", "--model", "demo", "--out", "x.h5ad"], cli.EXIT_MISSING, "No such file"),
+        (["generate", "--model", "./no/such/dir", "--cell-types", "B", "--out", "x.h5ad"], cli.EXIT_MISSING, "not a"),
+        (["generate", "--model", "nope", "--cell-types", "B", "--out", "x.h5ad"], cli.EXIT_UNKNOWN_MODEL, "demo"),
+        (["models", "fetch", "nope"], cli.EXIT_UNKNOWN_MODEL, "No model called 'nope'"),
+        (["generate", "--model", "demo", "--cell-types", "B=two", "--out", "x.h5ad"], cli.EXIT_ERROR, "TYPE=N"),
+    ],
+)
+def test_exit_codes(tmp_path, monkeypatch, capsys, argv, code, message):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == code
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_unknown_cell_type_is_bad_input(tmp_path, checkpoint, capsys):
+    argv = ["generate", "--model", str(checkpoint), "--cell-types", "T cell", "--out", str(tmp_path / "x.h5ad")]
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert "does not know the cell types ['T cell']" in capsys.readouterr().err
+
+
+def test_no_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(_download.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(_download.BASE_URL_ENV, "http://127.0.0.1:9")  # the discard port: nothing listens
+    monkeypatch.setattr(_download, "RETRIES", 0)
+    assert cli.main(["-q", "models", "fetch", "pythia-160m-c2s"]) == cli.EXIT_NO_NETWORK
+    assert "Could not download" in capsys.readouterr().err
+
+
+def test_usage_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["generate", "--model", "demo"])
+    assert exit_info.value.code == cli.EXIT_USAGE
+    assert "--cell-types" in capsys.readouterr().err
+
+
+def test_cell_types_parsing():
+    assert cli._cell_types(["B cell=3", "NK", "B cell=2", "CD4+ T=1"]) == {"B cell": 5, "NK": 1, "CD4+ T": 1}
+    with pytest.raises(ValueError, match="TYPE=N"):
+        cli._cell_types(["=3"])
