@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._annotate import annotate
 from ._from_sentences import from_sentences
 
-__all__ = ["from_sentences"]
+__all__ = ["annotate", "from_sentences"]

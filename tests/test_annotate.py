@@ -1,0 +1,307 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import torch
+from scipy.special import softmax
+
+import sc_c2s
+from sc_c2s import prompts
+from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models._scratch import build_model, build_tokenizer
+from sc_c2s.tl import _annotate, _inference
+
+N_GENES = 12
+LABELS = ["A549", "H1975", "H2228", "HCC827", "H838"]
+#: Labels of one to four tokens (with their period), to exercise the packed scoring of multi-token answers.
+LONG_LABELS = ["A549", "H1975 cell", "H2228 lung cell line", "HCC827 cell line"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and then do not fight for cores on a shared machine."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def _cells() -> ad.AnnData:
+    """36 CellBench cells whose sentences have 3 to 12 genes, so that batches mix prompt lengths."""
+    adata = ad.read_h5ad(Path(__file__).parent / "data" / "cellbench_300.h5ad")[::8].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES, rank_fit=False)
+    genes = adata.obsm["c2s_genes"]
+    for i, n in enumerate(3 + np.arange(adata.n_obs) % 10):
+        genes[i, n:] = -1
+    return adata
+
+
+@pytest.fixture
+def cells(_cells) -> ad.AnnData:
+    return _cells.copy()
+
+
+@pytest.fixture(scope="module")
+def tiny(_cells) -> C2SModel:
+    """A random 2-layer GPT-NeoX with a word-level tokenizer over the genes and all test labels."""
+    tokenizer = build_tokenizer([g.upper() for g in _cells.uns["c2s"]["genes"]], [*LABELS, *LONG_LABELS])
+    model = build_model(tokenizer, hidden_size=32, n_layers=2, n_heads=2, max_length=128)
+    return C2SModel(model.eval(), tokenizer, C2SMetadata(name="tiny", labels=LABELS), Path("tiny"))
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[C2SModel, ad.AnnData, np.ndarray]:
+    """A 1-layer model trained for a second to name the cell line of 200 CellBench cells from their top 8 of 200
+    highly variable genes; the 300 cells; which of them are held out."""
+    adata = ad.read_h5ad(Path(__file__).parent / "data" / "cellbench_300.h5ad")
+    lognorm = sc.pp.log1p(sc.pp.normalize_total(adata, copy=True), copy=True)
+    adata = adata[:, sc.pp.highly_variable_genes(lognorm, n_top_genes=200, inplace=False)["highly_variable"]].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8, rank_fit=False)
+    tokenizer = build_tokenizer([g.upper() for g in adata.uns["c2s"]["genes"]], LABELS)
+    model = build_model(tokenizer, hidden_size=32, n_layers=1, n_heads=2, max_length=128)
+    held_out = np.arange(adata.n_obs) % 3 == 0
+    words = prompts.sentence_words(adata[~held_out], n_genes=8)
+    prompt_ids = tokenizer([prompts.cell_type_prediction(w) for w in words])["input_ids"]
+    answers = adata.obs["cell_type"][~held_out].astype(str)
+    answer_ids = tokenizer([prompts.answer(a) for a in answers], add_special_tokens=False)["input_ids"]
+    ids = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
+    input_ids, mask, positions = _inference.left_pad(ids, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    labels = torch.full_like(input_ids, -100)  # learn the answers only
+    for row, answer in enumerate(answer_ids):
+        labels[row, -len(answer) :] = torch.as_tensor(answer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        batch = torch.as_tensor(rng.choice(len(ids), 32, replace=False))
+        loss = model(
+            input_ids=input_ids[batch], attention_mask=mask[batch], position_ids=positions[batch], labels=labels[batch]
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    c2s = C2SModel(model.eval(), tokenizer, C2SMetadata(name="trained", labels=LABELS), Path("trained"))
+    return c2s, adata, held_out
+
+
+def full_sequence_loglik(c2s: C2SModel, adata: ad.AnnData, labels: list[str]) -> np.ndarray:
+    """Log-likelihood of each label's answer after each prompt: per cell, one forward pass over the prompt followed
+    by each answer (padded on the right, which causal attention never sees), without cache or custom mask."""
+    tokenizer, out = c2s.tokenizer, []
+    answers = [tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in labels]
+    for words in prompts.sentence_words(adata, n_genes=N_GENES):
+        prompt = tokenizer(prompts.cell_type_prediction(words))["input_ids"]
+        width = len(prompt) + max(map(len, answers))
+        ids = torch.as_tensor([prompt + a + [0] * (width - len(prompt) - len(a)) for a in answers])
+        with torch.no_grad():
+            logp = c2s.model(input_ids=ids).logits.log_softmax(-1)
+        out.append(
+            [float(sum(logp[k, len(prompt) - 1 + j, t] for j, t in enumerate(a))) for k, a in enumerate(answers)]
+        )
+    return np.array(out)
+
+
+def test_constrained_scores_match_full_sequences(cells, tiny):
+    lengths = [
+        len(tiny.tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"]) for label in LONG_LABELS
+    ]
+    assert lengths == [2, 3, 5, 4]
+    expected = full_sequence_loglik(tiny, cells, LONG_LABELS)
+
+    words = _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None)
+    ids = _inference.tokenize(tiny, _inference.prediction_prompts(words, organism="Homo sapiens"))
+    assert len(set(map(len, ids))) == 10  # batches of 5 mix prompt lengths: left padding at work
+    loglik = _annotate.score_labels(tiny, ids, LONG_LABELS, batch_size=5)
+    np.testing.assert_allclose(loglik, expected, atol=1e-4)
+
+    sc_c2s.tl.annotate(cells, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
+    prob = softmax(expected, axis=1)
+    best = expected.argmax(axis=1)
+    assert cells.obs["c2s_cell_type"].cat.categories.tolist() == LONG_LABELS
+    np.testing.assert_array_equal(cells.obs["c2s_cell_type"].to_numpy(), np.array(LONG_LABELS)[best])
+    np.testing.assert_allclose(cells.obs["c2s_cell_type_score"], prob[np.arange(len(best)), best], rtol=1e-4)
+
+
+@pytest.fixture
+def short_answers(monkeypatch):
+    """Random models rarely write a period: cut their free answers after 6 tokens to keep tests fast."""
+    monkeypatch.setattr(_annotate, "MAX_ANSWER_TOKENS", 6)
+
+
+@pytest.mark.parametrize("labels", [None, LABELS], ids=["free", "constrained"])
+def test_batch_size_does_not_change_results(cells, tiny, labels, short_answers):
+    one = sc_c2s.tl.annotate(cells, model=tiny, labels=labels, n_genes=N_GENES, batch_size=1, copy=True)
+    seven = sc_c2s.tl.annotate(cells, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
+    again = sc_c2s.tl.annotate(cells, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
+    pd.testing.assert_series_equal(one.obs["c2s_cell_type"], seven.obs["c2s_cell_type"])
+    np.testing.assert_allclose(one.obs["c2s_cell_type_score"], seven.obs["c2s_cell_type_score"], rtol=1e-4)
+    pd.testing.assert_frame_equal(seven.obs, again.obs)
+
+
+def test_free_answers_match_one_cell_at_a_time_generate(cells, tiny, short_answers):
+    cells = cells[:16].copy()
+    sc_c2s.tl.annotate(cells, model=tiny, n_genes=N_GENES, batch_size=8)
+
+    stop = _inference.period_ids(tiny.tokenizer)
+    assert tiny.tokenizer.convert_tokens_to_ids(".") in stop
+    assert tiny.tokenizer.eos_token_id in stop
+    expected = []
+    for words in prompts.sentence_words(cells, n_genes=N_GENES):
+        prompt = tiny.tokenizer(prompts.cell_type_prediction(words), return_tensors="pt")
+        out = tiny.model.generate(
+            **prompt,
+            max_new_tokens=_annotate.MAX_ANSWER_TOKENS,
+            do_sample=False,
+            eos_token_id=stop,
+            pad_token_id=tiny.tokenizer.pad_token_id,
+        )
+        new = out[0, prompt["input_ids"].shape[1] :]
+        expected.append(tiny.tokenizer.decode(new, skip_special_tokens=True).strip().removesuffix(".").strip())
+    assert cells.obs["c2s_cell_type"].astype(str).tolist() == expected
+
+
+def test_trained_model_names_cell_lines(trained):
+    c2s, adata, held_out = trained
+    adata = adata[held_out].copy()
+    sc_c2s.tl.annotate(adata, model=c2s, labels="model", n_genes=8, key_added="constrained")
+    sc_c2s.tl.annotate(adata, model=c2s, n_genes=8, key_added="free")
+
+    truth = adata.obs["cell_type"].astype(str)
+    constrained, free = adata.obs["constrained"].astype(str), adata.obs["free"].astype(str)
+    assert set(free) <= set(LABELS)  # the answers parse to exact cell-line names
+    assert (free == constrained).mean() > 0.95
+    assert (constrained == truth).mean() > 0.7  # largest class: 24 %
+    assert adata.uns["constrained"]["params"]["labels"] == LABELS
+    assert ((adata.obs["free_score"] > 0) & (adata.obs["free_score"] <= 1)).all()
+
+
+def test_results_and_params(cells, tiny, container, scanpy_log):
+    data = container.wrap(cells)
+    x = cells.X.copy()
+    sc_c2s.tl.annotate(data, model=tiny, labels=LABELS, n_genes=N_GENES, key_added="ct")
+
+    rna = container.rna(data)
+    assert isinstance(rna.obs["ct"].dtype, pd.CategoricalDtype)
+    assert set(rna.obs["ct"]) <= set(LABELS)
+    assert rna.obs["ct_score"].between(1 / len(LABELS), 1).all()
+    assert rna.uns["ct"]["params"] == {
+        "mode": "constrained",
+        "labels": LABELS,
+        "n_genes": N_GENES,
+        "organism": "Homo sapiens",
+        "model": "tiny",
+        "path": "tiny",
+        "sha256": {},
+    }
+    assert (rna.X != x).nnz == 0
+    if container.is_mudata:
+        assert data.obs["rna:ct"].astype(str).tolist() == rna.obs["ct"].astype(str).tolist()
+    assert "'ct', " in scanpy_log.getvalue()
+    assert "'ct_score', " in scanpy_log.getvalue()
+
+
+def test_free_params_and_h5ad_round_trip(cells, tiny, tmp_path, short_answers):
+    sc_c2s.tl.annotate(cells, model=tiny, n_genes=N_GENES, organism="Mus musculus")
+    assert cells.uns["c2s_cell_type"]["params"]["mode"] == "free"
+    assert "labels" not in cells.uns["c2s_cell_type"]["params"]
+    assert cells.uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
+    cells.write_h5ad(tmp_path / "annotated.h5ad")
+    back = ad.read_h5ad(tmp_path / "annotated.h5ad")
+    pd.testing.assert_series_equal(back.obs["c2s_cell_type"], cells.obs["c2s_cell_type"])
+    assert back.uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
+
+
+def test_organism_and_casing_reach_the_prompt(cells, tiny):
+    human = sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)
+    mouse = sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES, organism="Mus musculus", copy=True)
+    assert not np.allclose(human.obs["c2s_cell_type_score"], mouse.obs["c2s_cell_type_score"])
+
+    cells.uns["c2s"]["genes"] = [g.lower() for g in cells.uns["c2s"]["genes"]]
+    words = prompts.sentence_words(cells, n_genes=N_GENES)
+    assert _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None) == [[w.upper() for w in c] for c in words]
+    lower = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="lower", upper_case=False), Path("lower"))
+    assert _inference.cell_words(cells, lower, n_genes=N_GENES, mod=None) == words
+
+
+def test_copy_leaves_input_untouched(cells, tiny):
+    before = cells.copy()
+    out = sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)
+    assert "c2s_cell_type" in out.obs
+    assert "c2s_cell_type" not in cells.obs
+    assert cells.uns.keys() == before.uns.keys()
+
+
+def test_model_training_flag_is_restored(cells, tiny):
+    tiny.model.train()
+    try:
+        sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES)
+        assert tiny.model.training
+    finally:
+        tiny.model.eval()
+
+
+def test_bfloat16_model(cells, tiny):
+    """The padding and candidate masks follow the model's dtype (bf16, as on a GPU)."""
+    cells = cells[:12].copy()
+    half = C2SModel(copy.deepcopy(tiny.model).to(torch.bfloat16), tiny.tokenizer, tiny.metadata, Path("bf16"))
+    a = sc_c2s.tl.annotate(cells, model=half, labels=LONG_LABELS, n_genes=N_GENES, copy=True)
+    b = sc_c2s.tl.annotate(cells, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, copy=True)
+    assert a.uns["c2s_cell_type"]["params"]["path"] == "bf16"
+    np.testing.assert_allclose(a.obs["c2s_cell_type_score"], b.obs["c2s_cell_type_score"], atol=0.05)
+
+
+def test_parse_answer():
+    assert _annotate.parse_answer(" CD4 T cell.") == "CD4 T cell"
+    assert _annotate.parse_answer("H1975 .\n") == "H1975"
+    assert _annotate.parse_answer(" B cell") == "B cell"
+    assert _annotate.parse_answer(" .") == ""
+
+
+def test_without_sentences(tiny):
+    adata = ad.AnnData(np.ones((3, 2), dtype=np.float32))
+    with pytest.raises(KeyError, match=r"to_sentences"):
+        sc_c2s.tl.annotate(adata, model=tiny)
+    assert not adata.obs.columns.size
+    assert not adata.uns
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"labels": "A549"}, r'"model" or None'),
+        ({"labels": []}, r"non-empty"),
+        ({"labels": ["A549", " "]}, r"non-empty"),
+        ({"labels": ["A549", "H1975", "A549"]}, r"more than once"),
+        ({"labels": ["A549", "lymphocyte", "monocyte"]}, r"'lymphocyte' and 'monocyte' are the same tokens"),
+        ({"n_genes": 0}, r"positive integer"),
+        ({"batch_size": 0}, r"positive integer"),
+        ({"organism": "Danio rerio"}, r"organism"),
+        ({"n_genes": 200, "labels": LABELS}, r"reads at most 128; lower `n_genes`"),
+    ],
+)
+def test_bad_arguments(cells, tiny, kwargs, match):
+    if kwargs.get("n_genes") == 200:
+        sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol", rank_fit=False)
+    with pytest.raises(ValueError, match=match):
+        sc_c2s.tl.annotate(cells, model=tiny, **{"n_genes": N_GENES, **kwargs})
+    assert "c2s_cell_type" not in cells.obs
+
+
+def test_warnings(cells, tiny, scanpy_log):
+    ensembl = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="ids", vocabulary=["ENSG0001"]), Path("ids"))
+    sc_c2s.tl.annotate(cells, model=ensembl, labels=["A549", "lymphocyte"], n_genes=N_GENES)
+    log = scanpy_log.getvalue()
+    assert "100% of the sentence genes are not in the vocabulary of 'ids'" in log
+    assert "1 labels have words unknown to 'ids' (e.g. ['lymphocyte'])" in log
+
+
+def test_model_without_labels(cells, tiny):
+    bare = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="bare"), Path("bare"))
+    with pytest.raises(ValueError, match=r"carries no label set"):
+        sc_c2s.tl.annotate(cells, model=bare, labels="model", n_genes=N_GENES)
