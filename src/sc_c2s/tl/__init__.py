@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ._annotate import annotate
+from ._embed import embed
 from ._from_sentences import from_sentences
 
-__all__ = ["annotate", "from_sentences"]
+__all__ = ["annotate", "embed", "from_sentences"]

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+
+import sc_c2s
+from sc_c2s import prompts
+from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models._scratch import build_model, build_tokenizer
+from sc_c2s.tl import _embed, _inference
+
+N_GENES = 12
+#: Tokens of the prediction template before and after the sentence, for the word-level tokenizer.
+PREFIX, SUFFIX = 42, 10
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread, and then do not fight for cores on a shared machine."""
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="module")
+def _cells() -> ad.AnnData:
+    """30 CellBench cells whose sentences have 3 to 12 genes, so that batches mix prompt lengths."""
+    adata = ad.read_h5ad(Path(__file__).parent / "data" / "cellbench_300.h5ad")[::10].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES, rank_fit=False)
+    genes = adata.obsm["c2s_genes"]
+    for i, n in enumerate(3 + np.arange(adata.n_obs) % 10):
+        genes[i, n:] = -1
+    return adata
+
+
+@pytest.fixture
+def cells(_cells) -> ad.AnnData:
+    return _cells.copy()
+
+
+@pytest.fixture(scope="module")
+def tiny(_cells) -> C2SModel:
+    """A random 2-layer GPT-NeoX with a word-level tokenizer over the genes."""
+    tokenizer = build_tokenizer([g.upper() for g in _cells.uns["c2s"]["genes"]])
+    model = build_model(tokenizer, hidden_size=32, n_layers=2, n_heads=2, max_length=128)
+    return C2SModel(model.eval(), tokenizer, C2SMetadata(name="tiny"), Path("tiny"))
+
+
+def test_sentence_span_is_exactly_the_gene_tokens(cells, tiny):
+    words = _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None)
+    ids = _inference.tokenize(tiny, _inference.prediction_prompts(words, organism="Homo sapiens"))
+    spans = _embed.sentence_spans(tiny, ids, words, organism="Homo sapiens")
+
+    for seq, span, cell in zip(ids, spans, words, strict=True):
+        # "The following is … Homo sapiens cell . … gene expression . Cell sentence :" are 42 words,
+        # ". The cell type corresponding to these genes is :" 10
+        assert len(seq) == PREFIX + len(cell) + SUFFIX
+        assert span.tolist() == [PREFIX, PREFIX + len(cell)]
+        assert seq[span[0] : span[1]] == tiny.tokenizer.convert_tokens_to_ids(cell)
+
+
+def test_embedding_is_the_mean_over_gene_tokens(cells, tiny):
+    sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES, batch_size=7)
+
+    expected = []
+    for cell in _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None):
+        text = prompts.cell_type_prediction(cell)
+        ids = torch.as_tensor([tiny.tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            hidden = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        expected.append(hidden[PREFIX : PREFIX + len(cell)].mean(0).numpy())
+    embedding = cells.obsm["X_c2s"]
+    assert embedding.dtype == np.float32
+    assert embedding.shape == (cells.n_obs, 32)
+    np.testing.assert_allclose(embedding, np.array(expected), atol=1e-5)
+
+
+def test_results_params_and_neighbors(cells, tiny, container, scanpy_log):
+    data = container.wrap(cells)
+    x = cells.X.copy()
+    out = sc_c2s.tl.embed(data, model=tiny, n_genes=N_GENES, key_added="X_lm", copy=True)
+
+    rna = container.rna(out)
+    assert "X_lm" not in container.rna(data).obsm
+    assert rna.uns["X_lm"]["params"] == {
+        "n_genes": N_GENES,
+        "organism": "Homo sapiens",
+        "model": "tiny",
+        "path": "tiny",
+        "sha256": {},
+    }
+    assert (rna.X != x).nnz == 0
+    assert "'X_lm', " in scanpy_log.getvalue()
+    sc.pp.neighbors(rna, use_rep="X_lm", n_neighbors=5)
+    assert rna.obsp["connectivities"].shape == (cells.n_obs, cells.n_obs)
+
+
+def test_deterministic(cells, tiny):
+    a = sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES, copy=True).obsm["X_c2s"]
+    b = sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES, batch_size=1, copy=True).obsm["X_c2s"]
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_without_sentences(tiny):
+    adata = ad.AnnData(np.ones((3, 2), dtype=np.float32))
+    with pytest.raises(KeyError, match=r"to_sentences"):
+        sc_c2s.tl.embed(adata, model=tiny)
+    assert not adata.obsm
+
+
+def test_empty_sentences(cells, tiny):
+    cells.obsm["c2s_genes"][[2, 5]] = -1
+    with pytest.raises(ValueError, match=r"2 cells have empty sentences.*filter_cells"):
+        sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES)
+    assert "X_c2s" not in cells.obsm
+
+
+def test_prompt_too_long(cells, tiny):
+    sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol", rank_fit=False)
+    with pytest.raises(ValueError, match=r"reads at most 128; lower `n_genes`"):
+        sc_c2s.tl.embed(cells, model=tiny, n_genes=200)
