@@ -190,4 +190,4 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
     np.cumsum(lengths + 1, out=row_offsets[1:])
     buffer = np.empty(row_offsets[-1], dtype=np.uint8)
     _kernels.write_sentences(genes, word_bytes, word_offsets, row_offsets[:-1], ord("\n"), buffer)
-    return np.array(buffer[:-1].tobytes().decode().split("\n"), dtype=object)
+    return np.array(str(memoryview(buffer[:-1]), "utf-8").split("\n"), dtype=object)
