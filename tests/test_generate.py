@@ -85,6 +85,15 @@ def test_sentence_stops_at_period_and_maps_words_to_var_names(ranked, tiny):
     np.testing.assert_allclose(generated.X.toarray(), [expected, expected], rtol=1e-6)
 
 
+def test_result_with_slashed_cell_types_round_trips_through_h5ad(ranked, tiny, tmp_path):
+    model = scripted(tiny, ["DPM1", "."])
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types={"CD4+/CD25 T Reg": 2, "B": 1}, n_genes=5)
+    generated.write_h5ad(tmp_path / "generated.h5ad")
+    back = ad.read_h5ad(tmp_path / "generated.h5ad")
+    assert back.obs["cell_type"].tolist() == ["CD4+/CD25 T Reg"] * 2 + ["B"]
+    assert list(back.uns["c2s_generate"]["params"]["cell_types"]) == ["CD4+/CD25 T Reg", "B"]
+
+
 def test_sentence_stops_at_eos(ranked, tiny):
     model = scripted(tiny, ["DPM1", "[EOS]", "AK2"])
     generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=5)
@@ -150,7 +159,8 @@ def test_result_layout_and_concat(ranked, tiny, scanpy_log):
     np.testing.assert_array_equal(generated.obs[cols].to_numpy(), reread.obs[cols].to_numpy())
     np.testing.assert_array_equal(generated.X.getnnz(axis=1), reread.obs["n_valid_genes"])
     params = generated.uns["c2s_generate"]["params"]
-    assert params["cell_types"] == {"A549": 3, "H838": 2}
+    assert params["cell_types"] == ["A549", "H838"]
+    assert params["n_cells"] == [3, 2]
     assert params["model"] == "tiny"
     assert params["vocabulary"] == "adata"
     assert params["rank_fit"] == ranked.uns["c2s"]["rank_fit"]

@@ -148,13 +148,14 @@ def generate(
 
     start = logg.info("generating cells")
     _check_sampling(n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state)
+    types = _requested_types(cell_types)
     c2s_model = resolve(model, device=device)
     if c2s_model.metadata.prompt_style != "c2s" or "cell_type_generation" not in c2s_model.metadata.tasks:
         logg.warning(
             f"{c2s_model.name!r} was not trained for cell-type conditioned generation in the prompt format of "
             "`sc_c2s.prompts`; expect poor cells."
         )
-    types = _requested_types(cell_types, c2s_model.metadata.labels)
+    _check_labels(types, c2s_model.metadata.labels)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
     target = _target(adata, mod=mod, model=c2s_model)
     budget = _token_budget(c2s_model, target.words, n_genes)
@@ -180,8 +181,11 @@ def generate(
     obs.insert(0, "cell_type", pd.Categorical(types, categories=list(dict.fromkeys(types))))
     obs.insert(1, SENTENCE_KEY, np.asarray(sentences, dtype=object))
     obs.index = pd.Index([f"generated-{i}" for i in range(len(types))])
+    counts = pd.Series(types).value_counts(sort=False)
     params = {
-        "cell_types": {t: int(n) for t, n in pd.Series(types).value_counts(sort=False).items()},
+        # two lists rather than a mapping: cell types may hold "/", which h5ad keys may not
+        "cell_types": counts.index.tolist(),
+        "n_cells": counts.tolist(),
         "n_genes": n_genes,
         "organism": organism,
         "temperature": temperature,
@@ -227,8 +231,8 @@ def _check_sampling(*, n_genes: int, temperature: float, top_k: int | None, top_
         raise ValueError(msg)
 
 
-def _requested_types(cell_types: Sequence[str] | Mapping[str, int], labels: Sequence[str] | None) -> list[str]:
-    """Return the cell type of each cell to generate, checked against the model's label set."""
+def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> list[str]:
+    """Return the cell type of each cell to generate."""
     if isinstance(cell_types, str):
         msg = f"`cell_types` must be a list or a mapping of type → count, not one string; use [{cell_types!r}]."
         raise TypeError(msg)
@@ -243,12 +247,15 @@ def _requested_types(cell_types: Sequence[str] | Mapping[str, int], labels: Sequ
     if not types:
         msg = "`cell_types` asks for no cells; pass e.g. ['B cell'] or {'B cell': 100}."
         raise ValueError(msg)
-    if labels is not None:
-        unknown = sorted(set(types) - set(labels))
-        if unknown:
-            msg = f"The model does not know the cell types {unknown}. It was trained on: {sorted(labels)}."
-            raise ValueError(msg)
     return types
+
+
+def _check_labels(types: list[str], labels: Sequence[str] | None) -> None:
+    """Refuse cell types outside the model's label set, if it has one."""
+    unknown = sorted(set(types) - set(labels)) if labels is not None else []
+    if unknown:
+        msg = f"The model does not know the cell types {unknown}. It was trained on: {sorted(labels)}."
+        raise ValueError(msg)
 
 
 def _target(adata: AnnData | MuData | None, *, mod: str | None, model: C2SModel) -> _Target:
