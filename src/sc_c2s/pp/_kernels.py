@@ -144,20 +144,25 @@ def _select_smallest(a, hi, k):
 
 
 @njit(cache=True)
-def _radix_sort(a, spare, counts):
-    """Sort ``a`` in place (least significant byte first); ``spare`` is as long, ``counts`` is ``(8, 256)``."""
+def _radix_sort(a, low_bit, spare, counts):
+    """Sort ``a`` in place by its bits from ``low_bit`` up (a byte at a time, least significant first).
+
+    The order of values that differ only below ``low_bit`` is unspecified. ``spare`` is as long as ``a``, ``counts``
+    is ``(8, 256)``.
+    """
     n = a.shape[0]
     if n < 2:
         return
-    counts[:] = 0
+    n_digits = (64 - low_bit + 7) // 8
+    counts[:n_digits] = 0
     for i in range(n):
-        x = a[i]
-        for d in range(8):
+        x = a[i] >> np.uint64(low_bit)
+        for d in range(n_digits):
             counts[d, (x >> np.uint64(8 * d)) & np.uint64(0xFF)] += 1
     src, dst = a, spare[:n]
     swapped = False
-    for d in range(8):
-        shift = np.uint64(8 * d)
+    for d in range(n_digits):
+        shift = np.uint64(low_bit + 8 * d)
         c = counts[d]
         if c[(src[0] >> shift) & np.uint64(0xFF)] == n:  # one value of this byte: nothing to move
             continue
@@ -267,7 +272,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
                     packed[positions[x]] = (group << pos_bits) | (~np.uint64(members[slot]) & pos_mask)
                     slot += 1
     selected = packed[:m]
-    _radix_sort(selected, spare, counts)
+    _radix_sort(selected, int(pos_bits), spare, counts)  # positions only break ties, settled below
     for j in range(m):
         positions[j] = np.int64(~selected[j] & pos_mask)
     start = 0
@@ -464,8 +469,8 @@ def sentence_lengths(gene_idx, word_lengths):
 
 
 @njit(parallel=True, cache=True)
-def write_sentences(gene_idx, word_bytes, word_offsets, row_offsets, separator, out):
-    """Write each row's sentence into ``out`` at ``row_offsets[i]``, each followed by ``separator``."""
+def write_sentences(gene_idx, word_bytes, word_offsets, row_offsets, out):
+    """Write each row's sentence into ``out`` at ``row_offsets[i]``."""
     n_rows, width = gene_idx.shape
     for i in prange(n_rows):
         pos = row_offsets[i]
@@ -479,4 +484,3 @@ def write_sentences(gene_idx, word_bytes, word_offsets, row_offsets, separator, 
             for b in range(word_offsets[g], word_offsets[g + 1]):
                 out[pos] = word_bytes[b]
                 pos += 1
-        out[pos] = separator

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -175,19 +176,20 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
 
 
 def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
-    """Sentences for rows of gene indices (``-1`` ends a row): words joined by single spaces.
+    """Return the sentences for rows of gene indices (``-1`` ends a row): words joined by single spaces.
 
-    The bytes of all sentences are written in parallel into one buffer, decoded once and split.
+    The bytes of all sentences are written in parallel into one buffer, then each row is decoded into a string.
     """
-    if len(genes) == 0:
-        return np.empty(0, dtype=object)
     encoded = [w.encode() for w in words]
     word_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=word_offsets[1:])
     word_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
     lengths = _kernels.sentence_lengths(genes, np.diff(word_offsets))
     row_offsets = np.zeros(len(genes) + 1, dtype=np.int64)
-    np.cumsum(lengths + 1, out=row_offsets[1:])
+    np.cumsum(lengths, out=row_offsets[1:])
     buffer = np.empty(row_offsets[-1], dtype=np.uint8)
-    _kernels.write_sentences(genes, word_bytes, word_offsets, row_offsets[:-1], ord("\n"), buffer)
-    return np.array(str(memoryview(buffer[:-1]), "utf-8").split("\n"), dtype=object)
+    _kernels.write_sentences(genes, word_bytes, word_offsets, row_offsets[:-1], buffer)
+    view = memoryview(buffer)
+    sentences = np.empty(len(genes), dtype=object)
+    sentences[:] = [str(view[start:stop], "utf-8") for start, stop in pairwise(row_offsets.tolist())]
+    return sentences
