@@ -1,0 +1,226 @@
+"""Quality and speed of ``sc_c2s.tl.generate``.
+
+Quality: a model trained from scratch with ``tl.finetune`` on the CellBench batches CEL-seq2_5cl_p1 and p2 generates
+100 cells per cell line; ``tl.score_generation`` compares them with the real cells of those batches, each metric
+beside its real-vs-real split-half control. Targets: kNN label recovery ≥ 0.90, MMD ≤ 1.5× the control, ≥ 99% of
+generated words valid genes.
+
+Speed (only where CUDA is available): generated 200-gene cells per second with a model of the Pythia-410m
+architecture (random weights, word-level tokenizer over the CellBench genes, bf16), ``tl.generate`` beside a
+reference-style loop (batches of 16, Hugging Face ``generate()`` with sampling per batch) in the same run.
+
+Data: ``cellbench_5cl_counts.h5ad`` (CellBench, Tian et al. 2019; counts from github.com/LuyiTian/sc_mixology
+``data/csv/``, the five batches outer-joined on genes, with ``obs["cell_type"]``, ``obs["batch"]`` and
+``var["gene_symbol"]``), by default from ``benchmarks/data/``.
+
+    python benchmarks/bench_generation.py --data path/to/cellbench_5cl_counts.h5ad
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import anndata as ad
+import pandas as pd
+import torch
+
+import sc_c2s
+from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models._scratch import build_tokenizer
+
+HERE = Path(__file__).parent
+TRAIN_BATCHES = ["CEL-seq2_5cl_p1", "CEL-seq2_5cl_p2"]
+#: Width, depth, heads and MLP width of Pythia-410m (EleutherAI/pythia-410m config.json).
+PYTHIA_410M = {"hidden_size": 1024, "num_hidden_layers": 24, "num_attention_heads": 16, "intermediate_size": 4096}
+TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=HERE / "data" / "cellbench_5cl_counts.h5ad")
+    parser.add_argument("--model", type=Path, help="a checkpoint from an earlier run, instead of training one")
+    parser.add_argument("--out", type=Path, default=HERE / "out" / "generation", help="checkpoint, cells, plot")
+    parser.add_argument("--n-cells", type=int, default=100, help="generated cells per cell line")
+    parser.add_argument("--epochs", type=int, help="training epochs (default: tl.finetune's)")
+    parser.add_argument("--speed-cells", type=int, default=2048, help="cells generated for the speed figure")
+    parser.add_argument(
+        "--speed-arch", choices=["410m", "tiny"], default="410m", help="'tiny' checks the speed code on a CPU"
+    )
+    parser.add_argument("--skip-quality", action="store_true")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.data.is_file():
+        sys.exit(f"No CellBench file at {args.data}; pass --data (see this script's docstring for its source).")
+
+    adata = ad.read_h5ad(args.data)
+    adata.var["gene_symbol"] = ad.utils.make_index_unique(adata.var["gene_symbol"].astype(str))
+    if not args.skip_quality:
+        quality(adata, args)
+    if torch.cuda.is_available() or args.speed_arch == "tiny":
+        speed(adata, args)
+    else:
+        print("\nSpeed: no CUDA device here, so no generation speed figure (pass --speed-arch tiny for a CPU check).")
+
+
+def quality(adata: ad.AnnData, args: argparse.Namespace) -> None:
+    real = adata[adata.obs["batch"].isin(TRAIN_BATCHES)].copy()
+    sc_c2s.pp.to_sentences(real, gene_symbols="gene_symbol")
+    print(f"CellBench {' + '.join(TRAIN_BATCHES)}: {real.n_obs} cells, {real.obs['cell_type'].nunique()} cell lines")
+
+    path = args.model
+    if path is None:
+        path = args.out / "model"
+        start = time.perf_counter()
+        sc_c2s.tl.finetune(
+            real, label_key="cell_type", base_model="scratch", output_dir=path, epochs=args.epochs, random_state=0
+        )
+        print(f"trained {path} in {time.perf_counter() - start:.0f} s")
+    model = sc_c2s.models.load(path)
+    print(model)
+
+    types = sorted(real.obs["cell_type"].unique())
+    start = time.perf_counter()
+    generated = sc_c2s.tl.generate(
+        real, model=model, cell_types=dict.fromkeys(types, args.n_cells), batch_size=64, random_state=0
+    )
+    seconds = time.perf_counter() - start
+    print(f"generated {generated.n_obs} cells in {seconds:.1f} s on {model.device} ({generated.n_obs / seconds:.1f}/s)")
+    generated.write_h5ad(args.out / "generated.h5ad")
+
+    scores = sc_c2s.tl.score_generation(real, generated, label_key="cell_type")
+    ax = sc_c2s.pl.generation(real, generated, label_key="cell_type", basis="umap", show=False)
+    ax.figure.savefig(args.out / "generation_umap.png", dpi=120, bbox_inches="tight")
+
+    table = scores[
+        [
+            "n_real",
+            "n_generated",
+            "knn_recovery",
+            "knn_recovery_control",
+            "pearson",
+            "pearson_control",
+            "mmd",
+            "mmd_control",
+            "energy",
+            "energy_control",
+            "valid_rate",
+            "duplicate_rate",
+            "sentence_length",
+        ]
+    ].copy()
+    table.insert(8, "mmd_ratio", table["mmd"] / table["mmd_control"])
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print("\nGenerated vs real cells, each metric beside its real-vs-real split-half control:")
+        print(table.round(3).to_string())
+
+    overall = scores.loc["overall"]
+    counts = generated.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy().sum(axis=0)
+    valid_words = counts[0] / counts.sum()
+    targets = [
+        ("kNN label recovery ≥ 0.90", overall["knn_recovery"], overall["knn_recovery"] >= 0.90),
+        (
+            "MMD ≤ 1.5 × control",
+            overall["mmd"] / overall["mmd_control"],
+            overall["mmd"] <= 1.5 * overall["mmd_control"],
+        ),
+        ("valid generated words ≥ 99%", valid_words, valid_words >= 0.99),
+    ]
+    print("\nTargets (overall = mean over cell lines):")
+    for name, value, ok in targets:
+        print(f"  {name:30s} {value:8.3f}  {'met' if ok else 'NOT met'}")
+
+
+def speed(adata: ad.AnnData, args: argparse.Namespace) -> None:
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    arch = PYTHIA_410M if args.speed_arch == "410m" else TINY
+    words = list(adata.var["gene_symbol"].str.upper())
+    labels = sorted(adata.obs["cell_type"].unique())
+    tokenizer = build_tokenizer(words, labels, max_genes=200)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
+    torch.manual_seed(0)
+    network = GPTNeoXForCausalLM(config).to(device, dtype).eval()
+    n_params = sum(p.numel() for p in network.parameters()) / 1e6
+    model = C2SModel(network, tokenizer, C2SMetadata(name=f"pythia-{args.speed_arch}-random", labels=labels), Path())
+    n_cells = args.speed_cells if device.type == "cuda" else 64
+    cell_types = {t: math.ceil(n_cells / len(labels)) for t in labels}
+    n_cells = sum(cell_types.values())
+    print(f"\nSpeed: {n_params:.0f}M-parameter GPT-NeoX ({args.speed_arch}), {dtype}, {device}, 200 genes per cell")
+
+    vocabulary = _vocabulary(adata)
+    sc_c2s.tl.generate(vocabulary, model=model, cell_types=dict.fromkeys(labels, 4), n_genes=200)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    generated = sc_c2s.tl.generate(vocabulary, model=model, cell_types=cell_types, n_genes=200)
+    _sync(device)
+    ours = time.perf_counter() - start
+    params = generated.uns["c2s_generate"]["params"]
+    words_per_cell = generated.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].sum(axis=1).mean()
+
+    n_reference = min(n_cells, 256 if device.type == "cuda" else 32)
+    reference = _reference_loop(model, labels, n_reference, params["max_new_tokens"])
+    rows = [
+        ("sc_c2s.tl.generate", params["batch_size"], n_cells, ours, words_per_cell),
+        ("reference-style loop", 16, n_reference, reference[0], reference[1]),
+    ]
+    print(f"  {'method':24s} {'batch':>6s} {'cells':>6s} {'seconds':>8s} {'cells/s':>8s} {'words/cell':>10s}")
+    for name, batch, cells, seconds, wpc in rows:
+        print(f"  {name:24s} {batch:6d} {cells:6d} {seconds:8.1f} {cells / seconds:8.1f} {wpc:10.1f}")
+    print(f"  speed-up: {(n_cells / ours) / (n_reference / reference[0]):.1f}×")
+
+
+def _vocabulary(adata: ad.AnnData) -> ad.AnnData:
+    """A few cells whose sentence genes and rank fit serve to read the generated words."""
+    small = adata[:50].copy()
+    sc_c2s.pp.to_sentences(small, gene_symbols="gene_symbol")
+    return small
+
+
+def _reference_loop(model: C2SModel, labels: list[str], n_cells: int, max_new_tokens: int) -> tuple[float, float]:
+    """Seconds and words per cell of the reference's approach: ``generate()`` with sampling, 16 prompts at a time."""
+    tokenizer, network = model.tokenizer, model.model
+    texts = [sc_c2s.prompts.cell_type_generation(labels[i % len(labels)], n_genes=200) for i in range(n_cells)]
+    n_words = 0
+    _sync(model.device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for begin in range(0, n_cells, 16):
+            batch = tokenizer(texts[begin : begin + 16], return_tensors="pt", padding=True).to(model.device)
+            out = network.generate(
+                **batch,
+                do_sample=True,
+                top_k=50,
+                top_p=0.95,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            decoded = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            n_words += sum(len(text.split(".")[0].split()) for text in decoded)
+    _sync(model.device)
+    return time.perf_counter() - start, n_words / n_cells
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main()
