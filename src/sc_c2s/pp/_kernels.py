@@ -193,14 +193,23 @@ def _order_by_key(positions, start, stop, genes, seed, cell):
         positions[y + 1] = p
 
 
+@njit(cache=True, inline="always")
+def _pack(values, genes, t, seed, cell, key_shift, pos_bits):
+    """Packed key of entry ``t``: value bits, top tie-key bits, position; inverted, so ascending is best first."""
+    bits = np.uint64(np.float32(values[t]).view(np.uint32))
+    key = tie_key(seed, cell, genes[t])
+    return ~((bits << np.uint64(32)) | ((key >> key_shift) << pos_bits) | np.uint64(t))
+
+
 @njit(cache=True)
 def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts, positions, out_genes, out_values):
     """Rank the entries of one cell through packed 64-bit keys; return ``(n_expressed, status)``.
 
-    When the row has more than ``k`` entries, a histogram of the values' leading bits first finds the bin that
-    holds the ``k``-th best value, and only entries from that bin up are packed and selected. ``histogram``
-    (zeros, :data:`N_BINS` long) is left zeroed; ``packed``, ``spare`` and ``positions`` are scratch arrays at
-    least as long as the row, ``counts`` one of ``(8, 256)`` for the radix sort. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
+    When the row has more than ``k`` entries, a histogram of the values' leading bits finds the bin holding the
+    ``k``-th best value: entries of higher bins are all kept, those of that bin compete for the last places, and
+    the rest are never packed. ``histogram`` (zeros, :data:`N_BINS` long) is left zeroed; ``packed``, ``spare`` and
+    ``positions`` are scratch arrays at least as long as the row, ``counts`` one of ``(8, 256)`` for the radix
+    sort. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
     """
     n_entries = values.shape[0]
     select = k < n_entries
@@ -219,7 +228,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
             b = np.int64(np.float32(v).view(np.uint32) >> np.uint32(_BIN_SHIFT))
             histogram[b] += 1
             low, high = min(low, b), max(high, b)
-    floor = 0  # bins below this cannot reach the top k
+    floor = -1  # entries of higher bins are kept; those of this bin compete for the last places
     if select and n > k:
         above, floor = 0, high
         while above + histogram[floor] < k:
@@ -233,43 +242,46 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
         pos_bits += np.uint64(1)
     key_shift = np.uint64(32) + pos_bits  # keeps the top 32 - pos_bits bits of the tie-break key
     pos_mask = (np.uint64(1) << pos_bits) - np.uint64(1)
-    n_packed = 0
-    for t in range(n_entries):
+    n_above = 0
+    n_edge = 0
+    for t in range(n_entries):  # without branches: both slots are written, one count moves
         v = values[t]
-        if v == 0:
-            continue
-        bits = np.uint64(np.float32(v).view(np.uint32))
-        if bits >> np.uint64(_BIN_SHIFT) < floor:
-            continue
-        key = tie_key(seed, cell, genes[t])
-        # inverted, so that ascending order is best first
-        packed[n_packed] = ~((bits << np.uint64(32)) | ((key >> key_shift) << pos_bits) | np.uint64(t))
-        n_packed += 1
-    m = min(n_packed, k)
-    if 0 < m < n_packed:
-        _select_smallest(packed, n_packed, m)
-        worst_in = packed[0]
-        for x in range(1, m):
-            worst_in = max(worst_in, packed[x])
-        best_out = packed[m]
-        for x in range(m + 1, n_packed):
-            best_out = min(best_out, packed[x])
+        b = np.int64(np.float32(v).view(np.uint32) >> np.uint32(_BIN_SHIFT)) if v != 0 else np.int64(-2)
+        positions[n_above] = t
+        n_above += b > floor
+        spare[n_edge] = t
+        n_edge += b == floor
+    for x in range(n_above):
+        packed[x] = _pack(values, genes, positions[x], seed, cell, key_shift, pos_bits)
+    for x in range(n_edge):
+        packed[n_above + x] = _pack(values, genes, spare[x], seed, cell, key_shift, pos_bits)
+    m = min(k, n_above + n_edge)
+    wanted = m - n_above  # places left for the entries of the floor bin
+    if 0 < wanted < n_edge:
+        edge = packed[n_above : n_above + n_edge]
+        _select_smallest(edge, n_edge, wanted)
+        worst_in = edge[0]
+        for x in range(1, wanted):
+            worst_in = max(worst_in, edge[x])
+        best_out = edge[wanted]
+        for x in range(wanted + 1, n_edge):
+            best_out = min(best_out, edge[x])
         group = worst_in >> pos_bits
         if best_out >> pos_bits == group:
             # equal value and tie-key bits across the cut: choose the members that enter by their full keys
             n_group = 0
-            for x in range(n_packed):
-                if packed[x] >> pos_bits == group:
+            for x in range(n_edge):
+                if edge[x] >> pos_bits == group:
                     positions[n_group] = x
                     n_group += 1
             members = np.empty(n_group, dtype=np.int64)
             for x in range(n_group):
-                members[x] = np.int64(~packed[positions[x]] & pos_mask)
+                members[x] = np.int64(~edge[positions[x]] & pos_mask)
             _order_by_key(members, 0, n_group, genes, seed, cell)
             slot = 0
             for x in range(n_group):
-                if positions[x] < m:
-                    packed[positions[x]] = (group << pos_bits) | (~np.uint64(members[slot]) & pos_mask)
+                if positions[x] < wanted:
+                    edge[positions[x]] = (group << pos_bits) | (~np.uint64(members[slot]) & pos_mask)
                     slot += 1
     selected = packed[:m]
     _radix_sort(selected, int(pos_bits), spare, counts)  # positions only break ties, settled below
