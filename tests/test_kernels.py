@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import sparse
 
-from sc_c2s.pp import _kernels, _rank
+from sc_c2s.pp import _kernels, _rank, _to_sentences
 from sc_c2s.pp._rank import NotExpressionError, rank_genes
 from sc_c2s.pp._to_sentences import join_sentences
 
@@ -213,7 +213,9 @@ def test_count_nonzero_dense():
     assert _kernels.count_nonzero_dense(X[:2]) == 2
 
 
-def test_join_sentences_handles_padding_empty_rows_and_multibyte_words():
+@pytest.mark.parametrize("buffer_bytes", [2**26, 10, 1], ids=["one_block", "small_blocks", "row_by_row"])
+def test_join_sentences_handles_padding_empty_rows_and_multibyte_words(monkeypatch, buffer_bytes):
+    monkeypatch.setattr(_to_sentences, "_BUFFER_BYTES", buffer_bytes)
     words = np.array(["CD3D", "α-actin", "HLA-A", "IL7R"], dtype=object)
     genes = np.array([[1, 0, 3], [2, -1, -1], [-1, -1, -1], [3, 2, 1]], dtype=np.int32)
     assert join_sentences(genes, words).tolist() == ["α-actin CD3D IL7R", "HLA-A", "", "IL7R HLA-A α-actin"]

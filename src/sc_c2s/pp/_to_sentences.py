@@ -14,6 +14,9 @@ from sc_c2s._docs import doc_adata, doc_mod, doc_params
 from . import _kernels
 from ._rank import rank_genes
 
+#: Most bytes of sentence text held at once besides the strings themselves.
+_BUFFER_BYTES = 64 * 2**20
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
@@ -178,18 +181,23 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
 def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
     """Return the sentences for rows of gene indices (``-1`` ends a row): words joined by single spaces.
 
-    The bytes of all sentences are written in parallel into one buffer, then each row is decoded into a string.
+    The bytes of the sentences are written in parallel into a buffer of at most about 64 MB, a block of rows at a
+    time, then each row is decoded into a string.
     """
     encoded = [w.encode() for w in words]
     word_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
     np.cumsum([len(b) for b in encoded], out=word_offsets[1:])
     word_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    lengths = _kernels.sentence_lengths(genes, np.diff(word_offsets))
-    row_offsets = np.zeros(len(genes) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=row_offsets[1:])
-    buffer = np.empty(row_offsets[-1], dtype=np.uint8)
-    _kernels.write_sentences(genes, word_bytes, word_offsets, row_offsets[:-1], buffer)
-    view = memoryview(buffer)
+    ends = np.cumsum(_kernels.sentence_lengths(genes, np.diff(word_offsets)))
     sentences = np.empty(len(genes), dtype=object)
-    sentences[:] = [str(view[start:stop], "utf-8") for start, stop in pairwise(row_offsets.tolist())]
+    start = 0
+    while start < len(genes):
+        first_byte = ends[start - 1] if start else 0
+        stop = max(start + 1, int(np.searchsorted(ends, first_byte + _BUFFER_BYTES, side="right")))
+        offsets = np.concatenate([[0], ends[start:stop] - first_byte])
+        buffer = np.empty(offsets[-1], dtype=np.uint8)
+        _kernels.write_sentences(genes[start:stop], word_bytes, word_offsets, offsets[:-1], buffer)
+        view = memoryview(buffer)
+        sentences[start:stop] = [str(view[a:b], "utf-8") for a, b in pairwise(offsets.tolist())]
+        start = stop
     return sentences
