@@ -89,24 +89,32 @@ def rank_points(
 ) -> tuple[np.ndarray, np.ndarray, str, float]:
     """Points of the fit for the given cells: ``log10(1 + rank0)`` and ``log10(1 + normalised expression)``.
 
-    Works on a copy of the sampled rows; ``X`` is not modified.
+    Works on a copy of the sampled rows; ``X`` is not modified. Genes are ranked on the values as stored (log or
+    not, the order is the same), so float32 input takes the fast path of the ranking kernels.
 
     Returns
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    rows = sparse.csr_matrix(X[cells], dtype=np.float64)
+    rows = sparse.csr_matrix(X[cells])
     kind = "log1p" if is_log_transformed(rows.data) else "linear"
-    if kind == "log1p":
-        rows.data = np.expm1(rows.data * np.log(log1p_base)) if log1p_base else np.expm1(rows.data)
-    totals = np.asarray(rows.sum(axis=1)).ravel()
+    linear = sparse.csr_matrix((_linear(rows.data, kind, log1p_base), rows.indices, rows.indptr), shape=rows.shape)
+    totals = np.asarray(linear.sum(axis=1)).ravel()
     target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
     ranking = rank_genes(rows, n_genes=MAX_RANK, random_state=random_state, cells=cells, with_values=True)
     expressed = ranking.genes >= 0
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    log_expression = np.log10(1 + ranking.values * scale[:, None])[expressed]
+    log_expression = np.log10(1 + _linear(ranking.values, kind, log1p_base) * scale[:, None])[expressed]
     log_rank = np.log10(1 + np.broadcast_to(np.arange(ranking.genes.shape[1]), ranking.genes.shape))[expressed]
     return log_rank, log_expression, kind, target_sum
+
+
+def _linear(values: np.ndarray, kind: str, log1p_base: float | None) -> np.ndarray:
+    """Undo ``log1p`` (of base `log1p_base`, natural if ``None``) when `kind` is ``"log1p"``; float64."""
+    values = np.asarray(values, dtype=np.float64)
+    if kind == "linear":
+        return values
+    return np.expm1(values * np.log(log1p_base)) if log1p_base else np.expm1(values)
 
 
 def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base: float | None = None) -> RankFit:
