@@ -12,8 +12,8 @@ sees this environment and run the script with that venv's python::
     /tmp/refenv/bin/python benchmarks/bench_sentences.py
 
 Figures are wall-clock cells per second, the best of `--repeats` runs, on `scanpy.settings.n_jobs` threads
-(`--n-jobs`, default all cores). Slow baselines run on the first `--baseline-cells` cells. Peak memory is the
-high-water mark of the process's resident memory during one call, above what it held before the call (the input).
+(`--n-jobs`, default all cores). Slow baselines run on the first `--baseline-cells` cells. Peak memory is the most
+memory allocated at once during one call (tracemalloc), beside the input already held.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import contextlib
 import gc
 import io
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,18 +82,18 @@ def synthetic(n_cells: int, n_genes: int, expressed: int, seed: int = 0) -> ad.A
 # ---- measurement -------------------------------------------------------------------------------------------------
 
 
-def _status_mb(field: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+)", text).group(1)) / 1024
+def traced_mb(fn: Callable[[], object]) -> tuple[float, float]:
+    """Peak of the memory allocated during `fn()` and what is still held after it (the output), in MiB.
 
-
-def peak_extra_mb(fn: Callable[[], object]) -> float:
-    """Highest resident memory during `fn()` above the resident memory before it, in MiB (Linux)."""
+    Counts what Python and numpy allocate (tracemalloc), not the few MB of scratch that numba's threads hold.
+    """
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-    before = _status_mb("VmRSS")
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
     fn()
-    return _status_mb("VmHWM") - before
+    after, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return (peak - before) / MB, (after - before) / MB
 
 
 def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -125,13 +125,6 @@ def reference(adata: ad.AnnData) -> None:
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         vocabulary = utils.generate_vocabulary(adata)
         utils.generate_sentences(adata, vocabulary)
-
-
-def output_mb(adata: ad.AnnData) -> float:
-    size = adata.obsm["c2s_genes"].nbytes
-    if "c2s_sentence" in adata.obs:
-        size += sum(sys.getsizeof(s) + 8 for s in adata.obs["c2s_sentence"])
-    return size / MB
 
 
 def clear(adata: ad.AnnData) -> None:
@@ -199,8 +192,7 @@ def bench(name: str, adata: ad.AnnData, args: argparse.Namespace, has_reference:
 
             seconds = best_time(run, args.repeats)
             clear(target)
-            peak = peak_extra_mb(run)
-            output = output_mb(target)
+            peak, output = traced_mb(run)
             clear(target)
             add("sc_c2s", n_genes, strings, target.n_obs, seconds, peak, output)
             if n_genes == 200 and strings:
@@ -283,8 +275,8 @@ def main() -> None:
         "\ncells/s: wall clock; cells/CPU-s: per second of CPU time summed over threads (steady under load: on an idle"
         " machine, n cores give about n times it); × numpy, × cell2sentence: ratios of wall-clock cells/s (the"
         " reference ranks all genes and writes strings; it is compared with every row that writes strings).\n"
-        "peak MiB: highest resident memory during the call above the input already held; target: peak - output"
-        " ≤ 200 MiB."
+        "peak MiB: most memory allocated at once during the call (tracemalloc), beside the input already held;"
+        " output MiB: what the call added to the AnnData; target: peak - output ≤ 200 MiB."
     )
     scanpy_s, c2s_s, heavy = import_time()
     print(
