@@ -74,8 +74,8 @@ def annotate(
         pass. The most likely label wins, so the result is always one of `labels`; the score is its softmax
         probability over the label set.
 
-    Cells are batched by token length with left padding; results do not depend on `batch_size`. Nothing is
-    sampled, so results are deterministic on a given device.
+    Cells are batched by token length with left padding; results do not depend on `batch_size` (up to
+    floating-point rounding). Nothing is sampled, so results are deterministic on a given device.
 
     Parameters
     ----------

@@ -49,7 +49,7 @@ def embed(
     genes (organism and casing from the model's metadata). The embedding is the mean of the final hidden states
     (after the last layer norm) over the tokens of the cell sentence only: the template text around it and the
     padding are left out. Cells are batched by token length with left padding; the result does not depend on
-    `batch_size`.
+    `batch_size` (up to floating-point rounding).
 
     Parameters
     ----------
