@@ -107,22 +107,29 @@ def full_sequence_loglik(c2s: C2SModel, adata: ad.AnnData, labels: list[str]) ->
     return np.array(out)
 
 
-def test_constrained_scores_match_full_sequences(cells, tiny):
-    lengths = [
-        len(tiny.tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"]) for label in LONG_LABELS
-    ]
-    assert lengths == [2, 3, 5, 4]
-    expected = full_sequence_loglik(tiny, cells, LONG_LABELS)
+@pytest.fixture(scope="module")
+def full_loglik(_cells, tiny) -> np.ndarray:
+    return full_sequence_loglik(tiny, _cells, LONG_LABELS)
+
+
+@pytest.mark.parametrize("max_packed", [None, 4], ids=["one pass", "three passes"])
+def test_constrained_scores_match_full_sequences(cells, tiny, full_loglik, max_packed, monkeypatch):
+    answers = [tiny.tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in LONG_LABELS]
+    assert list(map(len, answers)) == [2, 3, 5, 4]
+    if max_packed is not None:  # [A549, H1975 cell], [H2228 lung cell line], [HCC827 cell line]
+        monkeypatch.setattr(_annotate, "LOGIT_BUDGET", 5 * len(tiny.tokenizer) * max_packed)
+        groups = _annotate.pack_candidates(answers, pad_id=0, device=torch.device("cpu"), max_packed=max_packed)
+        assert [len(g.first) for g in groups] == [2, 1, 1]
 
     words = _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None)
     ids = _inference.tokenize(tiny, _inference.prediction_prompts(words, organism="Homo sapiens"))
     assert len(set(map(len, ids))) == 10  # batches of 5 mix prompt lengths: left padding at work
     loglik = _annotate.score_labels(tiny, ids, LONG_LABELS, batch_size=5)
-    np.testing.assert_allclose(loglik, expected, atol=1e-4)
+    np.testing.assert_allclose(loglik, full_loglik, atol=1e-4)
 
     sc_c2s.tl.annotate(cells, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
-    prob = softmax(expected, axis=1)
-    best = expected.argmax(axis=1)
+    prob = softmax(full_loglik, axis=1)
+    best = full_loglik.argmax(axis=1)
     assert cells.obs["c2s_cell_type"].cat.categories.tolist() == LONG_LABELS
     np.testing.assert_array_equal(cells.obs["c2s_cell_type"].to_numpy(), np.array(LONG_LABELS)[best])
     np.testing.assert_allclose(cells.obs["c2s_cell_type_score"], prob[np.arange(len(best)), best], rtol=1e-4)

@@ -30,12 +30,15 @@ if TYPE_CHECKING:
     import torch
     from anndata import AnnData
     from mudata import MuData
-    from transformers import PreTrainedModel
+    from transformers import Cache, PreTrainedModel
 
     from sc_c2s.models import C2SModel
 
 #: New tokens a free answer may take before it is cut.
 MAX_ANSWER_TOKENS = 32
+#: Most log-probabilities (cells × packed candidate tokens × vocabulary) one pass over the candidates may hold:
+#: 2^28 float32 numbers, 1 GiB. More candidates are scored in several passes over the same prompt cache.
+LOGIT_BUDGET = 2**28
 
 
 @doc_params(
@@ -238,8 +241,24 @@ class Candidates(NamedTuple):
     """Packed × packed: which packed tokens each packed token may attend to."""
 
 
-def pack_candidates(answer_ids: Sequence[Sequence[int]], *, pad_id: int, device: torch.device) -> Candidates:
-    """Lay out tokenised answers for :func:`score_batch`."""
+def pack_candidates(
+    answer_ids: Sequence[Sequence[int]], *, pad_id: int, device: torch.device, max_packed: int
+) -> list[Candidates]:
+    """Lay out tokenised answers for :func:`score_batch`, in groups of at most `max_packed` packed tokens.
+
+    Groups hold consecutive candidates (at least one each), so their scores concatenate in the order of
+    `answer_ids`.
+    """
+    groups: list[list[Sequence[int]]] = [[]]
+    for seq in answer_ids:
+        width = max([len(seq), *map(len, groups[-1])]) - 1
+        if groups[-1] and (len(groups[-1]) + 1) * width > max_packed:
+            groups.append([])
+        groups[-1].append(seq)
+    return [_pack(group, pad_id=pad_id, device=device) for group in groups]
+
+
+def _pack(answer_ids: Sequence[Sequence[int]], *, pad_id: int, device: torch.device) -> Candidates:
     import torch
 
     n, width = len(answer_ids), max(map(len, answer_ids)) - 1
@@ -258,8 +277,12 @@ def pack_candidates(answer_ids: Sequence[Sequence[int]], *, pad_id: int, device:
     return Candidates(*(t.to(device) for t in tensors))
 
 
-def score_batch(model: PreTrainedModel, batch: Batch, candidates: Candidates) -> torch.Tensor:
-    """Score the log-likelihood of every candidate answer after every prompt of `batch` (cells × candidates)."""
+def score_batch(model: PreTrainedModel, batch: Batch, groups: Sequence[Candidates]) -> torch.Tensor:
+    """Score the log-likelihood of every candidate answer after every prompt of `batch` (cells × candidates).
+
+    The prompts run once; each group of candidates then runs over their KV cache, which is cut back to the
+    prompts afterwards.
+    """
     import torch
 
     out = model(
@@ -269,26 +292,34 @@ def score_batch(model: PreTrainedModel, batch: Batch, candidates: Candidates) ->
         use_cache=True,
         logits_to_keep=1,
     )
-    loglik = out.logits[:, -1].float().log_softmax(-1)[:, candidates.first]
-    n_packed = len(candidates.inputs)
+    cache = out.past_key_values
+    first = torch.log_softmax(out.logits[:, -1], -1, dtype=torch.float32)
+    return torch.cat([first[:, group.first] + _continuations(model, batch, group, cache) for group in groups], 1)
+
+
+def _continuations(model: PreTrainedModel, batch: Batch, group: Candidates, cache: Cache) -> torch.Tensor | float:
+    """Score all but the first token of each candidate of `group` after the cached prompts (cells × candidates)."""
+    import torch
+
+    n_packed, n_cells = len(group.inputs), len(batch.index)
     if n_packed == 0:
-        return loglik
-    n_cells, n_candidates = loglik.shape
+        return 0.0
     sees_prompt = batch.attention_mask.bool()[:, None, None, :].expand(-1, 1, n_packed, -1)
-    sees_packed = candidates.visible[None, None].expand(n_cells, 1, -1, -1)
+    sees_packed = group.visible[None, None].expand(n_cells, 1, -1, -1)
     visible = torch.cat([sees_prompt, sees_packed], dim=-1)
     dtype = model.dtype
     mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill(~visible, torch.finfo(dtype).min)
     out = model(
-        input_ids=candidates.inputs[None].expand(n_cells, -1),
+        input_ids=group.inputs[None].expand(n_cells, -1),
         attention_mask=mask,
-        position_ids=batch.position_ids[:, -1:] + 1 + candidates.offsets[None],
-        past_key_values=out.past_key_values,
+        position_ids=batch.position_ids[:, -1:] + 1 + group.offsets[None],
+        past_key_values=cache,
         use_cache=True,
     )
-    logp = out.logits.float().log_softmax(-1).gather(2, candidates.targets[None, :, None].expand(n_cells, -1, 1))
-    rest = (logp[..., 0] * candidates.valid).reshape(n_cells, n_candidates, -1).sum(-1)
-    return loglik + rest
+    cache.crop(-n_packed)
+    logp = torch.log_softmax(out.logits, -1, dtype=torch.float32)
+    logp = logp.gather(2, group.targets[None, :, None].expand(n_cells, -1, 1))[..., 0] * group.valid
+    return logp.reshape(n_cells, len(group.first), -1).sum(-1)
 
 
 def score_labels(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int) -> np.ndarray:
@@ -297,11 +328,13 @@ def score_labels(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, 
     check_labels(c2s, labels, answer_ids)
     check_prompts(c2s, ids, room=max(map(len, answer_ids)))
     pad = pad_id(c2s.tokenizer)
-    candidates = pack_candidates(answer_ids, pad_id=pad, device=c2s.device)
+    vocabulary = c2s.model.get_output_embeddings().out_features
+    max_packed = max(1, LOGIT_BUDGET // (batch_size * vocabulary))
+    groups = pack_candidates(answer_ids, pad_id=pad, device=c2s.device, max_packed=max_packed)
     loglik = np.empty((len(ids), len(labels)))
     with inference(c2s.model):
         for batch in batches(ids, batch_size=batch_size, pad_id=pad, device=c2s.device, desc="annotating"):
-            loglik[batch.index] = score_batch(c2s.model, batch, candidates).double().cpu().numpy()
+            loglik[batch.index] = score_batch(c2s.model, batch, groups).double().cpu().numpy()
     return loglik
 
 
