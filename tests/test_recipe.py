@@ -84,3 +84,4 @@ def test_entry_points_match_scripts(pyproject, recipe):
 def test_recipe_tests_import_and_check(recipe):
     assert "sc_c2s" in recipe["test"]["imports"]
     assert "pip check" in recipe["test"]["commands"]
+    assert any(c.startswith("sc-c2s demo") for c in recipe["test"]["commands"]), "a smoke run of the command"
