@@ -9,12 +9,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..prompts import TEMPLATE_WORDS
+from sc_c2s.prompts import TEMPLATE_WORDS
 
 if TYPE_CHECKING:
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
 PAD, UNK, EOS = "[PAD]", "[UNK]", "[EOS]"
+#: Model size by number of training cells: (fewer than this many cells, size).
+_SIZES = (
+    (10_000, {"hidden_size": 128, "n_layers": 2, "n_heads": 4}),
+    (100_000, {"hidden_size": 256, "n_layers": 4, "n_heads": 8}),
+    (float("inf"), {"hidden_size": 512, "n_layers": 6, "n_heads": 8}),
+)
 #: Punctuation split off the end of a word: the period after a sentence or answer, the colon after a cue.
 _TRAILING_PUNCTUATION = r"[.:,]$"
 
@@ -22,7 +28,7 @@ _TRAILING_PUNCTUATION = r"[.:,]$"
 def build_tokenizer(
     genes: Sequence[str], labels: Sequence[str] = (), *, max_genes: int = 200
 ) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `genes`, the words of `labels`, the template words and gene counts.
+    """Build a word-level tokenizer over `genes`, the words of `labels`, the template words and gene counts.
 
     Words are split on whitespace; a trailing ``.``, ``:`` or ``,`` becomes its own token, so gene names with
     inner dots (``RP11-34P13.3``) stay whole. The tokenizer pads on the left, for batched generation.
@@ -31,13 +37,15 @@ def build_tokenizer(
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
-    label_words = (word for label in labels for word in label.split())
-    numbers = (str(i) for i in range(max_genes + 1))
-    words = dict.fromkeys([PAD, UNK, EOS, ".", ":", ",", *TEMPLATE_WORDS, *numbers, *label_words, *genes])
-    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+    pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_TRAILING_PUNCTUATION), behavior="isolated")]
     )
+    # split labels and genes as text will be, so that e.g. "T cells, CD4+" yields "cells" and ","
+    text_words = (word for text in (*labels, *genes) for word, _ in pre_tokenizer.pre_tokenize_str(text))
+    numbers = (str(i) for i in range(max_genes + 1))
+    words = dict.fromkeys([PAD, UNK, EOS, ".", ":", ",", *TEMPLATE_WORDS, *numbers, *text_words])
+    tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
+    tokenizer.pre_tokenizer = pre_tokenizer
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token=PAD,
@@ -58,7 +66,7 @@ def build_model(
     max_length: int | None = None,
     seed: int = 0,
 ) -> GPTNeoXForCausalLM:
-    """A small GPT-NeoX (the Pythia architecture) with random weights for `tokenizer`'s vocabulary."""
+    """Build a small GPT-NeoX (the Pythia architecture) with random weights for `tokenizer`'s vocabulary."""
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -78,3 +86,13 @@ def build_model(
     )
     torch.manual_seed(seed)
     return GPTNeoXForCausalLM(config)
+
+
+def scratch_size(n_cells: int) -> dict[str, int]:
+    """Width, depth and attention heads of a from-scratch model for `n_cells` training cells.
+
+    Up to 10,000 cells train a 2-layer, 128-wide model (about a million parameters with a 2,000-gene
+    vocabulary; narrower ones learn more slowly per epoch) in minutes on a CPU; more cells get a wider and deeper
+    model.
+    """
+    return dict(next(size for limit, size in _SIZES if n_cells < limit))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from ._annotate import annotate
 from ._embed import embed
+from ._finetune import finetune
 from ._from_sentences import from_sentences
 from ._generate import generate
 from ._score_generation import score_generation
 
-__all__ = ["annotate", "embed", "from_sentences", "generate", "score_generation"]
+__all__ = ["annotate", "embed", "finetune", "from_sentences", "generate", "score_generation"]

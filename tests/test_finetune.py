@@ -1,0 +1,354 @@
+from __future__ import annotations
+
+import json
+
+import mudata as md
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import accuracy_score, f1_score
+
+import sc_c2s
+from sc_c2s import prompts
+from sc_c2s.models import C2SMetadata, load
+from sc_c2s.models._metadata import METADATA_FILE
+from sc_c2s.models._scratch import build_model, build_tokenizer
+from sc_c2s.tl import _training
+from sc_c2s.tl._finetune import scores, split
+
+N_GENES = 20
+EVAL_FRACTION = 0.2
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from several threads, and on a shared runner extra threads slow them down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(_cellbench, tmp_path_factory):
+    """A tiny model trained from scratch on 240 CellBench cells; 60 held out."""
+    adata = _cellbench.copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
+    before = adata.copy()
+    path = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=tmp_path_factory.mktemp("finetune") / "model",
+        tasks=("cell_type_prediction",),
+        n_genes=N_GENES,
+        epochs=4,
+        batch_size=16,
+        eval_fraction=EVAL_FRACTION,
+    )
+    return adata, before, path
+
+
+def held_out(adata, metadata: C2SMetadata):
+    return adata[metadata.training["eval_obs_names"]].copy()
+
+
+def test_annotates_held_out_cells_far_above_chance(trained):
+    adata, _, path = trained
+    model = load(path)
+    cells = held_out(adata, model.metadata)
+    sc_c2s.tl.annotate(cells, model=model, labels="model", n_genes=N_GENES)
+    truth, predicted = cells.obs["cell_type"].astype(str), cells.obs["c2s_cell_type"].astype(str)
+    # five cell lines: chance is 0.2, the largest class 0.34
+    assert accuracy_score(truth, predicted) >= 0.85
+    assert f1_score(truth, predicted, average="macro") >= 0.8
+    # the reloaded checkpoint reproduces the scores the trained model wrote, cell for cell
+    assert model.metadata.scores == {
+        "accuracy": pytest.approx(accuracy_score(truth, predicted), abs=1e-12),
+        "macro_f1": pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-12),
+        "n_cells": len(cells),
+        "annotation": "constrained",
+    }
+
+
+def test_reloaded_checkpoint_gives_identical_predictions(trained):
+    adata, _, path = trained
+    results = []
+    for _ in range(2):
+        cells = held_out(adata, load(path).metadata)
+        sc_c2s.tl.annotate(cells, model=load(path), labels="model", n_genes=N_GENES)
+        results.append(cells.obs[["c2s_cell_type", "c2s_cell_type_score"]])
+    pd.testing.assert_frame_equal(*results)
+
+
+def test_checkpoint_metadata(trained):
+    adata, _, path = trained
+    assert {"config.json", "model.safetensors", "tokenizer.json", METADATA_FILE} <= {p.name for p in path.iterdir()}
+    metadata = C2SMetadata.read(path)
+    assert metadata.name == "model"
+    assert metadata.prompt_style == "c2s"
+    assert metadata.tasks == ["cell_type_prediction"]
+    assert metadata.organism == "Homo sapiens"
+    assert metadata.upper_case is True
+    assert metadata.n_genes == N_GENES
+    assert metadata.labels == sorted(adata.obs["cell_type"].unique())
+    ranked = adata.obsm["c2s_genes"]
+    assert metadata.vocabulary == list(adata.uns["c2s"]["genes"][np.unique(ranked[ranked >= 0])])
+    assert metadata.rank_fit == pytest.approx(adata.uns["c2s"]["rank_fit"])
+    training = metadata.training
+    assert training["base_model"] == "scratch"
+    assert training["label_key"] == "cell_type"
+    assert (training["epochs"], training["batch_size"], training["random_state"]) == (4, 16, 0)
+    assert training["n_train_cells"] + len(training["eval_obs_names"]) == adata.n_obs
+    assert training["n_samples"] == training["n_train_cells"]
+    assert training["n_truncated"] == 0
+    assert len(training["loss"]) == 4
+    assert training["loss"][-1] < training["loss"][0] / 4
+    # the stored held-out cells are the seeded stratified split
+    is_eval = split(adata.obs["cell_type"].astype(str), eval_fraction=EVAL_FRACTION, random_state=0)
+    assert training["eval_obs_names"] == adata.obs_names[is_eval].tolist()
+    json.loads((path / METADATA_FILE).read_text())
+
+
+def test_training_leaves_the_data_untouched(trained):
+    adata, before, _ = trained
+    pd.testing.assert_frame_equal(adata.obs, before.obs)
+    assert set(adata.obsm) == set(before.obsm)
+    assert set(adata.uns) == set(before.uns)
+    np.testing.assert_array_equal(adata.obsm["c2s_genes"], before.obsm["c2s_genes"])
+    assert (adata.X != before.X).nnz == 0
+
+
+def test_finetune_a_checkpoint_further(trained, tmp_path):
+    adata, _, path = trained
+    out = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_type",
+        base_model=path,
+        output_dir=tmp_path / "again",
+        tasks="cell_type_prediction",
+        n_genes=N_GENES,
+        epochs=1,
+        eval_fraction=EVAL_FRACTION,
+        random_state=1,
+    )
+    metadata = load(out).metadata
+    assert metadata.training["base_model"] == str(path)
+    assert metadata.training["learning_rate"] == 5e-5
+    assert metadata.tasks == ["cell_type_prediction"]
+    assert metadata.scores["accuracy"] >= 0.85
+
+
+def test_base_model_must_know_the_labels(trained, tmp_path):
+    adata, _, path = trained
+    adata = adata.copy()
+    adata.obs["renamed"] = "line " + adata.obs["cell_type"].astype(str)
+    with pytest.raises(ValueError, match="does not know some words of the labels"):
+        sc_c2s.tl.finetune(adata, label_key="renamed", base_model=path, output_dir=tmp_path / "m", n_genes=N_GENES)
+
+
+def test_mudata(_cellbench, tmp_path):
+    adata = _cellbench[:60].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
+    mdata = md.MuData({"rna": adata})
+    path = sc_c2s.tl.finetune(
+        mdata, label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m", n_genes=8, epochs=1
+    )
+    metadata = load(path).metadata
+    is_eval = split(adata.obs["cell_type"].astype(str), eval_fraction=0.1, random_state=0)
+    assert metadata.training["eval_obs_names"] == adata.obs_names[is_eval].tolist()
+    assert metadata.labels == sorted(adata.obs["cell_type"].unique())
+    # both tasks by default: one sample of each per training cell
+    assert metadata.tasks == ["cell_type_prediction", "cell_type_generation"]
+    assert metadata.training["n_samples"] == 2 * (adata.n_obs - is_eval.sum())
+
+
+# --- the split and the scores
+
+
+def test_split_is_seeded_and_stratified():
+    labels = pd.Series(["a"] * 50 + ["b"] * 20 + ["c"] * 3 + ["d"])
+    is_eval = split(labels, eval_fraction=0.2, random_state=0)
+    np.testing.assert_array_equal(is_eval, split(labels, eval_fraction=0.2, random_state=0))
+    assert not np.array_equal(is_eval, split(labels, eval_fraction=0.2, random_state=1))
+    # round(0.2 * n) per label, and a label with one cell keeps it for training
+    assert labels[is_eval].value_counts().to_dict() == {"a": 10, "b": 4, "c": 1}
+    assert not split(labels, eval_fraction=0.0).any()
+    # every label keeps a training cell even when nearly all are held out
+    assert (labels[~split(labels, eval_fraction=0.99)].value_counts() == 1).all()
+
+
+def test_scores_match_scikit_learn():
+    rng = np.random.default_rng(0)
+    truth = rng.choice(["a", "b", "c", "d"], 200)
+    predicted = np.where(rng.random(200) < 0.7, truth, rng.choice(["a", "b", "e"], 200))
+    result = scores(truth, predicted)
+    assert result["accuracy"] == accuracy_score(truth, predicted)
+    assert result["macro_f1"] == pytest.approx(f1_score(truth, predicted, average="macro"), abs=1e-12)
+
+
+# --- samples at token level
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(["CD3D", "IL7R", "LTB", "MS4A1", "CD79A"], ["T cell", "B cell"], max_genes=10)
+
+
+def tokens(tokenizer, ids) -> list[str]:
+    return tokenizer.convert_ids_to_tokens([int(i) for i in ids])
+
+
+def test_samples_mask_the_prompt_and_end_with_eos(tokenizer):
+    words = [["CD3D", "IL7R", "LTB"], ["MS4A1", "CD79A"]]
+    samples = _training.encode(
+        tokenizer,
+        words,
+        ["T cell", "B cell"],
+        tasks=("cell_type_prediction", "cell_type_generation"),
+        organism="Homo sapiens",
+        upper=True,
+        max_length=200,
+    )
+    assert len(samples) == 4 and samples.n_truncated == 0
+    prompt = prompts.cell_type_prediction(words[0], organism="Homo sapiens")
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert samples.n_prompt[0] == n_prompt
+    assert tokens(tokenizer, samples.input_ids[0][n_prompt:]) == ["T", "cell", ".", "[EOS]"]
+    labels = samples.labels(0)
+    assert (labels[:n_prompt] == _training.IGNORE_INDEX).all()
+    np.testing.assert_array_equal(labels[n_prompt:], samples.input_ids[0][n_prompt:])
+    # generation: the label is in the prompt, the sentence is the answer
+    generation = tokens(tokenizer, samples.input_ids[3])
+    assert generation[: samples.n_prompt[3]][-8:] == ["cell", "type", "B", "cell", ".", "Cell", "sentence", ":"]
+    assert generation[samples.n_prompt[3] :] == ["MS4A1", "CD79A", ".", "[EOS]"]
+    assert "2" in generation[: samples.n_prompt[3]]
+
+
+def test_batches_pad_left_and_keep_eos_in_the_loss(tokenizer):
+    samples = _training.encode(
+        tokenizer,
+        [["CD3D", "IL7R", "LTB"], ["MS4A1"]],
+        ["T cell", "B cell"],
+        tasks=("cell_type_prediction",),
+        organism="Homo sapiens",
+        upper=True,
+        max_length=200,
+    )
+    batch = _training.collate(samples, [0, 1], tokenizer.pad_token_id)
+    n_long, n_short = (len(ids) for ids in samples.input_ids)
+    assert n_long == n_short + 2
+    np.testing.assert_array_equal(batch["attention_mask"][1], [0, 0] + [1] * n_short)
+    np.testing.assert_array_equal(batch["input_ids"][1, :2], [tokenizer.pad_token_id] * 2)
+    np.testing.assert_array_equal(batch["position_ids"][1, 2:], np.arange(n_short))
+    np.testing.assert_array_equal(batch["position_ids"][0], np.arange(n_long))
+    for row in range(2):
+        targets = batch["labels"][row][batch["labels"][row] != _training.IGNORE_INDEX]
+        assert tokens(tokenizer, targets)[-2:] == [".", "[EOS]"]
+        assert batch["attention_mask"][row, -1] == 1
+    # the loss of the padded batch is that of the unpadded samples, over answer tokens only
+    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2).eval()
+    with torch.no_grad():
+        padded = _training.loss(model, batch).item()
+        total, n = 0.0, 0
+        for i in range(2):
+            labels = torch.from_numpy(samples.labels(i))[None]
+            out = model(input_ids=torch.from_numpy(samples.input_ids[i])[None], labels=labels)
+            k = int((labels[:, 1:] != _training.IGNORE_INDEX).sum())
+            total, n = total + out.loss.item() * k, n + k
+    assert padded == pytest.approx(total / n, rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["cell_type_prediction", "cell_type_generation"])
+def test_long_samples_lose_genes_never_the_answer(tokenizer, task):
+    words = ["CD3D", "IL7R", "LTB", "MS4A1", "CD79A"]
+    (full,) = _training.encode(
+        tokenizer, [words], ["T cell"], tasks=(task,), organism="Homo sapiens", upper=True, max_length=200
+    ).input_ids
+    samples = _training.encode(
+        tokenizer, [words], ["T cell"], tasks=(task,), organism="Homo sapiens", upper=True, max_length=len(full) - 3
+    )
+    assert samples.n_truncated == 1
+    # one token per gene: three genes fewer, and the prompt counts the two left
+    text = tokens(tokenizer, samples.input_ids[0])
+    assert len(text) == len(full) - 3
+    assert text[-1] == "[EOS]"
+    if task == "cell_type_prediction":
+        assert text[-4:] == ["T", "cell", ".", "[EOS]"]
+        assert text[text.index("sentence") + 2 :][:3] == ["CD3D", "IL7R", "."]
+    else:
+        assert text[samples.n_prompt[0] :] == ["CD3D", "IL7R", ".", "[EOS]"]
+    assert "2" in text and "5" not in text
+
+
+def test_sample_without_room_for_its_answer(tokenizer):
+    with pytest.raises(ValueError, match="without any gene"):
+        _training.encode(
+            tokenizer,
+            [["CD3D"]],
+            ["T cell"],
+            tasks=("cell_type_prediction",),
+            organism="Homo sapiens",
+            upper=True,
+            max_length=10,
+        )
+
+
+def test_label_words_with_punctuation_are_known():
+    tokenizer = build_tokenizer(["CD4"], ["T cells, CD4+"])
+    ids = tokenizer(prompts.answer("T cells, CD4+"), add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokens(tokenizer, ids) == ["T", "cells", ",", "CD4+", "."]
+
+
+# --- bad input
+
+
+@pytest.fixture
+def sentences(cellbench):
+    sc_c2s.pp.to_sentences(cellbench, gene_symbols="gene_symbol", n_genes=8)
+    return cellbench
+
+
+@pytest.mark.parametrize(
+    ("change", "kwargs", "error", "match"),
+    [
+        (None, {"label_key": "missing"}, KeyError, "not a column of obs"),
+        ("nan", {}, ValueError, "missing labels"),
+        ("one", {}, ValueError, "single label"),
+        ("multiline", {}, ValueError, "multi-line"),
+        (None, {"tasks": ("cell_type_prediction", "translation")}, ValueError, "tasks"),
+        (None, {"tasks": ()}, ValueError, "tasks"),
+        (None, {"eval_fraction": 1.0}, ValueError, "eval_fraction"),
+        (None, {"n_genes": 0}, ValueError, "n_genes"),
+    ],
+)
+def test_bad_input(sentences, container, tmp_path, change, kwargs, error, match):
+    if change == "nan":
+        sentences.obs.loc[sentences.obs_names[3], "cell_type"] = np.nan
+    elif change == "one":
+        sentences.obs["cell_type"] = "A549"
+    elif change == "multiline":
+        sentences.obs["cell_type"] = sentences.obs["cell_type"].astype(str).str.replace("A549", "A\n549")
+    data = container.wrap(sentences)
+    before = sentences.obs.copy()
+    args = {"label_key": "cell_type", "base_model": "scratch", "output_dir": tmp_path / "m", **kwargs}
+    with pytest.raises(error, match=match):
+        sc_c2s.tl.finetune(data, **args)
+    pd.testing.assert_frame_equal(sentences.obs, before)
+
+
+def test_needs_sentences(cellbench, container, tmp_path):
+    with pytest.raises(KeyError, match="to_sentences"):
+        sc_c2s.tl.finetune(
+            container.wrap(cellbench), label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m"
+        )
+    assert "c2s" not in cellbench.uns
+
+
+def test_refuses_a_non_empty_output_dir(sentences, tmp_path):
+    (tmp_path / "old.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path)
+    assert (tmp_path / "old.txt").read_text() == "keep me"
