@@ -69,7 +69,7 @@ def test_sentence_stops_at_period_and_maps_words_to_var_names(ranked, tiny):
     symbols = ranked.var["gene_symbol"]
     genes = ["CD99", "DPM1", "LASP1"]
     model = scripted(tiny, [*genes, "CD99", ".", "AK2", "FKBP4"])
-    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549", "H838"], n_genes=20)
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549", "H838"], n_genes=20, unique_genes=False)
 
     assert generated.obs["c2s_sentence"].tolist() == ["CD99 DPM1 LASP1 CD99"] * 2
     counts = generated.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy()
@@ -102,11 +102,33 @@ def test_sentence_stops_at_eos(ranked, tiny):
 
 def test_token_budget_follows_n_genes(ranked, tiny):
     model = scripted(tiny, ["DPM1"])  # never stops
-    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=10)
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=10, unique_genes=False)
     max_new_tokens = generated.uns["c2s_generate"]["params"]["max_new_tokens"]
     assert generated.uns["c2s_generate"]["params"]["tokens_per_gene"] == 1  # one word-level token per gene
     assert 10 < max_new_tokens <= 14
     assert generated.obs["c2s_sentence"].iloc[0].split() == ["DPM1"] * max_new_tokens
+
+
+def test_unique_genes_blocks_repeats(ranked, tiny):
+    model = scripted(tiny, ["DPM1"])  # wants DPM1 at every step
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549", "H838"], n_genes=10)
+    assert generated.uns["c2s_generate"]["params"]["unique_genes"]
+    for sentence in generated.obs["c2s_sentence"]:
+        words = sentence.split()
+        assert words[0] == "DPM1"
+        assert len(words) == len(set(words))
+    assert (generated.obs["n_duplicate_genes"] == 0).all()
+
+
+def test_token_budget_with_multi_token_genes(tiny):
+    one_token = _generate._token_budget(tiny, np.array(["DPM1", "CD99"]), 10)
+    np.testing.assert_array_equal(one_token["gene_ids"], sorted(tiny.tokenizer.convert_tokens_to_ids(["DPM1", "CD99"])))
+    assert tiny.tokenizer.convert_tokens_to_ids(".") in one_token["stop_ids"]
+    # "CD99." is two tokens, one of them the period: no repeat blocking, and the period cannot end a sentence
+    split = _generate._token_budget(tiny, np.array(["DPM1", "CD99."]), 10)
+    assert split["gene_ids"] is None
+    assert split["stop_ids"] == [tiny.tokenizer.eos_token_id]
+    assert split["tokens_per_gene"] == 1.5
 
 
 def test_sample_token_is_the_inverse_cdf_of_the_filtered_distribution():

@@ -69,6 +69,7 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = 50,
     top_p: float | None = 0.95,
+    unique_genes: bool = True,
     random_state: int = 0,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
@@ -77,8 +78,8 @@ def generate(
     """Generate cells of given types with a C2S model and turn them into expression.
 
     Each cell is prompted with the conditional generation prompt of :mod:`sc_c2s.prompts` and its sentence is
-    sampled token by token (temperature, then top-k, then top-p) until the sentence's closing period or the
-    end-of-sequence token, within a token budget sized from `n_genes` and the tokenizer's tokens per gene.
+    sampled token by token (temperature, then top-k, then top-p; see `unique_genes` for repeats) until the
+    sentence's closing period or the end-of-sequence token, within a token budget sized from `n_genes` and the tokenizer's tokens per gene.
     Every cell draws from its own seeded random stream, so `random_state` fixes the cells whatever
     `batch_size` (up to floating-point differences between batch shapes on some devices).
 
@@ -109,6 +110,10 @@ def generate(
     top_p
         Sample among the most likely tokens whose probabilities add up to this (nucleus sampling); ``None`` for
         no limit.
+    unique_genes
+        Never sample a gene that is already in the sentence, since a cell sentence names each gene once. This
+        applies to tokenizers with one token per gene (the models :func:`sc_c2s.tl.finetune` trains from
+        scratch); with sub-word tokenizers a token may start several genes, so sampling is left unconstrained.
     random_state
         Seed of the sampling.
     {doc_batch_size}
@@ -171,6 +176,7 @@ def generate(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
+        gene_ids=budget["gene_ids"] if unique_genes else None,
         random_state=random_state,
         batch_size=batch_size,
     )
@@ -191,6 +197,7 @@ def generate(
         "temperature": temperature,
         "top_k": top_k,
         "top_p": top_p,
+        "unique_genes": unique_genes and budget["gene_ids"] is not None,
         "random_state": random_state,
         "batch_size": batch_size,
         "max_new_tokens": budget["max_new_tokens"],
@@ -310,7 +317,8 @@ def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str,
 
     Tokens per gene are measured on the vocabulary as the model writes it (a space, then the upper-cased
     word). The period ends a sentence only if no gene contains its token (as in ``RP11-34P13.3`` with a
-    sub-word tokenizer); otherwise the text is cut at the period afterwards.
+    sub-word tokenizer); otherwise the text is cut at the period afterwards. When every gene is one token
+    (and not the unknown token), ``gene_ids`` are those tokens, else ``None``.
     """
     tokenizer = model.tokenizer
     spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
@@ -321,7 +329,14 @@ def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str,
     period = tokenizer.convert_tokens_to_ids(".")
     if period is not None and period != tokenizer.unk_token_id and not any(period in i for i in ids):
         stop_ids.append(period)
-    return {"tokens_per_gene": round(tokens_per_gene, 3), "max_new_tokens": max_new_tokens, "stop_ids": stop_ids}
+    single = [i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id]
+    gene_ids = np.unique(single) if all(len(i) == 1 for i in ids) else None
+    return {
+        "tokens_per_gene": round(tokens_per_gene, 3),
+        "max_new_tokens": max_new_tokens,
+        "stop_ids": stop_ids,
+        "gene_ids": gene_ids,
+    }
 
 
 def _gpu_batch_size(model: C2SModel, n_tokens: int) -> int:
@@ -350,16 +365,38 @@ def _uniforms(random_state: int, cell: int, n_steps: int) -> np.ndarray:
 
 
 class _Sampler:
-    """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call."""
+    """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call.
 
-    def __init__(self, uniforms: torch.Tensor, *, temperature: float, top_k: int | None, top_p: float | None):
+    With `gene_ids`, a row never samples one of those tokens twice.
+    """
+
+    def __init__(
+        self,
+        uniforms: torch.Tensor,
+        *,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        gene_ids: torch.Tensor | None,
+    ):
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
+        self.gene_ids, self.used = gene_ids, None
         self.step = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        uniform = self.uniforms[:, self.step]
+        import torch
+
+        logits = logits.float()
+        if self.gene_ids is not None:
+            if self.used is None:
+                self.used = torch.zeros_like(logits, dtype=torch.bool)
+            logits = logits.masked_fill(self.used, -torch.inf)
+        token = _sample_token(logits, self.uniforms[:, self.step], self.temperature, self.top_k, self.top_p)
+        if self.gene_ids is not None:
+            is_gene = torch.isin(token, self.gene_ids)
+            self.used[is_gene.nonzero()[:, 0], token[is_gene]] = True
         self.step += 1
-        return _sample_token(logits.float(), uniform, self.temperature, self.top_k, self.top_p)
+        return token
 
 
 def _sample(
@@ -371,6 +408,7 @@ def _sample(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
+    gene_ids: np.ndarray | None,
     random_state: int,
     batch_size: int,
 ) -> list[str]:
@@ -391,6 +429,7 @@ def _sample(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
+                gene_ids=None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device),
             )
             tokens, _ = _inference.decode(
                 c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
