@@ -139,7 +139,8 @@ def generate_loop(c2s: C2SModel, cells: ad.AnnData) -> list[str]:
         for prompt in sc_c2s.prompts.cell_type_prediction_prompts(cells, n_genes=N_GENES):
             inputs = tokenizer(prompt, return_tensors="pt").to(c2s.device)
             out = c2s.model.generate(
-                **inputs,
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
                 max_new_tokens=_annotate.MAX_ANSWER_TOKENS,
                 do_sample=False,
                 eos_token_id=stop,

@@ -162,7 +162,8 @@ def test_free_answers_match_one_cell_at_a_time_generate(cells, tiny, short_answe
     for words in prompts.sentence_words(cells, n_genes=N_GENES):
         prompt = tiny.tokenizer(prompts.cell_type_prediction(words), return_tensors="pt")
         out = tiny.model.generate(
-            **prompt,
+            input_ids=prompt["input_ids"],
+            attention_mask=prompt["attention_mask"],
             max_new_tokens=_annotate.MAX_ANSWER_TOKENS,
             do_sample=False,
             eos_token_id=stop,
