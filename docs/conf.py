@@ -58,6 +58,8 @@ needs_sphinx = "7.0"
 # tutorials are committed with their outputs; tests/test_notebooks.py executes them
 nb_execution_mode = "off"
 nb_merge_streams = True
+# progress bars (stderr) say nothing once the notebook has run
+nb_output_stderr = "remove"
 myst_enable_extensions = ["amsmath", "colon_fence", "deflist", "dollarmath", "html_image", "html_admonition"]
 myst_heading_anchors = 3
 myst_url_schemes = ("http", "https", "mailto")
@@ -83,7 +85,7 @@ always_use_bars_union = True
 intersphinx_mapping = {
     "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
     "matplotlib": ("https://matplotlib.org/stable/", None),
-    "mudata": ("https://mudata.readthedocs.io/en/stable/", None),
+    "mudata": ("https://mudata.readthedocs.io/en/latest/", None),
     "numpy": ("https://numpy.org/doc/stable/", None),
     "pandas": ("https://pandas.pydata.org/pandas-docs/stable/", None),
     "python": ("https://docs.python.org/3", None),
@@ -95,6 +97,15 @@ intersphinx_mapping = {
 nitpick_ignore_regex = [(r"py:.*", r"(transformers|tokenizers)\..*")]
 # the rank fit's container is private; it is documented where it is read (``uns["c2s"]["rank_fit"]``)
 nitpick_ignore = [("py:class", "sc_c2s._rank_model.RankFit")]
+#: sphinx-autodoc-typehints names classes by the module that defines them; their projects document the public name.
+QUALNAME_OVERRIDES = {
+    "anndata._core.anndata.AnnData": "anndata.AnnData",
+    "mudata._core.mudata.MuData": "mudata.MuData",
+    "matplotlib.axes._axes.Axes": "matplotlib.axes.Axes",
+    "pandas.core.frame.DataFrame": "pandas.DataFrame",
+    "pandas.core.indexes.base.Index": "pandas.Index",
+    "pandas.core.series.Series": "pandas.Series",
+}
 
 
 def _online(host: str = "docs.python.org") -> bool:
@@ -134,14 +145,26 @@ html_show_sphinx = False
 pygments_style = "default"
 
 
+def _public_name(app: Sphinx, env, node, contnode):
+    """Resolve a reference to a class by its defining module through the class's public name."""
+    from sphinx.ext.intersphinx import missing_reference
+
+    public = QUALNAME_OVERRIDES.get(node.get("reftarget"))
+    if public is None:
+        return None
+    node["reftarget"] = public
+    return missing_reference(app, env, node, contnode)
+
+
 def setup(app: Sphinx) -> None:
-    """Keep prose "Returns" sections as they are written.
+    """Link classes by their public names, and keep prose "Returns" sections as they are written.
 
     sphinx-autodoc-typehints inserts a ``:`` line under every numpy "Returns" header, for napoleon's field parser;
     here "Returns" is a plain section (see ``napoleon_custom_sections``), where that line would show up as text.
     """
     from sphinx_autodoc_typehints.patches import napoleon_numpy_docstring_return_type_processor
 
+    app.connect("missing-reference", _public_name, priority=400)
     for listener in list(app.events.listeners["autodoc-process-docstring"]):
         if listener.handler is napoleon_numpy_docstring_return_type_processor:
             app.disconnect(listener.id)
