@@ -53,14 +53,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     args = parser.parse_args()
     sc.settings.verbosity = 0
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     print(
         f"sc_c2s {sc_c2s.__version__}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"Python {platform.python_version()}, {torch.get_num_threads()} CPU threads"
+        f"Python {platform.python_version()}"
     )
 
     cells = load_cells(max(args.cpu_cells, args.gpu_cells if args.gpu else 0))
+    if args.threads is not None:  # after the ranking: numba's OpenMP pool can reset torch's thread count
+        torch.set_num_threads(args.threads)
     labels = sorted(cells.obs["cell_type"].unique())
     tokenizer = build_tokenizer(list(cells.uns["c2s"]["genes"]), [*labels, *MANY_LABELS], max_genes=N_GENES)
     network = build_model(tokenizer).eval()
@@ -98,7 +98,8 @@ def run(c2s: C2SModel, cells: ad.AnnData, labels: list[str], *, n_loop: int, bat
     print(
         f"\n{c2s.name}: {n_params:.1f}M parameters, {str(c2s.dtype).removeprefix('torch.')} on {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-        f"vocabulary {len(c2s.tokenizer)} words, prompts of {N_GENES} genes = {n_tokens:.0f} tokens, batch {batch}"
+        f"vocabulary {len(c2s.tokenizer)} words, prompts of {N_GENES} genes = {n_tokens:.0f} tokens, batch {batch}, "
+        f"{torch.get_num_threads()} CPU threads"
     )
     methods: list[tuple[str, int, Callable[[ad.AnnData], object]]] = [
         ("annotate, free", cells.n_obs, lambda a: sc_c2s.tl.annotate(a, model=c2s, batch_size=batch_size)),

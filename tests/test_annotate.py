@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -23,13 +24,22 @@ LABELS = ["A549", "H1975", "H2228", "HCC827", "H838"]
 LONG_LABELS = ["A549", "H1975 cell", "H2228 lung cell line", "HCC827 cell line"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+@contextmanager
+def one_thread():
     """Tiny models run fastest on one thread, and then do not fight for cores on a shared machine."""
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread in every test (set per test: numba's first parallel ranking can reset torch's thread count)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -78,14 +88,18 @@ def trained() -> tuple[C2SModel, ad.AnnData, np.ndarray]:
         labels[row, -len(answer) :] = torch.as_tensor(answer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rng = np.random.default_rng(0)
-    for _ in range(60):
-        batch = torch.as_tensor(rng.choice(len(ids), 32, replace=False))
-        loss = model(
-            input_ids=input_ids[batch], attention_mask=mask[batch], position_ids=positions[batch], labels=labels[batch]
-        ).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    with one_thread():
+        for _ in range(60):
+            batch = torch.as_tensor(rng.choice(len(ids), 32, replace=False))
+            loss = model(
+                input_ids=input_ids[batch],
+                attention_mask=mask[batch],
+                position_ids=positions[batch],
+                labels=labels[batch],
+            ).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
     c2s = C2SModel(model.eval(), tokenizer, C2SMetadata(name="trained", labels=LABELS), Path("trained"))
     return c2s, adata, held_out
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -19,13 +20,22 @@ N_GENES = 12
 PREFIX, SUFFIX = 42, 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
+@contextmanager
+def one_thread():
     """Tiny models run fastest on one thread, and then do not fight for cores on a shared machine."""
     n_threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread in every test (set per test: numba's first parallel ranking can reset torch's thread count)."""
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
