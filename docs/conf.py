@@ -141,6 +141,8 @@ html_theme_options = {
     "use_issues_button": True,
     "navigation_with_keys": False,
 }
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_show_sphinx = False
 pygments_style = "default"
 
