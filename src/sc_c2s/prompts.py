@@ -87,7 +87,7 @@ def cell_type_generation(cell_type: str, *, n_genes: int, organism: Organism = "
 
 
 def answer(text: str) -> str:
-    """The answer as it follows a prompt in training: a space, the text, a period."""
+    """Format an answer as it follows a prompt in training: a space, the text, a period."""
     return f" {text}."
 
 

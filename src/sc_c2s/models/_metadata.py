@@ -40,7 +40,7 @@ class C2SMetadata:
     rank_fit: dict[str, Any] | None = None
     """Rank → expression fit of the training data (see :class:`sc_c2s._rank_model.RankFit`)."""
     training: dict[str, Any] = field(default_factory=dict)
-    """How the model was trained: base model, data, split, epochs, learning rate…"""
+    """How the model was trained (base model, data, split, epochs, learning rate…)."""
     scores: dict[str, Any] = field(default_factory=dict)
     """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
 
@@ -51,7 +51,7 @@ class C2SMetadata:
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable dict."""
+        """Return a JSON-serialisable dict."""
         return asdict(self)
 
     @classmethod
