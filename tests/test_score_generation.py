@@ -9,7 +9,6 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.legend import Legend
 from scipy import stats
 
 import sc_c2s
@@ -147,8 +146,7 @@ def test_plot_shows_real_and_generated(halves, basis):
     ax = sc_c2s.pl.generation(real, fake, label_key="cell_type", basis=basis, show=False)
     n_points = sum(len(c.get_offsets()) for c in ax.collections)
     assert n_points == real.n_obs + fake.n_obs
-    legends = [child for child in ax.get_children() if isinstance(child, Legend)]
-    labels = {text.get_text() for legend in legends for text in legend.get_texts()}
+    labels = {text.get_text() for text in ax.get_legend().get_texts()}
     assert {"real (150)", "generated (150)", "A549"} <= labels
     assert ax.get_xlabel() == ("PC1" if basis == "pca" else "UMAP1")
 

@@ -113,9 +113,9 @@ def generation(
         Line2D([], [], ls="", marker="o", color="grey", alpha=0.5, label=f"real ({n_real})"),
         Line2D([], [], ls="", marker="x", color="grey", label=f"generated ({data.generated.shape[0]})"),
     ]
-    legend = ax.legend(handles=type_handles, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="type")
-    ax.add_artist(legend)
-    ax.legend(handles=origin_handles, loc="lower left", bbox_to_anchor=(1.01, 0), frameon=False)
+    # one legend, so that `savefig(bbox_inches="tight")` keeps all of it
+    gap = Line2D([], [], ls="", label=" ")
+    ax.legend(handles=[*origin_handles, gap, *type_handles], loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     name = "PC" if basis == "pca" else "UMAP"
     ax.set_xlabel(f"{name}1")
     ax.set_ylabel(f"{name}2")

@@ -32,6 +32,8 @@ _SLACK = 0.1
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 #: Largest automatic batch on a GPU.
 _MAX_BATCH = 1024
+#: Automatic batch on a CPU: larger than for annotation, since hundreds of decoding steps share its overhead.
+_CPU_BATCH = 32
 #: Share of the free GPU memory that the key/value cache of an automatic batch may take.
 _MEMORY_SHARE = 0.5
 
@@ -164,8 +166,9 @@ def generate(
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
     target = _target(adata, mod=mod, model=c2s_model)
     budget = _token_budget(c2s_model, target.words, n_genes)
-    if batch_size is None and c2s_model.device.type == "cuda":
-        batch_size = _gpu_batch_size(c2s_model, budget["max_new_tokens"] + 64)
+    if batch_size is None:
+        on_gpu = c2s_model.device.type == "cuda"
+        batch_size = _gpu_batch_size(c2s_model, budget["max_new_tokens"] + 64) if on_gpu else _CPU_BATCH
     batch_size = _inference.resolve_batch_size(batch_size, c2s_model.device)
 
     sentences = _sample(
