@@ -64,9 +64,14 @@ def build_model(
     n_layers: int = 2,
     n_heads: int = 4,
     max_length: int | None = None,
+    dropout: float = 0.1,
     seed: int = 0,
 ) -> GPTNeoXForCausalLM:
-    """Build a small GPT-NeoX (the Pythia architecture) with random weights for `tokenizer`'s vocabulary."""
+    """Build a small GPT-NeoX (the Pythia architecture) with random weights for `tokenizer`'s vocabulary.
+
+    `dropout` applies to attention weights and hidden states in training: with a few thousand cells, a model
+    trained from nothing overfits without it.
+    """
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -79,6 +84,8 @@ def build_model(
         max_position_embeddings=max_length or tokenizer.model_max_length,
         rotary_pct=0.25,
         use_parallel_residual=True,
+        attention_dropout=dropout,
+        hidden_dropout=dropout,
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

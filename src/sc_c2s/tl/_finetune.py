@@ -201,6 +201,7 @@ def finetune(
     }
     c2s_model.path = output_dir
     metadata.scores = _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
+    output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     metadata.write(output_dir)
@@ -269,11 +270,11 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
 
 
 def _check_output_dir(output_dir: str | Path) -> Path:
+    """Refuse a directory with files in it before training, rather than overwrite a checkpoint after."""
     output_dir = Path(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         msg = f"`output_dir` {str(output_dir)!r} exists and is not an empty directory; pass a new directory."
         raise FileExistsError(msg)
-    output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
 

@@ -163,7 +163,10 @@ def collate(samples: Samples, index: Sequence[int], pad_id: int) -> dict[str, to
 
 
 def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean cross-entropy of the answer tokens of a :func:`collate` batch.
+    """Cross-entropy of the answer tokens of a :func:`collate` batch: the mean over samples of their token mean.
+
+    Averaging per sample first gives every sample the same weight, so the few tokens of a cell type are not
+    drowned by the hundreds of tokens of generated sentences when both tasks share a batch.
 
     The answers sit at the end of the left-padded rows, so logits are computed for the last positions only
     (``logits_to_keep``): with a large vocabulary the output layer would otherwise cost most of the step.
@@ -181,9 +184,11 @@ def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor
         logits_to_keep=n_keep,
     ).logits[:, :-1]
     targets = labels[:, labels.shape[1] - n_keep + 1 :]
-    return torch.nn.functional.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+    token_loss = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
+    is_target = targets != IGNORE_INDEX
+    return (token_loss.sum(1) / is_target.sum(1)).mean()
 
 
 def batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -209,7 +214,7 @@ def train(
     random_state: int = 0,
     weight_decay: float = 0.01,
 ) -> list[float]:
-    """Train `model` in place with AdamW, linear warm-up and cosine decay; return the mean loss of each epoch.
+    """Train `model` in place with AdamW, linear warm-up and cosine decay; return the mean sample loss per epoch.
 
     On CUDA the forward pass runs in bf16 autocast over float32 weights.
     """
@@ -232,7 +237,7 @@ def train(
     history = []
     with tqdm(total=total, desc="fine-tuning", unit="step") as bar:
         for epoch in range(epochs):
-            epoch_loss, n_tokens = 0.0, 0
+            epoch_loss = 0.0
             for index in batches(lengths, batch_size, rng):
                 batch = {k: v.to(device) for k, v in collate(samples, index, pad_id).items()}
                 with autocast:
@@ -242,13 +247,10 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                # the loss is a mean over answer tokens, so weight each batch by its answer tokens
-                n = int((batch["labels"] != IGNORE_INDEX).sum())
-                epoch_loss += batch_loss.item() * n
-                n_tokens += n
+                epoch_loss += batch_loss.item() * len(index)
                 bar.update()
                 bar.set_postfix(epoch=epoch + 1, loss=f"{batch_loss.item():.3f}")
-            history.append(epoch_loss / max(n_tokens, 1))
+            history.append(epoch_loss / len(samples))
     model.eval()
     return history
 
