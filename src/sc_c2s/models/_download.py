@@ -61,7 +61,7 @@ def fetch(name: str, *, revision: str | None = None, base_url: str | None = None
         revision only.
     base_url
         Where to download from instead of Hugging Face: the root of a mirror, or a template with ``{repo}``,
-        ``{revision}`` and ``{file}`` fields (see :func:`file_url`). Defaults to ``$SC_C2S_BASE_URL``, then to
+        ``{revision}`` and ``{file}`` fields. Defaults to ``$SC_C2S_BASE_URL``, then to
         ``https://huggingface.co/{repo}/resolve/{revision}/{file}``.
     progressbar
         Show a progress bar per downloaded file.
