@@ -320,8 +320,8 @@ def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str,
 
     Tokens per gene are measured on the vocabulary as the model writes it (a space, then the upper-cased
     word). The period ends a sentence only if no gene contains its token (as in ``RP11-34P13.3`` with a
-    sub-word tokenizer); otherwise the text is cut at the period afterwards. When every gene is one token
-    (and not the unknown token), ``gene_ids`` are those tokens, else ``None``.
+    sub-word tokenizer); otherwise the text is cut at the period afterwards. ``gene_ids`` are the tokens of
+    the genes the tokenizer knows, when every gene is one token; else ``None``.
     """
     tokenizer = model.tokenizer
     spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
