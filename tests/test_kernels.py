@@ -216,9 +216,17 @@ def test_count_nonzero_dense():
 @pytest.mark.parametrize("buffer_bytes", [2**26, 10, 1], ids=["one_block", "small_blocks", "row_by_row"])
 def test_join_sentences_handles_padding_empty_rows_and_multibyte_words(monkeypatch, buffer_bytes):
     monkeypatch.setattr(_to_sentences, "_BUFFER_BYTES", buffer_bytes)
-    words = np.array(["CD3D", "α-actin", "HLA-A", "IL7R"], dtype=object)
-    genes = np.array([[1, 0, 3], [2, -1, -1], [-1, -1, -1], [3, 2, 1]], dtype=np.int32)
-    assert join_sentences(genes, words).tolist() == ["α-actin CD3D IL7R", "HLA-A", "", "IL7R HLA-A α-actin"]
+    # a name of 36 bytes makes the kernel's word table 48 bytes wide: whole-row copies overrun short sentences
+    long = "ENSG00000000003.15_TSPAN6-antisense1"
+    words = np.array(["CD3D", "α-actin", "HLA-A", "IL7R", long], dtype=object)
+    genes = np.array([[1, 0, 3], [2, -1, -1], [-1, -1, -1], [3, 2, 1], [4, 0, 4]], dtype=np.int32)
+    assert join_sentences(genes, words).tolist() == [
+        "α-actin CD3D IL7R",
+        "HLA-A",
+        "",
+        "IL7R HLA-A α-actin",
+        f"{long} CD3D {long}",
+    ]
     assert join_sentences(np.zeros((0, 2), dtype=np.int32), words).tolist() == []
 
 

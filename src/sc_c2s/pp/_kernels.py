@@ -481,18 +481,27 @@ def sentence_lengths(gene_idx, word_lengths):
 
 
 @njit(parallel=True, cache=True)
-def write_sentences(gene_idx, word_bytes, word_offsets, row_offsets, out):
-    """Write each row's sentence into ``out`` at ``row_offsets[i]``."""
+def write_sentences(gene_idx, word_table, word_lengths, row_offsets, out):
+    """Write row ``i``'s sentence into ``out[row_offsets[i]:row_offsets[i + 1]]``.
+
+    Row ``g`` of ``word_table`` holds word ``g`` followed by a space, padded with zeros to the table's width. Whole
+    table rows are copied while they fit inside the sentence (a fixed-length copy the compiler vectorises; the next
+    word overwrites the padding), the last words of a sentence byte-exactly, so no thread writes into another
+    row's sentence.
+    """
     n_rows, width = gene_idx.shape
+    table_width = word_table.shape[1]
     for i in prange(n_rows):
         pos = row_offsets[i]
-        for j in range(width):
+        end = row_offsets[i + 1]
+        n_words = 0
+        while n_words < width and gene_idx[i, n_words] >= 0:
+            n_words += 1
+        for j in range(n_words):
             g = gene_idx[i, j]
-            if g < 0:
-                break
-            if j > 0:
-                out[pos] = 32
-                pos += 1
-            for b in range(word_offsets[g], word_offsets[g + 1]):
-                out[pos] = word_bytes[b]
-                pos += 1
+            if pos + table_width <= end:
+                out[pos : pos + table_width] = word_table[g]
+            else:
+                n = min(word_lengths[g] + 1, end - pos)
+                out[pos : pos + n] = word_table[g, :n]
+            pos += word_lengths[g] + 1

@@ -185,10 +185,9 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
     time, then each row is decoded into a string.
     """
     encoded = [w.encode() for w in words]
-    word_offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
-    np.cumsum([len(b) for b in encoded], out=word_offsets[1:])
-    word_bytes = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-    ends = np.cumsum(_kernels.sentence_lengths(genes, np.diff(word_offsets)))
+    word_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    word_table = _word_table(b"".join(encoded), word_lengths)
+    ends = np.cumsum(_kernels.sentence_lengths(genes, word_lengths))
     sentences = np.empty(len(genes), dtype=object)
     start = 0
     while start < len(genes):
@@ -196,8 +195,19 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
         stop = max(start + 1, int(np.searchsorted(ends, first_byte + _BUFFER_BYTES, side="right")))
         offsets = np.concatenate([[0], ends[start:stop] - first_byte])
         buffer = np.empty(offsets[-1], dtype=np.uint8)
-        _kernels.write_sentences(genes[start:stop], word_bytes, word_offsets, offsets[:-1], buffer)
+        _kernels.write_sentences(genes[start:stop], word_table, word_lengths, offsets, buffer)
         view = memoryview(buffer)
         sentences[start:stop] = [str(view[a:b], "utf-8") for a, b in pairwise(offsets.tolist())]
         start = stop
     return sentences
+
+
+def _word_table(word_bytes: bytes, word_lengths: np.ndarray) -> np.ndarray:
+    """Row ``g``: the bytes of word ``g`` and a space, zero-padded to a multiple of 16 bytes."""
+    width = 16 * (int(word_lengths.max(initial=0)) // 16 + 1)
+    table = np.zeros((len(word_lengths), width), dtype=np.uint8)
+    rows = np.repeat(np.arange(len(word_lengths)), word_lengths)
+    columns = np.arange(len(rows)) - np.repeat(np.cumsum(word_lengths) - word_lengths, word_lengths)
+    table[rows, columns] = np.frombuffer(word_bytes, dtype=np.uint8)
+    table[np.arange(len(word_lengths)), word_lengths] = ord(" ")
+    return table
