@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numba
 import numpy as np
 import pytest
@@ -323,9 +326,22 @@ class _Shaped:
 def test_threads_follow_scanpy_n_jobs(setting, expected):
     sc.settings.n_jobs = setting
     before = numba.get_num_threads()
-    with _rank._threads() as n:
+    with _rank.numba_threads() as n:
         assert n == expected == numba.get_num_threads()
     assert numba.get_num_threads() == before
+
+
+def test_torch_thread_count_survives_the_kernels():
+    # in a fresh process: numba's OpenMP layer sets OpenMP's thread count when it first starts its threads
+    code = (
+        "import torch, scanpy as sc, sc_c2s\n"
+        "torch.set_num_threads(1)\n"
+        "sc.settings.n_jobs = -1\n"
+        "sc_c2s.pp.to_sentences(sc.datasets.pbmc68k_reduced(), n_genes=None, rank_fit=False)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["1"]
 
 
 @pytest.mark.usefixtures("n_jobs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,16 +38,24 @@ class Ranking:
 
 
 @contextmanager
-def _threads() -> Iterator[int]:
-    """Run numba on ``scanpy.settings.n_jobs`` threads (``None`` or ``-1``: all)."""
+def numba_threads() -> Iterator[int]:
+    """Run numba on ``scanpy.settings.n_jobs`` threads (``None`` or ``-1``: all).
+
+    Numba's OpenMP threading layer sets OpenMP's thread count when it starts its threads, which changes torch's
+    (:func:`torch.set_num_threads`) as well; torch's count is put back afterwards.
+    """
     n_jobs = settings.n_jobs
     n = numba.config.NUMBA_NUM_THREADS if n_jobs is None or n_jobs < 1 else min(n_jobs, numba.config.NUMBA_NUM_THREADS)
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
     previous = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
         yield n
     finally:
         numba.set_num_threads(previous)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
 
 
 def _as_kernel_dtype(a: np.ndarray) -> np.ndarray:
@@ -149,7 +158,7 @@ def rank_genes(
     n_expressed = np.zeros(n_rows, dtype=np.int32)
     status = np.zeros(n_rows, dtype=np.int8)
     seed = np.uint64(np.int64(random_state) & np.int64(0x7FFFFFFFFFFFFFFF))
-    with _threads() as n_threads:
+    with numba_threads() as n_threads:
         for start, block in _row_blocks(X):
             stop = start + block.shape[0]
             if stop == start:

@@ -12,7 +12,7 @@ from sc_c2s._data import C2S_KEY, GENES_KEY, SENTENCE_KEY, DataHandler, Matrix, 
 from sc_c2s._docs import doc_adata, doc_mod, doc_params
 
 from . import _kernels
-from ._rank import rank_genes
+from ._rank import numba_threads, rank_genes
 
 #: Most bytes of sentence text held at once besides the strings themselves.
 _BUFFER_BYTES = 64 * 2**20
@@ -187,18 +187,19 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
     encoded = [w.encode() for w in words]
     word_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     word_table = _word_table(b"".join(encoded), word_lengths)
-    ends = np.cumsum(_kernels.sentence_lengths(genes, word_lengths))
     sentences = np.empty(len(genes), dtype=object)
-    start = 0
-    while start < len(genes):
-        first_byte = ends[start - 1] if start else 0
-        stop = max(start + 1, int(np.searchsorted(ends, first_byte + _BUFFER_BYTES, side="right")))
-        offsets = np.concatenate([[0], ends[start:stop] - first_byte])
-        buffer = np.empty(offsets[-1], dtype=np.uint8)
-        _kernels.write_sentences(genes[start:stop], word_table, word_lengths, offsets, buffer)
-        view = memoryview(buffer)
-        sentences[start:stop] = [str(view[a:b], "utf-8") for a, b in pairwise(offsets.tolist())]
-        start = stop
+    with numba_threads():
+        ends = np.cumsum(_kernels.sentence_lengths(genes, word_lengths))
+        start = 0
+        while start < len(genes):
+            first_byte = ends[start - 1] if start else 0
+            stop = max(start + 1, int(np.searchsorted(ends, first_byte + _BUFFER_BYTES, side="right")))
+            offsets = np.concatenate([[0], ends[start:stop] - first_byte])
+            buffer = np.empty(offsets[-1], dtype=np.uint8)
+            _kernels.write_sentences(genes[start:stop], word_table, word_lengths, offsets, buffer)
+            view = memoryview(buffer)
+            sentences[start:stop] = [str(view[a:b], "utf-8") for a, b in pairwise(offsets.tolist())]
+            start = stop
     return sentences
 
 
