@@ -6,10 +6,13 @@ from pathlib import Path
 
 import anndata as ad
 import mudata as md
+import numpy as np
 import pytest
 import scanpy as sc
 
 DATA = Path(__file__).parent / "data"
+#: Longest sentence of the `short_sentences` cells.
+SHORT_SENTENCE_GENES = 12
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +88,32 @@ def n_jobs():
     previous = sc.settings.n_jobs
     yield
     sc.settings.n_jobs = previous
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models run fastest on one torch thread, and then do not fight over the cores of a shared runner."""
+    import torch
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
+
+
+@pytest.fixture(scope="session")
+def _short_sentences(_cellbench) -> ad.AnnData:
+    import sc_c2s
+
+    adata = _cellbench[::8].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=SHORT_SENTENCE_GENES, rank_fit=False)
+    genes = adata.obsm["c2s_genes"]
+    for i, n in enumerate(3 + np.arange(adata.n_obs) % 10):
+        genes[i, n:] = -1
+    return adata
+
+
+@pytest.fixture
+def short_sentences(_short_sentences) -> ad.AnnData:
+    """38 CellBench cells whose sentences have 3 to 12 genes, so that batches mix prompt lengths."""
+    return _short_sentences.copy()

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -18,59 +17,26 @@ from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _annotate, _inference
 
-N_GENES = 12
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+N_GENES = 12  # the longest sentence of the `short_sentences` cells
 LABELS = ["A549", "H1975", "H2228", "HCC827", "H838"]
 #: Labels of one to four tokens (with their period), to exercise the packed scoring of multi-token answers.
 LONG_LABELS = ["A549", "H1975 cell", "H2228 lung cell line", "HCC827 cell line"]
 
 
-@contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread, and then do not fight for cores on a shared machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n_threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread in every test (set per test: numba's first parallel ranking can reset torch's thread count)."""
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def _cells() -> ad.AnnData:
-    """36 CellBench cells whose sentences have 3 to 12 genes, so that batches mix prompt lengths."""
-    adata = ad.read_h5ad(Path(__file__).parent / "data" / "cellbench_300.h5ad")[::8].copy()
-    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES, rank_fit=False)
-    genes = adata.obsm["c2s_genes"]
-    for i, n in enumerate(3 + np.arange(adata.n_obs) % 10):
-        genes[i, n:] = -1
-    return adata
-
-
-@pytest.fixture
-def cells(_cells) -> ad.AnnData:
-    return _cells.copy()
-
-
-@pytest.fixture(scope="module")
-def tiny(_cells) -> C2SModel:
+def tiny(_short_sentences) -> C2SModel:
     """A random 2-layer GPT-NeoX with a word-level tokenizer over the genes and all test labels."""
-    tokenizer = build_tokenizer([g.upper() for g in _cells.uns["c2s"]["genes"]], [*LABELS, *LONG_LABELS])
+    tokenizer = build_tokenizer([g.upper() for g in _short_sentences.uns["c2s"]["genes"]], [*LABELS, *LONG_LABELS])
     model = build_model(tokenizer, hidden_size=32, n_layers=2, n_heads=2, max_length=128)
     return C2SModel(model.eval(), tokenizer, C2SMetadata(name="tiny", labels=LABELS), Path("tiny"))
 
 
 @pytest.fixture(scope="module")
-def trained() -> tuple[C2SModel, ad.AnnData, np.ndarray]:
+def trained(_cellbench, one_torch_thread) -> tuple[C2SModel, ad.AnnData, np.ndarray]:
     """A 1-layer model trained for a second to name the cell line of 200 CellBench cells from their top 8 of 200
     highly variable genes; the 300 cells; which of them are held out."""
-    adata = ad.read_h5ad(Path(__file__).parent / "data" / "cellbench_300.h5ad")
+    adata = _cellbench
     lognorm = sc.pp.log1p(sc.pp.normalize_total(adata, copy=True), copy=True)
     adata = adata[:, sc.pp.highly_variable_genes(lognorm, n_top_genes=200, inplace=False)["highly_variable"]].copy()
     sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8, rank_fit=False)
@@ -88,18 +54,17 @@ def trained() -> tuple[C2SModel, ad.AnnData, np.ndarray]:
         labels[row, -len(answer) :] = torch.as_tensor(answer)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     rng = np.random.default_rng(0)
-    with one_thread():
-        for _ in range(60):
-            batch = torch.as_tensor(rng.choice(len(ids), 32, replace=False))
-            loss = model(
-                input_ids=input_ids[batch],
-                attention_mask=mask[batch],
-                position_ids=positions[batch],
-                labels=labels[batch],
-            ).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    for _ in range(60):
+        batch = torch.as_tensor(rng.choice(len(ids), 32, replace=False))
+        loss = model(
+            input_ids=input_ids[batch],
+            attention_mask=mask[batch],
+            position_ids=positions[batch],
+            labels=labels[batch],
+        ).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     c2s = C2SModel(model.eval(), tokenizer, C2SMetadata(name="trained", labels=LABELS), Path("trained"))
     return c2s, adata, held_out
 
@@ -122,12 +87,12 @@ def full_sequence_loglik(c2s: C2SModel, adata: ad.AnnData, labels: list[str]) ->
 
 
 @pytest.fixture(scope="module")
-def full_loglik(_cells, tiny) -> np.ndarray:
-    return full_sequence_loglik(tiny, _cells, LONG_LABELS)
+def full_loglik(_short_sentences, tiny) -> np.ndarray:
+    return full_sequence_loglik(tiny, _short_sentences, LONG_LABELS)
 
 
 @pytest.mark.parametrize("max_packed", [None, 4], ids=["one pass", "three passes"])
-def test_constrained_scores_match_full_sequences(cells, tiny, full_loglik, max_packed, monkeypatch):
+def test_constrained_scores_match_full_sequences(short_sentences, tiny, full_loglik, max_packed, monkeypatch):
     answers = [tiny.tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in LONG_LABELS]
     assert list(map(len, answers)) == [2, 3, 5, 4]
     if max_packed is not None:  # [A549, H1975 cell], [H2228 lung cell line], [HCC827 cell line]
@@ -135,18 +100,18 @@ def test_constrained_scores_match_full_sequences(cells, tiny, full_loglik, max_p
         groups = _annotate.pack_candidates(answers, pad_id=0, device=torch.device("cpu"), max_packed=max_packed)
         assert [len(g.first) for g in groups] == [2, 1, 1]
 
-    words = _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None)
+    words = _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
     ids = _inference.tokenize(tiny, _inference.prediction_prompts(words, organism="Homo sapiens"))
     assert len(set(map(len, ids))) == 10  # batches of 5 mix prompt lengths: left padding at work
     loglik = _annotate.score_labels(tiny, ids, LONG_LABELS, batch_size=5)
     np.testing.assert_allclose(loglik, full_loglik, atol=1e-4)
 
-    sc_c2s.tl.annotate(cells, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
+    sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
     prob = softmax(full_loglik, axis=1)
     best = full_loglik.argmax(axis=1)
-    assert cells.obs["c2s_cell_type"].cat.categories.tolist() == LONG_LABELS
-    np.testing.assert_array_equal(cells.obs["c2s_cell_type"].to_numpy(), np.array(LONG_LABELS)[best])
-    np.testing.assert_allclose(cells.obs["c2s_cell_type_score"], prob[np.arange(len(best)), best], rtol=1e-4)
+    assert short_sentences.obs["c2s_cell_type"].cat.categories.tolist() == LONG_LABELS
+    np.testing.assert_array_equal(short_sentences.obs["c2s_cell_type"].to_numpy(), np.array(LONG_LABELS)[best])
+    np.testing.assert_allclose(short_sentences.obs["c2s_cell_type_score"], prob[np.arange(len(best)), best], rtol=1e-4)
 
 
 @pytest.fixture
@@ -156,24 +121,24 @@ def short_answers(monkeypatch):
 
 
 @pytest.mark.parametrize("labels", [None, LABELS], ids=["free", "constrained"])
-def test_batch_size_does_not_change_results(cells, tiny, labels, short_answers):
-    one = sc_c2s.tl.annotate(cells, model=tiny, labels=labels, n_genes=N_GENES, batch_size=1, copy=True)
-    seven = sc_c2s.tl.annotate(cells, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
-    again = sc_c2s.tl.annotate(cells, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
+def test_batch_size_does_not_change_results(short_sentences, tiny, labels, short_answers):
+    one = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES, batch_size=1, copy=True)
+    seven = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
+    again = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
     pd.testing.assert_series_equal(one.obs["c2s_cell_type"], seven.obs["c2s_cell_type"])
     np.testing.assert_allclose(one.obs["c2s_cell_type_score"], seven.obs["c2s_cell_type_score"], rtol=1e-4)
     pd.testing.assert_frame_equal(seven.obs, again.obs)
 
 
-def test_free_answers_match_one_cell_at_a_time_generate(cells, tiny, short_answers):
-    cells = cells[:16].copy()
-    sc_c2s.tl.annotate(cells, model=tiny, n_genes=N_GENES, batch_size=8)
+def test_free_answers_match_one_cell_at_a_time_generate(short_sentences, tiny, short_answers):
+    short_sentences = short_sentences[:16].copy()
+    sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, batch_size=8)
 
     stop = _inference.period_ids(tiny.tokenizer)
     assert tiny.tokenizer.convert_tokens_to_ids(".") in stop
     assert tiny.tokenizer.eos_token_id in stop
     expected = []
-    for words in prompts.sentence_words(cells, n_genes=N_GENES):
+    for words in prompts.sentence_words(short_sentences, n_genes=N_GENES):
         prompt = tiny.tokenizer(prompts.cell_type_prediction(words), return_tensors="pt")
         out = tiny.model.generate(
             input_ids=prompt["input_ids"],
@@ -185,7 +150,7 @@ def test_free_answers_match_one_cell_at_a_time_generate(cells, tiny, short_answe
         )
         new = out[0, prompt["input_ids"].shape[1] :]
         expected.append(tiny.tokenizer.decode(new, skip_special_tokens=True).strip().removesuffix(".").strip())
-    assert cells.obs["c2s_cell_type"].astype(str).tolist() == expected
+    assert short_sentences.obs["c2s_cell_type"].astype(str).tolist() == expected
 
 
 def test_trained_model_names_cell_lines(trained):
@@ -203,9 +168,9 @@ def test_trained_model_names_cell_lines(trained):
     assert ((adata.obs["free_score"] > 0) & (adata.obs["free_score"] <= 1)).all()
 
 
-def test_results_and_params(cells, tiny, container, scanpy_log):
-    data = container.wrap(cells)
-    x = cells.X.copy()
+def test_results_and_params(short_sentences, tiny, container, scanpy_log):
+    data = container.wrap(short_sentences)
+    x = short_sentences.X.copy()
     sc_c2s.tl.annotate(data, model=tiny, labels=LABELS, n_genes=N_GENES, key_added="ct")
 
     rna = container.rna(data)
@@ -228,52 +193,56 @@ def test_results_and_params(cells, tiny, container, scanpy_log):
     assert "'ct_score', " in scanpy_log.getvalue()
 
 
-def test_free_params_and_h5ad_round_trip(cells, tiny, tmp_path, short_answers):
-    sc_c2s.tl.annotate(cells, model=tiny, n_genes=N_GENES, organism="Mus musculus")
-    assert cells.uns["c2s_cell_type"]["params"]["mode"] == "free"
-    assert "labels" not in cells.uns["c2s_cell_type"]["params"]
-    assert cells.uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
-    cells.write_h5ad(tmp_path / "annotated.h5ad")
+def test_free_params_and_h5ad_round_trip(short_sentences, tiny, tmp_path, short_answers):
+    sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, organism="Mus musculus")
+    assert short_sentences.uns["c2s_cell_type"]["params"]["mode"] == "free"
+    assert "labels" not in short_sentences.uns["c2s_cell_type"]["params"]
+    assert short_sentences.uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
+    short_sentences.write_h5ad(tmp_path / "annotated.h5ad")
     back = ad.read_h5ad(tmp_path / "annotated.h5ad")
-    pd.testing.assert_series_equal(back.obs["c2s_cell_type"], cells.obs["c2s_cell_type"])
+    pd.testing.assert_series_equal(back.obs["c2s_cell_type"], short_sentences.obs["c2s_cell_type"])
     assert back.uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
 
 
-def test_organism_and_casing_reach_the_prompt(cells, tiny):
-    human = sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)
-    mouse = sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES, organism="Mus musculus", copy=True)
+def test_organism_and_casing_reach_the_prompt(short_sentences, tiny):
+    human = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)
+    mouse = sc_c2s.tl.annotate(
+        short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, organism="Mus musculus", copy=True
+    )
     assert not np.allclose(human.obs["c2s_cell_type_score"], mouse.obs["c2s_cell_type_score"])
 
-    cells.uns["c2s"]["genes"] = [g.lower() for g in cells.uns["c2s"]["genes"]]
-    words = prompts.sentence_words(cells, n_genes=N_GENES)
-    assert _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None) == [[w.upper() for w in c] for c in words]
+    short_sentences.uns["c2s"]["genes"] = [g.lower() for g in short_sentences.uns["c2s"]["genes"]]
+    words = prompts.sentence_words(short_sentences, n_genes=N_GENES)
+    assert _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None) == [
+        [w.upper() for w in c] for c in words
+    ]
     lower = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="lower", upper_case=False), Path("lower"))
-    assert _inference.cell_words(cells, lower, n_genes=N_GENES, mod=None) == words
+    assert _inference.cell_words(short_sentences, lower, n_genes=N_GENES, mod=None) == words
 
 
-def test_copy_leaves_input_untouched(cells, tiny):
-    before = cells.copy()
-    out = sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)
+def test_copy_leaves_input_untouched(short_sentences, tiny):
+    before = short_sentences.copy()
+    out = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)
     assert "c2s_cell_type" in out.obs
-    assert "c2s_cell_type" not in cells.obs
-    assert cells.uns.keys() == before.uns.keys()
+    assert "c2s_cell_type" not in short_sentences.obs
+    assert short_sentences.uns.keys() == before.uns.keys()
 
 
-def test_model_training_flag_is_restored(cells, tiny):
+def test_model_training_flag_is_restored(short_sentences, tiny):
     tiny.model.train()
     try:
-        sc_c2s.tl.annotate(cells, model=tiny, labels=LABELS, n_genes=N_GENES)
+        sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES)
         assert tiny.model.training
     finally:
         tiny.model.eval()
 
 
-def test_bfloat16_model(cells, tiny):
+def test_bfloat16_model(short_sentences, tiny):
     """The padding and candidate masks follow the model's dtype (bf16, as on a GPU)."""
-    cells = cells[:12].copy()
+    short_sentences = short_sentences[:12].copy()
     half = C2SModel(copy.deepcopy(tiny.model).to(torch.bfloat16), tiny.tokenizer, tiny.metadata, Path("bf16"))
-    a = sc_c2s.tl.annotate(cells, model=half, labels=LONG_LABELS, n_genes=N_GENES, copy=True)
-    b = sc_c2s.tl.annotate(cells, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, copy=True)
+    a = sc_c2s.tl.annotate(short_sentences, model=half, labels=LONG_LABELS, n_genes=N_GENES, copy=True)
+    b = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, copy=True)
     assert a.uns["c2s_cell_type"]["params"]["path"] == "bf16"
     np.testing.assert_allclose(a.obs["c2s_cell_type_score"], b.obs["c2s_cell_type_score"], atol=0.05)
 
@@ -307,23 +276,23 @@ def test_without_sentences(tiny):
         ({"n_genes": 200, "labels": LABELS}, r"reads at most 128; lower `n_genes`"),
     ],
 )
-def test_bad_arguments(cells, tiny, kwargs, match):
+def test_bad_arguments(short_sentences, tiny, kwargs, match):
     if kwargs.get("n_genes") == 200:
-        sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol", rank_fit=False)
+        sc_c2s.pp.to_sentences(short_sentences, gene_symbols="gene_symbol", rank_fit=False)
     with pytest.raises(ValueError, match=match):
-        sc_c2s.tl.annotate(cells, model=tiny, **{"n_genes": N_GENES, **kwargs})
-    assert "c2s_cell_type" not in cells.obs
+        sc_c2s.tl.annotate(short_sentences, model=tiny, **{"n_genes": N_GENES, **kwargs})
+    assert "c2s_cell_type" not in short_sentences.obs
 
 
-def test_warnings(cells, tiny, scanpy_log):
+def test_warnings(short_sentences, tiny, scanpy_log):
     ensembl = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="ids", vocabulary=["ENSG0001"]), Path("ids"))
-    sc_c2s.tl.annotate(cells, model=ensembl, labels=["A549", "lymphocyte"], n_genes=N_GENES)
+    sc_c2s.tl.annotate(short_sentences, model=ensembl, labels=["A549", "lymphocyte"], n_genes=N_GENES)
     log = scanpy_log.getvalue()
     assert "100% of the sentence genes are not in the vocabulary of 'ids'" in log
     assert "1 labels have words unknown to 'ids' (e.g. ['lymphocyte'])" in log
 
 
-def test_model_without_labels(cells, tiny):
+def test_model_without_labels(short_sentences, tiny):
     bare = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="bare"), Path("bare"))
     with pytest.raises(ValueError, match=r"carries no label set"):
-        sc_c2s.tl.annotate(cells, model=bare, labels="model", n_genes=N_GENES)
+        sc_c2s.tl.annotate(short_sentences, model=bare, labels="model", n_genes=N_GENES)

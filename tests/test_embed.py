@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import anndata as ad
@@ -15,55 +14,22 @@ from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _embed, _inference
 
-N_GENES = 12
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+N_GENES = 12  # the longest sentence of the `short_sentences` cells
 #: Tokens of the prediction template before and after the sentence, for the word-level tokenizer.
 PREFIX, SUFFIX = 42, 10
 
 
-@contextmanager
-def one_thread():
-    """Tiny models run fastest on one thread, and then do not fight for cores on a shared machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n_threads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread in every test (set per test: numba's first parallel ranking can reset torch's thread count)."""
-    with one_thread():
-        yield
-
-
 @pytest.fixture(scope="module")
-def _cells() -> ad.AnnData:
-    """30 CellBench cells whose sentences have 3 to 12 genes, so that batches mix prompt lengths."""
-    adata = ad.read_h5ad(Path(__file__).parent / "data" / "cellbench_300.h5ad")[::10].copy()
-    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES, rank_fit=False)
-    genes = adata.obsm["c2s_genes"]
-    for i, n in enumerate(3 + np.arange(adata.n_obs) % 10):
-        genes[i, n:] = -1
-    return adata
-
-
-@pytest.fixture
-def cells(_cells) -> ad.AnnData:
-    return _cells.copy()
-
-
-@pytest.fixture(scope="module")
-def tiny(_cells) -> C2SModel:
+def tiny(_short_sentences) -> C2SModel:
     """A random 2-layer GPT-NeoX with a word-level tokenizer over the genes."""
-    tokenizer = build_tokenizer([g.upper() for g in _cells.uns["c2s"]["genes"]])
+    tokenizer = build_tokenizer([g.upper() for g in _short_sentences.uns["c2s"]["genes"]])
     model = build_model(tokenizer, hidden_size=32, n_layers=2, n_heads=2, max_length=128)
     return C2SModel(model.eval(), tokenizer, C2SMetadata(name="tiny"), Path("tiny"))
 
 
-def test_sentence_span_is_exactly_the_gene_tokens(cells, tiny):
-    words = _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None)
+def test_sentence_span_is_exactly_the_gene_tokens(short_sentences, tiny):
+    words = _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
     ids = _inference.tokenize(tiny, _inference.prediction_prompts(words, organism="Homo sapiens"))
     spans = _embed.sentence_spans(tiny, ids, words, organism="Homo sapiens")
 
@@ -75,25 +41,25 @@ def test_sentence_span_is_exactly_the_gene_tokens(cells, tiny):
         assert seq[span[0] : span[1]] == tiny.tokenizer.convert_tokens_to_ids(cell)
 
 
-def test_embedding_is_the_mean_over_gene_tokens(cells, tiny):
-    sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES, batch_size=7)
+def test_embedding_is_the_mean_over_gene_tokens(short_sentences, tiny):
+    sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, batch_size=7)
 
     expected = []
-    for cell in _inference.cell_words(cells, tiny, n_genes=N_GENES, mod=None):
+    for cell in _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None):
         text = prompts.cell_type_prediction(cell)
         ids = torch.as_tensor([tiny.tokenizer(text)["input_ids"]])
         with torch.no_grad():
             hidden = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
         expected.append(hidden[PREFIX : PREFIX + len(cell)].mean(0).numpy())
-    embedding = cells.obsm["X_c2s"]
+    embedding = short_sentences.obsm["X_c2s"]
     assert embedding.dtype == np.float32
-    assert embedding.shape == (cells.n_obs, 32)
+    assert embedding.shape == (short_sentences.n_obs, 32)
     np.testing.assert_allclose(embedding, np.array(expected), atol=1e-5)
 
 
-def test_results_params_and_neighbors(cells, tiny, container, scanpy_log):
-    data = container.wrap(cells)
-    x = cells.X.copy()
+def test_results_params_and_neighbors(short_sentences, tiny, container, scanpy_log):
+    data = container.wrap(short_sentences)
+    x = short_sentences.X.copy()
     out = sc_c2s.tl.embed(data, model=tiny, n_genes=N_GENES, key_added="X_lm", copy=True)
 
     rna = container.rna(out)
@@ -108,12 +74,12 @@ def test_results_params_and_neighbors(cells, tiny, container, scanpy_log):
     assert (rna.X != x).nnz == 0
     assert "'X_lm', " in scanpy_log.getvalue()
     sc.pp.neighbors(rna, use_rep="X_lm", n_neighbors=5)
-    assert rna.obsp["connectivities"].shape == (cells.n_obs, cells.n_obs)
+    assert rna.obsp["connectivities"].shape == (short_sentences.n_obs, short_sentences.n_obs)
 
 
-def test_deterministic(cells, tiny):
-    a = sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES, copy=True).obsm["X_c2s"]
-    b = sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES, batch_size=1, copy=True).obsm["X_c2s"]
+def test_deterministic(short_sentences, tiny):
+    a = sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, copy=True).obsm["X_c2s"]
+    b = sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, batch_size=1, copy=True).obsm["X_c2s"]
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
@@ -124,14 +90,14 @@ def test_without_sentences(tiny):
     assert not adata.obsm
 
 
-def test_empty_sentences(cells, tiny):
-    cells.obsm["c2s_genes"][[2, 5]] = -1
+def test_empty_sentences(short_sentences, tiny):
+    short_sentences.obsm["c2s_genes"][[2, 5]] = -1
     with pytest.raises(ValueError, match=r"2 cells have empty sentences.*filter_cells"):
-        sc_c2s.tl.embed(cells, model=tiny, n_genes=N_GENES)
-    assert "X_c2s" not in cells.obsm
+        sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES)
+    assert "X_c2s" not in short_sentences.obsm
 
 
-def test_prompt_too_long(cells, tiny):
-    sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol", rank_fit=False)
+def test_prompt_too_long(short_sentences, tiny):
+    sc_c2s.pp.to_sentences(short_sentences, gene_symbols="gene_symbol", rank_fit=False)
     with pytest.raises(ValueError, match=r"reads at most 128; lower `n_genes`"):
-        sc_c2s.tl.embed(cells, model=tiny, n_genes=200)
+        sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=200)
