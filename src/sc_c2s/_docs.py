@@ -44,3 +44,11 @@ batch_size
 doc_organism = """\
 organism
     ``"Homo sapiens"`` or ``"Mus musculus"`` for the prompt; ``None`` takes the model's."""
+
+doc_show_ax = """\
+ax
+    Axes to draw on; a new figure if ``None``.
+show
+    Show the plot; ``None`` follows :attr:`scanpy.settings.autoshow`.
+return_fig
+    Return the figure instead of the axes."""

@@ -6,10 +6,11 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
-from scanpy import settings
 
-from sc_c2s._docs import doc_mod, doc_params
+from sc_c2s._docs import doc_mod, doc_params, doc_show_ax
 from sc_c2s.tl._score_generation import comparison, pca, project
+
+from ._utils import finish
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 
-@doc_params(doc_mod=doc_mod)
+@doc_params(doc_mod=doc_mod, doc_show_ax=doc_show_ax)
 def generation(
     real: AnnData | MuData,
     generated: AnnData,
@@ -69,12 +70,7 @@ def generation(
     random_state
         Seed of the PCA and the UMAP.
     {doc_mod}
-    ax
-        Axes to draw on; a new figure if ``None``.
-    show
-        Show the plot; ``None`` follows :attr:`scanpy.settings.autoshow`.
-    return_fig
-        Return the figure instead of the axes.
+    {doc_show_ax}
 
     Returns
     -------
@@ -122,12 +118,7 @@ def generation(
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(f"Real and generated cells ({data.n_genes} genes per sentence)")
-    if return_fig:
-        return ax.figure
-    if settings.autoshow if show is None else show:
-        plt.show()
-        return None
-    return ax
+    return finish(ax, show=show, return_fig=return_fig)
 
 
 def _umap(coords: np.ndarray, random_state: int) -> np.ndarray:

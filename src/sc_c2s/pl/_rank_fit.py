@@ -4,11 +4,12 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib import pyplot as plt
-from scanpy import settings
 
 from sc_c2s import _rank_model
 from sc_c2s._data import DataHandler
-from sc_c2s._docs import doc_adata, doc_mod, doc_params
+from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_show_ax
+
+from ._utils import finish
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 
-@doc_params(doc_adata=doc_adata, doc_mod=doc_mod)
+@doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_show_ax=doc_show_ax)
 def rank_fit(
     adata: AnnData | MuData,
     *,
@@ -45,12 +46,7 @@ def rank_fit(
         Colour map of the point density (log scale).
     line_color
         Colour of the fitted line.
-    ax
-        Axes to draw on; a new figure if ``None``.
-    show
-        Show the plot; ``None`` follows :attr:`scanpy.settings.autoshow`.
-    return_fig
-        Return the figure instead of the axes.
+    {doc_show_ax}
 
     Returns
     -------
@@ -95,9 +91,4 @@ def rank_fit(
     ax.set_xlabel("log10(1 + rank)")
     ax.set_ylabel("log10(1 + normalised expression)")
     ax.set_title(f"Rank → expression fit ({fit.n_cells} cells)")
-    if return_fig:
-        return ax.figure
-    if settings.autoshow if show is None else show:
-        plt.show()
-        return None
-    return ax
+    return finish(ax, show=show, return_fig=return_fig)
