@@ -25,7 +25,7 @@ import torch
 import sc_c2s
 
 DEMO = Path(__file__).resolve().parents[1] / "src" / "sc_c2s" / "models" / "demo"
-EPOCHS = 20
+EPOCHS = 12
 
 
 def main() -> None:
