@@ -69,7 +69,9 @@ def test_sentence_stops_at_period_and_maps_words_to_var_names(ranked, tiny):
     symbols = ranked.var["gene_symbol"]
     genes = ["CD99", "DPM1", "LASP1"]
     model = scripted(tiny, [*genes, "CD99", ".", "AK2", "FKBP4"])
-    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549", "H838"], n_genes=20, unique_genes=False)
+    generated = sc_c2s.tl.generate(
+        ranked, model=model, cell_types=["A549", "H838"], n_genes=20, unique_genes=False, exact_length=False
+    )
 
     assert generated.obs["c2s_sentence"].tolist() == ["CD99 DPM1 LASP1 CD99"] * 2
     counts = generated.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy()
@@ -96,17 +98,60 @@ def test_result_with_slashed_cell_types_round_trips_through_h5ad(ranked, tiny, t
 
 def test_sentence_stops_at_eos(ranked, tiny):
     model = scripted(tiny, ["DPM1", "[EOS]", "AK2"])
-    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=5)
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=5, exact_length=False)
     assert generated.obs["c2s_sentence"].tolist() == ["DPM1"]
 
 
 def test_token_budget_follows_n_genes(ranked, tiny):
     model = scripted(tiny, ["DPM1"])  # never stops
-    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=10, unique_genes=False)
+    generated = sc_c2s.tl.generate(
+        ranked, model=model, cell_types=["A549"], n_genes=10, unique_genes=False, exact_length=False
+    )
     max_new_tokens = generated.uns["c2s_generate"]["params"]["max_new_tokens"]
     assert generated.uns["c2s_generate"]["params"]["tokens_per_gene"] == 1  # one word-level token per gene
     assert 10 < max_new_tokens <= 14
     assert generated.obs["c2s_sentence"].iloc[0].split() == ["DPM1"] * max_new_tokens
+
+
+def test_exact_length_blocks_the_early_period_and_ends_after_n_genes(ranked, tiny):
+    # wants to stop after one gene: the period is blocked until five words, then DPM1 repeats are blocked
+    early = sc_c2s.tl.generate(ranked, model=scripted(tiny, ["DPM1", "."]), cell_types=["A549"], n_genes=5)
+    words = early.obs["c2s_sentence"].iloc[0].split()
+    assert len(words) == 5
+    assert words[0] == "DPM1"
+    # never wants to stop: after ten words only the end of the sentence is allowed
+    model = scripted(tiny, ["DPM1"])
+    never = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=10, unique_genes=False)
+    assert never.obs["c2s_sentence"].iloc[0] == " ".join(["DPM1"] * 10)
+    assert never.uns["c2s_generate"]["params"]["exact_length"]
+
+
+def test_exact_length_with_a_random_model(ranked, tiny):
+    cell_types = {"A549": 3, "H838": 2}
+    exact = sc_c2s.tl.generate(ranked, model=tiny, cell_types=cell_types, n_genes=12, batch_size=2)
+    assert [len(s.split()) for s in exact.obs["c2s_sentence"]] == [12] * 5
+    free = sc_c2s.tl.generate(ranked, model=tiny, cell_types=cell_types, n_genes=12, batch_size=2, exact_length=False)
+    # a random model stops wherever its period or end-of-sequence token comes up
+    assert [len(s.split()) for s in free.obs["c2s_sentence"]] != [12] * 5
+
+
+def test_word_starts_of_a_subword_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(["CD99 CD74 DPM1 DPM3 LASP1."] * 10, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    # " CD99 CD74" is four tokens: "ĠCD", "99", "ĠCD", "74"
+    pieces = tokenizer(" CD99 CD74", add_special_tokens=False)["input_ids"]
+    starts = _generate._word_starts(tokenizer, reference=pieces[0])
+    texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    # "Ġ" is a space: a token that starts with it and holds more begins a word; newlines and tabs do not
+    np.testing.assert_array_equal(starts, [t.startswith("Ġ") and len(t) > 1 for t in texts])
+    assert starts[pieces].sum() == 2
 
 
 def test_unique_genes_blocks_repeats(ranked, tiny):
@@ -207,7 +252,7 @@ def test_var_follows_a_subset_of_the_ranked_genes(pbmc68k, tiny):
         metadata=C2SMetadata(name="scripted"),
         path=Path(),
     )
-    generated = sc_c2s.tl.generate(subset, model=model, cell_types=["CD19+ B"])
+    generated = sc_c2s.tl.generate(subset, model=model, cell_types=["CD19+ B"], exact_length=False)
     assert generated.var_names.equals(subset.var_names)
     # three valid genes; only the first of them (raw column 0) is a column of the subset
     assert generated.obs["n_valid_genes"].iloc[0] == 3
@@ -225,7 +270,7 @@ def test_without_adata_uses_the_checkpoint_vocabulary(ranked, tiny):
     words = list(ranked.uns["c2s"]["genes"][:50])
     fit = {"slope": -0.5, "intercept": 2.0}
     model = scripted(tiny, ["DPM1", "CD99", "."], vocabulary=words, rank_fit=fit)
-    generated = sc_c2s.tl.generate(model=model, cell_types=["A549"], n_genes=5)
+    generated = sc_c2s.tl.generate(model=model, cell_types=["A549"], n_genes=5, exact_length=False)
     assert generated.var_names.tolist() == words
     np.testing.assert_allclose(generated.X.toarray()[0, :2], [2.0, 2.0 - 0.5 * math.log10(2)], rtol=1e-6)
     assert generated.uns["c2s_generate"]["params"]["vocabulary"] == "checkpoint"

@@ -72,6 +72,7 @@ def generate(
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     unique_genes: bool = True,
+    exact_length: bool = True,
     random_state: int = 0,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
@@ -80,8 +81,9 @@ def generate(
     """Generate cells of given types with a C2S model and turn them into expression.
 
     Each cell is prompted with the conditional generation prompt of :mod:`sc_c2s.prompts` and its sentence is
-    sampled token by token (temperature, then top-k, then top-p; see `unique_genes` for repeats) until the
-    sentence's closing period or the end-of-sequence token, within a token budget sized from `n_genes` and the tokenizer's tokens per gene.
+    sampled token by token (temperature, then top-k, then top-p; see `unique_genes` for repeats and
+    `exact_length` for the length) until the sentence's closing period or the end-of-sequence token, within a
+    token budget sized from `n_genes` and the tokenizer's tokens per gene.
     Every cell draws from its own seeded random stream, so `random_state` fixes the cells whatever
     `batch_size` (up to floating-point differences between batch shapes on some devices).
 
@@ -116,6 +118,13 @@ def generate(
         Never sample a gene that is already in the sentence, since a cell sentence names each gene once. This
         applies to tokenizers with one token per gene (the models :func:`sc_c2s.tl.finetune` trains from
         scratch); with sub-word tokenizers a token may start several genes, so sampling is left unconstrained.
+    exact_length
+        Write `n_genes` words per sentence, as the prompt asks: the closing period and the end-of-sequence token
+        are blocked until the sentence has `n_genes` words, and after that only tokens that end the sentence (or
+        finish its last word, with sub-word tokenizers) are allowed. A word begins with a token that the
+        tokenizer writes after a space; with sub-word tokenizers, a sentence can still come out shorter when the
+        token budget runs out. ``False`` lets the model end the sentence where it likes; models then tend to
+        stop early under `top_k` and `top_p`, which cut the long tail of rare genes but not the period.
     random_state
         Seed of the sampling.
     {doc_batch_size}
@@ -166,6 +175,7 @@ def generate(
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
     target = _target(adata, mod=mod, model=c2s_model)
     budget = _token_budget(c2s_model, target.words, n_genes)
+    starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
     if batch_size is None:
         on_gpu = c2s_model.device.type == "cuda"
         batch_size = _gpu_batch_size(c2s_model, budget["max_new_tokens"] + 64) if on_gpu else _CPU_BATCH
@@ -180,6 +190,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         gene_ids=budget["gene_ids"] if unique_genes else None,
+        length=None if starts is None else (n_genes, starts),
         random_state=random_state,
         batch_size=batch_size,
     )
@@ -201,6 +212,7 @@ def generate(
         "top_k": top_k,
         "top_p": top_p,
         "unique_genes": unique_genes and budget["gene_ids"] is not None,
+        "exact_length": exact_length,
         "random_state": random_state,
         "batch_size": batch_size,
         "max_new_tokens": budget["max_new_tokens"],
@@ -321,7 +333,8 @@ def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str,
     Tokens per gene are measured on the vocabulary as the model writes it (a space, then the upper-cased
     word). The period ends a sentence only if no gene contains its token (as in ``RP11-34P13.3`` with a
     sub-word tokenizer); otherwise the text is cut at the period afterwards. ``gene_ids`` are the tokens of
-    the genes the tokenizer knows, when every gene is one token; else ``None``.
+    the genes the tokenizer knows, when every gene is one token; else ``None``. ``reference`` is the first token
+    of the first gene, which :func:`_word_starts` writes other tokens after.
     """
     tokenizer = model.tokenizer
     spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
@@ -339,7 +352,22 @@ def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str,
         "max_new_tokens": max_new_tokens,
         "stop_ids": stop_ids,
         "gene_ids": gene_ids,
+        "reference": ids[0][0],
     }
+
+
+def _word_starts(tokenizer, *, reference: int) -> np.ndarray:
+    """Whether each token of the vocabulary begins a word: written after `reference`, it adds a space, then more.
+
+    Decoding pairs reads the word-start marker of any tokenizer (``Ġ`` of byte-level BPE, ``▁`` of
+    SentencePiece) and makes every token of a word-level tokenizer a word. Special tokens and tokens of
+    whitespace only begin none.
+    """
+    head = len(tokenizer.decode([reference], clean_up_tokenization_spaces=False))
+    texts = tokenizer.batch_decode([[reference, i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+    starts = np.array([text[head : head + 1].isspace() and not text[head:].isspace() for text in texts])
+    starts[tokenizer.all_special_ids] = False
+    return starts
 
 
 def _gpu_batch_size(model: C2SModel, n_tokens: int) -> int:
@@ -370,7 +398,9 @@ def _uniforms(random_state: int, cell: int, n_steps: int) -> np.ndarray:
 class _Sampler:
     """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call.
 
-    With `gene_ids`, a row never samples one of those tokens twice.
+    With `gene_ids`, a row never samples one of those tokens twice. With `length` (a number of words and the
+    vocabulary's word-start table), a row cannot stop before it has that many words, and after that it can only
+    stop or continue its last word.
     """
 
     def __init__(
@@ -381,10 +411,19 @@ class _Sampler:
         top_k: int | None,
         top_p: float | None,
         gene_ids: torch.Tensor | None,
+        stop_ids: torch.Tensor,
+        length: tuple[int, torch.Tensor] | None,
     ):
+        import torch
+
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
         self.gene_ids, self.used = gene_ids, None
         self.step = 0
+        self.length = length
+        if length is not None:
+            self.n_words, self.starts = length
+            self.is_stop = torch.zeros_like(self.starts).index_fill_(0, stop_ids, True)
+            self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         import torch
@@ -394,10 +433,15 @@ class _Sampler:
             if self.used is None:
                 self.used = torch.zeros_like(logits, dtype=torch.bool)
             logits = logits.masked_fill(self.used, -torch.inf)
+        if self.length is not None:
+            short = (self.words < self.n_words)[:, None]
+            logits = logits.masked_fill(torch.where(short, self.is_stop, self.starts), -torch.inf)
         token = _sample_token(logits, self.uniforms[:, self.step], self.temperature, self.top_k, self.top_p)
         if self.gene_ids is not None:
             is_gene = torch.isin(token, self.gene_ids)
             self.used[is_gene.nonzero()[:, 0], token[is_gene]] = True
+        if self.length is not None:
+            self.words += self.starts[token]
         self.step += 1
         return token
 
@@ -412,6 +456,7 @@ def _sample(
     top_k: int | None,
     top_p: float | None,
     gene_ids: np.ndarray | None,
+    length: tuple[int, np.ndarray] | None,
     random_state: int,
     batch_size: int,
 ) -> list[str]:
@@ -433,6 +478,8 @@ def _sample(
                 top_k=top_k,
                 top_p=top_p,
                 gene_ids=None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device),
+                stop_ids=torch.as_tensor(stop_ids, dtype=torch.long, device=c2s.device),
+                length=None if length is None else (length[0], torch.as_tensor(length[1], device=c2s.device)),
             )
             tokens, _ = _inference.decode(
                 c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
