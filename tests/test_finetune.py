@@ -32,7 +32,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def trained(_cellbench, tmp_path_factory):
-    """A tiny model trained from scratch on 240 CellBench cells; 60 held out."""
+    """A tiny model trained from scratch on 240 CellBench cells, a tenth of their genes dropped; 60 held out."""
     adata = _cellbench.copy()
     sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
     before = adata.copy()
@@ -45,6 +45,7 @@ def trained(_cellbench, tmp_path_factory):
         n_genes=N_GENES,
         epochs=4,
         batch_size=16,
+        gene_dropout=0.1,
         eval_fraction=EVAL_FRACTION,
     )
     return adata, before, path
@@ -100,6 +101,7 @@ def test_checkpoint_metadata(trained):
     assert training["base_model"] == "scratch"
     assert training["label_key"] == "cell_type"
     assert (training["epochs"], training["batch_size"], training["random_state"]) == (4, 16, 0)
+    assert training["gene_dropout"] == 0.1
     assert training["n_train_cells"] + len(training["eval_obs_names"]) == adata.n_obs
     assert training["n_samples"] == training["n_train_cells"]
     assert training["n_truncated"] == 0
@@ -283,6 +285,36 @@ def test_long_samples_lose_genes_never_the_answer(tokenizer, task):
     assert "2" in text and "5" not in text
 
 
+def test_gene_dropout_thins_prediction_sentences_only(tokenizer):
+    words = [["CD3D", "IL7R", "LTB", "MS4A1", "CD79A"]] * 200
+    samples = _training.encode(
+        tokenizer,
+        words,
+        ["T cell"] * 200,
+        tasks=("cell_type_prediction", "cell_type_generation"),
+        organism="Homo sapiens",
+        upper=True,
+        max_length=200,
+        gene_dropout=0.4,
+        rng=np.random.default_rng(0),
+    )
+    kept = []
+    for i in range(0, len(samples), 2):
+        text = tokens(tokenizer, samples.input_ids[i])
+        sentence = text[text.index("sentence") + 2 : text.index("The", 5)]
+        assert sentence[-1] == "." and 1 <= len(sentence) - 1 <= 5
+        # the kept genes in their order, and the prompt counts them
+        genes = sentence[:-1]
+        assert genes == [g for g in words[0] if g in genes]
+        assert text[text.index("of") + 1] == str(len(genes))
+        assert text[samples.n_prompt[i] :] == ["T", "cell", ".", "[EOS]"]
+        kept.append(len(genes))
+        generation = tokens(tokenizer, samples.input_ids[i + 1])
+        assert generation[samples.n_prompt[i + 1] :] == [*words[0], ".", "[EOS]"]
+    # each of the 5 genes stays with probability 0.6
+    assert np.mean(kept) == pytest.approx(3, abs=0.25)
+
+
 def test_sample_without_room_for_its_answer(tokenizer):
     with pytest.raises(ValueError, match="without any gene"):
         _training.encode(
@@ -322,6 +354,7 @@ def sentences(cellbench):
         (None, {"tasks": ("cell_type_prediction", "translation")}, ValueError, "tasks"),
         (None, {"tasks": ()}, ValueError, "tasks"),
         (None, {"eval_fraction": 1.0}, ValueError, "eval_fraction"),
+        (None, {"gene_dropout": 1.0}, ValueError, "gene_dropout"),
         (None, {"n_genes": 0}, ValueError, "n_genes"),
     ],
 )

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,6 +45,7 @@ def finetune(
     epochs: int | None = None,
     batch_size: int | None = None,
     learning_rate: float | None = None,
+    gene_dropout: float = 0.0,
     eval_fraction: float = 0.1,
     random_state: int = 0,
     device: str | None = None,
@@ -85,6 +87,11 @@ def finetune(
     learning_rate
         Peak learning rate of AdamW (linear warm-up, cosine decay); ``None``: ``2e-3`` from scratch, ``5e-5``
         for a pretrained model.
+    gene_dropout
+        Probability that a gene is left out of a cell's sentence in a cell-type prediction sample, drawn anew
+        every epoch (data augmentation; generation samples keep whole sentences). Sentences with genes missing
+        teach the model to rely on no single gene, which helps with cells whose detected genes differ, e.g. from
+        another protocol.
     eval_fraction
         Share of the cells of each label held out of training to score the model (``0``: none).
     random_state
@@ -119,6 +126,9 @@ def finetune(
     if not isinstance(n_genes, int | np.integer) or n_genes < 1:
         msg = f"`n_genes` must be a positive integer, got {n_genes!r}."
         raise ValueError(msg)
+    if not 0 <= gene_dropout < 1:
+        msg = f"`gene_dropout` must be in [0, 1), got {gene_dropout!r}."
+        raise ValueError(msg)
     if not 0 <= eval_fraction < 1:
         msg = f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}."
         raise ValueError(msg)
@@ -146,7 +156,8 @@ def finetune(
     organism = prompts.check_organism(organism if organism is not None else c2s_model.metadata.organism)
     tokenizer, model = c2s_model.tokenizer, c2s_model.model
     words = [genes[row[row >= 0]].tolist() for row in ranked[train_cells]]
-    samples = _training.encode(
+    encode = partial(
+        _training.encode,
         tokenizer,
         words,
         labels.iloc[train_cells].tolist(),
@@ -155,6 +166,7 @@ def finetune(
         upper=upper,
         max_length=_context(model, tokenizer),
     )
+    samples = encode()
     _check_unknown(tokenizer, samples, tasks)
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
@@ -171,6 +183,7 @@ def finetune(
         learning_rate=learning_rate,
         pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         random_state=random_state,
+        resample=(lambda rng: encode(gene_dropout=gene_dropout, rng=rng)) if gene_dropout else None,
     )
     train_seconds = time.perf_counter() - train_start
 
@@ -188,6 +201,7 @@ def finetune(
         "epochs": epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
+        "gene_dropout": gene_dropout,
         "eval_fraction": eval_fraction,
         "random_state": random_state,
         "n_train_cells": len(train_cells),

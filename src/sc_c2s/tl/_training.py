@@ -12,7 +12,7 @@ needs no extra dependency (the ``Trainer`` requires ``accelerate``).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -73,17 +73,25 @@ def encode(
     organism: str,
     upper: bool,
     max_length: int,
+    gene_dropout: float = 0.0,
+    rng: np.random.Generator | None = None,
 ) -> Samples:
     """Tokenise one sample per cell and task, cells first: ``[cell 0 task 0, cell 0 task 1, cell 1 task 0, …]``.
 
     The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), the answer
-    without, and EOS follows the answer.
+    without, and EOS follows the answer. With `gene_dropout`, each gene of a cell-type prediction sample's
+    sentence is left out with that probability (drawn from `rng`; at least one gene stays), the order of the
+    others kept; generation samples keep their whole sentence.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
         msg = "The tokenizer has no EOS token, so a trained model could not say where its answer ends."
         raise ValueError(msg)
-    jobs = [(task, cell_words, label) for cell_words, label in zip(words, labels, strict=True) for task in tasks]
+    jobs = [
+        (task, _drop(cell_words, gene_dropout, rng) if task == "cell_type_prediction" else cell_words, label)
+        for cell_words, label in zip(words, labels, strict=True)
+        for task in tasks
+    ]
     pairs = [texts(task, w, label, organism=organism, upper=upper) for task, w, label in jobs]
     ids = _tokenize(tokenizer, pairs, eos)
     n_truncated = 0
@@ -96,6 +104,16 @@ def encode(
         n_prompt=np.array([len(p) for p, _ in ids], dtype=np.int64),
         n_truncated=n_truncated,
     )
+
+
+def _drop(words: Sequence[str], rate: float, rng: np.random.Generator | None) -> Sequence[str]:
+    """`words` without a random share `rate` of them, in order; at least one stays."""
+    if not rate or len(words) < 2:
+        return words
+    keep = rng.random(len(words)) >= rate
+    if not keep.any():
+        keep[rng.integers(len(words))] = True
+    return [w for w, k in zip(words, keep, strict=True) if k]
 
 
 def _tokenize(
@@ -213,10 +231,13 @@ def train(
     pad_id: int,
     random_state: int = 0,
     weight_decay: float = 0.01,
+    resample: Callable[[np.random.Generator], Samples] | None = None,
 ) -> list[float]:
     """Train `model` in place with AdamW, linear warm-up and cosine decay; return the mean sample loss per epoch.
 
-    On CUDA the forward pass runs in bf16 autocast over float32 weights.
+    `resample`, if given, makes each epoch's samples in place of `samples` (as many, in the same order), from
+    the loop's seeded generator: augmented data drawn anew every epoch. On CUDA the forward pass runs in bf16
+    autocast over float32 weights.
     """
     import torch
     from tqdm.auto import tqdm
@@ -224,7 +245,6 @@ def train(
     device = next(model.parameters()).device
     torch.manual_seed(random_state)
     rng = np.random.default_rng(random_state)
-    lengths = np.array([len(ids) for ids in samples.input_ids])
     steps_per_epoch = math.ceil(len(samples) / batch_size)
     total = epochs * steps_per_epoch
     warmup = max(1, int(_WARMUP * total))
@@ -238,6 +258,9 @@ def train(
     with tqdm(total=total, desc="fine-tuning", unit="step") as bar:
         for epoch in range(epochs):
             epoch_loss = 0.0
+            if resample is not None:
+                samples = resample(rng)
+            lengths = np.array([len(ids) for ids in samples.input_ids])
             for index in batches(lengths, batch_size, rng):
                 batch = {k: v.to(device) for k, v in collate(samples, index, pad_id).items()}
                 with autocast:
