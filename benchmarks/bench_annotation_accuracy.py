@@ -33,7 +33,8 @@ Cost: a training step of 32 samples takes ~0.5 s of CPU on one thread (~15,000 t
 
 Train time is the wall time of ``finetune`` (sentences tokenised, model trained, checkpoint written) and of
 ``LogisticRegression.fit``; cells/s is prediction on the test cells. The CPU is shared: the load average and the
-CPU time of training are printed too. On a busy machine, use one torch thread.
+CPU time of training are printed too. On a busy machine, use one torch thread: at a load average of 3 on 2 cores, a
+pbmc4k step took 0.95 s with one thread and 1.4-1.8 s with two.
 
     python benchmarks/bench_annotation_accuracy.py --threads 2   # both datasets, on an idle 2-core machine
     python benchmarks/bench_annotation_accuracy.py --threads 1   # one torch thread (faster on a busy machine)
