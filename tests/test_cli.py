@@ -117,6 +117,17 @@ def test_generate_without_data_uses_the_checkpoint(tmp_path, checkpoint):
     generated = ad.read_h5ad(out)
     assert generated.n_obs == 2
     assert generated.var_names.tolist() == C2SMetadata.read(checkpoint).vocabulary
+    assert generated.obs["n_valid_genes"].tolist() == [10, 10]  # exact length by default
+
+
+def test_generate_sampling_switches(tmp_path, checkpoint):
+    out = tmp_path / "generated.h5ad"
+    argv = ["-q", "generate", "--model", str(checkpoint), "--cell-types", "H2228=2", "--n-genes", "10"]
+    argv += ["--allow-repeats", "--any-length"]
+    assert cli.main([*argv, "--out", str(out)]) == cli.EXIT_OK
+    params = ad.read_h5ad(out).uns["c2s_generate"]["params"]
+    assert not params["unique_genes"]
+    assert not params["exact_length"]
 
 
 def test_annotate(tmp_path, checkpoint, small_file):

@@ -145,6 +145,12 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--top-p", type=float, default=0.95, help="nucleus sampling, 1 for none (default: %(default)s)"
     )
+    generate.add_argument(
+        "--allow-repeats", action="store_true", help="let a sentence name a gene more than once (default: once)"
+    )
+    generate.add_argument(
+        "--any-length", action="store_true", help="let the model end a sentence early (default: --n-genes genes)"
+    )
     generate.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     _add_ranking(generate)
     _add_device(generate)
@@ -289,6 +295,8 @@ def _generate(args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_k=args.top_k or None,
         top_p=None if args.top_p == 1 else args.top_p,
+        unique_genes=not args.allow_repeats,
+        exact_length=not args.any_length,
         random_state=args.seed,
         batch_size=args.batch_size,
         mod=args.mod,
