@@ -17,21 +17,13 @@ from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _training
 from sc_c2s.tl._finetune import scores, split
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_GENES = 20
 EVAL_FRACTION = 0.2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from several threads, and on a shared runner extra threads slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def trained(_cellbench, tmp_path_factory):
+def trained(_cellbench, tmp_path_factory, one_torch_thread):
     """A tiny model trained from scratch on 240 CellBench cells, a tenth of their genes dropped; 60 held out."""
     adata = _cellbench.copy()
     sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
