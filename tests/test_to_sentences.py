@@ -499,8 +499,14 @@ def test_negative_in_a_layer_names_the_layer():
             ValueError,
             r"are empty or contain whitespace",
         ),
+        (
+            pd.DataFrame({"sym": ["A", "B", "C\nD", "E", "F"]}, index=GENES),
+            {"gene_symbols": "sym"},
+            ValueError,
+            r"1 gene names in var\['sym'\] are empty or contain whitespace \(e\.g\. 'C\\nD'\)",
+        ),
     ],
-    ids=["duplicated", "duplicated_symbols", "missing_symbols", "no_column", "space", "empty_name"],
+    ids=["duplicated", "duplicated_symbols", "missing_symbols", "no_column", "space", "empty_name", "newline"],
 )
 def test_bad_gene_names(container, var, kwargs, error, match):
     with warnings.catch_warnings():

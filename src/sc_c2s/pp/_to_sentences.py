@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
 import warnings
 from itertools import pairwise
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 from scanpy import logging as logg
 
 from sc_c2s import _rank_model
@@ -16,6 +18,7 @@ from ._rank import numba_threads, rank_genes
 
 #: Most bytes of sentence text held at once besides the strings themselves.
 _BUFFER_BYTES = 64 * 2**20
+_WHITESPACE = re.compile(r"\s")
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -162,20 +165,22 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
             f"a sentence needs one word per gene. Make them unique with `{fix}`, or sum duplicated genes first."
         )
         raise ValueError(msg)
-    bad = names[~names.str.fullmatch(r"\S+")]
-    if len(bad):
+    words = names.to_numpy(dtype=object)
+    # checks over all names at once; pandas looks for the offending names only when there are some
+    if not all(words) or _WHITESPACE.search("".join(words)):
+        bad = names[~names.str.fullmatch(r"\S+")]
         msg = f"{len(bad)} gene names in {where} are empty or contain whitespace (e.g. {bad.iloc[0]!r}); rename them."
         raise ValueError(msg)
-    upper = names.str.upper()
-    collide = names[upper.duplicated(keep=False)]
-    if len(collide):
+    upper = "\n".join(words).upper().split("\n")  # no name holds a newline: checked above
+    if len(set(upper)) < len(upper):
+        collide = names[pd.Index(upper).duplicated(keep=False)]
         warnings.warn(
             f"{len(collide)} gene names in {where} differ only by case (e.g. {', '.join(collide[:4])}); they become "
             "the same word for the published checkpoints, which read upper-cased genes.",
             UserWarning,
             stacklevel=3,
         )
-    return names.to_numpy(dtype=object)
+    return words
 
 
 def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
