@@ -48,7 +48,7 @@ class Scripted(torch.nn.Module):
         super().__init__()
         self.script, self.vocab_size = script, vocab_size
         self.anchor = torch.nn.Parameter(torch.zeros(1))
-        self.config = SimpleNamespace(max_position_embeddings=4096)
+        self.config = SimpleNamespace(max_position_embeddings=4096, vocab_size=vocab_size)
 
     def forward(self, input_ids, past_key_values=None, **kwargs):
         step = 0 if past_key_values is None else past_key_values
@@ -57,9 +57,9 @@ class Scripted(torch.nn.Module):
         return SimpleNamespace(logits=logits, past_key_values=step + 1)
 
 
-def scripted(tiny: C2SModel, words: list[str], **metadata) -> C2SModel:
+def scripted(tiny: C2SModel, words: list[str], *, vocab_size: int | None = None, **metadata) -> C2SModel:
     ids = tiny.tokenizer.convert_tokens_to_ids(words)
-    model = Scripted(ids, len(tiny.tokenizer))
+    model = Scripted(ids, vocab_size or len(tiny.tokenizer))
     return C2SModel(
         model=model, tokenizer=tiny.tokenizer, metadata=C2SMetadata(name="scripted", **metadata), path=Path()
     )
@@ -124,6 +124,15 @@ def test_exact_length_blocks_the_early_period_and_ends_after_n_genes(ranked, tin
     never = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=10, unique_genes=False)
     assert never.obs["c2s_sentence"].iloc[0] == " ".join(["DPM1"] * 10)
     assert never.uns["c2s_generate"]["params"]["exact_length"]
+
+
+def test_exact_length_with_an_output_vocabulary_wider_than_the_tokenizer(ranked, tiny):
+    # like Pythia's, whose 50,277 tokens have 50,304 logits: the extra logits are masks' padding, not words
+    model = scripted(tiny, ["DPM1", "."], vocab_size=len(tiny.tokenizer) + 27)
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=["A549"], n_genes=5)
+    words = generated.obs["c2s_sentence"].iloc[0].split()
+    assert len(words) == 5
+    assert words[0] == "DPM1"
 
 
 def test_exact_length_with_a_random_model(ranked, tiny):

@@ -4,7 +4,7 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -395,12 +395,23 @@ def _uniforms(random_state: int, cell: int, n_steps: int) -> np.ndarray:
     return np.random.Generator(bit_generator).random(n_steps)
 
 
+class _Length(NamedTuple):
+    """What `exact_length` needs, made once per call.
+
+    The number of words, and two masks over the model's output vocabulary (which may be padded beyond the
+    tokenizer's): the tokens that begin a word, and those that stop the sentence.
+    """
+
+    n_words: int
+    starts: torch.Tensor
+    is_stop: torch.Tensor
+
+
 class _Sampler:
     """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call.
 
-    With `gene_ids`, a row never samples one of those tokens twice. With `length` (a number of words and the
-    vocabulary's word-start table), a row cannot stop before it has that many words, and after that it can only
-    stop or continue its last word.
+    With `gene_ids`, a row never samples one of those tokens twice. With `length`, a row cannot stop before it
+    has that many words, and after that it can only stop or continue its last word.
     """
 
     def __init__(
@@ -411,19 +422,15 @@ class _Sampler:
         top_k: int | None,
         top_p: float | None,
         gene_ids: torch.Tensor | None,
-        stop_ids: torch.Tensor,
-        length: tuple[int, torch.Tensor] | None,
+        length: _Length | None,
     ):
         import torch
 
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
         self.gene_ids, self.used = gene_ids, None
-        self.step = 0
         self.length = length
-        if length is not None:
-            self.n_words, self.starts = length
-            self.is_stop = torch.zeros_like(self.starts).index_fill_(0, stop_ids, True)
-            self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
+        self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
+        self.step = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         import torch
@@ -434,14 +441,14 @@ class _Sampler:
                 self.used = torch.zeros_like(logits, dtype=torch.bool)
             logits = logits.masked_fill(self.used, -torch.inf)
         if self.length is not None:
-            short = (self.words < self.n_words)[:, None]
-            logits = logits.masked_fill(torch.where(short, self.is_stop, self.starts), -torch.inf)
+            short = (self.words < self.length.n_words)[:, None]
+            logits = logits.masked_fill(torch.where(short, self.length.is_stop, self.length.starts), -torch.inf)
         token = _sample_token(logits, self.uniforms[:, self.step], self.temperature, self.top_k, self.top_p)
         if self.gene_ids is not None:
             is_gene = torch.isin(token, self.gene_ids)
             self.used[is_gene.nonzero()[:, 0], token[is_gene]] = True
         if self.length is not None:
-            self.words += self.starts[token]
+            self.words += self.length.starts[token]
         self.step += 1
         return token
 
@@ -466,6 +473,16 @@ def _sample(
     ids = _inference.tokenize(c2s, texts)
     _inference.check_prompts(c2s, ids, room=max_new_tokens)
     pad_id = _inference.pad_id(c2s.tokenizer)
+    gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
+    exact = None
+    if length is not None:
+        n_words, starts = length
+        vocab_size = c2s.model.config.vocab_size
+        is_start = torch.zeros(vocab_size, dtype=torch.bool, device=c2s.device)
+        is_start[: len(starts)] = torch.as_tensor(starts, device=c2s.device)
+        is_stop = torch.zeros(vocab_size, dtype=torch.bool, device=c2s.device)
+        is_stop[stop_ids] = True
+        exact = _Length(n_words, is_start, is_stop)
     out: list[str] = [""] * len(texts)
     with _inference.inference(c2s.model):
         for batch in _inference.batches(
@@ -477,9 +494,8 @@ def _sample(
                 temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
-                gene_ids=None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device),
-                stop_ids=torch.as_tensor(stop_ids, dtype=torch.long, device=c2s.device),
-                length=None if length is None else (length[0], torch.as_tensor(length[1], device=c2s.device)),
+                gene_ids=gene_tensor,
+                length=exact,
             )
             tokens, _ = _inference.decode(
                 c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
