@@ -32,9 +32,9 @@ import torch
 import transformers
 
 import sc_c2s
-from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models import C2SMetadata, C2SModel, _runtime
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _annotate, _inference
+from sc_c2s.tl import _annotate
 
 CELLS = Path(__file__).parents[1] / "tests" / "data" / "cellbench_300.h5ad"
 N_GENES = 200
@@ -92,9 +92,9 @@ def run(c2s: C2SModel, cells: ad.AnnData, labels: list[str], *, n_loop: int, bat
     device = c2s.device
     n_params = sum(p.numel() for p in c2s.model.parameters()) / 1e6
     n_tokens = np.mean(
-        [len(i) for i in _inference.tokenize(c2s, sc_c2s.prompts.cell_type_prediction_prompts(cells[:50]))]
+        [len(i) for i in _runtime.tokenize(c2s.tokenizer, sc_c2s.prompts.cell_type_prediction_prompts(cells[:50]))]
     )
-    batch = _inference.resolve_batch_size(batch_size, device)
+    batch = _runtime.resolve_batch_size(batch_size, device)
     print(
         f"\n{c2s.name}: {n_params:.1f}M parameters, {str(c2s.dtype).removeprefix('torch.')} on {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
@@ -134,7 +134,7 @@ def run(c2s: C2SModel, cells: ad.AnnData, labels: list[str], *, n_loop: int, bat
 
 def generate_loop(c2s: C2SModel, cells: ad.AnnData) -> list[str]:
     """The reference's way: each cell's prompt alone through ``generate()``, greedy, answer cut at the period."""
-    tokenizer, stop = c2s.tokenizer, _inference.period_ids(c2s.tokenizer)
+    tokenizer, stop = c2s.tokenizer, _runtime.period_ids(c2s.tokenizer)
     answers = []
     with torch.inference_mode():
         for prompt in sc_c2s.prompts.cell_type_prediction_prompts(cells, n_genes=N_GENES):

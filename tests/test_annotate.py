@@ -13,9 +13,9 @@ from scipy.special import softmax
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _runtime
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _annotate, _inference
+from sc_c2s.tl import _annotate, _utils
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_GENES = 12  # the longest sentence of the `short_sentences` cells
@@ -48,7 +48,7 @@ def trained(_cellbench, one_torch_thread) -> tuple[C2SModel, ad.AnnData, np.ndar
     answers = adata.obs["cell_type"][~held_out].astype(str)
     answer_ids = tokenizer([prompts.answer(a) for a in answers], add_special_tokens=False)["input_ids"]
     ids = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
-    input_ids, mask, positions = _inference.left_pad(ids, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    input_ids, mask, positions = _runtime.left_pad(ids, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
     labels = torch.full_like(input_ids, -100)  # learn the answers only
     for row, answer in enumerate(answer_ids):
         labels[row, -len(answer) :] = torch.as_tensor(answer)
@@ -96,12 +96,12 @@ def test_constrained_scores_match_full_sequences(short_sentences, tiny, full_log
     answers = [tiny.tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in LONG_LABELS]
     assert list(map(len, answers)) == [2, 3, 5, 4]
     if max_packed is not None:  # [A549, H1975 cell], [H2228 lung cell line], [HCC827 cell line]
-        monkeypatch.setattr(_annotate, "LOGIT_BUDGET", 5 * len(tiny.tokenizer) * max_packed)
-        groups = _annotate.pack_candidates(answers, pad_id=0, device=torch.device("cpu"), max_packed=max_packed)
+        monkeypatch.setattr(_candidates, "LOGIT_BUDGET", 5 * len(tiny.tokenizer) * max_packed)
+        groups = _candidates.pack_candidates(answers, pad_id=0, device=torch.device("cpu"), max_packed=max_packed)
         assert [len(g.first) for g in groups] == [2, 1, 1]
 
-    words = _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
-    ids = _inference.tokenize(tiny, _inference.prediction_prompts(words, organism="Homo sapiens"))
+    words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
+    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
     assert len(set(map(len, ids))) == 10  # batches of 5 mix prompt lengths: left padding at work
     loglik = _annotate.score_labels(tiny, ids, LONG_LABELS, batch_size=5)
     np.testing.assert_allclose(loglik, full_loglik, atol=1e-4)
@@ -134,7 +134,7 @@ def test_free_answers_match_one_cell_at_a_time_generate(short_sentences, tiny, s
     short_sentences = short_sentences[:16].copy()
     sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, batch_size=8)
 
-    stop = _inference.period_ids(tiny.tokenizer)
+    stop = _runtime.period_ids(tiny.tokenizer)
     assert tiny.tokenizer.convert_tokens_to_ids(".") in stop
     assert tiny.tokenizer.eos_token_id in stop
     expected = []
@@ -213,11 +213,11 @@ def test_organism_and_casing_reach_the_prompt(short_sentences, tiny):
 
     short_sentences.uns["c2s"]["genes"] = [g.lower() for g in short_sentences.uns["c2s"]["genes"]]
     words = prompts.sentence_words(short_sentences, n_genes=N_GENES)
-    assert _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None) == [
+    assert _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None) == [
         [w.upper() for w in c] for c in words
     ]
     lower = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="lower", upper_case=False), Path("lower"))
-    assert _inference.cell_words(short_sentences, lower, n_genes=N_GENES, mod=None) == words
+    assert _utils.cell_words(short_sentences, lower, n_genes=N_GENES, mod=None) == words
 
 
 def test_copy_leaves_input_untouched(short_sentences, tiny):

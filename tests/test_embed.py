@@ -10,9 +10,9 @@ import torch
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models import C2SMetadata, C2SModel, _runtime
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _embed, _inference
+from sc_c2s.tl import _embed, _utils
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_GENES = 12  # the longest sentence of the `short_sentences` cells
@@ -29,8 +29,8 @@ def tiny(_short_sentences) -> C2SModel:
 
 
 def test_sentence_span_is_exactly_the_gene_tokens(short_sentences, tiny):
-    words = _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
-    ids = _inference.tokenize(tiny, _inference.prediction_prompts(words, organism="Homo sapiens"))
+    words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
+    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
     spans = _embed.sentence_spans(tiny, ids, words, organism="Homo sapiens")
 
     for seq, span, cell in zip(ids, spans, words, strict=True):
@@ -45,7 +45,7 @@ def test_embedding_is_the_mean_over_gene_tokens(short_sentences, tiny):
     sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, batch_size=7)
 
     expected = []
-    for cell in _inference.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None):
+    for cell in _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None):
         text = prompts.cell_type_prediction(cell)
         ids = torch.as_tensor([tiny.tokenizer(text)["input_ids"]])
         with torch.no_grad():

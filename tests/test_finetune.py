@@ -11,10 +11,10 @@ from sklearn.metrics import accuracy_score, f1_score
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, load
+from sc_c2s.models import C2SMetadata, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _training
+from sc_c2s.tl import _samples
 from sc_c2s.tl._finetune import scores, split
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -197,7 +197,7 @@ def tokens(tokenizer, ids) -> list[str]:
 
 def test_samples_mask_the_prompt_and_end_with_eos(tokenizer):
     words = [["CD3D", "IL7R", "LTB"], ["MS4A1", "CD79A"]]
-    samples = _training.encode(
+    samples = _samples.encode(
         tokenizer,
         words,
         ["T cell", "B cell"],
@@ -212,7 +212,7 @@ def test_samples_mask_the_prompt_and_end_with_eos(tokenizer):
     assert samples.n_prompt[0] == n_prompt
     assert tokens(tokenizer, samples.input_ids[0][n_prompt:]) == ["T", "cell", ".", "[EOS]"]
     labels = samples.labels(0)
-    assert (labels[:n_prompt] == _training.IGNORE_INDEX).all()
+    assert (labels[:n_prompt] == _trainer.IGNORE_INDEX).all()
     np.testing.assert_array_equal(labels[n_prompt:], samples.input_ids[0][n_prompt:])
     # generation: the label is in the prompt, the sentence is the answer
     generation = tokens(tokenizer, samples.input_ids[3])
@@ -222,7 +222,7 @@ def test_samples_mask_the_prompt_and_end_with_eos(tokenizer):
 
 
 def test_batches_pad_left_and_keep_eos_in_the_loss(tokenizer):
-    samples = _training.encode(
+    samples = _samples.encode(
         tokenizer,
         [["CD3D", "IL7R", "LTB"], ["MS4A1"]],
         ["T cell", "B"],
@@ -231,7 +231,7 @@ def test_batches_pad_left_and_keep_eos_in_the_loss(tokenizer):
         upper=True,
         max_length=200,
     )
-    batch = _training.collate(samples, [0, 1], tokenizer.pad_token_id)
+    batch = _trainer.collate(samples, [0, 1], tokenizer.pad_token_id)
     n_long, n_short = (len(ids) for ids in samples.input_ids)
     assert n_long == n_short + 3  # two genes and one label word more
     np.testing.assert_array_equal(batch["attention_mask"][1], [0] * 3 + [1] * n_short)
@@ -239,13 +239,13 @@ def test_batches_pad_left_and_keep_eos_in_the_loss(tokenizer):
     np.testing.assert_array_equal(batch["position_ids"][1, 3:], np.arange(n_short))
     np.testing.assert_array_equal(batch["position_ids"][0], np.arange(n_long))
     for row in range(2):
-        targets = batch["labels"][row][batch["labels"][row] != _training.IGNORE_INDEX]
+        targets = batch["labels"][row][batch["labels"][row] != _trainer.IGNORE_INDEX]
         assert tokens(tokenizer, targets)[-2:] == [".", "[EOS]"]
         assert batch["attention_mask"][row, -1] == 1
     # the loss of the padded batch is the mean of the unpadded samples' losses over their answer tokens (4 and 3)
     model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2).eval()
     with torch.no_grad():
-        padded = _training.loss(model, batch).item()
+        padded = _trainer.loss(model, batch).item()
         unpadded = [
             model(
                 input_ids=torch.from_numpy(samples.input_ids[i])[None], labels=torch.from_numpy(samples.labels(i))[None]
@@ -258,10 +258,10 @@ def test_batches_pad_left_and_keep_eos_in_the_loss(tokenizer):
 @pytest.mark.parametrize("task", ["cell_type_prediction", "cell_type_generation"])
 def test_long_samples_lose_genes_never_the_answer(tokenizer, task):
     words = ["CD3D", "IL7R", "LTB", "MS4A1", "CD79A"]
-    (full,) = _training.encode(
+    (full,) = _samples.encode(
         tokenizer, [words], ["T cell"], tasks=(task,), organism="Homo sapiens", upper=True, max_length=200
     ).input_ids
-    samples = _training.encode(
+    samples = _samples.encode(
         tokenizer, [words], ["T cell"], tasks=(task,), organism="Homo sapiens", upper=True, max_length=len(full) - 3
     )
     assert samples.n_truncated == 1
@@ -279,7 +279,7 @@ def test_long_samples_lose_genes_never_the_answer(tokenizer, task):
 
 def test_gene_dropout_thins_prediction_sentences_only(tokenizer):
     words = [["CD3D", "IL7R", "LTB", "MS4A1", "CD79A"]] * 200
-    samples = _training.encode(
+    samples = _samples.encode(
         tokenizer,
         words,
         ["T cell"] * 200,
@@ -309,7 +309,7 @@ def test_gene_dropout_thins_prediction_sentences_only(tokenizer):
 
 def test_sample_without_room_for_its_answer(tokenizer):
     with pytest.raises(ValueError, match="without any gene"):
-        _training.encode(
+        _samples.encode(
             tokenizer,
             [["CD3D"]],
             ["T cell"],

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sc_c2s
+from sc_c2s._compat import cache_name
 from sc_c2s._rank_model import RankFit
 from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
@@ -50,11 +51,12 @@ class Scripted(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1))
         self.config = SimpleNamespace(max_position_embeddings=4096, vocab_size=vocab_size)
 
-    def forward(self, input_ids, past_key_values=None, **kwargs):
-        step = 0 if past_key_values is None else past_key_values
+    def forward(self, input_ids, **kwargs):
+        # the "cache" is the number of steps taken, under the name the installed transformers uses
+        step = kwargs.get(cache_name()) or 0
         logits = torch.full((input_ids.shape[0], 1, self.vocab_size), -100.0)
         logits[:, :, self.script[min(step, len(self.script) - 1)]] = 100.0
-        return SimpleNamespace(logits=logits, past_key_values=step + 1)
+        return SimpleNamespace(logits=logits, **{cache_name(): step + 1})
 
 
 def scripted(tiny: C2SModel, words: list[str], *, vocab_size: int | None = None, **metadata) -> C2SModel:

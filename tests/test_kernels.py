@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import sparse
 
+from sc_c2s._utils._numba import numba_threads
 from sc_c2s.pp import _kernels, _rank, _to_sentences
 from sc_c2s.pp._rank import NotExpressionError, rank_genes
 from sc_c2s.pp._to_sentences import join_sentences
@@ -326,7 +327,7 @@ class _Shaped:
 def test_threads_follow_scanpy_n_jobs(setting, expected):
     sc.settings.n_jobs = setting
     before = numba.get_num_threads()
-    with _rank.numba_threads() as n:
+    with numba_threads() as n:
         assert n == expected == numba.get_num_threads()
     assert numba.get_num_threads() == before
 

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from sc_c2s import models
 from sc_c2s.models import C2SMetadata, C2SModel, _download, _registry
-from sc_c2s.models._load import _device_and_dtype
 from sc_c2s.models._metadata import TASKS
+from sc_c2s.models._runtime import device_and_dtype
 from sc_c2s.models._scratch import build_model, build_tokenizer
 
 GENES = [f"GENE{i}" for i in range(40)]
@@ -374,18 +374,18 @@ def test_device_and_dtype_choice(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert _device_and_dtype(None, None) == (cpu, torch.float32)  # never MPS unless asked for
+    assert device_and_dtype(None, None) == (cpu, torch.float32)  # never MPS unless asked for
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert _device_and_dtype(None, None) == (torch.device("cuda"), torch.bfloat16)
+    assert device_and_dtype(None, None) == (torch.device("cuda"), torch.bfloat16)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert _device_and_dtype("cuda:1", None) == (torch.device("cuda:1"), torch.float16)
-    assert _device_and_dtype("cpu", None) == (cpu, torch.float32)
-    assert _device_and_dtype(cpu, "bfloat16") == (cpu, torch.bfloat16)
-    assert _device_and_dtype("cpu", torch.float16) == (cpu, torch.float16)
+    assert device_and_dtype("cuda:1", None) == (torch.device("cuda:1"), torch.float16)
+    assert device_and_dtype("cpu", None) == (cpu, torch.float32)
+    assert device_and_dtype(cpu, "bfloat16") == (cpu, torch.bfloat16)
+    assert device_and_dtype("cpu", torch.float16) == (cpu, torch.float16)
     for bad in ("int8", "nonsense", torch.int64):
         with pytest.raises(ValueError, match="floating-point torch dtype"):
-            _device_and_dtype("cpu", bad)
+            device_and_dtype("cpu", bad)
 
 
 def test_tokenizer_without_padding_token_pads_with_eos(checkpoints, tmp_path):

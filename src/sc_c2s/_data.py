@@ -10,15 +10,11 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
+from ._keys import C2S, GENES
+
 if TYPE_CHECKING:
     from mudata import MuData
 
-#: Key of the :attr:`~anndata.AnnData.uns` entry written by :func:`sc_c2s.pp.to_sentences`.
-C2S_KEY = "c2s"
-#: Key of the ranked gene indices in :attr:`~anndata.AnnData.obsm`.
-GENES_KEY = "c2s_genes"
-#: Key of the sentence strings in :attr:`~anndata.AnnData.obs`.
-SENTENCE_KEY = "c2s_sentence"
 DEFAULT_MOD = "rna"
 
 
@@ -138,14 +134,14 @@ class DataHandler:
 
     def c2s(self) -> dict:
         """Return the results of :func:`sc_c2s.pp.to_sentences`, or raise a clear error if it has not run."""
-        if C2S_KEY not in self.uns or GENES_KEY not in self.obsm:
+        if C2S not in self.uns or GENES not in self.obsm:
             where = f"the {self.mod!r} modality" if self.is_mudata else "this AnnData"
             msg = (
-                f"No cell sentences found in {where} (`uns[{C2S_KEY!r}]` and `obsm[{GENES_KEY!r}]`). "
+                f"No cell sentences found in {where} (`uns[{C2S!r}]` and `obsm[{GENES!r}]`). "
                 "Run `sc_c2s.pp.to_sentences(adata)` first."
             )
             raise KeyError(msg)
-        return self.uns[C2S_KEY]
+        return self.uns[C2S]
 
     def save(self, attr: str, key: str, value: Any) -> None:
         """Write one result into ``obs``, ``obsm`` or ``uns``; ``obs`` columns are mirrored into ``mdata.obs``."""

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sc_c2s import _keys
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
@@ -240,10 +242,10 @@ def _write(data: AnnData | MuData, path: Path) -> None:
 def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
     """Rank genes into sentences unless the data already has them."""
     import sc_c2s
-    from sc_c2s._data import C2S_KEY, GENES_KEY, DataHandler
+    from sc_c2s._data import DataHandler
 
     handler = DataHandler(data, args.mod)
-    if C2S_KEY in handler.uns and GENES_KEY in handler.obsm:
+    if _keys.C2S in handler.uns and _keys.GENES in handler.obsm:
         return
     start = _step("ranking genes into cell sentences")
     sc_c2s.pp.to_sentences(data, gene_symbols=args.gene_symbols, layer=args.layer, mod=args.mod)
@@ -355,7 +357,7 @@ def _demo(args: argparse.Namespace) -> None:
     model = _model("demo", device=args.device)
     start = _step("[3/6] annotating cell types with the demo model's labels")
     sc_c2s.tl.annotate(adata, model=model, labels="model", batch_size=args.batch_size)
-    accuracy = float(np.mean(adata.obs["c2s_cell_type"].astype(str) == adata.obs[label_key].astype(str)))
+    accuracy = float(np.mean(adata.obs[_keys.CELL_TYPE].astype(str) == adata.obs[label_key].astype(str)))
     _done(start)
 
     types = [t for t in adata.obs[label_key].value_counts().index if t in set(model.metadata.labels or [])][:4]

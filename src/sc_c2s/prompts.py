@@ -93,11 +93,12 @@ def answer(text: str) -> str:
 
 def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: str | None = None) -> list[list[str]]:
     """Gene words of each cell's sentence, best first, from ``obsm["c2s_genes"]``, truncated to `n_genes`."""
-    from ._data import GENES_KEY, DataHandler
+    from ._data import DataHandler
+    from ._keys import GENES
 
     handler = DataHandler(adata, mod)
     genes = np.asarray(handler.c2s()["genes"], dtype=object)
-    ranked = np.asarray(handler.obsm[GENES_KEY])[:, :n_genes]
+    ranked = np.asarray(handler.obsm[GENES])[:, :n_genes]
     return [genes[row[row >= 0]].tolist() for row in ranked]
 
 

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pooch
 from scanpy import logging as logg
 
-from . import _download, _registry
+from . import _download, _registry, _runtime
 from ._metadata import METADATA_FILE, C2SMetadata
 from ._model import C2SModel
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
-
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 #: Files of a checkpoint directory that `load` hashes: configuration, weights and tokenizer (not optimizer states).
 _CHECKPOINT_SUFFIXES = frozenset({".json", ".safetensors", ".bin", ".model", ".txt"})
@@ -138,70 +134,13 @@ def _open(
     device: str | torch.device | None,
     dtype: str | torch.dtype | None,
 ) -> C2SModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device, dtype = _device_and_dtype(device, dtype)
+    device, dtype = _runtime.device_and_dtype(device, dtype)
     start = logg.info(f"loading {metadata.name or path.name} on {device} in {str(dtype).removeprefix('torch.')}")
-    with _no_progress_bars():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=False)
-    _prepare_tokenizer(tokenizer, model, path)
+    tokenizer, model = _runtime.from_pretrained(path, dtype=dtype)
+    _runtime.prepare_tokenizer(tokenizer, model, path)
     model.to(device).eval()
     logg.info("    finished", time=start)
     return C2SModel(model=model, tokenizer=tokenizer, metadata=metadata, path=path, revision=revision, sha256=sha256)
-
-
-def _device_and_dtype(
-    device: str | torch.device | None, dtype: str | torch.dtype | None
-) -> tuple[torch.device, torch.dtype]:
-    """Choose the device and dtype to load on: CUDA in bfloat16 when there is a GPU, else the CPU in float32."""
-    import torch
-
-    device = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
-    if dtype is None:
-        if device.type != "cuda":
-            return device, torch.float32
-        return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
-        msg = f"`dtype` must be a floating-point torch dtype such as torch.bfloat16 or 'float32', got {dtype!r}."
-        raise ValueError(msg)
-    return device, resolved
-
-
-@contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Hide the progress bars transformers shows while loading weights."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, path: Path) -> None:
-    """Pad on the left with a padding token the model knows, and check the tokenizer fits the model."""
-    n_tokens, n_rows = len(tokenizer), model.get_input_embeddings().num_embeddings
-    if not n_rows // 2 <= n_tokens <= n_rows:
-        msg = (
-            f"The tokenizer of {path} has {n_tokens} tokens but the model embeds {n_rows}: they do not belong "
-            "together, or the tokenizer was not read correctly (a SentencePiece `tokenizer.model`, as Gemma "
-            "checkpoints have, needs `pip install sentencepiece protobuf`)."
-        )
-        raise ValueError(msg)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            msg = f"The tokenizer of {path} has neither a padding nor an end-of-sequence token to pad with."
-            raise ValueError(msg)
-        tokenizer.pad_token = tokenizer.eos_token
-    for config in (model.config, model.generation_config):
-        if getattr(config, "pad_token_id", None) is None:
-            config.pad_token_id = tokenizer.pad_token_id
 
 
 def _metadata(path: Path) -> C2SMetadata:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._metadata import C2SMetadata
+from ._runtime import model_device
 
 if TYPE_CHECKING:
     import torch
@@ -41,12 +42,34 @@ class C2SModel:
     @property
     def device(self) -> torch.device:
         """Device the model lives on."""
-        return next(self.model.parameters()).device
+        return model_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
         """Floating-point type of the weights."""
         return next(self.model.parameters()).dtype
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the checkpoint into `directory`, for :func:`~sc_c2s.models.load` to open again.
+
+        The weights (safetensors), the tokenizer and ``c2s_metadata.json`` go into `directory`, which is created
+        if needed. :func:`sc_c2s.tl.finetune` saves its models this way.
+
+        Parameters
+        ----------
+        directory
+            Where to write the files.
+
+        Returns
+        -------
+        The directory.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        self.metadata.write(directory)
+        return directory
 
     def provenance(self) -> dict[str, Any]:
         """Name, revision, path and file hashes, for ``uns[key]["params"]``."""

@@ -7,6 +7,7 @@ import numpy as np
 from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
 
+from sc_c2s import _keys
 from sc_c2s._docs import doc_mod, doc_params, doc_show_ax
 from sc_c2s.tl._score_generation import comparison, pca, project
 
@@ -27,7 +28,7 @@ def generation(
     generated: AnnData,
     *,
     label_key: str,
-    generated_key: str = "cell_type",
+    generated_key: str = _keys.GENERATED_CELL_TYPE,
     basis: Literal["pca", "umap"] = "pca",
     n_genes: int | None = None,
     n_comps: int = 50,

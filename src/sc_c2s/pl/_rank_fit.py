@@ -8,6 +8,7 @@ from matplotlib import pyplot as plt
 from sc_c2s import _rank_model
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_show_ax
+from sc_c2s._utils._validate import check_rank_fit
 
 from ._utils import finish
 
@@ -62,10 +63,7 @@ def rank_fit(
     """
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
-    if "rank_fit" not in c2s:
-        msg = "No rank fit in `uns['c2s']`; run `sc_c2s.pp.to_sentences(adata, rank_fit=True)`."
-        raise KeyError(msg)
-    fit = _rank_model.RankFit.from_dict(c2s["rank_fit"])
+    fit = _rank_model.RankFit.from_dict(check_rank_fit(c2s))
     params = c2s["params"]
     matrix = handler.matrix(layer=params.get("layer"), use_raw=bool(params.get("use_raw", False)))
     cells = _rank_model.sample_cells(handler.n_obs, fit.n_cells, params.get("random_state", 0))

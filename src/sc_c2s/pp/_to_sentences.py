@@ -9,12 +9,14 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
-from sc_c2s import _rank_model
-from sc_c2s._data import C2S_KEY, GENES_KEY, SENTENCE_KEY, DataHandler, Matrix, prepare
+from sc_c2s import _keys, _rank_model
+from sc_c2s._data import DataHandler, Matrix, prepare
 from sc_c2s._docs import doc_adata, doc_mod, doc_params
+from sc_c2s._utils._numba import numba_threads
+from sc_c2s._utils._validate import check_positive_int, is_positive_int
 
 from . import _kernels
-from ._rank import numba_threads, rank_genes
+from ._rank import rank_genes
 
 #: Most bytes of sentence text held at once besides the strings themselves.
 _BUFFER_BYTES = 64 * 2**20
@@ -96,10 +98,8 @@ def to_sentences(
     ['FTL', 'CD74', 'HLA-DPA1']
     """
     start = logg.info("ranking genes per cell")
-    if n_genes is not None and not _is_positive_int(n_genes):
-        msg = f"`n_genes` must be a positive integer or None, got {n_genes!r}."
-        raise ValueError(msg)
-    if not isinstance(rank_fit, bool) and not _is_positive_int(rank_fit):
+    check_positive_int(n_genes, "n_genes", none_ok=True)
+    if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)
     matrix = DataHandler(adata, mod).matrix(layer=layer, use_raw=use_raw)
@@ -126,18 +126,14 @@ def to_sentences(
     uns = {"params": {k: v for k, v in params.items() if v is not None}, "genes": words}
     if fit is not None:
         uns["rank_fit"] = fit.to_dict()
-    results = {("obsm", GENES_KEY): ranking.genes}
+    results = {("obsm", _keys.GENES): ranking.genes}
     if sentences:
-        results[("obs", SENTENCE_KEY)] = join_sentences(ranking.genes, words)
-    results[("uns", C2S_KEY)] = uns
+        results[("obs", _keys.SENTENCE)] = join_sentences(ranking.genes, words)
+    results[("uns", _keys.C2S)] = uns
 
     adata = prepare(adata, copy=copy)
     DataHandler(adata, mod).save_all(results, start=start)
     return adata if copy else None
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value > 0
 
 
 def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:

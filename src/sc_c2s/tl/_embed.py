@@ -6,20 +6,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scanpy import logging as logg
 
-from sc_c2s import prompts
+from sc_c2s import _keys, prompts
 from sc_c2s._data import DataHandler, prepare
 from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_params
+from sc_c2s.models import _runtime
 
-from ._inference import (
-    batches,
-    cell_words,
-    check_prompts,
-    inference,
-    pad_id,
-    prediction_prompts,
-    resolve_batch_size,
-    tokenize,
-)
+from ._utils import cell_words, prediction_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +28,7 @@ def embed(
     adata: AnnData | MuData,
     *,
     model: C2SModel | str,
-    key_added: str = "X_c2s",
+    key_added: str = _keys.EMBEDDING,
     n_genes: int = 200,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
@@ -106,20 +98,16 @@ def embed(
             "first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`."
         )
         raise ValueError(msg)
-    ids = tokenize(c2s, prediction_prompts(words, organism=organism))
-    check_prompts(c2s, ids)
+    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, organism=organism))
+    _runtime.check_context(c2s.model, ids, name=c2s.name)
     spans = sentence_spans(c2s, ids, words, organism=organism)
 
-    pad = pad_id(c2s.tokenizer)
+    pad = _runtime.pad_id(c2s.tokenizer)
+    batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
     embedding = np.empty((len(ids), c2s.model.config.hidden_size), dtype=np.float32)
-    with inference(c2s.model):
-        for batch in batches(
-            ids, batch_size=resolve_batch_size(batch_size, c2s.device), pad_id=pad, device=c2s.device, desc="embedding"
-        ):
-            hidden = c2s.model.base_model(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
-            ).last_hidden_state
-            embedding[batch.index] = mean_over_spans(hidden, batch.attention_mask, spans[batch.index])
+    with _runtime.inference(c2s.model):
+        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad, device=c2s.device, desc="embedding"):
+            embedding[batch.index] = _runtime.mean_hidden_state(c2s.model, batch, spans[batch.index])
 
     params = {"n_genes": n_genes, "organism": organism, **c2s.provenance()}
     results = {("obsm", key_added): embedding, ("uns", key_added): {"params": params}}
@@ -140,9 +128,10 @@ def sentence_spans(
     before, after = prompts.CELL_TYPE_PREDICTION.split("{cell_sentence}")
     n_words = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     prefixes = {
-        n: tokenize(c2s, [before.format(num_genes=n, organism=organism).rstrip()])[0] for n in np.unique(n_words)
+        n: _runtime.tokenize(c2s.tokenizer, [before.format(num_genes=n, organism=organism).rstrip()])[0]
+        for n in np.unique(n_words)
     }
-    suffix = tokenize(c2s, [after], special_tokens=False)[0]
+    suffix = _runtime.tokenize(c2s.tokenizer, [after], special_tokens=False)[0]
     spans = np.empty((len(ids), 2), dtype=np.int64)
     for i, (seq, n) in enumerate(zip(ids, n_words, strict=True)):
         prefix = prefixes[n]
@@ -154,15 +143,3 @@ def sentence_spans(
             )
             raise ValueError(msg)
     return spans
-
-
-def mean_over_spans(hidden: torch.Tensor, attention_mask: torch.Tensor, spans: np.ndarray) -> np.ndarray:
-    """Mean hidden state over each row's span of prompt tokens (spans count from the first non-padding token)."""
-    import torch
-
-    offset = attention_mask.shape[1] - attention_mask.sum(1, keepdim=True)
-    spans = torch.as_tensor(spans, device=hidden.device) + offset
-    columns = torch.arange(hidden.shape[1], device=hidden.device)[None]
-    inside = ((columns >= spans[:, :1]) & (columns < spans[:, 1:])).to(torch.float32)
-    total = torch.einsum("bl,blh->bh", inside, hidden.float())
-    return (total / inside.sum(1, keepdim=True)).cpu().numpy()

@@ -12,14 +12,17 @@ import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from sc_c2s import prompts
-from sc_c2s._data import C2S_KEY, GENES_KEY, DataHandler
+from sc_c2s import _keys, prompts
+from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_mod, doc_organism, doc_params
+from sc_c2s._utils._validate import check_obs_column, check_positive_int
+from sc_c2s.models import _runtime, _trainer
 from sc_c2s.models._metadata import TASKS, C2SMetadata
 
-from . import _training
+from . import _samples
 
 if TYPE_CHECKING:
+    import torch
     from mudata import MuData
 
     from sc_c2s.models._model import C2SModel
@@ -48,7 +51,7 @@ def finetune(
     gene_dropout: float = 0.0,
     eval_fraction: float = 0.1,
     random_state: int = 0,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     mod: str | None = None,
 ) -> Path:
     """Train a C2S model on the cell sentences and labels of `adata`, and write it as a checkpoint.
@@ -123,9 +126,7 @@ def finetune(
     c2s = handler.c2s()
     labels = _labels(handler, label_key)
     tasks = _check_tasks(tasks)
-    if not isinstance(n_genes, int | np.integer) or n_genes < 1:
-        msg = f"`n_genes` must be a positive integer, got {n_genes!r}."
-        raise ValueError(msg)
+    check_positive_int(n_genes, "n_genes")
     if not 0 <= gene_dropout < 1:
         msg = f"`gene_dropout` must be in [0, 1), got {gene_dropout!r}."
         raise ValueError(msg)
@@ -138,7 +139,7 @@ def finetune(
     batch_size = _default(batch_size, _BATCH_SIZE, scratch)
     learning_rate = _default(learning_rate, _LEARNING_RATE, scratch)
 
-    ranked = np.asarray(handler.obsm[GENES_KEY])[:, :n_genes]
+    ranked = np.asarray(handler.obsm[_keys.GENES])[:, :n_genes]
     genes = np.asarray(c2s["genes"], dtype=object)
     expressed = (ranked >= 0).any(axis=1)
     if not expressed.all():
@@ -157,14 +158,14 @@ def finetune(
     tokenizer, model = c2s_model.tokenizer, c2s_model.model
     words = [genes[row[row >= 0]].tolist() for row in ranked[train_cells]]
     encode = partial(
-        _training.encode,
+        _samples.encode,
         tokenizer,
         words,
         labels.iloc[train_cells].tolist(),
         tasks=tasks,
         organism=organism,
         upper=upper,
-        max_length=_context(model, tokenizer),
+        max_length=_runtime.context_length(model, tokenizer),
     )
     samples = encode()
     _check_unknown(tokenizer, samples, tasks)
@@ -175,13 +176,13 @@ def finetune(
         f"({int(sum(len(ids) for ids in samples.input_ids))} tokens), {len(eval_cells)} cells held out"
     )
     train_start = time.perf_counter()
-    loss = _training.train(
+    loss = _trainer.train(
         model,
         samples,
         epochs=epochs,
         batch_size=batch_size,
         learning_rate=learning_rate,
-        pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
         resample=(lambda rng: encode(gene_dropout=gene_dropout, rng=rng)) if gene_dropout else None,
     )
@@ -215,10 +216,7 @@ def finetune(
     }
     c2s_model.path = output_dir
     metadata.scores = _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    metadata.write(output_dir)
+    c2s_model.save(output_dir)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
     logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
     return output_dir
@@ -252,11 +250,7 @@ def scores(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
 
 def _labels(handler: DataHandler, label_key: str) -> pd.Series:
     """Return the labels as strings, checked: present, complete, at least two, one line each."""
-    obs = handler.obs
-    if label_key not in obs.columns:
-        msg = f"`label_key={label_key!r}` is not a column of obs; columns: {list(obs.columns)}."
-        raise KeyError(msg)
-    labels = obs[label_key]
+    labels = check_obs_column(handler.obs, label_key, arg="label_key")
     if labels.isna().any():
         msg = (
             f"obs[{label_key!r}] has {int(labels.isna().sum())} missing labels; drop those cells "
@@ -303,35 +297,26 @@ def _base(
     *,
     n_genes: int,
     n_cells: int,
-    device: str | None,
+    device: str | torch.device | None,
     seed: int,
 ) -> C2SModel:
     """Build or load the model to train, in float32 on `device`."""
-    import torch
-
     from sc_c2s.models._model import C2SModel
     from sc_c2s.models._scratch import build_model, build_tokenizer, scratch_size
 
     if str(base_model) != SCRATCH:
         from sc_c2s.models import load
 
-        return load(base_model, device=device, dtype=torch.float32)
+        return load(base_model, device=device, dtype="float32")
     metadata = C2SMetadata()
     words = [w.upper() for w in vocabulary] if metadata.upper_case else vocabulary
     tokenizer = build_tokenizer(words, labels, max_genes=n_genes)
     model = build_model(tokenizer, **scratch_size(n_cells), seed=seed)
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, _ = _runtime.device_and_dtype(device, "float32")
     return C2SModel(model=model.to(device), tokenizer=tokenizer, metadata=metadata, path=Path(SCRATCH))
 
 
-def _context(model, tokenizer) -> int:
-    """Longest sample the model takes: its positions, or the tokenizer's limit when that is smaller."""
-    limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
-    return int(min(limit, tokenizer.model_max_length))
-
-
-def _check_unknown(tokenizer, samples: _training.Samples, tasks: Sequence[str]) -> None:
+def _check_unknown(tokenizer, samples: _trainer.Samples, tasks: Sequence[str]) -> None:
     """Refuse labels the tokenizer cannot spell; warn about the share of gene words it does not know."""
     unk = tokenizer.unk_token_id
     if unk is None:
@@ -372,9 +357,9 @@ def _evaluate(
         return {}
     held_out = AnnData(
         obs=pd.DataFrame(index=handler.obs_names[cells]),
-        obsm={GENES_KEY: np.asarray(handler.obsm[GENES_KEY])[cells]},
-        uns={C2S_KEY: {"genes": c2s["genes"]}},
+        obsm={_keys.GENES: np.asarray(handler.obsm[_keys.GENES])[cells]},
+        uns={_keys.C2S: {"genes": c2s["genes"]}},
     )
     annotate(held_out, model=c2s_model, labels="model", n_genes=n_genes, organism=c2s_model.metadata.organism)
-    predicted = held_out.obs["c2s_cell_type"].astype(str)
+    predicted = held_out.obs[_keys.CELL_TYPE].astype(str)
     return {**scores(labels.iloc[cells], predicted), "n_cells": len(cells), "annotation": "constrained"}

@@ -12,11 +12,13 @@ from anndata import AnnData
 from scanpy import logging as logg
 from scipy import sparse
 
-from sc_c2s import prompts
-from sc_c2s._data import SENTENCE_KEY, DataHandler
+from sc_c2s import _keys, prompts
+from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_organism, doc_params
-from sc_c2s.tl import _inference
-from sc_c2s.tl._from_sentences import from_sentences
+from sc_c2s._utils._validate import check_positive_int, check_rank_fit
+from sc_c2s.models import _runtime
+
+from ._from_sentences import from_sentences
 
 if TYPE_CHECKING:
     import torch
@@ -24,18 +26,12 @@ if TYPE_CHECKING:
 
     from sc_c2s.models._model import C2SModel
 
-#: Key of the parameters in the result's :attr:`~anndata.AnnData.uns`.
-KEY = "c2s_generate"
 #: Extra genes' worth of new tokens allowed beyond `n_genes`, as a share of `n_genes`.
 _SLACK = 0.1
 #: The period that ends a generated sentence: one followed by whitespace or the end of the text.
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
-#: Largest automatic batch on a GPU.
-_MAX_BATCH = 1024
 #: Automatic batch on a CPU: larger than for annotation, since hundreds of decoding steps share its overhead.
 _CPU_BATCH = 32
-#: Share of the free GPU memory that the key/value cache of an automatic batch may take.
-_MEMORY_SHARE = 0.5
 
 
 @dataclass
@@ -178,8 +174,10 @@ def generate(
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
     if batch_size is None:
         on_gpu = c2s_model.device.type == "cuda"
-        batch_size = _gpu_batch_size(c2s_model, budget["max_new_tokens"] + 64) if on_gpu else _CPU_BATCH
-    batch_size = _inference.resolve_batch_size(batch_size, c2s_model.device)
+        batch_size = (
+            _runtime.memory_batch_size(c2s_model.model, budget["max_new_tokens"] + 64) if on_gpu else _CPU_BATCH
+        )
+    batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
 
     sentences = _sample(
         c2s_model,
@@ -198,8 +196,8 @@ def generate(
     cells = from_sentences(sentences, genes=target.words, rank_fit=target.rank_fit)
     X = cells.X if target.columns is None else cells.X @ _selection(target.columns, len(target.var))
     obs = cells.obs.copy()
-    obs.insert(0, "cell_type", pd.Categorical(types, categories=list(dict.fromkeys(types))))
-    obs.insert(1, SENTENCE_KEY, np.asarray(sentences, dtype=object))
+    obs.insert(0, _keys.GENERATED_CELL_TYPE, pd.Categorical(types, categories=list(dict.fromkeys(types))))
+    obs.insert(1, _keys.SENTENCE, np.asarray(sentences, dtype=object))
     obs.index = pd.Index([f"generated-{i}" for i in range(len(types))])
     counts = pd.Series(types).value_counts(sort=False)
     params = {
@@ -225,7 +223,7 @@ def generate(
         sparse.csr_matrix(X, dtype=np.float32),
         obs=obs,
         var=target.var,
-        uns={KEY: {"params": {k: v for k, v in params.items() if v is not None}}},
+        uns={_keys.GENERATE: {"params": {k: v for k, v in params.items() if v is not None}}},
     )
     n_words = obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy().sum()
     valid = obs["n_valid_genes"].sum() / n_words if n_words else float("nan")
@@ -238,13 +236,11 @@ def generate(
 
 
 def _check_sampling(*, n_genes: int, temperature: float, top_k: int | None, top_p: float | None, random_state: int):
-    _inference.check_n_genes(n_genes)
+    check_positive_int(n_genes, "n_genes")
     if not temperature > 0:
         msg = f"`temperature` must be positive, got {temperature!r}."
         raise ValueError(msg)
-    if top_k is not None and (not isinstance(top_k, int | np.integer) or top_k < 1):
-        msg = f"`top_k` must be a positive integer or None, got {top_k!r}."
-        raise ValueError(msg)
+    check_positive_int(top_k, "top_k", none_ok=True)
     if top_p is not None and not 0 < top_p <= 1:
         msg = f"`top_p` must be in (0, 1] or None, got {top_p!r}."
         raise ValueError(msg)
@@ -299,9 +295,7 @@ def _target(adata: AnnData | MuData | None, *, mod: str | None, model: C2SModel)
 
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
-    if "rank_fit" not in c2s:
-        msg = "No rank fit in `uns['c2s']`; run `sc_c2s.pp.to_sentences(adata, rank_fit=True)` first."
-        raise KeyError(msg)
+    rank_fit = check_rank_fit(c2s)
     params = c2s["params"]
     ranked_names = handler.adata.raw.var_names if params.get("use_raw", False) else handler.adata.var_names
     words = np.asarray(c2s["genes"], dtype=object)
@@ -316,7 +310,7 @@ def _target(adata: AnnData | MuData | None, *, mod: str | None, model: C2SModel)
     symbols = params.get("gene_symbols")
     if symbols is not None and symbols in handler.adata.var.columns:
         var[symbols] = handler.adata.var[symbols].to_numpy()
-    return _Target(words, dict(c2s["rank_fit"]), var, var_names.get_indexer(ranked_names), "adata")
+    return _Target(words, dict(rank_fit), var, var_names.get_indexer(ranked_names), "adata")
 
 
 def _selection(columns: np.ndarray, n_columns: int) -> sparse.csr_matrix:
@@ -338,7 +332,7 @@ def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str,
     """
     tokenizer = model.tokenizer
     spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
-    ids = _inference.tokenize(model, spaced, special_tokens=False)
+    ids = _runtime.tokenize(tokenizer, spaced, special_tokens=False)
     tokens_per_gene = float(np.mean([len(i) for i in ids]))
     max_new_tokens = math.ceil(tokens_per_gene * math.ceil(n_genes * (1 + _SLACK))) + 2
     stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -368,19 +362,6 @@ def _word_starts(tokenizer, *, reference: int) -> np.ndarray:
     starts = np.array([text[head : head + 1].isspace() and not text[head:].isspace() for text in texts])
     starts[tokenizer.all_special_ids] = False
     return starts
-
-
-def _gpu_batch_size(model: C2SModel, n_tokens: int) -> int:
-    """As many cells as let the key/value cache of `n_tokens` tokens per cell fill part of the free GPU memory."""
-    import torch
-
-    config = model.model.config.get_text_config()
-    n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
-    n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
-    per_cell = 2 * config.num_hidden_layers * n_kv_heads * head_dim * model.dtype.itemsize * n_tokens
-    free, _ = torch.cuda.mem_get_info(model.device)
-    return int(np.clip(_MEMORY_SHARE * free // per_cell, 1, _MAX_BATCH))
 
 
 def _uniforms(random_state: int, cell: int, n_steps: int) -> np.ndarray:
@@ -470,9 +451,9 @@ def _sample(
     """Generate a sentence for each prompt; return them without their closing period."""
     import torch
 
-    ids = _inference.tokenize(c2s, texts)
-    _inference.check_prompts(c2s, ids, room=max_new_tokens)
-    pad_id = _inference.pad_id(c2s.tokenizer)
+    ids = _runtime.tokenize(c2s.tokenizer, texts)
+    _runtime.check_context(c2s.model, ids, name=c2s.name, room=max_new_tokens)
+    pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
     exact = None
     if length is not None:
@@ -484,10 +465,8 @@ def _sample(
         is_stop[stop_ids] = True
         exact = _Length(n_words, is_start, is_stop)
     out: list[str] = [""] * len(texts)
-    with _inference.inference(c2s.model):
-        for batch in _inference.batches(
-            ids, batch_size=batch_size, pad_id=pad_id, device=c2s.device, desc="generating"
-        ):
+    with _runtime.inference(c2s.model):
+        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad_id, device=c2s.device, desc="generating"):
             uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
             sampler = _Sampler(
                 torch.from_numpy(uniforms).to(c2s.device, torch.float32),
@@ -497,7 +476,7 @@ def _sample(
                 gene_ids=gene_tensor,
                 length=exact,
             )
-            tokens, _ = _inference.decode(
+            tokens, _ = _runtime.decode(
                 c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
             )
             for i, text in zip(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids), strict=True):

@@ -10,11 +10,11 @@ from scanpy import logging as logg
 from scipy import sparse
 from scipy.spatial.distance import cdist, pdist
 
-from sc_c2s import prompts
-from sc_c2s._data import SENTENCE_KEY, DataHandler
+from sc_c2s import _keys, prompts
+from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_mod, doc_params
+from sc_c2s._utils._validate import check_obs_column
 from sc_c2s.tl._from_sentences import from_sentences
-from sc_c2s.tl._generate import KEY as GENERATE_KEY
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -65,23 +65,21 @@ def comparison(
     generated: AnnData,
     *,
     label_key: str,
-    generated_key: str = "cell_type",
+    generated_key: str = _keys.GENERATED_CELL_TYPE,
     n_genes: int | None = None,
     mod: str | None = None,
 ) -> Comparison:
     """Put real and generated cells on the same scale (see :func:`score_generation`)."""
     handler = DataHandler(real, mod)
     c2s = handler.c2s()
-    if label_key not in handler.obs.columns:
-        msg = f"`label_key={label_key!r}` is not a column of the real cells' obs; columns: {list(handler.obs.columns)}."
-        raise KeyError(msg)
-    for key in (SENTENCE_KEY, generated_key):
+    check_obs_column(handler.obs, label_key, arg="label_key", where="the real cells' obs")
+    for key in (_keys.SENTENCE, generated_key):
         if key not in generated.obs.columns:
             msg = f"The generated cells have no obs[{key!r}]; pass the AnnData returned by `sc_c2s.tl.generate`" + (
                 " (or set `generated_key=`)." if key == generated_key else "."
             )
             raise KeyError(msg)
-    params = generated.uns.get(GENERATE_KEY, {}).get("params", {})
+    params = generated.uns.get(_keys.GENERATE, {}).get("params", {})
     n_genes = n_genes or int(params.get("n_genes", _DEFAULT_N_GENES))
     fit = params.get("rank_fit", c2s.get("rank_fit"))
     if fit is None:
@@ -90,7 +88,7 @@ def comparison(
     words = np.asarray(c2s["genes"], dtype=str)
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
     real_cells = from_sentences([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
-    generated_cells = from_sentences(generated.obs[SENTENCE_KEY].astype(str).tolist(), genes=words, rank_fit=fit)
+    generated_cells = from_sentences(generated.obs[_keys.SENTENCE].astype(str).tolist(), genes=words, rank_fit=fit)
     return Comparison(
         real=real_cells.X,
         generated=generated_cells.X,
@@ -122,7 +120,7 @@ def score_generation(
     generated: AnnData,
     *,
     label_key: str,
-    generated_key: str = "cell_type",
+    generated_key: str = _keys.GENERATED_CELL_TYPE,
     n_genes: int | None = None,
     n_comps: int = 50,
     n_neighbors: int = 10,

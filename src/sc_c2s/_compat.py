@@ -1,0 +1,18 @@
+"""Shims over dependency versions, so that a rename upstream is one edit here."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from functools import cache
+
+
+@cache
+def cache_name() -> str:
+    """Name of the KV cache in the forward call and output of a transformers causal LM.
+
+    transformers 5.x renames ``past_key_values`` to ``cache`` (the old name warns, then goes in 5.40); both the
+    keyword argument and the output field follow the name of ``CausalLMOutputWithPast``'s field.
+    """
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"

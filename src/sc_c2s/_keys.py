@@ -1,0 +1,18 @@
+"""Where results live: every key this package reads or writes in an AnnData, defined once."""
+
+from __future__ import annotations
+
+#: ``uns`` entry of :func:`sc_c2s.pp.to_sentences`: its parameters, the ranked genes and the rank fit.
+C2S = "c2s"
+#: ``obsm`` entry of the ranked gene indices.
+GENES = "c2s_genes"
+#: ``obs`` column of the sentence strings (also of generated cells).
+SENTENCE = "c2s_sentence"
+#: Default ``key_added`` of :func:`sc_c2s.tl.annotate`.
+CELL_TYPE = "c2s_cell_type"
+#: Default ``key_added`` of :func:`sc_c2s.tl.embed`.
+EMBEDDING = "X_c2s"
+#: ``uns`` entry of the cells that :func:`sc_c2s.tl.generate` returns.
+GENERATE = "c2s_generate"
+#: ``obs`` column of the requested cell type of generated cells.
+GENERATED_CELL_TYPE = "cell_type"
