@@ -120,7 +120,7 @@ def cell_type_prediction_prompts(
     >>> sc_c2s.pp.to_sentences(adata)
     >>> prompts = sc_c2s.prompts.cell_type_prediction_prompts(adata, n_genes=3)
     >>> prompts[0].splitlines()[1]
-    'Cell sentence: FTL FTH1 CD74.'
+    'Cell sentence: FTL CD74 HLA-DPA1.'
     """
     return [
         cell_type_prediction(words, organism=organism, upper=upper)
