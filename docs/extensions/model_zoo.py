@@ -1,11 +1,13 @@
 """The ``model-zoo`` directive: the registry of :func:`sc_c2s.models.available`, made when the docs are built.
 
 It writes a compact table (name, description, tasks, genes per sentence, size, license) and, below it, the details
-of each checkpoint (repository and revision, base model, architecture, context, values that could not be confirmed).
+of each checkpoint (repository and revision, base model, architecture, context, where the values come from and which
+could not be confirmed).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from docutils import nodes
@@ -77,9 +79,9 @@ def details(zoo: pd.DataFrame) -> nodes.definition_list:
             f"Base model {_text(e['base_model'])}; {_text(e['architecture'])}; context {_text(e['context_length'])} "
             f"tokens; prompt style {_text(e['prompt_style'])}; organism {_text(e['organism'])}."
         )
-        definition = nodes.definition("", source, _paragraph(facts))
+        definition = nodes.definition("", source, _paragraph(facts), _paragraph(f"Source: {e['source']}"))
         if len(e["unconfirmed"]):
-            definition += _paragraph(f"Not confirmed from the model card: {_text(e['unconfirmed'])}.")
+            definition += _paragraph(f"Not confirmed there: {_text(e['unconfirmed'])}.")
         term = nodes.term("", "", nodes.literal(text=name))
         items += nodes.definition_list_item("", term, definition, ids=[nodes.make_id(f"model-{name}")])
     return items
@@ -91,9 +93,11 @@ class ModelZoo(SphinxDirective):
     def run(self) -> list[nodes.Node]:
         """Return the nodes, built from the registry of the installed package."""
         from sc_c2s import models
+        from sc_c2s.models import _registry
 
         # rebuild the page when the registry changes
         self.env.note_dependency(models.available.__code__.co_filename)
+        self.env.note_dependency(str(Path(_registry.__file__).with_name(_registry.REGISTRY_FILE)))
         zoo = models.available()
         return [table(zoo), nodes.rubric("", "Details"), details(zoo)]
 

@@ -1,47 +1,32 @@
 """The registry of published C2S checkpoints, and the demo checkpoint bundled with the package.
 
-Facts come from the Hugging Face model cards and file listings of each repository. What could not be confirmed
-there (the machines that wrote this cannot reach Hugging Face) is named in each entry's ``unconfirmed``; the
-comment above an entry says where its values come from.
+The entries are data: ``registry.json`` beside this module, read once on first use. Facts come from the Hugging
+Face model cards and file listings of each repository, or from public projects that pin them; each entry's
+``source`` says which. What could not be confirmed is named in its ``unconfirmed``.
+``scripts/update_registry.py`` resolves revisions to commits and records file hashes where Hugging Face is
+reachable.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ._metadata import METADATA_FILE, TASKS, C2SMetadata
+from ._metadata import METADATA_FILE, C2SMetadata
 
 if TYPE_CHECKING:
     import pandas as pd
 
 #: Name of the checkpoint bundled with the package.
 DEMO = "demo"
-
-PREDICTION, GENERATION = TASKS
-#: A causal LM saved in one safetensors file with a GPT-NeoX tokenizer, as the Pythia checkpoints are.
-_PYTHIA_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors",
-    "special_tokens_map.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-)
-#: Sharded weights (the shards are read from the index) and a SentencePiece tokenizer, as Gemma 2 is saved.
-_GEMMA_FILES = (
-    "config.json",
-    "generation_config.json",
-    "model.safetensors.index.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "tokenizer_config.json",
-)
+#: The data file of the registry, in this package.
+REGISTRY_FILE = "registry.json"
 
 
 @dataclass(frozen=True)
@@ -53,7 +38,7 @@ class RegistryEntry:
     repo: str
     """Hugging Face repository."""
     revision: str
-    """Commit the files are pinned to, or ``"main"`` where no commit could be confirmed."""
+    """Commit the files are pinned to, or a branch where no commit could be confirmed."""
     files: tuple[str, ...]
     """Files to download; the shards named in a ``*.index.json`` are downloaded with it."""
     size_gb: float
@@ -80,6 +65,8 @@ class RegistryEntry:
     """Known hash of each file; files without one are trusted on first download."""
     unconfirmed: tuple[str, ...] = ()
     """Fields whose value could not be confirmed."""
+    source: str = ""
+    """Where the values come from."""
 
     def metadata(self) -> C2SMetadata:
         """C2S metadata for this checkpoint, as a ``c2s_metadata.json`` would give it."""
@@ -95,148 +82,45 @@ class RegistryEntry:
         return metadata
 
 
-REGISTRY: dict[str, RegistryEntry] = {
-    entry.name: entry
-    for entry in [
-        # Card and file listing read at the pinned commit (the latest seen); the first card said CC BY-NC-ND 4.0,
-        # later cards have no license field and a mirror of the newest one calls the weights CC0 1.0.
-        RegistryEntry(
-            name="C2S-Pythia-410m-cell-type-prediction",
-            repo="vandijklab/C2S-Pythia-410m-cell-type-prediction",
-            revision="2fdb88c32a06d27e0680517f1531133528544abe",
-            files=_PYTHIA_FILES,
-            size_gb=1.62,
-            architecture="GPTNeoXForCausalLM",
-            base_model="EleutherAI/pythia-410m",
-            tasks=(PREDICTION,),
-            prompt_style="c2s",
-            n_genes=200,
-            context_length=8192,
-            license="CC-BY-NC-ND-4.0",
-            description="Cell type prediction; 57M human and mouse cells from CELLxGENE and the Human Cell Atlas.",
-            unconfirmed=("context_length", "license"),
-        ),
-        # Card and file listing read on main; its full commit hash could not be read (short hash 5568661).
-        RegistryEntry(
-            name="C2S-Pythia-410m-cell-type-conditioned-cell-generation",
-            repo="vandijklab/C2S-Pythia-410m-cell-type-conditioned-cell-generation",
-            revision="main",
-            files=_PYTHIA_FILES,
-            size_gb=1.62,
-            architecture="GPTNeoXForCausalLM",
-            base_model="EleutherAI/pythia-410m",
-            tasks=(GENERATION,),
-            prompt_style="c2s",
-            n_genes=200,
-            context_length=2048,
-            license="CC-BY-NC-ND-4.0",
-            description="Cell generation conditioned on cell type; same training cells as the prediction model.",
-            unconfirmed=("revision", "context_length"),
-        ),
-        # Card and file listing read on main (short hash a95e6b5); the card gives the 8192-token context.
-        RegistryEntry(
-            name="C2S-Pythia-410m-diverse-single-and-multi-cell-tasks",
-            repo="vandijklab/C2S-Pythia-410m-diverse-single-and-multi-cell-tasks",
-            revision="main",
-            files=_PYTHIA_FILES,
-            size_gb=1.62,
-            architecture="GPTNeoXForCausalLM",
-            base_model="EleutherAI/pythia-410m",
-            tasks=TASKS,
-            prompt_style="c2s",
-            n_genes=None,
-            context_length=8192,
-            license="CC-BY-NC-ND-4.0",
-            description=(
-                "Single- and multi-cell tasks (generation, cell type and tissue prediction, …) on sentences of "
-                "100–2048 genes."
-            ),
-            unconfirmed=("revision",),
-        ),
-        # Card and file listing read at the pinned commit. The first C2S release: trained on whole sentences of
-        # immune cells (Domínguez Conde et al. 2022) with the prompts of the cell2sentence-ft code, not those of
-        # sc_c2s.prompts.
-        RegistryEntry(
-            name="pythia-160m-c2s",
-            repo="vandijklab/pythia-160m-c2s",
-            revision="bfb8e56218a29a7a412bbd4db450a326a20beb49",
-            files=_PYTHIA_FILES,
-            size_gb=0.65,
-            architecture="GPTNeoXForCausalLM",
-            base_model="EleutherAI/pythia-160m",
-            tasks=TASKS,
-            prompt_style="c2s-legacy",
-            n_genes=None,
-            context_length=2048,
-            license="CC-BY-NC-ND-4.0",
-            description="Legacy: the first C2S model, immune tissue, conditional and unconditional generation.",
-            unconfirmed=("context_length",),
-        ),
-        # The commit is the one other projects pin; files and size assume the Pythia layout in float32.
-        RegistryEntry(
-            name="C2S-Scale-Pythia-1b-pt",
-            repo="vandijklab/C2S-Scale-Pythia-1b-pt",
-            revision="830e4689d4238bbb5e2ec9a89b76e6a6d48061db",
-            files=_PYTHIA_FILES,
-            size_gb=4.05,
-            architecture="GPTNeoXForCausalLM",
-            base_model="EleutherAI/pythia-1b",
-            tasks=TASKS,
-            prompt_style="c2s",
-            n_genes=200,
-            context_length=8192,
-            license=None,
-            description="C2S-Scale pretrained Pythia-1b: cell sentences and biological text, many tasks.",
-            unconfirmed=("revision", "files", "size_gb", "tasks", "n_genes", "context_length", "license"),
-        ),
-        # The commit and the file set (two shards, a SentencePiece tokenizer, ~5.2 GB) are those other projects
-        # pin; the context length is Gemma 2's.
-        RegistryEntry(
-            name="C2S-Scale-Gemma-2-2B",
-            repo="vandijklab/C2S-Scale-Gemma-2-2B",
-            revision="5ddf28b8f1c81b7ab7a9be192924da82b6c5d512",
-            files=_GEMMA_FILES,
-            size_gb=5.2,
-            architecture="Gemma2ForCausalLM",
-            base_model="google/gemma-2-2b",
-            tasks=TASKS,
-            prompt_style="c2s",
-            n_genes=200,
-            context_length=8192,
-            license=None,
-            description="C2S-Scale Gemma 2 2B: cell sentences and biological text, many tasks.",
-            unconfirmed=("revision", "files", "tasks", "n_genes", "license"),
-        ),
-        # Revision pinned by DESIGN; the prediction prompt of sc_c2s.prompts is the one its published examples
-        # use, with at least 200 genes. Files and size (bfloat16) assume the layout of the 2B model.
-        RegistryEntry(
-            name="C2S-Scale-Gemma-2-27B",
-            repo="vandijklab/C2S-Scale-Gemma-2-27B",
-            revision="44c2ff7dd5edc26daf9c3f4106e18e162a55676a",
-            files=_GEMMA_FILES,
-            size_gb=54.5,
-            architecture="Gemma2ForCausalLM",
-            base_model="google/gemma-2-27b",
-            tasks=TASKS,
-            prompt_style="c2s",
-            n_genes=200,
-            context_length=8192,
-            license=None,
-            description="C2S-Scale Gemma 2 27B: cell sentences and biological text, many tasks; needs ~64 GB GPU.",
-            unconfirmed=("files", "size_gb", "tasks", "license"),
-        ),
-    ]
-}
+@functools.cache
+def registry() -> dict[str, RegistryEntry]:
+    """Every published checkpoint by name, in the order of ``registry.json`` (read once, then cached)."""
+    text = resources.files(__package__).joinpath(REGISTRY_FILE).read_text(encoding="utf-8")
+    return {entry.name: entry for entry in map(_entry, json.loads(text)["checkpoints"])}
+
+
+def _entry(data: dict[str, Any]) -> RegistryEntry:
+    """Make an entry from its JSON object, refusing unknown or missing fields."""
+    known = {f.name for f in fields(RegistryEntry)}
+    unknown, missing = set(data) - known, known - set(data)
+    if unknown or missing or not set(data.get("unconfirmed", ())) <= known:
+        msg = (
+            f"Entry {data.get('name')!r} of {REGISTRY_FILE} does not match sc_c2s.models._registry.RegistryEntry: "
+            f"unknown fields {sorted(unknown)}, missing fields {sorted(missing)}, unconfirmed "
+            f"{sorted(data.get('unconfirmed', []))}. Fix the file, or rewrite it with scripts/update_registry.py."
+        )
+        raise ValueError(msg)
+    tuples = {key: tuple(data[key]) for key in ("files", "tasks", "unconfirmed")}
+    return RegistryEntry(**{**data, **tuples, "sha256": MappingProxyType(dict(data["sha256"]))})
+
+
+def __getattr__(name: str) -> Any:
+    # `REGISTRY` is read on first use, so that importing sc_c2s does not read the file
+    if name == "REGISTRY":
+        return registry()
+    msg = f"module {__name__!r} has no attribute {name!r}"
+    raise AttributeError(msg)
 
 
 def names() -> list[str]:
     """Every name :func:`~sc_c2s.models.load` accepts besides a path."""
-    return [*REGISTRY, DEMO]
+    return [*registry(), DEMO]
 
 
 def lookup(name: str) -> RegistryEntry | None:
     """Find the entry called `name`, or whose repository is `name`."""
-    return REGISTRY.get(name) or next((e for e in REGISTRY.values() if e.repo == name), None)
+    entries = registry()
+    return entries.get(name) or next((e for e in entries.values() if e.repo == name), None)
 
 
 def get(name: str) -> RegistryEntry:
@@ -256,7 +140,8 @@ def match(path: Path) -> RegistryEntry | None:
     """
     parts = set(path.resolve().parts)
     return next(
-        (e for e in REGISTRY.values() if e.name in parts or "models--" + e.repo.replace("/", "--") in parts), None
+        (e for e in registry().values() if e.name in parts or "models--" + e.repo.replace("/", "--") in parts),
+        None,
     )
 
 
@@ -269,15 +154,15 @@ def available() -> pd.DataFrame:
     """Checkpoints that :func:`~sc_c2s.models.load` opens by name.
 
     One row per published C2S checkpoint and one for the bundled ``"demo"`` model. Files are downloaded into
-    the cache of :func:`~sc_c2s.models.fetch` on first use; values that could not be confirmed from the model
-    cards are named in ``unconfirmed``.
+    the cache of :func:`~sc_c2s.models.fetch` on first use. ``source`` says where each row's values come from;
+    values that could not be confirmed there are named in ``unconfirmed``.
 
     Returns
     -------
     A data frame indexed by name, with columns ``repo``, ``revision``, ``files``, ``size_gb``, ``architecture``,
     ``base_model``, ``tasks``, ``prompt_style``, ``n_genes``, ``context_length``, ``organism``, ``license``,
-    ``sha256`` (known hashes; files without one are trusted on first download), ``unconfirmed`` and
-    ``description``.
+    ``sha256`` (known hashes; files without one are trusted on first download), ``unconfirmed``,
+    ``description`` and ``source``.
 
     Examples
     --------
@@ -308,8 +193,9 @@ def available() -> pd.DataFrame:
             "sha256": dict(e.sha256),
             "unconfirmed": e.unconfirmed,
             "description": e.description,
+            "source": e.source,
         }
-        for e in REGISTRY.values()
+        for e in registry().values()
     ]
     rows.append(_demo_row(demo_dir()))
     return pd.DataFrame(rows).set_index("name").astype({"n_genes": "Int64", "context_length": "Int64"})
@@ -338,6 +224,7 @@ def _demo_row(directory: Path) -> dict[str, Any]:
         "unconfirmed": (),
         "description": "Small model bundled with the package, for trying the workflow on a CPU"
         + ("." if files else " (not built in this installation)."),
+        "source": "Trained from scratch on scanpy.datasets.pbmc68k_reduced() by scripts/train_demo_model.py.",
     }
 
 
