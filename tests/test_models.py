@@ -22,7 +22,6 @@ from transformers import AutoModelForCausalLM
 from sc_c2s import models
 from sc_c2s.models import C2SMetadata, C2SModel, _download, _registry
 from sc_c2s.models._metadata import TASKS
-from sc_c2s.models._runtime import device_and_dtype
 from sc_c2s.models._scratch import build_model, build_tokenizer
 
 GENES = [f"GENE{i}" for i in range(40)]
@@ -368,24 +367,6 @@ def test_load_demo_from_the_bundled_directory(checkpoints, tmp_path, monkeypatch
     assert (row["architecture"], row["n_genes"], row["context_length"]) == ("GPTNeoXForCausalLM", 20, 168)
     with pytest.raises(ValueError, match="nothing to download"):
         models.fetch("demo")
-
-
-def test_device_and_dtype_choice(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
-    assert device_and_dtype(None, None) == (cpu, torch.float32)  # never MPS unless asked for
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert device_and_dtype(None, None) == (torch.device("cuda"), torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert device_and_dtype("cuda:1", None) == (torch.device("cuda:1"), torch.float16)
-    assert device_and_dtype("cpu", None) == (cpu, torch.float32)
-    assert device_and_dtype(cpu, "bfloat16") == (cpu, torch.bfloat16)
-    assert device_and_dtype("cpu", torch.float16) == (cpu, torch.float16)
-    for bad in ("int8", "nonsense", torch.int64):
-        with pytest.raises(ValueError, match="floating-point torch dtype"):
-            device_and_dtype("cpu", bad)
 
 
 def test_tokenizer_without_padding_token_pads_with_eos(checkpoints, tmp_path):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from importlib.metadata import version
 
 from . import models, pl, pp, prompts, tl
+from ._rank_model import RankFit
 
-__all__ = ["models", "pl", "pp", "prompts", "tl"]
+__all__ = ["RankFit", "models", "pl", "pp", "prompts", "tl"]
 
 __version__ = version("sc-c2s")

@@ -31,13 +31,34 @@ _LOG_SAMPLE = 100_000
 
 @dataclass(frozen=True)
 class RankFit:
-    """Fitted rank → expression line of one dataset."""
+    """Fitted rank → expression line of one dataset: the inverse model that turns sentences into expression.
+
+    :func:`sc_c2s.pp.to_sentences` fits it into ``adata.uns["c2s"]["rank_fit"]`` (as a dict), and
+    :func:`sc_c2s.tl.from_sentences` and :func:`sc_c2s.tl.generate` read it back.
+
+    Examples
+    --------
+    >>> import scanpy as sc
+    >>> import sc_c2s
+    >>> adata = sc.datasets.pbmc68k_reduced()
+    >>> sc_c2s.pp.to_sentences(adata)
+    >>> fit = sc_c2s.RankFit.from_dict(adata.uns["c2s"]["rank_fit"])
+    >>> round(fit.slope, 2), round(fit.r2, 2)
+    (-0.68, 0.91)
+    >>> fit.predict([0, 9, 99]).round(2)  # the 1st, 10th and 100th gene of a sentence
+    array([2.14, 1.46, 0.79])
+    """
 
     slope: float
+    """Change of ``log10(1 + x)`` per unit of ``log10(1 + rank0)``; negative."""
     intercept: float
+    """``log10(1 + x)`` of the top-ranked gene."""
     r2: float = float("nan")
+    """Coefficient of determination of the fit."""
     pearson_r: float = float("nan")
+    """Pearson correlation of log expression and log rank over the fitted points."""
     spearman_rho: float = float("nan")
+    """Spearman correlation of expression and rank over the fitted points."""
     n_cells: int = 0
     """Cells in the fit's sample."""
     n_points: int = 0

@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING
 import pooch
 from scanpy import logging as logg
 
+from sc_c2s._utils._progress import show_progress
+
 from . import _registry
 
 if TYPE_CHECKING:
@@ -42,7 +44,9 @@ def file_url(base_url: str, repo: str, revision: str, file: str) -> str:
     return template.format(repo=repo, revision=revision, file=file)
 
 
-def fetch(name: str, *, revision: str | None = None, base_url: str | None = None, progressbar: bool = True) -> Path:
+def fetch(
+    name: str, *, revision: str | None = None, base_url: str | None = None, progressbar: bool | None = None
+) -> Path:
     """Download a registry checkpoint into the cache, or check the copy that is there.
 
     Files go to ``{cache}/{repo}/{revision}/``, where the cache is ``$SC_C2S_CACHE`` or the user cache folder of
@@ -64,7 +68,8 @@ def fetch(name: str, *, revision: str | None = None, base_url: str | None = None
         ``{revision}`` and ``{file}`` fields. Defaults to ``$SC_C2S_BASE_URL``, then to
         ``https://huggingface.co/{repo}/resolve/{revision}/{file}``.
     progressbar
-        Show a progress bar per downloaded file.
+        Show a progress bar per downloaded file; ``None`` shows them unless :attr:`scanpy.settings.verbosity` is
+        ``0`` (errors only), like every progress bar of this package.
 
     Returns
     -------
@@ -98,7 +103,7 @@ def fetch(name: str, *, revision: str | None = None, base_url: str | None = None
         entry=entry,
         revision=revision or entry.revision,
         base_url=base_url or os.environ.get(BASE_URL_ENV) or HF_URL,
-        progressbar=progressbar,
+        progressbar=show_progress() if progressbar is None else progressbar,
     )
     for file in entry.files:
         download.get(file)

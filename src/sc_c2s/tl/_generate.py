@@ -63,7 +63,7 @@ def generate(
     model: C2SModel | str,
     cell_types: Sequence[str] | Mapping[str, int],
     n_genes: int = 200,
-    organism: str | None = None,
+    organism: prompts.Organism | None = None,
     temperature: float = 1.0,
     top_k: int | None = 50,
     top_p: float | None = 0.95,

@@ -1,0 +1,106 @@
+"""The model runtime: the cache under transformers' current name, padding, saving, device choice, progress bars."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scanpy as sc
+import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+import sc_c2s
+from sc_c2s._compat import cache_name
+from sc_c2s.models import C2SMetadata, C2SModel, _runtime, _trainer
+from sc_c2s.models._runtime import device_and_dtype
+from sc_c2s.models._scratch import build_model, build_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+GENES = ["CD3D", "IL7R", "LTB", "MS4A1", "CD79A", "NKG7"]
+
+
+@pytest.fixture(scope="module")
+def tiny() -> C2SModel:
+    tokenizer = build_tokenizer(GENES, ["T cell", "B cell"], max_genes=10)
+    model = build_model(tokenizer, hidden_size=16, n_layers=2, n_heads=2).eval()
+    return C2SModel(model, tokenizer, C2SMetadata(name="tiny", labels=["B cell", "T cell"]), Path("tiny"))
+
+
+def test_cache_name_follows_the_installed_transformers():
+    assert cache_name() in {f.name for f in fields(CausalLMOutputWithPast)}
+    assert cache_name() in {"cache", "past_key_values"}
+
+
+def test_left_pad():
+    ids, mask, positions = _runtime.left_pad([[5, 6, 7], [8], []], pad_id=0)
+    np.testing.assert_array_equal(ids, [[5, 6, 7], [0, 0, 8], [0, 0, 0]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1], [0, 0, 0]])
+    np.testing.assert_array_equal(positions, [[0, 1, 2], [0, 0, 0], [0, 0, 0]])
+
+
+def test_decoding_over_the_cache_equals_full_forward_passes(tiny):
+    """Each step of `decode` over the KV cache gives the logits of a fresh pass over the whole padded sequence."""
+    tokenizer, model = tiny.tokenizer, tiny.model
+    prompts = [sc_c2s.prompts.cell_type_prediction(cell) for cell in (GENES[:3], GENES[3:4])]
+    ids = _runtime.tokenize(tokenizer, prompts)
+    (batch,) = _runtime.batches(ids, batch_size=2, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), desc="")
+    with _runtime.inference(model):
+        tokens, logp = _runtime.decode(model, batch, max_new_tokens=4, stop_ids=[], pad_id=tokenizer.pad_token_id)
+        for row, cell in enumerate(batch.index):
+            sequence = torch.as_tensor([[*ids[cell], *tokens[row].tolist()]])
+            full = model(input_ids=sequence).logits[0, len(ids[cell]) - 1 : -1].log_softmax(-1)
+            assert tokens[row].tolist() == full.argmax(-1).tolist()  # greedy
+            np.testing.assert_allclose(logp[row], full.gather(1, tokens[row][:, None])[:, 0], atol=1e-5)
+
+
+def test_save_is_the_inverse_of_load(tiny, tmp_path):
+    path = tiny.save(tmp_path / "saved")
+    assert path == tmp_path / "saved"
+    loaded = sc_c2s.models.load(path)
+    assert loaded.metadata.labels == ["B cell", "T cell"]
+    assert loaded.tokenizer.get_vocab() == tiny.tokenizer.get_vocab()
+    ids = torch.as_tensor([_runtime.tokenize(tiny.tokenizer, ["Cell sentence: CD3D IL7R."])[0]])
+    with torch.no_grad():
+        np.testing.assert_array_equal(loaded.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)
+
+
+@pytest.fixture
+def verbosity():
+    previous = sc.settings.verbosity
+    yield
+    sc.settings.verbosity = previous
+
+
+@pytest.mark.usefixtures("verbosity")
+@pytest.mark.parametrize(("level", "shown"), [(0, False), (1, True)], ids=["errors only", "warnings"])
+def test_progress_bars_follow_scanpy_verbosity(tiny, capsys, level, shown):
+    sc.settings.verbosity = level
+    tokenizer = tiny.tokenizer
+    ids = _runtime.tokenize(tokenizer, ["Cell sentence: CD3D.", "Cell sentence: LTB NKG7."])
+    samples = _trainer.Samples([np.asarray(i) for i in ids], n_prompt=np.array([2, 2]))
+    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+    _trainer.train(model, samples, epochs=1, batch_size=2, learning_rate=1e-3, pad_id=tokenizer.pad_token_id)
+    list(_runtime.batches(ids, batch_size=1, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), desc="x"))
+    err = capsys.readouterr().err
+    assert ("fine-tuning" in err) == shown
+    assert ("x: 100%" in err) == shown
+
+
+def test_device_and_dtype_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert device_and_dtype(None, None) == (cpu, torch.float32)  # never MPS unless asked for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert device_and_dtype(None, None) == (torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert device_and_dtype("cuda:1", None) == (torch.device("cuda:1"), torch.float16)
+    assert device_and_dtype("cpu", None) == (cpu, torch.float32)
+    assert device_and_dtype(cpu, "bfloat16") == (cpu, torch.bfloat16)
+    assert device_and_dtype("cpu", torch.float16) == (cpu, torch.float16)
+    for bad in ("int8", "nonsense", torch.int64):
+        with pytest.raises(ValueError, match="floating-point torch dtype"):
+            device_and_dtype("cpu", bad)
