@@ -14,5 +14,7 @@ CELL_TYPE = "c2s_cell_type"
 EMBEDDING = "X_c2s"
 #: ``uns`` entry of the cells that :func:`sc_c2s.tl.generate` returns.
 GENERATE = "c2s_generate"
+#: ``uns`` entry of the rank fit in the cells that :func:`sc_c2s.tl.from_sentences` returns.
+FROM_SENTENCES_RANK_FIT = "c2s_rank_fit"
 #: ``obs`` column of the requested cell type of generated cells.
 GENERATED_CELL_TYPE = "cell_type"

@@ -390,7 +390,7 @@ def _report(adata, generated, *, model, accuracy: float, scores, label_key: str)
 
     from sc_c2s import __version__
 
-    fit = adata.uns["c2s"]["rank_fit"]
+    fit = adata.uns[_keys.C2S]["rank_fit"]
     held_out = model.metadata.scores
     held_out_text = (
         ", ".join(f"{k} {v:.3f}" for k, v in held_out.items() if isinstance(v, float)) if held_out else "none recorded"

@@ -8,6 +8,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import sparse
 
+from sc_c2s import _keys
 from sc_c2s._rank_model import RankFit
 
 #: Characters stripped from both ends of a word; those inside gene names (``-``, ``.``, ``_``) stay inside.
@@ -96,7 +97,7 @@ def from_sentences(
         if isinstance(sentences, pd.Series)
         else pd.RangeIndex(X.shape[0]).astype(str),
     )
-    return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={"c2s_rank_fit": fit.to_dict()})
+    return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={_keys.FROM_SENTENCES_RANK_FIT: fit.to_dict()})
 
 
 def _text(sentence: object) -> str:
