@@ -166,6 +166,34 @@ def tokenize(
     return tokenizer(list(texts), add_special_tokens=special_tokens)["input_ids"]
 
 
+def tokenize_spans(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], char_spans: np.ndarray
+) -> tuple[list[list[int]], np.ndarray]:
+    """Tokenise each text (with special tokens) and find the tokens that cover its span of characters.
+
+    `char_spans` holds the start and end (exclusive) of a span of characters in each text. The tokens that
+    cover at least one of its characters (by the tokenizer's offsets) make the token span, start and end
+    (exclusive), texts × 2. A token that crosses an end of the span, as tokenizers that merge across words
+    make, is in it.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        msg = (
+            f"Finding tokens by their characters needs a fast tokenizer (of the `tokenizers` library), not a "
+            f"{type(tokenizer).__name__}."
+        )
+        raise TypeError(msg)
+    encoded = tokenizer(list(texts), return_offsets_mapping=True)
+    spans = np.empty((len(texts), 2), dtype=np.int64)
+    for i, (offsets, (start, end)) in enumerate(zip(encoded["offset_mapping"], char_spans, strict=True)):
+        offsets = np.asarray(offsets).reshape(-1, 2)
+        covers = np.flatnonzero((offsets[:, 1] > offsets[:, 0]) & (offsets[:, 0] < end) & (offsets[:, 1] > start))
+        if not len(covers):
+            msg = f"No token of text {i} covers its characters {start}:{end}."
+            raise ValueError(msg)
+        spans[i] = covers[0], covers[-1] + 1
+    return encoded["input_ids"], spans
+
+
 def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
     """Longest sequence the model takes: its positions, or the tokenizer's limit when that is smaller."""
     limit = getattr(model.config, "max_position_embeddings", None) or tokenizer.model_max_length
@@ -258,6 +286,29 @@ def inference(model: PreTrainedModel) -> Iterator[None]:
             yield
     finally:
         model.train(training)
+
+
+def new_cache() -> Cache:
+    """Make an empty KV cache that keeps every layer whole, so that it can be cut back (sliding-window layers too)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def takes_custom_masks(model: PreTrainedModel) -> bool:
+    """Whether the model's attention reads a 4-D mask of its own (SDPA and eager do, FlashAttention-2 does not)."""
+    return model.config._attn_implementation in {"eager", "sdpa"}
+
+
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """Tokens a sliding-window attention layer of the model sees (Gemma 2: 4096), or ``None`` without such layers."""
+    config = model.config.get_text_config()
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def forward(
