@@ -18,6 +18,7 @@ from scipy.special import softmax
 import sc_c2s
 from sc_c2s import prompts
 from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _runtime
+from sc_c2s.models._words import WordConstraint, WordTrie
 from sc_c2s.tl import _annotate, _embed, _utils
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -26,6 +27,7 @@ LABELS = ["A549", "H1975", "H2228", "HCC827", "H838"]
 #: Labels of several sub-word tokens.
 LONG_LABELS = ["A549", "H1975 cell", "H2228 lung cell line", "HCC827 cell line"]
 ARCHITECTURES = ["gemma2", "pythia"]
+CLASSES = {"gemma2": "Gemma2ForCausalLM", "pythia": "GPTNeoXForCausalLM"}
 
 
 @pytest.fixture(scope="module")
@@ -162,3 +164,75 @@ def test_embedding_spans_the_sentence_tokens(short_sentences, in_memory, archite
             hidden = c2s.model(input_ids=torch.as_tensor([ids[i]]), output_hidden_states=True).hidden_states[-1][0]
         expected = hidden[spans[i, 0] : spans[i, 1]].mean(0).numpy()
         np.testing.assert_allclose(short_sentences.obsm["X_c2s"][i], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_workflow_from_a_published_layout(cellbench, published, publish, architecture, tmp_path):
+    """Download (sharded) → load → annotate (free and constrained) → embed → generate → fine-tune → load."""
+    name = f"tiny-{architecture}"
+    publish(name, published[architecture], architecture=CLASSES[architecture])
+    c2s = sc_c2s.models.load(name, device="cpu")
+    tokenizer = c2s.tokenizer
+    assert tokenizer.padding_side == "left"
+    assert _runtime.pad_id(tokenizer) == (0 if architecture == "gemma2" else tokenizer.eos_token_id)
+    assert c2s.model.config._attn_implementation == ("eager" if architecture == "gemma2" else "sdpa")
+    prompt_ids = _runtime.tokenize(tokenizer, ["Cell sentence:"])[0]
+    assert (prompt_ids[0] == tokenizer.bos_token_id) == (architecture == "gemma2")
+
+    adata = cellbench[::25].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
+    sc_c2s.tl.annotate(adata, model=c2s, n_genes=N_GENES, batch_size=5)
+    assert adata.obs["c2s_cell_type_score"].between(0, 1).all()
+    sc_c2s.tl.annotate(adata, model=c2s, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
+    assert set(adata.obs["c2s_cell_type"]) <= set(LONG_LABELS)
+    sc_c2s.tl.embed(adata, model=c2s, n_genes=N_GENES, batch_size=5)
+    assert adata.obsm["X_c2s"].shape == (12, 32)
+    assert np.isfinite(adata.obsm["X_c2s"]).all()
+
+    generated = sc_c2s.tl.generate(adata, model=c2s, cell_types={"A549": 3, "H838": 2}, n_genes=6, batch_size=4)
+    words = [sentence.split() for sentence in generated.obs["c2s_sentence"]]
+    assert [len(w) for w in words] == [6] * 5  # exact length
+    assert all(len(set(w)) == len(w) for w in words)  # unique genes
+    assert (generated.obs["n_valid_genes"] == 6).all()  # and genes only, with genes of several tokens each
+    assert generated.uns["c2s_generate"]["params"]["unique_genes"]
+
+    adata.obs["cell_line"] = adata.obs["cell_type"].astype(str)
+    path = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_line",
+        base_model=name,
+        output_dir=tmp_path / "finetuned",
+        n_genes=N_GENES,
+        epochs=1,
+        batch_size=4,
+        eval_fraction=0.25,
+        device="cpu",
+    )
+    finetuned = sc_c2s.models.load(path, device="cpu")
+    assert finetuned.metadata.training["base_model"] == name
+    sc_c2s.tl.annotate(adata, model=finetuned, labels="model", n_genes=N_GENES)
+    assert set(adata.obs["c2s_cell_type"]) <= set(adata.obs["cell_line"])
+
+
+def test_word_constraint_writes_distinct_words_of_several_tokens():
+    """Words 0: [5, 6], 1: [5, 7], 2: [8]; token 9 ends the sentence, 0 pads."""
+    trie = WordTrie([[5, 6], [5, 7], [8], [8]], n_logits=10, stop_ids=[9], device=torch.device("cpu"))
+    assert len(trie) == 3  # the repeated word once
+    words = WordConstraint(trie, 2, n_words=2)
+
+    def allowed() -> list[list[int]]:
+        return [row.nonzero()[:, 0].tolist() for row in words.allowed()]
+
+    assert allowed() == [[5, 8], [5, 8]]  # begin a word; no stop before a word
+    words.advance(torch.tensor([5, 8]))
+    assert allowed() == [[6, 7], [5]]  # row 0 finishes its word; row 1's word [8] is done and not begun again
+    words.advance(torch.tensor([6, 5]))
+    assert allowed() == [[5, 8], [6, 7]]  # row 0 may begin [5, 7] but not [5, 6] again, nor stop before two words
+    words.advance(torch.tensor([5, 7]))
+    assert allowed() == [[7], [9]]  # row 1 has two words: only the end remains
+    words.advance(torch.tensor([7, 9]))
+    assert allowed() == [[9], [9]]
+
+    free = WordConstraint(trie, 1)  # any number of words: stop after any complete word
+    free.advance(torch.tensor([8]))
+    assert free.allowed()[0].nonzero()[:, 0].tolist() == [5, 9]

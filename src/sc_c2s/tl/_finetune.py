@@ -323,7 +323,7 @@ def _check_unknown(tokenizer, samples: _trainer.Samples, tasks: Sequence[str]) -
         return
     label_unknown, n_unknown, n_tokens = False, 0, 0
     for i, (ids, n_prompt) in enumerate(zip(samples.input_ids, samples.n_prompt, strict=True)):
-        is_unknown = ids == unk
+        is_unknown = ids[:-1] == unk  # not the EOS that ends every sample, which is Pythia's unknown token too
         if tasks[i % len(tasks)] == "cell_type_prediction":
             label_unknown |= bool(is_unknown[n_prompt:].any())
         n_unknown += int(is_unknown.sum())
