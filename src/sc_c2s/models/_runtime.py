@@ -98,21 +98,49 @@ def memory_batch_size(model: PreTrainedModel, n_tokens: int) -> int:
 # --- loading and tokens -------------------------------------------------------------------------------------------
 
 
-def from_pretrained(path: Path, *, dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """Read the tokenizer and causal LM of a checkpoint directory, never running code shipped with it."""
+def from_pretrained(
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    quantization: str | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Read the tokenizer and causal LM of a checkpoint directory, never running code shipped with it.
+
+    With `quantization` (``"8bit"`` or ``"4bit"``, through bitsandbytes) the weights are quantised as they are
+    read, straight onto `device`. `attn_implementation` ``None`` lets transformers choose (SDPA where the model
+    supports it).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    options = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+    if quantization is not None:
+        options |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device}}
     # transformers' own progress bars while loading weights say nothing a user needs
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, trust_remote_code=False, **options
+        )
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
     return tokenizer, model
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """Bitsandbytes settings: LLM.int8 for ``"8bit"``; NF4 with double quantisation, computing in `dtype`, for ``"4bit"``."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, path: Path) -> None:
@@ -122,7 +150,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
         msg = (
             f"The tokenizer of {path} has {n_tokens} tokens but the model embeds {n_rows}: they do not belong "
             "together, or the tokenizer was not read correctly (a SentencePiece `tokenizer.model`, as Gemma "
-            "checkpoints have, needs `pip install sentencepiece protobuf`)."
+            'checkpoints have, needs `pip install "sc-c2s[gemma]"`: sentencepiece and protobuf).'
         )
         raise ValueError(msg)
     tokenizer.padding_side = "left"
@@ -346,7 +374,8 @@ def mean_hidden_state(model: PreTrainedModel, batch: Batch, spans: np.ndarray) -
     """
     import torch
 
-    hidden = model.base_model(
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA adapter
+    hidden = causal_lm.base_model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,
