@@ -13,7 +13,7 @@ import torch
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 import sc_c2s
-from sc_c2s.models import _load, _lora, _memory, _registry
+from sc_c2s.models import _load, _lora, _memory, _registry, _runtime
 from sc_c2s.tl import _finetune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -302,3 +302,81 @@ def test_default_lora_targets():
 
     assert _lora.default_targets(type("M", (), {"config": Config()})()) == "all-linear"
     assert _registry.lookup("C2S-Scale-Gemma-2-27B").base_model in _memory.ARCHITECTURES
+
+
+@pytest.fixture
+def memory_sized(monkeypatch):
+    """Batches sized to a pretend GPU's free memory (`sizes` records each batch), on the CPU."""
+    monkeypatch.setattr(_runtime, "sizes_to_memory", lambda device: True)
+    monkeypatch.setattr(_runtime, "free_memory", lambda device: 2**20)
+    return monkeypatch
+
+
+def out_of_memory_above(monkeypatch, function_name: str, n_rows: int, sizes: list[int]):
+    """Make `_runtime.{function_name}` run out of memory for batches of more than `n_rows` rows."""
+    function = getattr(_runtime, function_name)
+
+    def limited(model, batch_or_ids, *args, **kwargs):
+        rows = len(batch_or_ids.index) if isinstance(batch_or_ids, _runtime.Batch) else len(batch_or_ids)
+        sizes.append(rows)
+        if rows > n_rows:
+            raise torch.OutOfMemoryError("CUDA out of memory (pretend)")
+        return function(model, batch_or_ids, *args, **kwargs)
+
+    monkeypatch.setattr(_runtime, function_name, limited)
+
+
+def test_batches_sized_to_memory_shrink_with_length_and_halve_when_out_of_memory(bases, memory_sized, scanpy_log):
+    c2s = sc_c2s.models.load(bases["pythia"], device="cpu")
+    assert _runtime.sequence_bytes(c2s.model, 200) > _runtime.sequence_bytes(c2s.model, 100)  # longer: fewer cells
+    ids = [[5] * n for n in (12, 40, 40, 12, 12, 12, 12, 12, 12, 12, 3, 3, 3, 3, 3, 3)]
+    free = _runtime.MEMORY_SHARE * 2**20
+    expected_first = int(free // _runtime.sequence_bytes(c2s.model, 40))
+    assert 1 < expected_first < len(ids)
+    done, sizes = [], []
+
+    def work(batch):
+        sizes.append(len(batch.index))
+        if len(batch.index) > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (pretend)")
+        done.extend(batch.index.tolist())
+
+    _runtime.run_batches(c2s.model, ids, work, batch_size=None, pad_id=0, desc="")
+    assert sorted(done) == list(range(len(ids)))  # every cell once: none lost, none twice
+    assert sizes[0] == expected_first
+    first = next(i for i, size in enumerate(sizes) if size > 5)  # out of memory: halve, and never grow again
+    assert all(size <= sizes[first] // 2 for size in sizes[first + 1 :])
+    assert scanpy_log.getvalue().count("out of GPU memory") == 1
+
+    one = [len(b.index) for b in collect(c2s.model, ids, batch_size=1)]
+    assert one == [1] * len(ids)
+
+
+def collect(model, ids, **kwargs) -> list[_runtime.Batch]:
+    out = []
+    _runtime.run_batches(model, ids, out.append, pad_id=0, desc="", **kwargs)
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["gemma2", "pythia"])
+def test_verbs_finish_every_cell_when_out_of_memory(bases, cells, memory_sized, architecture):
+    """Annotation (free and constrained), embedding and generation give the results of one cell at a time."""
+    c2s = sc_c2s.models.load(bases[architecture], device="cpu")
+    adata = cells[:10].copy()
+    labels = sorted(cells.obs["line"].unique())
+    one = adata.copy()
+    sc_c2s.tl.annotate(one, model=c2s, labels=labels, n_genes=N_GENES, batch_size=1)
+    sc_c2s.tl.embed(one, model=c2s, n_genes=N_GENES, batch_size=1)
+    generated_one = sc_c2s.tl.generate(one, model=c2s, cell_types=labels, n_genes=4, batch_size=1)
+
+    sizes: list[int] = []
+    out_of_memory_above(memory_sized, "forward", 3, sizes)
+    out_of_memory_above(memory_sized, "mean_hidden_state", 3, sizes)
+    sc_c2s.tl.annotate(adata, model=c2s, labels=labels, n_genes=N_GENES)
+    sc_c2s.tl.embed(adata, model=c2s, n_genes=N_GENES)
+    generated = sc_c2s.tl.generate(adata, model=c2s, cell_types=labels, n_genes=4)
+    assert max(sizes) > 3  # it did run out, and went on
+    np.testing.assert_array_equal(adata.obs["c2s_cell_type"], one.obs["c2s_cell_type"])
+    np.testing.assert_allclose(adata.obs["c2s_cell_type_score"], one.obs["c2s_cell_type_score"], rtol=1e-4)
+    np.testing.assert_allclose(adata.obsm["X_c2s"], one.obsm["X_c2s"], atol=1e-5)
+    assert generated.obs["c2s_sentence"].tolist() == generated_one.obs["c2s_sentence"].tolist()

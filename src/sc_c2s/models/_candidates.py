@@ -55,19 +55,28 @@ def score_answers(
     ids: Sequence[Sequence[int]],
     answer_ids: Sequence[Sequence[int]],
     *,
-    batch_size: int,
+    batch_size: int | None,
     pad_id: int,
     desc: str,
 ) -> np.ndarray:
-    """Log-likelihood of each tokenised answer after each tokenised prompt, summed over its tokens (cells × answers)."""
+    """Log-likelihood of each tokenised answer after each tokenised prompt, summed over its tokens (cells × answers).
+
+    `batch_size` ``None`` sizes batches to the free memory of a GPU (see :func:`~sc_c2s.models._runtime.run_batches`).
+    """
     device = _runtime.model_device(model)
     vocabulary = model.get_output_embeddings().out_features
-    max_packed = max(1, LOGIT_BUDGET // (batch_size * vocabulary))
-    groups = pack_candidates(answer_ids, pad_id=pad_id, device=device, max_packed=max_packed)
+    groups: dict[int, list[Candidates]] = {}  # by the most packed tokens the batch size allows
     loglik = np.empty((len(ids), len(answer_ids)))
+
+    def score(batch: _runtime.Batch) -> None:
+        max_packed = max(1, LOGIT_BUDGET // (len(batch.index) * vocabulary))
+        if max_packed not in groups:
+            groups[max_packed] = pack_candidates(answer_ids, pad_id=pad_id, device=device, max_packed=max_packed)
+        loglik[batch.index] = score_batch(model, batch, groups[max_packed]).double().cpu().numpy()
+
+    room = len(answer_ids) * (max(map(len, answer_ids)) - 1) + 1  # the packed candidates, in the cache
     with _runtime.inference(model):
-        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad_id, device=device, desc=desc):
-            loglik[batch.index] = score_batch(model, batch, groups).double().cpu().numpy()
+        _runtime.run_batches(model, ids, score, batch_size=batch_size, pad_id=pad_id, desc=desc, room=room)
     return loglik
 
 

@@ -108,8 +108,3 @@ def apply_adapter(model: PreTrainedModel, path: Path, *, merge: bool):
     with _peft_warnings():
         adapted = peft().PeftModel.from_pretrained(model, path, is_trainable=False)
     return adapted.merge_and_unload() if merge else adapted
-
-
-def unwrap(model) -> PreTrainedModel:
-    """Return the transformers model under an adapter (or `model` itself)."""
-    return model.get_base_model() if is_adapted(model) else model

@@ -176,12 +176,21 @@ def inference(
     tokens: int = TOKENS,
 ) -> float:
     """Bytes to read prompts of `tokens` tokens in batches of `batch` cells: weights, cache, one layer at work."""
-    act = 2.0 if quantization is not None else bytes_per_weight
-    cache = 2 * s.n_layers * s.kv_width * act * batch * tokens
-    layer = batch * tokens * (4 * s.hidden + 3 * s.intermediate) * act
-    scores = batch * s.n_heads * tokens**2 * 4 if s.eager else 0
-    logits = batch * s.vocab * 4 * 2
-    return weights(s, quantization=quantization, bytes_per_weight=bytes_per_weight) + cache + layer + scores + logits
+    width = 2.0 if quantization is not None else bytes_per_weight
+    per_batch = batch * activations(s, tokens=tokens, bytes_per_value=width)
+    return weights(s, quantization=quantization, bytes_per_weight=bytes_per_weight) + per_batch
+
+
+def activations(s: Shape, *, tokens: int, bytes_per_value: float = 2.0, eager: bool | None = None) -> float:
+    """Bytes one sequence of `tokens` tokens takes in a batch.
+
+    Its key/value cache, one layer's activations (with the attention scores of eager attention, by default where
+    the model needs it, as Gemma 2), and its last logits.
+    """
+    cache = 2 * s.n_layers * s.kv_width * bytes_per_value * tokens
+    layer = tokens * (4 * s.hidden + 3 * s.intermediate) * bytes_per_value
+    scores = s.n_heads * tokens**2 * 4 if (s.eager if eager is None else eager) else 0
+    return cache + layer + scores + s.vocab * 4 * 2
 
 
 def lora(s: Shape, *, quantization: str | None = None, batch: int = BATCH, tokens: int = TOKENS) -> float:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from scanpy import logging as logg
 
 from sc_c2s._compat import cache_name
 from sc_c2s._utils._progress import progress
@@ -30,12 +31,12 @@ if TYPE_CHECKING:
     import torch
     from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
-#: Cells per batch when `batch_size=None`: on a GPU, elsewhere.
-DEFAULT_BATCH_SIZE_GPU, DEFAULT_BATCH_SIZE_CPU = 64, 8
+#: Cells per batch when `batch_size=None` off a GPU (on a GPU, batches are sized to its free memory).
+DEFAULT_BATCH_SIZE_CPU = 8
 #: Largest batch sized to the free memory of a GPU.
 MAX_MEMORY_BATCH = 1024
-#: Share of the free GPU memory that the key/value cache of a batch sized to memory may take.
-MEMORY_SHARE = 0.5
+#: Share of the free GPU memory that a batch sized to memory may take (the rest: the allocator's slack).
+MEMORY_SHARE = 0.7
 
 
 # --- device and dtype ---------------------------------------------------------------------------------------------
@@ -75,24 +76,46 @@ def model_device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
-    """Check `batch_size`, or pick the default for `device` when it is ``None``."""
+def resolve_batch_size(batch_size: int | None, device: torch.device) -> int | None:
+    """Check `batch_size`; when it is ``None``, pick the default off a GPU, and keep ``None`` (sized to memory) on one."""
     if batch_size is None:
-        return DEFAULT_BATCH_SIZE_GPU if device.type == "cuda" else DEFAULT_BATCH_SIZE_CPU
-    return check_positive_int(batch_size, "batch_size", none_ok=True)
+        return None if sizes_to_memory(device) else DEFAULT_BATCH_SIZE_CPU
+    return check_positive_int(batch_size, "batch_size")
 
 
-def memory_batch_size(model: PreTrainedModel, n_tokens: int) -> int:
-    """As many sequences as let the key/value cache of `n_tokens` tokens each fill part of the free GPU memory."""
+def sizes_to_memory(device: torch.device) -> bool:
+    """Whether batches on `device` are sized to its free memory (on CUDA GPUs)."""
+    return device.type == "cuda"
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a batch may take on a GPU: free memory, and what PyTorch's allocator holds but does not use."""
     import torch
 
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def sequence_bytes(model: PreTrainedModel, n_tokens: int) -> float:
+    """Memory one sequence of `n_tokens` tokens takes in a batch (see :func:`sc_c2s.models._memory.activations`)."""
+    from . import _memory
+
     config = model.config.get_text_config()
+    shape = _memory.shape(config.to_dict())
+    eager = model.config._attn_implementation == "eager"
+    if shape is not None:
+        return _memory.activations(shape, tokens=n_tokens, bytes_per_value=model.dtype.itemsize, eager=eager)
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
-    per_sequence = 2 * config.num_hidden_layers * n_kv_heads * head_dim * model.dtype.itemsize * n_tokens
-    free, _ = torch.cuda.mem_get_info(model_device(model))
-    return int(np.clip(MEMORY_SHARE * free // per_sequence, 1, MAX_MEMORY_BATCH))
+    cache = 2 * config.num_hidden_layers * n_kv_heads * head_dim * n_tokens
+    return (cache + 16 * config.hidden_size * n_tokens) * model.dtype.itemsize + eager * n_heads * n_tokens**2 * 4
+
+
+def memory_batch_size(model: PreTrainedModel, n_tokens: int) -> int:
+    """As many sequences of `n_tokens` tokens as fit into part of the free GPU memory."""
+    free = free_memory(model_device(model))
+    return int(np.clip(MEMORY_SHARE * free // sequence_bytes(model, n_tokens), 1, MAX_MEMORY_BATCH))
 
 
 # --- loading and tokens -------------------------------------------------------------------------------------------
@@ -283,20 +306,48 @@ def left_pad(
     return input_ids.to(device), mask.to(device), positions.to(device)
 
 
-def batches(
-    ids: Sequence[Sequence[int]], *, batch_size: int, pad_id: int, device: torch.device, desc: str
-) -> Iterator[Batch]:
-    """Yield the prompts in batches of similar token length, longest first (a memory error shows at once).
+def run_batches(
+    model: PreTrainedModel,
+    ids: Sequence[Sequence[int]],
+    work: Callable[[Batch], None],
+    *,
+    batch_size: int | None,
+    pad_id: int,
+    desc: str,
+    room: int = 0,
+) -> None:
+    """Call `work` on the prompts in batches of similar token length, longest first (a memory error shows at once).
 
-    The progress bar counts cells and follows :func:`sc_c2s._utils._progress.show_progress`.
+    `work` keeps the results of each batch. With `batch_size` ``None`` (on a GPU), each batch takes as many cells
+    as fit into the free memory with their prompt and `room` more tokens (a generated answer). When a batch runs
+    out of GPU memory, its cells are tried again in batches half as large, and the batches after it are no larger;
+    the cells of the batches before it are done. The progress bar counts cells and follows
+    :func:`sc_c2s._utils._progress.show_progress`.
     """
+    import torch
+
+    device = model_device(model)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     order = np.argsort(-lengths, kind="stable")
+    cap, start, warned = MAX_MEMORY_BATCH if batch_size is None else batch_size, 0, False
     with progress(total=len(ids), desc=desc, unit="cell") as bar:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            yield Batch(index, *left_pad([ids[i] for i in index], pad_id=pad_id, device=device))
-            bar.update(len(index))
+        while start < len(order):
+            size = batch_size or memory_batch_size(model, int(lengths[order[start]]) + room)
+            index = order[start : start + min(size, cap)]
+            try:
+                work(Batch(index, *left_pad([ids[i] for i in index], pad_id=pad_id, device=device)))
+            except torch.OutOfMemoryError:
+                if len(index) == 1:
+                    raise
+                cap = len(index) // 2
+            else:
+                start += len(index)
+                bar.update(len(index))
+                continue
+            if not warned:  # out of the `except` block, the failed batch's tensors are free
+                logg.warning(f"out of GPU memory with {len(index)} cells per batch; going on with at most {cap}")
+                warned = True
+            torch.cuda.empty_cache()
 
 
 # --- forward passes -----------------------------------------------------------------------------------------------

@@ -104,9 +104,12 @@ def embed(
     pad = _runtime.pad_id(c2s.tokenizer)
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
     embedding = np.empty((len(ids), c2s.model.config.hidden_size), dtype=np.float32)
+
+    def embed_batch(batch: _runtime.Batch) -> None:
+        embedding[batch.index] = _runtime.mean_hidden_state(c2s.model, batch, spans[batch.index])
+
     with _runtime.inference(c2s.model):
-        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad, device=c2s.device, desc="embedding"):
-            embedding[batch.index] = _runtime.mean_hidden_state(c2s.model, batch, spans[batch.index])
+        _runtime.run_batches(c2s.model, ids, embed_batch, batch_size=batch_size, pad_id=pad, desc="embedding")
 
     params = {"n_genes": n_genes, "organism": organism, **c2s.provenance()}
     results = {("obsm", key_added): embedding, ("uns", key_added): {"params": params}}

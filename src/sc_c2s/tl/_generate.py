@@ -175,11 +175,8 @@ def generate(
     target = _target(adata, mod=mod, model=c2s_model)
     budget = _token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
-    if batch_size is None:
-        on_gpu = c2s_model.device.type == "cuda"
-        batch_size = (
-            _runtime.memory_batch_size(c2s_model.model, budget["max_new_tokens"] + 64) if on_gpu else _CPU_BATCH
-        )
+    if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
+        batch_size = _CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
 
     sentences = _sample(
@@ -479,7 +476,7 @@ def _sample(
     gene_ids: np.ndarray | None,
     length: tuple[int, np.ndarray, np.ndarray] | None,
     random_state: int,
-    batch_size: int,
+    batch_size: int | None,
     gene_tokens: list[list[int]] | None = None,
 ) -> list[str]:
     """Generate a sentence for each prompt; return them without their closing period.
@@ -506,23 +503,28 @@ def _sample(
         is_break[: len(breaks)] = torch.as_tensor(breaks, device=c2s.device)
         exact = _Length(n_words, is_start, is_stop, is_break & ~is_stop)
     out: list[str] = [""] * len(texts)
+
+    def write(batch: _runtime.Batch) -> None:
+        uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
+        sampler = _Sampler(
+            torch.from_numpy(uniforms).to(c2s.device, torch.float32),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            gene_ids=gene_tensor,
+            length=exact,
+            words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=length and length[0]),
+        )
+        tokens, _ = _runtime.decode(
+            c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
+        )
+        for i, text in zip(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids), strict=True):
+            out[i] = text
+
     with _runtime.inference(c2s.model):
-        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad_id, device=c2s.device, desc="generating"):
-            uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
-            sampler = _Sampler(
-                torch.from_numpy(uniforms).to(c2s.device, torch.float32),
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                gene_ids=gene_tensor,
-                length=exact,
-                words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=length and length[0]),
-            )
-            tokens, _ = _runtime.decode(
-                c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
-            )
-            for i, text in zip(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids), strict=True):
-                out[i] = text
+        _runtime.run_batches(
+            c2s.model, ids, write, batch_size=batch_size, pad_id=pad_id, desc="generating", room=max_new_tokens
+        )
     return out
 
 
