@@ -44,8 +44,11 @@ class C2SMetadata:
     scores: dict[str, Any] = field(default_factory=dict)
     """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
     adapter: dict[str, Any] | None = None
-    """For a LoRA adapter checkpoint: ``method``, ``rank``, ``target_modules`` and the ``base`` model it applies to
-    (``model`` name, ``path``, ``revision``, ``sha256`` of its files); ``None`` for a whole model."""
+    """The LoRA adapter of an adapter checkpoint (``None`` for a whole model).
+
+    Its ``method``, ``rank``, ``target_modules``, and the ``base`` model it applies to: ``model`` name, ``path``,
+    ``revision`` and ``sha256`` of its files.
+    """
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> C2SMetadata:
