@@ -98,7 +98,7 @@ def run(c2s: C2SModel, cells: ad.AnnData, labels: list[str], *, n_loop: int, bat
     print(
         f"\n{c2s.name}: {n_params:.1f}M parameters, {str(c2s.dtype).removeprefix('torch.')} on {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-        f"vocabulary {len(c2s.tokenizer)} words, prompts of {N_GENES} genes = {n_tokens:.0f} tokens, batch {batch}, "
+        f"vocabulary {len(c2s.tokenizer)} words, prompts of {N_GENES} genes = {n_tokens:.0f} tokens, batch {batch or 'sized to memory'}, "
         f"{torch.get_num_threads()} CPU threads"
     )
     methods: list[tuple[str, int, Callable[[ad.AnnData], object]]] = [

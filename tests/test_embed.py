@@ -30,8 +30,8 @@ def tiny(_short_sentences) -> C2SModel:
 
 def test_sentence_span_is_exactly_the_gene_tokens(short_sentences, tiny):
     words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
-    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
-    spans = _embed.sentence_spans(tiny, ids, words, organism="Homo sapiens")
+    ids, spans = _embed.sentence_tokens(tiny, words, organism="Homo sapiens")
+    assert ids == _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
 
     for seq, span, cell in zip(ids, spans, words, strict=True):
         # "The following is … Homo sapiens cell . … gene expression . Cell sentence :" are 42 words,

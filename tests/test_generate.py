@@ -158,11 +158,15 @@ def test_word_starts_of_a_subword_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     # " CD99 CD74" is four tokens: "ĠCD", "99", "ĠCD", "74"
     pieces = tokenizer(" CD99 CD74", add_special_tokens=False)["input_ids"]
-    starts = _generate._word_starts(tokenizer, reference=pieces[0])
+    starts, breaks = _generate._word_starts(tokenizer, reference=pieces[0])
     texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     # "Ġ" is a space: a token that starts with it and holds more begins a word; newlines and tabs do not
     np.testing.assert_array_equal(starts, [t.startswith("Ġ") and len(t) > 1 for t in texts])
     assert starts[pieces].sum() == 2
+    # what would break the count of words: whitespace that begins no word, and special tokens
+    expected = [t == "<eos>" or tokenizer.convert_tokens_to_string([t]).isspace() for t in texts]
+    np.testing.assert_array_equal(breaks, expected)
+    assert breaks[tokenizer.convert_tokens_to_ids(["Ċ", "Ġ"])].all()
 
 
 def test_unique_genes_blocks_repeats(ranked, tiny):

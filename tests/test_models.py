@@ -9,12 +9,9 @@ import os
 import re
 import shutil
 import socket
-import threading
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pooch
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -37,70 +34,8 @@ PUBLISHED = [
 ]
 
 
-class CheckpointServer(ThreadingHTTPServer):
-    """Serves the files under `root` at their relative paths on a free port of 127.0.0.1.
-
-    `requests` counts GET requests per path. `drop[name] = n` makes the next `n` requests for files called `name`
-    announce the full ``Content-Length``, send half the bytes and close the connection.
-    """
-
-    def __init__(self, root: Path):
-        super().__init__(("127.0.0.1", 0), _Handler)
-        self.root = root
-        self.requests: Counter[str] = Counter()
-        self.drop: Counter[str] = Counter()
-        self.lock = threading.Lock()
-
-    @property
-    def url(self) -> str:
-        host, port = self.server_address[:2]
-        return f"http://{host}:{port}"
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: CheckpointServer
-
-    def do_GET(self) -> None:
-        path = self.server.root / self.path.lstrip("/")
-        with self.server.lock:
-            self.server.requests[self.path] += 1
-            drop = self.server.drop[path.name] > 0
-            self.server.drop[path.name] -= drop
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data[: len(data) // 2] if drop else data)
-        self.close_connection = True
-
-    def log_message(self, *args) -> None:
-        """Keep the test output quiet."""
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def registry_entry(name: str, files: list[str], **kwargs) -> _registry.RegistryEntry:
-    return _registry.RegistryEntry(
-        name=name,
-        repo=f"test/{name}",
-        revision="rev1",
-        files=tuple(files),
-        size_gb=0.0,
-        architecture="GPTNeoXForCausalLM",
-        base_model="none",
-        tasks=("cell_type_prediction",),
-        prompt_style="c2s",
-        n_genes=20,
-        context_length=168,
-        license="BSD-3-Clause",
-        description="A tiny checkpoint built by the tests.",
-        **kwargs,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -118,30 +53,12 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    path = tmp_path / "cache"
-    monkeypatch.setenv(_download.CACHE_ENV, str(path))
-    return path
-
-
-@pytest.fixture
-def hub(checkpoints, cache, tmp_path, monkeypatch):
+def hub(checkpoints, checkpoint_server, publish):
     """The tiny checkpoints in the registry, served like Hugging Face (and flat under /flat/) on 127.0.0.1."""
-    root = tmp_path / "server"
     for name, source in checkpoints.items():
-        shutil.copytree(source, root / "test" / name / "resolve" / "rev1")
-        files = sorted(p.name for p in source.iterdir() if not re.fullmatch(r"model-.*-of-.*", p.name))
-        monkeypatch.setitem(_registry.REGISTRY, name, registry_entry(name, files))
-    shutil.copytree(checkpoints["tiny"], root / "flat")
-    monkeypatch.setattr(pooch.core.time, "sleep", lambda seconds: None)
-    server = CheckpointServer(root)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True)
-    thread.start()
-    monkeypatch.setenv(_download.BASE_URL_ENV, server.url)
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join()
+        publish(name, source)
+    shutil.copytree(checkpoints["tiny"], checkpoint_server.root / "flat")
+    return checkpoint_server
 
 
 @pytest.fixture

@@ -28,6 +28,12 @@ def tiny() -> C2SModel:
     return C2SModel(model, tokenizer, C2SMetadata(name="tiny", labels=["B cell", "T cell"]), Path("tiny"))
 
 
+def collect_batches(model, ids, **kwargs) -> list[_runtime.Batch]:
+    out = []
+    _runtime.run_batches(model, ids, out.append, desc="", **kwargs)
+    return out
+
+
 def test_cache_name_follows_the_installed_transformers():
     assert cache_name() in {f.name for f in fields(CausalLMOutputWithPast)}
     assert cache_name() in {"cache", "past_key_values"}
@@ -45,7 +51,7 @@ def test_decoding_over_the_cache_equals_full_forward_passes(tiny):
     tokenizer, model = tiny.tokenizer, tiny.model
     prompts = [sc_c2s.prompts.cell_type_prediction(cell) for cell in (GENES[:3], GENES[3:4])]
     ids = _runtime.tokenize(tokenizer, prompts)
-    (batch,) = _runtime.batches(ids, batch_size=2, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), desc="")
+    (batch,) = collect_batches(model, ids, batch_size=2, pad_id=tokenizer.pad_token_id)
     with _runtime.inference(model):
         tokens, logp = _runtime.decode(model, batch, max_new_tokens=4, stop_ids=[], pad_id=tokenizer.pad_token_id)
         for row, cell in enumerate(batch.index):
@@ -82,7 +88,7 @@ def test_progress_bars_follow_scanpy_verbosity(tiny, capsys, level, shown):
     samples = _trainer.Samples([np.asarray(i) for i in ids], n_prompt=np.array([2, 2]))
     model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
     _trainer.train(model, samples, epochs=1, batch_size=2, learning_rate=1e-3, pad_id=tokenizer.pad_token_id)
-    list(_runtime.batches(ids, batch_size=1, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), desc="x"))
+    _runtime.run_batches(model, ids, lambda batch: None, batch_size=1, pad_id=tokenizer.pad_token_id, desc="x")
     err = capsys.readouterr().err
     assert ("fine-tuning" in err) == shown
     assert ("x: 100%" in err) == shown

@@ -2,7 +2,8 @@
 
 It writes a compact table (name, description, tasks, genes per sentence, size, license) and, below it, the details
 of each checkpoint (repository and revision, base model, architecture, context, where the values come from and which
-could not be confirmed).
+could not be confirmed). The ``model-memory`` directive writes what each checkpoint needs (parameters, memory for
+inference and fine-tuning), for the page on large models.
 """
 
 from __future__ import annotations
@@ -87,6 +88,44 @@ def details(zoo: pd.DataFrame) -> nodes.definition_list:
     return items
 
 
+def memory(zoo: pd.DataFrame) -> nodes.table:
+    """Make the table of what each checkpoint needs: parameters and GiB for inference and LoRA fine-tuning."""
+    columns = {
+        "name": "name",
+        "parameters (billions)": "parameters",
+        "bf16": "inference_bf16_gib",
+        "8-bit": "inference_8bit_gib",
+        "4-bit": "inference_4bit_gib",
+        "LoRA": "lora_gib",
+        "QLoRA": "qlora_gib",
+    }
+    group = nodes.tgroup(cols=len(columns))
+    group += [nodes.colspec(colwidth=w) for w in (4, 2, 1, 1, 1, 1, 1)]
+    head = nodes.row()
+    head += [nodes.entry("", _paragraph(header)) for header in columns]
+    group += nodes.thead("", head)
+    body = nodes.tbody()
+    for name, entry in zoo.iterrows():
+        row = nodes.row()
+        row += nodes.entry("", _paragraph(nodes.literal(text=name)))
+        row += [nodes.entry("", _paragraph(_text(entry[column]))) for column in list(columns.values())[1:]]
+        body += row
+    group += body
+    return nodes.table("", group, classes=["model-zoo"])
+
+
+class ModelMemory(SphinxDirective):
+    """Insert the memory each checkpoint of the registry needs, from :func:`sc_c2s.models.available`."""
+
+    def run(self) -> list[nodes.Node]:
+        """Return the table, built from the estimates of the installed package."""
+        from sc_c2s import models
+        from sc_c2s.models import _memory
+
+        self.env.note_dependency(_memory.__file__)
+        return [memory(models.available())]
+
+
 class ModelZoo(SphinxDirective):
     """Insert the registry of :mod:`sc_c2s.models`: a table and the details of each checkpoint."""
 
@@ -103,6 +142,7 @@ class ModelZoo(SphinxDirective):
 
 
 def setup(app: Sphinx) -> dict[str, bool]:
-    """Register the directive."""
+    """Register the directives."""
     app.add_directive("model-zoo", ModelZoo)
+    app.add_directive("model-memory", ModelMemory)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

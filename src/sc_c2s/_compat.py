@@ -16,3 +16,16 @@ def cache_name() -> str:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass (non-reentrant checkpointing).
+
+    transformers 5.x renames ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the old
+    name warns, then goes in 6.0).
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

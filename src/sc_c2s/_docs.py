@@ -39,7 +39,8 @@ device
 
 doc_batch_size = """\
 batch_size
-    Cells per forward pass; ``None`` picks a size for the device (larger on a GPU)."""
+    Cells per forward pass; ``None`` picks a size for the device: on a GPU, as many as fit into its free memory
+    for each batch's prompt length (a batch that still runs out of memory is retried in halves)."""
 
 doc_organism = """\
 organism

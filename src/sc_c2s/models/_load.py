@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import pooch
 from scanpy import logging as logg
 
-from . import _download, _registry, _runtime
+from sc_c2s._utils._optional import import_optional
+
+from . import _download, _lora, _memory, _registry, _runtime
 from ._metadata import METADATA_FILE, C2SMetadata
 from ._model import C2SModel
 
 if TYPE_CHECKING:
     import torch
+
+AttnImplementation = Literal["eager", "sdpa", "flash_attention_2"]
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
 
 #: Files of a checkpoint directory that `load` hashes: configuration, weights and tokenizer (not optimizer states).
 _CHECKPOINT_SUFFIXES = frozenset({".json", ".safetensors", ".bin", ".model", ".txt"})
@@ -26,6 +33,9 @@ def load(
     revision: str | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    quantization: _memory.Quantization | None = None,
+    attn_implementation: AttnImplementation | None = None,
+    merge: bool = False,
 ) -> C2SModel:
     """Open a C2S checkpoint: the model, its tokenizer and its C2S metadata.
 
@@ -36,14 +46,29 @@ def load(
         :func:`~sc_c2s.models.fetch`), ``"demo"`` for the small model bundled with the package, or the path of
         a checkpoint directory: one written by :func:`sc_c2s.tl.finetune` (with ``c2s_metadata.json``) or a
         Hugging Face download of a published checkpoint. Registry names take precedence over paths; pass a
-        :class:`~pathlib.Path` or a path with a separator to open a directory that has such a name.
+        :class:`~pathlib.Path` or a path with a separator to open a directory that has such a name. A LoRA
+        adapter written by :func:`sc_c2s.tl.finetune` (``adapter="lora"``) loads its base model (from the
+        registry and the download cache, or the directory it was trained from; its files must be those the
+        adapter was trained on) and applies the adapter.
     revision
         Revision of a registry checkpoint; ``None`` takes the registry's pinned one. Not for directories.
     device
         Torch device; ``None`` picks CUDA if available, else the CPU (never MPS unless asked for).
     dtype
         Floating-point type of the weights, as a :class:`torch.dtype` or its name (``"bfloat16"``); ``None``
-        picks bfloat16 on CUDA (float16 where the GPU lacks bfloat16) and float32 elsewhere.
+        picks bfloat16 on CUDA (float16 where the GPU lacks bfloat16, but float32 for Gemma models, whose
+        activations overflow float16) and float32 elsewhere. With `quantization`, the type computations run in.
+    quantization
+        ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4 with double quantisation) loads the weights of the linear
+        layers quantised, through bitsandbytes (``pip install "sc-c2s[quantization]"``), on a CUDA GPU only:
+        the 27B Gemma-2 model then fits in about 22 GiB instead of 58 (see :doc:`/large_models`).
+    attn_implementation
+        Attention kernel: ``"sdpa"`` (PyTorch's scaled dot-product attention), ``"eager"``, or
+        ``"flash_attention_2"`` (on a GPU, in bfloat16 or float16, with the ``flash-attn`` package). ``None`` lets
+        transformers choose: SDPA where the model supports it, eager for Gemma 2, whose soft-capping of the
+        attention logits SDPA cannot do.
+    merge
+        For an adapter: fold it into the base model's weights (faster inference; not with `quantization`).
 
     Returns
     -------
@@ -53,6 +78,18 @@ def load(
     checkpoint, else are the defaults of :class:`~sc_c2s.models.C2SMetadata`. Code shipped with a checkpoint
     is never run.
 
+    Raises
+    ------
+    MemoryError
+        Before downloading anything, when the device cannot hold the model even for one cell at a time (free
+        GPU memory, or available system memory for the CPU). The message says what the model needs and what
+        would fit; ``sc_c2s.models.available()`` lists the needs of every checkpoint.
+    ValueError
+        For `quantization` or FlashAttention-2 off a CUDA GPU, and attention kernels the model does not support.
+    ImportError
+        When `quantization` needs bitsandbytes, `attn_implementation` flash-attn, or an adapter peft, and it is
+        not installed.
+
     Examples
     --------
     >>> import sc_c2s
@@ -61,6 +98,8 @@ def load(
     {'model': 'demo', 'path': '…/sc_c2s/models/demo', 'sha256': {'config.json': '…', …}}
     >>> model = sc_c2s.models.load("C2S-Pythia-410m-cell-type-prediction", device="cuda")  # doctest: +SKIP
     >>> model = sc_c2s.models.load("path/to/finetuned", dtype="float32")  # doctest: +SKIP
+    >>> model = sc_c2s.models.load("C2S-Scale-Gemma-2-27B", quantization="4bit")  # doctest: +SKIP
+    >>> model = sc_c2s.models.load("path/to/lora_adapter", merge=True)  # doctest: +SKIP
     """
     if not isinstance(name_or_path, str | os.PathLike):
         msg = (
@@ -68,12 +107,15 @@ def load(
             f"got a {type(name_or_path).__name__}."
         )
         raise TypeError(msg)
+    options = _Options.check(device, dtype, quantization, attn_implementation, merge=merge)
     entry = _registry.lookup(name_or_path) if isinstance(name_or_path, str) else None
     if entry is not None:
         revision = revision or entry.revision
+        shape = _memory.shape(_memory.ARCHITECTURES.get(entry.base_model, {}))
+        options.check_fits(shape, entry.name)  # before downloading
         path = _download.fetch(entry.name, revision=revision)
         sha256 = _download.recorded_hashes(path)
-        return _open(path, metadata=entry.metadata(), revision=revision, sha256=sha256, device=device, dtype=dtype)
+        return _open(path, metadata=entry.metadata(), revision=revision, sha256=sha256, options=options)
     if revision is not None:
         msg = f"`revision` selects a revision of a registry checkpoint; {str(name_or_path)!r} is not one."
         raise ValueError(msg)
@@ -93,7 +135,10 @@ def load(
                 f"`sc_c2s.models.available()`: {', '.join(map(repr, _registry.names()))}."
             )
             raise ValueError(msg)
-    return _open(path, metadata=_metadata(path), revision=None, sha256=_hash_files(path), device=device, dtype=dtype)
+    if _lora.is_adapter_dir(path):
+        return _open_adapter(path, options=options)
+    options.check_fits(_memory.shape(_registry._read_json(path / "config.json")), path.name)
+    return _open(path, metadata=_metadata(path), revision=None, sha256=_hash_files(path), options=options)
 
 
 def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.device | None = None) -> C2SModel:
@@ -125,22 +170,154 @@ def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.dev
     return load(model, device=device)
 
 
+@dataclass
+class _Options:
+    """How to load: the device, the dtype, quantisation, the attention kernel, merging an adapter; checked."""
+
+    device: torch.device
+    dtype: torch.dtype
+    quantization: str | None
+    attn_implementation: str | None
+    merge: bool
+    dtype_given: bool
+
+    @classmethod
+    def check(cls, device, dtype, quantization, attn_implementation, *, merge: bool) -> _Options:
+        """Check the options before anything is downloaded or read."""
+        import torch
+
+        dtype_given = dtype is not None
+        device, dtype = _runtime.device_and_dtype(device, dtype)
+        quantization = _memory.check_quantization(quantization)
+        if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+            msg = f"`attn_implementation` must be None or one of {ATTN_IMPLEMENTATIONS}, got {attn_implementation!r}."
+            raise ValueError(msg)
+        if quantization is not None:
+            if device.type != "cuda":
+                msg = (
+                    f"`quantization={quantization!r}` runs on a CUDA GPU (bitsandbytes), not on {device}; load the "
+                    "model without quantization there."
+                )
+                raise ValueError(msg)
+            if merge:
+                msg = "`merge=True` folds an adapter into 16-bit weights; with `quantization`, keep `merge=False`."
+                raise ValueError(msg)
+            import_optional("bitsandbytes", extra="quantization", purpose=f"Loading in {quantization}")
+        if attn_implementation == "flash_attention_2":
+            if device.type != "cuda" or dtype not in {torch.bfloat16, torch.float16}:
+                msg = (
+                    "FlashAttention-2 runs on a CUDA GPU in bfloat16 or float16, not on "
+                    f"{device} in {str(dtype).removeprefix('torch.')}."
+                )
+                raise ValueError(msg)
+            import_optional(
+                "flash_attn",
+                extra=None,
+                purpose="FlashAttention-2",
+                install="pip install flash-attn --no-build-isolation",
+            )
+        return cls(device, dtype, quantization, attn_implementation, merge, dtype_given)
+
+    def check_fits(self, shape: _memory.Shape | None, name: str) -> None:
+        """Refuse a model the device cannot hold (see :func:`sc_c2s.models._memory.check_fits`)."""
+        _memory.check_fits(shape, name=name, device=self.device, dtype=self.dtype, quantization=self.quantization)
+
+    def for_model(self, path: Path) -> _Options:
+        """Adjust to the checkpoint in `path`: no float16 for Gemma; an attention kernel the model has."""
+        import torch
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        options = self
+        if not self.dtype_given and self.dtype == torch.float16 and config.model_type.startswith("gemma"):
+            logg.info("    in float32: Gemma's activations overflow float16, and this GPU has no bfloat16")
+            options = dataclasses.replace(self, dtype=torch.float32)
+        model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+        supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
+        flag = supported.get(self.attn_implementation)
+        if model_class is not None and flag is not None and not getattr(model_class, flag, True):
+            why = (
+                " (Gemma 2 soft-caps its attention logits, which SDPA cannot do)"
+                if config.model_type == "gemma2"
+                else ""
+            )
+            msg = (
+                f"{model_class.__name__} does not run with `attn_implementation={self.attn_implementation!r}`{why}; "
+                "leave it None for the default, or use 'eager'."
+            )
+            raise ValueError(msg)
+        return options
+
+
 def _open(
-    path: Path,
-    *,
-    metadata: C2SMetadata,
-    revision: str | None,
-    sha256: dict[str, str],
-    device: str | torch.device | None,
-    dtype: str | torch.dtype | None,
+    path: Path, *, metadata: C2SMetadata, revision: str | None, sha256: dict[str, str], options: _Options
 ) -> C2SModel:
-    device, dtype = _runtime.device_and_dtype(device, dtype)
-    start = logg.info(f"loading {metadata.name or path.name} on {device} in {str(dtype).removeprefix('torch.')}")
-    tokenizer, model = _runtime.from_pretrained(path, dtype=dtype)
+    options = options.for_model(path)
+    device, dtype = options.device, options.dtype
+    precision = options.quantization or str(dtype).removeprefix("torch.")
+    start = logg.info(f"loading {metadata.name or path.name} on {device} in {precision}")
+    tokenizer, model = _runtime.from_pretrained(
+        path,
+        dtype=dtype,
+        device=device,
+        quantization=options.quantization,
+        attn_implementation=options.attn_implementation,
+    )
     _runtime.prepare_tokenizer(tokenizer, model, path)
-    model.to(device).eval()
+    if options.quantization is None:
+        model.to(device)
+    model.eval()
     logg.info("    finished", time=start)
     return C2SModel(model=model, tokenizer=tokenizer, metadata=metadata, path=path, revision=revision, sha256=sha256)
+
+
+def _open_adapter(path: Path, *, options: _Options) -> C2SModel:
+    """Load the base model an adapter names, check it is the one it was trained on, and apply the adapter."""
+    metadata = C2SMetadata.read(path) if (path / METADATA_FILE).is_file() else None
+    base = (metadata.adapter or {}).get("base") if metadata is not None else None
+    if base is None:
+        msg = (
+            f"{path} holds an adapter but no {METADATA_FILE} naming its base model; sc_c2s opens the adapters that "
+            "`sc_c2s.tl.finetune(..., adapter='lora')` writes."
+        )
+        raise ValueError(msg)
+    source = _base_source(base, path)
+    base_model = load(
+        source,
+        revision=base.get("revision") if isinstance(source, str) else None,
+        device=options.device,
+        dtype=options.dtype if options.dtype_given else None,
+        quantization=options.quantization,
+        attn_implementation=options.attn_implementation,
+    )
+    changed = sorted(f for f, h in base.get("sha256", {}).items() if base_model.sha256.get(f, h) != h)
+    if changed:
+        msg = (
+            f"The base model {base['model']!r} at {base_model.path} is not the one the adapter in {path} was "
+            f"trained on: {', '.join(changed)} differ."
+        )
+        raise ValueError(msg)
+    start = logg.info(f"applying the LoRA adapter {metadata.name or path.name}{' (merged)' if options.merge else ''}")
+    model = _lora.apply_adapter(base_model.model, path, merge=options.merge)
+    model.eval()
+    logg.info("    finished", time=start)
+    return C2SModel(model=model, tokenizer=base_model.tokenizer, metadata=metadata, path=path, sha256=_hash_files(path))
+
+
+def _base_source(base: dict, path: Path) -> str | Path:
+    """Where to load an adapter's base model from: the registry by name, else the directory it was trained from."""
+    if _registry.lookup(base["model"]) is not None:
+        return base["model"]
+    directory = Path(base.get("path") or "")
+    if not directory.is_dir():
+        msg = (
+            f"The base model of the adapter in {path}, {base['model']!r}, is neither in the registry nor at "
+            f"{base.get('path')!r}. Put it back there, or write its directory into the adapter's {METADATA_FILE} "
+            "(`adapter.base.path`)."
+        )
+        raise FileNotFoundError(msg)
+    return directory
 
 
 def _metadata(path: Path) -> C2SMetadata:

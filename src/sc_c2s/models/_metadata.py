@@ -43,6 +43,12 @@ class C2SMetadata:
     """How the model was trained (base model, data, split, epochs, learning rate…)."""
     scores: dict[str, Any] = field(default_factory=dict)
     """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
+    adapter: dict[str, Any] | None = None
+    """The LoRA adapter of an adapter checkpoint (``None`` for a whole model).
+
+    Its ``method``, ``rank``, ``target_modules``, and the ``base`` model it applies to: ``model`` name, ``path``,
+    ``revision`` and ``sha256`` of its files.
+    """
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> C2SMetadata:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ._lora import is_adapted, save_adapter
 from ._metadata import C2SMetadata
 from ._runtime import model_device
 
@@ -53,7 +54,8 @@ class C2SModel:
         """Write the checkpoint into `directory`, for :func:`~sc_c2s.models.load` to open again.
 
         The weights (safetensors), the tokenizer and ``c2s_metadata.json`` go into `directory`, which is created
-        if needed. :func:`sc_c2s.tl.finetune` saves its models this way.
+        if needed. A model with a LoRA adapter writes the adapter's weights only, beside the metadata that names
+        its base model. :func:`sc_c2s.tl.finetune` saves its models this way.
 
         Parameters
         ----------
@@ -66,16 +68,21 @@ class C2SModel:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        if is_adapted(self.model):
+            save_adapter(self.model, directory)
+        else:
+            self.model.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
         self.metadata.write(directory)
         return directory
 
     def provenance(self) -> dict[str, Any]:
-        """Name, revision, path and file hashes, for ``uns[key]["params"]``."""
+        """Name, revision, path and file hashes (and those of the base model of an adapter), for ``uns[key]["params"]``."""
         record = {"model": self.name, "path": str(self.path), "sha256": dict(self.sha256)}
         if self.revision is not None:
             record["revision"] = self.revision
+        if self.metadata.adapter is not None:
+            record["base_model"] = dict(self.metadata.adapter["base"])
         return record
 
     def __repr__(self) -> str:

@@ -162,7 +162,10 @@ def available() -> pd.DataFrame:
     A data frame indexed by name, with columns ``repo``, ``revision``, ``files``, ``size_gb``, ``architecture``,
     ``base_model``, ``tasks``, ``prompt_style``, ``n_genes``, ``context_length``, ``organism``, ``license``,
     ``sha256`` (known hashes; files without one are trusted on first download), ``unconfirmed``,
-    ``description`` and ``source``.
+    ``description``, ``source``, and what the model needs: ``parameters`` (billions) and the memory in GiB
+    (estimated from the architecture, with batches of 8 cells or samples of 1,024 tokens) for inference in
+    bfloat16, 8-bit and 4-bit (``inference_bf16_gib``, ``inference_8bit_gib``, ``inference_4bit_gib``) and for
+    LoRA fine-tuning on a bfloat16 or a 4-bit base (``lora_gib``, ``qlora_gib``). See :doc:`/large_models`.
 
     Examples
     --------
@@ -172,8 +175,12 @@ def available() -> pd.DataFrame:
     '44c2ff7dd5edc26daf9c3f4106e18e162a55676a'
     >>> zoo.loc[zoo["tasks"].map(lambda t: "cell_type_prediction" in t)].index[0]
     'C2S-Pythia-410m-cell-type-prediction'
+    >>> zoo.loc["C2S-Scale-Gemma-2-27B", ["parameters", "inference_bf16_gib", "inference_4bit_gib"]].tolist()
+    [27.2, 57.6, 21.6]
     """
     import pandas as pd
+
+    from . import _memory
 
     rows = [
         {
@@ -194,11 +201,28 @@ def available() -> pd.DataFrame:
             "unconfirmed": e.unconfirmed,
             "description": e.description,
             "source": e.source,
+            **_needs(_memory.ARCHITECTURES.get(e.base_model)),
         }
         for e in registry().values()
     ]
-    rows.append(_demo_row(demo_dir()))
+    demo = _demo_row(demo_dir())
+    rows.append({**demo, **_needs(_read_json(demo_dir() / "config.json"))})
     return pd.DataFrame(rows).set_index("name").astype({"n_genes": "Int64", "context_length": "Int64"})
+
+
+def _needs(config: dict[str, Any] | None) -> dict[str, float | None]:
+    """Parameters (billions) and memory (GiB) of a model with this configuration; ``None`` where unknown."""
+    from . import _memory
+
+    shape = _memory.shape(config) if config else None
+    columns = ("inference_bf16", "inference_8bit", "inference_4bit", "lora_bf16", "qlora_4bit")
+    names = ("inference_bf16_gib", "inference_8bit_gib", "inference_4bit_gib", "lora_gib", "qlora_gib")
+    if shape is None:
+        return {"parameters": None, **dict.fromkeys(names)}
+    estimates = _memory.estimates(shape)
+    return {"parameters": round(shape.n_parameters / 1e9, 3 if shape.n_parameters < 1e9 else 1)} | {
+        name: estimates[column] for name, column in zip(names, columns, strict=True)
+    }
 
 
 def _demo_row(directory: Path) -> dict[str, Any]:

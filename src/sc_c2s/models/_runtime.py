@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+from scanpy import logging as logg
 
 from sc_c2s._compat import cache_name
 from sc_c2s._utils._progress import progress
@@ -30,12 +31,12 @@ if TYPE_CHECKING:
     import torch
     from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
-#: Cells per batch when `batch_size=None`: on a GPU, elsewhere.
-DEFAULT_BATCH_SIZE_GPU, DEFAULT_BATCH_SIZE_CPU = 64, 8
+#: Cells per batch when `batch_size=None` off a GPU (on a GPU, batches are sized to its free memory).
+DEFAULT_BATCH_SIZE_CPU = 8
 #: Largest batch sized to the free memory of a GPU.
 MAX_MEMORY_BATCH = 1024
-#: Share of the free GPU memory that the key/value cache of a batch sized to memory may take.
-MEMORY_SHARE = 0.5
+#: Share of the free GPU memory that a batch sized to memory may take (the rest: the allocator's slack).
+MEMORY_SHARE = 0.7
 
 
 # --- device and dtype ---------------------------------------------------------------------------------------------
@@ -75,44 +76,94 @@ def model_device(model: PreTrainedModel) -> torch.device:
     return next(model.parameters()).device
 
 
-def resolve_batch_size(batch_size: int | None, device: torch.device) -> int:
-    """Check `batch_size`, or pick the default for `device` when it is ``None``."""
+def resolve_batch_size(batch_size: int | None, device: torch.device) -> int | None:
+    """Check `batch_size`; when it is ``None``, pick the default off a GPU, and keep ``None`` (sized to memory) on one."""
     if batch_size is None:
-        return DEFAULT_BATCH_SIZE_GPU if device.type == "cuda" else DEFAULT_BATCH_SIZE_CPU
-    return check_positive_int(batch_size, "batch_size", none_ok=True)
+        return None if sizes_to_memory(device) else DEFAULT_BATCH_SIZE_CPU
+    return check_positive_int(batch_size, "batch_size")
 
 
-def memory_batch_size(model: PreTrainedModel, n_tokens: int) -> int:
-    """As many sequences as let the key/value cache of `n_tokens` tokens each fill part of the free GPU memory."""
+def sizes_to_memory(device: torch.device) -> bool:
+    """Whether batches on `device` are sized to its free memory (on CUDA GPUs)."""
+    return device.type == "cuda"
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes a batch may take on a GPU: free memory, and what PyTorch's allocator holds but does not use."""
     import torch
 
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def sequence_bytes(model: PreTrainedModel, n_tokens: int) -> float:
+    """Memory one sequence of `n_tokens` tokens takes in a batch (see :func:`sc_c2s.models._memory.activations`)."""
+    from . import _memory
+
     config = model.config.get_text_config()
+    shape = _memory.shape(config.to_dict())
+    eager = model.config._attn_implementation == "eager"
+    if shape is not None:
+        return _memory.activations(shape, tokens=n_tokens, bytes_per_value=model.dtype.itemsize, eager=eager)
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     n_kv_heads = getattr(config, "num_key_value_heads", None) or n_heads
-    per_sequence = 2 * config.num_hidden_layers * n_kv_heads * head_dim * model.dtype.itemsize * n_tokens
-    free, _ = torch.cuda.mem_get_info(model_device(model))
-    return int(np.clip(MEMORY_SHARE * free // per_sequence, 1, MAX_MEMORY_BATCH))
+    cache = 2 * config.num_hidden_layers * n_kv_heads * head_dim * n_tokens
+    return (cache + 16 * config.hidden_size * n_tokens) * model.dtype.itemsize + eager * n_heads * n_tokens**2 * 4
+
+
+def memory_batch_size(model: PreTrainedModel, n_tokens: int) -> int:
+    """As many sequences of `n_tokens` tokens as fit into part of the free GPU memory."""
+    free = free_memory(model_device(model))
+    return int(np.clip(MEMORY_SHARE * free // sequence_bytes(model, n_tokens), 1, MAX_MEMORY_BATCH))
 
 
 # --- loading and tokens -------------------------------------------------------------------------------------------
 
 
-def from_pretrained(path: Path, *, dtype: torch.dtype) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
-    """Read the tokenizer and causal LM of a checkpoint directory, never running code shipped with it."""
+def from_pretrained(
+    path: Path,
+    *,
+    dtype: torch.dtype,
+    device: torch.device | None = None,
+    quantization: str | None = None,
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+    """Read the tokenizer and causal LM of a checkpoint directory, never running code shipped with it.
+
+    With `quantization` (``"8bit"`` or ``"4bit"``, through bitsandbytes) the weights are quantised as they are
+    read, straight onto `device`. `attn_implementation` ``None`` lets transformers choose (SDPA where the model
+    supports it).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    options = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+    if quantization is not None:
+        options |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device}}
     # transformers' own progress bars while loading weights say nothing a user needs
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, local_files_only=True, trust_remote_code=False, **options
+        )
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
     return tokenizer, model
+
+
+def quantization_config(quantization: str, dtype: torch.dtype):
+    """Bitsandbytes settings: LLM.int8 for ``"8bit"``; NF4 with double quantisation, computing in `dtype`, for ``"4bit"``."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+    )
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, path: Path) -> None:
@@ -122,7 +173,7 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
         msg = (
             f"The tokenizer of {path} has {n_tokens} tokens but the model embeds {n_rows}: they do not belong "
             "together, or the tokenizer was not read correctly (a SentencePiece `tokenizer.model`, as Gemma "
-            "checkpoints have, needs `pip install sentencepiece protobuf`)."
+            'checkpoints have, needs `pip install "sc-c2s[gemma]"`: sentencepiece and protobuf).'
         )
         raise ValueError(msg)
     tokenizer.padding_side = "left"
@@ -164,6 +215,34 @@ def tokenize(
     if not texts:
         return []
     return tokenizer(list(texts), add_special_tokens=special_tokens)["input_ids"]
+
+
+def tokenize_spans(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], char_spans: np.ndarray
+) -> tuple[list[list[int]], np.ndarray]:
+    """Tokenise each text (with special tokens) and find the tokens that cover its span of characters.
+
+    `char_spans` holds the start and end (exclusive) of a span of characters in each text. The tokens that
+    cover at least one of its characters (by the tokenizer's offsets) make the token span, start and end
+    (exclusive), texts × 2. A token that crosses an end of the span, as tokenizers that merge across words
+    make, is in it.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        msg = (
+            f"Finding tokens by their characters needs a fast tokenizer (of the `tokenizers` library), not a "
+            f"{type(tokenizer).__name__}."
+        )
+        raise TypeError(msg)
+    encoded = tokenizer(list(texts), return_offsets_mapping=True)
+    spans = np.empty((len(texts), 2), dtype=np.int64)
+    for i, (offsets, (start, end)) in enumerate(zip(encoded["offset_mapping"], char_spans, strict=True)):
+        offsets = np.asarray(offsets).reshape(-1, 2)
+        covers = np.flatnonzero((offsets[:, 1] > offsets[:, 0]) & (offsets[:, 0] < end) & (offsets[:, 1] > start))
+        if not len(covers):
+            msg = f"No token of text {i} covers its characters {start}:{end}."
+            raise ValueError(msg)
+        spans[i] = covers[0], covers[-1] + 1
+    return encoded["input_ids"], spans
 
 
 def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -227,20 +306,48 @@ def left_pad(
     return input_ids.to(device), mask.to(device), positions.to(device)
 
 
-def batches(
-    ids: Sequence[Sequence[int]], *, batch_size: int, pad_id: int, device: torch.device, desc: str
-) -> Iterator[Batch]:
-    """Yield the prompts in batches of similar token length, longest first (a memory error shows at once).
+def run_batches(
+    model: PreTrainedModel,
+    ids: Sequence[Sequence[int]],
+    work: Callable[[Batch], None],
+    *,
+    batch_size: int | None,
+    pad_id: int,
+    desc: str,
+    room: int = 0,
+) -> None:
+    """Call `work` on the prompts in batches of similar token length, longest first (a memory error shows at once).
 
-    The progress bar counts cells and follows :func:`sc_c2s._utils._progress.show_progress`.
+    `work` keeps the results of each batch. With `batch_size` ``None`` (on a GPU), each batch takes as many cells
+    as fit into the free memory with their prompt and `room` more tokens (a generated answer). When a batch runs
+    out of GPU memory, its cells are tried again in batches half as large, and the batches after it are no larger;
+    the cells of the batches before it are done. The progress bar counts cells and follows
+    :func:`sc_c2s._utils._progress.show_progress`.
     """
+    import torch
+
+    device = model_device(model)
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     order = np.argsort(-lengths, kind="stable")
+    cap, start, warned = MAX_MEMORY_BATCH if batch_size is None else batch_size, 0, False
     with progress(total=len(ids), desc=desc, unit="cell") as bar:
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            yield Batch(index, *left_pad([ids[i] for i in index], pad_id=pad_id, device=device))
-            bar.update(len(index))
+        while start < len(order):
+            size = batch_size or memory_batch_size(model, int(lengths[order[start]]) + room)
+            index = order[start : start + min(size, cap)]
+            try:
+                work(Batch(index, *left_pad([ids[i] for i in index], pad_id=pad_id, device=device)))
+            except torch.OutOfMemoryError:
+                if len(index) == 1:
+                    raise
+                cap = len(index) // 2
+            else:
+                start += len(index)
+                bar.update(len(index))
+                continue
+            if not warned:  # out of the `except` block, the failed batch's tensors are free
+                logg.warning(f"out of GPU memory with {len(index)} cells per batch; going on with at most {cap}")
+                warned = True
+            torch.cuda.empty_cache()
 
 
 # --- forward passes -----------------------------------------------------------------------------------------------
@@ -258,6 +365,29 @@ def inference(model: PreTrainedModel) -> Iterator[None]:
             yield
     finally:
         model.train(training)
+
+
+def new_cache() -> Cache:
+    """Make an empty KV cache that keeps every layer whole, so that it can be cut back (sliding-window layers too)."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def takes_custom_masks(model: PreTrainedModel) -> bool:
+    """Whether the model's attention reads a 4-D mask of its own (SDPA and eager do, FlashAttention-2 does not)."""
+    return model.config._attn_implementation in {"eager", "sdpa"}
+
+
+def sliding_window(model: PreTrainedModel) -> int | None:
+    """Tokens a sliding-window attention layer of the model sees (Gemma 2: 4096), or ``None`` without such layers."""
+    config = model.config.get_text_config()
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(config, "sliding_window", None)
 
 
 def forward(
@@ -295,7 +425,8 @@ def mean_hidden_state(model: PreTrainedModel, batch: Batch, spans: np.ndarray) -
     """
     import torch
 
-    hidden = model.base_model(
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA adapter
+    hidden = causal_lm.base_model(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,
         position_ids=batch.position_ids,

@@ -182,23 +182,28 @@ def model_labels(c2s: C2SModel) -> list[str]:
     return list(c2s.metadata.labels)
 
 
-def generate_answers(c2s: C2SModel, ids: list[list[int]], *, batch_size: int) -> tuple[list[str], np.ndarray]:
+def generate_answers(c2s: C2SModel, ids: list[list[int]], *, batch_size: int | None) -> tuple[list[str], np.ndarray]:
     """Write the greedy answer to each prompt of `ids`; return the answers and the model's probability of each."""
     tokenizer = c2s.tokenizer
     stop_ids, pad = _runtime.period_ids(tokenizer), _runtime.pad_id(tokenizer)
     answers: list[str] = [""] * len(ids)
     prob = np.empty(len(ids))
+
+    def answer(batch: _runtime.Batch) -> None:
+        tokens, logp = _runtime.decode(
+            c2s.model, batch, max_new_tokens=MAX_ANSWER_TOKENS, stop_ids=stop_ids, pad_id=pad
+        )
+        tokens = tokens.cpu().numpy()
+        is_stop = np.isin(tokens, stop_ids)
+        ends = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, tokens.shape[1])
+        for i, row, end in zip(batch.index, tokens, ends, strict=True):
+            answers[i] = parse_answer(tokenizer.decode(row[:end], skip_special_tokens=True))
+        prob[batch.index] = logp.sum(1).exp().double().cpu().numpy()
+
     with _runtime.inference(c2s.model):
-        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad, device=c2s.device, desc="annotating"):
-            tokens, logp = _runtime.decode(
-                c2s.model, batch, max_new_tokens=MAX_ANSWER_TOKENS, stop_ids=stop_ids, pad_id=pad
-            )
-            tokens = tokens.cpu().numpy()
-            is_stop = np.isin(tokens, stop_ids)
-            ends = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, tokens.shape[1])
-            for i, row, end in zip(batch.index, tokens, ends, strict=True):
-                answers[i] = parse_answer(tokenizer.decode(row[:end], skip_special_tokens=True))
-            prob[batch.index] = logp.sum(1).exp().double().cpu().numpy()
+        _runtime.run_batches(
+            c2s.model, ids, answer, batch_size=batch_size, pad_id=pad, desc="annotating", room=MAX_ANSWER_TOKENS
+        )
     return answers, prob
 
 
@@ -207,7 +212,7 @@ def parse_answer(text: str) -> str:
     return text.strip().removesuffix(".").strip()
 
 
-def score_labels(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int) -> np.ndarray:
+def score_labels(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int | None) -> np.ndarray:
     """Score the log-likelihood of each label's answer after each prompt (cells × labels)."""
     answer_ids = _runtime.tokenize(c2s.tokenizer, [prompts.answer(label) for label in labels], special_tokens=False)
     check_labels(c2s, labels, answer_ids)

@@ -98,16 +98,18 @@ def embed(
             "first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`."
         )
         raise ValueError(msg)
-    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, organism=organism))
+    ids, spans = sentence_tokens(c2s, words, organism=organism)
     _runtime.check_context(c2s.model, ids, name=c2s.name)
-    spans = sentence_spans(c2s, ids, words, organism=organism)
 
     pad = _runtime.pad_id(c2s.tokenizer)
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
     embedding = np.empty((len(ids), c2s.model.config.hidden_size), dtype=np.float32)
+
+    def embed_batch(batch: _runtime.Batch) -> None:
+        embedding[batch.index] = _runtime.mean_hidden_state(c2s.model, batch, spans[batch.index])
+
     with _runtime.inference(c2s.model):
-        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad, device=c2s.device, desc="embedding"):
-            embedding[batch.index] = _runtime.mean_hidden_state(c2s.model, batch, spans[batch.index])
+        _runtime.run_batches(c2s.model, ids, embed_batch, batch_size=batch_size, pad_id=pad, desc="embedding")
 
     params = {"n_genes": n_genes, "organism": organism, **c2s.provenance()}
     results = {("obsm", key_added): embedding, ("uns", key_added): {"params": params}}
@@ -116,30 +118,17 @@ def embed(
     return adata if copy else None
 
 
-def sentence_spans(
-    c2s: C2SModel, ids: Sequence[Sequence[int]], words: Sequence[Sequence[str]], *, organism: str
-) -> np.ndarray:
-    """Start and end (exclusive) of the cell sentence's tokens in each tokenised prompt, cells × 2.
+def sentence_tokens(
+    c2s: C2SModel, words: Sequence[Sequence[str]], *, organism: str
+) -> tuple[list[list[int]], np.ndarray]:
+    """Tokenise each cell's prediction prompt, and find the tokens of its cell sentence (cells × 2: start, end).
 
-    The template text before the sentence (which depends on the number of genes) and after it is tokenised on
-    its own; the sentence is what lies between. A tokenizer that merges tokens across these boundaries is
-    refused, since the span would then be wrong.
+    The tokens are those that cover a character of the sentence, found from the tokenizer's character offsets.
+    Tokenizers such as Gemma's merge across words (a gene's last letters and the period after the sentence can
+    be one token); such a token belongs to the sentence.
     """
-    before, after = prompts.CELL_TYPE_PREDICTION.split("{cell_sentence}")
-    n_words = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-    prefixes = {
-        n: _runtime.tokenize(c2s.tokenizer, [before.format(num_genes=n, organism=organism).rstrip()])[0]
-        for n in np.unique(n_words)
-    }
-    suffix = _runtime.tokenize(c2s.tokenizer, [after], special_tokens=False)[0]
-    spans = np.empty((len(ids), 2), dtype=np.int64)
-    for i, (seq, n) in enumerate(zip(ids, n_words, strict=True)):
-        prefix = prefixes[n]
-        spans[i] = len(prefix), len(seq) - len(suffix)
-        if list(seq[: len(prefix)]) != prefix or list(seq[spans[i, 1] :]) != suffix or spans[i, 0] >= spans[i, 1]:
-            msg = (
-                f"Cannot find the cell sentence among the prompt tokens of cell {i}: the tokenizer of {c2s.name!r} "
-                "merges the sentence with the template text around it."
-            )
-            raise ValueError(msg)
-    return spans
+    before = prompts.CELL_TYPE_PREDICTION.split("{cell_sentence}")[0]
+    texts = prediction_prompts(words, organism=organism)
+    starts = np.array([len(before.format(num_genes=len(cell), organism=organism)) for cell in words])
+    ends = starts + np.array([len(prompts.cell_sentence(cell, upper=False)) for cell in words])
+    return _runtime.tokenize_spans(c2s.tokenizer, texts, np.stack([starts, ends], axis=1))

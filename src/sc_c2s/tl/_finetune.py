@@ -5,7 +5,7 @@ from collections.abc import Sequence
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -13,10 +13,11 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from sc_c2s import _keys, prompts
+from sc_c2s._compat import enable_activation_checkpointing
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_mod, doc_organism, doc_params
 from sc_c2s._utils._validate import check_obs_column, check_positive_int
-from sc_c2s.models import _runtime, _trainer
+from sc_c2s.models import _lora, _runtime, _trainer
 from sc_c2s.models._metadata import TASKS, C2SMetadata
 
 from . import _samples
@@ -33,6 +34,8 @@ SCRATCH = "scratch"
 _EPOCHS = (20, 3)
 _BATCH_SIZE = (32, 8)
 _LEARNING_RATE = (2e-3, 5e-5)
+#: Peak learning rate of a LoRA adapter.
+_LORA_LEARNING_RATE = 2e-4
 
 
 @doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_organism=doc_organism)
@@ -52,6 +55,11 @@ def finetune(
     eval_fraction: float = 0.1,
     random_state: int = 0,
     device: str | torch.device | None = None,
+    adapter: Literal["lora"] | None = None,
+    lora_rank: int = 16,
+    target_modules: Sequence[str] | None = None,
+    quantization: Literal["4bit"] | None = None,
+    gradient_checkpointing: bool | None = None,
     mod: str | None = None,
 ) -> Path:
     """Train a C2S model on the cell sentences and labels of `adata`, and write it as a checkpoint.
@@ -69,6 +77,12 @@ def finetune(
     gene, label word and template word, sized to the data: a few thousand cells train in minutes on a CPU. Any other value is loaded with :func:`sc_c2s.models.load`
     and fine-tuned. Training runs in float32, with bf16 autocast on a GPU.
 
+    With ``adapter="lora"`` the base model's weights stay frozen (in bfloat16 on a GPU) and a LoRA adapter of
+    rank `lora_rank` is trained on its attention and MLP projections, as C2S-Scale fine-tunes its large
+    models: the 2B Gemma-2 model trains on one 24 GB GPU, and with ``quantization="4bit"`` (QLoRA) the 27B one on
+    48 GB (see :doc:`/large_models`). The checkpoint then holds the adapter only (83 MB for rank 16 on the 2B model), with metadata that
+    names the base model; :func:`sc_c2s.models.load` applies it to its base.
+
     Parameters
     ----------
     {doc_adata}
@@ -84,12 +98,12 @@ def finetune(
         Genes per cell sentence, best first.
     {doc_organism} From scratch, ``None`` means ``"Homo sapiens"``.
     epochs
-        Passes over the training cells; ``None``: 20 from scratch, 3 for a pretrained model.
+        Passes over the training cells; ``None``: 20 from scratch, 3 for a pretrained model (also with LoRA).
     batch_size
         Samples per optimiser step; ``None``: 32 from scratch, 8 for a pretrained model.
     learning_rate
         Peak learning rate of AdamW (linear warm-up, cosine decay); ``None``: ``2e-3`` from scratch, ``5e-5``
-        for a pretrained model.
+        for a pretrained model, ``2e-4`` for a LoRA adapter.
     gene_dropout
         Probability that a gene is left out of a cell's sentence in a cell-type prediction sample, drawn anew
         every epoch (data augmentation; generation samples keep whole sentences). Sentences with genes missing
@@ -101,13 +115,29 @@ def finetune(
         Seed of the held-out split, the initial weights, the order of the samples.
     device
         Torch device to train on; ``None`` picks CUDA when available, else the CPU.
+    adapter
+        ``"lora"`` to train a LoRA adapter (``pip install "sc-c2s[lora]"``) on a pretrained base model;
+        ``None`` trains all weights.
+    lora_rank
+        Rank of the LoRA matrices (their scale alpha is twice the rank).
+    target_modules
+        Names of the linear layers LoRA adapts; ``None``: every projection of attention and MLP of the
+        architecture (``query_key_value``, ``dense``, ``dense_h_to_4h``, ``dense_4h_to_h`` for GPT-NeoX;
+        ``q_proj`` … ``down_proj`` for Gemma, Llama and the like; all linear layers otherwise).
+    quantization
+        ``"4bit"`` loads the base model in NF4 to train the adapter on it (QLoRA); on a CUDA GPU, with
+        bitsandbytes (``pip install "sc-c2s[quantization]"``).
+    gradient_checkpointing
+        Recompute each layer's activations in the backward pass instead of keeping them: less memory, about a
+        third more time. ``None``: on for base models of a billion parameters or more.
     {doc_mod}
 
     Returns
     -------
     The checkpoint directory: weights, tokenizer and ``c2s_metadata.json`` (prompt style, organism, vocabulary,
-    labels, the rank fit of ``adata.uns["c2s"]``, the training parameters, the held-out cells and their scores).
-    Open it with :func:`sc_c2s.models.load`.
+    labels, the rank fit of ``adata.uns["c2s"]``, the training parameters, the held-out cells and their scores),
+    or with an adapter its weights and the metadata (whose ``adapter`` names the base model, its revision and
+    the sha256 of its files). Open it with :func:`sc_c2s.models.load`.
 
     Examples
     --------
@@ -120,6 +150,12 @@ def finetune(
     ... )  # doctest: +SKIP
     >>> model = sc_c2s.models.load(path)  # doctest: +SKIP
     >>> model.metadata.scores  # doctest: +SKIP
+
+    A LoRA adapter on the 2B C2S-Scale model, on a GPU:
+
+    >>> path = sc_c2s.tl.finetune(
+    ...     adata, label_key="bulk_labels", base_model="C2S-Scale-Gemma-2-2B", output_dir="pbmc_lora", adapter="lora"
+    ... )  # doctest: +SKIP
     """
     start = logg.info(f"fine-tuning {base_model!r} on {label_key!r}")
     handler = DataHandler(adata, mod)
@@ -135,9 +171,12 @@ def finetune(
         raise ValueError(msg)
     output_dir = _check_output_dir(output_dir)
     scratch = str(base_model) == SCRATCH
+    _check_adapter(adapter, scratch=scratch, quantization=quantization, lora_rank=lora_rank)
     epochs = _default(epochs, _EPOCHS, scratch)
     batch_size = _default(batch_size, _BATCH_SIZE, scratch)
-    learning_rate = _default(learning_rate, _LEARNING_RATE, scratch)
+    learning_rate = _default(
+        learning_rate, (_LEARNING_RATE[0], _LORA_LEARNING_RATE if adapter else _LEARNING_RATE[1]), scratch
+    )
 
     ranked = np.asarray(handler.obsm[_keys.GENES])[:, :n_genes]
     genes = np.asarray(c2s["genes"], dtype=object)
@@ -151,11 +190,36 @@ def finetune(
     vocabulary = genes[np.unique(ranked[ranked >= 0])].tolist()
 
     c2s_model = _base(
-        base_model, vocabulary, label_set, n_genes=n_genes, n_cells=len(train_cells), device=device, seed=random_state
+        base_model,
+        vocabulary,
+        label_set,
+        n_genes=n_genes,
+        n_cells=len(train_cells),
+        device=device,
+        seed=random_state,
+        adapter=adapter is not None,
+        quantization=quantization,
     )
+    base_record = c2s_model.provenance()
+    n_parameters = sum(p.numel() for p in c2s_model.model.parameters())
+    if gradient_checkpointing is None:
+        gradient_checkpointing = not scratch and n_parameters >= _lora.CHECKPOINTING_FROM
+    if adapter is not None:
+        c2s_model.model = _lora.add_lora(
+            c2s_model.model,
+            rank=lora_rank,
+            target_modules=target_modules,
+            gradient_checkpointing=gradient_checkpointing,
+            quantized=quantization is not None,
+        )
+    elif gradient_checkpointing:
+        enable_activation_checkpointing(c2s_model.model)
     upper = c2s_model.metadata.upper_case
     organism = prompts.check_organism(organism if organism is not None else c2s_model.metadata.organism)
     tokenizer, model = c2s_model.tokenizer, c2s_model.model
+    if adapter is not None:
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logg.info(f"    LoRA adapter of rank {lora_rank}: {n_trained:,} of {n_parameters:,} parameters trained")
     words = [genes[row[row >= 0]].tolist() for row in ranked[train_cells]]
     encode = partial(
         _samples.encode,
@@ -211,9 +275,25 @@ def finetune(
         "loss": [round(x, 5) for x in loss],
         "train_seconds": round(train_seconds, 1),
         "device": str(c2s_model.device),
+        "gradient_checkpointing": bool(gradient_checkpointing),
         "eval_obs_names": handler.obs_names[eval_cells].tolist(),
         "sc_c2s": version("sc-c2s"),
     }
+    if adapter is not None:
+        metadata.training |= {"adapter": adapter, "lora_rank": lora_rank, "quantization": quantization}
+        metadata.adapter = {
+            "method": adapter,
+            "rank": lora_rank,
+            "alpha": 2 * lora_rank,
+            "target_modules": _lora.targets(model),
+            "quantization": quantization,
+            "base": {
+                "model": base_record["model"],
+                "path": str(Path(base_record["path"]).resolve()),
+                "revision": base_record.get("revision"),
+                "sha256": base_record["sha256"],
+            },
+        }
     c2s_model.path = output_dir
     metadata.scores = _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
     c2s_model.save(output_dir)
@@ -277,6 +357,26 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(tasks))
 
 
+def _check_adapter(adapter: str | None, *, scratch: bool, quantization: str | None, lora_rank: int) -> None:
+    """Refuse adapter settings that cannot train, before any model is loaded."""
+    if adapter not in {None, "lora"}:
+        msg = f'`adapter` must be "lora" or None, got {adapter!r}.'
+        raise ValueError(msg)
+    if quantization not in {None, "4bit"}:
+        msg = f'`quantization` must be "4bit" (QLoRA) or None, got {quantization!r}.'
+        raise ValueError(msg)
+    if adapter is None:
+        if quantization is not None:
+            msg = 'Quantised weights cannot be trained; pass `adapter="lora"` to train an adapter on them (QLoRA).'
+            raise ValueError(msg)
+        return
+    if scratch:
+        msg = 'A LoRA adapter adapts a pretrained model; pass a `base_model` other than "scratch", or `adapter=None`.'
+        raise ValueError(msg)
+    check_positive_int(lora_rank, "lora_rank")
+    _lora.peft()
+
+
 def _check_output_dir(output_dir: str | Path) -> Path:
     """Refuse a directory with files in it before training, rather than overwrite a checkpoint after."""
     output_dir = Path(output_dir)
@@ -299,14 +399,18 @@ def _base(
     n_cells: int,
     device: str | torch.device | None,
     seed: int,
+    adapter: bool = False,
+    quantization: str | None = None,
 ) -> C2SModel:
-    """Build or load the model to train, in float32 on `device`."""
+    """Build or load the model to train on `device`: in float32, or for an adapter in the default dtype."""
     from sc_c2s.models._model import C2SModel
     from sc_c2s.models._scratch import build_model, build_tokenizer, scratch_size
 
     if str(base_model) != SCRATCH:
         from sc_c2s.models import load
 
+        if adapter:  # frozen: in bfloat16 on a GPU, or quantised
+            return load(base_model, device=device, quantization=quantization)
         return load(base_model, device=device, dtype="float32")
     metadata = C2SMetadata()
     words = [w.upper() for w in vocabulary] if metadata.upper_case else vocabulary
@@ -323,7 +427,7 @@ def _check_unknown(tokenizer, samples: _trainer.Samples, tasks: Sequence[str]) -
         return
     label_unknown, n_unknown, n_tokens = False, 0, 0
     for i, (ids, n_prompt) in enumerate(zip(samples.input_ids, samples.n_prompt, strict=True)):
-        is_unknown = ids == unk
+        is_unknown = ids[:-1] == unk  # not the EOS that ends every sample, which is Pythia's unknown token too
         if tasks[i % len(tasks)] == "cell_type_prediction":
             label_unknown |= bool(is_unknown[n_prompt:].any())
         n_unknown += int(is_unknown.sum())

@@ -17,6 +17,7 @@ from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_organism, doc_params
 from sc_c2s._utils._validate import check_positive_int, check_rank_fit
 from sc_c2s.models import _runtime
+from sc_c2s.models._words import WordConstraint, WordTrie
 
 from ._from_sentences import from_sentences
 
@@ -111,9 +112,11 @@ def generate(
         Sample among the most likely tokens whose probabilities add up to this (nucleus sampling); ``None`` for
         no limit.
     unique_genes
-        Never sample a gene that is already in the sentence, since a cell sentence names each gene once. This
-        applies to tokenizers with one token per gene (the models :func:`sc_c2s.tl.finetune` trains from
-        scratch); with sub-word tokenizers a token may start several genes, so sampling is left unconstrained.
+        Never sample a gene that is already in the sentence, since a cell sentence names each gene once. With
+        one token per gene (the models :func:`sc_c2s.tl.finetune` trains from scratch), those tokens are blocked
+        once used. With sub-word tokenizers (Pythia's, Gemma's), where a gene takes several tokens and a token
+        may start many genes, sentences are written from the genes of the vocabulary only, token by token along
+        their spelling, each gene at most once; the token budget then suffices for the `n_genes` longest.
     exact_length
         Write `n_genes` words per sentence, as the prompt asks: the closing period and the end-of-sequence token
         are blocked until the sentence has `n_genes` words, and after that only tokens that end the sentence (or
@@ -170,13 +173,10 @@ def generate(
     _check_labels(types, c2s_model.metadata.labels)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
     target = _target(adata, mod=mod, model=c2s_model)
-    budget = _token_budget(c2s_model, target.words, n_genes)
+    budget = _token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
-    if batch_size is None:
-        on_gpu = c2s_model.device.type == "cuda"
-        batch_size = (
-            _runtime.memory_batch_size(c2s_model.model, budget["max_new_tokens"] + 64) if on_gpu else _CPU_BATCH
-        )
+    if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
+        batch_size = _CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
 
     sentences = _sample(
@@ -188,7 +188,8 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         gene_ids=budget["gene_ids"] if unique_genes else None,
-        length=None if starts is None else (n_genes, starts),
+        gene_tokens=budget["gene_tokens"] if unique_genes else None,
+        length=None if starts is None else (n_genes, *starts),
         random_state=random_state,
         batch_size=batch_size,
     )
@@ -209,7 +210,7 @@ def generate(
         "temperature": temperature,
         "top_k": top_k,
         "top_p": top_p,
-        "unique_genes": unique_genes and budget["gene_ids"] is not None,
+        "unique_genes": unique_genes and (budget["gene_ids"] is not None or budget["gene_tokens"] is not None),
         "exact_length": exact_length,
         "random_state": random_state,
         "batch_size": batch_size,
@@ -321,13 +322,17 @@ def _selection(columns: np.ndarray, n_columns: int) -> sparse.csr_matrix:
     )
 
 
-def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str, Any]:
+def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_genes: bool = False) -> dict[str, Any]:
     """Size the new tokens for `n_genes` genes and their period, and choose the tokens that end a sentence.
 
     Tokens per gene are measured on the vocabulary as the model writes it (a space, then the upper-cased
-    word). The period ends a sentence only if no gene contains its token (as in ``RP11-34P13.3`` with a
-    sub-word tokenizer); otherwise the text is cut at the period afterwards. ``gene_ids`` are the tokens of
-    the genes the tokenizer knows, when every gene is one token; else ``None``. ``reference`` is the first token
+    word). A token whose text ends a sentence (a period, alone or merged with the letters before it as
+    Gemma's tokenizer does) ends it only if no gene contains that token (as in ``RP11-34P13.3`` with a sub-word
+    tokenizer); otherwise the text is cut at the period afterwards. ``gene_ids`` are the tokens of the genes
+    the tokenizer knows, when every gene is one token; else ``None``. ``gene_tokens`` are the tokens of each
+    gene the tokenizer spells without an unknown token, when some gene takes several (sentences of distinct
+    genes are then written from them: see :mod:`sc_c2s.models._words`); else ``None``. With them and
+    `unique_genes`, the token budget suffices for the `n_genes` longest genes. ``reference`` is the first token
     of the first gene, which :func:`_word_starts` writes other tokens after.
     """
     tokenizer = model.tokenizer
@@ -335,33 +340,49 @@ def _token_budget(model: C2SModel, words: np.ndarray, n_genes: int) -> dict[str,
     ids = _runtime.tokenize(tokenizer, spaced, special_tokens=False)
     tokens_per_gene = float(np.mean([len(i) for i in ids]))
     max_new_tokens = math.ceil(tokens_per_gene * math.ceil(n_genes * (1 + _SLACK))) + 2
-    stop_ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    period = tokenizer.convert_tokens_to_ids(".")
-    if period is not None and period != tokenizer.unk_token_id and not any(period in i for i in ids):
-        stop_ids.append(period)
+    in_genes = {t for i in ids for t in i}
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
+    ends = [i for i, text in enumerate(texts) if _SENTENCE_END.search(text) and i not in in_genes]
+    ends = [i for i in ends if i != tokenizer.unk_token_id and i not in tokenizer.all_special_ids]
+    stop_ids = sorted({*([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []), *ends})
     single = [i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id]
-    gene_ids = np.unique(single) if all(len(i) == 1 for i in ids) else None
+    one_token = all(len(i) == 1 for i in ids)
+    gene_ids = np.unique(single) if one_token else None
+    gene_tokens = None if one_token else [i for i in ids if tokenizer.unk_token_id not in i]
+    if unique_genes and gene_tokens:
+        longest = sorted(map(len, gene_tokens), reverse=True)[:n_genes]
+        max_new_tokens = max(max_new_tokens, sum(longest) + 1)
     return {
         "tokens_per_gene": round(tokens_per_gene, 3),
         "max_new_tokens": max_new_tokens,
         "stop_ids": stop_ids,
         "gene_ids": gene_ids,
+        "gene_tokens": gene_tokens or None,
         "reference": ids[0][0],
     }
 
 
-def _word_starts(tokenizer, *, reference: int) -> np.ndarray:
-    """Whether each token of the vocabulary begins a word: written after `reference`, it adds a space, then more.
+def _word_starts(tokenizer, *, reference: int) -> tuple[np.ndarray, np.ndarray]:
+    """Which tokens of the vocabulary begin a word, and which would break the count of words.
 
+    A token begins a word if, written after `reference`, it adds a space and then more text without whitespace.
     Decoding pairs reads the word-start marker of any tokenizer (``Ġ`` of byte-level BPE, ``▁`` of
-    SentencePiece) and makes every token of a word-level tokenizer a word. Special tokens and tokens of
-    whitespace only begin none.
+    SentencePiece) and makes every token of a word-level tokenizer a word. A token breaks the count if it holds
+    whitespace elsewhere (a line break, two spaces, words merged into one token) or is special; sentences of
+    an exact length never contain one.
     """
     head = len(tokenizer.decode([reference], clean_up_tokenization_spaces=False))
     texts = tokenizer.batch_decode([[reference, i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
-    starts = np.array([text[head : head + 1].isspace() and not text[head:].isspace() for text in texts])
+    texts = [text[head:] for text in texts]
+    starts = np.array([text[:1].isspace() and len(text) > 1 and not _has_space(text[1:]) for text in texts])
+    breaks = np.array([not text or _has_space(text) for text in texts]) & ~starts
     starts[tokenizer.all_special_ids] = False
-    return starts
+    breaks[tokenizer.all_special_ids] = True
+    return starts, breaks
+
+
+def _has_space(text: str) -> bool:
+    return any(c.isspace() for c in text)
 
 
 def _uniforms(random_state: int, cell: int, n_steps: int) -> np.ndarray:
@@ -379,20 +400,23 @@ def _uniforms(random_state: int, cell: int, n_steps: int) -> np.ndarray:
 class _Length(NamedTuple):
     """What `exact_length` needs, made once per call.
 
-    The number of words, and two masks over the model's output vocabulary (which may be padded beyond the
-    tokenizer's): the tokens that begin a word, and those that stop the sentence.
+    The number of words, and three masks over the model's output vocabulary (which may be padded beyond the
+    tokenizer's): the tokens that begin a word, those that stop the sentence, and those never written (they
+    would break the count of words; the padding beyond the tokenizer is among them).
     """
 
     n_words: int
     starts: torch.Tensor
     is_stop: torch.Tensor
+    breaks: torch.Tensor
 
 
 class _Sampler:
     """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call.
 
     With `gene_ids`, a row never samples one of those tokens twice. With `length`, a row cannot stop before it
-    has that many words, and after that it can only stop or continue its last word.
+    has that many words, and after that it can only stop or continue its last word. With `words`, each row
+    writes distinct genes of several tokens each (and an exact number of them if the constraint says so).
     """
 
     def __init__(
@@ -404,12 +428,13 @@ class _Sampler:
         top_p: float | None,
         gene_ids: torch.Tensor | None,
         length: _Length | None,
+        words: WordConstraint | None = None,
     ):
         import torch
 
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
         self.gene_ids, self.used = gene_ids, None
-        self.length = length
+        self.length, self.constraint = length, words
         self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
         self.step = 0
 
@@ -423,8 +448,13 @@ class _Sampler:
             logits = logits.masked_fill(self.used, -torch.inf)
         if self.length is not None:
             short = (self.words < self.length.n_words)[:, None]
-            logits = logits.masked_fill(torch.where(short, self.length.is_stop, self.length.starts), -torch.inf)
+            blocked = torch.where(short, self.length.is_stop, self.length.starts) | self.length.breaks
+            logits = logits.masked_fill(blocked, -torch.inf)
+        if self.constraint is not None:
+            logits = logits.masked_fill(~self.constraint.allowed(), -torch.inf)
         token = _sample_token(logits, self.uniforms[:, self.step], self.temperature, self.top_k, self.top_p)
+        if self.constraint is not None:
+            self.constraint.advance(token)
         if self.gene_ids is not None:
             is_gene = torch.isin(token, self.gene_ids)
             self.used[is_gene.nonzero()[:, 0], token[is_gene]] = True
@@ -444,43 +474,57 @@ def _sample(
     top_k: int | None,
     top_p: float | None,
     gene_ids: np.ndarray | None,
-    length: tuple[int, np.ndarray] | None,
+    length: tuple[int, np.ndarray, np.ndarray] | None,
     random_state: int,
-    batch_size: int,
+    batch_size: int | None,
+    gene_tokens: list[list[int]] | None = None,
 ) -> list[str]:
-    """Generate a sentence for each prompt; return them without their closing period."""
+    """Generate a sentence for each prompt; return them without their closing period.
+
+    `length` holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each
+    gene, to write distinct genes of several tokens (then it sets the length, not `length`).
+    """
     import torch
 
     ids = _runtime.tokenize(c2s.tokenizer, texts)
     _runtime.check_context(c2s.model, ids, name=c2s.name, room=max_new_tokens)
     pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
-    exact = None
-    if length is not None:
-        n_words, starts = length
-        vocab_size = c2s.model.config.vocab_size
-        is_start = torch.zeros(vocab_size, dtype=torch.bool, device=c2s.device)
+    exact, trie, n_logits = None, None, c2s.model.config.vocab_size
+    if gene_tokens is not None:
+        trie = WordTrie(gene_tokens, n_logits=n_logits, stop_ids=stop_ids, device=c2s.device)
+    elif length is not None:
+        n_words, starts, breaks = length
+        is_start = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
         is_start[: len(starts)] = torch.as_tensor(starts, device=c2s.device)
-        is_stop = torch.zeros(vocab_size, dtype=torch.bool, device=c2s.device)
+        is_stop = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
         is_stop[stop_ids] = True
-        exact = _Length(n_words, is_start, is_stop)
+        is_break = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
+        is_break[: len(breaks)] = torch.as_tensor(breaks, device=c2s.device)
+        exact = _Length(n_words, is_start, is_stop, is_break & ~is_stop)
     out: list[str] = [""] * len(texts)
+
+    def write(batch: _runtime.Batch) -> None:
+        uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
+        sampler = _Sampler(
+            torch.from_numpy(uniforms).to(c2s.device, torch.float32),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            gene_ids=gene_tensor,
+            length=exact,
+            words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=length and length[0]),
+        )
+        tokens, _ = _runtime.decode(
+            c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
+        )
+        for i, text in zip(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids), strict=True):
+            out[i] = text
+
     with _runtime.inference(c2s.model):
-        for batch in _runtime.batches(ids, batch_size=batch_size, pad_id=pad_id, device=c2s.device, desc="generating"):
-            uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
-            sampler = _Sampler(
-                torch.from_numpy(uniforms).to(c2s.device, torch.float32),
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                gene_ids=gene_tensor,
-                length=exact,
-            )
-            tokens, _ = _runtime.decode(
-                c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
-            )
-            for i, text in zip(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids), strict=True):
-                out[i] = text
+        _runtime.run_batches(
+            c2s.model, ids, write, batch_size=batch_size, pad_id=pad_id, desc="generating", room=max_new_tokens
+        )
     return out
 
 

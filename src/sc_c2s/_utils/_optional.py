@@ -1,0 +1,26 @@
+"""Optional dependencies: imported where they are needed, with an error that says how to install them."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+def import_optional(module: str, *, extra: str | None, purpose: str, install: str | None = None) -> ModuleType:
+    """Import `module`, or raise an :class:`ImportError` naming the extra of sc-c2s (or the command) that installs it.
+
+    Examples
+    --------
+    >>> import_optional("json", extra="lora", purpose="Reading JSON").__name__
+    'json'
+    >>> import_optional("no_such_module", extra="lora", purpose="LoRA fine-tuning")
+    Traceback (most recent call last):
+    ...
+    ImportError: LoRA fine-tuning needs the `no_such_module` package: `pip install "sc-c2s[lora]"`.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        command = install or f'pip install "sc-c2s[{extra}]"'
+        msg = f"{purpose} needs the `{module}` package: `{command}`."
+        raise ImportError(msg) from error

@@ -1,0 +1,238 @@
+"""The architectures and tokenizers of the published checkpoints, tiny and random, through the whole workflow.
+
+Gemma 2 (C2S-Scale): a SentencePiece-style tokenizer that adds ``<bos>`` and merges tokens across words,
+sliding-window and global attention layers, soft-capped logits, eager attention. Pythia (GPT-NeoX): byte-level
+BPE without a padding token, saved padding on the right, an embedding wider than the tokenizer, SDPA.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.special import softmax
+
+import sc_c2s
+from sc_c2s import prompts
+from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _runtime
+from sc_c2s.models._words import WordConstraint, WordTrie
+from sc_c2s.tl import _annotate, _embed, _utils
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+N_GENES = 12  # the longest sentence of the `short_sentences` cells
+LABELS = ["A549", "H1975", "H2228", "HCC827", "H838"]
+#: Labels of several sub-word tokens.
+LONG_LABELS = ["A549", "H1975 cell", "H2228 lung cell line", "HCC827 cell line"]
+ARCHITECTURES = ["gemma2", "pythia"]
+CLASSES = {"gemma2": "Gemma2ForCausalLM", "pythia": "GPTNeoXForCausalLM"}
+
+
+@pytest.fixture(scope="module")
+def genes(_short_sentences) -> list[str]:
+    return [g.upper() for g in _short_sentences.uns["c2s"]["genes"]]
+
+
+@pytest.fixture(scope="module")
+def tokenizers(genes, builders) -> dict:
+    labels = [*LABELS, *LONG_LABELS]
+    return {"gemma2": builders.gemma_tokenizer(genes, labels), "pythia": builders.neox_tokenizer(genes, labels)}
+
+
+@pytest.fixture(scope="module")
+def build(builders):
+    """Build a random model of an architecture for a tokenizer."""
+
+    def build(architecture: str, tokenizer, **kwargs):
+        return (builders.gemma2_model if architecture == "gemma2" else builders.neox_model)(tokenizer, **kwargs)
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def published(tokenizers, build, builders, tmp_path_factory) -> dict[str, Path]:
+    """Each architecture saved as the published checkpoints are (sharded weights, tokenizer, no C2S metadata)."""
+    return {
+        name: builders.save_published(build(name, tokenizer), tokenizer, tmp_path_factory.mktemp(name))
+        for name, tokenizer in tokenizers.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def in_memory(tokenizers, build):
+    """A C2SModel of an architecture, built in memory, its tokenizer prepared as `load` does."""
+
+    def in_memory(architecture: str, **kwargs) -> C2SModel:
+        tokenizer = copy.deepcopy(tokenizers[architecture])
+        model = build(architecture, tokenizer, **kwargs)
+        _runtime.prepare_tokenizer(tokenizer, model, Path(architecture))
+        return C2SModel(model, tokenizer, C2SMetadata(name=architecture, labels=LABELS), Path(architecture))
+
+    return in_memory
+
+
+def full_sequence_loglik(c2s: C2SModel, adata, labels: list[str]) -> np.ndarray:
+    """Log-likelihood of each label's answer after each prompt, from one plain forward pass per cell and label
+    over the prompt (with the tokenizer's special tokens) and the answer: no padding, no cache, no custom mask."""
+    tokenizer, out = c2s.tokenizer, []
+    answers = [tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in labels]
+    for words in prompts.sentence_words(adata, n_genes=N_GENES):
+        prompt = tokenizer(prompts.cell_type_prediction(words))["input_ids"]
+        row = []
+        for answer in answers:
+            with torch.no_grad():
+                logp = c2s.model(input_ids=torch.as_tensor([prompt + answer])).logits[0].log_softmax(-1)
+            row.append(float(sum(logp[len(prompt) - 1 + j, t] for j, t in enumerate(answer))))
+        out.append(row)
+    return np.array(out)
+
+
+def count_calls(function, calls: dict, name: str):
+    def counted(*args, **kwargs):
+        calls[name] += 1
+        return function(*args, **kwargs)
+
+    return counted
+
+
+def test_tokenizers_behave_like_the_published_ones(tokenizers, genes, build):
+    gemma, pythia = tokenizers["gemma2"], tokenizers["pythia"]
+    prompt = prompts.cell_type_prediction(genes[:3])
+    assert gemma(prompt)["input_ids"][0] == gemma.bos_token_id == 2
+    assert (gemma.pad_token_id, gemma.eos_token_id) == (0, 1)
+    assert pythia(prompt)["input_ids"][0] != pythia.bos_token_id  # no BOS
+    assert pythia.pad_token is None
+    assert pythia.padding_side == "right"
+    assert gemma.decode(gemma("Zellkern µ")["input_ids"], skip_special_tokens=True) == "Zellkern µ"  # byte fallback
+    assert pythia.decode(pythia("Zellkern µ")["input_ids"]) == "Zellkern µ"
+    # Gemma's tokens cross word boundaries: a gene's last token and the period after it are one token
+    sentence = prompts.cell_sentence(genes[:5]) + "."
+    assert gemma.convert_ids_to_tokens(gemma(sentence)["input_ids"])[-1] != "."
+    # both have more embedding rows than tokens
+    assert build("pythia", pythia).get_input_embeddings().num_embeddings > len(pythia)
+
+
+@pytest.mark.parametrize(
+    ("architecture", "window"),
+    [("gemma2", 4096), ("gemma2", 24), ("pythia", None)],
+    ids=["gemma2", "gemma2-beyond-sliding-window", "pythia"],
+)
+def test_constrained_scores_match_full_sequences(short_sentences, in_memory, architecture, window, monkeypatch):
+    """Packed candidates under a 4-D mask where it is exact, one candidate at a time beyond a sliding window."""
+    c2s = in_memory(architecture, **({"sliding_window": window} if window else {}))
+    words = _utils.cell_words(short_sentences, c2s, n_genes=N_GENES, mod=None)
+    ids = _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    beyond = window is not None and min(map(len, ids)) > window
+    calls = {"packed": 0, "one at a time": 0}
+    for path, name in ((_candidates._continuations, "packed"), (_candidates._one_at_a_time, "one at a time")):
+        monkeypatch.setattr(_candidates, path.__name__, count_calls(path, calls, name))
+    loglik = _annotate.score_labels(c2s, ids, LONG_LABELS, batch_size=5)
+    assert (calls["packed"] == 0) == beyond
+    assert (calls["one at a time"] == 0) != beyond
+    full = full_sequence_loglik(c2s, short_sentences, LONG_LABELS)
+    np.testing.assert_allclose(loglik, full, atol=1e-4)
+
+    sc_c2s.tl.annotate(short_sentences, model=c2s, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
+    best = full.argmax(axis=1)
+    np.testing.assert_array_equal(short_sentences.obs["c2s_cell_type"].to_numpy(), np.array(LONG_LABELS)[best])
+    np.testing.assert_allclose(
+        short_sentences.obs["c2s_cell_type_score"], softmax(full, axis=1)[np.arange(len(best)), best], rtol=1e-4
+    )
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_embedding_spans_the_sentence_tokens(short_sentences, in_memory, architecture):
+    """The sentence's tokens are found by the characters they cover, also where a token crosses its ends."""
+    c2s = in_memory(architecture)
+    words = _utils.cell_words(short_sentences, c2s, n_genes=N_GENES, mod=None)
+    ids, spans = _embed.sentence_tokens(c2s, words, organism="Homo sapiens")
+    assert ids == _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    merged = 0
+    for seq, (start, end), cell in zip(ids, spans, words, strict=True):
+        sentence, inside = " ".join(cell), c2s.tokenizer.decode(seq[start:end])
+        assert inside.strip().removesuffix(".") == sentence
+        assert sentence not in c2s.tokenizer.decode(seq[start + 1 : end])  # no token too many
+        assert sentence not in c2s.tokenizer.decode(seq[start : end - 1])
+        merged += inside.endswith(".")
+    assert merged == (len(words) if architecture == "gemma2" else 0)  # the last gene and the period, one token
+
+    sc_c2s.tl.embed(short_sentences, model=c2s, n_genes=N_GENES, batch_size=7)
+    for i in (0, 5):
+        with torch.no_grad():
+            hidden = c2s.model(input_ids=torch.as_tensor([ids[i]]), output_hidden_states=True).hidden_states[-1][0]
+        expected = hidden[spans[i, 0] : spans[i, 1]].mean(0).numpy()
+        np.testing.assert_allclose(short_sentences.obsm["X_c2s"][i], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_workflow_from_a_published_layout(cellbench, published, publish, architecture, tmp_path):
+    """Download (sharded) → load → annotate (free and constrained) → embed → generate → fine-tune → load."""
+    name = f"tiny-{architecture}"
+    publish(name, published[architecture], architecture=CLASSES[architecture])
+    c2s = sc_c2s.models.load(name, device="cpu")
+    tokenizer = c2s.tokenizer
+    assert tokenizer.padding_side == "left"
+    assert _runtime.pad_id(tokenizer) == (0 if architecture == "gemma2" else tokenizer.eos_token_id)
+    assert c2s.model.config._attn_implementation == ("eager" if architecture == "gemma2" else "sdpa")
+    prompt_ids = _runtime.tokenize(tokenizer, ["Cell sentence:"])[0]
+    assert (prompt_ids[0] == tokenizer.bos_token_id) == (architecture == "gemma2")
+
+    adata = cellbench[::25].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
+    sc_c2s.tl.annotate(adata, model=c2s, n_genes=N_GENES, batch_size=5)
+    assert adata.obs["c2s_cell_type_score"].between(0, 1).all()
+    sc_c2s.tl.annotate(adata, model=c2s, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
+    assert set(adata.obs["c2s_cell_type"]) <= set(LONG_LABELS)
+    sc_c2s.tl.embed(adata, model=c2s, n_genes=N_GENES, batch_size=5)
+    assert adata.obsm["X_c2s"].shape == (12, 32)
+    assert np.isfinite(adata.obsm["X_c2s"]).all()
+
+    generated = sc_c2s.tl.generate(adata, model=c2s, cell_types={"A549": 3, "H838": 2}, n_genes=6, batch_size=4)
+    words = [sentence.split() for sentence in generated.obs["c2s_sentence"]]
+    assert [len(w) for w in words] == [6] * 5  # exact length
+    assert all(len(set(w)) == len(w) for w in words)  # unique genes
+    assert (generated.obs["n_valid_genes"] == 6).all()  # and genes only, with genes of several tokens each
+    assert generated.uns["c2s_generate"]["params"]["unique_genes"]
+
+    adata.obs["cell_line"] = adata.obs["cell_type"].astype(str)
+    path = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_line",
+        base_model=name,
+        output_dir=tmp_path / "finetuned",
+        n_genes=N_GENES,
+        epochs=1,
+        batch_size=4,
+        eval_fraction=0.25,
+        device="cpu",
+    )
+    finetuned = sc_c2s.models.load(path, device="cpu")
+    assert finetuned.metadata.training["base_model"] == name
+    sc_c2s.tl.annotate(adata, model=finetuned, labels="model", n_genes=N_GENES)
+    assert set(adata.obs["c2s_cell_type"]) <= set(adata.obs["cell_line"])
+
+
+def test_word_constraint_writes_distinct_words_of_several_tokens():
+    """Words 0: [5, 6], 1: [5, 7], 2: [8]; token 9 ends the sentence, 0 pads."""
+    trie = WordTrie([[5, 6], [5, 7], [8], [8]], n_logits=10, stop_ids=[9], device=torch.device("cpu"))
+    assert len(trie) == 3  # the repeated word once
+    words = WordConstraint(trie, 2, n_words=2)
+
+    def allowed() -> list[list[int]]:
+        return [row.nonzero()[:, 0].tolist() for row in words.allowed()]
+
+    assert allowed() == [[5, 8], [5, 8]]  # begin a word; no stop before a word
+    words.advance(torch.tensor([5, 8]))
+    assert allowed() == [[6, 7], [5]]  # row 0 finishes its word; row 1's word [8] is done and not begun again
+    words.advance(torch.tensor([6, 5]))
+    assert allowed() == [[5, 8], [6, 7]]  # row 0 may begin [5, 7] but not [5, 6] again, nor stop before two words
+    words.advance(torch.tensor([5, 7]))
+    assert allowed() == [[7], [9]]  # row 1 has two words: only the end remains
+    words.advance(torch.tensor([7, 9]))
+    assert allowed() == [[9], [9]]
+
+    free = WordConstraint(trie, 1)  # any number of words: stop after any complete word
+    free.advance(torch.tensor([8]))
+    assert free.allowed()[0].nonzero()[:, 0].tolist() == [5, 9]
