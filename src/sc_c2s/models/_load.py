@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pooch
 from scanpy import logging as logg
 
-from . import _download, _registry, _runtime
+from . import _download, _files, _registry, _runtime
 from ._metadata import METADATA_FILE, C2SMetadata
 from ._model import C2SModel
 
@@ -120,7 +120,7 @@ def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.dev
     """
     if isinstance(model, C2SModel):
         if device is not None:
-            model.model.to(device)
+            model.model.to(_runtime.check_device(device))
         return model
     return load(model, device=device)
 
@@ -136,7 +136,13 @@ def _open(
 ) -> C2SModel:
     device, dtype = _runtime.device_and_dtype(device, dtype)
     start = logg.info(f"loading {metadata.name or path.name} on {device} in {str(dtype).removeprefix('torch.')}")
-    tokenizer, model = _runtime.from_pretrained(path, dtype=dtype)
+    try:
+        tokenizer, model = _runtime.from_pretrained(path, dtype=dtype)
+    except Exception as e:  # re-raised as it is unless a file of the checkpoint is found broken
+        problem = _files.diagnose(path)
+        if problem is None:
+            raise
+        raise _files.BrokenCheckpointError(problem) from e
     _runtime.prepare_tokenizer(tokenizer, model, path)
     model.to(device).eval()
     logg.info("    finished", time=start)
@@ -144,9 +150,17 @@ def _open(
 
 
 def _metadata(path: Path) -> C2SMetadata:
-    """Metadata of a checkpoint directory: its own file, else the registry's, else defaults (with a warning)."""
+    """Metadata of a checkpoint directory: its own file, else the registry's, else defaults (with a warning).
+
+    A directory that lacks the files every checkpoint has, or whose metadata file cannot be read, is refused.
+    """
+    _files.check_complete(path)
     if (path / METADATA_FILE).is_file():
-        return C2SMetadata.read(path)
+        try:
+            return C2SMetadata.read(path)
+        except (ValueError, TypeError, AttributeError) as e:
+            why = f"cannot be read as C2S metadata ({e})"
+            raise _files.BrokenCheckpointError(_files.broken_message(path / METADATA_FILE, why)) from e
     entry = _registry.match(path)
     if entry is not None:
         return entry.metadata()
