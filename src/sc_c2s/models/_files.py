@@ -121,7 +121,8 @@ def _fix(path: Path, file: Path | None = None) -> str:
         name = entry.name if entry is not None else repo
         target = f"'{file}' '{path / _download.HASHES_FILE}'" if file is not None else f"-r '{path}'"
         return (
-            f"It is a download in the cache of sc_c2s; delete it and fetch it again:\n    rm {target}\n"
-            f"    sc_c2s.models.fetch({name!r}, revision={revision!r})"
+            f"It is a download in the cache of sc_c2s; delete it and fetch it again: `rm {target}`, then "
+            f"`sc_c2s.models.fetch({name!r}, revision={revision!r})` (or `sc-c2s models fetch {name} --revision "
+            f"{revision}`)."
         )
     return "Copy or save the checkpoint there again (e.g. with `model.save(path)`), or load another one."
