@@ -296,3 +296,27 @@ def test_model_without_labels(short_sentences, tiny):
     bare = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="bare"), Path("bare"))
     with pytest.raises(ValueError, match=r"carries no label set"):
         sc_c2s.tl.annotate(short_sentences, model=bare, labels="model", n_genes=N_GENES)
+
+
+@pytest.mark.parametrize("labels", [None, LABELS])
+def test_empty_sentences_warn(short_sentences, tiny, labels):
+    """Cells with empty sentences used to be labelled without a word (while `embed` refuses them)."""
+    short_sentences.obsm["c2s_genes"][[1, 4]] = -1
+    with pytest.warns(UserWarning, match=r"2 cells have empty sentences .*sc\.pp\.filter_cells"):
+        sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES)
+    assert short_sentences.obs["c2s_cell_type"].notna().all()
+
+
+def test_single_label_warns(short_sentences, tiny):
+    """`labels=["x"]` used to label every cell "x" with score 1 without a word."""
+    with pytest.warns(
+        UserWarning, match=r"`labels` holds a single label, so every cell is labelled 'A549' with score 1"
+    ):
+        sc_c2s.tl.annotate(short_sentences, model=tiny, labels=["A549"], n_genes=N_GENES)
+    assert (short_sentences.obs["c2s_cell_type_score"] == 1).all()
+
+
+@pytest.mark.parametrize("key_added", ["", None, 3])
+def test_bad_key_added(short_sentences, tiny, key_added):
+    with pytest.raises(TypeError, match=r"`key_added` must be a non-empty string"):
+        sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, key_added=key_added)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -11,6 +12,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import torch
 
 import sc_c2s
 from sc_c2s import cli
@@ -154,7 +156,7 @@ def test_models_list(capsys):
         (["generate", "--model", "./no/such/dir", "--cell-types", "B", "--out", "x.h5ad"], cli.EXIT_MISSING, "not a"),
         (["generate", "--model", "nope", "--cell-types", "B", "--out", "x.h5ad"], cli.EXIT_UNKNOWN_MODEL, "demo"),
         (["models", "fetch", "nope"], cli.EXIT_UNKNOWN_MODEL, "No model called 'nope'"),
-        (["generate", "--model", "demo", "--cell-types", "B=two", "--out", "x.h5ad"], cli.EXIT_ERROR, "TYPE=N"),
+        (["generate", "--model", "demo", "--cell-types", "B=two", "--out", "x.h5ad"], cli.EXIT_USAGE, "TYPE=N"),
     ],
 )
 def test_exit_codes(tmp_path, monkeypatch, capsys, argv, code, message):
@@ -166,7 +168,7 @@ def test_exit_codes(tmp_path, monkeypatch, capsys, argv, code, message):
 
 def test_unknown_cell_type_is_bad_input(tmp_path, checkpoint, capsys):
     argv = ["generate", "--model", str(checkpoint), "--cell-types", "T cell", "--out", str(tmp_path / "x.h5ad")]
-    assert cli.main(argv) == cli.EXIT_ERROR
+    assert cli.main(argv) == cli.EXIT_USAGE
     assert "does not know the cell types ['T cell']" in capsys.readouterr().err
 
 
@@ -189,3 +191,122 @@ def test_cell_types_parsing():
     assert cli._cell_types(["B cell=3", "NK", "B cell=2", "CD4+ T=1"]) == {"B cell": 5, "NK": 1, "CD4+ T": 1}
     with pytest.raises(ValueError, match="TYPE=N"):
         cli._cell_types(["=3"])
+
+
+@pytest.fixture
+def broken_checkpoint(tmp_path, checkpoint) -> Path:
+    path = tmp_path / "broken-model"
+    shutil.copytree(checkpoint, path)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    return path
+
+
+@pytest.fixture
+def user_errors(tmp_path, small_file, broken_checkpoint) -> dict[str, tuple[list[str], int, str]]:
+    """Command lines with a user mistake: argv, the exit status and what the one line of stderr says."""
+    (tmp_path / "notes.txt").write_text("not a folder")
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "text.h5ad").write_text("not hdf5")
+    truncated = tmp_path / "truncated.h5ad"
+    truncated.write_bytes(small_file.read_bytes()[:3000])
+    annotate = ["-q", "annotate", "--model", "demo", "--gene-symbols", "gene_symbol"]
+    out = ["--out", str(tmp_path / "out.h5ad")]
+    return {
+        "missing input": ([*annotate, str(tmp_path / "missing.h5ad"), *out], cli.EXIT_MISSING, "No such file"),
+        "input is a folder": ([*annotate, str(tmp_path), *out], cli.EXIT_USAGE, "is a folder"),
+        "csv input": ([*annotate, str(tmp_path / "table.csv"), *out], cli.EXIT_USAGE, "Cannot read"),
+        "text named .h5ad": ([*annotate, str(tmp_path / "text.h5ad"), *out], cli.EXIT_USAGE, "Cannot read"),
+        "truncated h5ad": ([*annotate, str(truncated), *out], cli.EXIT_USAGE, "Cannot read"),
+        "broken checkpoint": (
+            ["-q", "generate", "--model", str(broken_checkpoint), "--cell-types", "A549", *out],
+            cli.EXIT_USAGE,
+            "model.safetensors of the checkpoint at",
+        ),
+        "cuda without cuda": (
+            ["-q", "generate", "--model", "demo", "--cell-types", "CD19+ B", "--device", "cuda", *out],
+            cli.EXIT_USAGE,
+            "no CUDA device is available",
+        ),
+        "out under a file": (
+            [*annotate, str(small_file), "--out", str(tmp_path / "notes.txt" / "out.h5ad")],
+            cli.EXIT_USAGE,
+            "is a file, not a folder",
+        ),
+        "out is a folder": ([*annotate, str(small_file), "--out", str(tmp_path)], cli.EXIT_USAGE, "it is a folder"),
+        "out of the other kind": (
+            ["-q", "generate", "--model", "demo", "--cell-types", "CD19+ B", "--out", str(tmp_path / "x.h5mu")],
+            cli.EXIT_USAGE,
+            "the result is an AnnData; name an .h5ad file",
+        ),
+        "demo out is a file": (["-q", "demo", "--out", str(small_file)], cli.EXIT_USAGE, "it is a file, not a folder"),
+        "no cells": (
+            ["-q", "generate", "--model", "demo", "--cell-types", "CD19+ B=0", *out],
+            cli.EXIT_USAGE,
+            "asks for no cells",
+        ),
+        "bad batch size": (
+            ["-q", "generate", "--model", "demo", "--cell-types", "CD19+ B", "--batch-size", "0", *out],
+            cli.EXIT_USAGE,
+            "`batch_size` must be a positive integer",
+        ),
+    }
+
+
+USER_ERRORS = [
+    "missing input",
+    "input is a folder",
+    "csv input",
+    "text named .h5ad",
+    "truncated h5ad",
+    "broken checkpoint",
+    "cuda without cuda",
+    "out under a file",
+    "out is a folder",
+    "out of the other kind",
+    "demo out is a file",
+    "no cells",
+    "bad batch size",
+]
+
+
+@pytest.mark.parametrize("case", USER_ERRORS)
+def test_user_errors_print_one_line(user_errors, case, capsys, monkeypatch):
+    """These used to print tracebacks: a non-h5ad or truncated input, a broken checkpoint, --device cuda without
+    CUDA, an --out path under a file."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv, code, message = user_errors[case]
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("sc-c2s: error: ")
+    assert message in err
+    assert not Path(argv[argv.index("--out") + 1]).is_file() or case == "demo out is a file"
+
+
+@pytest.mark.parametrize("case", ["text named .h5ad", "broken checkpoint", "cuda without cuda", "out under a file"])
+def test_user_errors_in_a_subprocess(user_errors, case, env, tmp_path):
+    argv, code, message = user_errors[case]
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(sc_c2s.__file__).parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-m", "sc_c2s.cli", *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+    )
+    assert result.returncode == code
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("sc-c2s: error: ")
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bug_still_shows_its_traceback(tmp_path, small_file, monkeypatch):
+    monkeypatch.setattr(cli, "_sentences", lambda data, args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["-q", "annotate", str(small_file), "--model", "demo", "--out", str(tmp_path / "out.h5ad")])
+
+
+def test_quiet_prints_nothing_on_success(tmp_path, checkpoint, capsys):
+    out = tmp_path / "generated.h5ad"
+    argv = ["-q", "generate", "--model", str(checkpoint), "--cell-types", "H2228=1", "--n-genes", "3"]
+    assert cli.main([*argv, "--out", str(out)]) == cli.EXIT_OK
+    assert capsys.readouterr().err == ""
+    assert out.is_file()

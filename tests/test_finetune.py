@@ -348,6 +348,13 @@ def sentences(cellbench):
         (None, {"eval_fraction": 1.0}, ValueError, "eval_fraction"),
         (None, {"gene_dropout": 1.0}, ValueError, "gene_dropout"),
         (None, {"n_genes": 0}, ValueError, "n_genes"),
+        (None, {"gene_dropout": "0.1"}, ValueError, "gene_dropout"),
+        (None, {"epochs": 0}, ValueError, "epochs"),
+        (None, {"batch_size": -1}, ValueError, "batch_size"),
+        (None, {"learning_rate": 0}, ValueError, "learning_rate"),
+        (None, {"learning_rate": float("nan")}, ValueError, "learning_rate"),
+        (None, {"random_state": -1}, ValueError, "random_state"),
+        (None, {"device": "cuda:9"}, ValueError, "device"),
     ],
 )
 def test_bad_input(sentences, container, tmp_path, change, kwargs, error, match):

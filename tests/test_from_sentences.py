@@ -151,3 +151,25 @@ def test_duplicated_genes_are_refused():
 def test_incomplete_fit_is_refused():
     with pytest.raises(ValueError, match=r"A rank fit needs 'slope' and 'intercept'"):
         sc_c2s.tl.from_sentences(["CD3D"], genes=GENES, rank_fit={"slope": -0.7})
+
+
+@pytest.mark.parametrize(
+    ("fit", "match"),
+    [
+        ({"slope": float("nan"), "intercept": 2.0}, r"`rank_fit\['slope'\]` must be a finite number, got nan"),
+        ({"slope": -0.7, "intercept": float("inf")}, r"`rank_fit\['intercept'\]` must be a finite number, got inf"),
+        ({"slope": "-0.7", "intercept": 2.0}, r"`rank_fit\['slope'\]` must be a finite number, got '-0.7'"),
+        ([-0.7, 2.0], r"A rank fit needs 'slope' and 'intercept'"),
+        (None, r"A rank fit needs 'slope' and 'intercept'"),
+    ],
+)
+def test_fit_that_is_not_finite_is_refused(fit, match):
+    """A NaN fit (as `to_sentences` used to store for data with +inf) used to give all-NaN expression."""
+    with pytest.raises(ValueError, match=match):
+        sc_c2s.tl.from_sentences(["CD3D"], genes=GENES, rank_fit=fit)
+
+
+@pytest.mark.parametrize(("sentences", "genes", "match"), [(None, GENES, "sentences"), (["CD3D"], None, "genes")])
+def test_arguments_that_are_not_lists(sentences, genes, match):
+    with pytest.raises(TypeError, match=rf"`{match}` must be a list"):
+        sc_c2s.tl.from_sentences(sentences, genes=genes, rank_fit=FIT)

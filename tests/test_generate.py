@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -10,10 +11,12 @@ import anndata as ad
 import numpy as np
 import pytest
 import torch
+from scipy import sparse
 
 import sc_c2s
 from sc_c2s._compat import cache_name
 from sc_c2s._rank_model import RankFit
+from sc_c2s._utils import _validate
 from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _generate
@@ -316,7 +319,18 @@ def test_unknown_model(ranked):
         ({"cell_types": ["A549"], "temperature": 0}, ValueError, "temperature"),
         ({"cell_types": ["A549"], "top_k": 0}, ValueError, "top_k"),
         ({"cell_types": ["A549"], "top_p": 1.5}, ValueError, "top_p"),
-        ({"cell_types": ["A549"], "random_state": None}, ValueError, "random_state"),
+        ({"cell_types": ["A549"], "random_state": -1}, ValueError, "random_state"),
+        ({"cell_types": ["A549"], "random_state": 2**64}, ValueError, "random_state"),
+        ({"cell_types": ["A549"], "random_state": "0"}, ValueError, "random_state"),
+        ({"cell_types": ["A549"], "temperature": float("nan")}, ValueError, "temperature"),
+        ({"cell_types": ["A549"], "temperature": "1"}, ValueError, "temperature"),
+        ({"cell_types": ["A549"], "top_p": 0}, ValueError, "top_p"),
+        ({"cell_types": {"A549": True}}, ValueError, "non-negative integers"),
+        ({"cell_types": {"A549": 2.0}}, ValueError, "non-negative integers"),
+        ({"cell_types": ["A549", ""]}, ValueError, "empty or multi-line"),
+        ({"cell_types": ["A549\nH838"]}, ValueError, "empty or multi-line"),
+        ({"cell_types": 3}, TypeError, "must be a list or a mapping"),
+        ({"cell_types": ["A549"], "device": "cuda:9"}, ValueError, "device"),
         ({"cell_types": ["A549"], "batch_size": 0}, ValueError, "batch_size"),
         ({"cell_types": ["A549"], "organism": "Danio rerio"}, ValueError, "organism"),
     ],
@@ -340,3 +354,49 @@ def test_adata_is_not_modified(ranked, tiny):
     assert (ranked.X != before.X).nnz == 0
     assert list(ranked.uns) == list(before.uns)
     assert ranked.obs.equals(before.obs)
+
+
+def test_random_state_none_and_generators(ranked, tiny):
+    """None and numpy generators used to be refused; they draw a seed, recorded in params."""
+    kwargs = {"model": tiny, "cell_types": {"A549": 2}, "n_genes": 5}
+    np.random.seed(0)
+    first = sc_c2s.tl.generate(ranked, random_state=None, **kwargs)
+    np.random.seed(0)
+    again = sc_c2s.tl.generate(ranked, random_state=None, **kwargs)
+    seed = first.uns["c2s_generate"]["params"]["random_state"]
+    assert seed == again.uns["c2s_generate"]["params"]["random_state"]
+    replay = sc_c2s.tl.generate(ranked, random_state=seed, **kwargs)
+    assert first.obs["c2s_sentence"].tolist() == replay.obs["c2s_sentence"].tolist()
+    drawn = sc_c2s.tl.generate(ranked, random_state=np.random.default_rng(1), **kwargs)
+    assert drawn.uns["c2s_generate"]["params"]["random_state"] == np.random.default_rng(1).integers(2**63)
+
+
+def test_request_that_cannot_fit_in_memory_is_refused(ranked, tiny, monkeypatch):
+    """`generate(cell_types={"A549": 10**7})` used to grow past 14 GB before the first cell came out."""
+    monkeypatch.setattr(_validate, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(_generate, "_sample", lambda *args, **kwargs: pytest.fail("generation started"))
+    with pytest.raises(
+        ValueError, match=r"`cell_types` asks for 10,000,000 cells, about [\d.]+ GiB of results, but only 1\.0 GiB"
+    ) as error:
+        sc_c2s.tl.generate(ranked, model=tiny, cell_types={"A549": 10**7})
+    fit = int(re.search(r"about ([\d,]+) cells fit", str(error.value)).group(1).replace(",", ""))
+    assert 100_000 < fit < 10**6  # 200 genes of ~8 bytes of word and 8 bytes of matrix each, and a cell's overhead
+    assert "own `random_state`" in str(error.value)
+    assert "anndata.concat" in str(error.value)
+
+
+def test_memory_is_not_checked_where_unknown(ranked, tiny, monkeypatch):
+    monkeypatch.setattr(_validate, "available_memory", lambda: None)
+    assert sc_c2s.tl.generate(ranked, model=tiny, cell_types={"A549": 1}, n_genes=3).n_obs == 1
+
+
+def test_batches_are_assembled_in_cell_order():
+    rng = np.random.default_rng(0)
+    full = sparse.random(23, 11, density=0.3, format="csr", dtype=np.float32, random_state=rng)
+    order = rng.permutation(23)
+    blocks = [(index, full[index]) for index in np.array_split(order, 5)]
+    assembled = _generate._assemble(blocks, n_cells=23, n_columns=11)
+    assert not blocks
+    assert assembled.dtype == np.float32
+    assert (assembled != full).nnz == 0
+    np.testing.assert_array_equal(assembled.indptr, full.indptr)

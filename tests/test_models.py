@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sc_c2s import models
-from sc_c2s.models import C2SMetadata, C2SModel, _download, _registry
+from sc_c2s.models import C2SMetadata, C2SModel, _download, _files, _registry
 from sc_c2s.models._metadata import TASKS
 from sc_c2s.models._scratch import build_model, build_tokenizer
 
@@ -329,3 +329,79 @@ def test_resolve_passes_models_through_and_loads_the_rest(checkpoints):
     assert models.resolve(checkpoints["tiny"], device="cpu").sha256 == model.sha256
     with pytest.raises(TypeError, match="available"):
         models.resolve(model.model)
+
+
+def _truncate(path: Path, keep: float) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize(
+    ("break_it", "match"),
+    [
+        (lambda p: [f.unlink() for f in p.iterdir()], r"is incomplete: it has no config\.json.*\(files there: none\)"),
+        (lambda p: (p / "model.safetensors").unlink(), r"is incomplete: it has no weights \(one of model\.safetensors"),
+        (lambda p: (p / "tokenizer.json").unlink(), r"is incomplete: it has no tokenizer files"),
+        (lambda p: (p / "model.safetensors").write_bytes(b""), r"model\.safetensors .* is truncated: it has 0 bytes"),
+        (lambda p: _truncate(p / "model.safetensors", 0.01), r"model\.safetensors .* is truncated: it has \d+ bytes"),
+        (lambda p: _truncate(p / "model.safetensors", 0.9), r"model\.safetensors .* is truncated: it has \d+ bytes"),
+        (lambda p: _truncate(p / "config.json", 0.5), r"config\.json .* is not valid JSON"),
+        (lambda p: _truncate(p / "tokenizer.json", 0.5), r"tokenizer\.json .* is not valid JSON"),
+        (lambda p: (p / "c2s_metadata.json").write_text("[1, 2"), r"c2s_metadata\.json .* cannot be read"),
+    ],
+    ids=[
+        "empty",
+        "no-weights",
+        "no-tokenizer",
+        "zero-byte",
+        "truncated-header",
+        "truncated-data",
+        "config",
+        "tokenizer",
+        "metadata",
+    ],
+)
+def test_broken_checkpoint_names_the_file(checkpoints, tmp_path, break_it, match):
+    """An empty directory or a damaged file used to fail in the tokenizer backend or with a bare SafetensorError."""
+    path = tmp_path / "broken"
+    shutil.copytree(checkpoints["tiny"], path)
+    C2SMetadata(name="broken").write(path)
+    break_it(path)
+    with pytest.raises(ValueError, match=match) as error:
+        models.load(path, device="cpu")
+    assert isinstance(error.value, _files.BrokenCheckpointError)
+    assert str(path) in str(error.value)
+    assert "save the checkpoint there again" in str(error.value)
+
+
+def test_broken_cached_download_says_how_to_fetch_it_again(hub, checkpoints, cache, no_gpu):
+    path = models.fetch("tiny", progressbar=False)
+    (path / _download.HASHES_FILE).unlink()  # as if the damaged file had been put there by hand, then fetched
+    _truncate(path / "model.safetensors", 0.5)
+    with pytest.raises(ValueError, match=r"model\.safetensors of the checkpoint at .* is truncated") as error:
+        models.load("tiny")
+    message = str(error.value)
+    assert f"rm '{path / 'model.safetensors'}' '{path / _download.HASHES_FILE}'" in message
+    assert "sc_c2s.models.fetch('tiny', revision='rev1')" in message
+    for file in (path / "model.safetensors", path / _download.HASHES_FILE):
+        file.unlink()
+    assert models.load("tiny").model is not None  # the advice works
+
+
+@pytest.mark.parametrize(
+    ("device", "match"),
+    [
+        ("cuda", r"`device='cuda'` but no CUDA device is available .*; `device=None` picks cpu here"),
+        ("cuda:1", r"`device='cuda:1'` but no CUDA device is available"),
+        ("gpu", r"`device='gpu'` is not a torch device; pass e\.g\. 'cpu', 'cuda'"),
+        (1.5, r"`device=1.5` is not a torch device"),
+    ],
+)
+def test_device_that_torch_cannot_use(checkpoints, no_gpu, device, match):
+    """`device="cuda"` without CUDA used to fail with torch's AssertionError."""
+    with pytest.raises(ValueError, match=match):
+        models.load(checkpoints["tiny"], device=device)
+    model = models.load(checkpoints["tiny"], device="cpu")
+    with pytest.raises(ValueError, match=match):
+        models.resolve(model, device=device)
+    assert model.device == torch.device("cpu")

@@ -157,3 +157,66 @@ def test_plot_errors(halves):
         sc_c2s.pl.generation(real, fake, label_key="cell_type", basis="tsne", show=False)
     with pytest.raises(KeyError, match="no colour"):
         sc_c2s.pl.generation(real, fake, label_key="cell_type", palette={"A549": "red"}, show=False)
+
+
+def test_type_with_too_few_real_cells(halves):
+    """A type with two real cells used to fail inside sklearn's PCA."""
+    real, fake = halves
+    a549 = np.flatnonzero(real.obs["cell_type"] == "A549")
+    for n in (2, 3):
+        few = real[a549[:n]].copy()
+        with (
+            pytest.warns(UserWarning, match=r"fewer than 4 \['A549'\]"),
+            pytest.raises(ValueError, match="at least 4 cells"),
+        ):
+            score(few, fake[fake.obs["cell_type"] == "A549"].copy())
+    scores = score(real[a549[:4]].copy(), fake[fake.obs["cell_type"] == "A549"].copy())
+    assert scores.loc["A549", "n_real"] == 4
+    assert np.isfinite(scores.loc["A549", ["mmd", "mmd_control", "energy", "energy_control"]].astype(float)).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_cells": 0}, "`max_cells` must be a positive integer"),
+        ({"n_comps": 0}, "`n_comps` must be a positive integer"),
+        ({"n_neighbors": 2.5}, "`n_neighbors` must be a positive integer"),
+        ({"n_genes": 0}, "`n_genes` must be a positive integer or None"),
+        ({"random_state": -1}, "`random_state` must be an integer"),
+        ({"random_state": 2**32}, r"`random_state` must be an integer in \[0, 2\*\*32\)"),
+    ],
+)
+def test_bad_arguments(halves, kwargs, match):
+    """`max_cells=0` used to fail inside sklearn with "Found array with 0 sample(s)"."""
+    real, fake = halves
+    with pytest.raises(ValueError, match=match):
+        score(real, fake, **kwargs)
+
+
+def test_random_state_kinds(halves):
+    real, fake = halves
+    pd.testing.assert_frame_equal(
+        score(real, fake, random_state=np.random.default_rng(3)),
+        score(real, fake, random_state=np.random.default_rng(3)),
+    )
+    score(real, fake, random_state=None)
+
+
+def test_generated_cells_without_a_shared_gene_are_an_error(halves):
+    """Real cells that share no gene with the generated ones used to give scores with valid_rate 0."""
+    real, fake = halves
+    other = fake.copy()
+    other.obs["c2s_sentence"] = ["NOTAGENE OTHERGENE"] * other.n_obs
+    with pytest.raises(ValueError, match=r"None of the \d+ words of the generated sentences is a gene of the real"):
+        score(real, other)
+    other.obs["c2s_sentence"] = [""] * other.n_obs
+    with pytest.raises(ValueError, match="hold no words"):
+        score(real, other)
+    with pytest.raises(ValueError, match="is a gene of the real"):
+        sc_c2s.pl.generation(real, _with(other, "NOTAGENE"), label_key="cell_type", show=False)
+
+
+def _with(generated: ad.AnnData, sentence: str) -> ad.AnnData:
+    generated = generated.copy()
+    generated.obs["c2s_sentence"] = sentence
+    return generated

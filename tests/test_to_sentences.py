@@ -569,3 +569,117 @@ def test_missing_layer_and_raw():
 def test_not_a_container():
     with pytest.raises(TypeError, match=r"Expected an AnnData or MuData object, got ndarray"):
         sc_c2s.pp.to_sentences(HAND)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
+def test_infinite_values_are_refused(container, fmt):
+    """+inf used to be ranked first and to give a rank fit of NaN, and `from_sentences` all-NaN expression."""
+    X = HAND.astype(np.float32)
+    X[3, 4] = np.inf
+    adata = ad.AnnData(as_format(X, fmt), var=pd.DataFrame(index=GENES))
+    before = adata.copy()
+    data = container.wrap(adata)
+    with pytest.raises(NotExpressionError, match=r"`X` holds infinite values \(first in cell 3\)"):
+        sc_c2s.pp.to_sentences(data)
+    assert_untouched(container.rna(data), before)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+def test_duplicate_entries_are_summed_on_a_copy(fmt):
+    """A matrix that stores a gene twice for a cell (valid scipy) used to put the gene twice in the sentence."""
+    # cell 0: CD8A stored as 1 + 3 = 4, above NKG7's 2; cell 1: CD3D as 2 + 3
+    rows, cols, vals = [0, 0, 0, 0, 1, 1], [1, 4, 1, 2, 0, 0], [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
+    X = sparse.coo_matrix((np.float32(vals), (rows, cols)), shape=(2, 5))
+    stored = sparse.csr_matrix((X.data, X.col, [0, 4, 6]), shape=X.shape) if fmt == "csr" else X.tocsc(copy=True)
+    if fmt == "csc":  # tocsc sums duplicates; build the duplicated CSC by hand
+        order = np.lexsort((X.row, X.col))
+        indptr = np.searchsorted(X.col[order], np.arange(6))
+        stored = sparse.csc_matrix((X.data[order], X.row[order], indptr), shape=X.shape)
+    assert not stored.has_canonical_format
+    data_before, indices_before = stored.data.copy(), stored.indices.copy()
+    adata = ad.AnnData(stored, var=pd.DataFrame(index=GENES))
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    assert adata.obs["c2s_sentence"].tolist() == ["CD8A NKG7 IL7R", "CD3D"]
+    dense = ad.AnnData(X.toarray(), var=pd.DataFrame(index=GENES))
+    sc_c2s.pp.to_sentences(dense, rank_fit=False)
+    np.testing.assert_array_equal(adata.obsm["c2s_genes"], dense.obsm["c2s_genes"])
+    np.testing.assert_array_equal(adata.X.data, data_before)  # the user's matrix keeps its duplicates
+    np.testing.assert_array_equal(adata.X.indices, indices_before)
+
+
+def test_unsorted_indices_without_duplicates_are_read_as_they_are():
+    X = sparse.csr_matrix((np.float32([2, 3, 1]), [4, 1, 2], [0, 3, 3, 3, 3]), shape=(4, 5))
+    assert not X.has_sorted_indices
+    adata = ad.AnnData(X, var=pd.DataFrame(index=GENES))
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    assert adata.obs["c2s_sentence"].iloc[0] == "CD8A NKG7 IL7R"
+    assert not adata.X.has_sorted_indices
+
+
+def test_random_state_follows_scanpy(pbmc4k):
+    """None, a Generator and a RandomState used to fail inside the ranking with TypeError."""
+    seeded = pbmc4k.copy()
+    sc_c2s.pp.to_sentences(seeded, random_state=123)
+    for random_state, again in [
+        (None, None),
+        (np.random.default_rng(5), np.random.default_rng(5)),
+        (np.random.RandomState(5), np.random.RandomState(5)),
+    ]:
+        first, second = pbmc4k.copy(), pbmc4k.copy()
+        np.random.seed(1)
+        sc_c2s.pp.to_sentences(first, random_state=random_state)
+        seed = first.uns["c2s"]["params"]["random_state"]
+        assert isinstance(seed, int)
+        assert 0 <= seed < 2**63
+        np.random.seed(1)
+        sc_c2s.pp.to_sentences(second, random_state=again)
+        np.testing.assert_array_equal(first.obsm["c2s_genes"], second.obsm["c2s_genes"])
+        replay = pbmc4k.copy()
+        sc_c2s.pp.to_sentences(replay, random_state=seed)  # the recorded seed makes the result again
+        np.testing.assert_array_equal(first.obsm["c2s_genes"], replay.obsm["c2s_genes"])
+        assert replay.uns["c2s"]["rank_fit"] == first.uns["c2s"]["rank_fit"]
+
+
+@pytest.mark.parametrize("random_state", [-1, 2**63, 2**70, 1.5, "0", True])
+def test_bad_random_state(random_state):
+    """Negative and huge seeds used to fail with ValueError or OverflowError from inside numpy."""
+    adata = hand_adata()
+    with pytest.raises(ValueError, match=r"`random_state` must be an integer in \[0, 2\*\*63\), None, or a numpy"):
+        sc_c2s.pp.to_sentences(adata, random_state=random_state)
+    assert "c2s" not in adata.uns
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.int8, np.uint16, np.bool_])
+@pytest.mark.parametrize("fmt", ["dense", "csr"])
+def test_odd_numeric_dtypes(fmt, dtype):
+    """Dense float16 used to fail with scipy's "does not support dtype float16" in the rank fit."""
+    if fmt == "csr" and dtype == np.float16:
+        pytest.skip("scipy.sparse holds no float16")
+    X = HAND > 0 if dtype == np.bool_ else HAND
+    adata = ad.AnnData(as_format(X.astype(dtype), fmt), var=pd.DataFrame(index=GENES))
+    reference = ad.AnnData(as_format(X.astype(np.float32), fmt), var=pd.DataFrame(index=GENES))
+    sc_c2s.pp.to_sentences(adata)
+    sc_c2s.pp.to_sentences(reference)
+    np.testing.assert_array_equal(adata.obsm["c2s_genes"], reference.obsm["c2s_genes"])
+    fit = adata.uns["c2s"]["rank_fit"]
+    assert np.isfinite([fit["slope"], fit["intercept"], fit["r2"]]).all()
+    assert adata.X.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, object, "U3"])
+def test_non_numeric_dtypes_are_refused(dtype):
+    adata = ad.AnnData(HAND.astype(dtype), var=pd.DataFrame(index=GENES))
+    with pytest.raises(TypeError, match=rf"`X` has dtype {np.dtype(dtype)}, but expression must be real numbers"):
+        sc_c2s.pp.to_sentences(adata)
+    assert "c2s" not in adata.uns
+
+
+def test_x_none_names_the_layer():
+    """With the data only in a layer and X None, this used to fail with AttributeError."""
+    adata = hand_adata()
+    adata.layers["counts"] = adata.X.copy()
+    adata.X = None
+    with pytest.raises(ValueError, match=r"`X` is None.*pass `layer=`.*\['counts'\]"):
+        sc_c2s.pp.to_sentences(adata)
+    sc_c2s.pp.to_sentences(adata, layer="counts", rank_fit=False)
+    assert adata.obs["c2s_sentence"].iloc[1] == "CD3D"

@@ -11,6 +11,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from ._keys import C2S, GENES
+from ._utils._validate import check_expression_dtype
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -99,13 +100,19 @@ class DataHandler:
                 msg = "`use_raw=True` but the AnnData has no `.raw`; pass `use_raw=False` or a `layer=`."
                 raise ValueError(msg)
             raw = adata.raw
-            return Matrix(raw.X, raw.var_names, raw.var, "raw.X", base)
+            return _checked(Matrix(raw.X, raw.var_names, raw.var, "raw.X", base))
         if layer is not None:
             if layer not in adata.layers:
                 msg = f"No layer {layer!r}; available layers: {list(adata.layers)}."
                 raise KeyError(msg)
-            return Matrix(adata.layers[layer], adata.var_names, adata.var, f"layers[{layer!r}]", base)
-        return Matrix(adata.X, adata.var_names, adata.var, "X", base)
+            return _checked(Matrix(adata.layers[layer], adata.var_names, adata.var, f"layers[{layer!r}]", base))
+        if adata.X is None:
+            msg = (
+                "`X` is None, so there is no expression to read; pass `layer=` with the layer that holds it"
+                f"{f' (layers: {list(adata.layers)})' if len(adata.layers) else ''}."
+            )
+            raise ValueError(msg)
+        return _checked(Matrix(adata.X, adata.var_names, adata.var, "X", base))
 
     @property
     def obs_names(self) -> pd.Index:
@@ -158,6 +165,12 @@ class DataHandler:
         where = f"mdata.mod[{self.mod!r}]." if self.is_mudata else "adata."
         added = ",\n    ".join(f"{key!r}, {where}{attr}" for attr, key in results)
         logg.info(message, time=start, deep=f"added\n    {added}")
+
+
+def _checked(matrix: Matrix) -> Matrix:
+    """Refuse a matrix whose values are not real numbers."""
+    check_expression_dtype(matrix.X, matrix.source)
+    return matrix
 
 
 def prepare(data: AnnData | MuData, *, copy: bool = False) -> AnnData | MuData:

@@ -53,3 +53,7 @@ show
     Show the plot; ``None`` follows :attr:`scanpy.settings.autoshow`.
 return_fig
     Return the figure instead of the axes."""
+
+doc_seed = """\
+(a non-negative integer; ``None`` draws one from NumPy's global random state, as scanpy does, and a
+    :class:`numpy.random.Generator` or :class:`~numpy.random.RandomState` draws one from itself)"""

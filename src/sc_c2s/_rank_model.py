@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from scipy import sparse, stats
 
+from ._utils._validate import check_number
 from .pp._rank import rank_genes
 
 #: Only the first this many ranks enter the fit.
@@ -82,9 +83,11 @@ class RankFit:
         """Build from :meth:`to_dict` output, e.g. ``adata.uns["c2s"]["rank_fit"]``; unknown keys are ignored."""
         if isinstance(d, RankFit):
             return d
-        if not {"slope", "intercept"} <= set(d):
+        if not isinstance(d, Mapping) or not {"slope", "intercept"} <= set(d):
             msg = "A rank fit needs 'slope' and 'intercept'; pass `adata.uns['c2s']['rank_fit']` or a checkpoint's."
             raise ValueError(msg)
+        for name in ("slope", "intercept"):
+            check_number(d[name], f"rank_fit[{name!r}]")
         names = {f.name for f in fields(cls)}
         return cls(**{k: v.item() if isinstance(v, np.generic) else v for k, v in d.items() if k in names})
 
@@ -117,7 +120,10 @@ def rank_points(
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    rows = sparse.csr_matrix(X[cells])
+    rows = X[cells]
+    if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
+        rows = rows.astype(np.float32)
+    rows = sparse.csr_matrix(rows)
     kind = "log1p" if is_log_transformed(rows.data) else "linear"
     linear = sparse.csr_matrix((_linear(rows.data, kind, log1p_base), rows.indices, rows.indptr), shape=rows.shape)
     totals = np.asarray(linear.sum(axis=1)).ravel()
@@ -146,6 +152,12 @@ def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base:
         msg = "Too few expressed genes to fit the rank → expression model; pass `rank_fit=False`."
         raise ValueError(msg)
     slope, intercept = np.polyfit(x, y, 1)
+    if not np.isfinite([slope, intercept]).all():
+        msg = (
+            "The rank → expression fit is not finite: the expression values are too large to normalise. Check the "
+            "input, or pass `rank_fit=False`."
+        )
+        raise ValueError(msg)
     pearson = float(np.corrcoef(x, y)[0, 1])
     spearman = float(stats.spearmanr(x, y).statistic)
     return RankFit(

@@ -1,14 +1,15 @@
 """The ``sc-c2s`` command: the demo, annotation, generation and the model registry from a shell.
 
-Each subcommand is a thin layer over the Python API. Errors print one line to stderr and exit with a code
-that says what went wrong:
+Each subcommand is a thin layer over the Python API. A user error prints one line to stderr, saying what is
+wrong, and exits with a code that says what went wrong; only a bug in sc_c2s or a library shows a traceback
+(and Python's exit status 1):
 
 ====  ==========================================================
 code  meaning
 ====  ==========================================================
 0     success
-1     bad input (the message says what to change)
-2     bad command line (argparse)
+1     a bug: the traceback says where (please report it)
+2     bad command line or bad input (the message says what to change)
 3     a file or folder that was named does not exist
 4     unknown model name
 5     no network: a checkpoint could not be downloaded
@@ -18,6 +19,7 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -30,7 +32,9 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_MISSING, EXIT_UNKNOWN_MODEL, EXIT_NO_NETWORK = 0, 1, 2, 3, 4, 5
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_UNKNOWN_MODEL, EXIT_NO_NETWORK = 0, 1, 2, 3, 4, 5
+#: Bad input shares the status of a bad command line, so that 1 (Python's status after a traceback) means a bug.
+EXIT_ERROR = EXIT_USAGE
 #: Folder the demo writes into unless told otherwise.
 DEMO_DIR = "sc_c2s_demo"
 #: Cells the demo generates per cell type.
@@ -58,14 +62,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as e:
         return _fail(e, EXIT_NO_NETWORK)
     except (ValueError, KeyError, TypeError) as e:
-        return _fail(e, EXIT_ERROR)
+        return _fail(e, EXIT_USAGE)
     finally:
         sc.settings.verbosity = verbosity
     return EXIT_OK
 
 
 def _fail(error: Exception, code: int) -> int:
+    """Print what went wrong on one line (the offline message keeps its list of files) and return `code`."""
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    if code != EXIT_NO_NETWORK:
+        message = re.sub(r"\s*\n\s*", " ", message.strip())
     print(f"sc-c2s: error: {message}", file=sys.stderr)
     return code
 
@@ -76,12 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sc-c2s",
         description="Cell2Sentence for Scanpy: annotate and generate cells with language models.",
-        epilog="Exit codes: 0 success, 1 bad input, 2 bad command line, 3 missing file, 4 unknown model, 5 no network.",
+        epilog="Exit codes: 0 success, 1 a bug (with a traceback), 2 bad command line or bad input, 3 missing file, "
+        "4 unknown model, 5 no network.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log every step (scanpy's info level)")
-    loudness.add_argument("-q", "--quiet", action="store_true", help="print errors only, no progress bars")
+    loudness.add_argument("-q", "--quiet", action="store_true", help="print errors only, no steps or progress bars")
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -185,9 +193,17 @@ def _add_ranking(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mod", help="modality of an .h5mu file (default: 'rna')")
 
 
+def _say(message: str) -> None:
+    """Print a line about the progress of a command on stderr, unless ``--quiet``."""
+    import scanpy as sc
+
+    if sc.settings.verbosity > 0:
+        print(f"sc-c2s: {message}", file=sys.stderr, flush=True)
+
+
 def _step(message: str) -> float:
     """Announce a step of a command on stderr and return its start time."""
-    print(f"sc-c2s: {message}", file=sys.stderr, flush=True)
+    _say(message)
     return time.perf_counter()
 
 
@@ -210,33 +226,73 @@ def _model(name: str, *, device: str | None):
 
 
 def _done(start: float) -> None:
-    print(f"sc-c2s:     done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    _say(f"    done in {time.perf_counter() - start:.1f} s")
 
 
 def _read(path: Path) -> AnnData | MuData:
-    if not path.is_file():
+    """Read an .h5ad (or .h5mu) file; one that cannot be read is bad input, named with the reader's reason."""
+    if not path.exists():
         msg = f"No such file: {str(path)!r}."
         raise FileNotFoundError(msg)
+    if not path.is_file():
+        msg = f"{str(path)!r} is a folder, not an .h5ad or .h5mu file."
+        raise ValueError(msg)
     start = _step(f"reading {path}")
-    if path.suffix == ".h5mu":
-        import mudata
+    kind = _kind(path)
+    try:
+        if kind == ".h5mu":
+            import mudata
 
-        data = mudata.read_h5mu(path)
-    else:
-        import anndata
+            data = mudata.read_h5mu(path)
+        else:
+            import anndata
 
-        data = anndata.read_h5ad(path)
+            data = anndata.read_h5ad(path)
+    except Exception as e:  # whatever the reader says, the file is not one it can read
+        reason = " ".join(str(e).split()) or type(e).__name__
+        msg = f"Cannot read {str(path)!r} as an {kind} file (is it one, and complete?): {reason}"
+        raise ValueError(msg) from e
     _done(start)
     return data
 
 
+def _check_out(path: Path, *, kind: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done.
+
+    `kind` is what will be written: ``".h5ad"`` (an AnnData), ``".h5mu"`` (a MuData) or ``"folder"``. Refused:
+    a path under a file, a folder where a file goes or the other way round, a file name of the other kind.
+    """
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        msg = f"Cannot write {str(path)!r}: {str(above)!r} is a file, not a folder."
+        raise ValueError(msg)
+    folder = kind == "folder"
+    if path.exists() and path.is_dir() != folder:
+        what = "a file, not a folder" if path.is_file() else "a folder; name a file to write, e.g. result.h5ad"
+        msg = f"Cannot write {str(path)!r}: it is {what}."
+        raise ValueError(msg)
+    if not folder and (path.suffix == ".h5mu") != (kind == ".h5mu"):
+        what = "a MuData; name an .h5mu file" if kind == ".h5mu" else "an AnnData; name an .h5ad file"
+        msg = f"Cannot write {str(path)!r}: the result is {what}."
+        raise ValueError(msg)
+
+
+def _kind(path: Path) -> str:
+    """Say what reading `path` gives (".h5ad" or ".h5mu"), and so what its results are written as."""
+    return ".h5mu" if path.suffix == ".h5mu" else ".h5ad"
+
+
 def _write(data: AnnData | MuData, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".h5mu":
-        data.write_h5mu(path)
-    else:
-        data.write_h5ad(path)
-    print(f"sc-c2s: wrote {path}", file=sys.stderr, flush=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.suffix == ".h5mu":
+            data.write_h5mu(path)
+        else:
+            data.write_h5ad(path)
+    except OSError as e:
+        msg = f"Cannot write {str(path)!r}: {e}"
+        raise ValueError(msg) from e
+    _say(f"wrote {path}")
 
 
 def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
@@ -255,6 +311,7 @@ def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
 def _annotate(args: argparse.Namespace) -> None:
     import sc_c2s
 
+    _check_out(args.out, kind=_kind(args.input))
     data = _read(args.input)
     _sentences(data, args)
     model = _model(args.model, device=args.device)
@@ -282,6 +339,7 @@ def _cell_types(items: Sequence[str]) -> dict[str, int]:
 def _generate(args: argparse.Namespace) -> None:
     import sc_c2s
 
+    _check_out(args.out, kind=".h5ad")
     cell_types = _cell_types(args.cell_types)
     data = None
     if args.data is not None:
@@ -341,6 +399,7 @@ def _demo(args: argparse.Namespace) -> None:
     import sc_c2s
 
     out: Path = args.out
+    _check_out(out, kind="folder")
     out.mkdir(parents=True, exist_ok=True)
     label_key = "bulk_labels"
     start = _step("[1/6] reading scanpy's pbmc68k_reduced (700 PBMCs) and ranking genes into cell sentences")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -49,3 +51,136 @@ def check_rank_fit(c2s: dict[str, Any]) -> dict[str, Any]:
         msg = "No rank fit in `uns['c2s']`; run `sc_c2s.pp.to_sentences(adata, rank_fit=True)` first."
         raise KeyError(msg)
     return c2s["rank_fit"]
+
+
+#: What a ``random_state`` argument accepts (see :func:`check_random_state`).
+AnyRandom = int | np.integer | np.random.Generator | np.random.RandomState | None
+#: Seeds are integers in ``[0, 2**63)``: they fit NumPy's and torch's generators and the ranking kernels' int64.
+SEED_LIMIT = 2**63
+#: Seeds handed to scanpy's and scikit-learn's functions, which make a :class:`numpy.random.RandomState` of them.
+LEGACY_SEED_LIMIT = 2**32
+
+
+def check_random_state(value: Any, name: str = "random_state", *, limit: int = SEED_LIMIT) -> int:
+    """Return the integer seed that `value` stands for, the way scanpy reads a ``random_state``.
+
+    An integer in ``[0, limit)`` is the seed. ``None`` draws one from NumPy's global random state (so
+    :func:`numpy.random.seed` makes it reproducible), and a :class:`numpy.random.Generator` or
+    :class:`numpy.random.RandomState` draws one from itself (advancing it). Verbs record the seed they used in
+    their parameters, so any result can be made again with an integer. Verbs that hand the seed to scanpy or
+    scikit-learn pass ``limit=LEGACY_SEED_LIMIT``.
+
+    Examples
+    --------
+    >>> check_random_state(7)
+    7
+    >>> check_random_state(-1)
+    Traceback (most recent call last):
+    ...
+    ValueError: `random_state` must be an integer in [0, 2**63), None, or a numpy Generator or RandomState; got -1.
+    """
+    if isinstance(value, np.random.Generator):
+        return int(value.integers(limit))
+    if value is None:  # scanpy's meaning: NumPy's global random state
+        return int(np.random.randint(limit, dtype=np.int64))
+    if isinstance(value, np.random.RandomState):
+        return int(value.randint(limit, dtype=np.int64))
+    if isinstance(value, int | np.integer) and not isinstance(value, bool) and 0 <= value < limit:
+        return int(value)
+    bits = int(limit).bit_length() - 1
+    msg = f"`{name}` must be an integer in [0, 2**{bits}), None, or a numpy Generator or RandomState; got {value!r}."
+    raise ValueError(msg)
+
+
+def check_number(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    none_ok: bool = False,
+) -> float | None:
+    """Return `value` as a ``float`` if it is a finite real number within the bounds, else raise.
+
+    `low` and `high` are included unless `low_open` or `high_open`; ``None`` passes when `none_ok`.
+
+    Examples
+    --------
+    >>> check_number(0.5, "top_p", low=0, high=1, low_open=True)
+    0.5
+    >>> check_number(float("nan"), "temperature", low=0, low_open=True)
+    Traceback (most recent call last):
+    ...
+    ValueError: `temperature` must be a finite number > 0, got nan.
+    """
+    if value is None and none_ok:
+        return None
+    is_real = isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool | np.bool_)
+    if (
+        not is_real
+        or not math.isfinite(value)
+        or (low is not None and (value <= low if low_open else value < low))
+        or (high is not None and (value >= high if high_open else value > high))
+    ):
+        bounds = [f"{'>' if low_open else '>='} {low:g}"] if low is not None else []
+        bounds += [f"{'<' if high_open else '<='} {high:g}"] if high is not None else []
+        where = f" {' and '.join(bounds)}" if bounds else ""
+        msg = f"`{name}` must be a finite number{where}{' or None' if none_ok else ''}, got {value!r}."
+        raise ValueError(msg)
+    return float(value)
+
+
+def check_key(value: Any, name: str) -> str:
+    """Return `value` if it is a non-empty string (a key of ``obs``, ``obsm`` or ``uns`` to write), else raise."""
+    if not isinstance(value, str) or not value:
+        msg = f"`{name}` must be a non-empty string, got {value!r}."
+        raise TypeError(msg)
+    return value
+
+
+def check_expression_dtype(X: Any, source: str) -> None:
+    """Refuse a matrix whose values are not real numbers (e.g. strings, objects, complex numbers)."""
+    dtype = np.dtype(getattr(X, "dtype", np.float64))
+    if dtype.kind not in "biuf":
+        msg = (
+            f"`{source}` has dtype {dtype}, but expression must be real numbers (integer or floating point); "
+            f"convert it first, e.g. `adata.X = adata.X.astype(np.float32)`."
+        )
+        raise TypeError(msg)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation, or ``None`` if unknown.
+
+    ``MemAvailable`` of ``/proc/meminfo`` where there is one (Linux), else the physical memory.
+    """
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits_in_memory(n_items: int, bytes_per_item: float, *, name: str, unit: str, fix: str) -> None:
+    """Refuse a request for `n_items` results of `bytes_per_item` each that would not fit in the available memory.
+
+    The message says how much the request needs, how many items would fit, and `fix`. Where the available
+    memory is unknown, nothing is checked.
+    """
+    available = available_memory()
+    if available is None or n_items * bytes_per_item <= available:
+        return
+    fit = int(available // bytes_per_item)
+    msg = (
+        f"`{name}` asks for {n_items:,} {unit}, about {n_items * bytes_per_item / 2**30:.1f} GiB of results, but "
+        f"only {available / 2**30:.1f} GiB of memory is available: about {fit:,} {unit} fit. {fix}"
+    )
+    raise ValueError(msg)

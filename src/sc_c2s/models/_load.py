@@ -13,7 +13,7 @@ from scanpy import logging as logg
 
 from sc_c2s._utils._optional import import_optional
 
-from . import _download, _lora, _memory, _registry, _runtime
+from . import _download, _files, _lora, _memory, _registry, _runtime
 from ._metadata import METADATA_FILE, C2SMetadata
 from ._model import C2SModel
 
@@ -137,8 +137,10 @@ def load(
             raise ValueError(msg)
     if _lora.is_adapter_dir(path):
         return _open_adapter(path, options=options)
-    options.check_fits(_memory.shape(_registry._read_json(path / "config.json")), path.name)
-    return _open(path, metadata=_metadata(path), revision=None, sha256=_hash_files(path), options=options)
+    metadata = _metadata(path)
+    with _files.diagnosed(path):
+        options.check_fits(_memory.shape(_registry._read_json(path / "config.json")), path.name)
+    return _open(path, metadata=metadata, revision=None, sha256=_hash_files(path), options=options)
 
 
 def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.device | None = None) -> C2SModel:
@@ -165,7 +167,7 @@ def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.dev
     """
     if isinstance(model, C2SModel):
         if device is not None:
-            model.model.to(device)
+            model.model.to(_runtime.check_device(device))
         return model
     return load(model, device=device)
 
@@ -253,17 +255,19 @@ class _Options:
 def _open(
     path: Path, *, metadata: C2SMetadata, revision: str | None, sha256: dict[str, str], options: _Options
 ) -> C2SModel:
-    options = options.for_model(path)
+    with _files.diagnosed(path):
+        options = options.for_model(path)
     device, dtype = options.device, options.dtype
     precision = options.quantization or str(dtype).removeprefix("torch.")
     start = logg.info(f"loading {metadata.name or path.name} on {device} in {precision}")
-    tokenizer, model = _runtime.from_pretrained(
-        path,
-        dtype=dtype,
-        device=device,
-        quantization=options.quantization,
-        attn_implementation=options.attn_implementation,
-    )
+    with _files.diagnosed(path):
+        tokenizer, model = _runtime.from_pretrained(
+            path,
+            dtype=dtype,
+            device=device,
+            quantization=options.quantization,
+            attn_implementation=options.attn_implementation,
+        )
     _runtime.prepare_tokenizer(tokenizer, model, path)
     if options.quantization is None:
         model.to(device)
@@ -321,9 +325,17 @@ def _base_source(base: dict, path: Path) -> str | Path:
 
 
 def _metadata(path: Path) -> C2SMetadata:
-    """Metadata of a checkpoint directory: its own file, else the registry's, else defaults (with a warning)."""
+    """Metadata of a checkpoint directory: its own file, else the registry's, else defaults (with a warning).
+
+    A directory that lacks the files every checkpoint has, or whose metadata file cannot be read, is refused.
+    """
+    _files.check_complete(path)
     if (path / METADATA_FILE).is_file():
-        return C2SMetadata.read(path)
+        try:
+            return C2SMetadata.read(path)
+        except (ValueError, TypeError, AttributeError) as e:
+            why = f"cannot be read as C2S metadata ({e})"
+            raise _files.BrokenCheckpointError(_files.broken_message(path / METADATA_FILE, why)) from e
     entry = _registry.match(path)
     if entry is not None:
         return entry.metadata()

@@ -175,7 +175,7 @@ def available() -> pd.DataFrame:
     '44c2ff7dd5edc26daf9c3f4106e18e162a55676a'
     >>> zoo.loc[zoo["tasks"].map(lambda t: "cell_type_prediction" in t)].index[0]
     'C2S-Pythia-410m-cell-type-prediction'
-    >>> zoo.loc["C2S-Scale-Gemma-2-27B", ["parameters", "inference_bf16_gib", "inference_4bit_gib"]].tolist()
+    >>> [float(x) for x in zoo.loc["C2S-Scale-Gemma-2-27B", ["parameters", "inference_bf16_gib", "inference_4bit_gib"]]]
     [27.2, 57.6, 21.6]
     """
     import pandas as pd

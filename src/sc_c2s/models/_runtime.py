@@ -49,17 +49,43 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device: str | int | torch.device) -> torch.device:
+    """Return `device` as a :class:`torch.device`, or raise a :class:`ValueError` if torch cannot run there.
+
+    The message says what is wrong (not a device, no CUDA or MPS, no such GPU) and what ``device=None`` picks.
+    """
+    import torch
+
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        resolved = None
+    if resolved is None:
+        why = "is not a torch device; pass e.g. 'cpu', 'cuda' or 'cuda:0'"
+    elif resolved.type == "cuda" and not torch.cuda.is_available():
+        build = "is built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        why = f"but no CUDA device is available (torch {torch.__version__} {build})"
+    elif resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count() > 0:
+        why = f"but torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0"
+    elif resolved.type == "mps" and not torch.backends.mps.is_available():
+        why = "but MPS (Apple GPUs) is not available"
+    else:
+        return resolved
+    msg = f"`device={device!r}` {why}; `device=None` picks {default_device()} here."
+    raise ValueError(msg)
+
+
 def device_and_dtype(
     device: str | torch.device | None, dtype: str | torch.dtype | None
 ) -> tuple[torch.device, torch.dtype]:
     """Choose the device and dtype to run on: CUDA in bfloat16 when there is a GPU, else the CPU in float32.
 
-    bfloat16 falls back to float16 on GPUs without it; a given `dtype` (a :class:`torch.dtype` or its name) is
-    checked to be floating point.
+    bfloat16 falls back to float16 on GPUs without it; a given `device` is checked by :func:`check_device`, a given
+    `dtype` (a :class:`torch.dtype` or its name) to be floating point.
     """
     import torch
 
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(device) if device is not None else default_device()
     if dtype is None:
         if device.type != "cuda":
             return device, torch.float32

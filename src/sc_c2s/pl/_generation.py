@@ -8,7 +8,8 @@ from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
 
 from sc_c2s import _keys
-from sc_c2s._docs import doc_mod, doc_params, doc_show_ax
+from sc_c2s._docs import doc_mod, doc_params, doc_seed, doc_show_ax
+from sc_c2s._utils._validate import LEGACY_SEED_LIMIT, AnyRandom, check_positive_int, check_random_state
 from sc_c2s.tl._score_generation import comparison, pca, project
 
 from ._utils import finish
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 
-@doc_params(doc_mod=doc_mod, doc_show_ax=doc_show_ax)
+@doc_params(doc_mod=doc_mod, doc_show_ax=doc_show_ax, doc_seed=doc_seed)
 def generation(
     real: AnnData | MuData,
     generated: AnnData,
@@ -34,7 +35,7 @@ def generation(
     n_comps: int = 50,
     palette: Sequence[str] | Mapping[str, str] | None = None,
     size: float = 12.0,
-    random_state: int = 0,
+    random_state: AnyRandom = 0,
     mod: str | None = None,
     ax: Axes | None = None,
     show: bool | None = None,
@@ -69,7 +70,7 @@ def generation(
     size
         Marker size of the real cells; generated cells are drawn larger.
     random_state
-        Seed of the PCA and the UMAP.
+        Seed of the PCA and the UMAP {doc_seed}; below ``2**32``, as scanpy takes it.
     {doc_mod}
     {doc_show_ax}
 
@@ -89,6 +90,8 @@ def generation(
     if basis not in ("pca", "umap"):
         msg = f"`basis` must be 'pca' or 'umap', got {basis!r}."
         raise ValueError(msg)
+    check_positive_int(n_comps, "n_comps")
+    random_state = check_random_state(random_state, limit=LEGACY_SEED_LIMIT)
     data = comparison(real, generated, label_key=label_key, generated_key=generated_key, n_genes=n_genes, mod=mod)
     mean, components = pca(data.real, 2 if basis == "pca" else n_comps, random_state)
     coords = np.vstack([project(data.real, mean, components), project(data.generated, mean, components)])

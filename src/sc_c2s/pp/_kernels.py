@@ -20,7 +20,7 @@ import numpy as np
 from numba import njit, prange
 
 #: Row status codes written by the ranking kernels (``INEXACT`` only internally: a value that is not a float32).
-OK, NEGATIVE, NAN, INEXACT = 0, 1, 2, 3
+OK, NEGATIVE, NAN, INEXACT, INFINITE = 0, 1, 2, 3, 4
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 #: Values are binned by the leading 12 bits of their float32 pattern (sign, exponent, 3 mantissa bits).
@@ -82,6 +82,8 @@ def _rank_entries(values, genes, k, seed, cell, heap_v, heap_g, out_genes, out_v
             return n_expressed, NAN
         if v < 0:
             return n_expressed, NEGATIVE
+        if v == np.inf:
+            return n_expressed, INFINITE
         if v == 0:
             continue
         n_expressed += 1
@@ -217,10 +219,10 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     low, high = N_BINS, 0
     for t in range(n_entries):
         v = values[t]
-        if v != v or v < 0 or np.float32(v) != v:
+        if v != v or v < 0 or v == np.inf or np.float32(v) != v:
             for b in range(low, high + 1):
                 histogram[b] = 0
-            return n, NAN if v != v else NEGATIVE if v < 0 else INEXACT
+            return n, NAN if v != v else NEGATIVE if v < 0 else INFINITE if v == np.inf else INEXACT
         if v == 0:
             continue
         n += 1
@@ -336,7 +338,8 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
     out_values
         ``(n_rows, width)`` array receiving the values in the same order, or a ``(0, width)`` array to skip.
     n_expressed, status
-        Per-row outputs: number of expressed genes and :data:`OK`, :data:`NEGATIVE` or :data:`NAN`.
+        Per-row outputs: number of expressed genes and :data:`OK`, :data:`NEGATIVE`, :data:`NAN` or
+        :data:`INFINITE`.
     """
     n_rows = indptr.shape[0] - 1
     chunk = (n_rows + n_chunks - 1) // n_chunks
@@ -428,6 +431,19 @@ def count_nonzero_dense(X):
                 n += 1
         best = max(best, n)
     return best
+
+
+@njit(cache=True)
+def has_duplicates(indptr, indices, n_cols):
+    """Whether a row of a CSR matrix holds the same column twice (indices need not be sorted)."""
+    last_row = np.full(n_cols, -1, dtype=np.int64)
+    for i in range(indptr.shape[0] - 1):
+        for p in range(indptr[i], indptr[i + 1]):
+            j = indices[p]
+            if last_row[j] == i:
+                return True
+            last_row[j] = i
+    return False
 
 
 @njit(cache=True)

@@ -20,7 +20,7 @@ _BLOCK_BYTES = 64 * 2**20
 
 
 class NotExpressionError(ValueError):
-    """The matrix holds negative values or NaN, so it is not expression (counts or normalised)."""
+    """The matrix holds negative, NaN or infinite values, so it is not expression (counts or normalised)."""
 
 
 @dataclass
@@ -39,6 +39,19 @@ def _as_kernel_dtype(a: np.ndarray) -> np.ndarray:
     return a if a.dtype.type in _KERNEL_DTYPES else a.astype(np.float64)
 
 
+def _canonical(block: sparse.csr_matrix) -> sparse.csr_matrix:
+    """Return a CSR block with each gene at most once per row.
+
+    Duplicate entries (valid in scipy, e.g. from COO without ``sum_duplicates``) are summed on a copy, as
+    :meth:`~scipy.sparse.csr_matrix.toarray` sums them.
+    """
+    if block.has_canonical_format or not _kernels.has_duplicates(block.indptr, block.indices, block.shape[1]):
+        return block
+    block = block.copy()
+    block.sum_duplicates()
+    return block
+
+
 def _block_rows(n_cols: int, bytes_per_entry: float) -> int:
     return max(1, int(_BLOCK_BYTES // max(1.0, n_cols * bytes_per_entry)))
 
@@ -46,8 +59,9 @@ def _block_rows(n_cols: int, bytes_per_entry: float) -> int:
 def _row_blocks(X) -> Iterator[tuple[int, object]]:
     """Yield ``(start, block)`` with each block a CSR matrix or a C-contiguous dense array.
 
-    In-memory CSR and C-contiguous dense matrices are one block, used as they are. CSC matrices are cut into
-    row blocks without converting the whole matrix; backed and other matrices are read block by block.
+    In-memory CSR and C-contiguous dense matrices are one block, used as they are (a CSR matrix that holds a gene
+    twice in a row is summed on a copy). CSC matrices are cut into row blocks without converting the whole matrix;
+    backed and other matrices are read block by block.
     """
     n_rows, n_cols = X.shape
     if isinstance(X, np.ndarray) and X.flags.c_contiguous:
@@ -57,7 +71,7 @@ def _row_blocks(X) -> Iterator[tuple[int, object]]:
         for start in range(0, n_rows, step):
             yield start, np.ascontiguousarray(X[start : start + step])
     elif sparse.issparse(X) and X.format == "csr":
-        yield 0, X
+        yield 0, _canonical(X)
     elif sparse.issparse(X) and X.format == "csc":
         X = X if X.has_sorted_indices else X.sorted_indices()
         step = _block_rows(n_cols, X.nnz / max(n_rows, 1) / max(n_cols, 1) * 24)
@@ -72,7 +86,7 @@ def _row_blocks(X) -> Iterator[tuple[int, object]]:
         step = 10_000 if isinstance(X, CSRDataset | CSCDataset) else _block_rows(n_cols, X.dtype.itemsize)
         for start in range(0, n_rows, step):
             block = X[start : start + step]
-            yield start, block.tocsr() if sparse.issparse(block) else np.ascontiguousarray(block)
+            yield start, _canonical(block.tocsr()) if sparse.issparse(block) else np.ascontiguousarray(block)
     else:
         msg = (
             f"Cannot rank genes in a matrix of type {type(X).__name__}; use a numpy array, a scipy sparse matrix "
@@ -125,7 +139,7 @@ def rank_genes(
     Raises
     ------
     NotExpressionError
-        If ``X`` holds negative values or NaN.
+        If ``X`` holds negative, NaN or infinite values.
     """
     n_rows, n_cols = X.shape
     width = min(n_genes, n_cols) if n_genes is not None else _max_expressed(X)
@@ -161,10 +175,16 @@ def _raise_if_not_expression(status: np.ndarray, offset: int, source: str) -> No
     bad = np.flatnonzero(status != _kernels.OK)
     if bad.size == 0:
         return
-    what = "NaN" if status[bad[0]] == _kernels.NAN else "negative values"
+    code = status[bad[0]]
+    what = {_kernels.NAN: "NaN", _kernels.INFINITE: "infinite values"}.get(code, "negative values")
+    why = (
+        "check how it was computed (a division by zero?)"
+        if code == _kernels.INFINITE
+        else "it looks scaled or corrected"
+    )
     msg = (
-        f"`{source}` holds {what} (first in cell {offset + bad[0]}), so it is not expression data: it looks scaled "
-        "or corrected. Rank raw counts or normalised expression instead: pass `use_raw=True` if `.raw` holds them, "
-        "or `layer=` with a counts layer."
+        f"`{source}` holds {what} (first in cell {offset + bad[0]}), so it is not expression data: {why}. Rank raw "
+        "counts or normalised expression instead: pass `use_raw=True` if `.raw` holds them, or `layer=` with a "
+        "counts layer."
     )
     raise NotExpressionError(msg)

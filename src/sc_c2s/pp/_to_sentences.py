@@ -11,9 +11,9 @@ from scanpy import logging as logg
 
 from sc_c2s import _keys, _rank_model
 from sc_c2s._data import DataHandler, Matrix, prepare
-from sc_c2s._docs import doc_adata, doc_mod, doc_params
+from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_seed
 from sc_c2s._utils._numba import numba_threads
-from sc_c2s._utils._validate import check_positive_int, is_positive_int
+from sc_c2s._utils._validate import AnyRandom, check_positive_int, check_random_state, is_positive_int
 
 from . import _kernels
 from ._rank import rank_genes
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from mudata import MuData
 
 
-@doc_params(doc_adata=doc_adata, doc_mod=doc_mod)
+@doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_seed=doc_seed)
 def to_sentences(
     adata: AnnData | MuData,
     *,
@@ -38,7 +38,7 @@ def to_sentences(
     mod: str | None = None,
     sentences: bool = True,
     rank_fit: bool | int = True,
-    random_state: int = 0,
+    random_state: AnyRandom = 0,
     copy: bool = False,
 ) -> AnnData | MuData | None:
     """Turn each cell into a cell sentence: its expressed genes ordered by descending expression.
@@ -49,7 +49,9 @@ def to_sentences(
     the cell and the gene, so CSR, CSC and dense storage give identical sentences.
 
     Ranking runs in parallel numba kernels on :attr:`scanpy.settings.n_jobs` threads (``-1``: all cores),
-    without densifying sparse data. Backed AnnData objects are read in row blocks.
+    without densifying sparse data. Backed AnnData objects are read in row blocks. A sparse matrix that stores a
+    gene twice for a cell (valid in scipy, e.g. built from COO without ``sum_duplicates``) is read as the sum of
+    its entries, as :meth:`~scipy.sparse.csr_matrix.toarray` reads it, on a copy.
 
     Parameters
     ----------
@@ -72,7 +74,8 @@ def to_sentences(
         Fit the rank → expression model used to turn generated sentences back into expression, on up to
         2,000 sampled cells (an integer sets the number of cells); ``False`` skips it.
     random_state
-        Seed of the tie-break permutation and of the cells sampled for the rank fit.
+        Seed of the tie-break permutation and of the cells sampled for the rank fit {doc_seed}. The seed used is
+        recorded in ``uns["c2s"]["params"]``.
     copy
         Return a copy instead of writing into `adata`.
 
@@ -99,6 +102,7 @@ def to_sentences(
     """
     start = logg.info("ranking genes per cell")
     check_positive_int(n_genes, "n_genes", none_ok=True)
+    random_state = check_random_state(random_state)
     if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -10,7 +11,7 @@ from scanpy import logging as logg
 from sc_c2s import _keys, prompts
 from sc_c2s._data import DataHandler, prepare
 from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_organism, doc_params
-from sc_c2s._utils._validate import check_positive_int
+from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
 
 from ._utils import cell_words, prediction_prompts
@@ -102,6 +103,12 @@ def annotate(
         If :func:`sc_c2s.pp.to_sentences` has not been run on `adata` (it is not run implicitly, so that the
         sentences are always made with parameters the user chose).
 
+    Warns
+    -----
+    UserWarning
+        If some cells have empty sentences (they express no gene: their cell type is a guess from the prompt
+        alone), or `labels` holds a single label (every cell gets it, with score 1).
+
     Examples
     --------
     >>> import scanpy as sc
@@ -116,14 +123,30 @@ def annotate(
     start = logg.info("annotating cell types with a C2S model")
     DataHandler(adata, mod).c2s()
     check_positive_int(n_genes, "n_genes")
+    check_key(key_added, "key_added")
     candidates = None if labels is None else label_set(labels)
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
     if candidates == "model":
         candidates = label_set(model_labels(c2s))
+    if candidates is not None and len(candidates) == 1:
+        warnings.warn(
+            f"`labels` holds a single label, so every cell is labelled {candidates[0]!r} with score 1; pass the "
+            "candidate cell types, or `labels=None` to let the model write them.",
+            UserWarning,
+            stacklevel=2,
+        )
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
+    n_empty = sum(not cell for cell in words)
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} cells have empty sentences (they express no gene), so their cell types are guesses from the "
+            "prompt alone; remove them first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`.",
+            UserWarning,
+            stacklevel=2,
+        )
     ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, organism=organism))
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
 

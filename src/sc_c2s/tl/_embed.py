@@ -9,6 +9,7 @@ from scanpy import logging as logg
 from sc_c2s import _keys, prompts
 from sc_c2s._data import DataHandler, prepare
 from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_params
+from sc_c2s._utils._validate import check_key
 from sc_c2s.models import _runtime
 
 from ._utils import cell_words, prediction_prompts
@@ -88,6 +89,7 @@ def embed(
 
     start = logg.info("embedding cells with a C2S model")
     DataHandler(adata, mod).c2s()
+    check_key(key_added, "key_added")
     c2s = resolve(model, device=device)
     organism = prompts.check_organism(c2s.metadata.organism)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)

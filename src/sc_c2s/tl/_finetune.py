@@ -15,8 +15,14 @@ from scanpy import logging as logg
 from sc_c2s import _keys, prompts
 from sc_c2s._compat import enable_activation_checkpointing
 from sc_c2s._data import DataHandler
-from sc_c2s._docs import doc_adata, doc_mod, doc_organism, doc_params
-from sc_c2s._utils._validate import check_obs_column, check_positive_int
+from sc_c2s._docs import doc_adata, doc_mod, doc_organism, doc_params, doc_seed
+from sc_c2s._utils._validate import (
+    AnyRandom,
+    check_number,
+    check_obs_column,
+    check_positive_int,
+    check_random_state,
+)
 from sc_c2s.models import _lora, _runtime, _trainer
 from sc_c2s.models._metadata import TASKS, C2SMetadata
 
@@ -38,7 +44,7 @@ _LEARNING_RATE = (2e-3, 5e-5)
 _LORA_LEARNING_RATE = 2e-4
 
 
-@doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_organism=doc_organism)
+@doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_organism=doc_organism, doc_seed=doc_seed)
 def finetune(
     adata: AnnData | MuData,
     *,
@@ -53,7 +59,7 @@ def finetune(
     learning_rate: float | None = None,
     gene_dropout: float = 0.0,
     eval_fraction: float = 0.1,
-    random_state: int = 0,
+    random_state: AnyRandom = 0,
     device: str | torch.device | None = None,
     adapter: Literal["lora"] | None = None,
     lora_rank: int = 16,
@@ -112,7 +118,8 @@ def finetune(
     eval_fraction
         Share of the cells of each label held out of training to score the model (``0``: none).
     random_state
-        Seed of the held-out split, the initial weights, the order of the samples.
+        Seed of the held-out split, the initial weights, the order of the samples {doc_seed}. The seed used is
+        recorded in the checkpoint's metadata (``training["random_state"]``).
     device
         Torch device to train on; ``None`` picks CUDA when available, else the CPU.
     adapter
@@ -163,12 +170,12 @@ def finetune(
     labels = _labels(handler, label_key)
     tasks = _check_tasks(tasks)
     check_positive_int(n_genes, "n_genes")
-    if not 0 <= gene_dropout < 1:
-        msg = f"`gene_dropout` must be in [0, 1), got {gene_dropout!r}."
-        raise ValueError(msg)
-    if not 0 <= eval_fraction < 1:
-        msg = f"`eval_fraction` must be in [0, 1), got {eval_fraction!r}."
-        raise ValueError(msg)
+    check_number(gene_dropout, "gene_dropout", low=0, high=1, high_open=True)
+    check_number(eval_fraction, "eval_fraction", low=0, high=1, high_open=True)
+    check_positive_int(epochs, "epochs", none_ok=True)
+    check_positive_int(batch_size, "batch_size", none_ok=True)
+    check_number(learning_rate, "learning_rate", low=0, low_open=True, none_ok=True)
+    random_state = check_random_state(random_state)
     output_dir = _check_output_dir(output_dir)
     scratch = str(base_model) == SCRATCH
     _check_adapter(adapter, scratch=scratch, quantization=quantization, lora_rank=lora_rank)

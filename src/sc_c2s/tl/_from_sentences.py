@@ -11,6 +11,8 @@ from scipy import sparse
 from sc_c2s import _keys
 from sc_c2s._rank_model import RankFit
 
+#: Columns of ``obs`` that count the words of each sentence.
+COUNTS = ["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]
 #: Characters stripped from both ends of a word; those inside gene names (``-``, ``.``, ``_``) stay inside.
 _PUNCTUATION = ",;:.!?\"'`()[]{}<>*-–—"
 
@@ -62,21 +64,52 @@ def from_sentences(
     [2, 1, 1]
     """
     fit = RankFit.from_dict(rank_fit)
-    genes = pd.Index(np.asarray(genes, dtype=str))
+    genes = gene_index(genes)
+    if isinstance(sentences, str) or not isinstance(sentences, Iterable):
+        what = "one string; wrap it in a list" if isinstance(sentences, str) else f"a {type(sentences).__name__}"
+        msg = f"`sentences` must be a list of sentences, not {what}."
+        raise TypeError(msg)
+    X, counts = read(sentences, vocabulary(genes), fit, n_genes=len(genes))
+    obs = pd.DataFrame(
+        counts,
+        columns=COUNTS,
+        index=sentences.index.astype(str)
+        if isinstance(sentences, pd.Series)
+        else pd.RangeIndex(X.shape[0]).astype(str),
+    )
+    return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={_keys.FROM_SENTENCES_RANK_FIT: fit.to_dict()})
+
+
+def gene_index(genes: Sequence[str] | pd.Index) -> pd.Index:
+    """Return the vocabulary as an index of strings, checked: a list of unique names."""
+    if isinstance(genes, str) or not pd.api.types.is_list_like(genes):
+        msg = f"`genes` must be a list of gene names, got {genes!r}."
+        raise TypeError(msg)
+    genes = pd.Index(np.asarray(genes, dtype=str).ravel())
     if genes.has_duplicates:
         msg = f"`genes` must be unique; duplicated: {list(genes[genes.duplicated()].unique()[:5])}."
         raise ValueError(msg)
-    vocabulary: dict[str, int] = {}
-    for i, gene in enumerate(genes.str.upper()):
-        vocabulary.setdefault(gene, i)
-    if isinstance(sentences, str):
-        msg = "`sentences` must be a list of sentences, not one string; wrap it in a list."
-        raise TypeError(msg)
+    return genes
 
+
+def vocabulary(genes: pd.Index) -> dict[str, int]:
+    """Map each upper-cased gene name to its column (the first, for names that differ only by case)."""
+    words: dict[str, int] = {}
+    for i, gene in enumerate(genes.str.upper()):
+        words.setdefault(gene, i)
+    return words
+
+
+def read(
+    sentences: Iterable[object], words: Mapping[str, int], fit: RankFit, *, n_genes: int
+) -> tuple[sparse.csr_matrix, np.ndarray]:
+    """Read sentences over a :func:`vocabulary` of `n_genes` columns.
+
+    Returns the expression (CSR, float32) and, per sentence, the counts of :data:`COUNTS` (int32).
+    """
     indptr, indices, counts = [0], [], []
     for sentence in sentences:
-        words = (w.strip(_PUNCTUATION).upper() for w in _text(sentence).split())
-        hits = [vocabulary.get(w, -1) for w in words if w]
+        hits = [words.get(w, -1) for w in (w.strip(_PUNCTUATION).upper() for w in _text(sentence).split()) if w]
         known = [h for h in hits if h >= 0]
         kept = list(dict.fromkeys(known))
         indices.extend(kept)
@@ -87,17 +120,10 @@ def from_sentences(
     positions = np.arange(len(indices)) - np.repeat(indptr[:-1], np.diff(indptr))
     X = sparse.csr_matrix(
         (fit.predict(positions).astype(np.float32), np.asarray(indices, dtype=np.int32), indptr),
-        shape=(len(indptr) - 1, len(genes)),
+        shape=(len(indptr) - 1, n_genes),
     )
     X.eliminate_zeros()
-    obs = pd.DataFrame(
-        np.asarray(counts, dtype=np.int32).reshape(-1, 3),
-        columns=["n_valid_genes", "n_unknown_words", "n_duplicate_genes"],
-        index=sentences.index.astype(str)
-        if isinstance(sentences, pd.Series)
-        else pd.RangeIndex(X.shape[0]).astype(str),
-    )
-    return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={_keys.FROM_SENTENCES_RANK_FIT: fit.to_dict()})
+    return X, np.asarray(counts, dtype=np.int32).reshape(-1, 3)
 
 
 def _text(sentence: object) -> str:

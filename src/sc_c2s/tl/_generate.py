@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -14,12 +14,29 @@ from scipy import sparse
 
 from sc_c2s import _keys, prompts
 from sc_c2s._data import DataHandler
-from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_organism, doc_params
-from sc_c2s._utils._validate import check_positive_int, check_rank_fit
+from sc_c2s._docs import (
+    doc_adata,
+    doc_batch_size,
+    doc_device,
+    doc_mod,
+    doc_model,
+    doc_organism,
+    doc_params,
+    doc_seed,
+)
+from sc_c2s._rank_model import RankFit
+from sc_c2s._utils._validate import (
+    AnyRandom,
+    check_fits_in_memory,
+    check_number,
+    check_positive_int,
+    check_random_state,
+    check_rank_fit,
+)
 from sc_c2s.models import _runtime
 from sc_c2s.models._words import WordConstraint, WordTrie
 
-from ._from_sentences import from_sentences
+from ._from_sentences import COUNTS, gene_index, read, vocabulary
 
 if TYPE_CHECKING:
     import torch
@@ -33,6 +50,10 @@ _SLACK = 0.1
 _SENTENCE_END = re.compile(r"\.(?=\s|$)")
 #: Automatic batch on a CPU: larger than for annotation, since hundreds of decoding steps share its overhead.
 _CPU_BATCH = 32
+#: Bytes of the result per generated gene besides its word in the sentence: a float32 value and an int32 column.
+_ENTRY_BYTES = 8
+#: Bytes of the result per generated cell besides its genes: the sentence string, its name, counts, bookkeeping.
+_CELL_BYTES = 256
 
 
 @dataclass
@@ -57,6 +78,7 @@ class _Target:
     doc_batch_size=doc_batch_size,
     doc_device=doc_device,
     doc_mod=doc_mod,
+    doc_seed=doc_seed,
 )
 def generate(
     adata: AnnData | MuData | None = None,
@@ -70,7 +92,7 @@ def generate(
     top_p: float | None = 0.95,
     unique_genes: bool = True,
     exact_length: bool = True,
-    random_state: int = 0,
+    random_state: AnyRandom = 0,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     mod: str | None = None,
@@ -82,7 +104,9 @@ def generate(
     `exact_length` for the length) until the sentence's closing period or the end-of-sequence token, within a
     token budget sized from `n_genes` and the tokenizer's tokens per gene.
     Every cell draws from its own seeded random stream, so `random_state` fixes the cells whatever
-    `batch_size` (up to floating-point differences between batch shapes on some devices).
+    `batch_size` (up to floating-point differences between batch shapes on some devices). Cells are written into
+    the result batch by batch; a request whose result would not fit in the available memory is refused before
+    anything is generated.
 
     The sentences become expression through :func:`sc_c2s.tl.from_sentences` with the rank fit of `adata` when
     given, else the checkpoint's. Expression is on that fit's scale: ``log10(1 + x)`` of counts normalised to
@@ -125,7 +149,8 @@ def generate(
         token budget runs out. ``False`` lets the model end the sentence where it likes; models then tend to
         stop early under `top_k` and `top_p`, which cut the long tail of rare genes but not the period.
     random_state
-        Seed of the sampling.
+        Seed of the sampling {doc_seed}. Cell ``i`` draws from a stream keyed by the seed and ``i``, so two calls
+        with the same seed give the same cells; the seed used is recorded in ``uns["c2s_generate"]["params"]``.
     {doc_batch_size}
     {doc_device}
     {doc_mod}
@@ -149,6 +174,12 @@ def generate(
     ``uns["c2s_generate"]["params"]``
         The arguments, the token budget, the rank fit used and the model's provenance.
 
+    Raises
+    ------
+    ValueError
+        If an argument is out of range, a cell type is unknown to a model with a label set, or the result would
+        not fit in the available memory (the message says how many cells would).
+
     Examples
     --------
     >>> import scanpy as sc
@@ -162,26 +193,36 @@ def generate(
     from sc_c2s.models import resolve
 
     start = logg.info("generating cells")
-    _check_sampling(n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state)
-    types = _requested_types(cell_types)
+    random_state = _check_sampling(
+        n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
+    )
+    request = _requested_types(cell_types)
     c2s_model = resolve(model, device=device)
     if c2s_model.metadata.prompt_style != "c2s" or "cell_type_generation" not in c2s_model.metadata.tasks:
         logg.warning(
             f"{c2s_model.name!r} was not trained for cell-type conditioned generation in the prompt format of "
             "`sc_c2s.prompts`; expect poor cells."
         )
-    _check_labels(types, c2s_model.metadata.labels)
+    _check_labels(request.types, c2s_model.metadata.labels)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
     target = _target(adata, mod=mod, model=c2s_model)
+    _check_memory(request.n_cells, n_genes=n_genes, words=target.words)
     budget = _token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = _CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
 
-    sentences = _sample(
+    codes = request.codes()
+    prompt_ids = _runtime.tokenize(
+        c2s_model.tokenizer,
+        [prompts.cell_type_generation(t, n_genes=n_genes, organism=organism) for t in request.types],
+    )
+    collector = _Collector(target, n_cells=len(codes))
+    _sample(
         c2s_model,
-        [prompts.cell_type_generation(t, n_genes=n_genes, organism=organism) for t in types],
+        prompt_ids,
+        codes,
         max_new_tokens=budget["max_new_tokens"],
         stop_ids=budget["stop_ids"],
         temperature=temperature,
@@ -192,19 +233,16 @@ def generate(
         length=None if starts is None else (n_genes, *starts),
         random_state=random_state,
         batch_size=batch_size,
+        sink=collector,
     )
-
-    cells = from_sentences(sentences, genes=target.words, rank_fit=target.rank_fit)
-    X = cells.X if target.columns is None else cells.X @ _selection(target.columns, len(target.var))
-    obs = cells.obs.copy()
-    obs.insert(0, _keys.GENERATED_CELL_TYPE, pd.Categorical(types, categories=list(dict.fromkeys(types))))
-    obs.insert(1, _keys.SENTENCE, np.asarray(sentences, dtype=object))
-    obs.index = pd.Index([f"generated-{i}" for i in range(len(types))])
-    counts = pd.Series(types).value_counts(sort=False)
+    X, sentences, counts = collector.result()
+    obs = pd.DataFrame(counts, columns=COUNTS, index=pd.Index([f"generated-{i}" for i in range(len(codes))]))
+    obs.insert(0, _keys.GENERATED_CELL_TYPE, pd.Categorical.from_codes(codes, categories=request.types))
+    obs.insert(1, _keys.SENTENCE, sentences)
     params = {
         # two lists rather than a mapping: cell types may hold "/", which h5ad keys may not
-        "cell_types": counts.index.tolist(),
-        "n_cells": counts.tolist(),
+        "cell_types": list(request.types),
+        "n_cells": np.bincount(codes, minlength=len(request.types)).tolist(),
         "n_genes": n_genes,
         "organism": organism,
         "temperature": temperature,
@@ -221,13 +259,10 @@ def generate(
         **c2s_model.provenance(),
     }
     result = AnnData(
-        sparse.csr_matrix(X, dtype=np.float32),
-        obs=obs,
-        var=target.var,
-        uns={_keys.GENERATE: {"params": {k: v for k, v in params.items() if v is not None}}},
+        X, obs=obs, var=target.var, uns={_keys.GENERATE: {"params": {k: v for k, v in params.items() if v is not None}}}
     )
-    n_words = obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy().sum()
-    valid = obs["n_valid_genes"].sum() / n_words if n_words else float("nan")
+    n_words = counts.sum()
+    valid = counts[:, 0].sum() / n_words if n_words else float("nan")
     logg.info(
         "    finished",
         time=start,
@@ -236,37 +271,82 @@ def generate(
     return result
 
 
-def _check_sampling(*, n_genes: int, temperature: float, top_k: int | None, top_p: float | None, random_state: int):
+def _check_sampling(
+    *, n_genes: int, temperature: float, top_k: int | None, top_p: float | None, random_state: AnyRandom
+) -> int:
+    """Check the sampling arguments; return the seed."""
     check_positive_int(n_genes, "n_genes")
-    if not temperature > 0:
-        msg = f"`temperature` must be positive, got {temperature!r}."
-        raise ValueError(msg)
+    check_number(temperature, "temperature", low=0, low_open=True)
     check_positive_int(top_k, "top_k", none_ok=True)
-    if top_p is not None and not 0 < top_p <= 1:
-        msg = f"`top_p` must be in (0, 1] or None, got {top_p!r}."
-        raise ValueError(msg)
-    if not isinstance(random_state, int | np.integer) or random_state < 0:
-        msg = f"`random_state` must be a non-negative integer seed, got {random_state!r}."
-        raise ValueError(msg)
+    check_number(top_p, "top_p", low=0, high=1, low_open=True, none_ok=True)
+    return check_random_state(random_state)
 
 
-def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> list[str]:
-    """Return the cell type of each cell to generate."""
-    if isinstance(cell_types, str):
-        msg = f"`cell_types` must be a list or a mapping of type → count, not one string; use [{cell_types!r}]."
+@dataclass
+class _Request:
+    """The cells asked for: the distinct cell types in order, and the number of cells of each or the type of each."""
+
+    types: list[str]
+    counts: list[int] | None = None
+    """Cells per type, for a mapping."""
+    cell_codes: np.ndarray | None = None
+    """Type of each cell, for a list."""
+
+    @property
+    def n_cells(self) -> int:
+        return sum(self.counts) if self.counts is not None else len(self.cell_codes)
+
+    def codes(self) -> np.ndarray:
+        """Type of each cell, as positions in :attr:`types`."""
+        if self.cell_codes is not None:
+            return self.cell_codes
+        return np.repeat(np.arange(len(self.types), dtype=np.int32), self.counts)
+
+
+def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> _Request:
+    """Read the cells asked for, checked: counts are whole numbers, type names are one line of text."""
+    if isinstance(cell_types, str) or not isinstance(cell_types, Mapping | Sequence | np.ndarray | pd.Series):
+        what = f"one string; use [{cell_types!r}]" if isinstance(cell_types, str) else f"a {type(cell_types).__name__}"
+        msg = f"`cell_types` must be a list or a mapping of type → count, not {what}."
         raise TypeError(msg)
     if isinstance(cell_types, Mapping):
-        bad = {t: n for t, n in cell_types.items() if not isinstance(n, int | np.integer) or n < 0}
+        bad = {
+            t: n for t, n in cell_types.items() if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 0
+        }
         if bad:
             msg = f"Counts in `cell_types` must be non-negative integers; got {bad}."
             raise ValueError(msg)
-        types = [str(t) for t, n in cell_types.items() for _ in range(n)]
+        counts: dict[str, int] = {}
+        for t, n in cell_types.items():
+            if n:
+                counts[str(t)] = counts.get(str(t), 0) + int(n)
+        request = _Request(list(counts), counts=list(counts.values()))
     else:
-        types = [str(t) for t in cell_types]
-    if not types:
+        codes, uniques = pd.factorize(pd.Series([str(t) for t in cell_types], dtype=object))
+        request = _Request(list(uniques), cell_codes=codes.astype(np.int32))
+    if not request.n_cells:
         msg = "`cell_types` asks for no cells; pass e.g. ['B cell'] or {'B cell': 100}."
         raise ValueError(msg)
-    return types
+    bad_names = [t for t in request.types if not t.strip() or "\n" in t]
+    if bad_names:
+        msg = (
+            f"`cell_types` has empty or multi-line cell types (e.g. {bad_names[0]!r}); a prompt names one line of text."
+        )
+        raise ValueError(msg)
+    return request
+
+
+def _check_memory(n_cells: int, *, n_genes: int, words: np.ndarray) -> None:
+    """Refuse a request whose result (expression, sentences, names) would not fit in the available memory."""
+    word_bytes = float(np.mean([len(w) for w in words])) + 1 if len(words) else 8.0
+    check_fits_in_memory(
+        n_cells,
+        n_genes * (_ENTRY_BYTES + word_bytes) + _CELL_BYTES,
+        name="cell_types",
+        unit="cells",
+        fix="Generate them in several calls with fewer cells, each with its own `random_state` (the same seed "
+        "gives the same cells), and join the results with `anndata.concat`.",
+    )
 
 
 def _check_labels(types: list[str], labels: Sequence[str] | None) -> None:
@@ -466,7 +546,8 @@ class _Sampler:
 
 def _sample(
     c2s: C2SModel,
-    texts: list[str],
+    prompt_ids: list[list[int]],
+    codes: np.ndarray,
     *,
     max_new_tokens: int,
     stop_ids: list[int],
@@ -477,17 +558,19 @@ def _sample(
     length: tuple[int, np.ndarray, np.ndarray] | None,
     random_state: int,
     batch_size: int | None,
+    sink: Callable[[np.ndarray, list[str]], None],
     gene_tokens: list[list[int]] | None = None,
-) -> list[str]:
-    """Generate a sentence for each prompt; return them without their closing period.
+) -> None:
+    """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
-    `length` holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each
-    gene, to write distinct genes of several tokens (then it sets the length, not `length`).
+    Cell ``i`` is prompted with ``prompt_ids[codes[i]]``; sentences come without their closing period. `length`
+    holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
+    write distinct genes of several tokens (then it sets the length, not `length`).
     """
     import torch
 
-    ids = _runtime.tokenize(c2s.tokenizer, texts)
-    _runtime.check_context(c2s.model, ids, name=c2s.name, room=max_new_tokens)
+    _runtime.check_context(c2s.model, prompt_ids, name=c2s.name, room=max_new_tokens)
+    ids = [prompt_ids[code] for code in codes.tolist()]  # shared lists: one per cell type
     pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
     exact, trie, n_logits = None, None, c2s.model.config.vocab_size
@@ -502,7 +585,6 @@ def _sample(
         is_break = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
         is_break[: len(breaks)] = torch.as_tensor(breaks, device=c2s.device)
         exact = _Length(n_words, is_start, is_stop, is_break & ~is_stop)
-    out: list[str] = [""] * len(texts)
 
     def write(batch: _runtime.Batch) -> None:
         uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
@@ -518,14 +600,63 @@ def _sample(
         tokens, _ = _runtime.decode(
             c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
         )
-        for i, text in zip(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids), strict=True):
-            out[i] = text
+        sink(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids))
 
     with _runtime.inference(c2s.model):
         _runtime.run_batches(
             c2s.model, ids, write, batch_size=batch_size, pad_id=pad_id, desc="generating", room=max_new_tokens
         )
-    return out
+
+
+class _Collector:
+    """Reads the sentences of each batch into expression as they come; :meth:`result` gives the whole.
+
+    Batches come in any order of cells; their rows are kept as small CSR blocks and put in cell order into
+    arrays of the final size at the end, each block freed once copied, so the result is never held twice.
+    """
+
+    def __init__(self, target: _Target, *, n_cells: int):
+        self.words = vocabulary(gene_index(target.words))
+        self.fit = RankFit.from_dict(target.rank_fit)
+        self.n_words, self.n_columns = len(target.words), len(target.var)
+        self.selection = None if target.columns is None else _selection(target.columns, self.n_columns)
+        self.sentences = np.empty(n_cells, dtype=object)
+        self.counts = np.zeros((n_cells, len(COUNTS)), dtype=np.int32)
+        self.blocks: list[tuple[np.ndarray, sparse.csr_matrix]] = []
+
+    def __call__(self, index: np.ndarray, texts: list[str]) -> None:
+        X, counts = read(texts, self.words, self.fit, n_genes=self.n_words)
+        self.blocks.append((index, X if self.selection is None else sparse.csr_matrix(X @ self.selection)))
+        self.sentences[index] = texts
+        self.counts[index] = counts
+
+    def result(self) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+        """Return the expression matrix, the sentences and the counts of :data:`COUNTS`, in cell order."""
+        X = _assemble(self.blocks, n_cells=len(self.sentences), n_columns=self.n_columns)
+        return X, self.sentences, self.counts
+
+
+def _assemble(blocks: list[tuple[np.ndarray, sparse.csr_matrix]], *, n_cells: int, n_columns: int) -> sparse.csr_matrix:
+    """Put the rows of CSR blocks into one float32 CSR matrix, in cell order; `blocks` is emptied on the way.
+
+    Each block comes with the cells its rows belong to.
+    """
+    lengths = np.zeros(n_cells, dtype=np.int64)
+    for index, block in blocks:
+        lengths[index] = np.diff(block.indptr)
+    nnz = int(lengths.sum())
+    index_dtype = np.int32 if max(nnz, n_columns) < 2**31 else np.int64
+    indptr = np.zeros(n_cells + 1, dtype=index_dtype)
+    np.cumsum(lengths, out=indptr[1:])
+    data = np.empty(nnz, dtype=np.float32)
+    indices = np.empty(nnz, dtype=index_dtype)
+    while blocks:
+        index, block = blocks.pop()
+        block_lengths = np.diff(block.indptr)
+        target = np.repeat(indptr[index] - block.indptr[:-1], block_lengths) + np.arange(block.nnz)
+        data[target] = block.data
+        indices[target] = block.indices
+    return sparse.csr_matrix((data, indices, indptr), shape=(n_cells, n_columns))
 
 
 def _sample_token(

@@ -12,9 +12,15 @@ from scipy.spatial.distance import cdist, pdist
 
 from sc_c2s import _keys, prompts
 from sc_c2s._data import DataHandler
-from sc_c2s._docs import doc_mod, doc_params
-from sc_c2s._utils._validate import check_obs_column
-from sc_c2s.tl._from_sentences import from_sentences
+from sc_c2s._docs import doc_mod, doc_params, doc_seed
+from sc_c2s._utils._validate import (
+    LEGACY_SEED_LIMIT,
+    AnyRandom,
+    check_obs_column,
+    check_positive_int,
+    check_random_state,
+)
+from sc_c2s.tl._from_sentences import _text, from_sentences
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -22,6 +28,8 @@ if TYPE_CHECKING:
 
 #: Genes per sentence when `generated` does not record how many it asked for.
 _DEFAULT_N_GENES = 200
+#: Real cells a type needs to be scored: two per half, so that each half has a spread to compare against.
+MIN_REAL_CELLS = 4
 #: Cells sampled to pick the RBF bandwidth (median pairwise distance).
 _BANDWIDTH_CELLS = 1000
 #: Columns of the result, in order.
@@ -80,7 +88,7 @@ def comparison(
             )
             raise KeyError(msg)
     params = generated.uns.get(_keys.GENERATE, {}).get("params", {})
-    n_genes = n_genes or int(params.get("n_genes", _DEFAULT_N_GENES))
+    n_genes = check_positive_int(n_genes, "n_genes", none_ok=True) or int(params.get("n_genes", _DEFAULT_N_GENES))
     fit = params.get("rank_fit", c2s.get("rank_fit"))
     if fit is None:
         msg = "No rank fit in the generated cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
@@ -88,7 +96,8 @@ def comparison(
     words = np.asarray(c2s["genes"], dtype=str)
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
     real_cells = from_sentences([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
-    generated_cells = from_sentences(generated.obs[_keys.SENTENCE].astype(str).tolist(), genes=words, rank_fit=fit)
+    generated_cells = from_sentences(generated.obs[_keys.SENTENCE].tolist(), genes=words, rank_fit=fit)
+    _check_shared_genes(generated_cells.obs, generated.obs[_keys.SENTENCE])
     return Comparison(
         real=real_cells.X,
         generated=generated_cells.X,
@@ -100,10 +109,31 @@ def comparison(
     )
 
 
+def _check_shared_genes(counts: pd.DataFrame, sentences: pd.Series) -> None:
+    """Refuse generated sentences none of whose words is a gene of the real cells: there is nothing to compare."""
+    if counts["n_valid_genes"].sum() > 0:
+        return
+    n_words = int(counts.to_numpy().sum())
+    if n_words == 0:
+        msg = "The generated cells' sentences (obs['c2s_sentence']) hold no words; there is nothing to score."
+        raise ValueError(msg)
+    example = next(text for text in map(_text, sentences) if text.split())
+    msg = (
+        f"None of the {n_words} words of the generated sentences is a gene of the real cells (e.g. "
+        f"{' '.join(example.split()[:3])!r}): they use other gene names. Score the cells against the data they were "
+        "generated for (the `adata` passed to `sc_c2s.tl.generate`), or real cells ranked with the same gene names "
+        "(see `gene_symbols=` of `sc_c2s.pp.to_sentences`)."
+    )
+    raise ValueError(msg)
+
+
 def pca(X: sparse.csr_matrix, n_comps: int, random_state: int) -> tuple[np.ndarray, np.ndarray]:
     """Mean and principal axes (``n_comps`` × genes) of `X`, without densifying it."""
     import scanpy as sc
 
+    if min(X.shape) < 2:
+        msg = f"A PCA needs at least two cells and two genes; the real cells compared here are {X.shape[0]} × {X.shape[1]}."
+        raise ValueError(msg)
     n_comps = max(1, min(n_comps, X.shape[0] - 1, X.shape[1] - 1))
     _, components, _, _ = sc.pp.pca(X, n_comps=n_comps, return_info=True, random_state=random_state)
     return np.asarray(X.mean(axis=0)).ravel(), components
@@ -114,7 +144,7 @@ def project(X: sparse.csr_matrix, mean: np.ndarray, components: np.ndarray) -> n
     return np.asarray(X @ components.T) - mean @ components.T
 
 
-@doc_params(doc_mod=doc_mod)
+@doc_params(doc_mod=doc_mod, doc_seed=doc_seed)
 def score_generation(
     real: AnnData | MuData,
     generated: AnnData,
@@ -125,7 +155,7 @@ def score_generation(
     n_comps: int = 50,
     n_neighbors: int = 10,
     max_cells: int = 1000,
-    random_state: int = 0,
+    random_state: AnyRandom = 0,
     mod: str | None = None,
 ) -> pd.DataFrame:
     """Score generated cells against real cells of the same types, beside a real-vs-real control.
@@ -159,8 +189,8 @@ def score_generation(
     ``sentence_length``, ``sentence_length_real``
         Mean words per generated sentence, and mean genes per real sentence (at most `n_genes`).
 
-    Types of G absent from the real cells, and types with fewer than two real cells, are left out with a
-    warning. The row ``"overall"`` holds the sums of the counts and the means over types of the rest.
+    Types of G absent from the real cells, and types with fewer than four real cells (two per half), are left out
+    with a warning. The row ``"overall"`` holds the sums of the counts and the means over types of the rest.
 
     Parameters
     ----------
@@ -182,13 +212,22 @@ def score_generation(
         At most this many cells per type and side (sampled with `random_state`), which bounds the memory of the
         distance matrices.
     random_state
-        Seed of the split into halves, of the subsampling and of the PCA.
+        Seed of the split into halves, of the subsampling and of the PCA {doc_seed}; below ``2**32``, as
+        scanpy's PCA takes it.
     {doc_mod}
 
     Returns
     -------
     A DataFrame with one row per cell type and a row ``"overall"``, and the columns ``n_real``,
     ``n_generated`` (cells compared), then each metric beside its ``*_control``.
+
+    Raises
+    ------
+    KeyError
+        If `label_key` or `generated_key` is not a column, or the real cells have no sentences.
+    ValueError
+        If no generated type has enough real cells, or no generated word is a gene of the real cells (the
+        generated cells use other gene names).
 
     Examples
     --------
@@ -204,6 +243,9 @@ def score_generation(
     from sklearn.neighbors import KNeighborsClassifier
 
     start = logg.info("scoring generated cells")
+    for value, name in ((n_comps, "n_comps"), (n_neighbors, "n_neighbors"), (max_cells, "max_cells")):
+        check_positive_int(value, name)
+    random_state = check_random_state(random_state, limit=LEGACY_SEED_LIMIT)
     data = comparison(real, generated, label_key=label_key, generated_key=generated_key, n_genes=n_genes, mod=mod)
     rng = np.random.default_rng(random_state)
     types = _types(data)
@@ -253,20 +295,22 @@ def score_generation(
 
 
 def _types(data: Comparison) -> list[str]:
-    """Types present on both sides with at least two real cells, in the order of the generated cells."""
+    """Types present on both sides with enough real cells, in the order of the generated cells."""
     real = pd.Series(data.real_labels).value_counts()
     requested = list(dict.fromkeys(data.generated_labels))
     absent = [t for t in requested if real.get(t, 0) == 0]
-    few = [t for t in requested if real.get(t, 0) == 1]
+    few = [t for t in requested if 0 < real.get(t, 0) < MIN_REAL_CELLS]
     if absent or few:
         warnings.warn(
-            f"Left out generated cell types with no real cells {absent} or only one {few}.", UserWarning, stacklevel=3
+            f"Left out generated cell types with no real cells {absent} or fewer than {MIN_REAL_CELLS} {few}.",
+            UserWarning,
+            stacklevel=3,
         )
-    types = [t for t in requested if real.get(t, 0) >= 2]
+    types = [t for t in requested if real.get(t, 0) >= MIN_REAL_CELLS]
     if not types:
         msg = (
-            "No generated cell type is a type of the real cells with at least two cells; check `label_key` and "
-            f"`generated_key`. Real types: {sorted(real.index)[:20]}."
+            f"No generated cell type is a type of the real cells with at least {MIN_REAL_CELLS} cells; check "
+            f"`label_key` and `generated_key`. Real types: {sorted(real.index)[:20]}."
         )
         raise ValueError(msg)
     return types
