@@ -53,6 +53,14 @@ def load(
     checkpoint, else are the defaults of :class:`~sc_c2s.models.C2SMetadata`. Code shipped with a checkpoint
     is never run.
 
+    Raises
+    ------
+    ValueError
+        If `name_or_path` is neither a registry name nor a directory; if the checkpoint lacks config.json, its
+        weights or its tokenizer, or holds a file that cannot be read (the message names the file and, for a
+        download in the cache, how to fetch it again); if torch cannot use `device` (e.g. ``"cuda"`` without
+        CUDA); or if `dtype` is not a floating-point type.
+
     Examples
     --------
     >>> import sc_c2s
