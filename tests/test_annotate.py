@@ -320,3 +320,12 @@ def test_single_label_warns(short_sentences, tiny):
 def test_bad_key_added(short_sentences, tiny, key_added):
     with pytest.raises(TypeError, match=r"`key_added` must be a non-empty string"):
         sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, key_added=key_added)
+
+
+def test_sentences_that_do_not_match_their_genes(short_sentences, tiny):
+    """Sentence indices past `uns['c2s']['genes']` used to fail with numpy's IndexError."""
+    short_sentences.uns["c2s"]["genes"] = short_sentences.uns["c2s"]["genes"][:3]
+    with pytest.raises(ValueError, match=r"points past the 3 genes of `uns\['c2s'\]\['genes'\]`.*to_sentences"):
+        sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES)
+    with pytest.raises(ValueError, match="`n_genes` must be a positive integer or None, got -1"):
+        prompts.sentence_words(short_sentences, n_genes=-1)  # used to drop the last gene silently

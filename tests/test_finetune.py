@@ -386,3 +386,11 @@ def test_refuses_a_non_empty_output_dir(sentences, tmp_path):
     with pytest.raises(FileExistsError, match="not an empty directory"):
         sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path)
     assert (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_cells_without_sentences_are_refused_before_training(sentences, tmp_path):
+    """Found by tests/test_hostile_inputs.py: cells whose sentences are all empty used to reach the training loop."""
+    sentences.obsm["c2s_genes"][:] = -1
+    with pytest.raises(ValueError, match="No cell is left to train on"):
+        sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -80,3 +80,11 @@ def test_needs_sentences_and_a_fit(container, pbmc4k):
     sc_c2s.pp.to_sentences(data, rank_fit=False)
     with pytest.raises(KeyError, match=r"No rank fit in `uns\['c2s'\]`"):
         sc_c2s.pl.rank_fit(data, show=False)
+
+
+@pytest.mark.parametrize("gridsize", [0, -3, 2.5])
+def test_bad_gridsize(pbmc4k, gridsize):
+    """A gridsize of 0 used to fail inside matplotlib's hexbin."""
+    sc_c2s.pp.to_sentences(pbmc4k)
+    with pytest.raises(ValueError, match="`gridsize` must be a positive integer"):
+        sc_c2s.pl.rank_fit(pbmc4k, gridsize=gridsize, show=False)

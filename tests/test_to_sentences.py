@@ -683,3 +683,13 @@ def test_x_none_names_the_layer():
         sc_c2s.pp.to_sentences(adata)
     sc_c2s.pp.to_sentences(adata, layer="counts", rank_fit=False)
     assert adata.obs["c2s_sentence"].iloc[1] == "CD3D"
+
+
+def test_rank_fit_of_equal_values_is_refused():
+    """Found by tests/test_hostile_inputs.py: equal expressed values used to give a rank fit with R² NaN (numpy's
+    "invalid value encountered in divide")."""
+    adata = ad.AnnData(np.ones((2, 5), dtype=np.float32), var=pd.DataFrame(index=GENES))
+    with pytest.raises(ValueError, match=r"expressed values all equal.*pass `rank_fit=False`"):
+        sc_c2s.pp.to_sentences(adata)
+    assert "c2s" not in adata.uns
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)

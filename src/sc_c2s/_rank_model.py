@@ -148,8 +148,11 @@ def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base:
     """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``."""
     cells = sample_cells(X.shape[0], n_cells, random_state)
     x, y, kind, target_sum = rank_points(X, cells, random_state=random_state, log1p_base=log1p_base)
-    if x.size < 3 or np.ptp(x) == 0:
-        msg = "Too few expressed genes to fit the rank → expression model; pass `rank_fit=False`."
+    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        msg = (
+            "Too few expressed genes, or expressed values all equal, to fit the rank → expression model; pass "
+            "`rank_fit=False`."
+        )
         raise ValueError(msg)
     slope, intercept = np.polyfit(x, y, 1)
     if not np.isfinite([slope, intercept]).all():

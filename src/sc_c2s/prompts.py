@@ -95,10 +95,18 @@ def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: s
     """Gene words of each cell's sentence, best first, from ``obsm["c2s_genes"]``, truncated to `n_genes`."""
     from ._data import DataHandler
     from ._keys import GENES
+    from ._utils._validate import check_positive_int
 
+    check_positive_int(n_genes, "n_genes", none_ok=True)
     handler = DataHandler(adata, mod)
     genes = np.asarray(handler.c2s()["genes"], dtype=object)
     ranked = np.asarray(handler.obsm[GENES])[:, :n_genes]
+    if ranked.size and ranked.max() >= len(genes):
+        msg = (
+            f"`obsm[{GENES!r}]` points past the {len(genes)} genes of `uns['c2s']['genes']`: they no longer belong "
+            "together. Run `sc_c2s.pp.to_sentences` again."
+        )
+        raise ValueError(msg)
     return [genes[row[row >= 0]].tolist() for row in ranked]
 
 

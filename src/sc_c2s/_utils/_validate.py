@@ -151,22 +151,42 @@ def check_expression_dtype(X: Any, source: str) -> None:
         raise TypeError(msg)
 
 
+#: Memory limit and usage of the process's control group (cgroup v2, then v1), which a container may set.
+_CGROUP_FILES = (
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+)
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation, or ``None`` if unknown.
 
-    ``MemAvailable`` of ``/proc/meminfo`` where there is one (Linux), else the physical memory.
+    ``MemAvailable`` of ``/proc/meminfo`` where there is one (Linux), else the physical memory; less where the
+    control group of a container leaves less.
     """
+    available = _read_number("/proc/meminfo", "MemAvailable:", scale=1024)
+    if available is None:
+        try:
+            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, OSError, ValueError):
+            return None
+    for limit_file, usage_file in _CGROUP_FILES:
+        limit, usage = _read_number(limit_file), _read_number(usage_file)
+        if limit is not None and usage is not None:
+            return max(0, min(available, limit - usage))
+    return available
+
+
+def _read_number(path: str, key: str | None = None, *, scale: int = 1) -> int | None:
+    """Read the number in a file of ``/proc`` or ``/sys`` (on the line starting with `key`); ``None`` if none."""
     try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        with open(path) as file:
+            for line in file:
+                if key is None or line.startswith(key):
+                    return int(line.split()[1 if key else 0]) * scale
     except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (AttributeError, OSError, ValueError):
         return None
+    return None
 
 
 def check_fits_in_memory(n_items: int, bytes_per_item: float, *, name: str, unit: str, fix: str) -> None:

@@ -85,7 +85,11 @@ def load(
         GPU memory, or available system memory for the CPU). The message says what the model needs and what
         would fit; ``sc_c2s.models.available()`` lists the needs of every checkpoint.
     ValueError
-        For `quantization` or FlashAttention-2 off a CUDA GPU, and attention kernels the model does not support.
+        If `name_or_path` is neither a registry name nor a directory; if the checkpoint lacks config.json, its
+        weights or its tokenizer, or holds a file that cannot be read (the message names the file and, for a
+        download in the cache, how to fetch it again); if torch cannot use `device` (e.g. ``"cuda"`` without
+        CUDA); if `dtype` is not a floating-point type; for `quantization` or FlashAttention-2 off a CUDA GPU,
+        and for attention kernels the model does not support.
     ImportError
         When `quantization` needs bitsandbytes, `attn_implementation` flash-attn, or an adapter peft, and it is
         not installed.

@@ -8,7 +8,7 @@ from matplotlib import pyplot as plt
 from sc_c2s import _rank_model
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_show_ax
-from sc_c2s._utils._validate import check_rank_fit
+from sc_c2s._utils._validate import check_positive_int, check_rank_fit
 
 from ._utils import finish
 
@@ -61,6 +61,7 @@ def rank_fit(
     >>> sc_c2s.pp.to_sentences(adata)
     >>> ax = sc_c2s.pl.rank_fit(adata, show=False)
     """
+    check_positive_int(gridsize, "gridsize")
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
     fit = _rank_model.RankFit.from_dict(check_rank_fit(c2s))

@@ -176,6 +176,10 @@ def finetune(
     check_positive_int(batch_size, "batch_size", none_ok=True)
     check_number(learning_rate, "learning_rate", low=0, low_open=True, none_ok=True)
     random_state = check_random_state(random_state)
+    if organism is not None:
+        prompts.check_organism(organism)
+    if device is not None:
+        _runtime.check_device(device)
     output_dir = _check_output_dir(output_dir)
     scratch = str(base_model) == SCRATCH
     _check_adapter(adapter, scratch=scratch, quantization=quantization, lora_rank=lora_rank)
@@ -193,6 +197,12 @@ def finetune(
     is_eval = split(labels, eval_fraction=eval_fraction, random_state=random_state)
     train_cells = np.flatnonzero(~is_eval & expressed)
     eval_cells = np.flatnonzero(is_eval & expressed)
+    if not len(train_cells):
+        msg = (
+            "No cell is left to train on: the cells outside the held-out share express no gene (empty sentences). "
+            "Check that `sc_c2s.pp.to_sentences` ranked the expression you meant (`layer=`, `use_raw=`)."
+        )
+        raise ValueError(msg)
     label_set = sorted(labels.unique())
     vocabulary = genes[np.unique(ranked[ranked >= 0])].tolist()
 
