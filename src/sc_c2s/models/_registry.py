@@ -175,8 +175,8 @@ def available() -> pd.DataFrame:
     '44c2ff7dd5edc26daf9c3f4106e18e162a55676a'
     >>> zoo.loc[zoo["tasks"].map(lambda t: "cell_type_prediction" in t)].index[0]
     'C2S-Pythia-410m-cell-type-prediction'
-    >>> zoo.loc["C2S-Scale-Gemma-2-27B", ["parameters", "inference_bf16_gib", "inference_4bit_gib"]].tolist()
-    [27.2, 57.6, 21.6]
+    >>> zoo.loc["C2S-Scale-Gemma-2-27B", ["parameters", "inference_bf16_gib", "inference_4bit_gib"]].to_dict()
+    {'parameters': 27.2, 'inference_bf16_gib': 57.6, 'inference_4bit_gib': 21.6}
     """
     import pandas as pd
 
