@@ -19,7 +19,7 @@ import sc_c2s
 from sc_c2s import prompts
 from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _runtime
 from sc_c2s.models._words import WordConstraint, WordTrie
-from sc_c2s.tl import _annotate, _embed, _utils
+from sc_c2s.tl import _annotate, _embed, _samples, _utils
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_GENES = 12  # the longest sentence of the `short_sentences` cells
@@ -236,3 +236,29 @@ def test_word_constraint_writes_distinct_words_of_several_tokens():
     free = WordConstraint(trie, 1)  # any number of words: stop after any complete word
     free.advance(torch.tensor([8]))
     assert free.allowed()[0].nonzero()[:, 0].tolist() == [5, 9]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_prompts_and_answers_are_tokenised_as_in_training(tokenizers, genes, architecture):
+    """The prompt has the tokenizer's special tokens (Gemma's `<bos>`), the answer none, and EOS ends a sample."""
+    tokenizer, tasks = tokenizers[architecture], ("cell_type_prediction", "cell_type_generation")
+    kwargs = {"organism": "Homo sapiens", "upper": True}
+    samples = _samples.encode(tokenizer, [genes[:5]], ["H1975 cell"], tasks=tasks, max_length=1024, **kwargs)
+    for task, ids, n_prompt in zip(tasks, samples.input_ids, samples.n_prompt, strict=True):
+        prompt, answer = _samples.texts(task, genes[:5], "H1975 cell", **kwargs)
+        prompt_ids, answer_ids = (
+            tokenizer(prompt)["input_ids"],
+            tokenizer(answer, add_special_tokens=False)["input_ids"],
+        )
+        assert ids.tolist() == [*prompt_ids, *answer_ids, tokenizer.eos_token_id]
+        assert n_prompt == len(prompt_ids)
+        n_bos = int((ids == tokenizer.bos_token_id).sum())
+        if architecture == "gemma2":
+            assert ids[0] == tokenizer.bos_token_id
+            assert n_bos == 1
+        else:  # Pythia's BOS is its EOS: only the one that ends the sample
+            assert ids[0] != tokenizer.bos_token_id
+            assert n_bos == 1
+    # the answers of constrained annotation have no BOS in front either
+    answers = _runtime.tokenize(tokenizer, [prompts.answer(label) for label in LABELS], special_tokens=False)
+    assert all(tokenizer.bos_token_id not in ids for ids in answers)
