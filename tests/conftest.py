@@ -279,7 +279,7 @@ def gemma_tokenizer(genes, labels=(), *, vocab_size: int = 1000):
     import json
 
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import GemmaTokenizer
+    from transformers import GemmaTokenizerFast  # GemmaTokenizer is the slow SentencePiece one before transformers 5
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizers.Replace(" ", "▁")
@@ -302,7 +302,7 @@ def gemma_tokenizer(genes, labels=(), *, vocab_size: int = 1000):
     tokenizer = Tokenizer.from_str(json.dumps(spec))
     tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
     tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-    return GemmaTokenizer(tokenizer_object=tokenizer, mask_token=None, model_max_length=1024)
+    return GemmaTokenizerFast(tokenizer_object=tokenizer, mask_token=None, model_max_length=1024)
 
 
 def neox_tokenizer(genes, labels=(), *, vocab_size: int = 1000):
