@@ -404,7 +404,7 @@ def check_ranking(adata: ad.AnnData, dense: np.ndarray, words: list[str], kwargs
         assert np.isfinite([fit["slope"], fit["intercept"], fit["r2"]]).all()
 
 
-@settings(HOSTILE, max_examples=80 * SCALE)
+@settings(HOSTILE, max_examples=120 * SCALE)
 @given(case=expression_cases())
 def test_to_sentences(case):
     make, kwargs, expect, dense, words = case
