@@ -312,7 +312,7 @@ def neox_tokenizer(genes, labels=(), *, vocab_size: int = 1000):
     right, as the published Pythia tokenizers do.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import GPTNeoXTokenizer
+    from transformers import GPTNeoXTokenizerFast  # named GPTNeoXTokenizer too since transformers 5
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -326,7 +326,7 @@ def neox_tokenizer(genes, labels=(), *, vocab_size: int = 1000):
     )
     tokenizer.train_from_iterator(_training_text(genes, labels), trainer)
     end = "<|endoftext|>"
-    return GPTNeoXTokenizer(
+    return GPTNeoXTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token=end,
         eos_token=end,

@@ -239,6 +239,10 @@ class _Options:
         if not self.dtype_given and self.dtype == torch.float16 and config.model_type.startswith("gemma"):
             logg.info("    in float32: Gemma's activations overflow float16, and this GPU has no bfloat16")
             options = dataclasses.replace(self, dtype=torch.float32)
+        if self.attn_implementation is None and config.model_type == "gemma2":
+            # Gemma 2 soft-caps its attention logits, which only the eager kernel does (transformers 5 picks it
+            # by itself; 4.x took SDPA)
+            options = dataclasses.replace(options, attn_implementation="eager")
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
         supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
         flag = supported.get(self.attn_implementation)
