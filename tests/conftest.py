@@ -305,6 +305,34 @@ def gemma_tokenizer(genes, labels=(), *, vocab_size: int = 1000):
     return GemmaTokenizerFast(tokenizer_object=tokenizer, mask_token=None, model_max_length=1024)
 
 
+def sentencepiece_model(genes, labels=(), *, vocab_size: int = 1000) -> bytes:
+    """A SentencePiece model (``tokenizer.model``) trained like Gemma's, as the published Gemma-2 checkpoints ship it.
+
+    BPE with byte fallback, no dummy prefix, ``<pad>``, ``<eos>``, ``<bos>``, ``<unk>`` at ids 0–3. Needs
+    sentencepiece (the ``gemma`` extra).
+    """
+    import io
+
+    import sentencepiece
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_text(genes, labels)),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        byte_fallback=True,
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        max_sentence_length=100_000,
+        minloglevel=2,
+        **{f"{name}_id": i for i, name in enumerate(("pad", "eos", "bos", "unk"))},
+        **{f"{name}_piece": f"<{name}>" for name in ("pad", "eos", "bos", "unk")},
+    )
+    return model.getvalue()
+
+
 def neox_tokenizer(genes, labels=(), *, vocab_size: int = 1000):
     """A tokenizer that behaves like Pythia's (GPT-NeoX-20B's): byte-level BPE, where ``Ġ`` marks a space.
 
@@ -406,6 +434,7 @@ def builders() -> SimpleNamespace:
     """The builders above, for test modules (which cannot import this file)."""
     return SimpleNamespace(
         gemma_tokenizer=gemma_tokenizer,
+        sentencepiece_model=sentencepiece_model,
         neox_tokenizer=neox_tokenizer,
         gemma2_model=gemma2_model,
         neox_model=neox_model,

@@ -8,6 +8,8 @@ BPE without a padding token, saved padding on the right, an embedding wider than
 from __future__ import annotations
 
 import copy
+import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,7 @@ from scipy.special import softmax
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _runtime
+from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _memory, _runtime
 from sc_c2s.models._words import WordConstraint, WordTrie
 from sc_c2s.tl import _annotate, _embed, _samples, _utils
 
@@ -262,3 +264,37 @@ def test_prompts_and_answers_are_tokenised_as_in_training(tokenizers, genes, arc
     # the answers of constrained annotation have no BOS in front either
     answers = _runtime.tokenize(tokenizer, [prompts.answer(label) for label in LABELS], special_tokens=False)
     assert all(tokenizer.bos_token_id not in ids for ids in answers)
+
+
+def test_sentencepiece_tokenizer_model_alone(
+    short_sentences, genes, builders, tmp_path, monkeypatch, checkpoint_server
+):
+    """The published Gemma-2 checkpoints have a SentencePiece `tokenizer.model` and no `tokenizer.json`."""
+    sentencepiece = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    path = tmp_path / "gemma-spm"
+    path.mkdir()
+    spm = builders.sentencepiece_model(genes, LABELS)
+    (path / "tokenizer.model").write_bytes(spm)
+    special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    config = {"tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False, **special}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    from transformers import AutoTokenizer
+
+    builders.gemma2_model(AutoTokenizer.from_pretrained(path)).save_pretrained(path, max_shard_size="50KB")
+    c2s = sc_c2s.models.load(path, device="cpu")
+    prompt = prompts.cell_type_prediction(genes[:4])
+    reference = sentencepiece.SentencePieceProcessor(model_proto=spm)
+    assert _runtime.tokenize(c2s.tokenizer, [prompt])[0] == [2, *reference.encode(prompt)]  # <bos>, then the same
+    sc_c2s.tl.annotate(short_sentences, model=c2s, labels=LONG_LABELS, n_genes=N_GENES)
+    sc_c2s.tl.embed(short_sentences, model=c2s, n_genes=N_GENES)
+
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed: say how, before reading anything
+    with pytest.raises(
+        ImportError, match=r'tokenizer.model .* needs the `sentencepiece` package: `pip install "sc-c2s\[gemma\]"`'
+    ):
+        sc_c2s.models.load(path, device="cpu")
+    monkeypatch.setattr(_memory, "capacity", lambda device: 2**40)
+    with pytest.raises(ImportError, match="needs the `sentencepiece` package"):
+        sc_c2s.models.load("C2S-Scale-Gemma-2-2B", device="cpu")
+    assert not checkpoint_server.requests  # before downloading 5 GB

@@ -109,6 +109,19 @@ def test_lora_adapter_loads_back_and_reproduces_the_trained_model(trained, bases
         assert np.isfinite(adata.obsm["X_c2s"]).all()
 
 
+def test_finetune_from_an_adapter(trained, cells, tmp_path):
+    """All weights train from the adapter folded into its base; an adapter on an adapter is refused."""
+    path, _ = trained
+    kwargs = {"label_key": "line", "base_model": path, "n_genes": N_GENES, "device": "cpu"}
+    with pytest.raises(ValueError, match="is itself a LoRA adapter"):
+        sc_c2s.tl.finetune(cells, output_dir=tmp_path / "lora", adapter="lora", **kwargs)
+    whole = sc_c2s.tl.finetune(cells[:24], output_dir=tmp_path / "whole", epochs=1, eval_fraction=0, **kwargs)
+    model = sc_c2s.models.load(whole, device="cpu")
+    assert not _lora.is_adapted(model.model)
+    assert model.metadata.adapter is None
+    assert (whole / "model.safetensors").is_file()
+
+
 def test_adapter_refuses_a_base_that_changed_or_moved(trained, bases, tmp_path):
     path, _ = trained
     adapter = shutil.copytree(path, tmp_path / "adapter")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -117,6 +118,7 @@ def load(
         revision = revision or entry.revision
         shape = _memory.shape(_memory.ARCHITECTURES.get(entry.base_model, {}))
         options.check_fits(shape, entry.name)  # before downloading
+        _check_tokenizer_files(entry.files)
         path = _download.fetch(entry.name, revision=revision)
         sha256 = _download.recorded_hashes(path)
         return _open(path, metadata=entry.metadata(), revision=revision, sha256=sha256, options=options)
@@ -144,6 +146,7 @@ def load(
     metadata = _metadata(path)
     with _files.diagnosed(path):
         options.check_fits(_memory.shape(_registry._read_json(path / "config.json")), path.name)
+    _check_tokenizer_files(p.name for p in path.iterdir())
     return _open(path, metadata=metadata, revision=None, sha256=_hash_files(path), options=options)
 
 
@@ -258,6 +261,18 @@ class _Options:
             )
             raise ValueError(msg)
         return options
+
+
+def _check_tokenizer_files(files: Iterable[str]) -> None:
+    """Check that a SentencePiece ``tokenizer.model`` alone (as in the Gemma-2 checkpoints) can be read.
+
+    It needs sentencepiece and protobuf: say so before downloading, not with transformers' misleading error after.
+    """
+    files = set(files)
+    if "tokenizer.model" in files and "tokenizer.json" not in files:
+        purpose = "Reading a SentencePiece tokenizer.model (as the Gemma-2 checkpoints have)"
+        for module in ("sentencepiece", "google.protobuf"):
+            import_optional(module, extra="gemma", purpose=purpose)
 
 
 def _open(

@@ -200,7 +200,9 @@ def lora(s: Shape, *, quantization: str | None = None, batch: int = BATCH, token
     layer = 3 * batch * tokens * (4 * s.hidden + 3 * s.intermediate) * 2  # one layer recomputed, with gradients
     scores = 3 * batch * s.n_heads * tokens**2 * 4 if s.eager else 0
     logits = batch * tokens * _ANSWER_SHARE * s.vocab * (2 + 4 + 4)  # bf16 logits, float32 copy and gradient
-    return weights(s, quantization=quantization) + adapter + kept + layer + scores + logits
+    # peft prepares a quantised base by casting what is not quantised (embeddings, norms) to float32
+    upcast = s.n_other * 2 if quantization is not None else 0
+    return weights(s, quantization=quantization) + upcast + adapter + kept + layer + scores + logits
 
 
 def estimates(s: Shape) -> dict[str, float]:

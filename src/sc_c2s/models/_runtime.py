@@ -166,7 +166,10 @@ def from_pretrained(
 
     options = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     if quantization is not None:
-        options |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": device}}
+        import torch
+
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        options |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": index}}
     # transformers' own progress bars while loading weights say nothing a user needs
     enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()

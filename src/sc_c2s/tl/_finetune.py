@@ -182,7 +182,7 @@ def finetune(
         _runtime.check_device(device)
     output_dir = _check_output_dir(output_dir)
     scratch = str(base_model) == SCRATCH
-    _check_adapter(adapter, scratch=scratch, quantization=quantization, lora_rank=lora_rank)
+    _check_adapter(adapter, base_model=base_model, scratch=scratch, quantization=quantization, lora_rank=lora_rank)
     epochs = _default(epochs, _EPOCHS, scratch)
     batch_size = _default(batch_size, _BATCH_SIZE, scratch)
     learning_rate = _default(
@@ -277,6 +277,7 @@ def finetune(
     metadata.vocabulary = vocabulary
     metadata.labels = label_set
     metadata.rank_fit = c2s.get("rank_fit")
+    metadata.adapter = None  # a whole model, even when trained from an adapter's weights
     metadata.training = {
         "base_model": str(base_model),
         "label_key": label_key,
@@ -374,7 +375,9 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(tasks))
 
 
-def _check_adapter(adapter: str | None, *, scratch: bool, quantization: str | None, lora_rank: int) -> None:
+def _check_adapter(
+    adapter: str | None, *, base_model: str | Path, scratch: bool, quantization: str | None, lora_rank: int
+) -> None:
     """Refuse adapter settings that cannot train, before any model is loaded."""
     if adapter not in {None, "lora"}:
         msg = f'`adapter` must be "lora" or None, got {adapter!r}.'
@@ -389,6 +392,13 @@ def _check_adapter(adapter: str | None, *, scratch: bool, quantization: str | No
         return
     if scratch:
         msg = 'A LoRA adapter adapts a pretrained model; pass a `base_model` other than "scratch", or `adapter=None`.'
+        raise ValueError(msg)
+    if _lora.is_adapter_dir(Path(base_model)):
+        msg = (
+            f"{str(base_model)!r} is itself a LoRA adapter. Fold it into its base and save that "
+            "(`sc_c2s.models.load(path, merge=True).save(new_path)`), then train an adapter on `new_path`; or "
+            "fine-tune all weights (`adapter=None`)."
+        )
         raise ValueError(msg)
     check_positive_int(lora_rank, "lora_rank")
     _lora.peft()
@@ -428,7 +438,9 @@ def _base(
 
         if adapter:  # frozen: in bfloat16 on a GPU, or quantised
             return load(base_model, device=device, quantization=quantization)
-        return load(base_model, device=device, dtype="float32")
+        c2s_model = load(base_model, device=device, dtype="float32", merge=True)  # an adapter's weights folded in
+        c2s_model.model.requires_grad_(True)  # all of them, also those an adapter had frozen
+        return c2s_model
     metadata = C2SMetadata()
     words = [w.upper() for w in vocabulary] if metadata.upper_case else vocabulary
     tokenizer = build_tokenizer(words, labels, max_genes=n_genes)
