@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -67,6 +68,8 @@ def test_save_is_the_inverse_of_load(tiny, tmp_path):
     loaded = sc_c2s.models.load(path)
     assert loaded.metadata.labels == ["B cell", "T cell"]
     assert loaded.tokenizer.get_vocab() == tiny.tokenizer.get_vocab()
+    # a class that transformers 4.x knows as well as 5.x
+    assert json.loads((path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     ids = torch.as_tensor([_runtime.tokenize(tiny.tokenizer, ["Cell sentence: CD3D IL7R."])[0]])
     with torch.no_grad():
         np.testing.assert_array_equal(loaded.model(input_ids=ids).logits, tiny.model(input_ids=ids).logits)

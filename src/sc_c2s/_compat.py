@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from functools import cache
+from pathlib import Path
 
 
 @cache
@@ -29,3 +31,18 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def portable_tokenizer_config(directory: Path) -> None:
+    """Name the tokenizer class of a saved checkpoint so that transformers 4.x can read it too.
+
+    transformers 5 saves a tokenizer built on the `tokenizers` library as ``TokenizersBackend``, a class that 4.x
+    lacks; ``PreTrainedTokenizerFast`` is the same tokenizer in both.
+    """
+    path = Path(directory) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text())
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

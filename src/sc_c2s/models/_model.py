@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sc_c2s._compat import portable_tokenizer_config
+
 from ._lora import is_adapted, save_adapter
 from ._metadata import C2SMetadata
 from ._runtime import model_device
@@ -73,6 +75,7 @@ class C2SModel:
         else:
             self.model.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
+        portable_tokenizer_config(directory)
         self.metadata.write(directory)
         return directory
 
