@@ -249,7 +249,9 @@ class _Options:
         model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
         supported = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}
         flag = supported.get(self.attn_implementation)
-        if model_class is not None and flag is not None and not getattr(model_class, flag, True):
+        # transformers 4.x lets Gemma 2 run SDPA, which drops its soft-capping; 5.x refuses it
+        gemma_sdpa = config.model_type == "gemma2" and self.attn_implementation == "sdpa"
+        if model_class is not None and flag is not None and (gemma_sdpa or not getattr(model_class, flag, True)):
             why = (
                 " (Gemma 2 soft-caps its attention logits, which SDPA cannot do)"
                 if config.model_type == "gemma2"

@@ -7,6 +7,7 @@ sha256 of its files). :func:`sc_c2s.models.load` opens the base from there and a
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,8 +45,13 @@ def is_adapter_dir(path: Path) -> bool:
 
 
 def is_adapted(model) -> bool:
-    """Whether `model` is a base model with an adapter (a peft model)."""
-    return hasattr(model, "peft_config")
+    """Whether `model` is a base model with an adapter (a peft model).
+
+    A model that an adapter was merged into keeps a ``peft_config`` attribute in some transformers versions, so
+    the class decides; without peft imported, no model can be adapted.
+    """
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def default_targets(model: PreTrainedModel) -> list[str] | str:
