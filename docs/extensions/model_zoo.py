@@ -43,6 +43,22 @@ def _paragraph(*children: nodes.Node | str) -> nodes.paragraph:
     return nodes.paragraph("", "", *(nodes.Text(c) if isinstance(c, str) else c for c in children))
 
 
+def _grid(headers: list[str], widths: tuple[int, ...], rows) -> nodes.table:
+    """Make a table with a header row and one row of cells (paragraphs) per item of `rows`."""
+    group = nodes.tgroup(cols=len(headers))
+    group += [nodes.colspec(colwidth=w) for w in widths]
+    head = nodes.row()
+    head += [nodes.entry("", _paragraph(header)) for header in headers]
+    group += nodes.thead("", head)
+    body = nodes.tbody()
+    for cells in rows:
+        row = nodes.row()
+        row += [nodes.entry("", cell) for cell in cells]
+        body += row
+    group += body
+    return nodes.table("", group, classes=["model-zoo"])
+
+
 def table(zoo: pd.DataFrame) -> nodes.table:
     """Make the summary table, one row per checkpoint."""
     columns = {
@@ -53,18 +69,8 @@ def table(zoo: pd.DataFrame) -> nodes.table:
         "size (GB)": lambda _, e: [_text(e["size_gb"])],
         "license": lambda _, e: [_text(e["license"])],
     }
-    group = nodes.tgroup(cols=len(columns))
-    group += [nodes.colspec(colwidth=w) for w in (3, 5, 2, 1, 1, 2)]
-    head = nodes.row()
-    head += [nodes.entry("", _paragraph(header)) for header in columns]
-    group += nodes.thead("", head)
-    body = nodes.tbody()
-    for name, entry in zoo.iterrows():
-        row = nodes.row()
-        row += [nodes.entry("", _paragraph(*cell(name, entry))) for cell in columns.values()]
-        body += row
-    group += body
-    return nodes.table("", group, classes=["model-zoo"])
+    rows = ([_paragraph(*cell(name, entry)) for cell in columns.values()] for name, entry in zoo.iterrows())
+    return _grid(list(columns), (3, 5, 2, 1, 1, 2), rows)
 
 
 def details(zoo: pd.DataFrame) -> nodes.definition_list:
@@ -99,19 +105,14 @@ def memory(zoo: pd.DataFrame) -> nodes.table:
         "LoRA": "lora_gib",
         "QLoRA": "qlora_gib",
     }
-    group = nodes.tgroup(cols=len(columns))
-    group += [nodes.colspec(colwidth=w) for w in (4, 2, 1, 1, 1, 1, 1)]
-    head = nodes.row()
-    head += [nodes.entry("", _paragraph(header)) for header in columns]
-    group += nodes.thead("", head)
-    body = nodes.tbody()
-    for name, entry in zoo.iterrows():
-        row = nodes.row()
-        row += nodes.entry("", _paragraph(nodes.literal(text=name)))
-        row += [nodes.entry("", _paragraph(_text(entry[column]))) for column in list(columns.values())[1:]]
-        body += row
-    group += body
-    return nodes.table("", group, classes=["model-zoo"])
+    rows = (
+        [
+            _paragraph(nodes.literal(text=name)),
+            *(_paragraph(_text(entry[column])) for column in list(columns.values())[1:]),
+        ]
+        for name, entry in zoo.iterrows()
+    )
+    return _grid(list(columns), (4, 2, 1, 1, 1, 1, 1), rows)
 
 
 class ModelMemory(SphinxDirective):
