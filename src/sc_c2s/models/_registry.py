@@ -205,8 +205,7 @@ def available() -> pd.DataFrame:
         }
         for e in registry().values()
     ]
-    demo = _demo_row(demo_dir())
-    rows.append({**demo, **_needs(_read_json(demo_dir() / "config.json"))})
+    rows.append(_demo_row(demo_dir()))
     return pd.DataFrame(rows).set_index("name").astype({"n_genes": "Int64", "context_length": "Int64"})
 
 
@@ -249,6 +248,7 @@ def _demo_row(directory: Path) -> dict[str, Any]:
         "description": "Small model bundled with the package, for trying the workflow on a CPU"
         + ("." if files else " (not built in this installation)."),
         "source": "Trained from scratch on scanpy.datasets.pbmc68k_reduced() by scripts/train_demo_model.py.",
+        **_needs(config),
     }
 
 
