@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sc_c2s import models
-from sc_c2s.models import C2SMetadata, C2SModel, _download, _files, _registry
+from sc_c2s.models import C2SMetadata, C2SModel, _download, _registry
 from sc_c2s.models._metadata import TASKS
 from sc_c2s.models._scratch import build_model, build_tokenizer
 
@@ -369,7 +369,7 @@ def test_broken_checkpoint_names_the_file(checkpoints, tmp_path, break_it, match
     break_it(path)
     with pytest.raises(ValueError, match=match) as error:
         models.load(path, device="cpu")
-    assert isinstance(error.value, _files.BrokenCheckpointError)
+    assert isinstance(error.value, models.BrokenCheckpointError)
     assert str(path) in str(error.value)
     assert "save the checkpoint there again" in str(error.value)
 
