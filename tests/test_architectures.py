@@ -81,7 +81,7 @@ def full_sequence_loglik(c2s: C2SModel, adata, labels: list[str]) -> np.ndarray:
     tokenizer, out = c2s.tokenizer, []
     answers = [tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in labels]
     for words in prompts.sentence_words(adata, n_genes=N_GENES):
-        prompt = tokenizer(prompts.cell_type_prediction(words))["input_ids"]
+        prompt = tokenizer(prompts.cell_type_prediction(words, n_genes=N_GENES))["input_ids"]
         row = []
         for answer in answers:
             with torch.no_grad():
@@ -125,7 +125,7 @@ def test_constrained_scores_match_full_sequences(short_sentences, in_memory, arc
     """Packed candidates under a 4-D mask where it is exact, one candidate at a time beyond a sliding window."""
     c2s = in_memory(architecture, **({"sliding_window": window} if window else {}))
     words = _utils.cell_words(short_sentences, c2s, n_genes=N_GENES, mod=None)
-    ids = _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    ids = _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
     beyond = window is not None and min(map(len, ids)) > window
     calls = {"packed": 0, "one at a time": 0}
     for path, name in ((_candidates._continuations, "packed"), (_candidates._one_at_a_time, "one at a time")):
@@ -149,8 +149,10 @@ def test_embedding_spans_the_sentence_tokens(short_sentences, in_memory, archite
     """The sentence's tokens are found by the characters they cover, also where a token crosses its ends."""
     c2s = in_memory(architecture)
     words = _utils.cell_words(short_sentences, c2s, n_genes=N_GENES, mod=None)
-    ids, spans = _embed.sentence_tokens(c2s, words, organism="Homo sapiens")
-    assert ids == _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    ids, spans = _embed.sentence_tokens(c2s, words, n_genes=N_GENES, organism="Homo sapiens")
+    assert ids == _runtime.tokenize(
+        c2s.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens")
+    )
     merged = 0
     for seq, (start, end), cell in zip(ids, spans, words, strict=True):
         sentence, inside = " ".join(cell), c2s.tokenizer.decode(seq[start:end])

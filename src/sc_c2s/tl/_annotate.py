@@ -147,7 +147,7 @@ def annotate(
             UserWarning,
             stacklevel=2,
         )
-    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, organism=organism))
+    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
 
     params = {"mode": "free" if candidates is None else "constrained", "n_genes": n_genes, "organism": organism}

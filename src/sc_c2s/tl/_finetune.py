@@ -247,6 +247,7 @@ def finetune(
         organism=organism,
         upper=upper,
         max_length=_runtime.context_length(model, tokenizer),
+        n_genes=n_genes,
     )
     samples = encode()
     _check_unknown(tokenizer, samples, tasks)

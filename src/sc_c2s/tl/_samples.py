@@ -20,10 +20,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def texts(task: str, words: Sequence[str], label: str, *, organism: str, upper: bool) -> tuple[str, str]:
-    """Prompt and answer of one training sample of `task` for a cell with ranked genes `words`."""
+def texts(
+    task: str, words: Sequence[str], label: str, *, organism: str, upper: bool, n_genes: int | None = None
+) -> tuple[str, str]:
+    """Prompt and answer of one training sample of `task` for a cell with ranked genes `words`.
+
+    A cell-type prediction prompt asks about `n_genes` genes, as at inference (``None``: ``len(words)``).
+    """
     if task == "cell_type_prediction":
-        return prompts.cell_type_prediction(words, organism=organism, upper=upper), prompts.answer(label)
+        prompt = prompts.cell_type_prediction(words, n_genes=n_genes, organism=organism, upper=upper)
+        return prompt, prompts.answer(label)
     if task == "cell_type_generation":
         prompt = prompts.cell_type_generation(label, n_genes=len(words), organism=organism)
         return prompt, prompts.answer(prompts.cell_sentence(words, upper=upper))
@@ -40,13 +46,15 @@ def encode(
     organism: str,
     upper: bool,
     max_length: int,
+    n_genes: int | None = None,
     gene_dropout: float = 0.0,
     rng: np.random.Generator | None = None,
 ) -> Samples:
     """Tokenise one sample per cell and task, cells first: ``[cell 0 task 0, cell 0 task 1, cell 1 task 0, …]``.
 
     The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), the answer
-    without, and EOS follows the answer. With `gene_dropout`, each gene of a cell-type prediction sample's
+    without, and EOS follows the answer. Cell-type prediction prompts ask about `n_genes` genes (see
+    :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's
     sentence is left out with that probability (drawn from `rng`; at least one gene stays), the order of the
     others kept; generation samples keep their whole sentence.
     """
@@ -56,7 +64,7 @@ def encode(
         for cell_words, label in zip(words, labels, strict=True)
         for task in tasks
     ]
-    pairs = [texts(task, w, label, organism=organism, upper=upper) for task, w, label in jobs]
+    pairs = [texts(task, w, label, organism=organism, upper=upper, n_genes=n_genes) for task, w, label in jobs]
     ids = _tokenize(tokenizer, pairs, eos)
     n_truncated = 0
     for i, (prompt_ids, answer_ids) in enumerate(ids):

@@ -42,6 +42,9 @@ def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str
     return words
 
 
-def prediction_prompts(words: Sequence[Sequence[str]], *, organism: str) -> list[str]:
-    """Build the cell-type prediction prompts of cells whose (already cased) sentence genes are `words`."""
-    return [prompts.cell_type_prediction(cell, organism=organism, upper=False) for cell in words]
+def prediction_prompts(words: Sequence[Sequence[str]], *, n_genes: int, organism: str) -> list[str]:
+    """Build the cell-type prediction prompts of cells whose (already cased) sentence genes are `words`.
+
+    The prompts ask about `n_genes` genes, the number requested, whatever the length of each sentence.
+    """
+    return [prompts.cell_type_prediction(cell, n_genes=n_genes, organism=organism, upper=False) for cell in words]
