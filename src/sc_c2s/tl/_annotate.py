@@ -235,13 +235,15 @@ def parse_answer(text: str) -> str:
     return text.strip().removesuffix(".").strip()
 
 
-def score_labels(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int | None) -> np.ndarray:
-    """Score the log-likelihood of each label's answer after each prompt (cells × labels)."""
+def score_labels(
+    c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int | None, desc: str = "annotating"
+) -> np.ndarray:
+    """Score the log-likelihood of each label's answer after each prompt (prompts × labels)."""
     answer_ids = _runtime.tokenize(c2s.tokenizer, [prompts.answer(label) for label in labels], special_tokens=False)
     check_labels(c2s, labels, answer_ids)
     _runtime.check_context(c2s.model, ids, name=c2s.name, room=max(map(len, answer_ids)))
     pad = _runtime.pad_id(c2s.tokenizer)
-    return _candidates.score_answers(c2s.model, ids, answer_ids, batch_size=batch_size, pad_id=pad, desc="annotating")
+    return _candidates.score_answers(c2s.model, ids, answer_ids, batch_size=batch_size, pad_id=pad, desc=desc)
 
 
 def check_labels(c2s: C2SModel, labels: Sequence[str], answer_ids: Sequence[Sequence[int]]) -> None:
