@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,9 +49,9 @@ def predict_tissue(
     *,
     model: C2SModel | str,
     groupby: str,
-    labels: Sequence[str] | None = None,
+    labels: Sequence[str] | Literal["model"] | None = None,
     n_cells: int = 10,
-    n_genes: int = 100,
+    n_genes: int | None = None,
     n_draws: int = 5,
     organism: prompts.Organism | None = None,
     random_state: AnyRandom = 0,
@@ -72,7 +72,7 @@ def predict_tissue(
         draws (ties: the first drawn), its score the share of draws that gave it. Answers that are lists of
         genes rather than a tissue (a failure of some published checkpoints) are missing, and counted in a
         warning.
-    constrained (``labels=[...]``)
+    constrained (``labels=[...]`` or ``"model"``)
         Each draw scores the log-likelihood of every label's answer; the group's tissue is the label with the
         largest sum over its draws, its score that label's softmax probability of the sums.
 
@@ -82,11 +82,13 @@ def predict_tissue(
     {doc_model}
     {doc_groups}
     labels
-        Candidate tissues for constrained prediction, or ``None`` to let the model write them.
+        Candidate tissues for constrained prediction, ``"model"`` for the tissues the checkpoint was trained on
+        (``model.metadata.tissues``), or ``None`` to let the model write them.
     n_cells
         Cells per prompt (C2S-Scale trained on 5 to 20).
     n_genes
-        Genes of each cell's sentence in the prompt.
+        Genes of each cell's sentence in the prompt; ``None``: as many as the model was trained on
+        (``model.metadata.n_genes``).
     n_draws
         Draws of `n_cells` cells per group.
     {doc_organism}
@@ -127,18 +129,19 @@ def predict_tissue(
     handler = DataHandler(adata, mod)
     handler.c2s()
     groups = groups_of(handler, groupby)
-    for value, name in ((n_cells, "n_cells"), (n_genes, "n_genes"), (n_draws, "n_draws")):
-        check_positive_int(value, name)
+    check_positive_int(n_cells, "n_cells")
+    check_positive_int(n_genes, "n_genes", none_ok=True)
+    check_positive_int(n_draws, "n_draws")
     check_key(key_added, "key_added")
     candidates = None if labels is None else label_set(labels)
-    if candidates == "model":
-        msg = "`labels` must be a list of tissues or None; checkpoints carry no tissue set."
-        raise ValueError(msg)
     random_state = check_random_state(random_state)
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
+    if candidates == "model":
+        candidates = label_set(_model_tissues(c2s))
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
+    n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)
     texts = [
@@ -227,3 +230,14 @@ def _summed(
         }
     )
     return table, per_draw
+
+
+def _model_tissues(c2s: C2SModel) -> list[str]:
+    """Return the tissues the checkpoint was trained on, or a clear error if its metadata has none."""
+    if not c2s.metadata.tissues:
+        msg = (
+            f'`labels="model"`, but {c2s.name!r} carries no tissues in its metadata; pass `labels=[...]` with the '
+            "candidate tissues, or `labels=None` to let the model write them."
+        )
+        raise ValueError(msg)
+    return list(c2s.metadata.tissues)
