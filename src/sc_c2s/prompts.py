@@ -73,17 +73,33 @@ SUMMARY = (
     "{multi_cell_sentences}.\n"
     "Abstract summary:"
 )
+#: Paraphrases of the summary instruction (ours, not published), to vary the prompt in training; the published
+#: :data:`SUMMARY` stays the prompt at inference.
+SUMMARY_PARAPHRASES: tuple[str, ...] = (
+    "Below are the {num_genes} most expressed genes, in descending order, of {num_cells} {organism} cells. Write "
+    "an abstract that summarizes what these cells tell about biology.\n"
+    "{multi_cell_sentences}.\n"
+    "Abstract summary:",
+    "Here are {num_cells} {organism} cells, each given as its {num_genes} top genes ordered by descending "
+    "expression. Summarize the biological information these cells contain, as the abstract of a study would.\n"
+    "{multi_cell_sentences}.\n"
+    "Abstract summary:",
+)
 #: Words of the templates (and of the ``Cell {i}:`` lines), for word-level tokenizers.
 TEMPLATE_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(
         re.sub(
             r"\{(num_genes|num_cells|cell_sentence|cell_type|tissue|multi_cell_sentences)\}",
             " ",
-            " ".join((CELL_TYPE_PREDICTION, CELL_TYPE_GENERATION, TISSUE_PREDICTION, TISSUE_GENERATION, SUMMARY)),
+            " ".join(
+                (CELL_TYPE_PREDICTION, CELL_TYPE_GENERATION, TISSUE_PREDICTION, TISSUE_GENERATION, SUMMARY)
+                + SUMMARY_PARAPHRASES
+            ),
         )
         .replace("{organism}", " ".join(ORGANISMS))
         .replace(".", " ")
         .replace(":", " ")
+        .replace(",", " ")
         .split()
     )
 )
@@ -156,10 +172,18 @@ def tissue_generation(tissue: str, *, n_cells: int, n_genes: int, organism: Orga
 
 
 def summary(
-    cells: Sequence[Sequence[str]], *, n_genes: int, organism: Organism = "Homo sapiens", upper: bool = True
+    cells: Sequence[Sequence[str]],
+    *,
+    n_genes: int,
+    organism: Organism = "Homo sapiens",
+    upper: bool = True,
+    template: str = SUMMARY,
 ) -> str:
-    """Prompt asking for an abstract summary of a group of cells whose ranked genes are `cells`."""
-    return SUMMARY.format(
+    """Prompt asking for an abstract summary of a group of cells whose ranked genes are `cells`.
+
+    `template` may be one of :data:`SUMMARY_PARAPHRASES` instead of the published :data:`SUMMARY`.
+    """
+    return template.format(
         num_genes=n_genes,
         num_cells=len(cells),
         organism=check_organism(organism),

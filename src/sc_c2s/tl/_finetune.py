@@ -56,6 +56,7 @@ def finetune(
     groupby: str | None = None,
     summaries: Mapping[str, str] | str | None = None,
     n_cells: tuple[int, int] = (5, 20),
+    paraphrase: bool = False,
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
     epochs: int | None = None,
@@ -119,6 +120,10 @@ def finetune(
         instruction is the prompt.
     n_cells
         Fewest and most cells of a multi-cell sample (C2S-Scale drew 5 to 20).
+    paraphrase
+        Give each summary sample an instruction drawn among the published one and our paraphrases
+        (:data:`sc_c2s.prompts.SUMMARY_PARAPHRASES`), so the model learns the task rather than one wording;
+        :func:`sc_c2s.tl.summarize` prompts with the published one.
     n_genes
         Genes per cell sentence, best first.
     {doc_organism} From scratch, ``None`` means ``"Homo sapiens"``.
@@ -282,7 +287,7 @@ def finetune(
         max_length=max_length,
         n_genes=n_genes,
     )
-    multi_cell = units.spec(words, train_cells, n_genes=n_genes)
+    multi_cell = units.spec(words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
 
     def draw(rng: np.random.Generator | None, *, dropout: float = 0.0) -> _trainer.Samples:
         """One epoch's samples: single-cell ones (genes dropped at `dropout`), then multi-cell ones drawn anew."""
@@ -330,7 +335,11 @@ def finetune(
     metadata.training = {
         "base_model": str(base_model),
         "label_key": label_key,
-        **({"tissue_key": tissue_key, "groupby": groupby, "n_cells": list(units.n_cells)} if units.tasks else {}),
+        **(
+            {"tissue_key": tissue_key, "groupby": groupby, "n_cells": list(units.n_cells), "paraphrase": paraphrase}
+            if units.tasks
+            else {}
+        ),
         "epochs": epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,

@@ -84,7 +84,9 @@ def generate(
     adata: AnnData | MuData | None = None,
     *,
     model: C2SModel | str,
-    cell_types: Sequence[str] | Mapping[str, int],
+    cell_types: Sequence[str] | Mapping[str, int] | None = None,
+    tissues: Mapping[str, int] | None = None,
+    cells_per_sample: int = 5,
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
     temperature: float = 1.0,
@@ -124,7 +126,17 @@ def generate(
     cell_types
         Cell types to generate: a list with one entry per cell (``["B cell", "B cell", "NK cell"]``) or a
         mapping of cell type to number of cells (``{{"B cell": 500, "NK cell": 500}}``). For a model with a
-        label set (``model.metadata.labels``), other types are an error.
+        label set (``model.metadata.labels``), other types are an error. Pass either `cell_types` or `tissues`.
+    tissues
+        Multi-cell generation (C2S-Scale): a mapping of tissue to number of cells (``{{"lung": 10}}``). Cells are
+        written `cells_per_sample` at a time with the tissue-conditioned multi-cell prompt of
+        :mod:`sc_c2s.prompts` (the last sample of a tissue takes the rest), and read back block by block
+        (``Cell 1:``, ``Cell 2:``, …; a block the model did not write is an empty cell). The whole text is
+        sampled until the end-of-sequence token, without `unique_genes` and `exact_length` (they apply to single
+        sentences). The result's ``obs`` holds ``"tissue"`` and ``"sample"`` (cells written together) instead of
+        ``"cell_type"``.
+    cells_per_sample
+        Cells per multi-cell prompt, with `tissues` (C2S-Scale trained on 5 to 20).
     n_genes
         Genes per sentence to ask for; the published checkpoints were trained on 200.
     {doc_organism}
@@ -196,6 +208,29 @@ def generate(
     random_state = _check_sampling(
         n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
+    if (cell_types is None) == (tissues is None):
+        msg = "Pass either `cell_types` (single cells) or `tissues` (samples of cells of a tissue), not both or none."
+        raise ValueError(msg)
+    if tissues is not None:
+        from ._generate_tissues import generate_tissues, requested_samples
+
+        requested_samples(tissues, cells_per_sample)  # checked before the model loads
+        c2s_model = resolve(model, device=device)
+        return generate_tissues(
+            adata,
+            c2s=c2s_model,
+            tissues=tissues,
+            cells_per_sample=cells_per_sample,
+            n_genes=n_genes,
+            organism=prompts.check_organism(organism or c2s_model.metadata.organism),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            random_state=random_state,
+            batch_size=batch_size,
+            mod=mod,
+            start=start,
+        )
     request = _requested_types(cell_types)
     c2s_model = resolve(model, device=device)
     if c2s_model.metadata.prompt_style != "c2s" or "cell_type_generation" not in c2s_model.metadata.tasks:
@@ -560,12 +595,14 @@ def _sample(
     batch_size: int | None,
     sink: Callable[[np.ndarray, list[str]], None],
     gene_tokens: list[list[int]] | None = None,
+    decode: Callable[[Any, np.ndarray, list[int]], list[str]] | None = None,
 ) -> None:
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
     Cell ``i`` is prompted with ``prompt_ids[codes[i]]``; sentences come without their closing period. `length`
     holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
-    write distinct genes of several tokens (then it sets the length, not `length`).
+    write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's new
+    tokens into texts (default: each sentence up to its closing period).
     """
     import torch
 
@@ -600,7 +637,7 @@ def _sample(
         tokens, _ = _runtime.decode(
             c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
         )
-        sink(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids))
+        sink(batch.index, (decode or _texts)(c2s.tokenizer, tokens.cpu().numpy(), stop_ids))
 
     with _runtime.inference(c2s.model):
         _runtime.run_batches(

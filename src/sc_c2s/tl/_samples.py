@@ -153,6 +153,8 @@ class MultiCell:
     """Fewest and most cells per sample."""
     n_genes: int
     """Genes asked for per cell."""
+    paraphrase: bool = False
+    """Whether summary samples draw their instruction among the published one and its paraphrases."""
 
     def draws(self, rng: np.random.Generator) -> list[tuple[str, int, np.ndarray]]:
         """``(task, unit, cells)`` of each sample of an epoch.
@@ -177,16 +179,27 @@ class MultiCell:
 
 
 def multi_cell_texts(
-    task: str, cells: Sequence[Sequence[str]], answer: str, *, n_genes: int, organism: str, upper: bool
+    task: str,
+    cells: Sequence[Sequence[str]],
+    answer: str,
+    *,
+    n_genes: int,
+    organism: str,
+    upper: bool,
+    template: str = prompts.SUMMARY,
 ) -> tuple[str, str]:
-    """Prompt and answer of a multi-cell sample of `task`: `answer` is the tissue or the summary."""
+    """Prompt and answer of a multi-cell sample of `task`: `answer` is the tissue or the summary.
+
+    `template` is the instruction of a summary sample.
+    """
     if task == "tissue_prediction":
         return prompts.tissue_prediction(cells, n_genes=n_genes, organism=organism, upper=upper), prompts.answer(answer)
     if task == "tissue_generation":
         prompt = prompts.tissue_generation(answer, n_cells=len(cells), n_genes=n_genes, organism=organism)
         return prompt, prompts.answer(prompts.multi_cell_sentences(cells, upper=upper))
     if task == "summary":
-        return prompts.summary(cells, n_genes=n_genes, organism=organism, upper=upper), prompts.answer(answer)
+        prompt = prompts.summary(cells, n_genes=n_genes, organism=organism, upper=upper, template=template)
+        return prompt, prompts.answer(answer)
     msg = f"Unknown task {task!r}."
     raise ValueError(msg)
 
@@ -207,13 +220,18 @@ def encode_multi_cell(
     """
     eos = _runtime.eos_id(tokenizer)
     draws = spec.draws(rng)
+    templates = (prompts.SUMMARY, *prompts.SUMMARY_PARAPHRASES) if spec.paraphrase else (prompts.SUMMARY,)
+    chosen = rng.integers(len(templates), size=len(draws))
 
-    def pairs(task: str, unit: int, cells: np.ndarray, n_words: int) -> tuple[str, str]:
+    def pairs(i: int, n_words: int) -> tuple[str, str]:
+        task, unit, cells = draws[i]
         answer = spec.summaries[unit] if task == "summary" else spec.tissues[unit]
         words = [spec.words[c][:n_words] for c in cells]
-        return multi_cell_texts(task, words, answer, n_genes=spec.n_genes, organism=organism, upper=upper)
+        return multi_cell_texts(
+            task, words, answer, n_genes=spec.n_genes, organism=organism, upper=upper, template=templates[chosen[i]]
+        )
 
-    ids = _tokenize(tokenizer, [pairs(*draw, spec.n_genes) for draw in draws], eos)
+    ids = _tokenize(tokenizer, [pairs(i, spec.n_genes) for i in range(len(draws))], eos)
     n_truncated = 0
     for i, draw in enumerate(draws):
         n_words = spec.n_genes
@@ -222,7 +240,7 @@ def encode_multi_cell(
                 msg = f"A {draw[0]} sample of {len(draw[2])} cells does not fit the model's context of {max_length}."
                 raise ValueError(msg)
             n_words = int(n_words * max_length / (len(ids[i][0]) + len(ids[i][1])))
-            ids[i] = _tokenize(tokenizer, [pairs(*draw, n_words)], eos)[0]
+            ids[i] = _tokenize(tokenizer, [pairs(i, n_words)], eos)[0]
         n_truncated += n_words < spec.n_genes
     return Samples(
         input_ids=[np.asarray(p + a, dtype=np.int64) for p, a in ids],
@@ -270,7 +288,9 @@ class Units:
         longest_summary = max((len(s.split()) for s in self.summaries if s), default=0)
         return self.n_cells[1] * (n_genes + 4) + 2 * longest_summary + 128
 
-    def spec(self, words: Sequence[Sequence[str]], cells: np.ndarray, *, n_genes: int) -> MultiCell | None:
+    def spec(
+        self, words: Sequence[Sequence[str]], cells: np.ndarray, *, n_genes: int, paraphrase: bool = False
+    ) -> MultiCell | None:
         """How to draw samples from the training `cells` (positions in ``obs``; `words` are theirs)."""
         if not self.tasks:
             return None
@@ -282,6 +302,7 @@ class Units:
             tasks=self.tasks,
             n_cells=self.n_cells,
             n_genes=n_genes,
+            paraphrase=paraphrase,
         )
 
 
