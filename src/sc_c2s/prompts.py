@@ -191,9 +191,12 @@ def summary(
     )
 
 
-def answer(text: str) -> str:
-    """Format an answer as it follows a prompt in training: a space, the text, a period."""
-    return f" {text}."
+def answer(text: str, *, prefix: str = " ") -> str:
+    """Format an answer as it follows a prompt in training: `prefix` (a space by default), the text, a period.
+
+    The published fine-tuning code joins prompt and answer with nothing between (``prefix=""``).
+    """
+    return f"{prefix}{text}."
 
 
 def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: str | None = None) -> list[list[str]]:

@@ -37,6 +37,10 @@ class C2SMetadata:
     """Genes per sentence the model was trained on."""
     upper_case: bool = True
     """Whether gene names are upper-cased in prompts."""
+    answer_prefix: str | None = " "
+    """What comes between a prompt's ``:`` and its answer in training: ``" "`` (this package's fine-tuning) or
+    ``""`` (the published fine-tuning code, which tokenises prompt and answer apart and joins the ids);
+    ``None``: unknown, detected on first use by constrained scoring (published checkpoints)."""
     vocabulary: list[str] | None = None
     """Gene words the model knows (``None``: any, as for published checkpoints)."""
     labels: list[str] | None = None

@@ -326,6 +326,7 @@ def finetune(
     metadata.name = output_dir.name
     metadata.tasks = list(tasks)
     metadata.organism = organism
+    metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
     metadata.n_genes = int(ranked.shape[1])
     metadata.vocabulary = vocabulary
     metadata.labels = label_set or None
