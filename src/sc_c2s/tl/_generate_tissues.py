@@ -80,6 +80,7 @@ def generate_tissues(
     temperature: float,
     top_k: int | None,
     top_p: float | None,
+    unique_genes: bool,
     random_state: int,
     batch_size: int | None,
     mod: str | None,
@@ -125,12 +126,13 @@ def generate_tissues(
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
-        gene_ids=None,
+        gene_ids=budget["gene_ids"] if unique_genes else None,
         length=None,
         random_state=random_state,
         batch_size=batch_size,
         sink=sink,
         decode=_decode,
+        reset_ids=_runtime.period_ids(c2s.tokenizer),
     )
     X, sentences, counts = collector.result()
     n = len(sentences)
@@ -150,6 +152,7 @@ def generate_tissues(
         "temperature": temperature,
         "top_k": top_k,
         "top_p": top_p,
+        "unique_genes": unique_genes and budget["gene_ids"] is not None,
         "random_state": random_state,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
     from mudata import MuData
 
     from sc_c2s.models import C2SModel
+
+
+#: Space before punctuation, as word-level tokenizers decode it (``"cells , of"``); removed from summaries.
+_PUNCTUATION_SPACE = re.compile(r"\s+([.,;:!?])")
 
 
 @doc_params(
@@ -151,7 +156,7 @@ def summarize(
     summaries = np.empty(len(draws), dtype=object)
 
     def sink(index: np.ndarray, written: list[str]) -> None:
-        summaries[index] = [" ".join(text.split()).removesuffix(".").strip() for text in written]
+        summaries[index] = [_PUNCTUATION_SPACE.sub(r"\1", " ".join(text.split())).removesuffix(".") for text in written]
 
     _sample(
         c2s,
