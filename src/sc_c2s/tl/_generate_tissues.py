@@ -131,7 +131,7 @@ def generate_tissues(
         random_state=random_state,
         batch_size=batch_size,
         sink=sink,
-        decode=_decode,
+        decode=whole_texts,
         reset_ids=_runtime.period_ids(c2s.tokenizer),
     )
     X, sentences, counts = collector.result()
@@ -175,7 +175,7 @@ def generate_tissues(
     return result
 
 
-def _decode(tokenizer, tokens: np.ndarray, stop_ids: list[int]) -> list[str]:
+def whole_texts(tokenizer, tokens: np.ndarray, stop_ids: list[int]) -> list[str]:
     """Whole text of each row of new tokens up to its first stop token."""
     rows = []
     for row in tokens:

@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int
 from sc_c2s.models import _runtime
 
 from ._generate import _check_sampling, _sample
-from ._generate_tissues import _decode
+from ._generate_tissues import whole_texts
 from ._utils import cell_words, group_draws, groups_of
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def summarize(
         random_state=random_state,
         batch_size=batch_size,
         sink=sink,
-        decode=_decode,
+        decode=whole_texts,
     )
     table = pd.DataFrame(
         {

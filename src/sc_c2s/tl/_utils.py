@@ -102,7 +102,7 @@ def warn_gene_lists(n: int, n_answers: int, *, what: str) -> None:
             f"{n} of {n_answers} answers are lists of genes, not {what}; they are missing (NaN). The model continues "
             f"cell sentences instead of naming {what}: constrain it with `labels=[...]`.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
