@@ -74,7 +74,7 @@ SUMMARY = (
     "Abstract summary:"
 )
 #: Paraphrases of the summary instruction (ours, not published), to vary the prompt in training; the published
-#: :data:`SUMMARY` stays the prompt at inference.
+#: :data:`~sc_c2s.prompts.SUMMARY` stays the prompt at inference.
 SUMMARY_PARAPHRASES: tuple[str, ...] = (
     "Below are the {num_genes} most expressed genes, in descending order, of {num_cells} {organism} cells. Write "
     "an abstract that summarizes what these cells tell about biology.\n"
@@ -181,7 +181,8 @@ def summary(
 ) -> str:
     """Prompt asking for an abstract summary of a group of cells whose ranked genes are `cells`.
 
-    `template` may be one of :data:`SUMMARY_PARAPHRASES` instead of the published :data:`SUMMARY`.
+    `template` may be one of :data:`~sc_c2s.prompts.SUMMARY_PARAPHRASES` instead of the published
+    :data:`~sc_c2s.prompts.SUMMARY`.
     """
     return template.format(
         num_genes=n_genes,
