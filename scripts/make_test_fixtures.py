@@ -74,12 +74,49 @@ def pbmc4k(source: Path, rng: np.random.Generator) -> ad.AnnData:
     return finish(sub)
 
 
+def tissue_samples(tissue: pd.Series, size: int, rng: np.random.Generator) -> pd.Categorical:
+    """Split each tissue's cells into seeded samples of `size` cells (the last may be smaller): ``"lung_1"`` …
+
+    The source has no donor or sample column (each tissue is one study), so samples are drawn at random within
+    a tissue.
+    """
+    names = np.empty(len(tissue), dtype=object)
+    for name in sorted(tissue.unique()):
+        cells = rng.permutation(np.flatnonzero(tissue.to_numpy() == name))
+        names[cells] = [f"{name}_{i // size + 1}" for i in range(len(cells))]
+    return pd.Categorical(names)
+
+
+def tissue_mouse(source: Path, rng: np.random.Generator) -> ad.AnnData:
+    full = ad.read_h5ad(source / "tissue_mouse_assembled_common.h5ad")
+    tissue = full.obs["tissue"].astype(str)
+    cells = np.sort(
+        np.concatenate(
+            [
+                np.flatnonzero(tissue == name)[
+                    stratified_sample(full.obs["cell_type"][tissue == name].astype(str), 50, rng)
+                ]
+                for name in sorted(tissue.unique())
+            ]
+        )
+    )
+    sub = full[cells].copy()
+    detected = np.asarray((sub.X > 0).sum(axis=0)).ravel()
+    genes = np.sort(np.argsort(-detected, kind="stable")[:2000])
+    sub = sub[:, genes].copy()
+    obs = sub.obs[["tissue", "cell_type", "value_type"]].astype(str)
+    obs["sample"] = tissue_samples(obs["tissue"], 10, rng)
+    sub = ad.AnnData(X=sub.X, obs=obs.astype("category"), var=pd.DataFrame(index=sub.var_names))
+    return finish(sub)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    for name, make in [("cellbench_300.h5ad", cellbench), ("pbmc4k_500.h5ad", pbmc4k)]:
+    fixtures = [("cellbench_300.h5ad", cellbench), ("pbmc4k_500.h5ad", pbmc4k), ("tissue_mouse_300.h5ad", tissue_mouse)]
+    for name, make in fixtures:
         adata = make(args.source, np.random.default_rng(SEED))
         path = OUT / name
         adata.write_h5ad(path, compression="gzip")

@@ -75,7 +75,7 @@ def full_sequence_loglik(c2s: C2SModel, adata: ad.AnnData, labels: list[str]) ->
     tokenizer, out = c2s.tokenizer, []
     answers = [tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in labels]
     for words in prompts.sentence_words(adata, n_genes=N_GENES):
-        prompt = tokenizer(prompts.cell_type_prediction(words))["input_ids"]
+        prompt = tokenizer(prompts.cell_type_prediction(words, n_genes=N_GENES))["input_ids"]
         width = len(prompt) + max(map(len, answers))
         ids = torch.as_tensor([prompt + a + [0] * (width - len(prompt) - len(a)) for a in answers])
         with torch.no_grad():
@@ -101,7 +101,7 @@ def test_constrained_scores_match_full_sequences(short_sentences, tiny, full_log
         assert [len(g.first) for g in groups] == [2, 1, 1]
 
     words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
-    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
     assert len(set(map(len, ids))) == 10  # batches of 5 mix prompt lengths: left padding at work
     loglik = _annotate.score_labels(tiny, ids, LONG_LABELS, batch_size=5)
     np.testing.assert_allclose(loglik, full_loglik, atol=1e-4)
@@ -139,7 +139,7 @@ def test_free_answers_match_one_cell_at_a_time_generate(short_sentences, tiny, s
     assert tiny.tokenizer.eos_token_id in stop
     expected = []
     for words in prompts.sentence_words(short_sentences, n_genes=N_GENES):
-        prompt = tiny.tokenizer(prompts.cell_type_prediction(words), return_tensors="pt")
+        prompt = tiny.tokenizer(prompts.cell_type_prediction(words, n_genes=N_GENES), return_tensors="pt")
         out = tiny.model.generate(
             input_ids=prompt["input_ids"],
             attention_mask=prompt["attention_mask"],

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.special import softmax
+from scipy.special import logsumexp, softmax
 
 import sc_c2s
 from sc_c2s import prompts
@@ -81,7 +81,7 @@ def full_sequence_loglik(c2s: C2SModel, adata, labels: list[str]) -> np.ndarray:
     tokenizer, out = c2s.tokenizer, []
     answers = [tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"] for label in labels]
     for words in prompts.sentence_words(adata, n_genes=N_GENES):
-        prompt = tokenizer(prompts.cell_type_prediction(words))["input_ids"]
+        prompt = tokenizer(prompts.cell_type_prediction(words, n_genes=N_GENES))["input_ids"]
         row = []
         for answer in answers:
             with torch.no_grad():
@@ -125,7 +125,7 @@ def test_constrained_scores_match_full_sequences(short_sentences, in_memory, arc
     """Packed candidates under a 4-D mask where it is exact, one candidate at a time beyond a sliding window."""
     c2s = in_memory(architecture, **({"sliding_window": window} if window else {}))
     words = _utils.cell_words(short_sentences, c2s, n_genes=N_GENES, mod=None)
-    ids = _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    ids = _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
     beyond = window is not None and min(map(len, ids)) > window
     calls = {"packed": 0, "one at a time": 0}
     for path, name in ((_candidates._continuations, "packed"), (_candidates._one_at_a_time, "one at a time")):
@@ -149,8 +149,10 @@ def test_embedding_spans_the_sentence_tokens(short_sentences, in_memory, archite
     """The sentence's tokens are found by the characters they cover, also where a token crosses its ends."""
     c2s = in_memory(architecture)
     words = _utils.cell_words(short_sentences, c2s, n_genes=N_GENES, mod=None)
-    ids, spans = _embed.sentence_tokens(c2s, words, organism="Homo sapiens")
-    assert ids == _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    ids, spans = _embed.sentence_tokens(c2s, words, n_genes=N_GENES, organism="Homo sapiens")
+    assert ids == _runtime.tokenize(
+        c2s.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens")
+    )
     merged = 0
     for seq, (start, end), cell in zip(ids, spans, words, strict=True):
         sentence, inside = " ".join(cell), c2s.tokenizer.decode(seq[start:end])
@@ -298,3 +300,31 @@ def test_sentencepiece_tokenizer_model_alone(
     with pytest.raises(ImportError, match="needs the `sentencepiece` package"):
         sc_c2s.models.load("C2S-Scale-Gemma-2-2B", device="cpu")
     assert not checkpoint_server.requests  # before downloading 5 GB
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_answer_prefix_is_detected_once_where_the_metadata_has_none(
+    short_sentences, in_memory, architecture, scanpy_log
+):
+    """A checkpoint without `answer_prefix` gets the form of the answer its labels are likelier in."""
+    c2s = in_memory(architecture)
+    c2s.metadata.answer_prefix = None
+    words = _utils.cell_words(short_sentences, c2s, n_genes=N_GENES, mod=None)
+    ids = _runtime.tokenize(c2s.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
+    pad = _runtime.pad_id(c2s.tokenizer)
+    answers, by_hand = {}, {}
+    for prefix in (" ", ""):
+        texts = [prompts.answer(label, prefix=prefix) for label in LONG_LABELS]
+        answers[prefix] = _runtime.tokenize(c2s.tokenizer, texts, special_tokens=False)
+        loglik = _candidates.score_answers(c2s.model, ids[:8], answers[prefix], batch_size=4, pad_id=pad, desc="")
+        by_hand[prefix] = logsumexp(loglik, axis=1).mean()
+    assert answers[" "] != answers[""]  # sub-word tokenizers spell the two forms differently
+    expected = "" if by_hand[""] > by_hand[" "] else " "
+
+    loglik = _annotate.score_labels(c2s, ids, LONG_LABELS, batch_size=5)
+    assert c2s.metadata.answer_prefix == expected
+    assert scanpy_log.getvalue().count("records no answer prefix") == 1
+    full = _candidates.score_answers(c2s.model, ids, answers[expected], batch_size=5, pad_id=pad, desc="")
+    np.testing.assert_allclose(loglik, full, atol=1e-4)
+    _annotate.score_labels(c2s, ids, LONG_LABELS, batch_size=5)
+    assert scanpy_log.getvalue().count("records no answer prefix") == 1  # detected once

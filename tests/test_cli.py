@@ -119,7 +119,9 @@ def test_generate_without_data_uses_the_checkpoint(tmp_path, checkpoint):
     generated = ad.read_h5ad(out)
     assert generated.n_obs == 2
     assert generated.var_names.tolist() == C2SMetadata.read(checkpoint).vocabulary
-    assert generated.obs["n_valid_genes"].tolist() == [10, 10]  # exact length by default
+    # exact length by default: 10 words, genes unless the random model picks a template word
+    words = generated.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].sum(axis=1)
+    assert words.tolist() == [10, 10]
 
 
 def test_generate_sampling_switches(tmp_path, checkpoint):

@@ -30,8 +30,10 @@ def tiny(_short_sentences) -> C2SModel:
 
 def test_sentence_span_is_exactly_the_gene_tokens(short_sentences, tiny):
     words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
-    ids, spans = _embed.sentence_tokens(tiny, words, organism="Homo sapiens")
-    assert ids == _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, organism="Homo sapiens"))
+    ids, spans = _embed.sentence_tokens(tiny, words, n_genes=N_GENES, organism="Homo sapiens")
+    assert ids == _runtime.tokenize(
+        tiny.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens")
+    )
 
     for seq, span, cell in zip(ids, spans, words, strict=True):
         # "The following is … Homo sapiens cell . … gene expression . Cell sentence :" are 42 words,
@@ -46,7 +48,7 @@ def test_embedding_is_the_mean_over_gene_tokens(short_sentences, tiny):
 
     expected = []
     for cell in _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None):
-        text = prompts.cell_type_prediction(cell)
+        text = prompts.cell_type_prediction(cell, n_genes=N_GENES)
         ids = torch.as_tensor([tiny.tokenizer(text)["input_ids"]])
         with torch.no_grad():
             hidden = tiny.model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]

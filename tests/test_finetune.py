@@ -35,7 +35,7 @@ def trained(_cellbench, tmp_path_factory, one_torch_thread):
         output_dir=tmp_path_factory.mktemp("finetune") / "model",
         tasks=("cell_type_prediction",),
         n_genes=N_GENES,
-        epochs=4,
+        epochs=6,
         batch_size=16,
         gene_dropout=0.1,
         eval_fraction=EVAL_FRACTION,
@@ -92,12 +92,12 @@ def test_checkpoint_metadata(trained):
     training = metadata.training
     assert training["base_model"] == "scratch"
     assert training["label_key"] == "cell_type"
-    assert (training["epochs"], training["batch_size"], training["random_state"]) == (4, 16, 0)
+    assert (training["epochs"], training["batch_size"], training["random_state"]) == (6, 16, 0)
     assert training["gene_dropout"] == 0.1
     assert training["n_train_cells"] + len(training["eval_obs_names"]) == adata.n_obs
     assert training["n_samples"] == training["n_train_cells"]
     assert training["n_truncated"] == 0
-    assert len(training["loss"]) == 4
+    assert len(training["loss"]) == 6
     assert training["loss"][-1] < training["loss"][0] / 4
     # the stored held-out cells are the seeded stratified split
     is_eval = split(adata.obs["cell_type"].astype(str), eval_fraction=EVAL_FRACTION, random_state=0)

@@ -261,7 +261,7 @@ def test_load_published_layout_takes_registry_metadata(checkpoints, tmp_path, sc
 
     unrelated = tmp_path / "unrelated"
     shutil.copytree(checkpoints["tiny"], unrelated)
-    assert models.load(str(unrelated), device="cpu").metadata == C2SMetadata(name="unrelated")
+    assert models.load(str(unrelated), device="cpu").metadata == C2SMetadata(name="unrelated", answer_prefix=None)
     assert f"{unrelated} has no c2s_metadata.json" in scanpy_log.getvalue()
 
 

@@ -13,6 +13,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 FAST = {
     "sentences_and_annotation": "n_cells = 60",
     "finetune_and_generate": "epochs = 1\nn_genes = 16\nn_generated = 2",
+    "tissues_and_summaries": f"epochs = 2\nn_genes = 5\ndata = {str(Path(__file__).parent / 'data' / 'tissue_mouse_300.h5ad')!r}",
 }
 
 

@@ -46,6 +46,11 @@ doc_organism = """\
 organism
     ``"Homo sapiens"`` or ``"Mus musculus"`` for the prompt; ``None`` takes the model's."""
 
+doc_groups = """\
+groupby
+    Column of ``obs`` that defines the groups of cells (sample, donor or cluster); cells where it is missing
+    belong to no group."""
+
 doc_show_ax = """\
 ax
     Axes to draw on; a new figure if ``None``.

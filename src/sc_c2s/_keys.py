@@ -10,6 +10,13 @@ GENES = "c2s_genes"
 SENTENCE = "c2s_sentence"
 #: Default ``key_added`` of :func:`sc_c2s.tl.annotate`.
 CELL_TYPE = "c2s_cell_type"
+#: Default ``key_added`` of :func:`sc_c2s.tl.predict_tissue`.
+TISSUE = "c2s_tissue"
+#: Default ``key_added`` of :func:`sc_c2s.tl.summarize`.
+SUMMARY = "c2s_summary"
+#: ``obs`` columns of the requested tissue and the sample of cells generated together.
+GENERATED_TISSUE = "tissue"
+GENERATED_SAMPLE = "sample"
 #: Default ``key_added`` of :func:`sc_c2s.tl.embed`.
 EMBEDDING = "X_c2s"
 #: ``uns`` entry of the cells that :func:`sc_c2s.tl.generate` returns.

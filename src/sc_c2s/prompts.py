@@ -2,12 +2,17 @@
 
 The functions here build the exact text a model reads, so they also serve to prompt other language models with
 cell sentences. A training sample is ``prompt + " " + answer``; the published checkpoints were trained on
-upper-cased gene names and the top 200 genes.
+upper-cased gene names and the top 200 genes. ``{num_genes}`` in a template is the number of genes asked for
+(the caller's `n_genes`), not the length of a shorter sentence.
+
+The multi-cell templates of C2S-Scale write a group of cells as ``Cell {i}:`` (1-based), a newline, the cell's
+sentence and ``.``, a newline, for each cell (:func:`multi_cell_sentences`); the template then adds its own
+``.`` and newline, so a line holding a single ``.`` precedes the question.
 
 Examples
 --------
 >>> from sc_c2s import prompts
->>> print(prompts.cell_type_prediction(["CD3D", "IL7R"], organism="Homo sapiens"))
+>>> print(prompts.cell_type_prediction(["CD3D", "IL7R"], n_genes=2, organism="Homo sapiens"))
 The following is a list of 2 gene names ordered by descending expression level in a Homo sapiens cell. Your task is to give the cell type which this cell belongs to based on its gene expression.
 Cell sentence: CD3D IL7R.
 The cell type corresponding to these genes is:
@@ -17,6 +22,7 @@ The cell type corresponding to these genes is:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
@@ -42,16 +48,58 @@ CELL_TYPE_GENERATION = (
     "of cell type {cell_type}.\n"
     "Cell sentence:"
 )
-#: Words of the templates, for word-level tokenizers.
+#: Template of the tissue prediction task (C2S-Scale); the answer follows as ``" {tissue}."``.
+TISSUE_PREDICTION = (
+    "The following is a list of {num_genes} gene names ordered by descending expression level for {num_cells} "
+    "different {organism} cells. Your task is to give the tissue which these cells belong to based on their gene "
+    "expression.\n"
+    "Cell sentences:\n"
+    "{multi_cell_sentences}.\n"
+    "The tissue which these cells belong to is:"
+)
+#: Template of tissue-conditioned multi-cell generation (C2S-Scale; it ends with a newline); the answer follows
+#: as ``" {multi_cell_sentences}."``.
+TISSUE_GENERATION = (
+    "Generate a list of {num_genes} genes in order of descending expression for {num_cells} different {organism} "
+    "cells from a {tissue} tissue.\n"
+    "Cell sentences:\n"
+)
+#: Template of the natural-language summary of a group of cells (C2S-Scale; no ``Cell sentences:`` line); the
+#: answer follows as ``" {abstract}."``.
+SUMMARY = (
+    "The following is a list of {num_genes} gene names ordered by descending expression level for {num_cells} "
+    "different {organism} cells. Your task is to produce an abstract summary summarizing the biological "
+    "information contained in these cells.\n"
+    "{multi_cell_sentences}.\n"
+    "Abstract summary:"
+)
+#: Paraphrases of the summary instruction (ours, not published), to vary the prompt in training; the published
+#: :data:`~sc_c2s.prompts.SUMMARY` stays the prompt at inference.
+SUMMARY_PARAPHRASES: tuple[str, ...] = (
+    "Below are the {num_genes} most expressed genes, in descending order, of {num_cells} {organism} cells. Write "
+    "an abstract that summarizes what these cells tell about biology.\n"
+    "{multi_cell_sentences}.\n"
+    "Abstract summary:",
+    "Here are {num_cells} {organism} cells, each given as its {num_genes} top genes ordered by descending "
+    "expression. Summarize the biological information these cells contain, as the abstract of a study would.\n"
+    "{multi_cell_sentences}.\n"
+    "Abstract summary:",
+)
+#: Words of the templates (and of the ``Cell {i}:`` lines), for word-level tokenizers.
 TEMPLATE_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(
-        (CELL_TYPE_PREDICTION + " " + CELL_TYPE_GENERATION)
-        .replace("{num_genes}", "")
+        re.sub(
+            r"\{(num_genes|num_cells|cell_sentence|cell_type|tissue|multi_cell_sentences)\}",
+            " ",
+            " ".join(
+                (CELL_TYPE_PREDICTION, CELL_TYPE_GENERATION, TISSUE_PREDICTION, TISSUE_GENERATION, SUMMARY)
+                + SUMMARY_PARAPHRASES
+            ),
+        )
         .replace("{organism}", " ".join(ORGANISMS))
-        .replace("{cell_sentence}", "")
-        .replace("{cell_type}", "")
         .replace(".", " ")
         .replace(":", " ")
+        .replace(",", " ")
         .split()
     )
 )
@@ -71,13 +119,18 @@ def cell_sentence(words: Sequence[str], *, upper: bool = True) -> str:
     return sentence.upper() if upper else sentence
 
 
-def cell_type_prediction(words: Sequence[str], *, organism: Organism = "Homo sapiens", upper: bool = True) -> str:
+def cell_type_prediction(
+    words: Sequence[str], *, n_genes: int | None = None, organism: Organism = "Homo sapiens", upper: bool = True
+) -> str:
     """Prompt asking for the cell type of the cell whose ranked genes are `words`.
 
-    ``{num_genes}`` in the template is ``len(words)``: the genes actually in the sentence.
+    ``{num_genes}`` in the template is `n_genes`, the number of genes asked for, as the published code formats it
+    (a cell expressing fewer genes has a shorter sentence); ``None`` takes ``len(words)``.
     """
     return CELL_TYPE_PREDICTION.format(
-        num_genes=len(words), organism=check_organism(organism), cell_sentence=cell_sentence(words, upper=upper)
+        num_genes=len(words) if n_genes is None else n_genes,
+        organism=check_organism(organism),
+        cell_sentence=cell_sentence(words, upper=upper),
     )
 
 
@@ -86,9 +139,65 @@ def cell_type_generation(cell_type: str, *, n_genes: int, organism: Organism = "
     return CELL_TYPE_GENERATION.format(num_genes=n_genes, organism=check_organism(organism), cell_type=cell_type)
 
 
-def answer(text: str) -> str:
-    """Format an answer as it follows a prompt in training: a space, the text, a period."""
-    return f" {text}."
+def multi_cell_sentences(cells: Sequence[Sequence[str]], *, upper: bool = True) -> str:
+    r"""Write a group of cells as the multi-cell templates read them: ``Cell {i}:``, newline, sentence, ``.``, newline.
+
+    Cells are numbered from 1, in the order given; the text ends with a newline.
+
+    Examples
+    --------
+    >>> multi_cell_sentences([["CD3D", "IL7R"], ["MS4A1"]])
+    'Cell 1:\nCD3D IL7R.\nCell 2:\nMS4A1.\n'
+    """
+    return "".join(f"Cell {i}:\n{cell_sentence(words, upper=upper)}.\n" for i, words in enumerate(cells, start=1))
+
+
+def tissue_prediction(
+    cells: Sequence[Sequence[str]], *, n_genes: int, organism: Organism = "Homo sapiens", upper: bool = True
+) -> str:
+    """Prompt asking for the tissue of a group of cells whose ranked genes are `cells` (one list per cell)."""
+    return TISSUE_PREDICTION.format(
+        num_genes=n_genes,
+        num_cells=len(cells),
+        organism=check_organism(organism),
+        multi_cell_sentences=multi_cell_sentences(cells, upper=upper),
+    )
+
+
+def tissue_generation(tissue: str, *, n_cells: int, n_genes: int, organism: Organism = "Homo sapiens") -> str:
+    """Prompt asking for `n_cells` cell sentences of `n_genes` genes each, of cells from `tissue`."""
+    return TISSUE_GENERATION.format(
+        num_genes=n_genes, num_cells=n_cells, organism=check_organism(organism), tissue=tissue
+    )
+
+
+def summary(
+    cells: Sequence[Sequence[str]],
+    *,
+    n_genes: int,
+    organism: Organism = "Homo sapiens",
+    upper: bool = True,
+    template: str = SUMMARY,
+) -> str:
+    """Prompt asking for an abstract summary of a group of cells whose ranked genes are `cells`.
+
+    `template` may be one of :data:`~sc_c2s.prompts.SUMMARY_PARAPHRASES` instead of the published
+    :data:`~sc_c2s.prompts.SUMMARY`.
+    """
+    return template.format(
+        num_genes=n_genes,
+        num_cells=len(cells),
+        organism=check_organism(organism),
+        multi_cell_sentences=multi_cell_sentences(cells, upper=upper),
+    )
+
+
+def answer(text: str, *, prefix: str = " ") -> str:
+    """Format an answer as it follows a prompt in training: `prefix` (a space by default), the text, a period.
+
+    The published fine-tuning code joins prompt and answer with nothing between (``prefix=""``).
+    """
+    return f"{prefix}{text}."
 
 
 def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: str | None = None) -> list[list[str]]:
@@ -130,7 +239,7 @@ def cell_type_prediction_prompts(
     >>> prompts[0].splitlines()[1]
     'Cell sentence: FTL CD74 HLA-DPA1.'
     """
-    return [
-        cell_type_prediction(words, organism=organism, upper=upper)
-        for words in sentence_words(adata, n_genes=n_genes, mod=mod)
-    ]
+    words = sentence_words(adata, n_genes=n_genes, mod=mod)
+    if n_genes is None:
+        return [cell_type_prediction(cell, organism=organism, upper=upper) for cell in words]
+    return [cell_type_prediction(cell, n_genes=n_genes, organism=organism, upper=upper) for cell in words]

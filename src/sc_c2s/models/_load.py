@@ -368,7 +368,7 @@ def _metadata(path: Path) -> C2SMetadata:
         f"{path} has no {METADATA_FILE} and is not a published checkpoint: prompting it with the defaults of "
         "C2SMetadata (published prompt format, Homo sapiens, 200 genes)."
     )
-    return C2SMetadata(name=path.name)
+    return C2SMetadata(name=path.name, answer_prefix=None)
 
 
 def _hash_files(path: Path) -> dict[str, str]:

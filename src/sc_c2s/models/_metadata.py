@@ -13,8 +13,12 @@ from typing import Any
 
 #: File name of the metadata inside a checkpoint directory.
 METADATA_FILE = "c2s_metadata.json"
-#: Tasks a checkpoint can be trained for, named after the prompt templates in :mod:`sc_c2s.prompts`.
-TASKS = ("cell_type_prediction", "cell_type_generation")
+#: Single-cell tasks, one sample per cell, named after the prompt templates in :mod:`sc_c2s.prompts`.
+SINGLE_CELL_TASKS = ("cell_type_prediction", "cell_type_generation")
+#: Multi-cell tasks of C2S-Scale, one sample per group of cells of the same tissue and sample.
+MULTI_CELL_TASKS = ("tissue_prediction", "tissue_generation", "summary")
+#: Tasks a checkpoint can be trained for.
+TASKS = SINGLE_CELL_TASKS + MULTI_CELL_TASKS
 
 
 @dataclass
@@ -25,7 +29,7 @@ class C2SMetadata:
     """Registry name or directory name."""
     prompt_style: str = "c2s"
     """Template family; ``"c2s"`` is the published format of :mod:`sc_c2s.prompts`."""
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(SINGLE_CELL_TASKS))
     """Tasks the model was trained for."""
     organism: str = "Homo sapiens"
     """Organism named in prompts."""
@@ -33,10 +37,16 @@ class C2SMetadata:
     """Genes per sentence the model was trained on."""
     upper_case: bool = True
     """Whether gene names are upper-cased in prompts."""
+    answer_prefix: str | None = " "
+    """What comes between a prompt's ``:`` and its answer in training: ``" "`` (this package's fine-tuning) or
+    ``""`` (the published fine-tuning code, which tokenises prompt and answer apart and joins the ids);
+    ``None``: unknown, detected on first use by constrained scoring (published checkpoints)."""
     vocabulary: list[str] | None = None
     """Gene words the model knows (``None``: any, as for published checkpoints)."""
     labels: list[str] | None = None
     """Cell types the model was trained on, when known."""
+    tissues: list[str] | None = None
+    """Tissues the model was trained on (tissue prediction and generation), when known."""
     rank_fit: dict[str, Any] | None = None
     """Rank → expression fit of the training data (see :class:`sc_c2s._rank_model.RankFit`)."""
     training: dict[str, Any] = field(default_factory=dict)

@@ -75,6 +75,7 @@ class RegistryEntry:
             prompt_style=self.prompt_style,
             tasks=list(self.tasks),
             organism=self.organism,
+            answer_prefix=None,
             training={"base_model": self.base_model, "repo": self.repo, "description": self.description},
         )
         if self.n_genes is not None:

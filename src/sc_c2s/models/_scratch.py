@@ -26,9 +26,17 @@ _TRAILING_PUNCTUATION = r"[.:,]$"
 
 
 def build_tokenizer(
-    genes: Sequence[str], labels: Sequence[str] = (), *, max_genes: int = 200
+    genes: Sequence[str],
+    labels: Sequence[str] = (),
+    *,
+    max_genes: int = 200,
+    max_cells: int = 0,
+    max_length: int | None = None,
 ) -> PreTrainedTokenizerFast:
     """Build a word-level tokenizer over `genes`, the words of `labels`, the template words and gene counts.
+
+    Numbers up to `max_genes` and `max_cells` are words (counts in prompts, cells of multi-cell samples). The
+    longest sequence is `max_length` tokens, by default room for prompt and answer of `max_genes` genes each.
 
     Words are split on whitespace; a trailing ``.``, ``:`` or ``,`` becomes its own token, so gene names with
     inner dots (``RP11-34P13.3``) stay whole. The tokenizer pads on the left, for batched generation.
@@ -42,7 +50,7 @@ def build_tokenizer(
     )
     # split labels and genes as text will be, so that e.g. "T cells, CD4+" yields "cells" and ","
     text_words = (word for text in (*labels, *genes) for word, _ in pre_tokenizer.pre_tokenize_str(text))
-    numbers = (str(i) for i in range(max_genes + 1))
+    numbers = (str(i) for i in range(max(max_genes, max_cells) + 1))
     words = dict.fromkeys([PAD, UNK, EOS, ".", ":", ",", *TEMPLATE_WORDS, *numbers, *text_words])
     tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizer
@@ -53,7 +61,7 @@ def build_tokenizer(
         eos_token=EOS,
         bos_token=EOS,
         padding_side="left",
-        model_max_length=max_genes * 2 + 128,
+        model_max_length=max_length or max_genes * 2 + 128,
     )
 
 

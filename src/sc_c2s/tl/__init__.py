@@ -7,6 +7,17 @@ from ._embed import embed
 from ._finetune import finetune
 from ._from_sentences import from_sentences
 from ._generate import generate
+from ._predict_tissue import predict_tissue
 from ._score_generation import score_generation
+from ._summarize import summarize
 
-__all__ = ["annotate", "embed", "finetune", "from_sentences", "generate", "score_generation"]
+__all__ = [
+    "annotate",
+    "embed",
+    "finetune",
+    "from_sentences",
+    "generate",
+    "predict_tissue",
+    "score_generation",
+    "summarize",
+]

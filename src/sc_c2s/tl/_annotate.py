@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: New tokens a free answer may take before it is cut.
 MAX_ANSWER_TOKENS = 32
+#: Prompts on which the answer prefix of a checkpoint that records none is detected.
+PREFIX_PROMPTS = 8
 
 
 @doc_params(
@@ -147,7 +149,7 @@ def annotate(
             UserWarning,
             stacklevel=2,
         )
-    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, organism=organism))
+    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
 
     params = {"mode": "free" if candidates is None else "constrained", "n_genes": n_genes, "organism": organism}
@@ -235,13 +237,21 @@ def parse_answer(text: str) -> str:
     return text.strip().removesuffix(".").strip()
 
 
-def score_labels(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int | None) -> np.ndarray:
-    """Score the log-likelihood of each label's answer after each prompt (cells × labels)."""
-    answer_ids = _runtime.tokenize(c2s.tokenizer, [prompts.answer(label) for label in labels], special_tokens=False)
+def score_labels(
+    c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int | None, desc: str = "annotating"
+) -> np.ndarray:
+    """Score the log-likelihood of each label's answer after each prompt (prompts × labels).
+
+    Answers follow the prompt with the checkpoint's answer prefix (see :func:`answer_prefix`).
+    """
+    prefix = answer_prefix(c2s, ids, labels, batch_size=batch_size)
+    answer_ids = _runtime.tokenize(
+        c2s.tokenizer, [prompts.answer(label, prefix=prefix) for label in labels], special_tokens=False
+    )
     check_labels(c2s, labels, answer_ids)
     _runtime.check_context(c2s.model, ids, name=c2s.name, room=max(map(len, answer_ids)))
     pad = _runtime.pad_id(c2s.tokenizer)
-    return _candidates.score_answers(c2s.model, ids, answer_ids, batch_size=batch_size, pad_id=pad, desc="annotating")
+    return _candidates.score_answers(c2s.model, ids, answer_ids, batch_size=batch_size, pad_id=pad, desc=desc)
 
 
 def check_labels(c2s: C2SModel, labels: Sequence[str], answer_ids: Sequence[Sequence[int]]) -> None:
@@ -262,3 +272,34 @@ def check_labels(c2s: C2SModel, labels: Sequence[str], answer_ids: Sequence[Sequ
             f"{len(unknown)} labels have words unknown to {c2s.name!r} (e.g. {unknown[:3]}); their scores are "
             "unreliable. Use the cell-type names the model was trained on (`model.metadata.labels`)."
         )
+
+
+def answer_prefix(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int | None) -> str:
+    """Return the checkpoint's answer prefix; detect it once where its metadata records none.
+
+    The labels are scored after the first :data:`PREFIX_PROMPTS` prompts with a space before the answer and
+    without; the form with the larger mean log-likelihood of the label set (log-sum-exp over the labels) wins,
+    the space on a tie (word-level tokenizers read both alike). The choice is kept in ``c2s.metadata`` and
+    logged.
+    """
+    if c2s.metadata.answer_prefix is not None:
+        return c2s.metadata.answer_prefix
+    from scipy.special import logsumexp
+
+    prompts_ids, pad = ids[:PREFIX_PROMPTS], _runtime.pad_id(c2s.tokenizer)
+    scores = {}
+    for prefix in (" ", ""):
+        answer_ids = _runtime.tokenize(
+            c2s.tokenizer, [prompts.answer(label, prefix=prefix) for label in labels], special_tokens=False
+        )
+        loglik = _candidates.score_answers(
+            c2s.model, prompts_ids, answer_ids, batch_size=batch_size, pad_id=pad, desc="answer prefix"
+        )
+        scores[prefix] = float(logsumexp(loglik, axis=1).mean())
+    chosen = "" if scores[""] > scores[" "] else " "
+    c2s.metadata.answer_prefix = chosen
+    logg.info(
+        f"    {c2s.name!r} records no answer prefix: answers follow the prompt {'without' if chosen == '' else 'after'} "
+        f"a space (mean label-set log-likelihood {scores[' ']:.2f} with a space, {scores['']:.2f} without)"
+    )
+    return chosen

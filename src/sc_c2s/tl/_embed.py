@@ -100,7 +100,7 @@ def embed(
             "first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`."
         )
         raise ValueError(msg)
-    ids, spans = sentence_tokens(c2s, words, organism=organism)
+    ids, spans = sentence_tokens(c2s, words, n_genes=n_genes, organism=organism)
     _runtime.check_context(c2s.model, ids, name=c2s.name)
 
     pad = _runtime.pad_id(c2s.tokenizer)
@@ -121,7 +121,7 @@ def embed(
 
 
 def sentence_tokens(
-    c2s: C2SModel, words: Sequence[Sequence[str]], *, organism: str
+    c2s: C2SModel, words: Sequence[Sequence[str]], *, n_genes: int, organism: str
 ) -> tuple[list[list[int]], np.ndarray]:
     """Tokenise each cell's prediction prompt, and find the tokens of its cell sentence (cells × 2: start, end).
 
@@ -130,7 +130,7 @@ def sentence_tokens(
     be one token); such a token belongs to the sentence.
     """
     before = prompts.CELL_TYPE_PREDICTION.split("{cell_sentence}")[0]
-    texts = prediction_prompts(words, organism=organism)
-    starts = np.array([len(before.format(num_genes=len(cell), organism=organism)) for cell in words])
+    texts = prediction_prompts(words, n_genes=n_genes, organism=organism)
+    starts = np.full(len(words), len(before.format(num_genes=n_genes, organism=organism)))
     ends = starts + np.array([len(prompts.cell_sentence(cell, upper=False)) for cell in words])
     return _runtime.tokenize_spans(c2s.tokenizer, texts, np.stack([starts, ends], axis=1))

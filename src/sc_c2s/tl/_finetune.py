@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import (
     check_random_state,
 )
 from sc_c2s.models import _lora, _runtime, _trainer
-from sc_c2s.models._metadata import TASKS, C2SMetadata
+from sc_c2s.models._metadata import MULTI_CELL_TASKS, SINGLE_CELL_TASKS, TASKS, C2SMetadata
 
 from . import _samples
 
@@ -48,10 +48,15 @@ _LORA_LEARNING_RATE = 2e-4
 def finetune(
     adata: AnnData | MuData,
     *,
-    label_key: str,
+    label_key: str | None = None,
     base_model: str | Path,
     output_dir: str | Path,
-    tasks: Sequence[str] = TASKS,
+    tasks: Sequence[str] = SINGLE_CELL_TASKS,
+    tissue_key: str | None = None,
+    groupby: str | None = None,
+    summaries: Mapping[str, str] | str | None = None,
+    n_cells: tuple[int, int] = (5, 20),
+    paraphrase: bool = False,
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
     epochs: int | None = None,
@@ -93,13 +98,32 @@ def finetune(
     ----------
     {doc_adata}
     label_key
-        Column of ``obs`` with the cell types to learn.
+        Column of ``obs`` with the cell types to learn; needed by the single-cell tasks only.
     base_model
         ``"scratch"``, a name from :func:`sc_c2s.models.available`, or a checkpoint directory.
     output_dir
         Directory to write the checkpoint to; created if needed, and it must be empty.
     tasks
-        Tasks to train, any of ``"cell_type_prediction"`` and ``"cell_type_generation"``.
+        Tasks to train, any of ``"cell_type_prediction"`` and ``"cell_type_generation"`` (one sample per cell)
+        and the multi-cell tasks of C2S-Scale ``"tissue_prediction"``, ``"tissue_generation"`` and
+        ``"summary"``. A multi-cell sample holds 5 to 20 (`n_cells`) cells of the same tissue and group, drawn
+        anew every epoch; each (tissue, group) of ``n`` training cells gives ``ceil(n / mean size)`` samples per
+        task and epoch.
+    tissue_key
+        Column of ``obs`` with each cell's tissue, for ``"tissue_prediction"`` and ``"tissue_generation"``.
+    groupby
+        Column of ``obs`` with each cell's sample or donor: multi-cell samples never mix groups (nor tissues).
+        ``None``: groups are the tissues.
+    summaries
+        For ``"summary"``: a text per group of `groupby` (a mapping from group to text, or a column of ``obs``
+        holding each cell's group's text); groups without one give no summary sample. The published
+        instruction is the prompt.
+    n_cells
+        Fewest and most cells of a multi-cell sample (C2S-Scale drew 5 to 20).
+    paraphrase
+        Give each summary sample an instruction drawn among the published one and our paraphrases
+        (:data:`sc_c2s.prompts.SUMMARY_PARAPHRASES`), so the model learns the task rather than one wording;
+        :func:`sc_c2s.tl.summarize` prompts with the published one.
     n_genes
         Genes per cell sentence, best first.
     {doc_organism} From scratch, ``None`` means ``"Homo sapiens"``.
@@ -164,12 +188,21 @@ def finetune(
     ...     adata, label_key="bulk_labels", base_model="C2S-Scale-Gemma-2-2B", output_dir="pbmc_lora", adapter="lora"
     ... )  # doctest: +SKIP
     """
-    start = logg.info(f"fine-tuning {base_model!r} on {label_key!r}")
+    tasks = _check_tasks(tasks)
+    start = logg.info(f"fine-tuning {base_model!r} for {', '.join(tasks)}")
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
-    labels = _labels(handler, label_key)
-    tasks = _check_tasks(tasks)
+    single_cell = tuple(t for t in tasks if t in SINGLE_CELL_TASKS)
+    labels = _labels(handler, label_key, tasks=single_cell) if single_cell else None
     check_positive_int(n_genes, "n_genes")
+    units = _samples.units(
+        handler.obs,
+        tasks=tuple(t for t in tasks if t in MULTI_CELL_TASKS),
+        tissue_key=tissue_key,
+        groupby=groupby,
+        summaries=summaries,
+        n_cells=n_cells,
+    )
     check_number(gene_dropout, "gene_dropout", low=0, high=1, high_open=True)
     check_number(eval_fraction, "eval_fraction", low=0, high=1, high_open=True)
     check_positive_int(epochs, "epochs", none_ok=True)
@@ -194,7 +227,9 @@ def finetune(
     expressed = (ranked >= 0).any(axis=1)
     if not expressed.all():
         logg.warning(f"{int((~expressed).sum())} cells express no gene and are left out of training")
-    is_eval = split(labels, eval_fraction=eval_fraction, random_state=random_state)
+    is_eval = split(
+        labels if labels is not None else units.strata, eval_fraction=eval_fraction, random_state=random_state
+    )
     train_cells = np.flatnonzero(~is_eval & expressed)
     eval_cells = np.flatnonzero(is_eval & expressed)
     if not len(train_cells):
@@ -203,15 +238,17 @@ def finetune(
             "Check that `sc_c2s.pp.to_sentences` ranked the expression you meant (`layer=`, `use_raw=`)."
         )
         raise ValueError(msg)
-    label_set = sorted(labels.unique())
+    label_set = sorted(labels.unique()) if labels is not None else []
     vocabulary = genes[np.unique(ranked[ranked >= 0])].tolist()
 
     c2s_model = _base(
         base_model,
         vocabulary,
-        label_set,
+        [*label_set, *units.words()],
         n_genes=n_genes,
         n_cells=len(train_cells),
+        max_cells=units.n_cells[1] if units.tasks else 0,
+        max_length=units.max_length(n_genes) if units.tasks else None,
         device=device,
         seed=random_state,
         adapter=adapter is not None,
@@ -238,22 +275,38 @@ def finetune(
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logg.info(f"    LoRA adapter of rank {lora_rank}: {n_trained:,} of {n_parameters:,} parameters trained")
     words = [genes[row[row >= 0]].tolist() for row in ranked[train_cells]]
+    max_length = _runtime.context_length(model, tokenizer)
     encode = partial(
         _samples.encode,
         tokenizer,
-        words,
-        labels.iloc[train_cells].tolist(),
-        tasks=tasks,
+        words if single_cell else [],
+        labels.iloc[train_cells].tolist() if single_cell else [],
+        tasks=single_cell,
         organism=organism,
         upper=upper,
-        max_length=_runtime.context_length(model, tokenizer),
+        max_length=max_length,
+        n_genes=n_genes,
     )
-    samples = encode()
-    _check_unknown(tokenizer, samples, tasks)
+    multi_cell = units.spec(words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
+
+    def draw(rng: np.random.Generator | None, *, dropout: float = 0.0) -> _trainer.Samples:
+        """One epoch's samples: single-cell ones (genes dropped at `dropout`), then multi-cell ones drawn anew."""
+        samples = encode(gene_dropout=dropout, rng=rng)
+        if multi_cell is None:
+            return samples
+        more = _samples.encode_multi_cell(
+            tokenizer, multi_cell, organism=organism, upper=upper, max_length=max_length, rng=rng
+        )
+        return _samples.concat(samples, more)
+
+    samples = draw(np.random.default_rng(random_state))
+    is_label = np.zeros(len(samples), dtype=bool)  # samples whose answer is a cell type: cells first, then tasks
+    is_label[: len(words) * len(single_cell)] = np.tile([t == "cell_type_prediction" for t in single_cell], len(words))
+    _check_unknown(tokenizer, samples, is_label)
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
     logg.info(
-        f"    {len(train_cells)} cells × {len(tasks)} tasks = {len(samples)} samples "
+        f"    {len(train_cells)} cells, {len(tasks)} tasks: {len(samples)} samples "
         f"({int(sum(len(ids) for ids in samples.input_ids))} tokens), {len(eval_cells)} cells held out"
     )
     train_start = time.perf_counter()
@@ -265,7 +318,7 @@ def finetune(
         learning_rate=learning_rate,
         pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
-        resample=(lambda rng: encode(gene_dropout=gene_dropout, rng=rng)) if gene_dropout else None,
+        resample=(lambda rng: draw(rng, dropout=gene_dropout)) if gene_dropout or multi_cell else None,
     )
     train_seconds = time.perf_counter() - train_start
 
@@ -273,14 +326,21 @@ def finetune(
     metadata.name = output_dir.name
     metadata.tasks = list(tasks)
     metadata.organism = organism
+    metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
     metadata.n_genes = int(ranked.shape[1])
     metadata.vocabulary = vocabulary
-    metadata.labels = label_set
+    metadata.labels = label_set or None
+    metadata.tissues = units.tissues or None
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
     metadata.training = {
         "base_model": str(base_model),
         "label_key": label_key,
+        **(
+            {"tissue_key": tissue_key, "groupby": groupby, "n_cells": list(units.n_cells), "paraphrase": paraphrase}
+            if units.tasks
+            else {}
+        ),
         "epochs": epochs,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
@@ -313,7 +373,7 @@ def finetune(
             },
         }
     c2s_model.path = output_dir
-    metadata.scores = _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
+    metadata.scores = _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes) if single_cell else {}
     c2s_model.save(output_dir)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
     logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
@@ -346,8 +406,11 @@ def scores(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
     return {"accuracy": float(np.mean(truth == predicted)), "macro_f1": float(np.mean(f1))}
 
 
-def _labels(handler: DataHandler, label_key: str) -> pd.Series:
+def _labels(handler: DataHandler, label_key: str | None, *, tasks: Sequence[str]) -> pd.Series:
     """Return the labels as strings, checked: present, complete, at least two, one line each."""
+    if label_key is None:
+        msg = f"The tasks {list(tasks)} learn cell types: pass `label_key=` with the column of `obs` that holds them."
+        raise ValueError(msg)
     labels = check_obs_column(handler.obs, label_key, arg="label_key")
     if labels.isna().any():
         msg = (
@@ -428,6 +491,8 @@ def _base(
     seed: int,
     adapter: bool = False,
     quantization: str | None = None,
+    max_cells: int = 0,
+    max_length: int | None = None,
 ) -> C2SModel:
     """Build or load the model to train on `device`: in float32, or for an adapter in the default dtype."""
     from sc_c2s.models._model import C2SModel
@@ -443,21 +508,21 @@ def _base(
         return c2s_model
     metadata = C2SMetadata()
     words = [w.upper() for w in vocabulary] if metadata.upper_case else vocabulary
-    tokenizer = build_tokenizer(words, labels, max_genes=n_genes)
+    tokenizer = build_tokenizer(words, labels, max_genes=n_genes, max_cells=max_cells, max_length=max_length)
     model = build_model(tokenizer, **scratch_size(n_cells), seed=seed)
     device, _ = _runtime.device_and_dtype(device, "float32")
     return C2SModel(model=model.to(device), tokenizer=tokenizer, metadata=metadata, path=Path(SCRATCH))
 
 
-def _check_unknown(tokenizer, samples: _trainer.Samples, tasks: Sequence[str]) -> None:
-    """Refuse labels the tokenizer cannot spell; warn about the share of gene words it does not know."""
+def _check_unknown(tokenizer, samples: _trainer.Samples, is_label: np.ndarray) -> None:
+    """Refuse labels the tokenizer cannot spell (in the answers of samples `is_label`); warn about unknown words."""
     unk = tokenizer.unk_token_id
     if unk is None:
         return
     label_unknown, n_unknown, n_tokens = False, 0, 0
     for i, (ids, n_prompt) in enumerate(zip(samples.input_ids, samples.n_prompt, strict=True)):
         is_unknown = ids[:-1] == unk  # not the EOS that ends every sample, which is Pythia's unknown token too
-        if tasks[i % len(tasks)] == "cell_type_prediction":
+        if is_label[i]:
             label_unknown |= bool(is_unknown[n_prompt:].any())
         n_unknown += int(is_unknown.sum())
         n_tokens += len(ids)

@@ -84,7 +84,9 @@ def generate(
     adata: AnnData | MuData | None = None,
     *,
     model: C2SModel | str,
-    cell_types: Sequence[str] | Mapping[str, int],
+    cell_types: Sequence[str] | Mapping[str, int] | None = None,
+    tissues: Mapping[str, int] | None = None,
+    cells_per_sample: int = 5,
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
     temperature: float = 1.0,
@@ -124,7 +126,17 @@ def generate(
     cell_types
         Cell types to generate: a list with one entry per cell (``["B cell", "B cell", "NK cell"]``) or a
         mapping of cell type to number of cells (``{{"B cell": 500, "NK cell": 500}}``). For a model with a
-        label set (``model.metadata.labels``), other types are an error.
+        label set (``model.metadata.labels``), other types are an error. Pass either `cell_types` or `tissues`.
+    tissues
+        Multi-cell generation (C2S-Scale): a mapping of tissue to number of cells (``{{"lung": 10}}``). Cells are
+        written `cells_per_sample` at a time with the tissue-conditioned multi-cell prompt of
+        :mod:`sc_c2s.prompts` (the last sample of a tissue takes the rest), and read back block by block
+        (``Cell 1:``, ``Cell 2:``, …; a block the model did not write is an empty cell). The whole text is
+        sampled until the end-of-sequence token, without `exact_length`; `unique_genes` keeps each cell's genes
+        distinct where every gene is one token (models trained from scratch). The result's ``obs`` holds ``"tissue"`` and ``"sample"`` (cells written together) instead of
+        ``"cell_type"``.
+    cells_per_sample
+        Cells per multi-cell prompt, with `tissues` (C2S-Scale trained on 5 to 20).
     n_genes
         Genes per sentence to ask for; the published checkpoints were trained on 200.
     {doc_organism}
@@ -196,6 +208,30 @@ def generate(
     random_state = _check_sampling(
         n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
+    if (cell_types is None) == (tissues is None):
+        msg = "Pass either `cell_types` (single cells) or `tissues` (samples of cells of a tissue), not both or none."
+        raise ValueError(msg)
+    if tissues is not None:
+        from ._generate_tissues import generate_tissues, requested_samples
+
+        requested_samples(tissues, cells_per_sample)  # checked before the model loads
+        c2s_model = resolve(model, device=device)
+        return generate_tissues(
+            adata,
+            c2s=c2s_model,
+            tissues=tissues,
+            cells_per_sample=cells_per_sample,
+            n_genes=n_genes,
+            organism=prompts.check_organism(organism or c2s_model.metadata.organism),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            unique_genes=unique_genes,
+            random_state=random_state,
+            batch_size=batch_size,
+            mod=mod,
+            start=start,
+        )
     request = _requested_types(cell_types)
     c2s_model = resolve(model, device=device)
     if c2s_model.metadata.prompt_style != "c2s" or "cell_type_generation" not in c2s_model.metadata.tasks:
@@ -496,7 +532,8 @@ class _Sampler:
 
     With `gene_ids`, a row never samples one of those tokens twice. With `length`, a row cannot stop before it
     has that many words, and after that it can only stop or continue its last word. With `words`, each row
-    writes distinct genes of several tokens each (and an exact number of them if the constraint says so).
+    writes distinct genes of several tokens each (and an exact number of them if the constraint says so). With
+    `reset_ids`, sampling one of those tokens lets a row use its genes again (a new cell of a multi-cell text).
     """
 
     def __init__(
@@ -509,11 +546,12 @@ class _Sampler:
         gene_ids: torch.Tensor | None,
         length: _Length | None,
         words: WordConstraint | None = None,
+        reset_ids: torch.Tensor | None = None,
     ):
         import torch
 
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
-        self.gene_ids, self.used = gene_ids, None
+        self.gene_ids, self.used, self.reset_ids = gene_ids, None, reset_ids
         self.length, self.constraint = length, words
         self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
         self.step = 0
@@ -538,6 +576,8 @@ class _Sampler:
         if self.gene_ids is not None:
             is_gene = torch.isin(token, self.gene_ids)
             self.used[is_gene.nonzero()[:, 0], token[is_gene]] = True
+            if self.reset_ids is not None:
+                self.used[torch.isin(token, self.reset_ids)] = False
         if self.length is not None:
             self.words += self.length.starts[token]
         self.step += 1
@@ -560,12 +600,16 @@ def _sample(
     batch_size: int | None,
     sink: Callable[[np.ndarray, list[str]], None],
     gene_tokens: list[list[int]] | None = None,
+    decode: Callable[[Any, np.ndarray, list[int]], list[str]] | None = None,
+    reset_ids: list[int] | None = None,
 ) -> None:
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
     Cell ``i`` is prompted with ``prompt_ids[codes[i]]``; sentences come without their closing period. `length`
     holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
-    write distinct genes of several tokens (then it sets the length, not `length`).
+    write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's new
+    tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
+    text, after which `gene_ids` may be written again.
     """
     import torch
 
@@ -596,11 +640,12 @@ def _sample(
             gene_ids=gene_tensor,
             length=exact,
             words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=length and length[0]),
+            reset_ids=None if reset_ids is None else torch.as_tensor(reset_ids, device=c2s.device),
         )
         tokens, _ = _runtime.decode(
             c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
         )
-        sink(batch.index, _texts(c2s.tokenizer, tokens.cpu().numpy(), stop_ids))
+        sink(batch.index, (decode or _texts)(c2s.tokenizer, tokens.cpu().numpy(), stop_ids))
 
     with _runtime.inference(c2s.model):
         _runtime.run_batches(

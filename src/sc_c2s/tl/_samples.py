@@ -2,17 +2,23 @@
 
 A sample is ``prompt + answer + EOS`` in the format of :mod:`sc_c2s.prompts`. Samples longer than the model's
 context lose genes from the end of their cell sentence (its least expressed genes), with ``{num_genes}`` in the
-prompt following suit, so the answer is never cut.
+prompt following suit, so the answer is never cut. Single-cell samples come one per cell and task; multi-cell
+samples (tissue prediction, tissue-conditioned generation, summary) are groups of cells of the same tissue and
+group, drawn anew every epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 
 from sc_c2s import prompts
+from sc_c2s._utils._validate import check_obs_column
 from sc_c2s.models import _runtime
 from sc_c2s.models._trainer import Samples
 
@@ -20,10 +26,16 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def texts(task: str, words: Sequence[str], label: str, *, organism: str, upper: bool) -> tuple[str, str]:
-    """Prompt and answer of one training sample of `task` for a cell with ranked genes `words`."""
+def texts(
+    task: str, words: Sequence[str], label: str, *, organism: str, upper: bool, n_genes: int | None = None
+) -> tuple[str, str]:
+    """Prompt and answer of one training sample of `task` for a cell with ranked genes `words`.
+
+    A cell-type prediction prompt asks about `n_genes` genes, as at inference (``None``: ``len(words)``).
+    """
     if task == "cell_type_prediction":
-        return prompts.cell_type_prediction(words, organism=organism, upper=upper), prompts.answer(label)
+        prompt = prompts.cell_type_prediction(words, n_genes=n_genes, organism=organism, upper=upper)
+        return prompt, prompts.answer(label)
     if task == "cell_type_generation":
         prompt = prompts.cell_type_generation(label, n_genes=len(words), organism=organism)
         return prompt, prompts.answer(prompts.cell_sentence(words, upper=upper))
@@ -40,13 +52,15 @@ def encode(
     organism: str,
     upper: bool,
     max_length: int,
+    n_genes: int | None = None,
     gene_dropout: float = 0.0,
     rng: np.random.Generator | None = None,
 ) -> Samples:
     """Tokenise one sample per cell and task, cells first: ``[cell 0 task 0, cell 0 task 1, cell 1 task 0, …]``.
 
     The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), the answer
-    without, and EOS follows the answer. With `gene_dropout`, each gene of a cell-type prediction sample's
+    without, and EOS follows the answer. Cell-type prediction prompts ask about `n_genes` genes (see
+    :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's
     sentence is left out with that probability (drawn from `rng`; at least one gene stays), the order of the
     others kept; generation samples keep their whole sentence.
     """
@@ -56,7 +70,7 @@ def encode(
         for cell_words, label in zip(words, labels, strict=True)
         for task in tasks
     ]
-    pairs = [texts(task, w, label, organism=organism, upper=upper) for task, w, label in jobs]
+    pairs = [texts(task, w, label, organism=organism, upper=upper, n_genes=n_genes) for task, w, label in jobs]
     ids = _tokenize(tokenizer, pairs, eos)
     n_truncated = 0
     for i, (prompt_ids, answer_ids) in enumerate(ids):
@@ -120,3 +134,249 @@ def _truncate(
         # drop the fewest trailing words that cover the excess, then check again
         dropped = np.searchsorted(np.cumsum(per_word[:n_words][::-1]), excess) + 1
         n_words = max(n_words - int(dropped), 0)
+
+
+@dataclass
+class MultiCell:
+    """How multi-cell samples are drawn: the cells' genes, tissue, group and summary, and the tasks."""
+
+    words: Sequence[Sequence[str]]
+    """Ranked genes of each cell."""
+    units: np.ndarray
+    """Code of each cell's unit (same tissue and group); ``-1``: never drawn."""
+    tissues: Sequence[str]
+    """Tissue of each unit."""
+    summaries: Sequence[str | None]
+    """Summary of each unit (``None``: none, no summary sample)."""
+    tasks: tuple[str, ...]
+    n_cells: tuple[int, int]
+    """Fewest and most cells per sample."""
+    n_genes: int
+    """Genes asked for per cell."""
+    paraphrase: bool = False
+    """Whether summary samples draw their instruction among the published one and its paraphrases."""
+
+    def draws(self, rng: np.random.Generator) -> list[tuple[str, int, np.ndarray]]:
+        """``(task, unit, cells)`` of each sample of an epoch.
+
+        Each unit gives ``ceil(n / mean sample size)`` samples per task (so each cell is read about once per task
+        and epoch), each of a random number of its cells in `n_cells` (at most all of them), in random order.
+        """
+        low, high = self.n_cells
+        out = []
+        for unit in range(len(self.tissues)):
+            cells = np.flatnonzero(self.units == unit)
+            if not len(cells):
+                continue
+            n_samples = math.ceil(len(cells) / ((low + high) / 2))
+            for task in self.tasks:
+                if task == "summary" and self.summaries[unit] is None:
+                    continue
+                for _ in range(n_samples):
+                    size = min(int(rng.integers(low, high + 1)), len(cells))
+                    out.append((task, unit, rng.choice(cells, size=size, replace=False)))
+        return out
+
+
+def multi_cell_texts(
+    task: str,
+    cells: Sequence[Sequence[str]],
+    answer: str,
+    *,
+    n_genes: int,
+    organism: str,
+    upper: bool,
+    template: str = prompts.SUMMARY,
+) -> tuple[str, str]:
+    """Prompt and answer of a multi-cell sample of `task`: `answer` is the tissue or the summary.
+
+    `template` is the instruction of a summary sample.
+    """
+    if task == "tissue_prediction":
+        return prompts.tissue_prediction(cells, n_genes=n_genes, organism=organism, upper=upper), prompts.answer(answer)
+    if task == "tissue_generation":
+        prompt = prompts.tissue_generation(answer, n_cells=len(cells), n_genes=n_genes, organism=organism)
+        return prompt, prompts.answer(prompts.multi_cell_sentences(cells, upper=upper))
+    if task == "summary":
+        prompt = prompts.summary(cells, n_genes=n_genes, organism=organism, upper=upper, template=template)
+        return prompt, prompts.answer(answer)
+    msg = f"Unknown task {task!r}."
+    raise ValueError(msg)
+
+
+def encode_multi_cell(
+    tokenizer: PreTrainedTokenizerBase,
+    spec: MultiCell,
+    *,
+    organism: str,
+    upper: bool,
+    max_length: int,
+    rng: np.random.Generator,
+) -> Samples:
+    """Draw and tokenise one epoch of multi-cell samples (see :meth:`MultiCell.draws`).
+
+    A sample longer than `max_length` tokens keeps fewer genes of every cell (the least expressed go), the
+    answer whole.
+    """
+    eos = _runtime.eos_id(tokenizer)
+    draws = spec.draws(rng)
+    templates = (prompts.SUMMARY, *prompts.SUMMARY_PARAPHRASES) if spec.paraphrase else (prompts.SUMMARY,)
+    chosen = rng.integers(len(templates), size=len(draws))
+
+    def pairs(i: int, n_words: int) -> tuple[str, str]:
+        task, unit, cells = draws[i]
+        answer = spec.summaries[unit] if task == "summary" else spec.tissues[unit]
+        words = [spec.words[c][:n_words] for c in cells]
+        return multi_cell_texts(
+            task, words, answer, n_genes=spec.n_genes, organism=organism, upper=upper, template=templates[chosen[i]]
+        )
+
+    ids = _tokenize(tokenizer, [pairs(i, spec.n_genes) for i in range(len(draws))], eos)
+    n_truncated = 0
+    for i, draw in enumerate(draws):
+        n_words = spec.n_genes
+        while len(ids[i][0]) + len(ids[i][1]) > max_length:
+            if n_words == 0:
+                msg = f"A {draw[0]} sample of {len(draw[2])} cells does not fit the model's context of {max_length}."
+                raise ValueError(msg)
+            n_words = int(n_words * max_length / (len(ids[i][0]) + len(ids[i][1])))
+            ids[i] = _tokenize(tokenizer, [pairs(i, n_words)], eos)[0]
+        n_truncated += n_words < spec.n_genes
+    return Samples(
+        input_ids=[np.asarray(p + a, dtype=np.int64) for p, a in ids],
+        n_prompt=np.array([len(p) for p, _ in ids], dtype=np.int64),
+        n_truncated=n_truncated,
+    )
+
+
+def concat(*parts: Samples) -> Samples:
+    """One set of samples from several, in order."""
+    return Samples(
+        input_ids=[ids for part in parts for ids in part.input_ids],
+        n_prompt=np.concatenate([part.n_prompt for part in parts]),
+        n_truncated=sum(part.n_truncated for part in parts),
+    )
+
+
+@dataclass
+class Units:
+    """The groups multi-cell samples are drawn from: cells of the same tissue and group (checked arguments)."""
+
+    tasks: tuple[str, ...]
+    """Multi-cell tasks asked for (none: no multi-cell sample)."""
+    codes: np.ndarray
+    """Unit of each cell of ``obs`` (``-1``: none)."""
+    tissues_of: list[str]
+    """Tissue of each unit (``""`` without `tissue_key`)."""
+    summaries: list[str | None]
+    """Summary text of each unit."""
+    strata: pd.Series
+    """Unit name of each cell, to hold cells out evenly."""
+    n_cells: tuple[int, int]
+
+    @property
+    def tissues(self) -> list[str]:
+        """The distinct tissues, sorted."""
+        return sorted({t for t in self.tissues_of if t})
+
+    def words(self) -> list[str]:
+        """Texts the answers hold (tissues and summaries), for the vocabulary of a model trained from scratch."""
+        return [*self.tissues, *(s for s in dict.fromkeys(self.summaries) if s)]
+
+    def max_length(self, n_genes: int) -> int:
+        """Tokens of the longest sample with a word-level tokenizer, with room to spare."""
+        longest_summary = max((len(s.split()) for s in self.summaries if s), default=0)
+        return self.n_cells[1] * (n_genes + 4) + 2 * longest_summary + 128
+
+    def spec(
+        self, words: Sequence[Sequence[str]], cells: np.ndarray, *, n_genes: int, paraphrase: bool = False
+    ) -> MultiCell | None:
+        """How to draw samples from the training `cells` (positions in ``obs``; `words` are theirs)."""
+        if not self.tasks:
+            return None
+        return MultiCell(
+            words=words,
+            units=self.codes[cells],
+            tissues=self.tissues_of,
+            summaries=self.summaries,
+            tasks=self.tasks,
+            n_cells=self.n_cells,
+            n_genes=n_genes,
+            paraphrase=paraphrase,
+        )
+
+
+def units(
+    obs: pd.DataFrame,
+    *,
+    tasks: tuple[str, ...],
+    tissue_key: str | None,
+    groupby: str | None,
+    summaries: Mapping[str, str] | str | None,
+    n_cells: tuple[int, int],
+) -> Units:
+    """Check the multi-cell arguments of :func:`sc_c2s.tl.finetune` and group the cells into units."""
+    if not tasks:
+        return Units((), np.full(len(obs), -1), [], [], pd.Series(index=obs.index, dtype=object), n_cells)
+    n_cells = _check_n_cells(n_cells)
+    needs_tissue = [t for t in tasks if t != "summary"]
+    if needs_tissue and tissue_key is None:
+        msg = f"The tasks {needs_tissue} learn tissues: pass `tissue_key=` with the column of `obs` that holds them."
+        raise ValueError(msg)
+    columns = {}
+    if tissue_key is not None:
+        columns["tissue"] = check_obs_column(obs, tissue_key, arg="tissue_key")
+    if groupby is not None:
+        columns["group"] = check_obs_column(obs, groupby, arg="groupby")
+    if "summary" in tasks and (summaries is None or groupby is None):
+        msg = "The summary task needs `groupby=` (the groups of cells) and `summaries=` (a text per group)."
+        raise ValueError(msg)
+    if not columns:
+        msg = "Multi-cell tasks need `tissue_key=` or `groupby=` to know which cells belong together."
+        raise ValueError(msg)
+    keys = pd.DataFrame({k: v.astype(str).where(v.notna()) for k, v in columns.items()}, index=obs.index)
+    complete = keys.notna().all(axis=1)
+    name = keys.fillna("").agg("\t".join, axis=1).where(complete)
+    codes, names = pd.factorize(name, sort=True)
+    first = keys[complete].groupby(name[complete], sort=True).first()
+    tissues_of = first["tissue"].tolist() if "tissue" in first else [""] * len(names)
+    texts = _summaries(obs, groupby, first["group"] if "group" in first else None, summaries, n_units=len(first))
+    return Units(tasks, codes, tissues_of, texts, name, n_cells)
+
+
+def _check_n_cells(n_cells: tuple[int, int]) -> tuple[int, int]:
+    if (
+        not isinstance(n_cells, Sequence)
+        or len(n_cells) != 2
+        or not all(isinstance(n, int | np.integer) and not isinstance(n, bool) for n in n_cells)
+        or not 1 <= n_cells[0] <= n_cells[1]
+    ):
+        msg = f"`n_cells` must be (fewest, most) cells per multi-cell sample, e.g. (5, 20); got {n_cells!r}."
+        raise ValueError(msg)
+    return int(n_cells[0]), int(n_cells[1])
+
+
+def _summaries(
+    obs: pd.DataFrame,
+    groupby: str | None,
+    groups: pd.Series | None,
+    summaries: Mapping[str, str] | str | None,
+    *,
+    n_units: int,
+) -> list[str | None]:
+    """Return the summary of each unit's group: from a mapping of group → text, or from an ``obs`` column."""
+    if groups is None or summaries is None:
+        return [None] * n_units
+    if isinstance(summaries, str):
+        column = check_obs_column(obs, summaries, arg="summaries")
+        by_group = column.groupby(obs[groupby].astype(str), observed=True).first()
+        summaries = {str(k): v for k, v in by_group.items() if isinstance(v, str)}
+    elif not isinstance(summaries, Mapping):
+        msg = f"`summaries` must be a mapping of group to text or a column of `obs`, not {type(summaries).__name__}."
+        raise TypeError(msg)
+    texts = [summaries.get(g) for g in groups.astype(str)]
+    bad = [t for t in texts if t is not None and (not isinstance(t, str) or not t.strip())]
+    if bad or all(t is None for t in texts):
+        msg = "`summaries` must hold a non-empty text for at least one group of `groupby`."
+        raise ValueError(msg)
+    return [None if t is None else " ".join(t.split()).removesuffix(".") for t in texts]

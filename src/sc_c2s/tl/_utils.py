@@ -1,19 +1,26 @@
-"""What the verbs that prompt a model with cells share: the genes of each cell as the model spells them."""
+"""What the verbs that prompt a model with cells share.
+
+The genes of each cell as the model spells them, draws of groups of cells, and the check of free-text answers.
+"""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pandas as pd
 from scanpy import logging as logg
 
 from sc_c2s import prompts
-from sc_c2s._utils._validate import check_positive_int
+from sc_c2s._utils._validate import check_obs_column, check_positive_int
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
+    from sc_c2s._data import DataHandler
     from sc_c2s.models import C2SModel
 
 #: Share of sentence genes outside the model's vocabulary above which the gene names probably do not match.
@@ -42,6 +49,67 @@ def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str
     return words
 
 
-def prediction_prompts(words: Sequence[Sequence[str]], *, organism: str) -> list[str]:
-    """Build the cell-type prediction prompts of cells whose (already cased) sentence genes are `words`."""
-    return [prompts.cell_type_prediction(cell, organism=organism, upper=False) for cell in words]
+def prediction_prompts(words: Sequence[Sequence[str]], *, n_genes: int, organism: str) -> list[str]:
+    """Build the cell-type prediction prompts of cells whose (already cased) sentence genes are `words`.
+
+    The prompts ask about `n_genes` genes, the number requested, whatever the length of each sentence.
+    """
+    return [prompts.cell_type_prediction(cell, n_genes=n_genes, organism=organism, upper=False) for cell in words]
+
+
+def group_draws(groups: pd.Series, *, n_cells: int, n_draws: int, random_state: int) -> list[tuple[str, np.ndarray]]:
+    """Draw `n_draws` sets of `n_cells` cells of each group of `groups` (an ``obs`` column), seeded.
+
+    Returns ``(group, positions)`` per draw, groups in the order of their categories (sorted otherwise), draws of
+    a group together. A draw takes its cells without replacement, in random order; a group of fewer than
+    `n_cells` cells gives all of them, shuffled. Cells without a group (missing values) are never drawn.
+    """
+    rng = np.random.default_rng(random_state)
+    codes, names = _codes(groups)
+    draws = []
+    for code, name in enumerate(names):
+        cells = np.flatnonzero(codes == code)
+        if not len(cells):
+            continue
+        draws += [(name, rng.permutation(cells)[:n_cells]) for _ in range(n_draws)]
+    return draws
+
+
+def _codes(groups: pd.Series) -> tuple[np.ndarray, list[str]]:
+    """Integer code of each cell's group (``-1``: none) and the group names, as strings."""
+    categorical = groups if isinstance(groups.dtype, pd.CategoricalDtype) else groups.astype("category")
+    return categorical.cat.codes.to_numpy(), [str(c) for c in categorical.cat.categories]
+
+
+def gene_lists(answers: Sequence[str | None], genes: Sequence[str]) -> np.ndarray:
+    """Which free-text answers are lists of genes rather than labels: two words or more, most of them genes.
+
+    Models asked for a label sometimes continue the cell sentence instead; such answers are no label. Words are
+    compared with `genes` case-insensitively.
+    """
+    known = {g.upper() for g in genes}
+    out = np.zeros(len(answers), dtype=bool)
+    for i, text in enumerate(answers):
+        words = (text or "").replace(",", " ").split()
+        out[i] = len(words) >= 2 and sum(w.upper() in known for w in words) > len(words) / 2
+    return out
+
+
+def warn_gene_lists(n: int, n_answers: int, *, what: str) -> None:
+    """Warn that `n` of `n_answers` free-text answers were gene lists and are missing."""
+    if n:
+        warnings.warn(
+            f"{n} of {n_answers} answers are lists of genes, not {what}; they are missing (NaN). The model continues "
+            f"cell sentences instead of naming {what}: constrain it with `labels=[...]`.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def groups_of(handler: DataHandler, groupby: str) -> pd.Series:
+    """Return the ``obs`` column `groupby`, checked: present, and at least one cell in a group."""
+    groups = check_obs_column(handler.obs, groupby, arg="groupby")
+    if groups.isna().all():
+        msg = f"obs[{groupby!r}] is missing for every cell; pass a column that assigns cells to groups."
+        raise ValueError(msg)
+    return groups

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+
+import sc_c2s
+from sc_c2s.models import C2SMetadata, C2SModel
+from sc_c2s.models._scratch import build_model, build_tokenizer
+from sc_c2s.tl._generate_tissues import requested_samples, split_cells
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DATA = Path(__file__).parent / "data"
+N_GENES = 5
+
+
+@pytest.fixture(scope="module")
+def _tissues() -> ad.AnnData:
+    adata = ad.read_h5ad(DATA / "tissue_mouse_300.h5ad")[::10].copy()
+    sc_c2s.pp.to_sentences(adata, n_genes=N_GENES)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def tiny(_tissues) -> C2SModel:
+    """A random 1-layer GPT-NeoX over the genes and tissues."""
+    tokenizer = build_tokenizer([g.upper() for g in _tissues.uns["c2s"]["genes"]], ["lung", "kidney"], max_genes=8)
+    model = build_model(tokenizer, hidden_size=32, n_layers=1, n_heads=2, max_length=512)
+    metadata = C2SMetadata(name="tiny", organism="Mus musculus", tasks=["tissue_generation"])
+    return C2SModel(model.eval(), tokenizer, metadata, Path("tiny"))
+
+
+def test_requested_samples_split_each_tissue():
+    tissues, sizes = requested_samples({"lung": 7, "kidney": 5, "testis": 0}, 5)
+    assert (tissues, sizes.tolist()) == (["lung", "lung", "kidney"], [5, 2, 5])
+    with pytest.raises(ValueError, match="`tissues` must map one-line tissue names"):
+        requested_samples({"lung": -1}, 5)
+    with pytest.raises(TypeError, match="`tissues` must be a mapping"):
+        requested_samples(["lung"], 5)
+
+
+def test_split_cells_reads_blocks_in_order():
+    assert split_cells("Cell 1:\nCd3d Il7r.\nCell 2:\nRp11-34p13.3 Ms4a1.\n.", 3) == [
+        "Cd3d Il7r",
+        "Rp11-34p13.3 Ms4a1",
+        "",
+    ]
+    # a word-level tokenizer decodes with spaces around punctuation; the numbers are not checked
+    assert split_cells("Cell 1 : A B . Cell 7 : C . .", 1) == ["A B"]
+    assert split_cells("A B C", 2) == ["", ""]
+
+
+def test_generated_samples_carry_tissue_and_sample(_tissues, tiny, container):
+    data = container.wrap(_tissues.copy())
+    before = _tissues.copy()
+    kwargs = {"model": tiny, "tissues": {"lung": 4, "kidney": 3}, "cells_per_sample": 3, "n_genes": N_GENES}
+    generated = sc_c2s.tl.generate(data, **kwargs)
+    assert generated.n_obs == 7
+    assert generated.var_names.equals(_tissues.var_names)
+    assert generated.obs["tissue"].astype(str).tolist() == ["lung"] * 4 + ["kidney"] * 3
+    assert generated.obs["sample"].astype(str).tolist() == ["sample-0"] * 3 + ["sample-1"] + ["sample-2"] * 3
+    params = generated.uns["c2s_generate"]["params"]
+    assert (params["tissues"], params["n_cells"], params["cells_per_sample"]) == (["lung", "kidney"], [4, 3], 3)
+    # the cells are their sentences read back through the rank fit
+    for sentence, n_valid, row in zip(
+        generated.obs["c2s_sentence"], generated.obs["n_valid_genes"], generated.X, strict=True
+    ):
+        assert row.nnz == n_valid <= len(sentence.split())
+    again = sc_c2s.tl.generate(_tissues, **kwargs)
+    np.testing.assert_array_equal(again.obs["c2s_sentence"], generated.obs["c2s_sentence"])
+    rna = container.rna(data)
+    assert (rna.X != before.X).nnz == 0 and rna.obs.equals(before.obs)
+
+
+def test_generate_takes_cell_types_or_tissues(_tissues, tiny):
+    with pytest.raises(ValueError, match="either `cell_types`"):
+        sc_c2s.tl.generate(_tissues, model=tiny, cell_types=["B"], tissues={"lung": 1})
+    with pytest.raises(ValueError, match="either `cell_types`"):
+        sc_c2s.tl.generate(_tissues, model=tiny)

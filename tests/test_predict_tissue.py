@@ -1,0 +1,205 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.special import softmax
+
+import sc_c2s
+from sc_c2s import prompts
+from sc_c2s.models import C2SMetadata, C2SModel, _runtime
+from sc_c2s.models._scratch import build_model, build_tokenizer
+from sc_c2s.tl import _annotate, _samples, _utils
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DATA = Path(__file__).parent / "data"
+N_GENES, N_CELLS, N_DRAWS = 6, 3, 2
+TISSUES = ["intestine", "kidney", "lung", "pancreas", "stomach", "testis"]
+
+
+@pytest.fixture(scope="module")
+def _tissues() -> ad.AnnData:
+    adata = ad.read_h5ad(DATA / "tissue_mouse_300.h5ad")[::5].copy()  # 60 cells, 30 samples of 1-4 cells
+    sc_c2s.pp.to_sentences(adata, n_genes=N_GENES, rank_fit=False)
+    return adata
+
+
+@pytest.fixture
+def tissues(_tissues) -> ad.AnnData:
+    return _tissues.copy()
+
+
+@pytest.fixture(scope="module")
+def tiny(_tissues) -> C2SModel:
+    """A random 1-layer GPT-NeoX with a word-level tokenizer over the genes and tissues."""
+    tokenizer = build_tokenizer([g.upper() for g in _tissues.uns["c2s"]["genes"]], TISSUES, max_genes=N_GENES)
+    model = build_model(tokenizer, hidden_size=32, n_layers=1, n_heads=2, max_length=256)
+    return C2SModel(model.eval(), tokenizer, C2SMetadata(name="tiny", organism="Mus musculus"), Path("tiny"))
+
+
+def test_group_draws_take_cells_of_one_group_seeded():
+    groups = pd.Series(["b", "a", "b", None, "b", "a"], dtype="category")
+    draws = _utils.group_draws(groups, n_cells=2, n_draws=3, random_state=0)
+    assert [name for name, _ in draws] == ["a"] * 3 + ["b"] * 3
+    for name, cells in draws:
+        assert len(cells) == 2 == len(set(cells.tolist()))
+        assert set(cells.tolist()) <= ({1, 5} if name == "a" else {0, 2, 4})
+    again = _utils.group_draws(groups, n_cells=2, n_draws=3, random_state=0)
+    assert all((x == y).all() for (_, x), (_, y) in zip(draws, again, strict=True))
+    assert sorted(_utils.group_draws(groups, n_cells=5, n_draws=1, random_state=1)[0][1].tolist()) == [1, 5]
+
+
+def test_gene_lists_are_answers_made_mostly_of_genes():
+    genes = ["Cd3d", "Il7r", "Kit"]
+    answers = ["lung", "CD3D IL7R", "Cd3d, Il7r, lung", "Kit", "small intestine", "CD3D lung tissue", None]
+    assert _utils.gene_lists(answers, genes).tolist() == [False, True, True, False, False, False, False]
+
+
+def test_constrained_tissues_sum_the_log_likelihoods_of_the_draws(tissues, tiny, container, tmp_path):
+    data = container.wrap(tissues)
+    before = tissues.copy()
+    sc_c2s.tl.predict_tissue(
+        data, model=tiny, groupby="sample", labels=TISSUES, n_cells=N_CELLS, n_genes=N_GENES, n_draws=N_DRAWS
+    )
+    adata = container.rna(data)
+    # by hand: the same draws, one prompt each, the label log-likelihoods summed per sample
+    words = [[w.upper() for w in cell] for cell in prompts.sentence_words(before, n_genes=N_GENES)]
+    draws = _utils.group_draws(before.obs["sample"], n_cells=N_CELLS, n_draws=N_DRAWS, random_state=0)
+    texts = [
+        prompts.tissue_prediction([words[i] for i in c], n_genes=N_GENES, organism="Mus musculus") for _, c in draws
+    ]
+    loglik = _annotate.score_labels(tiny, _runtime.tokenize(tiny.tokenizer, texts), TISSUES, batch_size=4)
+    summed = loglik.reshape(-1, N_DRAWS, len(TISSUES)).sum(1)
+    table = adata.uns["c2s_tissue"]["groups"]
+    assert table.index.tolist() == sorted(before.obs["sample"].unique())
+    np.testing.assert_array_equal(table["tissue"].astype(str), np.array(TISSUES)[summed.argmax(1)])
+    np.testing.assert_allclose(table["score"], softmax(summed, axis=1).max(1), rtol=1e-5)
+    assert table["n_cells"].tolist() == before.obs["sample"].value_counts().reindex(table.index).tolist()
+    expected = table["tissue"].astype(str).reindex(before.obs["sample"].astype(str)).to_numpy()
+    np.testing.assert_array_equal(adata.obs["c2s_tissue"].astype(str), expected)
+    assert adata.obs["c2s_tissue"].cat.categories.tolist() == TISSUES
+    per_draw = adata.uns["c2s_tissue"]["draws"]
+    assert len(per_draw) == len(draws) and per_draw["answer"].astype(str).tolist() == [
+        TISSUES[k] for k in loglik.argmax(1)
+    ]
+    params = adata.uns["c2s_tissue"]["params"]
+    assert (params["mode"], params["n_draws"], params["random_state"], params["labels"]) == (
+        "constrained",
+        N_DRAWS,
+        0,
+        TISSUES,
+    )
+    # the input is untouched but for the results
+    assert (adata.X != before.X).nnz == 0
+    np.testing.assert_array_equal(adata.obsm["c2s_genes"], before.obsm["c2s_genes"])
+    if container.is_mudata:
+        assert "rna:c2s_tissue" in data.obs
+    # an h5ad round trip keeps the tables
+    adata.write_h5ad(tmp_path / "tissues.h5ad")
+    back = ad.read_h5ad(tmp_path / "tissues.h5ad").uns["c2s_tissue"]
+    pd.testing.assert_frame_equal(back["groups"], table, check_categorical=False, check_index_type=False)
+    assert back["draws"]["answer"].astype(str).tolist() == per_draw["answer"].astype(str).tolist()
+
+
+def test_free_answers_that_are_gene_lists_are_missing(tissues, tiny, monkeypatch):
+    monkeypatch.setattr(_annotate, "MAX_ANSWER_TOKENS", 4)  # a random model writes genes, rarely a period
+    n_samples = tissues.obs["sample"].nunique()
+    with pytest.warns(UserWarning, match=rf"{n_samples} of {n_samples} answers are lists of genes, not tissues"):
+        sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby="sample", n_cells=N_CELLS, n_genes=N_GENES, n_draws=1)
+    assert tissues.obs["c2s_tissue"].isna().all() and tissues.obs["c2s_tissue_score"].isna().all()
+    assert tissues.uns["c2s_tissue"]["params"]["mode"] == "free"
+
+
+def test_model_tissues_and_errors(tissues, tiny):
+    with pytest.raises(ValueError, match="carries no tissues"):
+        sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby="sample", labels="model")
+    with pytest.raises(KeyError, match="`groupby='donor'` is not a column"):
+        sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby="donor", labels=TISSUES)
+    with pytest.raises(ValueError, match="`n_draws` must be a positive integer"):
+        sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby="sample", labels=TISSUES, n_draws=0)
+    assert "c2s_tissue" not in tissues.obs
+
+
+def test_multi_cell_samples_hold_cells_of_one_tissue_and_group(tissues):
+    units = _samples.units(
+        tissues.obs,
+        tasks=("tissue_prediction", "tissue_generation"),
+        tissue_key="tissue",
+        groupby="sample",
+        summaries=None,
+        n_cells=(2, 3),
+    )
+    assert units.tissues == TISSUES
+    words = prompts.sentence_words(tissues, n_genes=N_GENES)
+    cells = np.arange(tissues.n_obs)
+    spec = units.spec(words, cells, n_genes=N_GENES)
+    rng = np.random.default_rng(0)
+    first, second = spec.draws(rng), spec.draws(rng)
+    sizes = tissues.obs["sample"].value_counts()
+    # per task, each sample of n cells gives ceil(n / 2.5) draws
+    assert len(first) == len(second) == 2 * int(np.ceil(sizes[sizes > 0] / 2.5).sum())
+    for task, unit, drawn in first:
+        assert task in {"tissue_prediction", "tissue_generation"}
+        assert 1 <= len(drawn) <= 3 and len(set(drawn.tolist())) == len(drawn)
+        assert tissues.obs["sample"].iloc[drawn].nunique() == 1
+        assert (tissues.obs["tissue"].iloc[drawn] == units.tissues_of[unit]).all()
+    assert any(len(a[2]) != len(b[2]) or (a[2] != b[2]).any() for a, b in zip(first, second, strict=True))
+    tokenizer = build_tokenizer([g.upper() for g in tissues.uns["c2s"]["genes"]], TISSUES, max_genes=N_GENES)
+    samples = _samples.encode_multi_cell(
+        tokenizer, spec, organism="Mus musculus", upper=True, max_length=512, rng=np.random.default_rng(0)
+    )
+    task, unit, drawn = first[0]
+    prompt, answer = _samples.multi_cell_texts(
+        task, [words[i] for i in drawn], units.tissues_of[unit], n_genes=N_GENES, organism="Mus musculus", upper=True
+    )
+    expected = tokenizer(prompt)["input_ids"] + tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert samples.input_ids[0].tolist() == [*expected, tokenizer.eos_token_id]
+    assert tokenizer.unk_token_id not in np.concatenate(samples.input_ids[:-1]).tolist()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"tissue_key": None}, ValueError, "learn tissues: pass `tissue_key=`"),
+        ({"tissue_key": "organ"}, KeyError, "`tissue_key='organ'` is not a column"),
+        ({"n_cells": (5, 2)}, ValueError, "`n_cells` must be"),
+        ({"tasks": ("summary",)}, ValueError, "needs `groupby=`"),
+    ],
+)
+def test_multi_cell_arguments_are_checked(tissues, kwargs, error, match):
+    args = {
+        "tasks": ("tissue_prediction",),
+        "tissue_key": "tissue",
+        "groupby": None,
+        "summaries": None,
+        "n_cells": (5, 20),
+    }
+    with pytest.raises(error, match=match):
+        _samples.units(tissues.obs, **(args | kwargs))
+
+
+def test_finetune_without_single_cell_tasks_needs_no_label_key(tissues, tmp_path):
+    with pytest.raises(ValueError, match="learn cell types: pass `label_key=`"):
+        sc_c2s.tl.finetune(tissues, base_model="scratch", output_dir=tmp_path / "m", tasks=["cell_type_prediction"])
+    path = sc_c2s.tl.finetune(
+        tissues,
+        base_model="scratch",
+        output_dir=tmp_path / "model",
+        tasks=["tissue_prediction"],
+        tissue_key="tissue",
+        groupby="sample",
+        n_genes=N_GENES,
+        n_cells=(2, 3),
+        epochs=1,
+        organism="Mus musculus",
+    )
+    model = sc_c2s.models.load(path)
+    assert model.metadata.tissues == TISSUES and model.metadata.labels is None
+    assert model.metadata.tasks == ["tissue_prediction"] and model.metadata.scores == {}
+    assert model.metadata.training["n_cells"] == [2, 3]
+    sc_c2s.tl.predict_tissue(tissues, model=model, groupby="sample", labels="model", n_draws=1)
+    assert set(tissues.obs["c2s_tissue"].astype(str)) <= set(TISSUES)
+    assert tissues.uns["c2s_tissue"]["params"]["n_genes"] == N_GENES

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+
+from sc_c2s import prompts
+from sc_c2s.models._scratch import build_tokenizer
+
+CELLS = [["Cd3d", "Il7r"], ["Ms4a1"]]
+
+
+def test_cell_type_prediction_names_the_requested_number_of_genes():
+    assert prompts.cell_type_prediction(["cd3d", "il7r"], n_genes=200, organism="Mus musculus") == (
+        "The following is a list of 200 gene names ordered by descending expression level in a Mus musculus cell. "
+        "Your task is to give the cell type which this cell belongs to based on its gene expression.\n"
+        "Cell sentence: CD3D IL7R.\n"
+        "The cell type corresponding to these genes is:"
+    )
+    assert prompts.cell_type_prediction(["cd3d", "il7r"]).startswith("The following is a list of 2 gene names ")
+
+
+def test_multi_cell_sentences_number_cells_from_one():
+    assert prompts.multi_cell_sentences(CELLS) == "Cell 1:\nCD3D IL7R.\nCell 2:\nMS4A1.\n"
+    assert prompts.multi_cell_sentences(CELLS, upper=False) == "Cell 1:\nCd3d Il7r.\nCell 2:\nMs4a1.\n"
+    assert prompts.multi_cell_sentences([]) == ""
+
+
+def test_tissue_prediction_is_the_published_template():
+    assert prompts.tissue_prediction(CELLS, n_genes=100, organism="Mus musculus") == (
+        "The following is a list of 100 gene names ordered by descending expression level for 2 different "
+        "Mus musculus cells. Your task is to give the tissue which these cells belong to based on their gene "
+        "expression.\n"
+        "Cell sentences:\n"
+        "Cell 1:\nCD3D IL7R.\n"
+        "Cell 2:\nMS4A1.\n"
+        ".\n"
+        "The tissue which these cells belong to is:"
+    )
+
+
+def test_tissue_generation_is_the_published_template_ending_with_a_newline():
+    assert prompts.tissue_generation("lung", n_cells=5, n_genes=200, organism="Homo sapiens") == (
+        "Generate a list of 200 genes in order of descending expression for 5 different Homo sapiens cells from "
+        "a lung tissue.\nCell sentences:\n"
+    )
+
+
+def test_summary_is_the_published_template_without_a_cell_sentences_line():
+    assert prompts.summary(CELLS, n_genes=3, organism="Homo sapiens", upper=False) == (
+        "The following is a list of 3 gene names ordered by descending expression level for 2 different "
+        "Homo sapiens cells. Your task is to produce an abstract summary summarizing the biological information "
+        "contained in these cells.\n"
+        "Cell 1:\nCd3d Il7r.\n"
+        "Cell 2:\nMs4a1.\n"
+        ".\n"
+        "Abstract summary:"
+    )
+
+
+def test_multi_cell_prompts_refuse_an_unknown_organism():
+    with pytest.raises(ValueError, match="`organism` must be one of"):
+        prompts.tissue_prediction(CELLS, n_genes=2, organism="Danio rerio")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        prompts.tissue_prediction(CELLS, n_genes=20, organism="Mus musculus"),
+        prompts.tissue_generation("lung", n_cells=20, n_genes=2),
+        prompts.summary(CELLS, n_genes=2),
+    ],
+    ids=["tissue_prediction", "tissue_generation", "summary"],
+)
+def test_word_level_tokenizers_know_every_template_word(text):
+    tokenizer = build_tokenizer(["CD3D", "IL7R", "MS4A1"], ["lung"], max_genes=20)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+import sc_c2s
+from sc_c2s import prompts
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+DATA = Path(__file__).parent / "data"
+N_GENES = 4
+SUMMARIES = {
+    "intestine": "Enterocytes and goblet cells of the gut",
+    "kidney": "Epithelial cells of the nephron",
+    "lung": "Immune cells of a lung tumour",
+    "pancreas": "Endocrine progenitors of the embryonic pancreas",
+    "stomach": "Pit and chief cells of the gastric mucosa",
+    "testis": "Germ cells in meiosis",
+}
+
+
+@pytest.fixture(scope="module")
+def summarizer(tmp_path_factory, one_torch_thread):
+    """A tiny model trained from scratch to write each tissue's summary, from 60 cells of the mouse fixture."""
+    adata = ad.read_h5ad(DATA / "tissue_mouse_300.h5ad")[::5].copy()
+    sc_c2s.pp.to_sentences(adata, n_genes=N_GENES, rank_fit=False)
+    adata.obs["summary"] = adata.obs["tissue"].map(SUMMARIES).astype(str)
+    path = sc_c2s.tl.finetune(
+        adata,
+        base_model="scratch",
+        output_dir=tmp_path_factory.mktemp("summary") / "model",
+        tasks=["summary"],
+        groupby="tissue",
+        summaries="summary",  # an obs column, one text per group
+        n_cells=(2, 3),
+        n_genes=N_GENES,
+        epochs=20,
+        batch_size=8,
+        paraphrase=True,
+        organism="Mus musculus",
+    )
+    return adata, sc_c2s.models.load(path)
+
+
+def test_summaries_per_group_and_draw_reproducible_and_in_h5ad(summarizer, container, tmp_path):
+    adata, model = summarizer
+    data = container.wrap(adata.copy())
+    before = adata.copy()
+    kwargs = {"model": model, "groupby": "tissue", "n_cells": 3, "n_draws": 2, "temperature": 0.1, "max_new_tokens": 12}
+    sc_c2s.tl.summarize(data, **kwargs)
+    rna = container.rna(data)
+    table = rna.uns["c2s_summary"]
+    assert table["group"].astype(str).tolist() == [t for t in SUMMARIES for _ in range(2)]
+    assert table["draw"].tolist() == [0, 1] * 6 and (table["n_cells"] == 3).all()
+    # the model learnt the summaries
+    assert np.mean([SUMMARIES[g] == s for g, s in zip(table["group"], table["summary"], strict=True)]) >= 0.75
+    params = rna.uns["c2s_summary_params"]
+    assert (params["n_genes"], params["n_draws"], params["random_state"]) == (N_GENES, 2, 0)
+    # the same seed writes the same texts, another seed draws other cells
+    again = sc_c2s.tl.summarize(adata.copy(), copy=True, **kwargs).uns["c2s_summary"]
+    pd.testing.assert_frame_equal(again, table)
+    # the input is untouched but for the results
+    assert (rna.X != before.X).nnz == 0 and rna.obs.equals(before.obs)
+    rna.write_h5ad(tmp_path / "summaries.h5ad")
+    back = ad.read_h5ad(tmp_path / "summaries.h5ad").uns["c2s_summary"]
+    assert back["summary"].tolist() == table["summary"].tolist()
+
+
+def test_summary_paraphrases_keep_the_published_fields():
+    cells = [["Cd3d"], ["Ms4a1"]]
+    for template in prompts.SUMMARY_PARAPHRASES:
+        text = prompts.summary(cells, n_genes=7, organism="Mus musculus", template=template)
+        assert "7" in text and "2 Mus musculus cells" in text
+        assert text.endswith("Cell 1:\nCD3D.\nCell 2:\nMS4A1.\n.\nAbstract summary:")
+
+
+def test_summarize_checks_arguments(summarizer):
+    adata, model = summarizer
+    with pytest.raises(KeyError, match="`groupby='donor'` is not a column"):
+        sc_c2s.tl.summarize(adata, model=model, groupby="donor")
+    with pytest.raises(ValueError, match="`max_new_tokens` must be a positive integer"):
+        sc_c2s.tl.summarize(adata, model=model, groupby="tissue", max_new_tokens=0)
+    assert "c2s_summary" not in adata.uns
