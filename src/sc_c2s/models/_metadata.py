@@ -15,6 +15,8 @@ from typing import Any
 METADATA_FILE = "c2s_metadata.json"
 #: Tasks a checkpoint can be trained for, named after the prompt templates in :mod:`sc_c2s.prompts`.
 TASKS = ("cell_type_prediction", "cell_type_generation")
+#: The perturbation-response task (control cell sentence → perturbed cell sentence); trained only when asked for.
+PERTURBATION = "perturbation"
 
 
 @dataclass
@@ -43,6 +45,8 @@ class C2SMetadata:
     """How the model was trained (base model, data, split, epochs, learning rate…)."""
     scores: dict[str, Any] = field(default_factory=dict)
     """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
+    perturbations: list[str] | None = None
+    """Perturbations the model was trained to predict (task ``"perturbation"``), when known."""
     adapter: dict[str, Any] | None = None
     """The LoRA adapter of an adapter checkpoint (``None`` for a whole model).
 

@@ -24,9 +24,9 @@ from sc_c2s._utils._validate import (
     check_random_state,
 )
 from sc_c2s.models import _lora, _runtime, _trainer
-from sc_c2s.models._metadata import TASKS, C2SMetadata
+from sc_c2s.models._metadata import PERTURBATION, TASKS, C2SMetadata
 
-from . import _samples
+from . import _pairs, _samples
 
 if TYPE_CHECKING:
     import torch
@@ -48,7 +48,7 @@ _LORA_LEARNING_RATE = 2e-4
 def finetune(
     adata: AnnData | MuData,
     *,
-    label_key: str,
+    label_key: str | None = None,
     base_model: str | Path,
     output_dir: str | Path,
     tasks: Sequence[str] = TASKS,
@@ -66,6 +66,9 @@ def finetune(
     target_modules: Sequence[str] | None = None,
     quantization: Literal["4bit"] | None = None,
     gradient_checkpointing: bool | None = None,
+    condition_key: str | None = None,
+    control: str | None = None,
+    pair_by: str | Sequence[str] | None = None,
     mod: str | None = None,
 ) -> Path:
     """Train a C2S model on the cell sentences and labels of `adata`, and write it as a checkpoint.
@@ -93,13 +96,17 @@ def finetune(
     ----------
     {doc_adata}
     label_key
-        Column of ``obs`` with the cell types to learn.
+        Column of ``obs`` with the cell types to learn; needed by the cell-type tasks only.
     base_model
         ``"scratch"``, a name from :func:`sc_c2s.models.available`, or a checkpoint directory.
     output_dir
         Directory to write the checkpoint to; created if needed, and it must be empty.
     tasks
-        Tasks to train, any of ``"cell_type_prediction"`` and ``"cell_type_generation"``.
+        Tasks to train, any of ``"cell_type_prediction"``, ``"cell_type_generation"`` and ``"perturbation"``.
+        The perturbation task pairs every perturbed cell (``obs[condition_key]`` other than `control`) with a
+        control cell of its `pair_by` group, drawn at random anew every epoch from the seeded training stream;
+        the control cell's sentence is the prompt (:func:`sc_c2s.prompts.perturbation`, naming the perturbed
+        cell's condition) and the perturbed cell's sentence the answer. Several perturbations train one model.
     n_genes
         Genes per cell sentence, best first.
     {doc_organism} From scratch, ``None`` means ``"Homo sapiens"``.
@@ -137,6 +144,14 @@ def finetune(
     gradient_checkpointing
         Recompute each layer's activations in the backward pass instead of keeping them: less memory, about a
         third more time. ``None``: on for base models of a billion parameters or more.
+    condition_key
+        Column of ``obs`` with each cell's condition (the perturbation, or `control`); task ``"perturbation"``.
+    control
+        The value of ``obs[condition_key]`` of the control (unperturbed) cells.
+    pair_by
+        Column or columns of ``obs`` (e.g. ``["cell_type", "donor"]``) within whose groups perturbed and control
+        cells are paired; ``None`` pairs across all cells. Perturbed cells of groups without control cells are left
+        out with a warning.
     {doc_mod}
 
     Returns
@@ -164,11 +179,13 @@ def finetune(
     ...     adata, label_key="bulk_labels", base_model="C2S-Scale-Gemma-2-2B", output_dir="pbmc_lora", adapter="lora"
     ... )  # doctest: +SKIP
     """
-    start = logg.info(f"fine-tuning {base_model!r} on {label_key!r}")
+    start = logg.info(f"fine-tuning {base_model!r} on {label_key or condition_key!r}")
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
-    labels = _labels(handler, label_key)
     tasks = _check_tasks(tasks)
+    cell_tasks = tuple(t for t in tasks if t != PERTURBATION)
+    _check_task_keys(cell_tasks, tasks, label_key=label_key, condition_key=condition_key, control=control)
+    labels = _labels(handler, label_key) if cell_tasks else None
     check_positive_int(n_genes, "n_genes")
     check_number(gene_dropout, "gene_dropout", low=0, high=1, high_open=True)
     check_number(eval_fraction, "eval_fraction", low=0, high=1, high_open=True)
@@ -194,7 +211,11 @@ def finetune(
     expressed = (ranked >= 0).any(axis=1)
     if not expressed.all():
         logg.warning(f"{int((~expressed).sum())} cells express no gene and are left out of training")
-    is_eval = split(labels, eval_fraction=eval_fraction, random_state=random_state)
+    is_eval = (
+        split(labels, eval_fraction=eval_fraction, random_state=random_state)
+        if labels is not None
+        else np.zeros(handler.n_obs, dtype=bool)
+    )
     train_cells = np.flatnonzero(~is_eval & expressed)
     eval_cells = np.flatnonzero(is_eval & expressed)
     if not len(train_cells):
@@ -203,13 +224,21 @@ def finetune(
             "Check that `sc_c2s.pp.to_sentences` ranked the expression you meant (`layer=`, `use_raw=`)."
         )
         raise ValueError(msg)
-    label_set = sorted(labels.unique())
+    label_set = sorted(labels.unique()) if labels is not None else []
+    design = (
+        _pairs.design(
+            handler.obs, condition_key=condition_key, control=control, pair_by=pair_by, usable=~is_eval & expressed
+        )
+        if PERTURBATION in tasks
+        else None
+    )
+    perturbation_set = sorted(set(design.perturbations)) if design is not None else []
     vocabulary = genes[np.unique(ranked[ranked >= 0])].tolist()
 
     c2s_model = _base(
         base_model,
         vocabulary,
-        label_set,
+        label_set + perturbation_set,
         n_genes=n_genes,
         n_cells=len(train_cells),
         device=device,
@@ -237,23 +266,34 @@ def finetune(
     if adapter is not None:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logg.info(f"    LoRA adapter of rank {lora_rank}: {n_trained:,} of {n_parameters:,} parameters trained")
-    words = [genes[row[row >= 0]].tolist() for row in ranked[train_cells]]
+    words = [genes[row[row >= 0]].tolist() for row in ranked]
+    max_length = _runtime.context_length(model, tokenizer)
     encode = partial(
         _samples.encode,
         tokenizer,
-        words,
-        labels.iloc[train_cells].tolist(),
-        tasks=tasks,
+        [words[i] for i in train_cells],
+        labels.iloc[train_cells].tolist() if labels is not None else [],
+        tasks=cell_tasks,
         organism=organism,
         upper=upper,
-        max_length=_runtime.context_length(model, tokenizer),
+        max_length=max_length,
     )
-    samples = encode()
-    _check_unknown(tokenizer, samples, tasks)
+    cell_samples = encode() if cell_tasks else None
+    pairs = partial(_pair_samples, tokenizer, words, design, upper=upper, max_length=max_length)
+    pair_samples = pairs(np.random.default_rng(random_state)) if design is not None else None
+    for part, part_tasks in ((cell_samples, cell_tasks), (pair_samples, (PERTURBATION,))):
+        if part is not None:
+            _check_unknown(tokenizer, part, part_tasks)
+    samples = _samples.concat([part for part in (cell_samples, pair_samples) if part is not None])
+
+    def resample(rng: np.random.Generator) -> _trainer.Samples:
+        cells = encode(gene_dropout=gene_dropout, rng=rng) if gene_dropout and cell_tasks else cell_samples
+        return _samples.concat([part for part in (cells, design and pairs(rng)) if part is not None])
+
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
     logg.info(
-        f"    {len(train_cells)} cells × {len(tasks)} tasks = {len(samples)} samples "
+        f"    {' + '.join(_sample_counts(len(train_cells), cell_tasks, design))} = {len(samples)} samples "
         f"({int(sum(len(ids) for ids in samples.input_ids))} tokens), {len(eval_cells)} cells held out"
     )
     train_start = time.perf_counter()
@@ -265,7 +305,7 @@ def finetune(
         learning_rate=learning_rate,
         pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
-        resample=(lambda rng: encode(gene_dropout=gene_dropout, rng=rng)) if gene_dropout else None,
+        resample=resample if gene_dropout or design is not None else None,
     )
     train_seconds = time.perf_counter() - train_start
 
@@ -275,7 +315,8 @@ def finetune(
     metadata.organism = organism
     metadata.n_genes = int(ranked.shape[1])
     metadata.vocabulary = vocabulary
-    metadata.labels = label_set
+    metadata.labels = label_set or None
+    metadata.perturbations = perturbation_set or None
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
     metadata.training = {
@@ -294,6 +335,16 @@ def finetune(
         "train_seconds": round(train_seconds, 1),
         "device": str(c2s_model.device),
         "gradient_checkpointing": bool(gradient_checkpointing),
+        **(
+            {
+                "condition_key": condition_key,
+                "control": control,
+                "pair_by": pair_by,
+                "n_perturbed_cells": len(design.perturbed),
+            }
+            if design is not None
+            else {}
+        ),
         "eval_obs_names": handler.obs_names[eval_cells].tolist(),
         "sc_c2s": version("sc-c2s"),
     }
@@ -368,11 +419,52 @@ def _labels(handler: DataHandler, label_key: str) -> pd.Series:
 
 def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in (*TASKS, PERTURBATION)]
     if not tasks or unknown:
-        msg = f"`tasks` must be a non-empty selection of {TASKS}, got {tasks!r}."
+        msg = f"`tasks` must be a non-empty selection of {(*TASKS, PERTURBATION)}, got {tasks!r}."
         raise ValueError(msg)
     return tuple(dict.fromkeys(tasks))
+
+
+def _check_task_keys(
+    cell_tasks: tuple[str, ...],
+    tasks: tuple[str, ...],
+    *,
+    label_key: str | None,
+    condition_key: str | None,
+    control: str | None,
+) -> None:
+    """Refuse a missing `label_key` for the cell-type tasks, or a missing `condition_key`/`control` for perturbation."""
+    if cell_tasks and label_key is None:
+        msg = f"The tasks {list(cell_tasks)} learn cell types: pass `label_key`, the obs column that holds them."
+        raise ValueError(msg)
+    if PERTURBATION in tasks and (condition_key is None or control is None):
+        msg = (
+            'The task "perturbation" needs `condition_key` (the obs column of each cell\'s condition) and `control` '
+            "(its value for control cells)."
+        )
+        raise ValueError(msg)
+
+
+def _sample_counts(n_cells: int, cell_tasks: tuple[str, ...], design: _pairs.Design | None) -> list[str]:
+    """Where the samples come from, for the log: cells × cell-type tasks, perturbed cells."""
+    counts = [f"{n_cells} cells × {len(cell_tasks)} tasks"] if cell_tasks else []
+    return counts + ([f"{len(design.perturbed)} perturbed cells"] if design is not None else [])
+
+
+def _pair_samples(
+    tokenizer, words: list[list[str]], design: _pairs.Design, rng: np.random.Generator, *, upper: bool, max_length: int
+) -> _trainer.Samples:
+    """Perturbation samples of every perturbed cell with a control cell of its group drawn from `rng`."""
+    controls = design.pairs.draw(rng)
+    return _samples.encode_perturbation(
+        tokenizer,
+        [words[i] for i in controls],
+        [words[i] for i in design.perturbed],
+        design.perturbations,
+        upper=upper,
+        max_length=max_length,
+    )
 
 
 def _check_adapter(
