@@ -7,6 +7,7 @@ from ._embed import embed
 from ._finetune import finetune
 from ._from_sentences import from_sentences
 from ._generate import generate
+from ._predict_perturbation import predict_perturbation
 from ._score_generation import score_generation
 
-__all__ = ["annotate", "embed", "finetune", "from_sentences", "generate", "score_generation"]
+__all__ = ["annotate", "embed", "finetune", "from_sentences", "generate", "predict_perturbation", "score_generation"]
