@@ -23,11 +23,19 @@ def test_perturbation_sample_text():
 
 
 def test_scratch_tokenizer_spells_perturbation_prompt():
-    """Every word of the template and of the perturbation name is one known token of a scratch tokenizer."""
-    tokenizer = build_tokenizer(["CD74", "ISG15"], ["IFN-beta stimulated"], max_genes=5)
+    """With the perturbation words, every word of the prompt is one known token of a scratch tokenizer."""
+    tokenizer = build_tokenizer(["CD74", "ISG15"], ["IFN-beta stimulated", *prompts.PERTURBATION_WORDS], max_genes=5)
     text = prompts.perturbation(["CD74", "ISG15"], perturbation_name="IFN-beta stimulated") + prompts.answer("ISG15")
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids
     assert tokenizer.convert_ids_to_tokens(ids[-6:]) == ["Perturbed", "cell", "sentence", ":", "ISG15", "."]
     for word in ("Given", "cell's", "basal", "state", ",", "Control"):
         assert word in tokenizer.get_vocab()
+
+
+def test_perturbation_words_are_new_template_words():
+    assert prompts.PERTURBATION_WORDS == (
+        "Given", "expressed", "representing", "cell's", "basal", "state", "predict", "after", "applying",
+        "perturbation", "Control", "Perturbed",
+    )  # fmt: skip
+    assert not set(prompts.PERTURBATION_WORDS) & set(prompts.TEMPLATE_WORDS)

@@ -68,15 +68,14 @@ PERTURBATION = (
     "\n"
     "Perturbed cell sentence:"
 )
-TEMPLATE_WORDS = tuple(
-    dict.fromkeys(
-        [
-            *TEMPLATE_WORDS,
-            *re.sub(
-                r"[.:,]", " ", PERTURBATION.format(num_genes="", perturbation_name="", control_cell_sentence="")
-            ).split(),
-        ]
+#: Words of the perturbation template that :data:`TEMPLATE_WORDS` lacks. A word-level tokenizer gets them when its
+#: model trains the perturbation task, so models of the other tasks keep their vocabulary and seeded weights.
+PERTURBATION_WORDS: tuple[str, ...] = tuple(
+    word
+    for word in dict.fromkeys(
+        re.sub(r"[.:,]", " ", PERTURBATION.format(num_genes="", perturbation_name="", control_cell_sentence="")).split()
     )
+    if word not in TEMPLATE_WORDS
 )
 
 

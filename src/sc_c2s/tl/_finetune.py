@@ -238,7 +238,7 @@ def finetune(
     c2s_model = _base(
         base_model,
         vocabulary,
-        label_set + perturbation_set,
+        label_set + perturbation_set + ([" ".join(prompts.PERTURBATION_WORDS)] if design is not None else []),
         n_genes=n_genes,
         n_cells=len(train_cells),
         device=device,
