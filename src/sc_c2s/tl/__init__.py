@@ -9,5 +9,15 @@ from ._from_sentences import from_sentences
 from ._generate import generate
 from ._predict_perturbation import predict_perturbation
 from ._score_generation import score_generation
+from ._score_perturbation import score_perturbation
 
-__all__ = ["annotate", "embed", "finetune", "from_sentences", "generate", "predict_perturbation", "score_generation"]
+__all__ = [
+    "annotate",
+    "embed",
+    "finetune",
+    "from_sentences",
+    "generate",
+    "predict_perturbation",
+    "score_generation",
+    "score_perturbation",
+]
