@@ -13,6 +13,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 FAST = {
     "sentences_and_annotation": "n_cells = 60",
     "finetune_and_generate": "epochs = 1\nn_genes = 16\nn_generated = 2",
+    "perturbation": f"data = {str(Path(__file__).parent / 'data' / 'kang_400.h5ad')!r}\nepochs = 1\nn_genes = 12",
 }
 
 
