@@ -123,7 +123,8 @@ def finetune(
         teach the model to rely on no single gene, which helps with cells whose detected genes differ, e.g. from
         another protocol.
     eval_fraction
-        Share of the cells of each label held out of training to score the model (``0``: none).
+        Share of the cells of each label held out of training to score the model (``0``: none); with the
+        cell-type tasks only (a model trained on perturbation alone holds out no cells).
     random_state
         Seed of the held-out split, the initial weights, the order of the samples {doc_seed}. The seed used is
         recorded in the checkpoint's metadata (``training["random_state"]``).
