@@ -110,12 +110,44 @@ def tissue_mouse(source: Path, rng: np.random.Generator) -> ad.AnnData:
     return finish(sub)
 
 
+#: Cell types of the Kang fixture, and the interferon-response genes it keeps whatever their totals.
+KANG_TYPES = ("B", "CD4T", "CD14+Mono")
+KANG_GENES = ("ISG15", "IFI6", "IFIT1")
+
+
+def kang(source: Path, rng: np.random.Generator) -> ad.AnnData:
+    full = ad.read_h5ad(source / "kang_scgen_valid.h5ad")
+    full = full[full.obs["cell_type"].isin(KANG_TYPES)]
+    strata = full.obs["cell_type"].astype(str) + "|" + full.obs["condition"].astype(str)
+    cells = np.sort(
+        np.concatenate(
+            [
+                rng.choice(np.flatnonzero(strata == s), size=min(67, (strata == s).sum()), replace=False)
+                for s in sorted(set(strata))
+            ]
+        )
+    )
+    counts = full.layers["counts_reconstructed"]
+    genes = np.union1d(top_genes(counts, 1000), full.var_names.get_indexer(KANG_GENES))
+    sub = ad.AnnData(
+        X=counts[cells][:, genes],
+        obs=full.obs.iloc[cells][["cell_type", "condition"]].astype(str).astype("category"),
+        var=pd.DataFrame(index=full.var_names[genes]),
+    )
+    return finish(sub)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    fixtures = [("cellbench_300.h5ad", cellbench), ("pbmc4k_500.h5ad", pbmc4k), ("tissue_mouse_300.h5ad", tissue_mouse)]
+    fixtures = [
+        ("cellbench_300.h5ad", cellbench),
+        ("pbmc4k_500.h5ad", pbmc4k),
+        ("tissue_mouse_300.h5ad", tissue_mouse),
+        ("kang_400.h5ad", kang),
+    ]
     for name, make in fixtures:
         adata = make(args.source, np.random.default_rng(SEED))
         path = OUT / name

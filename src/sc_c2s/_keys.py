@@ -25,3 +25,7 @@ GENERATE = "c2s_generate"
 FROM_SENTENCES_RANK_FIT = "c2s_rank_fit"
 #: ``obs`` column of the requested cell type of generated cells.
 GENERATED_CELL_TYPE = "cell_type"
+#: ``obs`` column of the control cell each predicted perturbed cell comes from.
+SOURCE_CELL = "c2s_source_cell"
+#: ``uns`` entry of the cells that :func:`sc_c2s.tl.predict_perturbation` returns.
+PREDICT_PERTURBATION = "c2s_predict_perturbation"

@@ -105,6 +105,27 @@ TEMPLATE_WORDS: tuple[str, ...] = tuple(
 )
 
 
+# Perturbation response (the published fine-tuning format): the prompt holds a control cell's sentence, the answer
+# is a perturbed cell's sentence.
+#: Template of the perturbation task; the answer follows as ``" {perturbed_cell_sentence}."``.
+PERTURBATION = (
+    "Given the following cell sentence of {num_genes} expressed genes representing a cell's basal state, predict "
+    "the cell sentence after applying the perturbation: {perturbation_name}.\n"
+    "Control cell sentence: {control_cell_sentence}.\n"
+    "\n"
+    "Perturbed cell sentence:"
+)
+#: Words of the perturbation template that :data:`TEMPLATE_WORDS` lacks. A word-level tokenizer gets them when its
+#: model trains the perturbation task, so models of the other tasks keep their vocabulary and seeded weights.
+PERTURBATION_WORDS: tuple[str, ...] = tuple(
+    word
+    for word in dict.fromkeys(
+        re.sub(r"[.:,]", " ", PERTURBATION.format(num_genes="", perturbation_name="", control_cell_sentence="")).split()
+    )
+    if word not in TEMPLATE_WORDS
+)
+
+
 def check_organism(organism: str) -> str:
     """Return `organism` if the published prompts know it, else raise a clear error."""
     if organism not in ORGANISMS:
@@ -137,6 +158,19 @@ def cell_type_prediction(
 def cell_type_generation(cell_type: str, *, n_genes: int, organism: Organism = "Homo sapiens") -> str:
     """Prompt asking for a cell sentence of `n_genes` genes for a cell of `cell_type`."""
     return CELL_TYPE_GENERATION.format(num_genes=n_genes, organism=check_organism(organism), cell_type=cell_type)
+
+
+def perturbation(control_words: Sequence[str], *, perturbation_name: str, upper: bool = True) -> str:
+    """Prompt asking for the sentence of the cell whose basal state is `control_words` after `perturbation_name`.
+
+    ``{num_genes}`` in the template is ``len(control_words)``. The answer is the perturbed cell's sentence
+    (:func:`answer` of :func:`cell_sentence`).
+    """
+    return PERTURBATION.format(
+        num_genes=len(control_words),
+        perturbation_name=perturbation_name,
+        control_cell_sentence=cell_sentence(control_words, upper=upper),
+    )
 
 
 def multi_cell_sentences(cells: Sequence[Sequence[str]], *, upper: bool = True) -> str:

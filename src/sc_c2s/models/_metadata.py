@@ -17,8 +17,10 @@ METADATA_FILE = "c2s_metadata.json"
 SINGLE_CELL_TASKS = ("cell_type_prediction", "cell_type_generation")
 #: Multi-cell tasks of C2S-Scale, one sample per group of cells of the same tissue and sample.
 MULTI_CELL_TASKS = ("tissue_prediction", "tissue_generation", "summary")
+#: The perturbation-response task (control cell sentence → perturbed cell sentence), one sample per perturbed cell.
+PERTURBATION = "perturbation"
 #: Tasks a checkpoint can be trained for.
-TASKS = SINGLE_CELL_TASKS + MULTI_CELL_TASKS
+TASKS = (*SINGLE_CELL_TASKS, *MULTI_CELL_TASKS, PERTURBATION)
 
 
 @dataclass
@@ -53,6 +55,8 @@ class C2SMetadata:
     """How the model was trained (base model, data, split, epochs, learning rate…)."""
     scores: dict[str, Any] = field(default_factory=dict)
     """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
+    perturbations: list[str] | None = None
+    """Perturbations the model was trained to predict (task ``"perturbation"``), when known."""
     adapter: dict[str, Any] | None = None
     """The LoRA adapter of an adapter checkpoint (``None`` for a whole model).
 

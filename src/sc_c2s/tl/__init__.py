@@ -7,8 +7,10 @@ from ._embed import embed
 from ._finetune import finetune
 from ._from_sentences import from_sentences
 from ._generate import generate
+from ._predict_perturbation import predict_perturbation
 from ._predict_tissue import predict_tissue
 from ._score_generation import score_generation
+from ._score_perturbation import score_perturbation
 from ._summarize import summarize
 
 __all__ = [
@@ -17,7 +19,9 @@ __all__ = [
     "finetune",
     "from_sentences",
     "generate",
+    "predict_perturbation",
     "predict_tissue",
     "score_generation",
+    "score_perturbation",
     "summarize",
 ]

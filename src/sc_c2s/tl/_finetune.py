@@ -24,9 +24,9 @@ from sc_c2s._utils._validate import (
     check_random_state,
 )
 from sc_c2s.models import _lora, _runtime, _trainer
-from sc_c2s.models._metadata import MULTI_CELL_TASKS, SINGLE_CELL_TASKS, TASKS, C2SMetadata
+from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_TASKS, TASKS, C2SMetadata
 
-from . import _samples
+from . import _pairs, _samples
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +71,9 @@ def finetune(
     target_modules: Sequence[str] | None = None,
     quantization: Literal["4bit"] | None = None,
     gradient_checkpointing: bool | None = None,
+    condition_key: str | None = None,
+    control: str | None = None,
+    pair_by: str | Sequence[str] | None = None,
     mod: str | None = None,
 ) -> Path:
     """Train a C2S model on the cell sentences and labels of `adata`, and write it as a checkpoint.
@@ -98,17 +101,21 @@ def finetune(
     ----------
     {doc_adata}
     label_key
-        Column of ``obs`` with the cell types to learn; needed by the single-cell tasks only.
+        Column of ``obs`` with the cell types to learn; needed by the cell-type tasks only.
     base_model
         ``"scratch"``, a name from :func:`sc_c2s.models.available`, or a checkpoint directory.
     output_dir
         Directory to write the checkpoint to; created if needed, and it must be empty.
     tasks
-        Tasks to train, any of ``"cell_type_prediction"`` and ``"cell_type_generation"`` (one sample per cell)
-        and the multi-cell tasks of C2S-Scale ``"tissue_prediction"``, ``"tissue_generation"`` and
-        ``"summary"``. A multi-cell sample holds 5 to 20 (`n_cells`) cells of the same tissue and group, drawn
+        Tasks to train, any of ``"cell_type_prediction"`` and ``"cell_type_generation"`` (one sample per cell),
+        the multi-cell tasks of C2S-Scale ``"tissue_prediction"``, ``"tissue_generation"`` and
+        ``"summary"``, and ``"perturbation"``. A multi-cell sample holds 5 to 20 (`n_cells`) cells of the same tissue and group, drawn
         anew every epoch; each (tissue, group) of ``n`` training cells gives ``ceil(n / mean size)`` samples per
         task and epoch.
+        The perturbation task pairs every perturbed cell (``obs[condition_key]`` other than `control`) with a
+        control cell of its `pair_by` group, drawn at random anew every epoch from the seeded training stream;
+        the control cell's sentence is the prompt (:func:`sc_c2s.prompts.perturbation`, naming the perturbed
+        cell's condition) and the perturbed cell's sentence the answer. Several perturbations train one model.
     tissue_key
         Column of ``obs`` with each cell's tissue, for ``"tissue_prediction"`` and ``"tissue_generation"``.
     groupby
@@ -140,7 +147,8 @@ def finetune(
         teach the model to rely on no single gene, which helps with cells whose detected genes differ, e.g. from
         another protocol.
     eval_fraction
-        Share of the cells of each label held out of training to score the model (``0``: none).
+        Share of the cells of each label held out of training to score the model (``0``: none); with the
+        cell-type tasks only (a model trained on perturbation alone holds out no cells).
     random_state
         Seed of the held-out split, the initial weights, the order of the samples {doc_seed}. The seed used is
         recorded in the checkpoint's metadata (``training["random_state"]``).
@@ -161,6 +169,14 @@ def finetune(
     gradient_checkpointing
         Recompute each layer's activations in the backward pass instead of keeping them: less memory, about a
         third more time. ``None``: on for base models of a billion parameters or more.
+    condition_key
+        Column of ``obs`` with each cell's condition (the perturbation, or `control`); task ``"perturbation"``.
+    control
+        The value of ``obs[condition_key]`` of the control (unperturbed) cells.
+    pair_by
+        Column or columns of ``obs`` (e.g. ``["cell_type", "donor"]``) within whose groups perturbed and control
+        cells are paired; ``None`` pairs across all cells. Perturbed cells of groups without control cells are left
+        out with a warning.
     {doc_mod}
 
     Returns
@@ -194,6 +210,8 @@ def finetune(
     c2s = handler.c2s()
     single_cell = tuple(t for t in tasks if t in SINGLE_CELL_TASKS)
     labels = _labels(handler, label_key, tasks=single_cell) if single_cell else None
+    if PERTURBATION in tasks:
+        _check_conditions(condition_key, control)
     check_positive_int(n_genes, "n_genes")
     units = _samples.units(
         handler.obs,
@@ -227,8 +245,11 @@ def finetune(
     expressed = (ranked >= 0).any(axis=1)
     if not expressed.all():
         logg.warning(f"{int((~expressed).sum())} cells express no gene and are left out of training")
-    is_eval = split(
-        labels if labels is not None else units.strata, eval_fraction=eval_fraction, random_state=random_state
+    strata = labels if labels is not None else units.strata if units.tasks else None
+    is_eval = (
+        split(strata, eval_fraction=eval_fraction, random_state=random_state)
+        if strata is not None
+        else np.zeros(handler.n_obs, dtype=bool)
     )
     train_cells = np.flatnonzero(~is_eval & expressed)
     eval_cells = np.flatnonzero(is_eval & expressed)
@@ -239,12 +260,25 @@ def finetune(
         )
         raise ValueError(msg)
     label_set = sorted(labels.unique()) if labels is not None else []
+    design = (
+        _pairs.design(
+            handler.obs, condition_key=condition_key, control=control, pair_by=pair_by, usable=~is_eval & expressed
+        )
+        if PERTURBATION in tasks
+        else None
+    )
+    perturbation_set = sorted(set(design.perturbations)) if design is not None else []
     vocabulary = genes[np.unique(ranked[ranked >= 0])].tolist()
 
     c2s_model = _base(
         base_model,
         vocabulary,
-        [*label_set, *units.words()],
+        [
+            *label_set,
+            *units.words(),
+            *perturbation_set,
+            *([" ".join(prompts.PERTURBATION_WORDS)] if design is not None else []),
+        ],
         n_genes=n_genes,
         n_cells=len(train_cells),
         max_cells=units.n_cells[1] if units.tasks else 0,
@@ -274,12 +308,13 @@ def finetune(
     if adapter is not None:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         logg.info(f"    LoRA adapter of rank {lora_rank}: {n_trained:,} of {n_parameters:,} parameters trained")
-    words = [genes[row[row >= 0]].tolist() for row in ranked[train_cells]]
+    words = [genes[row[row >= 0]].tolist() for row in ranked]
+    train_words = [words[i] for i in train_cells]
     max_length = _runtime.context_length(model, tokenizer)
     encode = partial(
         _samples.encode,
         tokenizer,
-        words if single_cell else [],
+        train_words if single_cell else [],
         labels.iloc[train_cells].tolist() if single_cell else [],
         tasks=single_cell,
         organism=organism,
@@ -287,21 +322,27 @@ def finetune(
         max_length=max_length,
         n_genes=n_genes,
     )
-    multi_cell = units.spec(words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
+    multi_cell = units.spec(train_words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
+    pairs = partial(_pair_samples, tokenizer, words, design, upper=upper, max_length=max_length)
 
     def draw(rng: np.random.Generator | None, *, dropout: float = 0.0) -> _trainer.Samples:
-        """One epoch's samples: single-cell ones (genes dropped at `dropout`), then multi-cell ones drawn anew."""
-        samples = encode(gene_dropout=dropout, rng=rng)
-        if multi_cell is None:
-            return samples
-        more = _samples.encode_multi_cell(
-            tokenizer, multi_cell, organism=organism, upper=upper, max_length=max_length, rng=rng
-        )
-        return _samples.concat(samples, more)
+        """One epoch's samples: single-cell ones (genes dropped at `dropout`), multi-cell ones, perturbation pairs."""
+        parts = [encode(gene_dropout=dropout, rng=rng)]
+        if multi_cell is not None:
+            parts.append(
+                _samples.encode_multi_cell(
+                    tokenizer, multi_cell, organism=organism, upper=upper, max_length=max_length, rng=rng
+                )
+            )
+        if design is not None:
+            parts.append(pairs(rng))
+        return _samples.concat(*parts)
 
     samples = draw(np.random.default_rng(random_state))
     is_label = np.zeros(len(samples), dtype=bool)  # samples whose answer is a cell type: cells first, then tasks
-    is_label[: len(words) * len(single_cell)] = np.tile([t == "cell_type_prediction" for t in single_cell], len(words))
+    is_label[: len(train_words) * len(single_cell)] = np.tile(
+        [t == "cell_type_prediction" for t in single_cell], len(train_words)
+    )
     _check_unknown(tokenizer, samples, is_label)
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
@@ -318,7 +359,7 @@ def finetune(
         learning_rate=learning_rate,
         pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
-        resample=(lambda rng: draw(rng, dropout=gene_dropout)) if gene_dropout or multi_cell else None,
+        resample=(lambda rng: draw(rng, dropout=gene_dropout)) if gene_dropout or multi_cell or design else None,
     )
     train_seconds = time.perf_counter() - train_start
 
@@ -331,6 +372,7 @@ def finetune(
     metadata.vocabulary = vocabulary
     metadata.labels = label_set or None
     metadata.tissues = units.tissues or None
+    metadata.perturbations = perturbation_set or None
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
     metadata.training = {
@@ -354,6 +396,16 @@ def finetune(
         "train_seconds": round(train_seconds, 1),
         "device": str(c2s_model.device),
         "gradient_checkpointing": bool(gradient_checkpointing),
+        **(
+            {
+                "condition_key": condition_key,
+                "control": control,
+                "pair_by": pair_by,
+                "n_perturbed_cells": len(design.perturbed),
+            }
+            if design is not None
+            else {}
+        ),
         "eval_obs_names": handler.obs_names[eval_cells].tolist(),
         "sc_c2s": version("sc-c2s"),
     }
@@ -436,6 +488,31 @@ def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
         msg = f"`tasks` must be a non-empty selection of {TASKS}, got {tasks!r}."
         raise ValueError(msg)
     return tuple(dict.fromkeys(tasks))
+
+
+def _check_conditions(condition_key: str | None, control: str | None) -> None:
+    """Refuse the perturbation task without `condition_key` and `control`."""
+    if condition_key is None or control is None:
+        msg = (
+            'The task "perturbation" needs `condition_key` (the obs column of each cell\'s condition) and `control` '
+            "(its value for control cells)."
+        )
+        raise ValueError(msg)
+
+
+def _pair_samples(
+    tokenizer, words: list[list[str]], design: _pairs.Design, rng: np.random.Generator, *, upper: bool, max_length: int
+) -> _trainer.Samples:
+    """Perturbation samples of every perturbed cell with a control cell of its group drawn from `rng`."""
+    controls = design.pairs.draw(rng)
+    return _samples.encode_perturbation(
+        tokenizer,
+        [words[i] for i in controls],
+        [words[i] for i in design.perturbed],
+        design.perturbations,
+        upper=upper,
+        max_length=max_length,
+    )
 
 
 def _check_adapter(

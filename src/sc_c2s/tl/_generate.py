@@ -242,22 +242,79 @@ def generate(
     _check_labels(request.types, c2s_model.metadata.labels)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
     target = _target(adata, mod=mod, model=c2s_model)
-    _check_memory(request.n_cells, n_genes=n_genes, words=target.words)
+    codes = request.codes()
+    X, sentences, counts, written = write_cells(
+        c2s_model,
+        target,
+        [prompts.cell_type_generation(t, n_genes=n_genes, organism=organism) for t in request.types],
+        codes,
+        n_genes=n_genes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        unique_genes=unique_genes,
+        exact_length=exact_length,
+        random_state=random_state,
+        batch_size=batch_size,
+    )
+    obs = pd.DataFrame(counts, columns=COUNTS, index=pd.Index([f"generated-{i}" for i in range(len(codes))]))
+    obs.insert(0, _keys.GENERATED_CELL_TYPE, pd.Categorical.from_codes(codes, categories=request.types))
+    obs.insert(1, _keys.SENTENCE, sentences)
+    params = {
+        # two lists rather than a mapping: cell types may hold "/", which h5ad keys may not
+        "cell_types": list(request.types),
+        "n_cells": np.bincount(codes, minlength=len(request.types)).tolist(),
+        "n_genes": n_genes,
+        "organism": organism,
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        **written,
+        "exact_length": exact_length,
+        "random_state": random_state,
+        "vocabulary": target.source,
+        "rank_fit": target.rank_fit,
+        **c2s_model.provenance(),
+    }
+    result = AnnData(
+        X, obs=obs, var=target.var, uns={_keys.GENERATE: {"params": {k: v for k, v in params.items() if v is not None}}}
+    )
+    logg.info("    finished", time=start, deep=f"generated {result.n_obs} cells; {valid_share(counts)}")
+    return result
+
+
+def write_cells(
+    c2s_model: C2SModel,
+    target: _Target,
+    prompt_texts: Sequence[str],
+    codes: np.ndarray,
+    *,
+    n_genes: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    unique_genes: bool,
+    exact_length: bool,
+    random_state: int,
+    batch_size: int | None,
+    request_name: str = "cell_types",
+) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Sample a sentence for each cell from its prompt and read it into expression over `target`.
+
+    Cell ``i`` is prompted with ``prompt_texts[codes[i]]``. Returns the expression, the sentences, the counts of
+    :data:`COUNTS` and the decoding parameters chosen (batch size, token budget, whether genes were unique). A
+    request whose result would not fit in memory is refused first, naming the argument `request_name`.
+    """
+    _check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = _token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = _CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
-
-    codes = request.codes()
-    prompt_ids = _runtime.tokenize(
-        c2s_model.tokenizer,
-        [prompts.cell_type_generation(t, n_genes=n_genes, organism=organism) for t in request.types],
-    )
     collector = _Collector(target, n_cells=len(codes))
     _sample(
         c2s_model,
-        prompt_ids,
+        _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts)),
         codes,
         max_new_tokens=budget["max_new_tokens"],
         stop_ids=budget["stop_ids"],
@@ -271,40 +328,20 @@ def generate(
         batch_size=batch_size,
         sink=collector,
     )
-    X, sentences, counts = collector.result()
-    obs = pd.DataFrame(counts, columns=COUNTS, index=pd.Index([f"generated-{i}" for i in range(len(codes))]))
-    obs.insert(0, _keys.GENERATED_CELL_TYPE, pd.Categorical.from_codes(codes, categories=request.types))
-    obs.insert(1, _keys.SENTENCE, sentences)
-    params = {
-        # two lists rather than a mapping: cell types may hold "/", which h5ad keys may not
-        "cell_types": list(request.types),
-        "n_cells": np.bincount(codes, minlength=len(request.types)).tolist(),
-        "n_genes": n_genes,
-        "organism": organism,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
+    written = {
         "unique_genes": unique_genes and (budget["gene_ids"] is not None or budget["gene_tokens"] is not None),
-        "exact_length": exact_length,
-        "random_state": random_state,
         "batch_size": batch_size,
         "max_new_tokens": budget["max_new_tokens"],
         "tokens_per_gene": budget["tokens_per_gene"],
-        "vocabulary": target.source,
-        "rank_fit": target.rank_fit,
-        **c2s_model.provenance(),
     }
-    result = AnnData(
-        X, obs=obs, var=target.var, uns={_keys.GENERATE: {"params": {k: v for k, v in params.items() if v is not None}}}
-    )
+    return *collector.result(), written
+
+
+def valid_share(counts: np.ndarray) -> str:
+    """Say which share of the generated words are genes of the vocabulary, for the log."""
     n_words = counts.sum()
     valid = counts[:, 0].sum() / n_words if n_words else float("nan")
-    logg.info(
-        "    finished",
-        time=start,
-        deep=f"generated {result.n_obs} cells; {valid:.1%} of the generated words are genes of the vocabulary",
-    )
-    return result
+    return f"{valid:.1%} of the generated words are genes of the vocabulary"
 
 
 def _check_sampling(
@@ -372,13 +409,13 @@ def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> _Request:
     return request
 
 
-def _check_memory(n_cells: int, *, n_genes: int, words: np.ndarray) -> None:
+def _check_memory(n_cells: int, *, n_genes: int, words: np.ndarray, name: str) -> None:
     """Refuse a request whose result (expression, sentences, names) would not fit in the available memory."""
     word_bytes = float(np.mean([len(w) for w in words])) + 1 if len(words) else 8.0
     check_fits_in_memory(
         n_cells,
         n_genes * (_ENTRY_BYTES + word_bytes) + _CELL_BYTES,
-        name="cell_types",
+        name=name,
         unit="cells",
         fix="Generate them in several calls with fewer cells, each with its own `random_state` (the same seed "
         "gives the same cells), and join the results with `anndata.concat`.",

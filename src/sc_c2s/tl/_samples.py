@@ -249,6 +249,43 @@ def encode_multi_cell(
     )
 
 
+def encode_perturbation(
+    tokenizer: PreTrainedTokenizerBase,
+    control_words: Sequence[Sequence[str]],
+    perturbed_words: Sequence[Sequence[str]],
+    perturbations: Sequence[str],
+    *,
+    upper: bool,
+    max_length: int,
+) -> Samples:
+    """Tokenise one perturbation sample per pair: a control cell's sentence prompts, a perturbed cell's answers.
+
+    A sample longer than `max_length` loses genes from the end of both sentences, the same number from each.
+    """
+    eos = _runtime.eos_id(tokenizer)
+    jobs = list(zip(control_words, perturbed_words, perturbations, strict=True))
+    ids = _tokenize(tokenizer, [_perturbation_texts(*job, upper=upper) for job in jobs], eos)
+    n_truncated = 0
+    for i, (prompt_ids, answer_ids) in enumerate(ids):
+        control, perturbed, name = jobs[i]
+        n_words = max(len(control), len(perturbed))
+        while len(prompt_ids) + len(answer_ids) > max_length:
+            if n_words == 0:
+                msg = f"A perturbation sample for {name!r} does not fit into the model's context of {max_length}."
+                raise ValueError(msg)
+            n_words = max(n_words - max(1, (len(prompt_ids) + len(answer_ids) - max_length) // 2), 0)
+            texts_ = _perturbation_texts(control[:n_words], perturbed[:n_words], name, upper=upper)
+            (prompt_ids, answer_ids), *_ = _tokenize(tokenizer, [texts_], eos)
+        if n_words < max(len(control), len(perturbed)):
+            ids[i] = prompt_ids, answer_ids
+            n_truncated += 1
+    return Samples(
+        input_ids=[np.asarray(p + a, dtype=np.int64) for p, a in ids],
+        n_prompt=np.array([len(p) for p, _ in ids], dtype=np.int64),
+        n_truncated=n_truncated,
+    )
+
+
 def concat(*parts: Samples) -> Samples:
     """One set of samples from several, in order."""
     return Samples(
@@ -380,3 +417,8 @@ def _summaries(
         msg = "`summaries` must hold a non-empty text for at least one group of `groupby`."
         raise ValueError(msg)
     return [None if t is None else " ".join(t.split()).removesuffix(".") for t in texts]
+
+
+def _perturbation_texts(control: Sequence[str], perturbed: Sequence[str], name: str, *, upper: bool) -> tuple[str, str]:
+    prompt = prompts.perturbation(control, perturbation_name=name, upper=upper)
+    return prompt, prompts.answer(prompts.cell_sentence(perturbed, upper=upper))

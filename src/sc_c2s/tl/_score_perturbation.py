@@ -1,0 +1,334 @@
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from scanpy import logging as logg
+from scipy import sparse
+from scipy.spatial.distance import pdist
+
+from sc_c2s import _keys, prompts
+from sc_c2s._data import DataHandler
+from sc_c2s._docs import doc_mod, doc_params, doc_seed
+from sc_c2s._utils._validate import (
+    LEGACY_SEED_LIMIT,
+    AnyRandom,
+    check_obs_column,
+    check_positive_int,
+    check_random_state,
+)
+
+from ._from_sentences import from_sentences
+from ._pairs import conditions
+from ._score_generation import _check_shared_genes, _mmd, pca, project
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from mudata import MuData
+
+#: Genes per sentence when `predicted` does not record how many it asked for.
+_DEFAULT_N_GENES = 200
+#: Top differentially expressed genes of the R² and of the direction agreement.
+N_TOP_R2, N_TOP_DIRECTION = 100, 20
+#: Real cells a group needs on each side (perturbed, control) to be scored.
+MIN_CELLS = 2
+#: What is compared with the real perturbed cells: the prediction and the two baselines (column suffixes).
+SOURCES = {"predicted": "", "unchanged": "_unchanged", "mean_shift": "_mean_shift"}
+#: Metrics, each in a column per source.
+METRICS = ("r2_all", f"r2_top{N_TOP_R2}", f"direction_top{N_TOP_DIRECTION}", "mmd")
+COLUMNS = ["n_perturbed", "n_control", "n_predicted"] + [m + s for m in METRICS for s in SOURCES.values()]
+
+
+@dataclass
+class Cells:
+    """Real and predicted cells on one scale: their sentences read back into expression over the real genes."""
+
+    real: sparse.csr_matrix
+    predicted: sparse.csr_matrix
+    real_groups: np.ndarray
+    real_conditions: np.ndarray
+    predicted_groups: np.ndarray
+    predicted_conditions: np.ndarray
+    genes: np.ndarray
+
+
+@dataclass
+class Contrast:
+    """One group and perturbation: the cells of each side, and the gene means with the DE statistic."""
+
+    perturbed: sparse.csr_matrix
+    """Real perturbed cells of the group."""
+    control: sparse.csr_matrix
+    """Real control cells of the group."""
+    predicted: sparse.csr_matrix
+    """Predicted perturbed cells of the group."""
+    shift: np.ndarray
+    """The average perturbed − control difference of the other groups (``nan`` where there are none)."""
+    means: pd.DataFrame
+    """Per gene: mean of the real perturbed cells (``real``), of the ``predicted`` cells, of the control cells
+    (``unchanged``), control + `shift` (``mean_shift``), and Welch's t of real perturbed vs control (``t``)."""
+
+    def top(self, n: int) -> pd.DataFrame:
+        """Return the `n` genes of largest ``|t|``: the top differentially expressed ones."""
+        order = np.argsort(-np.abs(self.means["t"].to_numpy()), kind="stable")[:n]
+        return self.means.iloc[order]
+
+
+def cells(
+    real: AnnData | MuData,
+    predicted: AnnData,
+    *,
+    condition_key: str,
+    control: str,
+    groupby: str,
+    n_genes: int | None = None,
+    mod: str | None = None,
+) -> Cells:
+    """Put real and predicted cells on the same scale (see :func:`score_perturbation`)."""
+    handler = DataHandler(real, mod)
+    c2s = handler.c2s()
+    real_conditions = conditions(handler.obs, condition_key=condition_key, control=control).to_numpy()
+    real_groups = check_obs_column(handler.obs, groupby, arg="groupby", where="the real cells' obs")
+    for key in (_keys.SENTENCE, condition_key, groupby):
+        if key not in predicted.obs.columns:
+            msg = (
+                f"The predicted cells have no obs[{key!r}]; pass the AnnData returned by "
+                "`sc_c2s.tl.predict_perturbation` with the same `condition_key` and `groupby`."
+            )
+            raise KeyError(msg)
+    params = predicted.uns.get(_keys.PREDICT_PERTURBATION, {}).get("params", {})
+    n_genes = check_positive_int(n_genes, "n_genes", none_ok=True) or int(params.get("n_genes", _DEFAULT_N_GENES))
+    fit = params.get("rank_fit", c2s.get("rank_fit"))
+    if fit is None:
+        msg = "No rank fit in the predicted cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
+        raise KeyError(msg)
+    genes = np.asarray(c2s["genes"], dtype=str)
+    real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
+    real_cells = from_sentences([" ".join(w) for w in real_words], genes=genes, rank_fit=fit)
+    predicted_cells = from_sentences(predicted.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
+    _check_shared_genes(predicted_cells.obs, predicted.obs[_keys.SENTENCE])
+    return Cells(
+        real=sparse.csr_matrix(real_cells.X),
+        predicted=sparse.csr_matrix(predicted_cells.X),
+        real_groups=real_groups.astype(str).to_numpy(),
+        real_conditions=real_conditions,
+        predicted_groups=predicted.obs[groupby].astype(str).to_numpy(),
+        predicted_conditions=predicted.obs[condition_key].astype(str).to_numpy(),
+        genes=genes,
+    )
+
+
+def contrast(data: Cells, *, group: str, perturbation: str, control: str) -> Contrast:
+    """Cells and gene means of one group and perturbation, with the mean-shift baseline of the other groups."""
+    is_perturbed = data.real_conditions == perturbation
+    is_control = data.real_conditions == control
+    perturbed = data.real[np.flatnonzero(is_perturbed & (data.real_groups == group))]
+    control_cells = data.real[np.flatnonzero(is_control & (data.real_groups == group))]
+    predicted = data.predicted[
+        np.flatnonzero((data.predicted_conditions == perturbation) & (data.predicted_groups == group))
+    ]
+    differences = [
+        _mean(data.real[np.flatnonzero(is_perturbed & (data.real_groups == g))])
+        - _mean(data.real[np.flatnonzero(is_control & (data.real_groups == g))])
+        for g in np.unique(data.real_groups)
+        if g != group
+        and min((is_perturbed & (data.real_groups == g)).sum(), (is_control & (data.real_groups == g)).sum())
+        >= MIN_CELLS
+    ]
+    shift = np.mean(differences, axis=0) if differences else np.full(len(data.genes), np.nan)
+    means = pd.DataFrame(
+        {
+            "real": _mean(perturbed),
+            "predicted": _mean(predicted),
+            "unchanged": _mean(control_cells),
+            "mean_shift": _mean(control_cells) + shift,
+            "t": _welch_t(perturbed, control_cells),
+        },
+        index=pd.Index(data.genes, name="gene"),
+    )
+    return Contrast(perturbed, control_cells, predicted, shift, means)
+
+
+@doc_params(doc_mod=doc_mod, doc_seed=doc_seed)
+def score_perturbation(
+    real: AnnData | MuData,
+    predicted: AnnData,
+    *,
+    condition_key: str,
+    control: str,
+    groupby: str,
+    perturbation: str | Sequence[str] | None = None,
+    n_genes: int | None = None,
+    n_comps: int = 50,
+    max_cells: int = 1000,
+    random_state: AnyRandom = 0,
+    mod: str | None = None,
+) -> pd.DataFrame:
+    """Score predicted perturbed cells against the real ones, per group, beside two baselines.
+
+    **Scale.** Real and predicted cells are read the same way: each real cell's top `n_genes` sentence genes and
+    each predicted sentence become expression through :func:`sc_c2s.tl.from_sentences` over the real cells'
+    genes with one rank fit (the one :func:`sc_c2s.tl.predict_perturbation` used, else the real cells'): values
+    are ``log10(1 + x)`` of counts normalised to the median library size, the log-normalised scale of the fit.
+
+    **Baselines**, computed in the same call for each group: *unchanged*, the group's real control cells as they
+    are; *mean shift*, those control cells plus the average difference between the mean of the real perturbed
+    and the mean of the real control cells of the **other** groups (for the same perturbation; groups with at
+    least two cells on each side).
+
+    **Differentially expressed genes** of a group are those with the largest ``|t|`` of Welch's t-test between its
+    real perturbed and its real control cells, on the same scale.
+
+    Metrics per group and perturbation, for the prediction and for each baseline (columns ``*_unchanged`` and
+    ``*_mean_shift``):
+
+    ``r2_all``, ``r2_top100``
+        R² (the squared Pearson correlation, as scGen reports it) between the mean expression of the compared
+        cells and that of the real perturbed cells, over all genes and over the top 100 DE genes.
+    ``direction_top20``
+        Share of the top 20 DE genes whose mean moves from the real control cells' mean in the same direction as
+        the real perturbed cells' (never for *unchanged*, which does not move).
+    ``mmd``
+        Maximum mean discrepancy (square root of the biased MMD², as in :func:`sc_c2s.tl.score_generation`)
+        to the real perturbed cells, in a PCA space fit on the group's real cells, with a Gaussian kernel whose
+        width is the median distance between real perturbed cells. The prediction and both baselines have one
+        cell per control cell when every control cell was predicted, so their sample-size bias is the same.
+
+    Groups with fewer than two real perturbed or control cells are left out with a warning.
+
+    Parameters
+    ----------
+    real
+        Real cells of every group, control and perturbed, that went through :func:`sc_c2s.pp.to_sentences`.
+    predicted
+        Cells from :func:`sc_c2s.tl.predict_perturbation`, with ``obs[condition_key]`` and ``obs[groupby]``.
+    condition_key
+        Column of ``obs`` (of both) with the condition.
+    control
+        The value of ``obs[condition_key]`` of the real control cells.
+    groupby
+        Column of ``obs`` (of both) with the groups to score, e.g. the cell type.
+    perturbation
+        Perturbation(s) to score; ``None``: every perturbation of the predicted cells.
+    n_genes
+        Genes per real sentence; ``None`` takes the `n_genes` of the prediction.
+    n_comps
+        Principal components of the space of the MMD.
+    max_cells
+        At most this many cells per side in the MMD (sampled with `random_state`).
+    random_state
+        Seed of the subsampling and of the PCA {doc_seed}; below ``2**32``, as scanpy's PCA takes it.
+    {doc_mod}
+
+    Returns
+    -------
+    A DataFrame indexed by group and perturbation with the columns ``n_perturbed``, ``n_control`` (real cells),
+    ``n_predicted``, then each metric beside its ``*_unchanged`` and ``*_mean_shift`` baselines.
+
+    Examples
+    --------
+    >>> scores = sc_c2s.tl.score_perturbation(
+    ...     adata, predicted, condition_key="condition", control="control", groupby="cell_type"
+    ... )  # doctest: +SKIP
+    """
+    start = logg.info("scoring predicted perturbed cells")
+    check_positive_int(n_comps, "n_comps")
+    check_positive_int(max_cells, "max_cells")
+    random_state = check_random_state(random_state, limit=LEGACY_SEED_LIMIT)
+    data = cells(
+        real, predicted, condition_key=condition_key, control=control, groupby=groupby, n_genes=n_genes, mod=mod
+    )
+    rng = np.random.default_rng(random_state)
+    rows = {}
+    for p, g in _pairs_to_score(data, perturbation=perturbation, control=control):
+        one = contrast(data, group=g, perturbation=p, control=control)
+        rows[g, p] = _scores(one, n_comps=n_comps, max_cells=max_cells, rng=rng, random_state=random_state)
+    scores = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
+    scores.index = pd.MultiIndex.from_tuples(scores.index, names=[groupby, condition_key])
+    scores[COLUMNS[:3]] = scores[COLUMNS[:3]].astype(int)
+    logg.info("    finished", time=start)
+    return scores
+
+
+def _pairs_to_score(data: Cells, *, perturbation: str | Sequence[str] | None, control: str) -> list[tuple[str, str]]:
+    """Perturbation and group of every predicted cell with enough real cells, in the order of the predicted cells."""
+    wanted = None if perturbation is None else {perturbation} if isinstance(perturbation, str) else set(perturbation)
+    pairs = list(dict.fromkeys(zip(data.predicted_conditions, data.predicted_groups, strict=True)))
+    pairs = [(p, g) for p, g in pairs if wanted is None or p in wanted]
+    real = pd.Series(list(zip(data.real_conditions, data.real_groups, strict=True))).value_counts()
+    few = [(p, g) for p, g in pairs if min(real.get((p, g), 0), real.get((control, g), 0)) < MIN_CELLS]
+    if few:
+        warnings.warn(
+            f"Left out (perturbation, group) pairs with fewer than {MIN_CELLS} real perturbed or control cells: {few}.",
+            UserWarning,
+            stacklevel=3,
+        )
+    pairs = [pair for pair in pairs if pair not in few]
+    if not pairs:
+        msg = (
+            "No predicted perturbation and group has real perturbed and control cells to compare with; check "
+            f"`condition_key`, `control`, `groupby` and `perturbation` ({perturbation!r})."
+        )
+        raise ValueError(msg)
+    return pairs
+
+
+def _scores(
+    one: Contrast, *, n_comps: int, max_cells: int, rng: np.random.Generator, random_state: int
+) -> dict[str, float]:
+    means = one.means
+    top_r2, top_direction = one.top(N_TOP_R2), one.top(N_TOP_DIRECTION)
+    real_moves = np.sign(top_direction["real"] - top_direction["unchanged"])
+    perturbed = one.perturbed[rng.permutation(one.perturbed.shape[0])[:max_cells]]
+    control = one.control[rng.permutation(one.control.shape[0])[:max_cells]]
+    predicted = one.predicted[rng.permutation(one.predicted.shape[0])[:max_cells]]
+    mean, components = pca(sparse.vstack([perturbed, control]).tocsr(), n_comps, random_state)
+    reference = project(perturbed, mean, components)
+    bandwidth = float(np.median(pdist(reference))) or 1.0
+    control_pcs = project(control, mean, components)
+    compared = {
+        "predicted": project(predicted, mean, components),
+        "unchanged": control_pcs,
+        "mean_shift": control_pcs + (one.shift @ components.T if np.isfinite(one.shift).all() else np.nan),
+    }
+    row = {"n_perturbed": one.perturbed.shape[0], "n_control": one.control.shape[0], "n_predicted": predicted.shape[0]}
+    for source, suffix in SOURCES.items():
+        row["r2_all" + suffix] = _r2(means[source], means["real"])
+        row[f"r2_top{N_TOP_R2}" + suffix] = _r2(top_r2[source], top_r2["real"])
+        moves = np.sign(top_direction[source] - top_direction["unchanged"])
+        row[f"direction_top{N_TOP_DIRECTION}" + suffix] = float(np.mean(moves == real_moves))
+        pcs = compared[source]
+        row["mmd" + suffix] = np.nan if np.isnan(pcs).any() else _mmd(pcs, reference, bandwidth)
+    return row
+
+
+def _mean(X: sparse.csr_matrix) -> np.ndarray:
+    return np.asarray(X.mean(axis=0)).ravel() if X.shape[0] else np.full(X.shape[1], np.nan)
+
+
+def _welch_t(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
+    """Welch's t of the columns of `a` against those of `b`; ``0`` where both have no spread."""
+    (mean_a, var_a), (mean_b, var_b) = (_mean_var(X) for X in (a, b))
+    se = np.sqrt(var_a / a.shape[0] + var_b / b.shape[0])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(se > 0, (mean_a - mean_b) / se, 0.0)
+
+
+def _mean_var(X: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Column means and unbiased variances of `X`, without densifying it."""
+    n = X.shape[0]
+    mean = _mean(X)
+    square = np.asarray(X.multiply(X).mean(axis=0)).ravel()
+    return mean, np.maximum(square - mean**2, 0) * n / max(n - 1, 1)
+
+
+def _r2(x: pd.Series, y: pd.Series) -> float:
+    """Squared Pearson correlation of `x` and `y`; ``nan`` where either is constant or undefined."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()) or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return np.nan
+    return float(np.corrcoef(x, y)[0, 1] ** 2)

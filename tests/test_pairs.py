@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sc_c2s.tl import _pairs
+
+
+@pytest.fixture
+def obs() -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    n = 300
+    return pd.DataFrame(
+        {
+            "cell_type": rng.choice(["B", "T", "Mono"], n),
+            "donor": rng.choice(["d1", "d2"], n),
+            "condition": rng.choice(["ctrl", "IFN", "LPS"], n),
+        },
+        index=[f"c{i}" for i in range(n)],
+    )
+
+
+def test_pairs_stay_within_groups_and_are_seeded(obs):
+    design = _pairs.design(
+        obs, condition_key="condition", control="ctrl", pair_by=["cell_type", "donor"], usable=np.ones(len(obs), bool)
+    )
+    assert (obs["condition"].iloc[design.perturbed] != "ctrl").all()
+    assert design.perturbations == obs["condition"].iloc[design.perturbed].tolist()
+    assert set(design.perturbations) == {"IFN", "LPS"}
+    first = design.pairs.draw(np.random.default_rng(0))
+    np.testing.assert_array_equal(first, design.pairs.draw(np.random.default_rng(0)))
+    second = design.pairs.draw(np.random.default_rng(1))
+    assert (first != second).any()  # redrawn with another stream
+    for controls in (first, second):
+        assert (obs["condition"].iloc[controls] == "ctrl").all()
+        for column in ("cell_type", "donor"):
+            np.testing.assert_array_equal(
+                obs[column].iloc[controls].to_numpy(), obs[column].iloc[design.perturbed].to_numpy()
+            )
+
+
+def test_draws_cover_every_control_of_the_group(obs):
+    design = _pairs.design(
+        obs, condition_key="condition", control="ctrl", pair_by="cell_type", usable=np.ones(300, bool)
+    )
+    rng = np.random.default_rng(0)
+    drawn = np.concatenate([design.pairs.draw(rng) for _ in range(50)])
+    is_control = (obs["condition"] == "ctrl").to_numpy()
+    assert set(drawn) == set(np.flatnonzero(is_control))
+
+
+def test_groups_without_controls_are_left_out(obs):
+    obs.loc[(obs["cell_type"] == "B") & (obs["condition"] == "ctrl"), "condition"] = "IFN"
+    design = _pairs.design(
+        obs, condition_key="condition", control="ctrl", pair_by="cell_type", usable=np.ones(300, bool)
+    )
+    assert "B" not in set(obs["cell_type"].iloc[design.perturbed])
+    everything = _pairs.design(obs, condition_key="condition", control="ctrl", pair_by=None, usable=np.ones(300, bool))
+    assert len(everything.perturbed) == int((obs["condition"] != "ctrl").sum())
+
+
+def test_bad_design_is_refused(obs):
+    usable = np.ones(300, bool)
+    with pytest.raises(ValueError, match="`control='control'` is not a value"):
+        _pairs.design(obs, condition_key="condition", control="control", pair_by=None, usable=usable)
+    with pytest.raises(KeyError, match="pair_by='tissue'"):
+        _pairs.design(obs, condition_key="condition", control="ctrl", pair_by="tissue", usable=usable)
+    only_controls = obs.assign(condition="ctrl")
+    with pytest.raises(ValueError, match="No perturbed cell"):
+        _pairs.design(only_controls, condition_key="condition", control="ctrl", pair_by=None, usable=usable)

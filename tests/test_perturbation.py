@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import anndata as ad
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import sc_c2s
+from sc_c2s.models import load
+from sc_c2s.tl import _score_perturbation
+from sc_c2s.tl._from_sentences import from_sentences
+
+from .conftest import DATA
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+N_GENES = 20
+KEYS = {"condition_key": "condition", "control": "control"}
+HELD_OUT = "B"
+
+
+@pytest.fixture(scope="module")
+def kang() -> ad.AnnData:
+    """402 Kang PBMCs (B, CD4T, CD14+Mono; control and IFN-β stimulated) × 1,000 genes, ranked."""
+    adata = ad.read_h5ad(DATA / "kang_400.h5ad")
+    sc_c2s.pp.to_sentences(adata, n_genes=N_GENES)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def trained(kang, tmp_path_factory, one_torch_thread):
+    """A tiny model trained from scratch on all cells but the stimulated B cells."""
+    train = kang[~((kang.obs["cell_type"] == HELD_OUT) & (kang.obs["condition"] == "stimulated"))].copy()
+    path = sc_c2s.tl.finetune(
+        train,
+        base_model="scratch",
+        output_dir=tmp_path_factory.mktemp("perturbation") / "model",
+        tasks=["perturbation"],
+        pair_by="cell_type",
+        n_genes=N_GENES,
+        epochs=2,
+        batch_size=16,
+        **KEYS,
+    )
+    return load(path)
+
+
+@pytest.fixture(scope="module")
+def predicted(kang, trained) -> ad.AnnData:
+    return sc_c2s.tl.predict_perturbation(
+        kang[kang.obs["cell_type"] == HELD_OUT].copy(),
+        model=trained,
+        perturbations=["stimulated"],
+        groupby="cell_type",
+        n_genes=N_GENES,
+        **KEYS,
+    )
+
+
+def test_finetune_records_the_perturbation_task(trained):
+    metadata = trained.metadata
+    assert metadata.tasks == ["perturbation"]
+    assert metadata.perturbations == ["stimulated"]
+    assert metadata.labels is None
+    assert metadata.scores == {}
+    training = metadata.training
+    assert (training["condition_key"], training["control"], training["pair_by"]) == (
+        "condition",
+        "control",
+        "cell_type",
+    )
+    assert training["n_perturbed_cells"] == training["n_samples"] == 67 + 67  # stimulated CD4T and CD14+Mono
+    assert training["label_key"] is None
+    vocabulary = trained.tokenizer.get_vocab()
+    assert {"stimulated", "Perturbed", "basal", "cell's"} <= set(vocabulary)
+
+
+def test_finetune_checks_its_keys(kang, tmp_path):
+    with pytest.raises(ValueError, match="pass `label_key`"):
+        sc_c2s.tl.finetune(kang, base_model="scratch", output_dir=tmp_path / "a", tasks=["cell_type_prediction"])
+    with pytest.raises(ValueError, match="needs `condition_key`"):
+        sc_c2s.tl.finetune(kang, base_model="scratch", output_dir=tmp_path / "b", tasks=["perturbation"])
+    with pytest.raises(ValueError, match="`control='ctrl'` is not a value"):
+        sc_c2s.tl.finetune(
+            kang, base_model="scratch", output_dir=tmp_path / "c", tasks=["perturbation"], condition_key="condition",
+            control="ctrl",
+        )  # fmt: skip
+    assert not any(tmp_path.iterdir())
+
+
+def test_predict_perturbation(kang, predicted, tmp_path):
+    control_b = kang.obs_names[(kang.obs["cell_type"] == HELD_OUT) & (kang.obs["condition"] == "control")]
+    assert predicted.n_obs == len(control_b) == 67
+    assert list(predicted.var_names) == list(kang.var_names)
+    assert list(predicted.obs["c2s_source_cell"]) == list(control_b)
+    assert list(predicted.obs_names) == [f"{c}-stimulated" for c in control_b]
+    assert set(predicted.obs["cell_type"]) == {HELD_OUT}
+    assert set(predicted.obs["condition"]) == {"stimulated"}
+    words = predicted.obs["c2s_sentence"].str.split()
+    assert (words.map(len) == N_GENES).all()
+    assert (predicted.obs["n_valid_genes"] == N_GENES).all()
+    # X is the sentences read back with the data's rank fit
+    expected = from_sentences(
+        predicted.obs["c2s_sentence"].tolist(), genes=kang.var_names, rank_fit=kang.uns["c2s"]["rank_fit"]
+    )
+    np.testing.assert_allclose(predicted.X.toarray(), expected.X.toarray(), rtol=1e-6)
+    params = predicted.uns["c2s_predict_perturbation"]["params"]
+    assert params["perturbations"] == ["stimulated"] and params["n_control_cells"] == 67
+    path = tmp_path / "predicted.h5ad"
+    predicted.write_h5ad(path)
+    back = ad.read_h5ad(path)
+    assert (back.obs == predicted.obs).all().all()
+    assert back.uns["c2s_predict_perturbation"]["params"]["rank_fit"] == params["rank_fit"]
+
+
+def test_predict_perturbation_mudata_seeded_and_untouched(kang, trained, predicted, container):
+    data = container.wrap(kang[kang.obs["cell_type"] == HELD_OUT].copy())
+    before = container.rna(data).copy()
+    again = sc_c2s.tl.predict_perturbation(
+        data, model=trained, perturbations=["stimulated"], groupby="cell_type", n_genes=N_GENES, batch_size=5, **KEYS
+    )
+    pd.testing.assert_frame_equal(again.obs, predicted.obs)
+    after = container.rna(data)
+    assert (after.X != before.X).nnz == 0
+    pd.testing.assert_frame_equal(after.obs, before.obs)
+    assert after.uns.keys() == before.uns.keys()
+
+
+def test_predict_perturbation_samples_and_refuses(kang, trained):
+    sample = sc_c2s.tl.predict_perturbation(
+        kang, model=trained, perturbations=["stimulated"], n_genes=5, n_cells=7, random_state=3, **KEYS
+    )
+    assert sample.n_obs == 7
+    assert (kang.obs.loc[sample.obs["c2s_source_cell"], "condition"] == "control").all()
+    with pytest.raises(ValueError, match=r"does not know the perturbations \['LPS'\]"):
+        sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=["LPS"], **KEYS)
+    with pytest.raises(TypeError, match="list of names"):
+        sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations="stimulated", **KEYS)
+    with pytest.raises(KeyError, match="condition_key='stim'"):
+        sc_c2s.tl.predict_perturbation(
+            kang, model=trained, perturbations=["stimulated"], condition_key="stim", control="control"
+        )
+
+
+def real_as_predicted(kang: ad.AnnData, group: str) -> ad.AnnData:
+    """The real stimulated cells of `group` posing as predicted ones: a perfect prediction."""
+    cells = kang[(kang.obs["cell_type"] == group) & (kang.obs["condition"] == "stimulated")]
+    words = sc_c2s.prompts.sentence_words(cells, n_genes=N_GENES)
+    obs = cells.obs[["cell_type", "condition"]].astype(str).assign(c2s_sentence=[" ".join(w) for w in words])
+    return ad.AnnData(sparse.csr_matrix((cells.n_obs, 0)), obs=obs)
+
+
+def test_score_perturbation_of_a_perfect_prediction(kang):
+    scores = sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
+    row = scores.loc[("B", "stimulated")]
+    assert (row["n_perturbed"], row["n_control"], row["n_predicted"]) == (67, 67, 67)
+    assert row["r2_all"] == pytest.approx(1) and row["r2_top100"] == pytest.approx(1)
+    assert row["direction_top20"] == 1 and row["mmd"] == pytest.approx(0, abs=1e-6)
+    assert row["direction_top20_unchanged"] == 0  # the control cells do not move
+    for baseline in ("unchanged", "mean_shift"):
+        assert row[f"r2_top100_{baseline}"] < 1 and row[f"mmd_{baseline}"] > 0
+    # the other cell types respond to interferon alike: the mean shift beats the control cells as they are
+    assert row["r2_top100_mean_shift"] > row["r2_top100_unchanged"]
+    assert row["mmd_mean_shift"] < row["mmd_unchanged"]
+
+
+def test_mean_shift_and_de_genes_by_hand(kang):
+    data = _score_perturbation.cells(kang, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
+    one = _score_perturbation.contrast(data, group="B", perturbation="stimulated", control="control")
+    X = from_sentences(
+        [" ".join(w) for w in sc_c2s.prompts.sentence_words(kang, n_genes=N_GENES)],
+        genes=kang.var_names,
+        rank_fit=kang.uns["c2s"]["rank_fit"],
+    ).X.toarray()
+
+    def mean(cell_type, condition):
+        return X[((kang.obs["cell_type"] == cell_type) & (kang.obs["condition"] == condition)).to_numpy()].mean(0)
+
+    shift = np.mean([mean(t, "stimulated") - mean(t, "control") for t in ("CD4T", "CD14+Mono")], axis=0)
+    np.testing.assert_allclose(one.means["mean_shift"], mean("B", "control") + shift, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one.means["unchanged"], mean("B", "control"), rtol=1e-5, atol=1e-6)
+    from scipy.stats import ttest_ind
+
+    is_b = (kang.obs["cell_type"] == "B").to_numpy()
+    t, _ = ttest_ind(
+        X[is_b & (kang.obs["condition"] == "stimulated").to_numpy()],
+        X[is_b & (kang.obs["condition"] == "control").to_numpy()],
+        equal_var=False,
+    )
+    np.testing.assert_allclose(one.means["t"], np.nan_to_num(t), rtol=1e-4, atol=1e-6)
+    # interferon response genes lead the B cells' DE genes, upwards
+    top = one.top(20)
+    assert {"ISG15", "IFI6", "IFIT1"} <= set(top.index)
+    assert (top.loc[["ISG15", "IFI6", "IFIT1"], "t"] > 0).all()
+
+
+def test_score_perturbation_of_the_model(kang, predicted, container):
+    data = container.wrap(kang.copy())
+    before = container.rna(data).copy()
+    scores = sc_c2s.tl.score_perturbation(data, predicted, groupby="cell_type", **KEYS)
+    assert list(scores.columns) == _score_perturbation.COLUMNS
+    assert scores.index.names == ["cell_type", "condition"]
+    assert list(scores.index) == [("B", "stimulated")]
+    row = scores.iloc[0]
+    assert 0 <= row["r2_all"] <= 1 and 0 <= row["direction_top20"] <= 1 and row["mmd"] > 0
+    pd.testing.assert_frame_equal(container.rna(data).obs, before.obs)
+    with pytest.raises(ValueError, match="No predicted perturbation and group"):
+        sc_c2s.tl.score_perturbation(data, predicted, groupby="cell_type", perturbation="LPS", **KEYS)
+
+
+def test_pl_perturbation(kang, predicted):
+    matplotlib.use("Agg")
+    ax = sc_c2s.pl.perturbation(kang, predicted, groupby="cell_type", group="B", show=False, **KEYS)
+    assert len(ax.collections) == 3
+    assert ax.get_title() == "B: top 20 DE genes"
+    assert {t.get_text() for t in ax.texts} >= {"ISG15"}
+    with pytest.raises(ValueError, match="No predicted cell of group 'CD4T'"):
+        sc_c2s.pl.perturbation(kang, predicted, groupby="cell_type", group="CD4T", show=False, **KEYS)

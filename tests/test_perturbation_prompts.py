@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+from sc_c2s import prompts
+from sc_c2s.models._scratch import build_tokenizer
+
+
+def test_perturbation_prompt_exact():
+    expected = (
+        "Given the following cell sentence of 3 expressed genes representing a cell's basal state, predict the cell "
+        "sentence after applying the perturbation: IFN-beta.\n"
+        "Control cell sentence: CD74 ISG15 HLA-DRA.\n"
+        "\n"
+        "Perturbed cell sentence:"
+    )
+    assert prompts.perturbation(["CD74", "isg15", "HLA-DRA"], perturbation_name="IFN-beta") == expected
+    assert prompts.perturbation(["a"], perturbation_name="x", upper=False).split("\n")[1] == "Control cell sentence: a."
+
+
+def test_perturbation_sample_text():
+    prompt = prompts.perturbation(["CD74"], perturbation_name="stimulated")
+    sample = prompt + prompts.answer(prompts.cell_sentence(["ISG15", "IFI6"]))
+    assert sample.endswith("\n\nPerturbed cell sentence: ISG15 IFI6.")
+
+
+def test_scratch_tokenizer_spells_perturbation_prompt():
+    """With the perturbation words, every word of the prompt is one known token of a scratch tokenizer."""
+    tokenizer = build_tokenizer(["CD74", "ISG15"], ["IFN-beta stimulated", *prompts.PERTURBATION_WORDS], max_genes=5)
+    text = prompts.perturbation(["CD74", "ISG15"], perturbation_name="IFN-beta stimulated") + prompts.answer("ISG15")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.convert_ids_to_tokens(ids[-6:]) == ["Perturbed", "cell", "sentence", ":", "ISG15", "."]
+    for word in ("Given", "cell's", "basal", "state", ",", "Control"):
+        assert word in tokenizer.get_vocab()
+
+
+def test_perturbation_words_are_new_template_words():
+    assert prompts.PERTURBATION_WORDS == (
+        "Given", "expressed", "representing", "cell's", "basal", "state", "predict", "after", "applying",
+        "perturbation", "Control", "Perturbed",
+    )  # fmt: skip
+    assert not set(prompts.PERTURBATION_WORDS) & set(prompts.TEMPLATE_WORDS)
