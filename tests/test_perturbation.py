@@ -77,7 +77,7 @@ def test_finetune_records_the_perturbation_task(trained):
 
 
 def test_finetune_checks_its_keys(kang, tmp_path):
-    with pytest.raises(ValueError, match="pass `label_key`"):
+    with pytest.raises(ValueError, match="pass `label_key=`"):
         sc_c2s.tl.finetune(kang, base_model="scratch", output_dir=tmp_path / "a", tasks=["cell_type_prediction"])
     with pytest.raises(ValueError, match="needs `condition_key`"):
         sc_c2s.tl.finetune(kang, base_model="scratch", output_dir=tmp_path / "b", tasks=["perturbation"])

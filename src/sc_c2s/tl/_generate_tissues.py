@@ -96,7 +96,7 @@ def generate_tissues(
     if "tissue_generation" not in c2s.metadata.tasks:
         logg.warning(f"{c2s.name!r} was not trained for tissue-conditioned multi-cell generation; expect poor cells.")
     target = _generate._target(adata, mod=mod, model=c2s)
-    _generate._check_memory(int(sizes.sum()), n_genes=n_genes, words=target.words)
+    _generate._check_memory(int(sizes.sum()), n_genes=n_genes, words=target.words, name="tissues")
     budget = _generate._token_budget(c2s, target.words, n_genes)
     per_cell = budget["max_new_tokens"] + _CELL_TOKENS
     max_new_tokens = int(sizes.max()) * per_cell
