@@ -233,7 +233,7 @@ def _statistics(log_expression: np.ndarray, n_ranked: np.ndarray) -> tuple[float
     spearman = float(group_rank[group] @ run_x_rank[order]) / np.sqrt(
         float(per_position @ x_rank**2) * float(group_size @ group_rank**2)
     )
-    return slope, y_mean - slope * x_mean, sxy / np.sqrt(sxx * syy), spearman, n
+    return slope, y_mean - slope * x_mean, float(sxy / np.sqrt(sxx * syy)), spearman, n
 
 
 def _linear(values: np.ndarray, kind: str, log1p_base: float | None) -> np.ndarray:
