@@ -149,6 +149,13 @@ def test_verbs_over_a_cluster_equal_in_memory(sentences, expected, demo, client)
     run_verbs(lazy_sentences, "demo")  # a dask obsm runs on the active client
     assert_same_results(lazy_sentences, expected)
 
+    request = {"model": demo, "cell_types": {"CD14+ Monocyte": 7, "CD19+ B": 6}, "n_genes": 20}
+    generated = sc_c2s.tl.generate(sentences, client=client, **request)
+    in_memory = sc_c2s.tl.generate(sentences, **request)
+    pd.testing.assert_frame_equal(generated.obs, in_memory.obs)  # the same sentences, read the same way
+    assert (generated.X != in_memory.X).nnz == 0
+    assert generated.uns == in_memory.uns
+
     loads = client.run(lambda: {ref.name_or_path: n for ref, n in _dask.LOADS.items()})
     assert len(loads) == 2
     for per_worker in loads.values():  # each worker loaded each reference once, whatever the number of chunks

@@ -205,6 +205,44 @@ def map_verb(
     return adata if copy else None
 
 
+def map_cells(
+    fn: Callable[..., tuple],
+    *,
+    model: C2SModel | str,
+    device: str | torch.device | None,
+    client: Client | None,
+    sliced: dict[str, np.ndarray],
+    **shared: Any,
+) -> tuple:
+    """Run ``fn(model, first_cell=, **sliced_chunk, **shared)`` on chunks of cells as Dask tasks; join in order.
+
+    The arrays of `sliced` are cut into chunks of cells (a few per worker); the rest goes to every task once.
+    `fn` returns a tuple of per-cell results (arrays or sparse matrices, cells first), which are joined in cell
+    order. Tasks run on `client`, else on the active client, else in this process.
+    """
+    from scipy import sparse
+
+    dask = import_optional("dask", extra="dask", purpose="Running models over Dask")
+    client = client if client is not None else _active_client()
+    n_cells = len(next(iter(sliced.values())))
+    n_workers = max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
+    step = max(1, -(-n_cells // (_CHUNKS_PER_WORKER * n_workers)))
+    common = dask.delayed({"fn": fn, "model": reference(model, device=device), "shared": shared}, pure=True)
+    tasks = [
+        dask.delayed(_run_cells, pure=True)(common, start, {k: v[start : start + step] for k, v in sliced.items()})
+        for start in range(0, n_cells, step)
+    ]
+    chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
+    return tuple(
+        sparse.vstack(parts, format="csr") if sparse.issparse(parts[0]) else np.concatenate(parts)
+        for parts in zip(*chunks, strict=True)
+    )
+
+
+def _run_cells(common: dict[str, Any], first_cell: int, sliced: dict[str, np.ndarray]) -> tuple:
+    return common["fn"](worker_model(common["model"]), first_cell=first_cell, **sliced, **common["shared"])
+
+
 def _active_client() -> Client | None:
     """Return the Dask client of this context, if distributed is installed and one is running."""
     if "distributed" not in sys.modules:

@@ -12,7 +12,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from scipy import sparse
 
-from sc_c2s import _keys, prompts
+from sc_c2s import _dask, _keys, prompts
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import (
     doc_adata,
@@ -40,6 +40,7 @@ from ._from_sentences import COUNTS, gene_index, read, vocabulary
 
 if TYPE_CHECKING:
     import torch
+    from distributed import Client
     from mudata import MuData
 
     from sc_c2s.models._model import C2SModel
@@ -96,6 +97,7 @@ def generate(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     mod: str | None = None,
+    client: Client | None = None,
 ) -> AnnData:
     """Generate cells of given types with a C2S model and turn them into expression.
 
@@ -154,6 +156,11 @@ def generate(
     {doc_batch_size}
     {doc_device}
     {doc_mod}
+    client
+        A :class:`distributed.Client` to spread the cells over, in chunks; ``None`` uses the active client when
+        ``obsm["c2s_genes"]`` of `adata` is a dask array, and runs in this process otherwise. Each worker loads
+        the model once, by name or path, on its own GPU where it has one, writes its cells' sentences and turns
+        them into expression; the cells are those of a run in one process (see :doc:`/scaling`).
 
     Returns
     -------
@@ -218,24 +225,31 @@ def generate(
         c2s_model.tokenizer,
         [prompts.cell_type_generation(t, n_genes=n_genes, organism=organism) for t in request.types],
     )
-    collector = _Collector(target, n_cells=len(codes))
-    _sample(
-        c2s_model,
-        prompt_ids,
-        codes,
-        max_new_tokens=budget["max_new_tokens"],
-        stop_ids=budget["stop_ids"],
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        gene_ids=budget["gene_ids"] if unique_genes else None,
-        gene_tokens=budget["gene_tokens"] if unique_genes else None,
-        length=None if starts is None else (n_genes, *starts),
-        random_state=random_state,
-        batch_size=batch_size,
-        sink=collector,
-    )
-    X, sentences, counts = collector.result()
+    sampling = {
+        "prompt_ids": prompt_ids,
+        "max_new_tokens": budget["max_new_tokens"],
+        "stop_ids": budget["stop_ids"],
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "gene_ids": budget["gene_ids"] if unique_genes else None,
+        "gene_tokens": budget["gene_tokens"] if unique_genes else None,
+        "length": None if starts is None else (n_genes, *starts),
+        "random_state": random_state,
+        "batch_size": batch_size,
+    }
+    if adata is not None and _dask.wanted(adata, mod, client) or client is not None:
+        X, sentences, counts = _dask.map_cells(
+            _generate_cells,
+            model=model,
+            device=device,
+            client=client,
+            sliced={"codes": codes},
+            target=target,
+            **sampling,
+        )
+    else:
+        X, sentences, counts = _generate_cells(c2s_model, codes=codes, target=target, **sampling)
     obs = pd.DataFrame(counts, columns=COUNTS, index=pd.Index([f"generated-{i}" for i in range(len(codes))]))
     obs.insert(0, _keys.GENERATED_CELL_TYPE, pd.Categorical.from_codes(codes, categories=request.types))
     obs.insert(1, _keys.SENTENCE, sentences)
@@ -560,12 +574,14 @@ def _sample(
     batch_size: int | None,
     sink: Callable[[np.ndarray, list[str]], None],
     gene_tokens: list[list[int]] | None = None,
+    first_cell: int = 0,
 ) -> None:
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
     Cell ``i`` is prompted with ``prompt_ids[codes[i]]``; sentences come without their closing period. `length`
     holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
-    write distinct genes of several tokens (then it sets the length, not `length`).
+    write distinct genes of several tokens (then it sets the length, not `length`). Cell ``i`` draws the random
+    numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all cells.
     """
     import torch
 
@@ -587,7 +603,7 @@ def _sample(
         exact = _Length(n_words, is_start, is_stop, is_break & ~is_stop)
 
     def write(batch: _runtime.Batch) -> None:
-        uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
+        uniforms = np.stack([_uniforms(random_state, first_cell + i, max_new_tokens) for i in batch.index])
         sampler = _Sampler(
             torch.from_numpy(uniforms).to(c2s.device, torch.float32),
             temperature=temperature,
@@ -606,6 +622,15 @@ def _sample(
         _runtime.run_batches(
             c2s.model, ids, write, batch_size=batch_size, pad_id=pad_id, desc="generating", room=max_new_tokens
         )
+
+
+def _generate_cells(
+    c2s: C2SModel, *, codes: np.ndarray, target: _Target, first_cell: int = 0, **sampling: Any
+) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+    """Generate cells ``first_cell …`` (of types `codes`) and read them into expression, as :meth:`_Collector.result`."""
+    collector = _Collector(target, n_cells=len(codes))
+    _sample(c2s, codes=codes, sink=collector, first_cell=first_cell, **sampling)
+    return collector.result()
 
 
 class _Collector:
