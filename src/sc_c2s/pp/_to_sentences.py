@@ -54,7 +54,7 @@ def to_sentences(
     the active Dask client if there is one: ``obsm["c2s_genes"]`` becomes a dask array with the values of the
     in-memory result, computed when it is used (an error in the values surfaces then); it keeps `n_genes`
     columns even when no cell expresses that many genes. Only the rank fit is computed at once, from the chunks
-    that hold its sampled cells (see :doc:`/scaling`). A sparse matrix that stores a
+    that hold its sampled cells (most chunks of a large atlas; see :doc:`/scaling`). A sparse matrix that stores a
     gene twice for a cell (valid in scipy, e.g. built from COO without ``sum_duplicates``) is read as the sum of
     its entries, as :meth:`~scipy.sparse.csr_matrix.toarray` reads it, on a copy.
 
