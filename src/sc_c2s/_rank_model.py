@@ -18,10 +18,9 @@ import numpy as np
 from numba import njit
 from scipy import sparse
 
-from ._utils._numba import numba_threads
 from ._utils._validate import check_number
 from .pp import _kernels
-from .pp._rank import _canonical
+from .pp._rank import rank_genes
 
 #: Only the first this many ranks enter the fit.
 MAX_RANK = 999
@@ -123,10 +122,12 @@ def read_rows(X, cells: np.ndarray) -> sparse.csr_matrix:
         rows = rows.compute()
     if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
         rows = rows.astype(np.float32)
-    return _canonical(sparse.csr_matrix(rows))
+    return sparse.csr_matrix(rows)
 
 
-def _sample(X, cells: np.ndarray, *, log1p_base: float | None) -> tuple[np.ndarray, np.ndarray, str, float]:
+def _sample(
+    X, cells: np.ndarray, *, random_state: int, log1p_base: float | None
+) -> tuple[np.ndarray, np.ndarray, str, float]:
     """Return the fit's data for the given cells: ``log10(1 + normalised expression)`` of their ranked genes.
 
     Returns
@@ -140,26 +141,25 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None) -> tuple[np.ndarr
     log_scale = 0.0 if kind == "linear" else np.log(log1p_base) if log1p_base else 1.0
     _kernels.row_totals(rows.indptr, rows.data, log_scale, totals)
     target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
-    values = np.zeros((rows.shape[0], min(MAX_RANK, rows.shape[1])))
-    n_ranked = np.zeros(rows.shape[0], dtype=np.int64)
-    with numba_threads() as n_threads:
-        _kernels.top_values_csr(rows.indptr, rows.data, min(rows.shape[0], 8 * n_threads) or 1, values, n_ranked)
+    ranking = rank_genes(rows, n_genes=MAX_RANK, random_state=random_state, cells=cells, with_values=True)
     scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    log_expression = np.log10(1 + _linear(values, kind, log1p_base) * scale[:, None])
-    return log_expression, n_ranked, kind, target_sum
+    log_expression = np.log10(1 + _linear(ranking.values, kind, log1p_base) * scale[:, None])
+    return log_expression, np.minimum(ranking.n_expressed, ranking.genes.shape[1]), kind, target_sum
 
 
-def rank_points(X, cells: np.ndarray, *, log1p_base: float | None = None) -> tuple[np.ndarray, np.ndarray, str, float]:
+def rank_points(
+    X, cells: np.ndarray, *, random_state: int, log1p_base: float | None = None
+) -> tuple[np.ndarray, np.ndarray, str, float]:
     """Points of the fit for the given cells: ``log10(1 + rank0)`` and ``log10(1 + normalised expression)``.
 
-    Reads only the sampled rows; ``X`` is not modified. Values are ranked as stored (log or not, the order is the
-    same); equal values need no tie-break, since the points are positions and values, not genes.
+    Reads only the sampled rows, on a copy; ``X`` is not modified. Genes are ranked on the values as stored (log or
+    not, the order is the same), so float32 input takes the fast path of the ranking kernels.
 
     Returns
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    log_expression, n_ranked, kind, target_sum = _sample(X, cells, log1p_base=log1p_base)
+    log_expression, n_ranked, kind, target_sum = _sample(X, cells, random_state=random_state, log1p_base=log1p_base)
     ranked = np.arange(log_expression.shape[1]) < n_ranked[:, None]
     log_rank = np.broadcast_to(np.log10(1 + np.arange(log_expression.shape[1])), log_expression.shape)[ranked]
     return log_rank, log_expression[ranked], kind, target_sum
@@ -247,7 +247,7 @@ def _linear(values: np.ndarray, kind: str, log1p_base: float | None) -> np.ndarr
 def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base: float | None = None) -> RankFit:
     """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``."""
     cells = sample_cells(X.shape[0], n_cells, random_state)
-    log_expression, n_ranked, kind, target_sum = _sample(X, cells, log1p_base=log1p_base)
+    log_expression, n_ranked, kind, target_sum = _sample(X, cells, random_state=random_state, log1p_base=log1p_base)
     ranked = log_expression[np.arange(log_expression.shape[1]) < n_ranked[:, None]]
     if ranked.size < 3 or n_ranked.max() < 2 or np.ptp(ranked) == 0:
         msg = (

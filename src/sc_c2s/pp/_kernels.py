@@ -535,32 +535,3 @@ def row_totals(indptr, data, log_scale, out):
             v = np.float64(data[p])
             total += np.expm1(log_scale * v) if log_scale > 0 else v
         out[i] = total
-
-
-@njit(parallel=True, cache=True)
-def top_values_csr(indptr, data, n_chunks, out, n_top):
-    """Write the ``out.shape[1]`` largest non-zero values of each CSR row, descending, into ``out``.
-
-    ``n_top[i]`` receives how many row ``i`` has. Only values, not genes: equal values need no tie-break, so a
-    partition and a sort of the kept values suffice (for the rank fit, whose points are positions and values).
-    """
-    n_rows = indptr.shape[0] - 1
-    k = out.shape[1]
-    chunk = (n_rows + n_chunks - 1) // n_chunks
-    for c in prange(n_chunks):
-        first, last = c * chunk, min(n_rows, (c + 1) * chunk)
-        longest = 0
-        for i in range(first, last):
-            longest = max(longest, indptr[i + 1] - indptr[i])
-        row = np.empty(longest, dtype=np.float64)
-        for i in range(first, last):
-            n = 0
-            for p in range(indptr[i], indptr[i + 1]):
-                if data[p] != 0:
-                    row[n] = data[p]
-                    n += 1
-            top = np.sort(np.partition(row[:n], n - k)[n - k :]) if n > k else np.sort(row[:n])
-            m = top.shape[0]
-            for j in range(m):
-                out[i, j] = top[m - 1 - j]
-            n_top[i] = m
