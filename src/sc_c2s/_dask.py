@@ -126,7 +126,8 @@ def reference(model: C2SModel | str, *, device: str | torch.device | None) -> Mo
     """Refer to `model` by name or path, so that workers load it themselves instead of receiving its weights.
 
     A loaded registry model is sent as its name and revision, any other loaded model as the directory it was
-    loaded from, with its dtype. A loaded model is also cached for this process, so tasks that run here use it.
+    loaded from, with its dtype (not its quantisation or attention kernel: workers load with the defaults of
+    :func:`sc_c2s.models.load`). A loaded model is also cached for this process, so tasks that run here use it.
     """
     from .models import C2SModel
 
@@ -173,8 +174,8 @@ def map_verb(
 
     Each task calls `verb` on an AnnData of its cells (their gene indices and ``uns["c2s"]``) with the model its
     worker loaded once; the values are those of `verb` on the whole data. `start` is the time the verb logged its
-    start at. Tasks run on `client`, else on the
-    active client, else one after another in this process. Nothing is written until all have finished.
+    start at. Tasks run on `client`, else on the active client, else one after another in this process. Nothing
+    is written until all have finished.
     """
     from ._data import DataHandler, prepare
 

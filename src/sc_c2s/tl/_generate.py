@@ -238,7 +238,7 @@ def generate(
         "random_state": random_state,
         "batch_size": batch_size,
     }
-    if adata is not None and _dask.wanted(adata, mod, client) or client is not None:
+    if client is not None or (adata is not None and _dask.wanted(adata, mod, client)):
         X, sentences, counts = _dask.map_cells(
             _generate_cells,
             model=model,
