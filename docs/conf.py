@@ -84,6 +84,8 @@ always_use_bars_union = True
 
 intersphinx_mapping = {
     "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+    "dask": ("https://docs.dask.org/en/stable/", None),
+    "distributed": ("https://distributed.dask.org/en/stable/", None),
     "matplotlib": ("https://matplotlib.org/stable/", None),
     "mudata": ("https://mudata.readthedocs.io/en/latest/", None),
     "numpy": ("https://numpy.org/doc/stable/", None),
@@ -100,6 +102,7 @@ nitpick_ignore = [("py:class", "sc_c2s._rank_model.RankFit")]
 #: sphinx-autodoc-typehints names classes by the module that defines them; their projects document the public name.
 QUALNAME_OVERRIDES = {
     "anndata._core.anndata.AnnData": "anndata.AnnData",
+    "distributed.client.Client": "distributed.Client",
     "mudata._core.mudata.MuData": "mudata.MuData",
     "matplotlib.axes._axes.Axes": "matplotlib.axes.Axes",
     "pandas.core.frame.DataFrame": "pandas.DataFrame",
@@ -124,7 +127,8 @@ if not _online():
     # resolve. Accept them unlinked rather than failing `sphinx-build -W`; online builds (Read the Docs) check them.
     intersphinx_mapping = {}
     external = "|".join(
-        ["anndata", "mudata", "numpy", "np", "pandas", "pd", "scanpy", "scipy", "matplotlib", "torch"]
+        ["anndata", "dask", "distributed", "mudata", "numpy", "np", "pandas", "pd", "scanpy", "scipy", "matplotlib"]
+        + ["torch"]
         + ["collections", "typing", "pathlib", "os"]  # Python's own
     )
     nitpick_ignore_regex.append((r"py:.*", rf"({external})(\..*)?"))

@@ -62,3 +62,10 @@ return_fig
 doc_seed = """\
 (a non-negative integer; ``None`` draws one from NumPy's global random state, as scanpy does, and a
     :class:`numpy.random.Generator` or :class:`~numpy.random.RandomState` draws one from itself)"""
+
+doc_client = """\
+client
+    A :class:`distributed.Client` to spread the cells over, in row chunks; ``None`` uses the active client when
+    ``obsm["c2s_genes"]`` is a dask array (from :func:`sc_c2s.pp.to_sentences` on dask data), and runs in this
+    process otherwise. Each worker loads the model once, by name or path, on its own GPU where it has one; the
+    results are those of a run in one process. See :doc:`/scaling`."""

@@ -15,9 +15,11 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from scipy import sparse, stats
+from numba import njit
+from scipy import sparse
 
 from ._utils._validate import check_number
+from .pp import _kernels
 from .pp._rank import rank_genes
 
 #: Only the first this many ranks enter the fit.
@@ -101,11 +103,48 @@ def sample_cells(n_obs: int, n_cells: int, random_state: int) -> np.ndarray:
 
 def is_log_transformed(values: np.ndarray) -> bool:
     """Whether expressed values look log-transformed: small, and not all integers (checked on a sample)."""
-    values = values[values != 0]
     if values.size == 0 or float(values.max()) > _LOG_MAX:
         return False
     sample = values[:: max(1, values.size // _LOG_SAMPLE)]
+    sample = sample[sample != 0]
+    if sample.size == 0:
+        return False
     return not np.array_equal(sample, np.round(sample))
+
+
+def read_rows(X, cells: np.ndarray) -> sparse.csr_matrix:
+    """Read the rows ``cells`` (sorted) of any matrix :func:`sc_c2s.pp.to_sentences` takes as CSR, and no others.
+
+    In-memory, backed and dask matrices alike: a dask array computes only the chunks that hold those rows.
+    """
+    rows = X if len(cells) == X.shape[0] and sparse.issparse(X) and X.format == "csr" else X[cells]
+    if hasattr(rows, "compute"):  # a dask array
+        rows = rows.compute()
+    if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
+        rows = rows.astype(np.float32)
+    return sparse.csr_matrix(rows)
+
+
+def _sample(
+    X, cells: np.ndarray, *, random_state: int, log1p_base: float | None
+) -> tuple[np.ndarray, np.ndarray, str, float]:
+    """Return the fit's data for the given cells: ``log10(1 + normalised expression)`` of their ranked genes.
+
+    Returns
+    -------
+    ``(log_expression, n_ranked, input, target_sum)``: a cells × ranks array, best first, whose row ``i`` is
+    meaningful up to ``n_ranked[i]``.
+    """
+    rows = read_rows(X, cells)
+    kind = "log1p" if is_log_transformed(rows.data) else "linear"
+    totals = np.empty(rows.shape[0])
+    log_scale = 0.0 if kind == "linear" else np.log(log1p_base) if log1p_base else 1.0
+    _kernels.row_totals(rows.indptr, rows.data, log_scale, totals)
+    target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
+    ranking = rank_genes(rows, n_genes=MAX_RANK, random_state=random_state, cells=cells, with_values=True)
+    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+    log_expression = np.log10(1 + _linear(ranking.values, kind, log1p_base) * scale[:, None])
+    return log_expression, np.minimum(ranking.n_expressed, ranking.genes.shape[1]), kind, target_sum
 
 
 def rank_points(
@@ -113,27 +152,88 @@ def rank_points(
 ) -> tuple[np.ndarray, np.ndarray, str, float]:
     """Points of the fit for the given cells: ``log10(1 + rank0)`` and ``log10(1 + normalised expression)``.
 
-    Works on a copy of the sampled rows; ``X`` is not modified. Genes are ranked on the values as stored (log or
+    Reads only the sampled rows, on a copy; ``X`` is not modified. Genes are ranked on the values as stored (log or
     not, the order is the same), so float32 input takes the fast path of the ranking kernels.
 
     Returns
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    rows = X[cells]
-    if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
-        rows = rows.astype(np.float32)
-    rows = sparse.csr_matrix(rows)
-    kind = "log1p" if is_log_transformed(rows.data) else "linear"
-    linear = sparse.csr_matrix((_linear(rows.data, kind, log1p_base), rows.indices, rows.indptr), shape=rows.shape)
-    totals = np.asarray(linear.sum(axis=1)).ravel()
-    target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
-    ranking = rank_genes(rows, n_genes=MAX_RANK, random_state=random_state, cells=cells, with_values=True)
-    expressed = ranking.genes >= 0
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    log_expression = np.log10(1 + _linear(ranking.values, kind, log1p_base) * scale[:, None])[expressed]
-    log_rank = np.log10(1 + np.broadcast_to(np.arange(ranking.genes.shape[1]), ranking.genes.shape))[expressed]
-    return log_rank, log_expression, kind, target_sum
+    log_expression, n_ranked, kind, target_sum = _sample(X, cells, random_state=random_state, log1p_base=log1p_base)
+    ranked = np.arange(log_expression.shape[1]) < n_ranked[:, None]
+    log_rank = np.broadcast_to(np.log10(1 + np.arange(log_expression.shape[1])), log_expression.shape)[ranked]
+    return log_rank, log_expression[ranked], kind, target_sum
+
+
+@njit(cache=True)
+def _sums(log_expression, n_ranked, x_values, x_rank, shift):
+    """One pass over the points: sums for the line, and the runs of equal values within each cell.
+
+    Returns ``(sum_dy, sum_dy2, sum_dxdy, run_y, run_size, run_x_rank)`` with ``dy = y - shift``, ``dx`` centred
+    by the caller through `x_values`, and per run its value, number of points and summed centred x ranks.
+    """
+    n = 0
+    for i in range(n_ranked.shape[0]):
+        n += n_ranked[i]
+    run_y = np.empty(n)
+    run_size = np.zeros(n, dtype=np.int64)
+    run_x_rank = np.zeros(n)
+    n_runs = 0
+    sum_dy = sum_dy2 = sum_dxdy = 0.0
+    for i in range(n_ranked.shape[0]):
+        for p in range(n_ranked[i]):
+            y = log_expression[i, p]
+            dy = y - shift
+            sum_dy += dy
+            sum_dy2 += dy * dy
+            sum_dxdy += x_values[p] * dy
+            if p == 0 or y != log_expression[i, p - 1]:
+                run_y[n_runs] = y
+                n_runs += 1
+            run_size[n_runs - 1] += 1
+            run_x_rank[n_runs - 1] += x_rank[p]
+    return sum_dy, sum_dy2, sum_dxdy, run_y[:n_runs], run_size[:n_runs], run_x_rank[:n_runs]
+
+
+def _statistics(log_expression: np.ndarray, n_ranked: np.ndarray) -> tuple[float, float, float, float, int]:
+    """Least-squares line, Pearson r and Spearman ρ of the points of :func:`rank_points`, from their counts.
+
+    The points are never gathered nor sorted: each rank position is one value of ``log10(1 + rank0)``, so its ranks
+    come from the number of cells that reach each position, and the expression ranks from the runs of equal
+    values, which a cell's ranked values form already (only the runs are sorted).
+
+    Returns
+    -------
+    ``(slope, intercept, pearson_r, spearman_rho, n_points)``.
+    """
+    width = log_expression.shape[1]
+    per_position = np.cumsum(np.bincount(n_ranked, minlength=width + 1)[::-1])[::-1][1:]  # points at each position
+    n = int(per_position.sum())
+    x_values = np.log10(1 + np.arange(width))
+    x_mean = float(per_position @ x_values) / n
+    x_values -= x_mean
+    mid = (n + 1) / 2  # mean of the ranks 1 … n
+    x_rank = np.cumsum(per_position) - (per_position - 1) / 2 - mid  # average rank of each position, centred
+    shift = float(log_expression[np.argmax(n_ranked > 0), 0])
+    sum_dy, sum_dy2, sxy, run_y, run_size, run_x_rank = _sums(
+        log_expression, n_ranked.astype(np.int64), x_values, x_rank, shift
+    )
+    sxx = float(per_position @ x_values**2)
+    syy = sum_dy2 - sum_dy**2 / n
+    slope = sxy / sxx
+    y_mean = shift + sum_dy / n
+
+    order = np.argsort(run_y, kind="stable")
+    sorted_y = run_y[order]
+    group_start = np.ones(len(order), dtype=bool)
+    group_start[1:] = sorted_y[1:] != sorted_y[:-1]
+    group = np.cumsum(group_start) - 1
+    group_size = np.bincount(group, weights=run_size[order])
+    group_rank = np.cumsum(group_size) - (group_size - 1) / 2 - mid
+    spearman = float(group_rank[group] @ run_x_rank[order]) / np.sqrt(
+        float(per_position @ x_rank**2) * float(group_size @ group_rank**2)
+    )
+    return slope, y_mean - slope * x_mean, float(sxy / np.sqrt(sxx * syy)), spearman, n
 
 
 def _linear(values: np.ndarray, kind: str, log1p_base: float | None) -> np.ndarray:
@@ -147,22 +247,21 @@ def _linear(values: np.ndarray, kind: str, log1p_base: float | None) -> np.ndarr
 def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base: float | None = None) -> RankFit:
     """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``."""
     cells = sample_cells(X.shape[0], n_cells, random_state)
-    x, y, kind, target_sum = rank_points(X, cells, random_state=random_state, log1p_base=log1p_base)
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+    log_expression, n_ranked, kind, target_sum = _sample(X, cells, random_state=random_state, log1p_base=log1p_base)
+    ranked = log_expression[np.arange(log_expression.shape[1]) < n_ranked[:, None]]
+    if ranked.size < 3 or n_ranked.max() < 2 or np.ptp(ranked) == 0:
         msg = (
             "Too few expressed genes, or expressed values all equal, to fit the rank → expression model; pass "
             "`rank_fit=False`."
         )
         raise ValueError(msg)
-    slope, intercept = np.polyfit(x, y, 1)
-    if not np.isfinite([slope, intercept]).all():
+    if not np.isfinite(ranked).all():
         msg = (
             "The rank → expression fit is not finite: the expression values are too large to normalise. Check the "
             "input, or pass `rank_fit=False`."
         )
         raise ValueError(msg)
-    pearson = float(np.corrcoef(x, y)[0, 1])
-    spearman = float(stats.spearmanr(x, y).statistic)
+    slope, intercept, pearson, spearman, n_points = _statistics(log_expression, n_ranked)
     return RankFit(
         slope=float(slope),
         intercept=float(intercept),
@@ -170,7 +269,7 @@ def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base:
         pearson_r=pearson,
         spearman_rho=spearman,
         n_cells=len(cells),
-        n_points=int(x.size),
+        n_points=n_points,
         input=kind,
         target_sum=target_sum,
     )

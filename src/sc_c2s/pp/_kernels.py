@@ -521,3 +521,17 @@ def write_sentences(gene_idx, word_table, word_lengths, row_offsets, out):
                 n = min(word_lengths[g] + 1, end - pos)
                 out[pos : pos + n] = word_table[g, :n]
             pos += word_lengths[g] + 1
+
+
+@njit(parallel=True, cache=True)
+def row_totals(indptr, data, log_scale, out):
+    """Sum each row of a CSR matrix in float64 into ``out``; ``log_scale > 0`` sums ``expm1(log_scale * v)``.
+
+    ``log_scale`` is ``ln(base)`` of a ``log1p`` transform to undo (``1`` for the natural log), ``0`` for none.
+    """
+    for i in prange(indptr.shape[0] - 1):
+        total = 0.0
+        for p in range(indptr[i], indptr[i + 1]):
+            v = np.float64(data[p])
+            total += np.expm1(log_scale * v) if log_scale > 0 else v
+        out[i] = total

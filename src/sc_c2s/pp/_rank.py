@@ -89,8 +89,8 @@ def _row_blocks(X) -> Iterator[tuple[int, object]]:
             yield start, _canonical(block.tocsr()) if sparse.issparse(block) else np.ascontiguousarray(block)
     else:
         msg = (
-            f"Cannot rank genes in a matrix of type {type(X).__name__}; use a numpy array, a scipy sparse matrix "
-            "or a backed AnnData (for dask arrays, load the data into memory first with `adata.to_memory()`)."
+            f"Cannot rank genes in a matrix of type {type(X).__name__}; use a numpy array, a scipy sparse matrix, "
+            "a backed AnnData or a dask array."
         )
         raise TypeError(msg)
 
@@ -163,7 +163,7 @@ def rank_genes(
                 _kernels.rank_csr(np.asarray(block.indptr), np.asarray(block.indices), data, *args, *outs)
             else:
                 _kernels.rank_dense(_as_kernel_dtype(np.asarray(block)), *args, *outs)
-            _raise_if_not_expression(status[start:stop], start, source)
+            _raise_if_not_expression(status[start:stop], cells[start:stop], source)
     longest = int(n_expressed.max(initial=0))
     if longest < width:
         genes = np.ascontiguousarray(genes[:, :longest])
@@ -171,7 +171,7 @@ def rank_genes(
     return Ranking(genes, values if with_values else None, n_expressed)
 
 
-def _raise_if_not_expression(status: np.ndarray, offset: int, source: str) -> None:
+def _raise_if_not_expression(status: np.ndarray, cells: np.ndarray, source: str) -> None:
     bad = np.flatnonzero(status != _kernels.OK)
     if bad.size == 0:
         return
@@ -183,7 +183,7 @@ def _raise_if_not_expression(status: np.ndarray, offset: int, source: str) -> No
         else "it looks scaled or corrected"
     )
     msg = (
-        f"`{source}` holds {what} (first in cell {offset + bad[0]}), so it is not expression data: {why}. Rank raw "
+        f"`{source}` holds {what} (first in cell {cells[bad[0]]}), so it is not expression data: {why}. Rank raw "
         "counts or normalised expression instead: pass `use_raw=True` if `.raw` holds them, or `layer=` with a "
         "counts layer."
     )

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
-from sc_c2s import _keys, _rank_model
+from sc_c2s import _dask, _keys, _rank_model
 from sc_c2s._data import DataHandler, Matrix, prepare
 from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_seed
 from sc_c2s._utils._numba import numba_threads
@@ -36,7 +36,7 @@ def to_sentences(
     use_raw: bool | None = None,
     gene_symbols: str | None = None,
     mod: str | None = None,
-    sentences: bool = True,
+    sentences: bool | None = None,
     rank_fit: bool | int = True,
     random_state: AnyRandom = 0,
     copy: bool = False,
@@ -49,7 +49,12 @@ def to_sentences(
     the cell and the gene, so CSR, CSC and dense storage give identical sentences.
 
     Ranking runs in parallel numba kernels on :attr:`scanpy.settings.n_jobs` threads (``-1``: all cores),
-    without densifying sparse data. Backed AnnData objects are read in row blocks. A sparse matrix that stores a
+    without densifying sparse data. Backed AnnData objects are read in row blocks. A dask array (dense or scipy
+    sparse chunks, e.g. from :func:`anndata.experimental.read_elem_lazy`) is ranked lazily, chunk by chunk, on
+    the active Dask client if there is one: ``obsm["c2s_genes"]`` becomes a dask array with the values of the
+    in-memory result, computed when it is used (an error in the values surfaces then); it keeps `n_genes`
+    columns even when no cell expresses that many genes. Only the rank fit is computed at once, from the chunks
+    that hold its sampled cells (most chunks of a large atlas; see :doc:`/scaling`). A sparse matrix that stores a
     gene twice for a cell (valid in scipy, e.g. built from COO without ``sum_duplicates``) is read as the sum of
     its entries, as :meth:`~scipy.sparse.csr_matrix.toarray` reads it, on a copy.
 
@@ -68,8 +73,9 @@ def to_sentences(
         ``var_names`` are Ensembl IDs). ``None`` uses ``var_names``.
     {doc_mod}
     sentences
-        Also store the sentences as strings in ``obs["c2s_sentence"]``; switch off for very large data, where
-        ``obsm["c2s_genes"]`` holds the same information compactly.
+        Also store the sentences as strings in ``obs["c2s_sentence"]``; ``False`` for very large data, where
+        ``obsm["c2s_genes"]`` holds the same information compactly. ``None`` means ``True`` for in-memory and
+        backed data and ``False`` for a dask array (``True`` computes the ranking there, to write the strings).
     rank_fit
         Fit the rank → expression model used to turn generated sentences back into expression, on up to
         2,000 sampled cells (an integer sets the number of cells); ``False`` skips it.
@@ -111,10 +117,16 @@ def to_sentences(
         msg = f"`{matrix.source}` is empty ({matrix.X.shape[0]} cells × {matrix.X.shape[1]} genes): nothing to rank."
         raise ValueError(msg)
     words = gene_words(matrix, gene_symbols)
-    ranking = rank_genes(matrix.X, n_genes=n_genes, random_state=random_state, source=matrix.source)
-    n_empty = int(np.sum(ranking.n_expressed == 0))
-    if n_empty:
-        logg.warning(f"{n_empty} cells express no gene; their sentences are empty")
+    lazy = _dask.is_dask_array(matrix.X)
+    sentences = not lazy if sentences is None else sentences
+    if lazy:
+        genes = _dask.rank_lazily(matrix.X, n_genes=n_genes, random_state=random_state, source=matrix.source)
+    else:
+        ranking = rank_genes(matrix.X, n_genes=n_genes, random_state=random_state, source=matrix.source)
+        genes = ranking.genes
+        n_empty = int(np.sum(ranking.n_expressed == 0))
+        if n_empty:
+            logg.warning(f"{n_empty} cells express no gene; their sentences are empty")
     fit = None
     if rank_fit is not False:
         n_cells = _rank_model.DEFAULT_N_CELLS if rank_fit is True else int(rank_fit)
@@ -130,9 +142,11 @@ def to_sentences(
     uns = {"params": {k: v for k, v in params.items() if v is not None}, "genes": words}
     if fit is not None:
         uns["rank_fit"] = fit.to_dict()
-    results = {("obsm", _keys.GENES): ranking.genes}
+    results = {("obsm", _keys.GENES): genes}
     if sentences:
-        results[("obs", _keys.SENTENCE)] = join_sentences(ranking.genes, words)
+        if lazy:
+            genes = results[("obsm", _keys.GENES)] = genes.persist()  # computed once, for the strings and obsm
+        results[("obs", _keys.SENTENCE)] = join_sentences(np.asarray(genes), words)
     results[("uns", _keys.C2S)] = uns
 
     adata = prepare(adata, copy=copy)

@@ -8,9 +8,18 @@ import numpy as np
 import pandas as pd
 from scanpy import logging as logg
 
-from sc_c2s import _keys, prompts
+from sc_c2s import _dask, _keys, prompts
 from sc_c2s._data import DataHandler, prepare
-from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_organism, doc_params
+from sc_c2s._docs import (
+    doc_adata,
+    doc_batch_size,
+    doc_client,
+    doc_device,
+    doc_mod,
+    doc_model,
+    doc_organism,
+    doc_params,
+)
 from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
 
@@ -19,6 +28,7 @@ from ._utils import cell_words, prediction_prompts
 if TYPE_CHECKING:
     import torch
     from anndata import AnnData
+    from distributed import Client
     from mudata import MuData
 
     from sc_c2s.models import C2SModel
@@ -36,6 +46,7 @@ PREFIX_PROMPTS = 8
     doc_batch_size=doc_batch_size,
     doc_device=doc_device,
     doc_mod=doc_mod,
+    doc_client=doc_client,
 )
 def annotate(
     adata: AnnData | MuData,
@@ -48,6 +59,7 @@ def annotate(
     device: str | torch.device | None = None,
     key_added: str = _keys.CELL_TYPE,
     mod: str | None = None,
+    client: Client | None = None,
     copy: bool = False,
 ) -> AnnData | MuData | None:
     """Predict the cell type of each cell with a C2S model.
@@ -83,6 +95,7 @@ def annotate(
     key_added
         Column of ``obs`` for the cell types; the score goes to ``key_added + "_score"``.
     {doc_mod}
+    {doc_client}
     copy
         Return a copy instead of writing into `adata`.
 
@@ -129,6 +142,20 @@ def annotate(
     candidates = None if labels is None else label_set(labels)
     if organism is not None:
         prompts.check_organism(organism)
+    if _dask.wanted(adata, mod, client):
+        kwargs = {"labels": labels, "n_genes": n_genes, "organism": organism, "batch_size": batch_size}
+        return _dask.map_verb(
+            annotate,
+            adata,
+            model=model,
+            device=device,
+            mod=mod,
+            client=client,
+            copy=copy,
+            start=start,
+            key_added=key_added,
+            **kwargs,
+        )
     c2s = resolve(model, device=device)
     if candidates == "model":
         candidates = label_set(model_labels(c2s))

@@ -6,9 +6,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scanpy import logging as logg
 
-from sc_c2s import _keys, prompts
+from sc_c2s import _dask, _keys, prompts
 from sc_c2s._data import DataHandler, prepare
-from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_params
+from sc_c2s._docs import doc_adata, doc_batch_size, doc_client, doc_device, doc_mod, doc_model, doc_params
 from sc_c2s._utils._validate import check_key
 from sc_c2s.models import _runtime
 
@@ -17,13 +17,19 @@ from ._utils import cell_words, prediction_prompts
 if TYPE_CHECKING:
     import torch
     from anndata import AnnData
+    from distributed import Client
     from mudata import MuData
 
     from sc_c2s.models import C2SModel
 
 
 @doc_params(
-    doc_adata=doc_adata, doc_model=doc_model, doc_batch_size=doc_batch_size, doc_device=doc_device, doc_mod=doc_mod
+    doc_adata=doc_adata,
+    doc_model=doc_model,
+    doc_batch_size=doc_batch_size,
+    doc_device=doc_device,
+    doc_mod=doc_mod,
+    doc_client=doc_client,
 )
 def embed(
     adata: AnnData | MuData,
@@ -34,6 +40,7 @@ def embed(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     mod: str | None = None,
+    client: Client | None = None,
     copy: bool = False,
 ) -> AnnData | MuData | None:
     """Embed each cell with a C2S model: its last hidden layer averaged over the cell sentence.
@@ -55,6 +62,7 @@ def embed(
     {doc_batch_size}
     {doc_device}
     {doc_mod}
+    {doc_client}
     copy
         Return a copy instead of writing into `adata`.
 
@@ -90,6 +98,20 @@ def embed(
     start = logg.info("embedding cells with a C2S model")
     DataHandler(adata, mod).c2s()
     check_key(key_added, "key_added")
+    if _dask.wanted(adata, mod, client):
+        return _dask.map_verb(
+            embed,
+            adata,
+            model=model,
+            device=device,
+            mod=mod,
+            client=client,
+            copy=copy,
+            start=start,
+            key_added=key_added,
+            n_genes=n_genes,
+            batch_size=batch_size,
+        )
     c2s = resolve(model, device=device)
     organism = prompts.check_organism(c2s.metadata.organism)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)

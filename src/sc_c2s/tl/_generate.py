@@ -12,7 +12,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 from scipy import sparse
 
-from sc_c2s import _keys, prompts
+from sc_c2s import _dask, _keys, prompts
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import (
     doc_adata,
@@ -40,6 +40,7 @@ from ._from_sentences import COUNTS, gene_index, read, vocabulary
 
 if TYPE_CHECKING:
     import torch
+    from distributed import Client
     from mudata import MuData
 
     from sc_c2s.models._model import C2SModel
@@ -98,6 +99,7 @@ def generate(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     mod: str | None = None,
+    client: Client | None = None,
 ) -> AnnData:
     """Generate cells of given types with a C2S model and turn them into expression.
 
@@ -166,6 +168,11 @@ def generate(
     {doc_batch_size}
     {doc_device}
     {doc_mod}
+    client
+        A :class:`distributed.Client` to spread the cells over, in chunks; ``None`` uses the active client when
+        ``obsm["c2s_genes"]`` of `adata` is a dask array, and runs in this process otherwise. Each worker loads
+        the model once, by name or path, on its own GPU where it has one, writes its cells' sentences and turns
+        them into expression; the cells are those of a run in one process (see :doc:`/scaling`).
 
     Returns
     -------
@@ -256,6 +263,9 @@ def generate(
         exact_length=exact_length,
         random_state=random_state,
         batch_size=batch_size,
+        distribute=client is not None or (adata is not None and _dask.wanted(adata, mod, client)),
+        client=client,
+        device=device,
     )
     obs = pd.DataFrame(counts, columns=COUNTS, index=pd.Index([f"generated-{i}" for i in range(len(codes))]))
     obs.insert(0, _keys.GENERATED_CELL_TYPE, pd.Categorical.from_codes(codes, categories=request.types))
@@ -298,12 +308,17 @@ def write_cells(
     random_state: int,
     batch_size: int | None,
     request_name: str = "cell_types",
+    distribute: bool = False,
+    client: Client | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray, dict[str, Any]]:
     """Sample a sentence for each cell from its prompt and read it into expression over `target`.
 
     Cell ``i`` is prompted with ``prompt_texts[codes[i]]``. Returns the expression, the sentences, the counts of
     :data:`COUNTS` and the decoding parameters chosen (batch size, token budget, whether genes were unique). A
-    request whose result would not fit in memory is refused first, naming the argument `request_name`.
+    request whose result would not fit in memory is refused first, naming the argument `request_name`. With
+    `distribute`, chunks of cells are generated over Dask (on `client` or the active one; workers load the model
+    on `device` or their own), with the same result.
     """
     _check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = _token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
@@ -311,30 +326,38 @@ def write_cells(
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = _CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
-    collector = _Collector(target, n_cells=len(codes))
-    _sample(
-        c2s_model,
-        _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts)),
-        codes,
-        max_new_tokens=budget["max_new_tokens"],
-        stop_ids=budget["stop_ids"],
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        gene_ids=budget["gene_ids"] if unique_genes else None,
-        gene_tokens=budget["gene_tokens"] if unique_genes else None,
-        length=None if starts is None else (n_genes, *starts),
-        random_state=random_state,
-        batch_size=batch_size,
-        sink=collector,
-    )
+    sampling = {
+        "prompt_ids": _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts)),
+        "max_new_tokens": budget["max_new_tokens"],
+        "stop_ids": budget["stop_ids"],
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "gene_ids": budget["gene_ids"] if unique_genes else None,
+        "gene_tokens": budget["gene_tokens"] if unique_genes else None,
+        "length": None if starts is None else (n_genes, *starts),
+        "random_state": random_state,
+        "batch_size": batch_size,
+    }
+    if distribute:
+        X, sentences, counts = _dask.map_cells(
+            _generate_cells,
+            model=c2s_model,
+            device=device,
+            client=client,
+            sliced={"codes": codes},
+            target=target,
+            **sampling,
+        )
+    else:
+        X, sentences, counts = _generate_cells(c2s_model, codes=codes, target=target, **sampling)
     written = {
         "unique_genes": unique_genes and (budget["gene_ids"] is not None or budget["gene_tokens"] is not None),
         "batch_size": batch_size,
         "max_new_tokens": budget["max_new_tokens"],
         "tokens_per_gene": budget["tokens_per_gene"],
     }
-    return *collector.result(), written
+    return X, sentences, counts, written
 
 
 def valid_share(counts: np.ndarray) -> str:
@@ -639,6 +662,7 @@ def _sample(
     gene_tokens: list[list[int]] | None = None,
     decode: Callable[[Any, np.ndarray, list[int]], list[str]] | None = None,
     reset_ids: list[int] | None = None,
+    first_cell: int = 0,
 ) -> None:
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
@@ -646,7 +670,8 @@ def _sample(
     holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
     write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's new
     tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
-    text, after which `gene_ids` may be written again.
+    text, after which `gene_ids` may be written again. Cell ``i`` draws the random numbers of cell
+    ``first_cell + i``, so a chunk of cells gets what it would get among all cells.
     """
     import torch
 
@@ -668,7 +693,7 @@ def _sample(
         exact = _Length(n_words, is_start, is_stop, is_break & ~is_stop)
 
     def write(batch: _runtime.Batch) -> None:
-        uniforms = np.stack([_uniforms(random_state, i, max_new_tokens) for i in batch.index])
+        uniforms = np.stack([_uniforms(random_state, first_cell + i, max_new_tokens) for i in batch.index])
         sampler = _Sampler(
             torch.from_numpy(uniforms).to(c2s.device, torch.float32),
             temperature=temperature,
@@ -688,6 +713,15 @@ def _sample(
         _runtime.run_batches(
             c2s.model, ids, write, batch_size=batch_size, pad_id=pad_id, desc="generating", room=max_new_tokens
         )
+
+
+def _generate_cells(
+    c2s: C2SModel, *, codes: np.ndarray, target: _Target, first_cell: int = 0, **sampling: Any
+) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
+    """Generate cells ``first_cell …`` (of types `codes`) and read them into expression, as :meth:`_Collector.result`."""
+    collector = _Collector(target, n_cells=len(codes))
+    _sample(c2s, codes=codes, sink=collector, first_cell=first_cell, **sampling)
+    return collector.result()
 
 
 class _Collector:

@@ -1,0 +1,304 @@
+"""Dask: ranking a lazy matrix chunk by chunk, and running the model verbs over row chunks on a Dask cluster.
+
+Everything sc_c2s does with Dask lives here; the verbs call in through small hooks. Dask is imported only when a
+dask array or a client is at hand, so the rest of the package works without it.
+
+The model verbs (:func:`sc_c2s.tl.annotate`, :func:`sc_c2s.tl.embed`) run on each row chunk of
+``obsm["c2s_genes"]`` as a task: the task builds a small AnnData of its cells and calls the verb itself, with the
+model its worker process has loaded once (:func:`worker_model`). The model travels by reference (name or path,
+revision, dtype), never as pickled weights; a worker loads it on its own device (its GPU where it has one).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from ._keys import C2S, GENES
+from ._utils._optional import import_optional
+
+if TYPE_CHECKING:
+    import dask.array as da
+    import torch
+    from anndata import AnnData
+    from distributed import Client
+    from mudata import MuData
+
+    from .models import C2SModel
+
+#: Rows per chunk when in-memory sentences are spread over a client: this many chunks per worker.
+_CHUNKS_PER_WORKER = 4
+
+
+def is_dask_array(X: object) -> bool:
+    """Whether `X` is a dask array (without importing dask: nobody holds one unless dask is imported)."""
+    array = sys.modules.get("dask.array")
+    return array is not None and isinstance(X, array.Array)
+
+
+def _dask_array() -> Any:
+    return import_optional("dask.array", extra="dask", purpose="Working on Dask arrays")
+
+
+# ---- ranking ------------------------------------------------------------------------------------------------------
+
+
+def rank_lazily(X: da.Array, *, n_genes: int | None, random_state: int, source: str) -> da.Array:
+    """Rank the genes of each row of a dask array, chunk by chunk, into a lazy int32 array of gene indices.
+
+    Chunks may be dense or scipy sparse; columns are joined into one chunk first. Values equal those of
+    :func:`sc_c2s.pp._rank.rank_genes` on the whole matrix (the tie-break key depends on the global row number).
+    With `n_genes`, the result has ``min(n_genes, n_genes_in_X)`` columns even when no cell expresses that many
+    genes (the in-memory result drops columns that are all padding); without it, the longest row is counted first,
+    which reads the data once more.
+    """
+    if X.ndim != 2:
+        msg = f"`{source}` must be a 2-dimensional dask array, got {X.ndim} dimensions."
+        raise ValueError(msg)
+    if X.numblocks[1] > 1:
+        X = X.rechunk({1: -1})
+    if n_genes is None:
+        longest = X.map_blocks(_longest_row, dtype=np.int64, chunks=((1,) * X.numblocks[0], (1,)))
+        width = int(longest.max().compute())
+    else:
+        width = min(n_genes, X.shape[1])
+    return X.map_blocks(
+        _rank_block,
+        width=width,
+        random_state=random_state,
+        source=source,
+        dtype=np.int32,
+        chunks=(X.chunks[0], (width,)),
+        meta=np.empty((0, 0), dtype=np.int32),
+    )
+
+
+def _longest_row(block: Any) -> np.ndarray:
+    from .pp._rank import _max_expressed
+
+    return np.array([[_max_expressed(block)]], dtype=np.int64)
+
+
+def _rank_block(
+    block: Any, *, width: int, random_state: int, source: str, block_info: dict | None = None
+) -> np.ndarray:
+    """Rank one row chunk; its rows are cells ``start …`` of the whole matrix, which the tie-break key reads."""
+    from .pp._rank import rank_genes
+
+    start = block_info[0]["array-location"][0][0] if block_info else 0
+    cells = np.arange(start, start + block.shape[0], dtype=np.int64)
+    genes = rank_genes(block, n_genes=width, random_state=random_state, cells=cells, source=source).genes
+    out = np.full((block.shape[0], width), -1, dtype=np.int32)
+    out[:, : genes.shape[1]] = genes
+    return out
+
+
+# ---- model verbs over row chunks ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    """What a worker needs to load a model itself: the key of its per-worker cache."""
+
+    name_or_path: str
+    """Registry name (with :attr:`revision`) or the directory the model was loaded from."""
+    revision: str | None
+    """Hugging Face revision of a registry model."""
+    device: str | None
+    """Device asked for; ``None`` lets each worker take its own GPU, or the CPU."""
+    dtype: str | None
+    """Floating-point type of the weights; ``None`` for the default of :func:`sc_c2s.models.load`."""
+
+
+#: Models this process has loaded for Dask tasks, by reference; each worker process holds its own.
+_MODELS: dict[ModelReference, C2SModel] = {}
+#: How many times this process loaded each reference (once, unless the cache was cleared).
+LOADS: Counter[ModelReference] = Counter()
+
+
+def reference(model: C2SModel | str, *, device: str | torch.device | None) -> ModelReference:
+    """Refer to `model` by name or path, so that workers load it themselves instead of receiving its weights.
+
+    A loaded registry model is sent as its name and revision, any other loaded model as the directory it was
+    loaded from, with its dtype (not its quantisation or attention kernel: workers load with the defaults of
+    :func:`sc_c2s.models.load`). A loaded model is also cached for this process, so tasks that run here use it.
+    """
+    from .models import C2SModel
+
+    device = None if device is None else str(device)
+    if not isinstance(model, C2SModel):
+        return ModelReference(str(model), None, device, None)
+    name = model.metadata.name if model.revision is not None and model.metadata.name else str(model.path)
+    ref = ModelReference(name, model.revision, device, str(model.dtype).removeprefix("torch."))
+    _MODELS.setdefault(ref, model)
+    return ref
+
+
+def worker_model(ref: ModelReference) -> C2SModel:
+    """Return the model of `ref`, loaded once per process (each Dask worker is one) on the worker's own device."""
+    if ref not in _MODELS:
+        from .models import load
+
+        _MODELS[ref] = load(ref.name_or_path, revision=ref.revision, device=ref.device, dtype=ref.dtype)
+        LOADS[ref] += 1
+    return _MODELS[ref]
+
+
+def wanted(adata: AnnData | MuData, mod: str | None, client: Client | None) -> bool:
+    """Whether a model verb runs over Dask: a client is given, or ``obsm["c2s_genes"]`` is a dask array."""
+    from ._data import DataHandler
+
+    handler = DataHandler(adata, mod)
+    return client is not None or is_dask_array(handler.obsm.get(GENES))
+
+
+def map_verb(
+    verb: Callable[..., Any],
+    adata: AnnData | MuData,
+    *,
+    model: C2SModel | str,
+    device: str | torch.device | None,
+    mod: str | None,
+    client: Client | None,
+    copy: bool,
+    start: Any,
+    **kwargs: Any,
+) -> AnnData | MuData | None:
+    """Run `verb` on each row chunk of ``obsm["c2s_genes"]`` as a Dask task, and write the results in cell order.
+
+    Each task calls `verb` on an AnnData of its cells (their gene indices and ``uns["c2s"]``) with the model its
+    worker loaded once; the values are those of `verb` on the whole data. `start` is the time the verb logged its
+    start at. Tasks run on `client`, else on the active client, else one after another in this process. Nothing
+    is written until all have finished.
+    """
+    from ._data import DataHandler, prepare
+
+    handler = DataHandler(adata, mod)
+    c2s = handler.c2s()
+    dask = import_optional("dask", extra="dask", purpose="Running models over Dask")
+    client = client if client is not None else _active_client()
+    genes = _row_chunks(handler.obsm[GENES], client)
+    shared = dask.delayed(
+        {
+            "verb": verb,
+            "model": reference(model, device=device),
+            "c2s": {key: c2s[key] for key in ("genes", "params", "rank_fit") if key in c2s},
+            "kwargs": kwargs,
+        },
+        pure=True,
+    )
+    offsets = np.cumsum((0, *genes.chunks[0]))
+    names = handler.obs_names
+    tasks = [
+        dask.delayed(_run_chunk, pure=True)(shared, block, names[offsets[i] : offsets[i + 1]])
+        for i, block in enumerate(genes.to_delayed().ravel())
+    ]
+    chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
+    results = _combine(chunks)
+    adata = prepare(adata, copy=copy)
+    DataHandler(adata, mod).save_all(results, start=start)
+    return adata if copy else None
+
+
+def map_cells(
+    fn: Callable[..., tuple],
+    *,
+    model: C2SModel | str,
+    device: str | torch.device | None,
+    client: Client | None,
+    sliced: dict[str, np.ndarray],
+    **shared: Any,
+) -> tuple:
+    """Run ``fn(model, first_cell=, **sliced_chunk, **shared)`` on chunks of cells as Dask tasks; join in order.
+
+    The arrays of `sliced` are cut into chunks of cells (a few per worker); the rest goes to every task once.
+    `fn` returns a tuple of per-cell results (arrays or sparse matrices, cells first), which are joined in cell
+    order. Tasks run on `client`, else on the active client, else in this process.
+    """
+    from scipy import sparse
+
+    dask = import_optional("dask", extra="dask", purpose="Running models over Dask")
+    client = client if client is not None else _active_client()
+    n_cells = len(next(iter(sliced.values())))
+    n_workers = max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
+    step = max(1, -(-n_cells // (_CHUNKS_PER_WORKER * n_workers)))
+    common = dask.delayed({"fn": fn, "model": reference(model, device=device), "shared": shared}, pure=True)
+    tasks = [
+        dask.delayed(_run_cells, pure=True)(common, start, {k: v[start : start + step] for k, v in sliced.items()})
+        for start in range(0, n_cells, step)
+    ]
+    chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
+    return tuple(
+        sparse.vstack(parts, format="csr") if sparse.issparse(parts[0]) else np.concatenate(parts)
+        for parts in zip(*chunks, strict=True)
+    )
+
+
+def _run_cells(common: dict[str, Any], first_cell: int, sliced: dict[str, np.ndarray]) -> tuple:
+    return common["fn"](worker_model(common["model"]), first_cell=first_cell, **sliced, **common["shared"])
+
+
+def _active_client() -> Client | None:
+    """Return the Dask client of this context, if distributed is installed and one is running."""
+    if "distributed" not in sys.modules:
+        return None
+    from distributed import get_client
+
+    try:
+        return get_client()
+    except ValueError:  # no client
+        return None
+
+
+def _row_chunks(genes: Any, client: Client | None) -> da.Array:
+    """``obsm["c2s_genes"]`` as a dask array of row chunks: as it is, or in-memory cut into a few per worker."""
+    array = _dask_array()
+    if is_dask_array(genes):
+        return genes.rechunk({1: -1}) if genes.numblocks[1] > 1 else genes
+    genes = np.asarray(genes)
+    n_workers = max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
+    rows = max(1, -(-genes.shape[0] // (_CHUNKS_PER_WORKER * n_workers)))
+    return array.from_array(genes, chunks=(rows, -1))
+
+
+def _run_chunk(shared: dict[str, Any], genes: np.ndarray, obs_names: pd.Index) -> dict[tuple[str, str], Any]:
+    """Run the verb on one chunk of cells; return what it added, keyed by ``(attribute, key)``."""
+    from anndata import AnnData
+
+    chunk = AnnData(obs=pd.DataFrame(index=obs_names), obsm={GENES: np.asarray(genes)}, uns={C2S: shared["c2s"]})
+    shared["verb"](chunk, model=worker_model(shared["model"]), **shared["kwargs"])
+    results: dict[tuple[str, str], Any] = {("obs", key): chunk.obs[key] for key in chunk.obs.columns}
+    results |= {("obsm", key): chunk.obsm[key] for key in chunk.obsm if key != GENES}
+    results |= {("uns", key): chunk.uns[key] for key in chunk.uns if key != C2S}
+    return results
+
+
+def _combine(chunks: list[dict[tuple[str, str], Any]] | tuple) -> dict[tuple[str, str], Any]:
+    """Join the chunks' results in cell order; categories of ``obs`` columns are joined as the verb makes them.
+
+    A categorical column keeps the chunks' categories when they all agree (a fixed label set), else takes their
+    sorted union (free answers, whose categories the verb sorts).
+    """
+    results: dict[tuple[str, str], Any] = {}
+    for attr, key in chunks[0]:
+        values = [chunk[attr, key] for chunk in chunks]
+        if attr == "uns":
+            results[attr, key] = values[0]
+        elif attr == "obsm":
+            results[attr, key] = np.concatenate([np.asarray(v) for v in values])
+        elif isinstance(values[0].dtype, pd.CategoricalDtype):
+            categories = [list(v.cat.categories) for v in values]
+            same = all(c == categories[0] for c in categories)
+            joined = np.concatenate([v.astype(object).to_numpy() for v in values])
+            results[attr, key] = pd.Categorical(
+                joined, categories=categories[0] if same else sorted({c for cs in categories for c in cs})
+            )
+        else:
+            results[attr, key] = np.concatenate([v.to_numpy() for v in values])
+    return results

@@ -1,0 +1,177 @@
+"""Dask: lazy ranking of dask arrays, and the model verbs over row chunks on a 2-worker cluster.
+
+The results must be those of the in-memory path: the same gene indices, labels and embeddings; scores agree to
+float32 rounding (cells are batched with others of similar token length, so a chunk pads them differently).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import sparse
+
+import sc_c2s
+from sc_c2s import _dask
+
+da = pytest.importorskip("dask.array")
+distributed = pytest.importorskip("distributed")
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+N_GENES = 30
+
+
+def lazy(adata: ad.AnnData, *, dense: bool = False, rows: int = 120) -> ad.AnnData:
+    """A copy whose X is a dask array of row chunks: scipy CSR chunks, or dense ones split over columns too."""
+    X = adata.X.toarray() if dense else sparse.csr_matrix(adata.X)
+    out = adata.copy()
+    out.X = da.from_array(X, chunks=(rows, 700) if dense else (rows, -1), asarray=False)
+    return out
+
+
+@pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
+def test_to_sentences_on_dask_equals_in_memory(container, pbmc4k, dense):
+    expected = pbmc4k.copy()
+    sc_c2s.pp.to_sentences(expected, n_genes=100)
+    data = container.wrap(lazy(pbmc4k, dense=dense))
+    sc_c2s.pp.to_sentences(data, n_genes=100)
+    result = container.rna(data)
+    genes = result.obsm["c2s_genes"]
+    assert _dask.is_dask_array(genes)
+    assert genes.chunks[0] == (120, 120, 120, 120, 20)
+    np.testing.assert_array_equal(genes.compute(), expected.obsm["c2s_genes"])
+    assert "c2s_sentence" not in result.obs  # strings are opt-in for dask input
+    assert result.uns["c2s"]["rank_fit"] == pytest.approx(expected.uns["c2s"]["rank_fit"], rel=1e-12)
+    assert result.uns["c2s"]["params"] == expected.uns["c2s"]["params"]
+
+
+def test_to_sentences_on_dask_all_genes_and_strings(pbmc4k):
+    expected = pbmc4k.copy()
+    sc_c2s.pp.to_sentences(expected, rank_fit=False)
+    data = lazy(pbmc4k)
+    sc_c2s.pp.to_sentences(data, sentences=True, rank_fit=False)
+    np.testing.assert_array_equal(data.obsm["c2s_genes"].compute(), expected.obsm["c2s_genes"])
+    pd.testing.assert_series_equal(data.obs["c2s_sentence"], expected.obs["c2s_sentence"])
+
+
+def test_to_sentences_on_dask_keeps_n_genes_columns():
+    """A lazy result cannot know that no cell reaches `n_genes` without reading everything: it pads with -1."""
+    X = np.array([[0, 3, 1, 0], [2, 0, 0, 0]], dtype=np.float32)
+    adata = ad.AnnData(X)
+    adata.X = da.from_array(X, chunks=(1, -1))
+    sc_c2s.pp.to_sentences(adata, n_genes=3, rank_fit=False)
+    np.testing.assert_array_equal(adata.obsm["c2s_genes"].compute(), [[1, 2, -1], [0, -1, -1]])
+
+
+def test_to_sentences_on_dask_checks_values_when_computed():
+    X = np.array([[1, 2], [-1, 0]], dtype=np.float32)
+    adata = ad.AnnData(X)
+    adata.X = da.from_array(X, chunks=(1, -1))
+    sc_c2s.pp.to_sentences(adata, n_genes=2, rank_fit=False)
+    with pytest.raises(ValueError, match=r"`X` holds negative values \(first in cell 1\)"):
+        adata.obsm["c2s_genes"].compute()
+
+
+def test_sc_c2s_works_without_dask():
+    code = (
+        "import sys; sys.modules['dask'] = sys.modules['distributed'] = None\n"
+        "import scanpy as sc, sc_c2s\n"
+        "adata = sc.datasets.pbmc68k_reduced()\n"
+        "sc_c2s.pp.to_sentences(adata, n_genes=5)\n"
+        "print(type(adata.obsm['c2s_genes']).__name__)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "ndarray"
+
+
+# ---- the model verbs -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return sc_c2s.models.load("demo")
+
+
+@pytest.fixture(scope="module")
+def sentences(_pbmc68k) -> ad.AnnData:
+    """100 PBMCs with sentences."""
+    adata = _pbmc68k[:100].copy()
+    sc_c2s.pp.to_sentences(adata, n_genes=N_GENES)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def expected(sentences, demo) -> ad.AnnData:
+    adata = sentences.copy()
+    sc_c2s.tl.annotate(adata, model=demo, labels="model", n_genes=N_GENES)
+    sc_c2s.tl.annotate(adata, model=demo, n_genes=N_GENES, key_added="free")
+    sc_c2s.tl.embed(adata, model=demo, n_genes=N_GENES)
+    return adata
+
+
+@pytest.fixture(scope="module")
+def client():
+    with (
+        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
+
+
+def assert_same_results(result: ad.AnnData, expected: ad.AnnData) -> None:
+    for key in ("c2s_cell_type", "free"):
+        pd.testing.assert_series_equal(result.obs[key], expected.obs[key])  # labels and categories
+        np.testing.assert_allclose(result.obs[f"{key}_score"], expected.obs[f"{key}_score"], rtol=0, atol=1e-6)
+        assert result.uns[key] == expected.uns[key]
+    np.testing.assert_allclose(result.obsm["X_c2s"], expected.obsm["X_c2s"], rtol=0, atol=1e-6)
+    assert result.uns["X_c2s"] == expected.uns["X_c2s"]
+
+
+def run_verbs(adata: ad.AnnData, model, **kwargs) -> None:
+    sc_c2s.tl.annotate(adata, model=model, labels="model", n_genes=N_GENES, **kwargs)
+    sc_c2s.tl.annotate(adata, model=model, n_genes=N_GENES, key_added="free", **kwargs)
+    sc_c2s.tl.embed(adata, model=model, n_genes=N_GENES, **kwargs)
+
+
+@pytest.mark.slow  # a cluster of two worker processes, each importing torch and loading the model: ~1 min here
+def test_verbs_over_a_cluster_equal_in_memory(sentences, expected, demo, client):
+    adata = sentences.copy()
+    run_verbs(adata, demo, client=client)
+    assert_same_results(adata, expected)
+
+    lazy_sentences = sentences.copy()
+    lazy_sentences.obsm["c2s_genes"] = da.from_array(sentences.obsm["c2s_genes"], chunks=(30, -1))
+    run_verbs(lazy_sentences, "demo")  # a dask obsm runs on the active client
+    assert_same_results(lazy_sentences, expected)
+
+    request = {"model": demo, "cell_types": {"CD14+ Monocyte": 7, "CD19+ B": 6}, "n_genes": 20}
+    generated = sc_c2s.tl.generate(sentences, client=client, **request)
+    in_memory = sc_c2s.tl.generate(sentences, **request)
+    pd.testing.assert_frame_equal(generated.obs, in_memory.obs)  # the same sentences, read the same way
+    assert (generated.X != in_memory.X).nnz == 0
+    assert generated.uns == in_memory.uns
+
+    loads = client.run(lambda: {ref.name_or_path: n for ref, n in _dask.LOADS.items()})
+    assert len(loads) == 2
+    for per_worker in loads.values():  # each worker loaded each reference once, whatever the number of chunks
+        assert per_worker == {"demo": 1, str(demo.path): 1}
+
+
+def test_verbs_on_dask_sentences_without_a_cluster(sentences, expected, demo):
+    """Without a client, the chunks run one after another in this process, with the model given."""
+    adata = sentences.copy()
+    adata.obsm["c2s_genes"] = da.from_array(sentences.obsm["c2s_genes"], chunks=(64, -1))  # 64 + 36 cells
+    loads = dict(_dask.LOADS)
+    run_verbs(adata, demo)
+    assert_same_results(adata, expected)
+    assert dict(_dask.LOADS) == loads  # the loaded model was used, not loaded again
+
+
+def test_model_reference():
+    assert _dask.reference("demo", device=None) == _dask.ModelReference("demo", None, None, None)
+    assert _dask.reference("/some/dir", device="cuda:1").device == "cuda:1"
