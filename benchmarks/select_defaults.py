@@ -28,6 +28,7 @@ decay, dropout inside the model, the evaluation interval and patience, and any p
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import tempfile
 import time
@@ -50,14 +51,24 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED = 0
 #: Values tried for each knob, most promising first (``--quick`` tries the first one or two).
 KNOBS = {
-    "learning_rate": [1e-3, 4e-3, 5e-4],
+    "learning_rate": [4e-3, 1e-3, 5e-4],
     "batch_size": [16, 64, 8],
     "gene_dropout": [0.3, 0.5, 0.1],
     "size": [(256, 2), (64, 2), (128, 4)],
     "tasks": [("cell_type_prediction",), ("cell_type_generation",)],
+    "max_steps": [1000, 150],
 }
 SAMPLING = {"temperature": [0.7, 0.5, 0.85], "top_p": [1.0, 0.9]}
-QUICK = {"learning_rate": 2, "batch_size": 1, "gene_dropout": 1, "size": 1, "tasks": 2, "temperature": 2, "top_p": 1}
+QUICK = {
+    "learning_rate": 1,
+    "batch_size": 1,
+    "gene_dropout": 1,
+    "size": 1,
+    "tasks": 2,
+    "max_steps": 1,
+    "temperature": 2,
+    "top_p": 1,
+}
 N_GENERATED = 50
 
 
@@ -66,6 +77,15 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the shared .h5ad files")
     parser.add_argument("--datasets", nargs="+", default=["cellbench", "pbmc4k"], choices=list(DATASETS))
     parser.add_argument("--quick", action="store_true", help="one or two values per knob (see QUICK)")
+    parser.add_argument("--knobs", nargs="*", default=list(KNOBS), choices=list(KNOBS), help="knobs to vary")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run with the defaults (and sampling)")
+    parser.add_argument(
+        "--base",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="finetune arguments of every run, e.g. max_steps=1000",
+    )
     parser.add_argument("--max-time", type=float, help="finetune's max_time of every run, seconds")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     args = parser.parse_args()
@@ -80,20 +100,23 @@ def main() -> None:
         gene_symbols = "gene_symbol" if "gene_symbol" in train.var else None
         for adata in (train, valid):
             sc_c2s.pp.to_sentences(adata, gene_symbols=gene_symbols)
-        runs = [("defaults", None, {})]
-        for knob, values in KNOBS.items():
-            runs += [(knob, v, {knob: v}) for v in (values[: QUICK[knob]] if args.quick else values)]
+        base = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.base)}
+        runs = [] if args.no_baseline else [("defaults", None, {})]
+        for knob in args.knobs:
+            runs += [(knob, v, {knob: v}) for v in (KNOBS[knob][: QUICK[knob]] if args.quick else KNOBS[knob])]
         for knob, value, change in runs:
-            row, model = run(name, train, valid, label_key, change, max_time=args.max_time)
-            rows.append({"dataset": name, "knob": knob, "value": value, **row})
+            row, model = run(name, train, valid, label_key, base | change, max_time=args.max_time)
+            rows.append({"dataset": name, "base": " ".join(args.base), "knob": knob, "value": value, **row})
             print(pd.DataFrame([rows[-1]]).to_string(header=len(rows) == 1, index=False), flush=True)
             if knob == "defaults":
                 for sampling, values in SAMPLING.items():
                     for v in values[: QUICK[sampling]] if args.quick else values:
                         scores = generation(model, train, valid, label_key, {sampling: v})
-                        rows.append({"dataset": name, "knob": sampling, "value": v, **scores})
+                        rows.append(
+                            {"dataset": name, "base": " ".join(args.base), "knob": sampling, "value": v, **scores}
+                        )
                         print(pd.DataFrame([rows[-1]]).to_string(header=False, index=False), flush=True)
-    table = pd.DataFrame(rows).set_index(["dataset", "knob", "value"])
+    table = pd.DataFrame(rows).set_index(["dataset", "base", "knob", "value"])
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(f"\n{table.to_string(float_format=lambda x: f'{x:.3f}')}")
     print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
