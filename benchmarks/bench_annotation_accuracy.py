@@ -109,11 +109,12 @@ def main() -> None:
             f"\n{name}: {train.n_obs} training cells, {test.n_obs} test cells, {train.obs[label_key].nunique()} labels",
             flush=True,
         )
-        rows += logistic_regression(name, train, test, label_key)
+        new = logistic_regression(name, train, test, label_key)
         if args.celltypist_python.is_file():
-            rows += celltypist(name, train, test, label_key, args.celltypist_python)
-        rows += c2s(name, train, test, label_key, device=args.device)
-        print(pd.DataFrame(rows[-5:]).to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)
+            new += celltypist(name, train, test, label_key, args.celltypist_python)
+        new += c2s(name, train, test, label_key, device=args.device)
+        print(pd.DataFrame(new).to_string(index=False, float_format=lambda x: f"{x:.3f}"), flush=True)
+        rows += new
     table = pd.DataFrame(rows).set_index(["dataset", "method"])
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"\n{table.to_string(float_format=lambda x: f'{x:.3f}')}")
