@@ -159,6 +159,135 @@ def test_mudata(_cellbench, tmp_path):
     assert metadata.training["n_samples"] == 2 * (adata.n_obs - is_eval.sum())
 
 
+# --- model selection on the held-out cells
+
+
+def held_out_loss(model, samples: _trainer.Samples, pad_id: int) -> float:
+    """Mean answer loss of `samples`, one at a time (no padding), with dropout off."""
+    model.eval()
+    with torch.no_grad():
+        losses = [
+            _trainer.sample_loss(model, _trainer.collate(samples, [i], pad_id)).item() for i in range(len(samples))
+        ]
+    return float(np.mean(losses))
+
+
+def test_checkpoint_keeps_the_best_weights_of_its_curve(trained):
+    adata, _, path = trained
+    model = load(path)
+    training = model.metadata.training
+    curve = training["curve"]
+    steps = [point["step"] for point in curve]
+    assert steps == sorted(steps) and steps[-1] == training["steps"]
+    assert training["stopped"] in {"max_steps", "patience"}
+    best = min(curve, key=lambda point: point["score"])
+    assert training["best_step"] == best["step"]
+    assert set(best["loss"]) == {"cell_type_prediction"}
+    # the saved weights are those of the best evaluation: their held-out loss, recomputed, is its score
+    cells = held_out(adata, model.metadata)
+    words = [cells.uns["c2s"]["genes"][row[row >= 0]].tolist() for row in cells.obsm["c2s_genes"]]
+    samples = _samples.encode(
+        model.tokenizer,
+        words,
+        cells.obs["cell_type"].astype(str).tolist(),
+        tasks=("cell_type_prediction",),
+        organism="Homo sapiens",
+        upper=True,
+        max_length=500,
+    )
+    assert held_out_loss(model.model, samples, model.tokenizer.pad_token_id) == pytest.approx(best["score"], abs=2e-4)
+
+
+@pytest.fixture(scope="module")
+def cell_samples(_cellbench):
+    """Prediction samples of 120 CellBench cells for training and 60 held out, with their tokenizer."""
+    adata = _cellbench[:180].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
+    words = [adata.uns["c2s"]["genes"][row[row >= 0]].tolist() for row in adata.obsm["c2s_genes"]]
+    labels = adata.obs["cell_type"].astype(str).tolist()
+    tokenizer = build_tokenizer([w.upper() for ws in words for w in ws], sorted(set(labels)), max_genes=N_GENES)
+    kwargs = {"tasks": ("cell_type_prediction",), "organism": "Homo sapiens", "upper": True, "max_length": 100}
+    train = _samples.encode(tokenizer, words[:120], labels[:120], **kwargs)
+    held = _samples.encode(tokenizer, words[120:], labels[120:], **kwargs)
+    return tokenizer, train, held
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(cell_samples):
+    tokenizer, train, held = cell_samples
+    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+    # a learning rate this high overfits 120 cells within a few steps: the held-out loss rises again
+    result = _trainer.train(
+        model,
+        train,
+        max_steps=200,
+        batch_size=8,
+        learning_rate=0.05,
+        pad_id=tokenizer.pad_token_id,
+        held_out={"cell_type_prediction": held},
+        eval_every=5,
+        patience=3,
+    )
+    assert result.stopped == "patience"
+    scores = [point["score"] for point in result.curve]
+    best = int(np.argmin(scores))
+    # it stopped at the third evaluation after the best, long before the maximum
+    assert len(scores) == best + 4 and result.steps == 5 * len(scores) < 200
+    assert result.best_step == result.curve[best]["step"]
+    assert min(scores[best + 1 :]) > scores[best]
+    assert held_out_loss(model, held, tokenizer.pad_token_id) == pytest.approx(scores[best], abs=2e-4)
+    assert model.training is False
+
+
+def test_max_time_stops_after_the_current_step(cell_samples):
+    tokenizer, train, held = cell_samples
+    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+    result = _trainer.train(
+        model,
+        train,
+        max_steps=100,
+        batch_size=8,
+        learning_rate=1e-3,
+        pad_id=tokenizer.pad_token_id,
+        held_out={"cell_type_prediction": held},
+        max_time=1e-6,
+    )
+    # one step, then an evaluation of it, whose weights are kept
+    assert (result.stopped, result.steps, result.best_step, len(result.loss)) == ("max_time", 1, 1, 1)
+    assert [point["step"] for point in result.curve] == [1]
+
+
+def test_without_held_out_cells_the_whole_budget_trains(cell_samples):
+    tokenizer, train, _ = cell_samples
+    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+    result = _trainer.train(
+        model, train, max_steps=20, batch_size=8, learning_rate=1e-3, pad_id=tokenizer.pad_token_id, patience=1
+    )
+    # 15 steps per epoch: a whole epoch and a third of one
+    assert (result.stopped, result.steps, result.curve, result.best_step, len(result.loss)) == (
+        "max_steps",
+        20,
+        [],
+        None,
+        2,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({}, 300),  # 8 passes of 4 steps, raised to the floor
+        ({"n_samples": 3200}, 800),  # 8 passes of 100 steps
+        ({"n_samples": 32_000}, 1500),  # the cap
+        ({"epochs": 2}, 8),
+        ({"epochs": 2, "max_steps": 5}, 5),
+        ({"max_steps": 5000}, 5000),
+        ({"scratch": False}, 12),  # 3 passes
+    ],
+)
+def test_budget(kwargs, expected):
+    assert _trainer.budget(**{"n_samples": 100, "batch_size": 32, **kwargs}) == expected
+
+
 # --- the split and the scores
 
 
@@ -350,6 +479,10 @@ def sentences(cellbench):
         (None, {"n_genes": 0}, ValueError, "n_genes"),
         (None, {"gene_dropout": "0.1"}, ValueError, "gene_dropout"),
         (None, {"epochs": 0}, ValueError, "epochs"),
+        (None, {"max_steps": 0}, ValueError, "max_steps"),
+        (None, {"max_time": 0}, ValueError, "max_time"),
+        (None, {"patience": 0}, ValueError, "patience"),
+        (None, {"eval_every": 1.5}, ValueError, "eval_every"),
         (None, {"batch_size": -1}, ValueError, "batch_size"),
         (None, {"learning_rate": 0}, ValueError, "learning_rate"),
         (None, {"learning_rate": float("nan")}, ValueError, "learning_rate"),

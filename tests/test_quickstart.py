@@ -27,14 +27,14 @@ def test_finds_the_blocks():
 
 @pytest.mark.usefixtures("one_torch_thread")
 def test_runs(tmp_path, monkeypatch):
-    from sc_c2s.tl import _finetune
+    from sc_c2s.models import _trainer
 
     blocks = python_blocks(QUICKSTART.read_text())
     assert len(blocks) >= 7
     assert any("finetune(" in block for block in blocks)
     monkeypatch.chdir(tmp_path)  # the fine-tuned model goes to ./my_model
-    # one epoch instead of the default, to stay within the test budget; the call is the page's own
-    monkeypatch.setattr(_finetune, "_EPOCHS", (1, 1))
+    # 10 steps instead of the default budget, to stay within the test budget; the call is the page's own
+    monkeypatch.setattr(_trainer, "SCRATCH_STEPS", (10, 10))
     autoshow, sc.settings.autoshow = sc.settings.autoshow, False
     try:
         with mpl.rc_context({"backend": "agg"}):

@@ -90,7 +90,7 @@ def test_progress_bars_follow_scanpy_verbosity(tiny, capsys, level, shown):
     ids = _runtime.tokenize(tokenizer, ["Cell sentence: CD3D.", "Cell sentence: LTB NKG7."])
     samples = _trainer.Samples([np.asarray(i) for i in ids], n_prompt=np.array([2, 2]))
     model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
-    _trainer.train(model, samples, epochs=1, batch_size=2, learning_rate=1e-3, pad_id=tokenizer.pad_token_id)
+    _trainer.train(model, samples, max_steps=1, batch_size=2, learning_rate=1e-3, pad_id=tokenizer.pad_token_id)
     _runtime.run_batches(model, ids, lambda batch: None, batch_size=1, pad_id=tokenizer.pad_token_id, desc="x")
     err = capsys.readouterr().err
     assert ("fine-tuning" in err) == shown

@@ -4,13 +4,18 @@ A sample is ``prompt + answer + EOS``, tokenised; the loss covers the answer and
 plain PyTorch rather than the Hugging Face ``Trainer``: the models are often tiny and samples are already
 tokenised, so a loop with length-bucketed batches, bf16 autocast on GPU and a progress bar is short, fast and
 needs no extra dependency (the ``Trainer`` requires ``accelerate``).
+
+Model selection: at regular intervals the loop computes the answer loss of held-out samples of each task, keeps a
+copy of the trained weights that scored best (their sum over tasks), stops after `patience` evaluations without
+improvement, and puts the best weights back at the end.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,6 +34,15 @@ IGNORE_INDEX = -100
 _BUCKET_BATCHES = 50
 #: Share of the optimiser steps spent warming the learning rate up.
 _WARMUP = 0.05
+#: Held-out samples per task scored at each evaluation (a seeded subset of larger held-out sets).
+EVAL_SAMPLES = 400
+#: Evaluations over a run that reaches its maximum number of steps, when the interval is not given.
+N_EVALUATIONS = 20
+#: Default budget from scratch: passes over the samples, within (fewest, most) optimiser steps.
+SCRATCH_EPOCHS = 8
+SCRATCH_STEPS = (300, 1500)
+#: Default budget of a pretrained model: passes over the samples.
+PRETRAINED_EPOCHS = 3
 
 
 @dataclass
@@ -45,6 +59,10 @@ class Samples:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def take(self, index: Sequence[int] | np.ndarray) -> Samples:
+        """Return the samples at `index`, in that order."""
+        return Samples([self.input_ids[i] for i in index], self.n_prompt[np.asarray(index, dtype=int)])
+
     def labels(self, i: int) -> np.ndarray:
         """Targets of sample `i`: its token ids with the prompt masked by :data:`IGNORE_INDEX`."""
         labels = self.input_ids[i].copy()
@@ -59,11 +77,33 @@ def collate(samples: Samples, index: Sequence[int], pad_id: int) -> dict[str, to
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
 
+@dataclass
+class Result:
+    """What :func:`train` did."""
+
+    loss: list[float]
+    """Mean training sample loss of each epoch (the last one possibly partial)."""
+    steps: int
+    """Optimiser steps taken."""
+    stopped: str
+    """Why training ended: ``"max_steps"``, ``"patience"`` or ``"max_time"``."""
+    curve: list[dict] = field(default_factory=list)
+    """One entry per evaluation: ``step``, ``seconds`` since the start, held-out ``loss`` per task, ``score``."""
+    best_step: int | None = None
+    """Step of the weights kept (the best score), ``None`` without held-out samples."""
+
+
 def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Cross-entropy of the answer tokens of a :func:`collate` batch: the mean over samples of their token mean.
 
     Averaging per sample first gives every sample the same weight, so the few tokens of a cell type are not
     drowned by the hundreds of tokens of generated sentences when both tasks share a batch.
+    """
+    return sample_loss(model, batch).mean()
+
+
+def sample_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy of the answer tokens of each sample of a :func:`collate` batch.
 
     The answers sit at the end of the left-padded rows, so logits are computed for the last positions only
     (``logits_to_keep``): with a large vocabulary the output layer would otherwise cost most of the step.
@@ -86,7 +126,24 @@ def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor
         logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
     is_target = targets != IGNORE_INDEX
-    return (token_loss.sum(1) / is_target.sum(1)).mean()
+    return token_loss.sum(1) / is_target.sum(1)
+
+
+def budget(
+    n_samples: int, batch_size: int, *, epochs: int | None = None, max_steps: int | None = None, scratch: bool = True
+) -> int:
+    """Maximum optimiser steps: the smaller of `epochs` passes over the samples and `max_steps`.
+
+    When neither is given: from scratch :data:`SCRATCH_EPOCHS` passes bounded by :data:`SCRATCH_STEPS` (a few
+    hundred cells still get enough updates, many thousands stay within minutes on a CPU); for a pretrained
+    model :data:`PRETRAINED_EPOCHS` passes.
+    """
+    per_epoch = math.ceil(n_samples / batch_size)
+    if epochs is None and max_steps is None:
+        if scratch:
+            return int(np.clip(SCRATCH_EPOCHS * per_epoch, *SCRATCH_STEPS))
+        return PRETRAINED_EPOCHS * per_epoch
+    return min(n for n in (None if epochs is None else epochs * per_epoch, max_steps) if n is not None)
 
 
 def shuffled_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -105,38 +162,49 @@ def train(
     model: PreTrainedModel,
     samples: Samples,
     *,
-    epochs: int,
+    max_steps: int,
     batch_size: int,
     learning_rate: float,
     pad_id: int,
     random_state: int = 0,
     weight_decay: float = 0.01,
     resample: Callable[[np.random.Generator], Samples] | None = None,
-) -> list[float]:
-    """Train `model` in place with AdamW, linear warm-up and cosine decay; return the mean sample loss per epoch.
+    held_out: Mapping[str, Samples] | None = None,
+    eval_every: int | None = None,
+    patience: int | None = None,
+    max_time: float | None = None,
+) -> Result:
+    """Train `model` in place with AdamW, linear warm-up and cosine decay over `max_steps` optimiser steps.
 
-    `resample`, if given, makes each epoch's samples in place of `samples` (as many, in the same order), from
-    the loop's seeded generator: augmented data drawn anew every epoch. On CUDA the forward pass runs in bf16
-    autocast over float32 weights.
+    Batches are drawn epoch after epoch until `max_steps`. `resample`, if given, makes each epoch's samples in
+    place of `samples` (as many, in the same order), from the loop's seeded generator: augmented data drawn anew
+    every epoch. On CUDA the forward pass runs in bf16 autocast over float32 weights.
+
+    With `held_out` samples (by task), the mean answer loss of each task is computed every `eval_every` steps
+    (``None``: :data:`N_EVALUATIONS` times over `max_steps`) and at the last step; the weights with the lowest
+    sum over tasks are kept in memory and restored at the end. Training stops early after `patience` evaluations
+    without improvement (``None``: never). `max_time` (seconds) stops training after the step that exceeds it.
     """
     import torch
 
     device = _runtime.model_device(model)
     torch.manual_seed(random_state)
     rng = np.random.default_rng(random_state)
-    steps_per_epoch = math.ceil(len(samples) / batch_size)
-    total = epochs * steps_per_epoch
-    warmup = max(1, int(_WARMUP * total))
+    warmup = max(1, int(_WARMUP * max_steps))
     optimizer = torch.optim.AdamW(
         _parameter_groups(model, weight_decay), lr=learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, max_steps))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    selection = _Selection(model, held_out, batch_size=batch_size, pad_id=pad_id, random_state=random_state)
+    if eval_every is None:
+        eval_every = max(1, math.ceil(max_steps / N_EVALUATIONS))
+    start = time.perf_counter()
+    step, stopped, history = 0, "max_steps", []
     model.train()
-    history = []
-    with progress(total=total, desc="fine-tuning", unit="step") as bar:
-        for epoch in range(epochs):
-            epoch_loss = 0.0
+    with progress(total=max_steps, desc="fine-tuning", unit="step") as bar:
+        while step < max_steps and stopped == "max_steps":
+            epoch_loss, n_seen = 0.0, 0
             if resample is not None:
                 samples = resample(rng)
             lengths = np.array([len(ids) for ids in samples.input_ids])
@@ -149,12 +217,112 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                step += 1
                 epoch_loss += batch_loss.item() * len(index)
+                n_seen += len(index)
+                elapsed = time.perf_counter() - start
+                if max_time is not None and elapsed >= max_time:
+                    stopped = "max_time"
+                if selection and (step % eval_every == 0 or step == max_steps or stopped != "max_steps"):
+                    with autocast:
+                        selection.evaluate(step, start)
+                    if patience is not None and selection.since_best >= patience:
+                        stopped = "patience"
                 bar.update()
-                bar.set_postfix(epoch=epoch + 1, loss=f"{batch_loss.item():.3f}")
-            history.append(epoch_loss / len(samples))
+                left = (max_steps - step) * elapsed / step
+                if max_time is not None:
+                    left = min(left, max(max_time - elapsed, 0.0))
+                bar.set_postfix(
+                    loss=f"{batch_loss.item():.3f}",
+                    **selection.postfix(),
+                    left=time.strftime("%M:%S" if left < 3600 else "%H:%M:%S", time.gmtime(left)),
+                )
+                if step == max_steps or stopped != "max_steps":
+                    break
+            history.append(epoch_loss / n_seen)
+    selection.restore()
     model.eval()
-    return history
+    return Result(loss=history, steps=step, stopped=stopped, curve=selection.curve, best_step=selection.best_step)
+
+
+class _Selection:
+    """Held-out loss per task at each evaluation, and a copy of the best trained weights (on the CPU)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        held_out: Mapping[str, Samples] | None,
+        *,
+        batch_size: int,
+        pad_id: int,
+        random_state: int,
+    ) -> None:
+        rng = np.random.default_rng(random_state)
+        self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
+        self.held_out = {
+            task: s if len(s) <= EVAL_SAMPLES else s.take(np.sort(rng.choice(len(s), EVAL_SAMPLES, replace=False)))
+            for task, s in (held_out or {}).items()
+            if len(s)
+        }
+        self.curve: list[dict] = []
+        self.best_step: int | None = None
+        self.best_score = math.inf
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.since_best = 0
+
+    def __bool__(self) -> bool:
+        return bool(self.held_out)
+
+    def evaluate(self, step: int, start: float) -> None:
+        """Score the held-out samples; keep the weights if they score best so far."""
+        import torch
+
+        self.model.eval()
+        device = _runtime.model_device(self.model)
+        losses = {}
+        with torch.no_grad():
+            for task, samples in self.held_out.items():
+                lengths = np.array([len(ids) for ids in samples.input_ids])
+                order = np.argsort(lengths, kind="stable")
+                total = 0.0
+                for begin in range(0, len(order), self.batch_size):
+                    batch = collate(samples, order[begin : begin + self.batch_size], self.pad_id)
+                    total += sample_loss(self.model, {k: v.to(device) for k, v in batch.items()}).float().sum().item()
+                losses[task] = total / len(samples)
+        self.model.train()
+        score = sum(losses.values())
+        self.curve.append(
+            {
+                "step": step,
+                "seconds": round(time.perf_counter() - start, 1),
+                "loss": {k: round(v, 5) for k, v in losses.items()},
+                "score": round(score, 5),
+            }
+        )
+        if score < self.best_score:
+            self.best_score, self.best_step, self.since_best = score, step, 0
+            self.best_weights = {
+                name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters() if p.requires_grad
+            }
+        else:
+            self.since_best += 1
+
+    def postfix(self) -> dict[str, str]:
+        """Progress-bar fields: the latest held-out score and the best one."""
+        if not self.curve:
+            return {}
+        return {"held_out": f"{self.curve[-1]['score']:.3f}", "best": f"{self.best_score:.3f}"}
+
+    def restore(self) -> None:
+        """Put the best weights back into the model."""
+        import torch
+
+        if self.best_weights is None:
+            return
+        parameters = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, weights in self.best_weights.items():
+                parameters[name].copy_(weights)
 
 
 def _parameter_groups(model: PreTrainedModel, weight_decay: float) -> list[dict]:

@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 #: ``base_model`` value that trains a small model from nothing.
 SCRATCH = "scratch"
 #: Defaults of the training parameters: (from scratch, from a pretrained checkpoint).
-_EPOCHS = (20, 3)
 _BATCH_SIZE = (32, 8)
 _LEARNING_RATE = (2e-3, 5e-5)
 #: Peak learning rate of a LoRA adapter.
@@ -60,6 +59,10 @@ def finetune(
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
     epochs: int | None = None,
+    max_steps: int | None = None,
+    max_time: float | None = None,
+    patience: int | None = 4,
+    eval_every: int | None = None,
     batch_size: int | None = None,
     learning_rate: float | None = None,
     gene_dropout: float = 0.0,
@@ -83,9 +86,18 @@ def finetune(
     (``"cell_type_generation"``). The loss covers the answer and the end-of-sequence token only. A sample longer
     than the model's context loses genes from the end of its sentence, never any of its answer.
 
-    A share `eval_fraction` of the cells, drawn per label with `random_state`, is held out; after training the
-    model annotates them with :func:`sc_c2s.tl.annotate` constrained to the training labels, and the accuracy
-    and macro-F1 go into the checkpoint's metadata beside the held-out cells' names.
+    A share `eval_fraction` of the cells, drawn per label with `random_state`, is held out and selects the model:
+    every `eval_every` steps the answer loss of each task on (up to 400 of) the held-out cells is computed, the
+    weights with the lowest sum over tasks are kept, training stops after `patience` evaluations without
+    improvement, and the best weights are the ones saved. The curve (step, seconds, loss per task) goes into the
+    checkpoint's metadata (``training["curve"]``, ``training["best_step"]``, ``training["stopped"]``). After
+    training the model annotates the held-out cells with :func:`sc_c2s.tl.annotate` constrained to the training
+    labels, and the accuracy and macro-F1 go into the metadata beside the held-out cells' names.
+
+    The budget is sized to the data: from scratch, 8 passes over the training samples, but at least 300 and at
+    most 1,500 optimiser steps (the learning rate decays over them); a pretrained model gets 3 passes.
+    `epochs` and `max_steps` lower that maximum, `max_time` bounds the wall time, and early stopping usually ends
+    training before it. The progress bar shows the latest and best held-out loss and the time left.
 
     With ``base_model="scratch"`` the model is a small GPT-NeoX (the Pythia architecture) with one token per
     gene, label word and template word, sized to the data: a few thousand cells train in minutes on a CPU. Any other value is loaded with :func:`sc_c2s.models.load`
@@ -135,7 +147,17 @@ def finetune(
         Genes per cell sentence, best first.
     {doc_organism} From scratch, ``None`` means ``"Homo sapiens"``.
     epochs
-        Passes over the training cells; ``None``: 20 from scratch, 3 for a pretrained model (also with LoRA).
+        Most passes over the training cells; ``None``: the budget above.
+    max_steps
+        Most optimiser steps; ``None``: the budget above. With `epochs` too, the smaller limit holds.
+    max_time
+        Seconds after which training stops (after the current step and an evaluation); the best weights so far
+        are kept. ``None``: no limit.
+    patience
+        Evaluations without a lower held-out loss after which training stops; ``None``: train the whole budget
+        (and still keep the best weights).
+    eval_every
+        Optimiser steps between evaluations on the held-out cells; ``None``: 20 evaluations over the budget.
     batch_size
         Samples per optimiser step; ``None``: 32 from scratch, 8 for a pretrained model.
     learning_rate
@@ -224,6 +246,10 @@ def finetune(
     check_number(gene_dropout, "gene_dropout", low=0, high=1, high_open=True)
     check_number(eval_fraction, "eval_fraction", low=0, high=1, high_open=True)
     check_positive_int(epochs, "epochs", none_ok=True)
+    check_positive_int(max_steps, "max_steps", none_ok=True)
+    check_number(max_time, "max_time", low=0, low_open=True, none_ok=True)
+    check_positive_int(patience, "patience", none_ok=True)
+    check_positive_int(eval_every, "eval_every", none_ok=True)
     check_positive_int(batch_size, "batch_size", none_ok=True)
     check_number(learning_rate, "learning_rate", low=0, low_open=True, none_ok=True)
     random_state = check_random_state(random_state)
@@ -234,7 +260,6 @@ def finetune(
     output_dir = _check_output_dir(output_dir)
     scratch = str(base_model) == SCRATCH
     _check_adapter(adapter, base_model=base_model, scratch=scratch, quantization=quantization, lora_rank=lora_rank)
-    epochs = _default(epochs, _EPOCHS, scratch)
     batch_size = _default(batch_size, _BATCH_SIZE, scratch)
     learning_rate = _default(
         learning_rate, (_LEARNING_RATE[0], _LORA_LEARNING_RATE if adapter else _LEARNING_RATE[1]), scratch
@@ -344,22 +369,37 @@ def finetune(
         [t == "cell_type_prediction" for t in single_cell], len(train_words)
     )
     _check_unknown(tokenizer, samples, is_label)
+    held_out = _samples.encode(
+        tokenizer,
+        [words[i] for i in eval_cells] if single_cell else [],
+        labels.iloc[eval_cells].tolist() if single_cell else [],
+        tasks=single_cell,
+        organism=organism,
+        upper=upper,
+        max_length=max_length,
+        n_genes=n_genes,
+    )
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
     logg.info(
         f"    {len(train_cells)} cells, {len(tasks)} tasks: {len(samples)} samples "
         f"({int(sum(len(ids) for ids in samples.input_ids))} tokens), {len(eval_cells)} cells held out"
     )
+    max_steps = _trainer.budget(len(samples), batch_size, epochs=epochs, max_steps=max_steps, scratch=scratch)
     train_start = time.perf_counter()
-    loss = _trainer.train(
+    result = _trainer.train(
         model,
         samples,
-        epochs=epochs,
+        max_steps=max_steps,
         batch_size=batch_size,
         learning_rate=learning_rate,
         pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
         resample=(lambda rng: draw(rng, dropout=gene_dropout)) if gene_dropout or multi_cell or design else None,
+        held_out={task: held_out.take(range(i, len(held_out), len(single_cell))) for i, task in enumerate(single_cell)},
+        eval_every=eval_every,
+        patience=patience,
+        max_time=max_time,
     )
     train_seconds = time.perf_counter() - train_start
 
@@ -384,6 +424,9 @@ def finetune(
             else {}
         ),
         "epochs": epochs,
+        "max_steps": max_steps,
+        "max_time": max_time,
+        "patience": patience,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "gene_dropout": gene_dropout,
@@ -392,7 +435,11 @@ def finetune(
         "n_train_cells": len(train_cells),
         "n_samples": len(samples),
         "n_truncated": samples.n_truncated,
-        "loss": [round(x, 5) for x in loss],
+        "loss": [round(x, 5) for x in result.loss],
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "best_step": result.best_step,
+        "curve": result.curve,
         "train_seconds": round(train_seconds, 1),
         "device": str(c2s_model.device),
         "gradient_checkpointing": bool(gradient_checkpointing),

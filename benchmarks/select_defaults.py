@@ -1,0 +1,203 @@
+"""Choose ``tl.finetune``'s and ``tl.generate``'s defaults on validation cells carved from the training data.
+
+Each knob is varied on its own around the package defaults (one at a time, not a full grid), a model is trained
+from scratch with ``tl.finetune`` (its own held-out 10 % selects the weights) and scored on validation cells that
+no training run sees. The test splits of ``bench_annotation_accuracy.py`` and ``bench_generation.py`` are never
+read: the validation cells come from their training part.
+
+- ``pbmc4k_top2000_counts.h5ad``, label ``cluster``: the benchmark's training 80 % (stratified, seed 0), of
+  which a stratified 20 % (seed 1) validates.
+- ``cellbench_5cl_counts.h5ad``, label ``cell_type``: the benchmark trains on plates CEL-seq2_5cl_p1 and p2 and
+  tests on the other three batches; here p1 trains and p2 validates, so the validation crosses a plate as the
+  test does.
+
+Scores: accuracy and macro-F1 of constrained annotation of the validation cells; when the model learnt
+generation, 50 generated cells per label against the validation cells (``tl.score_generation``: kNN label
+recovery, MMD over its real-vs-real control, share of valid words); training seconds, steps and why training
+stopped. Sampling knobs (temperature, top-p) reuse the model trained with the package defaults.
+
+Knobs (``--quick`` takes the first values of each list after the default; the full sweep all of them):
+learning rate, batch size, gene dropout, width × depth of the scratch model, tasks, and the sampling temperature
+and top-p of ``tl.generate``. Not swept: genes per sentence (200), the schedule (warm-up, cosine decay), weight
+decay, dropout inside the model, the evaluation interval and patience, and any pretrained or LoRA setting.
+
+    python benchmarks/select_defaults.py --quick --datasets cellbench --threads 2   # ~15 min on 2 cores
+    python benchmarks/select_defaults.py                                              # the full sweep, hours
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scanpy as sc
+import torch
+from anndata.utils import make_index_unique
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.model_selection import train_test_split
+
+import sc_c2s
+from sc_c2s.models import _scratch
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SEED = 0
+#: Values tried for each knob, most promising first (``--quick`` tries the first one or two).
+KNOBS = {
+    "learning_rate": [4e-3, 1e-3, 5e-4],
+    "batch_size": [16, 64, 8],
+    "gene_dropout": [0.3, 0.5, 0.1],
+    "size": [(256, 2), (64, 2), (128, 4)],
+    "tasks": [("cell_type_prediction",), ("cell_type_generation",)],
+    "max_steps": [1000, 150],
+}
+SAMPLING = {"temperature": [0.7, 0.5, 0.85], "top_p": [1.0, 0.9]}
+QUICK = {
+    "learning_rate": 1,
+    "batch_size": 1,
+    "gene_dropout": 1,
+    "size": 1,
+    "tasks": 2,
+    "max_steps": 1,
+    "temperature": 2,
+    "top_p": 1,
+}
+N_GENERATED = 50
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="folder with the shared .h5ad files")
+    parser.add_argument("--datasets", nargs="+", default=["cellbench", "pbmc4k"], choices=list(DATASETS))
+    parser.add_argument("--quick", action="store_true", help="one or two values per knob (see QUICK)")
+    parser.add_argument("--knobs", nargs="*", default=list(KNOBS), choices=list(KNOBS), help="knobs to vary")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run with the defaults (and sampling)")
+    parser.add_argument(
+        "--base",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="finetune arguments of every run, e.g. max_steps=1000",
+    )
+    parser.add_argument("--max-time", type=float, help="finetune's max_time of every run, seconds")
+    parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    args = parser.parse_args()
+    sc.settings.verbosity = 0
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"sc_c2s {sc_c2s.__version__}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    for name in args.datasets:
+        train, valid, label_key = DATASETS[name](args.data)
+        print(f"\n{name}: {train.n_obs} training cells, {valid.n_obs} validation cells", flush=True)
+        gene_symbols = "gene_symbol" if "gene_symbol" in train.var else None
+        for adata in (train, valid):
+            sc_c2s.pp.to_sentences(adata, gene_symbols=gene_symbols)
+        base = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.base)}
+        runs = [] if args.no_baseline else [("defaults", None, {})]
+        for knob in args.knobs:
+            runs += [(knob, v, {knob: v}) for v in (KNOBS[knob][: QUICK[knob]] if args.quick else KNOBS[knob])]
+        for knob, value, change in runs:
+            row, model = run(name, train, valid, label_key, base | change, max_time=args.max_time)
+            rows.append({"dataset": name, "base": " ".join(args.base), "knob": knob, "value": value, **row})
+            print(pd.DataFrame([rows[-1]]).to_string(header=len(rows) == 1, index=False), flush=True)
+            if knob == "defaults":
+                for sampling, values in SAMPLING.items():
+                    for v in values[: QUICK[sampling]] if args.quick else values:
+                        scores = generation(model, train, valid, label_key, {sampling: v})
+                        rows.append(
+                            {"dataset": name, "base": " ".join(args.base), "knob": sampling, "value": v, **scores}
+                        )
+                        print(pd.DataFrame([rows[-1]]).to_string(header=False, index=False), flush=True)
+    table = pd.DataFrame(rows).set_index(["dataset", "base", "knob", "value"])
+    with pd.option_context("display.width", 250, "display.max_columns", 30):
+        print(f"\n{table.to_string(float_format=lambda x: f'{x:.3f}')}")
+    print(f"\nload average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+
+
+def pbmc4k(data: Path) -> tuple[ad.AnnData, ad.AnnData, str]:
+    """The benchmark's training 80 % (seed 0), split again 80/20 (seed 1) into training and validation."""
+    adata = ad.read_h5ad(data / "pbmc4k_top2000_counts.h5ad")
+    train, _ = train_test_split(np.arange(adata.n_obs), test_size=0.2, stratify=adata.obs["cluster"], random_state=0)
+    adata = adata[np.sort(train)].copy()
+    train, valid = train_test_split(
+        np.arange(adata.n_obs), test_size=0.2, stratify=adata.obs["cluster"], random_state=1
+    )
+    return adata[np.sort(train)].copy(), adata[np.sort(valid)].copy(), "cluster"
+
+
+def cellbench(data: Path) -> tuple[ad.AnnData, ad.AnnData, str]:
+    """Plate CEL-seq2_5cl_p1 to train, p2 to validate (the benchmark's test batches are not read)."""
+    adata = ad.read_h5ad(data / "cellbench_5cl_counts.h5ad")
+    adata.var["gene_symbol"] = make_index_unique(adata.var["gene_symbol"].astype(str))
+    batch = adata.obs["batch"]
+    return adata[batch == "CEL-seq2_5cl_p1"].copy(), adata[batch == "CEL-seq2_5cl_p2"].copy(), "cell_type"
+
+
+DATASETS = {"cellbench": cellbench, "pbmc4k": pbmc4k}
+
+
+def run(
+    name: str, train: ad.AnnData, valid: ad.AnnData, label_key: str, change: dict, *, max_time: float | None
+) -> tuple[dict, sc_c2s.models.C2SModel]:
+    """Train with the defaults but for `change`; score annotation (and generation) of the validation cells."""
+    change = dict(change)
+    size = change.pop("size", None)
+    scratch_size = _scratch.scratch_size
+    if size is not None:
+        hidden, layers = size
+        scratch_size = lambda n_cells: {"hidden_size": hidden, "n_layers": layers, "n_heads": 4}  # noqa: E731
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(_scratch, "scratch_size", scratch_size):
+        start = time.perf_counter()
+        path = sc_c2s.tl.finetune(
+            train,
+            label_key=label_key,
+            base_model="scratch",
+            output_dir=Path(tmp) / name,
+            random_state=SEED,
+            max_time=max_time,
+            **change,
+        )
+        seconds = time.perf_counter() - start
+        model = sc_c2s.models.load(path)
+    training = model.metadata.training
+    row = {
+        "train s": seconds,
+        "steps": training["steps"],
+        "best step": training["best_step"],
+        "stopped": training["stopped"],
+    }
+    if "cell_type_prediction" in model.metadata.tasks:
+        cells = valid.copy()
+        sc_c2s.tl.annotate(cells, model=model, labels="model")
+        truth, predicted = cells.obs[label_key].astype(str), cells.obs["c2s_cell_type"].astype(str)
+        row |= {"accuracy": accuracy_score(truth, predicted), "macro-F1": f1_score(truth, predicted, average="macro")}
+    if "cell_type_generation" in model.metadata.tasks:
+        row |= generation(model, train, valid, label_key, {})
+    return row, model
+
+
+def generation(model, train: ad.AnnData, valid: ad.AnnData, label_key: str, sampling: dict) -> dict:
+    """kNN recovery, MMD / control and valid words of generated cells against the validation cells."""
+    if model is None or "cell_type_generation" not in model.metadata.tasks:
+        return {}
+    cell_types = dict.fromkeys(sorted(train.obs[label_key].astype(str).unique()), N_GENERATED)
+    generated = sc_c2s.tl.generate(train, model=model, cell_types=cell_types, random_state=SEED, **sampling)
+    overall = sc_c2s.tl.score_generation(valid, generated, label_key=label_key).loc["overall"]
+    counts = generated.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].to_numpy().sum(axis=0)
+    return {
+        "knn": overall["knn_recovery"],
+        "mmd / control": overall["mmd"] / overall["mmd_control"],
+        "valid": counts[0] / counts.sum(),
+    }
+
+
+if __name__ == "__main__":
+    main()
