@@ -29,9 +29,9 @@ import tomllib
 from pathlib import Path
 
 try:
-    from packaging.version import Version
+    from packaging.version import InvalidVersion, Version
 except ImportError:  # a fresh venv has no packaging, but pip carries one
-    from pip._vendor.packaging.version import Version
+    from pip._vendor.packaging.version import InvalidVersion, Version
 
 PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 EXTRAS = ("test",)
@@ -91,12 +91,21 @@ def oldest_release(name: str, bound: str) -> str:
     if listed.returncode != 0 or available is None:
         msg = f"pip index versions {name} failed:\n{listed.stdout}{listed.stderr}"
         raise RuntimeError(msg)
-    releases = [Version(v) for v in available[1].split(", ")]
+    # ancient releases with names that are no versions today (dask's '0.8.1.macosx-10.5-x86_64') are skipped
+    releases = [Version(v) for v in available[1].split(", ") if _is_version(v)]
     allowed = [v for v in releases if v >= Version(bound)]
     if not allowed:
         msg = f"no release of {name} satisfies >={bound} (newest: {max(releases)})"
         raise RuntimeError(msg)
     return str(min(allowed))
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return True
 
 
 def main() -> None:
