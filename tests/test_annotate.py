@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 
@@ -120,19 +121,29 @@ def short_answers(monkeypatch):
     monkeypatch.setattr(_annotate, "MAX_ANSWER_TOKENS", 6)
 
 
-@pytest.mark.parametrize("labels", [None, LABELS], ids=["free", "constrained"])
-def test_batch_size_does_not_change_results(short_sentences, tiny, labels, short_answers):
-    one = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES, batch_size=1, copy=True)
-    seven = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
-    again = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES, batch_size=7, copy=True)
+def test_batch_size_does_not_change_results(short_sentences, tiny):
+    one = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, batch_size=1, copy=True)
+    seven = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, batch_size=7, copy=True)
+    again = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, batch_size=7, copy=True)
     pd.testing.assert_series_equal(one.obs["c2s_cell_type"], seven.obs["c2s_cell_type"])
     np.testing.assert_allclose(one.obs["c2s_cell_type_score"], seven.obs["c2s_cell_type_score"], rtol=1e-4)
     pd.testing.assert_frame_equal(seven.obs, again.obs)
 
 
+def test_free_answers_do_not_depend_on_batch_size(short_sentences, tiny, short_answers):
+    words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
+    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
+    one, one_prob = _annotate.generate_answers(tiny, ids, batch_size=1)
+    seven, seven_prob = _annotate.generate_answers(tiny, ids, batch_size=7)
+    assert one == seven
+    np.testing.assert_allclose(one_prob, seven_prob, rtol=1e-4)
+
+
 def test_free_answers_match_one_cell_at_a_time_generate(short_sentences, tiny, short_answers):
     short_sentences = short_sentences[:16].copy()
-    sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, batch_size=8)
+    words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
+    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
+    answers, _ = _annotate.generate_answers(tiny, ids, batch_size=8)
 
     stop = _runtime.period_ids(tiny.tokenizer)
     assert tiny.tokenizer.convert_tokens_to_ids(".") in stop
@@ -150,7 +161,21 @@ def test_free_answers_match_one_cell_at_a_time_generate(short_sentences, tiny, s
         )
         new = out[0, prompt["input_ids"].shape[1] :]
         expected.append(tiny.tokenizer.decode(new, skip_special_tokens=True).strip().removesuffix(".").strip())
-    assert short_sentences.obs["c2s_cell_type"].astype(str).tolist() == expected
+    assert answers == expected
+
+
+def test_free_answers_that_list_genes_are_missing(short_sentences, tiny, monkeypatch):
+    adata = short_sentences[:5].copy()
+    a, b, c = (g.upper() for g in adata.uns["c2s"]["genes"][:3])
+    answers = ["A549", "H1975 cell", f"{a} {b} {c}", f"{a} A549", f"{a}, {b} and"]
+    monkeypatch.setattr(_annotate, "generate_answers", lambda *_, **__: (answers, np.full(5, 0.5)))
+    with pytest.warns(UserWarning, match=r"^2 of 5 answers are lists of genes, not cell types"):
+        sc_c2s.tl.annotate(adata, model=tiny, n_genes=N_GENES)
+    # half the words genes is not "most": `{a} A549` stays an answer
+    assert adata.obs["c2s_cell_type"].tolist()[:2] == ["A549", "H1975 cell"]
+    assert adata.obs["c2s_cell_type"].isna().tolist() == [False, False, True, False, True]
+    assert adata.obs["c2s_cell_type"].cat.categories.tolist() == sorted(["A549", "H1975 cell", f"{a} A549"])
+    np.testing.assert_array_equal(adata.obs["c2s_cell_type_score"], [0.5, 0.5, np.nan, 0.5, np.nan])
 
 
 def test_trained_model_names_cell_lines(trained):
@@ -194,7 +219,8 @@ def test_results_and_params(short_sentences, tiny, container, scanpy_log):
 
 
 def test_free_params_and_h5ad_round_trip(short_sentences, tiny, tmp_path, short_answers):
-    sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, organism="Mus musculus")
+    with pytest.warns(UserWarning, match="lists of genes"):  # a random model continues the sentences
+        sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, organism="Mus musculus")
     assert short_sentences.uns["c2s_cell_type"]["params"]["mode"] == "free"
     assert "labels" not in short_sentences.uns["c2s_cell_type"]["params"]
     assert short_sentences.uns["c2s_cell_type"]["params"]["organism"] == "Mus musculus"
@@ -302,9 +328,10 @@ def test_model_without_labels(short_sentences, tiny):
 def test_empty_sentences_warn(short_sentences, tiny, labels):
     """Cells with empty sentences used to be labelled without a word (while `embed` refuses them)."""
     short_sentences.obsm["c2s_genes"][[1, 4]] = -1
-    with pytest.warns(UserWarning, match=r"2 cells have empty sentences .*sc\.pp\.filter_cells"):
+    gene_lists = pytest.warns(UserWarning, match="lists of genes") if labels is None else contextlib.nullcontext()
+    with gene_lists, pytest.warns(UserWarning, match=r"2 cells have empty sentences .*sc\.pp\.filter_cells"):
         sc_c2s.tl.annotate(short_sentences, model=tiny, labels=labels, n_genes=N_GENES)
-    assert short_sentences.obs["c2s_cell_type"].notna().all()
+    assert short_sentences.obs["c2s_cell_type"].notna().all() or labels is None  # a random model lists genes
 
 
 def test_single_label_warns(short_sentences, tiny):

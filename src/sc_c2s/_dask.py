@@ -12,6 +12,7 @@ revision, dtype), never as pickled weights; a worker loads it on its own device 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,7 +176,7 @@ def map_verb(
     Each task calls `verb` on an AnnData of its cells (their gene indices and ``uns["c2s"]``) with the model its
     worker loaded once; the values are those of `verb` on the whole data. `start` is the time the verb logged its
     start at. Tasks run on `client`, else on the active client, else one after another in this process. Nothing
-    is written until all have finished.
+    is written until all have finished. The verb's warnings in the tasks are raised again here, each text once.
     """
     from ._data import DataHandler, prepare
 
@@ -200,7 +201,9 @@ def map_verb(
         for i, block in enumerate(genes.to_delayed().ravel())
     ]
     chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
-    results = _combine(chunks)
+    for category, message in dict.fromkeys(w for _, caught in chunks for w in caught):
+        warnings.warn(message, category, stacklevel=3)
+    results = _combine([chunk for chunk, _ in chunks])
     adata = prepare(adata, copy=copy)
     DataHandler(adata, mod).save_all(results, start=start)
     return adata if copy else None
@@ -267,16 +270,23 @@ def _row_chunks(genes: Any, client: Client | None) -> da.Array:
     return array.from_array(genes, chunks=(rows, -1))
 
 
-def _run_chunk(shared: dict[str, Any], genes: np.ndarray, obs_names: pd.Index) -> dict[tuple[str, str], Any]:
-    """Run the verb on one chunk of cells; return what it added, keyed by ``(attribute, key)``."""
+def _run_chunk(
+    shared: dict[str, Any], genes: np.ndarray, obs_names: pd.Index
+) -> tuple[dict[tuple[str, str], Any], list[tuple[type[Warning], str]]]:
+    """Run the verb on one chunk of cells; return what it added, keyed by ``(attribute, key)``, and its warnings.
+
+    Warnings on a worker would reach no one, so the verb's user warnings travel back with the results.
+    """
     from anndata import AnnData
 
     chunk = AnnData(obs=pd.DataFrame(index=obs_names), obsm={GENES: np.asarray(genes)}, uns={C2S: shared["c2s"]})
-    shared["verb"](chunk, model=worker_model(shared["model"]), **shared["kwargs"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shared["verb"](chunk, model=worker_model(shared["model"]), **shared["kwargs"])
     results: dict[tuple[str, str], Any] = {("obs", key): chunk.obs[key] for key in chunk.obs.columns}
     results |= {("obsm", key): chunk.obsm[key] for key in chunk.obsm if key != GENES}
     results |= {("uns", key): chunk.uns[key] for key in chunk.uns if key != C2S}
-    return results
+    return results, [(w.category, str(w.message)) for w in caught if issubclass(w.category, UserWarning)]
 
 
 def _combine(chunks: list[dict[tuple[str, str], Any]] | tuple) -> dict[tuple[str, str], Any]:

@@ -23,7 +23,7 @@ from sc_c2s._docs import (
 from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
 
-from ._utils import cell_words, prediction_prompts
+from ._utils import cell_words, gene_lists, prediction_prompts, warn_gene_lists
 
 if TYPE_CHECKING:
     import torch
@@ -70,7 +70,9 @@ def annotate(
     free (``labels=None``)
         The model writes the answer greedily, up to 32 tokens, stopping at the first period or end of sequence.
         The answer is decoded from the new tokens only; surrounding whitespace and the final period are stripped.
-        The score is the model's probability of that answer.
+        The score is the model's probability of that answer. An answer of two words or more, most of them genes of
+        `adata`, is a continued cell sentence rather than a cell type (a failure of some published checkpoints):
+        it is missing (NaN), and such answers are counted in a warning.
     constrained (``labels=[...]`` or ``labels="model"``)
         The log-likelihood of each candidate answer (``" {{label}}."``, summed over its tokens) is scored after
         the prompt; the prompt is read once per cell and its KV cache serves all candidates in one forward
@@ -122,7 +124,7 @@ def annotate(
     -----
     UserWarning
         If some cells have empty sentences (they express no gene: their cell type is a guess from the prompt
-        alone), or `labels` holds a single label (every cell gets it, with score 1).
+        alone), `labels` holds a single label (every cell gets it, with score 1), or free answers are lists of genes.
 
     Examples
     --------
@@ -183,7 +185,11 @@ def annotate(
     if candidates is None:
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         answers, score = generate_answers(c2s, ids, batch_size=batch_size)
-        cell_types = pd.Categorical(answers, categories=sorted(set(answers)))
+        is_genes = gene_lists(answers, DataHandler(adata, mod).c2s()["genes"])
+        warn_gene_lists(int(is_genes.sum()), len(answers), what="cell types")
+        labelled = [a for a, g in zip(answers, is_genes, strict=True) if not g]
+        cell_types = pd.Categorical(answers, categories=sorted(set(labelled)))
+        score = np.where(is_genes, np.nan, score)
     else:
         from scipy.special import softmax
 

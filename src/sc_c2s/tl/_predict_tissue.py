@@ -192,7 +192,7 @@ def _majority(
     """Free answers of each draw; per group the most frequent one and the share of draws that gave it."""
     answers, prob = generate_answers(c2s, ids, batch_size=batch_size)
     is_genes = gene_lists(answers, genes)
-    warn_gene_lists(int(is_genes.sum()), len(answers), what="tissues")
+    warn_gene_lists(int(is_genes.sum()), len(answers), what="tissues", stacklevel=4)
     answers = pd.Series(answers, dtype=object).where(~is_genes, None)
     per_draw = pd.DataFrame({"group": draw_groups, "answer": answers.to_numpy(), "score": prob})
     rows = {}

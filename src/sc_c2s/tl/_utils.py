@@ -95,14 +95,17 @@ def gene_lists(answers: Sequence[str | None], genes: Sequence[str]) -> np.ndarra
     return out
 
 
-def warn_gene_lists(n: int, n_answers: int, *, what: str) -> None:
-    """Warn that `n` of `n_answers` free-text answers were gene lists and are missing."""
+def warn_gene_lists(n: int, n_answers: int, *, what: str, stacklevel: int = 3) -> None:
+    """Warn that `n` of `n_answers` free-text answers were gene lists and are missing.
+
+    `stacklevel` counts from this function: 3 points at the caller of the verb that calls it.
+    """
     if n:
         warnings.warn(
             f"{n} of {n_answers} answers are lists of genes, not {what}; they are missing (NaN). The model continues "
             f"cell sentences instead of naming {what}: constrain it with `labels=[...]`.",
             UserWarning,
-            stacklevel=4,
+            stacklevel=stacklevel,
         )
 
 
