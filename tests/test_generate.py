@@ -19,7 +19,7 @@ from sc_c2s._rank_model import RankFit
 from sc_c2s._utils import _validate
 from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _generate
+from sc_c2s.tl import _sampling
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_word_starts_of_a_subword_tokenizer():
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
     # " CD99 CD74" is four tokens: "ĠCD", "99", "ĠCD", "74"
     pieces = tokenizer(" CD99 CD74", add_special_tokens=False)["input_ids"]
-    starts, breaks = _generate._word_starts(tokenizer, reference=pieces[0])
+    starts, breaks = _sampling._word_starts(tokenizer, reference=pieces[0])
     texts = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     # "Ġ" is a space: a token that starts with it and holds more begins a word; newlines and tabs do not
     np.testing.assert_array_equal(starts, [t.startswith("Ġ") and len(t) > 1 for t in texts])
@@ -184,11 +184,11 @@ def test_unique_genes_blocks_repeats(ranked, tiny):
 
 
 def test_token_budget_with_multi_token_genes(tiny):
-    one_token = _generate._token_budget(tiny, np.array(["DPM1", "CD99"]), 10)
+    one_token = _sampling.token_budget(tiny, np.array(["DPM1", "CD99"]), 10)
     np.testing.assert_array_equal(one_token["gene_ids"], sorted(tiny.tokenizer.convert_tokens_to_ids(["DPM1", "CD99"])))
     assert tiny.tokenizer.convert_tokens_to_ids(".") in one_token["stop_ids"]
     # "CD99." is two tokens, one of them the period: no repeat blocking, and the period cannot end a sentence
-    split = _generate._token_budget(tiny, np.array(["DPM1", "CD99."]), 10)
+    split = _sampling.token_budget(tiny, np.array(["DPM1", "CD99."]), 10)
     assert split["gene_ids"] is None
     assert split["stop_ids"] == [tiny.tokenizer.eos_token_id]
     assert split["tokens_per_gene"] == 1.5
@@ -198,21 +198,21 @@ def test_sample_token_is_the_inverse_cdf_of_the_filtered_distribution():
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.3, 1e-9]])).repeat(4, 1)
     uniform = torch.tensor([0.0, 0.6, 0.7, 0.999999])
     # top_p=0.75 keeps 0.5 and 0.3 (0.5 < 0.75 before the second): renormalised 0.625 / 0.375
-    np.testing.assert_array_equal(_generate._sample_token(logits, uniform, 1.0, None, 0.75), [1, 1, 2, 2])
+    np.testing.assert_array_equal(_sampling._sample_token(logits, uniform, 1.0, None, 0.75), [1, 1, 2, 2])
     # top_k=1 is greedy
-    np.testing.assert_array_equal(_generate._sample_token(logits, uniform, 1.0, 1, None), [1, 1, 1, 1])
+    np.testing.assert_array_equal(_sampling._sample_token(logits, uniform, 1.0, 1, None), [1, 1, 1, 1])
     # no filter: order 0.5, 0.3, 0.2 (cumulative 0.5, 0.8, 1.0)
-    np.testing.assert_array_equal(_generate._sample_token(logits, uniform, 1.0, None, None), [1, 2, 2, 0])
+    np.testing.assert_array_equal(_sampling._sample_token(logits, uniform, 1.0, None, None), [1, 2, 2, 0])
     # a high temperature flattens to 1/4 each, in the same order: u = 0.6 picks the third most likely
-    np.testing.assert_array_equal(_generate._sample_token(logits[:1], uniform[1:2], 1e6, None, None), [0])
+    np.testing.assert_array_equal(_sampling._sample_token(logits[:1], uniform[1:2], 1e6, None, None), [0])
 
 
 def test_uniforms_depend_on_seed_and_cell_only():
-    a = _generate._uniforms(0, 5, 7)
+    a = _sampling._uniforms(0, 5, 7)
     assert a.shape == (7,)
-    np.testing.assert_array_equal(a, _generate._uniforms(0, 5, 7))
-    assert not np.array_equal(a, _generate._uniforms(0, 6, 7))
-    assert not np.array_equal(a, _generate._uniforms(1, 5, 7))
+    np.testing.assert_array_equal(a, _sampling._uniforms(0, 5, 7))
+    assert not np.array_equal(a, _sampling._uniforms(0, 6, 7))
+    assert not np.array_equal(a, _sampling._uniforms(1, 5, 7))
 
 
 def test_same_seed_same_cells_whatever_the_batch_size(ranked, tiny):
@@ -374,7 +374,7 @@ def test_random_state_none_and_generators(ranked, tiny):
 def test_request_that_cannot_fit_in_memory_is_refused(ranked, tiny, monkeypatch):
     """`generate(cell_types={"A549": 10**7})` used to grow past 14 GB before the first cell came out."""
     monkeypatch.setattr(_validate, "available_memory", lambda: 2**30)
-    monkeypatch.setattr(_generate, "_sample", lambda *args, **kwargs: pytest.fail("generation started"))
+    monkeypatch.setattr(_sampling, "sample", lambda *args, **kwargs: pytest.fail("generation started"))
     with pytest.raises(
         ValueError, match=r"`cell_types` asks for 10,000,000 cells, about [\d.]+ GiB of results, but only 1\.0 GiB"
     ) as error:
@@ -395,7 +395,7 @@ def test_batches_are_assembled_in_cell_order():
     full = sparse.random(23, 11, density=0.3, format="csr", dtype=np.float32, random_state=rng)
     order = rng.permutation(23)
     blocks = [(index, full[index]) for index in np.array_split(order, 5)]
-    assembled = _generate._assemble(blocks, n_cells=23, n_columns=11)
+    assembled = _sampling._assemble(blocks, n_cells=23, n_columns=11)
     assert not blocks
     assert assembled.dtype == np.float32
     assert (assembled != full).nnz == 0

@@ -96,8 +96,8 @@ def test_validity_rates_count_words(halves):
 
 def test_mmd_and_energy_match_hand_computed_values():
     x, y = np.array([[0.0]]), np.array([[1.0]])
-    assert _score_generation._mmd(x, y, bandwidth=1.0) == pytest.approx(math.sqrt(2 - 2 * math.exp(-0.5)))
-    assert _score_generation._mmd(x, x, bandwidth=1.0) == 0
+    assert _score_generation.mmd(x, y, bandwidth=1.0) == pytest.approx(math.sqrt(2 - 2 * math.exp(-0.5)))
+    assert _score_generation.mmd(x, x, bandwidth=1.0) == 0
     assert _score_generation._energy(x, y) == pytest.approx(math.sqrt(2))
     # in one dimension, the energy distance of scipy (the same V-statistic)
     rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ from sc_c2s import _keys, prompts
 from sc_c2s._utils._validate import check_positive_int
 from sc_c2s.models import _runtime
 
-from . import _generate
+from . import _sampling
 from ._from_sentences import COUNTS
 
 if TYPE_CHECKING:
@@ -95,9 +95,9 @@ def generate_tissues(
             raise ValueError(msg)
     if "tissue_generation" not in c2s.metadata.tasks:
         logg.warning(f"{c2s.name!r} was not trained for tissue-conditioned multi-cell generation; expect poor cells.")
-    target = _generate._target(adata, mod=mod, model=c2s)
-    _generate._check_memory(int(sizes.sum()), n_genes=n_genes, words=target.words, name="tissues")
-    budget = _generate._token_budget(c2s, target.words, n_genes)
+    target = _sampling.target_of(adata, mod=mod, model=c2s)
+    _sampling.check_memory(int(sizes.sum()), n_genes=n_genes, words=target.words, name="tissues")
+    budget = _sampling.token_budget(c2s, target.words, n_genes)
     per_cell = budget["max_new_tokens"] + _CELL_TOKENS
     max_new_tokens = int(sizes.max()) * per_cell
     eos = _runtime.eos_id(c2s.tokenizer)
@@ -107,17 +107,17 @@ def generate_tissues(
     ]
     prompt_ids = _runtime.tokenize(c2s.tokenizer, texts)
     if batch_size is None and not _runtime.sizes_to_memory(c2s.device):
-        batch_size = _generate._CPU_BATCH
+        batch_size = _sampling.CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
     first_cell = np.concatenate([[0], np.cumsum(sizes)])
-    collector = _generate._Collector(target, n_cells=int(sizes.sum()))
+    collector = _sampling.Collector(target, n_cells=int(sizes.sum()))
 
     def sink(index: np.ndarray, generated: list[str]) -> None:
         for sample, text in zip(index, generated, strict=True):
             cells = np.arange(first_cell[sample], first_cell[sample + 1])
             collector(cells, split_cells(text, len(cells)))
 
-    _generate._sample(
+    _sampling.sample(
         c2s,
         prompt_ids,
         np.arange(len(sizes)),

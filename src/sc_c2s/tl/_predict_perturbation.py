@@ -15,8 +15,8 @@ from sc_c2s._utils._validate import AnyRandom, check_obs_column, check_positive_
 from sc_c2s.models._metadata import PERTURBATION
 
 from ._from_sentences import COUNTS
-from ._generate import _check_sampling, _target, valid_share, write_cells
 from ._pairs import conditions
+from ._sampling import check_sampling, target_of, valid_share, write_cells
 
 if TYPE_CHECKING:
     import torch
@@ -142,7 +142,7 @@ def predict_perturbation(
     from sc_c2s.models import resolve
 
     start = logg.info("predicting perturbed cells")
-    random_state = _check_sampling(
+    random_state = check_sampling(
         n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
     check_positive_int(n_cells, "n_cells", none_ok=True)
@@ -155,7 +155,7 @@ def predict_perturbation(
         cells = np.sort(np.random.default_rng(random_state).choice(cells, n_cells, replace=False))
     c2s_model = resolve(model, device=device)
     _check_model(c2s_model, perturbations)
-    target = _target(adata, mod=mod, model=c2s_model)
+    target = target_of(adata, mod=mod, model=c2s_model)
     words = prompts.sentence_words(adata, n_genes=n_genes, mod=mod)
     upper = c2s_model.metadata.upper_case
     texts = [prompts.perturbation(words[c], perturbation_name=p, upper=upper) for p in perturbations for c in cells]

@@ -97,7 +97,7 @@ def comparison(
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
     real_cells = from_sentences([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
     generated_cells = from_sentences(generated.obs[_keys.SENTENCE].tolist(), genes=words, rank_fit=fit)
-    _check_shared_genes(generated_cells.obs, generated.obs[_keys.SENTENCE])
+    check_shared_genes(generated_cells.obs, generated.obs[_keys.SENTENCE])
     return Comparison(
         real=real_cells.X,
         generated=generated_cells.X,
@@ -109,7 +109,7 @@ def comparison(
     )
 
 
-def _check_shared_genes(counts: pd.DataFrame, sentences: pd.Series) -> None:
+def check_shared_genes(counts: pd.DataFrame, sentences: pd.Series) -> None:
     """Refuse generated sentences none of whose words is a gene of the real cells: there is nothing to compare."""
     if counts["n_valid_genes"].sum() > 0:
         return
@@ -275,8 +275,8 @@ def score_generation(
             "knn_recovery_control": float(np.mean(knn.predict(real_pcs[control]) == t)),
             "pearson": _pearson(data.generated[g], data.real[ref]),
             "pearson_control": _pearson(data.real[control], data.real[ref]),
-            "mmd": _mmd(gen_pcs[g[:m]], real_pcs[ref], bandwidth),
-            "mmd_control": _mmd(real_pcs[control[:m]], real_pcs[ref], bandwidth),
+            "mmd": mmd(gen_pcs[g[:m]], real_pcs[ref], bandwidth),
+            "mmd_control": mmd(real_pcs[control[:m]], real_pcs[ref], bandwidth),
             "energy": _energy(gen_pcs[g[:m]], real_pcs[ref]),
             "energy_control": _energy(real_pcs[control[:m]], real_pcs[ref]),
             "valid_rate": counts["n_valid_genes"] / n_words if n_words else np.nan,
@@ -331,7 +331,7 @@ def _pearson(a: sparse.csr_matrix, b: sparse.csr_matrix) -> float:
     return float(np.corrcoef(mean_a, mean_b)[0, 1])
 
 
-def _mmd(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
+def mmd(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
     """Square root of the biased MMD² between the rows of `x` and `y` with a Gaussian kernel."""
 
     def kernel(a, b):

@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import (
 
 from ._from_sentences import from_sentences
 from ._pairs import conditions
-from ._score_generation import _check_shared_genes, _mmd, pca, project
+from ._score_generation import check_shared_genes, mmd, pca, project
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -110,7 +110,7 @@ def cells(
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
     real_cells = from_sentences([" ".join(w) for w in real_words], genes=genes, rank_fit=fit)
     predicted_cells = from_sentences(predicted.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
-    _check_shared_genes(predicted_cells.obs, predicted.obs[_keys.SENTENCE])
+    check_shared_genes(predicted_cells.obs, predicted.obs[_keys.SENTENCE])
     return Cells(
         real=sparse.csr_matrix(real_cells.X),
         predicted=sparse.csr_matrix(predicted_cells.X),
@@ -302,7 +302,7 @@ def _scores(
         moves = np.sign(top_direction[source] - top_direction["unchanged"])
         row[f"direction_top{N_TOP_DIRECTION}" + suffix] = float(np.mean(moves == real_moves))
         pcs = compared[source]
-        row["mmd" + suffix] = np.nan if np.isnan(pcs).any() else _mmd(pcs, reference, bandwidth)
+        row["mmd" + suffix] = np.nan if np.isnan(pcs).any() else mmd(pcs, reference, bandwidth)
     return row
 
 

@@ -23,8 +23,8 @@ from sc_c2s._docs import (
 from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int
 from sc_c2s.models import _runtime
 
-from ._generate import _check_sampling, _sample
 from ._generate_tissues import whole_texts
+from ._sampling import check_sampling, sample
 from ._utils import cell_words, group_draws, groups_of
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def summarize(
     check_positive_int(n_draws, "n_draws")
     check_positive_int(max_new_tokens, "max_new_tokens")
     check_key(key_added, "key_added")
-    random_state = _check_sampling(
+    random_state = check_sampling(
         n_genes=n_genes or 1, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
     if organism is not None:
@@ -158,7 +158,7 @@ def summarize(
     def sink(index: np.ndarray, written: list[str]) -> None:
         summaries[index] = [_PUNCTUATION_SPACE.sub(r"\1", " ".join(text.split())).removesuffix(".") for text in written]
 
-    _sample(
+    sample(
         c2s,
         ids,
         np.arange(len(ids)),
