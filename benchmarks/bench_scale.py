@@ -115,9 +115,10 @@ print(json.dumps({"seconds": seconds, "until_lazy_result": fit, "peak_rss": peak
 
 
 def rank_in_process(path: Path, mode: str, out: Path) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-c", RANK, str(path), mode, str(out)], capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", RANK, str(path), mode, str(out)], capture_output=True, text=True)
+    if result.returncode:
+        msg = f"ranking the {mode} data failed:\n{result.stderr}"
+        raise RuntimeError(msg)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
