@@ -353,3 +353,64 @@ def test_thread_count_does_not_change_results():
     one = rank_genes(X, n_genes=20, random_state=0).genes
     sc.settings.n_jobs = -1
     np.testing.assert_array_equal(one, rank_genes(X, n_genes=20, random_state=0).genes)
+
+
+def top_log_values(X: sparse.csr_matrix, k: int, scale: np.ndarray, log_scale: float = 0.0):
+    out = np.full((X.shape[0], k), -1.0)
+    n_expressed = np.zeros(X.shape[0], dtype=np.int32)
+    status = np.zeros(X.shape[0], dtype=np.int8)
+    _kernels.top_log_values(X.indptr, X.data, log_scale, scale, 2, out, n_expressed, status)
+    return out, n_expressed, status
+
+
+def test_top_log_values_by_hand():
+    """Largest values first, ties kept (no gene order needed), stored zeros skipped, the rest of a row untouched."""
+    X = sparse.csr_matrix(
+        (np.array([3, 0, 1, 3, 2, 0.5], dtype=np.float32), np.array([4, 0, 1, 2, 3, 0]), np.array([0, 5, 6, 6])),
+        shape=(3, 5),
+    )
+    out, n_expressed, status = top_log_values(X, 3, scale=np.array([1.0, 2.0, 1.0]))
+    np.testing.assert_array_equal(out[0], np.log10([4, 4, 3]))  # 3, 3, 2 of 3, 0, 1, 3, 2
+    np.testing.assert_array_equal(out[1], [np.log10(2), -1, -1])  # 1 + 2 · 0.5
+    np.testing.assert_array_equal(out[2], [-1, -1, -1])
+    np.testing.assert_array_equal(n_expressed, [4, 1, 0])
+    np.testing.assert_array_equal(status, [_kernels.OK] * 3)
+    out, _, _ = top_log_values(X, 3, scale=np.ones(3), log_scale=np.log(2.0))  # undo log2(1 + x): x = 2**v - 1
+    np.testing.assert_allclose(out[0], np.log10([8, 8, 4]), rtol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["counts", "continuous", "wide counts"])
+def test_top_log_values_match_a_full_sort(kind):
+    """Against numpy's sort, with rows longer and shorter than k and values sharing and straddling histogram bins."""
+    rng = np.random.default_rng(0)
+    n_rows, n_cols = 60, 3000
+    lengths = rng.integers(0, 2500, n_rows)
+    rows, cols, vals = [], [], []
+    for i, n in enumerate(lengths):
+        rows += [i] * n
+        cols += rng.choice(n_cols, n, replace=False).tolist()
+        values = {
+            "counts": rng.geometric(0.2, n),
+            "continuous": rng.lognormal(0, 2, n),
+            "wide counts": rng.integers(1, 100_000, n),
+        }[kind]
+        vals += values.tolist()
+    X = sparse.csr_matrix((np.array(vals), (rows, cols)), shape=(n_rows, n_cols))
+    scale = rng.uniform(0.5, 2, n_rows)
+    out, n_expressed, status = top_log_values(X, 999, scale)
+    for i in range(n_rows):
+        row = X.data[X.indptr[i] : X.indptr[i + 1]]
+        expected = np.log10(1 + -np.sort(-row)[:999] * scale[i])
+        np.testing.assert_array_equal(out[i, : len(expected)], expected)
+        assert (out[i, len(expected) :] == -1).all()
+    np.testing.assert_array_equal(n_expressed, lengths)
+    assert (status == _kernels.OK).all()
+
+
+@pytest.mark.parametrize(
+    ("bad", "code"), [(-1.0, _kernels.NEGATIVE), (np.nan, _kernels.NAN), (np.inf, _kernels.INFINITE)]
+)
+def test_top_log_values_flag_non_expression(bad, code):
+    X = sparse.csr_matrix(np.array([[1.0, 2.0, 3.0], [1.0, bad, 2.0]]))
+    _, _, status = top_log_values(X, 2, scale=np.ones(2))
+    np.testing.assert_array_equal(status, [_kernels.OK, code])

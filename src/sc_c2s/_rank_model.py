@@ -18,9 +18,10 @@ import numpy as np
 from numba import njit
 from scipy import sparse
 
+from ._utils._numba import numba_threads
 from ._utils._validate import check_number
 from .pp import _kernels
-from .pp._rank import rank_genes
+from .pp._rank import raise_if_not_expression
 
 #: Only the first this many ranks enter the fit.
 MAX_RANK = 999
@@ -125,10 +126,11 @@ def read_rows(X, cells: np.ndarray) -> sparse.csr_matrix:
     return sparse.csr_matrix(rows)
 
 
-def _sample(
-    X, cells: np.ndarray, *, random_state: int, log1p_base: float | None
-) -> tuple[np.ndarray, np.ndarray, str, float]:
+def _sample(X, cells: np.ndarray, *, log1p_base: float | None) -> tuple[np.ndarray, np.ndarray, str, float]:
     """Return the fit's data for the given cells: ``log10(1 + normalised expression)`` of their ranked genes.
+
+    The fit needs the values at each rank, not which gene holds them, so the values are sorted without the
+    genes: equal values need no tie-break, and only the best :data:`MAX_RANK` of a cell are sorted.
 
     Returns
     -------
@@ -139,27 +141,31 @@ def _sample(
     kind = "log1p" if is_log_transformed(rows.data) else "linear"
     totals = np.empty(rows.shape[0])
     log_scale = 0.0 if kind == "linear" else np.log(log1p_base) if log1p_base else 1.0
-    _kernels.row_totals(rows.indptr, rows.data, log_scale, totals)
-    target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
-    ranking = rank_genes(rows, n_genes=MAX_RANK, random_state=random_state, cells=cells, with_values=True)
-    scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-    log_expression = np.log10(1 + _linear(ranking.values, kind, log1p_base) * scale[:, None])
-    return log_expression, np.minimum(ranking.n_expressed, ranking.genes.shape[1]), kind, target_sum
+    width = min(MAX_RANK, int(np.diff(rows.indptr).max(initial=0)))
+    log_expression = np.zeros((rows.shape[0], width))
+    n_expressed = np.zeros(rows.shape[0], dtype=np.int32)
+    status = np.zeros(rows.shape[0], dtype=np.int8)
+    with numba_threads() as n_threads:
+        _kernels.row_totals(rows.indptr, rows.data, log_scale, totals)
+        target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
+        scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
+        n_chunks = max(1, min(rows.shape[0], 2 * n_threads))  # each allocates a histogram of 512 kB
+        _kernels.top_log_values(rows.indptr, rows.data, log_scale, scale, n_chunks, log_expression, n_expressed, status)
+    raise_if_not_expression(status, cells, "X")
+    n_ranked = np.minimum(n_expressed, width)
+    return log_expression[:, : int(n_ranked.max(initial=0))], n_ranked, kind, target_sum
 
 
-def rank_points(
-    X, cells: np.ndarray, *, random_state: int, log1p_base: float | None = None
-) -> tuple[np.ndarray, np.ndarray, str, float]:
+def rank_points(X, cells: np.ndarray, *, log1p_base: float | None = None) -> tuple[np.ndarray, np.ndarray, str, float]:
     """Points of the fit for the given cells: ``log10(1 + rank0)`` and ``log10(1 + normalised expression)``.
 
-    Reads only the sampled rows, on a copy; ``X`` is not modified. Genes are ranked on the values as stored (log or
-    not, the order is the same), so float32 input takes the fast path of the ranking kernels.
+    Reads only the sampled rows, on a copy; ``X`` is not modified.
 
     Returns
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    log_expression, n_ranked, kind, target_sum = _sample(X, cells, random_state=random_state, log1p_base=log1p_base)
+    log_expression, n_ranked, kind, target_sum = _sample(X, cells, log1p_base=log1p_base)
     ranked = np.arange(log_expression.shape[1]) < n_ranked[:, None]
     log_rank = np.broadcast_to(np.log10(1 + np.arange(log_expression.shape[1])), log_expression.shape)[ranked]
     return log_rank, log_expression[ranked], kind, target_sum
@@ -236,29 +242,25 @@ def _statistics(log_expression: np.ndarray, n_ranked: np.ndarray) -> tuple[float
     return slope, y_mean - slope * x_mean, float(sxy / np.sqrt(sxx * syy)), spearman, n
 
 
-def _linear(values: np.ndarray, kind: str, log1p_base: float | None) -> np.ndarray:
-    """Undo ``log1p`` (of base `log1p_base`, natural if ``None``) when `kind` is ``"log1p"``; float64."""
-    values = np.asarray(values, dtype=np.float64)
-    if kind == "linear":
-        return values
-    return np.expm1(values * np.log(log1p_base)) if log1p_base else np.expm1(values)
-
-
 def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base: float | None = None) -> RankFit:
     """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``."""
     cells = sample_cells(X.shape[0], n_cells, random_state)
-    log_expression, n_ranked, kind, target_sum = _sample(X, cells, random_state=random_state, log1p_base=log1p_base)
-    ranked = log_expression[np.arange(log_expression.shape[1]) < n_ranked[:, None]]
-    if ranked.size < 3 or n_ranked.max() < 2 or np.ptp(ranked) == 0:
-        msg = (
-            "Too few expressed genes, or expressed values all equal, to fit the rank → expression model; pass "
-            "`rank_fit=False`."
-        )
-        raise ValueError(msg)
-    if not np.isfinite(ranked).all():
+    log_expression, n_ranked, kind, target_sum = _sample(X, cells, log1p_base=log1p_base)
+    if not np.isfinite(log_expression).all():  # padding holds zeros
         msg = (
             "The rank → expression fit is not finite: the expression values are too large to normalise. Check the "
             "input, or pass `rank_fit=False`."
+        )
+        raise ValueError(msg)
+    expressing = n_ranked > 0  # each row is sorted, so its first and last ranked values bound it
+    if (
+        n_ranked.sum() < 3
+        or n_ranked.max(initial=0) < 2
+        or (log_expression[expressing, 0].max() == log_expression[expressing, n_ranked[expressing] - 1].min())
+    ):
+        msg = (
+            "Too few expressed genes, or expressed values all equal, to fit the rank → expression model; pass "
+            "`rank_fit=False`."
         )
         raise ValueError(msg)
     slope, intercept, pearson, spearman, n_points = _statistics(log_expression, n_ranked)

@@ -68,9 +68,7 @@ def rank_fit(
     params = c2s["params"]
     matrix = handler.matrix(layer=params.get("layer"), use_raw=bool(params.get("use_raw", False)))
     cells = _rank_model.sample_cells(handler.n_obs, fit.n_cells, params.get("random_state", 0))
-    x, y, _, _ = _rank_model.rank_points(
-        matrix.X, cells, random_state=params.get("random_state", 0), log1p_base=matrix.log1p_base
-    )
+    x, y, _, _ = _rank_model.rank_points(matrix.X, cells, log1p_base=matrix.log1p_base)
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 4))

@@ -26,6 +26,9 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 #: Values are binned by the leading 12 bits of their float32 pattern (sign, exponent, 3 mantissa bits).
 _BIN_SHIFT = 20
 N_BINS = 2**12
+#: :func:`top_log_values` bins by the leading 16 bits (7 mantissa bits: integers up to 256 each have their own bin).
+_FINE_SHIFT = 16
+N_FINE_BINS = 2**16
 
 
 @njit(cache=True, inline="always")
@@ -521,6 +524,136 @@ def write_sentences(gene_idx, word_table, word_lengths, row_offsets, out):
                 n = min(word_lengths[g] + 1, end - pos)
                 out[pos : pos + n] = word_table[g, :n]
             pos += word_lengths[g] + 1
+
+
+@njit(cache=True)
+def _sort_descending(a, start, stop):
+    """Sort ``a[start:stop]`` descending: insertion sort for a short or all-equal range, else numba's sort."""
+    if stop - start > 32:
+        low, high = a[start], a[start]
+        for x in range(start + 1, stop):
+            low, high = min(low, a[x]), max(high, a[x])
+        if low != high:
+            a[start:stop] = -np.sort(-a[start:stop])
+        return
+    for x in range(start + 1, stop):
+        v = a[x]
+        y = x - 1
+        while y >= start and a[y] < v:
+            a[y + 1] = a[y]
+            y -= 1
+        a[y + 1] = v
+
+
+@njit(cache=True, inline="always")
+def _float32_bits(v):
+    """Bits of ``v`` as a float32, ordered as the values for ``v >= 0``.
+
+    ``bits - 1 < _VALID`` (unsigned) iff ``v`` is a positive finite float32; other values need a closer look.
+    """
+    return np.float32(v).view(np.uint32)
+
+
+_VALID = np.uint32(0x7F7FFFFF)
+
+
+@njit(cache=True)
+def _top_row(values, k, histogram, offsets, scratch, out):
+    """Write the ``k`` largest non-zero ``values`` of one row into ``out``, descending; return ``(n, status)``.
+
+    A histogram of the values' leading 16 bits (as a float32) finds the bin of the ``k``-th largest value; the
+    values of higher bins are placed bin by bin (a counting sort), the largest of that bin are chosen by a
+    quickselect, and each bin's values are sorted (most bins of counts hold one value: nothing to sort).
+    ``histogram`` and ``offsets`` are :data:`N_FINE_BINS` long, ``histogram`` zeros (left zeroed); ``scratch``
+    is at least as long as the row.
+    """
+    n = 0
+    low, high = np.uint32(N_FINE_BINS), np.uint32(0)
+    one, shift = np.uint32(1), np.uint32(_FINE_SHIFT)
+    for t in range(values.shape[0]):
+        v = np.float64(values[t])  # unsigned integers too can be negated
+        bits = _float32_bits(v)
+        if bits - one >= _VALID:  # zero, or not a positive finite float32
+            if v == 0:
+                continue
+            if v != v or v < 0 or v == np.inf:
+                for b in range(low, high + 1):
+                    histogram[b] = 0
+                return n, NAN if v != v else NEGATIVE if v < 0 else INFINITE
+        n += 1
+        b = bits >> shift
+        histogram[b] += 1
+        low, high = min(low, b), max(high, b)
+    if n == 0:
+        return 0, OK
+    m = min(n, k)
+    filled, floor = 0, np.int64(high)
+    while True:  # bins from the top: where each one's values go in `out`
+        offsets[floor] = filled
+        if filled + histogram[floor] >= m:
+            break
+        filled += histogram[floor]
+        floor -= 1
+    wanted = m - filled  # places left for the values of the floor bin
+    n_floor = 0
+    first_bits = np.uint32(floor) << shift  # the smallest float32 pattern of the floor bin
+    for t in range(values.shape[0]):
+        v = np.float64(values[t])  # unsigned integers too can be negated
+        bits = _float32_bits(v)
+        if bits >= first_bits and v != 0:
+            b = bits >> shift
+            if b > floor:
+                out[offsets[b]] = v
+                offsets[b] += 1
+            else:
+                scratch[n_floor] = -v  # negated: the quickselect keeps the smallest
+                n_floor += 1
+    if wanted < n_floor:
+        _select_smallest(scratch, n_floor, wanted)
+    for x in range(wanted):
+        out[filled + x] = -scratch[x]
+    start = 0
+    for b in range(np.int64(high), floor - 1, -1):
+        stop = start + histogram[b] if b > floor else m
+        _sort_descending(out, start, stop)
+        start = stop
+    for b in range(low, high + 1):
+        histogram[b] = 0
+    return n, OK
+
+
+@njit(parallel=True, cache=True)
+def top_log_values(indptr, data, log_scale, scale, n_chunks, out, n_expressed, status):
+    """Write ``log10(1 + scale[i] * x)`` of the largest expressed values ``x`` of each row ``i`` into ``out``.
+
+    Values of a CSR matrix, best first; ``log_scale`` as in :func:`row_totals` (``> 0``: ``x`` is
+    ``expm1(log_scale * v)`` of the stored ``v``). Only the values, not which genes hold them, so equal values
+    need no tie-break and only the ``out.shape[1]`` largest of a row are sorted (``O(nnz)`` besides).
+    ``n_expressed`` receives the number of expressed values of each row (also those beyond the width),
+    ``status`` as in :func:`rank_csr`; the rest of ``out`` is left as it was.
+    """
+    n_rows = indptr.shape[0] - 1
+    k = out.shape[1]
+    chunk = (n_rows + n_chunks - 1) // n_chunks
+    for c in prange(n_chunks):
+        first, last = c * chunk, min(n_rows, (c + 1) * chunk)
+        longest = 0
+        for i in range(first, last):
+            longest = max(longest, indptr[i + 1] - indptr[i])
+        histogram = np.zeros(N_FINE_BINS, dtype=np.int64)
+        offsets = np.empty(N_FINE_BINS, dtype=np.int64)
+        scratch = np.empty(longest, dtype=np.float64)
+        for i in range(first, last):
+            row = out[i]
+            n, status[i] = _top_row(data[indptr[i] : indptr[i + 1]], k, histogram, offsets, scratch, row)
+            n_expressed[i] = n
+            previous, result = np.nan, np.nan
+            for j in range(min(n, k)):
+                v = row[j]
+                if v != previous:  # equal values (runs, in counts) share one logarithm
+                    x = np.expm1(log_scale * v) if log_scale > 0 else v
+                    previous, result = v, np.log10(1 + x * scale[i])
+                row[j] = result
 
 
 @njit(parallel=True, cache=True)

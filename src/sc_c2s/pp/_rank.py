@@ -163,7 +163,7 @@ def rank_genes(
                 _kernels.rank_csr(np.asarray(block.indptr), np.asarray(block.indices), data, *args, *outs)
             else:
                 _kernels.rank_dense(_as_kernel_dtype(np.asarray(block)), *args, *outs)
-            _raise_if_not_expression(status[start:stop], cells[start:stop], source)
+            raise_if_not_expression(status[start:stop], cells[start:stop], source)
     longest = int(n_expressed.max(initial=0))
     if longest < width:
         genes = np.ascontiguousarray(genes[:, :longest])
@@ -171,7 +171,8 @@ def rank_genes(
     return Ranking(genes, values if with_values else None, n_expressed)
 
 
-def _raise_if_not_expression(status: np.ndarray, cells: np.ndarray, source: str) -> None:
+def raise_if_not_expression(status: np.ndarray, cells: np.ndarray, source: str) -> None:
+    """Raise :class:`NotExpressionError` naming the first cell whose kernel status is not :data:`~._kernels.OK`."""
     bad = np.flatnonzero(status != _kernels.OK)
     if bad.size == 0:
         return
