@@ -29,6 +29,8 @@ N_BINS = 2**12
 #: :func:`top_log_values` bins by the leading 16 bits (7 mantissa bits: integers up to 256 each have their own bin).
 _FINE_SHIFT = 16
 N_FINE_BINS = 2**16
+#: Largest float32 bit pattern of a finite positive value: ``bits - 1 < _VALID`` (unsigned) for exactly those.
+_VALID = np.uint32(0x7F7FFFFF)
 
 
 @njit(cache=True, inline="always")
@@ -552,9 +554,6 @@ def _float32_bits(v):
     ``bits - 1 < _VALID`` (unsigned) iff ``v`` is a positive finite float32; other values need a closer look.
     """
     return np.float32(v).view(np.uint32)
-
-
-_VALID = np.uint32(0x7F7FFFFF)
 
 
 @njit(cache=True)
