@@ -369,15 +369,17 @@ def finetune(
         [t == "cell_type_prediction" for t in single_cell], len(train_words)
     )
     _check_unknown(tokenizer, samples, is_label)
-    held_out = _samples.encode(
+    held_out = _held_out(
         tokenizer,
-        [words[i] for i in eval_cells] if single_cell else [],
+        [words[i] for i in eval_cells],
         labels.iloc[eval_cells].tolist() if single_cell else [],
+        label_set,
         tasks=single_cell,
         organism=organism,
         upper=upper,
         max_length=max_length,
         n_genes=n_genes,
+        random_state=random_state,
     )
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
@@ -396,7 +398,7 @@ def finetune(
         pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
         resample=(lambda rng: draw(rng, dropout=gene_dropout)) if gene_dropout or multi_cell or design else None,
-        held_out={task: held_out.take(range(i, len(held_out), len(single_cell))) for i, task in enumerate(single_cell)},
+        held_out=held_out,
         eval_every=eval_every,
         patience=patience,
         max_time=max_time,
@@ -560,6 +562,37 @@ def _pair_samples(
         upper=upper,
         max_length=max_length,
     )
+
+
+def _held_out(
+    tokenizer,
+    words: list[list[str]],
+    labels: list[str],
+    label_set: list[str],
+    *,
+    tasks: Sequence[str],
+    random_state: int,
+    **kwargs,
+) -> dict[str, _trainer.Choices]:
+    """Encode the held-out cells of each single-cell task under every label, for model selection.
+
+    At most :data:`~sc_c2s.models._trainer.EVAL_SAMPLES` samples per task: a seeded subset of the cells when
+    cells × labels would exceed it.
+    """
+    if not tasks:
+        return {}
+    n_keep = max(1, _trainer.EVAL_SAMPLES // len(label_set))
+    if len(words) > n_keep:
+        keep = np.sort(np.random.default_rng(random_state).choice(len(words), n_keep, replace=False))
+        words, labels = [words[i] for i in keep], [labels[i] for i in keep]
+    truth = np.array([label_set.index(label) for label in labels], dtype=int)
+    return {
+        task: _trainer.Choices(
+            [_samples.encode(tokenizer, words, [label] * len(words), tasks=(task,), **kwargs) for label in label_set],
+            truth,
+        )
+        for task in tasks
+    }
 
 
 def _check_adapter(
