@@ -18,7 +18,9 @@ MMD targets are still not met (H2228 is recovered for 0.26 of its cells, H838 fo
 selection on the answer loss and a 300-step floor, gave kNN 0.204 and MMD 5.0×. The earlier per-benchmark setting
 (generation only, batches of 16, 40 epochs, temperature 0.6) reached a kNN recovery of 0.988: on these 540
 training cells the floor gives the generation task about 36 passes, mixed with the prediction task; see the
-method page's learning curve for how recovery grows with training.
+method page's learning curve for how recovery grows with training. In the last table, temperature 0.5 gave kNN
+0.692 and MMD 2.90×, turning off the repeat block 0.538 and 65 % valid words, no exact length 0.650 (sampling
+defaults are chosen on validation cells, not on this table).
 
 Speed (only where CUDA is available): generated 200-gene cells per second with a model of the Pythia-410m
 architecture (random weights, word-level tokenizer over the CellBench genes, bf16), ``tl.generate`` beside a
