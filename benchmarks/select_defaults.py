@@ -16,12 +16,18 @@ generation, 50 generated cells per label against the validation cells (``tl.scor
 recovery, MMD over its real-vs-real control, share of valid words); training seconds, steps and why training
 stopped. Sampling knobs (temperature, top-p) reuse the model trained with the package defaults.
 
+``--curve STEPS`` trains once with the defaults for STEPS steps without early stopping, keeps the weights of every
+evaluation, and scores each of them as above, beside what ``finetune`` recorded at that step (held-out answer loss
+and label accuracy of each task): it shows how the scores grow with training and which held-out figure follows
+them.
+
 Knobs (``--quick`` takes the first values of each list after the default; the full sweep all of them):
 learning rate, batch size, gene dropout, width × depth of the scratch model, tasks, and the sampling temperature
 and top-p of ``tl.generate``. Not swept: genes per sentence (200), the schedule (warm-up, cosine decay), weight
 decay, dropout inside the model, the evaluation interval and patience, and any pretrained or LoRA setting.
 
     python benchmarks/select_defaults.py --quick --datasets cellbench --threads 2   # ~15 min on 2 cores
+    python benchmarks/select_defaults.py --curve 1500 --datasets cellbench --threads 1   # ~50 min on a busy core
     python benchmarks/select_defaults.py                                              # the full sweep, hours
 """
 
@@ -45,7 +51,7 @@ from sklearn.metrics import accuracy_score, f1_score
 from sklearn.model_selection import train_test_split
 
 import sc_c2s
-from sc_c2s.models import _scratch
+from sc_c2s.models import _scratch, _trainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SEED = 0
@@ -88,6 +94,7 @@ def main() -> None:
     )
     parser.add_argument("--max-time", type=float, help="finetune's max_time of every run, seconds")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
+    parser.add_argument("--curve", type=int, metavar="STEPS", help="score the weights of every evaluation instead")
     args = parser.parse_args()
     sc.settings.verbosity = 0
     if args.threads is not None:
@@ -101,6 +108,13 @@ def main() -> None:
         for adata in (train, valid):
             sc_c2s.pp.to_sentences(adata, gene_symbols=gene_symbols)
         base = {key: ast.literal_eval(value) for key, value in (item.split("=", 1) for item in args.base)}
+        if args.curve is not None:
+            for row in curve(name, train, valid, label_key, base, steps=args.curve):
+                rows.append(
+                    {"dataset": name, "base": " ".join(args.base), "knob": "step", "value": row.pop("step"), **row}
+                )
+                print(pd.DataFrame([rows[-1]]).to_string(header=len(rows) == 1, index=False), flush=True)
+            continue
         runs = [] if args.no_baseline else [("defaults", None, {})]
         for knob in args.knobs:
             runs += [(knob, v, {knob: v}) for v in (KNOBS[knob][: QUICK[knob]] if args.quick else KNOBS[knob])]
@@ -182,6 +196,47 @@ def run(
     if "cell_type_generation" in model.metadata.tasks:
         row |= generation(model, train, valid, label_key, {})
     return row, model
+
+
+def curve(name: str, train: ad.AnnData, valid: ad.AnnData, label_key: str, base: dict, *, steps: int) -> list[dict]:
+    """Train `steps` steps without early stopping; score the weights of every evaluation on the validation cells."""
+    snapshots = {}
+    evaluate = _trainer._Selection.evaluate
+
+    def keep(selection, step, start):
+        evaluate(selection, step, start)
+        snapshots[step] = {k: p.detach().clone() for k, p in selection.model.named_parameters()}
+
+    with tempfile.TemporaryDirectory() as tmp, mock.patch.object(_trainer._Selection, "evaluate", keep):
+        path = sc_c2s.tl.finetune(
+            train,
+            label_key=label_key,
+            base_model="scratch",
+            output_dir=Path(tmp) / name,
+            random_state=SEED,
+            **({"max_steps": steps, "patience": None, "eval_every": max(1, steps // 10)} | base),
+        )
+        model = sc_c2s.models.load(path)
+    recorded = {point["step"]: point for point in model.metadata.training["curve"]}
+    parameters = dict(model.model.named_parameters())
+    rows = []
+    for step, weights in snapshots.items():
+        with torch.no_grad():
+            for k, p in weights.items():
+                parameters[k].copy_(p)
+        row = {"step": step}
+        for task in model.metadata.tasks:
+            short = task.removeprefix("cell_type_")
+            row |= {
+                f"{short} loss": recorded[step]["loss"][task],
+                f"{short} label acc.": recorded[step]["accuracy"][task],
+            }
+        cells = valid.copy()
+        sc_c2s.tl.annotate(cells, model=model, labels="model")
+        truth, predicted = cells.obs[label_key].astype(str), cells.obs["c2s_cell_type"].astype(str)
+        row |= {"accuracy": accuracy_score(truth, predicted), "macro-F1": f1_score(truth, predicted, average="macro")}
+        rows.append(row | generation(model, train, valid, label_key, {}))
+    return rows
 
 
 def generation(model, train: ad.AnnData, valid: ad.AnnData, label_key: str, sampling: dict) -> dict:

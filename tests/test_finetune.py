@@ -162,14 +162,13 @@ def test_mudata(_cellbench, tmp_path):
 # --- model selection on the held-out cells
 
 
-def held_out_loss(model, samples: _trainer.Samples, pad_id: int) -> float:
-    """Mean answer loss of `samples`, one at a time (no padding), with dropout off."""
+def held_out_losses(model, samples: _trainer.Samples, pad_id: int) -> np.ndarray:
+    """Answer loss of each of `samples`, one at a time (no padding), with dropout off."""
     model.eval()
     with torch.no_grad():
-        losses = [
-            _trainer.sample_loss(model, _trainer.collate(samples, [i], pad_id)).item() for i in range(len(samples))
-        ]
-    return float(np.mean(losses))
+        return np.array(
+            [_trainer.sample_loss(model, _trainer.collate(samples, [i], pad_id)).item() for i in range(len(samples))]
+        )
 
 
 def test_checkpoint_keeps_the_best_weights_of_its_curve(trained):
@@ -180,62 +179,109 @@ def test_checkpoint_keeps_the_best_weights_of_its_curve(trained):
     steps = [point["step"] for point in curve]
     assert steps == sorted(steps) and steps[-1] == training["steps"]
     assert training["stopped"] in {"max_steps", "patience"}
-    best = min(curve, key=lambda point: point["score"])
+    # the best label accuracy, the latest evaluation among equals
+    best = max(reversed(curve), key=lambda point: point["score"])
     assert training["best_step"] == best["step"]
-    assert set(best["loss"]) == {"cell_type_prediction"}
-    # the saved weights are those of the best evaluation: their held-out loss, recomputed, is its score
+    assert set(best["loss"]) == set(best["accuracy"]) == {"cell_type_prediction"}
+    assert best["score"] == best["accuracy"]["cell_type_prediction"]
+    # the saved weights are those of the best evaluation: recomputed, each held-out cell's loss under every label
+    # gives its loss and its accuracy
     cells = held_out(adata, model.metadata)
     words = [cells.uns["c2s"]["genes"][row[row >= 0]].tolist() for row in cells.obsm["c2s_genes"]]
-    samples = _samples.encode(
-        model.tokenizer,
-        words,
-        cells.obs["cell_type"].astype(str).tolist(),
-        tasks=("cell_type_prediction",),
-        organism="Homo sapiens",
-        upper=True,
-        max_length=500,
+    labels = model.metadata.labels
+    kwargs = {"tasks": ("cell_type_prediction",), "organism": "Homo sapiens", "upper": True, "max_length": 500}
+    table = np.stack(
+        [
+            held_out_losses(
+                model.model,
+                _samples.encode(model.tokenizer, words, [label] * len(words), **kwargs),
+                model.tokenizer.pad_token_id,
+            )
+            for label in labels
+        ]
     )
-    assert held_out_loss(model.model, samples, model.tokenizer.pad_token_id) == pytest.approx(best["score"], abs=2e-4)
+    truth = np.array([labels.index(label) for label in cells.obs["cell_type"].astype(str)])
+    assert table[truth, np.arange(len(truth))].mean() == pytest.approx(best["loss"]["cell_type_prediction"], abs=2e-4)
+    assert np.mean(table.argmin(0) == truth) == pytest.approx(best["score"], abs=1e-5)
 
 
 @pytest.fixture(scope="module")
 def cell_samples(_cellbench):
-    """Prediction samples of 120 CellBench cells for training and 60 held out, with their tokenizer."""
+    """Prediction samples of 120 CellBench cells for training, and of 60 held out under every label."""
     adata = _cellbench[:180].copy()
     sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
     words = [adata.uns["c2s"]["genes"][row[row >= 0]].tolist() for row in adata.obsm["c2s_genes"]]
     labels = adata.obs["cell_type"].astype(str).tolist()
-    tokenizer = build_tokenizer([w.upper() for ws in words for w in ws], sorted(set(labels)), max_genes=N_GENES)
+    label_set = sorted(set(labels))
+    tokenizer = build_tokenizer([w.upper() for ws in words for w in ws], label_set, max_genes=N_GENES)
     kwargs = {"tasks": ("cell_type_prediction",), "organism": "Homo sapiens", "upper": True, "max_length": 100}
     train = _samples.encode(tokenizer, words[:120], labels[:120], **kwargs)
-    held = _samples.encode(tokenizer, words[120:], labels[120:], **kwargs)
-    return tokenizer, train, held
+    held = _trainer.Choices(
+        [_samples.encode(tokenizer, words[120:], [label] * 60, **kwargs) for label in label_set],
+        np.array([label_set.index(label) for label in labels[120:]]),
+    )
+    return tokenizer, train, {"cell_type_prediction": held}
 
 
-def test_early_stopping_stops_and_restores_the_best_weights(cell_samples):
+def test_early_stopping_stops_and_restores_the_best_weights(cell_samples, monkeypatch):
     tokenizer, train, held = cell_samples
     model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
-    # a learning rate this high overfits 120 cells within a few steps: the held-out loss rises again
+    # scripted accuracies: 0.2, 0.6, 0.6 (equal: the later weights are kept), then three evaluations below
+    truth = held["cell_type_prediction"].truth
+    accuracies = iter([0.2, 0.6, 0.6, 0.4, 0.6 - 1 / 60, 0.2, 1.0])
+    weights = []
+
+    def losses(self, samples):
+        if samples is held["cell_type_prediction"].samples[0]:  # once per evaluation: a table of labels × cells
+            n_right = round(next(accuracies) * len(truth))
+            self.right = np.arange(len(truth)) < n_right
+            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        label = next(i for i, s in enumerate(held["cell_type_prediction"].samples) if s is samples)
+        # the true label scores 1 where the cell is right, 3 where it is wrong; every other label 2
+        return np.where(truth == label, np.where(self.right, 1.0, 3.0), 2.0)
+
+    monkeypatch.setattr(_trainer._Selection, "_losses", losses)
     result = _trainer.train(
         model,
         train,
         max_steps=200,
         batch_size=8,
-        learning_rate=0.05,
+        learning_rate=1e-3,
         pad_id=tokenizer.pad_token_id,
-        held_out={"cell_type_prediction": held},
+        held_out=held,
         eval_every=5,
         patience=3,
     )
     assert result.stopped == "patience"
-    scores = [point["score"] for point in result.curve]
-    best = int(np.argmin(scores))
-    # it stopped at the third evaluation after the best, long before the maximum
-    assert len(scores) == best + 4 and result.steps == 5 * len(scores) < 200
-    assert result.best_step == result.curve[best]["step"]
-    assert min(scores[best + 1 :]) > scores[best]
-    assert held_out_loss(model, held, tokenizer.pad_token_id) == pytest.approx(scores[best], abs=2e-4)
+    assert [point["score"] for point in result.curve] == pytest.approx(
+        [0.2, 0.6, 0.6, 0.4, 0.6 - 1 / 60, 0.2], abs=1e-5
+    )
+    assert (result.steps, result.best_step) == (30, 15)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), weights[2][name], rtol=0, atol=0)
+    assert not torch.equal(weights[1]["gpt_neox.embed_in.weight"], weights[2]["gpt_neox.embed_in.weight"])
     assert model.training is False
+
+
+def test_selection_scores_the_true_label_against_the_others(cell_samples):
+    tokenizer, train, held = cell_samples
+    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+    result = _trainer.train(
+        model,
+        train,
+        max_steps=1,
+        batch_size=8,
+        learning_rate=1e-3,
+        pad_id=tokenizer.pad_token_id,
+        held_out=held,
+    )
+    # one evaluation, recomputed sample by sample: the loss of the true labels, the share of cells they win
+    choices = held["cell_type_prediction"]
+    table = np.stack([held_out_losses(model, s, tokenizer.pad_token_id) for s in choices.samples])
+    (point,) = result.curve
+    cells = np.arange(len(choices.truth))
+    assert point["loss"]["cell_type_prediction"] == pytest.approx(table[choices.truth, cells].mean(), abs=2e-4)
+    assert point["score"] == pytest.approx(np.mean(table.argmin(0) == choices.truth), abs=1e-5)
 
 
 def test_max_time_stops_after_the_current_step(cell_samples):
@@ -248,7 +294,7 @@ def test_max_time_stops_after_the_current_step(cell_samples):
         batch_size=8,
         learning_rate=1e-3,
         pad_id=tokenizer.pad_token_id,
-        held_out={"cell_type_prediction": held},
+        held_out=held,
         max_time=1e-6,
     )
     # one step, then an evaluation of it, whose weights are kept
@@ -275,8 +321,8 @@ def test_without_held_out_cells_the_whole_budget_trains(cell_samples):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, 300),  # 8 passes of 4 steps, raised to the floor
-        ({"n_samples": 3200}, 800),  # 8 passes of 100 steps
+        ({}, 1200),  # 8 passes of 4 steps, raised to the floor
+        ({"n_samples": 5600}, 1400),  # 8 passes of 175 steps
         ({"n_samples": 32_000}, 1500),  # the cap
         ({"epochs": 2}, 8),
         ({"epochs": 2, "max_steps": 5}, 5),

@@ -5,9 +5,11 @@ plain PyTorch rather than the Hugging Face ``Trainer``: the models are often tin
 tokenised, so a loop with length-bucketed batches, bf16 autocast on GPU and a progress bar is short, fast and
 needs no extra dependency (the ``Trainer`` requires ``accelerate``).
 
-Model selection: at regular intervals the loop computes the answer loss of held-out samples of each task, keeps a
-copy of the trained weights that scored best (their sum over tasks), stops after `patience` evaluations without
-improvement, and puts the best weights back at the end.
+Model selection: at regular intervals the loop scores held-out samples of each task under every candidate label
+(the cell type asked for, or answered) and counts how often the true label gives the lowest answer loss. It keeps a
+copy of the trained weights with the best mean of these label accuracies over tasks (the latest among equals),
+stops after `patience` evaluations below the best, and puts the best weights back at the end. The answer loss is
+recorded too but does not select: for generation it rises while the model learns what sets the cell types apart.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ IGNORE_INDEX = -100
 _BUCKET_BATCHES = 50
 #: Share of the optimiser steps spent warming the learning rate up.
 _WARMUP = 0.05
-#: Held-out samples per task scored at each evaluation (a seeded subset of larger held-out sets).
-EVAL_SAMPLES = 400
+#: Held-out samples per task scored at each evaluation, over all candidate labels (``cells × labels``);
+#: :func:`sc_c2s.tl.finetune` draws that many cells' worth from larger held-out sets.
+EVAL_SAMPLES = 800
 #: Evaluations over a run that reaches its maximum number of steps, when the interval is not given.
 N_EVALUATIONS = 20
 #: Default budget from scratch: passes over the samples, within (fewest, most) optimiser steps.
 SCRATCH_EPOCHS = 8
-SCRATCH_STEPS = (300, 1500)
+SCRATCH_STEPS = (1200, 1500)
 #: Default budget of a pretrained model: passes over the samples.
 PRETRAINED_EPOCHS = 3
 
@@ -78,6 +81,20 @@ def collate(samples: Samples, index: Sequence[int], pad_id: int) -> dict[str, to
 
 
 @dataclass
+class Choices:
+    """Held-out samples of one task written with every candidate label, to score which label fits each cell best."""
+
+    samples: list[Samples]
+    """The same cells' samples, once per candidate label (in the prompt for generation, as answer for prediction)."""
+    truth: np.ndarray
+    """Index into `samples` of each cell's true label."""
+
+    def take(self, index: Sequence[int] | np.ndarray) -> Choices:
+        """Return the cells at `index`, in that order."""
+        return Choices([s.take(index) for s in self.samples], self.truth[np.asarray(index, dtype=int)])
+
+
+@dataclass
 class Result:
     """What :func:`train` did."""
 
@@ -88,9 +105,10 @@ class Result:
     stopped: str
     """Why training ended: ``"max_steps"``, ``"patience"`` or ``"max_time"``."""
     curve: list[dict] = field(default_factory=list)
-    """One entry per evaluation: ``step``, ``seconds`` since the start, held-out ``loss`` per task, ``score``."""
+    """One entry per evaluation: ``step``, ``seconds`` since the start, held-out ``loss`` and label ``accuracy`` per
+    task, and the ``score`` (mean accuracy) that selects."""
     best_step: int | None = None
-    """Step of the weights kept (the best score), ``None`` without held-out samples."""
+    """Step of the weights kept (the best score, the latest among equals), ``None`` without held-out samples."""
 
 
 def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -169,7 +187,7 @@ def train(
     random_state: int = 0,
     weight_decay: float = 0.01,
     resample: Callable[[np.random.Generator], Samples] | None = None,
-    held_out: Mapping[str, Samples] | None = None,
+    held_out: Mapping[str, Choices] | None = None,
     eval_every: int | None = None,
     patience: int | None = None,
     max_time: float | None = None,
@@ -180,10 +198,12 @@ def train(
     place of `samples` (as many, in the same order), from the loop's seeded generator: augmented data drawn anew
     every epoch. On CUDA the forward pass runs in bf16 autocast over float32 weights.
 
-    With `held_out` samples (by task), the mean answer loss of each task is computed every `eval_every` steps
-    (``None``: :data:`N_EVALUATIONS` times over `max_steps`) and at the last step; the weights with the lowest
-    sum over tasks are kept in memory and restored at the end. Training stops early after `patience` evaluations
-    without improvement (``None``: never). `max_time` (seconds) stops training after the step that exceeds it.
+    With `held_out` samples (by task, under every candidate label), each task's label accuracy (the share of
+    cells whose true label gives the lowest answer loss) and answer loss are computed every `eval_every` steps
+    (``None``: :data:`N_EVALUATIONS` times over `max_steps`) and at the last step; the weights with the highest mean
+    accuracy over tasks (the latest among equals) are kept in memory and restored at the end. Training stops early
+    after `patience` evaluations in a row below the best (``None``: never). `max_time` (seconds) stops training
+    after the step that exceeds it.
     """
     import torch
 
@@ -196,7 +216,7 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, max_steps))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    selection = _Selection(model, held_out, batch_size=batch_size, pad_id=pad_id, random_state=random_state)
+    selection = _Selection(model, held_out, batch_size=batch_size, pad_id=pad_id)
     if eval_every is None:
         eval_every = max(1, math.ceil(max_steps / N_EVALUATIONS))
     start = time.perf_counter()
@@ -246,27 +266,21 @@ def train(
 
 
 class _Selection:
-    """Held-out loss per task at each evaluation, and a copy of the best trained weights (on the CPU)."""
+    """Held-out label accuracy and loss per task at each evaluation, and a copy of the best weights (on the CPU)."""
 
     def __init__(
         self,
         model: PreTrainedModel,
-        held_out: Mapping[str, Samples] | None,
+        held_out: Mapping[str, Choices] | None,
         *,
         batch_size: int,
         pad_id: int,
-        random_state: int,
     ) -> None:
-        rng = np.random.default_rng(random_state)
         self.model, self.pad_id, self.batch_size = model, pad_id, batch_size
-        self.held_out = {
-            task: s if len(s) <= EVAL_SAMPLES else s.take(np.sort(rng.choice(len(s), EVAL_SAMPLES, replace=False)))
-            for task, s in (held_out or {}).items()
-            if len(s)
-        }
+        self.held_out = {task: choices for task, choices in (held_out or {}).items() if len(choices.truth)}
         self.curve: list[dict] = []
         self.best_step: int | None = None
-        self.best_score = math.inf
+        self.best_score = -math.inf
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.since_best = 0
 
@@ -274,32 +288,26 @@ class _Selection:
         return bool(self.held_out)
 
     def evaluate(self, step: int, start: float) -> None:
-        """Score the held-out samples; keep the weights if they score best so far."""
-        import torch
-
+        """Score the held-out samples; keep the weights if they score at least as well as the best so far."""
         self.model.eval()
-        device = _runtime.model_device(self.model)
-        losses = {}
-        with torch.no_grad():
-            for task, samples in self.held_out.items():
-                lengths = np.array([len(ids) for ids in samples.input_ids])
-                order = np.argsort(lengths, kind="stable")
-                total = 0.0
-                for begin in range(0, len(order), self.batch_size):
-                    batch = collate(samples, order[begin : begin + self.batch_size], self.pad_id)
-                    total += sample_loss(self.model, {k: v.to(device) for k, v in batch.items()}).float().sum().item()
-                losses[task] = total / len(samples)
+        losses, accuracies = {}, {}
+        for task, choices in self.held_out.items():
+            table = np.stack([self._losses(samples) for samples in choices.samples])  # labels × cells
+            cells = np.arange(len(choices.truth))
+            losses[task] = float(table[choices.truth, cells].mean())
+            accuracies[task] = float(np.mean(table.argmin(0) == choices.truth))
         self.model.train()
-        score = sum(losses.values())
+        score = float(np.mean(list(accuracies.values())))
         self.curve.append(
             {
                 "step": step,
                 "seconds": round(time.perf_counter() - start, 1),
                 "loss": {k: round(v, 5) for k, v in losses.items()},
+                "accuracy": {k: round(v, 5) for k, v in accuracies.items()},
                 "score": round(score, 5),
             }
         )
-        if score < self.best_score:
+        if score >= self.best_score:
             self.best_score, self.best_step, self.since_best = score, step, 0
             self.best_weights = {
                 name: p.detach().to("cpu", copy=True) for name, p in self.model.named_parameters() if p.requires_grad
@@ -307,8 +315,22 @@ class _Selection:
         else:
             self.since_best += 1
 
+    def _losses(self, samples: Samples) -> np.ndarray:
+        """Answer loss of each sample, in batches of similar length."""
+        import torch
+
+        device = _runtime.model_device(self.model)
+        order = np.argsort([len(ids) for ids in samples.input_ids], kind="stable")
+        out = np.empty(len(samples))
+        with torch.no_grad():
+            for begin in range(0, len(order), self.batch_size):
+                index = order[begin : begin + self.batch_size]
+                batch = {k: v.to(device) for k, v in collate(samples, index, self.pad_id).items()}
+                out[index] = sample_loss(self.model, batch).float().cpu().numpy()
+        return out
+
     def postfix(self) -> dict[str, str]:
-        """Progress-bar fields: the latest held-out score and the best one."""
+        """Progress-bar fields: the latest held-out label accuracy and the best one."""
         if not self.curve:
             return {}
         return {"held_out": f"{self.curve[-1]['score']:.3f}", "best": f"{self.best_score:.3f}"}

@@ -87,17 +87,22 @@ def finetune(
     than the model's context loses genes from the end of its sentence, never any of its answer.
 
     A share `eval_fraction` of the cells, drawn per label with `random_state`, is held out and selects the model:
-    every `eval_every` steps the answer loss of each task on (up to 400 of) the held-out cells is computed, the
-    weights with the lowest sum over tasks are kept, training stops after `patience` evaluations without
-    improvement, and the best weights are the ones saved. The curve (step, seconds, loss per task) goes into the
-    checkpoint's metadata (``training["curve"]``, ``training["best_step"]``, ``training["stopped"]``). After
-    training the model annotates the held-out cells with :func:`sc_c2s.tl.annotate` constrained to the training
-    labels, and the accuracy and macro-F1 go into the metadata beside the held-out cells' names.
+    every `eval_every` steps each held-out cell is scored under every training label (for prediction, the label
+    as answer after its sentence; for generation, its sentence as answer after the label's prompt), and a task's
+    label accuracy is the share of cells whose true label gives the lowest answer loss. The weights with the best
+    mean label accuracy over tasks (the latest among equals) are kept, training stops after `patience` evaluations
+    below the best, and the best weights are the ones saved. The answer loss is not the criterion: for generation
+    it rises while the model learns what sets the cell types apart (see :doc:`/method`). The curve (step,
+    seconds, answer loss and label accuracy per task) goes into the checkpoint's metadata (``training["curve"]``,
+    ``training["best_step"]``, ``training["stopped"]``). After training the model annotates the held-out cells
+    with :func:`sc_c2s.tl.annotate` constrained to the training labels, and the accuracy and macro-F1 go into the
+    metadata beside the held-out cells' names.
 
-    The budget is sized to the data: from scratch, 8 passes over the training samples, but at least 300 and at
-    most 1,500 optimiser steps (the learning rate decays over them); a pretrained model gets 3 passes.
-    `epochs` and `max_steps` lower that maximum, `max_time` bounds the wall time, and early stopping usually ends
-    training before it. The progress bar shows the latest and best held-out loss and the time left.
+    The budget is sized to the data: from scratch, 8 passes over the training samples, but at least 1,200 and at
+    most 1,500 optimiser steps (the learning rate decays over them; generation needs the floor even for a few
+    hundred cells); a pretrained model gets 3 passes. `epochs` and `max_steps` lower that maximum, `max_time`
+    bounds the wall time, and early stopping can end training before it. The progress bar shows the latest and
+    best held-out label accuracy and the time left.
 
     With ``base_model="scratch"`` the model is a small GPT-NeoX (the Pythia architecture) with one token per
     gene, label word and template word, sized to the data: a few thousand cells train in minutes on a CPU. Any other value is loaded with :func:`sc_c2s.models.load`
@@ -154,8 +159,8 @@ def finetune(
         Seconds after which training stops (after the current step and an evaluation); the best weights so far
         are kept. ``None``: no limit.
     patience
-        Evaluations without a lower held-out loss after which training stops; ``None``: train the whole budget
-        (and still keep the best weights).
+        Evaluations in a row below the best held-out label accuracy after which training stops; ``None``: train
+        the whole budget (and still keep the best weights).
     eval_every
         Optimiser steps between evaluations on the held-out cells; ``None``: 20 evaluations over the budget.
     batch_size
@@ -369,15 +374,17 @@ def finetune(
         [t == "cell_type_prediction" for t in single_cell], len(train_words)
     )
     _check_unknown(tokenizer, samples, is_label)
-    held_out = _samples.encode(
+    held_out = _held_out(
         tokenizer,
-        [words[i] for i in eval_cells] if single_cell else [],
+        [words[i] for i in eval_cells],
         labels.iloc[eval_cells].tolist() if single_cell else [],
+        label_set,
         tasks=single_cell,
         organism=organism,
         upper=upper,
         max_length=max_length,
         n_genes=n_genes,
+        random_state=random_state,
     )
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
@@ -396,7 +403,7 @@ def finetune(
         pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
         resample=(lambda rng: draw(rng, dropout=gene_dropout)) if gene_dropout or multi_cell or design else None,
-        held_out={task: held_out.take(range(i, len(held_out), len(single_cell))) for i, task in enumerate(single_cell)},
+        held_out=held_out,
         eval_every=eval_every,
         patience=patience,
         max_time=max_time,
@@ -560,6 +567,37 @@ def _pair_samples(
         upper=upper,
         max_length=max_length,
     )
+
+
+def _held_out(
+    tokenizer,
+    words: list[list[str]],
+    labels: list[str],
+    label_set: list[str],
+    *,
+    tasks: Sequence[str],
+    random_state: int,
+    **kwargs,
+) -> dict[str, _trainer.Choices]:
+    """Encode the held-out cells of each single-cell task under every label, for model selection.
+
+    At most :data:`~sc_c2s.models._trainer.EVAL_SAMPLES` samples per task: a seeded subset of the cells when
+    cells × labels would exceed it.
+    """
+    if not tasks:
+        return {}
+    n_keep = max(1, _trainer.EVAL_SAMPLES // len(label_set))
+    if len(words) > n_keep:
+        keep = np.sort(np.random.default_rng(random_state).choice(len(words), n_keep, replace=False))
+        words, labels = [words[i] for i in keep], [labels[i] for i in keep]
+    truth = np.array([label_set.index(label) for label in labels], dtype=int)
+    return {
+        task: _trainer.Choices(
+            [_samples.encode(tokenizer, words, [label] * len(words), tasks=(task,), **kwargs) for label in label_set],
+            truth,
+        )
+        for task in tasks
+    }
 
 
 def _check_adapter(
