@@ -322,6 +322,15 @@ def _rank_row(
     return n_expressed, status
 
 
+@njit(cache=True, inline="always")
+def _longest_row(indptr, first, last):
+    """Most stored entries of any of the CSR rows ``first … last - 1`` (their scratch arrays' length)."""
+    longest = 0
+    for i in range(first, last):
+        longest = max(longest, indptr[i + 1] - indptr[i])
+    return longest
+
+
 @njit(parallel=True, cache=True)
 def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_values, n_expressed, status):
     """Rank every row of a CSR matrix.
@@ -350,9 +359,7 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
     chunk = (n_rows + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         first, last = c * chunk, min(n_rows, (c + 1) * chunk)
-        longest = 0
-        for i in range(first, last):
-            longest = max(longest, indptr[i + 1] - indptr[i])
+        longest = _longest_row(indptr, first, last)
         heap_v = np.empty(k, dtype=data.dtype)
         heap_g = np.empty(k, dtype=np.int32)
         histogram = np.zeros(N_BINS, dtype=np.int64)
@@ -636,9 +643,7 @@ def top_log_values(indptr, data, log_scale, scale, n_chunks, out, n_expressed, s
     chunk = (n_rows + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         first, last = c * chunk, min(n_rows, (c + 1) * chunk)
-        longest = 0
-        for i in range(first, last):
-            longest = max(longest, indptr[i + 1] - indptr[i])
+        longest = _longest_row(indptr, first, last)
         histogram = np.zeros(N_FINE_BINS, dtype=np.int64)
         offsets = np.empty(N_FINE_BINS, dtype=np.int64)
         scratch = np.empty(longest, dtype=np.float64)
