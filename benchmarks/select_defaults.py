@@ -189,10 +189,7 @@ def run(
         "stopped": training["stopped"],
     }
     if "cell_type_prediction" in model.metadata.tasks:
-        cells = valid.copy()
-        sc_c2s.tl.annotate(cells, model=model, labels="model")
-        truth, predicted = cells.obs[label_key].astype(str), cells.obs["c2s_cell_type"].astype(str)
-        row |= {"accuracy": accuracy_score(truth, predicted), "macro-F1": f1_score(truth, predicted, average="macro")}
+        row |= annotation(model, valid, label_key)
     if "cell_type_generation" in model.metadata.tasks:
         row |= generation(model, train, valid, label_key, {})
     return row, model
@@ -231,12 +228,17 @@ def curve(name: str, train: ad.AnnData, valid: ad.AnnData, label_key: str, base:
                 f"{short} loss": recorded[step]["loss"][task],
                 f"{short} label acc.": recorded[step]["accuracy"][task],
             }
-        cells = valid.copy()
-        sc_c2s.tl.annotate(cells, model=model, labels="model")
-        truth, predicted = cells.obs[label_key].astype(str), cells.obs["c2s_cell_type"].astype(str)
-        row |= {"accuracy": accuracy_score(truth, predicted), "macro-F1": f1_score(truth, predicted, average="macro")}
+        row |= annotation(model, valid, label_key)
         rows.append(row | generation(model, train, valid, label_key, {}))
     return rows
+
+
+def annotation(model, valid: ad.AnnData, label_key: str) -> dict:
+    """Accuracy and macro-F1 of constrained annotation of the validation cells."""
+    cells = valid.copy()
+    sc_c2s.tl.annotate(cells, model=model, labels="model")
+    truth, predicted = cells.obs[label_key].astype(str), cells.obs["c2s_cell_type"].astype(str)
+    return {"accuracy": accuracy_score(truth, predicted), "macro-F1": f1_score(truth, predicted, average="macro")}
 
 
 def generation(model, train: ad.AnnData, valid: ad.AnnData, label_key: str, sampling: dict) -> dict:
