@@ -355,32 +355,45 @@ def test_thread_count_does_not_change_results():
     np.testing.assert_array_equal(one, rank_genes(X, n_genes=20, random_state=0).genes)
 
 
-def top_log_values(X: sparse.csr_matrix, k: int, scale: np.ndarray, log_scale: float = 0.0):
-    out = np.full((X.shape[0], k), -1.0)
-    n_expressed = np.zeros(X.shape[0], dtype=np.int32)
-    status = np.zeros(X.shape[0], dtype=np.int8)
-    _kernels.top_log_values(X.indptr, X.data, log_scale, scale, 2, out, n_expressed, status)
-    return out, n_expressed, status
+def top_runs(X: sparse.csr_matrix, k: int, log_scale: float = 0.0):
+    """Run the kernel; return each row's top values expanded from its runs, the runs, totals, counts and status."""
+    n = X.shape[0]
+    run_values, run_counts = np.full((n, k), np.nan), np.zeros((n, k), dtype=np.int32)
+    n_runs, totals = np.zeros(n, dtype=np.int32), np.zeros(n)
+    n_expressed, status = np.zeros(n, dtype=np.int32), np.zeros(n, dtype=np.int8)
+    _kernels.top_runs(X.indptr, X.data, log_scale, 2, run_values, run_counts, n_runs, totals, n_expressed, status)
+    runs = [(run_values[i, : n_runs[i]], run_counts[i, : n_runs[i]]) for i in range(n)]
+    top = [np.repeat(values, counts) for values, counts in runs]
+    return top, runs, totals, n_expressed, status
 
 
-def test_top_log_values_by_hand():
-    """Largest values first, ties kept (no gene order needed), stored zeros skipped, the rest of a row untouched."""
+def test_top_runs_by_hand():
+    """Largest values first as runs of equal values, stored zeros skipped, the runs cut at k, totals of all values."""
     X = sparse.csr_matrix(
-        (np.array([3, 0, 1, 3, 2, 0.5], dtype=np.float32), np.array([4, 0, 1, 2, 3, 0]), np.array([0, 5, 6, 6])),
-        shape=(3, 5),
+        (
+            np.array([3, 0, 1, 3, 2, 0.5, 300, 2, 2, 300, 7, 2], dtype=np.float32),
+            np.array([4, 0, 1, 2, 3, 0, 0, 1, 2, 3, 4, 5]),
+            np.array([0, 5, 6, 6, 12]),
+        ),
+        shape=(4, 6),
     )
-    out, n_expressed, status = top_log_values(X, 3, scale=np.array([1.0, 2.0, 1.0]))
-    np.testing.assert_array_equal(out[0], np.log10([4, 4, 3]))  # 3, 3, 2 of 3, 0, 1, 3, 2
-    np.testing.assert_array_equal(out[1], [np.log10(2), -1, -1])  # 1 + 2 · 0.5
-    np.testing.assert_array_equal(out[2], [-1, -1, -1])
-    np.testing.assert_array_equal(n_expressed, [4, 1, 0])
-    np.testing.assert_array_equal(status, [_kernels.OK] * 3)
-    out, _, _ = top_log_values(X, 3, scale=np.ones(3), log_scale=np.log(2.0))  # undo log2(1 + x): x = 2**v - 1
-    np.testing.assert_allclose(out[0], np.log10([8, 8, 4]), rtol=1e-15)
+    top, runs, totals, n_expressed, status = top_runs(X, 3)
+    np.testing.assert_array_equal(runs[0][0], [3, 2])  # 3, 3, 2 of 3, 0, 1, 3, 2
+    np.testing.assert_array_equal(runs[0][1], [2, 1])
+    np.testing.assert_array_equal(top[1], [0.5])  # not integers: ordered through the fine histogram
+    assert runs[2][0].size == 0
+    np.testing.assert_array_equal(runs[3][0], [300, 7])  # values from 256 up are sorted apart
+    np.testing.assert_array_equal(runs[3][1], [2, 1])
+    np.testing.assert_array_equal(totals, [9, 0.5, 0, 613])
+    np.testing.assert_array_equal(n_expressed, [4, 1, 0, 6])
+    np.testing.assert_array_equal(status, [_kernels.OK] * 4)
+    _, runs, totals, _, _ = top_runs(X, 3, log_scale=np.log(2.0))  # totals undo log2(1 + x): x = 2**v - 1
+    np.testing.assert_array_equal(runs[0][0], [3, 2])  # the stored values
+    np.testing.assert_allclose(totals[:2], [7 + 7 + 1 + 3, np.sqrt(2) - 1], rtol=1e-15)
 
 
-@pytest.mark.parametrize("kind", ["counts", "continuous", "wide counts"])
-def test_top_log_values_match_a_full_sort(kind):
+@pytest.mark.parametrize("kind", ["counts", "continuous", "wide counts", "log counts"])
+def test_top_runs_match_a_full_sort(kind):
     """Against numpy's sort, with rows longer and shorter than k and values sharing and straddling histogram bins."""
     rng = np.random.default_rng(0)
     n_rows, n_cols = 60, 3000
@@ -393,16 +406,18 @@ def test_top_log_values_match_a_full_sort(kind):
             "counts": rng.geometric(0.2, n),
             "continuous": rng.lognormal(0, 2, n),
             "wide counts": rng.integers(1, 100_000, n),
+            "log counts": np.log1p(rng.geometric(0.2, n)),
         }[kind]
         vals += values.tolist()
     X = sparse.csr_matrix((np.array(vals), (rows, cols)), shape=(n_rows, n_cols))
-    scale = rng.uniform(0.5, 2, n_rows)
-    out, n_expressed, status = top_log_values(X, 999, scale)
+    log_scale = 1.0 if kind == "log counts" else 0.0
+    top, runs, totals, n_expressed, status = top_runs(X, 999, log_scale)
     for i in range(n_rows):
         row = X.data[X.indptr[i] : X.indptr[i + 1]]
-        expected = np.log10(1 + -np.sort(-row)[:999] * scale[i])
-        np.testing.assert_array_equal(out[i, : len(expected)], expected)
-        assert (out[i, len(expected) :] == -1).all()
+        np.testing.assert_array_equal(top[i], -np.sort(-row)[:999])
+        assert (np.diff(runs[i][0]) < 0).all()  # one run per distinct value
+        expected_total = np.expm1(row).sum() if log_scale else row.sum()
+        assert totals[i] == pytest.approx(expected_total, rel=1e-12)
     np.testing.assert_array_equal(n_expressed, lengths)
     assert (status == _kernels.OK).all()
 
@@ -410,7 +425,10 @@ def test_top_log_values_match_a_full_sort(kind):
 @pytest.mark.parametrize(
     ("bad", "code"), [(-1.0, _kernels.NEGATIVE), (np.nan, _kernels.NAN), (np.inf, _kernels.INFINITE)]
 )
-def test_top_log_values_flag_non_expression(bad, code):
-    X = sparse.csr_matrix(np.array([[1.0, 2.0, 3.0], [1.0, bad, 2.0]]))
-    _, _, status = top_log_values(X, 2, scale=np.ones(2))
-    np.testing.assert_array_equal(status, [_kernels.OK, code])
+@pytest.mark.parametrize("other", [2.0, 2.5])
+@pytest.mark.parametrize("log_scale", [0.0, 1.0])
+def test_top_runs_flag_non_expression(bad, code, other, log_scale):
+    """In rows of integers and of other values, with and without a log transform to undo: the first bad value."""
+    X = sparse.csr_matrix(np.array([[1.0, other, 3.0], [1.0, bad, other], [np.nan, -1.0, other]]))
+    *_, status = top_runs(X, 2, log_scale)
+    np.testing.assert_array_equal(status, [_kernels.OK, code, _kernels.NAN])

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 from scipy import sparse
 
 from ._utils._numba import numba_threads
@@ -29,8 +29,9 @@ MAX_RANK = 999
 DEFAULT_N_CELLS = 2_000
 #: Non-integer input whose largest value is at most this is taken as log-transformed.
 _LOG_MAX = 30.0
-#: Values checked for being integers, evenly spaced over the expressed entries.
+#: Values checked for being integers: blocks of :data:`_LOG_BLOCK` consecutive ones, evenly spaced.
 _LOG_SAMPLE = 100_000
+_LOG_BLOCK = 1_000
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,16 @@ def sample_cells(n_obs: int, n_cells: int, random_state: int) -> np.ndarray:
 
 
 def is_log_transformed(values: np.ndarray) -> bool:
-    """Whether expressed values look log-transformed: small, and not all integers (checked on a sample)."""
-    if values.size == 0 or float(values.max()) > _LOG_MAX:
-        return False
-    sample = values[:: max(1, values.size // _LOG_SAMPLE)]
+    """Whether expressed values look log-transformed: not all integers (checked on a sample), and all small.
+
+    Counts, the common input, are told apart on the sample alone, without a pass over all the values.
+    """
+    starts = np.linspace(0, max(0, values.size - _LOG_BLOCK), _LOG_SAMPLE // _LOG_BLOCK, dtype=np.int64)
+    sample = np.concatenate([values[start : start + _LOG_BLOCK] for start in np.unique(starts)])
     sample = sample[sample != 0]
-    if sample.size == 0:
+    if sample.size == 0 or np.array_equal(sample, np.round(sample)):
         return False
-    return not np.array_equal(sample, np.round(sample))
+    return float(values.max()) <= _LOG_MAX
 
 
 def read_rows(X, cells: np.ndarray) -> sparse.csr_matrix:
@@ -126,34 +129,72 @@ def read_rows(X, cells: np.ndarray) -> sparse.csr_matrix:
     return sparse.csr_matrix(rows)
 
 
-def _sample(X, cells: np.ndarray, *, log1p_base: float | None) -> tuple[np.ndarray, np.ndarray, str, float]:
+@dataclass(frozen=True)
+class _Sample:
+    """The fit's data for a sample of cells, as runs of equal values: each cell's ranked genes, best first."""
+
+    run_y: np.ndarray
+    """Cells × runs: ``log10(1 + normalised expression)`` of each run, descending within a cell."""
+    run_counts: np.ndarray
+    """Ranked genes in each run."""
+    n_runs: np.ndarray
+    """Runs of each cell: row ``i`` of the arrays above is meaningful up to ``n_runs[i]``."""
+    n_ranked: np.ndarray
+    """Ranked genes of each cell (at most :data:`MAX_RANK`)."""
+    input: str
+    """``"linear"`` or ``"log1p"``, as :attr:`RankFit.input`."""
+    target_sum: float
+    """Median library size the cells were normalised to."""
+    finite: bool
+    """Whether every run's value is finite (expression too large to normalise is not)."""
+
+
+def _sample(X, cells: np.ndarray, *, log1p_base: float | None) -> _Sample:
     """Return the fit's data for the given cells: ``log10(1 + normalised expression)`` of their ranked genes.
 
-    The fit needs the values at each rank, not which gene holds them, so the values are sorted without the
-    genes: equal values need no tie-break, and only the best :data:`MAX_RANK` of a cell are sorted.
-
-    Returns
-    -------
-    ``(log_expression, n_ranked, input, target_sum)``: a cells × ranks array, best first, whose row ``i`` is
-    meaningful up to ``n_ranked[i]``.
+    The fit needs the values at each rank, not which gene holds them: the values are ordered without the genes,
+    equal values need no tie-break and form runs (most of a cell's ranked genes, in counts), and only the best
+    :data:`MAX_RANK` of a cell are ordered. The logarithm is taken once per run.
     """
     rows = read_rows(X, cells)
     kind = "log1p" if is_log_transformed(rows.data) else "linear"
-    totals = np.empty(rows.shape[0])
     log_scale = 0.0 if kind == "linear" else np.log(log1p_base) if log1p_base else 1.0
+    n_rows = rows.shape[0]
     width = min(MAX_RANK, int(np.diff(rows.indptr).max(initial=0)))
-    log_expression = np.zeros((rows.shape[0], width))
-    n_expressed = np.zeros(rows.shape[0], dtype=np.int32)
-    status = np.zeros(rows.shape[0], dtype=np.int8)
+    run_y = np.empty((n_rows, width))
+    run_counts = np.empty((n_rows, width), dtype=np.int32)
+    n_runs = np.zeros(n_rows, dtype=np.int32)
+    totals = np.zeros(n_rows)
+    n_expressed = np.zeros(n_rows, dtype=np.int32)
+    status = np.zeros(n_rows, dtype=np.int8)
     with numba_threads() as n_threads:
-        _kernels.row_totals(rows.indptr, rows.data, log_scale, totals)
+        n_chunks = max(1, min(n_rows, 2 * n_threads))  # each allocates histograms of 1 MB
+        _kernels.top_runs(
+            rows.indptr, rows.data, log_scale, n_chunks, run_y, run_counts, n_runs, totals, n_expressed, status
+        )
+        raise_if_not_expression(status, cells, "X")
         target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        n_chunks = max(1, min(rows.shape[0], 2 * n_threads))  # each allocates a histogram of 512 kB
-        _kernels.top_log_values(rows.indptr, rows.data, log_scale, scale, n_chunks, log_expression, n_expressed, status)
-    raise_if_not_expression(status, cells, "X")
-    n_ranked = np.minimum(n_expressed, width)
-    return log_expression[:, : int(n_ranked.max(initial=0))], n_ranked, kind, target_sum
+        n_not_finite = _log_runs(run_y, n_runs, log_scale, scale)
+    return _Sample(run_y, run_counts, n_runs, np.minimum(n_expressed, width), kind, target_sum, n_not_finite == 0)
+
+
+@njit(parallel=True, cache=True)
+def _log_runs(run_values, n_runs, log_scale, scale):
+    """Replace each stored run value ``v`` of cell ``i`` by ``log10(1 + scale[i] * x)``, in place.
+
+    ``x`` is ``expm1(log_scale * v)`` for ``log_scale > 0`` (a ``log1p`` transform undone), else ``v``. Returns the
+    number of results that are not finite.
+    """
+    n_not_finite = 0
+    for i in prange(n_runs.shape[0]):
+        for r in range(n_runs[i]):
+            v = run_values[i, r]
+            x = np.expm1(log_scale * v) if log_scale > 0 else v
+            y = np.log10(1 + x * scale[i])
+            run_values[i, r] = y
+            n_not_finite += not np.isfinite(y)
+    return n_not_finite
 
 
 def rank_points(X, cells: np.ndarray, *, log1p_base: float | None = None) -> tuple[np.ndarray, np.ndarray, str, float]:
@@ -165,54 +206,83 @@ def rank_points(X, cells: np.ndarray, *, log1p_base: float | None = None) -> tup
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    log_expression, n_ranked, kind, target_sum = _sample(X, cells, log1p_base=log1p_base)
-    ranked = np.arange(log_expression.shape[1]) < n_ranked[:, None]
-    log_rank = np.broadcast_to(np.log10(1 + np.arange(log_expression.shape[1])), log_expression.shape)[ranked]
-    return log_rank, log_expression[ranked], kind, target_sum
+    sample = _sample(X, cells, log1p_base=log1p_base)
+    in_run = np.arange(sample.run_y.shape[1]) < sample.n_runs[:, None]
+    log_expression = np.repeat(sample.run_y[in_run], sample.run_counts[in_run])
+    n_ranked = sample.n_ranked.astype(np.int64)
+    rank0 = np.arange(n_ranked.sum()) - np.repeat(np.cumsum(n_ranked) - n_ranked, n_ranked)
+    return np.log10(1 + rank0), log_expression, sample.input, sample.target_sum
 
 
 @njit(cache=True)
-def _sums(log_expression, n_ranked, x_values, x_rank, shift):
-    """One pass over the points: sums for the line, and the runs of equal values within each cell.
+def _sums(run_y, run_counts, n_runs, prefix_x, prefix_x_rank, shift):
+    """One pass over the runs: sums for the line, and each run's value, number of points and summed x ranks.
 
-    Returns ``(sum_dy, sum_dy2, sum_dxdy, run_y, run_size, run_x_rank)`` with ``dy = y - shift``, ``dx`` centred
-    by the caller through `x_values`, and per run its value, number of points and summed centred x ranks.
+    ``prefix_x[p]`` and ``prefix_x_rank[p]`` are the sums of the centred ``log10(1 + rank0)`` and of the centred
+    average ranks of the positions before ``p``. Returns ``(sum_dy, sum_dy2, sum_dxdy, y, size, x_rank)`` with
+    ``dy = y - shift`` summed over the points, and the runs of all cells one after the other.
     """
-    n = 0
-    for i in range(n_ranked.shape[0]):
-        n += n_ranked[i]
-    run_y = np.empty(n)
-    run_size = np.zeros(n, dtype=np.int64)
-    run_x_rank = np.zeros(n)
-    n_runs = 0
+    total = 0
+    for i in range(n_runs.shape[0]):
+        total += n_runs[i]
+    y = np.empty(total)
+    size = np.empty(total, dtype=np.int64)
+    x_rank = np.empty(total)
     sum_dy = sum_dy2 = sum_dxdy = 0.0
-    for i in range(n_ranked.shape[0]):
-        for p in range(n_ranked[i]):
-            y = log_expression[i, p]
-            dy = y - shift
-            sum_dy += dy
-            sum_dy2 += dy * dy
-            sum_dxdy += x_values[p] * dy
-            if p == 0 or y != log_expression[i, p - 1]:
-                run_y[n_runs] = y
-                n_runs += 1
-            run_size[n_runs - 1] += 1
-            run_x_rank[n_runs - 1] += x_rank[p]
-    return sum_dy, sum_dy2, sum_dxdy, run_y[:n_runs], run_size[:n_runs], run_x_rank[:n_runs]
+    r_all = 0
+    for i in range(n_runs.shape[0]):
+        p = 0
+        for r in range(n_runs[i]):
+            c = np.int64(run_counts[i, r])
+            dy = run_y[i, r] - shift
+            sum_dy += c * dy
+            sum_dy2 += c * dy * dy
+            sum_dxdy += dy * (prefix_x[p + c] - prefix_x[p])
+            y[r_all] = run_y[i, r]
+            size[r_all] = c
+            x_rank[r_all] = prefix_x_rank[p + c] - prefix_x_rank[p]
+            r_all += 1
+            p += c
+    return sum_dy, sum_dy2, sum_dxdy, y, size, x_rank
 
 
-def _statistics(log_expression: np.ndarray, n_ranked: np.ndarray) -> tuple[float, float, float, float, int]:
+@njit(cache=True)
+def _rank_products(y, size, x_rank, mid):
+    """Spearman's sums from the runs sorted by value: runs of equal value form one group of ties.
+
+    Returns ``(sum of centred expression rank × centred x rank, sum of squared centred expression ranks)`` over the
+    points; ``mid`` is the mean rank.
+    """
+    products = squares = 0.0
+    below = 0
+    start = 0
+    while start < y.shape[0]:
+        stop, n_tied, x_rank_sum = start, 0, 0.0
+        while stop < y.shape[0] and y[stop] == y[start]:
+            n_tied += size[stop]
+            x_rank_sum += x_rank[stop]
+            stop += 1
+        rank = below + (n_tied + 1) / 2 - mid  # average rank of the tied points, centred
+        products += rank * x_rank_sum
+        squares += n_tied * rank * rank
+        below += n_tied
+        start = stop
+    return products, squares
+
+
+def _statistics(sample: _Sample) -> tuple[float, float, float, float, int]:
     """Least-squares line, Pearson r and Spearman ρ of the points of :func:`rank_points`, from their counts.
 
-    The points are never gathered nor sorted: each rank position is one value of ``log10(1 + rank0)``, so its ranks
-    come from the number of cells that reach each position, and the expression ranks from the runs of equal
-    values, which a cell's ranked values form already (only the runs are sorted).
+    The points are never gathered: each rank position is one value of ``log10(1 + rank0)``, so its ranks come from
+    the number of cells that reach each position, and the expression ranks from the runs of equal values (only the
+    runs are sorted).
 
     Returns
     -------
     ``(slope, intercept, pearson_r, spearman_rho, n_points)``.
     """
-    width = log_expression.shape[1]
+    n_ranked = sample.n_ranked
+    width = int(n_ranked.max())
     per_position = np.cumsum(np.bincount(n_ranked, minlength=width + 1)[::-1])[::-1][1:]  # points at each position
     n = int(per_position.sum())
     x_values = np.log10(1 + np.arange(width))
@@ -220,50 +290,48 @@ def _statistics(log_expression: np.ndarray, n_ranked: np.ndarray) -> tuple[float
     x_values -= x_mean
     mid = (n + 1) / 2  # mean of the ranks 1 … n
     x_rank = np.cumsum(per_position) - (per_position - 1) / 2 - mid  # average rank of each position, centred
-    shift = float(log_expression[np.argmax(n_ranked > 0), 0])
+    shift = float(sample.run_y[np.argmax(sample.n_runs > 0), 0])
     sum_dy, sum_dy2, sxy, run_y, run_size, run_x_rank = _sums(
-        log_expression, n_ranked.astype(np.int64), x_values, x_rank, shift
+        sample.run_y,
+        sample.run_counts,
+        sample.n_runs,
+        np.append(0, np.cumsum(x_values)),
+        np.append(0, np.cumsum(x_rank)),
+        shift,
     )
     sxx = float(per_position @ x_values**2)
     syy = sum_dy2 - sum_dy**2 / n
     slope = sxy / sxx
     y_mean = shift + sum_dy / n
 
-    order = np.argsort(run_y, kind="stable")
-    sorted_y = run_y[order]
-    group_start = np.ones(len(order), dtype=bool)
-    group_start[1:] = sorted_y[1:] != sorted_y[:-1]
-    group = np.cumsum(group_start) - 1
-    group_size = np.bincount(group, weights=run_size[order])
-    group_rank = np.cumsum(group_size) - (group_size - 1) / 2 - mid
-    spearman = float(group_rank[group] @ run_x_rank[order]) / np.sqrt(
-        float(per_position @ x_rank**2) * float(group_size @ group_rank**2)
-    )
+    order = np.argsort(run_y)
+    numerator, y_rank_ss = _rank_products(run_y[order], run_size[order], run_x_rank[order], mid)
+    spearman = numerator / np.sqrt(float(per_position @ x_rank**2) * y_rank_ss)
     return slope, y_mean - slope * x_mean, float(sxy / np.sqrt(sxx * syy)), spearman, n
 
 
 def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base: float | None = None) -> RankFit:
     """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``."""
     cells = sample_cells(X.shape[0], n_cells, random_state)
-    log_expression, n_ranked, kind, target_sum = _sample(X, cells, log1p_base=log1p_base)
-    if not np.isfinite(log_expression).all():  # padding holds zeros
+    sample = _sample(X, cells, log1p_base=log1p_base)
+    if not sample.finite:
         msg = (
             "The rank → expression fit is not finite: the expression values are too large to normalise. Check the "
             "input, or pass `rank_fit=False`."
         )
         raise ValueError(msg)
-    expressing = n_ranked > 0  # each row is sorted, so its first and last ranked values bound it
+    expressing = np.flatnonzero(sample.n_runs > 0)  # runs are sorted, so each cell's first and last bound it
     if (
-        n_ranked.sum() < 3
-        or n_ranked.max(initial=0) < 2
-        or (log_expression[expressing, 0].max() == log_expression[expressing, n_ranked[expressing] - 1].min())
+        sample.n_ranked.sum() < 3
+        or sample.n_ranked.max(initial=0) < 2
+        or sample.run_y[expressing, 0].max() == sample.run_y[expressing, sample.n_runs[expressing] - 1].min()
     ):
         msg = (
             "Too few expressed genes, or expressed values all equal, to fit the rank → expression model; pass "
             "`rank_fit=False`."
         )
         raise ValueError(msg)
-    slope, intercept, pearson, spearman, n_points = _statistics(log_expression, n_ranked)
+    slope, intercept, pearson, spearman, n_points = _statistics(sample)
     return RankFit(
         slope=float(slope),
         intercept=float(intercept),
@@ -272,6 +340,6 @@ def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base:
         spearman_rho=spearman,
         n_cells=len(cells),
         n_points=n_points,
-        input=kind,
-        target_sum=target_sum,
+        input=sample.input,
+        target_sum=sample.target_sum,
     )

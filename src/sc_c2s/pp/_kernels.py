@@ -26,9 +26,11 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 #: Values are binned by the leading 12 bits of their float32 pattern (sign, exponent, 3 mantissa bits).
 _BIN_SHIFT = 20
 N_BINS = 2**12
-#: :func:`top_log_values` bins by the leading 16 bits (7 mantissa bits: integers up to 256 each have their own bin).
+#: :func:`top_runs` bins by the leading 16 bits (7 mantissa bits: integers below 256 each have their own bin).
 _FINE_SHIFT = 16
 N_FINE_BINS = 2**16
+#: :func:`top_runs` counts integers below this in a histogram of their own.
+_EXACT_BELOW = 256.0
 #: Largest float32 bit pattern of a finite positive value: ``bits - 1 < _VALID`` (unsigned) for exactly those.
 _VALID = np.uint32(0x7F7FFFFF)
 
@@ -564,35 +566,16 @@ def _float32_bits(v):
 
 
 @njit(cache=True)
-def _top_row(values, k, histogram, offsets, scratch, out):
-    """Write the ``k`` largest non-zero ``values`` of one row into ``out``, descending; return ``(n, status)``.
+def _top_values(values, m, histogram, low, high, offsets, scratch, out):
+    """Write the ``m`` largest non-zero ``values`` of one row into ``out``, descending, given their histogram.
 
-    A histogram of the values' leading 16 bits (as a float32) finds the bin of the ``k``-th largest value; the
-    values of higher bins are placed bin by bin (a counting sort), the largest of that bin are chosen by a
-    quickselect, and each bin's values are sorted (most bins of counts hold one value: nothing to sort).
-    ``histogram`` and ``offsets`` are :data:`N_FINE_BINS` long, ``histogram`` zeros (left zeroed); ``scratch``
-    is at least as long as the row.
+    ``histogram`` counts the expressed values by their leading :data:`_FINE_SHIFT` bits as a float32, from bin
+    ``low`` to ``high``. Walking down from ``high`` finds the floor bin that holds the ``m``-th largest value; one
+    pass without branches gathers the values from that bin up, those of higher bins are placed bin by bin (a
+    counting sort), the largest of the floor bin are chosen by a quickselect, and each bin's values are sorted.
+    ``offsets`` is as long as ``histogram``, ``scratch`` at least as long as the row.
     """
-    n = 0
-    low, high = np.uint32(N_FINE_BINS), np.uint32(0)
-    one, shift = np.uint32(1), np.uint32(_FINE_SHIFT)
-    for t in range(values.shape[0]):
-        v = np.float64(values[t])  # unsigned integers too can be negated
-        bits = _float32_bits(v)
-        if bits - one >= _VALID:  # zero, or not a positive finite float32
-            if v == 0:
-                continue
-            if v != v or v < 0 or v == np.inf:
-                for b in range(low, high + 1):
-                    histogram[b] = 0
-                return n, NAN if v != v else NEGATIVE if v < 0 else INFINITE
-        n += 1
-        b = bits >> shift
-        histogram[b] += 1
-        low, high = min(low, b), max(high, b)
-    if n == 0:
-        return 0, OK
-    m = min(n, k)
+    shift = np.uint32(_FINE_SHIFT)
     filled, floor = 0, np.int64(high)
     while True:  # bins from the top: where each one's values go in `out`
         offsets[floor] = filled
@@ -600,20 +583,23 @@ def _top_row(values, k, histogram, offsets, scratch, out):
             break
         filled += histogram[floor]
         floor -= 1
-    wanted = m - filled  # places left for the values of the floor bin
-    n_floor = 0
-    first_bits = np.uint32(floor) << shift  # the smallest float32 pattern of the floor bin
+    first_bits = np.uint32(floor) << shift  # the smallest float32 pattern of the floor bin (> 0: zeros are out)
+    n_candidates = 0
     for t in range(values.shape[0]):
         v = np.float64(values[t])  # unsigned integers too can be negated
-        bits = _float32_bits(v)
-        if bits >= first_bits and v != 0:
-            b = bits >> shift
-            if b > floor:
-                out[offsets[b]] = v
-                offsets[b] += 1
-            else:
-                scratch[n_floor] = -v  # negated: the quickselect keeps the smallest
-                n_floor += 1
+        scratch[n_candidates] = v
+        n_candidates += (_float32_bits(v) >= first_bits) & (v != 0)
+    n_floor = 0
+    for x in range(n_candidates):
+        v = scratch[x]
+        b = _float32_bits(v) >> shift
+        if b > floor:
+            out[offsets[b]] = v
+            offsets[b] += 1
+        else:
+            scratch[n_floor] = -v  # negated: the quickselect keeps the smallest
+            n_floor += 1
+    wanted = m - filled  # places left for the values of the floor bin
     if wanted < n_floor:
         _select_smallest(scratch, n_floor, wanted)
     for x in range(wanted):
@@ -623,52 +609,153 @@ def _top_row(values, k, histogram, offsets, scratch, out):
         stop = start + histogram[b] if b > floor else m
         _sort_descending(out, start, stop)
         start = stop
-    for b in range(low, high + 1):
-        histogram[b] = 0
-    return n, OK
+
+
+@njit(cache=True)
+def _fine_histogram(values, histogram):
+    """Count the expressed ``values`` (none negative) by their leading :data:`_FINE_SHIFT` bits as a float32.
+
+    Returns ``(n_expressed, low, high)``: the number of non-zero values and the lowest and highest bins counted.
+    """
+    n = 0
+    low, high = np.uint32(N_FINE_BINS), np.uint32(0)
+    shift = np.uint32(_FINE_SHIFT)
+    for t in range(values.shape[0]):
+        v = np.float64(values[t])
+        if v != 0:
+            n += 1
+            b = _float32_bits(v) >> shift
+            histogram[b] += 1
+            low, high = min(low, b), max(high, b)
+    return n, low, high
+
+
+@njit(cache=True)
+def _first_invalid(values):
+    """Return the status of the first value that is NaN, negative or infinite; :data:`OK` if there is none."""
+    for t in range(values.shape[0]):
+        v = values[t]
+        if v != v:
+            return NAN
+        if v < 0:
+            return NEGATIVE
+        if v == np.inf:
+            return INFINITE
+    return OK
+
+
+@njit(cache=True)
+def _add_run(v, count, run_values, run_counts, n_runs):
+    """Append ``count`` values ``v`` to the runs (descending values); return the new number of runs."""
+    if n_runs > 0 and run_values[n_runs - 1] == v:
+        run_counts[n_runs - 1] += count
+        return n_runs
+    run_values[n_runs] = v
+    run_counts[n_runs] = count
+    return n_runs + 1
+
+
+@njit(cache=True)
+def _top_runs_row(values, k, log_scale, small, histogram, offsets, scratch, sorted_values, run_values, run_counts):
+    """Find the runs of equal values among the ``k`` largest non-zero ``values`` of one row, and its total.
+
+    Returns ``(n_expressed, n_runs, total, status)``; the runs go into ``run_values`` (descending) and
+    ``run_counts``. One pass without branches sums the values, checks them and, for a row of integers (counts),
+    counts those below :data:`_EXACT_BELOW` in ``small`` and gathers the others: the runs are then read from
+    ``small`` once the few large values are sorted. Other rows are ordered by :func:`_top_values`. ``small``
+    (:data:`_EXACT_BELOW` + 1 long) and ``histogram`` (:data:`N_FINE_BINS` long) are zeros, left zeroed;
+    ``offsets`` is as long as ``histogram``, ``scratch`` at least as long as the row, ``sorted_values`` at least
+    ``k`` long.
+    """
+    total = 0.0
+    negative = False
+    integers = log_scale == 0
+    n_large = 0
+    top = np.int64(_EXACT_BELOW)
+    if integers:
+        for t in range(values.shape[0]):
+            v = np.float64(values[t])  # unsigned integers too can be negated
+            total += v
+            negative |= v < 0
+            integers &= v == np.floor(v)
+            # zeros count in bin 0, large values in the last; so do NaN (cast to the lowest integer) and negatives
+            small[min(max(np.int64(v), 0), top)] += 1
+            scratch[n_large] = -v  # negated: ascending is best first
+            n_large += v >= _EXACT_BELOW
+    else:
+        for t in range(values.shape[0]):
+            v = np.float64(values[t])
+            total += np.expm1(log_scale * v) if log_scale > 0 else v
+            negative |= v < 0
+    if negative or not total < np.inf:  # NaN, negative or infinite values, or a total too large
+        status = _first_invalid(values)
+        if status != OK:
+            small[:] = 0
+            return 0, 0, total, status
+    n_runs = 0
+    if integers:
+        n = values.shape[0] - small[0]
+        m = min(n, k)
+        if n_large > m:
+            _select_smallest(scratch, n_large, m)
+        n_sorted = min(n_large, m)
+        scratch[:n_sorted].sort()
+        for x in range(n_sorted):
+            n_runs = _add_run(-scratch[x], 1, run_values, run_counts, n_runs)
+        left = m - n_sorted
+        j = top - 1
+        while left > 0:
+            count = min(left, small[j])
+            if count > 0:
+                n_runs = _add_run(np.float64(j), count, run_values, run_counts, n_runs)
+                left -= count
+            j -= 1
+        small[:] = 0
+        return n, n_runs, total, OK
+    small[:] = 0
+    n, low, high = _fine_histogram(values, histogram)
+    m = min(n, k)
+    if m > 0:
+        _top_values(values, m, histogram, low, high, offsets, scratch, sorted_values)
+        for x in range(m):
+            n_runs = _add_run(sorted_values[x], 1, run_values, run_counts, n_runs)
+        for b in range(low, high + 1):
+            histogram[b] = 0
+    return n, n_runs, total, OK
 
 
 @njit(parallel=True, cache=True)
-def top_log_values(indptr, data, log_scale, scale, n_chunks, out, n_expressed, status):
-    """Write ``log10(1 + scale[i] * x)`` of the largest expressed values ``x`` of each row ``i`` into ``out``.
+def top_runs(indptr, data, log_scale, n_chunks, run_values, run_counts, n_runs, totals, n_expressed, status):
+    """Find the runs of equal values among the largest expressed values of each CSR row, and the row totals.
 
-    Values of a CSR matrix, best first; ``log_scale`` as in :func:`row_totals` (``> 0``: ``x`` is
-    ``expm1(log_scale * v)`` of the stored ``v``). Only the values, not which genes hold them, so equal values
-    need no tie-break and only the ``out.shape[1]`` largest of a row are sorted (``O(nnz)`` besides).
-    ``n_expressed`` receives the number of expressed values of each row (also those beyond the width),
-    ``status`` as in :func:`rank_csr`; the rest of ``out`` is left as it was.
+    Only the values, not which genes hold them, so equal values need no tie-break and only the
+    ``run_values.shape[1]`` largest of a row are ordered (``O(nnz)`` besides). Row ``i`` receives its distinct
+    values among those, descending, in ``run_values[i, :n_runs[i]]`` (as stored), how many of them hold each in
+    ``run_counts``, the sum of all its values in ``totals`` and its number of expressed values (also those beyond
+    the width) in ``n_expressed``; ``status`` as in :func:`rank_csr`. ``log_scale`` is ``ln(base)`` of a
+    ``log1p`` transform to undo for the totals (``1`` for the natural log, ``0`` for none): they sum
+    ``expm1(log_scale * v)`` then.
     """
     n_rows = indptr.shape[0] - 1
-    k = out.shape[1]
+    k = run_values.shape[1]
     chunk = (n_rows + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         first, last = c * chunk, min(n_rows, (c + 1) * chunk)
-        longest = _longest_row(indptr, first, last)
+        small = np.zeros(np.int64(_EXACT_BELOW) + 1, dtype=np.int64)
         histogram = np.zeros(N_FINE_BINS, dtype=np.int64)
         offsets = np.empty(N_FINE_BINS, dtype=np.int64)
-        scratch = np.empty(longest, dtype=np.float64)
+        scratch = np.empty(_longest_row(indptr, first, last), dtype=np.float64)
+        sorted_values = np.empty(k, dtype=np.float64)
         for i in range(first, last):
-            row = out[i]
-            n, status[i] = _top_row(data[indptr[i] : indptr[i + 1]], k, histogram, offsets, scratch, row)
-            n_expressed[i] = n
-            previous, result = np.nan, np.nan
-            for j in range(min(n, k)):
-                v = row[j]
-                if v != previous:  # equal values (runs, in counts) share one logarithm
-                    x = np.expm1(log_scale * v) if log_scale > 0 else v
-                    previous, result = v, np.log10(1 + x * scale[i])
-                row[j] = result
-
-
-@njit(parallel=True, cache=True)
-def row_totals(indptr, data, log_scale, out):
-    """Sum each row of a CSR matrix in float64 into ``out``; ``log_scale > 0`` sums ``expm1(log_scale * v)``.
-
-    ``log_scale`` is ``ln(base)`` of a ``log1p`` transform to undo (``1`` for the natural log), ``0`` for none.
-    """
-    for i in prange(indptr.shape[0] - 1):
-        total = 0.0
-        for p in range(indptr[i], indptr[i + 1]):
-            v = np.float64(data[p])
-            total += np.expm1(log_scale * v) if log_scale > 0 else v
-        out[i] = total
+            n_expressed[i], n_runs[i], totals[i], status[i] = _top_runs_row(
+                data[indptr[i] : indptr[i + 1]],
+                k,
+                log_scale,
+                small,
+                histogram,
+                offsets,
+                scratch,
+                sorted_values,
+                run_values[i],
+                run_counts[i],
+            )
