@@ -75,6 +75,14 @@ def test_ties_follow_the_seed():
     assert len(orders) > 1
 
 
+def test_names_beyond_ascii():
+    """Words are written as UTF-8 bytes: names whose characters take several bytes come out whole."""
+    names = ["IFN-γ", "CD8A", "TNF-α", "IL7R", "NKG7"]
+    adata = ad.AnnData(sparse.csr_matrix(HAND.astype(np.float32)), var=pd.DataFrame(index=names))
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    assert adata.obs["c2s_sentence"].iloc[:2].tolist() == ["CD8A NKG7 TNF-α", "IFN-γ"]
+
+
 def test_stored_zeros_are_never_ranked():
     X = sparse.csr_matrix(HAND.astype(np.float32))
     with_zeros = sparse.csr_matrix(

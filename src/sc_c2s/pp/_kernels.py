@@ -447,17 +447,27 @@ def count_nonzero_dense(X):
     return best
 
 
-@njit(cache=True)
-def has_duplicates(indptr, indices, n_cols):
-    """Whether a row of a CSR matrix holds the same column twice (indices need not be sorted)."""
-    last_row = np.full(n_cols, -1, dtype=np.int64)
-    for i in range(indptr.shape[0] - 1):
-        for p in range(indptr[i], indptr[i + 1]):
-            j = indices[p]
-            if last_row[j] == i:
-                return True
-            last_row[j] = i
-    return False
+@njit(parallel=True, cache=True)
+def has_duplicates(indptr, indices, n_cols, n_chunks):
+    """Whether a row of a CSR matrix holds the same column twice (indices need not be sorted).
+
+    Row chunks are checked in parallel, each marking the columns it meets with the row that met them last.
+    """
+    n_rows = indptr.shape[0] - 1
+    chunk = (n_rows + n_chunks - 1) // n_chunks
+    found = np.zeros(n_chunks, dtype=np.bool_)
+    for c in prange(n_chunks):
+        last_row = np.full(n_cols, -1, dtype=np.int64)
+        seen_twice = False
+        for i in range(c * chunk, min(n_rows, (c + 1) * chunk)):
+            for p in range(indptr[i], indptr[i + 1]):
+                j = indices[p]
+                seen_twice |= last_row[j] == i
+                last_row[j] = i
+            if seen_twice:
+                break
+        found[c] = seen_twice
+    return found.any()
 
 
 @njit(cache=True)
@@ -508,6 +518,22 @@ def sentence_lengths(gene_idx, word_lengths):
             n += 1
         lengths[i] = total + max(n - 1, 0)
     return lengths
+
+
+@njit(cache=True)
+def word_table(word_bytes, word_lengths, width):
+    """Return a table whose row ``g`` holds the bytes of word ``g`` and a space, zero-padded to ``width``.
+
+    ``word_bytes`` holds the words one after the other, ``word_lengths`` their lengths in bytes.
+    """
+    table = np.zeros((word_lengths.shape[0], width), dtype=np.uint8)
+    start = 0
+    for g in range(word_lengths.shape[0]):
+        stop = start + word_lengths[g]
+        table[g, : stop - start] = word_bytes[start:stop]
+        table[g, stop - start] = ord(" ")
+        start = stop
+    return table
 
 
 @njit(parallel=True, cache=True)

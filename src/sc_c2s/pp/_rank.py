@@ -45,8 +45,12 @@ def _canonical(block: sparse.csr_matrix) -> sparse.csr_matrix:
     Duplicate entries (valid in scipy, e.g. from COO without ``sum_duplicates``) are summed on a copy, as
     :meth:`~scipy.sparse.csr_matrix.toarray` sums them.
     """
-    if block.has_canonical_format or not _kernels.has_duplicates(block.indptr, block.indices, block.shape[1]):
+    if block.has_canonical_format:
         return block
+    with numba_threads() as n_threads:
+        n_chunks = max(1, min(block.shape[0], n_threads))
+        if not _kernels.has_duplicates(block.indptr, block.indices, block.shape[1], n_chunks):
+            return block
     block = block.copy()
     block.sum_duplicates()
     return block

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import re
 import warnings
 from itertools import pairwise
 from typing import TYPE_CHECKING
@@ -20,7 +19,6 @@ from ._rank import rank_genes
 
 #: Most bytes of sentence text held at once besides the strings themselves.
 _BUFFER_BYTES = 64 * 2**20
-_WHITESPACE = re.compile(r"\s")
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -155,20 +153,25 @@ def to_sentences(
 
 
 def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
-    """Return the word of each gene, checked: no missing, duplicated, empty or space-holding names."""
+    """Return the word of each gene, checked: no missing, duplicated, empty or space-holding names.
+
+    The checks run on a :class:`pandas.Index`, which keeps the answers about missing and duplicated names, so
+    ranking the same data again does not check its ``var_names`` again.
+    """
     if gene_symbols is None:
-        names, where = matrix.var_names.to_series(), "var_names"
+        names, where = matrix.var_names, "var_names"
     elif gene_symbols in matrix.var.columns:
-        names, where = matrix.var[gene_symbols], f"var[{gene_symbols!r}]"
+        names, where = pd.Index(matrix.var[gene_symbols]), f"var[{gene_symbols!r}]"
     else:
         msg = f"`gene_symbols={gene_symbols!r}` is not a column of var; columns: {list(matrix.var.columns)}."
         raise KeyError(msg)
-    if names.isna().any():
+    if names.hasnans:
         msg = f"{where} has {int(names.isna().sum())} missing names; fill them (e.g. with the var_names) first."
         raise ValueError(msg)
-    names = names.astype(str)
-    duplicated = names[names.duplicated()].unique()
-    if len(duplicated):
+    if gene_symbols is not None:
+        names = names.astype(str)  # var_names are strings already
+    if not names.is_unique:
+        duplicated = names[names.duplicated()].unique()
         fix = (
             "adata.var_names_make_unique()"
             if gene_symbols is None
@@ -180,12 +183,15 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
         )
         raise ValueError(msg)
     words = names.to_numpy(dtype=object)
-    # checks over all names at once; pandas looks for the offending names only when there are some
-    if not all(words) or _WHITESPACE.search("".join(words)):
+    # checks over all names at once, on a list (faster to go through than an object array); pandas looks for the
+    # offending names only when there are some
+    word_list = words.tolist()
+    joined = "".join(word_list)
+    if not all(word_list) or joined.split() != [joined]:  # an empty name, or whitespace in one
         bad = names[~names.str.fullmatch(r"\S+")]
-        msg = f"{len(bad)} gene names in {where} are empty or contain whitespace (e.g. {bad.iloc[0]!r}); rename them."
+        msg = f"{len(bad)} gene names in {where} are empty or contain whitespace (e.g. {bad[0]!r}); rename them."
         raise ValueError(msg)
-    upper = "\n".join(words).upper().split("\n")  # no name holds a newline: checked above
+    upper = "\n".join(word_list).upper().split("\n")  # no name holds a newline: checked above
     if len(set(upper)) < len(upper):
         collide = names[pd.Index(upper).duplicated(keep=False)]
         warnings.warn(
@@ -203,9 +209,14 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
     The bytes of the sentences are written in parallel into a buffer of at most about 64 MB, a block of rows at a
     time, then each row is decoded into a string.
     """
-    encoded = [w.encode() for w in words]
-    word_lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-    word_table = _word_table(b"".join(encoded), word_lengths)
+    words = words.tolist()  # str.join and map iterate a list many times faster than an object array
+    joined = "".join(words)
+    word_bytes = joined.encode()
+    word_lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+    if len(word_bytes) != len(joined):  # names beyond ASCII: bytes, not characters
+        word_lengths = np.fromiter((len(w.encode()) for w in words), dtype=np.int64, count=len(words))
+    width = 16 * (int(word_lengths.max(initial=0)) // 16 + 1)
+    word_table = _kernels.word_table(np.frombuffer(word_bytes, dtype=np.uint8), word_lengths, width)
     sentences = np.empty(len(genes), dtype=object)
     with numba_threads():
         ends = np.cumsum(_kernels.sentence_lengths(genes, word_lengths))
@@ -220,14 +231,3 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
             sentences[start:stop] = [str(view[a:b], "utf-8") for a, b in pairwise(offsets.tolist())]
             start = stop
     return sentences
-
-
-def _word_table(word_bytes: bytes, word_lengths: np.ndarray) -> np.ndarray:
-    """Row ``g``: the bytes of word ``g`` and a space, zero-padded to a multiple of 16 bytes."""
-    width = 16 * (int(word_lengths.max(initial=0)) // 16 + 1)
-    table = np.zeros((len(word_lengths), width), dtype=np.uint8)
-    rows = np.repeat(np.arange(len(word_lengths)), word_lengths)
-    columns = np.arange(len(rows)) - np.repeat(np.cumsum(word_lengths) - word_lengths, word_lengths)
-    table[rows, columns] = np.frombuffer(word_bytes, dtype=np.uint8)
-    table[np.arange(len(word_lengths)), word_lengths] = ord(" ")
-    return table
