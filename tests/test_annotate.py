@@ -164,18 +164,21 @@ def test_free_answers_match_one_cell_at_a_time_generate(short_sentences, tiny, s
     assert answers == expected
 
 
-def test_free_answers_that_list_genes_are_missing(short_sentences, tiny, monkeypatch):
-    adata = short_sentences[:5].copy()
+def test_free_answers_that_list_genes_or_are_empty_are_missing(short_sentences, tiny, monkeypatch):
+    adata = short_sentences[:6].copy()
     a, b, c = (g.upper() for g in adata.uns["c2s"]["genes"][:3])
-    answers = ["A549", "H1975 cell", f"{a} {b} {c}", f"{a} A549", f"{a}, {b} and"]
-    monkeypatch.setattr(_annotate, "generate_answers", lambda *_, **__: (answers, np.full(5, 0.5)))
-    with pytest.warns(UserWarning, match=r"^2 of 5 answers are lists of genes, not cell types"):
+    answers = ["A549", "H1975 cell", f"{a} {b} {c}", f"{a} A549", f"{a}, {b} and", ""]
+    monkeypatch.setattr(_annotate, "generate_answers", lambda *_, **__: (answers, np.full(6, 0.5)))
+    with (
+        pytest.warns(UserWarning, match=r"^2 of 6 answers are lists of genes, not cell types"),
+        pytest.warns(UserWarning, match=r"^1 of 6 answers are empty; they are missing"),
+    ):
         sc_c2s.tl.annotate(adata, model=tiny, n_genes=N_GENES)
     # half the words genes is not "most": `{a} A549` stays an answer
     assert adata.obs["c2s_cell_type"].tolist()[:2] == ["A549", "H1975 cell"]
-    assert adata.obs["c2s_cell_type"].isna().tolist() == [False, False, True, False, True]
+    assert adata.obs["c2s_cell_type"].isna().tolist() == [False, False, True, False, True, True]
     assert adata.obs["c2s_cell_type"].cat.categories.tolist() == sorted(["A549", "H1975 cell", f"{a} A549"])
-    np.testing.assert_array_equal(adata.obs["c2s_cell_type_score"], [0.5, 0.5, np.nan, 0.5, np.nan])
+    np.testing.assert_array_equal(adata.obs["c2s_cell_type_score"], [0.5, 0.5, np.nan, 0.5, np.nan, np.nan])
 
 
 def test_trained_model_names_cell_lines(trained):

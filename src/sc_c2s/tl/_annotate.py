@@ -23,7 +23,7 @@ from sc_c2s._docs import (
 from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
 
-from ._utils import cell_words, gene_lists, prediction_prompts, warn_gene_lists
+from ._utils import cell_words, free_labels, prediction_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -106,7 +106,8 @@ def annotate(
     ``None``, or a copy of `adata` if ``copy=True``, with
 
     ``obs[key_added]``
-        Categorical cell types (categories: `labels` in constrained mode, the answers otherwise).
+        Categorical cell types (categories: `labels` in constrained mode, the answers otherwise; free answers that
+        are empty or list genes are missing).
     ``obs[key_added + "_score"]``
         Probability of the chosen cell type: over the label set in constrained mode, of the written answer in
         free mode.
@@ -124,7 +125,8 @@ def annotate(
     -----
     UserWarning
         If some cells have empty sentences (they express no gene: their cell type is a guess from the prompt
-        alone), `labels` holds a single label (every cell gets it, with score 1), or free answers are lists of genes.
+        alone), `labels` holds a single label (every cell gets it, with score 1), or free answers are lists of genes
+        or empty.
 
     Examples
     --------
@@ -185,11 +187,9 @@ def annotate(
     if candidates is None:
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         answers, score = generate_answers(c2s, ids, batch_size=batch_size)
-        is_genes = gene_lists(answers, DataHandler(adata, mod).c2s()["genes"])
-        warn_gene_lists(int(is_genes.sum()), len(answers), what="cell types")
-        labelled = [a for a, g in zip(answers, is_genes, strict=True) if not g]
-        cell_types = pd.Categorical(answers, categories=sorted(set(labelled)))
-        score = np.where(is_genes, np.nan, score)
+        named = free_labels(answers, DataHandler(adata, mod).c2s()["genes"], what="cell types")
+        cell_types = pd.Categorical(named, categories=sorted({name for name in named if name is not None}))
+        score = np.where(cell_types.isna(), np.nan, score)
     else:
         from scipy.special import softmax
 

@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int, ch
 from sc_c2s.models import _runtime
 
 from ._annotate import MAX_ANSWER_TOKENS, generate_answers, label_set, score_labels
-from ._utils import cell_words, gene_lists, group_draws, groups_of, warn_gene_lists
+from ._utils import cell_words, free_labels, group_draws, groups_of
 
 if TYPE_CHECKING:
     import torch
@@ -191,9 +191,7 @@ def _majority(
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Free answers of each draw; per group the most frequent one and the share of draws that gave it."""
     answers, prob = generate_answers(c2s, ids, batch_size=batch_size)
-    is_genes = gene_lists(answers, genes)
-    warn_gene_lists(int(is_genes.sum()), len(answers), what="tissues", stacklevel=4)
-    answers = pd.Series(answers, dtype=object).where(~is_genes, None)
+    answers = pd.Series(free_labels(answers, genes, what="tissues", stacklevel=4), dtype=object)
     per_draw = pd.DataFrame({"group": draw_groups, "answer": answers.to_numpy(), "score": prob})
     rows = {}
     for group, draws in per_draw.groupby("group", sort=False):

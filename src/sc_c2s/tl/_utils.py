@@ -95,18 +95,29 @@ def gene_lists(answers: Sequence[str | None], genes: Sequence[str]) -> np.ndarra
     return out
 
 
-def warn_gene_lists(n: int, n_answers: int, *, what: str, stacklevel: int = 3) -> None:
-    """Warn that `n` of `n_answers` free-text answers were gene lists and are missing.
+def free_labels(answers: Sequence[str], genes: Sequence[str], *, what: str, stacklevel: int = 3) -> list[str | None]:
+    """Return the free-text answers as labels: empty answers and lists of genes (:func:`gene_lists`) are ``None``.
 
-    `stacklevel` counts from this function: 3 points at the caller of the verb that calls it.
+    Each kind is counted in a warning; `what` names the labels asked for, and `stacklevel` counts from this
+    function (3 points at the caller of the verb that calls it).
     """
-    if n:
+    is_genes = gene_lists(answers, genes)
+    is_empty = np.array([not answer for answer in answers], dtype=bool)
+    n = len(answers)
+    if is_genes.any():
         warnings.warn(
-            f"{n} of {n_answers} answers are lists of genes, not {what}; they are missing (NaN). The model continues "
-            f"cell sentences instead of naming {what}: constrain it with `labels=[...]`.",
+            f"{int(is_genes.sum())} of {n} answers are lists of genes, not {what}; they are missing (NaN). The model "
+            f"continues cell sentences instead of naming {what}: constrain it with `labels=[...]`.",
             UserWarning,
             stacklevel=stacklevel,
         )
+    if is_empty.any():
+        warnings.warn(
+            f"{int(is_empty.sum())} of {n} answers are empty; they are missing (NaN).",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return [None if drop else answer for answer, drop in zip(answers, is_genes | is_empty, strict=True)]
 
 
 def groups_of(handler: DataHandler, groupby: str) -> pd.Series:
