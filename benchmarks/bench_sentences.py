@@ -15,18 +15,20 @@ Figures are wall-clock cells per second, the best of `--repeats` runs, on `scanp
 (`--n-jobs`, default all cores). Slow baselines run on the first `--baseline-cells` cells. Peak memory is the most
 memory allocated at once during one call (tracemalloc), beside the input already held.
 
-Last run (2 shared cores, another job training beside it: load average 4.3 at the start, 6-7 during;
-`PYTHONPATH=src /tmp/refenv/bin/python benchmarks/bench_sentences.py --repeats 2`, reference installed with
+Last run (2 cores, idle: load average 1.6 at the start;
+`PYTHONPATH=src /tmp/refenv/bin/python benchmarks/bench_sentences.py --repeats 3`, reference installed with
 `pip install --no-deps cell2sentence` then `pip install datasets plotnine accelerate`)::
 
     call                                                      cells/s   × numpy   × cell2sentence
-    CellBench, default to_sentences(adata, n_genes=200)         2,031       2.1              28.0
-    CellBench, the same without the rank fit                    4,031       4.2              55.6
-    CellBench ×36 (50,688 cells), default call                  5,059       5.8              80.6
-    CellBench ×36, all genes as strings (20,000 cells)            761       3.1              12.1
-    synthetic 100k, top 200, no strings, no rank fit           21,618       7.8
+    CellBench, default to_sentences(adata, n_genes=200)        14,800       4.8              44.2
+    CellBench, the same without the rank fit                   19,810       6.4              59.1
+    CellBench ×36 (50,688 cells), default call                 26,020       6.9              70.4
+    CellBench ×36, all genes as strings (20,000 cells)          4,008       3.2              10.8
+    synthetic 100k, top 200, no strings, no rank fit           98,783      10.2
 
-The rank fit took 50 % of the default call on CellBench (all 1,408 cells are in its sample), 5 % at 50,688 cells.
+The rank fit took 25 % of the default call on CellBench (all 1,408 cells are in its sample: about 24 ms, against
+130 ms before it read each cell once into runs of equal values; the share grew as the rest of the call got
+faster), none at 50,688 cells. The reference's speed varies by a quarter between runs (335 and 370 cells/s here).
 """
 
 from __future__ import annotations
