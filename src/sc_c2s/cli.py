@@ -19,6 +19,7 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import inspect
 import re
 import sys
 import time
@@ -77,8 +78,13 @@ def _fail(error: Exception, code: int) -> int:
     return code
 
 
+def _defaults(function) -> dict[str, object]:
+    """Return the default of each keyword of a Python verb, so that the command's defaults follow the API's."""
+    return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()}
+
+
 def _parser() -> argparse.ArgumentParser:
-    from sc_c2s import __version__
+    from sc_c2s import __version__, tl
 
     parser = argparse.ArgumentParser(
         prog="sc-c2s",
@@ -124,7 +130,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="LABEL",
         help="candidate cell types, or 'model' for the model's label set; without it the model writes its answer",
     )
-    annotate.add_argument("--n-genes", type=int, default=200, help="genes per sentence (default: %(default)s)")
+    annotate.add_argument(
+        "--n-genes",
+        type=int,
+        default=_defaults(tl.annotate)["n_genes"],
+        help="genes per sentence (default: %(default)s)",
+    )
     _add_ranking(annotate)
     _add_device(annotate)
     annotate.set_defaults(run=_annotate)
@@ -149,11 +160,27 @@ def _parser() -> argparse.ArgumentParser:
         metavar="IN",
         help="real cells (.h5ad or .h5mu) whose genes and rank fit to use; without it, the model's",
     )
-    generate.add_argument("--n-genes", type=int, default=200, help="genes per sentence (default: %(default)s)")
-    generate.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
-    generate.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 for none (default: %(default)s)")
+    sampling = _defaults(tl.generate)
     generate.add_argument(
-        "--top-p", type=float, default=0.95, help="nucleus sampling, 1 for none (default: %(default)s)"
+        "--n-genes", type=int, default=sampling["n_genes"], help="genes per sentence (default: %(default)s)"
+    )
+    generate.add_argument(
+        "--temperature",
+        type=float,
+        default=sampling["temperature"],
+        help="sampling temperature (default: %(default)s)",
+    )
+    generate.add_argument(
+        "--top-k",
+        type=int,
+        default=sampling["top_k"] or 0,
+        help="top-k sampling, 0 for none (default: %(default)s)",
+    )
+    generate.add_argument(
+        "--top-p",
+        type=float,
+        default=sampling["top_p"] or 1,
+        help="nucleus sampling, 1 for none (default: %(default)s)",
     )
     generate.add_argument(
         "--allow-repeats", action="store_true", help="let a sentence name a gene more than once (default: once)"
