@@ -387,6 +387,10 @@ def test_top_runs_by_hand():
     np.testing.assert_array_equal(totals, [9, 0.5, 0, 613])
     np.testing.assert_array_equal(n_expressed, [4, 1, 0, 6])
     np.testing.assert_array_equal(status, [_kernels.OK] * 4)
+    huge = sparse.csr_matrix(np.array([[1e20, 3.0, 3.0]]))  # an integer beyond int64: counted once, ranked first
+    top, _, _, n_expressed, _ = top_runs(huge, 2)
+    np.testing.assert_array_equal(top[0], [1e20, 3])
+    np.testing.assert_array_equal(n_expressed, [3])
     _, runs, totals, _, _ = top_runs(X, 3, log_scale=np.log(2.0))  # totals undo log2(1 + x): x = 2**v - 1
     np.testing.assert_array_equal(runs[0][0], [3, 2])  # the stored values
     np.testing.assert_allclose(totals[:2], [7 + 7 + 1 + 3, np.sqrt(2) - 1], rtol=1e-15)

@@ -704,8 +704,8 @@ def _top_runs_row(values, k, log_scale, small, histogram, offsets, scratch, sort
             total += v
             negative |= v < 0
             integers &= v == np.floor(v)
-            # zeros count in bin 0, large values in the last; so do NaN (cast to the lowest integer) and negatives
-            small[min(max(np.int64(v), 0), top)] += 1
+            # zeros count in bin 0, values from 256 up in the last; NaN and negatives in bin 0 (checked below)
+            small[min(max(np.int64(min(v, _EXACT_BELOW)), 0), top)] += 1
             scratch[n_large] = -v  # negated: ascending is best first
             n_large += v >= _EXACT_BELOW
     else:
