@@ -217,6 +217,20 @@ def test_count_nonzero_dense():
     assert _kernels.count_nonzero_dense(X[:2]) == 2
 
 
+@pytest.mark.parametrize("n_chunks", [1, 2, 3, 7])
+def test_has_duplicates_in_any_row_and_chunk(n_chunks):
+    """Unsorted rows without repeats pass; one column stored twice in any single row is found, whatever the chunks."""
+    rng = np.random.default_rng(0)
+    n_rows, n_cols, per_row = 20, 50, 10
+    indices = np.concatenate([rng.choice(n_cols, per_row, replace=False) for _ in range(n_rows)])
+    indptr = np.arange(0, n_rows * per_row + 1, per_row)
+    assert not _kernels.has_duplicates(indptr, indices, n_cols, n_chunks)
+    for row in (0, 9, n_rows - 1):
+        repeated = indices.copy()
+        repeated[row * per_row + 3] = repeated[row * per_row + 7]
+        assert _kernels.has_duplicates(indptr, repeated, n_cols, n_chunks)
+
+
 @pytest.mark.parametrize("buffer_bytes", [2**26, 10, 1], ids=["one_block", "small_blocks", "row_by_row"])
 def test_join_sentences_handles_padding_empty_rows_and_multibyte_words(monkeypatch, buffer_bytes):
     monkeypatch.setattr(_to_sentences, "_BUFFER_BYTES", buffer_bytes)
