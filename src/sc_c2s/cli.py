@@ -23,7 +23,7 @@ import inspect
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -78,7 +78,7 @@ def _fail(error: Exception, code: int) -> int:
     return code
 
 
-def _defaults(function) -> dict[str, object]:
+def _defaults(function: Callable[..., object]) -> dict[str, object]:
     """Return the default of each keyword of a Python verb, so that the command's defaults follow the API's."""
     return {name: parameter.default for name, parameter in inspect.signature(function).parameters.items()}
 
