@@ -223,9 +223,20 @@ def cell_samples(_cellbench):
     return tokenizer, train, {"cell_type_prediction": held}
 
 
+def small_model(tokenizer):
+    """A scratch model of one layer, small enough to train in a test."""
+    return build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+
+
+def train_small(model, cell_samples, **options) -> _trainer.Result:
+    """Train `model` on the training samples of `cell_samples` in batches of 8 at learning rate 1e-3."""
+    tokenizer, train, _ = cell_samples
+    return _trainer.train(model, train, batch_size=8, learning_rate=1e-3, pad_id=tokenizer.pad_token_id, **options)
+
+
 def test_early_stopping_stops_and_restores_the_best_weights(cell_samples, monkeypatch):
-    tokenizer, train, held = cell_samples
-    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
+    tokenizer, _, held = cell_samples
+    model = small_model(tokenizer)
     # scripted accuracies: 0.2, 0.6, 0.6 (equal: the later weights are kept), then three evaluations below
     truth = held["cell_type_prediction"].truth
     accuracies = iter([0.2, 0.6, 0.6, 0.4, 0.6 - 1 / 60, 0.2, 1.0])
@@ -241,17 +252,7 @@ def test_early_stopping_stops_and_restores_the_best_weights(cell_samples, monkey
         return np.where(truth == label, np.where(self.right, 1.0, 3.0), 2.0)
 
     monkeypatch.setattr(_trainer._Selection, "_losses", losses)
-    result = _trainer.train(
-        model,
-        train,
-        max_steps=200,
-        batch_size=8,
-        learning_rate=1e-3,
-        pad_id=tokenizer.pad_token_id,
-        held_out=held,
-        eval_every=5,
-        patience=3,
-    )
+    result = train_small(model, cell_samples, max_steps=200, held_out=held, eval_every=5, patience=3)
     assert result.stopped == "patience"
     assert [point["score"] for point in result.curve] == pytest.approx(
         [0.2, 0.6, 0.6, 0.4, 0.6 - 1 / 60, 0.2], abs=1e-5
@@ -264,17 +265,9 @@ def test_early_stopping_stops_and_restores_the_best_weights(cell_samples, monkey
 
 
 def test_selection_scores_the_true_label_against_the_others(cell_samples):
-    tokenizer, train, held = cell_samples
-    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
-    result = _trainer.train(
-        model,
-        train,
-        max_steps=1,
-        batch_size=8,
-        learning_rate=1e-3,
-        pad_id=tokenizer.pad_token_id,
-        held_out=held,
-    )
+    tokenizer, _, held = cell_samples
+    model = small_model(tokenizer)
+    result = train_small(model, cell_samples, max_steps=1, held_out=held)
     # one evaluation, recomputed sample by sample: the loss of the true labels, the share of cells they win
     choices = held["cell_type_prediction"]
     table = np.stack([held_out_losses(model, s, tokenizer.pad_token_id) for s in choices.samples])
@@ -285,29 +278,16 @@ def test_selection_scores_the_true_label_against_the_others(cell_samples):
 
 
 def test_max_time_stops_after_the_current_step(cell_samples):
-    tokenizer, train, held = cell_samples
-    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
-    result = _trainer.train(
-        model,
-        train,
-        max_steps=100,
-        batch_size=8,
-        learning_rate=1e-3,
-        pad_id=tokenizer.pad_token_id,
-        held_out=held,
-        max_time=1e-6,
-    )
+    tokenizer, _, held = cell_samples
+    result = train_small(small_model(tokenizer), cell_samples, max_steps=100, held_out=held, max_time=1e-6)
     # one step, then an evaluation of it, whose weights are kept
     assert (result.stopped, result.steps, result.best_step, len(result.loss)) == ("max_time", 1, 1, 1)
     assert [point["step"] for point in result.curve] == [1]
 
 
 def test_without_held_out_cells_the_whole_budget_trains(cell_samples):
-    tokenizer, train, _ = cell_samples
-    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2)
-    result = _trainer.train(
-        model, train, max_steps=20, batch_size=8, learning_rate=1e-3, pad_id=tokenizer.pad_token_id, patience=1
-    )
+    tokenizer, _, _ = cell_samples
+    result = train_small(small_model(tokenizer), cell_samples, max_steps=20, patience=1)
     # 15 steps per epoch: a whole epoch and a third of one
     assert (result.stopped, result.steps, result.curve, result.best_step, len(result.loss)) == (
         "max_steps",
@@ -418,7 +398,7 @@ def test_batches_pad_left_and_keep_eos_in_the_loss(tokenizer):
         assert tokens(tokenizer, targets)[-2:] == [".", "[EOS]"]
         assert batch["attention_mask"][row, -1] == 1
     # the loss of the padded batch is the mean of the unpadded samples' losses over their answer tokens (4 and 3)
-    model = build_model(tokenizer, hidden_size=16, n_layers=1, n_heads=2).eval()
+    model = small_model(tokenizer).eval()
     with torch.no_grad():
         padded = _trainer.loss(model, batch).item()
         unpadded = [
