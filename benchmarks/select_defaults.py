@@ -26,8 +26,8 @@ learning rate, batch size, gene dropout, width × depth of the scratch model, ta
 and top-p of ``tl.generate``. Not swept: genes per sentence (200), the schedule (warm-up, cosine decay), weight
 decay, dropout inside the model, the evaluation interval and patience, and any pretrained or LoRA setting.
 
-    python benchmarks/select_defaults.py --quick --datasets cellbench --threads 2   # ~15 min on 2 cores
-    python benchmarks/select_defaults.py --curve 1500 --datasets cellbench --threads 1   # ~50 min on a busy core
+    python benchmarks/select_defaults.py --quick --datasets cellbench --threads 2   # ~1.5 h on 2 cores
+    python benchmarks/select_defaults.py --curve 2400 --datasets cellbench --threads 1   # ~40 min on a busy core
     python benchmarks/select_defaults.py                                              # the full sweep, hours
 """
 
@@ -58,11 +58,11 @@ SEED = 0
 #: Values tried for each knob, most promising first (``--quick`` tries the first one or two).
 KNOBS = {
     "learning_rate": [4e-3, 1e-3, 5e-4],
-    "batch_size": [16, 64, 8],
+    "batch_size": [32, 8, 64],
     "gene_dropout": [0.3, 0.5, 0.1],
     "size": [(256, 2), (64, 2), (128, 4)],
     "tasks": [("cell_type_prediction",), ("cell_type_generation",)],
-    "max_steps": [1000, 150],
+    "max_steps": [1200, 3600],
 }
 SAMPLING = {"temperature": [0.7, 0.5, 0.85], "top_p": [1.0, 0.9]}
 QUICK = {

@@ -301,9 +301,8 @@ def test_without_held_out_cells_the_whole_budget_trains(cell_samples):
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [
-        ({}, 1200),  # 8 passes of 4 steps, raised to the floor
-        ({"n_samples": 5600}, 1400),  # 8 passes of 175 steps
-        ({"n_samples": 32_000}, 1500),  # the cap
+        ({}, 2400),  # from scratch, whatever the number of samples
+        ({"n_samples": 320_000}, 2400),
         ({"epochs": 2}, 8),
         ({"epochs": 2, "max_steps": 5}, 5),
         ({"max_steps": 5000}, 5000),

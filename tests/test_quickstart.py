@@ -34,7 +34,7 @@ def test_runs(tmp_path, monkeypatch):
     assert any("finetune(" in block for block in blocks)
     monkeypatch.chdir(tmp_path)  # the fine-tuned model goes to ./my_model
     # 10 steps instead of the default budget, to stay within the test budget; the call is the page's own
-    monkeypatch.setattr(_trainer, "SCRATCH_STEPS", (10, 10))
+    monkeypatch.setattr(_trainer, "SCRATCH_STEPS", 10)
     autoshow, sc.settings.autoshow = sc.settings.autoshow, False
     try:
         with mpl.rc_context({"backend": "agg"}):

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 #: ``base_model`` value that trains a small model from nothing.
 SCRATCH = "scratch"
 #: Defaults of the training parameters: (from scratch, from a pretrained checkpoint).
-_BATCH_SIZE = (32, 8)
+_BATCH_SIZE = (16, 8)
 _LEARNING_RATE = (2e-3, 5e-5)
 #: Peak learning rate of a LoRA adapter.
 _LORA_LEARNING_RATE = 2e-4
@@ -98,21 +98,22 @@ def finetune(
     with :func:`sc_c2s.tl.annotate` constrained to the training labels, and the accuracy and macro-F1 go into the
     metadata beside the held-out cells' names.
 
-    The budget is sized to the data: from scratch, 8 passes over the training samples, but at least 1,200 and at
-    most 1,500 optimiser steps (the learning rate decays over them; generation needs the floor even for a few
-    hundred cells); a pretrained model gets 3 passes. `epochs` and `max_steps` lower that maximum, `max_time`
-    bounds the wall time, and early stopping can end training before it. The progress bar shows the latest and
-    best held-out label accuracy and the time left.
+    The budget: from scratch, 2,400 optimiser steps of 16 samples whatever the number of cells (the learning
+    rate decays over them; generation needs that many even for a few hundred cells, and they take about 10
+    minutes on 2 CPU cores); a pretrained model gets 3 passes over the training samples. `epochs` and
+    `max_steps` lower that maximum, `max_time` bounds the wall time, and early stopping can end training before
+    it. The progress bar shows the latest and best held-out label accuracy and the time left.
 
     With ``base_model="scratch"`` the model is a small GPT-NeoX (the Pythia architecture) with one token per
-    gene, label word and template word, sized to the data: a few thousand cells train in minutes on a CPU. Any other value is loaded with :func:`sc_c2s.models.load`
-    and fine-tuned. Training runs in float32, with bf16 autocast on a GPU.
+    gene, label word and template word, sized to the data: a few thousand cells train in minutes on a CPU. Any
+    other value is loaded with :func:`sc_c2s.models.load` and fine-tuned. Training runs in float32, with bf16
+    autocast on a GPU.
 
     With ``adapter="lora"`` the base model's weights stay frozen (in bfloat16 on a GPU) and a LoRA adapter of
     rank `lora_rank` is trained on its attention and MLP projections, as C2S-Scale fine-tunes its large
     models: the 2B Gemma-2 model trains on one 24 GB GPU, and with ``quantization="4bit"`` (QLoRA) the 27B one on
-    48 GB (see :doc:`/large_models`). The checkpoint then holds the adapter only (83 MB for rank 16 on the 2B model), with metadata that
-    names the base model; :func:`sc_c2s.models.load` applies it to its base.
+    48 GB (see :doc:`/large_models`). The checkpoint then holds the adapter only (83 MB for rank 16 on the 2B
+    model), with metadata that names the base model; :func:`sc_c2s.models.load` applies it to its base.
 
     Parameters
     ----------
@@ -164,7 +165,7 @@ def finetune(
     eval_every
         Optimiser steps between evaluations on the held-out cells; ``None``: 20 evaluations over the budget.
     batch_size
-        Samples per optimiser step; ``None``: 32 from scratch, 8 for a pretrained model.
+        Samples per optimiser step; ``None``: 16 from scratch, 8 for a pretrained model.
     learning_rate
         Peak learning rate of AdamW (linear warm-up, cosine decay); ``None``: ``2e-3`` from scratch, ``5e-5``
         for a pretrained model, ``2e-4`` for a LoRA adapter.
