@@ -9,18 +9,17 @@ generation), each metric beside its real-vs-real split-half control. Targets: kN
 so read it against the held-out plate as well. A last table shows what another temperature, or turning off the
 repeat block or the exact length, changes.
 
-Last run (``python benchmarks/bench_generation.py --threads 1`` on a 2-core CPU machine shared with other jobs,
-load average 3–7; finetune's defaults with model selection on held-out label accuracy trained the budget's floor
-of 1,200 steps, best step 1,080, in about 33 minutes at 1.2–1.7 s a step instead of ~0.5 s unloaded): kNN label
-recovery 0.632 (real-vs-real control 0.974), MMD 3.06× the control against the training cells and 2.23× against
-CEL-seq2_5cl_p3, valid words 99.9 %; held-out annotation (59 cells) accuracy 0.949, macro-F1 0.941. The kNN and
-MMD targets are still not met (H2228 is recovered for 0.26 of its cells, H838 for 0.86). The run before, with
-selection on the answer loss and a 300-step floor, gave kNN 0.204 and MMD 5.0×. The earlier per-benchmark setting
-(generation only, batches of 16, 40 epochs, temperature 0.6) reached a kNN recovery of 0.988: on these 540
-training cells the floor gives the generation task about 36 passes, mixed with the prediction task; see the
-method page's learning curve for how recovery grows with training. In the last table, temperature 0.5 gave kNN
-0.692 and MMD 2.90×, turning off the repeat block 0.538 and 65 % valid words, no exact length 0.650 (sampling
-defaults are chosen on validation cells, not on this table).
+Last run (``python benchmarks/bench_generation.py --threads 1`` on a 2-core CPU machine running one other
+benchmark, load average ~2; finetune's defaults, batches of 16: 2,280 of at most 2,400 steps, stopped by patience
+at best step 1,800, in 929 s): kNN label recovery 0.792 (real-vs-real control 0.974), MMD 2.19× the control against
+the training cells and 1.72× against CEL-seq2_5cl_p3, valid words 99.8 %; held-out annotation (59 cells) accuracy
+0.983, macro-F1 0.984. The kNN and MMD targets are still not met (H1975 is recovered for 0.57 of its cells, H838
+for 0.96). The defaults before, batches of 32 for 1,200 steps, gave kNN 0.632 and MMD 3.06×; with selection on the
+answer loss and a 300-step floor, 0.204 and 5.0×. The earlier per-benchmark setting (generation only, batches of
+16, 40 epochs, temperature 0.6) reached a kNN recovery of 0.988: training the generation task alone for longer is
+what is left between the defaults and that figure. In the last table, temperature 0.5 gave kNN 0.884 and MMD
+1.98×, turning off the repeat block 0.680 and 65 % valid words, no exact length 0.784 (sampling defaults are
+chosen on validation cells, not on this table).
 
 Speed (only where CUDA is available): generated 200-gene cells per second with a model of the Pythia-410m
 architecture (random weights, word-level tokenizer over the CellBench genes, bf16), ``tl.generate`` beside a
