@@ -12,7 +12,7 @@ NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
 #: Values that replace those of each notebook's "parameters" cell here, to keep the test within CI time.
 FAST = {
     "sentences_and_annotation": "n_cells = 60",
-    "finetune_and_generate": "epochs = 1\nn_genes = 16\nn_generated = 2",
+    "finetune_and_generate": "max_steps = 4\nn_genes = 16\nn_generated = 2",
     "tissues_and_summaries": f"epochs = 2\nn_genes = 5\ndata = {str(Path(__file__).parent / 'data' / 'tissue_mouse_300.h5ad')!r}",
     "perturbation": f"data = {str(Path(__file__).parent / 'data' / 'kang_400.h5ad')!r}\nepochs = 1\nn_genes = 12",
 }
