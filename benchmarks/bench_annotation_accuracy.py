@@ -46,9 +46,9 @@ Kang, sc_c2s constrained        0.795     0.729     1,899    2,400 (2,280), budg
 Free answers equal the constrained ones on both. The macro-F1 target is not met: 10.0 points below CellTypist on
 CellBench, 8.7 below logistic regression on Kang (the previous defaults, batches of 32 for 300 and 504 steps, gave
 0.892 and 0.743). On CellBench the gap is across protocols: a model trained the same way on the same plates (that of
-``bench_generation.py``) annotates the unseen CEL-seq2 plate p3 at 0.96 accuracy, CEL-seq2_3cl at 0.85 and Drop-seq_3cl at 0.66 (mostly H1975 and HCC827 taken
-for H838), where the baselines read all genes' normalised expression. The tissue dataset was not rerun with these
-defaults for lack of time.
+``bench_generation.py``) annotates the unseen CEL-seq2 plate p3 at 0.96 accuracy, CEL-seq2_3cl at 0.85 and
+Drop-seq_3cl at 0.66 (mostly H1975 and HCC827 taken for H838), where the baselines read all genes' normalised
+expression. The tissue dataset was not rerun with these defaults for lack of time.
 
 pbmc4k alone with ``--threads 2`` on the otherwise idle machine (load average 0.1): logistic regression accuracy
 0.889, macro-F1 0.852 (1 s); CellTypist 0.884, 0.840 (4 s); sc_c2s constrained and free 0.878, 0.840, all 2,400 steps
