@@ -16,8 +16,8 @@ github.com/theislab/scgen ``data/valid.h5ad`` at f8541a6e), ranked on ``layers["
 
     python benchmarks/bench_perturbation.py --data ../shared/data/kang_scgen_valid.h5ad
 
-``--epochs`` and ``--n-genes`` trade quality for time where the defaults (20 epochs of 200-gene sentences) do not
-fit the time at hand; they are printed with the figures.
+``--epochs`` and ``--n-genes`` trade quality for time where the defaults (at most 2,400 steps of 16 samples, 200-gene
+sentences) do not fit the time at hand; they are printed with the figures.
 """
 
 from __future__ import annotations
