@@ -461,6 +461,37 @@ def test_gene_dropout_thins_prediction_sentences_only(tokenizer):
     assert np.mean(kept) == pytest.approx(3, abs=0.25)
 
 
+@pytest.mark.parametrize(
+    ("balance", "expected"),
+    [
+        (0.0, {"a": 90, "b": 9, "c": 1}),  # the data's proportions
+        # square roots 9.49 : 3 : 1 of 100 draws: 70.3, 22.2, 7.4; the remainder to the largest fractions
+        (0.5, {"a": 70, "b": 22, "c": 8}),
+        (1.0, {"a": 34, "b": 33, "c": 33}),  # 33.3 each; the remainder to the first of the tied labels
+    ],
+)
+def test_balanced_draw_shares(balance, expected):
+    labels = np.array(["a"] * 90 + ["b"] * 9 + ["c"])
+    picked = _samples.balanced(labels, balance=balance, rng=np.random.default_rng(0))
+    assert len(picked) == len(labels)
+    assert pd.Series(labels[picked]).value_counts().to_dict() == expected
+    # a rare label's cells come equally often: all 9 cells of "b" twice, 4 of them a third time
+    counts = np.bincount(picked, minlength=len(labels))
+    if balance == 0.5:
+        assert sorted(counts[90:99]) == [2] * 5 + [3] * 4
+        assert counts[99] == 8
+        assert counts[:90].max() == 1
+
+
+def test_balanced_draw_is_seeded():
+    labels = ["a"] * 50 + ["b"] * 5
+    first, again, other = (
+        _samples.balanced(labels, balance=0.5, rng=np.random.default_rng(seed)) for seed in (0, 0, 1)
+    )
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+
+
 def test_sample_without_room_for_its_answer(tokenizer):
     with pytest.raises(ValueError, match="without any gene"):
         _samples.encode(
@@ -503,6 +534,8 @@ def sentences(cellbench):
         (None, {"gene_dropout": 1.0}, ValueError, "gene_dropout"),
         (None, {"n_genes": 0}, ValueError, "n_genes"),
         (None, {"gene_dropout": "0.1"}, ValueError, "gene_dropout"),
+        (None, {"balance_labels": 1.5}, ValueError, "balance_labels"),
+        (None, {"balance_labels": -0.1}, ValueError, "balance_labels"),
         (None, {"epochs": 0}, ValueError, "epochs"),
         (None, {"max_steps": 0}, ValueError, "max_steps"),
         (None, {"max_time": 0}, ValueError, "max_time"),

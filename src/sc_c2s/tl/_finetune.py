@@ -66,6 +66,7 @@ def finetune(
     batch_size: int | None = None,
     learning_rate: float | None = None,
     gene_dropout: float = 0.0,
+    balance_labels: float = 0.0,
     eval_fraction: float = 0.1,
     random_state: AnyRandom = 0,
     device: str | torch.device | None = None,
@@ -174,6 +175,11 @@ def finetune(
         every epoch (data augmentation; generation samples keep whole sentences). Sentences with genes missing
         teach the model to rely on no single gene, which helps with cells whose detected genes differ, e.g. from
         another protocol.
+    balance_labels
+        How much rare labels are drawn more often in the single-cell samples of an epoch (drawn anew every
+        epoch, as many as there are training cells): a label of ``n`` cells gets a share proportional to
+        ``n ** (1 - balance_labels)``. ``0`` keeps the data's proportions (each cell once per epoch), ``1`` gives
+        every label the same share, ``0.5`` a share proportional to the square root of its size.
     eval_fraction
         Share of the cells of each label held out of training to score the model (``0``: none); with the
         cell-type tasks only (a model trained on perturbation alone holds out no cells).
@@ -250,6 +256,7 @@ def finetune(
         n_cells=n_cells,
     )
     check_number(gene_dropout, "gene_dropout", low=0, high=1, high_open=True)
+    check_number(balance_labels, "balance_labels", low=0, high=1)
     check_number(eval_fraction, "eval_fraction", low=0, high=1, high_open=True)
     check_positive_int(epochs, "epochs", none_ok=True)
     check_positive_int(max_steps, "max_steps", none_ok=True)
@@ -342,11 +349,10 @@ def finetune(
     words = [genes[row[row >= 0]].tolist() for row in ranked]
     train_words = [words[i] for i in train_cells]
     max_length = _runtime.context_length(model, tokenizer)
+    train_labels = labels.iloc[train_cells].tolist() if single_cell else []
     encode = partial(
         _samples.encode,
         tokenizer,
-        train_words if single_cell else [],
-        labels.iloc[train_cells].tolist() if single_cell else [],
         tasks=single_cell,
         organism=organism,
         upper=upper,
@@ -356,9 +362,19 @@ def finetune(
     multi_cell = units.spec(train_words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
     pairs = partial(_pair_samples, tokenizer, words, design, upper=upper, max_length=max_length)
 
-    def draw(rng: np.random.Generator | None, *, dropout: float = 0.0) -> _trainer.Samples:
-        """One epoch's samples: single-cell ones (genes dropped at `dropout`), multi-cell ones, perturbation pairs."""
-        parts = [encode(gene_dropout=dropout, rng=rng)]
+    def draw(rng: np.random.Generator, *, dropout: float = 0.0, balance: float = 0.0) -> _trainer.Samples:
+        """One epoch's samples: single-cell, multi-cell, perturbation pairs.
+
+        Single-cell samples are drawn at `balance` (see :func:`_samples.balanced`), their genes dropped at `dropout`.
+        """
+        cells = (
+            _samples.balanced(train_labels, balance=balance, rng=rng)
+            if balance and train_labels
+            else range(len(train_labels))
+        )
+        parts = [
+            encode([train_words[i] for i in cells], [train_labels[i] for i in cells], gene_dropout=dropout, rng=rng)
+        ]
         if multi_cell is not None:
             parts.append(
                 _samples.encode_multi_cell(
@@ -403,7 +419,11 @@ def finetune(
         learning_rate=learning_rate,
         pad_id=_runtime.pad_id(tokenizer),
         random_state=random_state,
-        resample=(lambda rng: draw(rng, dropout=gene_dropout)) if gene_dropout or multi_cell or design else None,
+        resample=(
+            (lambda rng: draw(rng, dropout=gene_dropout, balance=balance_labels))
+            if gene_dropout or balance_labels or multi_cell or design
+            else None
+        ),
         held_out=held_out,
         eval_every=eval_every,
         patience=patience,
@@ -438,6 +458,7 @@ def finetune(
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "gene_dropout": gene_dropout,
+        "balance_labels": balance_labels,
         "eval_fraction": eval_fraction,
         "random_state": random_state,
         "n_train_cells": len(train_cells),

@@ -84,6 +84,27 @@ def encode(
     )
 
 
+def balanced(labels: Sequence[str], *, balance: float, rng: np.random.Generator) -> np.ndarray:
+    """Draw as many cells as `labels` holds, rare labels more often than their share; return their indices.
+
+    A label of ``n`` cells gets a share of the draw proportional to ``n ** (1 - balance)``: ``0`` keeps the data's
+    proportions, ``1`` gives every label the same share, ``0.5`` the square root of its size. Each label's cells
+    are taken in a random order, cycled as often as its share needs, so that its cells come equally often.
+    """
+    codes, sizes = np.unique(np.asarray(labels, dtype=object), return_inverse=True, return_counts=True)[1:]
+    weights = sizes ** (1.0 - balance)
+    expected = len(codes) * weights / weights.sum()
+    quota = np.floor(expected).astype(int)
+    # the draw's remainder goes to the labels with the largest fractional parts
+    quota[np.argsort(quota - expected, kind="stable")[: len(codes) - quota.sum()]] += 1
+    picked = []
+    for label, n in enumerate(quota):
+        cells = np.flatnonzero(codes == label)
+        cycled = np.concatenate([rng.permutation(cells) for _ in range(-(-n // len(cells)))]) if n else cells
+        picked.append(cycled[:n])
+    return np.sort(np.concatenate(picked))
+
+
 def _drop(words: Sequence[str], rate: float, rng: np.random.Generator | None) -> Sequence[str]:
     """`words` without a random share `rate` of them, in order; at least one stays."""
     if not rate or len(words) < 2:
