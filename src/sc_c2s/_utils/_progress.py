@@ -19,8 +19,11 @@ def show_progress() -> bool:
     return settings.verbosity > 0
 
 
-def progress(*, total: int, desc: str, unit: str) -> tqdm:
-    """Make a progress bar over `total` steps, hidden when :func:`show_progress` says so."""
+def progress(*, total: int, desc: str | None, unit: str) -> tqdm:
+    """Make a progress bar over `total` steps, hidden when :func:`show_progress` says so or `desc` is ``None``.
+
+    ``desc=None`` is for work within another bar's step (held-out scoring during training).
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, disable=not show_progress())
+    return tqdm(total=total, desc=desc, unit=unit, disable=desc is None or not show_progress())

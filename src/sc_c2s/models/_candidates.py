@@ -57,11 +57,12 @@ def score_answers(
     *,
     batch_size: int | None,
     pad_id: int,
-    desc: str,
+    desc: str | None,
 ) -> np.ndarray:
     """Log-likelihood of each tokenised answer after each tokenised prompt, summed over its tokens (cells × answers).
 
-    `batch_size` ``None`` sizes batches to the free memory of a GPU (see :func:`~sc_c2s.models._runtime.run_batches`).
+    `batch_size` ``None`` sizes batches to the free memory of a GPU (see :func:`~sc_c2s.models._runtime.run_batches`);
+    `desc` names the progress bar (``None``: no bar).
     """
     device = _runtime.model_device(model)
     vocabulary = model.get_output_embeddings().out_features

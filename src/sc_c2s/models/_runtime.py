@@ -342,7 +342,7 @@ def run_batches(
     *,
     batch_size: int | None,
     pad_id: int,
-    desc: str,
+    desc: str | None,
     room: int = 0,
 ) -> None:
     """Call `work` on the prompts in batches of similar token length, longest first (a memory error shows at once).
@@ -351,7 +351,7 @@ def run_batches(
     as fit into the free memory with their prompt and `room` more tokens (a generated answer). When a batch runs
     out of GPU memory, its cells are tried again in batches half as large, and the batches after it are no larger;
     the cells of the batches before it are done. The progress bar counts cells and follows
-    :func:`sc_c2s._utils._progress.show_progress`.
+    :func:`sc_c2s._utils._progress.show_progress`; `desc` ``None`` hides it.
     """
     import torch
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from sc_c2s._utils._progress import progress
 
-from . import _runtime
+from . import _candidates, _runtime
 
 if TYPE_CHECKING:
     import torch
@@ -36,8 +36,9 @@ IGNORE_INDEX = -100
 _BUCKET_BATCHES = 50
 #: Share of the optimiser steps spent warming the learning rate up.
 _WARMUP = 0.05
-#: Held-out samples per task scored at each evaluation, over all candidate labels (``cells × labels``);
-#: :func:`sc_c2s.tl.finetune` draws that many cells' worth from larger held-out sets.
+#: Held-out samples per task scored at each evaluation: cells × labels where each label makes its own sample
+#: (:class:`Choices`), cells where one prompt is read for all labels (:class:`Answers`); :func:`sc_c2s.tl.finetune`
+#: draws that many from larger held-out sets.
 EVAL_SAMPLES = 800
 #: Evaluations over a run that reaches its maximum number of steps, when the interval is not given.
 N_EVALUATIONS = 20
@@ -91,6 +92,18 @@ class Choices:
     def take(self, index: Sequence[int] | np.ndarray) -> Choices:
         """Return the cells at `index`, in that order."""
         return Choices([s.take(index) for s in self.samples], self.truth[np.asarray(index, dtype=int)])
+
+
+@dataclass
+class Answers:
+    """Held-out prompts whose answer is a label, to score every candidate label after each prompt read once."""
+
+    prompts: list[np.ndarray]
+    """Token ids of each cell's prompt."""
+    answers: list[list[int]]
+    """Token ids of each candidate label's answer, as constrained annotation scores them (no EOS)."""
+    truth: np.ndarray
+    """Index into `answers` of each cell's true label."""
 
 
 @dataclass
@@ -184,7 +197,7 @@ def train(
     random_state: int = 0,
     weight_decay: float = 0.01,
     resample: Callable[[np.random.Generator], Samples] | None = None,
-    held_out: Mapping[str, Choices] | None = None,
+    held_out: Mapping[str, Choices | Answers] | None = None,
     eval_every: int | None = None,
     patience: int | None = None,
     max_time: float | None = None,
@@ -196,7 +209,8 @@ def train(
     every epoch. On CUDA the forward pass runs in bf16 autocast over float32 weights.
 
     With `held_out` samples (by task, under every candidate label), each task's label accuracy (the share of
-    cells whose true label gives the lowest answer loss) and answer loss are computed every `eval_every` steps
+    cells whose true label fits best: the lowest answer loss of :class:`Choices`, the highest log-likelihood of
+    :class:`Answers`) and answer loss are computed every `eval_every` steps
     (``None``: :data:`N_EVALUATIONS` times over `max_steps`) and at the last step; the weights with the highest mean
     accuracy over tasks (the latest among equals) are kept in memory and restored at the end. Training stops early
     after `patience` evaluations in a row below the best (``None``: never). `max_time` (seconds) stops training
@@ -268,7 +282,7 @@ class _Selection:
     def __init__(
         self,
         model: PreTrainedModel,
-        held_out: Mapping[str, Choices] | None,
+        held_out: Mapping[str, Choices | Answers] | None,
         *,
         batch_size: int,
         pad_id: int,
@@ -289,10 +303,9 @@ class _Selection:
         self.model.eval()
         losses, accuracies = {}, {}
         for task, choices in self.held_out.items():
-            table = np.stack([self._losses(samples) for samples in choices.samples])  # labels × cells
-            cells = np.arange(len(choices.truth))
-            losses[task] = float(table[choices.truth, cells].mean())
-            accuracies[task] = float(np.mean(table.argmin(0) == choices.truth))
+            true_loss, best = self._scores(choices)
+            losses[task] = float(true_loss.mean())
+            accuracies[task] = float(np.mean(best == choices.truth))
         self.model.train()
         score = float(np.mean(list(accuracies.values())))
         self.curve.append(
@@ -311,6 +324,22 @@ class _Selection:
             }
         else:
             self.since_best += 1
+
+    def _scores(self, choices: Choices | Answers) -> tuple[np.ndarray, np.ndarray]:
+        """Each cell's answer loss (mean over tokens) under its true label, and the label that fits it best.
+
+        :class:`Choices`: the label whose sample has the lowest answer loss; :class:`Answers`: the label with the
+        highest summed log-likelihood, as constrained annotation chooses.
+        """
+        cells = np.arange(len(choices.truth))
+        if isinstance(choices, Answers):
+            loglik = _candidates.score_answers(
+                self.model, choices.prompts, choices.answers, batch_size=self.batch_size, pad_id=self.pad_id, desc=None
+            )
+            n_tokens = np.array([len(ids) for ids in choices.answers])
+            return -loglik[cells, choices.truth] / n_tokens[choices.truth], loglik.argmax(1)
+        table = np.stack([self._losses(samples) for samples in choices.samples])  # labels × cells
+        return table[choices.truth, cells], table.argmin(0)
 
     def _losses(self, samples: Samples) -> np.ndarray:
         """Answer loss of each sample, in batches of similar length."""

@@ -600,26 +600,37 @@ def _held_out(
     tasks: Sequence[str],
     random_state: int,
     **kwargs,
-) -> dict[str, _trainer.Choices]:
+) -> dict[str, _trainer.Choices | _trainer.Answers]:
     """Encode the held-out cells of each single-cell task under every label, for model selection.
 
-    At most :data:`~sc_c2s.models._trainer.EVAL_SAMPLES` samples per task: a seeded subset of the cells when
-    cells × labels would exceed it.
+    Prediction: each cell's prompt once and every label's answer (:class:`~sc_c2s.models._trainer.Answers`), for
+    at most :data:`~sc_c2s.models._trainer.EVAL_SAMPLES` cells. Generation: each cell's sentence after every
+    label's prompt (:class:`~sc_c2s.models._trainer.Choices`), for at most ``EVAL_SAMPLES`` cells × labels. Beyond
+    that, a seeded subset of the held-out cells.
     """
-    if not tasks:
-        return {}
-    n_keep = max(1, _trainer.EVAL_SAMPLES // len(label_set))
-    if len(words) > n_keep:
-        keep = np.sort(np.random.default_rng(random_state).choice(len(words), n_keep, replace=False))
-        words, labels = [words[i] for i in keep], [labels[i] for i in keep]
-    truth = np.array([label_set.index(label) for label in labels], dtype=int)
-    return {
-        task: _trainer.Choices(
-            [_samples.encode(tokenizer, words, [label] * len(words), tasks=(task,), **kwargs) for label in label_set],
-            truth,
-        )
-        for task in tasks
-    }
+    out: dict[str, _trainer.Choices | _trainer.Answers] = {}
+    for task in tasks:
+        n_keep = _trainer.EVAL_SAMPLES if task == "cell_type_prediction" else _trainer.EVAL_SAMPLES // len(label_set)
+        keep = np.arange(len(words))
+        if len(words) > max(n_keep, 1):
+            keep = np.sort(np.random.default_rng(random_state).choice(len(words), max(n_keep, 1), replace=False))
+        cell_words = [words[i] for i in keep]
+        truth = np.array([label_set.index(labels[i]) for i in keep], dtype=int)
+        if task == "cell_type_prediction":
+            answers = _runtime.tokenize(tokenizer, [prompts.answer(label) for label in label_set], special_tokens=False)
+            longest = label_set[int(np.argmax([len(ids) for ids in answers]))]  # prompts cut to fit any answer
+            samples = _samples.encode(tokenizer, cell_words, [longest] * len(keep), tasks=(task,), **kwargs)
+            cell_prompts = [ids[:n] for ids, n in zip(samples.input_ids, samples.n_prompt, strict=True)]
+            out[task] = _trainer.Answers(cell_prompts, answers, truth)
+        else:
+            out[task] = _trainer.Choices(
+                [
+                    _samples.encode(tokenizer, cell_words, [label] * len(keep), tasks=(task,), **kwargs)
+                    for label in label_set
+                ],
+                truth,
+            )
+    return out
 
 
 def _check_adapter(
