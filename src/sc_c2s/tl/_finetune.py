@@ -88,9 +88,10 @@ def finetune(
     than the model's context loses genes from the end of its sentence, never any of its answer.
 
     A share `eval_fraction` of the cells, drawn per label with `random_state`, is held out and selects the model:
-    every `eval_every` steps each held-out cell is scored under every training label (for prediction, the label
-    as answer after its sentence; for generation, its sentence as answer after the label's prompt), and a task's
-    label accuracy is the share of cells whose true label gives the lowest answer loss. The weights with the best
+    every `eval_every` steps each held-out cell is scored under every training label (for prediction, each
+    label's answer after the cell's prompt, read once, as constrained :func:`sc_c2s.tl.annotate` scores it; for
+    generation, its sentence as answer after each label's prompt), and a task's label accuracy is the share of
+    cells whose true label fits best (highest log-likelihood, lowest answer loss). The weights with the best
     mean label accuracy over tasks (the latest among equals) are kept, training stops after `patience` evaluations
     below the best, and the best weights are the ones saved. The answer loss is not the criterion: for generation
     it rises while the model learns what sets the cell types apart (see :doc:`/method`). The curve (step,
