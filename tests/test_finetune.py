@@ -511,6 +511,45 @@ def test_balanced_draw_is_seeded():
     assert not np.array_equal(first, other)
 
 
+def test_finetune_draws_each_epoch_at_the_label_balance(sentences, tmp_path, monkeypatch):
+    # an imbalanced training set: one cell line keeps 4 cells
+    rare = sentences.obs["cell_type"].value_counts().index[-1]
+    keep = (sentences.obs["cell_type"] != rare).to_numpy()
+    keep[np.flatnonzero(~keep)[:4]] = True
+    adata = sentences[keep].copy()
+    epochs = []
+    train = _trainer.train
+
+    def record(model, samples, **kwargs):
+        epochs.append(kwargs["resample"](np.random.default_rng(1)))
+        return train(model, samples, **kwargs)
+
+    monkeypatch.setattr(_trainer, "train", record)
+    path = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=tmp_path / "m",
+        tasks=("cell_type_prediction",),
+        n_genes=8,
+        max_steps=1,
+        eval_fraction=0,
+        balance_labels=1.0,
+    )
+    model = load(path)
+    assert model.metadata.training["balance_labels"] == 1.0
+    # every label gets a fifth of an epoch's samples, whatever its size
+    (samples,) = epochs
+    answers = [
+        " ".join(tokens(model.tokenizer, ids[n:-2])) for ids, n in zip(samples.input_ids, samples.n_prompt, strict=True)
+    ]
+    counts = pd.Series(answers).value_counts()
+    assert len(samples) == adata.n_obs
+    assert set(counts.index) == set(adata.obs["cell_type"])
+    assert counts.max() - counts.min() <= 1
+    assert counts[rare] > 4
+
+
 def test_sample_without_room_for_its_answer(tokenizer):
     with pytest.raises(ValueError, match="without any gene"):
         _samples.encode(
