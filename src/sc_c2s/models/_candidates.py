@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
+from sc_c2s import prompts
+
 from . import _runtime
 
 if TYPE_CHECKING:
     import torch
-    from transformers import Cache, PreTrainedModel
+    from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 #: Most log-probabilities (cells × packed candidate tokens × vocabulary) one pass over the candidates may hold:
 #: 2^28 float32 numbers, 1 GiB. More candidates are scored in several passes over the same prompt cache.
@@ -48,6 +50,13 @@ class Candidates(NamedTuple):
     """Position of each packed token after the end of the prompt."""
     visible: torch.Tensor
     """Packed × packed: which packed tokens each packed token may attend to."""
+
+
+def label_answers(tokenizer: PreTrainedTokenizerBase, labels: Sequence[str], *, prefix: str = " ") -> list[list[int]]:
+    """Token ids of each label's answer (`prefix`, the label, a period; no special tokens), as they are scored."""
+    return _runtime.tokenize(
+        tokenizer, [prompts.answer(label, prefix=prefix) for label in labels], special_tokens=False
+    )
 
 
 def score_answers(

@@ -278,9 +278,7 @@ def score_labels(
     Answers follow the prompt with the checkpoint's answer prefix (see :func:`answer_prefix`).
     """
     prefix = answer_prefix(c2s, ids, labels, batch_size=batch_size)
-    answer_ids = _runtime.tokenize(
-        c2s.tokenizer, [prompts.answer(label, prefix=prefix) for label in labels], special_tokens=False
-    )
+    answer_ids = _candidates.label_answers(c2s.tokenizer, labels, prefix=prefix)
     check_labels(c2s, labels, answer_ids)
     _runtime.check_context(c2s.model, ids, name=c2s.name, room=max(map(len, answer_ids)))
     pad = _runtime.pad_id(c2s.tokenizer)
@@ -322,9 +320,7 @@ def answer_prefix(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *,
     prompts_ids, pad = ids[:PREFIX_PROMPTS], _runtime.pad_id(c2s.tokenizer)
     scores = {}
     for prefix in (" ", ""):
-        answer_ids = _runtime.tokenize(
-            c2s.tokenizer, [prompts.answer(label, prefix=prefix) for label in labels], special_tokens=False
-        )
+        answer_ids = _candidates.label_answers(c2s.tokenizer, labels, prefix=prefix)
         loglik = _candidates.score_answers(
             c2s.model, prompts_ids, answer_ids, batch_size=batch_size, pad_id=pad, desc="answer prefix"
         )

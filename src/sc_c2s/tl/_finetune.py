@@ -23,7 +23,7 @@ from sc_c2s._utils._validate import (
     check_positive_int,
     check_random_state,
 )
-from sc_c2s.models import _lora, _runtime, _trainer
+from sc_c2s.models import _candidates, _lora, _runtime, _trainer
 from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_TASKS, TASKS, C2SMetadata
 
 from . import _pairs, _samples
@@ -618,7 +618,7 @@ def _held_out(
         cell_words = [words[i] for i in keep]
         truth = np.array([label_set.index(labels[i]) for i in keep], dtype=int)
         if task == "cell_type_prediction":
-            answers = _runtime.tokenize(tokenizer, [prompts.answer(label) for label in label_set], special_tokens=False)
+            answers = _candidates.label_answers(tokenizer, label_set)
             longest = label_set[int(np.argmax([len(ids) for ids in answers]))]  # prompts cut to fit any answer
             samples = _samples.encode(tokenizer, cell_words, [longest] * len(keep), tasks=(task,), **kwargs)
             cell_prompts = [ids[:n] for ids, n in zip(samples.input_ids, samples.n_prompt, strict=True)]
