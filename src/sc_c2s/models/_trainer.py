@@ -62,10 +62,6 @@ class Samples:
     def __len__(self) -> int:
         return len(self.input_ids)
 
-    def take(self, index: Sequence[int] | np.ndarray) -> Samples:
-        """Return the samples at `index`, in that order."""
-        return Samples([self.input_ids[i] for i in index], self.n_prompt[np.asarray(index, dtype=int)])
-
     def labels(self, i: int) -> np.ndarray:
         """Targets of sample `i`: its token ids with the prompt masked by :data:`IGNORE_INDEX`."""
         labels = self.input_ids[i].copy()
@@ -88,10 +84,6 @@ class Choices:
     """The same cells' samples, once per candidate label (in the prompt for generation, as answer for prediction)."""
     truth: np.ndarray
     """Index into `samples` of each cell's true label."""
-
-    def take(self, index: Sequence[int] | np.ndarray) -> Choices:
-        """Return the cells at `index`, in that order."""
-        return Choices([s.take(index) for s in self.samples], self.truth[np.asarray(index, dtype=int)])
 
 
 @dataclass
