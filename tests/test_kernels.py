@@ -150,6 +150,23 @@ def test_long_tied_rows_order_by_the_full_tie_key(fmt):
         np.testing.assert_array_equal(ranking.values[cell], row[order[:k]])
 
 
+@pytest.mark.parametrize("n_expressed", [1_023, 1_024, 6_000])
+def test_long_rows_of_counts_and_normalised_values_match_the_reference(n_expressed):
+    """Rows as long as real cells', whose values differ in many bits (counts from 1 to tens of thousands, and
+    normalised float32 values): sorted 8 bits at a time below 1,024 entries and 11 bits at a time from there."""
+    rng = np.random.default_rng(n_expressed)
+    counts = np.zeros((4, 8_000), dtype=np.float32)
+    for row in counts:
+        genes = rng.choice(row.size, n_expressed, replace=False)
+        row[genes] = np.minimum(rng.pareto(0.8, n_expressed).astype(np.int64) + 1, 50_000)
+    normalised = np.log1p(counts / counts.sum(axis=1, keepdims=True) * 1e4).astype(np.float32)
+    for X in (counts, normalised):
+        expected = reference(X, 5)
+        for k in (200, None):
+            ranking = rank_genes(sparse.csr_matrix(X), n_genes=k, random_state=5)
+            assert as_lists(ranking.genes) == [row[:k] for row in expected]
+
+
 def test_rows_with_and_without_float32_values_mix():
     """Rows with a value that is not a float32 take the heap path; the other rows of the chunk are unaffected."""
     rng = np.random.default_rng(3)

@@ -33,6 +33,10 @@ N_FINE_BINS = 2**16
 _EXACT_BELOW = 256.0
 #: Largest float32 bit pattern of a finite positive value: ``bits - 1 < _VALID`` (unsigned) for exactly those.
 _VALID = np.uint32(0x7F7FFFFF)
+#: :func:`_radix_sort` sorts arrays of at least ``_WIDE_FROM`` entries ``_WIDE_DIGIT`` bits at a time, shorter ones 8.
+_WIDE_FROM = 1024
+_WIDE_DIGIT = 11
+_RADIX_BUCKETS = 2**_WIDE_DIGIT
 
 
 @njit(cache=True, inline="always")
@@ -154,38 +158,53 @@ def _select_smallest(a, hi, k):
 
 @njit(cache=True)
 def _radix_sort(a, low_bit, spare, counts):
-    """Sort ``a`` in place by its bits from ``low_bit`` up (a byte at a time, least significant first).
+    """Sort ``a`` in place by its bits from ``low_bit`` up, least significant digit first.
 
-    The order of values that differ only below ``low_bit`` is unspecified. ``spare`` is as long as ``a``, ``counts``
-    is ``(8, 256)``.
+    Only bits that differ between the entries are sorted on: digits start at the lowest such bit and skip runs of
+    constant bits, :data:`_WIDE_DIGIT` bits wide for :data:`_WIDE_FROM` entries or more (fewer passes over the
+    array), else 8 bits (fewer buckets to clear and sum). The order of values that differ only below ``low_bit`` is
+    unspecified. ``spare`` is as long as ``a``, ``counts`` is ``(8, _RADIX_BUCKETS)``.
     """
     n = a.shape[0]
     if n < 2:
         return
-    n_digits = (64 - low_bit + 7) // 8
-    counts[:n_digits] = 0
+    ones = np.uint64(0)
+    zeros = np.uint64(0)
     for i in range(n):
-        x = a[i] >> np.uint64(low_bit)
+        ones |= a[i]
+        zeros |= ~a[i]
+    varying = ((ones & zeros) >> np.uint64(low_bit)) << np.uint64(low_bit)  # bits set in some entries only
+    digit = _WIDE_DIGIT if n >= _WIDE_FROM else 8
+    mask = np.uint64((1 << digit) - 1)
+    shifts = np.empty(8, dtype=np.uint64)
+    n_digits = 0
+    bit = low_bit
+    while bit < 64 and varying >> np.uint64(bit):
+        if (varying >> np.uint64(bit)) & np.uint64(1):
+            shifts[n_digits] = bit
+            n_digits += 1
+            bit += digit
+        else:
+            bit += 1
+    n_buckets = 1 << digit
+    counts[:n_digits, :n_buckets] = 0
+    for i in range(n):
+        x = a[i]
         for d in range(n_digits):
-            counts[d, (x >> np.uint64(8 * d)) & np.uint64(0xFF)] += 1
+            counts[d, (x >> shifts[d]) & mask] += 1
     src, dst = a, spare[:n]
-    swapped = False
     for d in range(n_digits):
-        shift = np.uint64(low_bit + 8 * d)
         c = counts[d]
-        if c[(src[0] >> shift) & np.uint64(0xFF)] == n:  # one value of this byte: nothing to move
-            continue
         total = 0
-        for b in range(256):
+        for b in range(n_buckets):
             total, c[b] = total + c[b], total
         for i in range(n):
             x = src[i]
-            b = (x >> shift) & np.uint64(0xFF)
+            b = (x >> shifts[d]) & mask
             dst[c[b]] = x
             c[b] += 1
         src, dst = dst, src
-        swapped = not swapped
-    if swapped:
+    if n_digits % 2:
         a[:] = src
 
 
@@ -217,7 +236,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     When the row has more than ``k`` entries, a histogram of the values' leading bits finds the bin holding the
     ``k``-th best value: entries of higher bins are all kept, those of that bin compete for the last places, and
     the rest are never packed. ``histogram`` (zeros, :data:`N_BINS` long) is left zeroed; ``packed``, ``spare`` and
-    ``positions`` are scratch arrays at least as long as the row, ``counts`` one of ``(8, 256)`` for the radix
+    ``positions`` are scratch arrays at least as long as the row, ``counts`` one of ``(8, _RADIX_BUCKETS)`` for the radix
     sort. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
     """
     n_entries = values.shape[0]
@@ -367,7 +386,7 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
         histogram = np.zeros(N_BINS, dtype=np.int64)
         packed = np.empty(longest, dtype=np.uint64)
         spare = np.empty(longest, dtype=np.uint64)
-        counts = np.empty((8, 256), dtype=np.int64)
+        counts = np.empty((8, _RADIX_BUCKETS), dtype=np.int64)
         positions = np.empty(longest, dtype=np.int64)
         no_values = np.empty(0, dtype=out_values.dtype)
         for i in range(first, last):
@@ -404,7 +423,7 @@ def rank_dense(X, cells, k, seed, n_chunks, out_genes, out_values, n_expressed, 
         histogram = np.zeros(N_BINS, dtype=np.int64)
         packed = np.empty(n_cols, dtype=np.uint64)
         spare = np.empty(n_cols, dtype=np.uint64)
-        counts = np.empty((8, 256), dtype=np.int64)
+        counts = np.empty((8, _RADIX_BUCKETS), dtype=np.int64)
         positions = np.empty(n_cols, dtype=np.int64)
         no_values = np.empty(0, dtype=out_values.dtype)
         for i in range(c * chunk, min(n_rows, (c + 1) * chunk)):
