@@ -265,6 +265,14 @@ def test_join_sentences_handles_padding_empty_rows_and_multibyte_words(monkeypat
     assert join_sentences(np.zeros((0, 2), dtype=np.int32), words).tolist() == []
 
 
+@pytest.mark.parametrize("longest", [255, 256, 70_000])
+def test_join_sentences_writes_names_of_any_length(longest):
+    """Word lengths are held in the smallest integer type that fits the longest name: one byte up to 255."""
+    words = np.array(["A" * longest, "B" * (longest - 1), "C"], dtype=object)
+    genes = np.array([[0, 1, 2], [2, 1, -1]], dtype=np.int32)
+    assert join_sentences(genes, words).tolist() == [" ".join(words), f"C {words[1]}"]
+
+
 def all_formats(X: np.ndarray) -> dict[str, object]:
     return {
         "dense": X,

@@ -215,7 +215,9 @@ def join_sentences(genes: np.ndarray, words: np.ndarray) -> np.ndarray:
     word_lengths = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
     if len(word_bytes) != len(joined):  # names beyond ASCII: bytes, not characters
         word_lengths = np.fromiter((len(w.encode()) for w in words), dtype=np.int64, count=len(words))
-    width = 16 * (int(word_lengths.max(initial=0)) // 16 + 1)
+    longest = int(word_lengths.max(initial=0))
+    width = 16 * (longest // 16 + 1)
+    word_lengths = word_lengths.astype(np.min_scalar_type(longest))  # small enough to stay in the fastest cache
     word_table = _kernels.word_table(np.frombuffer(word_bytes, dtype=np.uint8), word_lengths, width)
     sentences = np.empty(len(genes), dtype=object)
     with numba_threads():
