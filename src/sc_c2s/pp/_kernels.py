@@ -8,8 +8,8 @@ nothing else, so CSR, CSC and dense storage of the same matrix give the same ord
 Each expressed entry becomes one 64-bit sort key: the float32 bits of its value (order-preserving for values
 ``>= 0``), then the top bits of its tie-break key, then its position in the row. For the top ``k`` of a longer row,
 a histogram of the values' leading bits finds the bin of the ``k``-th best value, only entries from that bin up
-are packed, and a quickselect keeps ``k`` of them (``O(nnz)``); the ``k`` kept are radix-sorted, so a short sentence
-never sorts a whole row. Entries whose packed keys agree on value and tie-key bits are put in order by their full
+are packed, and a quickselect keeps ``k`` of them (``O(nnz)``); the ``k`` kept are radix-sorted on the bits that
+differ among them, so a short sentence never sorts a whole row. Entries whose packed keys agree on value and tie-key bits are put in order by their full
 tie-break keys, so the result is exact. Rows holding a value that is not exactly a float32 (e.g. float64
 log-normalised data) take a bounded-heap path (``O(nnz log k)``) that compares values and full keys directly.
 """
@@ -236,8 +236,8 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     When the row has more than ``k`` entries, a histogram of the values' leading bits finds the bin holding the
     ``k``-th best value: entries of higher bins are all kept, those of that bin compete for the last places, and
     the rest are never packed. ``histogram`` (zeros, :data:`N_BINS` long) is left zeroed; ``packed``, ``spare`` and
-    ``positions`` are scratch arrays at least as long as the row, ``counts`` one of ``(8, _RADIX_BUCKETS)`` for the radix
-    sort. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
+    ``positions`` are scratch arrays at least as long as the row, ``counts`` one of ``(8, _RADIX_BUCKETS)`` for the
+    radix sort. Returns status :data:`INEXACT`, with nothing written, if a value is not exactly a float32.
     """
     n_entries = values.shape[0]
     select = k < n_entries
