@@ -111,10 +111,14 @@ def traced_mb(fn: Callable[[], object]) -> tuple[float, float]:
     return (peak - before) / MB, (after - before) / MB
 
 
-def best_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """Best wall-clock seconds and best CPU seconds (all threads of the process) over `repeats` calls."""
+def best_time(fn: Callable[[], object], repeats: int, min_seconds: float = 2.0) -> tuple[float, float]:
+    """Best wall-clock seconds and best CPU seconds (all threads of the process) over `repeats` calls or more.
+
+    Calls are repeated until `min_seconds` have passed: the best of a few calls of a tenth of a second varies by a
+    fifth between runs on a shared machine.
+    """
     wall, cpu = [], []
-    for _ in range(repeats):
+    while len(wall) < repeats or sum(wall) < min_seconds:
         gc.collect()
         start, start_cpu = time.perf_counter(), time.process_time()
         fn()
