@@ -15,20 +15,23 @@ Figures are wall-clock cells per second, the best of `--repeats` runs, on `scanp
 (`--n-jobs`, default all cores). Slow baselines run on the first `--baseline-cells` cells. Peak memory is the most
 memory allocated at once during one call (tracemalloc), beside the input already held.
 
-Last run (2 cores, idle: load average 1.6 at the start;
+Last run (2 cores, load average 1.0 at the start;
 `PYTHONPATH=src /tmp/refenv/bin/python benchmarks/bench_sentences.py --repeats 3`, reference installed with
 `pip install --no-deps cell2sentence` then `pip install datasets plotnine accelerate`)::
 
     call                                                      cells/s   × numpy   × cell2sentence
-    CellBench, default to_sentences(adata, n_genes=200)        14,800       4.8              44.2
-    CellBench, the same without the rank fit                   19,810       6.4              59.1
-    CellBench ×36 (50,688 cells), default call                 26,020       6.9              70.4
-    CellBench ×36, all genes as strings (20,000 cells)          4,008       3.2              10.8
-    synthetic 100k, top 200, no strings, no rank fit           98,783      10.2
+    CellBench, default to_sentences(adata, n_genes=200)        23,831       5.5              37.4
+    CellBench, the same without the rank fit                   33,302       7.7              52.3
+    CellBench ×36 (50,688 cells), default call                 42,458       9.7              68.6
+    CellBench ×36, all genes as strings (20,000 cells)          7,122       3.6              11.5
+    synthetic 100k, top 200, no strings, no rank fit          118,524       8.8
 
-The rank fit took 25 % of the default call on CellBench (all 1,408 cells are in its sample: about 24 ms, against
-130 ms before it read each cell once into runs of equal values; the share grew as the rest of the call got
-faster), none at 50,688 cells. The reference's speed varies by a quarter between runs (335 and 370 cells/s here).
+The rank fit took 28 % of the default call on CellBench (all 1,408 cells are in its sample: about 17 ms), none at
+50,688 cells; it read 14 % and 23 % in two other runs this week. The reference's speed varies between runs (335 to
+370 cells/s in an earlier session, 554 to 619 this week), and so does ours: the synthetic top-200 row read 10.2×
+and 9.9× numpy in two runs, 7.4× and 8.8× in two others. Full sentences got about a fifth faster this release
+(radix sort on the bits that differ, 11 at a time for long cells: 4,008 → 7,122 cells/s against the earlier run,
+10.8× → 11.5× the reference).
 """
 
 from __future__ import annotations
