@@ -9,9 +9,10 @@ Each expressed entry becomes one 64-bit sort key: the float32 bits of its value 
 ``>= 0``), then the top bits of its tie-break key, then its position in the row. For the top ``k`` of a longer row,
 a histogram of the values' leading bits finds the bin of the ``k``-th best value, only entries from that bin up
 are packed, and a quickselect keeps ``k`` of them (``O(nnz)``); the ``k`` kept are radix-sorted on the bits that
-differ among them, so a short sentence never sorts a whole row. Entries whose packed keys agree on value and tie-key bits are put in order by their full
-tie-break keys, so the result is exact. Rows holding a value that is not exactly a float32 (e.g. float64
-log-normalised data) take a bounded-heap path (``O(nnz log k)``) that compares values and full keys directly.
+differ among them, so a short sentence never sorts a whole row. Entries whose packed keys agree on value and
+tie-key bits are put in order by their full tie-break keys, so the result is exact. Rows holding a value that is
+not exactly a float32 (e.g. float64 log-normalised data) take a bounded-heap path (``O(nnz log k)``) that compares
+values and full keys directly.
 """
 
 from __future__ import annotations
