@@ -12,8 +12,9 @@ sees this environment and run the script with that venv's python::
     /tmp/refenv/bin/python benchmarks/bench_sentences.py
 
 Figures are wall-clock cells per second, the best of `--repeats` runs (more for calls under 2 s), on
-`scanpy.settings.n_jobs` threads (`--n-jobs`, default all cores). Slow baselines run on the first `--baseline-cells` cells. Peak memory is the most
-memory allocated at once during one call (tracemalloc), beside the input already held.
+`scanpy.settings.n_jobs` threads (`--n-jobs`, default all cores). Slow baselines run on the first
+`--baseline-cells` cells. Peak memory is the most memory allocated at once during one call (tracemalloc), beside
+the input already held.
 
 Last run (2 cores, load average 1.0 at the start;
 `PYTHONPATH=src /tmp/refenv/bin/python benchmarks/bench_sentences.py --repeats 3`, reference installed with
