@@ -612,9 +612,10 @@ def _held_out(
     out: dict[str, _trainer.Choices | _trainer.Answers] = {}
     for task in tasks:
         n_keep = _trainer.EVAL_SAMPLES if task == "cell_type_prediction" else _trainer.EVAL_SAMPLES // len(label_set)
+        n_keep = max(n_keep, 1)
         keep = np.arange(len(words))
-        if len(words) > max(n_keep, 1):
-            keep = np.sort(np.random.default_rng(random_state).choice(len(words), max(n_keep, 1), replace=False))
+        if len(words) > n_keep:
+            keep = np.sort(np.random.default_rng(random_state).choice(len(words), n_keep, replace=False))
         cell_words = [words[i] for i in keep]
         truth = np.array([label_set.index(labels[i]) for i in keep], dtype=int)
         if task == "cell_type_prediction":
