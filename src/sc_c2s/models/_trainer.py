@@ -143,10 +143,12 @@ def sample_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch
         position_ids=batch["position_ids"],
         logits_to_keep=n_keep,
     )
-    targets = labels[:, labels.shape[1] - n_keep + 1 :]
+    # the last logit predicts nothing: it gets an ignored target rather than being sliced off, and the logits are
+    # read as rows of one position each, so that the softmax and its gradient run over contiguous memory
+    targets = torch.nn.functional.pad(labels[:, labels.shape[1] - n_keep + 1 :], (0, 1), value=IGNORE_INDEX)
     token_loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
     is_target = targets != IGNORE_INDEX
     return token_loss.sum(1) / is_target.sum(1)
 
