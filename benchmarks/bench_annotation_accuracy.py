@@ -56,7 +56,9 @@ pbmc4k alone with ``--threads 2`` on the otherwise idle machine (load average 0.
 (best step 2,400) in 677 s: within the 2 points (-1.2), but 77 s over the 10 minutes. Again with the model selection
 that reads each held-out prompt once (load average 1.6 at the start, nothing else running): sc_c2s constrained
 and free 0.881, 0.841 (-1.1), best step 1,920 of 2,400, in 773 s (1,330 s of CPU); the same steps' time varies by
-about a seventh between runs on this machine.
+about a seventh between runs on this machine. Again after the faster answer loss (load average 0.9 at the start,
+nothing else running): logistic regression 0.890, 0.853; CellTypist 0.883, 0.839; sc_c2s constrained and free
+0.880, 0.844 (-0.9), best step 2,280 of 2,400, in 531 s (780 s of CPU): both targets met on pbmc4k.
 
 tissue the same way (``--datasets tissue --threads 2``, idle machine): logistic regression accuracy 0.891,
 macro-F1 0.686 (8 s); CellTypist 0.854, 0.503 (22 s); sc_c2s constrained 0.648, 0.240 (free 0.646, 0.234, one
