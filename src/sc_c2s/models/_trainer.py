@@ -159,7 +159,7 @@ def budget(
     """Maximum optimiser steps: the smaller of `epochs` passes over the samples and `max_steps`.
 
     When neither is given: from scratch :data:`SCRATCH_STEPS` (what generation needs on a few hundred cells,
-    and about 11 minutes on 2 CPU cores; held-out selection stops earlier once the scores plateau), for a
+    and about 9 minutes on 2 CPU cores; held-out selection stops earlier once the scores plateau), for a
     pretrained model :data:`PRETRAINED_EPOCHS` passes.
     """
     per_epoch = math.ceil(n_samples / batch_size)

@@ -101,7 +101,7 @@ def finetune(
     metadata beside the held-out cells' names.
 
     The budget: from scratch, 2,400 optimiser steps of 16 samples whatever the number of cells (the learning
-    rate decays over them; generation needs that many even for a few hundred cells, and they take about 11
+    rate decays over them; generation needs that many even for a few hundred cells, and they take about 9
     minutes on 2 CPU cores); a pretrained model gets 3 passes over the training samples. `epochs` and
     `max_steps` lower that maximum, `max_time` bounds the wall time, and early stopping can end training before
     it. The progress bar shows the latest and best held-out label accuracy and the time left.
