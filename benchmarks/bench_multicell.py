@@ -21,6 +21,15 @@ through their top ``N_GENES`` genes: from so few genes, the control itself barel
 tissues (intestine, stomach: 40 and 35 held-out cells) from the others, so read each tissue against its control.
 
     python benchmarks/bench_multicell.py [--data path/to/tissue_mouse_assembled_common.h5ad]
+
+Last run (2 cores, the package defaults: all 2,400 steps of 16 samples in 592 s): 1,823 training cells in 183
+samples, 914 held-out cells in 92 samples. Tissue of the held-out samples: ``tl.predict_tissue`` 0.989 (all
+tissues 1.00 but stomach, 3 of 4 samples), logistic regression on mean expression 1.000. Generated cells (50 per
+tissue, all words valid, 20.0 genes a cell on average) recognised by kNN, generated | real-vs-real control:
+intestine 0.04 | 0.05, kidney 0.92 | 0.98, lung 0.98 | 0.96, pancreas 1.00 | 1.00, stomach 0.50 | 0.41, testis 0.92
+| 1.00; overall 0.727 | 0.734. The generated cells are recognised as often as real ones; the 0.90 target is met on
+the four tissues that 20 genes tell apart, and the control shows it cannot be on intestine and stomach at this
+scale.
 """
 
 from __future__ import annotations
