@@ -196,15 +196,28 @@ def test_token_budget_with_multi_token_genes(tiny):
 
 def test_sample_token_is_the_inverse_cdf_of_the_filtered_distribution():
     logits = torch.log(torch.tensor([[0.2, 0.5, 0.3, 1e-9]])).repeat(4, 1)
-    uniform = torch.tensor([0.0, 0.6, 0.7, 0.999999])
-    # top_p=0.75 keeps 0.5 and 0.3 (0.5 < 0.75 before the second): renormalised 0.625 / 0.375
+    uniform = torch.tensor([0.1, 0.6, 0.75, 0.999999])
+    # top_p=0.75 keeps 0.5 and 0.3 (0.5 < 0.75 before the second): renormalised 0.625 / 0.375, in token order
     np.testing.assert_array_equal(_sampling._sample_token(logits, uniform, 1.0, None, 0.75), [1, 1, 2, 2])
     # top_k=1 is greedy
     np.testing.assert_array_equal(_sampling._sample_token(logits, uniform, 1.0, 1, None), [1, 1, 1, 1])
-    # no filter: order 0.5, 0.3, 0.2 (cumulative 0.5, 0.8, 1.0)
-    np.testing.assert_array_equal(_sampling._sample_token(logits, uniform, 1.0, None, None), [1, 2, 2, 0])
-    # a high temperature flattens to 1/4 each, in the same order: u = 0.6 picks the third most likely
-    np.testing.assert_array_equal(_sampling._sample_token(logits[:1], uniform[1:2], 1e6, None, None), [0])
+    # no filter: token order 0.2, 0.5, 0.3, 1e-9 (cumulative 0.2, 0.7, 1.0, 1.0)
+    np.testing.assert_array_equal(_sampling._sample_token(logits, uniform, 1.0, None, None), [0, 1, 2, 2])
+    # a high temperature flattens to 1/4 each: u = 0.6 picks the third token
+    np.testing.assert_array_equal(_sampling._sample_token(logits[:1], uniform[1:2], 1e6, None, None), [2])
+
+
+@pytest.mark.parametrize(("top_k", "top_p"), [(None, None), (50, 0.95)])
+def test_sample_token_ignores_rounding_between_nearly_equal_tokens(top_k, top_p):
+    """Two tokens whose probabilities differ by rounding (as between batch shapes) give the same draws."""
+    uniform = torch.linspace(0.01, 0.99, 99)
+    uniform = uniform[((uniform - 0.3).abs() > 0.01) & ((uniform - 0.6).abs() > 0.01)]  # away from the boundaries
+    tokens = [
+        _sampling._sample_token(torch.log(torch.tensor([probs])).repeat(len(uniform), 1), uniform, 1.0, top_k, top_p)
+        for probs in ([0.3, 0.3 + 1e-6, 0.4 - 1e-6], [0.3 + 1e-6, 0.3, 0.4 - 1e-6])
+    ]
+    np.testing.assert_array_equal(tokens[0], tokens[1])
+    assert set(tokens[0].tolist()) == {0, 1, 2}
 
 
 def test_uniforms_depend_on_seed_and_cell_only():

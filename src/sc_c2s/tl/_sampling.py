@@ -504,7 +504,11 @@ def _sample_token(
     if top_p is not None:
         # keep a token while the tokens before it hold less than top_p; the first is always kept
         probs = probs * ((probs.cumsum(-1) - probs) < top_p)
-    cumulative = probs.cumsum(-1)
+    # u is mapped over the kept tokens in the order of their ids, not of their probabilities: two tokens of nearly
+    # equal probability swap places in that order with the rounding of another batch shape, which would change
+    # the token of almost every u, not only of a u at a boundary
+    index, by_id = torch.sort(index, dim=-1)
+    cumulative = probs.gather(-1, by_id).cumsum(-1)
     # the first token whose cumulative probability reaches u · total; never one of probability 0
     chosen = (cumulative < (uniform * cumulative[:, -1])[:, None]).sum(-1, keepdim=True)
     return index.gather(-1, chosen.clamp(max=index.shape[-1] - 1)).squeeze(-1)
