@@ -51,7 +51,7 @@ def generate(
     cells_per_sample: int = 5,
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
-    temperature: float = 1.0,
+    temperature: float = 0.5,
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     unique_genes: bool = True,
@@ -104,7 +104,10 @@ def generate(
         Genes per sentence to ask for; the published checkpoints were trained on 200.
     {doc_organism}
     temperature
-        Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it.
+        Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it. The default
+        was chosen on validation cells (see :doc:`/method`): on models trained by :func:`sc_c2s.tl.finetune`, 0.5
+        generated cells closer to the real ones of their type than 1.0 did, by kNN recovery and MMD alike. ``1.0``
+        samples the model's own distribution, the more diverse cells.
     top_k
         Sample among this many most likely tokens; ``None`` for no limit.
     top_p
