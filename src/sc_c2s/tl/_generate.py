@@ -106,8 +106,8 @@ def generate(
     temperature
         Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it. The default
         was chosen on validation cells (see :doc:`/method`): on models trained by :func:`sc_c2s.tl.finetune`, 0.5
-        generated cells closer to the real ones of their type than 1.0 did, by kNN recovery and MMD alike. ``1.0``
-        samples the model's own distribution, the more diverse cells.
+        generated cells recognised as their type or tissue more often than 1.0 did, single cells also closer to
+        the real ones by MMD. ``1.0`` samples the model's own distribution, the more diverse cells.
     top_k
         Sample among this many most likely tokens; ``None`` for no limit.
     top_p
