@@ -56,6 +56,7 @@ import sc_c2s
 from sc_c2s.models import _scratch, _trainer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+#: Seed of training (unless `--base random_state=...`) and of generation.
 SEED = 0
 #: Values tried for each knob, most promising first (``--quick`` tries the first one or two).
 KNOBS = {
@@ -94,7 +95,7 @@ def main() -> None:
         nargs="+",
         default=[],
         metavar="KEY=VALUE",
-        help="finetune arguments of every run, e.g. max_steps=1000",
+        help="finetune arguments of every run, e.g. max_steps=1000 or random_state=1 (another training seed)",
     )
     parser.add_argument("--max-time", type=float, help="finetune's max_time of every run, seconds")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
@@ -189,9 +190,8 @@ def run(
             label_key=label_key,
             base_model="scratch",
             output_dir=Path(tmp) / name,
-            random_state=SEED,
             max_time=max_time,
-            **change,
+            **({"random_state": SEED} | change),
         )
         seconds = time.perf_counter() - start
         model = sc_c2s.models.load(path)
@@ -224,8 +224,7 @@ def curve(name: str, train: ad.AnnData, valid: ad.AnnData, label_key: str, base:
             label_key=label_key,
             base_model="scratch",
             output_dir=Path(tmp) / name,
-            random_state=SEED,
-            **({"max_steps": steps, "patience": None, "eval_every": max(1, steps // 10)} | base),
+            **({"random_state": SEED, "max_steps": steps, "patience": None, "eval_every": max(1, steps // 10)} | base),
         )
         model = sc_c2s.models.load(path)
     recorded = {point["step"]: point for point in model.metadata.training["curve"]}
