@@ -68,7 +68,7 @@ KNOBS = {
     "tasks": [("cell_type_prediction",), ("cell_type_generation",)],
     "max_steps": [1200, 3600],
 }
-SAMPLING = {"temperature": [0.7, 1.0, 0.3], "top_p": [1.0, 0.9]}
+SAMPLING = {"temperature": [0.7, 0.5, 0.85], "top_p": [1.0, 0.9]}
 QUICK = {
     "learning_rate": 1,
     "batch_size": 1,

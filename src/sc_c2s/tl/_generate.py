@@ -51,7 +51,7 @@ def generate(
     cells_per_sample: int = 5,
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
-    temperature: float = 0.5,
+    temperature: float = 1.0,
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     unique_genes: bool = True,
@@ -104,10 +104,10 @@ def generate(
         Genes per sentence to ask for; the published checkpoints were trained on 200.
     {doc_organism}
     temperature
-        Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it. The default
-        was chosen on validation cells (see :doc:`/method`): on models trained by :func:`sc_c2s.tl.finetune`, 0.5
-        generated cells recognised as their type or tissue more often than 1.0 did, single cells also closer to
-        the real ones by MMD. ``1.0`` samples the model's own distribution, the more diverse cells.
+        Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it. ``1.0``
+        samples the model's own distribution. On validation cells (see :doc:`/method`), 0.5 generated cells of
+        well-separated types (cell lines, tissues) that were recognised as their type more often, but cells of
+        closely related types (PBMC clusters) further from the real ones by MMD.
     top_k
         Sample among this many most likely tokens; ``None`` for no limit.
     top_p
