@@ -183,6 +183,22 @@ def test_unique_genes_blocks_repeats(ranked, tiny):
     assert (generated.obs["n_duplicate_genes"] == 0).all()
 
 
+def test_unique_genes_writes_genes_of_the_vocabulary_only(ranked, tiny):
+    # wants a cell line's name, then a template word, then CD99 and the period
+    model = scripted(tiny, ["H838", "cell", "CD99", "."])
+    kwargs = {"model": model, "cell_types": ["A549"], "n_genes": 3}
+    free = sc_c2s.tl.generate(ranked, unique_genes=False, **kwargs)
+    assert free.obs["c2s_sentence"].iloc[0] == "H838 cell CD99"
+    assert free.obs["n_unknown_words"].iloc[0] == 2
+    # the blocked words' probability goes to the genes: a gene drawn from the flat rest, then the wanted CD99
+    genes = sc_c2s.tl.generate(ranked, **kwargs)
+    words = genes.obs["c2s_sentence"].iloc[0].split()
+    assert len(words) == 3
+    assert words[2] == "CD99"
+    assert set(words) <= set(ranked.uns["c2s"]["genes"])
+    assert genes.obs[["n_valid_genes", "n_unknown_words"]].iloc[0].tolist() == [3, 0]
+
+
 def test_token_budget_with_multi_token_genes(tiny):
     one_token = _sampling.token_budget(tiny, np.array(["DPM1", "CD99"]), 10)
     np.testing.assert_array_equal(one_token["gene_ids"], sorted(tiny.tokenizer.convert_tokens_to_ids(["DPM1", "CD99"])))

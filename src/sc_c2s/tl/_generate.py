@@ -114,11 +114,12 @@ def generate(
         Sample among the most likely tokens whose probabilities add up to this (nucleus sampling); ``None`` for
         no limit.
     unique_genes
-        Never sample a gene that is already in the sentence, since a cell sentence names each gene once. With
-        one token per gene (the models :func:`sc_c2s.tl.finetune` trains from scratch), those tokens are blocked
-        once used. With sub-word tokenizers (Pythia's, Gemma's), where a gene takes several tokens and a token
-        may start many genes, sentences are written from the genes of the vocabulary only, token by token along
-        their spelling, each gene at most once; the token budget then suffices for the `n_genes` longest.
+        Write sentences of distinct genes of the vocabulary, since a cell sentence names each gene once: no other
+        word (a cell type's name, a word of the prompt) and no gene twice. With one token per gene (the models
+        :func:`sc_c2s.tl.finetune` trains from scratch), only the genes' tokens and the end of the sentence can be
+        sampled, and a gene's token is blocked once used. With sub-word tokenizers (Pythia's, Gemma's), where a
+        gene takes several tokens and a token may start many genes, sentences are written token by token along
+        the genes' spellings, each gene at most once; the token budget then suffices for the `n_genes` longest.
     exact_length
         Write `n_genes` words per sentence, as the prompt asks: the closing period and the end-of-sequence token
         are blocked until the sentence has `n_genes` words, and after that only tokens that end the sentence (or

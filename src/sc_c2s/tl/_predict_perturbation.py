@@ -85,7 +85,7 @@ def predict_perturbation(
     top_p
         Nucleus sampling threshold; ``None`` for no limit.
     unique_genes
-        Never write a gene twice in a sentence (see :func:`sc_c2s.tl.generate`).
+        Write sentences of distinct genes of the vocabulary (see :func:`sc_c2s.tl.generate`).
     exact_length
         Write `n_genes` genes per sentence (see :func:`sc_c2s.tl.generate`).
     n_cells

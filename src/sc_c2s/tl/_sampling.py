@@ -304,10 +304,11 @@ class _Length(NamedTuple):
 class _Sampler:
     """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call.
 
-    With `gene_ids`, a row never samples one of those tokens twice. With `length`, a row cannot stop before it
-    has that many words, and after that it can only stop or continue its last word. With `words`, each row
-    writes distinct genes of several tokens each (and an exact number of them if the constraint says so). With
-    `reset_ids`, sampling one of those tokens lets a row use its genes again (a new cell of a multi-cell text).
+    With `gene_ids`, a row never samples one of those tokens twice. With `allowed`, a row writes only those
+    tokens. With `length`, a row cannot stop before it has that many words, and after that it can only stop or
+    continue its last word. With `words`, each row writes distinct genes of several tokens each (and an exact
+    number of them if the constraint says so). With `reset_ids`, sampling one of those tokens lets a row use its
+    genes again (a new cell of a multi-cell text).
     """
 
     def __init__(
@@ -321,11 +322,12 @@ class _Sampler:
         length: _Length | None,
         words: WordConstraint | None = None,
         reset_ids: torch.Tensor | None = None,
+        allowed: torch.Tensor | None = None,
     ):
         import torch
 
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
-        self.gene_ids, self.used, self.reset_ids = gene_ids, None, reset_ids
+        self.gene_ids, self.used, self.reset_ids, self.allowed = gene_ids, None, reset_ids, allowed
         self.length, self.constraint = length, words
         self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
         self.step = 0
@@ -334,6 +336,8 @@ class _Sampler:
         import torch
 
         logits = logits.float()
+        if self.allowed is not None:
+            logits = logits.masked_fill(~self.allowed, -torch.inf)
         if self.gene_ids is not None:
             if self.used is None:
                 self.used = torch.zeros_like(logits, dtype=torch.bool)
@@ -384,8 +388,9 @@ def sample(
     holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
     write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's new
     tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
-    text, after which `gene_ids` may be written again. Cell ``i`` draws the random numbers of cell
-    ``first_cell + i``, so a chunk of cells gets what it would get among all cells.
+    text, after which `gene_ids` may be written again; without them, a sentence of `gene_ids` is written from
+    those tokens and `stop_ids` only, as one of `gene_tokens` is from the genes' spellings. Cell ``i`` draws the
+    random numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all cells.
     """
     import torch
 
@@ -394,6 +399,11 @@ def sample(
     pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
     exact, trie, n_logits = None, None, c2s.model.config.vocab_size
+    allowed = None
+    if gene_tensor is not None and reset_ids is None:
+        allowed = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
+        allowed[gene_tensor] = True
+        allowed[stop_ids] = True
     if gene_tokens is not None:
         trie = WordTrie(gene_tokens, n_logits=n_logits, stop_ids=stop_ids, device=c2s.device)
     elif length is not None:
@@ -417,6 +427,7 @@ def sample(
             length=exact,
             words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=length and length[0]),
             reset_ids=None if reset_ids is None else torch.as_tensor(reset_ids, device=c2s.device),
+            allowed=allowed,
         )
         tokens, _ = _runtime.decode(
             c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
