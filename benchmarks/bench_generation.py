@@ -11,19 +11,21 @@ repeat block or the exact length, changes.
 
 Last run (``python benchmarks/bench_generation.py --threads 2 --model <the model of the run before>``: the
 checkpoint trained with finetune's defaults in the run before, batches of 16, all 2,400 steps, best step 2,400, in
-574 s on an otherwise idle 2-core CPU machine, sampled again after the sampler's token order changed): kNN label
-recovery 0.732 (real-vs-real control 0.974), MMD 2.26× the control against the training cells and 1.84× against
-CEL-seq2_5cl_p3, valid words 99.9 %; held-out annotation (59 cells) accuracy 0.983, macro-F1 0.981. The kNN and MMD
-targets are not met (HCC827 is recovered for 0.52 of its cells, H2228 for 0.57, H1975 for 0.65, A549 and H838 for
-0.95-0.97). In the last table, temperature 0.5 gave kNN 0.830 and MMD 2.08×, 0.7 0.824 and 2.14×, turning off the
-repeat block 0.686 and 66 % valid words, no exact length 0.738 and 2.26× (sampling defaults are chosen on
+574 s on an otherwise idle 2-core CPU machine, sampled again with genes-only sentences for one-token models): kNN
+label recovery 0.730 (real-vs-real control 0.974), MMD 2.26× the control against the training cells and 1.84×
+against CEL-seq2_5cl_p3, valid words 100 % (99.9 % before genes-only sentences, with kNN 0.732 and the same MMD);
+held-out annotation (59 cells) accuracy 0.983, macro-F1 0.981. The kNN and MMD targets are not met (HCC827 is
+recovered for 0.51 of its cells, H2228 for 0.58, H1975 for 0.64, A549 and H838 for 0.95-0.97). In the last table,
+temperature 0.5 gave kNN 0.826 and MMD 2.08×, 0.7 0.822 and 2.14×, turning off the repeat block (and the
+genes-only rule with it) 0.686 and 66 % valid words, no exact length 0.740 and 2.26× (sampling defaults are chosen on
 validation cells, not on this table: a lower temperature helps on these five cell lines and not on PBMC clusters,
 see the method page). Another training run of the same defaults, on a busier machine (929 s, best step 1,800),
 gave 0.792 and 2.19×: the same defaults vary by about 5 points between runs. The defaults before, batches of 32
 for 1,200 steps, gave kNN 0.632 and MMD 3.06×; with selection on the answer loss and a 300-step floor, 0.204 and
 5.0×. The earlier per-benchmark setting (generation only, batches of 16, 40 epochs, temperature 0.6) reached a kNN
-recovery of 0.988: training the generation task alone for longer is what is left between the defaults and that
-figure.
+recovery of 0.988. Generation alone with the defaults' early stopping is no way there: on validation cells it
+stopped after 840 and 1,080 steps and generated worse than both tasks (method page); 40 epochs without early
+stopping at a lower temperature is what is left between the defaults and that figure.
 
 Speed (only where CUDA is available): generated 200-gene cells per second with a model of the Pythia-410m
 architecture (random weights, word-level tokenizer over the CellBench genes, bf16), ``tl.generate`` beside a
