@@ -199,6 +199,15 @@ def test_unique_genes_writes_genes_of_the_vocabulary_only(ranked, tiny):
     assert genes.obs[["n_valid_genes", "n_unknown_words"]].iloc[0].tolist() == [3, 0]
 
 
+def test_exact_length_stops_at_the_genes_there_are(ranked, tiny, scanpy_log):
+    few = ranked[:, ranked.var["gene_symbol"].isin(["CD99", "DPM1", "LASP1", "AK2", "FKBP4"])].copy()
+    sc_c2s.pp.to_sentences(few, gene_symbols="gene_symbol")
+    generated = sc_c2s.tl.generate(few, model=tiny, cell_types={"A549": 3}, n_genes=8)
+    for sentence in generated.obs["c2s_sentence"]:
+        assert sorted(sentence.split()) == ["AK2", "CD99", "DPM1", "FKBP4", "LASP1"]
+    assert "can hold only the 5 genes of the vocabulary, not 8" in scanpy_log.getvalue()
+
+
 def test_token_budget_with_multi_token_genes(tiny):
     one_token = _sampling.token_budget(tiny, np.array(["DPM1", "CD99"]), 10)
     np.testing.assert_array_equal(one_token["gene_ids"], sorted(tiny.tokenizer.convert_tokens_to_ids(["DPM1", "CD99"])))

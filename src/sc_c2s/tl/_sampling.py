@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numpy as np
 import pandas as pd
 from anndata import AnnData
+from scanpy import logging as logg
 from scipy import sparse
 
 from sc_c2s import _dask, prompts
@@ -110,6 +111,7 @@ def write_cells(
     check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
+    n_words = _sentence_length(budget, n_genes, unique_genes=unique_genes) if exact_length else None
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
@@ -122,7 +124,7 @@ def write_cells(
         "top_p": top_p,
         "gene_ids": budget["gene_ids"] if unique_genes else None,
         "gene_tokens": budget["gene_tokens"] if unique_genes else None,
-        "length": None if starts is None else (n_genes, *starts),
+        "length": None if starts is None else (n_words, *starts),
         "random_state": random_state,
         "batch_size": batch_size,
     }
@@ -145,6 +147,23 @@ def write_cells(
         "tokens_per_gene": budget["tokens_per_gene"],
     }
     return X, sentences, counts, written
+
+
+def _sentence_length(budget: dict[str, Any], n_genes: int, *, unique_genes: bool) -> int:
+    """Words of a sentence of exact length: `n_genes`, or all the genes there are if distinct genes are fewer."""
+    if not unique_genes or (budget["gene_ids"] is None and budget["gene_tokens"] is None):
+        return n_genes
+    if budget["gene_ids"] is not None:
+        n_distinct = len(budget["gene_ids"])
+    else:
+        n_distinct = len({tuple(tokens) for tokens in budget["gene_tokens"] if tokens})
+    if n_genes <= n_distinct:
+        return n_genes
+    logg.warning(
+        f"Sentences of distinct genes can hold only the {n_distinct} genes of the vocabulary, not {n_genes}; they "
+        f"are {n_distinct} genes long. Ask for fewer with `n_genes`."
+    )
+    return n_distinct
 
 
 def valid_share(counts: np.ndarray) -> str:
