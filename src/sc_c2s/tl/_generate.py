@@ -125,7 +125,8 @@ def generate(
         are blocked until the sentence has `n_genes` words, and after that only tokens that end the sentence (or
         finish its last word, with sub-word tokenizers) are allowed. A word begins with a token that the
         tokenizer writes after a space; with sub-word tokenizers, a sentence can still come out shorter when the
-        token budget runs out. ``False`` lets the model end the sentence where it likes; models then tend to
+        token budget runs out. With `unique_genes` and fewer genes than `n_genes`, a sentence holds every gene
+        once (with a warning). ``False`` lets the model end the sentence where it likes; models then tend to
         stop early under `top_k` and `top_p`, which cut the long tail of rare genes but not the period.
     random_state
         Seed of the sampling {doc_seed}. Cell ``i`` draws from a stream keyed by the seed and ``i``, so two calls
