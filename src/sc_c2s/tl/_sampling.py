@@ -323,7 +323,7 @@ class _Length(NamedTuple):
 class _Sampler:
     """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call.
 
-    With `gene_ids`, a row never samples one of those tokens twice. With `allowed`, a row writes only those
+    With `gene_ids`, a row never samples one of those tokens twice. With `blocked`, a row never writes those
     tokens. With `length`, a row cannot stop before it has that many words, and after that it can only stop or
     continue its last word. With `words`, each row writes distinct genes of several tokens each (and an exact
     number of them if the constraint says so). With `reset_ids`, sampling one of those tokens lets a row use its
@@ -341,12 +341,12 @@ class _Sampler:
         length: _Length | None,
         words: WordConstraint | None = None,
         reset_ids: torch.Tensor | None = None,
-        allowed: torch.Tensor | None = None,
+        blocked: torch.Tensor | None = None,
     ):
         import torch
 
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
-        self.gene_ids, self.used, self.reset_ids, self.allowed = gene_ids, None, reset_ids, allowed
+        self.gene_ids, self.used, self.reset_ids, self.blocked = gene_ids, None, reset_ids, blocked
         self.length, self.constraint = length, words
         self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
         self.step = 0
@@ -355,8 +355,8 @@ class _Sampler:
         import torch
 
         logits = logits.float()
-        if self.allowed is not None:
-            logits = logits.masked_fill(~self.allowed, -torch.inf)
+        if self.blocked is not None:
+            logits = logits.masked_fill(self.blocked, -torch.inf)
         if self.gene_ids is not None:
             if self.used is None:
                 self.used = torch.zeros_like(logits, dtype=torch.bool)
@@ -418,11 +418,11 @@ def sample(
     pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
     exact, trie, n_logits = None, None, c2s.model.config.vocab_size
-    allowed = None
+    blocked = None
     if gene_tensor is not None and reset_ids is None:
-        allowed = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
-        allowed[gene_tensor] = True
-        allowed[stop_ids] = True
+        blocked = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
+        blocked[gene_tensor] = False
+        blocked[stop_ids] = False
     if gene_tokens is not None:
         trie = WordTrie(gene_tokens, n_logits=n_logits, stop_ids=stop_ids, device=c2s.device)
     elif length is not None:
@@ -446,7 +446,7 @@ def sample(
             length=exact,
             words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=length and length[0]),
             reset_ids=None if reset_ids is None else torch.as_tensor(reset_ids, device=c2s.device),
-            allowed=allowed,
+            blocked=blocked,
         )
         tokens, _ = _runtime.decode(
             c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
