@@ -701,45 +701,59 @@ def _add_run(v, count, run_values, run_counts, n_runs):
     return n_runs + 1
 
 
+@njit(cache=True, fastmath={"reassoc"})
+def _sum_and_check(values):
+    """Return ``(total, negative, integers)`` of one row: its sum, and whether some value is negative, all integers.
+
+    Reassociating the sum lets it vectorise; the order of a sum of integers does not change it. NaN keeps its
+    meaning: it makes the total NaN, and it is not an integer.
+    """
+    total = 0.0
+    negative = False
+    integers = True
+    for t in range(values.shape[0]):
+        v = np.float64(values[t])  # unsigned integers too can be negated
+        total += v
+        negative |= v < 0
+        integers &= v == np.floor(v)
+    return total, negative, integers
+
+
 @njit(cache=True)
 def _top_runs_row(values, k, log_scale, small, histogram, offsets, scratch, sorted_values, run_values, run_counts):
     """Find the runs of equal values among the ``k`` largest non-zero ``values`` of one row, and its total.
 
     Returns ``(n_expressed, n_runs, total, status)``; the runs go into ``run_values`` (descending) and
-    ``run_counts``. One pass without branches sums the values, checks them and, for a row of integers (counts),
-    counts those below :data:`_EXACT_BELOW` in ``small`` and gathers the others: the runs are then read from
-    ``small`` once the few large values are sorted. Other rows are ordered by :func:`_top_values`. ``small``
-    (:data:`_EXACT_BELOW` + 1 long) and ``histogram`` (:data:`N_FINE_BINS` long) are zeros, left zeroed;
-    ``offsets`` is as long as ``histogram``, ``scratch`` at least as long as the row, ``sorted_values`` at least
-    ``k`` long.
+    ``run_counts``. A row of integers (counts) is counted in ``small``, each value below :data:`_EXACT_BELOW` in a
+    bin of its own, and its few larger values are gathered: the runs are read from ``small`` once those are
+    sorted. Other rows are ordered by :func:`_top_values`. ``small`` (:data:`_EXACT_BELOW` long) and ``histogram``
+    (:data:`N_FINE_BINS` long) are zeros, left zeroed; ``offsets`` is as long as ``histogram``, ``scratch`` at
+    least as long as the row, ``sorted_values`` at least ``k`` long.
     """
-    total = 0.0
-    negative = False
-    integers = log_scale == 0
-    n_large = 0
-    top = np.int64(_EXACT_BELOW)
-    if integers:
-        for t in range(values.shape[0]):
-            v = np.float64(values[t])  # unsigned integers too can be negated
-            total += v
-            negative |= v < 0
-            integers &= v == np.floor(v)
-            # zeros count in bin 0, values from 256 up in the last; NaN and negatives in bin 0 (checked below)
-            small[min(max(np.int64(min(v, _EXACT_BELOW)), 0), top)] += 1
-            scratch[n_large] = -v  # negated: ascending is best first
-            n_large += v >= _EXACT_BELOW
-    else:
+    if log_scale > 0:
+        total = 0.0
+        negative = False
         for t in range(values.shape[0]):
             v = np.float64(values[t])
-            total += np.expm1(log_scale * v) if log_scale > 0 else v
+            total += np.expm1(log_scale * v)
             negative |= v < 0
+        integers = False
+    else:
+        total, negative, integers = _sum_and_check(values)
     if negative or not total < np.inf:  # NaN, negative or infinite values, or a total too large
         status = _first_invalid(values)
         if status != OK:
-            small[:] = 0
             return 0, 0, total, status
     n_runs = 0
     if integers:
+        n_large = 0
+        for t in range(values.shape[0]):
+            v = np.float64(values[t])
+            if v < _EXACT_BELOW:
+                small[np.int64(v)] += 1
+            else:
+                scratch[n_large] = -v  # negated: ascending is best first
+                n_large += 1
         n = values.shape[0] - small[0]
         m = min(n, k)
         if n_large > m:
@@ -749,7 +763,7 @@ def _top_runs_row(values, k, log_scale, small, histogram, offsets, scratch, sort
         for x in range(n_sorted):
             n_runs = _add_run(-scratch[x], 1, run_values, run_counts, n_runs)
         left = m - n_sorted
-        j = top - 1
+        j = small.shape[0] - 1
         while left > 0:
             count = min(left, small[j])
             if count > 0:
@@ -758,7 +772,6 @@ def _top_runs_row(values, k, log_scale, small, histogram, offsets, scratch, sort
             j -= 1
         small[:] = 0
         return n, n_runs, total, OK
-    small[:] = 0
     n, low, high = _fine_histogram(values, histogram)
     m = min(n, k)
     if m > 0:
@@ -787,7 +800,7 @@ def top_runs(indptr, data, log_scale, n_chunks, run_values, run_counts, n_runs, 
     chunk = (n_rows + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         first, last = c * chunk, min(n_rows, (c + 1) * chunk)
-        small = np.zeros(np.int64(_EXACT_BELOW) + 1, dtype=np.int64)
+        small = np.zeros(np.int64(_EXACT_BELOW), dtype=np.int64)
         histogram = np.zeros(N_FINE_BINS, dtype=np.int64)
         offsets = np.empty(N_FINE_BINS, dtype=np.int64)
         scratch = np.empty(_longest_row(indptr, first, last), dtype=np.float64)
