@@ -82,7 +82,7 @@ def _sift_down(heap_v, heap_g, size, seed, cell):
 
 @njit(cache=True)
 def _rank_entries(values, genes, k, seed, cell, heap_v, heap_g, out_genes, out_values):
-    """Rank the entries of one cell into ``out_genes`` (best first); return ``(n_expressed, status)``.
+    """Rank the entries of one cell into ``out_genes`` (best first, then ``-1``); return ``(n_expressed, status)``.
 
     The heap keeps the ``k`` best entries seen so far with the worst at its root.
     """
@@ -120,6 +120,7 @@ def _rank_entries(values, genes, k, seed, cell, heap_v, heap_g, out_genes, out_v
             out_values[j] = heap_v[0]
         heap_v[0], heap_g[0] = heap_v[j], heap_g[j]
         _sift_down(heap_v, heap_g, j, seed, cell)
+    out_genes[size:] = -1
     return n_expressed, OK
 
 
@@ -328,6 +329,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
         out_genes[j] = genes[p]
         if want_values:
             out_values[j] = values[p]
+    out_genes[m:] = -1
     return n, OK
 
 
@@ -370,7 +372,8 @@ def rank_csr(indptr, indices, data, cells, k, seed, n_chunks, out_genes, out_val
     n_chunks
         Number of row chunks processed in parallel (each allocates its own scratch arrays).
     out_genes
-        ``(n_rows, width)`` int32, prefilled with ``-1``; receives gene indices, best first.
+        ``(n_rows, width)`` int32 receiving gene indices, best first, then ``-1`` (rows of a status other than
+        :data:`OK` are left undefined).
     out_values
         ``(n_rows, width)`` array receiving the values in the same order, or a ``(0, width)`` array to skip.
     n_expressed, status

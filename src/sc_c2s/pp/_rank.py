@@ -148,7 +148,7 @@ def rank_genes(
     n_rows, n_cols = X.shape
     width = min(n_genes, n_cols) if n_genes is not None else _max_expressed(X)
     cells = np.arange(n_rows, dtype=np.int64) if cells is None else np.asarray(cells, dtype=np.int64)
-    genes = np.full((n_rows, width), -1, dtype=np.int32)
+    genes = np.empty((n_rows, width), dtype=np.int32)  # the kernels write -1 after each row's genes
     values = np.zeros((n_rows if with_values else 0, width), dtype=np.float64)
     n_expressed = np.zeros(n_rows, dtype=np.int32)
     status = np.zeros(n_rows, dtype=np.int8)
