@@ -38,6 +38,10 @@ _VALID = np.uint32(0x7F7FFFFF)
 _WIDE_FROM = 1024
 _WIDE_DIGIT = 11
 _RADIX_BUCKETS = 2**_WIDE_DIGIT
+#: :func:`_sum_expm1` caches the ``expm1`` of ``2**_CACHE_BITS`` values; empty slots hold the bits of a NaN.
+_CACHE_BITS = 10
+_CACHE_SIZE = 2**_CACHE_BITS
+_NO_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 @njit(cache=True, inline="always")
@@ -723,7 +727,42 @@ def _sum_and_check(values):
 
 
 @njit(cache=True)
-def _top_runs_row(values, k, log_scale, small, histogram, offsets, scratch, sorted_values, run_values, run_counts):
+def _sum_expm1(values, log_scale, cache_bits, cache_values):
+    """Return ``(total, negative)`` of one row: the sum of ``expm1(log_scale * v)``, and whether some ``v < 0``.
+
+    A log-transformed row of counts holds few distinct values (one per count), so each value's ``expm1`` is looked
+    up first in a direct-mapped cache keyed by its bits, ``cache_bits`` and ``cache_values`` of
+    :data:`_CACHE_SIZE` entries (kept from row to row): the same sum, from a fraction of the calls.
+    """
+    total = 0.0
+    negative = False
+    for t in range(values.shape[0]):
+        v = np.float64(values[t])
+        bits = v.view(np.uint64)
+        slot = (bits * _GOLDEN) >> np.uint64(64 - _CACHE_BITS)
+        if cache_bits[slot] != bits:
+            cache_bits[slot] = bits
+            cache_values[slot] = np.expm1(log_scale * v)
+        total += cache_values[slot]
+        negative |= v < 0
+    return total, negative
+
+
+@njit(cache=True)
+def _top_runs_row(
+    values,
+    k,
+    log_scale,
+    small,
+    cache_bits,
+    cache_values,
+    histogram,
+    offsets,
+    scratch,
+    sorted_values,
+    run_values,
+    run_counts,
+):
     """Find the runs of equal values among the ``k`` largest non-zero ``values`` of one row, and its total.
 
     Returns ``(n_expressed, n_runs, total, status)``; the runs go into ``run_values`` (descending) and
@@ -731,15 +770,11 @@ def _top_runs_row(values, k, log_scale, small, histogram, offsets, scratch, sort
     bin of its own, and its few larger values are gathered: the runs are read from ``small`` once those are
     sorted. Other rows are ordered by :func:`_top_values`. ``small`` (:data:`_EXACT_BELOW` long) and ``histogram``
     (:data:`N_FINE_BINS` long) are zeros, left zeroed; ``offsets`` is as long as ``histogram``, ``scratch`` at
-    least as long as the row, ``sorted_values`` at least ``k`` long.
+    least as long as the row, ``sorted_values`` at least ``k`` long. ``cache_bits`` and ``cache_values`` are the
+    cache of :func:`_sum_expm1`, for a ``log1p`` transform to undo.
     """
     if log_scale > 0:
-        total = 0.0
-        negative = False
-        for t in range(values.shape[0]):
-            v = np.float64(values[t])
-            total += np.expm1(log_scale * v)
-            negative |= v < 0
+        total, negative = _sum_expm1(values, log_scale, cache_bits, cache_values)
         integers = False
     else:
         total, negative, integers = _sum_and_check(values)
@@ -804,6 +839,8 @@ def top_runs(indptr, data, log_scale, n_chunks, run_values, run_counts, n_runs, 
     for c in prange(n_chunks):
         first, last = c * chunk, min(n_rows, (c + 1) * chunk)
         small = np.zeros(np.int64(_EXACT_BELOW), dtype=np.int64)
+        cache_bits = np.full(_CACHE_SIZE, _NO_BITS, dtype=np.uint64)
+        cache_values = np.full(_CACHE_SIZE, np.nan)
         histogram = np.zeros(N_FINE_BINS, dtype=np.int64)
         offsets = np.empty(N_FINE_BINS, dtype=np.int64)
         scratch = np.empty(_longest_row(indptr, first, last), dtype=np.float64)
@@ -814,6 +851,8 @@ def top_runs(indptr, data, log_scale, n_chunks, run_values, run_counts, n_runs, 
                 k,
                 log_scale,
                 small,
+                cache_bits,
+                cache_values,
                 histogram,
                 offsets,
                 scratch,
