@@ -419,7 +419,7 @@ def test_top_runs_by_hand():
     top, runs, totals, n_expressed, status = top_runs(X, 3)
     np.testing.assert_array_equal(runs[0][0], [3, 2])  # 3, 3, 2 of 3, 0, 1, 3, 2
     np.testing.assert_array_equal(runs[0][1], [2, 1])
-    np.testing.assert_array_equal(top[1], [0.5])  # not integers: ordered through the fine histogram
+    np.testing.assert_array_equal(top[1], [0.5])  # not integers: counted by distinct value
     assert runs[2][0].size == 0
     np.testing.assert_array_equal(runs[3][0], [300, 7])  # values from 256 up are sorted apart
     np.testing.assert_array_equal(runs[3][1], [2, 1])
@@ -435,9 +435,12 @@ def test_top_runs_by_hand():
     np.testing.assert_allclose(totals[:2], [7 + 7 + 1 + 3, np.sqrt(2) - 1], rtol=1e-15)
 
 
-@pytest.mark.parametrize("kind", ["counts", "continuous", "wide counts", "log counts"])
+@pytest.mark.parametrize("kind", ["counts", "continuous", "wide counts", "log counts", "log continuous"])
 def test_top_runs_match_a_full_sort(kind):
-    """Against numpy's sort, with rows longer and shorter than k and values sharing and straddling histogram bins."""
+    """Against numpy's sort, with rows longer and shorter than k and values sharing and straddling histogram bins.
+
+    Continuous rows hold up to 2,500 distinct values: the longer ones go past the table of distinct values.
+    """
     rng = np.random.default_rng(0)
     n_rows, n_cols = 60, 3000
     lengths = rng.integers(0, 2500, n_rows)
@@ -450,10 +453,11 @@ def test_top_runs_match_a_full_sort(kind):
             "continuous": rng.lognormal(0, 2, n),
             "wide counts": rng.integers(1, 100_000, n),
             "log counts": np.log1p(rng.geometric(0.2, n)),
+            "log continuous": np.log1p(rng.lognormal(0, 2, n)),
         }[kind]
         vals += values.tolist()
     X = sparse.csr_matrix((np.array(vals), (rows, cols)), shape=(n_rows, n_cols))
-    log_scale = 1.0 if kind == "log counts" else 0.0
+    log_scale = 1.0 if kind.startswith("log") else 0.0
     top, runs, totals, n_expressed, status = top_runs(X, 999, log_scale)
     for i in range(n_rows):
         row = X.data[X.indptr[i] : X.indptr[i + 1]]

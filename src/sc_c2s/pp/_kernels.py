@@ -38,9 +38,12 @@ _VALID = np.uint32(0x7F7FFFFF)
 _WIDE_FROM = 1024
 _WIDE_DIGIT = 11
 _RADIX_BUCKETS = 2**_WIDE_DIGIT
-#: :func:`_sum_expm1` caches the ``expm1`` of ``2**_CACHE_BITS`` values; empty slots hold the bits of a NaN.
-_CACHE_BITS = 10
-_CACHE_SIZE = 2**_CACHE_BITS
+#: :func:`_count_values` counts a row's distinct values in a table of ``2**_TABLE_BITS`` slots; a row with more
+#: than :data:`_MAX_DISTINCT` of them is ordered through histograms instead.
+_TABLE_BITS = 11
+_TABLE_SIZE = 2**_TABLE_BITS
+_MAX_DISTINCT = _TABLE_SIZE // 2
+#: Bits of an empty slot of that table (those of a NaN: a row holding NaN is refused).
 _NO_BITS = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
@@ -727,25 +730,84 @@ def _sum_and_check(values):
 
 
 @njit(cache=True)
-def _sum_expm1(values, log_scale, cache_bits, cache_values):
-    """Return ``(total, negative)`` of one row: the sum of ``expm1(log_scale * v)``, and whether some ``v < 0``.
+def _count_values(values, log_scale, table):
+    """Count the distinct positive values of one row; with ``log_scale > 0``, also sum ``expm1(log_scale * v)``.
 
-    A log-transformed row of counts holds few distinct values (one per count), so each value's ``expm1`` is looked
-    up first in a direct-mapped cache keyed by its bits, ``cache_bits`` and ``cache_values`` of
-    :data:`_CACHE_SIZE` entries (kept from row to row): the same sum, from a fraction of the calls.
+    A row of counts, log-transformed or normalised, holds few distinct values (one per count): they are keyed by
+    their bits in ``table``, each one's ``expm1`` computed once. ``table`` is ``(keys, counts, values, expm1s,
+    used)``: arrays of :data:`_TABLE_SIZE` slots, empty (all keys :data:`_NO_BITS`), and the list of the slots
+    taken (:data:`_MAX_DISTINCT` long). Returns ``(n_distinct, total, invalid)``: the number of distinct values,
+    or ``-1`` (and ``table`` empty) if there are more than :data:`_MAX_DISTINCT`, the rest of the row then being
+    summed only; the sum of the positive values, in the order of the row (``0`` for ``log_scale == 0``); and
+    whether some value is negative or NaN.
     """
+    keys, counts, values_of, transformed, used = table
     total = 0.0
-    negative = False
+    invalid = False
+    n_distinct = 0
+    mask = np.uint64(_TABLE_SIZE - 1)
     for t in range(values.shape[0]):
         v = np.float64(values[t])
+        if not v > 0:  # zero, negative or NaN
+            invalid |= v != 0
+            continue
+        if n_distinct < 0:
+            if log_scale > 0:
+                total += np.expm1(log_scale * v)
+            continue
         bits = v.view(np.uint64)
-        slot = (bits * _GOLDEN) >> np.uint64(64 - _CACHE_BITS)
-        if cache_bits[slot] != bits:
-            cache_bits[slot] = bits
-            cache_values[slot] = np.expm1(log_scale * v)
-        total += cache_values[slot]
-        negative |= v < 0
-    return total, negative
+        slot = (bits * _GOLDEN) >> np.uint64(64 - _TABLE_BITS)
+        while keys[slot] != bits and keys[slot] != _NO_BITS:
+            slot = (slot + np.uint64(1)) & mask
+        if keys[slot] != bits:
+            if n_distinct == _MAX_DISTINCT:
+                _clear_table(table, n_distinct)
+                n_distinct = -1
+                if log_scale > 0:
+                    total += np.expm1(log_scale * v)
+                continue
+            keys[slot] = bits
+            counts[slot] = 0
+            values_of[slot] = v
+            transformed[slot] = np.expm1(log_scale * v) if log_scale > 0 else 0.0
+            used[n_distinct] = slot
+            n_distinct += 1
+        counts[slot] += 1
+        total += transformed[slot]
+    return n_distinct, total, invalid
+
+
+@njit(cache=True)
+def _clear_table(table, n_distinct):
+    """Empty the ``n_distinct`` slots of ``table`` that :func:`_count_values` took."""
+    keys, _, _, _, used = table
+    for x in range(n_distinct):
+        keys[used[x]] = _NO_BITS
+
+
+@njit(cache=True)
+def _table_runs(table, n_distinct, k, scratch, run_values, run_counts):
+    """Write the runs of the ``k`` largest values counted in ``table`` and empty it; return ``(n, n_runs)``.
+
+    ``n`` is the number of values counted; ``scratch`` is at least ``n_distinct`` long.
+    """
+    _, counts, values_of, _, used = table
+    n = 0
+    for x in range(n_distinct):
+        scratch[x] = -values_of[used[x]]  # negated: ascending is best first
+        n += counts[used[x]]
+    order = np.argsort(scratch[:n_distinct])
+    left = min(n, k)
+    n_runs = 0
+    for x in range(n_distinct):
+        if left == 0:
+            break
+        slot = used[order[x]]
+        count = min(left, counts[slot])
+        n_runs = _add_run(values_of[slot], count, run_values, run_counts, n_runs)
+        left -= count
+    _clear_table(table, n_distinct)
+    return n, n_runs
 
 
 @njit(cache=True)
@@ -754,8 +816,7 @@ def _top_runs_row(
     k,
     log_scale,
     small,
-    cache_bits,
-    cache_values,
+    table,
     histogram,
     offsets,
     scratch,
@@ -768,19 +829,21 @@ def _top_runs_row(
     Returns ``(n_expressed, n_runs, total, status)``; the runs go into ``run_values`` (descending) and
     ``run_counts``. A row of integers (counts) is counted in ``small``, each value below :data:`_EXACT_BELOW` in a
     bin of its own, and its few larger values are gathered: the runs are read from ``small`` once those are
-    sorted. Other rows are ordered by :func:`_top_values`. ``small`` (:data:`_EXACT_BELOW` long) and ``histogram``
-    (:data:`N_FINE_BINS` long) are zeros, left zeroed; ``offsets`` is as long as ``histogram``, ``scratch`` at
-    least as long as the row, ``sorted_values`` at least ``k`` long. ``cache_bits`` and ``cache_values`` are the
-    cache of :func:`_sum_expm1`, for a ``log1p`` transform to undo.
+    sorted. Other rows are counted by distinct value in ``table`` (:func:`_count_values`), or, with more than
+    :data:`_MAX_DISTINCT` of them, ordered by :func:`_top_values`. ``small`` (:data:`_EXACT_BELOW` long),
+    ``table`` and ``histogram`` (:data:`N_FINE_BINS` long) are empty, left empty; ``offsets`` is as long as
+    ``histogram``, ``scratch`` at least as long as the row, ``sorted_values`` at least ``k`` long.
     """
+    n_distinct = 0
     if log_scale > 0:
-        total, negative = _sum_expm1(values, log_scale, cache_bits, cache_values)
+        n_distinct, total, invalid = _count_values(values, log_scale, table)
         integers = False
     else:
-        total, negative, integers = _sum_and_check(values)
-    if negative or not total < np.inf:  # NaN, negative or infinite values, or a total too large
+        total, invalid, integers = _sum_and_check(values)
+    if invalid or not total < np.inf:  # NaN, negative or infinite values, or a total too large
         status = _first_invalid(values)
         if status != OK:
+            _clear_table(table, max(n_distinct, 0))
             return 0, 0, total, status
     n_runs = 0
     if integers:
@@ -809,6 +872,11 @@ def _top_runs_row(
                 left -= count
             j -= 1
         small[:] = 0
+        return n, n_runs, total, OK
+    if log_scale == 0:
+        n_distinct = _count_values(values, log_scale, table)[0]
+    if n_distinct >= 0:
+        n, n_runs = _table_runs(table, n_distinct, k, scratch, run_values, run_counts)
         return n, n_runs, total, OK
     n, low, high = _fine_histogram(values, histogram)
     m = min(n, k)
@@ -839,8 +907,13 @@ def top_runs(indptr, data, log_scale, n_chunks, run_values, run_counts, n_runs, 
     for c in prange(n_chunks):
         first, last = c * chunk, min(n_rows, (c + 1) * chunk)
         small = np.zeros(np.int64(_EXACT_BELOW), dtype=np.int64)
-        cache_bits = np.full(_CACHE_SIZE, _NO_BITS, dtype=np.uint64)
-        cache_values = np.full(_CACHE_SIZE, np.nan)
+        table = (
+            np.full(_TABLE_SIZE, _NO_BITS, dtype=np.uint64),
+            np.empty(_TABLE_SIZE, dtype=np.int64),
+            np.empty(_TABLE_SIZE),
+            np.empty(_TABLE_SIZE),
+            np.empty(_MAX_DISTINCT, dtype=np.uint64),
+        )
         histogram = np.zeros(N_FINE_BINS, dtype=np.int64)
         offsets = np.empty(N_FINE_BINS, dtype=np.int64)
         scratch = np.empty(_longest_row(indptr, first, last), dtype=np.float64)
@@ -851,8 +924,7 @@ def top_runs(indptr, data, log_scale, n_chunks, run_values, run_counts, n_runs, 
                 k,
                 log_scale,
                 small,
-                cache_bits,
-                cache_values,
+                table,
                 histogram,
                 offsets,
                 scratch,
