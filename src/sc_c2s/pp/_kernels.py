@@ -254,7 +254,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     low, high = N_BINS, 0
     for t in range(n_entries):
         v = values[t]
-        if v != v or v < 0 or v == np.inf or np.float32(v) != v:
+        if (v != v) | (v < 0) | (v == np.inf) | (np.float32(v) != v):  # one branch for the four checks
             for b in range(low, high + 1):
                 histogram[b] = 0
             return n, NAN if v != v else NEGATIVE if v < 0 else INFINITE if v == np.inf else INEXACT
