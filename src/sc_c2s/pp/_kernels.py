@@ -254,15 +254,16 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     low, high = N_BINS, 0
     for t in range(n_entries):
         v = values[t]
-        if (v != v) | (v < 0) | (v == np.inf) | (np.float32(v) != v):  # one branch for the four checks
+        bits = _float32_bits(v)
+        if (bits - np.uint32(1) >= _VALID) | (np.float32(v) != v):  # not a positive finite float32: rare
+            if v == 0:
+                continue
             for b in range(low, high + 1):
                 histogram[b] = 0
             return n, NAN if v != v else NEGATIVE if v < 0 else INFINITE if v == np.inf else INEXACT
-        if v == 0:
-            continue
         n += 1
         if select:
-            b = np.int64(np.float32(v).view(np.uint32) >> np.uint32(_BIN_SHIFT))
+            b = np.int64(bits >> np.uint32(_BIN_SHIFT))
             histogram[b] += 1
             low, high = min(low, b), max(high, b)
     floor = -1  # entries of higher bins are kept; those of this bin compete for the last places
