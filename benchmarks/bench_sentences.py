@@ -16,27 +16,28 @@ Figures are wall-clock cells per second, the best of `--repeats` runs (more for 
 `--baseline-cells` cells. Peak memory is the most memory allocated at once during one call (tracemalloc), beside
 the input already held.
 
-Last run (2 cores, load average 1.1 at the start;
+Last run (2 cores, load average 0.5 at the start;
 `PYTHONPATH=src /tmp/refenv/bin/python benchmarks/bench_sentences.py --repeats 3`, reference installed with
 `pip install --no-deps cell2sentence` then `pip install datasets plotnine accelerate`)::
 
     call                                                      cells/s   × numpy   × cell2sentence
-    CellBench, default to_sentences(adata, n_genes=200)        28,742       4.8              29.2
-    CellBench, the same without the rank fit                   40,528       6.7              41.2
-    CellBench ×36 (50,688 cells), default call                 47,561       8.5              62.7
-    CellBench ×36, all genes as strings (20,000 cells)         10,035       3.4              13.2
-    synthetic 100k, top 200, no strings, no rank fit          171,032       9.1
-    CellBench log-normalised, default call                     25,608   (41,470 without the rank fit)
+    CellBench, default to_sentences(adata, n_genes=200)        31,238       5.1              29.8
+    CellBench, the same without the rank fit                   45,230       7.4              43.2
+    CellBench ×36 (50,688 cells), default call                 53,060       9.2              67.1
+    CellBench ×36, all genes as strings (20,000 cells)         10,149       3.3              12.8
+    synthetic 100k, top 200, no strings, no rank fit          168,356       9.9
+    CellBench log-normalised, default call                     27,482   (42,973 without the rank fit)
 
-The rank fit took 29 % of the default call on CellBench (all 1,408 cells are in its sample), none at 50,688 cells,
-and 38 % of the call on the same cells log-normalised (``normalize_total`` and ``log1p``, as scanpy's tutorials keep
+The rank fit took 31 % of the default call on CellBench (all 1,408 cells are in its sample), none at 50,688 cells,
+and 36 % of the call on the same cells log-normalised (``normalize_total`` and ``log1p``, as scanpy's tutorials keep
 in ``.raw``). This release made the fit faster (a vectorised pass for the sums and checks of counts, each distinct
 value of log-normalised cells counted and transformed once): run beside the previous release in one session, the
 fit's share of the CellBench call fell from 33-39 % to 30-33 % on counts and from 65 % to 38 % log-normalised, where
-the call went from 13,900 to 25,600 cells/s. The reference ran faster in this run than in earlier ones (983 cells/s
-on CellBench, 759 at 50,688 cells; 554 to 619 in an earlier week, 335 to 370 before), so its ratios fell while our
-cells/s rose: the default call on CellBench read 37.4× the reference at 23,831 cells/s in the run before this one.
-Ours varies too: the synthetic top-200 row read 10.2×, 9.9×, 7.4×, 8.8×, 8.2× and 9.1× numpy in six runs.
+the call went from 13,900 to 25,600 cells/s. The reference ran faster in this run than in earlier ones (1,047 cells/s
+on CellBench, 791 at 50,688 cells; 554 to 619 in an earlier week, 335 to 370 before), so its ratios fell while our
+cells/s rose: the default call on CellBench read 37.4× the reference at 23,831 cells/s in the last run of the
+previous release. Ours varies too: the synthetic top-200 row read 10.2×, 9.9×, 7.4×, 8.8×, 8.2×, 9.1× and 9.9×
+numpy in seven runs.
 """
 
 from __future__ import annotations
