@@ -33,9 +33,9 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
+#: Exit codes; bad input shares the status of a bad command line, so that 1 (Python's status after a traceback)
+#: means a bug.
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_UNKNOWN_MODEL, EXIT_NO_NETWORK = 0, 1, 2, 3, 4, 5
-#: Bad input shares the status of a bad command line, so that 1 (Python's status after a traceback) means a bug.
-EXIT_ERROR = EXIT_USAGE
 #: Folder the demo writes into unless told otherwise.
 DEMO_DIR = "sc_c2s_demo"
 #: Cells the demo generates per cell type.
