@@ -17,6 +17,11 @@ if TYPE_CHECKING:
     import torch
 
 
+def distinct_words(sequences: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
+    """Return the token sequences of the words that can be written, each once: empty ones dropped, repeats once."""
+    return list(dict.fromkeys(tuple(seq) for seq in sequences if len(seq)))
+
+
 class WordTrie:
     """The token sequences of a vocabulary's words, padded into a matrix (words × longest), on a device.
 
@@ -36,7 +41,7 @@ class WordTrie:
     def __init__(self, sequences: Sequence[Sequence[int]], *, n_logits: int, stop_ids: Sequence[int], device):
         import torch
 
-        unique = list(dict.fromkeys(tuple(seq) for seq in sequences if len(seq)))
+        unique = distinct_words(sequences)
         if not unique:
             msg = "No word of the vocabulary can be written with this tokenizer."
             raise ValueError(msg)

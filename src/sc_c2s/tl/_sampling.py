@@ -32,7 +32,7 @@ from sc_c2s._utils._validate import (
     check_rank_fit,
 )
 from sc_c2s.models import _runtime
-from sc_c2s.models._words import WordConstraint, WordTrie
+from sc_c2s.models._words import WordConstraint, WordTrie, distinct_words
 
 from ._from_sentences import COUNTS, gene_index, read, vocabulary
 
@@ -156,7 +156,7 @@ def _sentence_length(budget: dict[str, Any], n_genes: int, *, unique_genes: bool
     if budget["gene_ids"] is not None:
         n_distinct = len(budget["gene_ids"])
     else:
-        n_distinct = len({tuple(tokens) for tokens in budget["gene_tokens"] if tokens})
+        n_distinct = len(distinct_words(budget["gene_tokens"]))
     if n_genes <= n_distinct:
         return n_genes
     logg.warning(
