@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, _trainer, load
+from sc_c2s.models import C2SMetadata, _output_loss, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _samples
@@ -426,6 +426,39 @@ def test_batches_pad_left_and_keep_eos_in_the_loss(tokenizer):
             for i in range(2)
         ]
     assert padded == pytest.approx(np.mean(unpadded), rel=1e-5)
+
+
+def test_the_fused_training_loss_has_the_gradient_of_the_mean_answer_loss(tokenizer, monkeypatch):
+    samples = _samples.encode(
+        tokenizer,
+        [["CD3D", "IL7R", "LTB"], ["MS4A1"]],
+        ["T cell", "B"],
+        tasks=("cell_type_prediction", "cell_type_generation"),
+        organism="Homo sapiens",
+        upper=True,
+        max_length=200,
+    )
+    model = small_model(tokenizer).eval()  # no dropout: both passes see the same network
+    calls = []
+    fused = _output_loss.linear_cross_entropy
+    monkeypatch.setattr(_output_loss, "linear_cross_entropy", lambda *args: calls.append(1) or fused(*args))
+    batch = _trainer.collate(samples, range(len(samples)), tokenizer.pad_token_id)
+    _trainer.loss(model, batch).backward()
+    assert calls == [1]  # GPT-NeoX in float32 on the CPU takes the fused path
+    gradients = {name: p.grad for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    # Hugging Face's loss of each sample alone (unpadded: the mean over its answer tokens), averaged over samples
+    expected = torch.stack(
+        [
+            model(
+                input_ids=torch.from_numpy(samples.input_ids[i])[None], labels=torch.from_numpy(samples.labels(i))[None]
+            ).loss
+            for i in range(len(samples))
+        ]
+    ).mean()
+    expected.backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(gradients[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("task", ["cell_type_prediction", "cell_type_generation"])

@@ -446,6 +446,16 @@ def forward(
     return out.logits, getattr(out, name) if use_cache else None
 
 
+def last_hidden_state(
+    model: PreTrainedModel, input_ids: torch.Tensor, *, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
+    """Return the final hidden states (after the last layer norm) of every position: what the output layer reads."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA adapter
+    return causal_lm.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+
+
 def mean_hidden_state(model: PreTrainedModel, batch: Batch, spans: np.ndarray) -> np.ndarray:
     """Mean final hidden state (after the last layer norm) over a span of each prompt of `batch`, as float32.
 
@@ -454,13 +464,9 @@ def mean_hidden_state(model: PreTrainedModel, batch: Batch, spans: np.ndarray) -
     """
     import torch
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # under a LoRA adapter
-    hidden = causal_lm.base_model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).last_hidden_state
+    hidden = last_hidden_state(
+        model, batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+    )
     offset = batch.attention_mask.shape[1] - batch.attention_mask.sum(1, keepdim=True)
     spans = torch.as_tensor(spans, device=hidden.device) + offset
     columns = torch.arange(hidden.shape[1], device=hidden.device)[None]

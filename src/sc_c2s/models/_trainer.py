@@ -46,6 +46,9 @@ N_EVALUATIONS = 20
 SCRATCH_STEPS = 2400
 #: Default budget of a pretrained model: passes over the samples.
 PRETRAINED_EPOCHS = 3
+#: Architectures (``model_type``) whose logits are their output layer applied to the last hidden states, with no
+#: scaling or soft-capping after it (Gemma 2 caps its logits).
+_PLAIN_OUTPUT = frozenset({"gpt_neox"})
 
 
 @dataclass
@@ -119,9 +122,32 @@ def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor
     """Cross-entropy of the answer tokens of a :func:`collate` batch: the mean over samples of their token mean.
 
     Averaging per sample first gives every sample the same weight, so the few tokens of a cell type are not
-    drowned by the hundreds of tokens of generated sentences when both tasks share a batch.
+    drowned by the hundreds of tokens of generated sentences when both tasks share a batch. A model whose logits
+    are its output layer applied to the last hidden states (:data:`_PLAIN_OUTPUT`), in float32 outside autocast
+    (training on the CPU), computes the output layer and the loss as one step (:mod:`._output_loss`).
     """
-    return sample_loss(model, batch).mean()
+    import torch
+
+    head = model.get_output_embeddings()
+    if not (
+        model.config.model_type in _PLAIN_OUTPUT
+        and type(head) is torch.nn.Linear
+        and head.bias is None
+        and head.weight.dtype == torch.float32
+        and not torch.is_autocast_enabled(head.weight.device.type)
+    ):
+        return sample_loss(model, batch).mean()
+    from ._output_loss import linear_cross_entropy
+
+    n_keep, targets = _answer_targets(batch["labels"])
+    hidden = _runtime.last_hidden_state(
+        model, batch["input_ids"], attention_mask=batch["attention_mask"], position_ids=batch["position_ids"]
+    )[:, -n_keep:]
+    is_target = targets != IGNORE_INDEX
+    token_weights = is_target / is_target.sum(1, keepdim=True) / len(targets)
+    return linear_cross_entropy(
+        hidden.reshape(-1, hidden.shape[-1]), head.weight, targets.reshape(-1), token_weights.reshape(-1)
+    )
 
 
 def sample_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,10 +158,7 @@ def sample_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch
     """
     import torch
 
-    labels = batch["labels"]
-    is_target = labels != IGNORE_INDEX
-    # the earliest target of any row, counted from the end; the logit before it predicts it
-    n_keep = int((labels.shape[1] - is_target.int().argmax(1)).max()) + 1
+    n_keep, targets = _answer_targets(batch["labels"])
     logits, _ = _runtime.forward(
         model,
         batch["input_ids"],
@@ -143,14 +166,26 @@ def sample_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch
         position_ids=batch["position_ids"],
         logits_to_keep=n_keep,
     )
-    # the last logit predicts nothing: it gets an ignored target rather than being sliced off, and the logits are
-    # read as rows of one position each, so that the softmax and its gradient run over contiguous memory
-    targets = torch.nn.functional.pad(labels[:, labels.shape[1] - n_keep + 1 :], (0, 1), value=IGNORE_INDEX)
+    # the logits are read as rows of one position each, so that the softmax and its gradient run over contiguous
+    # memory
     token_loss = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(targets.shape)
     is_target = targets != IGNORE_INDEX
     return token_loss.sum(1) / is_target.sum(1)
+
+
+def _answer_targets(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """How many last positions predict an answer token, and the token each of them predicts.
+
+    The earliest answer token of any row, counted from the end, sets the number; the position before it predicts
+    it. The last position predicts nothing: it gets an ignored target rather than being sliced off.
+    """
+    import torch
+
+    is_target = labels != IGNORE_INDEX
+    n_keep = int((labels.shape[1] - is_target.int().argmax(1)).max()) + 1
+    return n_keep, torch.nn.functional.pad(labels[:, labels.shape[1] - n_keep + 1 :], (0, 1), value=IGNORE_INDEX)
 
 
 def budget(
