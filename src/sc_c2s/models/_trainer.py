@@ -123,8 +123,8 @@ def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor
 
     Averaging per sample first gives every sample the same weight, so the few tokens of a cell type are not
     drowned by the hundreds of tokens of generated sentences when both tasks share a batch. A model whose logits
-    are its output layer applied to the last hidden states (:data:`_PLAIN_OUTPUT`), in float32 outside autocast
-    (training on the CPU), computes the output layer and the loss as one step (:mod:`._output_loss`).
+    are its output layer applied to the last hidden states (:data:`_PLAIN_OUTPUT`), trained in float32 on the CPU,
+    computes the output layer and the loss as one step (:mod:`._output_loss`).
     """
     import torch
 
@@ -134,7 +134,7 @@ def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor
         and type(head) is torch.nn.Linear
         and head.bias is None
         and head.weight.dtype == torch.float32
-        and not torch.is_autocast_enabled(head.weight.device.type)
+        and head.weight.device.type == "cpu"  # on CUDA the forward pass runs in autocast
     ):
         return sample_loss(model, batch).mean()
     from ._output_loss import linear_cross_entropy
