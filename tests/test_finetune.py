@@ -89,6 +89,7 @@ def test_checkpoint_metadata(trained):
     ranked = adata.obsm["c2s_genes"]
     assert metadata.vocabulary == list(adata.uns["c2s"]["genes"][np.unique(ranked[ranked >= 0])])
     assert metadata.rank_fit == pytest.approx(adata.uns["c2s"]["rank_fit"])
+    assert metadata.temperature is None  # chosen for generation models only
     training = metadata.training
     assert training["base_model"] == "scratch"
     assert training["label_key"] == "cell_type"
@@ -157,6 +158,34 @@ def test_mudata(_cellbench, tmp_path):
     # both tasks by default: one sample of each per training cell
     assert metadata.tasks == ["cell_type_prediction", "cell_type_generation"]
     assert metadata.training["n_samples"] == 2 * (adata.n_obs - is_eval.sum())
+
+
+def test_finetune_chooses_the_temperature_whose_cells_come_closest_to_the_real_ones(_cellbench, tmp_path):
+    adata = _cellbench[:60].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
+    path = sc_c2s.tl.finetune(
+        adata, label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m", n_genes=8, epochs=1
+    )
+    model = load(path)
+    mmd = model.metadata.training["temperature_mmd"]
+    assert list(mmd) == ["1.0", "0.7", "0.5"]
+    assert model.metadata.temperature == float(min(mmd, key=mmd.get))
+    # each figure is score_generation's MMD for 200 cells generated at that temperature, shared among the types as
+    # the cells are (at least 4 each)
+    counts = adata.obs["cell_type"].astype(str).value_counts().sort_index()
+    request = {t: max(4, round(200 * n / counts.sum())) for t, n in counts[counts >= 4].items()}
+    for temperature, expected in mmd.items():
+        generated = sc_c2s.tl.generate(
+            adata, model=model, cell_types=request, n_genes=8, temperature=float(temperature)
+        )
+        table = sc_c2s.tl.score_generation(adata, generated, label_key="cell_type")
+        assert table.loc["overall", "mmd"] == pytest.approx(expected, abs=1e-5)
+    # generate samples at the model's temperature unless given one
+    kwargs = {"model": model, "cell_types": {"A549": 2}, "n_genes": 8}
+    assert sc_c2s.tl.generate(adata, **kwargs).uns["c2s_generate"]["params"]["temperature"] == (
+        model.metadata.temperature
+    )
+    assert sc_c2s.tl.generate(adata, **kwargs, temperature=1.0).uns["c2s_generate"]["params"]["temperature"] == 1.0
 
 
 # --- model selection on the held-out cells

@@ -649,7 +649,7 @@ def test_generate(ranked, tiny, data, monkeypatch):
         kwargs["cell_types"] = cell_types = ["delta"]
         expect.bad("does not know the cell types")
     nan, inf = float("nan"), float("inf")
-    argument(data.draw, kwargs, expect, "temperature", [1.0, 0.5, 2], [0, -1.0, nan, inf, "1"], clean=clean)
+    argument(data.draw, kwargs, expect, "temperature", [None, 1.0, 0.5, 2], [0, -1.0, nan, inf, "1"], clean=clean)
     argument(data.draw, kwargs, expect, "top_k", [None, 1, 50], [0, -3, 2.5], clean=clean)
     argument(data.draw, kwargs, expect, "top_p", [None, 0.5, 1], [0, 1.5, nan], clean=clean)
     seed = argument(

@@ -137,6 +137,8 @@ def test_predict_perturbation_samples_and_refuses(kang, trained):
         sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=["LPS"], **KEYS)
     with pytest.raises(TypeError, match="list of names"):
         sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations="stimulated", **KEYS)
+    with pytest.raises(ValueError, match="`temperature` must be"):  # only `generate` takes the model's temperature
+        sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=["stimulated"], temperature=None, **KEYS)
     with pytest.raises(KeyError, match="condition_key='stim'"):
         sc_c2s.tl.predict_perturbation(
             kang, model=trained, perturbations=["stimulated"], condition_key="stim", control="control"

@@ -55,6 +55,10 @@ class C2SMetadata:
     """How the model was trained (base model, data, split, epochs, learning rate…)."""
     scores: dict[str, Any] = field(default_factory=dict)
     """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
+    temperature: float | None = None
+    """Sampling temperature of :func:`sc_c2s.tl.generate` with this model unless one is passed, chosen by
+    :func:`sc_c2s.tl.finetune` after training (``training["temperature_mmd"]`` holds what it compared);
+    ``None``: 1.0, the model's own distribution."""
     perturbations: list[str] | None = None
     """Perturbations the model was trained to predict (task ``"perturbation"``), when known."""
     adapter: dict[str, Any] | None = None

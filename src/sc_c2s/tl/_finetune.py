@@ -27,6 +27,7 @@ from sc_c2s.models import _candidates, _lora, _runtime, _trainer
 from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_TASKS, TASKS, C2SMetadata
 
 from . import _pairs, _samples
+from ._temperature import choose_temperature
 
 if TYPE_CHECKING:
     import torch
@@ -98,7 +99,12 @@ def finetune(
     seconds, answer loss and label accuracy per task) goes into the checkpoint's metadata (``training["curve"]``,
     ``training["best_step"]``, ``training["stopped"]``). After training the model annotates the held-out cells
     with :func:`sc_c2s.tl.annotate` constrained to the training labels, and the accuracy and macro-F1 go into the
-    metadata beside the held-out cells' names.
+    metadata beside the held-out cells' names. A model trained for ``"cell_type_generation"`` then generates 200
+    cells at each of the temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a CPU for models from scratch) and keeps the
+    one whose cells come closest to the cells of `adata` by MMD (:func:`sc_c2s.tl.score_generation`) as
+    ``metadata.temperature``, the temperature :func:`sc_c2s.tl.generate` samples at with it by default: a lower
+    one suits well-separated types (cell lines), the model's own distribution closely related ones (see
+    :doc:`/method`).
 
     The budget: from scratch, 2,400 optimiser steps of 16 samples whatever the number of cells (the learning
     rate decays over them; generation needs that many even for a few hundred cells, and they take about 9
@@ -219,9 +225,9 @@ def finetune(
     Returns
     -------
     The checkpoint directory: weights, tokenizer and ``c2s_metadata.json`` (prompt style, organism, vocabulary,
-    labels, the rank fit of ``adata.uns["c2s"]``, the training parameters, the held-out cells and their scores),
-    or with an adapter its weights and the metadata (whose ``adapter`` names the base model, its revision and
-    the sha256 of its files). Open it with :func:`sc_c2s.models.load`.
+    labels, the rank fit of ``adata.uns["c2s"]``, the training parameters, the held-out cells and their scores,
+    the sampling temperature), or with an adapter its weights and the metadata (whose ``adapter`` names the base
+    model, its revision and the sha256 of its files). Open it with :func:`sc_c2s.models.load`.
 
     Examples
     --------
@@ -505,6 +511,18 @@ def finetune(
         }
     c2s_model.path = output_dir
     metadata.scores = _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes) if single_cell else {}
+    if "cell_type_generation" in tasks and c2s.get("rank_fit") is not None:
+        chosen = choose_temperature(
+            adata,
+            c2s_model,
+            labels=labels[expressed],
+            label_key=label_key,
+            n_genes=n_genes,
+            random_state=random_state,
+            mod=mod,
+        )
+        if chosen is not None:
+            metadata.temperature, metadata.training["temperature_mmd"] = chosen
     c2s_model.save(output_dir)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
     logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")

@@ -23,7 +23,7 @@ from sc_c2s._docs import (
 from sc_c2s._utils._validate import AnyRandom
 
 from ._from_sentences import COUNTS
-from ._sampling import check_sampling, target_of, valid_share, write_cells
+from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,7 @@ def generate(
     cells_per_sample: int = 5,
     n_genes: int = 200,
     organism: prompts.Organism | None = None,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     top_k: int | None = 50,
     top_p: float | None = 0.95,
     unique_genes: bool = True,
@@ -105,7 +105,9 @@ def generate(
     {doc_organism}
     temperature
         Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it. ``1.0``
-        samples the model's own distribution. On validation cells (see :doc:`/method`), 0.5 generated cells of
+        samples the model's own distribution. ``None``: the model's temperature (``model.metadata.temperature``),
+        which :func:`sc_c2s.tl.finetune` chooses among 1.0, 0.7 and 0.5 by how close cells generated at each come
+        to the training cells, else 1.0. On validation cells (see :doc:`/method`), 0.5 generated cells of
         well-separated types (cell lines, tissues) that were recognised as their type more often, but cells of
         closely related types (PBMC clusters) further from the real ones by MMD.
     top_k
@@ -179,7 +181,12 @@ def generate(
 
     start = logg.info("generating cells")
     random_state = check_sampling(
-        n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
+        n_genes=n_genes,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        random_state=random_state,
+        model_temperature=True,
     )
     if (cell_types is None) == (tissues is None):
         msg = "Pass either `cell_types` (single cells) or `tissues` (samples of cells of a tissue), not both or none."
@@ -196,7 +203,7 @@ def generate(
             cells_per_sample=cells_per_sample,
             n_genes=n_genes,
             organism=prompts.check_organism(organism or c2s_model.metadata.organism),
-            temperature=temperature,
+            temperature=model_temperature(c2s_model, temperature),
             top_k=top_k,
             top_p=top_p,
             unique_genes=unique_genes,
@@ -213,6 +220,7 @@ def generate(
             "`sc_c2s.prompts`; expect poor cells."
         )
     _check_labels(request.types, c2s_model.metadata.labels)
+    temperature = model_temperature(c2s_model, temperature)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
     target = target_of(adata, mod=mod, model=c2s_model)
     codes = request.codes()

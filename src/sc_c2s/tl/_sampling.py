@@ -71,14 +71,31 @@ class Target:
 
 
 def check_sampling(
-    *, n_genes: int, temperature: float, top_k: int | None, top_p: float | None, random_state: AnyRandom
+    *,
+    n_genes: int,
+    temperature: float | None,
+    top_k: int | None,
+    top_p: float | None,
+    random_state: AnyRandom,
+    model_temperature: bool = False,
 ) -> int:
-    """Check the sampling arguments; return the seed."""
+    """Check the sampling arguments; return the seed. With `model_temperature`, ``temperature=None`` is valid."""
     check_positive_int(n_genes, "n_genes")
-    check_number(temperature, "temperature", low=0, low_open=True)
+    check_number(temperature, "temperature", low=0, low_open=True, none_ok=model_temperature)
     check_positive_int(top_k, "top_k", none_ok=True)
     check_number(top_p, "top_p", low=0, high=1, low_open=True, none_ok=True)
     return check_random_state(random_state)
+
+
+def model_temperature(c2s_model: C2SModel, temperature: float | None) -> float:
+    """`temperature`, or for ``None`` the one chosen for the model when it was fine-tuned, else 1.0."""
+    if temperature is not None:
+        return temperature
+    chosen = c2s_model.metadata.temperature
+    if chosen is None:
+        return 1.0
+    logg.info(f"    sampling at the model's temperature, {chosen}")
+    return chosen
 
 
 def write_cells(
