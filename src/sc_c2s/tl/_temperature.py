@@ -17,8 +17,6 @@ if TYPE_CHECKING:
 TEMPERATURES = (1.0, 0.7, 0.5)
 #: Cells generated at each temperature, shared among the cell types as the training cells are.
 N_CELLS = 200
-#: Fewest real cells of a type for it to be scored, and fewest generated cells of a type.
-MIN_CELLS = 4
 
 
 def choose_temperature(
@@ -35,9 +33,9 @@ def choose_temperature(
 
     At each temperature, :data:`N_CELLS` cells are generated (same seed), shared among the types of `labels`
     (the cells `adata` trained on, with their held-out ones; in the order of the types' names) in proportion to
-    their cells, at least :data:`MIN_CELLS` each; :func:`sc_c2s.tl.score_generation` compares them with the real
-    cells of `adata`, and the lowest MMD, averaged over types, wins. Types with fewer than :data:`MIN_CELLS` cells
-    are left out.
+    their cells; :func:`sc_c2s.tl.score_generation` compares them with the real cells of `adata`, and the lowest
+    MMD, averaged over types, wins. Types with fewer real cells than it scores (``MIN_REAL_CELLS``) are left out,
+    and each other type gets at least that many generated cells.
 
     Returns
     -------
@@ -45,13 +43,13 @@ def choose_temperature(
     enough cells.
     """
     from ._generate import generate
-    from ._score_generation import score_generation
+    from ._score_generation import MIN_REAL_CELLS, score_generation
 
     counts = labels.value_counts().sort_index()
-    counts = counts[counts >= MIN_CELLS]
+    counts = counts[counts >= MIN_REAL_CELLS]
     if counts.empty:
         return None
-    request = {str(t): max(MIN_CELLS, round(N_CELLS * n / counts.sum())) for t, n in counts.items()}
+    request = {str(t): max(MIN_REAL_CELLS, round(N_CELLS * n / counts.sum())) for t, n in counts.items()}
     start = logg.info(
         f"    choosing generate's temperature among {', '.join(map(str, TEMPERATURES))}: "
         f"{sum(request.values())} cells each"
