@@ -186,7 +186,7 @@ def generate(
         top_k=top_k,
         top_p=top_p,
         random_state=random_state,
-        model_temperature=True,
+        none_for_model=True,
     )
     if (cell_types is None) == (tissues is None):
         msg = "Pass either `cell_types` (single cells) or `tissues` (samples of cells of a tissue), not both or none."

@@ -77,11 +77,11 @@ def check_sampling(
     top_k: int | None,
     top_p: float | None,
     random_state: AnyRandom,
-    model_temperature: bool = False,
+    none_for_model: bool = False,
 ) -> int:
-    """Check the sampling arguments; return the seed. With `model_temperature`, ``temperature=None`` is valid."""
+    """Check the sampling arguments; return the seed. With `none_for_model`, ``temperature=None`` is valid."""
     check_positive_int(n_genes, "n_genes")
-    check_number(temperature, "temperature", low=0, low_open=True, none_ok=model_temperature)
+    check_number(temperature, "temperature", low=0, low_open=True, none_ok=none_for_model)
     check_positive_int(top_k, "top_k", none_ok=True)
     check_number(top_p, "top_p", low=0, high=1, low_open=True, none_ok=True)
     return check_random_state(random_state)
