@@ -3,10 +3,17 @@
 For Pythia-410m, Pythia-1b and Gemma-2-2B (and Gemma-2-27B in 4-bit where bitsandbytes is installed and the GPU
 has room), in bfloat16 on one CUDA GPU, this prints: the time ``sc_c2s.models.load`` takes to open a saved
 checkpoint, the peak GPU memory, annotation cells/s (constrained to the 5 CellBench cell lines, and free),
-embedding cells/s, generation cells/s (200 genes, distinct, exact length) and LoRA training tokens/s. Then it
-exercises the paths that need a GPU: ``load(..., quantization="8bit" | "4bit")`` through bitsandbytes and
-``attn_implementation="flash_attention_2"`` (each where its package is installed), and checks that the packed
-scoring of candidates under a 4-D mask gives the scores of one candidate at a time on this GPU.
+embedding cells/s, generation cells/s (200 genes, distinct, exact length), LoRA training tokens/s, and full
+fine-tuning tokens/s as ``tl.finetune`` trains (float32 weights, bf16 autocast, AdamW; activation checkpointing
+from 1B parameters) at the largest batch that fits, found by doubling the batch from 8 until one runs out of
+memory. Then it exercises the paths that need a GPU: ``tl.finetune`` end to end on this GPU (cell-type prediction
+and generation on the CellBench cells, with held-out selection and the choice of temperature; and the
+perturbation task on the Kang cells of ``tests/data/kang_400.h5ad``, followed by ``tl.predict_perturbation`` of
+their control cells), each for a few steps and with its training tokens/s and the predicted cells/s;
+``load(..., quantization="8bit" | "4bit")`` through bitsandbytes and ``attn_implementation="flash_attention_2"``
+(each where its package is installed); ``tl.annotate`` on a one-worker Dask ``LocalCluster`` that loads the model
+onto its own GPU (where ``distributed`` is installed), against the same call in this process; and that the
+packed scoring of candidates under a 4-D mask gives the scores of one candidate at a time on this GPU.
 
 Prompts: the 300 CellBench cells of ``tests/data/cellbench_300.h5ad`` (repeated as needed), their top 200 genes.
 The tokenizer is a byte-level BPE trained on the gene names and the templates, as Pythia's splits genes into a
@@ -14,8 +21,20 @@ few tokens each (``--tokenizer word`` takes one token per gene instead); its voc
 architecture's (50,304 or 256,000), so the output layer costs what it costs in the published models. Targets on
 one H100/H200-class GPU for the 410m architecture: ≥ 500 annotated cells/s, ≥ 200 generated cells/s.
 
-The whole run takes at most ~8 minutes; ``--smoke`` runs tiny models of the same architectures (but the real
-vocabularies) on the CPU with 20-gene prompts, to check the script itself in a few minutes.
+Last run, one NVIDIA H200 (torch 2.11, transformers 5.17, bitsandbytes 0.50.2; 591 tokens per 200-gene prompt),
+``--only EleutherAI/pythia-410m`` then ``--only google/gemma-2-2b``: Pythia-410m annotated 304 cells/s constrained
+and 129 free, embedded 333 and generated 15.1 cells/s (4,096 and 1,024 cells; with ``--quick``'s 512 and 128
+cells: 249, 92, 311 and 5.1), trained a LoRA adapter at 7,429 tokens/s, and fine-tuned fully at 34,191 tokens/s
+with batches of 8, 64,253 of 32, 93,724 of 64 and 102,208 of 128, the largest that fits (peak 117 GiB; 256 ran
+out of memory). Gemma-2-2B annotated 86.5 cells/s constrained and 52.5 free, embedded 106.2 and generated 11.6
+cells/s. Both targets are missed, generation by far: a cell is ~500 decoding steps (200 genes of ~2.4 tokens), and
+the 128 cells of ``--quick``, one batch, took 25 s, ~50 ms a step. The run stopped at its time limit before the
+end-to-end checks of the 410m model, and the Dask check of the 2B model failed: its worker found no GPU memory
+left to start CUDA (this process's allocator held it; the check now empties that cache first).
+
+One architecture per command fits a device command of 10 minutes (``--only``); ``--quick`` measures an eighth
+of the cells and full fine-tuning at batch 8 only. ``--smoke`` runs tiny models of the same architectures (but
+the real vocabularies) on the CPU with 20-gene prompts, to check the script itself in a few minutes.
 
     python benchmarks/bench_large_models.py            # on a GPU
     python benchmarks/bench_large_models.py --smoke    # anywhere
@@ -31,7 +50,8 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from pathlib import Path
 
 import anndata as ad
@@ -46,7 +66,13 @@ from sc_c2s.models import C2SMetadata, C2SModel, _lora, _memory, _runtime, _trai
 from sc_c2s.tl import _annotate, _samples
 
 CELLS = Path(__file__).parents[1] / "tests" / "data" / "cellbench_300.h5ad"
+KANG = Path(__file__).parents[1] / "tests" / "data" / "kang_400.h5ad"
 N_GENES = 200
+#: Full fine-tuning: batch sizes tried in turn until one does not fit, and optimiser steps timed at each.
+FINETUNE_BATCHES = (8, 16, 32, 64, 128, 256, 512, 1024)
+FINETUNE_STEPS = 3
+#: Optimiser steps of the end-to-end ``tl.finetune`` runs (a path check, not a trained model).
+END_TO_END_STEPS = 20
 #: Architecture, cells to annotate and embed, cells to generate, LoRA steps (batches of 8).
 PLAN = [
     ("EleutherAI/pythia-410m", 4096, 1024, 20),
@@ -74,6 +100,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, to check the script")
     parser.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe")
     parser.add_argument("--only", nargs="*", help="architectures to run, e.g. EleutherAI/pythia-410m")
+    parser.add_argument(
+        "--quick", action="store_true", help="an eighth of the cells, and full fine-tuning at batch 8 only"
+    )
     args = parser.parse_args()
     sc.settings.verbosity = 0
     global N_GENES
@@ -90,6 +119,8 @@ def main() -> None:
         + ", ".join(f"{m} {'yes' if installed(m) else 'no'}" for m in ("peft", "bitsandbytes", "flash_attn"))
     )
     cells = load_cells(max(n for _, n, _, _ in PLAN))
+    kang = ad.read_h5ad(KANG)
+    sc_c2s.pp.to_sentences(kang, n_genes=N_GENES, sentences=False)
     labels = sorted(cells.obs["cell_type"].unique())
     rows, checks = [], []
     work = Path(tempfile.mkdtemp(prefix="sc_c2s_bench_"))
@@ -99,23 +130,34 @@ def main() -> None:
                 continue
             if args.smoke:
                 n_cells, n_generate, n_steps = 16, 4, 2
+            elif args.quick:
+                n_cells, n_generate = n_cells // 8, n_generate // 8
             config = dict(_memory.ARCHITECTURES[base]) | (
                 SMOKE[_memory.ARCHITECTURES[base]["model_type"]] if args.smoke else {}
             )
             row = {"model": base.split("/")[1] + (" (smoke)" if args.smoke else "")}
             try:
-                c2s, row["load s"], quantized = build(base, config, cells, labels, args, device, dtype, work)
+                c2s, row["load s"], quantized = build(base, config, cells, kang, labels, args, device, dtype, work)
             except SkipError as reason:
                 print(f"\n{base}: skipped ({reason})")
                 continue
             if quantized:
                 row["model"] += " 4-bit"
             print(f"\n{c2s!r}: {prompt_tokens(c2s, cells):.0f} tokens per {N_GENES}-gene prompt")
-            row |= measure(c2s, cells, labels, n_cells=n_cells, n_generate=n_generate, n_steps=n_steps)
-            rows.append(row)
-            checks += gpu_paths(base, c2s, cells, labels, work, device)
+            row |= measure(c2s, cells, labels, n_cells=n_cells, n_generate=n_generate)
+            checks += gpu_paths(base, c2s, cells, labels, work, device, dask=not rows)
+            row["LoRA tokens/s"] = lora_rate(c2s, cells, n_steps=n_steps)  # adds the adapter to c2s.model
+            print(f"  {'LoRA tokens/s':22s} {row['LoRA tokens/s']:9.0f}")
             del c2s
             free(device)
+            if not quantized:
+                path = work / base.split("/")[1]
+                batches = (
+                    FINETUNE_BATCHES[:2] if args.smoke else FINETUNE_BATCHES[:1] if args.quick else FINETUNE_BATCHES
+                )
+                row["full FT batch"], row["full FT tokens/s"] = full_finetuning(path, cells, device, batches=batches)
+                checks += end_to_end(path, cells, kang, device, n_steps=2 if args.smoke else END_TO_END_STEPS)
+            rows.append(row)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("\n" + table(rows))
@@ -157,7 +199,8 @@ def tokenizer_for(genes: list[str], labels: list[str], *, kind: str, vocab_size:
         backend = Tokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
-        text = [prompts.CELL_TYPE_PREDICTION, prompts.CELL_TYPE_GENERATION, " ".join(genes), *labels]
+        text = [prompts.CELL_TYPE_PREDICTION, prompts.CELL_TYPE_GENERATION, prompts.PERTURBATION, " ".join(genes)]
+        text += labels
         trainer = trainers.BpeTrainer(
             vocab_size=4000,
             special_tokens=["<|endoftext|>", "<|padding|>"],
@@ -175,11 +218,11 @@ def tokenizer_for(genes: list[str], labels: list[str], *, kind: str, vocab_size:
     )
 
 
-def build(base, config, cells, labels, args, device, dtype, work) -> tuple[C2SModel, float | None, bool]:
+def build(base, config, cells, kang, labels, args, device, dtype, work) -> tuple[C2SModel, float | None, bool]:
     """A random model of `config` with its tokenizer: saved and loaded with sc_c2s (timed), or built in place."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
-    genes = list(cells.uns["c2s"]["genes"])
+    genes = list(dict.fromkeys([*cells.uns["c2s"]["genes"], *kang.uns["c2s"]["genes"]]))
     tokenizer = tokenizer_for(genes, labels, kind=args.tokenizer, vocab_size=config["vocab_size"])
     kwargs = {k: v for k, v in config.items() if k != "model_type"}
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
@@ -244,8 +287,8 @@ def prompt_tokens(c2s: C2SModel, cells: ad.AnnData) -> float:
     return float(np.mean([len(i) for i in _runtime.tokenize(c2s.tokenizer, texts)]))
 
 
-def measure(c2s, cells, labels, *, n_cells: int, n_generate: int, n_steps: int) -> dict[str, float]:
-    """Peak memory and the rates of annotation, embedding, generation and LoRA training."""
+def measure(c2s, cells, labels, *, n_cells: int, n_generate: int) -> dict[str, float]:
+    """Peak memory and the rates of annotation, embedding and generation."""
     device = c2s.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -269,12 +312,24 @@ def measure(c2s, cells, labels, *, n_cells: int, n_generate: int, n_steps: int) 
         print(f"  {name:22s} {row[name]:9.1f}  ({n} cells, {seconds():.1f} s)")
     if device.type == "cuda":
         row["peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
-    row["LoRA tokens/s"] = lora_rate(c2s, cells, labels, n_steps=n_steps)
-    print(f"  {'LoRA tokens/s':22s} {row['LoRA tokens/s']:9.0f}")
     return row
 
 
-def lora_rate(c2s: C2SModel, cells: ad.AnnData, labels: list[str], *, n_steps: int) -> float:
+def training_samples(c2s: C2SModel, cells: ad.AnnData, n_cells: int) -> _trainer.Samples:
+    """Samples of both cell-type tasks for the first `n_cells` cells (the cells repeated as needed)."""
+    cells = cells[np.arange(n_cells) % cells.n_obs]
+    return _samples.encode(
+        c2s.tokenizer,
+        prompts.sentence_words(cells, n_genes=N_GENES),
+        cells.obs["cell_type"].astype(str).tolist(),
+        tasks=("cell_type_prediction", "cell_type_generation"),
+        organism="Homo sapiens",
+        upper=True,
+        max_length=4096,
+    )
+
+
+def lora_rate(c2s: C2SModel, cells: ad.AnnData, *, n_steps: int) -> float:
     """Tokens per second of LoRA training (rank 16, both tasks, batches of 8), or NaN without peft."""
     if not installed("peft"):
         print("  LoRA: skipped, peft is not installed")
@@ -282,27 +337,124 @@ def lora_rate(c2s: C2SModel, cells: ad.AnnData, labels: list[str], *, n_steps: i
     big = sum(p.numel() for p in c2s.model.parameters()) >= _lora.CHECKPOINTING_FROM
     quantized = any(type(m).__name__ == "Linear4bit" for m in c2s.model.modules())
     model = _lora.add_lora(c2s.model, rank=16, target_modules=None, gradient_checkpointing=big, quantized=quantized)
-    n = n_steps * 4
-    words = sc_c2s.prompts.sentence_words(cells[:n], n_genes=N_GENES)
-    samples = _samples.encode(
-        c2s.tokenizer,
-        words,
-        cells.obs["cell_type"].iloc[:n].astype(str).tolist(),
-        tasks=("cell_type_prediction", "cell_type_generation"),
-        organism="Homo sapiens",
-        upper=True,
-        max_length=4096,
-    )
-    n_tokens = sum(len(i) for i in samples.input_ids)
+    samples = training_samples(c2s, cells, n_steps * 4)
     with timed(c2s.device) as seconds:
-        _trainer.train(
-            model, samples, epochs=1, batch_size=8, learning_rate=1e-4, pad_id=_runtime.pad_id(c2s.tokenizer)
+        result = _trainer.train(
+            model, samples, max_steps=n_steps, batch_size=8, learning_rate=1e-4, pad_id=_runtime.pad_id(c2s.tokenizer)
         )
-    return n_tokens / seconds()
+    return result.n_tokens / seconds()
 
 
-def gpu_paths(base, c2s, cells, labels, work, device) -> list[str]:
-    """Packed against one-at-a-time candidate scores; quantised loading and FlashAttention-2 where installed."""
+def full_finetuning(
+    path: Path, cells: ad.AnnData, device: torch.device, *, batches: Sequence[int]
+) -> tuple[int, float]:
+    """The largest batch of `batches` that fits for full fine-tuning, and its training tokens per second.
+
+    As ``tl.finetune`` trains: float32 weights, bf16 autocast on a GPU, AdamW, activation checkpointing from
+    :data:`~sc_c2s.models._lora.CHECKPOINTING_FROM` parameters. Each batch size runs one step, then
+    :data:`FINETUNE_STEPS` timed steps; the first that runs out of memory ends the search.
+    """
+    from sc_c2s._compat import enable_activation_checkpointing
+
+    c2s = sc_c2s.models.load(path, device=device, dtype=torch.float32)
+    if sum(p.numel() for p in c2s.model.parameters()) >= _lora.CHECKPOINTING_FROM:
+        enable_activation_checkpointing(c2s.model)
+    train = partial(_trainer.train, c2s.model, learning_rate=5e-5, pad_id=_runtime.pad_id(c2s.tokenizer))
+    fits, rate = 0, float("nan")
+    for batch_size in batches:
+        samples = training_samples(c2s, cells, batch_size * (FINETUNE_STEPS + 1) // 2)  # two tasks: 2 per cell
+        first, rest = (
+            _trainer.Samples(samples.input_ids[:batch_size], samples.n_prompt[:batch_size]),
+            _trainer.Samples(samples.input_ids[batch_size:], samples.n_prompt[batch_size:]),
+        )
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            train(first, max_steps=1, batch_size=batch_size)
+            with timed(device) as seconds:
+                result = train(rest, max_steps=FINETUNE_STEPS, batch_size=batch_size)
+        except RuntimeError as error:  # out of memory: torch.OutOfMemoryError, or cuBLAS failing to allocate
+            failure = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        else:
+            failure = None
+        if failure is not None:
+            c2s.model.zero_grad(set_to_none=True)
+            free(device)
+            print(f"  full fine-tuning, batch {batch_size:4d}: {failure}")
+            break
+        fits, rate = batch_size, result.n_tokens / seconds()
+        peak = f", peak {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else ""
+        print(
+            f"  full fine-tuning, batch {batch_size:4d}: {rate:9.0f} tokens/s "
+            f"({result.n_tokens / FINETUNE_STEPS / batch_size:.0f} tokens per sample{peak})"
+        )
+    del c2s, train
+    free(device)
+    return fits, rate
+
+
+def end_to_end(path: Path, cells: ad.AnnData, kang: ad.AnnData, device: torch.device, *, n_steps: int) -> list[str]:
+    """``tl.finetune`` from the checkpoint at `path` on `device` for `n_steps`: both cell-type tasks, then perturbation.
+
+    The cell-type run holds cells out (selection, annotation of the held-out cells, the choice of temperature); the
+    perturbation run is followed by ``tl.predict_perturbation`` of the Kang control cells.
+    """
+    runs = {
+        "cell types": (cells[:300].copy(), {"label_key": "cell_type"}),
+        "perturbation": (
+            kang,
+            {"tasks": ["perturbation"], "condition_key": "condition", "control": "control", "pair_by": "cell_type"},
+        ),
+    }
+    lines = []
+    for name, (adata, kwargs) in runs.items():
+        free(device)
+        head = f"{path.name}: tl.finetune ({name}, {n_steps} steps)"
+        try:
+            with timed(device) as seconds:
+                out = sc_c2s.tl.finetune(
+                    adata,
+                    base_model=path,
+                    output_dir=path.parent / f"{path.name}-{name.replace(' ', '-')}",
+                    n_genes=N_GENES,
+                    max_steps=n_steps,
+                    device=device,
+                    **kwargs,
+                )
+            model = sc_c2s.models.load(out, device=device)
+            training = model.metadata.training
+            line = (
+                f"{head}: batch {training['batch_size']}, {training['n_tokens'] / training['train_seconds']:,.0f} "
+                f"training tokens/s, {seconds():.0f} s in all"
+            )
+            if name == "perturbation":
+                control = adata[adata.obs["condition"] == "control"].copy()
+                with timed(device) as predict_seconds:
+                    predicted = sc_c2s.tl.predict_perturbation(
+                        control,
+                        model=model,
+                        perturbations=["stimulated"],
+                        condition_key="condition",
+                        control="control",
+                        groupby="cell_type",
+                        n_genes=N_GENES,
+                    )
+                line += f"; predict_perturbation {predicted.n_obs / predict_seconds():.1f} cells/s ({predicted.n_obs} cells)"
+            else:
+                line += f"; held out {model.metadata.scores}, temperature {model.metadata.temperature}"
+            del model
+        except Exception as error:  # noqa: BLE001 - a device check reports what failed and goes on
+            line = f"{head}: FAILED {type(error).__name__}: {error}"
+        print(line, flush=True)
+        lines.append(line)
+    return lines
+
+
+def gpu_paths(base, c2s, cells, labels, work, device, *, dask: bool) -> list[str]:
+    """Packed against one-at-a-time candidate scores; quantised loading and FlashAttention-2 where installed.
+
+    With `dask`, also annotation on a one-worker Dask cluster (once: the path does not depend on the architecture).
+    """
     lines = []
     subset = cells[:16].copy()
     words = prompts.sentence_words(subset, n_genes=N_GENES)
@@ -314,7 +466,12 @@ def gpu_paths(base, c2s, cells, labels, work, device) -> list[str]:
     lines.append(
         f"{base}: packed vs one-at-a-time candidate log-likelihoods, max |Δ| = {np.abs(packed - single).max():.3g}"
     )
+    print(lines[-1], flush=True)
     path = work / base.split("/")[1]
+    if dask and path.is_dir() and installed("distributed"):
+        free(device)  # the worker shares this GPU: leave it room for its context and model
+        lines.append(on_dask(c2s, subset, labels))
+        print(lines[-1], flush=True)
     if device.type != "cuda" or not path.is_dir():
         return lines
     options = [{"quantization": q} for q in ("8bit", "4bit") if installed("bitsandbytes")]
@@ -336,7 +493,28 @@ def gpu_paths(base, c2s, cells, labels, work, device) -> list[str]:
             del model
         except Exception as error:  # noqa: BLE001 - a device check reports what failed and goes on
             lines.append(f"{base} {option}: FAILED {type(error).__name__}: {error}")
+        print(lines[-1], flush=True)
     return lines
+
+
+def on_dask(c2s: C2SModel, cells: ad.AnnData, labels: list[str]) -> str:
+    """Constrained annotation on a one-worker ``LocalCluster`` (its own process and device) against this process."""
+    from distributed import Client, LocalCluster
+
+    here, there = cells.copy(), cells.copy()
+    sc_c2s.tl.annotate(here, model=c2s, labels=labels)
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        Client(cluster) as client,
+    ):
+        sc_c2s.tl.annotate(there, model=c2s, labels=labels, client=client)
+        devices = client.run(lambda: sorted({str(m.device) for m in sc_c2s._dask._MODELS.values()}))
+    same = (here.obs["c2s_cell_type"] == there.obs["c2s_cell_type"]).mean()
+    score = np.abs(here.obs["c2s_cell_type_score"] - there.obs["c2s_cell_type_score"]).max()
+    return (
+        f"{c2s.metadata.name} on a Dask worker ({', '.join(sum(devices.values(), []))}): same label as in this "
+        f"process for {same:.0%} of {cells.n_obs} cells, scores max |Δ| = {score:.3g}"
+    )
 
 
 @contextlib.contextmanager
@@ -374,12 +552,17 @@ def free(device: torch.device) -> None:
 
 def table(rows: list[dict]) -> str:
     columns = ["model", "load s", "peak GiB", "constrained cells/s", "free cells/s", "embed cells/s"]
-    columns += ["generate cells/s", "LoRA tokens/s"]
+    columns += ["generate cells/s", "LoRA tokens/s", "full FT batch", "full FT tokens/s"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = [row.get(c) for c in columns]
         lines.append(
-            "| " + " | ".join(c if isinstance(c, str) else "–" if c is None else f"{c:,.1f}" for c in cells) + " |"
+            "| "
+            + " | ".join(
+                c if isinstance(c, str) else "–" if c is None else f"{c:,}" if isinstance(c, int) else f"{c:,.1f}"
+                for c in cells
+            )
+            + " |"
         )
     return "\n".join(lines)
 

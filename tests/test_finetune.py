@@ -346,6 +346,13 @@ def test_without_held_out_cells_the_whole_budget_trains(cell_samples):
     )
 
 
+def test_counts_the_tokens_trained_on(cell_samples):
+    tokenizer, train, _ = cell_samples
+    per_epoch = sum(len(ids) for ids in train.input_ids)  # 120 samples: 15 steps of 8
+    assert train_small(small_model(tokenizer), cell_samples, max_steps=15).n_tokens == per_epoch
+    assert train_small(small_model(tokenizer), cell_samples, max_steps=30).n_tokens == 2 * per_epoch
+
+
 @pytest.mark.parametrize(
     ("kwargs", "expected"),
     [

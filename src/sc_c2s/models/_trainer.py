@@ -116,6 +116,8 @@ class Result:
     task, and the ``score`` (mean accuracy) that selects."""
     best_step: int | None = None
     """Step of the weights kept (the best score, the latest among equals), ``None`` without held-out samples."""
+    n_tokens: int = 0
+    """Tokens of the samples trained on (prompts and answers, no padding)."""
 
 
 def loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -260,7 +262,7 @@ def train(
     if eval_every is None:
         eval_every = max(1, math.ceil(max_steps / N_EVALUATIONS))
     start = time.perf_counter()
-    step, stopped, history = 0, "max_steps", []
+    step, stopped, history, n_tokens = 0, "max_steps", [], 0
     model.train()
     with progress(total=max_steps, desc="fine-tuning", unit="step") as bar:
         while step < max_steps and stopped == "max_steps":
@@ -278,6 +280,7 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                n_tokens += int(lengths[index].sum())
                 epoch_loss += batch_loss.item() * len(index)
                 n_seen += len(index)
                 elapsed = time.perf_counter() - start
@@ -302,7 +305,14 @@ def train(
             history.append(epoch_loss / n_seen)
     selection.restore()
     model.eval()
-    return Result(loss=history, steps=step, stopped=stopped, curve=selection.curve, best_step=selection.best_step)
+    return Result(
+        loss=history,
+        steps=step,
+        stopped=stopped,
+        curve=selection.curve,
+        best_step=selection.best_step,
+        n_tokens=n_tokens,
+    )
 
 
 class _Selection:

@@ -479,6 +479,7 @@ def finetune(
         "best_step": result.best_step,
         "curve": result.curve,
         "train_seconds": round(train_seconds, 1),
+        "n_tokens": result.n_tokens,
         "device": str(c2s_model.device),
         "gradient_checkpointing": bool(gradient_checkpointing),
         **(
