@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import mudata as md
 import numpy as np
@@ -11,7 +12,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, _output_loss, _trainer, load
+from sc_c2s.models import C2SMetadata, _dropout, _output_loss, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _samples
@@ -344,6 +345,30 @@ def test_without_held_out_cells_the_whole_budget_trains(cell_samples):
         None,
         2,
     )
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_cpu_dropout_masks_drop_the_share_asked_for(p):
+    torch.manual_seed(0)
+    keep = _dropout.keep_mask((2000, 2000), p)
+    assert keep.dtype == torch.bool
+    assert keep.shape == (2000, 2000)
+    assert abs((~keep).float().mean().item() - p) < 1e-3  # 4e6 draws: the standard error is below 2.5e-4
+    for axis in (0, 1):  # no row or column pattern from the four masks drawn per random number
+        assert (~keep).float().mean(axis).std().item() < 5 * math.sqrt(p * (1 - p) / 2000)
+
+
+def test_cpu_dropout_in_training_only_and_restored_after():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.25), torch.nn.Dropout(0.0))
+    x = torch.ones(1000, 4)
+    with _dropout.cpu_dropout(model):
+        assert "forward" in vars(model[1]) and "forward" not in vars(model[2])  # p = 0 is left alone
+        model.train()
+        out = model[1](x)
+        assert out.unique().tolist() == pytest.approx([0.0, 4 / 3])  # dropped, or scaled by 1 / (1 - p)
+        model.eval()
+        assert model[1](x) is x
+    assert "forward" not in vars(model[1])
 
 
 def test_counts_the_tokens_trained_on(cell_samples):

@@ -25,6 +25,7 @@ import numpy as np
 from sc_c2s._utils._progress import progress
 
 from . import _candidates, _runtime
+from ._dropout import cpu_dropout
 
 if TYPE_CHECKING:
     import torch
@@ -237,7 +238,8 @@ def train(
 
     Batches are drawn epoch after epoch until `max_steps`. `resample`, if given, makes each epoch's samples in
     place of `samples` (as many, in the same order), from the loop's seeded generator: augmented data drawn anew
-    every epoch. On CUDA the forward pass runs in bf16 autocast over float32 weights.
+    every epoch. On CUDA the forward pass runs in bf16 autocast over float32 weights; on the CPU dropout draws its
+    masks with :func:`~sc_c2s.models._dropout.keep_mask`.
 
     With `held_out` samples (by task, under every candidate label), each task's label accuracy (the share of
     cells whose true label fits best: the lowest answer loss of :class:`Choices`, the highest log-likelihood of
@@ -264,7 +266,7 @@ def train(
     start = time.perf_counter()
     step, stopped, history, n_tokens = 0, "max_steps", [], 0
     model.train()
-    with progress(total=max_steps, desc="fine-tuning", unit="step") as bar:
+    with progress(total=max_steps, desc="fine-tuning", unit="step") as bar, cpu_dropout(model):
         while step < max_steps and stopped == "max_steps":
             epoch_loss, n_seen = 0.0, 0
             if resample is not None:
