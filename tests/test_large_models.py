@@ -304,6 +304,21 @@ def test_load_refuses_what_the_device_cannot_hold_before_downloading(monkeypatch
         sc_c2s.models.load("C2S-Scale-Gemma-2-2B", device="cpu")
 
 
+def test_a_gpu_too_full_to_start_cuda_is_named(monkeypatch):
+    def failing(message):
+        def mem_get_info(device):
+            raise RuntimeError(message)
+
+        return mem_get_info
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", failing("CUDA error: out of memory\nSearch for ..."))
+    with pytest.raises(MemoryError, match=r"CUDA cannot start on cuda:0: its memory is full.*empty_cache"):
+        _memory.capacity(torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", failing("no driver"))
+    with pytest.raises(RuntimeError, match="^no driver$"):  # other CUDA errors pass as they are
+        _memory.capacity(torch.device("cuda:0"))
+
+
 def test_load_refuses_a_directory_too_large(bases, monkeypatch):
     monkeypatch.setattr(_memory, "capacity", lambda device: 1000)
     with pytest.raises(MemoryError, match="but 0.0 GiB are free. Free memory or use a device with more"):

@@ -230,7 +230,17 @@ def capacity(device: torch.device) -> int | None:
     import torch
 
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        try:
+            return torch.cuda.mem_get_info(device)[0]
+        except RuntimeError as error:  # CUDA found no room for its own context on the GPU
+            if "out of memory" not in str(error):
+                raise
+            msg = (
+                f"CUDA cannot start on {device}: its memory is full. Other processes hold it (`nvidia-smi` lists "
+                "them): a Dask worker beside a session that used the same GPU, say. In a process of yours that "
+                "used the GPU, `torch.cuda.empty_cache()` hands back the memory PyTorch keeps cached."
+            )
+            raise MemoryError(msg) from error
     if device.type != "cpu":
         return None
     try:
