@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -52,7 +52,8 @@ def cpu_dropout(model: PreTrainedModel) -> Iterator[None]:
             del layer.forward
 
 
-def _masked_forward(layer: torch.nn.Dropout):
+def _masked_forward(layer: torch.nn.Dropout) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return the forward pass of `layer` with the masks of :func:`keep_mask`."""
     scale = 1 / (1 - layer.p)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
