@@ -145,13 +145,13 @@ def main() -> None:
                 row["model"] += " 4-bit"
             print(f"\n{c2s!r}: {prompt_tokens(c2s, cells):.0f} tokens per {N_GENES}-gene prompt")
             row |= measure(c2s, cells, labels, n_cells=n_cells, n_generate=n_generate)
-            checks += gpu_paths(base, c2s, cells, labels, work, device, dask=not rows)
+            path = None if quantized else work / base.split("/")[1]  # the checkpoint `build` saved
+            checks += gpu_paths(base, c2s, cells, labels, path, device, dask=not rows)
             row["LoRA tokens/s"] = lora_rate(c2s, cells, n_steps=n_steps)  # adds the adapter to c2s.model
             print(f"  {'LoRA tokens/s':22s} {row['LoRA tokens/s']:9.0f}")
             del c2s
             free(device)
-            if not quantized:
-                path = work / base.split("/")[1]
+            if path is not None:
                 batches = (
                     FINETUNE_BATCHES[:2] if args.smoke else FINETUNE_BATCHES[:1] if args.quick else FINETUNE_BATCHES
                 )
@@ -450,7 +450,7 @@ def end_to_end(path: Path, cells: ad.AnnData, kang: ad.AnnData, device: torch.de
     return lines
 
 
-def gpu_paths(base, c2s, cells, labels, work, device, *, dask: bool) -> list[str]:
+def gpu_paths(base, c2s, cells, labels, path, device, *, dask: bool) -> list[str]:
     """Packed against one-at-a-time candidate scores; quantised loading and FlashAttention-2 where installed.
 
     With `dask`, also annotation on a one-worker Dask cluster (once: the path does not depend on the architecture).
@@ -467,12 +467,11 @@ def gpu_paths(base, c2s, cells, labels, work, device, *, dask: bool) -> list[str
         f"{base}: packed vs one-at-a-time candidate log-likelihoods, max |Δ| = {np.abs(packed - single).max():.3g}"
     )
     print(lines[-1], flush=True)
-    path = work / base.split("/")[1]
-    if dask and path.is_dir() and installed("distributed"):
+    if dask and path is not None and installed("distributed"):
         free(device)  # the worker shares this GPU: leave it room for its context and model
         lines.append(on_dask(c2s, subset, labels))
         print(lines[-1], flush=True)
-    if device.type != "cuda" or not path.is_dir():
+    if device.type != "cuda" or path is None:
         return lines
     options = [{"quantization": q} for q in ("8bit", "4bit") if installed("bitsandbytes")]
     options += [{"attn_implementation": "flash_attention_2"}] if installed("flash_attn") else []
