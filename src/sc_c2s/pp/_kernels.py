@@ -5,14 +5,15 @@ Ranking keeps the expressed (non-zero) entries of a row, best first. Equal value
 64-bit key hashed from ``(seed, cell, gene)``, which is a seeded random permutation that depends on
 nothing else, so CSR, CSC and dense storage of the same matrix give the same order.
 
-Each expressed entry becomes one 64-bit sort key: the float32 bits of its value (order-preserving for values
-``>= 0``), then the top bits of its tie-break key, then its position in the row. For the top ``k`` of a longer row,
-a histogram of the values' leading bits finds the bin of the ``k``-th best value, only entries from that bin up
-are packed, and a quickselect keeps ``k`` of them (``O(nnz)``); the ``k`` kept are radix-sorted on the bits that
-differ among them, so a short sentence never sorts a whole row. Entries whose packed keys agree on value and
-tie-key bits are put in order by their full tie-break keys, so the result is exact. Rows holding a value that is
-not exactly a float32 (e.g. float64 log-normalised data) take a bounded-heap path (``O(nnz log k)``) that compares
-values and full keys directly.
+Each expressed entry becomes one 64-bit sort key: a code of its value (its float32 bits, order-preserving for
+values ``>= 0``, without the low bits all packed values of the row share, counted from the smallest), then as many
+top bits of its tie-break key as fill a whole number of radix digits, then its position in the row. For the top
+``k`` of a longer row, a histogram of the values' leading bits finds the bin of the ``k``-th best value, only
+entries from that bin up are packed, and a quickselect keeps ``k`` of them (``O(nnz)``); the ``k`` kept are
+radix-sorted on the bits that differ among them, so a short sentence never sorts a whole row. Entries whose packed
+keys agree on value and tie-key bits are put in order by their full tie-break keys, so the result is exact. Rows
+holding a value that is not exactly a float32 (e.g. float64 log-normalised data) take a bounded-heap path
+(``O(nnz log k)``) that compares values and full keys directly.
 """
 
 from __future__ import annotations
@@ -231,11 +232,53 @@ def _order_by_key(positions, start, stop, genes, seed, cell):
 
 
 @njit(cache=True, inline="always")
-def _pack(values, genes, t, seed, cell, key_shift, pos_bits):
-    """Packed key of entry ``t``: value bits, top tie-key bits, position; inverted, so ascending is best first."""
-    bits = np.uint64(np.float32(values[t]).view(np.uint32))
-    key = tie_key(seed, cell, genes[t])
-    return ~((bits << np.uint64(32)) | ((key >> key_shift) << pos_bits) | np.uint64(t))
+def _bit_length(x):
+    """Return the number of bits of the unsigned integer ``x`` (``0`` for ``0``)."""
+    n = 0
+    while x >> np.uint64(n):
+        n += 1
+    return n
+
+
+@njit(cache=True)
+def _key_layout(values, positions, n_above, spare, n_edge, m, n_entries):
+    """Return the layout of the packed keys of one row: ``(base, value_shift, tie_shift, code_shift, pos_bits)``.
+
+    The entries to pack are ``values[positions[:n_above]]`` and ``values[spare[:n_edge]]``. Their float32 bits
+    agree below ``value_shift``; ``(bits >> value_shift) - base`` codes their values from 0 in the same order, in
+    as few bits as the values need. The top bits of the tie-break key fill the bits above the position up to a
+    whole number of radix digits, at least as many bits as ``m`` has (so that even if all ``m`` values are equal,
+    at most about ``m / 2`` pairs of them share their tie bits, to be ordered by their full keys); the value code
+    sits above them. The radix sort of ``m`` keys then makes as few passes as the values allow.
+    """
+    first = np.uint64(_float32_bits(values[positions[0]] if n_above else values[spare[0]]))
+    lowest, highest, differ = first, first, np.uint64(0)
+    for x in range(n_above + n_edge):
+        bits = np.uint64(_float32_bits(values[positions[x]] if x < n_above else values[spare[x - n_above]]))
+        lowest, highest = min(lowest, bits), max(highest, bits)
+        differ |= bits ^ first
+    value_shift = np.uint64(0)
+    while differ and not (differ >> value_shift) & np.uint64(1):
+        value_shift += np.uint64(1)
+    base = lowest >> value_shift
+    value_bits = _bit_length((highest >> value_shift) - base)
+    pos_bits = _bit_length(np.uint64(max(1, n_entries - 1)))
+    digit = _WIDE_DIGIT if m >= _WIDE_FROM else 8
+    sort_bits = digit * -(-(value_bits + _bit_length(np.uint64(m))) // digit)
+    tie_bits = min(sort_bits, 64 - pos_bits) - value_bits
+    return base, value_shift, np.uint64(64 - tie_bits), np.uint64(tie_bits + pos_bits), np.uint64(pos_bits)
+
+
+@njit(cache=True, inline="always")
+def _pack(values, genes, t, seed, cell, layout):
+    """Return the packed key of entry ``t``: value code, tie-key bits, position, as :func:`_key_layout` lays them.
+
+    The key is inverted, so ascending is best first.
+    """
+    base, value_shift, tie_shift, code_shift, pos_bits = layout
+    code = (np.uint64(_float32_bits(values[t])) >> value_shift) - base
+    key = tie_key(seed, cell, genes[t]) >> tie_shift
+    return ~((code << code_shift) | (key << pos_bits) | np.uint64(t))
 
 
 @njit(cache=True)
@@ -275,11 +318,6 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     for b in range(low, high + 1):
         histogram[b] = 0
 
-    pos_bits = np.uint64(1)
-    while (np.uint64(1) << pos_bits) < n_entries:
-        pos_bits += np.uint64(1)
-    key_shift = np.uint64(32) + pos_bits  # keeps the top 32 - pos_bits bits of the tie-break key
-    pos_mask = (np.uint64(1) << pos_bits) - np.uint64(1)
     n_above = 0
     n_edge = 0
     for t in range(n_entries):  # without branches: both slots are written, one count moves
@@ -289,11 +327,17 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
         n_above += b > floor
         spare[n_edge] = t
         n_edge += b == floor
-    for x in range(n_above):
-        packed[x] = _pack(values, genes, positions[x], seed, cell, key_shift, pos_bits)
-    for x in range(n_edge):
-        packed[n_above + x] = _pack(values, genes, spare[x], seed, cell, key_shift, pos_bits)
     m = min(k, n_above + n_edge)
+    if m == 0:
+        out_genes[:] = -1
+        return n, OK
+    layout = _key_layout(values, positions, n_above, spare, n_edge, m, n_entries)
+    pos_bits = layout[4]
+    pos_mask = (np.uint64(1) << pos_bits) - np.uint64(1)
+    for x in range(n_above):
+        packed[x] = _pack(values, genes, positions[x], seed, cell, layout)
+    for x in range(n_edge):
+        packed[n_above + x] = _pack(values, genes, spare[x], seed, cell, layout)
     wanted = m - n_above  # places left for the entries of the floor bin
     if 0 < wanted < n_edge:
         edge = packed[n_above : n_above + n_edge]
