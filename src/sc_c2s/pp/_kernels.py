@@ -615,27 +615,35 @@ def word_table(word_bytes, word_lengths, width):
 def write_sentences(gene_idx, word_table, word_lengths, row_offsets, out):
     """Write row ``i``'s sentence into ``out[row_offsets[i]:row_offsets[i + 1]]``.
 
-    Row ``g`` of ``word_table`` holds word ``g`` followed by a space, padded with zeros to the table's width. Whole
-    table rows are copied while they fit inside the sentence (a fixed-length copy the compiler vectorises; the next
-    word overwrites the padding), the last words of a sentence byte-exactly, so no thread writes into another
-    row's sentence.
+    Row ``g`` of ``word_table`` holds word ``g`` followed by a space, padded with zeros to the table's width (at
+    least 16). A word whose bytes and space fit in 8 or 16 bytes is copied as that whole block of its table row
+    while the block fits inside the sentence (a fixed-length copy, one move; the next word overwrites the padding),
+    other words and the last ones of a sentence byte-exactly, so no thread writes into another row's sentence.
+    Offsets are unsigned: indexing them needs no check for negative indices, which would keep the copies byte by
+    byte.
     """
     n_rows, width = gene_idx.shape
-    table_width = word_table.shape[1]
+    table = word_table.reshape(-1)
+    table_width = np.uint64(word_table.shape[1])
     for i in prange(n_rows):
-        pos = row_offsets[i]
-        end = row_offsets[i + 1]
-        n_words = 0
-        while n_words < width and gene_idx[i, n_words] >= 0:
-            n_words += 1
-        for j in range(n_words):
+        pos = np.uint64(row_offsets[i])
+        end = np.uint64(row_offsets[i + 1])
+        for j in range(width):
             g = gene_idx[i, j]
-            if pos + table_width <= end:
-                out[pos : pos + table_width] = word_table[g]
+            if g < 0:
+                break
+            n = np.uint64(word_lengths[g]) + np.uint64(1)
+            src = np.uint64(g) * table_width
+            if n <= np.uint64(8) and pos + np.uint64(8) <= end:
+                for b in range(8):
+                    out[pos + np.uint64(b)] = table[src + np.uint64(b)]
+            elif n <= np.uint64(16) and pos + np.uint64(16) <= end:
+                for b in range(16):
+                    out[pos + np.uint64(b)] = table[src + np.uint64(b)]
             else:
-                n = min(word_lengths[g] + 1, end - pos)
-                out[pos : pos + n] = word_table[g, :n]
-            pos += word_lengths[g] + 1
+                for b in range(min(n, end - pos)):
+                    out[pos + np.uint64(b)] = table[src + np.uint64(b)]
+            pos += n
 
 
 @njit(cache=True)
