@@ -168,6 +168,23 @@ def test_long_rows_of_counts_and_normalised_values_match_the_reference(n_express
             assert as_lists(ranking.genes) == [row[:k] for row in expected]
 
 
+@pytest.mark.parametrize("n_expressed", [300, 3_000])
+def test_values_across_the_float32_range_match_the_reference(n_expressed):
+    """Values from the smallest subnormal to the largest float32, with ties: a cell's value code then needs all 31
+    bits of a positive float32, leaving the fewest bits for the tie-break key beside it."""
+    rng = np.random.default_rng(n_expressed)
+    tiny, largest = np.finfo(np.float32).smallest_subnormal, np.finfo(np.float32).max
+    X = np.zeros((3, 4_000), dtype=np.float32)
+    for row in X:
+        genes = rng.choice(row.size, n_expressed, replace=False)
+        row[genes] = np.maximum(10.0 ** rng.uniform(-45, 38, n_expressed), tiny).astype(np.float32)
+        row[genes[:2]] = tiny, largest
+        row[genes[2 : n_expressed // 3]] = row[genes[2]]  # a third of the row tied
+    for k in (1, 200, None):
+        ranking = rank_genes(sparse.csr_matrix(X), n_genes=k, random_state=3)
+        assert as_lists(ranking.genes) == reference(X, 3, k)
+
+
 def test_rows_with_and_without_float32_values_mix():
     """Rows with a value that is not a float32 take the heap path; the other rows of the chunk are unaffected."""
     rng = np.random.default_rng(3)
