@@ -241,27 +241,38 @@ def _bit_length(x):
 
 
 @njit(cache=True)
-def _key_layout(values, positions, n_above, spare, n_edge, m, n_entries):
+def _bits_range(values, positions, n_above, spare, n_edge):
+    """Return ``(lowest, highest, ones, zeros)`` of the float32 bits of the entries to pack.
+
+    The entries are ``values[positions[:n_above]]`` and ``values[spare[:n_edge]]``; ``ones`` and ``zeros`` gather
+    the bits set and clear in each, so ``ones & zeros`` are the bits that differ between them.
+    """
+    lowest, highest = _VALID, np.uint32(0)
+    ones, zeros = np.uint32(0), np.uint32(0)
+    for x in range(n_above + n_edge):
+        bits = _float32_bits(values[positions[x]] if x < n_above else values[spare[x - n_above]])
+        lowest, highest = min(lowest, bits), max(highest, bits)
+        ones |= bits
+        zeros |= ~bits
+    return lowest, highest, ones, zeros
+
+
+@njit(cache=True)
+def _key_layout(lowest, highest, varying, m, n_entries):
     """Return the layout of the packed keys of one row: ``(base, value_shift, tie_shift, code_shift, pos_bits)``.
 
-    The entries to pack are ``values[positions[:n_above]]`` and ``values[spare[:n_edge]]``. Their float32 bits
-    agree below ``value_shift``; ``(bits >> value_shift) - base`` codes their values from 0 in the same order, in
-    as few bits as the values need. The top bits of the tie-break key fill the bits above the position up to a
-    whole number of radix digits, at least as many bits as ``m`` has (so that even if all ``m`` values are equal,
-    at most about ``m / 2`` pairs of them share their tie bits, to be ordered by their full keys); the value code
-    sits above them. The radix sort of ``m`` keys then makes as few passes as the values allow.
+    The float32 bits of the values to pack lie from ``lowest`` to ``highest``, and agree on all bits but those set
+    in ``varying``, so ``(bits >> value_shift) - base`` codes their values from 0 in the same order, in as few bits
+    as the values need. The top bits of the tie-break key fill the bits above the position up to a whole number of
+    radix digits, at least as many bits as ``m`` has (so that even if all ``m`` values are equal, at most about
+    ``m / 2`` pairs of them share their tie bits, to be ordered by their full keys); the value code sits above
+    them. The radix sort of ``m`` keys then makes as few passes as the values allow.
     """
-    first = np.uint64(_float32_bits(values[positions[0]] if n_above else values[spare[0]]))
-    lowest, highest, differ = first, first, np.uint64(0)
-    for x in range(n_above + n_edge):
-        bits = np.uint64(_float32_bits(values[positions[x]] if x < n_above else values[spare[x - n_above]]))
-        lowest, highest = min(lowest, bits), max(highest, bits)
-        differ |= bits ^ first
     value_shift = np.uint64(0)
-    while differ and not (differ >> value_shift) & np.uint64(1):
+    while varying and not (varying >> value_shift) & np.uint32(1):
         value_shift += np.uint64(1)
-    base = lowest >> value_shift
-    value_bits = _bit_length((highest >> value_shift) - base)
+    base = np.uint64(lowest) >> value_shift
+    value_bits = _bit_length((np.uint64(highest) >> value_shift) - base)
     pos_bits = _bit_length(np.uint64(max(1, n_entries - 1)))
     digit = _WIDE_DIGIT if m >= _WIDE_FROM else 8
     sort_bits = digit * -(-(value_bits + _bit_length(np.uint64(m))) // digit)
@@ -295,6 +306,8 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     select = k < n_entries
     n = 0
     low, high = N_BINS, 0
+    lowest, highest = _VALID, np.uint32(0)  # of the values' bits
+    ones, zeros = np.uint32(0), np.uint32(0)  # bits set in some values, clear in some
     for t in range(n_entries):
         v = values[t]
         bits = _float32_bits(v)
@@ -309,6 +322,10 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
             b = np.int64(bits >> np.uint32(_BIN_SHIFT))
             histogram[b] += 1
             low, high = min(low, b), max(high, b)
+        else:  # all values are packed
+            lowest, highest = min(lowest, bits), max(highest, bits)
+            ones |= bits
+            zeros |= ~bits
     floor = -1  # entries of higher bins are kept; those of this bin compete for the last places
     if select and n > k:
         above, floor = 0, high
@@ -331,7 +348,9 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     if m == 0:
         out_genes[:] = -1
         return n, OK
-    layout = _key_layout(values, positions, n_above, spare, n_edge, m, n_entries)
+    if select:  # the values of some entries only are packed
+        lowest, highest, ones, zeros = _bits_range(values, positions, n_above, spare, n_edge)
+    layout = _key_layout(lowest, highest, ones & zeros, m, n_entries)
     pos_bits = layout[4]
     pos_mask = (np.uint64(1) << pos_bits) - np.uint64(1)
     for x in range(n_above):
