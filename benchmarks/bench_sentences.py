@@ -4,6 +4,12 @@ Run from the repository root::
 
     python benchmarks/bench_sentences.py
 
+With ``--previous REV`` it times instead the calls below beside the ranking kernels of git revision ``REV``
+(``src/sc_c2s/pp/_kernels.py`` there, swapped into this process), calls interleaved: how much a change to the
+kernels moved them, free of the drift between runs on a shared machine::
+
+    python benchmarks/bench_sentences.py --previous 3e1012a
+
 The reference column needs `cell2sentence` (CC BY-NC-ND, so not a dependency); install it in a throwaway venv that
 sees this environment and run the script with that venv's python::
 
@@ -16,28 +22,27 @@ Figures are wall-clock cells per second, the best of `--repeats` runs (more for 
 `--baseline-cells` cells. Peak memory is the most memory allocated at once during one call (tracemalloc), beside
 the input already held.
 
-Last run (2 cores, load average 0.5 at the start;
+Last run (2 cores, load average 1.4 at the start;
 `PYTHONPATH=src /tmp/refenv/bin/python benchmarks/bench_sentences.py --repeats 3`, reference installed with
 `pip install --no-deps cell2sentence` then `pip install datasets plotnine accelerate`)::
 
     call                                                      cells/s   × numpy   × cell2sentence
-    CellBench, default to_sentences(adata, n_genes=200)        31,238       5.1              29.8
-    CellBench, the same without the rank fit                   45,230       7.4              43.2
-    CellBench ×36 (50,688 cells), default call                 53,060       9.2              67.1
-    CellBench ×36, all genes as strings (20,000 cells)         10,149       3.3              12.8
-    synthetic 100k, top 200, no strings, no rank fit          168,356       9.9
-    CellBench log-normalised, default call                     27,482   (42,973 without the rank fit)
+    CellBench, default to_sentences(adata, n_genes=200)        26,968       6.7              57.8
+    CellBench, the same without the rank fit                   38,826       9.7              83.3
+    CellBench ×36 (50,688 cells), default call                 36,208      10.2              64.0
+    CellBench ×36, all genes as strings (20,000 cells)          8,727       4.8              15.4
+    synthetic 100k, top 200, no strings, no rank fit          163,539      13.0
+    CellBench log-normalised, default call                     19,090   (33,839 without the rank fit)
 
 The rank fit took 31 % of the default call on CellBench (all 1,408 cells are in its sample), none at 50,688 cells,
-and 36 % of the call on the same cells log-normalised (``normalize_total`` and ``log1p``, as scanpy's tutorials keep
-in ``.raw``). This release made the fit faster (a vectorised pass for the sums and checks of counts, each distinct
-value of log-normalised cells counted and transformed once): run beside the previous release in one session, the
-fit's share of the CellBench call fell from 33-39 % to 30-33 % on counts and from 65 % to 38 % log-normalised, where
-the call went from 13,900 to 25,600 cells/s. The reference ran faster in this run than in earlier ones (1,047 cells/s
-on CellBench, 791 at 50,688 cells; 554 to 619 in an earlier week, 335 to 370 before), so its ratios fell while our
-cells/s rose: the default call on CellBench read 37.4× the reference at 23,831 cells/s in the last run of the
-previous release. Ours varies too: the synthetic top-200 row read 10.2×, 9.9×, 7.4×, 8.8×, 8.2×, 9.1× and 9.9×
-numpy in seven runs.
+and 44 % of the call on the same cells log-normalised (``normalize_total`` and ``log1p``, as scanpy's tutorials keep
+in ``.raw``). Figures of this machine vary between runs by more than the changes measured here: in three runs of one
+session the reference read 295, 383 and 466 cells/s on CellBench, and the synthetic top-200 row 8.7× and 13.0×
+numpy in two runs of the same code. Against the kernels before this round's ranking changes (``--previous 3e1012a``,
+twice, and three times the same comparison by an ad-hoc script), sentences of all genes as strings on CellBench ×7
+ran 1.2-1.5× as fast in all five (words copied as 8- or 16-byte blocks, fewer radix passes); the other calls moved
+by 0.86× to 1.8× from one comparison to the next, without a direction: all genes without strings 0.86×, 1.18×,
+1.40× on CellBench ×7 and 1.12×, 1.26×, 1.66× on synthetic cells; the default top-200 call 1.00×, 1.04×, 1.23×.
 """
 
 from __future__ import annotations
@@ -260,6 +265,68 @@ def log_normalised_fit(adata: ad.AnnData, repeats: int) -> str:
     )
 
 
+def previous_kernels(revision: str):
+    """The ranking kernels of git revision `revision`, imported as a module of their own (they import only numpy
+    and numba)."""
+    import importlib.util
+    import tempfile
+
+    source = subprocess.run(
+        ["git", "show", f"{revision}:src/sc_c2s/pp/_kernels.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    path = Path(tempfile.mkdtemp()) / "previous_kernels.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("previous_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_kernels(revision: str, cells: ad.AnnData | None, args: argparse.Namespace) -> None:
+    """Time each call with this checkout's kernels and with those of `revision`, interleaved; print the best."""
+    from sc_c2s import _rank_model
+    from sc_c2s.pp import _kernels, _rank, _to_sentences
+
+    modules = (_rank, _to_sentences, _rank_model)  # those that call the kernels
+
+    def use(kernels) -> None:
+        for module in modules:
+            module._kernels = kernels
+
+    versions = {revision: previous_kernels(revision), "this checkout": _kernels}
+    calls = []
+    if cells is not None:
+        tiled = ad.AnnData(sparse.vstack([cells.X] * 7, format="csr"), var=cells.var)
+        calls += [
+            ("CellBench, default call (top 200, strings, rank fit)", cells, {"n_genes": 200}),
+            ("CellBench ×7, all genes as strings", tiled, {"rank_fit": False}),
+            ("CellBench ×7, all genes, no strings", tiled, {"rank_fit": False, "sentences": False}),
+        ]
+    data = synthetic(args.n_cells // 2, args.n_genes, args.expressed)
+    calls += [
+        (
+            f"synthetic {data.n_obs:,}, top 200, no strings, no fit",
+            data,
+            {"n_genes": 200, "sentences": False, "rank_fit": False},
+        ),
+        (f"synthetic {data.n_obs:,}, all genes, no strings", data, {"rank_fit": False, "sentences": False}),
+    ]
+    print(f"\ncells/s, best of {args.repeats + 1} calls each after a first, interleaved:")
+    print(f"{'call':52s} {revision:>14s} {'this checkout':>14s}   ratio")
+    for name, adata, kwargs in calls:
+        seconds = {version: [] for version in versions}
+        for _ in range(args.repeats + 2):
+            for version, kernels in versions.items():
+                use(kernels)
+                gc.collect()
+                start = time.perf_counter()
+                sc_c2s.pp.to_sentences(adata, **kwargs)
+                seconds[version].append(time.perf_counter() - start)
+        before, after = (adata.n_obs / min(seconds[version][1:]) for version in versions)
+        print(f"{name:52s} {before:14,.0f} {after:14,.0f}   {after / before:.2f}×", flush=True)
+    use(_kernels)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cellbench_5cl_counts.h5ad")
@@ -273,6 +340,7 @@ def main() -> None:
     parser.add_argument("--full-cells", type=int, default=20_000, help="cells for full sentences as strings")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-jobs", type=int, default=-1)
+    parser.add_argument("--previous", metavar="REV", help="compare with the ranking kernels of this git revision")
     args = parser.parse_args()
 
     sc.settings.n_jobs = args.n_jobs
@@ -292,6 +360,9 @@ def main() -> None:
     sc_c2s.pp.to_sentences(warm, n_genes=10)
     sc_c2s.pp.to_sentences(warm)
 
+    if args.previous:
+        compare_kernels(args.previous, cellbench(args.data) if args.data.exists() else None, args)
+        return
     rows = []
     if args.data.exists():
         cells = cellbench(args.data)
