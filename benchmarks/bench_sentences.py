@@ -38,11 +38,12 @@ The rank fit took 31 % of the default call on CellBench (all 1,408 cells are in 
 and 44 % of the call on the same cells log-normalised (``normalize_total`` and ``log1p``, as scanpy's tutorials keep
 in ``.raw``). Figures of this machine vary between runs by more than the changes measured here: in three runs of one
 session the reference read 295, 383 and 466 cells/s on CellBench, and the synthetic top-200 row 8.7× and 13.0×
-numpy in two runs of the same code. Against the kernels before this round's ranking changes (``--previous 3e1012a``,
-twice, and three times the same comparison by an ad-hoc script), sentences of all genes as strings on CellBench ×7
-ran 1.2-1.5× as fast in all five (words copied as 8- or 16-byte blocks, fewer radix passes); the other calls moved
-by 0.86× to 1.8× from one comparison to the next, without a direction: all genes without strings 0.86×, 1.18×,
-1.40× on CellBench ×7 and 1.12×, 1.26×, 1.66× on synthetic cells; the default top-200 call 1.00×, 1.04×, 1.23×.
+numpy in two runs of the same code. Against the kernels before this round's ranking changes, in three comparisons
+(``--previous 3e1012a`` twice, and once an ad-hoc script doing the same), sentences of all genes as strings on
+CellBench ×7 ran 1.36×, 1.45× and 1.52× as fast (words copied as 8- or 16-byte blocks, fewer radix passes); the
+other calls moved from one comparison to the next without a clear direction: all genes without strings 0.86×,
+1.18×, 1.40× on CellBench ×7 and 1.12×, 1.26×, 1.66× on synthetic cells, the synthetic top-200 call 0.98×, 1.07×,
+1.83×, the default call on CellBench 1.00×, 1.04×, 1.23×.
 """
 
 from __future__ import annotations
@@ -50,11 +51,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib.util
 import io
 import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -266,11 +269,7 @@ def log_normalised_fit(adata: ad.AnnData, repeats: int) -> str:
 
 
 def previous_kernels(revision: str):
-    """The ranking kernels of git revision `revision`, imported as a module of their own (they import only numpy
-    and numba)."""
-    import importlib.util
-    import tempfile
-
+    """Import the ranking kernels of git revision `revision` as a module of their own (they need only numpy, numba)."""
     source = subprocess.run(
         ["git", "show", f"{revision}:src/sc_c2s/pp/_kernels.py"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout
