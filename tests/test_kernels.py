@@ -132,7 +132,7 @@ def test_numpy_tie_keys_match_the_kernel():
 @pytest.mark.parametrize("fmt", ["csr", "dense"])
 def test_long_tied_rows_order_by_the_full_tie_key(fmt):
     """100,000 genes of one cell at two values: the fast path packs at most 21 bits of each tie key beside the
-    value (7 for the top 40), so many tied genes share them, and the full keys must decide, also across the cut of
+    value (7 for the top 41), so many tied genes share them, and the full keys must decide, also across the cut of
     the top k."""
     n, seed, cell = 100_000, 9, 3
     rng = np.random.default_rng(0)

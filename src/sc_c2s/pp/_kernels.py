@@ -35,6 +35,8 @@ N_FINE_BINS = 2**16
 _EXACT_BELOW = 256.0
 #: Largest float32 bit pattern of a finite positive value: ``bits - 1 < _VALID`` (unsigned) for exactly those.
 _VALID = np.uint32(0x7F7FFFFF)
+#: ``(lowest, highest, ones, zeros)`` of no float32 bit patterns at all (:func:`_widen` adds one).
+_EMPTY_BITS_RANGE = (_VALID, np.uint32(0), np.uint32(0), np.uint32(0))
 #: :func:`_radix_sort` sorts arrays of at least ``_WIDE_FROM`` entries ``_WIDE_DIGIT`` bits at a time, shorter ones 8.
 _WIDE_FROM = 1024
 _WIDE_DIGIT = 11
@@ -240,6 +242,13 @@ def _bit_length(x):
     return n
 
 
+@njit(cache=True, inline="always")
+def _widen(bits_range, bits):
+    """Return ``bits_range``, ``(lowest, highest, ones, zeros)`` of some float32 bit patterns, with ``bits`` added."""
+    lowest, highest, ones, zeros = bits_range
+    return min(lowest, bits), max(highest, bits), ones | bits, zeros | ~bits
+
+
 @njit(cache=True)
 def _bits_range(values, positions, n_above, spare, n_edge):
     """Return ``(lowest, highest, ones, zeros)`` of the float32 bits of the entries to pack.
@@ -247,27 +256,27 @@ def _bits_range(values, positions, n_above, spare, n_edge):
     The entries are ``values[positions[:n_above]]`` and ``values[spare[:n_edge]]``; ``ones`` and ``zeros`` gather
     the bits set and clear in each, so ``ones & zeros`` are the bits that differ between them.
     """
-    lowest, highest = _VALID, np.uint32(0)
-    ones, zeros = np.uint32(0), np.uint32(0)
+    bits_range = _EMPTY_BITS_RANGE
     for x in range(n_above + n_edge):
-        bits = _float32_bits(values[positions[x]] if x < n_above else values[spare[x - n_above]])
-        lowest, highest = min(lowest, bits), max(highest, bits)
-        ones |= bits
-        zeros |= ~bits
-    return lowest, highest, ones, zeros
+        bits_range = _widen(
+            bits_range, _float32_bits(values[positions[x]] if x < n_above else values[spare[x - n_above]])
+        )
+    return bits_range
 
 
 @njit(cache=True)
-def _key_layout(lowest, highest, varying, m, n_entries):
+def _key_layout(bits_range, m, n_entries):
     """Return the layout of the packed keys of one row: ``(base, value_shift, tie_shift, code_shift, pos_bits)``.
 
-    The float32 bits of the values to pack lie from ``lowest`` to ``highest``, and agree on all bits but those set
-    in ``varying``, so ``(bits >> value_shift) - base`` codes their values from 0 in the same order, in as few bits
-    as the values need. The top bits of the tie-break key fill the bits above the position up to a whole number of
+    ``bits_range`` holds ``(lowest, highest, ones, zeros)`` of the float32 bits of the values to pack: they agree
+    on all bits but those of ``ones & zeros``, so ``(bits >> value_shift) - base`` codes their values from 0 in the
+    same order, in as few bits as the values need. The top bits of the tie-break key fill the bits above the position up to a whole number of
     radix digits, at least as many bits as ``m`` has (so that even if all ``m`` values are equal, at most about
     ``m / 2`` pairs of them share their tie bits, to be ordered by their full keys); the value code sits above
     them. The radix sort of ``m`` keys then makes as few passes as the values allow.
     """
+    lowest, highest, ones, zeros = bits_range
+    varying = ones & zeros
     value_shift = np.uint64(0)
     while varying and not (varying >> value_shift) & np.uint32(1):
         value_shift += np.uint64(1)
@@ -306,8 +315,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
     select = k < n_entries
     n = 0
     low, high = N_BINS, 0
-    lowest, highest = _VALID, np.uint32(0)  # of the values' bits
-    ones, zeros = np.uint32(0), np.uint32(0)  # bits set in some values, clear in some
+    bits_range = _EMPTY_BITS_RANGE
     for t in range(n_entries):
         v = values[t]
         bits = _float32_bits(v)
@@ -323,9 +331,7 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
             histogram[b] += 1
             low, high = min(low, b), max(high, b)
         else:  # all values are packed
-            lowest, highest = min(lowest, bits), max(highest, bits)
-            ones |= bits
-            zeros |= ~bits
+            bits_range = _widen(bits_range, bits)
     floor = -1  # entries of higher bins are kept; those of this bin compete for the last places
     if select and n > k:
         above, floor = 0, high
@@ -349,8 +355,8 @@ def _rank_packed(values, genes, k, seed, cell, histogram, packed, spare, counts,
         out_genes[:] = -1
         return n, OK
     if select:  # the values of some entries only are packed
-        lowest, highest, ones, zeros = _bits_range(values, positions, n_above, spare, n_edge)
-    layout = _key_layout(lowest, highest, ones & zeros, m, n_entries)
+        bits_range = _bits_range(values, positions, n_above, spare, n_edge)
+    layout = _key_layout(bits_range, m, n_entries)
     pos_bits = layout[4]
     pos_mask = (np.uint64(1) << pos_bits) - np.uint64(1)
     for x in range(n_above):
