@@ -287,21 +287,27 @@ def score_labels(
 
 def check_labels(c2s: C2SModel, labels: Sequence[str], answer_ids: Sequence[Sequence[int]]) -> None:
     """Refuse labels the tokenizer cannot tell apart; warn about labels with words it does not know."""
+    unk = c2s.tokenizer.unk_token_id
+    unknown = {label for label, ids in zip(labels, answer_ids, strict=True) if unk is not None and unk in ids}
+    known = "the labels the model was trained on (`model.metadata.labels`, or `model.metadata.tissues` for tissues)"
     seen: dict[tuple[int, ...], str] = {}
     for label, ids in zip(labels, answer_ids, strict=True):
         if tuple(ids) in seen:
-            msg = (
-                f"The labels {seen[tuple(ids)]!r} and {label!r} are the same tokens for {c2s.name!r}, so the model "
-                "cannot tell them apart; merge or rename them."
+            first = seen[tuple(ids)]
+            why = (
+                f"have words unknown to {c2s.name!r}, which read the same to it, so the model cannot tell them "
+                f"apart; use {known}."
+                if label in unknown
+                else f"are the same tokens for {c2s.name!r}, so the model cannot tell them apart; merge or rename them."
             )
+            msg = f"The labels {first!r} and {label!r} {why}"
             raise ValueError(msg)
         seen[tuple(ids)] = label
-    unk = c2s.tokenizer.unk_token_id
-    unknown = [label for label, ids in zip(labels, answer_ids, strict=True) if unk is not None and unk in ids]
     if unknown:
+        examples = [label for label in labels if label in unknown][:3]
         logg.warning(
-            f"{len(unknown)} labels have words unknown to {c2s.name!r} (e.g. {unknown[:3]}); their scores are "
-            "unreliable. Use the cell-type names the model was trained on (`model.metadata.labels`)."
+            f"{len(unknown)} labels have words unknown to {c2s.name!r} (e.g. {examples}); their scores are "
+            f"unreliable. Use {known}."
         )
 
 
