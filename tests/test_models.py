@@ -348,6 +348,10 @@ def _truncate(path: Path, keep: float) -> None:
         (lambda p: _truncate(p / "config.json", 0.5), r"config\.json .* is not valid JSON"),
         (lambda p: _truncate(p / "tokenizer.json", 0.5), r"tokenizer\.json .* is not valid JSON"),
         (lambda p: (p / "c2s_metadata.json").write_text("[1, 2"), r"c2s_metadata\.json .* cannot be read"),
+        (
+            lambda p: (p / "c2s_metadata.json").write_text('{"vocabulary": "CD3E"}'),
+            r"c2s_metadata\.json .* cannot be read .*'vocabulary' must be a list of strings or null, not 'CD3E'",
+        ),
     ],
     ids=[
         "empty",
@@ -359,6 +363,7 @@ def _truncate(path: Path, keep: float) -> None:
         "config",
         "tokenizer",
         "metadata",
+        "metadata-field",
     ],
 )
 def test_broken_checkpoint_names_the_file(checkpoints, tmp_path, break_it, match):

@@ -70,9 +70,21 @@ class C2SMetadata:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> C2SMetadata:
-        """Build from a dict; unknown keys are ignored so newer files still load."""
+        """Build from a dict; unknown keys are ignored so newer files still load.
+
+        Raises
+        ------
+        TypeError
+            If a field holds a value of the wrong type (a file edited by hand), naming the field.
+        """
         names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        known = {k: v for k, v in d.items() if k in names}
+        for name, value in known.items():
+            expected = _expected_type(name, value)
+            if expected is not None:
+                msg = f"the field {name!r} must be {expected}, not {value!r}"
+                raise TypeError(msg)
+        return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict."""
@@ -88,6 +100,34 @@ class C2SMetadata:
         path = Path(directory) / METADATA_FILE
         path.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
         return path
+
+
+#: Fields that hold a list of strings, a JSON object, a string; those that may be ``null``.
+_STRING_LISTS = frozenset({"tasks", "vocabulary", "labels", "tissues", "perturbations"})
+_OBJECTS = frozenset({"rank_fit", "training", "scores", "adapter"})
+_NULLABLE = frozenset(
+    {"answer_prefix", "vocabulary", "labels", "tissues", "rank_fit", "temperature", "perturbations", "adapter"}
+)
+
+
+def _expected_type(name: str, value: Any) -> str | None:
+    """Return what the metadata field `name` must hold if `value` is not that, else ``None``."""
+    if value is None and name in _NULLABLE:
+        return None
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if name in _STRING_LISTS:
+        ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
+    elif name in _OBJECTS:
+        ok, expected = isinstance(value, dict), "an object"
+    elif name == "n_genes":
+        ok, expected = number and value == int(value) and value > 0, "a positive integer"
+    elif name == "temperature":
+        ok, expected = number and value > 0, "a positive number"
+    elif name == "upper_case":
+        ok, expected = isinstance(value, bool), "true or false"
+    else:
+        ok, expected = isinstance(value, str), "a string"
+    return None if ok else f"{expected}{' or null' if name in _NULLABLE else ''}"
 
 
 def _json_default(o: Any) -> Any:
