@@ -167,9 +167,29 @@ def test_score_perturbation_of_a_perfect_prediction(kang):
     assert row["mmd_mean_shift"] < row["mmd_unchanged"]
 
 
+def test_score_perturbation_leaves_out_cells_without_a_group_and_reads_numeric_conditions(kang):
+    """Cells without a group were scored as a group "nan"; `control=0` did not find the 0s of a numeric column."""
+    real = kang.copy()
+    real.obs["condition"] = (real.obs["condition"] == "stimulated").astype(int)
+    real.obs["cell_type"] = real.obs["cell_type"].astype(object)
+    no_group = np.flatnonzero((kang.obs["cell_type"] == "CD4T").to_numpy())[:5]
+    real.obs.iloc[no_group, real.obs.columns.get_loc("cell_type")] = np.nan
+    predicted = real_as_predicted(kang, "B")
+    predicted.obs["condition"] = "1"
+    before = real.obs.copy()
+    with pytest.warns(UserWarning, match=r"Left out 5 real and 0 predicted cells without a value in obs\['cell_type'\]"):
+        scores = sc_c2s.tl.score_perturbation(real, predicted, groupby="cell_type", condition_key="condition", control=0)
+    assert scores.index.tolist() == [("B", "1")]
+    expected = sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
+    # the five CD4 T cells left out change only the mean-shift baseline, which the other groups make
+    columns = [c for c in scores.columns if "mean_shift" not in c]
+    np.testing.assert_allclose(scores[columns].to_numpy(float), expected[columns].to_numpy(float))
+    pd.testing.assert_frame_equal(real.obs, before)
+
+
 def test_mean_shift_and_de_genes_by_hand(kang):
     data = _score_perturbation.cells(kang, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
-    one = _score_perturbation.contrast(data, group="B", perturbation="stimulated", control="control")
+    one = _score_perturbation.contrast(data, group="B", perturbation="stimulated")
     X = from_sentences(
         [" ".join(w) for w in sc_c2s.prompts.sentence_words(kang, n_genes=N_GENES)],
         genes=kang.var_names,

@@ -100,7 +100,7 @@ def perturbation(
     if not selected.any():
         msg = f"No predicted cell of group {group!r} and perturbation {perturbation!r}; groups: {sorted(set(data.predicted_groups))}."
         raise ValueError(msg)
-    top = contrast(data, group=group, perturbation=perturbation, control=control).top(n_top_genes)
+    top = contrast(data, group=group, perturbation=perturbation).top(n_top_genes)
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 5))

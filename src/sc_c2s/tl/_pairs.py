@@ -66,13 +66,16 @@ class Design:
 
 
 def conditions(obs: pd.DataFrame, *, condition_key: str, control: str) -> pd.Series:
-    """Return the conditions as strings, checked: present, complete, one line each, `control` among them."""
+    """Return the conditions as strings, checked: present, complete, one line each, `control` among them.
+
+    `control` is compared as a string too, so that ``control=0`` finds the control cells of a column of 0 and 1.
+    """
     values = check_obs_column(obs, condition_key, arg="condition_key")
     if values.isna().any():
         msg = f"obs[{condition_key!r}] has {int(values.isna().sum())} missing values; drop those cells or fill them in."
         raise ValueError(msg)
     values = values.astype(str)
-    if control not in set(values):
+    if str(control) not in set(values):
         msg = f"`control={control!r}` is not a value of obs[{condition_key!r}]; values: {sorted(set(values))[:20]}."
         raise ValueError(msg)
     bad = [v for v in set(values) if not v.strip() or "\n" in v]
@@ -91,7 +94,7 @@ def design(
     """
     values = conditions(obs, condition_key=condition_key, control=control)
     groups = pair_groups(obs, pair_by)
-    is_control = (values == control).to_numpy()
+    is_control = (values == str(control)).to_numpy()
     controls = np.flatnonzero(is_control & usable)
     perturbed = np.flatnonzero(~is_control & usable)
     paired = np.isin(groups[perturbed], groups[controls])

@@ -150,7 +150,7 @@ def predict_perturbation(
     handler = DataHandler(adata, mod)
     values = conditions(handler.obs, condition_key=condition_key, control=control)
     groups = None if groupby is None else check_obs_column(handler.obs, groupby, arg="groupby")
-    cells = np.flatnonzero((values == control).to_numpy())
+    cells = np.flatnonzero((values == str(control)).to_numpy())
     if n_cells is not None and n_cells < len(cells):
         cells = np.sort(np.random.default_rng(random_state).choice(cells, n_cells, replace=False))
     c2s_model = resolve(model, device=device)

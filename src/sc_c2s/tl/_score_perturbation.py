@@ -45,7 +45,10 @@ COLUMNS = ["n_perturbed", "n_control", "n_predicted"] + [m + s for m in METRICS 
 
 @dataclass
 class Cells:
-    """Real and predicted cells on one scale: their sentences read back into expression over the real genes."""
+    """Real and predicted cells on one scale: their sentences read back into expression over the real genes.
+
+    Cells without a group are left out. Groups and conditions are strings, `control` too.
+    """
 
     real: sparse.csr_matrix
     predicted: sparse.csr_matrix
@@ -54,6 +57,7 @@ class Cells:
     predicted_groups: np.ndarray
     predicted_conditions: np.ndarray
     genes: np.ndarray
+    control: str
 
 
 @dataclass
@@ -111,21 +115,31 @@ def cells(
     real_cells = from_sentences([" ".join(w) for w in real_words], genes=genes, rank_fit=fit)
     predicted_cells = from_sentences(predicted.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
     check_shared_genes(predicted_cells.obs, predicted.obs[_keys.SENTENCE])
+    predicted_groups = predicted.obs[groupby]
+    real_kept, predicted_kept = real_groups.notna().to_numpy(), predicted_groups.notna().to_numpy()
+    if not (real_kept.all() and predicted_kept.all()):
+        warnings.warn(
+            f"Left out {int((~real_kept).sum())} real and {int((~predicted_kept).sum())} predicted cells without "
+            f"a value in obs[{groupby!r}].",
+            UserWarning,
+            stacklevel=3,
+        )
     return Cells(
-        real=sparse.csr_matrix(real_cells.X),
-        predicted=sparse.csr_matrix(predicted_cells.X),
-        real_groups=real_groups.astype(str).to_numpy(),
-        real_conditions=real_conditions,
-        predicted_groups=predicted.obs[groupby].astype(str).to_numpy(),
-        predicted_conditions=predicted.obs[condition_key].astype(str).to_numpy(),
+        real=sparse.csr_matrix(real_cells.X)[real_kept],
+        predicted=sparse.csr_matrix(predicted_cells.X)[predicted_kept],
+        real_groups=real_groups[real_kept].astype(str).to_numpy(),
+        real_conditions=real_conditions[real_kept],
+        predicted_groups=predicted_groups[predicted_kept].astype(str).to_numpy(),
+        predicted_conditions=predicted.obs[condition_key][predicted_kept].astype(str).to_numpy(),
         genes=genes,
+        control=str(control),
     )
 
 
-def contrast(data: Cells, *, group: str, perturbation: str, control: str) -> Contrast:
+def contrast(data: Cells, *, group: str, perturbation: str) -> Contrast:
     """Cells and gene means of one group and perturbation, with the mean-shift baseline of the other groups."""
     is_perturbed = data.real_conditions == perturbation
-    is_control = data.real_conditions == control
+    is_control = data.real_conditions == data.control
     perturbed = data.real[np.flatnonzero(is_perturbed & (data.real_groups == group))]
     control_cells = data.real[np.flatnonzero(is_control & (data.real_groups == group))]
     predicted = data.predicted[
@@ -244,8 +258,8 @@ def score_perturbation(
     )
     rng = np.random.default_rng(random_state)
     rows = {}
-    for p, g in _pairs_to_score(data, perturbation=perturbation, control=control):
-        one = contrast(data, group=g, perturbation=p, control=control)
+    for p, g in _pairs_to_score(data, perturbation=perturbation):
+        one = contrast(data, group=g, perturbation=p)
         rows[g, p] = _scores(one, n_comps=n_comps, max_cells=max_cells, rng=rng, random_state=random_state)
     scores = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
     scores.index = pd.MultiIndex.from_tuples(scores.index, names=[groupby, condition_key])
@@ -254,13 +268,13 @@ def score_perturbation(
     return scores
 
 
-def _pairs_to_score(data: Cells, *, perturbation: str | Sequence[str] | None, control: str) -> list[tuple[str, str]]:
+def _pairs_to_score(data: Cells, *, perturbation: str | Sequence[str] | None) -> list[tuple[str, str]]:
     """Perturbation and group of every predicted cell with enough real cells, in the order of the predicted cells."""
     wanted = None if perturbation is None else {perturbation} if isinstance(perturbation, str) else set(perturbation)
     pairs = list(dict.fromkeys(zip(data.predicted_conditions, data.predicted_groups, strict=True)))
     pairs = [(p, g) for p, g in pairs if wanted is None or p in wanted]
     real = pd.Series(list(zip(data.real_conditions, data.real_groups, strict=True))).value_counts()
-    few = [(p, g) for p, g in pairs if min(real.get((p, g), 0), real.get((control, g), 0)) < MIN_CELLS]
+    few = [(p, g) for p, g in pairs if min(real.get((p, g), 0), real.get((data.control, g), 0)) < MIN_CELLS]
     if few:
         warnings.warn(
             f"Left out (perturbation, group) pairs with fewer than {MIN_CELLS} real perturbed or control cells: {few}.",
