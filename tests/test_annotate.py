@@ -353,6 +353,17 @@ def test_bad_key_added(short_sentences, tiny, key_added):
         sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES, key_added=key_added)
 
 
+@pytest.mark.parametrize("key_added", ["c2s", "c2s_sentence", "a/b"])
+def test_key_added_of_the_package_or_with_a_slash(short_sentences, tiny, key_added):
+    """`key_added="c2s"` used to replace `uns['c2s']`, after which every verb failed; "a/b" could not be saved."""
+    before = short_sentences.copy()
+    with pytest.raises(ValueError, match=rf"`key_added={key_added!r}` (would replace|holds a '/')"):
+        sc_c2s.tl.annotate(short_sentences, model=tiny, labels="model", n_genes=N_GENES, key_added=key_added)
+    assert short_sentences.uns.keys() == before.uns.keys()
+    assert list(short_sentences.uns["c2s"]["genes"]) == list(before.uns["c2s"]["genes"])
+    assert short_sentences.obs.columns.tolist() == before.obs.columns.tolist()
+
+
 def test_sentences_that_do_not_match_their_genes(short_sentences, tiny):
     """Sentence indices past `uns['c2s']['genes']` used to fail with numpy's IndexError."""
     short_sentences.uns["c2s"]["genes"] = short_sentences.uns["c2s"]["genes"][:3]

@@ -99,6 +99,15 @@ def test_empty_sentences(short_sentences, tiny):
     assert "X_c2s" not in short_sentences.obsm
 
 
+def test_key_added_of_the_package(short_sentences, tiny):
+    """`key_added="c2s_genes"` used to replace the gene indices with float embeddings."""
+    genes = short_sentences.obsm["c2s_genes"].copy()
+    with pytest.raises(ValueError, match=r"`key_added='c2s_genes'` would replace sc_c2s's own results"):
+        sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, key_added="c2s_genes")
+    np.testing.assert_array_equal(short_sentences.obsm["c2s_genes"], genes)
+    assert short_sentences.obsm["c2s_genes"].dtype == genes.dtype
+
+
 def test_prompt_too_long(short_sentences, tiny):
     sc_c2s.pp.to_sentences(short_sentences, gene_symbols="gene_symbol", rank_fit=False)
     with pytest.raises(ValueError, match=r"reads at most 128; lower `n_genes`"):

@@ -55,6 +55,21 @@ def test_key(bad):
         check_key(bad, "key_added")
 
 
+@pytest.mark.parametrize(
+    ("bad", "match"),
+    [
+        ("c2s", r"`key_added='c2s'` would replace sc_c2s's own results"),
+        ("c2s_genes", r"`key_added='c2s_genes'` would replace"),
+        ("c2s_sentence", r"`key_added='c2s_sentence'` would replace"),
+        ("a/b", r"`key_added='a/b'` holds a '/'.*choose a key without it"),
+    ],
+)
+def test_key_of_the_package_or_with_a_slash(bad, match):
+    """Such keys used to be accepted: the results replaced `uns['c2s']` or `obsm['c2s_genes']`, or could not be saved."""
+    with pytest.raises(ValueError, match=match):
+        check_key(bad, "key_added")
+
+
 def test_memory_of_a_container_is_its_control_group(tmp_path, monkeypatch):
     limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
     limit.write_text("1000\n")

@@ -29,3 +29,6 @@ GENERATED_CELL_TYPE = "cell_type"
 SOURCE_CELL = "c2s_source_cell"
 #: ``uns`` entry of the cells that :func:`sc_c2s.tl.predict_perturbation` returns.
 PREDICT_PERTURBATION = "c2s_predict_perturbation"
+
+#: Keys of what the package writes for itself and reads back: no verb's ``key_added`` may replace them.
+RESERVED = frozenset({C2S, GENES, SENTENCE, GENERATE, FROM_SENTENCES_RANK_FIT, SOURCE_CELL, PREDICT_PERTURBATION})

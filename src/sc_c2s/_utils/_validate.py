@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sc_c2s import _keys
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -133,10 +135,32 @@ def check_number(
 
 
 def check_key(value: Any, name: str) -> str:
-    """Return `value` if it is a non-empty string (a key of ``obs``, ``obsm`` or ``uns`` to write), else raise."""
+    """Return `value` if it is a key of ``obs``, ``obsm`` or ``uns`` a verb may write its results to, else raise.
+
+    A key is a non-empty string without ``"/"`` (which h5ad files cannot hold in keys) that is none of the keys
+    the package keeps its own results under (``sc_c2s._keys.RESERVED``).
+
+    Examples
+    --------
+    >>> check_key("ct", "key_added")
+    'ct'
+    >>> check_key("a/b", "key_added")
+    Traceback (most recent call last):
+    ...
+    ValueError: `key_added='a/b'` holds a '/', which anndata will not allow in the keys of h5ad files; choose a key without it.
+    """
     if not isinstance(value, str) or not value:
         msg = f"`{name}` must be a non-empty string, got {value!r}."
         raise TypeError(msg)
+    if value in _keys.RESERVED:
+        msg = (
+            f"`{name}={value!r}` would replace sc_c2s's own results, which the verbs read; choose another key "
+            f"(not one of {sorted(_keys.RESERVED)})."
+        )
+        raise ValueError(msg)
+    if "/" in value:
+        msg = f"`{name}={value!r}` holds a '/', which anndata will not allow in the keys of h5ad files; choose a key without it."
+        raise ValueError(msg)
     return value
 
 
