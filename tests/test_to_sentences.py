@@ -701,3 +701,19 @@ def test_rank_fit_of_equal_values_is_refused():
         sc_c2s.pp.to_sentences(adata)
     assert "c2s" not in adata.uns
     sc_c2s.pp.to_sentences(adata, rank_fit=False)
+
+
+def test_rerun_without_sentences_removes_the_earlier_ones(container, scanpy_log):
+    """The sentences of a first run used to stay in `obs` beside the `obsm` and `uns` of a second run."""
+    data = container.wrap(hand_adata())
+    sc_c2s.pp.to_sentences(data, rank_fit=False)
+    copy = sc_c2s.pp.to_sentences(data, n_genes=2, sentences=False, rank_fit=False, copy=True)
+    assert "c2s_sentence" in container.rna(data).obs  # the copy's run leaves `data` as it was
+    sc_c2s.pp.to_sentences(data, n_genes=2, sentences=False, rank_fit=False)
+    for result in (data, copy):
+        adata = container.rna(result)
+        assert "c2s_sentence" not in adata.obs
+        assert adata.obsm["c2s_genes"].shape == (4, 2)
+        if container.is_mudata:
+            assert "rna:c2s_sentence" not in result.obs
+    assert "removed 'c2s_sentence'" in scanpy_log.getvalue()

@@ -158,13 +158,26 @@ class DataHandler:
                 self.data.obs_names
             )
 
+    def remove(self, attr: str, key: str, *, why: str) -> None:
+        """Delete an earlier result from ``obs``, ``obsm`` or ``uns`` (and its mirror in ``mdata.obs``) and log it."""
+        if key not in getattr(self.adata, attr):
+            return
+        del getattr(self.adata, attr)[key]
+        if attr == "obs" and self.is_mudata and f"{self.mod}:{key}" in self.data.obs:
+            del self.data.obs[f"{self.mod}:{key}"]
+        logg.info(f"    removed {key!r}, {self._where}{attr} ({why})")
+
     def save_all(self, results: dict[tuple[str, str], Any], *, start: Any, message: str = "    finished") -> None:
         """Write several results and log them the way scanpy does (``added`` plus where each went)."""
         for (attr, key), value in results.items():
             self.save(attr, key, value)
-        where = f"mdata.mod[{self.mod!r}]." if self.is_mudata else "adata."
-        added = ",\n    ".join(f"{key!r}, {where}{attr}" for attr, key in results)
+        added = ",\n    ".join(f"{key!r}, {self._where}{attr}" for attr, key in results)
         logg.info(message, time=start, deep=f"added\n    {added}")
+
+    @property
+    def _where(self) -> str:
+        """Prefix of the results' places in log messages."""
+        return f"mdata.mod[{self.mod!r}]." if self.is_mudata else "adata."
 
 
 def _checked(matrix: Matrix) -> Matrix:

@@ -90,7 +90,8 @@ def to_sentences(
     ``obsm["c2s_genes"]``
         int32 array of cells × genes: indices into ``uns["c2s"]["genes"]``, best first, ``-1`` padding.
     ``obs["c2s_sentence"]``
-        The sentences: gene names joined by single spaces (if ``sentences=True``).
+        The sentences: gene names joined by single spaces (if ``sentences=True``; otherwise the column of an earlier
+        run is removed, so that it cannot disagree with ``obsm["c2s_genes"]``).
     ``uns["c2s"]``
         ``"params"``, the ``"genes"`` the indices point into, and ``"rank_fit"``: slope, intercept, R²,
         Pearson r, Spearman ρ and the sample size of the fit (if ``rank_fit``).
@@ -148,7 +149,10 @@ def to_sentences(
     results[("uns", _keys.C2S)] = uns
 
     adata = prepare(adata, copy=copy)
-    DataHandler(adata, mod).save_all(results, start=start)
+    handler = DataHandler(adata, mod)
+    if not sentences:
+        handler.remove("obs", _keys.SENTENCE, why="the sentences of an earlier run, with `sentences=False`")
+    handler.save_all(results, start=start)
     return adata if copy else None
 
 
