@@ -717,3 +717,15 @@ def test_rerun_without_sentences_removes_the_earlier_ones(container, scanpy_log)
         if container.is_mudata:
             assert "rna:c2s_sentence" not in result.obs
     assert "removed 'c2s_sentence'" in scanpy_log.getvalue()
+
+
+def test_n_genes_beyond_int64_is_refused(tmp_path):
+    """`n_genes=2**70` used to be recorded as it was, and `write_h5ad` then failed on the params."""
+    adata = hand_adata()
+    with pytest.raises(ValueError, match=r"`n_genes` must be below 2\*\*63.*pass `n_genes=None`"):
+        sc_c2s.pp.to_sentences(adata, n_genes=2**70)
+    assert "c2s" not in adata.uns
+    sc_c2s.pp.to_sentences(adata, n_genes=np.int64(2**63 - 1), rank_fit=False)
+    assert type(adata.uns["c2s"]["params"]["n_genes"]) is int
+    adata.write_h5ad(tmp_path / "a.h5ad")
+    assert ad.read_h5ad(tmp_path / "a.h5ad").uns["c2s"]["params"]["n_genes"] == 2**63 - 1

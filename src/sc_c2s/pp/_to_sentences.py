@@ -106,7 +106,13 @@ def to_sentences(
     ['FTL', 'CD74', 'HLA-DPA1']
     """
     start = logg.info("ranking genes per cell")
-    check_positive_int(n_genes, "n_genes", none_ok=True)
+    n_genes = check_positive_int(n_genes, "n_genes", none_ok=True)
+    if n_genes is not None and n_genes > np.iinfo(np.int64).max:
+        msg = (
+            f"`n_genes` must be below 2**63 to be recorded in `uns['c2s']['params']` (h5ad stores it as int64), got "
+            f"{n_genes}; pass `n_genes=None` to keep every expressed gene."
+        )
+        raise ValueError(msg)
     random_state = check_random_state(random_state)
     if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
