@@ -400,10 +400,12 @@ def test_broken_cached_download_says_how_to_fetch_it_again(hub, checkpoints, cac
         ("cuda:1", r"`device='cuda:1'` but no CUDA device is available"),
         ("gpu", r"`device='gpu'` is not a torch device; pass e\.g\. 'cpu', 'cuda'"),
         (1.5, r"`device=1.5` is not a torch device"),
+        ("meta", r"`device='meta'` holds no weights .*; pass 'cpu' or 'cuda'; `device=None` picks cpu here"),
     ],
 )
 def test_device_that_torch_cannot_use(checkpoints, no_gpu, device, match):
-    """`device="cuda"` without CUDA used to fail with torch's AssertionError."""
+    """`device="cuda"` without CUDA used to fail with torch's AssertionError; `device="meta"` used to leave the model
+    without weights ("Cannot copy out of meta tensor")."""
     with pytest.raises(ValueError, match=match):
         models.load(checkpoints["tiny"], device=device)
     model = models.load(checkpoints["tiny"], device="cpu")

@@ -35,7 +35,9 @@ model
 
 doc_device = """\
 device
-    Torch device to run on; ``None`` picks the model's device."""
+    Torch device to run on. A loaded model passed as `model` is moved there in place (keeping its dtype) and
+    stays there; ``None`` leaves it where it is, and loads a model given by name or path on CUDA if available,
+    else the CPU."""
 
 doc_batch_size = """\
 batch_size

@@ -52,7 +52,8 @@ def default_device() -> torch.device:
 def check_device(device: str | int | torch.device) -> torch.device:
     """Return `device` as a :class:`torch.device`, or raise a :class:`ValueError` if torch cannot run there.
 
-    The message says what is wrong (not a device, no CUDA or MPS, no such GPU) and what ``device=None`` picks.
+    The message says what is wrong (not a device, the meta device, no CUDA or MPS, no such GPU) and what
+    ``device=None`` picks.
     """
     import torch
 
@@ -62,6 +63,9 @@ def check_device(device: str | int | torch.device) -> torch.device:
         resolved = None
     if resolved is None:
         why = "is not a torch device; pass e.g. 'cpu', 'cuda' or 'cuda:0'"
+    elif resolved.type == "meta":
+        why = "holds no weights (meta tensors have shapes only): a model cannot run there, nor come back"
+        why += "; pass 'cpu' or 'cuda'"
     elif resolved.type == "cuda" and not torch.cuda.is_available():
         build = "is built without CUDA" if torch.version.cuda is None else "sees no GPU"
         why = f"but no CUDA device is available (torch {torch.__version__} {build})"
