@@ -173,3 +173,20 @@ def test_fit_that_is_not_finite_is_refused(fit, match):
 def test_arguments_that_are_not_lists(sentences, genes, match):
     with pytest.raises(TypeError, match=rf"`{match}` must be a list"):
         sc_c2s.tl.from_sentences(sentences, genes=genes, rank_fit=FIT)
+
+
+@pytest.mark.parametrize("missing", [None, np.nan, pd.NA])
+def test_missing_gene_names_are_refused(missing):
+    """They used to become genes named 'None' or 'nan', which a sentence's word 'nan' then matched."""
+    with pytest.raises(ValueError, match=r"`genes` has 1 missing names \(None or NaN; the first at position 1\)"):
+        sc_c2s.tl.from_sentences(["CD3D nan"], genes=["CD3D", missing, "IL7R"], rank_fit=FIT)
+
+
+def test_bytes_are_decoded_as_utf8():
+    """h5py hands out strings as bytes; a sentence of bytes used to be read as the text "b'CD3D CD4'"."""
+    cells = sc_c2s.tl.from_sentences([b"CD3D IFN-\xce\xb3", "CD3D"], genes=[b"CD3D", "IFN-γ"], rank_fit=FIT)
+    assert cells.var_names.tolist() == ["CD3D", "IFN-γ"]
+    assert counts(cells) == [[2, 0, 0], [1, 0, 0]]
+    np.testing.assert_allclose(dense(cells)[0], [expression(0), expression(1)], rtol=1e-6)
+    with pytest.raises(ValueError, match=r"A sentence is bytes that are not UTF-8 \(b'CD3D \\xff'\); decode it"):
+        sc_c2s.tl.from_sentences([b"CD3D \xff"], genes=GENES, rank_fit=FIT)

@@ -27,8 +27,9 @@ def from_sentences(
 
     Works on any text: sentences made by a C2S model, by another language model or by
     :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; punctuation around words and the
-    trailing period are stripped; a missing sentence (``None`` or NaN) is empty. Words are matched to `genes` ignoring case; unknown words are dropped, and
-    a gene named twice keeps its first position. The gene at 0-based position ``p`` among the kept words gets
+    trailing period are stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
+    bytes (as :mod:`h5py` hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case;
+    unknown words are dropped, and a gene named twice keeps its first position. The gene at 0-based position ``p`` among the kept words gets
     ``intercept + slope * log10(1 + p)``, clipped at 0.
 
     Parameters
@@ -37,7 +38,8 @@ def from_sentences(
         One sentence per cell; the index of a :class:`~pandas.Series` (e.g. ``adata.obs["c2s_sentence"]``)
         becomes the ``obs_names`` of the result.
     genes
-        Vocabulary: the genes of the result, e.g. ``adata.var_names`` or ``adata.uns["c2s"]["genes"]``.
+        Vocabulary: the genes of the result, e.g. ``adata.var_names`` or ``adata.uns["c2s"]["genes"]``; unique, and
+        none missing (``None`` or NaN).
     rank_fit
         The fitted model, e.g. ``adata.uns["c2s"]["rank_fit"]`` or a checkpoint's ``metadata.rank_fit``.
 
@@ -81,11 +83,19 @@ def from_sentences(
 
 
 def gene_index(genes: Sequence[str] | pd.Index) -> pd.Index:
-    """Return the vocabulary as an index of strings, checked: a list of unique names."""
+    """Return the vocabulary as an index of strings, checked: a list of unique names, none missing."""
     if isinstance(genes, str) or not pd.api.types.is_list_like(genes):
         msg = f"`genes` must be a list of gene names, got {genes!r}."
         raise TypeError(msg)
-    genes = pd.Index(np.asarray(genes, dtype=str).ravel())
+    names = np.asarray(genes, dtype=object).ravel()
+    missing = np.flatnonzero(pd.isna(names))
+    if missing.size:
+        msg = (
+            f"`genes` has {missing.size} missing names (None or NaN; the first at position {missing[0]}); a word "
+            "cannot match them. Drop them or fill them in (e.g. with the var_names) first."
+        )
+        raise ValueError(msg)
+    genes = pd.Index([_decoded(name, "A gene name") for name in names])
     if genes.has_duplicates:
         msg = f"`genes` must be unique; duplicated: {list(genes[genes.duplicated()].unique()[:5])}."
         raise ValueError(msg)
@@ -128,4 +138,15 @@ def read(
 
 def _text(sentence: object) -> str:
     """Return the sentence as a string; ``None`` and NaN (e.g. a cell missing from a MuData modality) are empty."""
-    return "" if pd.api.types.is_scalar(sentence) and pd.isna(sentence) else str(sentence)
+    return "" if pd.api.types.is_scalar(sentence) and pd.isna(sentence) else _decoded(sentence, "A sentence")
+
+
+def _decoded(value: object, what: str) -> str:
+    """Return `value` as a string: bytes (as :mod:`h5py` hands out strings) decoded as UTF-8, others by ``str``."""
+    if not isinstance(value, bytes):
+        return str(value)
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        msg = f"{what} is bytes that are not UTF-8 ({value[:40]!r}); decode it into a string first."
+        raise ValueError(msg) from None
