@@ -729,3 +729,16 @@ def test_n_genes_beyond_int64_is_refused(tmp_path):
     assert type(adata.uns["c2s"]["params"]["n_genes"]) is int
     adata.write_h5ad(tmp_path / "a.h5ad")
     assert ad.read_h5ad(tmp_path / "a.h5ad").uns["c2s"]["params"]["n_genes"] == 2**63 - 1
+
+
+def test_ties_follow_the_row_not_the_cell():
+    """As documented: the tie-break key reads the cell's row, so a subset can order the same cell's ties otherwise."""
+    assert "the cell's position (row) in the data" in " ".join(sc_c2s.pp.to_sentences.__doc__.split())
+    subset = hand_adata()[[3]].copy()  # cell "3" in row 0
+    differs = False
+    for seed in range(8):
+        sc_c2s.pp.to_sentences(subset, rank_fit=False, random_state=seed)
+        tied = [GENES[g] for g in tie_order([0, 1, 3], seed, 0)]
+        assert subset.obs["c2s_sentence"].iloc[0] == " ".join([*tied, "NKG7"])
+        differs |= subset.obs["c2s_sentence"].iloc[0] != expected_hand(seed)[3]
+    assert differs

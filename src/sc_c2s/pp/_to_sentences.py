@@ -44,7 +44,8 @@ def to_sentences(
     Genes with expression above zero are ranked per cell; stored zeros are never ranked. Ranking is the same on
     counts and on normalised or log-normalised data, since both transformations keep the order within a cell.
     Equal values are ordered by a random permutation seeded by `random_state` that depends only on the seed,
-    the cell and the gene, so CSR, CSC and dense storage give identical sentences.
+    the cell's position (row) in the data and the gene's position (column), so CSR, CSC and dense storage give
+    identical sentences, but a subset or a reordered object can order tied genes differently.
 
     Ranking runs in parallel numba kernels on :attr:`scanpy.settings.n_jobs` threads (``-1``: all cores),
     without densifying sparse data. Backed AnnData objects are read in row blocks. A dask array (dense or scipy
