@@ -208,6 +208,17 @@ def test_exact_length_stops_at_the_genes_there_are(ranked, tiny, scanpy_log):
     assert "can hold only the 5 genes of the vocabulary, not 8" in scanpy_log.getvalue()
 
 
+def test_sentences_longer_than_the_context_name_the_n_genes_that_fit(ranked, tiny):
+    """Used to warn that sentences hold only the genes there are, then fail on tokens sized for all asked."""
+    limit = tiny.model.config.max_position_embeddings
+    with pytest.raises(ValueError, match=rf"do not fit in the {limit} tokens 'tiny' reads; ask for at most `n_genes=") as e:
+        sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549"], n_genes=5000)
+    most = int(e.value.args[0].rsplit("=", 1)[1].rstrip("`."))
+    sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549"], n_genes=most)  # fits
+    with pytest.raises(ValueError, match=r"do not fit"):
+        sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549"], n_genes=most + 1)
+
+
 def test_token_budget_with_multi_token_genes(tiny):
     one_token = _sampling.token_budget(tiny, np.array(["DPM1", "CD99"]), 10)
     np.testing.assert_array_equal(one_token["gene_ids"], sorted(tiny.tokenizer.convert_tokens_to_ids(["DPM1", "CD99"])))
@@ -314,6 +325,37 @@ def test_var_follows_a_subset_of_the_ranked_genes(pbmc68k, tiny):
     assert generated.obs["n_valid_genes"].iloc[0] == 3
     assert generated.X.nnz == 1
     assert generated.X[0, subset.var_names.get_loc(words[0])] > 0
+
+
+def test_genes_reordered_or_left_out_of_var_after_ranking_keep_their_columns(ranked, tiny):
+    """A reordered ``var`` used to receive each word's value at the word's old position: in another gene's column."""
+    genes = ["CD99", "DPM1", "LASP1"]
+    model = scripted(tiny, [*genes, "."])
+    kwargs = {"model": model, "cell_types": ["A549"], "n_genes": 20, "unique_genes": False, "exact_length": False}
+    expected = sc_c2s.tl.generate(ranked, **kwargs)
+    reordered = ranked[:, ::-1].copy()
+    generated = sc_c2s.tl.generate(reordered, **kwargs)
+    assert generated.var_names.equals(reordered.var_names)
+    np.testing.assert_array_equal(generated[:, ranked.var_names].X.toarray(), expected.X.toarray())
+    # a subset of the genes (refused before): words outside it are valid genes without a column
+    keep = ~ranked.var["gene_symbol"].isin(["DPM1"]).to_numpy()
+    subset = ranked[:, keep].copy()
+    generated = sc_c2s.tl.generate(subset, **kwargs)
+    assert generated.obs["n_valid_genes"].iloc[0] == 3
+    np.testing.assert_array_equal(generated.X.toarray(), expected[:, subset.var_names].X.toarray())
+    assert generated.X.nnz == 2
+    # the words are symbols: without the column they were read from, the genes cannot be found
+    del subset.var["gene_symbol"]
+    with pytest.raises(KeyError, match=r"var\['gene_symbol'\] \(`gene_symbols` of `sc_c2s.pp.to_sentences`\)"):
+        sc_c2s.tl.generate(subset, **kwargs)
+
+
+def test_data_without_a_gene_of_the_vocabulary_is_refused(ranked, tiny):
+    renamed = ranked.copy()
+    renamed.var["gene_symbol"] = [f"X{i}" for i in range(renamed.n_vars)]
+    sc_c2s.pp.to_sentences(renamed, gene_symbols="gene_symbol", rank_fit=True)
+    with pytest.raises(ValueError, match=r"None of the 2000 genes of the data is a word of 'tiny'"):
+        sc_c2s.tl.generate(renamed, model=tiny, cell_types=["A549"], n_genes=5)
 
 
 def test_mudata_uses_the_modality(ranked, tiny, container):

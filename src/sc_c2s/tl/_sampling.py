@@ -127,13 +127,15 @@ def write_cells(
     """
     check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
+    prompt_ids = _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts))
+    _check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
     n_words = _sentence_length(budget, n_genes, unique_genes=unique_genes) if exact_length else None
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
     sampling = {
-        "prompt_ids": _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts)),
+        "prompt_ids": prompt_ids,
         "max_new_tokens": budget["max_new_tokens"],
         "stop_ids": budget["stop_ids"],
         "temperature": temperature,
@@ -166,15 +168,32 @@ def write_cells(
     return X, sentences, counts, written
 
 
+def _check_room(
+    c2s_model: C2SModel, prompt_ids: list[list[int]], budget: dict[str, Any], *, n_genes: int, unique_genes: bool
+) -> None:
+    """Refuse sentences that do not fit after their prompts in the model's context, naming an `n_genes` that does."""
+    limit = getattr(c2s_model.model.config, "max_position_embeddings", None)
+    longest = max(map(len, prompt_ids), default=0)
+    if limit is None or longest + budget["max_new_tokens"] <= limit:
+        return
+    n_distinct = budget["n_distinct"] if unique_genes else None
+    most, too_many = 0, n_genes  # the new tokens grow with the genes: bisect for the most genes that fit
+    while too_many - most > 1:
+        n = (most + too_many) // 2
+        fits = longest + _new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, n_distinct) <= limit
+        most, too_many = (n, too_many) if fits else (most, n)
+    advice = f"ask for at most `n_genes={most}`" if most else "the prompts alone nearly fill it"
+    msg = (
+        f"Prompts of up to {longest} tokens and sentences of {n_genes} genes (up to {budget['max_new_tokens']} "
+        f"tokens) do not fit in the {limit} tokens {c2s_model.name!r} reads; {advice}."
+    )
+    raise ValueError(msg)
+
+
 def _sentence_length(budget: dict[str, Any], n_genes: int, *, unique_genes: bool) -> int:
     """Words of a sentence of exact length: `n_genes`, or all the genes there are if distinct genes are fewer."""
-    if not unique_genes or (budget["gene_ids"] is None and budget["gene_tokens"] is None):
-        return n_genes
-    if budget["gene_ids"] is not None:
-        n_distinct = len(budget["gene_ids"])
-    else:
-        n_distinct = len(distinct_words(budget["gene_tokens"]))
-    if n_genes <= n_distinct:
+    n_distinct = budget["n_distinct"]
+    if not unique_genes or n_distinct is None or n_genes <= n_distinct:
         return n_genes
     logg.warning(
         f"Sentences of distinct genes can hold only the {n_distinct} genes of the vocabulary, not {n_genes}; they "
@@ -224,20 +243,40 @@ def target_of(adata: AnnData | MuData | None, *, mod: str | None, model: C2SMode
     c2s = handler.c2s()
     rank_fit = check_rank_fit(c2s)
     params = c2s["params"]
-    ranked_names = handler.adata.raw.var_names if params.get("use_raw", False) else handler.adata.var_names
     words = np.asarray(c2s["genes"], dtype=object)
-    if len(words) != len(ranked_names):
-        msg = (
-            f"`uns['c2s']['genes']` has {len(words)} genes but the ranked matrix has {len(ranked_names)}; the data "
-            "changed since `sc_c2s.pp.to_sentences`. Run it again."
-        )
-        raise ValueError(msg)
-    var_names = handler.adata.var_names
-    var = pd.DataFrame(index=var_names.copy())
+    var = pd.DataFrame(index=handler.adata.var_names.copy())
     symbols = params.get("gene_symbols")
     if symbols is not None and symbols in handler.adata.var.columns:
         var[symbols] = handler.adata.var[symbols].to_numpy()
-    return Target(words, dict(rank_fit), var, var_names.get_indexer(ranked_names), "adata")
+    return Target(words, dict(rank_fit), var, _columns(handler.adata, words, params), "adata")
+
+
+def _columns(adata: AnnData, words: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """Column of ``adata.var`` of each word of the sentences (``-1``: none), found by gene name.
+
+    The words are the names (or the `gene_symbols`) of the genes of the matrix `to_sentences` ranked, so genes
+    that were reordered, or left out of ``var`` since, or ranked in ``.raw`` only, go to the right column or none.
+    """
+    ranked = adata.raw if params.get("use_raw", False) and adata.raw is not None else adata
+    symbols = params.get("gene_symbols")
+    names = pd.Index(words)
+    if symbols is not None:
+        if symbols not in ranked.var.columns:
+            msg = (
+                f"The sentences name genes by var[{symbols!r}] (`gene_symbols` of `sc_c2s.pp.to_sentences`), which "
+                "is no longer there; put the column back, or run `to_sentences` again."
+            )
+            raise KeyError(msg)
+        by_symbol = pd.Index(ranked.var[symbols].astype(str))
+        if not by_symbol.is_unique:
+            msg = f"var[{symbols!r}] holds duplicated names since `sc_c2s.pp.to_sentences`; run it again."
+            raise ValueError(msg)
+        at = by_symbol.get_indexer(names)
+        names = pd.Index(np.where(at >= 0, ranked.var_names[at], None))
+    if not adata.var_names.is_unique:
+        msg = "var_names are not unique; make them unique (`adata.var_names_make_unique()`) before generating."
+        raise ValueError(msg)
+    return adata.var_names.get_indexer(names)
 
 
 def _selection(columns: np.ndarray, n_columns: int) -> sparse.csr_matrix:
@@ -264,8 +303,14 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
     tokenizer = model.tokenizer
     spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
     ids = _runtime.tokenize(tokenizer, spaced, special_tokens=False)
+    if tokenizer.unk_token_id is not None and all(tokenizer.unk_token_id in i for i in ids):
+        msg = (
+            f"None of the {len(words)} genes of the data is a word of {model.name!r}, so the sentences it writes "
+            "cannot be read back into them. Rank the genes under the names the model was trained on (e.g. symbols, "
+            "not Ensembl IDs; `gene_symbols=` of `sc_c2s.pp.to_sentences`)."
+        )
+        raise ValueError(msg)
     tokens_per_gene = float(np.mean([len(i) for i in ids]))
-    max_new_tokens = math.ceil(tokens_per_gene * math.ceil(n_genes * (1 + _SLACK))) + 2
     in_genes = {t for i in ids for t in i}
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], clean_up_tokenization_spaces=False)
     ends = [i for i, text in enumerate(texts) if _SENTENCE_END.search(text) and i not in in_genes]
@@ -274,18 +319,35 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
     single = [i[0] for i in ids if len(i) == 1 and i[0] != tokenizer.unk_token_id]
     one_token = all(len(i) == 1 for i in ids)
     gene_ids = np.unique(single) if one_token else None
-    gene_tokens = None if one_token else [i for i in ids if tokenizer.unk_token_id not in i]
-    if unique_genes and gene_tokens:
-        longest = sorted(map(len, gene_tokens), reverse=True)[:n_genes]
-        max_new_tokens = max(max_new_tokens, sum(longest) + 1)
+    gene_tokens = (None if one_token else [i for i in ids if tokenizer.unk_token_id not in i]) or None
+    n_distinct = None
+    if gene_ids is not None or gene_tokens is not None:
+        n_distinct = len(gene_ids) if gene_ids is not None else len(distinct_words(gene_tokens))
     return {
         "tokens_per_gene": round(tokens_per_gene, 3),
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": _new_tokens(tokens_per_gene, gene_tokens, n_genes, n_distinct if unique_genes else None),
         "stop_ids": stop_ids,
         "gene_ids": gene_ids,
-        "gene_tokens": gene_tokens or None,
+        "gene_tokens": gene_tokens,
+        "n_distinct": n_distinct,
         "reference": ids[0][0],
     }
+
+
+def _new_tokens(
+    tokens_per_gene: float, gene_tokens: list[list[int]] | None, n_genes: int, n_distinct: int | None
+) -> int:
+    """Return the new tokens to allow for sentences of `n_genes` genes (at most `n_distinct`, if genes are unique).
+
+    Their mean number of tokens, with a tenth more genes to spare, and room for the longest distinct genes.
+    """
+    if n_distinct is not None:
+        n_genes = min(n_genes, n_distinct)
+    max_new_tokens = math.ceil(tokens_per_gene * math.ceil(n_genes * (1 + _SLACK))) + 2
+    if n_distinct is not None and gene_tokens is not None:
+        longest = sorted(map(len, gene_tokens), reverse=True)[:n_genes]
+        max_new_tokens = max(max_new_tokens, sum(longest) + 1)
+    return max_new_tokens
 
 
 def _word_starts(tokenizer, *, reference: int) -> tuple[np.ndarray, np.ndarray]:
