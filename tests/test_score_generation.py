@@ -134,6 +134,18 @@ def test_errors(halves):
         score(raw, fake)
 
 
+def test_swapped_arguments(halves):
+    """Generated cells passed first used to be told to run `to_sentences`."""
+    real, fake = halves
+    generated = fake.copy()
+    generated.uns["c2s_generate"] = {"params": {"n_genes": 200}}
+    for first in (fake, generated):
+        with pytest.raises(ValueError, match=r"`real` looks like generated cells .*pass the real cells first"):
+            score(first, real)
+    with pytest.raises(ValueError, match=r"`real` looks like generated cells"):
+        sc_c2s.pl.generation(fake, real, label_key="cell_type", show=False)
+
+
 def test_mudata_real(halves, container):
     real, fake = halves
     scores = score(container.wrap(real.copy()), fake)
@@ -179,6 +191,7 @@ def test_type_with_too_few_real_cells(halves):
     ("kwargs", "match"),
     [
         ({"max_cells": 0}, "`max_cells` must be a positive integer"),
+        ({"max_cells": 1}, "`max_cells` must be at least 2, got 1"),
         ({"n_comps": 0}, "`n_comps` must be a positive integer"),
         ({"n_neighbors": 2.5}, "`n_neighbors` must be a positive integer"),
         ({"n_genes": 0}, "`n_genes` must be a positive integer or None"),
@@ -187,7 +200,7 @@ def test_type_with_too_few_real_cells(halves):
     ],
 )
 def test_bad_arguments(halves, kwargs, match):
-    """`max_cells=0` used to fail inside sklearn with "Found array with 0 sample(s)"."""
+    """`max_cells=0` used to fail inside sklearn with "Found array with 0 sample(s)", `max_cells=1` in the PCA."""
     real, fake = halves
     with pytest.raises(ValueError, match=match):
         score(real, fake, **kwargs)

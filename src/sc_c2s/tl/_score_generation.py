@@ -79,6 +79,7 @@ def comparison(
 ) -> Comparison:
     """Put real and generated cells on the same scale (see :func:`score_generation`)."""
     handler = DataHandler(real, mod)
+    check_real(handler)
     c2s = handler.c2s()
     check_obs_column(handler.obs, label_key, arg="label_key", where="the real cells' obs")
     for key in (_keys.SENTENCE, generated_key):
@@ -107,6 +108,18 @@ def comparison(
         real_lengths=np.array([len(w) for w in real_words]),
         n_genes=n_genes,
     )
+
+
+def check_real(handler: DataHandler) -> None:
+    """Refuse real cells that look like generated ones (the arguments swapped) with a message saying so."""
+    if _keys.C2S in handler.uns:
+        return
+    if _keys.GENERATE in handler.uns or (_keys.SENTENCE in handler.obs and _keys.GENES not in handler.obsm):
+        msg = (
+            f"`real` looks like generated cells (sentences in obs[{_keys.SENTENCE!r}] without ranked genes, as "
+            "`sc_c2s.tl.generate` returns them); pass the real cells first and the generated ones second."
+        )
+        raise ValueError(msg)
 
 
 def check_shared_genes(counts: pd.DataFrame, sentences: pd.Series) -> None:
@@ -210,7 +223,7 @@ def score_generation(
         Neighbours of the kNN classifier.
     max_cells
         At most this many cells per type and side (sampled with `random_state`), which bounds the memory of the
-        distance matrices.
+        distance matrices; at least 2.
     random_state
         Seed of the split into halves, of the subsampling and of the PCA {doc_seed}; below ``2**32``, as
         scanpy's PCA takes it.
@@ -245,6 +258,12 @@ def score_generation(
     start = logg.info("scoring generated cells")
     for value, name in ((n_comps, "n_comps"), (n_neighbors, "n_neighbors"), (max_cells, "max_cells")):
         check_positive_int(value, name)
+    if max_cells < MIN_REAL_CELLS // 2:
+        msg = (
+            f"`max_cells` must be at least {MIN_REAL_CELLS // 2}, got {max_cells}: it bounds the cells of each type "
+            "and side, and each half of a type's real cells needs a spread to compare against."
+        )
+        raise ValueError(msg)
     random_state = check_random_state(random_state, limit=LEGACY_SEED_LIMIT)
     data = comparison(real, generated, label_key=label_key, generated_key=generated_key, n_genes=n_genes, mod=mod)
     rng = np.random.default_rng(random_state)
