@@ -217,6 +217,7 @@ def test_results_and_params(short_sentences, tiny, container, scanpy_log):
     assert (rna.X != x).nnz == 0
     if container.is_mudata:
         assert data.obs["rna:ct"].astype(str).tolist() == rna.obs["ct"].astype(str).tolist()
+        assert data.obs["rna:ct"].dtype == rna.obs["ct"].dtype
     assert "'ct', " in scanpy_log.getvalue()
     assert "'ct_score', " in scanpy_log.getvalue()
 

@@ -83,6 +83,20 @@ def test_save_mirrors_obs_into_mudata(pbmc4k):
     assert "rna:emb" not in mdata.obsm
 
 
+def test_save_mirrors_the_dtype(pbmc4k):
+    """The mirror of a categorical column used to be of object dtype."""
+    rna = pbmc4k[:10].copy()
+    other = ad.AnnData(np.ones((12, 2)), obs=pd.DataFrame(index=pbmc4k.obs_names[:12]))
+    with md.set_options(pull_on_update=False):
+        mdata = md.MuData({"rna": rna, "adt": other})
+    labels = pd.Categorical(["b", "a"] * 5, categories=["b", "a", "c"])
+    DataHandler(mdata).save("obs", "label", labels)
+    mirrored = mdata.obs["rna:label"]
+    assert mirrored.dtype == rna.obs["label"].dtype == labels.dtype
+    assert mirrored.loc[rna.obs_names].tolist() == list(labels)
+    assert mirrored.loc[pbmc4k.obs_names[10:12]].isna().all()
+
+
 def test_save_all_logs(container, pbmc4k, scanpy_log):
     data = container.wrap(pbmc4k)
     handler = DataHandler(data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
@@ -154,9 +153,7 @@ class DataHandler:
         """Write one result into ``obs``, ``obsm`` or ``uns``; ``obs`` columns are mirrored into ``mdata.obs``."""
         getattr(self.adata, attr)[key] = value
         if attr == "obs" and self.is_mudata:
-            self.data.obs[f"{self.mod}:{key}"] = pd.Series(np.asarray(value), index=self.adata.obs_names).reindex(
-                self.data.obs_names
-            )
+            self.data.obs[f"{self.mod}:{key}"] = self.adata.obs[key].reindex(self.data.obs_names)
 
     def remove(self, attr: str, key: str, *, why: str) -> None:
         """Delete an earlier result from ``obs``, ``obsm`` or ``uns`` (and its mirror in ``mdata.obs``) and log it."""
