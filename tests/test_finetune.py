@@ -657,11 +657,22 @@ def test_sample_without_room_for_its_answer(tokenizer):
         )
 
 
-def test_label_words_with_punctuation_are_known():
-    tokenizer = build_tokenizer(["CD4"], ["T cells, CD4+"])
-    ids = tokenizer(prompts.answer("T cells, CD4+"), add_special_tokens=False)["input_ids"]
+@pytest.mark.parametrize(
+    ("label", "expected"),
+    [
+        ("T cells, CD4+", ["T", "cells", ",", "CD4+", "."]),
+        # a label's own final mark stays on its last word: the answer's period is split off alone
+        ("T cell.", ["T", "cell.", "."]),
+        ("stage: G1:", ["stage", ":", "G1:", "."]),
+        ("other...", ["other...", "."]),
+    ],
+)
+def test_label_words_with_punctuation_are_known(label, expected):
+    """Labels ending in a period or colon used to hold a word the scratch tokenizer did not know ("cell.")."""
+    tokenizer = build_tokenizer(["CD4"], [label])
+    ids = tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids
-    assert tokens(tokenizer, ids) == ["T", "cells", ",", "CD4+", "."]
+    assert tokens(tokenizer, ids) == expected
 
 
 # --- bad input
@@ -680,6 +691,7 @@ def sentences(cellbench):
         ("nan", {}, ValueError, "missing labels"),
         ("one", {}, ValueError, "single label"),
         ("multiline", {}, ValueError, "multi-line"),
+        ("space", {}, ValueError, r"'A549' and 'A549 ' are the same tokens"),  # used to fail after training
         (None, {"tasks": ("cell_type_prediction", "translation")}, ValueError, "tasks"),
         (None, {"tasks": ()}, ValueError, "tasks"),
         (None, {"eval_fraction": 1.0}, ValueError, "eval_fraction"),
@@ -707,6 +719,10 @@ def test_bad_input(sentences, container, tmp_path, change, kwargs, error, match)
         sentences.obs["cell_type"] = "A549"
     elif change == "multiline":
         sentences.obs["cell_type"] = sentences.obs["cell_type"].astype(str).str.replace("A549", "A\n549")
+    elif change == "space":
+        labels = sentences.obs["cell_type"].astype(str).to_numpy()
+        labels[np.flatnonzero(labels == "A549")[::2]] = "A549 "
+        sentences.obs["cell_type"] = labels
     data = container.wrap(sentences)
     before = sentences.obs.copy()
     args = {"label_key": "cell_type", "base_model": "scratch", "output_dir": tmp_path / "m", **kwargs}

@@ -38,12 +38,14 @@ def summarizer(tmp_path_factory, one_torch_thread):
         summaries="summary",  # an obs column, one text per group
         n_cells=(2, 3),
         n_genes=N_GENES,
-        epochs=20,
+        epochs=30,
         batch_size=8,
         paraphrase=True,
         organism="Mus musculus",
     )
-    return adata, sc_c2s.models.load(path)
+    model = sc_c2s.models.load(path)
+    assert model.metadata.training["eval_obs_names"] == []  # no cell-type task: no cell held out (docstring)
+    return adata, model
 
 
 def test_summaries_per_group_and_draw_reproducible_and_in_h5ad(summarizer, container, tmp_path):

@@ -48,8 +48,10 @@ def build_tokenizer(
     pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex(_TRAILING_PUNCTUATION), behavior="isolated")]
     )
-    # split labels and genes as text will be, so that e.g. "T cells, CD4+" yields "cells" and ","
-    text_words = (word for text in (*labels, *genes) for word, _ in pre_tokenizer.pre_tokenize_str(text))
+    # split labels and genes as text will be, so that e.g. "T cells, CD4+" yields "cells" and ","; a label is also
+    # read with the period that ends an answer or a prompt's sentence, so that "cell." in "T cell.." is a word
+    texts = (*labels, *(f"{label}." for label in labels), *genes)
+    text_words = (word for text in texts for word, _ in pre_tokenizer.pre_tokenize_str(text))
     numbers = (str(i) for i in range(max(max_genes, max_cells) + 1))
     words = dict.fromkeys([PAD, UNK, EOS, ".", ":", ",", *TEMPLATE_WORDS, *numbers, *text_words])
     tokenizer = Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))

@@ -27,6 +27,7 @@ from sc_c2s.models import _candidates, _lora, _runtime, _trainer
 from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_TASKS, TASKS, C2SMetadata
 
 from . import _pairs, _samples
+from ._annotate import annotate, check_labels
 from ._temperature import choose_temperature
 
 if TYPE_CHECKING:
@@ -191,7 +192,7 @@ def finetune(
         every label the same share, ``0.5`` a share proportional to the square root of its size.
     eval_fraction
         Share of the cells of each label held out of training to score the model (``0``: none); with the
-        cell-type tasks only (a model trained on perturbation alone holds out no cells).
+        cell-type tasks only (a model trained on tissues, summaries or perturbations alone holds out no cells).
     random_state
         Seed of the held-out split, the initial weights, the order of the samples {doc_seed}. The seed used is
         recorded in the checkpoint's metadata (``training["random_state"]``).
@@ -292,10 +293,9 @@ def finetune(
     expressed = (ranked >= 0).any(axis=1)
     if not expressed.all():
         logg.warning(f"{int((~expressed).sum())} cells express no gene and are left out of training")
-    strata = labels if labels is not None else units.strata if units.tasks else None
     is_eval = (
-        split(strata, eval_fraction=eval_fraction, random_state=random_state)
-        if strata is not None
+        split(labels, eval_fraction=eval_fraction, random_state=random_state)
+        if labels is not None
         else np.zeros(handler.n_obs, dtype=bool)
     )
     train_cells = np.flatnonzero(~is_eval & expressed)
@@ -400,6 +400,7 @@ def finetune(
         [t == "cell_type_prediction" for t in single_cell], len(train_words)
     )
     _check_unknown(tokenizer, samples, is_label)
+    check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
     held_out = _held_out(
         tokenizer,
         [words[i] for i in eval_cells],
@@ -767,8 +768,6 @@ def _evaluate(
     n_genes: int,
 ) -> dict[str, float]:
     """Accuracy and macro-F1 of constrained annotation of the held-out `cells`."""
-    from ._annotate import annotate
-
     if not len(cells):
         return {}
     held_out = AnnData(

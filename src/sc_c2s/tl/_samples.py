@@ -328,8 +328,6 @@ class Units:
     """Tissue of each unit (``""`` without `tissue_key`)."""
     summaries: list[str | None]
     """Summary text of each unit."""
-    strata: pd.Series
-    """Unit name of each cell, to hold cells out evenly."""
     n_cells: tuple[int, int]
 
     @property
@@ -375,7 +373,7 @@ def units(
 ) -> Units:
     """Check the multi-cell arguments of :func:`sc_c2s.tl.finetune` and group the cells into units."""
     if not tasks:
-        return Units((), np.full(len(obs), -1), [], [], pd.Series(index=obs.index, dtype=object), n_cells)
+        return Units((), np.full(len(obs), -1), [], [], n_cells)
     n_cells = _check_n_cells(n_cells)
     needs_tissue = [t for t in tasks if t != "summary"]
     if needs_tissue and tissue_key is None:
@@ -399,7 +397,7 @@ def units(
     first = keys[complete].groupby(name[complete], sort=True).first()
     tissues_of = first["tissue"].tolist() if "tissue" in first else [""] * len(names)
     texts = _summaries(obs, groupby, first["group"] if "group" in first else None, summaries, n_units=len(first))
-    return Units(tasks, codes, tissues_of, texts, name, n_cells)
+    return Units(tasks, codes, tissues_of, texts, n_cells)
 
 
 def _check_n_cells(n_cells: tuple[int, int]) -> tuple[int, int]:
