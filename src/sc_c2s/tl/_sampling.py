@@ -218,7 +218,8 @@ def check_memory(n_cells: int, *, n_genes: int, words: np.ndarray, name: str) ->
         name=name,
         unit="cells",
         fix="Generate them in several calls with fewer cells, each with its own `random_state` (the same seed "
-        "gives the same cells), and join the results with `anndata.concat`.",
+        "gives the same cells), and join the results with `anndata.concat(results, index_unique='-')` (each call "
+        "names its cells from 0).",
     )
 
 
