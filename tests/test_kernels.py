@@ -362,8 +362,9 @@ def test_rank_genes_all_empty():
 def test_rank_genes_refuses_non_expression(fmt, bad, what):
     X = np.ones((4, 3))
     X[2, 1] = bad
-    with pytest.raises(NotExpressionError, match=rf"`layers\['z'\]` holds {what} \(first in cell 2\).*use_raw=True"):
-        rank_genes(all_formats(X)[fmt], n_genes=2, random_state=0, source="layers['z']")
+    match = rf"`layers\['z'\]` holds {what} \(first in cell 2\), so it is not expression data: .*\. Rank counts\.$"
+    with pytest.raises(NotExpressionError, match=match):
+        rank_genes(all_formats(X)[fmt], n_genes=2, random_state=0, source="layers['z']", fix="Rank counts.")
 
 
 def test_rank_genes_refuses_unknown_matrix_types():

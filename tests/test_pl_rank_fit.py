@@ -88,3 +88,29 @@ def test_bad_gridsize(pbmc4k, gridsize):
     sc_c2s.pp.to_sentences(pbmc4k)
     with pytest.raises(ValueError, match="`gridsize` must be a positive integer"):
         sc_c2s.pl.rank_fit(pbmc4k, gridsize=gridsize, show=False)
+
+
+def test_data_changed_since_the_fit(pbmc68k):
+    """The errors used to ask for `use_raw=` or `layer=`, which `pl.rank_fit` does not take, and to name `X` always."""
+    sc_c2s.pp.to_sentences(pbmc68k)  # ranks `.raw`
+    pbmc68k.raw.X.data *= -1
+    with pytest.raises(sc_c2s.pp.NotExpressionError, match=r"^`raw.X` holds negative values") as error:
+        sc_c2s.pl.rank_fit(pbmc68k, show=False)
+    assert str(error.value).endswith(
+        "It changed since `sc_c2s.pp.to_sentences` ranked it, so the points of the fit cannot be drawn from it: "
+        "restore the data, or run `sc_c2s.pp.to_sentences` again."
+    )
+    del pbmc68k.raw
+    with pytest.raises(
+        ValueError, match=r"ranked `.raw`, which the data no longer holds.*run `sc_c2s.pp.to_sentences`"
+    ):
+        sc_c2s.pl.rank_fit(pbmc68k, show=False)
+
+
+def test_scaled_since_the_fit(cellbench):
+    sc_c2s.pp.to_sentences(cellbench, rank_fit=100)
+    cellbench.X = cellbench.X.toarray() - 1
+    with pytest.raises(sc_c2s.pp.NotExpressionError, match=r"^`X` holds negative values.*It changed since") as error:
+        sc_c2s.pl.rank_fit(cellbench, show=False)
+    assert "use_raw=" not in str(error.value)
+    assert "layer=" not in str(error.value)

@@ -125,3 +125,14 @@ def test_too_few_points():
     X = sparse.csr_matrix(np.eye(4))  # one gene per cell: every point at rank 0
     with pytest.raises(ValueError, match=r"Too few expressed genes.*pass `rank_fit=False`"):
         _rank_model.fit(X)
+
+
+def test_fit_names_the_source_of_values_that_are_not_expression():
+    """The fit used to call every matrix `X`."""
+    X = np.ones((5, 4))
+    X[3, 2] = -1
+    match = r"^`raw.X` holds negative values \(first in cell 3\), so it is not expression data: .*\. Do this\.$"
+    with pytest.raises(ValueError, match=match):
+        _rank_model.fit(X, source="raw.X", fix="Do this.")
+    with pytest.raises(ValueError, match=match):
+        _rank_model.rank_points(X, np.arange(5), source="raw.X", fix="Do this.")

@@ -444,8 +444,12 @@ def assert_untouched(adata: ad.AnnData, before: ad.AnnData) -> None:
 def test_scaled_data_is_refused(container, pbmc68k):
     before = pbmc68k.copy()
     data = container.wrap(pbmc68k)
-    with pytest.raises(NotExpressionError, match=r"`X` holds negative values.*scaled.*use_raw=True.*layer="):
+    with pytest.raises(NotExpressionError, match=r"`X` holds negative values.*scaled") as error:
         sc_c2s.pp.to_sentences(data, use_raw=False)
+    assert str(error.value).endswith(
+        "Rank raw counts or normalised expression instead, if the data holds them: `.raw` (`use_raw=True`)."
+    )
+    assert "layer=" not in str(error.value)  # pbmc68k has no layer
     assert_untouched(container.rna(data), before)
 
 
@@ -464,8 +468,36 @@ def test_nan_is_refused(container, fmt):
 def test_negative_in_a_layer_names_the_layer():
     adata = hand_adata()
     adata.layers["scaled"] = -adata.X
-    with pytest.raises(ValueError, match=r"`layers\['scaled'\]` holds negative values"):
+    with pytest.raises(ValueError, match=r"`layers\['scaled'\]` holds negative values") as error:
         sc_c2s.pp.to_sentences(adata, layer="scaled")
+    assert str(error.value).endswith("if the data holds them: `X` (`use_raw=False` without `layer=`).")
+
+
+@pytest.mark.parametrize(
+    ("where", "fix"),
+    [
+        (
+            "X",
+            "The data holds no other matrix: store raw counts or normalised expression in a layer and pass `layer=`.",
+        ),
+        (
+            "raw",
+            "if the data holds them: `X` (`use_raw=False` without `layer=`) or `layers['counts']` (`layer='counts'`).",
+        ),
+    ],
+    ids=["no_other_matrix", "raw_beside_x_and_a_layer"],
+)
+def test_not_expression_advice_names_only_what_exists(where, fix):
+    """The advice used to ask for `use_raw=True` and `layer=` whatever the data held and the user had passed."""
+    adata = ad.AnnData(-HAND.astype(np.float32), var=pd.DataFrame(index=GENES))
+    if where == "raw":
+        adata.raw = adata.copy()
+        adata.X = HAND.astype(np.float32)
+        adata.layers["counts"] = adata.X.copy()
+    with pytest.raises(NotExpressionError, match=r"holds negative values") as error:
+        sc_c2s.pp.to_sentences(adata, use_raw=where == "raw")
+    assert str(error.value).endswith(fix)
+    assert str(error.value).startswith("`raw.X`" if where == "raw" else "`X`")
 
 
 @pytest.mark.parametrize(

@@ -50,14 +50,15 @@ def _dask_array() -> Any:
 # ---- ranking ------------------------------------------------------------------------------------------------------
 
 
-def rank_lazily(X: da.Array, *, n_genes: int | None, random_state: int, source: str) -> da.Array:
+def rank_lazily(X: da.Array, *, n_genes: int | None, random_state: int, source: str, fix: str) -> da.Array:
     """Rank the genes of each row of a dask array, chunk by chunk, into a lazy int32 array of gene indices.
 
     Chunks may be dense or scipy sparse; columns are joined into one chunk first. Values equal those of
     :func:`sc_c2s.pp._rank.rank_genes` on the whole matrix (the tie-break key depends on the global row number).
     With `n_genes`, the result has ``min(n_genes, n_genes_in_X)`` columns even when no cell expresses that many
     genes (the in-memory result drops columns that are all padding); without it, the longest row is counted first,
-    which reads the data once more.
+    which reads the data once more. `source` and `fix` are for the message of data that is not expression (see
+    :func:`sc_c2s.pp._rank.rank_genes`).
     """
     if X.ndim != 2:
         msg = f"`{source}` must be a 2-dimensional dask array, got {X.ndim} dimensions."
@@ -74,6 +75,7 @@ def rank_lazily(X: da.Array, *, n_genes: int | None, random_state: int, source: 
         width=width,
         random_state=random_state,
         source=source,
+        fix=fix,
         dtype=np.int32,
         chunks=(X.chunks[0], (width,)),
         meta=np.empty((0, 0), dtype=np.int32),
@@ -87,14 +89,14 @@ def _longest_row(block: Any) -> np.ndarray:
 
 
 def _rank_block(
-    block: Any, *, width: int, random_state: int, source: str, block_info: dict | None = None
+    block: Any, *, width: int, random_state: int, source: str, fix: str, block_info: dict | None = None
 ) -> np.ndarray:
     """Rank one row chunk; its rows are cells ``start …`` of the whole matrix, which the tie-break key reads."""
     from .pp._rank import rank_genes
 
     start = block_info[0]["array-location"][0][0] if block_info else 0
     cells = np.arange(start, start + block.shape[0], dtype=np.int64)
-    genes = rank_genes(block, n_genes=width, random_state=random_state, cells=cells, source=source).genes
+    genes = rank_genes(block, n_genes=width, random_state=random_state, cells=cells, source=source, fix=fix).genes
     out = np.full((block.shape[0], width), -1, dtype=np.int32)
     out[:, : genes.shape[1]] = genes
     return out

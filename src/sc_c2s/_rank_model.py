@@ -21,7 +21,7 @@ from scipy import sparse
 from ._utils._numba import numba_threads
 from ._utils._validate import check_number
 from .pp import _kernels
-from .pp._rank import raise_if_not_expression
+from .pp._rank import NOT_EXPRESSION_FIX, raise_if_not_expression
 
 #: Only the first this many ranks enter the fit.
 MAX_RANK = 999
@@ -149,10 +149,11 @@ class _Sample:
     """Whether every run's value is finite (expression too large to normalise is not)."""
 
 
-def _sample(X, cells: np.ndarray, *, log1p_base: float | None) -> _Sample:
+def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix: str) -> _Sample:
     """Return the fit's data for the given cells: ``log10(1 + normalised expression)`` of their ranked genes.
 
-    The fit needs the values at each rank, not which gene holds them: the values are ordered without the genes,
+    Values that are not expression raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` and ending
+    with `fix`. The fit needs the values at each rank, not which gene holds them: the values are ordered without the genes,
     equal values need no tie-break and form runs (most of a cell's ranked genes, in counts), and only the best
     :data:`MAX_RANK` of a cell are ordered. The logarithm is taken once per run.
     """
@@ -172,7 +173,7 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None) -> _Sample:
         _kernels.top_runs(
             rows.indptr, rows.data, log_scale, n_chunks, run_y, run_counts, n_runs, totals, n_expressed, status
         )
-        raise_if_not_expression(status, cells, "X")
+        raise_if_not_expression(status, cells, source, fix)
         target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
         n_not_finite = _log_runs(run_y, n_runs, log_scale, scale)
@@ -197,16 +198,24 @@ def _log_runs(run_values, n_runs, log_scale, scale):
     return n_not_finite
 
 
-def rank_points(X, cells: np.ndarray, *, log1p_base: float | None = None) -> tuple[np.ndarray, np.ndarray, str, float]:
+def rank_points(
+    X,
+    cells: np.ndarray,
+    *,
+    log1p_base: float | None = None,
+    source: str = "X",
+    fix: str = NOT_EXPRESSION_FIX,
+) -> tuple[np.ndarray, np.ndarray, str, float]:
     """Points of the fit for the given cells: ``log10(1 + rank0)`` and ``log10(1 + normalised expression)``.
 
-    Reads only the sampled rows, on a copy; ``X`` is not modified.
+    Reads only the sampled rows, on a copy; ``X`` is not modified. `source` and `fix` are for the message of data
+    that is not expression, as in :func:`fit`.
 
     Returns
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    sample = _sample(X, cells, log1p_base=log1p_base)
+    sample = _sample(X, cells, log1p_base=log1p_base, source=source, fix=fix)
     in_run = np.arange(sample.run_y.shape[1]) < sample.n_runs[:, None]
     log_expression = np.repeat(sample.run_y[in_run], sample.run_counts[in_run])
     n_ranked = sample.n_ranked.astype(np.int64)
@@ -310,10 +319,22 @@ def _statistics(sample: _Sample) -> tuple[float, float, float, float, int]:
     return slope, y_mean - slope * x_mean, float(sxy / np.sqrt(sxx * syy)), spearman, n
 
 
-def fit(X, *, n_cells: int = DEFAULT_N_CELLS, random_state: int = 0, log1p_base: float | None = None) -> RankFit:
-    """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``."""
+def fit(
+    X,
+    *,
+    n_cells: int = DEFAULT_N_CELLS,
+    random_state: int = 0,
+    log1p_base: float | None = None,
+    source: str = "X",
+    fix: str = NOT_EXPRESSION_FIX,
+) -> RankFit:
+    """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``.
+
+    Values that are not expression raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` (e.g.
+    ``"raw.X"``) and ending with `fix`, what the user can do about it.
+    """
     cells = sample_cells(X.shape[0], n_cells, random_state)
-    sample = _sample(X, cells, log1p_base=log1p_base)
+    sample = _sample(X, cells, log1p_base=log1p_base, source=source, fix=fix)
     if not sample.finite:
         msg = (
             "The rank → expression fit is not finite: the expression values are too large to normalise. Check the "

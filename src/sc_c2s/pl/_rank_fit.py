@@ -6,7 +6,7 @@ import numpy as np
 from matplotlib import pyplot as plt
 
 from sc_c2s import _rank_model
-from sc_c2s._data import DataHandler
+from sc_c2s._data import DataHandler, Matrix
 from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_show_ax
 from sc_c2s._utils._validate import check_positive_int, check_rank_fit
 
@@ -17,6 +17,12 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from mudata import MuData
+
+#: The end of the error for data that is no longer expression.
+_CHANGED = (
+    "It changed since `sc_c2s.pp.to_sentences` ranked it, so the points of the fit cannot be drawn from it: restore "
+    "the data, or run `sc_c2s.pp.to_sentences` again."
+)
 
 
 @doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_show_ax=doc_show_ax)
@@ -66,9 +72,11 @@ def rank_fit(
     c2s = handler.c2s()
     fit = _rank_model.RankFit.from_dict(check_rank_fit(c2s))
     params = c2s["params"]
-    matrix = handler.matrix(layer=params.get("layer"), use_raw=bool(params.get("use_raw", False)))
+    matrix = _ranked_matrix(handler, params)
     cells = _rank_model.sample_cells(handler.n_obs, fit.n_cells, params.get("random_state", 0))
-    x, y, _, _ = _rank_model.rank_points(matrix.X, cells, log1p_base=matrix.log1p_base)
+    x, y, _, _ = _rank_model.rank_points(
+        matrix.X, cells, log1p_base=matrix.log1p_base, source=matrix.source, fix=_CHANGED
+    )
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 4))
@@ -89,3 +97,17 @@ def rank_fit(
     ax.set_ylabel("log10(1 + normalised expression)")
     ax.set_title(f"Rank → expression fit ({fit.n_cells} cells)")
     return finish(ax, show=show, return_fig=return_fig)
+
+
+def _ranked_matrix(handler: DataHandler, params: dict) -> Matrix:
+    """Return the matrix :func:`sc_c2s.pp.to_sentences` ranked, or raise an error saying that it is gone."""
+    layer, use_raw = params.get("layer"), bool(params.get("use_raw", False))
+    try:
+        return handler.matrix(layer=layer, use_raw=use_raw)
+    except (KeyError, ValueError) as error:
+        what = "`.raw`" if use_raw else f"`layers[{layer!r}]`" if layer is not None else "`X`"
+        msg = (
+            f"`sc_c2s.pp.to_sentences` ranked {what}, which the data no longer holds, so the points of the fit cannot "
+            "be drawn: restore it, or run `sc_c2s.pp.to_sentences` again."
+        )
+        raise ValueError(msg) from error

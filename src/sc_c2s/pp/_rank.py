@@ -17,6 +17,8 @@ from . import _kernels
 _KERNEL_DTYPES = (np.float32, np.float64, np.int32, np.int64)
 #: Target size of one row block of a dense or CSC matrix.
 _BLOCK_BYTES = 64 * 2**20
+#: What to do about data that is not expression, when the caller has nothing more specific to say.
+NOT_EXPRESSION_FIX = "Rank raw counts or normalised expression instead."
 
 
 class NotExpressionError(ValueError):
@@ -122,6 +124,7 @@ def rank_genes(
     cells: np.ndarray | None = None,
     with_values: bool = False,
     source: str = "X",
+    fix: str = NOT_EXPRESSION_FIX,
 ) -> Ranking:
     """Rank the expressed genes of every row of ``X``, best first.
 
@@ -139,6 +142,8 @@ def rank_genes(
         Also return the ranked values.
     source
         Name of the matrix in error messages.
+    fix
+        What the user can do about a matrix that is not expression (the end of the error message).
 
     Raises
     ------
@@ -167,7 +172,7 @@ def rank_genes(
                 _kernels.rank_csr(np.asarray(block.indptr), np.asarray(block.indices), data, *args, *outs)
             else:
                 _kernels.rank_dense(_as_kernel_dtype(np.asarray(block)), *args, *outs)
-            raise_if_not_expression(status[start:stop], cells[start:stop], source)
+            raise_if_not_expression(status[start:stop], cells[start:stop], source, fix)
     longest = int(n_expressed.max(initial=0))
     if longest < width:
         genes = np.ascontiguousarray(genes[:, :longest])
@@ -175,8 +180,11 @@ def rank_genes(
     return Ranking(genes, values if with_values else None, n_expressed)
 
 
-def raise_if_not_expression(status: np.ndarray, cells: np.ndarray, source: str) -> None:
-    """Raise :class:`NotExpressionError` naming the first cell whose kernel status is not :data:`~._kernels.OK`."""
+def raise_if_not_expression(status: np.ndarray, cells: np.ndarray, source: str, fix: str) -> None:
+    """Raise :class:`NotExpressionError` naming the first cell whose kernel status is not :data:`~._kernels.OK`.
+
+    The message names `source`, says what is wrong and ends with `fix`.
+    """
     bad = np.flatnonzero(status != _kernels.OK)
     if bad.size == 0:
         return
@@ -187,9 +195,5 @@ def raise_if_not_expression(status: np.ndarray, cells: np.ndarray, source: str) 
         if code == _kernels.INFINITE
         else "it looks scaled or corrected"
     )
-    msg = (
-        f"`{source}` holds {what} (first in cell {cells[bad[0]]}), so it is not expression data: {why}. Rank raw "
-        "counts or normalised expression instead: pass `use_raw=True` if `.raw` holds them, or `layer=` with a "
-        "counts layer."
-    )
+    msg = f"`{source}` holds {what} (first in cell {cells[bad[0]]}), so it is not expression data: {why}. {fix}"
     raise NotExpressionError(msg)

@@ -118,17 +118,19 @@ def to_sentences(
     if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)
-    matrix = DataHandler(adata, mod).matrix(layer=layer, use_raw=use_raw)
+    data = DataHandler(adata, mod)
+    matrix = data.matrix(layer=layer, use_raw=use_raw)
     if 0 in matrix.X.shape:
         msg = f"`{matrix.source}` is empty ({matrix.X.shape[0]} cells × {matrix.X.shape[1]} genes): nothing to rank."
         raise ValueError(msg)
     words = gene_words(matrix, gene_symbols)
     lazy = _dask.is_dask_array(matrix.X)
     sentences = not lazy if sentences is None else sentences
+    where = {"source": matrix.source, "fix": not_expression_fix(data.adata, matrix.source)}
     if lazy:
-        genes = _dask.rank_lazily(matrix.X, n_genes=n_genes, random_state=random_state, source=matrix.source)
+        genes = _dask.rank_lazily(matrix.X, n_genes=n_genes, random_state=random_state, **where)
     else:
-        ranking = rank_genes(matrix.X, n_genes=n_genes, random_state=random_state, source=matrix.source)
+        ranking = rank_genes(matrix.X, n_genes=n_genes, random_state=random_state, **where)
         genes = ranking.genes
         n_empty = int(np.sum(ranking.n_expressed == 0))
         if n_empty:
@@ -136,7 +138,9 @@ def to_sentences(
     fit = None
     if rank_fit is not False:
         n_cells = _rank_model.DEFAULT_N_CELLS if rank_fit is True else int(rank_fit)
-        fit = _rank_model.fit(matrix.X, n_cells=n_cells, random_state=random_state, log1p_base=matrix.log1p_base)
+        fit = _rank_model.fit(
+            matrix.X, n_cells=n_cells, random_state=random_state, log1p_base=matrix.log1p_base, **where
+        )
 
     params = {
         "n_genes": n_genes,
@@ -161,6 +165,20 @@ def to_sentences(
         handler.remove("obs", _keys.SENTENCE, why="the sentences of an earlier run, with `sentences=False`")
     handler.save_all(results, start=start)
     return adata if copy else None
+
+
+def not_expression_fix(adata: AnnData, source: str) -> str:
+    """Return what to do about a `source` that is not expression: the other matrices of `adata` and their arguments.
+
+    Only matrices that exist are named, so the advice never asks for an argument that cannot work.
+    """
+    others = ["`.raw` (`use_raw=True`)"] if source != "raw.X" and adata.raw is not None else []
+    if source != "X" and adata.X is not None:
+        others.append("`X` (`use_raw=False` without `layer=`)")
+    others += [f"`layers[{name!r}]` (`layer={name!r}`)" for name in adata.layers if f"layers[{name!r}]" != source]
+    if not others:
+        return "The data holds no other matrix: store raw counts or normalised expression in a layer and pass `layer=`."
+    return f"Rank raw counts or normalised expression instead, if the data holds them: {' or '.join(others)}."
 
 
 def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
