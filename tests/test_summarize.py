@@ -72,6 +72,14 @@ def test_summaries_per_group_and_draw_reproducible_and_in_h5ad(summarizer, conta
     assert back["summary"].tolist() == table["summary"].tolist()
 
 
+def test_default_cells_per_prompt_are_as_many_as_the_model_read(summarizer):
+    """`n_cells` used to default to 10, more than this model was trained on (2 to 3), so the prompts could be too
+    long for it."""
+    adata, model = summarizer
+    table = sc_c2s.tl.summarize(adata, model=model, groupby="tissue", max_new_tokens=4, copy=True).uns["c2s_summary"]
+    assert (table["n_cells"] == 3).all()
+
+
 def test_summary_paraphrases_keep_the_published_fields():
     cells = [["Cd3d"], ["Ms4a1"]]
     for template in prompts.SUMMARY_PARAPHRASES:

@@ -774,3 +774,21 @@ def test_ties_follow_the_row_not_the_cell():
         assert subset.obs["c2s_sentence"].iloc[0] == " ".join([*tied, "NKG7"])
         differs |= subset.obs["c2s_sentence"].iloc[0] != expected_hand(seed)[3]
     assert differs
+
+
+def test_gene_symbols_of_raw_are_read_from_raw_var(pbmc68k):
+    """The error used to say "not a column of var" and list the columns of `raw.var`, which is where it looked."""
+    pbmc68k.var["sym"] = pbmc68k.var_names
+    with pytest.raises(KeyError, match=r"`gene_symbols='sym'` is not a column of raw\.var.*columns: \[\]") as error:
+        sc_c2s.pp.to_sentences(pbmc68k, gene_symbols="sym")
+    fix = "adata.raw.var['sym'] = adata.var['sym'].reindex(adata.raw.var_names)"
+    assert "Pass `use_raw=False` to rank `X` and read `var`" in error.value.args[0]
+    assert fix in error.value.args[0]
+    assert "c2s" not in pbmc68k.uns
+    adata = pbmc68k
+    adata.raw.var["sym"] = adata.var["sym"].reindex(adata.raw.var_names)  # the suggested fix
+    sc_c2s.pp.to_sentences(adata, gene_symbols="sym", rank_fit=False)
+    assert adata.obs["c2s_sentence"].iloc[0].split()[:3] == ["FTL", "CD74", "HLA-DPA1"]
+    adata.raw.var.loc["FTL", "sym"] = "CD74"
+    with pytest.raises(ValueError, match=r"1 gene names in raw\.var\['sym'\] occur more than once"):
+        sc_c2s.pp.to_sentences(adata, gene_symbols="sym")

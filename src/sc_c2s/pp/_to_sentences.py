@@ -12,7 +12,13 @@ from sc_c2s import _dask, _keys, _rank_model
 from sc_c2s._data import DataHandler, Matrix, prepare
 from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_seed
 from sc_c2s._utils._numba import numba_threads
-from sc_c2s._utils._validate import AnyRandom, check_positive_int, check_random_state, is_positive_int
+from sc_c2s._utils._validate import (
+    AnyRandom,
+    check_obs_column,
+    check_positive_int,
+    check_random_state,
+    is_positive_int,
+)
 
 from . import _kernels
 from ._rank import rank_genes
@@ -68,8 +74,8 @@ def to_sentences(
     use_raw
         Rank :attr:`~anndata.AnnData.raw`. ``None`` means raw if present and no `layer` is given.
     gene_symbols
-        Column of ``var`` whose values are the words of the sentence (e.g. ``"gene_symbol"`` when
-        ``var_names`` are Ensembl IDs). ``None`` uses ``var_names``.
+        Column of ``var`` (of ``raw.var`` when ranking ``.raw``) whose values are the words of the sentence (e.g.
+        ``"gene_symbol"`` when ``var_names`` are Ensembl IDs). ``None`` uses ``var_names``.
     {doc_mod}
     sentences
         Also store the sentences as strings in ``obs["c2s_sentence"]``; ``False`` for very large data, where
@@ -187,13 +193,19 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
     The checks run on a :class:`pandas.Index`, which keeps the answers about missing and duplicated names, so
     ranking the same data again does not check its ``var_names`` again.
     """
+    var = "raw.var" if matrix.source == "raw.X" else "var"
     if gene_symbols is None:
         names, where = matrix.var_names, "var_names"
-    elif gene_symbols in matrix.var.columns:
-        names, where = pd.Index(matrix.var[gene_symbols]), f"var[{gene_symbols!r}]"
-    else:
-        msg = f"`gene_symbols={gene_symbols!r}` is not a column of var; columns: {list(matrix.var.columns)}."
+    elif var == "raw.var" and gene_symbols not in matrix.var.columns:
+        msg = (
+            f"`gene_symbols={gene_symbols!r}` is not a column of raw.var, which names the genes of `.raw`, the matrix "
+            f"ranked; columns: {list(matrix.var.columns)}. Pass `use_raw=False` to rank `X` and read `var`, or copy "
+            f"the column: `adata.raw.var[{gene_symbols!r}] = adata.var[{gene_symbols!r}].reindex(adata.raw.var_names)`."
+        )
         raise KeyError(msg)
+    else:
+        names = pd.Index(check_obs_column(matrix.var, gene_symbols, arg="gene_symbols", where=var))
+        where = f"{var}[{gene_symbols!r}]"
     if names.hasnans:
         msg = f"{where} has {int(names.isna().sum())} missing names; fill them (e.g. with the var_names) first."
         raise ValueError(msg)
