@@ -304,7 +304,10 @@ def test_without_sentences(tiny):
         ({"n_genes": 0}, r"positive integer"),
         ({"batch_size": 0}, r"positive integer"),
         ({"organism": "Danio rerio"}, r"organism"),
-        ({"n_genes": 200, "labels": LABELS}, r"reads at most 128; lower `n_genes`"),
+        (
+            {"n_genes": 200, "labels": LABELS},
+            r"reads at most 128; lower `n_genes` \(or `n_cells`, for groups of cells\)\.",
+        ),
     ],
 )
 def test_bad_arguments(short_sentences, tiny, kwargs, match):

@@ -52,6 +52,17 @@ def test_group_draws_take_cells_of_one_group_seeded():
     assert sorted(_utils.group_draws(groups, n_cells=5, n_draws=1, random_state=1)[0][1].tolist()) == [1, 5]
 
 
+@pytest.mark.parametrize(("trained", "expected"), [(None, 10), ([2, 3], 3), ([5, 20], 10), ([12, 20], 12)])
+def test_default_cells_per_prompt_fit_the_range_the_model_was_trained_on(tissues, tiny, trained, expected):
+    """`n_cells` used to default to 10, too many for a model trained on 2 to 3 cells per prompt."""
+    metadata = C2SMetadata(name="tiny", organism="Mus musculus", training={"n_cells": trained} if trained else {})
+    model = C2SModel(tiny.model, tiny.tokenizer, metadata, Path("tiny"))
+    assert _utils.prompt_cells(None, model) == expected
+    assert _utils.prompt_cells(7, model) == 7
+    sc_c2s.tl.predict_tissue(tissues, model=model, groupby="tissue", labels=TISSUES, n_genes=N_GENES, n_draws=1)
+    assert tissues.uns["c2s_tissue"]["params"]["n_cells"] == expected
+
+
 def test_gene_lists_are_answers_made_mostly_of_genes():
     genes = ["Cd3d", "Il7r", "Kit"]
     answers = ["lung", "CD3D IL7R", "Cd3d, Il7r, lung", "Kit", "small intestine", "CD3D lung tissue", None]

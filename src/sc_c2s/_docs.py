@@ -53,6 +53,11 @@ groupby
     Column of ``obs`` that defines the groups of cells (sample, donor or cluster); cells where it is missing
     belong to no group."""
 
+doc_n_cells = """\
+n_cells
+    Cells per prompt; ``None``: 10, as in C2S-Scale's prompts (trained on 5 to 20), clipped into the range the
+    model was trained on where its metadata records one (``model.metadata.training["n_cells"]``)."""
+
 doc_show_ax = """\
 ax
     Axes to draw on; a new figure if ``None``.

@@ -291,7 +291,7 @@ def check_context(model: PreTrainedModel, ids: Sequence[Sequence[int]], *, name:
     if limit is not None and longest > limit:
         msg = (
             f"The longest prompt{' and answer' if room else ''} has {longest} tokens, but {name!r} reads at "
-            f"most {limit}; lower `n_genes`."
+            f"most {limit}; lower `n_genes` (or `n_cells`, for groups of cells)."
         )
         raise ValueError(msg)
 

@@ -16,6 +16,7 @@ from sc_c2s._docs import (
     doc_groups,
     doc_mod,
     doc_model,
+    doc_n_cells,
     doc_organism,
     doc_params,
     doc_seed,
@@ -24,7 +25,7 @@ from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int, ch
 from sc_c2s.models import _runtime
 
 from ._annotate import MAX_ANSWER_TOKENS, generate_answers, label_set, score_labels
-from ._utils import cell_words, free_labels, group_draws, groups_of
+from ._utils import cell_words, free_labels, group_draws, groups_of, prompt_cells
 
 if TYPE_CHECKING:
     import torch
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     doc_adata=doc_adata,
     doc_model=doc_model,
     doc_groups=doc_groups,
+    doc_n_cells=doc_n_cells,
     doc_organism=doc_organism,
     doc_batch_size=doc_batch_size,
     doc_device=doc_device,
@@ -50,7 +52,7 @@ def predict_tissue(
     model: C2SModel | str,
     groupby: str,
     labels: Sequence[str] | Literal["model"] | None = None,
-    n_cells: int = 10,
+    n_cells: int | None = None,
     n_genes: int | None = None,
     n_draws: int = 5,
     organism: prompts.Organism | None = None,
@@ -84,8 +86,7 @@ def predict_tissue(
     labels
         Candidate tissues for constrained prediction, ``"model"`` for the tissues the checkpoint was trained on
         (``model.metadata.tissues``), or ``None`` to let the model write them.
-    n_cells
-        Cells per prompt (C2S-Scale trained on 5 to 20).
+    {doc_n_cells}
     n_genes
         Genes of each cell's sentence in the prompt; ``None``: as many as the model was trained on
         (``model.metadata.n_genes``).
@@ -129,7 +130,7 @@ def predict_tissue(
     handler = DataHandler(adata, mod)
     handler.c2s()
     groups = groups_of(handler, groupby)
-    check_positive_int(n_cells, "n_cells")
+    check_positive_int(n_cells, "n_cells", none_ok=True)
     check_positive_int(n_genes, "n_genes", none_ok=True)
     check_positive_int(n_draws, "n_draws")
     check_key(key_added, "key_added")
@@ -138,6 +139,7 @@ def predict_tissue(
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
+    n_cells = prompt_cells(n_cells, c2s)
     if candidates == "model":
         candidates = label_set(_model_tissues(c2s))
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)

@@ -16,6 +16,7 @@ from sc_c2s._docs import (
     doc_groups,
     doc_mod,
     doc_model,
+    doc_n_cells,
     doc_organism,
     doc_params,
     doc_seed,
@@ -25,7 +26,7 @@ from sc_c2s.models import _runtime
 
 from ._generate_tissues import whole_texts
 from ._sampling import check_sampling, sample
-from ._utils import cell_words, group_draws, groups_of
+from ._utils import cell_words, group_draws, groups_of, prompt_cells
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,7 @@ _PUNCTUATION_SPACE = re.compile(r"\s+([.,;:!?])")
     doc_adata=doc_adata,
     doc_model=doc_model,
     doc_groups=doc_groups,
+    doc_n_cells=doc_n_cells,
     doc_organism=doc_organism,
     doc_batch_size=doc_batch_size,
     doc_device=doc_device,
@@ -54,7 +56,7 @@ def summarize(
     *,
     model: C2SModel | str,
     groupby: str,
-    n_cells: int = 10,
+    n_cells: int | None = None,
     n_genes: int | None = None,
     n_draws: int = 1,
     max_new_tokens: int = 128,
@@ -82,8 +84,7 @@ def summarize(
     {doc_adata}
     {doc_model}
     {doc_groups}
-    n_cells
-        Cells per prompt (C2S-Scale trained on 5 to 20).
+    {doc_n_cells}
     n_genes
         Genes of each cell's sentence in the prompt; ``None``: as many as the model was trained on
         (``model.metadata.n_genes``).
@@ -130,7 +131,7 @@ def summarize(
     handler = DataHandler(adata, mod)
     handler.c2s()
     groups = groups_of(handler, groupby)
-    check_positive_int(n_cells, "n_cells")
+    check_positive_int(n_cells, "n_cells", none_ok=True)
     check_positive_int(n_genes, "n_genes", none_ok=True)
     check_positive_int(n_draws, "n_draws")
     check_positive_int(max_new_tokens, "max_new_tokens")
@@ -141,6 +142,7 @@ def summarize(
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
+    n_cells = prompt_cells(n_cells, c2s)
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
     n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 #: Share of sentence genes outside the model's vocabulary above which the gene names probably do not match.
 _UNKNOWN_WARNING = 0.5
+#: Cells per multi-cell prompt when the caller names none: C2S-Scale's prompts hold 5 to 20.
+DEFAULT_N_CELLS = 10
 
 
 def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str | None) -> list[list[str]]:
@@ -55,6 +57,21 @@ def prediction_prompts(words: Sequence[Sequence[str]], *, n_genes: int, organism
     The prompts ask about `n_genes` genes, the number requested, whatever the length of each sentence.
     """
     return [prompts.cell_type_prediction(cell, n_genes=n_genes, organism=organism, upper=False) for cell in words]
+
+
+def prompt_cells(n_cells: int | None, c2s: C2SModel) -> int:
+    """Return the cells per multi-cell prompt: `n_cells`, or a default for ``None``.
+
+    The default is :data:`DEFAULT_N_CELLS`, clipped into the range the model was trained on where its metadata
+    records one (``training["n_cells"]``: fewest and most).
+    """
+    if n_cells is not None:
+        return n_cells
+    trained = c2s.metadata.training.get("n_cells")
+    if trained is None:
+        return DEFAULT_N_CELLS
+    fewest, most = trained
+    return int(min(max(DEFAULT_N_CELLS, fewest), most))
 
 
 def group_draws(groups: pd.Series, *, n_cells: int, n_draws: int, random_state: int) -> list[tuple[str, np.ndarray]]:
