@@ -792,3 +792,18 @@ def test_gene_symbols_of_raw_are_read_from_raw_var(pbmc68k):
     adata.raw.var.loc["FTL", "sym"] = "CD74"
     with pytest.raises(ValueError, match=r"1 gene names in raw\.var\['sym'\] occur more than once"):
         sc_c2s.pp.to_sentences(adata, gene_symbols="sym")
+
+
+@pytest.mark.parametrize("names", [range(5), [0, 1, "IL7R", 3.5, "NKG7"]], ids=["integers", "mixed"])
+def test_names_that_are_not_strings_become_strings(container, names):
+    """Integer var_names used to fail with a bare "sequence item 0: expected str instance, int found"."""
+    adata = hand_adata()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # anndata's own, about the names under test
+        adata.var_names = pd.Index(names)
+    data = container.wrap(adata)
+    sc_c2s.pp.to_sentences(data, rank_fit=False)
+    words = [str(name) for name in names]
+    result = container.rna(data)
+    assert result.uns["c2s"]["genes"].tolist() == words
+    assert result.obs["c2s_sentence"].iloc[0] == " ".join(words[g] for g in (1, 4, 2))

@@ -75,7 +75,8 @@ def to_sentences(
         Rank :attr:`~anndata.AnnData.raw`. ``None`` means raw if present and no `layer` is given.
     gene_symbols
         Column of ``var`` (of ``raw.var`` when ranking ``.raw``) whose values are the words of the sentence (e.g.
-        ``"gene_symbol"`` when ``var_names`` are Ensembl IDs). ``None`` uses ``var_names``.
+        ``"gene_symbol"`` when ``var_names`` are Ensembl IDs). ``None`` uses ``var_names``. Names that are not
+        strings (e.g. integers) become their strings, as in an h5ad file.
     {doc_mod}
     sentences
         Also store the sentences as strings in ``obs["c2s_sentence"]``; ``False`` for very large data, where
@@ -209,8 +210,8 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
     if names.hasnans:
         msg = f"{where} has {int(names.isna().sum())} missing names; fill them (e.g. with the var_names) first."
         raise ValueError(msg)
-    if gene_symbols is not None:
-        names = names.astype(str)  # var_names are strings already
+    if gene_symbols is not None or names.inferred_type != "string":
+        names = names.astype(str)  # as anndata writes var_names that are not strings (e.g. integers) to h5ad
     if not names.is_unique:
         duplicated = names[names.duplicated()].unique()
         fix = (
