@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sc_c2s import models
-from sc_c2s.models import C2SMetadata, C2SModel, _download, _registry
+from sc_c2s.models import C2SMetadata, C2SModel, _download, _load, _registry
 from sc_c2s.models._metadata import TASKS
 from sc_c2s.models._scratch import build_model, build_tokenizer
 
@@ -198,6 +198,20 @@ def test_unknown_name_lists_available_names():
         models.fetch("no-such-model")
     with pytest.raises(TypeError, match="available"):
         models.load(42)
+
+
+def test_unknown_names_list_what_the_caller_takes():
+    """`fetch` used to offer 'demo', which it refuses; finetune's "scratch" was missing from the names."""
+    with pytest.raises(ValueError, match=r"No checkpoint called 'dem'") as error:
+        models.fetch("dem")
+    available = str(error.value).split(" (")[0]
+    assert all(repr(name) in available for name in PUBLISHED) and "'demo'" not in available
+    assert "'demo' comes with the package, without a download: open it with `load('demo')`" in str(error.value)
+    with pytest.raises(ValueError, match=r"'scrach' is neither 'scratch', a checkpoint directory nor a name") as error:
+        _load.check_name_or_path("scrach", also=["scratch"])
+    assert all(repr(name) in str(error.value) for name in [*PUBLISHED, "demo"])
+    for name in ("scratch", "demo", PUBLISHED[0], Path(".")):
+        _load.check_name_or_path(name, also=["scratch"])
 
 
 def test_load_registry_checkpoint(hub, checkpoints, cache, no_gpu):

@@ -134,13 +134,8 @@ def load(
             )
             raise FileNotFoundError(msg)
     else:
+        check_name_or_path(name_or_path)
         path = Path(name_or_path).expanduser()
-        if not path.is_dir():
-            msg = (
-                f"{str(name_or_path)!r} is neither a checkpoint directory nor a name from "
-                f"`sc_c2s.models.available()`: {', '.join(map(repr, _registry.names()))}."
-            )
-            raise ValueError(msg)
     if _lora.is_adapter_dir(path):
         return _open_adapter(path, options=options)
     metadata = _metadata(path)
@@ -177,6 +172,30 @@ def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.dev
             model.model.to(_runtime.check_device(device))
         return model
     return load(model, device=device)
+
+
+def check_name_or_path(name_or_path: str | os.PathLike[str], *, also: Iterable[str] = ()) -> None:
+    """Refuse what :func:`load` cannot open, with a message listing the names it can.
+
+    Parameters
+    ----------
+    name_or_path
+        A name from :func:`~sc_c2s.models.available` (or its repository), ``"demo"``, or a checkpoint directory.
+    also
+        Further names the caller accepts (e.g. ``"scratch"`` of :func:`sc_c2s.tl.finetune`), listed first.
+    """
+    also = list(also)
+    if isinstance(name_or_path, str) and (
+        name_or_path in also or name_or_path == _registry.DEMO or _registry.lookup(name_or_path) is not None
+    ):
+        return
+    if Path(name_or_path).expanduser().is_dir():
+        return
+    msg = (
+        f"{str(name_or_path)!r} is neither {''.join(f'{name!r}, ' for name in also)}a checkpoint directory nor a "
+        f"name from `sc_c2s.models.available()`: {', '.join(map(repr, _registry.names()))}."
+    )
+    raise ValueError(msg)
 
 
 @dataclass

@@ -125,10 +125,13 @@ def lookup(name: str) -> RegistryEntry | None:
 
 
 def get(name: str) -> RegistryEntry:
-    """Get the entry called `name`, or raise an error that lists the names there are."""
+    """Get the entry called `name`, or raise an error that lists the names there are to download."""
     entry = lookup(name)
     if entry is None:
-        msg = f"No checkpoint called {name!r}. Available: {', '.join(map(repr, names()))}."
+        msg = (
+            f"No checkpoint called {name!r}. Available: {', '.join(map(repr, registry()))} ({DEMO!r} comes with "
+            f"the package, without a download: open it with `load({DEMO!r})`)."
+        )
         raise ValueError(msg)
     return entry
 
