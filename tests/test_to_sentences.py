@@ -288,6 +288,22 @@ def test_backed_copy(tmp_path, pbmc4k):
     assert "c2s_genes" not in backed.obsm
 
 
+def test_backed_view(tmp_path, pbmc4k, monkeypatch):
+    """A view of a backed AnnData used to be ranked in full before anndata refused to copy it into memory."""
+    pbmc4k.write_h5ad(tmp_path / "x.h5ad")
+    view = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")[:100]
+    monkeypatch.setattr(sc_c2s.pp._to_sentences, "rank_genes", None)  # refused before any ranking
+    with pytest.raises(ValueError, match=r"view of a backed AnnData.*`copy=True`.*`adata = adata.to_memory\(\)`"):
+        sc_c2s.pp.to_sentences(view, n_genes=10)
+    assert "c2s" not in view.uns
+    monkeypatch.undo()
+    result = sc_c2s.pp.to_sentences(view, n_genes=10, copy=True)
+    expected = sc_c2s.pp.to_sentences(pbmc4k[:100], n_genes=10, copy=True)
+    assert not result.isbacked
+    np.testing.assert_array_equal(result.obsm["c2s_genes"], expected.obsm["c2s_genes"])
+    assert result.uns["c2s"]["rank_fit"] == expected.uns["c2s"]["rank_fit"]
+
+
 def test_copy(container, pbmc4k):
     expected = pbmc4k.copy()
     sc_c2s.pp.to_sentences(expected, n_genes=20)

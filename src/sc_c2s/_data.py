@@ -183,11 +183,26 @@ def _checked(matrix: Matrix) -> Matrix:
     return matrix
 
 
+def check_writable(data: AnnData | MuData, *, copy: bool) -> None:
+    """Refuse to write into a view of a backed AnnData, which anndata cannot make an object of its own in memory.
+
+    Verbs call it before their work, so that the error comes at once; :func:`prepare` calls it too.
+    """
+    if not copy and isinstance(data, AnnData) and data.is_view and data.isbacked:
+        msg = (
+            "This is a view of a backed AnnData (e.g. `adata[:100]` of `read_h5ad(..., backed='r')`), which cannot "
+            "hold results: pass `copy=True` to get them in an in-memory copy, or load the cells first with "
+            "`adata = adata.to_memory()`."
+        )
+        raise ValueError(msg)
+
+
 def prepare(data: AnnData | MuData, *, copy: bool = False) -> AnnData | MuData:
     """Return the object to write into: a copy when asked, otherwise the user's object (views are actualised).
 
     The copy of a backed AnnData is loaded into memory; the file is not touched.
     """
+    check_writable(data, copy=copy)
     if copy:
         return data.to_memory() if isinstance(data, AnnData) and data.isbacked else data.copy()
     if data.is_view:

@@ -9,7 +9,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from sc_c2s import _dask, _keys, _rank_model
-from sc_c2s._data import DataHandler, Matrix, prepare
+from sc_c2s._data import DataHandler, Matrix, check_writable, prepare
 from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_seed
 from sc_c2s._utils._numba import numba_threads
 from sc_c2s._utils._validate import (
@@ -125,6 +125,7 @@ def to_sentences(
     if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)
+    check_writable(adata, copy=copy)
     data = DataHandler(adata, mod)
     matrix = data.matrix(layer=layer, use_raw=use_raw)
     if 0 in matrix.X.shape:
