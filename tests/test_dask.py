@@ -188,3 +188,13 @@ def test_verbs_on_dask_sentences_without_a_cluster(sentences, expected, demo):
 def test_model_reference():
     assert _dask.reference("demo", device=None) == _dask.ModelReference("demo", None, None, None)
     assert _dask.reference("/some/dir", device="cuda:1").device == "cuda:1"
+
+
+def test_to_sentences_on_dask_has_at_most_n_vars_columns():
+    """As documented: `min(n_genes, n_vars)` columns with `n_genes`, the longest sentence without."""
+    X = np.array([[0, 3, 1, 0], [2, 0, 0, 0]], dtype=np.float32)
+    for n_genes, width in [(1000, 4), (None, 2)]:
+        adata = ad.AnnData(X)
+        adata.X = da.from_array(X, chunks=(1, -1))
+        sc_c2s.pp.to_sentences(adata, n_genes=n_genes, rank_fit=False)
+        assert adata.obsm["c2s_genes"].shape == (2, width)

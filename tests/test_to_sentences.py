@@ -823,3 +823,14 @@ def test_names_that_are_not_strings_become_strings(container, names):
     result = container.rna(data)
     assert result.uns["c2s"]["genes"].tolist() == words
     assert result.obs["c2s_sentence"].iloc[0] == " ".join(words[g] for g in (1, 4, 2))
+
+
+def test_documented_width_of_obsm():
+    """The docstring said nothing of the width in memory and `n_genes` columns for dask (it is at most n_vars)."""
+    doc = " ".join(sc_c2s.pp.to_sentences.__doc__.split())
+    assert "In memory it has as many columns as the longest sentence (at most `n_genes`)" in doc
+    assert "for a dask array ``min(n_genes, n_vars)`` columns" in doc
+    for n_genes, width in [(None, 4), (1, 1), (3, 3), (1000, 4)]:
+        adata = hand_adata()
+        sc_c2s.pp.to_sentences(adata, n_genes=n_genes, rank_fit=False)
+        assert adata.obsm["c2s_genes"].shape == (4, width)
