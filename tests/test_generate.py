@@ -211,7 +211,9 @@ def test_exact_length_stops_at_the_genes_there_are(ranked, tiny, scanpy_log):
 def test_sentences_longer_than_the_context_name_the_n_genes_that_fit(ranked, tiny):
     """Used to warn that sentences hold only the genes there are, then fail on tokens sized for all asked."""
     limit = tiny.model.config.max_position_embeddings
-    with pytest.raises(ValueError, match=rf"do not fit in the {limit} tokens 'tiny' reads; ask for at most `n_genes=") as e:
+    with pytest.raises(
+        ValueError, match=rf"do not fit in the {limit} tokens 'tiny' reads; ask for at most `n_genes="
+    ) as e:
         sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549"], n_genes=5000)
     most = int(e.value.args[0].rsplit("=", 1)[1].rstrip("`."))
     sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549"], n_genes=most)  # fits

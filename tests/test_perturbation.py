@@ -177,8 +177,12 @@ def test_score_perturbation_leaves_out_cells_without_a_group_and_reads_numeric_c
     predicted = real_as_predicted(kang, "B")
     predicted.obs["condition"] = "1"
     before = real.obs.copy()
-    with pytest.warns(UserWarning, match=r"Left out 5 real and 0 predicted cells without a value in obs\['cell_type'\]"):
-        scores = sc_c2s.tl.score_perturbation(real, predicted, groupby="cell_type", condition_key="condition", control=0)
+    with pytest.warns(
+        UserWarning, match=r"Left out 5 real and 0 predicted cells without a value in obs\['cell_type'\]"
+    ):
+        scores = sc_c2s.tl.score_perturbation(
+            real, predicted, groupby="cell_type", condition_key="condition", control=0
+        )
     assert scores.index.tolist() == [("B", "1")]
     expected = sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
     # the five CD4 T cells left out change only the mean-shift baseline, which the other groups make
