@@ -710,6 +710,7 @@ def sentences(cellbench):
         (None, {"learning_rate": float("nan")}, ValueError, "learning_rate"),
         (None, {"random_state": -1}, ValueError, "random_state"),
         (None, {"device": "cuda:9"}, ValueError, "device"),
+        (None, {"base_model": "scrach"}, ValueError, r"'scrach' is neither 'scratch', a checkpoint directory"),
     ],
 )
 def test_bad_input(sentences, container, tmp_path, change, kwargs, error, match):

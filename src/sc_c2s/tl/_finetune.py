@@ -24,6 +24,7 @@ from sc_c2s._utils._validate import (
     check_random_state,
 )
 from sc_c2s.models import _candidates, _lora, _runtime, _trainer
+from sc_c2s.models._load import check_name_or_path
 from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_TASKS, TASKS, C2SMetadata
 
 from . import _pairs, _samples
@@ -282,6 +283,7 @@ def finetune(
         _runtime.check_device(device)
     output_dir = _check_output_dir(output_dir)
     scratch = str(base_model) == SCRATCH
+    check_name_or_path(base_model, also=[SCRATCH])
     _check_adapter(adapter, base_model=base_model, scratch=scratch, quantization=quantization, lora_rank=lora_rank)
     batch_size = _default(batch_size, _BATCH_SIZE, scratch)
     learning_rate = _default(
