@@ -190,3 +190,13 @@ def test_bytes_are_decoded_as_utf8():
     np.testing.assert_allclose(dense(cells)[0], [expression(0), expression(1)], rtol=1e-6)
     with pytest.raises(ValueError, match=r"A sentence is bytes that are not UTF-8 \(b'CD3D \\xff'\); decode it"):
         sc_c2s.tl.from_sentences([b"CD3D \xff"], genes=GENES, rank_fit=FIT)
+
+
+def test_documented_uns_and_case():
+    doc = " ".join(sc_c2s.tl.from_sentences.__doc__.split())
+    assert '``uns["c2s_rank_fit"]``, the rank fit used' in doc
+    assert "genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word" in doc
+    cells = sc_c2s.tl.from_sentences(["cd4 CD3D"], genes=["CD4", "Cd4", "CD3D"], rank_fit=FIT)
+    assert set(cells.uns) == {"c2s_rank_fit"}
+    assert cells.uns["c2s_rank_fit"] == RankFit(**FIT).to_dict()
+    np.testing.assert_allclose(dense(cells), [[expression(0), 0.0, expression(1)]])

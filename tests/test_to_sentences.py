@@ -58,7 +58,8 @@ def test_hand_built_sentences(container, fmt, dtype):
     assert genes.shape == (4, 4)  # the longest sentence
     np.testing.assert_array_equal(genes[:3], [[1, 4, 2, -1], [0, -1, -1, -1], [-1, -1, -1, -1]])
     assert adata.uns["c2s"]["genes"].tolist() == GENES
-    assert adata.uns["c2s"]["params"] == {"random_state": 0, "use_raw": False}
+    params = {"random_state": 0, "use_raw": False, "sentences": True, **({"mod": "rna"} if container.is_mudata else {})}
+    assert adata.uns["c2s"]["params"] == params
     assert "rank_fit" not in adata.uns["c2s"]
     if container.is_mudata:
         assert data.obs["rna:c2s_sentence"].tolist() == expected_hand(0)
@@ -611,7 +612,7 @@ def test_layer_and_use_raw(pbmc68k):
     with pytest.raises(ValueError, match=r"Pass either `layer=` or `use_raw=True`, not both"):
         sc_c2s.pp.to_sentences(pbmc68k, layer="x", use_raw=True)
     sc_c2s.pp.to_sentences(pbmc68k, layer="x", rank_fit=False)  # use_raw=None with a layer: the layer
-    assert pbmc68k.uns["c2s"]["params"] == {"layer": "x", "use_raw": False, "random_state": 0}
+    assert pbmc68k.uns["c2s"]["params"] == {"layer": "x", "use_raw": False, "sentences": True, "random_state": 0}
 
 
 def test_missing_layer_and_raw():
@@ -834,3 +835,13 @@ def test_documented_width_of_obsm():
         adata = hand_adata()
         sc_c2s.pp.to_sentences(adata, n_genes=n_genes, rank_fit=False)
         assert adata.obsm["c2s_genes"].shape == (4, width)
+
+
+def test_params_record_sentences_and_mod(tmp_path, pbmc4k):
+    """`sentences` and `mod` used to be left out of the recorded parameters."""
+    mdata = md.MuData({"gex": pbmc4k})
+    sc_c2s.pp.to_sentences(mdata, mod="gex", sentences=False, rank_fit=False)
+    params = mdata.mod["gex"].uns["c2s"]["params"]
+    assert params == {"use_raw": False, "mod": "gex", "sentences": False, "random_state": 0}
+    pbmc4k.write_h5ad(tmp_path / "a.h5ad")
+    assert ad.read_h5ad(tmp_path / "a.h5ad").uns["c2s"]["params"] == params

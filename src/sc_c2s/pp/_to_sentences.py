@@ -104,8 +104,9 @@ def to_sentences(
         The sentences: gene names joined by single spaces (if ``sentences=True``; otherwise the column of an earlier
         run is removed, so that it cannot disagree with ``obsm["c2s_genes"]``).
     ``uns["c2s"]``
-        ``"params"``, the ``"genes"`` the indices point into, and ``"rank_fit"``: slope, intercept, R²,
-        Pearson r, Spearman ρ and the sample size of the fit (if ``rank_fit``).
+        ``"params"`` (the arguments as applied: ``use_raw`` and ``sentences`` as decided, the modality of a MuData
+        as ``mod``, the seed used), the ``"genes"`` the indices point into, and ``"rank_fit"``: slope, intercept,
+        R², Pearson r, Spearman ρ and the sample size of the fit (if ``rank_fit``).
 
     Examples
     --------
@@ -158,6 +159,8 @@ def to_sentences(
         "layer": layer,
         "use_raw": matrix.source == "raw.X",
         "gene_symbols": gene_symbols,
+        "mod": data.mod,
+        "sentences": bool(sentences),
         "random_state": random_state,
     }
     uns = {"params": {k: v for k, v in params.items() if v is not None}, "genes": words}

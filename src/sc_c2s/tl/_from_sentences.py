@@ -28,9 +28,10 @@ def from_sentences(
     Works on any text: sentences made by a C2S model, by another language model or by
     :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; punctuation around words and the
     trailing period are stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
-    bytes (as :mod:`h5py` hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case;
-    unknown words are dropped, and a gene named twice keeps its first position. The gene at 0-based position ``p`` among the kept words gets
-    ``intercept + slope * log10(1 + p)``, clipped at 0.
+    bytes (as :mod:`h5py` hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case, so
+    genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word, which goes to the first of them
+    (the others get no expression); unknown words are dropped, and a gene named twice keeps its first position.
+    The gene at 0-based position ``p`` among the kept words gets ``intercept + slope * log10(1 + p)``, clipped at 0.
 
     Parameters
     ----------
@@ -54,6 +55,8 @@ def from_sentences(
         Words that are not.
     ``n_duplicate_genes``
         Repeats of a gene already in the sentence.
+
+    and ``uns["c2s_rank_fit"]``, the rank fit used, as a dict (:meth:`~sc_c2s.RankFit.to_dict`).
 
     Examples
     --------
