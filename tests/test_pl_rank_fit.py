@@ -114,3 +114,12 @@ def test_scaled_since_the_fit(cellbench):
         sc_c2s.pl.rank_fit(cellbench, show=False)
     assert "use_raw=" not in str(error.value)
     assert "layer=" not in str(error.value)
+
+
+def test_subset_since_the_fit_warns(pbmc68k):
+    """A subset used to be drawn silently under the title of the fit's 700 cells."""
+    sc_c2s.pp.to_sentences(pbmc68k)
+    subset = pbmc68k[:50].copy()
+    with pytest.warns(UserWarning, match=r"The points drawn are not the fit's: it was made on 700 cells .* 50 cells"):
+        ax = sc_c2s.pl.rank_fit(subset, show=False)
+    assert ax.get_title() == "Rank → expression fit (700 cells)\npoints: 50 cells of the changed data"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,7 +41,9 @@ def rank_fit(
     """Plot expression against rank with the fitted rank → expression line.
 
     A hexbin density of ``log10(1 + normalised expression)`` against ``log10(1 + rank0)`` over the cells sampled
-    for the fit by :func:`sc_c2s.pp.to_sentences`, with the fitted line, its slope, intercept and R².
+    for the fit by :func:`sc_c2s.pp.to_sentences`, with the fitted line, its slope, intercept and R². If the data
+    no longer gives the fit's points (cells subset or changed since), a warning says so and the title names the
+    cells drawn.
     A good fit (R² around 0.8 on immune data) means generated sentences translate back into realistic expression.
 
     Parameters
@@ -77,6 +80,17 @@ def rank_fit(
     x, y, _, _ = _rank_model.rank_points(
         matrix.X, cells, log1p_base=matrix.log1p_base, source=matrix.source, fix=_CHANGED
     )
+    title = f"Rank → expression fit ({fit.n_cells} cells)"
+    if (len(cells), len(x)) != (fit.n_cells, fit.n_points):
+        warnings.warn(
+            f"The points drawn are not the fit's: it was made on {fit.n_cells} cells ({fit.n_points:,} points), the "
+            f"data now gives {len(cells)} cells ({len(x):,} points), so it was subset or changed since "
+            "`sc_c2s.pp.to_sentences`. The line and its figures are the fit's; run `sc_c2s.pp.to_sentences` again "
+            "to fit the data as it is.",
+            UserWarning,
+            stacklevel=2,
+        )
+        title += f"\npoints: {len(cells)} cells of the changed data"
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 4))
@@ -95,7 +109,7 @@ def rank_fit(
     )
     ax.set_xlabel("log10(1 + rank)")
     ax.set_ylabel("log10(1 + normalised expression)")
-    ax.set_title(f"Rank → expression fit ({fit.n_cells} cells)")
+    ax.set_title(title)
     return finish(ax, show=show, return_fig=return_fig)
 
 
