@@ -136,3 +136,46 @@ def test_fit_names_the_source_of_values_that_are_not_expression():
         _rank_model.fit(X, source="raw.X", fix="Do this.")
     with pytest.raises(ValueError, match=match):
         _rank_model.rank_points(X, np.arange(5), source="raw.X", fix="Do this.")
+
+
+def test_fitted_figures_are_python_numbers():
+    """`spearman_rho` used to be a numpy float64 beside Python floats."""
+    X = sparse.random(30, 50, density=0.5, random_state=0, format="csr") * 10
+    fit = _rank_model.fit(X.ceil())
+    for name, value in fit.to_dict().items():
+        assert type(value) is {"n_cells": int, "n_points": int, "input": str}.get(name, float), name
+
+
+@pytest.mark.parametrize("position", [-1, -5, [0, 3, -0.5], np.nan])
+def test_predict_refuses_negative_positions(position):
+    """Position -1 used to give inf and -5 NaN, with numpy's warnings."""
+    with pytest.raises(ValueError, match=r"`position` must be 0-based positions in a sentence"):
+        RankFit(slope=-0.7, intercept=2.0).predict(position)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("r2", "x", r"`rank_fit\['r2'\]` must be a real number \(NaN where unknown\), got 'x'"),
+        ("spearman_rho", float("inf"), r"`rank_fit\['spearman_rho'\]` must be a real number"),
+        ("pearson_r", True, r"`rank_fit\['pearson_r'\]` must be a real number"),
+        ("n_cells", -3, r"`rank_fit\['n_cells'\]` must be an integer >= 0, got -3"),
+        ("n_points", 2.5, r"`rank_fit\['n_points'\]` must be an integer >= 0"),
+        ("input", "log2", r"`rank_fit\['input'\]` must be 'linear' or 'log1p', got 'log2'"),
+        ("target_sum", None, r"`rank_fit\['target_sum'\]` must be a real number"),
+    ],
+)
+def test_from_dict_checks_every_field(field, value, match):
+    """Only slope and intercept used to be checked: `{"r2": "x"}` made a RankFit whose R² was a string."""
+    with pytest.raises(ValueError, match=match):
+        RankFit.from_dict({"slope": -0.5, "intercept": 2.0, field: value})
+
+
+def test_from_dict_takes_0d_arrays():
+    """h5ad can give scalars back as 0-d arrays; they used to be refused as "must be a finite number"."""
+    fit = RankFit.from_dict(
+        {"slope": np.array(-0.5), "intercept": np.array(2), "r2": np.array(np.nan), "n_cells": np.array(7)}
+    )
+    assert (fit.slope, fit.intercept, fit.n_cells) == (-0.5, 2.0, 7)
+    assert np.isnan(fit.r2)
+    assert (type(fit.slope), type(fit.intercept), type(fit.n_cells)) == (float, float, int)

@@ -10,6 +10,7 @@ expressed genes with 0-based rank ``rank0 < 999`` on a sample of cells, ordinary
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -74,8 +75,12 @@ class RankFit:
     """Median library size the sampled cells were normalised to."""
 
     def predict(self, position: np.ndarray | int) -> np.ndarray:
-        """Expression, as ``log10(1 + x)`` of normalised counts, of the gene at 0-based ``position``."""
+        """Expression, as ``log10(1 + x)`` of normalised counts, of the gene at 0-based ``position`` (``>= 0``)."""
         position = np.asarray(position, dtype=np.float64)
+        if not np.all(position >= 0):  # NaN too
+            bad = float(position[~(position >= 0)].flat[0])
+            msg = f"`position` must be 0-based positions in a sentence (0 is the first gene, none below), got {bad}."
+            raise ValueError(msg)
         return np.clip(self.intercept + self.slope * np.log10(1 + position), 0, None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,16 +89,40 @@ class RankFit:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any] | RankFit) -> RankFit:
-        """Build from :meth:`to_dict` output, e.g. ``adata.uns["c2s"]["rank_fit"]``; unknown keys are ignored."""
+        """Build from :meth:`to_dict` output, e.g. ``adata.uns["c2s"]["rank_fit"]``; unknown keys are ignored.
+
+        Each field is checked: slope and intercept are finite numbers, the other figures real numbers (NaN where
+        unknown), the counts integers ``>= 0`` and ``input`` one of ``"linear"`` and ``"log1p"``. NumPy scalars and
+        0-d arrays (as h5ad gives values back) are taken as the numbers they hold.
+        """
         if isinstance(d, RankFit):
             return d
         if not isinstance(d, Mapping) or not {"slope", "intercept"} <= set(d):
             msg = "A rank fit needs 'slope' and 'intercept'; pass `adata.uns['c2s']['rank_fit']` or a checkpoint's."
             raise ValueError(msg)
-        for name in ("slope", "intercept"):
-            check_number(d[name], f"rank_fit[{name!r}]")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v.item() if isinstance(v, np.generic) else v for k, v in d.items() if k in names})
+        return cls(**{f.name: _checked_field(f.name, f.type, d[f.name]) for f in fields(cls) if f.name in d})
+
+
+def _checked_field(name: str, kind: str, value: Any) -> Any:
+    """Return `value` as a field of :class:`RankFit` of type `kind` (``"float"``, ``"int"`` or ``"str"``), or raise."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        value = value.item()
+    if name in ("slope", "intercept"):
+        return check_number(value, f"rank_fit[{name!r}]")
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if kind == "float" and number and not math.isinf(value):
+        return float(value)
+    if kind == "int" and number and value >= 0 and float(value).is_integer():
+        return int(value)
+    if kind == "str" and isinstance(value, str) and value in ("linear", "log1p"):
+        return value
+    what = {
+        "float": "a real number (NaN where unknown)",
+        "int": "an integer >= 0",
+        "str": "'linear' or 'log1p'",
+    }[kind]
+    msg = f"`rank_fit[{name!r}]` must be {what}, got {value!r}."
+    raise ValueError(msg)
 
 
 def sample_cells(n_obs: int, n_cells: int, random_state: int) -> np.ndarray:
@@ -358,7 +387,7 @@ def fit(
         intercept=float(intercept),
         r2=pearson**2,
         pearson_r=pearson,
-        spearman_rho=spearman,
+        spearman_rho=float(spearman),
         n_cells=len(cells),
         n_points=n_points,
         input=sample.input,
