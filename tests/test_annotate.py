@@ -375,3 +375,21 @@ def test_sentences_that_do_not_match_their_genes(short_sentences, tiny):
         sc_c2s.tl.annotate(short_sentences, model=tiny, n_genes=N_GENES)
     with pytest.raises(ValueError, match="`n_genes` must be a positive integer or None, got -1"):
         prompts.sentence_words(short_sentences, n_genes=-1)  # used to drop the last gene silently
+
+
+@pytest.mark.parametrize(
+    ("verb", "kwargs"),
+    [
+        (sc_c2s.tl.annotate, {}),
+        (sc_c2s.tl.embed, {}),
+        (sc_c2s.tl.predict_tissue, {"groupby": "cell_type"}),
+        (sc_c2s.tl.summarize, {"groupby": "cell_type"}),
+    ],
+)
+def test_a_backed_view_is_refused_before_the_model_runs(short_sentences, tmp_path, verb, kwargs):
+    """The verbs ran the model over every cell, then failed to write into a view of a backed AnnData."""
+    short_sentences.write_h5ad(tmp_path / "x.h5ad")
+    view = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")[:5]
+    # refused before the model is even looked up
+    with pytest.raises(ValueError, match=r"view of a backed AnnData.*`copy=True`"):
+        verb(view, model="no-such-model", **kwargs)

@@ -9,7 +9,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from sc_c2s import _dask, _keys, prompts
-from sc_c2s._data import DataHandler, prepare
+from sc_c2s._data import DataHandler, check_writable, prepare
 from sc_c2s._docs import (
     doc_adata,
     doc_batch_size,
@@ -143,6 +143,7 @@ def annotate(
     DataHandler(adata, mod).c2s()
     check_positive_int(n_genes, "n_genes")
     check_key(key_added, "key_added")
+    check_writable(adata, copy=copy)
     candidates = None if labels is None else label_set(labels)
     if organism is not None:
         prompts.check_organism(organism)

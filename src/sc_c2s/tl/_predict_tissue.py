@@ -8,7 +8,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from sc_c2s import _keys, prompts
-from sc_c2s._data import DataHandler, prepare
+from sc_c2s._data import DataHandler, check_writable, prepare
 from sc_c2s._docs import (
     doc_adata,
     doc_batch_size,
@@ -134,6 +134,7 @@ def predict_tissue(
     check_positive_int(n_genes, "n_genes", none_ok=True)
     check_positive_int(n_draws, "n_draws")
     check_key(key_added, "key_added")
+    check_writable(adata, copy=copy)
     candidates = None if labels is None else label_set(labels)
     random_state = check_random_state(random_state)
     if organism is not None:

@@ -8,7 +8,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from sc_c2s import _keys, prompts
-from sc_c2s._data import DataHandler, prepare
+from sc_c2s._data import DataHandler, check_writable, prepare
 from sc_c2s._docs import (
     doc_adata,
     doc_batch_size,
@@ -136,6 +136,7 @@ def summarize(
     check_positive_int(n_draws, "n_draws")
     check_positive_int(max_new_tokens, "max_new_tokens")
     check_key(key_added, "key_added")
+    check_writable(adata, copy=copy)
     random_state = check_sampling(
         n_genes=n_genes or 1, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
