@@ -607,6 +607,15 @@ def test_bad_rank_fit(rank_fit):
         sc_c2s.pp.to_sentences(adata, rank_fit=rank_fit)
 
 
+@pytest.mark.parametrize("sentences", [1, "yes", np.bool_(True)])
+def test_bad_sentences(sentences):
+    """Any truthy value used to mean strings, recorded as given."""
+    adata = hand_adata()
+    with pytest.raises(ValueError, match=r"`sentences` must be True, False or None"):
+        sc_c2s.pp.to_sentences(adata, sentences=sentences)
+    assert "c2s" not in adata.uns
+
+
 def test_layer_and_use_raw(pbmc68k):
     pbmc68k.layers["x"] = abs(pbmc68k.X)
     with pytest.raises(ValueError, match=r"Pass either `layer=` or `use_raw=True`, not both"):

@@ -129,6 +129,9 @@ def to_sentences(
     if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)
+    if sentences is not None and not isinstance(sentences, bool):
+        msg = f"`sentences` must be True, False or None (strings unless the matrix is a dask array), got {sentences!r}."
+        raise ValueError(msg)
     check_writable(adata, copy=copy)
     data = DataHandler(adata, mod)
     matrix = data.matrix(layer=layer, use_raw=use_raw)
