@@ -181,10 +181,10 @@ class _Sample:
 def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix: str) -> _Sample:
     """Return the fit's data for the given cells: ``log10(1 + normalised expression)`` of their ranked genes.
 
-    Values that are not expression raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` and ending
-    with `fix`. The fit needs the values at each rank, not which gene holds them: the values are ordered without the genes,
+    The fit needs the values at each rank, not which gene holds them: the values are ordered without the genes,
     equal values need no tie-break and form runs (most of a cell's ranked genes, in counts), and only the best
-    :data:`MAX_RANK` of a cell are ordered. The logarithm is taken once per run.
+    :data:`MAX_RANK` of a cell are ordered. The logarithm is taken once per run. Values that are not expression
+    raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` and ending with `fix`.
     """
     rows = read_rows(X, cells)
     kind = "log1p" if is_log_transformed(rows.data) else "linear"
