@@ -50,7 +50,7 @@ class C2SMetadata:
     tissues: list[str] | None = None
     """Tissues the model was trained on (tissue prediction and generation), when known."""
     rank_fit: dict[str, Any] | None = None
-    """Rank → expression fit of the training data (see :class:`sc_c2s._rank_model.RankFit`)."""
+    """Rank → expression fit of the training data (see :class:`sc_c2s.RankFit`)."""
     training: dict[str, Any] = field(default_factory=dict)
     """How the model was trained (base model, data, split, epochs, learning rate…)."""
     scores: dict[str, Any] = field(default_factory=dict)
