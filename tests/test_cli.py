@@ -16,7 +16,7 @@ import torch
 
 import sc_c2s
 from sc_c2s import cli
-from sc_c2s.models import C2SMetadata, _download
+from sc_c2s.models import C2SMetadata, _download, _memory
 from sc_c2s.models._scratch import build_model, build_tokenizer
 
 DATA = Path(__file__).parent / "data"
@@ -312,3 +312,15 @@ def test_quiet_prints_nothing_on_success(tmp_path, checkpoint, capsys):
     assert cli.main([*argv, "--out", str(out)]) == cli.EXIT_OK
     assert capsys.readouterr().err == ""
     assert out.is_file()
+
+
+def test_a_model_too_big_is_a_user_error(tmp_path, monkeypatch, capsys):
+    """models.load raises MemoryError before downloading a model the device cannot hold: one line, not a traceback."""
+    monkeypatch.delenv("SC_C2S_SKIP_MEMORY_CHECK", raising=False)
+    monkeypatch.setattr(_memory, "capacity", lambda device: 2**20)  # 1 MiB free
+    argv = ["-q", "generate", "--model", "demo", "--cell-types", "CD19+ B", "--out", str(tmp_path / "x.h5ad")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("sc-c2s: error: ")
+    assert "needs at least" in err

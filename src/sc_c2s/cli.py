@@ -9,7 +9,7 @@ code  meaning
 ====  ==========================================================
 0     success
 1     a bug: the traceback says where (please report it)
-2     bad command line or bad input (the message says what to change)
+2     bad command line, bad input, or a model too big for the device (the message says what to change)
 3     a file or folder that was named does not exist
 4     unknown model name
 5     no network: a checkpoint could not be downloaded
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
-#: Exit codes; bad input shares the status of a bad command line, so that 1 (Python's status after a traceback)
-#: means a bug.
+#: Exit codes; bad input (and a model too big for the device) shares the status of a bad command line, so that 1
+#: (Python's status after a traceback) means a bug.
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_UNKNOWN_MODEL, EXIT_NO_NETWORK = 0, 1, 2, 3, 4, 5
 #: Folder the demo writes into unless told otherwise.
 DEMO_DIR = "sc_c2s_demo"
@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, EXIT_UNKNOWN_MODEL)
     except ConnectionError as e:
         return _fail(e, EXIT_NO_NETWORK)
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, MemoryError) as e:
         return _fail(e, EXIT_USAGE)
     finally:
         sc.settings.verbosity = verbosity
@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sc-c2s",
         description="Cell2Sentence for Scanpy: annotate and generate cells with language models.",
-        epilog="Exit codes: 0 success, 1 a bug (with a traceback), 2 bad command line or bad input, 3 missing file, "
-        "4 unknown model, 5 no network.",
+        epilog="Exit codes: 0 success, 1 a bug (with a traceback), 2 bad command line, bad input or a model too big "
+        "for the device, 3 missing file, 4 unknown model, 5 no network.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     loudness = parser.add_mutually_exclusive_group()
