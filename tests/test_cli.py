@@ -324,3 +324,22 @@ def test_a_model_too_big_is_a_user_error(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1, err
     assert err.startswith("sc-c2s: error: ")
     assert "needs at least" in err
+
+
+def test_a_failed_write_keeps_the_earlier_output(tmp_path, checkpoint, monkeypatch, capsys):
+    """Outputs were written in place: a full disk left a half-written file over an earlier good result."""
+    out = tmp_path / "generated.h5ad"
+    argv = ["-q", "generate", "--model", str(checkpoint), "--cell-types", "H2228=1", "--n-genes", "3"]
+    argv += ["--out", str(out)]
+    assert cli.main(argv) == cli.EXIT_OK
+    before = out.read_bytes()
+
+    def disk_full(self, filename, **kwargs):
+        Path(filename).write_bytes(b"\x89HDF\r\n")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ad.AnnData, "write_h5ad", disk_full)
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [out.name]

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import re
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -310,15 +312,23 @@ def _kind(path: Path) -> str:
 
 
 def _write(data: AnnData | MuData, path: Path) -> None:
+    """Write `data` to `path` whole or not at all: into a temporary file beside it, then renamed onto it.
+
+    A failed write (a full disk) leaves neither a half-written file nor a damaged earlier result at `path`.
+    """
+    partial = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix == ".h5mu":
-            data.write_h5mu(path)
+            data.write_h5mu(partial)
         else:
-            data.write_h5ad(path)
+            data.write_h5ad(partial)
+        os.replace(partial, path)
     except OSError as e:
         msg = f"Cannot write {str(path)!r}: {e}"
         raise ValueError(msg) from e
+    finally:
+        partial.unlink(missing_ok=True)
     _say(f"wrote {path}")
 
 
