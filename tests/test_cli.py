@@ -12,6 +12,7 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pytest
+import scanpy as sc
 import torch
 
 import sc_c2s
@@ -343,3 +344,63 @@ def test_a_failed_write_keeps_the_earlier_output(tmp_path, checkpoint, monkeypat
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@pytest.fixture
+def nothing_read(monkeypatch):
+    """Make reading an input (or the demo's data) a test failure: the commands must refuse before."""
+
+    def read(*args, **kwargs):
+        raise AssertionError("read before the command line was checked")
+
+    monkeypatch.setattr(cli, "_read", read)
+    monkeypatch.setattr(sc.datasets, "pbmc68k_reduced", read)
+
+
+@pytest.mark.parametrize(
+    ("options", "code", "message"),
+    [
+        (["--n-genes", "0"], cli.EXIT_USAGE, "n_genes"),
+        (["--batch-size", "0"], cli.EXIT_USAGE, "batch_size"),
+        (["--device", "nosuch"], cli.EXIT_USAGE, "is not a torch device"),
+        (["--model", "nope"], cli.EXIT_UNKNOWN_MODEL, "No model called 'nope'"),
+        (["--model", "no/such/dir"], cli.EXIT_MISSING, "is not a checkpoint directory"),
+    ],
+)
+@pytest.mark.parametrize("command", ["annotate", "generate"])
+def test_arguments_are_checked_before_reading(
+    tmp_path, small_file, nothing_read, capsys, command, options, code, message
+):
+    """They were checked after the input was read and ranked."""
+    argv = ["-q", "annotate", str(small_file)] if command == "annotate" else ["-q", "generate", "--cell-types", "B"]
+    argv += ["--model", "demo", "--out", str(tmp_path / "out.h5ad")]
+    argv += [] if command == "annotate" else ["--data", str(small_file)]
+    assert cli.main([*argv, *options]) == code
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("option", "message"), [("--temperature", "temperature"), ("--seed", "random_state")])
+def test_sampling_is_checked_before_reading(tmp_path, small_file, nothing_read, capsys, option, message):
+    argv = ["-q", "generate", "--model", "demo", "--cell-types", "B", "--data", str(small_file)]
+    assert cli.main([*argv, option, "-1", "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_an_unwritable_output_folder_is_refused_first(tmp_path, small_file, nothing_read, monkeypatch, capsys):
+    """A folder that may not be written to was found out at the end, after the model had run."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+    argv = ["-q", "annotate", str(small_file), "--model", "demo", "--out", str(locked / "new" / "out.h5ad")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert "may not write into the folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [["--n-cells", "0"], ["--n-cells", "-1"], ["--batch-size", "0"], ["--device", "x"]])
+def test_demo_checks_its_arguments_first(tmp_path, nothing_read, capsys, options):
+    """The demo failed after minutes of work, leaving a folder with rank_fit.png only."""
+    out = tmp_path / "demo"
+    assert cli.main(["-q", "demo", "--out", str(out), *options]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err.startswith("sc-c2s: error: ")
+    assert not out.exists()

@@ -236,18 +236,36 @@ def _step(message: str) -> float:
     return time.perf_counter()
 
 
+def _check_model(name: str) -> None:
+    """Refuse a ``--model`` that cannot be loaded, telling an unknown name (exit code 4) from a missing directory (3)."""
+    from sc_c2s.models._load import check_name_or_path
+    from sc_c2s.models._registry import names
+
+    try:
+        check_name_or_path(name)
+    except ValueError as e:
+        if Path(name).expanduser().exists() or "/" in name or "\\" in name:
+            msg = f"{name!r} is not a checkpoint directory."
+            raise FileNotFoundError(msg) from e
+        msg = f"No model called {name!r}. Available: {', '.join(names())}; or pass a checkpoint directory."
+        raise UnknownModelError(msg) from e
+
+
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse a ``--device`` torch cannot use and a ``--batch-size`` below 1, before any work."""
+    from sc_c2s._utils._validate import check_positive_int
+    from sc_c2s.models._runtime import check_device
+
+    if args.batch_size is not None:
+        check_positive_int(args.batch_size, "batch_size")
+    if args.device is not None:
+        check_device(args.device)
+
+
 def _model(name: str, *, device: str | None):
-    """Load a model, telling an unknown name (exit code 4) from a missing directory (exit code 3)."""
+    """Load a model (checked by :func:`_check_model`), announcing the step."""
     from sc_c2s import models
 
-    path = Path(name).expanduser()
-    known = models.available()
-    if name not in known.index and name not in set(known["repo"].dropna()) and not path.is_dir():
-        if path.exists() or "/" in name or "\\" in name:
-            msg = f"{name!r} is not a checkpoint directory."
-            raise FileNotFoundError(msg)
-        msg = f"No model called {name!r}. Available: {', '.join(known.index)}; or pass a checkpoint directory."
-        raise UnknownModelError(msg)
     start = _step(f"loading model {name!r}")
     model = models.load(name, device=device)
     _done(start)
@@ -289,11 +307,15 @@ def _check_out(path: Path, *, kind: str) -> None:
     """Refuse an output path that cannot be written, before any work is done.
 
     `kind` is what will be written: ``".h5ad"`` (an AnnData), ``".h5mu"`` (a MuData) or ``"folder"``. Refused:
-    a path under a file, a folder where a file goes or the other way round, a file name of the other kind.
+    a path under a file or in a folder that may not be written to, a folder where a file goes or the other way
+    round, a file name of the other kind.
     """
-    above = next((p for p in path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = next(p for p in path.absolute().parents if p.exists())
+    if not above.is_dir():
         msg = f"Cannot write {str(path)!r}: {str(above)!r} is a file, not a folder."
+        raise ValueError(msg)
+    if not os.access(above, os.W_OK | os.X_OK):
+        msg = f"Cannot write {str(path)!r}: you may not write into the folder {str(above)!r}; name another path."
         raise ValueError(msg)
     folder = kind == "folder"
     if path.exists() and path.is_dir() != folder:
@@ -347,8 +369,12 @@ def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
 
 def _annotate(args: argparse.Namespace) -> None:
     import sc_c2s
+    from sc_c2s._utils._validate import check_positive_int
 
     _check_out(args.out, kind=_kind(args.input))
+    _check_model(args.model)
+    check_positive_int(args.n_genes, "n_genes")
+    _check_device(args)
     data = _read(args.input)
     _sentences(data, args)
     model = _model(args.model, device=args.device)
@@ -375,9 +401,14 @@ def _cell_types(items: Sequence[str]) -> dict[str, int]:
 
 def _generate(args: argparse.Namespace) -> None:
     import sc_c2s
+    from sc_c2s.tl._sampling import check_sampling
 
     _check_out(args.out, kind=".h5ad")
     cell_types = _cell_types(args.cell_types)
+    _check_model(args.model)
+    sampling = _sampling(args)
+    check_sampling(**sampling, none_for_model=args.temperature is None)
+    _check_device(args)
     data = None
     if args.data is not None:
         data = _read(args.data)
@@ -388,18 +419,25 @@ def _generate(args: argparse.Namespace) -> None:
         data,
         model=model,
         cell_types=cell_types,
-        n_genes=args.n_genes,
-        temperature=args.temperature,
-        top_k=args.top_k or None,
-        top_p=None if args.top_p == 1 else args.top_p,
+        **sampling,
         unique_genes=not args.allow_repeats,
         exact_length=not args.any_length,
-        random_state=args.seed,
         batch_size=args.batch_size,
         mod=args.mod,
     )
     _done(start)
     _write(generated, args.out)
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, object]:
+    """Return the sampling arguments of :func:`sc_c2s.tl.generate` that the options of ``generate`` stand for."""
+    return {
+        "n_genes": args.n_genes,
+        "temperature": args.temperature,
+        "top_k": args.top_k or None,
+        "top_p": None if args.top_p == 1 else args.top_p,
+        "random_state": args.seed,
+    }
 
 
 def _models_list(args: argparse.Namespace) -> None:
@@ -434,9 +472,12 @@ def _demo(args: argparse.Namespace) -> None:
     from matplotlib import pyplot as plt
 
     import sc_c2s
+    from sc_c2s._utils._validate import check_positive_int
 
     out: Path = args.out
     _check_out(out, kind="folder")
+    check_positive_int(args.n_cells, "n_cells")
+    _check_device(args)
     out.mkdir(parents=True, exist_ok=True)
     label_key = "bulk_labels"
     start = _step("[1/6] reading scanpy's pbmc68k_reduced (700 PBMCs) and ranking genes into cell sentences")
