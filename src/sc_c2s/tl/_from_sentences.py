@@ -28,7 +28,7 @@ def from_sentences(
     Works on any text: sentences made by a C2S model, by another language model or by
     :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; punctuation around words and the
     trailing period are stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
-    bytes (as :mod:`h5py` hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case, so
+    bytes (as h5py hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case, so
     genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word, which goes to the first of them
     (the others get no expression); unknown words are dropped, and a gene named twice keeps its first position.
     The gene at 0-based position ``p`` among the kept words gets ``intercept + slope * log10(1 + p)``, clipped at 0.
@@ -145,7 +145,7 @@ def _text(sentence: object) -> str:
 
 
 def _decoded(value: object, what: str) -> str:
-    """Return `value` as a string: bytes (as :mod:`h5py` hands out strings) decoded as UTF-8, others by ``str``."""
+    """Return `value` as a string: bytes (as h5py hands out strings) decoded as UTF-8, others by ``str``."""
     if not isinstance(value, bytes):
         return str(value)
     try:
