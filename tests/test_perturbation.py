@@ -243,3 +243,33 @@ def test_pl_perturbation(kang, predicted):
     assert {t.get_text() for t in ax.texts} >= {"ISG15"}
     with pytest.raises(ValueError, match="No predicted cell of group 'CD4T'"):
         sc_c2s.pl.perturbation(kang, predicted, groupby="cell_type", group="CD4T", show=False, **KEYS)
+
+
+@pytest.mark.parametrize(
+    ("case", "n_perturbed", "perturbation"),
+    [
+        pytest.param("no perturbed", 0, "stimulated", id="no-perturbed"),
+        pytest.param("one perturbed", 1, "stimulated", id="one-perturbed"),
+        pytest.param("only control", 0, "stimulated", id="only-control"),
+        pytest.param("other perturbation", 0, "LPS", id="other-perturbation"),
+    ],
+)
+def test_pl_perturbation_needs_real_cells_of_both_conditions(kang, case, n_perturbed, perturbation):
+    """Without real perturbed cells of the group it failed with a ZeroDivisionError; with one, it drew silently."""
+    matplotlib.use("Agg")
+    predicted = real_as_predicted(kang, "B")
+    perturbed_b = ((kang.obs["cell_type"] == "B") & (kang.obs["condition"] == "stimulated")).to_numpy()
+    keep = ~perturbed_b
+    if case == "one perturbed":
+        keep[np.flatnonzero(perturbed_b)[0]] = True
+    elif case == "only control":
+        keep = (kang.obs["condition"] == "control").to_numpy()
+    elif case == "other perturbation":
+        keep[:] = True
+        predicted.obs["condition"] = "LPS"
+    match = (
+        rf"Group 'B' has too few real cells .*: {n_perturbed} of perturbation '{perturbation}' and 67 control; it "
+        rf"needs at least {_score_perturbation.MIN_CELLS} of each"
+    )
+    with pytest.raises(ValueError, match=match):
+        sc_c2s.pl.perturbation(kang[keep].copy(), predicted, groupby="cell_type", group="B", show=False, **KEYS)

@@ -7,7 +7,7 @@ from matplotlib import pyplot as plt
 
 from sc_c2s._docs import doc_mod, doc_params, doc_show_ax
 from sc_c2s._utils._validate import check_positive_int
-from sc_c2s.tl._score_perturbation import cells, contrast
+from sc_c2s.tl._score_perturbation import MIN_CELLS, cells, contrast
 
 from ._utils import finish
 
@@ -64,7 +64,7 @@ def perturbation(
     groupby
         Column of ``obs`` (of both) with the groups.
     group
-        The group to plot.
+        The group to plot; it needs at least two real perturbed and two real control cells.
     perturbation
         The perturbation to plot; ``None``: the predicted cells' only one.
     n_top_genes
@@ -99,6 +99,17 @@ def perturbation(
     selected = (data.predicted_groups == group) & (data.predicted_conditions == perturbation)
     if not selected.any():
         msg = f"No predicted cell of group {group!r} and perturbation {perturbation!r}; groups: {sorted(set(data.predicted_groups))}."
+        raise ValueError(msg)
+    in_group = data.real_groups == group
+    n_perturbed = int((in_group & (data.real_conditions == perturbation)).sum())
+    n_control = int((in_group & (data.real_conditions == data.control)).sum())
+    if min(n_perturbed, n_control) < MIN_CELLS:
+        msg = (
+            f"Group {group!r} has too few real cells to find its DE genes: {n_perturbed} of perturbation "
+            f"{perturbation!r} and {n_control} control; it needs at least {MIN_CELLS} of each, as "
+            "`sc_c2s.tl.score_perturbation` does. Pass both conditions' real cells, or pick another `group` or "
+            "`perturbation`."
+        )
         raise ValueError(msg)
     top = contrast(data, group=group, perturbation=perturbation).top(n_top_genes)
 
