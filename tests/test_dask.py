@@ -201,3 +201,30 @@ def test_to_sentences_on_dask_has_at_most_n_vars_columns():
         adata.X = da.from_array(X, chunks=(1, -1))
         sc_c2s.pp.to_sentences(adata, n_genes=n_genes, rank_fit=False)
         assert adata.obsm["c2s_genes"].shape == (2, width)
+
+
+def test_a_client_that_is_not_one_or_is_closed_is_refused(sentences, demo):
+    """Used to fail inside, on `client.scheduler_info()["workers"]` (KeyError, or no such attribute)."""
+    with pytest.raises(TypeError, match=r"`client` must be a `distributed.Client`, got str"):
+        sc_c2s.tl.embed(sentences.copy(), model=demo, n_genes=N_GENES, client="tcp://127.0.0.1:8786")
+    closed = distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+    closed.close()
+    with pytest.raises(ValueError, match=r"The Dask client is closed; start a new one"):
+        sc_c2s.tl.embed(sentences.copy(), model=demo, n_genes=N_GENES, client=closed)
+    with pytest.raises(ValueError, match=r"The Dask client is closed"):
+        sc_c2s.tl.generate(sentences, model=demo, cell_types={"CD19+ B": 2}, client=closed)
+
+
+def test_warnings_of_several_tasks_name_their_cells():
+    """Tasks' warnings that counted their own cells were merged when their texts agreed, losing the counts."""
+    empty, genes = (UserWarning, "1 of 13 answers are empty"), (UserWarning, "2 answers are lists of genes")
+    offsets = np.array([0, 13, 26, 39])
+    with pytest.warns(UserWarning) as record:
+        _dask._warn_again([[empty], [empty, genes, empty], []], offsets, n_cells=39)
+    assert [str(w.message) for w in record] == [
+        "In cells 0–12, 13–25 of 39 (one Dask task each): 1 of 13 answers are empty",
+        "In cells 13–25 of 39 (one Dask task each): 2 answers are lists of genes",
+    ]
+    with pytest.warns(UserWarning) as record:
+        _dask._warn_again([[empty]], offsets[:2], n_cells=13)
+    assert [str(w.message) for w in record] == ["1 of 13 answers are empty"]

@@ -178,14 +178,15 @@ def map_verb(
     Each task calls `verb` on an AnnData of its cells (their gene indices and ``uns["c2s"]``) with the model its
     worker loaded once; the values are those of `verb` on the whole data. `start` is the time the verb logged its
     start at. Tasks run on `client`, else on the active client, else one after another in this process. Nothing
-    is written until all have finished. The verb's warnings in the tasks are raised again here, each text once.
+    is written until all have finished. The verb's warnings in the tasks are raised again here, each text once,
+    naming the cells of the tasks that gave it when there are several (their counts are per task).
     """
     from ._data import DataHandler, prepare
 
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
     dask = import_optional("dask", extra="dask", purpose="Running models over Dask")
-    client = client if client is not None else _active_client()
+    client = _client(client)
     genes = _row_chunks(handler.obsm[GENES], client)
     shared = dask.delayed(
         {
@@ -203,8 +204,7 @@ def map_verb(
         for i, block in enumerate(genes.to_delayed().ravel())
     ]
     chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
-    for category, message in dict.fromkeys(w for _, caught in chunks for w in caught):
-        warnings.warn(message, category, stacklevel=3)
+    _warn_again([caught for _, caught in chunks], offsets, n_cells=len(names))
     results = _combine([chunk for chunk, _ in chunks])
     adata = prepare(adata, copy=copy)
     DataHandler(adata, mod).save_all(results, start=start)
@@ -229,7 +229,7 @@ def map_cells(
     from scipy import sparse
 
     dask = import_optional("dask", extra="dask", purpose="Running models over Dask")
-    client = client if client is not None else _active_client()
+    client = _client(client)
     n_cells = len(next(iter(sliced.values())))
     n_workers = max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
     step = max(1, -(-n_cells // (_CHUNKS_PER_WORKER * n_workers)))
@@ -249,16 +249,46 @@ def _run_cells(common: dict[str, Any], first_cell: int, sliced: dict[str, np.nda
     return common["fn"](worker_model(common["model"]), first_cell=first_cell, **sliced, **common["shared"])
 
 
-def _active_client() -> Client | None:
-    """Return the Dask client of this context, if distributed is installed and one is running."""
-    if "distributed" not in sys.modules:
-        return None
-    from distributed import get_client
+def _client(client: Client | None) -> Client | None:
+    """Return `client`, checked to be a running :class:`distributed.Client`; without one, the active client or none.
 
-    try:
-        return get_client()
-    except ValueError:  # no client
-        return None
+    The active client is the one of this context, if distributed is installed and one is running.
+    """
+    if client is None:
+        if "distributed" not in sys.modules:
+            return None
+        from distributed import get_client
+
+        try:
+            return get_client()
+        except ValueError:  # no client
+            return None
+    distributed = import_optional("distributed", extra="dask", purpose="Running models over a Dask cluster")
+    if not isinstance(client, distributed.Client):
+        msg = (
+            f"`client` must be a `distributed.Client`, got {type(client).__name__}; connect one to a cluster with "
+            "`Client(cluster)` or `Client('tcp://scheduler:8786')`."
+        )
+        raise TypeError(msg)
+    if client.status != "running":
+        msg = f"The Dask client is {client.status}; start a new one (`Client(cluster)`) or pass `client=None`."
+        raise ValueError(msg)
+    return client
+
+
+def _warn_again(caught: list[list[tuple[type[Warning], str]]], offsets: np.ndarray, *, n_cells: int) -> None:
+    """Raise the warnings of the tasks here, each text once, after the cells of the tasks that gave it.
+
+    A warning that counts something (e.g. empty answers) counts it in its task's cells only, so the cells say of
+    which part of the data it speaks.
+    """
+    tasks: dict[tuple[type[Warning], str], list[str]] = {}
+    for i, task_warnings in enumerate(caught):
+        for warning in dict.fromkeys(task_warnings):
+            tasks.setdefault(warning, []).append(f"{offsets[i]}–{offsets[i + 1] - 1}")
+    for (category, message), cells in tasks.items():
+        where = f"In cells {', '.join(cells)} of {n_cells} (one Dask task each): " if len(caught) > 1 else ""
+        warnings.warn(where + message, category, stacklevel=4)
 
 
 def _row_chunks(genes: Any, client: Client | None) -> da.Array:
