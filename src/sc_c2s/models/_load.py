@@ -224,7 +224,7 @@ class _Options:
             if device.type != "cuda":
                 msg = (
                     f"`quantization={quantization!r}` runs on a CUDA GPU (bitsandbytes), not on {device}; load the "
-                    "model without quantization there."
+                    'model without quantization there, or on a GPU machine with `pip install "sc-c2s[quantization]"`.'
                 )
                 raise ValueError(msg)
             if merge:
