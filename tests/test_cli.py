@@ -251,7 +251,7 @@ def user_errors(tmp_path, small_file, broken_checkpoint) -> dict[str, tuple[list
         "bad batch size": (
             ["-q", "generate", "--model", "demo", "--cell-types", "CD19+ B", "--batch-size", "0", *out],
             cli.EXIT_USAGE,
-            "`batch_size` must be a positive integer",
+            "--batch-size must be a positive integer",
         ),
     }
 
@@ -360,8 +360,8 @@ def nothing_read(monkeypatch):
 @pytest.mark.parametrize(
     ("options", "code", "message"),
     [
-        (["--n-genes", "0"], cli.EXIT_USAGE, "n_genes"),
-        (["--batch-size", "0"], cli.EXIT_USAGE, "batch_size"),
+        (["--n-genes", "0"], cli.EXIT_USAGE, "--n-genes"),
+        (["--batch-size", "0"], cli.EXIT_USAGE, "--batch-size"),
         (["--device", "nosuch"], cli.EXIT_USAGE, "is not a torch device"),
         (["--model", "nope"], cli.EXIT_UNKNOWN_MODEL, "No model called 'nope'"),
         (["--model", "no/such/dir"], cli.EXIT_MISSING, "is not a checkpoint directory"),
@@ -379,11 +379,11 @@ def test_arguments_are_checked_before_reading(
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("option", "message"), [("--temperature", "temperature"), ("--seed", "random_state")])
-def test_sampling_is_checked_before_reading(tmp_path, small_file, nothing_read, capsys, option, message):
+@pytest.mark.parametrize("option", ["--temperature", "--seed"])
+def test_sampling_is_checked_before_reading(tmp_path, small_file, nothing_read, capsys, option):
     argv = ["-q", "generate", "--model", "demo", "--cell-types", "B", "--data", str(small_file)]
     assert cli.main([*argv, option, "-1", "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_USAGE
-    assert message in capsys.readouterr().err
+    assert f"{option} must be" in capsys.readouterr().err
 
 
 def test_an_unwritable_output_folder_is_refused_first(tmp_path, small_file, nothing_read, monkeypatch, capsys):
@@ -404,3 +404,46 @@ def test_demo_checks_its_arguments_first(tmp_path, nothing_read, capsys, options
     assert cli.main(["-q", "demo", "--out", str(out), *options]) == cli.EXIT_USAGE
     assert capsys.readouterr().err.startswith("sc-c2s: error: ")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--n-genes", "0"], "error: --n-genes must be a positive integer, got 0."),
+        (["--seed", "-1"], "error: --seed must be an integer in [0, 2**63)"),
+        (["--temperature", "0"], "error: --temperature must be a finite number > 0, got 0.0."),
+        (["--device", "nosuch"], "error: --device 'nosuch' is not a torch device"),
+    ],
+)
+def test_errors_name_the_options(tmp_path, capsys, options, message):
+    """Messages named the Python arguments (`n_genes`, `random_state`) and offered None for --temperature."""
+    argv = ["-q", "generate", "--model", "demo", "--cell-types", "B", "--out", str(tmp_path / "x.h5ad"), *options]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err
+    assert "`" not in err
+    assert "or None" not in err
+
+
+def test_option_names_follow_the_parser():
+    names = cli._option_names(cli._parser())
+    assert names["n_genes"] == "--n-genes"
+    assert names["random_state"] == "--seed"
+    assert names["n_cells"] == "--n-cells"
+    assert (
+        cli._in_options("`device=None` picks cpu; `n_genes` of `adata`", names)
+        == "no --device picks cpu; --n-genes of `adata`"
+    )
+
+
+@pytest.mark.filterwarnings("always::UserWarning")
+def test_warnings_are_one_line(tmp_path, checkpoint, small_file, capsys):
+    """A single --labels showed a UserWarning with cli.py:NNN and the Python source line."""
+    argv = ["annotate", str(small_file), "--model", str(checkpoint), "--labels", "A549", "--n-genes", "10"]
+    assert cli.main([*argv, "--gene-symbols", "gene_symbol", "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    (warning,) = [line for line in err.splitlines() if "single label" in line]
+    assert warning.startswith("sc-c2s: warning: --labels holds a single label")
+    assert "no --labels to let the model write them" in warning
+    assert "UserWarning" not in err
+    assert "cli.py" not in err

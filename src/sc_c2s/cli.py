@@ -19,12 +19,14 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 import re
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +44,8 @@ EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_UNKNOWN_MODEL, EXIT_NO_NETWORK
 DEMO_DIR = "sc_c2s_demo"
 #: Cells the demo generates per cell type.
 DEMO_CELLS_PER_TYPE = 30
+#: A Python argument name in a message of the package: `n_genes`, or with a value, `device='cuda'`.
+PYTHON_NAME = re.compile(r"`(\w+)(?:=([^`]*))?`")
 
 
 class UnknownModelError(ValueError):
@@ -56,28 +60,72 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     verbosity = sc.settings.verbosity
     sc.settings.verbosity = 0 if args.quiet else "info" if args.verbose else "warning"
+    options = _option_names(parser)
     try:
-        args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = functools.partial(_warn, options=options)
+            args.run(args)
     except FileNotFoundError as e:
-        return _fail(e, EXIT_MISSING)
+        return _fail(e, EXIT_MISSING, options)
     except UnknownModelError as e:
-        return _fail(e, EXIT_UNKNOWN_MODEL)
+        return _fail(e, EXIT_UNKNOWN_MODEL, options)
     except ConnectionError as e:
-        return _fail(e, EXIT_NO_NETWORK)
+        return _fail(e, EXIT_NO_NETWORK, options)
     except (ValueError, KeyError, TypeError, MemoryError) as e:
-        return _fail(e, EXIT_USAGE)
+        return _fail(e, EXIT_USAGE, options)
     finally:
         sc.settings.verbosity = verbosity
     return EXIT_OK
 
 
-def _fail(error: Exception, code: int) -> int:
+def _fail(error: Exception, code: int, options: dict[str, str]) -> int:
     """Print what went wrong on one line (the offline message keeps its list of files) and return `code`."""
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     if code != EXIT_NO_NETWORK:
-        message = re.sub(r"\s*\n\s*", " ", message.strip())
-    print(f"sc-c2s: error: {message}", file=sys.stderr)
+        message = _one_line(message)
+    print(f"sc-c2s: error: {_in_options(message, options)}", file=sys.stderr)
     return code
+
+
+def _warn(message: Warning | str, *args: object, options: dict[str, str]) -> None:
+    """Show a warning as one line in the command's terms, without the Python source line (for `warnings.showwarning`)."""
+    print(f"sc-c2s: warning: {_in_options(_one_line(str(message)), options)}", file=sys.stderr)
+
+
+def _one_line(message: str) -> str:
+    """Join the lines of a message into one."""
+    return re.sub(r"\s*\n\s*", " ", message.strip())
+
+
+def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Map each option's Python name, the argument it sets, to the option: ``n_genes`` → ``--n-genes``."""
+    names = {}
+    for action in parser._actions:
+        if isinstance(action.choices, dict):  # the commands, with their own options
+            for command in action.choices.values():
+                names |= _option_names(command)
+        elif action.option_strings:
+            names[action.dest] = max(action.option_strings, key=len)
+    return names
+
+
+def _in_options(message: str, options: dict[str, str]) -> str:
+    """Say the Python argument names in a message of the package as the options that set them.
+
+    A backticked name becomes its option (`n_genes` → --n-genes), one with a value the option and the value
+    (`device='x'` → --device 'x'), and one set to None, the option left out (`device=None` → no --device). Names
+    that are not options stay as they are.
+    """
+
+    def option(match: re.Match[str]) -> str:
+        name, value = match.groups()
+        if name not in options:
+            return match[0]
+        if value is None:
+            return options[name]
+        return f"no {options[name]}" if value == "None" else f"{options[name]} {value}"
+
+    return PYTHON_NAME.sub(option, message)
 
 
 def _defaults(function: Callable[..., object]) -> dict[str, object]:
@@ -190,7 +238,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--any-length", action="store_true", help="let the model end a sentence early (default: --n-genes genes)"
     )
-    generate.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    generate.add_argument("--seed", dest="random_state", type=int, default=0, help="random seed (default: %(default)s)")
     _add_ranking(generate)
     _add_device(generate)
     generate.set_defaults(run=_generate)
@@ -436,7 +484,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, object]:
         "temperature": args.temperature,
         "top_k": args.top_k or None,
         "top_p": None if args.top_p == 1 else args.top_p,
-        "random_state": args.seed,
+        "random_state": args.random_state,
     }
 
 
