@@ -273,3 +273,28 @@ def test_pl_perturbation_needs_real_cells_of_both_conditions(kang, case, n_pertu
     )
     with pytest.raises(ValueError, match=match):
         sc_c2s.pl.perturbation(kang[keep].copy(), predicted, groupby="cell_type", group="B", show=False, **KEYS)
+
+
+@pytest.mark.parametrize("label_genes", [-3, 2.5, True, "5", None])
+def test_pl_perturbation_checks_label_genes(kang, label_genes):
+    """`label_genes=-3` used to name 17 of 20 genes, `2.5` to fail in pandas."""
+    with pytest.raises(ValueError, match=rf"`label_genes` .* must be a non-negative integer, got {label_genes!r}"):
+        sc_c2s.pl.perturbation(
+            kang,
+            real_as_predicted(kang, "B"),
+            groupby="cell_type",
+            group="B",
+            label_genes=label_genes,
+            show=False,
+            **KEYS,
+        )
+
+
+def test_pl_perturbation_names_label_genes(kang):
+    matplotlib.use("Agg")
+    predicted = real_as_predicted(kang, "B")
+    for label_genes, n_named in [(0, 0), (np.int64(3), 3), (50, 20)]:
+        ax = sc_c2s.pl.perturbation(
+            kang, predicted, groupby="cell_type", group="B", label_genes=label_genes, show=False, **KEYS
+        )
+        assert len(ax.texts) == n_named

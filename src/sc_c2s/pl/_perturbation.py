@@ -70,7 +70,7 @@ def perturbation(
     n_top_genes
         Top DE genes to draw.
     label_genes
-        Of those, how many to name.
+        Of those, how many to name (a non-negative integer; ``0`` names none, more than `n_top_genes` names all).
     n_genes
         Genes per real sentence; ``None`` takes the `n_genes` of the prediction.
     {doc_mod}
@@ -87,6 +87,11 @@ def perturbation(
     ... )  # doctest: +SKIP
     """
     check_positive_int(n_top_genes, "n_top_genes")
+    if not isinstance(label_genes, int | np.integer) or isinstance(label_genes, bool) or label_genes < 0:
+        msg = (
+            f"`label_genes` (how many of the top DE genes to name) must be a non-negative integer, got {label_genes!r}."
+        )
+        raise ValueError(msg)
     data = cells(
         real, predicted, condition_key=condition_key, control=control, groupby=groupby, n_genes=n_genes, mod=mod
     )
