@@ -298,3 +298,11 @@ def test_pl_perturbation_names_label_genes(kang):
             kang, predicted, groupby="cell_type", group="B", label_genes=label_genes, show=False, **KEYS
         )
         assert len(ax.texts) == n_named
+
+
+def test_pl_perturbation_lists_the_predicted_perturbations(kang):
+    """An unknown `perturbation` was refused with the list of groups only."""
+    with pytest.raises(ValueError, match=r"perturbation 'nope'; groups: \['B'\], perturbations: \['stimulated'\]\."):
+        sc_c2s.pl.perturbation(
+            kang, real_as_predicted(kang, "B"), groupby="cell_type", group="B", perturbation="nope", show=False, **KEYS
+        )

@@ -103,7 +103,10 @@ def perturbation(
         perturbation = found[0]
     selected = (data.predicted_groups == group) & (data.predicted_conditions == perturbation)
     if not selected.any():
-        msg = f"No predicted cell of group {group!r} and perturbation {perturbation!r}; groups: {sorted(set(data.predicted_groups))}."
+        msg = (
+            f"No predicted cell of group {group!r} and perturbation {perturbation!r}; groups: "
+            f"{sorted(set(data.predicted_groups))}, perturbations: {sorted(set(data.predicted_conditions))}."
+        )
         raise ValueError(msg)
     in_group = data.real_groups == group
     n_perturbed = int((in_group & (data.real_conditions == perturbation)).sum())
