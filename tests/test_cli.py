@@ -447,3 +447,27 @@ def test_warnings_are_one_line(tmp_path, checkpoint, small_file, capsys):
     assert "no --labels to let the model write them" in warning
     assert "UserWarning" not in err
     assert "cli.py" not in err
+
+
+def test_layer_and_gene_symbols_rank_again(tmp_path, checkpoint, cellbench, capsys):
+    """--layer and --gene-symbols were ignored, silently, for an input that already had sentences."""
+    cells = cellbench[::10].copy()
+    cells.layers["counts"] = cells.X.copy()
+    sc_c2s.pp.to_sentences(cells)
+    cells.write_h5ad(path := tmp_path / "ranked.h5ad")
+    argv = ["annotate", str(path), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
+    argv += ["--layer", "counts", "--gene-symbols", "gene_symbol", "--out", str(tmp_path / "out.h5ad")]
+    assert cli.main(argv) == cli.EXIT_OK
+    assert "ranking genes again, with --layer 'counts' and --gene-symbols 'gene_symbol'" in capsys.readouterr().err
+    params = ad.read_h5ad(tmp_path / "out.h5ad").uns["c2s"]["params"]
+    assert params["layer"] == "counts"
+    assert params["gene_symbols"] == "gene_symbol"
+
+
+def test_sentences_of_the_input_are_kept_without_ranking_options(tmp_path, checkpoint, cellbench, capsys):
+    cells = cellbench[::10].copy()
+    sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol")
+    cells.write_h5ad(path := tmp_path / "ranked.h5ad")
+    argv = ["annotate", str(path), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
+    assert cli.main([*argv, "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_OK
+    assert "ranking" not in capsys.readouterr().err

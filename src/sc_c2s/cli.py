@@ -265,8 +265,9 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_ranking(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gene-symbols", help="var column with the gene names, if var_names are not")
-    parser.add_argument("--layer", help="layer to rank instead of X (or raw)")
+    again = "; given, an input that already has cell sentences is ranked again"
+    parser.add_argument("--gene-symbols", help=f"var column with the gene names, if var_names are not{again}")
+    parser.add_argument("--layer", help=f"layer to rank instead of X (or raw){again}")
     parser.add_argument("--mod", help="modality of an .h5mu file (default: 'rna')")
 
 
@@ -403,14 +404,19 @@ def _write(data: AnnData | MuData, path: Path) -> None:
 
 
 def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
-    """Rank genes into sentences unless the data already has them."""
+    """Rank genes into sentences unless the data already has them and neither --layer nor --gene-symbols is given."""
     import sc_c2s
     from sc_c2s._data import DataHandler
 
     handler = DataHandler(data, args.mod)
-    if _keys.C2S in handler.uns and _keys.GENES in handler.obsm:
+    options = {"--layer": args.layer, "--gene-symbols": args.gene_symbols}
+    given = " and ".join(f"{option} {value!r}" for option, value in options.items() if value is not None)
+    if _keys.C2S not in handler.uns or _keys.GENES not in handler.obsm:
+        start = _step("ranking genes into cell sentences")
+    elif given:
+        start = _step(f"the input has cell sentences; ranking genes again, with {given}")
+    else:
         return
-    start = _step("ranking genes into cell sentences")
     sc_c2s.pp.to_sentences(data, gene_symbols=args.gene_symbols, layer=args.layer, mod=args.mod)
     _done(start)
 
