@@ -169,6 +169,53 @@ def test_plot_errors(halves):
         sc_c2s.pl.generation(real, fake, label_key="cell_type", basis="tsne", show=False)
     with pytest.raises(KeyError, match="no colour"):
         sc_c2s.pl.generation(real, fake, label_key="cell_type", palette={"A549": "red"}, show=False)
+    with pytest.raises(KeyError, match=r"no colour for \['"):
+        sc_c2s.pl.generation(real, fake, label_key="cell_type", palette={}, show=False)
+
+
+def test_plot_palettes(halves):
+    """A colormap name failed in matplotlib (the string was split into letters), as scanpy's `palette` reads it."""
+    real, fake = halves
+    types = list(dict.fromkeys(real.obs["cell_type"].astype(str)))
+    for palette, colors in [
+        ("Set1", mpl.colormaps["Set1"](np.linspace(0, 1, len(types)))),
+        (["red"], ["red"] * len(types)),
+        (("#00ff00", "blue"), ["#00ff00", "blue"] * len(types)),
+        (dict.fromkeys(types, "blue"), ["blue"] * len(types)),
+    ]:
+        ax = sc_c2s.pl.generation(real, fake, label_key="cell_type", palette=palette, show=False)
+        drawn = [c.get_facecolor()[0][:3] for c in ax.collections[::2]]  # the real cells of each type, in order
+        np.testing.assert_allclose(drawn, [mpl.colors.to_rgb(c) for c in colors[: len(types)]])
+
+
+@pytest.mark.parametrize(
+    ("palette", "match"),
+    [
+        pytest.param([], "`palette` is empty", id="empty-list"),
+        pytest.param((), "`palette` is empty", id="empty-tuple"),
+        pytest.param(
+            "Set99",
+            r"`palette='Set99'` is not the name of a matplotlib colormap \(e\.g\. 'Set1', 'tab20'\)\.$",
+            id="name",
+        ),
+        pytest.param(
+            "red", r"is not the name of a matplotlib colormap .*; for one colour, pass a list: \['red'\]", id="colour"
+        ),
+        pytest.param(
+            ["red", "notacolour"], r"not matplotlib colours: \{'\w+': 'notacolour', '\w+': 'notacolour'\}", id="list"
+        ),
+        pytest.param(
+            {"A549": "red", "H1975": "red", "H2228": "nope", "HCC827": "red", "H838": "red"},
+            r"not matplotlib colours: \{'H2228': 'nope'\}",
+            id="mapping",
+        ),
+    ],
+)
+def test_plot_refuses_bad_palettes(halves, palette, match):
+    """`palette=[]` used to fail with a ZeroDivisionError, a bad colour inside matplotlib."""
+    real, fake = halves
+    with pytest.raises(ValueError, match=match):
+        sc_c2s.pl.generation(real, fake, label_key="cell_type", palette=palette, show=False)
 
 
 def test_type_with_too_few_real_cells(halves):

@@ -33,7 +33,7 @@ def generation(
     basis: Literal["pca", "umap"] = "pca",
     n_genes: int | None = None,
     n_comps: int = 50,
-    palette: Sequence[str] | Mapping[str, str] | None = None,
+    palette: str | Sequence[str] | Mapping[str, str] | None = None,
     size: float = 12.0,
     random_state: AnyRandom = 0,
     mod: str | None = None,
@@ -66,7 +66,9 @@ def generation(
     n_comps
         Principal components for the UMAP.
     palette
-        Colours of the cell types, as a list or a mapping; ``None`` uses scanpy's default palette.
+        Colours of the cell types, as scanpy's `palette`: the name of a matplotlib colormap (e.g. ``"Set1"``),
+        sampled evenly over the types; a list of colours, repeated when shorter than the types; or a mapping of
+        each type to its colour. ``None`` uses scanpy's default palette.
     size
         Marker size of the real cells; generated cells are drawn larger.
     random_state
@@ -136,15 +138,34 @@ def _umap(coords: np.ndarray, random_state: int) -> np.ndarray:
     return embedding.obsm["X_umap"]
 
 
-def _colors(labels: list[str], palette: Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
-    """Pick a colour for each label: from the mapping, cycling through the list, or scanpy's default palettes."""
+def _colors(labels: list[str], palette: str | Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+    """Pick a colour for each label as scanpy reads `palette`, or from scanpy's default palettes."""
+    from matplotlib import colormaps
+    from matplotlib.colors import is_color_like, to_hex
     from scanpy.plotting.palettes import default_20, default_102
 
+    if palette is None:
+        palette = default_20 if len(labels) <= 20 else default_102
+    elif isinstance(palette, str):
+        if palette not in colormaps:
+            one = f"; for one colour, pass a list: [{palette!r}]" if is_color_like(palette) else ""
+            msg = f"`palette={palette!r}` is not the name of a matplotlib colormap (e.g. 'Set1', 'tab20'){one}."
+            raise ValueError(msg)
+        palette = [to_hex(c) for c in colormaps[palette](np.linspace(0, 1, len(labels)))]
     if isinstance(palette, Mapping):
         missing = [label for label in labels if label not in palette]
         if missing:
             msg = f"`palette` has no colour for {missing}."
             raise KeyError(msg)
-        return {label: palette[label] for label in labels}
-    colors = list(palette) if palette is not None else default_20 if len(labels) <= 20 else default_102
-    return {label: colors[i % len(colors)] for i, label in enumerate(labels)}
+        colors = {label: palette[label] for label in labels}
+    else:
+        palette = list(palette)
+        if not palette:
+            msg = "`palette` is empty; pass colours, a colormap name such as 'Set1', or None for scanpy's default."
+            raise ValueError(msg)
+        colors = {label: palette[i % len(palette)] for i, label in enumerate(labels)}
+    bad = {label: c for label, c in colors.items() if not is_color_like(c)}
+    if bad:
+        msg = f"`palette` gives cell types values that are not matplotlib colours: {bad}."
+        raise ValueError(msg)
+    return colors
