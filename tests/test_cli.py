@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import anndata as ad
 import numpy as np
+import pooch
 import pytest
 import scanpy as sc
 import torch
@@ -471,3 +473,25 @@ def test_sentences_of_the_input_are_kept_without_ranking_options(tmp_path, check
     argv = ["annotate", str(path), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
     assert cli.main([*argv, "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_OK
     assert "ranking" not in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("always::UserWarning")
+def test_quiet_hides_warnings(tmp_path, checkpoint, small_file, capsys):
+    """-q showed the UserWarnings of sc_c2s (and mudata's FutureWarnings)."""
+    argv = ["-q", "annotate", str(small_file), "--model", str(checkpoint), "--labels", "A549", "--n-genes", "10"]
+    assert cli.main([*argv, "--gene-symbols", "gene_symbol", "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_OK
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_hides_the_download_log(publish, checkpoint, capsys, monkeypatch, quiet):
+    """-q showed pooch's "Downloading file …" lines."""
+    shown = []
+    handler = logging.Handler()
+    monkeypatch.setattr(handler, "emit", lambda record: shown.append(record.getMessage()))
+    monkeypatch.setattr(pooch.get_logger(), "handlers", [handler])  # its own is bound to the stderr of its import
+    publish("tiny-cli", checkpoint)
+    assert cli.main([*(["-q"] if quiet else []), "models", "fetch", "tiny-cli"]) == cli.EXIT_OK
+    assert Path(capsys.readouterr().out.strip(), "config.json").is_file()
+    assert bool(shown) != quiet
+    assert all(message.startswith("Downloading file") for message in shown)

@@ -19,15 +19,17 @@ code  meaning
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import inspect
+import logging
 import os
 import re
 import secrets
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,8 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sc.settings.verbosity = 0 if args.quiet else "info" if args.verbose else "warning"
     options = _option_names(parser)
     try:
-        with warnings.catch_warnings():
-            warnings.showwarning = functools.partial(_warn, options=options)
+        with _warnings(quiet=args.quiet, options=options):
             args.run(args)
     except FileNotFoundError as e:
         return _fail(e, EXIT_MISSING, options)
@@ -85,6 +86,28 @@ def _fail(error: Exception, code: int, options: dict[str, str]) -> int:
         message = _one_line(message)
     print(f"sc-c2s: error: {_in_options(message, options)}", file=sys.stderr)
     return code
+
+
+@contextlib.contextmanager
+def _warnings(*, quiet: bool, options: dict[str, str]) -> Iterator[None]:
+    """Show warnings as one line each (see :func:`_warn`); with `quiet`, none, nor pooch's lines about downloads."""
+    import pooch
+
+    logger = pooch.get_logger()
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+            logger.addFilter(_errors_only)
+        warnings.showwarning = functools.partial(_warn, options=options)
+        try:
+            yield
+        finally:
+            logger.removeFilter(_errors_only)
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    """Let errors through (a logging filter; pooch's logger, outside logging's hierarchy, keeps a level it cached)."""
+    return record.levelno >= logging.ERROR
 
 
 def _warn(message: Warning | str, *args: object, options: dict[str, str]) -> None:
@@ -145,7 +168,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     loudness = parser.add_mutually_exclusive_group()
     loudness.add_argument("-v", "--verbose", action="store_true", help="log every step (scanpy's info level)")
-    loudness.add_argument("-q", "--quiet", action="store_true", help="print errors only, no steps or progress bars")
+    loudness.add_argument(
+        "-q", "--quiet", action="store_true", help="print errors only: no steps, warnings or progress bars"
+    )
     commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
