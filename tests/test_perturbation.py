@@ -268,8 +268,8 @@ def test_pl_perturbation_needs_real_cells_of_both_conditions(kang, case, n_pertu
         keep[:] = True
         predicted.obs["condition"] = "LPS"
     match = (
-        rf"Group 'B' has too few real cells .*: {n_perturbed} of perturbation '{perturbation}' and 67 control; it "
-        rf"needs at least {_score_perturbation.MIN_CELLS} of each"
+        rf"Group 'B' has too few real cells to compare: {n_perturbed} of perturbation '{perturbation}' and 67 "
+        rf"control; at least {_score_perturbation.MIN_CELLS} of each are needed"
     )
     with pytest.raises(ValueError, match=match):
         sc_c2s.pl.perturbation(kang[keep].copy(), predicted, groupby="cell_type", group="B", show=False, **KEYS)

@@ -7,7 +7,7 @@ from matplotlib import pyplot as plt
 
 from sc_c2s._docs import doc_mod, doc_params, doc_show_ax
 from sc_c2s._utils._validate import check_positive_int
-from sc_c2s.tl._score_perturbation import MIN_CELLS, cells, contrast
+from sc_c2s.tl._score_perturbation import cells, contrast
 
 from ._utils import finish
 
@@ -106,17 +106,6 @@ def perturbation(
         msg = (
             f"No predicted cell of group {group!r} and perturbation {perturbation!r}; groups: "
             f"{sorted(set(data.predicted_groups))}, perturbations: {sorted(set(data.predicted_conditions))}."
-        )
-        raise ValueError(msg)
-    in_group = data.real_groups == group
-    n_perturbed = int((in_group & (data.real_conditions == perturbation)).sum())
-    n_control = int((in_group & (data.real_conditions == data.control)).sum())
-    if min(n_perturbed, n_control) < MIN_CELLS:
-        msg = (
-            f"Group {group!r} has too few real cells to find its DE genes: {n_perturbed} of perturbation "
-            f"{perturbation!r} and {n_control} control; it needs at least {MIN_CELLS} of each, as "
-            "`sc_c2s.tl.score_perturbation` does. Pass both conditions' real cells, or pick another `group` or "
-            "`perturbation`."
         )
         raise ValueError(msg)
     top = contrast(data, group=group, perturbation=perturbation).top(n_top_genes)

@@ -59,6 +59,12 @@ class Cells:
     genes: np.ndarray
     control: str
 
+    def compared(self, group: str, perturbation: str) -> bool:
+        """Whether `group` has the real perturbed and control cells to compare: :data:`MIN_CELLS` of each."""
+        in_group = self.real_groups == group
+        n_perturbed = np.count_nonzero(in_group & (self.real_conditions == perturbation))
+        return min(n_perturbed, np.count_nonzero(in_group & (self.real_conditions == self.control))) >= MIN_CELLS
+
 
 @dataclass
 class Contrast:
@@ -137,7 +143,19 @@ def cells(
 
 
 def contrast(data: Cells, *, group: str, perturbation: str) -> Contrast:
-    """Cells and gene means of one group and perturbation, with the mean-shift baseline of the other groups."""
+    """Cells and gene means of one group and perturbation, with the mean-shift baseline of the other groups.
+
+    Raises a :class:`ValueError` if the group has fewer than :data:`MIN_CELLS` real perturbed or control cells.
+    """
+    if not data.compared(group, perturbation):
+        in_group = data.real_groups == group
+        msg = (
+            f"Group {group!r} has too few real cells to compare: "
+            f"{np.count_nonzero(in_group & (data.real_conditions == perturbation))} of perturbation {perturbation!r} "
+            f"and {np.count_nonzero(in_group & (data.real_conditions == data.control))} control; at least "
+            f"{MIN_CELLS} of each are needed. Pass both conditions' real cells, or pick another group or perturbation."
+        )
+        raise ValueError(msg)
     is_perturbed = data.real_conditions == perturbation
     is_control = data.real_conditions == data.control
     perturbed = data.real[np.flatnonzero(is_perturbed & (data.real_groups == group))]
@@ -149,9 +167,7 @@ def contrast(data: Cells, *, group: str, perturbation: str) -> Contrast:
         _mean(data.real[np.flatnonzero(is_perturbed & (data.real_groups == g))])
         - _mean(data.real[np.flatnonzero(is_control & (data.real_groups == g))])
         for g in np.unique(data.real_groups)
-        if g != group
-        and min((is_perturbed & (data.real_groups == g)).sum(), (is_control & (data.real_groups == g)).sum())
-        >= MIN_CELLS
+        if g != group and data.compared(g, perturbation)
     ]
     shift = np.mean(differences, axis=0) if differences else np.full(len(data.genes), np.nan)
     means = pd.DataFrame(
@@ -273,8 +289,7 @@ def _pairs_to_score(data: Cells, *, perturbation: str | Sequence[str] | None) ->
     wanted = None if perturbation is None else {perturbation} if isinstance(perturbation, str) else set(perturbation)
     pairs = list(dict.fromkeys(zip(data.predicted_conditions, data.predicted_groups, strict=True)))
     pairs = [(p, g) for p, g in pairs if wanted is None or p in wanted]
-    real = pd.Series(list(zip(data.real_conditions, data.real_groups, strict=True))).value_counts()
-    few = [(p, g) for p, g in pairs if min(real.get((p, g), 0), real.get((data.control, g), 0)) < MIN_CELLS]
+    few = [(p, g) for p, g in pairs if not data.compared(g, p)]
     if few:
         warnings.warn(
             f"Left out (perturbation, group) pairs with fewer than {MIN_CELLS} real perturbed or control cells: {few}.",
