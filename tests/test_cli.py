@@ -495,3 +495,12 @@ def test_quiet_hides_the_download_log(publish, checkpoint, capsys, monkeypatch, 
     assert Path(capsys.readouterr().out.strip(), "config.json").is_file()
     assert bool(shown) != quiet
     assert all(message.startswith("Downloading file") for message in shown)
+
+
+@pytest.mark.parametrize(("command", "out"), [("annotate", "b.csv"), ("annotate", "b"), ("generate", "b.h5")])
+def test_output_must_be_h5ad(tmp_path, small_file, nothing_read, capsys, command, out):
+    """--out r/b.csv wrote an .h5ad file called b.csv."""
+    argv = ["annotate", str(small_file)] if command == "annotate" else ["generate", "--cell-types", "B"]
+    assert cli.main([*argv, "--model", "demo", "--out", str(tmp_path / out)]) == cli.EXIT_USAGE
+    assert "the result is an AnnData; name an .h5ad file" in capsys.readouterr().err
+    assert not (tmp_path / out).exists()

@@ -198,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     annotate.add_argument("input", type=Path, metavar="IN", help="input .h5ad (or .h5mu) file")
     _add_model(annotate)
-    annotate.add_argument("--out", type=Path, required=True, help="output .h5ad (or .h5mu) file")
+    annotate.add_argument("--out", type=Path, required=True, help="output .h5ad file (.h5mu for an .h5mu input)")
     annotate.add_argument(
         "--labels",
         nargs="+",
@@ -396,7 +396,7 @@ def _check_out(path: Path, *, kind: str) -> None:
         what = "a file, not a folder" if path.is_file() else "a folder; name a file to write, e.g. result.h5ad"
         msg = f"Cannot write {str(path)!r}: it is {what}."
         raise ValueError(msg)
-    if not folder and (path.suffix == ".h5mu") != (kind == ".h5mu"):
+    if not folder and path.suffix != kind:
         what = "a MuData; name an .h5mu file" if kind == ".h5mu" else "an AnnData; name an .h5ad file"
         msg = f"Cannot write {str(path)!r}: the result is {what}."
         raise ValueError(msg)
