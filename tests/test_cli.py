@@ -504,3 +504,13 @@ def test_output_must_be_h5ad(tmp_path, small_file, nothing_read, capsys, command
     assert cli.main([*argv, "--model", "demo", "--out", str(tmp_path / out)]) == cli.EXIT_USAGE
     assert "the result is an AnnData; name an .h5ad file" in capsys.readouterr().err
     assert not (tmp_path / out).exists()
+
+
+def test_help_says_what_the_defaults_are(capsys):
+    """generate --help showed --temperature's default as None."""
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "None" not in text
+    assert "sampling temperature (default: the one recorded with the model, else 1.0)" in text
+    assert "[--seed SEED]" in text

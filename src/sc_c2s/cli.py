@@ -243,7 +243,7 @@ def _parser() -> argparse.ArgumentParser:
         "--temperature",
         type=float,
         default=sampling["temperature"],
-        help="sampling temperature (default: %(default)s)",
+        help="sampling temperature (default: the one recorded with the model, else 1.0)",
     )
     generate.add_argument(
         "--top-k",
@@ -263,7 +263,9 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--any-length", action="store_true", help="let the model end a sentence early (default: --n-genes genes)"
     )
-    generate.add_argument("--seed", dest="random_state", type=int, default=0, help="random seed (default: %(default)s)")
+    generate.add_argument(
+        "--seed", dest="random_state", metavar="SEED", type=int, default=0, help="random seed (default: %(default)s)"
+    )
     _add_ranking(generate)
     _add_device(generate)
     generate.set_defaults(run=_generate)
