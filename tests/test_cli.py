@@ -514,3 +514,18 @@ def test_help_says_what_the_defaults_are(capsys):
     assert "None" not in text
     assert "sampling temperature (default: the one recorded with the model, else 1.0)" in text
     assert "[--seed SEED]" in text
+
+
+def test_models_list_marks_unconfirmed_licences(capsys):
+    """Licences the registry could not confirm were listed as certain."""
+    assert cli.main(["models", "list"]) == cli.EXIT_OK
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[2:]}
+    known = sc_c2s.models.available()
+    assert "license" in known.loc["C2S-Pythia-410m-cell-type-prediction", "unconfirmed"]
+    for name, entry in known.iterrows():
+        if entry["license"] is None:
+            assert lines[name].endswith("see the model card")
+        elif "license" in entry["unconfirmed"]:
+            assert lines[name].endswith(f"{entry['license']} (unconfirmed)")
+        else:
+            assert lines[name].endswith(entry["license"])

@@ -526,10 +526,19 @@ def _models_list(args: argparse.Namespace) -> None:
 
     from sc_c2s import models
 
-    table = models.available()[["size_gb", "tasks", "organism", "license"]].copy()
-    table["size_gb"] = table["size_gb"].map(lambda gb: f"{gb:.2f}" if gb >= 0.01 else "<0.01")
+    known = models.available()
+    doubtful = known["unconfirmed"].map(set)  # values the registry could not confirm, marked as in the README
+    table = known[["size_gb", "tasks", "organism", "license"]].copy()
+    table["size_gb"] = [
+        f"{'~' if 'size_gb' in doubt else ''}{gb:.2f}" if gb >= 0.01 else "<0.01"
+        for gb, doubt in zip(table["size_gb"], doubtful, strict=True)
+    ]
     table["tasks"] = table["tasks"].map(lambda tasks: ", ".join(t.replace("cell_type_", "") for t in tasks))
-    with pd.option_context("display.max_colwidth", 60, "display.width", 200):
+    for column in ["tasks", "organism", "license"]:
+        marked = doubtful.map(lambda doubt, column=column: column in doubt) & table[column].notna()
+        table.loc[marked, column] += " (unconfirmed)"
+    table["license"] = table["license"].fillna("see the model card")
+    with pd.option_context("display.max_colwidth", 90, "display.width", 250):
         print(table.fillna("").to_string())
 
 
