@@ -84,6 +84,7 @@ always_use_bars_union = True
 
 intersphinx_mapping = {
     "anndata": ("https://anndata.readthedocs.io/en/stable/", None),
+    "cycler": ("https://matplotlib.org/cycler/", None),
     "dask": ("https://docs.dask.org/en/stable/", None),
     "distributed": ("https://distributed.dask.org/en/stable/", None),
     "matplotlib": ("https://matplotlib.org/stable/", None),
@@ -127,7 +128,8 @@ if not _online():
     # resolve. Accept them unlinked rather than failing `sphinx-build -W`; online builds (Read the Docs) check them.
     intersphinx_mapping = {}
     external = "|".join(
-        ["anndata", "dask", "distributed", "mudata", "numpy", "np", "pandas", "pd", "scanpy", "scipy", "matplotlib"]
+        ["anndata", "cycler", "dask", "distributed", "mudata", "numpy", "np", "pandas", "pd", "scanpy", "scipy"]
+        + ["matplotlib"]
         + ["torch"]
         + ["collections", "typing", "pathlib", "os"]  # Python's own
     )

@@ -9,6 +9,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import pytest
+from cycler import cycler
 from scipy import stats
 
 import sc_c2s
@@ -182,10 +183,13 @@ def test_plot_palettes(halves):
         (["red"], ["red"] * len(types)),
         (("#00ff00", "blue"), ["#00ff00", "blue"] * len(types)),
         (dict.fromkeys(types, "blue"), ["blue"] * len(types)),
+        (mpl.colormaps["viridis"], mpl.colormaps["viridis"](np.linspace(0, 1, len(types)))),  # was not iterable
+        (cycler(color=["red", "blue"]), ["red", "blue"] * len(types)),  # its values were taken for colours
+        (np.array(["red", "blue"]), ["red", "blue"] * len(types)),
     ]:
         ax = sc_c2s.pl.generation(real, fake, label_key="cell_type", palette=palette, show=False)
         drawn = [c.get_facecolor()[0][:3] for c in ax.collections[::2]]  # the real cells of each type, in order
-        np.testing.assert_allclose(drawn, [mpl.colors.to_rgb(c) for c in colors[: len(types)]])
+        np.testing.assert_allclose(drawn, [mpl.colors.to_rgb(c) for c in colors[: len(types)]], atol=0.5 / 255)
 
 
 @pytest.mark.parametrize(
@@ -216,6 +220,15 @@ def test_plot_refuses_bad_palettes(halves, palette, match):
     real, fake = halves
     with pytest.raises(ValueError, match=match):
         sc_c2s.pl.generation(real, fake, label_key="cell_type", palette=palette, show=False)
+
+
+def test_plot_refuses_palettes_of_another_kind(halves):
+    """`palette=3` failed with "'int' object is not iterable", a cycler of markers on its values."""
+    real, fake = halves
+    with pytest.raises(TypeError, match=r"`palette` must be a colormap \(or its name\), a list or cycler .*; got int"):
+        sc_c2s.pl.generation(real, fake, label_key="cell_type", palette=3, show=False)
+    with pytest.raises(ValueError, match=r"`palette` is a cycler of \['marker'\], not of 'color'"):
+        sc_c2s.pl.generation(real, fake, label_key="cell_type", palette=cycler(marker=["o"]), show=False)
 
 
 def test_type_with_too_few_real_cells(halves):

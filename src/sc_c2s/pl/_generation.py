@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -15,10 +15,10 @@ from sc_c2s.tl._score_generation import comparison, pca, project
 from ._utils import finish
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from anndata import AnnData
+    from cycler import Cycler
     from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
     from mudata import MuData
 
@@ -33,7 +33,7 @@ def generation(
     basis: Literal["pca", "umap"] = "pca",
     n_genes: int | None = None,
     n_comps: int = 50,
-    palette: str | Sequence[str] | Mapping[str, str] | None = None,
+    palette: str | Colormap | Cycler | Sequence[str] | Mapping[str, str] | None = None,
     size: float = 12.0,
     random_state: AnyRandom = 0,
     mod: str | None = None,
@@ -66,9 +66,9 @@ def generation(
     n_comps
         Principal components for the UMAP.
     palette
-        Colours of the cell types, as scanpy's `palette`: the name of a matplotlib colormap (e.g. ``"Set1"``),
-        sampled evenly over the types; a list of colours, repeated when shorter than the types; or a mapping of
-        each type to its colour. ``None`` uses scanpy's default palette.
+        Colours of the cell types, as scanpy's `palette`: a matplotlib colormap or its name (e.g. ``"Set1"``),
+        sampled evenly over the types; a list of colours, or a :class:`~cycler.Cycler` of them, repeated when
+        shorter than the types; or a mapping of each type to its colour. ``None`` uses scanpy's default palette.
     size
         Marker size of the real cells; generated cells are drawn larger.
     random_state
@@ -138,10 +138,13 @@ def _umap(coords: np.ndarray, random_state: int) -> np.ndarray:
     return embedding.obsm["X_umap"]
 
 
-def _colors(labels: list[str], palette: str | Sequence[str] | Mapping[str, str] | None) -> dict[str, str]:
+def _colors(
+    labels: list[str], palette: str | Colormap | Cycler | Sequence[str] | Mapping[str, str] | None
+) -> dict[str, str]:
     """Pick a colour for each label as scanpy reads `palette`, or from scanpy's default palettes."""
+    from cycler import Cycler
     from matplotlib import colormaps
-    from matplotlib.colors import is_color_like, to_hex
+    from matplotlib.colors import Colormap, is_color_like, to_hex
     from scanpy.plotting.palettes import default_20, default_102
 
     if palette is None:
@@ -151,7 +154,20 @@ def _colors(labels: list[str], palette: str | Sequence[str] | Mapping[str, str] 
             one = f"; for one colour, pass a list: [{palette!r}]" if is_color_like(palette) else ""
             msg = f"`palette={palette!r}` is not the name of a matplotlib colormap (e.g. 'Set1', 'tab20'){one}."
             raise ValueError(msg)
-        palette = [to_hex(c) for c in colormaps[palette](np.linspace(0, 1, len(labels)))]
+        palette = colormaps[palette]
+    if isinstance(palette, Colormap):
+        palette = [to_hex(c) for c in palette(np.linspace(0, 1, len(labels)))]
+    elif isinstance(palette, Cycler):
+        if "color" not in palette.keys:
+            msg = f"`palette` is a cycler of {sorted(palette.keys)}, not of 'color'; pass e.g. `cycler(color=[...])`."
+            raise ValueError(msg)
+        palette = palette.by_key()["color"]
+    elif not isinstance(palette, Mapping | Sequence | np.ndarray):
+        msg = (
+            f"`palette` must be a colormap (or its name), a list or cycler of colours, or a mapping of cell type to "
+            f"colour; got {type(palette).__name__}."
+        )
+        raise TypeError(msg)
     if isinstance(palette, Mapping):
         missing = [label for label in labels if label not in palette]
         if missing:
