@@ -366,6 +366,10 @@ def _truncate(path: Path, keep: float) -> None:
             lambda p: (p / "c2s_metadata.json").write_text('{"vocabulary": "CD3E"}'),
             r"c2s_metadata\.json .* cannot be read .*'vocabulary' must be a list of strings or null, not 'CD3E'",
         ),
+        (
+            lambda p: (p / "c2s_metadata.json").write_text('{"rank_fit": {"slope": "x", "intercept": 1}}'),
+            r"c2s_metadata\.json .* cannot be read .*`rank_fit\['slope'\]` must be a finite number, got 'x'",
+        ),
     ],
     ids=[
         "empty",
@@ -378,6 +382,7 @@ def _truncate(path: Path, keep: float) -> None:
         "tokenizer",
         "metadata",
         "metadata-field",
+        "metadata-rank-fit",
     ],
 )
 def test_broken_checkpoint_names_the_file(checkpoints, tmp_path, break_it, match):

@@ -76,7 +76,11 @@ class C2SMetadata:
         ------
         TypeError
             If a field holds a value of the wrong type (a file edited by hand), naming the field.
+        ValueError
+            If the rank fit is not one (see :meth:`sc_c2s.RankFit.from_dict`).
         """
+        from sc_c2s._rank_model import RankFit
+
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
         for name, value in known.items():
@@ -84,6 +88,8 @@ class C2SMetadata:
             if expected is not None:
                 msg = f"the field {name!r} must be {expected}, not {value!r}"
                 raise TypeError(msg)
+        if known.get("rank_fit") is not None:
+            RankFit.from_dict(known["rank_fit"])
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
@@ -120,7 +126,7 @@ def _expected_type(name: str, value: Any) -> str | None:
     elif name in _OBJECTS:
         ok, expected = isinstance(value, dict), "an object"
     elif name == "n_genes":
-        ok, expected = number and value == int(value) and value > 0, "a positive integer"
+        ok, expected = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
     elif name == "temperature":
         ok, expected = number and value > 0, "a positive number"
     elif name == "upper_case":
