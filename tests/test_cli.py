@@ -436,6 +436,8 @@ def test_option_names_follow_the_parser():
         cli._in_options("`device=None` picks cpu; `n_genes` of `adata`", names)
         == "no --device picks cpu; --n-genes of `adata`"
     )
+    # a name with nothing after its "=" is the option alone (it used to become "--layer " with a stray space)
+    assert cli._in_options("`X` (`use_raw=False` without `layer=`).", names) == "`X` (`use_raw=False` without --layer)."
 
 
 @pytest.mark.filterwarnings("always::UserWarning")

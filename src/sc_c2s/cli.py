@@ -144,7 +144,7 @@ def _in_options(message: str, options: dict[str, str]) -> str:
         name, value = match.groups()
         if name not in options:
             return match[0]
-        if value is None:
+        if not value:  # `n_genes` or `layer=`
             return options[name]
         return f"no {options[name]}" if value == "None" else f"{options[name]} {value}"
 
