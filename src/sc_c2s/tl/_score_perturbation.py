@@ -59,11 +59,13 @@ class Cells:
     genes: np.ndarray
     control: str
 
+    def n_real(self, group: str, condition: str) -> int:
+        """Real cells of `group` in `condition`."""
+        return int(np.count_nonzero((self.real_groups == group) & (self.real_conditions == condition)))
+
     def compared(self, group: str, perturbation: str) -> bool:
         """Whether `group` has the real perturbed and control cells to compare: :data:`MIN_CELLS` of each."""
-        in_group = self.real_groups == group
-        n_perturbed = np.count_nonzero(in_group & (self.real_conditions == perturbation))
-        return min(n_perturbed, np.count_nonzero(in_group & (self.real_conditions == self.control))) >= MIN_CELLS
+        return min(self.n_real(group, perturbation), self.n_real(group, self.control)) >= MIN_CELLS
 
 
 @dataclass
@@ -148,12 +150,10 @@ def contrast(data: Cells, *, group: str, perturbation: str) -> Contrast:
     Raises a :class:`ValueError` if the group has fewer than :data:`MIN_CELLS` real perturbed or control cells.
     """
     if not data.compared(group, perturbation):
-        in_group = data.real_groups == group
         msg = (
-            f"Group {group!r} has too few real cells to compare: "
-            f"{np.count_nonzero(in_group & (data.real_conditions == perturbation))} of perturbation {perturbation!r} "
-            f"and {np.count_nonzero(in_group & (data.real_conditions == data.control))} control; at least "
-            f"{MIN_CELLS} of each are needed. Pass both conditions' real cells, or pick another group or perturbation."
+            f"Group {group!r} has too few real cells to compare: {data.n_real(group, perturbation)} of perturbation "
+            f"{perturbation!r} and {data.n_real(group, data.control)} control; at least {MIN_CELLS} of each are "
+            "needed. Pass both conditions' real cells, or pick another group or perturbation."
         )
         raise ValueError(msg)
     is_perturbed = data.real_conditions == perturbation
