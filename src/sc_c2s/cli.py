@@ -111,7 +111,7 @@ def _errors_only(record: logging.LogRecord) -> bool:
 
 
 def _warn(message: Warning | str, *args: object, options: dict[str, str]) -> None:
-    """Show a warning as one line in the command's terms, without the Python source line (for `warnings.showwarning`)."""
+    """Show a warning as one line in the command's terms, without its Python source line (`warnings.showwarning`)."""
     print(f"sc-c2s: warning: {_in_options(_one_line(str(message)), options)}", file=sys.stderr)
 
 
@@ -313,7 +313,7 @@ def _step(message: str) -> float:
 
 
 def _check_model(name: str) -> None:
-    """Refuse a ``--model`` that cannot be loaded, telling an unknown name (exit code 4) from a missing directory (3)."""
+    """Refuse a ``--model`` that cannot be loaded: an unknown name (exit code 4), a missing directory (3)."""
     from sc_c2s.models._load import check_name_or_path
     from sc_c2s.models._registry import names
 

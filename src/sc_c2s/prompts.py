@@ -3,8 +3,8 @@
 The functions here build the exact text a model reads, so they also serve to prompt other language models with
 cell sentences. A training sample is ``prompt + answer(text)``: :func:`answer` begins with a space by default
 (``prefix=""`` for what the published fine-tuning code puts between them: nothing). The published checkpoints
-were trained on upper-cased gene names and the top 200 genes. ``{num_genes}`` in a template is the number of genes asked for
-(the caller's `n_genes`), not the length of a shorter sentence.
+were trained on upper-cased gene names and the top 200 genes. ``{num_genes}`` in a template is the number of
+genes asked for (the caller's `n_genes`), not the length of a shorter sentence.
 
 The multi-cell templates of C2S-Scale write a group of cells as ``Cell {i}:`` (1-based), a newline, the cell's
 sentence and ``.``, a newline, for each cell (:func:`multi_cell_sentences`); the template then adds its own

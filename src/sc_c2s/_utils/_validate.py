@@ -159,7 +159,10 @@ def check_key(value: Any, name: str) -> str:
         )
         raise ValueError(msg)
     if "/" in value:
-        msg = f"`{name}={value!r}` holds a '/', which anndata will not allow in the keys of h5ad files; choose a key without it."
+        msg = (
+            f"`{name}={value!r}` holds a '/', which anndata will not allow in the keys of h5ad files; choose a key "
+            "without it."
+        )
         raise ValueError(msg)
     return value
 

@@ -270,10 +270,11 @@ def _key_layout(bits_range, m, n_entries):
 
     ``bits_range`` holds ``(lowest, highest, ones, zeros)`` of the float32 bits of the values to pack: they agree
     on all bits but those of ``ones & zeros``, so ``(bits >> value_shift) - base`` codes their values from 0 in the
-    same order, in as few bits as the values need. The top bits of the tie-break key fill the bits above the position up to a whole number of
-    radix digits, at least as many bits as ``m`` has (so that even if all ``m`` values are equal, at most about
-    ``m / 2`` pairs of them share their tie bits, to be ordered by their full keys); the value code sits above
-    them. The radix sort of ``m`` keys then makes as few passes as the values allow.
+    same order, in as few bits as the values need. The top bits of the tie-break key fill the bits above the
+    position up to a whole number of radix digits, at least as many bits as ``m`` has (so that even if all ``m``
+    values are equal, at most about ``m / 2`` pairs of them share their tie bits, to be ordered by their full
+    keys); the value code sits above them. The radix sort of ``m`` keys then makes as few passes as the values
+    allow.
     """
     lowest, highest, ones, zeros = bits_range
     varying = ones & zeros
