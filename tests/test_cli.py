@@ -437,7 +437,11 @@ def test_option_names_follow_the_parser():
         == "no --device picks cpu; --n-genes of `adata`"
     )
     # a name with nothing after its "=" is the option alone (it used to become "--layer " with a stray space)
-    assert cli._in_options("`X` (`use_raw=False` without `layer=`).", names) == "`X` (`use_raw=False` without --layer)."
+    assert cli._in_options("`X` (`use_raw=False` without `layer=`).", names) == "`X` (--no-raw without --layer)."
+    # a flag is given or left out, whatever the Python value (`allow_repeats=True` read "--allow-repeats True")
+    assert cli._in_options("`.raw` (`use_raw=True`); `allow_repeats=True`", names) == (
+        "`.raw` (no --no-raw); --allow-repeats"
+    )
 
 
 @pytest.mark.filterwarnings("always::UserWarning")
@@ -466,6 +470,25 @@ def test_layer_and_gene_symbols_rank_again(tmp_path, checkpoint, cellbench, caps
     params = ad.read_h5ad(tmp_path / "out.h5ad").uns["c2s"]["params"]
     assert params["layer"] == "counts"
     assert params["gene_symbols"] == "gene_symbol"
+
+
+def test_no_raw_ranks_x_where_raw_exists(tmp_path, checkpoint, cellbench, capsys):
+    """The command ranked .raw whenever it existed: there was no way to rank X instead."""
+    cells = cellbench[::10].copy()
+    cells.raw = cells
+    cells = cells[:, :500].copy()
+    cells.write_h5ad(path := tmp_path / "with_raw.h5ad")
+    argv = ["annotate", str(path), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
+    for extra, use_raw, n_genes in (([], True, cellbench.n_vars), (["--no-raw"], False, 500)):
+        assert cli.main([*argv, *extra, "--out", str(out := tmp_path / "out.h5ad")]) == cli.EXIT_OK
+        c2s = ad.read_h5ad(out).uns["c2s"]
+        assert c2s["params"]["use_raw"] == use_raw
+        assert len(c2s["genes"]) == n_genes
+    sc_c2s.pp.to_sentences(cells)
+    cells.write_h5ad(path)
+    assert cli.main([*argv, "--no-raw", "--out", str(out)]) == cli.EXIT_OK
+    assert "ranking genes again, with --no-raw" in capsys.readouterr().err
+    assert not ad.read_h5ad(out).uns["c2s"]["params"]["use_raw"]
 
 
 def test_sentences_of_the_input_are_kept_without_ranking_options(tmp_path, checkpoint, cellbench, capsys):

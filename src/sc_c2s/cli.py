@@ -128,7 +128,10 @@ def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
             for command in action.choices.values():
                 names |= _option_names(command)
         elif action.option_strings:
-            names[action.dest] = max(action.option_strings, key=len)
+            option = names[action.dest] = max(action.option_strings, key=len)
+            if isinstance(action.const, bool):  # a flag: each value said as the flag given or left out
+                names[f"{action.dest}={action.const}"] = option
+                names[f"{action.dest}={not action.const}"] = f"no {option}"
     return names
 
 
@@ -136,12 +139,15 @@ def _in_options(message: str, options: dict[str, str]) -> str:
     """Say the Python argument names in a message of the package as the options that set them.
 
     A backticked name becomes its option (`n_genes` → --n-genes), one with a value the option and the value
-    (`device='x'` → --device 'x'), and one set to None, the option left out (`device=None` → no --device). Names
-    that are not options stay as they are.
+    (`device='x'` → --device 'x'), and one set to None, the option left out (`device=None` → no --device). A flag
+    reads as given or left out (`use_raw=False` → --no-raw, `use_raw=True` → no --no-raw). Names that are not
+    options stay as they are.
     """
 
     def option(match: re.Match[str]) -> str:
         name, value = match.groups()
+        if f"{name}={value}" in options:
+            return options[f"{name}={value}"]
         if name not in options:
             return match[0]
         if not value:  # `n_genes` or `layer=`
@@ -295,6 +301,13 @@ def _add_ranking(parser: argparse.ArgumentParser) -> None:
     again = "; given, an input that already has cell sentences is ranked again"
     parser.add_argument("--gene-symbols", help=f"var column with the gene names, if var_names are not{again}")
     parser.add_argument("--layer", help=f"layer to rank instead of X (or raw){again}")
+    parser.add_argument(
+        "--no-raw",
+        dest="use_raw",
+        action="store_false",
+        default=None,
+        help=f"rank X (or --layer) where the input also has .raw, which is ranked by default{again}",
+    )
     parser.add_argument("--mod", help="modality of an .h5mu file (default: 'rna')")
 
 
@@ -431,20 +444,22 @@ def _write(data: AnnData | MuData, path: Path) -> None:
 
 
 def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
-    """Rank genes into sentences unless the data already has them and neither --layer nor --gene-symbols is given."""
+    """Rank genes into sentences unless the data already has them and no ranking option (--layer …) is given."""
     import sc_c2s
     from sc_c2s._data import DataHandler
 
     handler = DataHandler(data, args.mod)
     options = {"--layer": args.layer, "--gene-symbols": args.gene_symbols}
-    given = " and ".join(f"{option} {value!r}" for option, value in options.items() if value is not None)
+    given = [f"{option} {value!r}" for option, value in options.items() if value is not None]
+    if args.use_raw is False:
+        given.append("--no-raw")
     if _keys.C2S not in handler.uns or _keys.GENES not in handler.obsm:
         start = _step("ranking genes into cell sentences")
     elif given:
-        start = _step(f"the input has cell sentences; ranking genes again, with {given}")
+        start = _step(f"the input has cell sentences; ranking genes again, with {' and '.join(given)}")
     else:
         return
-    sc_c2s.pp.to_sentences(data, gene_symbols=args.gene_symbols, layer=args.layer, mod=args.mod)
+    sc_c2s.pp.to_sentences(data, gene_symbols=args.gene_symbols, layer=args.layer, use_raw=args.use_raw, mod=args.mod)
     _done(start)
 
 
