@@ -221,6 +221,15 @@ def test_mean_shift_and_de_genes_by_hand(kang):
     assert (top.loc[["ISG15", "IFI6", "IFIT1"], "t"] > 0).all()
 
 
+def test_de_genes_without_spread_lead():
+    """A gene at one level in every perturbed cell and absent from every control cell had t = 0, ranked last."""
+    perturbed = sparse.csr_matrix([[2.0, 1.0, 1.0, 0.0], [2.0, 3.0, 1.0, 0.0]])
+    control = sparse.csr_matrix([[0.0, 1.0, 1.0, 5.0], [0.0, 2.0, 1.0, 5.0]])
+    t = _score_perturbation._welch_t(perturbed, control)
+    np.testing.assert_array_equal(t[[0, 2, 3]], [np.inf, 0.0, -np.inf])
+    np.testing.assert_allclose(t[1], 0.5 / np.sqrt(2.0 / 2 + 0.5 / 2))
+
+
 def test_score_perturbation_of_the_model(kang, predicted, container):
     data = container.wrap(kang.copy())
     before = container.rna(data).copy()

@@ -340,11 +340,16 @@ def _mean(X: sparse.csr_matrix) -> np.ndarray:
 
 
 def _welch_t(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
-    """Welch's t of the columns of `a` against those of `b`; ``0`` where both have no spread."""
+    """Welch's t of the columns of `a` against those of `b`.
+
+    Where neither has any spread, t is its limit: ``±inf`` where the means differ (the strongest difference there
+    is, e.g. a gene in every perturbed cell at one level and in no control cell), ``0`` where they are equal.
+    """
     (mean_a, var_a), (mean_b, var_b) = (_mean_var(X) for X in (a, b))
     se = np.sqrt(var_a / a.shape[0] + var_b / b.shape[0])
+    limit = np.where(mean_a == mean_b, 0.0, np.copysign(np.inf, mean_a - mean_b))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(se > 0, (mean_a - mean_b) / se, 0.0)
+        return np.where(se > 0, (mean_a - mean_b) / se, limit)
 
 
 def _mean_var(X: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
