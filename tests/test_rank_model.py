@@ -121,6 +121,32 @@ def test_log_base_is_undone():
     assert log2.intercept == pytest.approx(linear.intercept, rel=1e-9)
 
 
+def test_fit_sums_a_gene_stored_twice(pbmc4k):
+    """Duplicate entries of a CSR row were fitted as two expressed genes; the sentences read them as the sum."""
+    X = pbmc4k.X[:200]
+    rows = list(zip(X.indptr[:-1], X.indptr[1:], strict=True))
+    twice = sparse.csr_matrix(
+        (
+            np.concatenate([np.tile(X.data[a:b], 2) for a, b in rows]),
+            np.concatenate([np.tile(X.indices[a:b], 2) for a, b in rows]),
+            2 * X.indptr,
+        ),
+        shape=X.shape,
+    )
+    assert not twice.has_canonical_format
+    for n_cells in (200, 50):  # all rows, and rows read by index
+        fit, expected = (_rank_model.fit(M, n_cells=n_cells) for M in (twice, 2 * X))
+        for key in ["slope", "intercept", "r2", "spearman_rho", "n_points", "target_sum"]:
+            assert getattr(fit, key) == pytest.approx(getattr(expected, key), rel=1e-9), key
+
+
+def test_fit_refuses_a_total_too_large_to_normalise():
+    """A cell whose values are finite but whose total overflows was fitted as a cell of zeros, silently."""
+    X = np.array([[1.5e308, 1.2e308, 1e308], [3.0, 2.0, 1.0]])
+    with pytest.raises(ValueError, match="not finite: the expression values are too large to normalise"):
+        _rank_model.fit(X)
+
+
 def test_too_few_points():
     X = sparse.csr_matrix(np.eye(4))  # one gene per cell: every point at rank 0
     with pytest.raises(ValueError, match=r"Too few expressed genes.*pass `rank_fit=False`"):

@@ -22,7 +22,7 @@ from scipy import sparse
 from ._utils._numba import numba_threads
 from ._utils._validate import check_number
 from .pp import _kernels
-from .pp._rank import NOT_EXPRESSION_FIX, raise_if_not_expression
+from .pp._rank import NOT_EXPRESSION_FIX, canonical, raise_if_not_expression
 
 #: Only the first this many ranks enter the fit.
 MAX_RANK = 999
@@ -33,6 +33,10 @@ _LOG_MAX = 30.0
 #: Values checked for being integers: blocks of :data:`_LOG_BLOCK` consecutive ones, evenly spaced.
 _LOG_SAMPLE = 100_000
 _LOG_BLOCK = 1_000
+_NOT_FINITE = (
+    "The rank → expression fit is not finite: the expression values are too large to normalise. Check the input, "
+    "or pass `rank_fit=False`."
+)
 
 
 @dataclass(frozen=True)
@@ -148,14 +152,15 @@ def is_log_transformed(values: np.ndarray) -> bool:
 def read_rows(X, cells: np.ndarray) -> sparse.csr_matrix:
     """Read the rows ``cells`` (sorted) of any matrix :func:`sc_c2s.pp.to_sentences` takes as CSR, and no others.
 
-    In-memory, backed and dask matrices alike: a dask array computes only the chunks that hold those rows.
+    In-memory, backed and dask matrices alike: a dask array computes only the chunks that hold those rows. A gene
+    stored twice in a row is read as the sum, as in the sentences.
     """
     rows = X if len(cells) == X.shape[0] and sparse.issparse(X) and X.format == "csr" else X[cells]
     if hasattr(rows, "compute"):  # a dask array
         rows = rows.compute()
     if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
         rows = rows.astype(np.float32)
-    return sparse.csr_matrix(rows)
+    return canonical(sparse.csr_matrix(rows))
 
 
 @dataclass(frozen=True)
@@ -174,8 +179,6 @@ class _Sample:
     """``"linear"`` or ``"log1p"``, as :attr:`RankFit.input`."""
     target_sum: float
     """Median library size the cells were normalised to."""
-    finite: bool
-    """Whether every run's value is finite (expression too large to normalise is not)."""
 
 
 def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix: str) -> _Sample:
@@ -184,7 +187,8 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix:
     The fit needs the values at each rank, not which gene holds them: the values are ordered without the genes,
     equal values need no tie-break and form runs (most of a cell's ranked genes, in counts), and only the best
     :data:`MAX_RANK` of a cell are ordered. The logarithm is taken once per run. Values that are not expression
-    raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` and ending with `fix`.
+    raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` and ending with `fix`; values too large to
+    normalise (a cell's total or a normalised value beyond the floating-point range), a :class:`ValueError`.
     """
     rows = read_rows(X, cells)
     kind = "log1p" if is_log_transformed(rows.data) else "linear"
@@ -203,10 +207,13 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix:
             rows.indptr, rows.data, log_scale, n_chunks, run_y, run_counts, n_runs, totals, n_expressed, status
         )
         raise_if_not_expression(status, cells, source, fix)
+        if not np.isfinite(totals).all():  # finite values whose sum overflows
+            raise ValueError(_NOT_FINITE)
         target_sum = float(np.median(totals[totals > 0])) if np.any(totals > 0) else 1.0
         scale = np.divide(target_sum, totals, out=np.zeros_like(totals), where=totals > 0)
-        n_not_finite = _log_runs(run_y, n_runs, log_scale, scale)
-    return _Sample(run_y, run_counts, n_runs, np.minimum(n_expressed, width), kind, target_sum, n_not_finite == 0)
+        if _log_runs(run_y, n_runs, log_scale, scale) > 0:
+            raise ValueError(_NOT_FINITE)
+    return _Sample(run_y, run_counts, n_runs, np.minimum(n_expressed, width), kind, target_sum)
 
 
 @njit(parallel=True, cache=True)
@@ -364,12 +371,6 @@ def fit(
     """
     cells = sample_cells(X.shape[0], n_cells, random_state)
     sample = _sample(X, cells, log1p_base=log1p_base, source=source, fix=fix)
-    if not sample.finite:
-        msg = (
-            "The rank → expression fit is not finite: the expression values are too large to normalise. Check the "
-            "input, or pass `rank_fit=False`."
-        )
-        raise ValueError(msg)
     expressing = np.flatnonzero(sample.n_runs > 0)  # runs are sorted, so each cell's first and last bound it
     if (
         sample.n_ranked.sum() < 3

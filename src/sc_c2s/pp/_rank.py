@@ -41,7 +41,7 @@ def _as_kernel_dtype(a: np.ndarray) -> np.ndarray:
     return a if a.dtype.type in _KERNEL_DTYPES else a.astype(np.float64)
 
 
-def _canonical(block: sparse.csr_matrix) -> sparse.csr_matrix:
+def canonical(block: sparse.csr_matrix) -> sparse.csr_matrix:
     """Return a CSR block with each gene at most once per row.
 
     Duplicate entries (valid in scipy, e.g. from COO without ``sum_duplicates``) are summed on a copy, as
@@ -77,7 +77,7 @@ def _row_blocks(X) -> Iterator[tuple[int, object]]:
         for start in range(0, n_rows, step):
             yield start, np.ascontiguousarray(X[start : start + step])
     elif sparse.issparse(X) and X.format == "csr":
-        yield 0, _canonical(X)
+        yield 0, canonical(X)
     elif sparse.issparse(X) and X.format == "csc":
         X = X if X.has_sorted_indices else X.sorted_indices()
         step = _block_rows(n_cols, X.nnz / max(n_rows, 1) / max(n_cols, 1) * 24)
@@ -92,7 +92,7 @@ def _row_blocks(X) -> Iterator[tuple[int, object]]:
         step = 10_000 if isinstance(X, CSRDataset | CSCDataset) else _block_rows(n_cols, X.dtype.itemsize)
         for start in range(0, n_rows, step):
             block = X[start : start + step]
-            yield start, _canonical(block.tocsr()) if sparse.issparse(block) else np.ascontiguousarray(block)
+            yield start, canonical(block.tocsr()) if sparse.issparse(block) else np.ascontiguousarray(block)
     else:
         msg = (
             f"Cannot rank genes in a matrix of type {type(X).__name__}; use a numpy array, a scipy sparse matrix, "
