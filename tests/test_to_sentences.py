@@ -664,11 +664,12 @@ def test_duplicate_entries_are_summed_on_a_copy(fmt):
     assert not stored.has_canonical_format
     data_before, indices_before = stored.data.copy(), stored.indices.copy()
     adata = ad.AnnData(stored, var=pd.DataFrame(index=GENES))
-    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    sc_c2s.pp.to_sentences(adata)
     assert adata.obs["c2s_sentence"].tolist() == ["CD8A NKG7 IL7R", "CD3D"]
     dense = ad.AnnData(X.toarray(), var=pd.DataFrame(index=GENES))
-    sc_c2s.pp.to_sentences(dense, rank_fit=False)
+    sc_c2s.pp.to_sentences(dense)
     np.testing.assert_array_equal(adata.obsm["c2s_genes"], dense.obsm["c2s_genes"])
+    assert adata.uns["c2s"]["rank_fit"] == pytest.approx(dense.uns["c2s"]["rank_fit"])  # 4 points, not 6
     np.testing.assert_array_equal(adata.X.data, data_before)  # the user's matrix keeps its duplicates
     np.testing.assert_array_equal(adata.X.indices, indices_before)
 

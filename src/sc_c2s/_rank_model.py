@@ -149,18 +149,19 @@ def is_log_transformed(values: np.ndarray) -> bool:
     return float(values.max()) <= _LOG_MAX
 
 
-def read_rows(X, cells: np.ndarray) -> sparse.csr_matrix:
+def read_rows(X, cells: np.ndarray, *, summed: bool = False) -> sparse.csr_matrix:
     """Read the rows ``cells`` (sorted) of any matrix :func:`sc_c2s.pp.to_sentences` takes as CSR, and no others.
 
     In-memory, backed and dask matrices alike: a dask array computes only the chunks that hold those rows. A gene
-    stored twice in a row is read as the sum, as in the sentences.
+    stored twice in a row is read as the sum, as in the sentences, unless `summed` says ``X`` holds none.
     """
     rows = X if len(cells) == X.shape[0] and sparse.issparse(X) and X.format == "csr" else X[cells]
     if hasattr(rows, "compute"):  # a dask array
         rows = rows.compute()
     if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
         rows = rows.astype(np.float32)
-    return canonical(sparse.csr_matrix(rows))
+    rows = sparse.csr_matrix(rows)
+    return rows if summed else canonical(rows)
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ class _Sample:
     """Median library size the cells were normalised to."""
 
 
-def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix: str) -> _Sample:
+def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix: str, summed: bool) -> _Sample:
     """Return the fit's data for the given cells: ``log10(1 + normalised expression)`` of their ranked genes.
 
     The fit needs the values at each rank, not which gene holds them: the values are ordered without the genes,
@@ -190,7 +191,7 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix:
     raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` and ending with `fix`; values too large to
     normalise (a cell's total or a normalised value beyond the floating-point range), a :class:`ValueError`.
     """
-    rows = read_rows(X, cells)
+    rows = read_rows(X, cells, summed=summed)
     kind = "log1p" if is_log_transformed(rows.data) else "linear"
     log_scale = 0.0 if kind == "linear" else np.log(log1p_base) if log1p_base else 1.0
     n_rows = rows.shape[0]
@@ -251,7 +252,7 @@ def rank_points(
     -------
     ``(log_rank, log_expression, input, target_sum)``.
     """
-    sample = _sample(X, cells, log1p_base=log1p_base, source=source, fix=fix)
+    sample = _sample(X, cells, log1p_base=log1p_base, source=source, fix=fix, summed=False)
     in_run = np.arange(sample.run_y.shape[1]) < sample.n_runs[:, None]
     log_expression = np.repeat(sample.run_y[in_run], sample.run_counts[in_run])
     n_ranked = sample.n_ranked.astype(np.int64)
@@ -363,14 +364,16 @@ def fit(
     log1p_base: float | None = None,
     source: str = "X",
     fix: str = NOT_EXPRESSION_FIX,
+    summed: bool = False,
 ) -> RankFit:
     """Fit the rank → expression line on a seeded sample of ``n_cells`` cells of ``X``.
 
     Values that are not expression raise :class:`~sc_c2s.pp.NotExpressionError` naming `source` (e.g.
-    ``"raw.X"``) and ending with `fix`, what the user can do about it.
+    ``"raw.X"``) and ending with `fix`, what the user can do about it. `summed` says that an in-memory CSR ``X``
+    holds each gene at most once per row (from :func:`~sc_c2s.pp._rank.canonical`), which saves checking it again.
     """
     cells = sample_cells(X.shape[0], n_cells, random_state)
-    sample = _sample(X, cells, log1p_base=log1p_base, source=source, fix=fix)
+    sample = _sample(X, cells, log1p_base=log1p_base, source=source, fix=fix, summed=summed)
     expressing = np.flatnonzero(sample.n_runs > 0)  # runs are sorted, so each cell's first and last bound it
     if (
         sample.n_ranked.sum() < 3

@@ -62,11 +62,11 @@ def _block_rows(n_cols: int, bytes_per_entry: float) -> int:
     return max(1, int(_BLOCK_BYTES // max(1.0, n_cols * bytes_per_entry)))
 
 
-def _row_blocks(X) -> Iterator[tuple[int, object]]:
+def _row_blocks(X, *, summed: bool = False) -> Iterator[tuple[int, object]]:
     """Yield ``(start, block)`` with each block a CSR matrix or a C-contiguous dense array.
 
     In-memory CSR and C-contiguous dense matrices are one block, used as they are (a CSR matrix that holds a gene
-    twice in a row is summed on a copy). CSC matrices are cut into row blocks without converting the whole matrix;
+    twice in a row is summed on a copy, unless `summed` says it holds none). CSC matrices are cut into row blocks without converting the whole matrix;
     backed and other matrices are read block by block.
     """
     n_rows, n_cols = X.shape
@@ -77,7 +77,7 @@ def _row_blocks(X) -> Iterator[tuple[int, object]]:
         for start in range(0, n_rows, step):
             yield start, np.ascontiguousarray(X[start : start + step])
     elif sparse.issparse(X) and X.format == "csr":
-        yield 0, canonical(X)
+        yield 0, X if summed else canonical(X)
     elif sparse.issparse(X) and X.format == "csc":
         X = X if X.has_sorted_indices else X.sorted_indices()
         step = _block_rows(n_cols, X.nnz / max(n_rows, 1) / max(n_cols, 1) * 24)
@@ -125,6 +125,7 @@ def rank_genes(
     with_values: bool = False,
     source: str = "X",
     fix: str = NOT_EXPRESSION_FIX,
+    summed: bool = False,
 ) -> Ranking:
     """Rank the expressed genes of every row of ``X``, best first.
 
@@ -144,6 +145,9 @@ def rank_genes(
         Name of the matrix in error messages.
     fix
         What the user can do about a matrix that is not expression (the end of the error message).
+    summed
+        Whether an in-memory CSR ``X`` is known to hold each gene at most once per row (from :func:`canonical`),
+        which saves checking it again.
 
     Raises
     ------
@@ -159,7 +163,7 @@ def rank_genes(
     status = np.zeros(n_rows, dtype=np.int8)
     seed = np.uint64(np.int64(random_state) & np.int64(0x7FFFFFFFFFFFFFFF))
     with numba_threads() as n_threads:
-        for start, block in _row_blocks(X):
+        for start, block in _row_blocks(X, summed=summed):
             stop = start + block.shape[0]
             if stop == start:
                 continue

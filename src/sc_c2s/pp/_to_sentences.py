@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 from scanpy import logging as logg
+from scipy import sparse
 
 from sc_c2s import _dask, _keys, _rank_model
 from sc_c2s._data import DataHandler, Matrix, check_writable, prepare
@@ -21,7 +22,7 @@ from sc_c2s._utils._validate import (
 )
 
 from . import _kernels
-from ._rank import rank_genes
+from ._rank import canonical, rank_genes
 
 #: Most bytes of sentence text held at once besides the strings themselves.
 _BUFFER_BYTES = 64 * 2**20
@@ -142,10 +143,13 @@ def to_sentences(
     lazy = _dask.is_dask_array(matrix.X)
     sentences = not lazy if sentences is None else sentences
     where = {"source": matrix.source, "fix": not_expression_fix(data.adata, matrix.source)}
+    X, summed = matrix.X, False
+    if sparse.issparse(X) and X.format == "csr":
+        X, summed = canonical(X), True  # duplicate entries summed once, for the ranking and the fit
     if lazy:
-        genes = _dask.rank_lazily(matrix.X, n_genes=n_genes, random_state=random_state, **where)
+        genes = _dask.rank_lazily(X, n_genes=n_genes, random_state=random_state, **where)
     else:
-        ranking = rank_genes(matrix.X, n_genes=n_genes, random_state=random_state, **where)
+        ranking = rank_genes(X, n_genes=n_genes, random_state=random_state, summed=summed, **where)
         genes = ranking.genes
         n_empty = int(np.sum(ranking.n_expressed == 0))
         if n_empty:
@@ -154,7 +158,7 @@ def to_sentences(
     if rank_fit is not False:
         n_cells = _rank_model.DEFAULT_N_CELLS if rank_fit is True else int(rank_fit)
         fit = _rank_model.fit(
-            matrix.X, n_cells=n_cells, random_state=random_state, log1p_base=matrix.log1p_base, **where
+            X, n_cells=n_cells, random_state=random_state, log1p_base=matrix.log1p_base, summed=summed, **where
         )
 
     params = {
