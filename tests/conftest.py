@@ -113,7 +113,10 @@ def _short_sentences(_cellbench) -> ad.AnnData:
     import sc_c2s
 
     adata = _cellbench[::8].copy()
-    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=SHORT_SENTENCE_GENES, rank_fit=False)
+    # no strings: they would no longer match the shortened sentences
+    sc_c2s.pp.to_sentences(
+        adata, gene_symbols="gene_symbol", n_genes=SHORT_SENTENCE_GENES, rank_fit=False, sentences=False
+    )
     genes = adata.obsm["c2s_genes"]
     for i, n in enumerate(3 + np.arange(adata.n_obs) % 10):
         genes[i, n:] = -1

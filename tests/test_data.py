@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 
+import sc_c2s
 from sc_c2s._data import DataHandler, prepare
 
 
@@ -111,6 +112,61 @@ def test_c2s_needs_to_sentences(container, pbmc4k):
     where = "the 'rna' modality" if container.is_mudata else "this AnnData"
     with pytest.raises(KeyError, match=rf"No cell sentences found in {where}"):
         handler.c2s()
+
+
+def ranked_apart(pbmc4k: ad.AnnData, **kwargs) -> tuple[ad.AnnData, ad.AnnData]:
+    """The first 250 cells and the rest of pbmc4k, ranked each on its own."""
+    parts = pbmc4k[:250].copy(), pbmc4k[250:].copy()
+    for part in parts:
+        sc_c2s.pp.to_sentences(part, **kwargs)
+    return parts
+
+
+def test_data_ranked_apart_with_the_same_n_genes_joins(pbmc4k):
+    """obsm["c2s_genes"] was as wide as the longest sentence: concat's inner join cut all to the narrowest part."""
+    parts = ranked_apart(pbmc4k, n_genes=1_000, rank_fit=False)
+    assert [part.obsm["c2s_genes"].shape[1] for part in parts] == [1_000, 1_000]  # fewer genes than that expressed
+    joined = ad.concat(parts, uns_merge="same")
+    DataHandler(joined).c2s()
+    np.testing.assert_array_equal(joined.obsm["c2s_genes"][250:], parts[1].obsm["c2s_genes"])
+
+
+@pytest.mark.parametrize(
+    ("how", "error", "match"),
+    [
+        pytest.param({}, KeyError, r"has `obsm\['c2s_genes'\]` but not `uns\['c2s'\]`", id="uns left out"),
+        pytest.param(
+            {"uns_merge": "first"},
+            ValueError,
+            r"no longer matches `obs\['c2s_sentence'\]` for \d+ of 500 cells",
+            id="cut to one width",
+        ),
+        pytest.param({"uns_merge": "first", "join": "outer"}, ValueError, r"holds float64 values", id="outer join"),
+    ],
+)
+def test_data_ranked_apart_is_refused_where_sentences_no_longer_fit(pbmc4k, how, error, match):
+    """Joined parts ranked apart without n_genes: cut to the narrowest part, silently (or a bare error)."""
+    parts = ranked_apart(pbmc4k, rank_fit=False)
+    assert parts[0].obsm["c2s_genes"].shape[1] != parts[1].obsm["c2s_genes"].shape[1]
+    joined = ad.concat(parts, **how)
+    with pytest.raises(error, match=rf"{match}.*Run `sc_c2s.pp.to_sentences` on this AnnData again"):
+        DataHandler(joined).c2s()
+
+
+def test_genes_in_another_order_are_refused(pbmc4k):
+    """Parts with their genes in other orders, joined keeping the first part's genes: sentences named other genes."""
+    first, second = ranked_apart(pbmc4k, n_genes=50)
+    other = pbmc4k[250:, ::-1].copy()
+    sc_c2s.pp.to_sentences(other, n_genes=50)
+    joined = ad.concat([first, other], uns_merge="first")
+    with pytest.raises(ValueError, match=r"for 250 of 500 cells \(first: '.*'\)"):
+        DataHandler(joined).c2s()
+    DataHandler(ad.concat([first, second], uns_merge="first")).c2s()  # the same genes: the sentences still fit
+    merged = ad.concat([first, other], uns_merge="same")
+    with pytest.raises(KeyError, match=r"lacks `uns\['c2s'\]\['genes'\]`"):
+        DataHandler(merged).c2s()
+    with pytest.raises(ValueError, match=r"has \['input', 'n_cells'.*to_sentences` on the joined data again"):
+        sc_c2s.RankFit.from_dict(merged.uns["c2s"]["rank_fit"])
 
 
 def test_prepare(tmp_path, pbmc4k):

@@ -751,6 +751,7 @@ def test_refuses_a_non_empty_output_dir(sentences, tmp_path):
 def test_cells_without_sentences_are_refused_before_training(sentences, tmp_path):
     """Found by tests/test_hostile_inputs.py: cells whose sentences are all empty used to reach the training loop."""
     sentences.obsm["c2s_genes"][:] = -1
+    sentences.obs["c2s_sentence"] = ""
     with pytest.raises(ValueError, match="No cell is left to train on"):
         sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m")
     assert not (tmp_path / "m").exists()

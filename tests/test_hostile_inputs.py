@@ -530,6 +530,7 @@ def data_with_sentences(draw: Callable, ranked: ad.AnnData, expect: Expect, *, c
         del adata.uns["c2s"]["rank_fit"]
     elif trouble == "all-empty":
         adata.obsm["c2s_genes"][:] = -1
+        adata.obs["c2s_sentence"] = ""
         expect.bad("empty sentences", surely=False)
     elif trouble == "one-cell":
         adata = adata[:1].copy()

@@ -155,7 +155,8 @@ def test_n_genes_truncates(container, cellbench):
 def test_n_genes_above_the_longest_sentence():
     adata = hand_adata()
     sc_c2s.pp.to_sentences(adata, n_genes=1000, rank_fit=False)
-    assert adata.obsm["c2s_genes"].shape == (4, 4)
+    assert adata.obsm["c2s_genes"].shape == (4, 5)  # min(n_genes, n_vars), as for a dask array
+    assert (adata.obsm["c2s_genes"][:, 4] == -1).all()
     assert adata.obs["c2s_sentence"].tolist() == expected_hand(0)
 
 
@@ -837,11 +838,12 @@ def test_names_that_are_not_strings_become_strings(container, names):
 
 
 def test_documented_width_of_obsm():
-    """The docstring said nothing of the width in memory and `n_genes` columns for dask (it is at most n_vars)."""
+    """In memory, obsm was as wide as the longest sentence, for dask min(n_genes, n_vars): ad.concat of data
+    ranked apart with the same `n_genes` cut the sentences to the narrowest part."""
     doc = " ".join(sc_c2s.pp.to_sentences.__doc__.split())
-    assert "In memory it has as many columns as the longest sentence (at most `n_genes`)" in doc
-    assert "for a dask array ``min(n_genes, n_vars)`` columns" in doc
-    for n_genes, width in [(None, 4), (1, 1), (3, 3), (1000, 4)]:
+    assert "It has ``min(n_genes, n_vars)`` columns even when no cell expresses that many genes" in doc
+    assert "or with ``n_genes=None`` as many as the longest sentence" in doc
+    for n_genes, width in [(None, 4), (1, 1), (3, 3), (1000, 5)]:
         adata = hand_adata()
         sc_c2s.pp.to_sentences(adata, n_genes=n_genes, rank_fit=False)
         assert adata.obsm["c2s_genes"].shape == (4, width)

@@ -96,10 +96,7 @@ def _rank_block(
 
     start = block_info[0]["array-location"][0][0] if block_info else 0
     cells = np.arange(start, start + block.shape[0], dtype=np.int64)
-    genes = rank_genes(block, n_genes=width, random_state=random_state, cells=cells, source=source, fix=fix).genes
-    out = np.full((block.shape[0], width), -1, dtype=np.int32)
-    out[:, : genes.shape[1]] = genes
-    return out
+    return rank_genes(block, n_genes=width, random_state=random_state, cells=cells, source=source, fix=fix).genes
 
 
 # ---- model verbs over row chunks ----------------------------------------------------------------------------------

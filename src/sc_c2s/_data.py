@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pandas as pd
 from anndata import AnnData
 from scanpy import logging as logg
 
-from ._keys import C2S, GENES
+from ._dask import is_dask_array
+from ._keys import C2S, GENES, SENTENCE
 from ._utils._validate import check_expression_dtype
 
 if TYPE_CHECKING:
@@ -24,6 +26,41 @@ def _is_mudata(data: object) -> bool:
     except ImportError:  # pragma: no cover - mudata is a dependency
         return False
     return isinstance(data, MuData)
+
+
+def _check_ranked(ranked: np.ndarray, genes: np.ndarray, obs: pd.DataFrame, again: str) -> None:
+    """Raise if `ranked` (``obsm["c2s_genes"]``) does not index `genes` or disagrees with ``obs["c2s_sentence"]``."""
+    if ranked.dtype.kind not in "iu":
+        msg = (
+            f"`obsm[{GENES!r}]` holds {ranked.dtype} values, not gene indices (`anndata.concat(join='outer')` pads "
+            f"it with NaN). {again}."
+        )
+        raise ValueError(msg)
+    if ranked.size and ranked.max() >= len(genes):
+        msg = (
+            f"`obsm[{GENES!r}]` points past the {len(genes)} genes of `uns[{C2S!r}]['genes']`: they no longer belong "
+            f"together. {again}."
+        )
+        raise ValueError(msg)
+    if SENTENCE not in obs or ranked.shape[1] == 0:
+        return
+    expressed = ranked >= 0
+    lengths = np.fromiter((len(gene) for gene in genes), dtype=np.int64, count=len(genes))
+    expected = np.where(expressed, lengths[ranked], 0).sum(axis=1) + np.maximum(expressed.sum(axis=1) - 1, 0)
+    first = np.where(expressed[:, 0], genes[ranked[:, 0]], "")
+    sentences = obs[SENTENCE].astype(object).to_numpy()
+    agree = (
+        isinstance(sentence, str) and len(sentence) == length and sentence.partition(" ")[0] == word
+        for sentence, length, word in zip(sentences, expected, first, strict=True)
+    )
+    bad = np.flatnonzero(~np.fromiter(agree, dtype=bool, count=len(sentences)))
+    if bad.size:
+        msg = (
+            f"`obsm[{GENES!r}]` no longer matches `obs[{SENTENCE!r}]` for {bad.size} of {len(sentences)} cells "
+            f"(first: {obs.index[bad[0]]!r}): the cells were combined or changed after ranking, e.g. by "
+            f"`anndata.concat` of data ranked apart, which keeps one part's genes and one width. {again}."
+        )
+        raise ValueError(msg)
 
 
 @dataclass
@@ -139,15 +176,38 @@ class DataHandler:
         return self.adata.obsm
 
     def c2s(self) -> dict:
-        """Return the results of :func:`sc_c2s.pp.to_sentences`, or raise a clear error if it has not run."""
+        """Return the results of :func:`sc_c2s.pp.to_sentences`, or raise a clear error if they are missing.
+
+        They must also still belong together: data ranked apart and joined with :func:`anndata.concat` keeps one
+        part's ``uns["c2s"]`` (or none, or the fields all parts share) and cuts or pads ``obsm["c2s_genes"]`` to
+        one width, so its gene indices may no longer name the genes ranked. Where ``obs["c2s_sentence"]`` holds
+        the strings of the same ranking, each cell's first word and length are compared with them.
+        """
+        where = f"the {self.mod!r} modality" if self.is_mudata else "this AnnData"
+        again = f"Run `sc_c2s.pp.to_sentences` on {where} again"
         if C2S not in self.uns or GENES not in self.obsm:
-            where = f"the {self.mod!r} modality" if self.is_mudata else "this AnnData"
+            if GENES in self.obsm:
+                msg = (
+                    f"{where[0].upper()}{where[1:]} has `obsm[{GENES!r}]` but not `uns[{C2S!r}]`, which "
+                    f"`anndata.concat` leaves out unless `uns_merge=` keeps it. {again}."
+                )
+                raise KeyError(msg)
             msg = (
                 f"No cell sentences found in {where} (`uns[{C2S!r}]` and `obsm[{GENES!r}]`). "
                 "Run `sc_c2s.pp.to_sentences(adata)` first."
             )
             raise KeyError(msg)
-        return self.uns[C2S]
+        c2s = self.uns[C2S]
+        if "genes" not in c2s:
+            msg = (
+                f"{where[0].upper()}{where[1:]} lacks `uns[{C2S!r}]['genes']`: combined from data ranked with other "
+                f"genes (`anndata.concat(uns_merge=...)` keeps only what all parts share)? {again}."
+            )
+            raise KeyError(msg)
+        ranked = self.obsm[GENES]
+        if not is_dask_array(ranked):
+            _check_ranked(np.asarray(ranked), np.asarray(c2s["genes"], dtype=object), self.obs, again)
+        return c2s
 
     def save(self, attr: str, key: str, value: Any) -> None:
         """Write one result into ``obs``, ``obsm`` or ``uns``; ``obs`` columns are mirrored into ``mdata.obs``."""

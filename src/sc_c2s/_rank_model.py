@@ -101,8 +101,15 @@ class RankFit:
         """
         if isinstance(d, RankFit):
             return d
-        if not isinstance(d, Mapping) or not {"slope", "intercept"} <= set(d):
+        if not isinstance(d, Mapping):
             msg = "A rank fit needs 'slope' and 'intercept'; pass `adata.uns['c2s']['rank_fit']` or a checkpoint's."
+            raise ValueError(msg)
+        if not {"slope", "intercept"} <= set(d):
+            msg = (
+                f"A rank fit needs 'slope' and 'intercept', this one has {sorted(d)}. Data ranked apart and joined "
+                "by `anndata.concat(uns_merge=...)` keep only the fields all parts share: run "
+                "`sc_c2s.pp.to_sentences` on the joined data again, or pass a checkpoint's rank fit."
+            )
             raise ValueError(msg)
         return cls(**{f.name: _checked_field(f.name, f.type, d[f.name]) for f in fields(cls) if f.name in d})
 

@@ -245,12 +245,6 @@ def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: s
     handler = DataHandler(adata, mod)
     genes = np.asarray(handler.c2s()["genes"], dtype=object)
     ranked = np.asarray(handler.obsm[GENES])[:, :n_genes]
-    if ranked.size and ranked.max() >= len(genes):
-        msg = (
-            f"`obsm[{GENES!r}]` points past the {len(genes)} genes of `uns['c2s']['genes']`: they no longer belong "
-            "together. Run `sc_c2s.pp.to_sentences` again."
-        )
-        raise ValueError(msg)
     return [genes[row[row >= 0]].tolist() for row in ranked]
 
 

@@ -30,7 +30,8 @@ class Ranking:
     """Genes of each cell, best first."""
 
     genes: np.ndarray
-    """``(n_cells, width)`` int32 column indices, ``-1`` padding."""
+    """``(n_cells, width)`` int32 column indices, ``-1`` padding: ``width`` is ``min(n_genes, n_genes of X)``, or
+    the longest row's number of expressed genes for ``n_genes=None``."""
     values: np.ndarray | None
     """The matching values (float64), when asked for."""
     n_expressed: np.ndarray
@@ -178,7 +179,7 @@ def rank_genes(
                 _kernels.rank_dense(_as_kernel_dtype(np.asarray(block)), *args, *outs)
             raise_if_not_expression(status[start:stop], cells[start:stop], source, fix)
     longest = int(n_expressed.max(initial=0))
-    if longest < width:
+    if n_genes is None and longest < width:
         genes = np.ascontiguousarray(genes[:, :longest])
         values = np.ascontiguousarray(values[:, :longest])
     return Ranking(genes, values if with_values else None, n_expressed)

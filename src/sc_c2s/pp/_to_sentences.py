@@ -58,8 +58,7 @@ def to_sentences(
     without densifying sparse data. Backed AnnData objects are read in row blocks. A dask array (dense or scipy
     sparse chunks, e.g. from :func:`anndata.experimental.read_elem_lazy`) is ranked lazily, chunk by chunk, on
     the active Dask client if there is one: ``obsm["c2s_genes"]`` becomes a dask array with the values of the
-    in-memory result, computed when it is used (an error in the values surfaces then); with `n_genes` it has
-    ``min(n_genes, n_vars)`` columns even when no cell expresses that many genes. Only the rank fit is computed
+    in-memory result, computed when it is used (an error in the values surfaces then). Only the rank fit is computed
     at once, from the chunks that hold its sampled cells (most chunks of a large atlas; see :doc:`/scaling`). A
     sparse matrix that stores a gene twice for a cell (valid in scipy, e.g. built from COO without
     ``sum_duplicates``) is read as the sum of its entries, as :meth:`~scipy.sparse.csr_matrix.toarray` reads it,
@@ -98,9 +97,10 @@ def to_sentences(
     ``None``, or a copy of `adata` if ``copy=True``, with
 
     ``obsm["c2s_genes"]``
-        int32 array of cells × positions: indices into ``uns["c2s"]["genes"]``, best first, ``-1`` padding. In
-        memory it has as many columns as the longest sentence (at most `n_genes`); for a dask array
-        ``min(n_genes, n_vars)`` columns, or as many as the longest sentence with ``n_genes=None``.
+        int32 array of cells × positions: indices into ``uns["c2s"]["genes"]``, best first, ``-1`` padding. It has
+        ``min(n_genes, n_vars)`` columns even when no cell expresses that many genes (so data ranked apart with
+        the same `n_genes` joins with :func:`anndata.concat`), or with ``n_genes=None`` as many as the longest
+        sentence.
     ``obs["c2s_sentence"]``
         The sentences: gene names joined by single spaces (if ``sentences=True``; otherwise the column of an earlier
         run is removed, so that it cannot disagree with ``obsm["c2s_genes"]``).
