@@ -284,6 +284,14 @@ def test_parse_answer():
     assert _annotate.parse_answer(" .") == ""
 
 
+@pytest.mark.parametrize("label", ["T cells, CD4+", "pancreas, embryonic", "B cell: naive", "A549"])
+def test_free_answers_read_back_as_trained(label):
+    """A scratch model's answer "T cells, CD4+" decoded as "T cells , CD4+", which matched no label."""
+    tokenizer = build_tokenizer(["CD3D"], [label])
+    written = tokenizer(prompts.answer(label), add_special_tokens=False)["input_ids"]
+    assert _annotate.parse_answer(tokenizer.decode(written, skip_special_tokens=True)) == label
+
+
 def test_without_sentences(tiny):
     adata = ad.AnnData(np.ones((3, 2), dtype=np.float32))
     with pytest.raises(KeyError, match=r"to_sentences"):

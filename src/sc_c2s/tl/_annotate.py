@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
     from sc_c2s.models import C2SModel
 
+#: The space that decoding a word-level tokenizer (``"scratch"`` models) puts before the punctuation it splits off.
+SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.,:])")
 #: New tokens a free answer may take before it is cut.
 MAX_ANSWER_TOKENS = 32
 #: Prompts on which the answer prefix of a checkpoint that records none is detected.
@@ -267,8 +270,11 @@ def generate_answers(c2s: C2SModel, ids: list[list[int]], *, batch_size: int | N
 
 
 def parse_answer(text: str) -> str:
-    """Take the cell type out of a generated answer: strip surrounding whitespace and the final period."""
-    return text.strip().removesuffix(".").strip()
+    """Take the cell type out of a generated answer: strip surrounding whitespace and the final period.
+
+    Punctuation joins the word before it again, as it was trained (``"T cells , CD4+"`` → ``"T cells, CD4+"``).
+    """
+    return SPACE_BEFORE_PUNCTUATION.sub(r"\1", text.strip()).removesuffix(".").strip()
 
 
 def score_labels(
