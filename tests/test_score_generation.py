@@ -59,6 +59,14 @@ def test_real_cells_score_like_the_control(halves):
     assert overall["sentence_length"] == pytest.approx(overall["sentence_length_real"], abs=5)
 
 
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data will no longer be the default")
+def test_real_cells_read_back_from_zarr(halves, tmp_path):
+    """zarr gives the gene list back as a NumPy StringDType array, which failed to cast to `str`."""
+    real, fake = halves
+    real.write_zarr(tmp_path / "real.zarr")
+    pd.testing.assert_frame_equal(score(ad.read_zarr(tmp_path / "real.zarr"), fake), score(real, fake))
+
+
 def test_shuffled_labels_score_clearly_worse(halves):
     real, fake = halves
     shuffled = fake.copy()

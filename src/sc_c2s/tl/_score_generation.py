@@ -94,7 +94,7 @@ def comparison(
     if fit is None:
         msg = "No rank fit in the generated cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
         raise KeyError(msg)
-    words = np.asarray(c2s["genes"], dtype=str)
+    words = np.asarray(c2s["genes"], dtype=object)  # zarr gives a StringDType array, which does not cast to str
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
     real_cells = from_sentences([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
     generated_cells = from_sentences(generated.obs[_keys.SENTENCE].tolist(), genes=words, rank_fit=fit)
@@ -193,12 +193,14 @@ def score_generation(
         Pearson correlation over genes between the mean expression of G and of R (control: C and R).
     ``mmd``
         Maximum mean discrepancy (the square root of the biased estimate of MMD²) between G and R in the PCA
-        space, with a Gaussian kernel whose width is the median distance between cells of R (control: C and R).
+        space, with a Gaussian kernel whose width is the median distance between reference cells, R of all types
+        pooled (at most 1,000 of them, sampled), so that every type is measured with one kernel (control: C and R).
     ``energy``
         Energy distance (the square root of the biased estimate of ``2E|G−R| − E|G−G'| − E|R−R'|``) in the PCA
         space (control: C and R).
     ``valid_rate``, ``duplicate_rate``
-        Share of generated words that are genes of the real cells, and that repeat a gene.
+        Share of generated words that are genes of the real cells named for the first time in their sentence (the
+        words :func:`~sc_c2s.tl.from_sentences` keeps), and share that repeat a gene named before.
     ``sentence_length``, ``sentence_length_real``
         Mean words per generated sentence, and mean genes per real sentence (at most `n_genes`).
 
