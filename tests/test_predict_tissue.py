@@ -69,25 +69,25 @@ def test_gene_lists_are_answers_made_mostly_of_genes():
     assert _utils.gene_lists(answers, genes).tolist() == [False, True, True, False, False, False, False]
 
 
-def test_constrained_tissues_sum_the_log_likelihoods_of_the_draws(tissues, tiny, container, tmp_path):
+def test_constrained_tissues_average_the_log_likelihoods_of_the_draws(tissues, tiny, container, tmp_path):
     data = container.wrap(tissues)
     before = tissues.copy()
     sc_c2s.tl.predict_tissue(
         data, model=tiny, groupby="sample", labels=TISSUES, n_cells=N_CELLS, n_genes=N_GENES, n_draws=N_DRAWS
     )
     adata = container.rna(data)
-    # by hand: the same draws, one prompt each, the label log-likelihoods summed per sample
+    # by hand: the same draws, one prompt each, the label log-likelihoods averaged per sample
     words = [[w.upper() for w in cell] for cell in prompts.sentence_words(before, n_genes=N_GENES)]
     draws = _utils.group_draws(before.obs["sample"], n_cells=N_CELLS, n_draws=N_DRAWS, random_state=0)
     texts = [
         prompts.tissue_prediction([words[i] for i in c], n_genes=N_GENES, organism="Mus musculus") for _, c in draws
     ]
     loglik = _annotate.score_labels(tiny, _runtime.tokenize(tiny.tokenizer, texts), TISSUES, batch_size=4)
-    summed = loglik.reshape(-1, N_DRAWS, len(TISSUES)).sum(1)
+    mean = loglik.reshape(-1, N_DRAWS, len(TISSUES)).mean(1)
     table = adata.uns["c2s_tissue"]["groups"]
     assert table.index.tolist() == sorted(before.obs["sample"].unique())
-    np.testing.assert_array_equal(table["tissue"].astype(str), np.array(TISSUES)[summed.argmax(1)])
-    np.testing.assert_allclose(table["score"], softmax(summed, axis=1).max(1), rtol=1e-5)
+    np.testing.assert_array_equal(table["tissue"].astype(str), np.array(TISSUES)[mean.argmax(1)])
+    np.testing.assert_allclose(table["score"], softmax(mean, axis=1).max(1), rtol=1e-5)
     assert table["n_cells"].tolist() == before.obs["sample"].value_counts().reindex(table.index).tolist()
     expected = table["tissue"].astype(str).reindex(before.obs["sample"].astype(str)).to_numpy()
     np.testing.assert_array_equal(adata.obs["c2s_tissue"].astype(str), expected)
@@ -113,6 +113,24 @@ def test_constrained_tissues_sum_the_log_likelihoods_of_the_draws(tissues, tiny,
     back = ad.read_h5ad(tmp_path / "tissues.h5ad").uns["c2s_tissue"]
     pd.testing.assert_frame_equal(back["groups"], table, check_categorical=False, check_index_type=False)
     assert back["draws"]["answer"].astype(str).tolist() == per_draw["answer"].astype(str).tolist()
+
+
+def test_repeated_draws_of_the_same_cells_do_not_raise_the_score(tissues, tiny):
+    """The draws of a group of no more than `n_cells` cells hold the same cells; their log-likelihoods were summed,
+    so the score of one-cell groups grew with `n_draws` without any new evidence."""
+    tissues.obs["cell"] = tissues.obs_names.astype(str)  # every group is one cell
+    kwargs = {"model": tiny, "groupby": "cell", "labels": TISSUES, "n_cells": N_CELLS, "n_genes": N_GENES}
+    once = sc_c2s.tl.predict_tissue(tissues, n_draws=1, copy=True, **kwargs).uns["c2s_tissue"]["groups"]
+    often = sc_c2s.tl.predict_tissue(tissues, n_draws=4, copy=True, **kwargs).uns["c2s_tissue"]["groups"]
+    pd.testing.assert_series_equal(often["tissue"], once["tissue"])
+    np.testing.assert_allclose(often["score"], once["score"], rtol=1e-5)
+
+
+def test_a_model_not_trained_for_tissues_is_named(tissues, tiny, scanpy_log):
+    sc_c2s.tl.predict_tissue(
+        tissues, model=tiny, groupby="sample", labels=TISSUES, n_cells=N_CELLS, n_genes=N_GENES, n_draws=1
+    )
+    assert "'tiny' was not trained for tissue prediction" in scanpy_log.getvalue()
 
 
 def test_free_answers_that_are_gene_lists_are_missing(tissues, tiny, monkeypatch):

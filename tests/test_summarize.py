@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -9,6 +10,7 @@ import pytest
 
 import sc_c2s
 from sc_c2s import prompts
+from sc_c2s.models import C2SModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DATA = Path(__file__).parent / "data"
@@ -78,6 +80,16 @@ def test_default_cells_per_prompt_are_as_many_as_the_model_read(summarizer):
     adata, model = summarizer
     table = sc_c2s.tl.summarize(adata, model=model, groupby="tissue", max_new_tokens=4, copy=True).uns["c2s_summary"]
     assert (table["n_cells"] == 3).all()
+
+
+def test_a_model_not_trained_for_summaries_is_named(summarizer, scanpy_log):
+    adata, model = summarizer
+    kwargs = {"groupby": "tissue", "n_draws": 1, "max_new_tokens": 2, "copy": True}
+    sc_c2s.tl.summarize(adata, model=model, **kwargs)
+    assert "was not trained for summaries" not in scanpy_log.getvalue()
+    metadata = replace(model.metadata, name="cell types", tasks=["cell_type_prediction"])
+    sc_c2s.tl.summarize(adata, model=C2SModel(model.model, model.tokenizer, metadata, model.path), **kwargs)
+    assert "'cell types' was not trained for summaries" in scanpy_log.getvalue()
 
 
 def test_summary_paraphrases_keep_the_published_fields():

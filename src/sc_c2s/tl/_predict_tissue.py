@@ -76,7 +76,9 @@ def predict_tissue(
         warning.
     constrained (``labels=[...]`` or ``"model"``)
         Each draw scores the log-likelihood of every label's answer; the group's tissue is the label with the
-        largest sum over its draws, its score that label's softmax probability of the sums.
+        largest mean over its draws, its score that label's softmax probability of the means. The mean, not the
+        sum, so that the score does not grow with `n_draws`: the draws of a group of no more than `n_cells`
+        cells hold the same cells, only in another order.
 
     Parameters
     ----------
@@ -140,6 +142,8 @@ def predict_tissue(
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
+    if "tissue_prediction" not in c2s.metadata.tasks:
+        logg.warning(f"{c2s.name!r} was not trained for tissue prediction; expect poor answers.")
     n_cells = prompt_cells(n_cells, c2s)
     if candidates == "model":
         candidates = label_set(_model_tissues(c2s))
@@ -158,7 +162,7 @@ def predict_tissue(
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         table, per_draw = _majority(c2s, ids, draw_groups, batch_size=batch_size, genes=handler.c2s()["genes"])
     else:
-        table, per_draw = _summed(c2s, ids, draw_groups, candidates, batch_size=batch_size)
+        table, per_draw = _averaged(c2s, ids, draw_groups, candidates, batch_size=batch_size)
     names = groups.astype(str).where(groups.notna())
     table["n_cells"] = names.value_counts().reindex(table.index).to_numpy()
     codes = table.index.get_indexer(names)  # -1: no group
@@ -206,18 +210,19 @@ def _majority(
     return table, per_draw
 
 
-def _summed(
+def _averaged(
     c2s: C2SModel, ids: list[list[int]], draw_groups: np.ndarray, labels: list[str], *, batch_size: int | None
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Label log-likelihoods of each draw; per group the label of the largest sum and its softmax probability."""
+    """Label log-likelihoods of each draw; per group the label of the largest mean and its softmax probability."""
     from scipy.special import softmax
 
     loglik = score_labels(c2s, ids, labels, batch_size=batch_size, desc="predicting tissues")
     names = pd.unique(draw_groups)
     codes = pd.Index(names).get_indexer(draw_groups)
-    summed = np.zeros((len(names), len(labels)))
-    np.add.at(summed, codes, loglik)
-    best, prob = summed.argmax(axis=1), softmax(summed, axis=1)
+    mean = np.zeros((len(names), len(labels)))
+    np.add.at(mean, codes, loglik)
+    mean /= np.bincount(codes, minlength=len(names))[:, None]
+    best, prob = mean.argmax(axis=1), softmax(mean, axis=1)
     table = pd.DataFrame(
         {"tissue": np.asarray(labels, dtype=object)[best], "score": prob[np.arange(len(best)), best]},
         index=pd.Index(names, dtype=object),

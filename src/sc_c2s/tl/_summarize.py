@@ -143,6 +143,8 @@ def summarize(
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
+    if "summary" not in c2s.metadata.tasks:
+        logg.warning(f"{c2s.name!r} was not trained for summaries; expect poor texts.")
     n_cells = prompt_cells(n_cells, c2s)
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
     n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
