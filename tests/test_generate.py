@@ -352,6 +352,15 @@ def test_genes_reordered_or_left_out_of_var_after_ranking_keep_their_columns(ran
         sc_c2s.tl.generate(subset, **kwargs)
 
 
+def test_genes_renamed_after_ranking_are_refused(ranked, tiny):
+    """After renaming var_names, no generated gene had a column: X was all zeros, without a word."""
+    ranked.var_names = ranked.var.pop("gene_symbol").to_numpy()
+    sc_c2s.pp.to_sentences(ranked)  # the words are the var_names
+    ranked.var_names = [f"ENSG{i:011d}" for i in range(ranked.n_vars)]
+    with pytest.raises(ValueError, match=r"None of the 2000 genes of the sentences \(e.g. '.+'\) is a gene of `var`"):
+        sc_c2s.tl.generate(ranked, model=tiny, cell_types=["A549"], n_genes=5)
+
+
 def test_data_without_a_gene_of_the_vocabulary_is_refused(ranked, tiny):
     renamed = ranked.copy()
     renamed.var["gene_symbol"] = [f"X{i}" for i in range(renamed.n_vars)]

@@ -249,7 +249,17 @@ def target_of(adata: AnnData | MuData | None, *, mod: str | None, model: C2SMode
     symbols = params.get("gene_symbols")
     if symbols is not None and symbols in handler.adata.var.columns:
         var[symbols] = handler.adata.var[symbols].to_numpy()
-    return Target(words, dict(rank_fit), var, _columns(handler.adata, words, params), "adata")
+    columns = _columns(handler.adata, words, params)
+    if not (columns >= 0).any():
+        msg = (
+            f"None of the {len(words)} genes of the sentences (e.g. {words[0]!r}) is a gene of `var` now, so "
+            "generated expression has no column to go to: were `var_names` renamed after `sc_c2s.pp.to_sentences`? "
+            "Run it again on the data as it is, or put the names back."
+        )
+        raise ValueError(msg)
+    if n_without := int((columns < 0).sum()):
+        logg.info(f"    {n_without} of {len(words)} genes of the sentences have no column of `var`; they are left out")
+    return Target(words, dict(rank_fit), var, columns, "adata")
 
 
 def _columns(adata: AnnData, words: np.ndarray, params: dict[str, Any]) -> np.ndarray:
