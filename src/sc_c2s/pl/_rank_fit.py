@@ -44,7 +44,8 @@ def rank_fit(
     for the fit by :func:`sc_c2s.pp.to_sentences`, with the fitted line, its slope, intercept and R². If the data
     no longer gives the fit's points (cells subset or changed since), a warning says so and the title names the
     cells drawn.
-    A good fit (R² around 0.8 on immune data) means generated sentences translate back into realistic expression.
+    A good fit (R² about 0.8 on the published immune data, 0.91 on ``pbmc68k_reduced``) means generated sentences
+    translate back into realistic expression.
 
     Parameters
     ----------
