@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scanpy as sc
 from scipy import sparse
 
 from sc_c2s import _rank_model
@@ -61,6 +62,20 @@ def test_sample_cells():
 )
 def test_is_log_transformed(values, expected):
     assert _rank_model.is_log_transformed(values) is expected
+
+
+@pytest.mark.parametrize("target_sum", [1.0, 10.0])
+def test_normalised_values_that_look_logged_are_linear(pbmc4k, target_sum):
+    """normalize_total to a small total without log1p was taken for log1p (non-integers, all small) and expm1'd."""
+    normalised = sc.pp.normalize_total(pbmc4k, target_sum=target_sum, copy=True).X
+    assert _rank_model.is_log_transformed(normalised.data)
+    fit = _rank_model.fit(normalised)
+    assert fit.input == "linear"
+    assert fit.target_sum == pytest.approx(target_sum, rel=1e-5)
+    logged = _rank_model.fit(sc.pp.log1p(normalised.copy()))
+    assert logged.input == "log1p"
+    assert logged.target_sum == pytest.approx(target_sum, rel=1e-5)
+    assert (logged.slope, logged.intercept) == pytest.approx((fit.slope, fit.intercept), rel=1e-5)
 
 
 def test_fit_on_a_hand_built_matrix():

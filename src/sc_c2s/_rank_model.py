@@ -156,6 +156,17 @@ def is_log_transformed(values: np.ndarray) -> bool:
     return float(values.max()) <= _LOG_MAX
 
 
+def _one_total(rows: sparse.csr_matrix) -> bool:
+    """Whether the cells' totals are all equal (within 0.1 %): normalised to one total and not log-transformed.
+
+    Such values (``normalize_total`` with a small ``target_sum``, or proportions) can look log-transformed to
+    :func:`is_log_transformed`; log-transformed values do not sum alike.
+    """
+    totals = np.asarray(rows.sum(axis=1), dtype=np.float64).ravel()
+    totals = totals[totals > 0]
+    return totals.size > 1 and np.ptp(totals) <= 1e-3 * totals.max()
+
+
 def read_rows(X, cells: np.ndarray, *, summed: bool = False) -> sparse.csr_matrix:
     """Read the rows ``cells`` (sorted) of any matrix :func:`sc_c2s.pp.to_sentences` takes as CSR, and no others.
 
@@ -199,7 +210,7 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix:
     normalise (a cell's total or a normalised value beyond the floating-point range), a :class:`ValueError`.
     """
     rows = read_rows(X, cells, summed=summed)
-    kind = "log1p" if is_log_transformed(rows.data) else "linear"
+    kind = "log1p" if is_log_transformed(rows.data) and not _one_total(rows) else "linear"
     log_scale = 0.0 if kind == "linear" else np.log(log1p_base) if log1p_base else 1.0
     n_rows = rows.shape[0]
     width = min(MAX_RANK, int(np.diff(rows.indptr).max(initial=0)))
