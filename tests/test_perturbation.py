@@ -183,12 +183,53 @@ def test_score_perturbation_leaves_out_cells_without_a_group_and_reads_numeric_c
         scores = sc_c2s.tl.score_perturbation(
             real, predicted, groupby="cell_type", condition_key="condition", control=0
         )
-    assert scores.index.tolist() == [("B", "1")]
+    assert scores.index.tolist() == [("B", 1)]  # the real cells' own value, not the predicted cells' "1"
     expected = sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
     # the five CD4 T cells left out change only the mean-shift baseline, which the other groups make
     columns = [c for c in scores.columns if "mean_shift" not in c]
     np.testing.assert_allclose(scores[columns].to_numpy(float), expected[columns].to_numpy(float))
     pd.testing.assert_frame_equal(real.obs, before)
+
+
+def test_score_perturbation_takes_the_columns_own_values(kang):
+    """Integer groups and boolean conditions were matched as strings only: `perturbation=True` failed with "'bool'
+    object is not iterable", the index held "1" and "True", and `pl.perturbation(group=1)` found no cell of group 1."""
+    matplotlib.use("Agg")
+    codes = {"B": 1, "CD4T": 2, "CD14+Mono": 3}
+    real = kang.copy()
+    real.obs["cluster"] = real.obs["cell_type"].map(codes).astype(int)
+    real.obs["treated"] = real.obs["condition"] == "stimulated"
+    predicted = real_as_predicted(kang, "B")
+    predicted.obs["cluster"] = predicted.obs["cell_type"].map(codes).astype(int)
+    predicted.obs["treated"] = "True"  # predict_perturbation names perturbations as strings
+    keys = {"condition_key": "treated", "control": False, "groupby": "cluster"}
+    expected = sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
+    for perturbation in (True, [True], "True", None):
+        scores = sc_c2s.tl.score_perturbation(real, predicted, perturbation=perturbation, **keys)
+        assert scores.index.tolist() == [(1, True)] and scores.index.names == ["cluster", "treated"]
+        pd.testing.assert_series_equal(scores.loc[(1, True)], expected.iloc[0], check_names=False)
+    ax = sc_c2s.pl.perturbation(real, predicted, group=1, perturbation=True, show=False, **keys)
+    assert ax.get_title() == "1: top 20 DE genes"
+
+
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data will no longer be the default")  # anndata 0.12 on zarr 3
+def test_score_perturbation_reads_genes_from_zarr_and_counts_every_predicted_cell(kang, tmp_path):
+    """Genes read back from zarr (a StringDType array) could not be cast to str; `n_predicted` counted the cells
+    of the MMD's subsample (`max_cells`), unlike `n_perturbed` and `n_control`."""
+    kang.write_zarr(tmp_path / "kang.zarr")
+    real = ad.read_zarr(tmp_path / "kang.zarr")
+    scores = sc_c2s.tl.score_perturbation(real, real_as_predicted(kang, "B"), groupby="cell_type", max_cells=10, **KEYS)
+    row = scores.loc[("B", "stimulated")]
+    assert (row["n_perturbed"], row["n_control"], row["n_predicted"]) == (67, 67, 67)
+    assert row["r2_all"] == pytest.approx(1)
+
+
+def test_score_perturbation_warns_when_most_predicted_words_are_not_real_genes(kang):
+    """Real cells ranked over a third of the genes dropped two thirds of the predicted words without a word."""
+    real = kang[:, kang.var_names[::3]].copy()
+    sc_c2s.pp.to_sentences(real, n_genes=N_GENES)
+    with pytest.warns(UserWarning, match=r"\d+% of the words of the predicted sentences are not genes of the real"):
+        sc_c2s.tl.score_perturbation(real, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
 
 
 def test_mean_shift_and_de_genes_by_hand(kang):

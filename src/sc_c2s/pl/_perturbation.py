@@ -12,6 +12,8 @@ from sc_c2s.tl._score_perturbation import cells, contrast
 from ._utils import finish
 
 if TYPE_CHECKING:
+    from collections.abc import Hashable
+
     from anndata import AnnData
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -33,8 +35,8 @@ def perturbation(
     condition_key: str,
     control: str,
     groupby: str,
-    group: str,
-    perturbation: str | None = None,
+    group: Hashable,
+    perturbation: Hashable | None = None,
     n_top_genes: int = 20,
     label_genes: int = 10,
     n_genes: int | None = None,
@@ -64,9 +66,11 @@ def perturbation(
     groupby
         Column of ``obs`` (of both) with the groups.
     group
-        The group to plot; it needs at least two real perturbed and two real control cells.
+        The group to plot, a value of ``obs[groupby]``; it needs at least two real perturbed and two real control
+        cells.
     perturbation
-        The perturbation to plot; ``None``: the predicted cells' only one.
+        The perturbation to plot; ``None``: the predicted cells' only one. Groups and perturbations are compared
+        as strings, as `control`, so ``group=1`` finds the group ``1`` of an integer column.
     n_top_genes
         Top DE genes to draw.
     label_genes
@@ -101,14 +105,14 @@ def perturbation(
             msg = f"The predicted cells hold the perturbations {found}; pick one with `perturbation=`."
             raise ValueError(msg)
         perturbation = found[0]
-    selected = (data.predicted_groups == group) & (data.predicted_conditions == perturbation)
+    selected = (data.predicted_groups == str(group)) & (data.predicted_conditions == str(perturbation))
     if not selected.any():
         msg = (
             f"No predicted cell of group {group!r} and perturbation {perturbation!r}; groups: "
             f"{sorted(set(data.predicted_groups))}, perturbations: {sorted(set(data.predicted_conditions))}."
         )
         raise ValueError(msg)
-    top = contrast(data, group=group, perturbation=perturbation).top(n_top_genes)
+    top = contrast(data, group=str(group), perturbation=str(perturbation)).top(n_top_genes)
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5.5, 5))

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,7 @@ from sc_c2s._utils._validate import (
 from ._from_sentences import from_sentences
 from ._pairs import conditions
 from ._score_generation import check_shared_genes, mmd, pca, project
+from ._utils import UNKNOWN_WARNING
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -47,7 +48,8 @@ COLUMNS = ["n_perturbed", "n_control", "n_predicted"] + [m + s for m in METRICS 
 class Cells:
     """Real and predicted cells on one scale: their sentences read back into expression over the real genes.
 
-    Cells without a group are left out. Groups and conditions are strings, `control` too.
+    Cells without a group are left out. Groups and conditions are compared as strings, `control` too, so that the
+    value ``1`` of an integer column is the perturbation ``"1"`` that a prediction names.
     """
 
     real: sparse.csr_matrix
@@ -58,6 +60,10 @@ class Cells:
     predicted_conditions: np.ndarray
     genes: np.ndarray
     control: str
+    group_values: dict[str, Any]
+    """The real cells' own value of each group, by its string."""
+    condition_values: dict[str, Any]
+    """The real cells' own value of each condition, by its string."""
 
     def n_real(self, group: str, condition: str) -> int:
         """Real cells of `group` in `condition`."""
@@ -118,11 +124,12 @@ def cells(
     if fit is None:
         msg = "No rank fit in the predicted cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
         raise KeyError(msg)
-    genes = np.asarray(c2s["genes"], dtype=str)
+    genes = np.asarray(c2s["genes"], dtype=object)
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
     real_cells = from_sentences([" ".join(w) for w in real_words], genes=genes, rank_fit=fit)
     predicted_cells = from_sentences(predicted.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
     check_shared_genes(predicted_cells.obs, predicted.obs[_keys.SENTENCE])
+    _warn_unknown_words(predicted_cells.obs)
     predicted_groups = predicted.obs[groupby]
     real_kept, predicted_kept = real_groups.notna().to_numpy(), predicted_groups.notna().to_numpy()
     if not (real_kept.all() and predicted_kept.all()):
@@ -141,7 +148,29 @@ def cells(
         predicted_conditions=predicted.obs[condition_key][predicted_kept].astype(str).to_numpy(),
         genes=genes,
         control=str(control),
+        group_values=_own_values(real_groups[real_kept]),
+        condition_values=_own_values(handler.obs[condition_key]),
     )
+
+
+def _own_values(column: pd.Series) -> dict[str, Any]:
+    """Each distinct value of `column` by its string, the form in which values are compared."""
+    values = column.dropna().drop_duplicates()
+    return dict(zip(values.astype(str), values, strict=True))
+
+
+def _warn_unknown_words(counts: pd.DataFrame) -> None:
+    """Warn when most words of the predicted sentences are not genes of the real cells: they are left out."""
+    n_unknown, n_valid = int(counts["n_unknown_words"].sum()), int(counts["n_valid_genes"].sum())
+    share = n_unknown / max(n_unknown + n_valid, 1)
+    if share > UNKNOWN_WARNING:
+        warnings.warn(
+            f"{share:.0%} of the words of the predicted sentences are not genes of the real cells and are left out "
+            "of the scores. Score against real cells ranked over the genes of the cells the prediction started from "
+            "(the `adata` passed to `sc_c2s.tl.predict_perturbation`, before any subset of genes).",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def contrast(data: Cells, *, group: str, perturbation: str) -> Contrast:
@@ -191,7 +220,7 @@ def score_perturbation(
     condition_key: str,
     control: str,
     groupby: str,
-    perturbation: str | Sequence[str] | None = None,
+    perturbation: Hashable | Sequence[Hashable] | None = None,
     n_genes: int | None = None,
     n_comps: int = 50,
     max_cells: int = 1000,
@@ -243,7 +272,9 @@ def score_perturbation(
     groupby
         Column of ``obs`` (of both) with the groups to score, e.g. the cell type.
     perturbation
-        Perturbation(s) to score; ``None``: every perturbation of the predicted cells.
+        Perturbation(s) to score, as values of ``obs[condition_key]`` (compared as strings, as `control`, so
+        ``1`` finds the perturbation ``"1"`` that :func:`~sc_c2s.tl.predict_perturbation` names); ``None``: every
+        perturbation of the predicted cells.
     n_genes
         Genes per real sentence; ``None`` takes the `n_genes` of the prediction.
     n_comps
@@ -256,8 +287,11 @@ def score_perturbation(
 
     Returns
     -------
-    A DataFrame indexed by group and perturbation with the columns ``n_perturbed``, ``n_control`` (real cells),
-    ``n_predicted``, then each metric beside its ``*_unchanged`` and ``*_mean_shift`` baselines.
+    A DataFrame indexed by group and perturbation, as the real cells' values of ``obs[groupby]`` and
+    ``obs[condition_key]`` (e.g. ``scores.loc[(1, "stimulated")]`` for an integer `groupby` column), with the
+    columns ``n_perturbed``, ``n_control`` (real cells), ``n_predicted`` (all predicted cells of the group and
+    perturbation, whatever `max_cells`), then each metric beside its ``*_unchanged`` and ``*_mean_shift``
+    baselines.
 
     Examples
     --------
@@ -278,15 +312,20 @@ def score_perturbation(
         one = contrast(data, group=g, perturbation=p)
         rows[g, p] = _scores(one, n_comps=n_comps, max_cells=max_cells, rng=rng, random_state=random_state)
     scores = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
-    scores.index = pd.MultiIndex.from_tuples(scores.index, names=[groupby, condition_key])
+    scores.index = pd.MultiIndex.from_tuples(
+        [(data.group_values[g], data.condition_values[p]) for g, p in scores.index], names=[groupby, condition_key]
+    )
     scores[COLUMNS[:3]] = scores[COLUMNS[:3]].astype(int)
     logg.info("    finished", time=start)
     return scores
 
 
-def _pairs_to_score(data: Cells, *, perturbation: str | Sequence[str] | None) -> list[tuple[str, str]]:
+def _pairs_to_score(data: Cells, *, perturbation: Hashable | Sequence[Hashable] | None) -> list[tuple[str, str]]:
     """Perturbation and group of every predicted cell with enough real cells, in the order of the predicted cells."""
-    wanted = None if perturbation is None else {perturbation} if isinstance(perturbation, str) else set(perturbation)
+    if perturbation is None:
+        wanted = None
+    else:
+        wanted = {str(p) for p in (perturbation if pd.api.types.is_list_like(perturbation) else [perturbation])}
     pairs = list(dict.fromkeys(zip(data.predicted_conditions, data.predicted_groups, strict=True)))
     pairs = [(p, g) for p, g in pairs if wanted is None or p in wanted]
     few = [(p, g) for p, g in pairs if not data.compared(g, p)]
@@ -324,7 +363,11 @@ def _scores(
         "unchanged": control_pcs,
         "mean_shift": control_pcs + (one.shift @ components.T if np.isfinite(one.shift).all() else np.nan),
     }
-    row = {"n_perturbed": one.perturbed.shape[0], "n_control": one.control.shape[0], "n_predicted": predicted.shape[0]}
+    row = {
+        "n_perturbed": one.perturbed.shape[0],
+        "n_control": one.control.shape[0],
+        "n_predicted": one.predicted.shape[0],
+    }
     for source, suffix in SOURCES.items():
         row["r2_all" + suffix] = _r2(means[source], means["real"])
         row[f"r2_top{N_TOP_R2}" + suffix] = _r2(top_r2[source], top_r2["real"])

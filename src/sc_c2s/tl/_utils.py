@@ -23,8 +23,9 @@ if TYPE_CHECKING:
     from sc_c2s._data import DataHandler
     from sc_c2s.models import C2SModel
 
-#: Share of sentence genes outside the model's vocabulary above which the gene names probably do not match.
-_UNKNOWN_WARNING = 0.5
+#: Share of words outside the genes they are read with (the model's vocabulary, the real cells' genes) above which
+#: the gene names probably do not match.
+UNKNOWN_WARNING = 0.5
 #: Cells per multi-cell prompt when the caller names none: C2S-Scale's prompts hold 5 to 20.
 DEFAULT_N_CELLS = 10
 
@@ -42,7 +43,7 @@ def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str
         known = {case(w) for w in c2s.metadata.vocabulary}
         n_words = sum(map(len, words))
         share = sum(w not in known for cell in words for w in cell) / max(n_words, 1)
-        if share > _UNKNOWN_WARNING:
+        if share > UNKNOWN_WARNING:
             logg.warning(
                 f"{share:.0%} of the sentence genes are not in the vocabulary of {c2s.name!r}: do the sentences use "
                 "the gene names it was trained on (e.g. symbols, not Ensembl IDs; see `gene_symbols=` of "
