@@ -137,6 +137,11 @@ def test_predict_perturbation_samples_and_refuses(kang, trained):
         sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=["LPS"], **KEYS)
     with pytest.raises(TypeError, match="list of names"):
         sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations="stimulated", **KEYS)
+    # any list-like of names: a Series or Categorical (e.g. of `obs[condition_key].unique()`) was refused
+    stimulated = kang.obs["condition"][kang.obs["condition"] != "control"]
+    for names in (pd.Series(["stimulated"]), stimulated.unique()):
+        one = sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=names, n_genes=5, n_cells=2, **KEYS)
+        assert one.uns["c2s_predict_perturbation"]["params"]["perturbations"] == ["stimulated"]
     with pytest.raises(ValueError, match="`temperature` must be"):  # only `generate` takes the model's temperature
         sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=["stimulated"], temperature=None, **KEYS)
     with pytest.raises(KeyError, match="condition_key='stim'"):

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -37,7 +37,7 @@ def predict_perturbation(
     adata: AnnData | MuData,
     *,
     model: C2SModel | str,
-    perturbations: Sequence[str],
+    perturbations: Collection[str],
     condition_key: str,
     control: str,
     groupby: str | None = None,
@@ -69,7 +69,8 @@ def predict_perturbation(
         Cells that went through :func:`sc_c2s.pp.to_sentences` with a rank fit; only the control cells are read.
     {doc_model}
     perturbations
-        Perturbations to apply, as the model was trained to name them (``model.metadata.perturbations``).
+        Perturbations to apply, as the model was trained to name them (``model.metadata.perturbations``): a list,
+        array, Series or Categorical of names.
     condition_key
         Column of ``obs`` with each cell's condition.
     control
@@ -209,9 +210,9 @@ def predict_perturbation(
     return result
 
 
-def _perturbations(perturbations: Sequence[str]) -> list[str]:
-    """Return the perturbations as a list of distinct strings, checked: a non-empty list of one-line names."""
-    if isinstance(perturbations, str) or not isinstance(perturbations, Sequence | np.ndarray | pd.Index):
+def _perturbations(perturbations: Collection[str]) -> list[str]:
+    """Return the perturbations as a list of distinct strings, checked: a non-empty list-like of one-line names."""
+    if isinstance(perturbations, str) or not pd.api.types.is_list_like(perturbations):
         msg = f"`perturbations` must be a list of names, e.g. [{perturbations!r}]."
         raise TypeError(msg)
     names = list(dict.fromkeys(str(p) for p in perturbations))
