@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 
+import anndata as ad
 import mudata as md
 import numpy as np
 import pandas as pd
@@ -17,6 +18,8 @@ from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _samples
 from sc_c2s.tl._finetune import scores, split
+
+from .conftest import DATA
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_GENES = 20
@@ -755,3 +758,66 @@ def test_cells_without_sentences_are_refused_before_training(sentences, tmp_path
     with pytest.raises(ValueError, match="No cell is left to train on"):
         sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture
+def donors() -> ad.AnnData:
+    """30 cells of the mouse tissue fixture ranked on 10 genes, with integer donor ids."""
+    adata = ad.read_h5ad(DATA / "tissue_mouse_300.h5ad")[::10].copy()
+    sc_c2s.pp.to_sentences(adata, n_genes=10, rank_fit=False)
+    adata.obs["donor"] = adata.obs["sample"].cat.codes.astype(int)
+    return adata
+
+
+def test_summaries_are_keyed_by_the_groups_values(donors, tmp_path):
+    """A mapping keyed by the integer values of `groupby` was refused as holding no text: keys were `str(group)`."""
+    texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()}
+    path = sc_c2s.tl.finetune(
+        donors,
+        base_model="scratch",
+        output_dir=tmp_path / "model",
+        tasks=["summary"],
+        groupby="donor",
+        summaries=texts,
+        n_cells=(2, 3),
+        n_genes=10,
+        max_steps=1,
+    )
+    assert load(path).metadata.tasks == ["summary"]
+    for keys in (texts, {str(d): text for d, text in texts.items()}):  # the strings of the values, as before
+        units = _samples.units(
+            donors.obs, tasks=("summary",), tissue_key=None, groupby="donor", summaries=keys, n_cells=(2, 3)
+        )
+        assert units.summaries == [texts[int(d)] for d in sorted(map(str, texts))]  # units in sorted strings
+
+
+def test_summaries_that_are_no_group_are_named(donors, tmp_path):
+    """Keys that match no group (a typo) were dropped without a word."""
+    texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()} | {99: "no such donor"}
+    with pytest.warns(UserWarning, match=r"1 keys of `summaries` are no group of obs\['donor'\] .*\[99\]") as record:
+        sc_c2s.tl.finetune(
+            donors,
+            base_model="scratch",
+            output_dir=tmp_path / "model",
+            tasks=["summary"],
+            groupby="donor",
+            summaries=texts,
+            n_cells=(2, 3),
+            n_genes=10,
+            max_steps=1,
+        )
+    assert record[0].filename == __file__
+
+
+def test_summaries_of_a_column_are_one_text_per_group(donors):
+    """A group whose cells held different texts silently kept the first."""
+    donors.obs["text"] = "cells of " + donors.obs["sample"].astype(str) + "."
+    donors.obs.loc[donors.obs_names[1], "text"] = np.nan  # a cell without a text is passed over
+    donors.obs.loc[donors.obs_names[2], "text"] = donors.obs["text"].iloc[2].replace(".", "  ")  # the same text
+    kwargs = {"tasks": ("summary",), "tissue_key": None, "groupby": "sample", "n_cells": (2, 3)}
+    units = _samples.units(donors.obs, summaries="text", **kwargs)
+    assert units.summaries == [f"cells of {s}" for s in sorted(donors.obs["sample"].unique())]
+    largest = donors.obs["sample"].value_counts().index[0]
+    donors.obs.loc[donors.obs_names[donors.obs["sample"] == largest][-1], "text"] = "another text"
+    with pytest.raises(ValueError, match=r"obs\['text'\] holds different texts for the cells of 1 groups"):
+        _samples.units(donors.obs, summaries="text", **kwargs)

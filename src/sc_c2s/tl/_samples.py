@@ -10,7 +10,8 @@ group, drawn anew every epoch.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -368,7 +369,7 @@ def units(
     tasks: tuple[str, ...],
     tissue_key: str | None,
     groupby: str | None,
-    summaries: Mapping[str, str] | str | None,
+    summaries: Mapping[Hashable, str] | str | None,
     n_cells: tuple[int, int],
 ) -> Units:
     """Check the multi-cell arguments of :func:`sc_c2s.tl.finetune` and group the cells into units."""
@@ -416,26 +417,70 @@ def _summaries(
     obs: pd.DataFrame,
     groupby: str | None,
     groups: pd.Series | None,
-    summaries: Mapping[str, str] | str | None,
+    summaries: Mapping[Hashable, str] | str | None,
     *,
     n_units: int,
 ) -> list[str | None]:
-    """Return the summary of each unit's group: from a mapping of group → text, or from an ``obs`` column."""
+    """Return the summary of each unit's group (`groups`: as strings): from a mapping or an ``obs`` column.
+
+    A mapping's keys are groups: values of ``obs[groupby]`` (``1`` of an integer column) or their strings (``"1"``);
+    keys that are no group are left out with a warning. A column must give the cells of a group one text (cells
+    without one are passed over): a group whose cells hold different texts is refused.
+    """
     if groups is None or summaries is None:
         return [None] * n_units
     if isinstance(summaries, str):
-        column = check_obs_column(obs, summaries, arg="summaries")
-        by_group = column.groupby(obs[groupby].astype(str), observed=True).first()
-        summaries = {str(k): v for k, v in by_group.items() if isinstance(v, str)}
+        summaries = _column_texts(obs, groupby, summaries)
     elif not isinstance(summaries, Mapping):
         msg = f"`summaries` must be a mapping of group to text or a column of `obs`, not {type(summaries).__name__}."
         raise TypeError(msg)
-    texts = [summaries.get(g) for g in groups.astype(str)]
+    values = obs[groupby].dropna().drop_duplicates()
+    by_name, used = {}, set()
+    for name, value in zip(values.astype(str), values, strict=True):
+        key = value if value in summaries else name if name in summaries else None
+        if key is not None:
+            by_name[name] = summaries[key]
+            used.add(key)
+    unknown = [key for key in summaries if key not in used]
+    if unknown:
+        warnings.warn(
+            f"{len(unknown)} keys of `summaries` are no group of obs[{groupby!r}] and are left out (e.g. "
+            f"{unknown[:3]!r}); key the texts by the column's values (e.g. {values.tolist()[:3]!r}).",
+            UserWarning,
+            stacklevel=4,
+        )
+    texts = [by_name.get(g) for g in groups.astype(str)]
     bad = [t for t in texts if t is not None and (not isinstance(t, str) or not t.strip())]
     if bad or all(t is None for t in texts):
-        msg = "`summaries` must hold a non-empty text for at least one group of `groupby`."
+        msg = (
+            f"`summaries` must hold a non-empty text for at least one group of obs[{groupby!r}], keyed by the "
+            f"column's values (e.g. {values.tolist()[:3]!r})."
+        )
         raise ValueError(msg)
-    return [None if t is None else " ".join(t.split()).removesuffix(".") for t in texts]
+    return [None if t is None else _one_text(t) for t in texts]
+
+
+def _column_texts(obs: pd.DataFrame, groupby: str, key: str) -> dict[Hashable, str]:
+    """Text of each group of `groupby` from the ``obs`` column `key`, refusing groups whose cells differ."""
+    column = check_obs_column(obs, key, arg="summaries").astype(object)
+    texts = pd.DataFrame({"group": obs[groupby], "text": column.where(column.map(lambda t: isinstance(t, str)))})
+    texts = texts.dropna().assign(same=lambda df: df["text"].map(_one_text))
+    by_group = texts.groupby("group", observed=True, sort=False)
+    n_texts = by_group["same"].nunique()
+    if (n_texts > 1).any():
+        group = n_texts.index[n_texts > 1][0]
+        msg = (
+            f"obs[{key!r}] holds different texts for the cells of {int((n_texts > 1).sum())} groups of "
+            f"obs[{groupby!r}] (e.g. {group!r}: {by_group.get_group(group)['text'].unique()[:2].tolist()!r}); give "
+            "the cells of a group one text, or pass a mapping of group to text."
+        )
+        raise ValueError(msg)
+    return by_group["text"].first().to_dict()
+
+
+def _one_text(text: str) -> str:
+    """`text` on one line, without its final period (the answer format adds one)."""
+    return " ".join(text.split()).removesuffix(".")
 
 
 def _perturbation_texts(control: Sequence[str], perturbed: Sequence[str], name: str, *, upper: bool) -> tuple[str, str]:
