@@ -6,13 +6,19 @@ float32 rounding (cells are batched with others of similar token length, so a ch
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import time
+import weakref
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import sparse
 
 import sc_c2s
@@ -123,12 +129,14 @@ def expected(sentences, demo) -> ad.AnnData:
 @pytest.fixture(scope="module")
 def client():
     with (
-        distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
         distributed.Client(cluster) as client,
     ):
         yield client
 
 
+# Two threads per worker, as the SLURM recipe of docs/scaling.md has eight: they used to import transformers at once
+# (ImportError) and each load the model.
 # Scores and embeddings are float32 model outputs. A worker runs torch on one thread and this process on two, and the
 # chunks pad their batches to other lengths, so sums are taken in other orders: once in CI one score of 0.608 came out
 # 1.6e-6 apart. A few float32 ulps of relative error is that; a cell read in the wrong row is off by far more.
@@ -172,10 +180,12 @@ def test_verbs_over_a_cluster_equal_in_memory(sentences, expected, demo, client)
     assert (generated.X != in_memory.X).nnz == 0
     assert generated.uns == in_memory.uns
 
-    loads = client.run(lambda: {ref.name_or_path: n for ref, n in _dask.LOADS.items()})
+    loads = client.run(lambda: (dict(_dask.LOADS), len(_dask._MODELS)))
     assert len(loads) == 2
-    for per_worker in loads.values():  # each worker loaded each reference once, whatever the number of chunks
-        assert per_worker == {"demo": 1, str(demo.path): 1}
+    for per_worker, held in loads.values():  # whatever the number of chunks and threads
+        # the demo model in float32, then "demo" in the default dtype, which then serves the demo model too
+        assert per_worker == {_dask.reference(demo, device=None): 1, _dask.reference("demo", device=None): 1}
+        assert held == 1
 
 
 def test_verbs_on_dask_sentences_without_a_cluster(sentences, expected, demo):
@@ -213,6 +223,8 @@ def test_a_client_that_is_not_one_or_is_closed_is_refused(sentences, demo):
         sc_c2s.tl.embed(sentences.copy(), model=demo, n_genes=N_GENES, client=closed)
     with pytest.raises(ValueError, match=r"The Dask client is closed"):
         sc_c2s.tl.generate(sentences, model=demo, cell_types={"CD19+ B": 2}, client=closed)
+    with pytest.raises(ValueError, match=r"The Dask client is closed"):  # was not looked at
+        sc_c2s.tl.generate(sentences, model=demo, tissues={"blood": 2}, cells_per_sample=2, client=closed)
 
 
 def test_warnings_of_several_tasks_name_their_cells():
@@ -228,3 +240,95 @@ def test_warnings_of_several_tasks_name_their_cells():
     with pytest.warns(UserWarning) as record:
         _dask._warn_again([[empty]], offsets[:2], n_cells=13)
     assert [str(w.message) for w in record] == ["1 of 13 answers are empty"]
+
+
+# ---- which model the tasks use --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fresh_worker(monkeypatch):
+    """This process as a Dask worker that has loaded nothing and was given no model."""
+    monkeypatch.setattr(_dask, "_MODELS", {})
+    monkeypatch.setattr(_dask, "_GIVEN", type(_dask._GIVEN)())
+    monkeypatch.setattr(_dask, "LOADS", Counter())
+
+
+def lazy_genes(adata: ad.AnnData, chunks) -> ad.AnnData:
+    out = adata.copy()
+    out.obsm["c2s_genes"] = da.from_array(adata.obsm["c2s_genes"], chunks=(chunks, -1))
+    return out
+
+
+@pytest.mark.usefixtures("fresh_worker")
+def test_a_resaved_model_is_the_one_used(sentences, tmp_path):
+    """Tasks used the first model loaded from a directory, also after new weights were saved there and loaded."""
+    directory = sc_c2s.models.load("demo").save(tmp_path / "model")
+    first = sc_c2s.models.load(directory)
+    data = sentences[:20]
+    sc_c2s.tl.embed(lazy_genes(data, 10), model=first, n_genes=N_GENES)
+    changed = sc_c2s.models.load(directory)
+    with torch.no_grad():
+        for weights in changed.model.parameters():
+            weights.mul_(0.5)
+    changed.save(directory)
+    latest = sc_c2s.models.load(directory)
+    in_memory, chunked = data.copy(), lazy_genes(data, 10)
+    sc_c2s.tl.embed(in_memory, model=latest, n_genes=N_GENES)
+    sc_c2s.tl.embed(chunked, model=latest, n_genes=N_GENES)
+    np.testing.assert_allclose(chunked.obsm["X_c2s"], in_memory.obsm["X_c2s"], **FLOAT32_OUTPUTS)
+
+    sent_latest, sent_first = (_dask.reference(m, device=None) for m in (latest, first))
+    _dask._GIVEN.clear()  # as on a worker: it loads from the files, and refuses those that are not the model's
+    assert _dask.worker_model(sent_latest).sha256 == latest.sha256
+    with pytest.raises(ValueError, match=r"changed after the model passed was loaded from them \(model.safetensors"):
+        _dask.worker_model(sent_first)
+
+
+@pytest.mark.usefixtures("fresh_worker")
+def test_a_worker_holds_one_model_and_its_threads_load_it_once(demo, monkeypatch):
+    """Threads of a worker each loaded the model; every checkpoint and dtype stayed loaded for good."""
+    calls = []
+
+    def slow_load(*args, **kwargs):
+        calls.append(args)
+        time.sleep(0.2)  # the second thread asks meanwhile
+        return demo
+
+    monkeypatch.setattr(sc_c2s.models, "load", slow_load)
+    by_name = _dask.reference("demo", device=None)
+    with ThreadPoolExecutor(2) as pool:
+        models = list(pool.map(_dask.worker_model, [by_name, by_name]))
+    assert models == [demo, demo]
+    assert len(calls) == 1
+    loaded, on_cpu = _dask.reference(demo, device=None), _dask.reference(demo, device="cpu")
+    _dask._GIVEN.clear()  # as on a worker
+    assert _dask.worker_model(loaded) is demo  # "demo" by name, in the default dtype, serves the loaded demo
+    assert _dask.worker_model(on_cpu) is demo  # another reference: loaded in place of the first
+    assert len(calls) == 2
+    assert len(_dask._MODELS) == 1
+
+
+@pytest.mark.usefixtures("fresh_worker")
+def test_a_model_given_is_not_kept():
+    model = sc_c2s.models.load("demo")
+    _dask.reference(model, device=None)
+    weights = weakref.ref(model.model)
+    del model
+    gc.collect()
+    assert weights() is None
+
+
+def test_a_relative_path_is_sent_absolute(tmp_path, monkeypatch):
+    sc_c2s.models.load("demo").save(tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    model = sc_c2s.models.load("model")
+    assert _dask.reference(model, device=None).name_or_path == str(tmp_path / "model")
+    assert _dask.reference("model", device=None).name_or_path == str(tmp_path / "model")
+
+
+def test_empty_chunks_are_skipped(sentences, expected, demo):
+    """embed raised a bare IndexError on a chunk of no cells."""
+    adata = sentences.copy()
+    adata.obsm["c2s_genes"] = da.from_array(sentences.obsm["c2s_genes"], chunks=((50, 0, 50), -1))
+    sc_c2s.tl.embed(adata, model=demo, n_genes=N_GENES)
+    np.testing.assert_allclose(adata.obsm["X_c2s"], expected.obsm["X_c2s"], **FLOAT32_OUTPUTS)

@@ -6,16 +6,20 @@ dask array or a client is at hand, so the rest of the package works without it.
 The model verbs (:func:`sc_c2s.tl.annotate`, :func:`sc_c2s.tl.embed`) run on each row chunk of
 ``obsm["c2s_genes"]`` as a task: the task builds a small AnnData of its cells and calls the verb itself, with the
 model its worker process has loaded once (:func:`worker_model`). The model travels by reference (name or path,
-revision, dtype), never as pickled weights; a worker loads it on its own device (its GPU where it has one).
+revision, dtype, hashes of its files), never as pickled weights; a worker loads it on its own device (its GPU where
+it has one) and keeps the last model it loaded.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -104,50 +108,118 @@ def _rank_block(
 
 @dataclass(frozen=True)
 class ModelReference:
-    """What a worker needs to load a model itself: the key of its per-worker cache."""
+    """What a worker needs to load a model itself, and to tell whether the model it holds is that one."""
 
     name_or_path: str
-    """Registry name (with :attr:`revision`) or the directory the model was loaded from."""
+    """Registry name (with :attr:`revision`), ``"demo"``, or the absolute path of a checkpoint directory."""
     revision: str | None
     """Hugging Face revision of a registry model."""
     device: str | None
     """Device asked for; ``None`` lets each worker take its own GPU, or the CPU."""
     dtype: str | None
     """Floating-point type of the weights; ``None`` for the default of :func:`sc_c2s.models.load`."""
+    files: tuple[tuple[str, str], ...] | None = None
+    """sha256 of each file of a loaded model (:attr:`sc_c2s.models.C2SModel.sha256`), which the worker's copy
+    must match; ``None`` for a name or path given as such, which takes the files as they are."""
 
 
-#: Models this process has loaded for Dask tasks, by reference; each worker process holds its own.
+#: The model this process loaded last for Dask tasks, by the reference it was loaded for: one at most, so that a
+#: worker holds one model (a GPU-sized one is dropped before the next loads). Each worker process holds its own.
 _MODELS: dict[ModelReference, C2SModel] = {}
-#: How many times this process loaded each reference (once, unless the cache was cleared).
+#: Loaded models passed to a verb in this process, the latest for each reference: tasks that run here use them.
+_GIVEN: weakref.WeakValueDictionary[ModelReference, C2SModel] = weakref.WeakValueDictionary()
+#: How many times this process loaded each reference.
 LOADS: Counter[ModelReference] = Counter()
+#: Threads of a worker load one at a time, and each model once.
+_LOADING = threading.Lock()
 
 
 def reference(model: C2SModel | str, *, device: str | torch.device | None) -> ModelReference:
     """Refer to `model` by name or path, so that workers load it themselves instead of receiving its weights.
 
-    A loaded registry model is sent as its name and revision, any other loaded model as the directory it was
-    loaded from, with its dtype (not its quantisation or attention kernel: workers load with the defaults of
-    :func:`sc_c2s.models.load`). A loaded model is also cached for this process, so tasks that run here use it.
+    A loaded registry model is sent as its name and revision, any other loaded model as the absolute path of the
+    directory it was loaded from, with its dtype (not its quantisation or attention kernel: workers load with the
+    defaults of :func:`sc_c2s.models.load`) and the sha256 of its files, which a worker checks the files it loads
+    against (a registry model's revision pins them). Workers load from files, so changes made to the weights in
+    memory and not saved reach no worker. A loaded model is also registered for this process (the latest for its
+    reference), so tasks that run here use it.
     """
     from .models import C2SModel
 
     device = None if device is None else str(device)
     if not isinstance(model, C2SModel):
-        return ModelReference(str(model), None, device, None)
-    name = model.metadata.name if model.revision is not None and model.metadata.name else str(model.path)
-    ref = ModelReference(name, model.revision, device, str(model.dtype).removeprefix("torch."))
-    _MODELS.setdefault(ref, model)
+        return ModelReference(*_source(str(model)), device, None)
+    dtype = str(model.dtype).removeprefix("torch.")
+    if model.revision is not None and model.metadata.name:  # the revision pins the files
+        ref = ModelReference(model.metadata.name, model.revision, device, dtype)
+    else:
+        ref = ModelReference(*_source(str(model.path.absolute())), device, dtype, tuple(sorted(model.sha256.items())))
+    _GIVEN[ref] = model
     return ref
 
 
-def worker_model(ref: ModelReference) -> C2SModel:
-    """Return the model of `ref`, loaded once per process (each Dask worker is one) on the worker's own device."""
-    if ref not in _MODELS:
-        from .models import load
+def _source(name_or_path: str) -> tuple[str, str | None]:
+    """Read `name_or_path` as :func:`sc_c2s.models.load` does, into the source of a reference.
 
-        _MODELS[ref] = load(ref.name_or_path, revision=ref.revision, device=ref.device, dtype=ref.dtype)
+    That is the name and revision of a registry checkpoint, ``"demo"``, or the absolute path of a directory;
+    anything else stays as it is, for the worker to report.
+    """
+    from .models import _registry
+
+    entry = _registry.lookup(name_or_path)
+    if entry is not None:
+        return entry.name, entry.revision
+    path = Path(name_or_path).expanduser()
+    if name_or_path == _registry.DEMO or path.absolute() == _registry.demo_dir().absolute():
+        return _registry.DEMO, None
+    return (str(path.absolute()), None) if path.is_dir() else (name_or_path, None)
+
+
+def worker_model(ref: ModelReference) -> C2SModel:
+    """Return the model of `ref`, loaded once per process (each Dask worker is one) on the worker's own device.
+
+    A model registered here by :func:`reference` is used as it is. Otherwise the process keeps the model it
+    loaded last, and uses it while `ref` asks for the same checkpoint, device and dtype (a name or path asks for
+    the dtype it was loaded in by default, a loaded model for its own) and, for a loaded model, the same files;
+    else it drops it and loads `ref`. Threads of a process load one at a time.
+    """
+    given = _GIVEN.get(ref)
+    if given is not None:
+        return given
+    with _LOADING:
+        held = next(((r, m) for r, m in _MODELS.items() if _serves(r, m, ref)), None)
+        if held is not None:
+            return held[1]
+        _MODELS.clear()
+        _MODELS[ref] = _load(ref)
         LOADS[ref] += 1
-    return _MODELS[ref]
+        return _MODELS[ref]
+
+
+def _serves(held: ModelReference, model: C2SModel, ref: ModelReference) -> bool:
+    """Whether `model`, loaded for `held`, is what `ref` asks for."""
+    if (held.name_or_path, held.revision, held.device) != (ref.name_or_path, ref.revision, ref.device):
+        return False
+    dtype = held.dtype is None if ref.dtype is None else str(model.dtype).removeprefix("torch.") == ref.dtype
+    return dtype and (ref.files is None or dict(ref.files) == model.sha256)
+
+
+def _load(ref: ModelReference) -> C2SModel:
+    """Load the model of `ref`; refuse one whose files are not those of the loaded model `ref` was made from."""
+    from .models import load
+
+    model = load(ref.name_or_path, revision=ref.revision, device=ref.device, dtype=ref.dtype)
+    expected = dict(ref.files or model.sha256)
+    changed = sorted(f for f in expected.keys() | model.sha256.keys() if model.sha256.get(f) != expected.get(f))
+    if changed:
+        msg = (
+            f"The files of {ref.name_or_path} changed after the model passed was loaded from them "
+            f"({', '.join(changed)} differ), and Dask workers load the model from its files. Load it again with "
+            "`sc_c2s.models.load` and pass that, or save a changed model into a new directory with `.save()` and "
+            "load it from there."
+        )
+        raise ValueError(msg)
+    return model
 
 
 def wanted(adata: AnnData | MuData, mod: str | None, client: Client | None) -> bool:
@@ -173,10 +245,11 @@ def map_verb(
     """Run `verb` on each row chunk of ``obsm["c2s_genes"]`` as a Dask task, and write the results in cell order.
 
     Each task calls `verb` on an AnnData of its cells (their gene indices and ``uns["c2s"]``) with the model its
-    worker loaded once; the values are those of `verb` on the whole data. `start` is the time the verb logged its
-    start at. Tasks run on `client`, else on the active client, else one after another in this process. Nothing
-    is written until all have finished. The verb's warnings in the tasks are raised again here, each text once,
-    naming the cells of the tasks that gave it when there are several (their counts are per task).
+    worker loaded once (empty chunks are skipped); the values are those of `verb` on the whole data. `start` is
+    the time the verb logged its start at. Tasks run on `client`, else on the active client, else one after
+    another in this process. Nothing is written until all have finished. The verb's warnings in the tasks are
+    raised again here, each text once, naming the cells of the tasks that gave it when there are several (their
+    counts are per task).
     """
     from ._data import DataHandler, prepare
 
@@ -194,11 +267,12 @@ def map_verb(
         },
         pure=True,
     )
-    offsets = np.cumsum((0, *genes.chunks[0]))
+    blocks = [block for block, n in zip(genes.to_delayed().ravel(), genes.chunks[0], strict=True) if n]
+    offsets = np.cumsum((0, *(n for n in genes.chunks[0] if n)))
     names = handler.obs_names
     tasks = [
         dask.delayed(_run_chunk, pure=True)(shared, block, names[offsets[i] : offsets[i + 1]])
-        for i, block in enumerate(genes.to_delayed().ravel())
+        for i, block in enumerate(blocks)
     ]
     chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
     _warn_again([caught for _, caught in chunks], offsets, n_cells=len(names))
@@ -244,6 +318,12 @@ def map_cells(
 
 def _run_cells(common: dict[str, Any], first_cell: int, sliced: dict[str, np.ndarray]) -> tuple:
     return common["fn"](worker_model(common["model"]), first_cell=first_cell, **sliced, **common["shared"])
+
+
+def check_client(client: Client | None) -> None:
+    """Refuse a `client` that is not a running :class:`distributed.Client` (``None`` passes)."""
+    if client is not None:
+        _client(client)
 
 
 def _client(client: Client | None) -> Client | None:

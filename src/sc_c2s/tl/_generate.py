@@ -140,7 +140,8 @@ def generate(
         A :class:`distributed.Client` to spread the cells over, in chunks; ``None`` uses the active client when
         ``obsm["c2s_genes"]`` of `adata` is a dask array, and runs in this process otherwise. Each worker loads
         the model once, by name or path, on its own GPU where it has one, writes its cells' sentences and turns
-        them into expression; the cells are those of a run in one process (see :doc:`/scaling`).
+        them into expression; the cells are those of a run in one process (see :doc:`/scaling`). With `tissues`,
+        the samples are generated in this process (`client` is checked, not used).
 
     Returns
     -------
@@ -195,6 +196,7 @@ def generate(
         from ._generate_tissues import generate_tissues, requested_samples
 
         requested_samples(tissues, cells_per_sample)  # checked before the model loads
+        _dask.check_client(client)  # as for `cell_types`, though samples are generated in this process
         c2s_model = resolve(model, device=device)
         return generate_tissues(
             adata,
