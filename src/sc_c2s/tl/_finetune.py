@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -56,7 +56,7 @@ def finetune(
     tasks: Sequence[str] = SINGLE_CELL_TASKS,
     tissue_key: str | None = None,
     groupby: str | None = None,
-    summaries: Mapping[str, str] | str | None = None,
+    summaries: Mapping[Hashable, str] | str | None = None,
     n_cells: tuple[int, int] = (5, 20),
     paraphrase: bool = False,
     n_genes: int = 200,
@@ -154,7 +154,8 @@ def finetune(
     summaries
         For ``"summary"``: a text per group of `groupby` (a mapping from group to text, or a column of ``obs``
         holding each cell's group's text); groups without one give no summary sample. The published
-        instruction is the prompt.
+        instruction is the prompt. Keys are values of ``obs[groupby]`` (or their strings); keys that are no group
+        are left out with a warning, and a column must give all cells of a group the same text.
     n_cells
         Fewest and most cells of a multi-cell sample (C2S-Scale drew 5 to 20).
     paraphrase
