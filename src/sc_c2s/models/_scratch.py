@@ -6,6 +6,7 @@ parameter GPT-NeoX trains in minutes on a CPU.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,6 +24,17 @@ _SIZES = (
 )
 #: Punctuation split off the end of a word: the period after a sentence or answer, the colon after a cue.
 _TRAILING_PUNCTUATION = r"[.:,]$"
+#: The space that decoding puts before such punctuation, as before every token of a word-level tokenizer.
+_SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.:,])")
+
+
+def join_punctuation(text: str) -> str:
+    """Join punctuation to the word before it again, as :func:`build_tokenizer` decodes it apart.
+
+    >>> join_punctuation("T cells , CD4+ .")
+    'T cells, CD4+.'
+    """
+    return _SPACE_BEFORE_PUNCTUATION.sub(r"\1", text)
 
 
 def build_tokenizer(

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -23,6 +22,7 @@ from sc_c2s._docs import (
 )
 from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
+from sc_c2s.models._scratch import join_punctuation
 
 from ._utils import cell_words, free_labels, prediction_prompts
 
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
     from sc_c2s.models import C2SModel
 
-#: The space that decoding a word-level tokenizer (``"scratch"`` models) puts before the punctuation it splits off.
-SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.,:])")
 #: New tokens a free answer may take before it is cut.
 MAX_ANSWER_TOKENS = 32
 #: Prompts on which the answer prefix of a checkpoint that records none is detected.
@@ -274,7 +272,7 @@ def parse_answer(text: str) -> str:
 
     Punctuation joins the word before it again, as it was trained (``"T cells , CD4+"`` → ``"T cells, CD4+"``).
     """
-    return SPACE_BEFORE_PUNCTUATION.sub(r"\1", text.strip()).removesuffix(".").strip()
+    return join_punctuation(text.strip()).removesuffix(".").strip()
 
 
 def score_labels(

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +22,7 @@ from sc_c2s._docs import (
 )
 from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int
 from sc_c2s.models import _runtime
+from sc_c2s.models._scratch import join_punctuation
 
 from ._generate_tissues import whole_texts
 from ._sampling import check_sampling, sample
@@ -34,10 +34,6 @@ if TYPE_CHECKING:
     from mudata import MuData
 
     from sc_c2s.models import C2SModel
-
-
-#: Space before punctuation, as word-level tokenizers decode it (``"cells , of"``); removed from summaries.
-_PUNCTUATION_SPACE = re.compile(r"\s+([.,;:!?])")
 
 
 @doc_params(
@@ -161,7 +157,7 @@ def summarize(
     summaries = np.empty(len(draws), dtype=object)
 
     def sink(index: np.ndarray, written: list[str]) -> None:
-        summaries[index] = [_PUNCTUATION_SPACE.sub(r"\1", " ".join(text.split())).removesuffix(".") for text in written]
+        summaries[index] = [join_punctuation(" ".join(text.split())).removesuffix(".") for text in written]
 
     sample(
         c2s,
