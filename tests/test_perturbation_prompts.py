@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from sc_c2s import prompts
 from sc_c2s.models._scratch import build_tokenizer
+from sc_c2s.tl import _samples
 
 
 def test_perturbation_prompt_exact():
@@ -14,6 +15,18 @@ def test_perturbation_prompt_exact():
     )
     assert prompts.perturbation(["CD74", "isg15", "HLA-DRA"], perturbation_name="IFN-beta") == expected
     assert prompts.perturbation(["a"], perturbation_name="x", upper=False).split("\n")[1] == "Control cell sentence: a."
+
+
+def test_perturbation_prompt_asks_about_n_genes():
+    """{num_genes} was the control sentence's length; DESIGN: the number of genes asked for, as in every template."""
+    prompt = prompts.perturbation(["CD74", "ISG15"], perturbation_name="IFN-beta", n_genes=200)
+    assert prompt.startswith("Given the following cell sentence of 200 expressed genes representing")
+    tokenizer = build_tokenizer(["CD74", "ISG15", "IFI6"], ["stimulated", *prompts.PERTURBATION_WORDS], max_genes=5)
+    samples = _samples.encode_perturbation(
+        tokenizer, [["CD74", "ISG15"]], [["IFI6"]], ["stimulated"], n_genes=5, upper=True, max_length=64
+    )
+    prompt_ids = samples.input_ids[0][: samples.n_prompt[0]]
+    assert tokenizer.decode(prompt_ids).startswith("Given the following cell sentence of 5 expressed genes")
 
 
 def test_perturbation_sample_text():

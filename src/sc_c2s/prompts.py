@@ -161,14 +161,17 @@ def cell_type_generation(cell_type: str, *, n_genes: int, organism: Organism = "
     return CELL_TYPE_GENERATION.format(num_genes=n_genes, organism=check_organism(organism), cell_type=cell_type)
 
 
-def perturbation(control_words: Sequence[str], *, perturbation_name: str, upper: bool = True) -> str:
+def perturbation(
+    control_words: Sequence[str], *, perturbation_name: str, n_genes: int | None = None, upper: bool = True
+) -> str:
     """Prompt asking for the sentence of the cell whose basal state is `control_words` after `perturbation_name`.
 
-    ``{num_genes}`` in the template is ``len(control_words)``. The answer is the perturbed cell's sentence
-    (:func:`answer` of :func:`cell_sentence`).
+    ``{num_genes}`` in the template is `n_genes`, the number of genes asked for, as in the other templates (a cell
+    expressing fewer genes has a shorter sentence); ``None`` takes ``len(control_words)``. The answer is the
+    perturbed cell's sentence (:func:`answer` of :func:`cell_sentence`).
     """
     return PERTURBATION.format(
-        num_genes=len(control_words),
+        num_genes=len(control_words) if n_genes is None else n_genes,
         perturbation_name=perturbation_name,
         control_cell_sentence=cell_sentence(control_words, upper=upper),
     )

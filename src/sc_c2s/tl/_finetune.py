@@ -372,7 +372,7 @@ def finetune(
         n_genes=n_genes,
     )
     multi_cell = units.spec(train_words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
-    pairs = partial(_pair_samples, tokenizer, words, design, upper=upper, max_length=max_length)
+    pairs = partial(_pair_samples, tokenizer, words, design, n_genes=n_genes, upper=upper, max_length=max_length)
 
     def draw(rng: np.random.Generator, *, dropout: float = 0.0, balance: float = 0.0) -> _trainer.Samples:
         """One epoch's samples: single-cell, multi-cell, perturbation pairs.
@@ -603,7 +603,14 @@ def _check_conditions(condition_key: str | None, control: str | None) -> None:
 
 
 def _pair_samples(
-    tokenizer, words: list[list[str]], design: _pairs.Design, rng: np.random.Generator, *, upper: bool, max_length: int
+    tokenizer,
+    words: list[list[str]],
+    design: _pairs.Design,
+    rng: np.random.Generator,
+    *,
+    n_genes: int,
+    upper: bool,
+    max_length: int,
 ) -> _trainer.Samples:
     """Perturbation samples of every perturbed cell with a control cell of its group drawn from `rng`."""
     controls = design.pairs.draw(rng)
@@ -612,6 +619,7 @@ def _pair_samples(
         [words[i] for i in controls],
         [words[i] for i in design.perturbed],
         design.perturbations,
+        n_genes=n_genes,
         upper=upper,
         max_length=max_length,
     )

@@ -159,7 +159,11 @@ def predict_perturbation(
     target = target_of(adata, mod=mod, model=c2s_model)
     words = prompts.sentence_words(adata, n_genes=n_genes, mod=mod)
     upper = c2s_model.metadata.upper_case
-    texts = [prompts.perturbation(words[c], perturbation_name=p, upper=upper) for p in perturbations for c in cells]
+    texts = [
+        prompts.perturbation(words[c], perturbation_name=p, n_genes=n_genes, upper=upper)
+        for p in perturbations
+        for c in cells
+    ]
     X, sentences, counts, written = write_cells(
         c2s_model,
         target,

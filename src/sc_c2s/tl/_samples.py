@@ -277,16 +277,18 @@ def encode_perturbation(
     perturbed_words: Sequence[Sequence[str]],
     perturbations: Sequence[str],
     *,
+    n_genes: int,
     upper: bool,
     max_length: int,
 ) -> Samples:
     """Tokenise one perturbation sample per pair: a control cell's sentence prompts, a perturbed cell's answers.
 
-    A sample longer than `max_length` loses genes from the end of both sentences, the same number from each.
+    The prompt asks about `n_genes` genes, as at inference. A sample longer than `max_length` loses genes from the
+    end of both sentences, the same number from each.
     """
     eos = _runtime.eos_id(tokenizer)
     jobs = list(zip(control_words, perturbed_words, perturbations, strict=True))
-    ids = _tokenize(tokenizer, [_perturbation_texts(*job, upper=upper) for job in jobs], eos)
+    ids = _tokenize(tokenizer, [_perturbation_texts(*job, n_genes=n_genes, upper=upper) for job in jobs], eos)
     n_truncated = 0
     for i, (prompt_ids, answer_ids) in enumerate(ids):
         control, perturbed, name = jobs[i]
@@ -296,7 +298,7 @@ def encode_perturbation(
                 msg = f"A perturbation sample for {name!r} does not fit into the model's context of {max_length}."
                 raise ValueError(msg)
             n_words = max(n_words - max(1, (len(prompt_ids) + len(answer_ids) - max_length) // 2), 0)
-            texts_ = _perturbation_texts(control[:n_words], perturbed[:n_words], name, upper=upper)
+            texts_ = _perturbation_texts(control[:n_words], perturbed[:n_words], name, n_genes=n_genes, upper=upper)
             (prompt_ids, answer_ids), *_ = _tokenize(tokenizer, [texts_], eos)
         if n_words < max(len(control), len(perturbed)):
             ids[i] = prompt_ids, answer_ids
@@ -483,6 +485,8 @@ def _one_text(text: str) -> str:
     return " ".join(text.split()).removesuffix(".")
 
 
-def _perturbation_texts(control: Sequence[str], perturbed: Sequence[str], name: str, *, upper: bool) -> tuple[str, str]:
-    prompt = prompts.perturbation(control, perturbation_name=name, upper=upper)
+def _perturbation_texts(
+    control: Sequence[str], perturbed: Sequence[str], name: str, *, n_genes: int, upper: bool
+) -> tuple[str, str]:
+    prompt = prompts.perturbation(control, perturbation_name=name, n_genes=n_genes, upper=upper)
     return prompt, prompts.answer(prompts.cell_sentence(perturbed, upper=upper))
