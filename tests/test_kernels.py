@@ -340,8 +340,10 @@ def test_rank_genes_width_values_and_cell_ids():
     np.testing.assert_array_equal(full.genes, [[1, 2], [0, -1], [-1, -1]])
     np.testing.assert_array_equal(full.values, [[5, 2], [1, 0], [0, 0]])
     assert full.values.dtype == np.float64
-    # n_genes larger than the longest row is trimmed to it; a smaller one truncates
-    np.testing.assert_array_equal(rank_genes(X, n_genes=10, random_state=0).genes, full.genes)
+    # n_genes larger than the longest row keeps min(n_genes, n_genes of X) columns, padded; a smaller one truncates
+    np.testing.assert_array_equal(
+        rank_genes(X, n_genes=10, random_state=0).genes, np.pad(full.genes, ((0, 0), (0, 2)), constant_values=-1)
+    )
     np.testing.assert_array_equal(rank_genes(X, n_genes=1, random_state=0).genes, [[1], [0], [-1]])
     assert rank_genes(X, n_genes=None, random_state=0).values is None
     # ids of the rows, not their positions, seed the tie-break
