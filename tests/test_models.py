@@ -263,6 +263,15 @@ def test_load_finetuned_directory_reads_its_metadata(checkpoints, tmp_path):
         models.load(path, revision="main")
 
 
+def test_a_relative_path_is_kept_absolute(checkpoints, tmp_path, monkeypatch):
+    """A model loaded from a relative path was recorded (and sent to Dask workers) as that relative path."""
+    shutil.copytree(checkpoints["tiny"], tmp_path / "model")
+    monkeypatch.chdir(tmp_path)
+    model = models.load("model", device="cpu")
+    assert model.path == tmp_path / "model"
+    assert model.provenance()["path"] == str(tmp_path / "model")
+
+
 def test_load_published_layout_takes_registry_metadata(checkpoints, tmp_path, scanpy_log):
     name = "C2S-Pythia-410m-cell-type-prediction"
     hf_cache = tmp_path / f"models--vandijklab--{name}" / "snapshots" / "0123abc"

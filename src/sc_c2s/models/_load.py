@@ -135,7 +135,7 @@ def load(
             raise FileNotFoundError(msg)
     else:
         check_name_or_path(name_or_path)
-        path = Path(name_or_path).expanduser()
+        path = Path(name_or_path).expanduser().absolute()  # the same folder wherever the working directory goes
     if _lora.is_adapter_dir(path):
         return _open_adapter(path, options=options)
     metadata = _metadata(path)
