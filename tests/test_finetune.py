@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import anndata as ad
 import mudata as md
@@ -769,13 +770,12 @@ def donors() -> ad.AnnData:
     return adata
 
 
-def test_summaries_are_keyed_by_the_groups_values(donors, tmp_path):
-    """A mapping keyed by the integer values of `groupby` was refused as holding no text: keys were `str(group)`."""
-    texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()}
-    path = sc_c2s.tl.finetune(
+def train_summaries(donors: ad.AnnData, texts: dict, output_dir: Path) -> Path:
+    """One step of the summary task on the donors, grouped by donor."""
+    return sc_c2s.tl.finetune(
         donors,
         base_model="scratch",
-        output_dir=tmp_path / "model",
+        output_dir=output_dir,
         tasks=["summary"],
         groupby="donor",
         summaries=texts,
@@ -783,7 +783,12 @@ def test_summaries_are_keyed_by_the_groups_values(donors, tmp_path):
         n_genes=10,
         max_steps=1,
     )
-    assert load(path).metadata.tasks == ["summary"]
+
+
+def test_summaries_are_keyed_by_the_groups_values(donors, tmp_path):
+    """A mapping keyed by the integer values of `groupby` was refused as holding no text: keys were `str(group)`."""
+    texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()}
+    assert load(train_summaries(donors, texts, tmp_path / "model")).metadata.tasks == ["summary"]
     for keys in (texts, {str(d): text for d, text in texts.items()}):  # the strings of the values, as before
         units = _samples.units(
             donors.obs, tasks=("summary",), tissue_key=None, groupby="donor", summaries=keys, n_cells=(2, 3)
@@ -795,17 +800,7 @@ def test_summaries_that_are_no_group_are_named(donors, tmp_path):
     """Keys that match no group (a typo) were dropped without a word."""
     texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()} | {99: "no such donor"}
     with pytest.warns(UserWarning, match=r"1 keys of `summaries` are no group of obs\['donor'\] .*\[99\]") as record:
-        sc_c2s.tl.finetune(
-            donors,
-            base_model="scratch",
-            output_dir=tmp_path / "model",
-            tasks=["summary"],
-            groupby="donor",
-            summaries=texts,
-            n_cells=(2, 3),
-            n_genes=10,
-            max_steps=1,
-        )
+        train_summaries(donors, texts, tmp_path / "model")
     assert record[0].filename == __file__
 
 
