@@ -169,6 +169,18 @@ def test_genes_in_another_order_are_refused(pbmc4k):
         sc_c2s.RankFit.from_dict(merged.uns["c2s"]["rank_fit"])
 
 
+def test_sentences_are_compared_in_characters_and_any_case(pbmc4k):
+    """Gene names beyond ASCII and sentences upper-cased since ranking still match their gene indices."""
+    adata = pbmc4k[:50].copy()
+    adata.var_names = [f"ifnγ-{i}" for i in range(adata.n_vars)]
+    sc_c2s.pp.to_sentences(adata, n_genes=20, rank_fit=False)
+    adata.obs["c2s_sentence"] = adata.obs["c2s_sentence"].str.upper()
+    DataHandler(adata).c2s()
+    adata.obs["c2s_sentence"] = adata.obs["c2s_sentence"].str.rsplit(" ", n=1).str[0]
+    with pytest.raises(ValueError, match=r"for 50 of 50 cells .* or the sentences were edited"):
+        DataHandler(adata).c2s()
+
+
 def test_prepare(tmp_path, pbmc4k):
     copy = prepare(pbmc4k, copy=True)
     assert copy is not pbmc4k

@@ -127,6 +127,14 @@ def test_predict_perturbation_mudata_seeded_and_untouched(kang, trained, predict
     assert after.uns.keys() == before.uns.keys()
 
 
+def test_predict_perturbation_asks_for_the_genes_the_model_learnt(kang, trained):
+    """`n_genes` defaulted to 200, which the prompt states, whatever the model was trained on."""
+    predicted = sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=["stimulated"], n_cells=2, **KEYS)
+    assert trained.metadata.n_genes == N_GENES
+    assert predicted.uns["c2s_predict_perturbation"]["params"]["n_genes"] == N_GENES
+    assert (predicted.obs["n_valid_genes"] + predicted.obs["n_duplicate_genes"] <= N_GENES).all()
+
+
 def test_predict_perturbation_samples_and_refuses(kang, trained):
     sample = sc_c2s.tl.predict_perturbation(
         kang, model=trained, perturbations=["stimulated"], n_genes=5, n_cells=7, random_state=3, **KEYS

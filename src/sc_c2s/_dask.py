@@ -60,8 +60,7 @@ def rank_lazily(X: da.Array, *, n_genes: int | None, random_state: int, source: 
     Chunks may be dense or scipy sparse; columns are joined into one chunk first. Values equal those of
     :func:`sc_c2s.pp._rank.rank_genes` on the whole matrix (the tie-break key depends on the global row number).
     With `n_genes`, the result has ``min(n_genes, n_genes_in_X)`` columns even when no cell expresses that many
-    genes (the in-memory result drops columns that are all padding); without it, the longest row is counted first,
-    which reads the data once more. `source` and `fix` are for the message of data that is not expression (see
+    genes, as in memory; without it, the longest row is counted first, which reads the data once more. `source` and `fix` are for the message of data that is not expression (see
     :func:`sc_c2s.pp._rank.rank_genes`).
     """
     if X.ndim != 2:
@@ -153,7 +152,9 @@ def reference(model: C2SModel | str, *, device: str | torch.device | None) -> Mo
     if model.revision is not None and model.metadata.name:  # the revision pins the files
         ref = ModelReference(model.metadata.name, model.revision, device, dtype)
     else:
-        ref = ModelReference(*_source(str(model.path.absolute())), device, dtype, tuple(sorted(model.sha256.items())))
+        ref = ModelReference(
+            *_source(str(model.path.absolute())), device, dtype, tuple(sorted(model.sha256.items())) or None
+        )
     _GIVEN[ref] = model
     return ref
 

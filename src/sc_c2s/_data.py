@@ -44,13 +44,16 @@ def _check_ranked(ranked: np.ndarray, genes: np.ndarray, obs: pd.DataFrame, agai
         raise ValueError(msg)
     if SENTENCE not in obs or ranked.shape[1] == 0:
         return
-    expressed = ranked >= 0
-    lengths = np.fromiter((len(gene) for gene in genes), dtype=np.int64, count=len(genes))
-    expected = np.where(expressed, lengths[ranked], 0).sum(axis=1) + np.maximum(expressed.sum(axis=1) - 1, 0)
-    first = np.where(expressed[:, 0], genes[ranked[:, 0]], "")
+    from .pp._kernels import sentence_lengths
+
+    # characters of each sentence and its first word, as the strings were written (the case aside)
+    expected = sentence_lengths(ranked, np.fromiter(map(len, genes), dtype=np.int64, count=len(genes)))
+    first = np.where(ranked[:, 0] >= 0, genes[ranked[:, 0]], "")
     sentences = obs[SENTENCE].astype(object).to_numpy()
     agree = (
-        isinstance(sentence, str) and len(sentence) == length and sentence.partition(" ")[0] == word
+        isinstance(sentence, str)
+        and len(sentence) == length
+        and sentence.partition(" ")[0].casefold() == word.casefold()
         for sentence, length, word in zip(sentences, expected, first, strict=True)
     )
     bad = np.flatnonzero(~np.fromiter(agree, dtype=bool, count=len(sentences)))
@@ -58,7 +61,8 @@ def _check_ranked(ranked: np.ndarray, genes: np.ndarray, obs: pd.DataFrame, agai
         msg = (
             f"`obsm[{GENES!r}]` no longer matches `obs[{SENTENCE!r}]` for {bad.size} of {len(sentences)} cells "
             f"(first: {obs.index[bad[0]]!r}): the cells were combined or changed after ranking, e.g. by "
-            f"`anndata.concat` of data ranked apart, which keeps one part's genes and one width. {again}."
+            f"`anndata.concat` of data ranked apart, which keeps one part's genes and one width, or the sentences "
+            f"were edited (keep edited text in another column). {again}."
         )
         raise ValueError(msg)
 

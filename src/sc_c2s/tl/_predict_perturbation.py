@@ -41,7 +41,7 @@ def predict_perturbation(
     condition_key: str,
     control: str,
     groupby: str | None = None,
-    n_genes: int = 200,
+    n_genes: int | None = None,
     temperature: float = 1.0,
     top_k: int | None = 50,
     top_p: float | None = 0.95,
@@ -78,7 +78,8 @@ def predict_perturbation(
     groupby
         Column of ``obs`` (e.g. the cell type) copied to each predicted cell from its control cell.
     n_genes
-        Genes per control sentence in the prompt, and per predicted sentence.
+        Genes per control sentence in the prompt, and per predicted sentence; ``None``: as many as the model was
+        trained on (``model.metadata.n_genes``), which the prompt states.
     temperature
         Softmax temperature of the sampling.
     top_k
@@ -143,8 +144,9 @@ def predict_perturbation(
     from sc_c2s.models import resolve
 
     start = logg.info("predicting perturbed cells")
+    check_positive_int(n_genes, "n_genes", none_ok=True)
     random_state = check_sampling(
-        n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
+        n_genes=n_genes or 1, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
     check_positive_int(n_cells, "n_cells", none_ok=True)
     perturbations = _perturbations(perturbations)
@@ -156,6 +158,7 @@ def predict_perturbation(
         cells = np.sort(np.random.default_rng(random_state).choice(cells, n_cells, replace=False))
     c2s_model = resolve(model, device=device)
     _check_model(c2s_model, perturbations)
+    n_genes = c2s_model.metadata.n_genes if n_genes is None else n_genes
     target = target_of(adata, mod=mod, model=c2s_model)
     words = prompts.sentence_words(adata, n_genes=n_genes, mod=mod)
     upper = c2s_model.metadata.upper_case
