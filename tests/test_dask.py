@@ -6,6 +6,7 @@ float32 rounding (cells are batched with others of similar token length, so a ch
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import subprocess
 import sys
@@ -324,6 +325,18 @@ def test_a_relative_path_is_sent_absolute(tmp_path, monkeypatch):
     model = sc_c2s.models.load("model")
     assert _dask.reference(model, device=None).name_or_path == str(tmp_path / "model")
     assert _dask.reference("model", device=None).name_or_path == str(tmp_path / "model")
+
+
+@pytest.mark.usefixtures("fresh_worker")
+def test_a_model_without_file_hashes_loads_once(tmp_path):
+    """A model built in memory (no hashes of files) was never recognised again: loaded for every task."""
+    sc_c2s.models.load("demo").save(tmp_path / "model")
+    model = dataclasses.replace(sc_c2s.models.load(tmp_path / "model"), sha256={})
+    ref = _dask.reference(model, device=None)
+    _dask._GIVEN.clear()  # as on a worker
+    for _ in range(3):
+        _dask.worker_model(ref)
+    assert _dask.LOADS[ref] == 1
 
 
 def test_empty_chunks_are_skipped(sentences, expected, demo):
