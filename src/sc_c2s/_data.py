@@ -12,6 +12,7 @@ from scanpy import logging as logg
 
 from ._dask import is_dask_array
 from ._keys import C2S, GENES, SENTENCE
+from ._utils._numba import numba_threads
 from ._utils._validate import check_expression_dtype
 
 if TYPE_CHECKING:
@@ -47,7 +48,8 @@ def _check_ranked(ranked: np.ndarray, genes: np.ndarray, obs: pd.DataFrame, agai
     from .pp._kernels import sentence_lengths
 
     # characters of each sentence and its first word, as the strings were written (the case aside)
-    expected = sentence_lengths(ranked, np.fromiter(map(len, genes), dtype=np.int64, count=len(genes)))
+    with numba_threads():
+        expected = sentence_lengths(ranked, np.fromiter(map(len, genes), dtype=np.int64, count=len(genes)))
     first = np.where(ranked[:, 0] >= 0, genes[ranked[:, 0]], "")
     sentences = obs[SENTENCE].astype(object).to_numpy()
     agree = (

@@ -67,8 +67,8 @@ def _row_blocks(X, *, summed: bool = False) -> Iterator[tuple[int, object]]:
     """Yield ``(start, block)`` with each block a CSR matrix or a C-contiguous dense array.
 
     In-memory CSR and C-contiguous dense matrices are one block, used as they are (a CSR matrix that holds a gene
-    twice in a row is summed on a copy, unless `summed` says it holds none). CSC matrices are cut into row blocks without converting the whole matrix;
-    backed and other matrices are read block by block.
+    twice in a row is summed on a copy, unless `summed` says it holds none). CSC matrices are cut into row blocks
+    without converting the whole matrix; backed and other matrices are read block by block.
     """
     n_rows, n_cols = X.shape
     if isinstance(X, np.ndarray) and X.flags.c_contiguous:
