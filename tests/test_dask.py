@@ -339,6 +339,22 @@ def test_a_model_without_file_hashes_loads_once(tmp_path):
     assert _dask.LOADS[ref] == 1
 
 
+def test_prompts_compute_only_the_genes_asked_for(sentences):
+    """Prompts of 5 genes from a lazy obsm computed all its columns (all expressed genes with n_genes=None)."""
+    genes = sentences.obsm["c2s_genes"]
+
+    def only_the_first_chunk(block, block_info=None):
+        if block_info[0]["chunk-location"][1] > 0:
+            msg = "computed a column that no prompt reads"
+            raise AssertionError(msg)
+        return block
+
+    lazy = sentences.copy()
+    lazy.obsm["c2s_genes"] = da.from_array(genes, chunks=(50, 5)).map_blocks(only_the_first_chunk, dtype=genes.dtype)
+    words = sc_c2s.prompts.sentence_words(lazy, n_genes=5)
+    assert words == sc_c2s.prompts.sentence_words(sentences, n_genes=5)
+
+
 def test_empty_chunks_are_skipped(sentences, expected, demo):
     """embed raised a bare IndexError on a chunk of no cells."""
     adata = sentences.copy()

@@ -247,7 +247,7 @@ def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: s
     check_positive_int(n_genes, "n_genes", none_ok=True)
     handler = DataHandler(adata, mod)
     genes = np.asarray(handler.c2s()["genes"], dtype=object)
-    ranked = np.asarray(handler.obsm[GENES])[:, :n_genes]
+    ranked = np.asarray(handler.obsm[GENES][:, :n_genes])  # a lazy obsm computes only these columns
     return [genes[row[row >= 0]].tolist() for row in ranked]
 
 

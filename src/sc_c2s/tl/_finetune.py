@@ -291,7 +291,7 @@ def finetune(
         learning_rate, (_LEARNING_RATE[0], _LORA_LEARNING_RATE if adapter else _LEARNING_RATE[1]), scratch
     )
 
-    ranked = np.asarray(handler.obsm[_keys.GENES])[:, :n_genes]
+    ranked = np.asarray(handler.obsm[_keys.GENES][:, :n_genes])
     genes = np.asarray(c2s["genes"], dtype=object)
     expressed = (ranked >= 0).any(axis=1)
     if not expressed.all():
