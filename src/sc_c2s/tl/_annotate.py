@@ -141,7 +141,7 @@ def annotate(
     from sc_c2s.models import resolve
 
     start = logg.info("annotating cell types with a C2S model")
-    DataHandler(adata, mod).c2s()
+    genes = DataHandler(adata, mod).c2s()["genes"]
     check_positive_int(n_genes, "n_genes")
     check_key(key_added, "key_added")
     check_writable(adata, copy=copy)
@@ -189,7 +189,7 @@ def annotate(
     if candidates is None:
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         answers, score = generate_answers(c2s, ids, batch_size=batch_size)
-        named = free_labels(answers, DataHandler(adata, mod).c2s()["genes"], what="cell types")
+        named = free_labels(answers, genes, what="cell types")
         cell_types = pd.Categorical(named, categories=sorted({name for name in named if name is not None}))
         score = np.where(cell_types.isna(), np.nan, score)
     else:

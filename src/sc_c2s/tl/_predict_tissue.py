@@ -130,7 +130,7 @@ def predict_tissue(
 
     start = logg.info("predicting tissues of groups of cells with a C2S model")
     handler = DataHandler(adata, mod)
-    handler.c2s()
+    genes = handler.c2s()["genes"]
     groups = groups_of(handler, groupby)
     check_positive_int(n_cells, "n_cells", none_ok=True)
     check_positive_int(n_genes, "n_genes", none_ok=True)
@@ -160,7 +160,7 @@ def predict_tissue(
     draw_groups = np.array([name for name, _ in draws], dtype=object)
     if candidates is None:
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
-        table, per_draw = _majority(c2s, ids, draw_groups, batch_size=batch_size, genes=handler.c2s()["genes"])
+        table, per_draw = _majority(c2s, ids, draw_groups, batch_size=batch_size, genes=genes)
     else:
         table, per_draw = _averaged(c2s, ids, draw_groups, candidates, batch_size=batch_size)
     names = groups.astype(str).where(groups.notna())
