@@ -191,10 +191,11 @@ class DataHandler:
         """
         where = f"the {self.mod!r} modality" if self.is_mudata else "this AnnData"
         again = f"Run `sc_c2s.pp.to_sentences` on {where} again"
+        subject = where[0].upper() + where[1:]  # the start of a sentence
         if C2S not in self.uns or GENES not in self.obsm:
             if GENES in self.obsm:
                 msg = (
-                    f"{where[0].upper()}{where[1:]} has `obsm[{GENES!r}]` but not `uns[{C2S!r}]`, which "
+                    f"{subject} has `obsm[{GENES!r}]` but not `uns[{C2S!r}]`, which "
                     f"`anndata.concat` leaves out unless `uns_merge=` keeps it. {again}."
                 )
                 raise KeyError(msg)
@@ -206,7 +207,7 @@ class DataHandler:
         c2s = self.uns[C2S]
         if "genes" not in c2s:
             msg = (
-                f"{where[0].upper()}{where[1:]} lacks `uns[{C2S!r}]['genes']`: combined from data ranked with other "
+                f"{subject} lacks `uns[{C2S!r}]['genes']`: combined from data ranked with other "
                 f"genes (`anndata.concat(uns_merge=...)` keeps only what all parts share)? {again}."
             )
             raise KeyError(msg)
