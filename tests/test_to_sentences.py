@@ -638,6 +638,22 @@ def test_not_a_container():
         sc_c2s.pp.to_sentences(HAND)
 
 
+def test_nan_of_an_empty_cell_names_its_cause():
+    """NaN used to be called "scaled or corrected", though it comes from normalising a cell with nothing (0/0)."""
+    X = HAND.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        normalised = X / X.sum(axis=1, keepdims=True) * 1e4  # cell 2 expresses nothing: 0/0
+    adata = ad.AnnData(normalised, var=pd.DataFrame(index=GENES))
+    with pytest.raises(NotExpressionError) as error:
+        sc_c2s.pp.to_sentences(adata)
+    assert str(error.value) == (
+        "`X` holds NaN (first in cell 2), so it is not expression data: NaN usually comes from 0/0, e.g. normalising "
+        "a cell that expresses nothing; drop such cells with `sc.pp.filter_cells(adata, min_genes=1)` before "
+        "normalising. The data holds no other matrix: store raw counts or normalised expression in a layer and pass "
+        "`layer=`."
+    )
+
+
 @pytest.mark.parametrize("fmt", ["csr", "csc", "dense"])
 def test_infinite_values_are_refused(container, fmt):
     """+inf used to be ranked first and to give a rank fit of NaN, and `from_sentences` all-NaN expression."""

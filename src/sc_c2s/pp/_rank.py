@@ -195,10 +195,12 @@ def raise_if_not_expression(status: np.ndarray, cells: np.ndarray, source: str, 
         return
     code = status[bad[0]]
     what = {_kernels.NAN: "NaN", _kernels.INFINITE: "infinite values"}.get(code, "negative values")
-    why = (
-        "check how it was computed (a division by zero?)"
-        if code == _kernels.INFINITE
-        else "it looks scaled or corrected"
-    )
+    why = {
+        _kernels.NAN: (
+            "NaN usually comes from 0/0, e.g. normalising a cell that expresses nothing; drop such cells with "
+            "`sc.pp.filter_cells(adata, min_genes=1)` before normalising"
+        ),
+        _kernels.INFINITE: "check how it was computed (a division by zero?)",
+    }.get(code, "it looks scaled or corrected")
     msg = f"`{source}` holds {what} (first in cell {cells[bad[0]]}), so it is not expression data: {why}. {fix}"
     raise NotExpressionError(msg)
