@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import sparse
@@ -388,6 +389,36 @@ def test_without_adata_uses_the_checkpoint_vocabulary(ranked, tiny):
 def test_without_adata_needs_vocabulary_and_rank_fit(tiny):
     with pytest.raises(ValueError, match=r"no vocabulary and no rank_fit.*Pass `adata`"):
         sc_c2s.tl.generate(model=tiny, cell_types=["A549"])
+
+
+def test_numbers_are_not_cell_types(ranked, tiny):
+    """A Series of counts per type used to be read as a list of the types "71", "69", …, in any model's prompts."""
+    counts = ranked.obs["cell_type"].value_counts()
+    tiny_without_labels = C2SModel(
+        model=tiny.model, tokenizer=tiny.tokenizer, metadata=C2SMetadata(name="tiny"), path=Path("tiny")
+    )
+    with pytest.raises(TypeError) as error:
+        sc_c2s.tl.generate(ranked, model=tiny_without_labels, cell_types=counts, n_genes=5)
+    shown = ", ".join(str(n) for n in counts.iloc[:3])
+    assert str(error.value) == (
+        f"`cell_types` holds numbers ({shown}, …), not cell types. For a number of cells per type, pass a mapping "
+        "type → count (e.g. `counts.to_dict()` of `adata.obs[key].value_counts()`); for cell types stored as "
+        "numbers, convert them to names with `.astype(str)`."
+    )
+    for numbers in ([0, 1], np.array([2.0]), pd.Categorical([3, 3]), ["A549", 4], [True]):
+        with pytest.raises(TypeError, match=r"holds numbers"):
+            sc_c2s.tl.generate(ranked, model=tiny_without_labels, cell_types=numbers, n_genes=5)
+    generated = sc_c2s.tl.generate(ranked, model=tiny, cell_types=counts.head(2).to_dict(), n_genes=5)
+    assert generated.obs["cell_type"].value_counts().to_dict() == counts.head(2).to_dict()
+
+
+@pytest.mark.parametrize("as_types", [pd.Categorical, pd.Index, pd.Series], ids=["Categorical", "Index", "Series"])
+def test_pandas_list_likes_of_names(ranked, tiny, as_types):
+    """A Categorical used to be refused ("not a Categorical"), though it is a list of names like the others."""
+    names = ["H838", "A549", "H838"]
+    generated = sc_c2s.tl.generate(ranked, model=tiny, cell_types=as_types(names), n_genes=5)
+    assert generated.obs["cell_type"].tolist() == names
+    assert generated.uns["c2s_generate"]["params"]["cell_types"] == ["H838", "A549"]
 
 
 def test_unknown_cell_type_lists_the_known_ones(ranked, tiny):

@@ -87,9 +87,12 @@ def generate(
         vocabulary and rank fit are used.
     {doc_model}
     cell_types
-        Cell types to generate: a list with one entry per cell (``["B cell", "B cell", "NK cell"]``) or a
-        mapping of cell type to number of cells (``{{"B cell": 500, "NK cell": 500}}``). For a model with a
-        label set (``model.metadata.labels``), other types are an error. Pass either `cell_types` or `tissues`.
+        Cell types to generate: a list-like with one entry per cell (``["B cell", "B cell", "NK cell"]``, or an
+        array, :class:`~pandas.Series`, :class:`~pandas.Index` or :class:`~pandas.Categorical` of names) or a
+        mapping of cell type to number of cells (``{{"B cell": 500, "NK cell": 500}}``; from counts per type,
+        ``adata.obs["cell_type"].value_counts().to_dict()``). Numbers are not names: a list-like of them is an
+        error. For a model with a label set (``model.metadata.labels``), other types are an error. Pass either
+        `cell_types` or `tissues`.
     tissues
         Multi-cell generation (C2S-Scale): a mapping of tissue to number of cells (``{{"lung": 10}}``). Cells are
         written `cells_per_sample` at a time with the tissue-conditioned multi-cell prompt of
@@ -164,6 +167,8 @@ def generate(
 
     Raises
     ------
+    TypeError
+        If `cell_types` is neither a list-like of names nor a mapping of name to count (e.g. a Series of counts).
     ValueError
         If an argument is out of range, a cell type is unknown to a model with a label set, or the result would
         not fit in the available memory (the message says how many cells would).
@@ -269,6 +274,10 @@ def generate(
     return result
 
 
+#: Kinds of :func:`pandas.api.types.infer_dtype` of a list-like of numbers (some of them, for "mixed-integer").
+_NUMBERS = frozenset({"integer", "mixed-integer", "floating", "mixed-integer-float", "decimal", "complex", "boolean"})
+
+
 @dataclass
 class _Request:
     """The cells asked for: the distinct cell types in order, and the number of cells of each or the type of each."""
@@ -291,8 +300,13 @@ class _Request:
 
 
 def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> _Request:
-    """Read the cells asked for, checked: counts are whole numbers, type names are one line of text."""
-    if isinstance(cell_types, str) or not isinstance(cell_types, Mapping | Sequence | np.ndarray | pd.Series):
+    """Read the cells asked for, checked: counts are whole numbers, type names are one line of text, not numbers.
+
+    A list-like of numbers (a :class:`~pandas.Series` of counts from ``value_counts()``, say) is refused rather than
+    read as the names ``"8"``, ``"3"``, ….
+    """
+    list_like = Sequence | np.ndarray | pd.Series | pd.Index | pd.Categorical
+    if isinstance(cell_types, str) or not isinstance(cell_types, Mapping | list_like):
         what = f"one string; use [{cell_types!r}]" if isinstance(cell_types, str) else f"a {type(cell_types).__name__}"
         msg = f"`cell_types` must be a list or a mapping of type → count, not {what}."
         raise TypeError(msg)
@@ -309,7 +323,15 @@ def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> _Request:
                 counts[str(t)] = counts.get(str(t), 0) + int(n)
         request = _Request(list(counts), counts=list(counts.values()))
     else:
-        codes, uniques = pd.factorize(pd.Series([str(t) for t in cell_types], dtype=object))
+        types = list(cell_types)
+        if pd.api.types.infer_dtype(types, skipna=True) in _NUMBERS:
+            msg = (
+                f"`cell_types` holds numbers ({', '.join(map(str, types[:3]))}{', …' if len(types) > 3 else ''}), not cell types. For a number of cells per type, pass a "
+                "mapping type → count (e.g. `counts.to_dict()` of `adata.obs[key].value_counts()`); for cell types "
+                "stored as numbers, convert them to names with `.astype(str)`."
+            )
+            raise TypeError(msg)
+        codes, uniques = pd.factorize(pd.Series([str(t) for t in types], dtype=object))
         request = _Request(list(uniques), cell_codes=codes.astype(np.int32))
     if not request.n_cells:
         msg = "`cell_types` asks for no cells; pass e.g. ['B cell'] or {'B cell': 100}."
