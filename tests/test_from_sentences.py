@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
@@ -46,6 +47,21 @@ def test_punctuation_and_trailing_period():
     for position, gene in enumerate(["IL7R", "CD3D", "HLA-A", "RP11-34P13.7"]):
         assert row[GENES.index(gene)] == pytest.approx(expression(position))
     assert counts(cells) == [[4, 0, 0]]
+
+
+def test_genes_that_begin_or_end_with_punctuation():
+    """Drosophila genes such as Su(H) used to lose their brackets, be unknown and shift the positions after them."""
+    genes = ["Su(H)", "E(z)", "E(spl)m3-HLH", "Act5C", "RpL32", "l(2)gl"]
+    adata = ad.AnnData(np.array([[6, 5, 4, 3, 2, 1], [1, 2, 3, 4, 5, 6]], dtype=np.float32))
+    adata.var_names = genes
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    sentences = [*adata.obs["c2s_sentence"], "Su(H), (Act5C) E(z). l(2)gl: (Su(H))"]
+    cells = sc_c2s.tl.from_sentences(sentences, genes=adata.uns["c2s"]["genes"], rank_fit=FIT)
+    positions = [expression(p) for p in range(6)]
+    np.testing.assert_allclose(dense(cells)[:2], [positions, positions[::-1]], rtol=1e-6)
+    # a closing period, comma or colon goes; "(Act5C)" is stripped to a gene; "(Su(H))" is neither
+    np.testing.assert_allclose(dense(cells)[2], [expression(0), expression(2), 0, expression(1), 0, expression(3)])
+    assert counts(cells) == [[6, 0, 0], [6, 0, 0], [4, 1, 0]]
 
 
 def test_unknown_words_are_dropped_and_counted():

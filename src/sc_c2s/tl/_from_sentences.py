@@ -13,8 +13,11 @@ from sc_c2s._rank_model import RankFit
 
 #: Columns of ``obs`` that count the words of each sentence.
 COUNTS = ["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]
-#: Characters stripped from both ends of a word; those inside gene names (``-``, ``.``, ``_``) stay inside.
+#: Characters stripped from both ends of a word that is no gene as it stands; those inside gene names (``-``, ``.``,
+#: ``_``) stay inside.
 _PUNCTUATION = ",;:.!?\"'`()[]{}<>*-–—"
+#: Punctuation that closes a word in a sentence (the tokenizer conventions split it off): removed before anything else.
+_CLOSING = ".,:"
 
 
 def from_sentences(
@@ -26,8 +29,9 @@ def from_sentences(
     """Turn cell sentences back into expression with the rank → expression model.
 
     Works on any text: sentences made by a C2S model, by another language model or by
-    :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; punctuation around words and the
-    trailing period are stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
+    :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; a word is looked up as it stands (less a
+    closing period, comma or colon, so that genes such as ``Su(H)`` or ``l(2)gl`` are found), else with the
+    punctuation around it stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
     bytes (as h5py hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case, so
     genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word, which goes to the first of them
     (the others get no expression); unknown words are dropped, and a gene named twice keeps its first position.
@@ -122,7 +126,7 @@ def read(
     """
     indptr, indices, counts = [0], [], []
     for sentence in sentences:
-        hits = [words.get(w, -1) for w in (w.strip(_PUNCTUATION).upper() for w in _text(sentence).split()) if w]
+        hits = [column for column in (_column(w, words) for w in _text(sentence).upper().split()) if column is not None]
         known = [h for h in hits if h >= 0]
         kept = list(dict.fromkeys(known))
         indices.extend(kept)
@@ -137,6 +141,21 @@ def read(
     )
     X.eliminate_zeros()
     return X, np.asarray(counts, dtype=np.int32).reshape(-1, 3)
+
+
+def _column(word: str, words: Mapping[str, int]) -> int | None:
+    """Column of an upper-cased word: ``-1`` for no gene, ``None`` for no word (punctuation alone).
+
+    The word is looked up as it stands, less a closing period, comma or colon, so that genes whose names begin or
+    end with punctuation (Drosophila ``Su(H)``, ``l(2)gl``) are found; only then with punctuation stripped from
+    both ends (``"(CD3D)"`` is ``CD3D``).
+    """
+    bare = word[:-1] if word[-1] in _CLOSING else word
+    column = words.get(bare, -1)
+    if column >= 0:
+        return column
+    stripped = word.strip(_PUNCTUATION)
+    return words.get(stripped, -1) if stripped else None
 
 
 def _text(sentence: object) -> str:
