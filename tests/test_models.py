@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -157,6 +158,26 @@ def test_interrupted_download_leaves_no_complete_looking_file(hub, checkpoints, 
     assert (path / "model.safetensors").read_bytes() == (checkpoints["tiny"] / "model.safetensors").read_bytes()
 
 
+def test_fetches_at_once_keep_every_hash(hub, checkpoints, cache):
+    """Dask workers fetch the same checkpoint at once: none fails, and none loses a hash that another recorded."""
+    source = checkpoints["tiny-sharded"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda _: models.fetch("tiny-sharded", progressbar=False), range(8)))
+    path = cache / "test" / "tiny-sharded" / "rev1"
+    assert paths == [path] * 8
+    assert sorted(p.name for p in path.iterdir()) == sorted([*os.listdir(source), _download.HASHES_FILE])
+    assert _download.recorded_hashes(path) == {p.name: sha256(p) for p in source.iterdir()}
+
+    # two fetches that both read the record before either wrote to it
+    entry = _registry.REGISTRY["tiny"]
+    first, second = (
+        _download._Download(entry=entry, revision="rev1", base_url=hub.url, progressbar=False) for _ in range(2)
+    )
+    first.get("config.json")
+    second.get("tokenizer.json")
+    assert sorted(_download.recorded_hashes(first.directory)) == ["config.json", "tokenizer.json"]
+
+
 def test_dropped_connection_is_retried(hub, checkpoints):
     hub.drop["model.safetensors"] = 1
     path = models.fetch("tiny", progressbar=False)
@@ -176,8 +197,20 @@ def test_offline_error_names_files_urls_and_cache_folder(hub, cache, monkeypatch
     for file in _registry.REGISTRY["tiny"].files:
         assert f"{closed}/test/tiny/resolve/rev1/{file}  ->  {file}" in message
     assert "shards" not in message
+    assert message.endswith("set $SC_C2S_BASE_URL or pass `base_url` to `sc_c2s.models.fetch`.")
     with pytest.raises(ConnectionError, match=r"shards listed in each \*.index.json"):
         models.fetch("tiny-sharded", progressbar=False)
+
+    # once the index is there, the missing shards are named: as after deleting a damaged one
+    monkeypatch.setenv(_download.BASE_URL_ENV, hub.url)
+    path = models.fetch("tiny-sharded", progressbar=False)
+    shard = sorted(path.glob("model-*-of-*.safetensors"))[-1]
+    shard.unlink()
+    monkeypatch.setenv(_download.BASE_URL_ENV, closed)
+    with pytest.raises(ConnectionError) as error:
+        models.fetch("tiny-sharded", progressbar=False)
+    assert f"{closed}/test/tiny-sharded/resolve/rev1/{shard.name}  ->  {shard.name}" in str(error.value)
+    assert "shards listed" not in str(error.value)
 
 
 def test_base_url_argument_overrides_the_environment(hub, checkpoints, cache, monkeypatch):
@@ -282,10 +315,18 @@ def test_load_published_layout_takes_registry_metadata(checkpoints, tmp_path, sc
     assert model.revision is None
     assert "no c2s_metadata.json" not in scanpy_log.getvalue()
 
+    cached = tmp_path / "cache" / _registry.REGISTRY[name].repo / "0123abc"  # the layout of `fetch`
+    shutil.copytree(checkpoints["tiny"], cached)
+    assert models.load(cached, device="cpu").metadata == _registry.REGISTRY[name].metadata()
+
     unrelated = tmp_path / "unrelated"
     shutil.copytree(checkpoints["tiny"], unrelated)
     assert models.load(str(unrelated), device="cpu").metadata == C2SMetadata(name="unrelated", answer_prefix=None)
     assert f"{unrelated} has no c2s_metadata.json" in scanpy_log.getvalue()
+    # a run saved inside a published checkpoint's folder is not that checkpoint
+    inside = tmp_path / name / "my_run" / "checkpoint-500"
+    shutil.copytree(checkpoints["tiny"], inside)
+    assert models.load(inside, device="cpu").metadata == C2SMetadata(name="checkpoint-500", answer_prefix=None)
 
 
 def test_load_demo_from_the_bundled_directory(checkpoints, tmp_path, monkeypatch):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -108,7 +109,7 @@ def fetch(
     for file in entry.files:
         download.get(file)
     for index in (f for f in entry.files if f.endswith(".index.json")):
-        for shard in sorted(set(json.loads((download.directory / index).read_text())["weight_map"].values())):
+        for shard in _shards(download.directory / index):
             download.get(shard)
     if download.start is not None:
         logg.info("    finished", time=download.start)
@@ -119,6 +120,11 @@ def recorded_hashes(directory: Path) -> dict[str, str]:
     """Read the sha256 of each file of a fetched checkpoint from its ``sha256.json``."""
     path = directory / HASHES_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _shards(index: Path) -> list[str]:
+    """List the weight files that the ``*.index.json`` of a sharded checkpoint names."""
+    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
 
 
 class _Download:
@@ -176,23 +182,29 @@ class _Download:
             )
             raise ValueError(msg)
         if self.hashes.get(file) != actual:
-            self.hashes[file] = actual
-            tmp = self.directory / f".{HASHES_FILE}.tmp"
-            tmp.write_text(json.dumps(self.hashes, indent=2, sort_keys=True) + "\n")
-            tmp.replace(self.directory / HASHES_FILE)
+            # other processes (Dask workers) may be fetching the same checkpoint: keep what they recorded, and write
+            # through a temporary file of this process's own
+            self.hashes = {**recorded_hashes(self.directory), **self.hashes, file: actual}
+            with tempfile.NamedTemporaryFile(
+                "w", dir=self.directory, prefix=f".{HASHES_FILE}.", suffix=".tmp", delete=False
+            ) as tmp:
+                tmp.write(json.dumps(self.hashes, indent=2, sort_keys=True) + "\n")
+            Path(tmp.name).replace(self.directory / HASHES_FILE)
 
     def _offline_message(self, error: Exception) -> str:
-        missing = [f for f in self.entry.files if not (self.directory / f).is_file()]
+        files, indexes_missing = list(self.entry.files), False
+        for index in (f for f in self.entry.files if f.endswith(".index.json")):
+            if (self.directory / index).is_file():
+                files += _shards(self.directory / index)
+            else:
+                indexes_missing = True
+        missing = [f for f in files if not (self.directory / f).is_file()]
         urls = "\n".join(f"    {file_url(self.base_url, self.entry.repo, self.revision, f)}  ->  {f}" for f in missing)
-        shards = (
-            "\nand the shards listed in each *.index.json, from the same place"
-            if any(f.endswith(".index.json") for f in self.entry.files)
-            else ""
-        )
+        shards = "\nand the shards listed in each *.index.json, from the same place" if indexes_missing else ""
         return (
             f"Could not download {self.entry.name} ({self.entry.repo} at {self.revision}): {error}\n"
             f"To install the checkpoint by hand (without network, say), download these files elsewhere and put "
             f"them in\n    {self.directory}\nunder these names:\n{urls}{shards}\n"
             f"Files already there are checked, not downloaded again. To download from a mirror instead, set "
-            f"${BASE_URL_ENV} or pass `base_url`."
+            f"${BASE_URL_ENV} or pass `base_url` to `sc_c2s.models.fetch`."
         )

@@ -139,12 +139,21 @@ def get(name: str) -> RegistryEntry:
 def match(path: Path) -> RegistryEntry | None:
     """Find the entry a downloaded checkpoint directory belongs to, judged by its path.
 
-    Recognises a directory named after the checkpoint (also the layout of the sc_c2s cache) and the
-    ``models--{owner}--{name}`` folders of the Hugging Face cache.
+    Recognises a directory named after the checkpoint or its repository (a ``git clone``), the
+    ``{owner}/{name}/{revision}`` folders of the sc_c2s cache and the ``models--{owner}--{name}/snapshots/{commit}``
+    folders of the Hugging Face cache; not a directory somewhere below one of these (a run saved inside it).
     """
-    parts = set(path.resolve().parts)
+    path = path.resolve()
+    cached = "/".join(path.parts[-3:-1])
+    hub = path.parent.parent.name if path.parent.name == "snapshots" else None
     return next(
-        (e for e in registry().values() if e.name in parts or "models--" + e.repo.replace("/", "--") in parts),
+        (
+            e
+            for e in registry().values()
+            if path.name in {e.name, e.repo.rsplit("/", 1)[-1]}
+            or cached == e.repo
+            or hub == "models--" + e.repo.replace("/", "--")
+        ),
         None,
     )
 
