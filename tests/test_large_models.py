@@ -144,6 +144,20 @@ def test_adapter_refuses_a_base_that_changed_or_moved(trained, bases, tmp_path):
         sc_c2s.models.load(adapter, device="cpu")
 
 
+def test_adapter_on_a_directory_named_like_a_registry_checkpoint(trained, bases, publish, checkpoint_server, tmp_path):
+    """A base trained from a directory is read from that directory, although a registry name matches its name."""
+    path, _ = trained
+    adapter = shutil.copytree(path, tmp_path / "adapter")
+    base = shutil.copytree(bases["pythia"], tmp_path / "tiny-gemma2")
+    metadata = sc_c2s.models.C2SMetadata.read(adapter)
+    metadata.adapter["base"] = {**metadata.adapter["base"], "model": base.name, "path": str(base)}
+    metadata.write(adapter)
+    publish("tiny-gemma2", bases["gemma2"], architecture="Gemma2ForCausalLM")
+    model = sc_c2s.models.load(adapter, device="cpu")
+    assert model.model.get_base_model().config.model_type == "gpt_neox"
+    assert not checkpoint_server.requests
+
+
 def test_lora_on_a_registry_base_with_gradient_checkpointing(cells, bases, publish, checkpoint_server, tmp_path):
     """The adapter names the registry checkpoint and its revision; loading it takes the base from the cache."""
     publish("tiny-gemma2", bases["gemma2"], architecture="Gemma2ForCausalLM")
@@ -198,10 +212,17 @@ def test_finetune_refuses_adapter_settings_that_cannot_train(cells, bases, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_optional_packages_name_the_extra(cells, bases, tmp_path, monkeypatch):
+def test_missing_optional_packages_name_the_extra(cells, bases, trained, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft fails
     with pytest.raises(ImportError, match=r'pip install "sc-c2s\[lora\]"'):
         sc_c2s.tl.finetune(cells, label_key="line", base_model=bases["pythia"], output_dir=tmp_path, adapter="lora")
+
+    def no_base(*args, **kwargs):
+        raise AssertionError("the base model was read before peft was found missing")
+
+    monkeypatch.setattr(_runtime, "from_pretrained", no_base)
+    with pytest.raises(ImportError, match=r'pip install "sc-c2s\[lora\]"'):
+        sc_c2s.models.load(trained[0], device="cpu")
 
     gpu(monkeypatch)
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)
@@ -249,6 +270,15 @@ def test_gemma_never_loads_in_float16_by_default(bases):
     assert options.for_model(bases["pythia"]).dtype == torch.float16
     given = _load._Options(torch.device("cpu"), torch.float16, None, None, False, dtype_given=True)
     assert given.for_model(bases["gemma2"]).dtype == torch.float16
+
+
+def test_memory_check_judges_gemma_in_float32_where_it_will_load_so(monkeypatch, cache, checkpoint_server):
+    """On a GPU without bfloat16, Gemma loads in float32 (not float16): the check before the download says so."""
+    gpu(monkeypatch, free_gib=8)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    with pytest.raises(MemoryError, match=r"C2S-Scale-Gemma-2-2B needs at least \d+\.\d GiB on cuda in float32"):
+        sc_c2s.models.load("C2S-Scale-Gemma-2-2B", device="cuda")
+    assert not checkpoint_server.requests
 
 
 @pytest.mark.parametrize("base", ["EleutherAI/pythia-410m", "google/gemma-2-2b", "tiny-gemma2", "tiny-pythia"])

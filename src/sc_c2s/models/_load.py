@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pooch
 from scanpy import logging as logg
@@ -116,8 +116,7 @@ def load(
     entry = _registry.lookup(name_or_path) if isinstance(name_or_path, str) else None
     if entry is not None:
         revision = revision or entry.revision
-        shape = _memory.shape(_memory.ARCHITECTURES.get(entry.base_model, {}))
-        options.check_fits(shape, entry.name)  # before downloading
+        options.check_fits(_memory.ARCHITECTURES.get(entry.base_model, {}), entry.name)  # before downloading
         _check_tokenizer_files(entry.files)
         path = _download.fetch(entry.name, revision=revision)
         sha256 = _download.recorded_hashes(path)
@@ -140,7 +139,7 @@ def load(
         return _open_adapter(path, options=options)
     metadata = _metadata(path)
     with _files.diagnosed(path):
-        options.check_fits(_memory.shape(_registry._read_json(path / "config.json")), path.name)
+        options.check_fits(_registry._read_json(path / "config.json"), path.name)
     _check_tokenizer_files(p.name for p in path.iterdir())
     return _open(path, metadata=metadata, revision=None, sha256=_hash_files(path), options=options)
 
@@ -246,21 +245,36 @@ class _Options:
             )
         return cls(device, dtype, quantization, attn_implementation, merge, dtype_given)
 
-    def check_fits(self, shape: _memory.Shape | None, name: str) -> None:
-        """Refuse a model the device cannot hold (see :func:`sc_c2s.models._memory.check_fits`)."""
-        _memory.check_fits(shape, name=name, device=self.device, dtype=self.dtype, quantization=self.quantization)
+    def check_fits(self, config: Mapping[str, Any], name: str) -> None:
+        """Refuse a model the device cannot hold in the dtype it will load in.
+
+        `config` is the model's ``config.json``, or what :data:`sc_c2s.models._memory.ARCHITECTURES` has of it;
+        see :func:`sc_c2s.models._memory.check_fits`.
+        """
+        dtype = self._dtype_for(config.get("model_type", ""))
+        _memory.check_fits(
+            _memory.shape(config), name=name, device=self.device, dtype=dtype, quantization=self.quantization
+        )
+
+    def _dtype_for(self, model_type: str) -> torch.dtype:
+        """Choose the dtype to load a model of `model_type` in: not float16 for Gemma unless asked for."""
+        import torch
+
+        if not self.dtype_given and self.dtype == torch.float16 and model_type.startswith("gemma"):
+            return torch.float32
+        return self.dtype
 
     def for_model(self, path: Path) -> _Options:
         """Adjust to the checkpoint in `path`: no float16 for Gemma; an attention kernel the model has."""
-        import torch
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         options = self
-        if not self.dtype_given and self.dtype == torch.float16 and config.model_type.startswith("gemma"):
+        dtype = self._dtype_for(config.model_type)
+        if dtype != self.dtype:
             logg.info("    in float32: Gemma's activations overflow float16, and this GPU has no bfloat16")
-            options = dataclasses.replace(self, dtype=torch.float32)
+            options = dataclasses.replace(self, dtype=dtype)
         if self.attn_implementation is None and config.model_type == "gemma2":
             # Gemma 2 soft-caps its attention logits, which only the eager kernel does (transformers 5 picks it
             # by itself; 4.x took SDPA)
@@ -330,6 +344,7 @@ def _open_adapter(path: Path, *, options: _Options) -> C2SModel:
             "`sc_c2s.tl.finetune(..., adapter='lora')` writes."
         )
         raise ValueError(msg)
+    _lora.peft()  # before the base model is downloaded or read
     source = _base_source(base, path)
     base_model = load(
         source,
@@ -354,18 +369,21 @@ def _open_adapter(path: Path, *, options: _Options) -> C2SModel:
 
 
 def _base_source(base: dict, path: Path) -> str | Path:
-    """Where to load an adapter's base model from: the registry by name, else the directory it was trained from."""
-    if _registry.lookup(base["model"]) is not None:
+    """Where to load an adapter's base model from.
+
+    A base loaded from the registry (recorded with its revision) comes from the registry by name, the rest from the
+    directory it was trained from, even when a registry checkpoint has the same name.
+    """
+    if base.get("revision") is not None and _registry.lookup(base["model"]) is not None:
         return base["model"]
-    directory = Path(base.get("path") or "")
-    if not directory.is_dir():
-        msg = (
-            f"The base model of the adapter in {path}, {base['model']!r}, is neither in the registry nor at "
-            f"{base.get('path')!r}. Put it back there, or write its directory into the adapter's {METADATA_FILE} "
-            "(`adapter.base.path`)."
-        )
-        raise FileNotFoundError(msg)
-    return directory
+    if base.get("path") and Path(base["path"]).is_dir():
+        return Path(base["path"])
+    msg = (
+        f"The base model of the adapter in {path}, {base['model']!r}, is neither in the registry nor at "
+        f"{base.get('path')!r}. Put it back there, or write its directory into the adapter's {METADATA_FILE} "
+        "(`adapter.base.path`)."
+    )
+    raise FileNotFoundError(msg)
 
 
 def _metadata(path: Path) -> C2SMetadata:

@@ -62,7 +62,8 @@ class C2SMetadata:
     perturbations: list[str] | None = None
     """Perturbations the model was trained to predict (task ``"perturbation"``), when known."""
     adapter: dict[str, Any] | None = None
-    """The LoRA adapter of an adapter checkpoint (``None`` for a whole model).
+    """The LoRA adapter of an adapter checkpoint, kept when :func:`~sc_c2s.models.load` merges it into its base
+    (``merge=True``) as the record of that base; ``None`` for a model trained whole.
 
     Its ``method``, ``rank``, ``target_modules``, and the ``base`` model it applies to: ``model`` name, ``path``,
     ``revision`` and ``sha256`` of its files.
