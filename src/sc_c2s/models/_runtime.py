@@ -85,7 +85,8 @@ def device_and_dtype(
     """Choose the device and dtype to run on: CUDA in bfloat16 when there is a GPU, else the CPU in float32.
 
     bfloat16 falls back to float16 on GPUs without it; a given `device` is checked by :func:`check_device`, a given
-    `dtype` (a :class:`torch.dtype` or its name) to be floating point.
+    `dtype` (a :class:`torch.dtype` or its name) to be one that weights load in: float16, bfloat16, float32 or
+    float64 (not the float8 types, which only quantisation schemes use).
     """
     import torch
 
@@ -95,7 +96,7 @@ def device_and_dtype(
             return device, torch.float32
         return device, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+    if resolved not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         msg = f"`dtype` must be a floating-point torch dtype such as torch.bfloat16 or 'float32', got {dtype!r}."
         raise ValueError(msg)
     return device, resolved
