@@ -159,6 +159,39 @@ def test_one_string_is_refused():
         sc_c2s.tl.from_sentences("CD3D CD3E", genes=GENES, rank_fit=FIT)
 
 
+def test_a_mapping_is_refused():
+    """A dict of cell → sentence used to be iterated over its keys: cells named after their names, no genes."""
+    with pytest.raises(TypeError) as error:
+        sc_c2s.tl.from_sentences({"cell_a": "CD4 CD3D", "cell_b": "CD3E"}, genes=GENES, rank_fit=FIT)
+    assert str(error.value) == (
+        "`sentences` is a mapping, whose keys are not sentences: pass its values, `list(sentences.values())`, or a "
+        "Series, `pd.Series(sentences)`, whose index names the cells."
+    )
+    cells = sc_c2s.tl.from_sentences(pd.Series({"cell_a": "CD3D IL7R", "cell_b": "CD3E"}), genes=GENES, rank_fit=FIT)
+    assert cells.obs_names.tolist() == ["cell_a", "cell_b"]
+    assert counts(cells) == [[2, 0, 0], [1, 0, 0]]
+
+
+def test_words_that_are_mostly_not_genes_warn(cellbench, scanpy_log):
+    """Sentences written with gene symbols read over `var_names` (Ensembl IDs) used to give silently empty cells."""
+    sc_c2s.pp.to_sentences(cellbench, gene_symbols="gene_symbol")
+    sentences, fit = cellbench.obs["c2s_sentence"], cellbench.uns["c2s"]["rank_fit"]
+    right = sc_c2s.tl.from_sentences(sentences, genes=cellbench.uns["c2s"]["genes"], rank_fit=fit)
+    assert right.obs["n_unknown_words"].sum() == 0
+    assert "WARNING" not in scanpy_log.getvalue()
+    wrong = sc_c2s.tl.from_sentences(sentences, genes=cellbench.var_names, rank_fit=fit)
+    n_words = right.obs["n_valid_genes"].sum()
+    share = wrong.obs["n_unknown_words"].sum() / n_words
+    assert wrong.obs[["n_valid_genes", "n_unknown_words"]].sum().sum() == n_words
+    assert share > 0.5
+    assert (
+        f"WARNING: {share:.0%} of the words of the sentences are not genes of `genes`: are the sentences written "
+        "with these gene names? For sentences of `sc_c2s.pp.to_sentences`, pass `genes=adata.uns['c2s']['genes']`, "
+        "the names they were written with (symbols where it ran with `gene_symbols=`), rather than "
+        "`adata.var_names`."
+    ) in scanpy_log.getvalue()
+
+
 def test_duplicated_genes_are_refused():
     with pytest.raises(ValueError, match=r"`genes` must be unique; duplicated: \['CD3D'\]"):
         sc_c2s.tl.from_sentences(["CD3D"], genes=["CD3D", "CD3D"], rank_fit=FIT)

@@ -11,6 +11,8 @@ from scipy import sparse
 from sc_c2s import _keys
 from sc_c2s._rank_model import RankFit
 
+from ._utils import warn_unknown
+
 #: Columns of ``obs`` that count the words of each sentence.
 COUNTS = ["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]
 #: Characters stripped from both ends of a word that is no gene as it stands; those inside gene names (``-``, ``.``,
@@ -41,10 +43,12 @@ def from_sentences(
     ----------
     sentences
         One sentence per cell; the index of a :class:`~pandas.Series` (e.g. ``adata.obs["c2s_sentence"]``)
-        becomes the ``obs_names`` of the result.
+        becomes the ``obs_names`` of the result. A mapping is refused: pass its values, or a Series.
     genes
-        Vocabulary: the genes of the result, e.g. ``adata.var_names`` or ``adata.uns["c2s"]["genes"]``; unique, and
-        none missing (``None`` or NaN).
+        Vocabulary: the genes of the result, unique, and none missing (``None`` or NaN). For sentences of
+        :func:`sc_c2s.pp.to_sentences`, ``adata.uns["c2s"]["genes"]``: the names they were written with, which are
+        not ``adata.var_names`` where it ran with `gene_symbols=`. A warning says when most words are not genes of
+        `genes`.
     rank_fit
         The fitted model, e.g. ``adata.uns["c2s"]["rank_fit"]`` or a checkpoint's ``metadata.rank_fit``.
 
@@ -74,11 +78,25 @@ def from_sentences(
     """
     fit = RankFit.from_dict(rank_fit)
     genes = gene_index(genes)
+    if isinstance(sentences, Mapping):
+        msg = (
+            "`sentences` is a mapping, whose keys are not sentences: pass its values, `list(sentences.values())`, or "
+            "a Series, `pd.Series(sentences)`, whose index names the cells."
+        )
+        raise TypeError(msg)
     if isinstance(sentences, str) or not isinstance(sentences, Iterable):
         what = "one string; wrap it in a list" if isinstance(sentences, str) else f"a {type(sentences).__name__}"
         msg = f"`sentences` must be a list of sentences, not {what}."
         raise TypeError(msg)
     X, counts = read(sentences, vocabulary(genes), fit, n_genes=len(genes))
+    warn_unknown(
+        int(counts[:, 1].sum()),
+        int(counts.sum()),
+        what="the words of the sentences are not genes of `genes`",
+        fix="are the sentences written with these gene names? For sentences of `sc_c2s.pp.to_sentences`, pass "
+        "`genes=adata.uns['c2s']['genes']`, the names they were written with (symbols where it ran with "
+        "`gene_symbols=`), rather than `adata.var_names`.",
+    )
     obs = pd.DataFrame(
         counts,
         columns=COUNTS,

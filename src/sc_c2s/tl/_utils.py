@@ -41,15 +41,24 @@ def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str
     words = [[case(w) for w in cell] for cell in words]
     if c2s.metadata.vocabulary is not None:
         known = {case(w) for w in c2s.metadata.vocabulary}
-        n_words = sum(map(len, words))
-        share = sum(w not in known for cell in words for w in cell) / max(n_words, 1)
-        if share > UNKNOWN_WARNING:
-            logg.warning(
-                f"{share:.0%} of the sentence genes are not in the vocabulary of {c2s.name!r}: do the sentences use "
-                "the gene names it was trained on (e.g. symbols, not Ensembl IDs; see `gene_symbols=` of "
-                "`sc_c2s.pp.to_sentences`)?"
-            )
+        warn_unknown(
+            sum(w not in known for cell in words for w in cell),
+            sum(map(len, words)),
+            what=f"the sentence genes are not in the vocabulary of {c2s.name!r}",
+            fix="do the sentences use the gene names it was trained on (e.g. symbols, not Ensembl IDs; see "
+            "`gene_symbols=` of `sc_c2s.pp.to_sentences`)?",
+        )
     return words
+
+
+def warn_unknown(n_unknown: int, n_words: int, *, what: str, fix: str) -> None:
+    """Warn when more than :data:`UNKNOWN_WARNING` of `n_words` words are unknown: the gene names probably differ.
+
+    The message is the share, `what` (``"… are not …"``) and `fix`.
+    """
+    share = n_unknown / max(n_words, 1)
+    if share > UNKNOWN_WARNING:
+        logg.warning(f"{share:.0%} of {what}: {fix}")
 
 
 def prediction_prompts(words: Sequence[Sequence[str]], *, n_genes: int, organism: str) -> list[str]:
