@@ -334,6 +334,37 @@ def test_warnings(short_sentences, tiny, scanpy_log):
     assert "1 labels have words unknown to 'ids' (e.g. ['lymphocyte'])" in log
 
 
+def test_sentences_ranked_with_fewer_genes_than_n_genes_warn_once(short_sentences, tiny, scanpy_log):
+    """Prompts used to say "a list of 20 gene names" over sentences ranked with 12, and record 20, silently."""
+    sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES)
+    assert "were ranked with" not in scanpy_log.getvalue()
+    sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=20)
+    warning = (
+        "WARNING: The sentences were ranked with `n_genes=12`, fewer than the 20 genes asked for here: each cell "
+        "gives at most 12 genes, though prompts say 20. Rank them again with "
+        "`sc_c2s.pp.to_sentences(adata, n_genes=20)`, or pass `n_genes=12` here."
+    )
+    assert scanpy_log.getvalue().count(warning) == 1
+    assert short_sentences.uns["c2s_cell_type"]["params"]["n_genes"] == 20
+
+
+def test_model_not_trained_for_cell_type_prediction_warns(short_sentences, tiny, scanpy_log):
+    """annotate used to ignore the model's tasks and prompt style, which generate and the other verbs warn about."""
+    sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES)
+    assert "was not trained for" not in scanpy_log.getvalue()
+    generator = C2SMetadata(name="generator", labels=LABELS, tasks=["cell_type_generation"])
+    model = C2SModel(tiny.model, tiny.tokenizer, generator, Path())
+    sc_c2s.tl.annotate(short_sentences, model=model, labels=LABELS, n_genes=N_GENES)
+    assert "WARNING: 'generator' was not trained for cell-type prediction; expect poor labels." in scanpy_log.getvalue()
+    legacy = C2SMetadata(name="legacy", labels=LABELS, prompt_style="c2s-legacy")
+    model = C2SModel(tiny.model, tiny.tokenizer, legacy, Path())
+    sc_c2s.tl.annotate(short_sentences, model=model, labels=LABELS, n_genes=N_GENES)
+    assert (
+        "WARNING: 'legacy' was not trained for cell-type prediction in the prompt format of `sc_c2s.prompts` (its "
+        "prompt style is 'c2s-legacy'); expect poor labels."
+    ) in scanpy_log.getvalue()
+
+
 def test_model_without_labels(short_sentences, tiny):
     bare = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="bare"), Path("bare"))
     with pytest.raises(ValueError, match=r"carries no label set"):

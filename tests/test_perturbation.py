@@ -135,6 +135,22 @@ def test_predict_perturbation_asks_for_the_genes_the_model_learnt(kang, trained)
     assert (predicted.obs["n_valid_genes"] + predicted.obs["n_duplicate_genes"] <= N_GENES).all()
 
 
+def test_predict_perturbation_warns_of_sentences_ranked_with_fewer_genes(kang, trained, scanpy_log):
+    """Prompts said "n_genes + 4 expressed genes" over sentences ranked with n_genes, silently (as in annotate)."""
+    sc_c2s.tl.predict_perturbation(kang, model=trained, perturbations=["stimulated"], n_cells=2, **KEYS)
+    assert "were ranked with" not in scanpy_log.getvalue()
+    n_genes = N_GENES + 4
+    sc_c2s.tl.predict_perturbation(
+        kang, model=trained, perturbations=["stimulated"], n_genes=n_genes, n_cells=2, **KEYS
+    )
+    warning = (
+        f"WARNING: The sentences were ranked with `n_genes={N_GENES}`, fewer than the {n_genes} genes asked for "
+        f"here: each cell gives at most {N_GENES} genes, though prompts say {n_genes}. Rank them again with "
+        f"`sc_c2s.pp.to_sentences(adata, n_genes={n_genes})`, or pass `n_genes={N_GENES}` here."
+    )
+    assert scanpy_log.getvalue().count(warning) == 1
+
+
 def test_predict_perturbation_samples_and_refuses(kang, trained):
     sample = sc_c2s.tl.predict_perturbation(
         kang, model=trained, perturbations=["stimulated"], n_genes=5, n_cells=7, random_state=3, **KEYS

@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
 from sc_c2s.models._scratch import join_punctuation
 
-from ._utils import cell_words, free_labels, prediction_prompts
+from ._utils import cell_words, check_task, free_labels, prediction_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -163,6 +163,7 @@ def annotate(
             **kwargs,
         )
     c2s = resolve(model, device=device)
+    check_task(c2s, "cell_type_prediction")
     if candidates == "model":
         candidates = label_set(model_labels(c2s))
     if candidates is not None and len(candidates) == 1:

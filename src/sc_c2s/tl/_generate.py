@@ -24,6 +24,7 @@ from sc_c2s._utils._validate import AnyRandom
 
 from ._from_sentences import COUNTS
 from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
+from ._utils import check_task
 
 if TYPE_CHECKING:
     import torch
@@ -221,11 +222,7 @@ def generate(
         )
     request = _requested_types(cell_types)
     c2s_model = resolve(model, device=device)
-    if c2s_model.metadata.prompt_style != "c2s" or "cell_type_generation" not in c2s_model.metadata.tasks:
-        logg.warning(
-            f"{c2s_model.name!r} was not trained for cell-type conditioned generation in the prompt format of "
-            "`sc_c2s.prompts`; expect poor cells."
-        )
+    check_task(c2s_model, "cell_type_generation")
     _check_labels(request.types, c2s_model.metadata.labels)
     temperature = model_temperature(c2s_model, temperature)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)

@@ -18,6 +18,7 @@ from sc_c2s.models import _runtime
 
 from . import _sampling
 from ._from_sentences import COUNTS
+from ._utils import check_task
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -93,8 +94,7 @@ def generate_tissues(
         if unknown:
             msg = f"The model does not know the tissues {unknown}. It was trained on: {c2s.metadata.tissues}."
             raise ValueError(msg)
-    if "tissue_generation" not in c2s.metadata.tasks:
-        logg.warning(f"{c2s.name!r} was not trained for tissue-conditioned multi-cell generation; expect poor cells.")
+    check_task(c2s, "tissue_generation")
     target = _sampling.target_of(adata, mod=mod, model=c2s)
     _sampling.check_memory(int(sizes.sum()), n_genes=n_genes, words=target.words, name="tissues")
     budget = _sampling.token_budget(c2s, target.words, n_genes)

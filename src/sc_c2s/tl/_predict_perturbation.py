@@ -17,6 +17,7 @@ from sc_c2s.models._metadata import PERTURBATION
 from ._from_sentences import COUNTS
 from ._pairs import conditions
 from ._sampling import check_sampling, target_of, valid_share, write_cells
+from ._utils import check_task
 
 if TYPE_CHECKING:
     import torch
@@ -233,8 +234,7 @@ def _perturbations(perturbations: Collection[str]) -> list[str]:
 def _check_model(c2s_model: C2SModel, perturbations: list[str]) -> None:
     """Refuse perturbations the model was not trained on; warn about a model not trained for the task."""
     metadata = c2s_model.metadata
-    if PERTURBATION not in metadata.tasks:
-        logg.warning(f"{c2s_model.name!r} was not trained for perturbation response; expect poor cells.")
+    check_task(c2s_model, PERTURBATION)
     known = metadata.perturbations
     unknown = sorted(set(perturbations) - set(known)) if known is not None else []
     if unknown:

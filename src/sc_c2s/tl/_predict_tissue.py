@@ -25,7 +25,7 @@ from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int, ch
 from sc_c2s.models import _runtime
 
 from ._annotate import MAX_ANSWER_TOKENS, generate_answers, label_set, score_labels
-from ._utils import cell_words, free_labels, group_draws, groups_of, prompt_cells
+from ._utils import cell_words, check_task, free_labels, group_draws, groups_of, prompt_cells
 
 if TYPE_CHECKING:
     import torch
@@ -142,8 +142,7 @@ def predict_tissue(
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
-    if "tissue_prediction" not in c2s.metadata.tasks:
-        logg.warning(f"{c2s.name!r} was not trained for tissue prediction; expect poor answers.")
+    check_task(c2s, "tissue_prediction")
     n_cells = prompt_cells(n_cells, c2s)
     if candidates == "model":
         candidates = label_set(_model_tissues(c2s))

@@ -26,7 +26,7 @@ from sc_c2s.models._scratch import join_punctuation
 
 from ._generate_tissues import whole_texts
 from ._sampling import check_sampling, sample
-from ._utils import cell_words, group_draws, groups_of, prompt_cells
+from ._utils import cell_words, check_task, group_draws, groups_of, prompt_cells
 
 if TYPE_CHECKING:
     import torch
@@ -139,8 +139,7 @@ def summarize(
     if organism is not None:
         prompts.check_organism(organism)
     c2s = resolve(model, device=device)
-    if "summary" not in c2s.metadata.tasks:
-        logg.warning(f"{c2s.name!r} was not trained for summaries; expect poor texts.")
+    check_task(c2s, "summary")
     n_cells = prompt_cells(n_cells, c2s)
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
     n_genes = c2s.metadata.n_genes if n_genes is None else n_genes

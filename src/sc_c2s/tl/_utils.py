@@ -15,6 +15,7 @@ from scanpy import logging as logg
 
 from sc_c2s import prompts
 from sc_c2s._utils._validate import check_obs_column, check_positive_int
+from sc_c2s.models._metadata import PERTURBATION
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -28,6 +29,32 @@ if TYPE_CHECKING:
 UNKNOWN_WARNING = 0.5
 #: Cells per multi-cell prompt when the caller names none: C2S-Scale's prompts hold 5 to 20.
 DEFAULT_N_CELLS = 10
+#: Each task of ``metadata.tasks`` as warnings name it, and what a model not trained for it gives.
+_TASKS = {
+    "cell_type_prediction": ("cell-type prediction", "labels"),
+    "cell_type_generation": ("cell-type conditioned generation", "cells"),
+    "tissue_prediction": ("tissue prediction", "answers"),
+    "tissue_generation": ("tissue-conditioned multi-cell generation", "cells"),
+    "summary": ("summaries", "texts"),
+    PERTURBATION: ("perturbation response", "cells"),
+}
+
+
+def check_task(c2s: C2SModel, task: str) -> None:
+    """Warn when `c2s` was not trained for `task` (a name of ``metadata.tasks``) in the prompts of :mod:`sc_c2s.prompts`.
+
+    A model trained in another prompt format (``metadata.prompt_style`` other than ``"c2s"``, e.g. the first C2S
+    release's) reads these prompts as poorly as one not trained for the task.
+    """
+    what, results = _TASKS[task]
+    style = c2s.metadata.prompt_style
+    if task not in c2s.metadata.tasks:
+        logg.warning(f"{c2s.name!r} was not trained for {what}; expect poor {results}.")
+    elif style != "c2s":
+        logg.warning(
+            f"{c2s.name!r} was not trained for {what} in the prompt format of `sc_c2s.prompts` (its prompt style is "
+            f"{style!r}); expect poor {results}."
+        )
 
 
 def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str | None) -> list[list[str]]:
