@@ -698,6 +698,7 @@ def sentences(cellbench):
         ("space", {}, ValueError, r"'A549' and 'A549 ' are the same tokens"),  # used to fail after training
         (None, {"tasks": ("cell_type_prediction", "translation")}, ValueError, "tasks"),
         (None, {"tasks": ()}, ValueError, "tasks"),
+        (None, {"tasks": None}, ValueError, "`tasks` must be a non-empty selection"),  # was a bare TypeError
         (None, {"eval_fraction": 1.0}, ValueError, "eval_fraction"),
         (None, {"gene_dropout": 1.0}, ValueError, "gene_dropout"),
         (None, {"n_genes": 0}, ValueError, "n_genes"),
@@ -750,6 +751,52 @@ def test_refuses_a_non_empty_output_dir(sentences, tmp_path):
     with pytest.raises(FileExistsError, match="not an empty directory"):
         sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path)
     assert (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_output_dir_in_the_home_directory(sentences, tmp_path, monkeypatch):
+    """`~` was taken literally: the checkpoint went to a folder `./~` and the returned path did not load."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    path = sc_c2s.tl.finetune(
+        sentences,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir="~/model",
+        tasks=("cell_type_prediction",),
+        n_genes=8,
+        max_steps=1,
+        eval_fraction=0,
+    )
+    assert path == tmp_path / "home" / "model"
+    assert load(path).metadata.tasks == ["cell_type_prediction"]
+    assert not any((tmp_path / "cwd").iterdir())
+
+
+@pytest.mark.parametrize("locked", ["file", "read-only"])
+def test_output_dir_that_cannot_be_created_is_refused_before_training(sentences, tmp_path, monkeypatch, locked):
+    """An output_dir below a file or an unwritable folder passed the up-front check and failed after training."""
+    import os
+
+    if locked == "file":
+        (tmp_path / "results.h5ad").write_text("")
+        output_dir, error, match = tmp_path / "results.h5ad" / "model", NotADirectoryError, "is a file"
+    else:
+        (tmp_path / "shared").mkdir()
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "shared" and access(p, mode))
+        output_dir, error, match = tmp_path / "shared" / "a" / "model", PermissionError, "cannot write"
+    with pytest.raises(error, match=rf"`output_dir` .*{match}.* pass"):
+        sc_c2s.tl.finetune(
+            sentences,
+            label_key="cell_type",
+            base_model="scratch",
+            output_dir=output_dir,
+            tasks=("cell_type_prediction",),
+            max_steps=1,
+        )
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["results.h5ad" if locked == "file" else "shared"]
 
 
 def test_cells_without_sentences_are_refused_before_training(sentences, tmp_path):

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -584,9 +585,8 @@ def _labels(handler: DataHandler, label_key: str | None, *, tasks: Sequence[str]
 
 
 def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
-    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks)
-    unknown = [t for t in tasks if t not in TASKS]
-    if not tasks or unknown:
+    tasks = (tasks,) if isinstance(tasks, str) else tuple(tasks) if isinstance(tasks, Iterable) else tasks
+    if not isinstance(tasks, tuple) or not tasks or any(t not in TASKS for t in tasks):
         msg = f"`tasks` must be a non-empty selection of {TASKS}, got {tasks!r}."
         raise ValueError(msg)
     return tuple(dict.fromkeys(tasks))
@@ -698,11 +698,27 @@ def _check_adapter(
 
 
 def _check_output_dir(output_dir: str | Path) -> Path:
-    """Refuse a directory with files in it before training, rather than overwrite a checkpoint after."""
-    output_dir = Path(output_dir)
+    """Refuse, before training and creating nothing, a directory with files in it or one that cannot be written.
+
+    ``~`` is expanded as :func:`sc_c2s.models.load` expands it. The nearest existing folder of the path (the
+    directory itself, or the ancestor it would be created in) must be a directory this process can write to.
+    """
+    output_dir = Path(output_dir).expanduser()
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         msg = f"`output_dir` {str(output_dir)!r} exists and is not an empty directory; pass a new directory."
         raise FileExistsError(msg)
+    existing = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        msg = (
+            f"`output_dir` {str(output_dir)!r} cannot be created: {str(existing)!r} is a file; pass a path in a folder."
+        )
+        raise NotADirectoryError(msg)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        msg = (
+            f"`output_dir` {str(output_dir)!r} cannot be created: this process cannot write to {str(existing)!r}; "
+            "pass a path in a folder you can write to."
+        )
+        raise PermissionError(msg)
     return output_dir
 
 
