@@ -78,6 +78,35 @@ def test_normalised_values_that_look_logged_are_linear(pbmc4k, target_sum):
     assert (logged.slope, logged.intercept) == pytest.approx((fit.slope, fit.intercept), rel=1e-5)
 
 
+def test_normalised_values_without_their_largest_genes_are_linear(pbmc4k):
+    """normalize_total, then the 100 most expressed genes dropped (as HVG selection does): values all small and
+    totals unequal were taken for log1p and expm1'd; each cell's values are whole multiples of its smallest."""
+    normalised = sc.pp.normalize_total(pbmc4k, copy=True).X
+    top = np.argsort(-np.asarray(normalised.mean(axis=0)).ravel())[:100]
+    normalised = normalised[:, np.setdiff1d(np.arange(normalised.shape[1]), top)]
+    assert _rank_model.is_log_transformed(normalised.data)
+    assert not _rank_model._one_total(normalised)
+    fit = _rank_model.fit(normalised)
+    assert fit.input == "linear"
+    logged = _rank_model.fit(sc.pp.log1p(normalised.copy()))
+    assert logged.input == "log1p"
+    assert (logged.slope, logged.intercept, logged.target_sum) == pytest.approx(
+        (fit.slope, fit.intercept, fit.target_sum), rel=1e-5
+    )
+    log2 = _rank_model.fit(sc.pp.log1p(normalised.copy(), base=2), log1p_base=2.0)
+    assert log2.input == "log1p"
+    assert (log2.slope, log2.intercept) == pytest.approx((fit.slope, fit.intercept), rel=1e-5)
+
+
+def test_whole_multiples_by_hand():
+    """Rows whose positive values are all whole multiples of the smallest; all-equal and empty rows tell nothing."""
+    X = sparse.csr_matrix(
+        np.array([[0.5, 1.0, 1.5, 0], [0.4, 1.0, 0, 0], [0.3, 0.3, 0, 0], [0, 0, 0, 0], [2.0, 0, 8.0, 6.0]])
+    )
+    assert _rank_model._whole_multiples(X.indptr, X.data) == pytest.approx(2 / 3)  # rows 0 and 4 of 0, 1, 4
+    assert _rank_model._whole_multiples(X.indptr[:4], X.data[: X.indptr[3]]) == 0.5
+
+
 def test_fit_on_a_hand_built_matrix():
     """Two cells whose values follow the line exactly: the fit recovers it."""
     slope, intercept = -1.0, np.log10(12)

@@ -28,8 +28,12 @@ from .pp._rank import NOT_EXPRESSION_FIX, canonical, raise_if_not_expression
 MAX_RANK = 999
 #: Cells sampled for the fit unless the user asks for another number.
 DEFAULT_N_CELLS = 2_000
-#: Non-integer input whose largest value is at most this is taken as log-transformed.
+#: Non-integer input whose largest value is at most this is taken as log-transformed (unless it looks normalised:
+#: :func:`_one_total`, :func:`_scaled_counts`).
 _LOG_MAX = 30.0
+#: How far from a whole number a ratio ``r`` of :func:`_whole_multiples` may be: ``1e-3`` plus ``1e-6 · r`` for the
+#: rounding of float32 values (about ``1.2e-7 · r``, more after ``expm1``).
+_WHOLE_TOLERANCE = (1e-3, 1e-6)
 #: Values checked for being integers: blocks of :data:`_LOG_BLOCK` consecutive ones, evenly spaced.
 _LOG_SAMPLE = 100_000
 _LOG_BLOCK = 1_000
@@ -167,6 +171,45 @@ def _one_total(rows: sparse.csr_matrix) -> bool:
     return totals.size > 1 and np.ptp(totals) <= 1e-3 * totals.max()
 
 
+def _scaled_counts(rows: sparse.csr_matrix, log_scale: float) -> bool:
+    """Whether the cells are surely counts scaled per cell (e.g. ``normalize_total``), not log-transformed ones.
+
+    In such a cell every value is a whole multiple of its smallest, as most cells hold a gene counted once; after
+    ``log1p`` (natural logarithm times `log_scale`) that holds for ``expm1`` of the values instead. Surely: most
+    cells (of those whose values are not all equal) pass the first test, and fewer than half the second; other
+    data (log-normalised values rounded when stored, say) is left to :func:`is_log_transformed`.
+    """
+    linear = _whole_multiples(rows.indptr, rows.data)
+    if linear <= 0.5:
+        return False
+    with np.errstate(over="ignore", invalid="ignore"):
+        return _whole_multiples(rows.indptr, np.expm1(rows.data * log_scale)) < 0.5
+
+
+def _whole_multiples(indptr: np.ndarray, values: np.ndarray) -> float:
+    """Share of the rows of a CSR matrix whose positive values are all whole multiples of the row's smallest.
+
+    Rows whose positive values are all equal (or none) tell nothing and are left out; ``0`` when all are.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    lengths = np.diff(indptr)
+    rows = np.repeat(np.arange(lengths.size), lengths)
+    positive = values > 0
+    smallest = np.full(lengths.size, np.inf)
+    largest = np.zeros(lengths.size)
+    stored = np.flatnonzero(lengths)
+    if stored.size:
+        smallest[stored] = np.minimum.reduceat(np.where(positive, values, np.inf), indptr[stored])
+        largest[stored] = np.maximum.reduceat(np.where(positive, values, 0.0), indptr[stored])
+    with np.errstate(invalid="ignore"):
+        ratio = values / smallest[rows]
+    absolute, relative = _WHOLE_TOLERANCE
+    off = positive & ~(np.abs(ratio - np.round(ratio)) <= absolute + relative * ratio)
+    telling = largest > smallest
+    whole = telling & (np.bincount(rows[off], minlength=lengths.size) == 0)
+    return float(whole.sum() / telling.sum()) if telling.any() else 0.0
+
+
 def read_rows(X, cells: np.ndarray, *, summed: bool = False) -> sparse.csr_matrix:
     """Read the rows ``cells`` (sorted) of any matrix :func:`sc_c2s.pp.to_sentences` takes as CSR, and no others.
 
@@ -210,8 +253,10 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix:
     normalise (a cell's total or a normalised value beyond the floating-point range), a :class:`ValueError`.
     """
     rows = read_rows(X, cells, summed=summed)
-    kind = "log1p" if is_log_transformed(rows.data) and not _one_total(rows) else "linear"
-    log_scale = 0.0 if kind == "linear" else np.log(log1p_base) if log1p_base else 1.0
+    log_scale = np.log(log1p_base) if log1p_base else 1.0
+    logged = is_log_transformed(rows.data) and not _one_total(rows) and not _scaled_counts(rows, log_scale)
+    kind = "log1p" if logged else "linear"
+    log_scale = log_scale if logged else 0.0
     n_rows = rows.shape[0]
     width = min(MAX_RANK, int(np.diff(rows.indptr).max(initial=0)))
     run_y = np.empty((n_rows, width))
