@@ -8,6 +8,7 @@ from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
+from scipy import sparse
 
 import sc_c2s
 from sc_c2s import _rank_model
@@ -123,3 +124,16 @@ def test_subset_since_the_fit_warns(pbmc68k):
     with pytest.warns(UserWarning, match=r"The points drawn are not the fit's: it was made on 700 cells .* 50 cells"):
         ax = sc_c2s.pl.rank_fit(subset, show=False)
     assert ax.get_title() == "Rank → expression fit (700 cells)\npoints: 50 cells of the changed data"
+
+
+def test_emptied_since_the_fit(pbmc4k):
+    """An all-zero matrix failed inside matplotlib with "Invalid vmin or vmax"."""
+    sc_c2s.pp.to_sentences(pbmc4k, rank_fit=50)
+    pbmc4k.X = sparse.csr_matrix(pbmc4k.shape, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^`X` holds no value above 0") as error:
+        sc_c2s.pl.rank_fit(pbmc4k, show=False)
+    assert str(error.value) == (
+        "`X` holds no value above 0 in the 50 cells the fit was drawn from. It changed since `sc_c2s.pp.to_sentences` "
+        "ranked it, so the points of the fit cannot be drawn from it: restore the data, or run "
+        "`sc_c2s.pp.to_sentences` again."
+    )

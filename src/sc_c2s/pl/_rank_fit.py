@@ -81,6 +81,9 @@ def rank_fit(
     x, y, _, _ = _rank_model.rank_points(
         matrix.X, cells, log1p_base=matrix.log1p_base, source=matrix.source, fix=_CHANGED
     )
+    if not len(x):
+        msg = f"`{matrix.source}` holds no value above 0 in the {len(cells)} cells the fit was drawn from. {_CHANGED}"
+        raise ValueError(msg)
     title = f"Rank → expression fit ({fit.n_cells} cells)"
     if (len(cells), len(x)) != (fit.n_cells, fit.n_points):
         warnings.warn(
