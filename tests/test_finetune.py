@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -9,6 +10,7 @@ import mudata as md
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -17,7 +19,7 @@ from sc_c2s import prompts
 from sc_c2s.models import C2SMetadata, _dropout, _output_loss, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _samples
+from sc_c2s.tl import _generate, _samples
 from sc_c2s.tl._finetune import scores, split
 
 from .conftest import DATA
@@ -191,6 +193,55 @@ def test_finetune_chooses_the_temperature_whose_cells_come_closest_to_the_real_o
         model.metadata.temperature
     )
     assert sc_c2s.tl.generate(adata, **kwargs, temperature=1.0).uns["c2s_generate"]["params"]["temperature"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def generator(_cellbench, tmp_path_factory, one_torch_thread):
+    """A tiny model trained for generation only on 8-gene sentences (finetune's `n_genes` left at 200).
+
+    With the `n_genes` of generate's calls while finetune chose the temperature, and what scanpy logged.
+    """
+    adata = _cellbench[:60].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
+    calls, generate, log = [], _generate.generate, io.StringIO()
+
+    def record(*args, **kwargs):
+        calls.append(kwargs["n_genes"])
+        return generate(*args, **kwargs)
+
+    logfile, verbosity = sc.settings.logfile, sc.settings.verbosity
+    sc.settings.logfile, sc.settings.verbosity = log, "info"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_generate, "generate", record)
+        try:
+            path = sc_c2s.tl.finetune(
+                adata,
+                label_key="cell_type",
+                base_model="scratch",
+                output_dir=tmp_path_factory.mktemp("generator") / "m",
+                tasks=["cell_type_generation"],
+                max_steps=2,
+            )
+        finally:
+            sc.settings.logfile, sc.settings.verbosity = logfile, verbosity
+    return path, calls, log.getvalue()
+
+
+def test_a_model_not_trained_to_annotate_gets_no_annotation_scores(generator):
+    """Its held-out cells were annotated anyway: chance-level scores of a task it never learnt, logged as its own."""
+    path, _, log = generator
+    metadata = load(path).metadata
+    assert metadata.scores == {}
+    assert len(metadata.training["eval_obs_names"]) == 6  # the held-out cells still select the model
+    assert "held out:" not in log
+
+
+def test_the_temperature_is_chosen_on_cells_as_long_as_the_training_sentences(generator):
+    """It generated finetune's `n_genes` (200) genes per cell, compared with 8-gene real cells, warning thrice."""
+    path, calls, log = generator
+    assert load(path).metadata.n_genes == 8
+    assert calls == [8, 8, 8]
+    assert "n_genes" not in log
 
 
 # --- model selection on the held-out cells

@@ -54,7 +54,8 @@ class C2SMetadata:
     training: dict[str, Any] = field(default_factory=dict)
     """How the model was trained (base model, data, split, epochs, learning rate…)."""
     scores: dict[str, Any] = field(default_factory=dict)
-    """Held-out scores, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``."""
+    """Held-out scores of constrained annotation, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``; empty for a model
+    not trained for ``"cell_type_prediction"`` (or without held-out cells)."""
     temperature: float | None = None
     """Sampling temperature of :func:`sc_c2s.tl.generate` with this model unless one is passed, chosen by
     :func:`sc_c2s.tl.finetune` after training (``training["temperature_mmd"]`` holds what it compared);

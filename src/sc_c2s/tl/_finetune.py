@@ -100,10 +100,12 @@ def finetune(
     below the best, and the best weights are the ones saved. The answer loss is not the criterion: for generation
     it rises while the model learns what sets the cell types apart (see :doc:`/method`). The curve (step,
     seconds, answer loss and label accuracy per task) goes into the checkpoint's metadata (``training["curve"]``,
-    ``training["best_step"]``, ``training["stopped"]``). After training the model annotates the held-out cells
-    with :func:`sc_c2s.tl.annotate` constrained to the training labels, and the accuracy and macro-F1 go into the
-    metadata beside the held-out cells' names. A model trained for ``"cell_type_generation"`` then generates 200
-    cells at each of the temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a CPU for models from scratch) and keeps the
+    ``training["best_step"]``, ``training["stopped"]``). After training, a model trained for
+    ``"cell_type_prediction"`` annotates the held-out cells with :func:`sc_c2s.tl.annotate` constrained to the
+    training labels, and the accuracy and macro-F1 go into the metadata (``scores``; empty for a model not trained
+    to annotate) beside the held-out cells' names. A model trained for ``"cell_type_generation"`` then generates 200
+    cells of as many genes as its training sentences at each of the temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a
+    CPU for models from scratch) and keeps the
     one whose cells come closest to the cells of `adata` by MMD (:func:`sc_c2s.tl.score_generation`) as
     ``metadata.temperature``, the temperature :func:`sc_c2s.tl.generate` samples at with it by default: a lower
     one suits well-separated types (cell lines), the model's own distribution closely related ones (see
@@ -229,9 +231,10 @@ def finetune(
     Returns
     -------
     The checkpoint directory: weights, tokenizer and ``c2s_metadata.json`` (prompt style, organism, vocabulary,
-    labels, the rank fit of ``adata.uns["c2s"]``, the training parameters, the held-out cells and their scores,
-    the sampling temperature), or with an adapter its weights and the metadata (whose ``adapter`` names the base
-    model, its revision and the sha256 of its files). Open it with :func:`sc_c2s.models.load`.
+    labels, the rank fit of ``adata.uns["c2s"]``, the training parameters, the held-out cells and, for a model
+    trained to annotate, their scores, the sampling temperature), or with an adapter its weights and the metadata
+    (whose ``adapter`` names the base model, its revision and the sha256 of its files). Open it with
+    :func:`sc_c2s.models.load`.
 
     Examples
     --------
@@ -516,14 +519,18 @@ def finetune(
             },
         }
     c2s_model.path = output_dir
-    metadata.scores = _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes) if single_cell else {}
+    metadata.scores = (
+        _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
+        if "cell_type_prediction" in tasks
+        else {}
+    )
     if "cell_type_generation" in tasks and c2s.get("rank_fit") is not None:
         chosen = choose_temperature(
             adata,
             c2s_model,
             labels=labels[expressed],
             label_key=label_key,
-            n_genes=n_genes,
+            n_genes=metadata.n_genes,
             random_state=random_state,
             mod=mod,
         )
