@@ -20,7 +20,6 @@ from sc_c2s._docs import doc_adata, doc_mod, doc_organism, doc_params, doc_seed
 from sc_c2s._utils._validate import (
     AnyRandom,
     check_number,
-    check_obs_column,
     check_positive_int,
     check_random_state,
 )
@@ -150,7 +149,8 @@ def finetune(
         the control cell's sentence is the prompt (:func:`sc_c2s.prompts.perturbation`, naming the perturbed
         cell's condition) and the perturbed cell's sentence the answer. Several perturbations train one model.
     tissue_key
-        Column of ``obs`` with each cell's tissue, for ``"tissue_prediction"`` and ``"tissue_generation"``.
+        Column of ``obs`` with each cell's tissue (every cell needs one), for ``"tissue_prediction"`` and
+        ``"tissue_generation"``.
     groupby
         Column of ``obs`` with each cell's sample or donor: multi-cell samples never mix groups (nor tissues).
         ``None``: groups are the tissues.
@@ -573,14 +573,7 @@ def _labels(handler: DataHandler, label_key: str | None, *, tasks: Sequence[str]
     if label_key is None:
         msg = f"The tasks {list(tasks)} learn cell types: pass `label_key=` with the column of `obs` that holds them."
         raise ValueError(msg)
-    labels = check_obs_column(handler.obs, label_key, arg="label_key")
-    if labels.isna().any():
-        msg = (
-            f"obs[{label_key!r}] has {int(labels.isna().sum())} missing labels; drop those cells "
-            f"(`adata[adata.obs[{label_key!r}].notna()].copy()`) or give them a label."
-        )
-        raise ValueError(msg)
-    labels = labels.astype(str)
+    labels = _samples.complete_column(handler.obs, label_key, arg="label_key", what="label").astype(str)
     bad = labels[~labels.str.fullmatch(r"[^\n]*\S[^\n]*")]
     if len(bad):
         msg = f"obs[{label_key!r}] has empty or multi-line labels (e.g. {bad.iloc[0]!r}); rename them."

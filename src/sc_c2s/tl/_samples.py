@@ -384,7 +384,7 @@ def units(
         raise ValueError(msg)
     columns = {}
     if tissue_key is not None:
-        columns["tissue"] = check_obs_column(obs, tissue_key, arg="tissue_key")
+        columns["tissue"] = complete_column(obs, tissue_key, arg="tissue_key", what="tissue")
     if groupby is not None:
         columns["group"] = check_obs_column(obs, groupby, arg="groupby")
     if "summary" in tasks and (summaries is None or groupby is None):
@@ -401,6 +401,18 @@ def units(
     tissues_of = first["tissue"].tolist() if "tissue" in first else [""] * len(names)
     texts = _summaries(obs, groupby, first["group"] if "group" in first else None, summaries, n_units=len(first))
     return Units(tasks, codes, tissues_of, texts, n_cells)
+
+
+def complete_column(obs: pd.DataFrame, key: str, *, arg: str, what: str) -> pd.Series:
+    """Return the column ``obs[key]`` (passed as `arg`) of each cell's `what` (a label, a tissue), refusing gaps."""
+    values = check_obs_column(obs, key, arg=arg)
+    if values.isna().any():
+        msg = (
+            f"obs[{key!r}] has {int(values.isna().sum())} missing {what}s; drop those cells "
+            f"(`adata[adata.obs[{key!r}].notna()].copy()`) or give them a {what}."
+        )
+        raise ValueError(msg)
+    return values
 
 
 def _check_n_cells(n_cells: tuple[int, int]) -> tuple[int, int]:
