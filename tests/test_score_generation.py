@@ -9,6 +9,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 from cycler import cycler
 from scipy import stats
 
@@ -186,7 +187,7 @@ def test_plot_errors(halves):
 def test_plot_palettes(halves):
     """A colormap name failed in matplotlib (the string was split into letters), as scanpy's `palette` reads it."""
     real, fake = halves
-    types = list(dict.fromkeys(real.obs["cell_type"].astype(str)))
+    types = list(real.obs["cell_type"].cat.categories)
     for palette, colors in [
         ("Set1", mpl.colormaps["Set1"](np.linspace(0, 1, len(types)))),
         (["red"], ["red"] * len(types)),
@@ -199,6 +200,73 @@ def test_plot_palettes(halves):
         ax = sc_c2s.pl.generation(real, fake, label_key="cell_type", palette=palette, show=False)
         drawn = [c.get_facecolor()[0][:3] for c in ax.collections[::2]]  # the real cells of each type, in order
         np.testing.assert_allclose(drawn, [mpl.colors.to_rgb(c) for c in colors[: len(types)]], atol=0.5 / 255)
+
+
+def _legend_colors(ax) -> dict[str, str]:
+    """The colour of each cell type in the legend (after "real", "generated" and a gap), in its order."""
+    return {h.get_label(): mpl.colors.to_hex(h.get_color()) for h in ax.get_legend().legend_handles[3:]}
+
+
+def test_plot_colours_types_as_scanpy(halves):
+    """Types were coloured in the order cells came in, so a type's colour changed with the cell order and did not
+    match scanpy's plots of the same data, even with `palette=adata.uns["cell_type_colors"]`."""
+    real, fake = halves
+    shuffled = real[::-1].copy()
+    shuffled.obsm["X_test"] = np.zeros((shuffled.n_obs, 2))
+    scanpy_plotted = shuffled.copy()
+    sc.pl.embedding(scanpy_plotted, basis="test", color="cell_type", show=False)
+    scanpy_colors = dict(
+        zip(shuffled.obs["cell_type"].cat.categories, scanpy_plotted.uns["cell_type_colors"], strict=True)
+    )
+    assert list(scanpy_colors.values()) == [mpl.colors.to_hex(f"C{i}") for i in range(5)]
+    for data in (real, shuffled):
+        assert _legend_colors(sc_c2s.pl.generation(data, fake, label_key="cell_type", show=False)) == scanpy_colors
+    stored = ["#ff0000", "#00ff00", "#0000ff", "#000000", "#ffff00"]
+    shuffled.uns["cell_type_colors"] = np.array(stored, dtype=object)
+    expected = dict(zip(shuffled.obs["cell_type"].cat.categories, stored, strict=True))
+    for palette in (None, stored):
+        ax = sc_c2s.pl.generation(shuffled, fake, label_key="cell_type", palette=palette, show=False)
+        assert _legend_colors(ax) == expected
+    shuffled.uns["cell_type_colors"] = stored[:4]  # too few, as scanpy takes them: its defaults
+    assert _legend_colors(sc_c2s.pl.generation(shuffled, fake, label_key="cell_type", show=False)) == scanpy_colors
+
+
+def test_plot_types_only_generated_come_last(halves):
+    real, fake = halves
+    real = real.copy()
+    real.uns["cell_type_colors"] = ["#ff0000", "#00ff00", "#0000ff", "#000000", "#ffff00"]
+    fake = fake.copy()
+    fake.obs["cell_type"] = pd.Categorical(fake.obs["cell_type"].replace("H838", "AAA new"))
+    ax = sc_c2s.pl.generation(real, fake, label_key="cell_type", show=False)
+    assert _legend_colors(ax) == {
+        "A549": "#ff0000",
+        "H1975": "#00ff00",
+        "H2228": "#0000ff",
+        "H838": "#000000",
+        "HCC827": "#ffff00",
+        "AAA new": mpl.colors.to_hex("C5"),
+    }
+
+
+def test_plot_draws_cells_without_a_type_in_grey(halves):
+    """NaN labels were a cell type called 'nan'."""
+    real, fake = halves
+    real = real.copy()
+    real.obs.loc[real.obs_names[:20], "cell_type"] = np.nan
+    ax = sc_c2s.pl.generation(real, fake, label_key="cell_type", show=False)
+    assert [t.get_text() for t in ax.get_legend().get_texts()][3:] == [
+        "A549",
+        "H1975",
+        "H2228",
+        "H838",
+        "HCC827",
+        "NA",
+    ]
+    assert _legend_colors(ax)["NA"] == mpl.colors.to_hex("lightgray")
+    beneath_real, beneath_generated = ax.collections[:2]  # drawn first, as scanpy draws them
+    assert (len(beneath_real.get_offsets()), len(beneath_generated.get_offsets())) == (20, 0)
+    np.testing.assert_allclose(beneath_real.get_facecolor()[0][:3], mpl.colors.to_rgb("lightgray"))
+    assert sum(len(c.get_offsets()) for c in ax.collections) == real.n_obs + fake.n_obs
 
 
 @pytest.mark.parametrize(

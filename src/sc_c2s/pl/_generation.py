@@ -4,10 +4,12 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
+import pandas as pd
 from matplotlib import pyplot as plt
 from matplotlib.lines import Line2D
 
 from sc_c2s import _keys
+from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_mod, doc_params, doc_seed, doc_show_ax
 from sc_c2s._utils._validate import LEGACY_SEED_LIMIT, AnyRandom, check_positive_int, check_random_state
 from sc_c2s.tl._score_generation import comparison, pca, project
@@ -21,6 +23,9 @@ if TYPE_CHECKING:
     from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
     from mudata import MuData
+
+#: Colour of cells without a type, scanpy's `na_color`.
+NA_COLOR = "lightgray"
 
 
 @doc_params(doc_mod=doc_mod, doc_show_ax=doc_show_ax, doc_seed=doc_seed)
@@ -49,6 +54,10 @@ def generation(
     `n_comps` such components. Real cells are small dots, generated cells crosses of their type's colour, so
     generated cells that land among the real cells of their type are what a good model gives.
 
+    Types are coloured as scanpy colours them: in the order of the categories of ``obs[label_key]`` (then the
+    types only the generated cells have), with the colours scanpy's plots keep in ``uns[f"{{label_key}}_colors"]``.
+    Cells without a type (NaN) are drawn beneath the others in light grey, as ``"NA"`` in the legend.
+
     Parameters
     ----------
     real
@@ -68,7 +77,8 @@ def generation(
     palette
         Colours of the cell types, as scanpy's `palette`: a matplotlib colormap or its name (e.g. ``"Set1"``),
         sampled evenly over the types; a list of colours, or a :class:`~cycler.Cycler` of them, repeated when
-        shorter than the types; or a mapping of each type to its colour. ``None`` uses scanpy's default palette.
+        shorter than the types; or a mapping of each type to its colour. ``None`` takes the colours in the real
+        cells' ``uns[f"{{label_key}}_colors"]`` if there is one for each category, else scanpy's default palette.
     size
         Marker size of the real cells; generated cells are drawn larger.
     random_state
@@ -100,17 +110,29 @@ def generation(
     if basis == "umap":
         coords = _umap(coords, random_state)
     n_real = data.real.shape[0]
-    labels = np.concatenate([data.real_labels, data.generated_labels])
-    colors = _colors(list(dict.fromkeys(labels)), palette)
+    handler = DataHandler(real, mod)
+    real_types, generated_types = handler.obs[label_key], generated.obs[generated_key]
+    types = _types(real_types, generated_types)
+    if palette is None:
+        n_real_types = len(pd.Categorical(real_types).categories)
+        palette = _stored_palette(handler.uns.get(f"{label_key}_colors"), types, n_real_types=n_real_types)
+    colors = _colors(types, palette)
+    real_na, generated_na = real_types.isna().to_numpy(), generated_types.isna().to_numpy()
+    any_na = real_na.any() or generated_na.any()
 
     if ax is None:
         _, ax = plt.subplots(figsize=(6.5, 5))
+    type_handles = []
+    if any_na:  # beneath the others, as scanpy draws them
+        _scatter(ax, coords[:n_real][real_na], coords[n_real:][generated_na], color=NA_COLOR, size=size)
     for label, color in colors.items():
-        real_rows = np.flatnonzero(data.real_labels == label)
-        generated_rows = n_real + np.flatnonzero(data.generated_labels == label)
-        ax.scatter(*coords[real_rows].T, s=size, color=color, alpha=0.5, linewidths=0, rasterized=True)
-        ax.scatter(*coords[generated_rows].T, s=size * 3, color=color, marker="x", linewidths=1.2, rasterized=True)
-    type_handles = [Line2D([], [], ls="", marker="o", color=c, label=label) for label, c in colors.items()]
+        real_rows = (data.real_labels == label) & ~real_na
+        generated_rows = (data.generated_labels == label) & ~generated_na
+        if real_rows.any() or generated_rows.any():
+            _scatter(ax, coords[:n_real][real_rows], coords[n_real:][generated_rows], color=color, size=size)
+            type_handles.append(Line2D([], [], ls="", marker="o", color=color, label=label))
+    if any_na:
+        type_handles.append(Line2D([], [], ls="", marker="o", color=NA_COLOR, label="NA"))
     origin_handles = [
         Line2D([], [], ls="", marker="o", color="grey", alpha=0.5, label=f"real ({n_real})"),
         Line2D([], [], ls="", marker="x", color="grey", label=f"generated ({data.generated.shape[0]})"),
@@ -125,6 +147,51 @@ def generation(
     ax.set_yticks([])
     ax.set_title(f"Real and generated cells ({data.n_genes} genes per sentence)")
     return finish(ax, show=show, return_fig=return_fig)
+
+
+def _scatter(ax: Axes, real: np.ndarray, generated: np.ndarray, *, color: str, size: float) -> None:
+    """Draw real cells as dots and generated ones as crosses, of one colour."""
+    ax.scatter(*real.T, s=size, color=color, alpha=0.5, linewidths=0, rasterized=True)
+    ax.scatter(*generated.T, s=size * 3, color=color, marker="x", linewidths=1.2, rasterized=True)
+
+
+def _types(real: pd.Series, generated: pd.Series) -> list[str]:
+    """Return the cell types in scanpy's order: the real cells' categories, then those only generated cells have.
+
+    A column that is not categorical has its distinct values, sorted, for categories, as scanpy reads it.
+    """
+    return list(dict.fromkeys(str(t) for column in (real, generated) for t in pd.Categorical(column).categories))
+
+
+def _stored_palette(stored: object, types: list[str], *, n_real_types: int) -> list[str] | None:
+    """Return the colours scanpy stored for the real cells' types, then the default's for the generated cells' own.
+
+    ``None`` when there are none, fewer than the real cells' types, or some are not colours: then scanpy too sets
+    its defaults.
+    """
+    from matplotlib.colors import is_color_like
+
+    if isinstance(stored, str) or not isinstance(stored, Sequence | np.ndarray):
+        return None
+    stored = list(stored)[:n_real_types]
+    if len(stored) < n_real_types or not all(map(is_color_like, stored)):
+        return None
+    return [*stored, *_default_palette(len(types))[n_real_types:]]
+
+
+def _default_palette(n: int) -> list[str]:
+    """Return scanpy's default colours for `n` categories, as :func:`scanpy.pl.embedding` sets them.
+
+    They are matplotlib's colour cycle if it has enough colours, else scanpy's palettes of 20, 28 or 102, else grey.
+    """
+    from matplotlib import rcParams
+    from scanpy.plotting import palettes
+
+    cycle = rcParams["axes.prop_cycle"].by_key().get("color", [])
+    for palette in (cycle, palettes.default_20, palettes.default_28, palettes.default_102):
+        if len(palette) >= n:
+            return list(palette[:n])
+    return ["grey"] * n
 
 
 def _umap(coords: np.ndarray, random_state: int) -> np.ndarray:
@@ -145,10 +212,9 @@ def _colors(
     from cycler import Cycler
     from matplotlib import colormaps
     from matplotlib.colors import Colormap, is_color_like, to_hex
-    from scanpy.plotting.palettes import default_20, default_102
 
     if palette is None:
-        palette = default_20 if len(labels) <= 20 else default_102
+        palette = _default_palette(len(labels))
     elif isinstance(palette, str):
         if palette not in colormaps:
             one = f"; for one colour, pass a list: [{palette!r}]" if is_color_like(palette) else ""
