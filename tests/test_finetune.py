@@ -932,3 +932,44 @@ def test_cells_without_a_tissue_are_refused(donors, tmp_path):
             max_steps=1,
         )
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize(
+    ("eval_fraction", "expected"),
+    [
+        # the smallest line has 43 cells: 0.001 holds out none, 0.02 one of each (round(0.86))
+        (
+            0.001,
+            "`eval_fraction=0.001` holds out no cell: training runs its whole budget without model selection (nor "
+            "held-out scores); `eval_fraction=0.02` holds out at least one cell of each label with more than one",
+        ),
+        (
+            0.03,
+            "`eval_fraction=0.03` holds out 9 cells: fewer than 10 select the model on noise; pass a larger "
+            "`eval_fraction`, or 0 to train the whole budget without selection",
+        ),
+        (0.04, None),  # 12 cells
+    ],
+)
+def test_too_few_held_out_cells_are_announced(sentences, tmp_path, scanpy_log, eval_fraction, expected):
+    """An `eval_fraction` too small for the labels held out no cell (no selection) or one, without a word."""
+    path = sc_c2s.tl.finetune(
+        sentences,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=tmp_path / "m",
+        tasks=("cell_type_prediction",),
+        n_genes=8,
+        max_steps=1,
+        eval_fraction=eval_fraction,
+    )
+    n_held_out = len(load(path).metadata.training["eval_obs_names"])
+    labels = sentences.obs["cell_type"].astype(str)
+    assert n_held_out == split(labels, eval_fraction=eval_fraction).sum()  # the split is unchanged
+    log = scanpy_log.getvalue()
+    if expected is None:
+        assert "eval_fraction" not in log
+    else:
+        assert log.count(expected) == 1
+    if n_held_out == 0:  # the fraction suggested holds out a cell of every label
+        assert (pd.Series(split(labels, eval_fraction=0.02)).groupby(labels.to_numpy()).sum() >= 1).all()

@@ -44,6 +44,8 @@ _BATCH_SIZE = (16, 8)
 _LEARNING_RATE = (2e-3, 5e-5)
 #: Peak learning rate of a LoRA adapter.
 _LORA_LEARNING_RATE = 2e-4
+#: Fewest held-out cells (in all) to select the model on; fewer are announced as noise.
+MIN_EVAL_CELLS = 10
 
 
 @doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_organism=doc_organism, doc_seed=doc_seed)
@@ -198,6 +200,9 @@ def finetune(
     eval_fraction
         Share of the cells of each label held out of training to score the model (``0``: none); with the
         cell-type tasks only (a model trained on tissues, summaries or perturbations alone holds out no cells).
+        A label of ``n`` cells gives ``round(eval_fraction * n)`` of them, keeping one for training. Fewer than 10
+        held-out cells in all select the model on noise: a warning says so, and another one when none is held out
+        (training then runs its whole budget without model selection).
     random_state
         Seed of the held-out split, the initial weights, the order of the samples {doc_seed}. The seed used is
         recorded in the checkpoint's metadata (``training["random_state"]``).
@@ -313,6 +318,8 @@ def finetune(
             "Check that `sc_c2s.pp.to_sentences` ranked the expression you meant (`layer=`, `use_raw=`)."
         )
         raise ValueError(msg)
+    if labels is not None and eval_fraction > 0:
+        _warn_few_held_out(labels, eval_fraction=eval_fraction, n_held_out=len(eval_cells))
     label_set = sorted(labels.unique()) if labels is not None else []
     design = (
         _pairs.design(
@@ -582,6 +589,24 @@ def _labels(handler: DataHandler, label_key: str | None, *, tasks: Sequence[str]
         msg = f"obs[{label_key!r}] has a single label ({labels.iloc[0]!r}); a classifier needs at least two."
         raise ValueError(msg)
     return labels
+
+
+def _warn_few_held_out(labels: pd.Series, *, eval_fraction: float, n_held_out: int) -> None:
+    """Warn when `eval_fraction` holds out fewer than :data:`MIN_EVAL_CELLS` cells, naming one that does better."""
+    if n_held_out >= MIN_EVAL_CELLS:
+        return
+    if n_held_out:
+        logg.warning(
+            f"`eval_fraction={eval_fraction}` holds out {n_held_out} cells: fewer than {MIN_EVAL_CELLS} select the "
+            "model on noise; pass a larger `eval_fraction`, or 0 to train the whole budget without selection"
+        )
+        return
+    smallest = min((n for n in labels.value_counts() if n > 1), default=2)
+    enough = (50 // smallest + 1) / 100  # round(enough * n) >= 1 for every label of n >= smallest cells
+    logg.warning(
+        f"`eval_fraction={eval_fraction}` holds out no cell: training runs its whole budget without model selection "
+        f"(nor held-out scores); `eval_fraction={enough}` holds out at least one cell of each label with more than one"
+    )
 
 
 def _check_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
