@@ -194,8 +194,20 @@ def test_usage_errors_exit_2(capsys):
 
 def test_cell_types_parsing():
     assert cli._cell_types(["B cell=3", "NK", "B cell=2", "CD4+ T=1"]) == {"B cell": 5, "NK": 1, "CD4+ T": 1}
+    assert cli._cell_types(["B cell=0", "NK=2"]) == {"B cell": 0, "NK": 2}
     with pytest.raises(ValueError, match="TYPE=N"):
         cli._cell_types(["=3"])
+
+
+def test_no_cells_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """--cell-types 'B cell=0' was refused by the Python API after the model had loaded, with Python syntax."""
+    monkeypatch.setattr(cli, "_model", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    argv = ["-q", "generate", "--model", "demo", "--cell-types", "CD19+ B=0", "NK=0", "--out", str(tmp_path / "x.h5ad")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        "sc-c2s: error: --cell-types 'CD19+ B=0' NK=0 asks for no cells; give a TYPE=N an N of 1 or more (TYPE alone "
+        "is 1 cell).\n"
+    )
 
 
 @pytest.fixture
@@ -412,13 +424,27 @@ def test_demo_checks_its_arguments_first(tmp_path, nothing_read, capsys, options
     ("options", "message"),
     [
         (["--n-genes", "0"], "error: --n-genes must be a positive integer, got 0."),
-        (["--seed", "-1"], "error: --seed must be an integer in [0, 2**63)"),
+        (["--seed", "-1"], "error: --seed must be a whole number from 0 to 2**63 - 1; got -1.\n"),
+        (["--seed", str(2**63)], f"error: --seed must be a whole number from 0 to 2**63 - 1; got {2**63}.\n"),
+        (
+            ["--top-k", "-1"],
+            "error: --top-k must be a positive whole number, or 0 for no top-k sampling; got -1.\n",
+        ),
+        (
+            ["--top-p", "0"],
+            "error: --top-p must be a number above 0 and at most 1, where 1 is no nucleus sampling; got 0.\n",
+        ),
+        (
+            ["--top-p", "nan"],
+            "error: --top-p must be a number above 0 and at most 1, where 1 is no nucleus sampling; got nan.\n",
+        ),
         (["--temperature", "0"], "error: --temperature must be a finite number > 0, got 0.0."),
         (["--device", "nosuch"], "error: --device 'nosuch' is not a torch device"),
     ],
 )
 def test_errors_name_the_options(tmp_path, capsys, options, message):
-    """Messages named the Python arguments (`n_genes`, `random_state`) and offered None for --temperature."""
+    """Messages named the Python arguments (`n_genes`, `random_state`), offered None for --temperature, --top-k and
+    --top-p (whose none is 0 and 1), and numpy Generators for --seed."""
     argv = ["-q", "generate", "--model", "demo", "--cell-types", "B", "--out", str(tmp_path / "x.h5ad"), *options]
     assert cli.main(argv) == cli.EXIT_USAGE
     err = capsys.readouterr().err

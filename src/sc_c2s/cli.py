@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import sys
 import time
 import warnings
@@ -492,6 +493,9 @@ def _cell_types(items: Sequence[str]) -> dict[str, int]:
             msg = f"--cell-types takes TYPE or TYPE=N with a whole number N, got {item!r}."
             raise ValueError(msg)
         counts[name.strip()] = counts.get(name.strip(), 0) + int(n)
+    if not sum(counts.values()):
+        msg = f"--cell-types {shlex.join(items)} asks for no cells; give a TYPE=N an N of 1 or more (TYPE alone is 1 cell)."
+        raise ValueError(msg)
     return counts
 
 
@@ -502,6 +506,7 @@ def _generate(args: argparse.Namespace) -> None:
     _check_out(args.out, kind=".h5ad")
     cell_types = _cell_types(args.cell_types)
     _check_model(args.model)
+    _check_sampling_options(args)
     sampling = _sampling(args)
     check_sampling(**sampling, none_for_model=args.temperature is None)
     _check_device(args)
@@ -523,6 +528,21 @@ def _generate(args: argparse.Namespace) -> None:
     )
     _done(start)
     _write(generated, args.out)
+
+
+def _check_sampling_options(args: argparse.Namespace) -> None:
+    """Refuse a --top-k, --top-p or --seed out of range in the command's terms: its "none" is --top-k 0, --top-p 1."""
+    from sc_c2s._utils._validate import SEED_LIMIT
+
+    if args.top_k < 0:
+        msg = f"--top-k must be a positive whole number, or 0 for no top-k sampling; got {args.top_k}."
+        raise ValueError(msg)
+    if not 0 < args.top_p <= 1:
+        msg = f"--top-p must be a number above 0 and at most 1, where 1 is no nucleus sampling; got {args.top_p:g}."
+        raise ValueError(msg)
+    if not 0 <= args.random_state < SEED_LIMIT:
+        msg = f"--seed must be a whole number from 0 to 2**{SEED_LIMIT.bit_length() - 1} - 1; got {args.random_state}."
+        raise ValueError(msg)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, object]:
