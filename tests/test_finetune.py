@@ -973,3 +973,27 @@ def test_too_few_held_out_cells_are_announced(sentences, tmp_path, scanpy_log, e
         assert log.count(expected) == 1
     if n_held_out == 0:  # the fraction suggested holds out a cell of every label
         assert (pd.Series(split(labels, eval_fraction=0.02)).groupby(labels.to_numpy()).sum() >= 1).all()
+
+
+def test_duplicate_obs_names_are_announced(sentences, tmp_path, scanpy_log):
+    """`training["eval_obs_names"]` then names more cells than were held out; it was not said, and the throwaway
+    AnnData of the held-out cells raised anndata's own warning."""
+    sentences.obs_names = [f"cell{i % 150}" for i in range(sentences.n_obs)]
+    path = sc_c2s.tl.finetune(
+        sentences,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=tmp_path / "m",
+        tasks=("cell_type_prediction",),
+        n_genes=8,
+        max_steps=1,
+    )  # without anndata's UserWarning, an error under this suite's filterwarnings
+    warning = (
+        "150 obs_names are shared by several cells: training['eval_obs_names'] will also name the cells that share "
+        "a held-out cell's name; make them unique first (`adata.obs_names_make_unique()`)"
+    )
+    assert scanpy_log.getvalue().count(warning) == 1
+    metadata = load(path).metadata
+    is_eval = split(sentences.obs["cell_type"].astype(str), eval_fraction=0.1)
+    assert metadata.training["eval_obs_names"] == sentences.obs_names[is_eval].tolist()
+    assert metadata.scores["n_cells"] == is_eval.sum() == 30

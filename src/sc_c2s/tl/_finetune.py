@@ -320,6 +320,12 @@ def finetune(
         raise ValueError(msg)
     if labels is not None and eval_fraction > 0:
         _warn_few_held_out(labels, eval_fraction=eval_fraction, n_held_out=len(eval_cells))
+    if len(eval_cells) and not handler.obs_names.is_unique:
+        n_shared = handler.obs_names[handler.obs_names.duplicated()].nunique()
+        logg.warning(
+            f"{n_shared} obs_names are shared by several cells: training['eval_obs_names'] will also name the cells "
+            "that share a held-out cell's name; make them unique first (`adata.obs_names_make_unique()`)"
+        )
     label_set = sorted(labels.unique()) if labels is not None else []
     design = (
         _pairs.design(
@@ -823,7 +829,7 @@ def _evaluate(
     if not len(cells):
         return {}
     held_out = AnnData(
-        obs=pd.DataFrame(index=handler.obs_names[cells]),
+        obs=pd.DataFrame(index=np.arange(len(cells)).astype(str)),  # positions: obs_names may repeat
         obsm={_keys.GENES: np.asarray(handler.obsm[_keys.GENES])[cells]},
         uns={_keys.C2S: {"genes": c2s["genes"]}},
     )
