@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -454,16 +455,36 @@ def test_errors_name_the_options(tmp_path, capsys, options, message):
 
 
 def test_option_names_follow_the_parser():
-    names = cli._option_names(cli._parser())
+    parser = cli._parser()
+    names = cli._option_names(
+        parser, parser.parse_args(["generate", "--model", "m", "--cell-types", "B", "--out", "x"])
+    )
     assert names["n_genes"] == "--n-genes"
     assert names["random_state"] == "--seed"
-    assert names["n_cells"] == "--n-cells"
+    assert names["quiet"] == "--quiet"
+    assert "n_cells" not in names  # demo's: cells to generate per type
+    assert cli._option_names(parser, parser.parse_args(["demo"]))["n_cells"] == "--n-cells"
+    fetch = cli._option_names(parser, parser.parse_args(["models", "fetch", "m"]))
+    assert set(fetch.values()) == {
+        "--help",
+        "--version",
+        "--verbose",
+        "no --verbose",
+        "--quiet",
+        "no --quiet",
+        "--revision",
+    }
     assert (
         cli._in_options("`device=None` picks cpu; `n_genes` of `adata`", names)
         == "no --device picks cpu; --n-genes of `adata`"
     )
     # a name with nothing after its "=" is the option alone (it used to become "--layer " with a stray space)
     assert cli._in_options("`X` (`use_raw=False` without `layer=`).", names) == "`X` (--no-raw without --layer)."
+    # an aside offering an argument the command has no option for is left out; one it has stays
+    assert cli._in_options("lower `n_genes` (or `n_cells`, for groups of cells).", names) == "lower --n-genes."
+    assert cli._in_options("lower `n_cells` (or `n_genes`, for shorter ones).", names) == (
+        "lower `n_cells` (or --n-genes, for shorter ones)."
+    )
     # a flag is given or left out, whatever the Python value (`allow_repeats=True` read "--allow-repeats True")
     assert cli._in_options("`.raw` (`use_raw=True`); `allow_repeats=True`", names) == (
         "`.raw` (no --no-raw); --allow-repeats"
@@ -532,6 +553,41 @@ def test_quiet_hides_warnings(tmp_path, checkpoint, small_file, capsys):
     argv = ["-q", "annotate", str(small_file), "--model", str(checkpoint), "--labels", "A549", "--n-genes", "10"]
     assert cli.main([*argv, "--gene-symbols", "gene_symbol", "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_OK
     assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def too_long(tmp_path, checkpoint, small_file) -> list[str]:
+    """An annotate command line whose prompts are longer than the checkpoint reads."""
+    argv = ["annotate", str(small_file), "--model", str(checkpoint), "--labels", "model", "--n-genes", "600"]
+    return [*argv, "--gene-symbols", "gene_symbol", "--out", str(tmp_path / "out.h5ad")]
+
+
+TOO_LONG = r"sc-c2s: error: The longest prompt and answer has \d+ tokens, but 'tiny-cli' reads at most \d+; lower --n-genes\.\n"
+
+
+def test_too_long_names_the_options_of_annotate(too_long, env):
+    """The error offered --n-cells, an option of `demo` only, and -q showed transformers' warning before it."""
+    result = sc_c2s_command("-q", *too_long, env=env)
+    assert result.returncode == cli.EXIT_USAGE
+    assert re.fullmatch(TOO_LONG, result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_hides_the_transformers_log(too_long, capsys, monkeypatch, quiet):
+    """-q let transformers log "Token indices sequence length is longer than the specified maximum …"."""
+    shown = []
+    handler = logging.Handler()
+    monkeypatch.setattr(handler, "emit", lambda record: shown.append(record.getMessage()))
+    transformers_log = logging.getLogger("transformers")
+    monkeypatch.setattr(transformers_log, "handlers", [handler])  # its own is bound to the stderr of its import
+    monkeypatch.delenv(cli.TRANSFORMERS_VERBOSITY, raising=False)
+    level = transformers_log.level
+    assert cli.main([*(["-q"] if quiet else []), *too_long]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert re.fullmatch(TOO_LONG, err if quiet else err.splitlines(keepends=True)[-1]), err
+    assert [m.startswith("Token indices sequence length is longer") for m in shown] == ([] if quiet else [True])
+    assert transformers_log.level == level
+    assert cli.TRANSFORMERS_VERBOSITY not in os.environ
 
 
 @pytest.mark.parametrize("quiet", [False, True])

@@ -49,6 +49,10 @@ DEMO_DIR = "sc_c2s_demo"
 DEMO_CELLS_PER_TYPE = 30
 #: A Python argument name in a message of the package: `n_genes`, or with a value, `device='cuda'`.
 PYTHON_NAME = re.compile(r"`(\w+)(?:=([^`]*))?`")
+#: An aside of a message of the package that offers another argument: ``(or `n_cells`, for groups of cells)``.
+PYTHON_ASIDE = re.compile(r" \(or `(\w+)`[^()]*\)")
+#: The variable transformers reads the level of its log from, when it is first imported.
+TRANSFORMERS_VERBOSITY = "TRANSFORMERS_VERBOSITY"
 
 
 class UnknownModelError(ValueError):
@@ -63,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     verbosity = sc.settings.verbosity
     sc.settings.verbosity = 0 if args.quiet else "info" if args.verbose else "warning"
-    options = _option_names(parser)
+    options = _option_names(parser, args)
     try:
         with _warnings(quiet=args.quiet, options=options):
             args.run(args)
@@ -91,11 +95,15 @@ def _fail(error: Exception, code: int, options: dict[str, str]) -> int:
 
 @contextlib.contextmanager
 def _warnings(*, quiet: bool, options: dict[str, str]) -> Iterator[None]:
-    """Show warnings as one line each (see :func:`_warn`); with `quiet`, none, nor pooch's lines about downloads."""
+    """Show warnings as one line each (see :func:`_warn`); with `quiet`, none, nor the log below errors.
+
+    Quiet, pooch does not log its downloads, nor transformers its warnings ("Token indices sequence length is
+    longer than …").
+    """
     import pooch
 
     logger = pooch.get_logger()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _transformers_errors_only() if quiet else contextlib.nullcontext():
         if quiet:
             warnings.simplefilter("ignore")
             logger.addFilter(_errors_only)
@@ -104,6 +112,27 @@ def _warnings(*, quiet: bool, options: dict[str, str]) -> Iterator[None]:
             yield
         finally:
             logger.removeFilter(_errors_only)
+
+
+@contextlib.contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    """Raise the level of transformers' log to errors, and put it back after, without importing transformers.
+
+    Its logger takes the level (imported already), and the environment the level that transformers gives it when
+    it is first imported.
+    """
+    logger = logging.getLogger("transformers")
+    level, verbosity = logger.level, os.environ.get(TRANSFORMERS_VERBOSITY)
+    logger.setLevel(logging.ERROR)
+    os.environ[TRANSFORMERS_VERBOSITY] = "error"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if verbosity is None:
+            os.environ.pop(TRANSFORMERS_VERBOSITY, None)
+        else:
+            os.environ[TRANSFORMERS_VERBOSITY] = verbosity
 
 
 def _errors_only(record: logging.LogRecord) -> bool:
@@ -121,13 +150,15 @@ def _one_line(message: str) -> str:
     return re.sub(r"\s*\n\s*", " ", message.strip())
 
 
-def _option_names(parser: argparse.ArgumentParser) -> dict[str, str]:
-    """Map each option's Python name, the argument it sets, to the option: ``n_genes`` → ``--n-genes``."""
+def _option_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, str]:
+    """Map each option's Python name, the argument it sets, to the option: ``n_genes`` → ``--n-genes``.
+
+    The options are those of `parser` and of the command that `args` runs, not those of the other commands.
+    """
     names = {}
     for action in parser._actions:
         if isinstance(action.choices, dict):  # the commands, with their own options
-            for command in action.choices.values():
-                names |= _option_names(command)
+            names |= _option_names(action.choices[getattr(args, action.dest)], args)
         elif action.option_strings:
             option = names[action.dest] = max(action.option_strings, key=len)
             if isinstance(action.const, bool):  # a flag: each value said as the flag given or left out
@@ -141,8 +172,8 @@ def _in_options(message: str, options: dict[str, str]) -> str:
 
     A backticked name becomes its option (`n_genes` → --n-genes), one with a value the option and the value
     (`device='x'` → --device 'x'), and one set to None, the option left out (`device=None` → no --device). A flag
-    reads as given or left out (`use_raw=False` → --no-raw, `use_raw=True` → no --no-raw). Names that are not
-    options stay as they are.
+    reads as given or left out (`use_raw=False` → --no-raw, `use_raw=True` → no --no-raw). An aside offering a name
+    that is not an option, ``(or `n_cells`, for groups of cells)``, is left out; other such names stay as they are.
     """
 
     def option(match: re.Match[str]) -> str:
@@ -155,6 +186,7 @@ def _in_options(message: str, options: dict[str, str]) -> str:
             return options[name]
         return f"no {options[name]}" if value == "None" else f"{options[name]} {value}"
 
+    message = PYTHON_ASIDE.sub(lambda aside: aside[0] if aside[1] in options else "", message)
     return PYTHON_NAME.sub(option, message)
 
 
@@ -178,7 +210,7 @@ def _parser() -> argparse.ArgumentParser:
     loudness.add_argument(
         "-q", "--quiet", action="store_true", help="print errors only: no steps, warnings or progress bars"
     )
-    commands = parser.add_subparsers(title="commands", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
         "demo",
@@ -278,7 +310,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.set_defaults(run=_generate)
 
     models = commands.add_parser("models", help="list or download checkpoints")
-    models_commands = models.add_subparsers(title="models commands", required=True, metavar="ACTION")
+    models_commands = models.add_subparsers(title="models commands", dest="action", required=True, metavar="ACTION")
     models_commands.add_parser("list", help="checkpoints that open by name").set_defaults(run=_models_list)
     fetch = models_commands.add_parser("fetch", help="download a checkpoint into the cache")
     fetch.add_argument("name", help="a name from 'sc-c2s models list' or its Hugging Face repository")
