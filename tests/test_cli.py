@@ -394,6 +394,17 @@ def test_arguments_are_checked_before_reading(
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["annotate", "generate"])
+def test_a_file_for_the_model_is_bad_input(tmp_path, small_file, nothing_read, capsys, command):
+    """An existing file exited 3, the status of a path that does not exist, while an empty folder exited 2."""
+    argv = ["-q", "annotate", str(small_file)] if command == "annotate" else ["-q", "generate", "--cell-types", "B"]
+    assert cli.main([*argv, "--model", str(small_file), "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == (
+        f"sc-c2s: error: {str(small_file)!r} is a file, not a checkpoint directory; pass the folder that holds the "
+        "model's config.json and weights, or a name from 'sc-c2s models list'.\n"
+    )
+
+
 @pytest.mark.parametrize("option", ["--temperature", "--seed"])
 def test_sampling_is_checked_before_reading(tmp_path, small_file, nothing_read, capsys, option):
     argv = ["-q", "generate", "--model", "demo", "--cell-types", "B", "--data", str(small_file)]

@@ -359,14 +359,20 @@ def _step(message: str) -> float:
 
 
 def _check_model(name: str) -> None:
-    """Refuse a ``--model`` that cannot be loaded: an unknown name (exit code 4), a missing directory (3)."""
+    """Refuse a ``--model`` that cannot be loaded: an unknown name (exit code 4), a missing directory (3), a file (2)."""
     from sc_c2s.models._load import check_name_or_path
     from sc_c2s.models._registry import names
 
     try:
         check_name_or_path(name)
     except ValueError as e:
-        if Path(name).expanduser().exists() or "/" in name or "\\" in name:
+        if Path(name).expanduser().exists():  # not a folder: those pass
+            msg = (
+                f"{name!r} is a file, not a checkpoint directory; pass the folder that holds the model's config.json "
+                "and weights, or a name from 'sc-c2s models list'."
+            )
+            raise ValueError(msg) from e
+        if "/" in name or "\\" in name:
             msg = f"{name!r} is not a checkpoint directory."
             raise FileNotFoundError(msg) from e
         msg = f"No model called {name!r}. Available: {', '.join(names())}; or pass a checkpoint directory."
