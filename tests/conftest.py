@@ -16,10 +16,18 @@ import numpy as np
 import pooch
 import pytest
 import scanpy as sc
+from matplotlib import pyplot as plt
 
 DATA = Path(__file__).parent / "data"
 #: Longest sentence of the `short_sentences` cells.
 SHORT_SENTENCE_GENES = 12
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """Close the figures a test drew, so that the suite never holds more than matplotlib warns about."""
+    yield
+    plt.close("all")
 
 
 @pytest.fixture(scope="session")

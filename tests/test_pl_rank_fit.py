@@ -14,12 +14,6 @@ import sc_c2s
 from sc_c2s import _rank_model
 
 
-@pytest.fixture(autouse=True)
-def _close_figures():
-    yield
-    plt.close("all")
-
-
 def test_draws_density_line_and_figures(container, cellbench):
     data = container.wrap(cellbench)
     sc_c2s.pp.to_sentences(data, gene_symbols="gene_symbol")
