@@ -262,12 +262,16 @@ def test_score_perturbation_reads_genes_from_zarr(kang, tmp_path):
     )
 
 
-def test_score_perturbation_warns_when_most_predicted_words_are_not_real_genes(kang):
-    """Real cells ranked over a third of the genes dropped two thirds of the predicted words without a word."""
+def test_score_perturbation_warns_when_most_predicted_words_are_not_real_genes(kang, scanpy_log):
+    """Real cells ranked over a third of the genes dropped two thirds of the predicted words without a word.
+
+    One warning, in the scores' terms: not also from_sentences' advice about its `genes=`, which the user did not pass.
+    """
     real = kang[:, kang.var_names[::3]].copy()
     sc_c2s.pp.to_sentences(real, n_genes=N_GENES)
     with pytest.warns(UserWarning, match=r"\d+% of the words of the predicted sentences are not genes of the real"):
         sc_c2s.tl.score_perturbation(real, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
+    assert "not genes of `genes`" not in scanpy_log.getvalue()
 
 
 def test_mean_shift_and_de_genes_by_hand(kang):

@@ -76,6 +76,25 @@ def from_sentences(
     >>> cells.obs[["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]].iloc[0].tolist()
     [2, 1, 1]
     """
+    cells = reconstruct(sentences, genes=genes, rank_fit=rank_fit)
+    warn_unknown(
+        int(cells.obs["n_unknown_words"].sum()),
+        int(cells.obs[COUNTS].to_numpy().sum()),
+        what="the words of the sentences are not genes of `genes`",
+        fix="are the sentences written with these gene names? For sentences of `sc_c2s.pp.to_sentences`, pass "
+        "`genes=adata.uns['c2s']['genes']`, the names they were written with (symbols where it ran with "
+        "`gene_symbols=`), rather than `adata.var_names`.",
+    )
+    return cells
+
+
+def reconstruct(
+    sentences: Iterable[str], *, genes: Sequence[str] | pd.Index, rank_fit: Mapping[str, Any] | RankFit
+) -> AnnData:
+    """Do what :func:`from_sentences` does without its warning about unknown words.
+
+    For callers that report unknown words in their own terms (the scores count them as invalid words).
+    """
     fit = RankFit.from_dict(rank_fit)
     genes = gene_index(genes)
     if isinstance(sentences, Mapping):
@@ -89,14 +108,6 @@ def from_sentences(
         msg = f"`sentences` must be a list of sentences, not {what}."
         raise TypeError(msg)
     X, counts = read(sentences, vocabulary(genes), fit, n_genes=len(genes))
-    warn_unknown(
-        int(counts[:, 1].sum()),
-        int(counts.sum()),
-        what="the words of the sentences are not genes of `genes`",
-        fix="are the sentences written with these gene names? For sentences of `sc_c2s.pp.to_sentences`, pass "
-        "`genes=adata.uns['c2s']['genes']`, the names they were written with (symbols where it ran with "
-        "`gene_symbols=`), rather than `adata.var_names`.",
-    )
     obs = pd.DataFrame(
         counts,
         columns=COUNTS,

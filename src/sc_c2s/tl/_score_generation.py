@@ -20,7 +20,7 @@ from sc_c2s._utils._validate import (
     check_positive_int,
     check_random_state,
 )
-from sc_c2s.tl._from_sentences import _text, from_sentences
+from sc_c2s.tl._from_sentences import _text, reconstruct
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -96,8 +96,8 @@ def comparison(
         raise KeyError(msg)
     words = np.asarray(c2s["genes"], dtype=object)  # zarr gives a StringDType array, which does not cast to str
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
-    real_cells = from_sentences([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
-    generated_cells = from_sentences(generated.obs[_keys.SENTENCE].tolist(), genes=words, rank_fit=fit)
+    real_cells = reconstruct([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
+    generated_cells = reconstruct(generated.obs[_keys.SENTENCE].tolist(), genes=words, rank_fit=fit)
     check_shared_genes(generated_cells.obs, generated.obs[_keys.SENTENCE])
     return Comparison(
         real=real_cells.X,

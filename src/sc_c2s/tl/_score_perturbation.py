@@ -22,7 +22,7 @@ from sc_c2s._utils._validate import (
     check_random_state,
 )
 
-from ._from_sentences import from_sentences
+from ._from_sentences import reconstruct
 from ._pairs import conditions
 from ._score_generation import check_shared_genes, mmd, pca, project
 from ._utils import UNKNOWN_WARNING
@@ -126,8 +126,8 @@ def cells(
         raise KeyError(msg)
     genes = np.asarray(c2s["genes"], dtype=object)
     real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
-    real_cells = from_sentences([" ".join(w) for w in real_words], genes=genes, rank_fit=fit)
-    predicted_cells = from_sentences(predicted.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
+    real_cells = reconstruct([" ".join(w) for w in real_words], genes=genes, rank_fit=fit)
+    predicted_cells = reconstruct(predicted.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
     check_shared_genes(predicted_cells.obs, predicted.obs[_keys.SENTENCE])
     _warn_unknown_words(predicted_cells.obs)
     predicted_groups = predicted.obs[groupby]
