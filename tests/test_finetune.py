@@ -916,17 +916,19 @@ def test_summaries_of_a_column_are_one_text_per_group(donors):
         _samples.units(donors.obs, summaries="text", **kwargs)
 
 
-def test_cells_without_a_tissue_are_refused(donors, tmp_path):
-    """They were left out of the tissue samples without a word, while `n_train_cells` counted them."""
-    donors.obs["tissue"] = donors.obs["tissue"].astype(object)
-    donors.obs.loc[donors.obs_names[[0, 5, 7]], "tissue"] = np.nan
-    with pytest.raises(ValueError, match=r"obs\['tissue'\] has 3 missing tissues; drop those cells"):
+@pytest.mark.parametrize(("key", "what"), [("tissue", "tissue"), ("donor", "group")])
+def test_cells_without_a_tissue_or_group_are_refused(donors, tmp_path, key, what):
+    """They were left out of the multi-cell samples without a word, while `n_train_cells` counted them."""
+    donors.obs[key] = donors.obs[key].astype(object)
+    donors.obs.loc[donors.obs_names[[0, 5, 7]], key] = np.nan
+    with pytest.raises(ValueError, match=rf"obs\['{key}'\] has 3 missing {what}s; drop those cells"):
         sc_c2s.tl.finetune(
             donors,
             base_model="scratch",
             output_dir=tmp_path / "m",
             tasks=["tissue_prediction"],
             tissue_key="tissue",
+            groupby="donor",
             n_cells=(2, 3),
             n_genes=10,
             max_steps=1,

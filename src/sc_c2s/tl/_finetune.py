@@ -154,7 +154,8 @@ def finetune(
         Column of ``obs`` with each cell's tissue (every cell needs one), for ``"tissue_prediction"`` and
         ``"tissue_generation"``.
     groupby
-        Column of ``obs`` with each cell's sample or donor: multi-cell samples never mix groups (nor tissues).
+        Column of ``obs`` with each cell's sample or donor (every cell needs one): multi-cell samples never mix
+        groups (nor tissues).
         ``None``: groups are the tissues.
     summaries
         For ``"summary"``: a text per group of `groupby` (a mapping from group to text, or a column of ``obs``

@@ -326,7 +326,7 @@ class Units:
     tasks: tuple[str, ...]
     """Multi-cell tasks asked for (none: no multi-cell sample)."""
     codes: np.ndarray
-    """Unit of each cell of ``obs`` (``-1``: none)."""
+    """Unit of each cell of ``obs``."""
     tissues_of: list[str]
     """Tissue of each unit (``""`` without `tissue_key`)."""
     summaries: list[str | None]
@@ -386,18 +386,17 @@ def units(
     if tissue_key is not None:
         columns["tissue"] = complete_column(obs, tissue_key, arg="tissue_key", what="tissue")
     if groupby is not None:
-        columns["group"] = check_obs_column(obs, groupby, arg="groupby")
+        columns["group"] = complete_column(obs, groupby, arg="groupby", what="group")
     if "summary" in tasks and (summaries is None or groupby is None):
         msg = "The summary task needs `groupby=` (the groups of cells) and `summaries=` (a text per group)."
         raise ValueError(msg)
     if not columns:
         msg = "Multi-cell tasks need `tissue_key=` or `groupby=` to know which cells belong together."
         raise ValueError(msg)
-    keys = pd.DataFrame({k: v.astype(str).where(v.notna()) for k, v in columns.items()}, index=obs.index)
-    complete = keys.notna().all(axis=1)
-    name = keys.fillna("").agg("\t".join, axis=1).where(complete)
+    keys = pd.DataFrame({k: v.astype(str) for k, v in columns.items()}, index=obs.index)
+    name = keys.agg("\t".join, axis=1)
     codes, names = pd.factorize(name, sort=True)
-    first = keys[complete].groupby(name[complete], sort=True).first()
+    first = keys.groupby(name, sort=True).first()
     tissues_of = first["tissue"].tolist() if "tissue" in first else [""] * len(names)
     texts = _summaries(obs, groupby, first["group"] if "group" in first else None, summaries, n_units=len(first))
     return Units(tasks, codes, tissues_of, texts, n_cells)
