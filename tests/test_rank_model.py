@@ -103,8 +103,12 @@ def test_whole_multiples_by_hand():
     X = sparse.csr_matrix(
         np.array([[0.5, 1.0, 1.5, 0], [0.4, 1.0, 0, 0], [0.3, 0.3, 0, 0], [0, 0, 0, 0], [2.0, 0, 8.0, 6.0]])
     )
-    assert _rank_model._whole_multiples(X.indptr, X.data) == pytest.approx(2 / 3)  # rows 0 and 4 of 0, 1, 4
-    assert _rank_model._whole_multiples(X.indptr[:4], X.data[: X.indptr[3]]) == 0.5
+    assert _rank_model._whole_multiples(X.indptr, X.data, 0.0) == pytest.approx(2 / 3)  # rows 0 and 4 of 0, 1, 4
+    assert _rank_model._whole_multiples(X.indptr[:4], X.data[: X.indptr[3]], 0.0) == 0.5
+    logged = X.copy()
+    logged.data = np.log1p(logged.data)
+    assert _rank_model._whole_multiples(logged.indptr, logged.data, 1.0) == pytest.approx(2 / 3)
+    assert _rank_model._whole_multiples(logged.indptr, logged.data, 0.0) == 0.0
 
 
 def test_fit_on_a_hand_built_matrix():
