@@ -285,14 +285,20 @@ def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return int(min(limit, tokenizer.model_max_length))
 
 
-def check_context(model: PreTrainedModel, ids: Sequence[Sequence[int]], *, name: str, room: int = 0) -> None:
-    """Refuse prompts longer than the model reads; `room` is the number of tokens that follow them (an answer)."""
+def check_context(
+    model: PreTrainedModel, ids: Sequence[Sequence[int]], *, name: str, room: int = 0, groups: bool = False
+) -> None:
+    """Refuse prompts longer than the model reads.
+
+    `room` is the number of tokens that follow them (an answer); `groups` says the prompts hold groups of cells,
+    whose number the message then offers to lower too.
+    """
     longest = max(map(len, ids), default=0) + room
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
         msg = (
             f"The longest prompt{' and answer' if room else ''} has {longest} tokens, but {name!r} reads at "
-            f"most {limit}; lower `n_genes` (or `n_cells`, for groups of cells)."
+            f"most {limit}; lower `n_genes`{' (or `n_cells`, for groups of cells)' if groups else ''}."
         )
         raise ValueError(msg)
 

@@ -503,7 +503,7 @@ def sample(
     """
     import torch
 
-    _runtime.check_context(c2s.model, prompt_ids, name=c2s.name, room=max_new_tokens)
+    _runtime.check_context(c2s.model, prompt_ids, name=c2s.name, room=max_new_tokens, groups=reset_ids is not None)
     ids = [prompt_ids[code] for code in codes.tolist()]  # shared lists: one per cell type
     pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
