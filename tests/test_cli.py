@@ -491,11 +491,6 @@ def test_option_names_follow_the_parser():
     )
     # a name with nothing after its "=" is the option alone (it used to become "--layer " with a stray space)
     assert cli._in_options("`X` (`use_raw=False` without `layer=`).", names) == "`X` (--no-raw without --layer)."
-    # an aside offering an argument the command has no option for is left out; one it has stays
-    assert cli._in_options("lower `n_genes` (or `n_cells`, for groups of cells).", names) == "lower --n-genes."
-    assert cli._in_options("lower `n_cells` (or `n_genes`, for shorter ones).", names) == (
-        "lower `n_cells` (or --n-genes, for shorter ones)."
-    )
     # a flag is given or left out, whatever the Python value (`allow_repeats=True` read "--allow-repeats True")
     assert cli._in_options("`.raw` (`use_raw=True`); `allow_repeats=True`", names) == (
         "`.raw` (no --no-raw); --allow-repeats"

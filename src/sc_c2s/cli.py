@@ -49,8 +49,6 @@ DEMO_DIR = "sc_c2s_demo"
 DEMO_CELLS_PER_TYPE = 30
 #: A Python argument name in a message of the package: `n_genes`, or with a value, `device='cuda'`.
 PYTHON_NAME = re.compile(r"`(\w+)(?:=([^`]*))?`")
-#: An aside of a message of the package that offers another argument: ``(or `n_cells`, for groups of cells)``.
-PYTHON_ASIDE = re.compile(r" \(or `(\w+)`[^()]*\)")
 #: The variable transformers reads the level of its log from, when it is first imported.
 TRANSFORMERS_VERBOSITY = "TRANSFORMERS_VERBOSITY"
 
@@ -172,8 +170,8 @@ def _in_options(message: str, options: dict[str, str]) -> str:
 
     A backticked name becomes its option (`n_genes` → --n-genes), one with a value the option and the value
     (`device='x'` → --device 'x'), and one set to None, the option left out (`device=None` → no --device). A flag
-    reads as given or left out (`use_raw=False` → --no-raw, `use_raw=True` → no --no-raw). An aside offering a name
-    that is not an option, ``(or `n_cells`, for groups of cells)``, is left out; other such names stay as they are.
+    reads as given or left out (`use_raw=False` → --no-raw, `use_raw=True` → no --no-raw). Names that are not
+    options stay as they are.
     """
 
     def option(match: re.Match[str]) -> str:
@@ -186,7 +184,6 @@ def _in_options(message: str, options: dict[str, str]) -> str:
             return options[name]
         return f"no {options[name]}" if value == "None" else f"{options[name]} {value}"
 
-    message = PYTHON_ASIDE.sub(lambda aside: aside[0] if aside[1] in options else "", message)
     return PYTHON_NAME.sub(option, message)
 
 
