@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 
 import anndata as ad
@@ -828,8 +829,6 @@ def test_output_dir_in_the_home_directory(sentences, tmp_path, monkeypatch):
 @pytest.mark.parametrize("locked", ["file", "read-only"])
 def test_output_dir_that_cannot_be_created_is_refused_before_training(sentences, tmp_path, monkeypatch, locked):
     """An output_dir below a file or an unwritable folder passed the up-front check and failed after training."""
-    import os
-
     if locked == "file":
         (tmp_path / "results.h5ad").write_text("")
         output_dir, error, match = tmp_path / "results.h5ad" / "model", NotADirectoryError, "is a file"
