@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import contextlib
 import io
 import re
 import shutil
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -87,14 +89,23 @@ def container(request) -> Container:
     return Container(request.param)
 
 
+@contextlib.contextmanager
+def captured_log(verbosity: str = "hint") -> Iterator[io.StringIO]:
+    """Send what scanpy logs at `verbosity` to a stream (by default with the `deep` details of `finished`)."""
+    stream = io.StringIO()
+    logfile, before = sc.settings.logfile, sc.settings.verbosity
+    sc.settings.logfile, sc.settings.verbosity = stream, verbosity
+    try:
+        yield stream
+    finally:
+        sc.settings.logfile, sc.settings.verbosity = logfile, before
+
+
 @pytest.fixture
 def scanpy_log():
     """A stream receiving what scanpy logs during the test, including the `deep` details of `finished`."""
-    stream = io.StringIO()
-    logfile, verbosity = sc.settings.logfile, sc.settings.verbosity
-    sc.settings.logfile, sc.settings.verbosity = stream, "hint"
-    yield stream
-    sc.settings.logfile, sc.settings.verbosity = logfile, verbosity
+    with captured_log() as stream:
+        yield stream
 
 
 @pytest.fixture

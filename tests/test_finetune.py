@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -11,7 +10,6 @@ import mudata as md
 import numpy as np
 import pandas as pd
 import pytest
-import scanpy as sc
 import torch
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -23,7 +21,7 @@ from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _generate, _samples
 from sc_c2s.tl._finetune import scores, split
 
-from .conftest import DATA
+from .conftest import DATA, captured_log
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_GENES = 20
@@ -204,27 +202,22 @@ def generator(_cellbench, tmp_path_factory, one_torch_thread):
     """
     adata = _cellbench[:60].copy()
     sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
-    calls, generate, log = [], _generate.generate, io.StringIO()
+    calls, generate = [], _generate.generate
 
     def record(*args, **kwargs):
         calls.append(kwargs["n_genes"])
         return generate(*args, **kwargs)
 
-    logfile, verbosity = sc.settings.logfile, sc.settings.verbosity
-    sc.settings.logfile, sc.settings.verbosity = log, "info"
-    with pytest.MonkeyPatch.context() as patch:
+    with pytest.MonkeyPatch.context() as patch, captured_log("info") as log:
         patch.setattr(_generate, "generate", record)
-        try:
-            path = sc_c2s.tl.finetune(
-                adata,
-                label_key="cell_type",
-                base_model="scratch",
-                output_dir=tmp_path_factory.mktemp("generator") / "m",
-                tasks=["cell_type_generation"],
-                max_steps=2,
-            )
-        finally:
-            sc.settings.logfile, sc.settings.verbosity = logfile, verbosity
+        path = sc_c2s.tl.finetune(
+            adata,
+            label_key="cell_type",
+            base_model="scratch",
+            output_dir=tmp_path_factory.mktemp("generator") / "m",
+            tasks=["cell_type_generation"],
+            max_steps=2,
+        )
     return path, calls, log.getvalue()
 
 
@@ -661,6 +654,20 @@ def test_balanced_draw_is_seeded():
     assert not np.array_equal(first, other)
 
 
+def one_step(adata: ad.AnnData, output_dir: Path | str, **kwargs) -> Path:
+    """Train cell-type prediction from scratch on 8-gene sentences for one step: enough to test checks and records."""
+    return sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=output_dir,
+        tasks=("cell_type_prediction",),
+        n_genes=8,
+        max_steps=1,
+        **kwargs,
+    )
+
+
 def test_finetune_draws_each_epoch_at_the_label_balance(sentences, tmp_path, monkeypatch):
     # an imbalanced training set: one cell line keeps 4 cells
     rare = sentences.obs["cell_type"].value_counts().index[-1]
@@ -675,17 +682,7 @@ def test_finetune_draws_each_epoch_at_the_label_balance(sentences, tmp_path, mon
         return train(model, samples, **kwargs)
 
     monkeypatch.setattr(_trainer, "train", record)
-    path = sc_c2s.tl.finetune(
-        adata,
-        label_key="cell_type",
-        base_model="scratch",
-        output_dir=tmp_path / "m",
-        tasks=("cell_type_prediction",),
-        n_genes=8,
-        max_steps=1,
-        eval_fraction=0,
-        balance_labels=1.0,
-    )
+    path = one_step(adata, tmp_path / "m", eval_fraction=0, balance_labels=1.0)
     model = load(path)
     assert model.metadata.training["balance_labels"] == 1.0
     # every label gets a fifth of an epoch's samples, whatever its size
@@ -811,16 +808,7 @@ def test_output_dir_in_the_home_directory(sentences, tmp_path, monkeypatch):
     (tmp_path / "home").mkdir()
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
-    path = sc_c2s.tl.finetune(
-        sentences,
-        label_key="cell_type",
-        base_model="scratch",
-        output_dir="~/model",
-        tasks=("cell_type_prediction",),
-        n_genes=8,
-        max_steps=1,
-        eval_fraction=0,
-    )
+    path = one_step(sentences, "~/model", eval_fraction=0)
     assert path == tmp_path / "home" / "model"
     assert load(path).metadata.tasks == ["cell_type_prediction"]
     assert not any((tmp_path / "cwd").iterdir())
@@ -838,14 +826,7 @@ def test_output_dir_that_cannot_be_created_is_refused_before_training(sentences,
         monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "shared" and access(p, mode))
         output_dir, error, match = tmp_path / "shared" / "a" / "model", PermissionError, "cannot write"
     with pytest.raises(error, match=rf"`output_dir` .*{match}.* pass"):
-        sc_c2s.tl.finetune(
-            sentences,
-            label_key="cell_type",
-            base_model="scratch",
-            output_dir=output_dir,
-            tasks=("cell_type_prediction",),
-            max_steps=1,
-        )
+        one_step(sentences, output_dir)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["results.h5ad" if locked == "file" else "shared"]
 
 
@@ -954,16 +935,7 @@ def test_cells_without_a_tissue_or_group_are_refused(donors, tmp_path, key, what
 )
 def test_too_few_held_out_cells_are_announced(sentences, tmp_path, scanpy_log, eval_fraction, expected):
     """An `eval_fraction` too small for the labels held out no cell (no selection) or one, without a word."""
-    path = sc_c2s.tl.finetune(
-        sentences,
-        label_key="cell_type",
-        base_model="scratch",
-        output_dir=tmp_path / "m",
-        tasks=("cell_type_prediction",),
-        n_genes=8,
-        max_steps=1,
-        eval_fraction=eval_fraction,
-    )
+    path = one_step(sentences, tmp_path / "m", eval_fraction=eval_fraction)
     n_held_out = len(load(path).metadata.training["eval_obs_names"])
     labels = sentences.obs["cell_type"].astype(str)
     assert n_held_out == split(labels, eval_fraction=eval_fraction).sum()  # the split is unchanged
@@ -980,14 +952,8 @@ def test_duplicate_obs_names_are_announced(sentences, tmp_path, scanpy_log):
     """`training["eval_obs_names"]` then names more cells than were held out; it was not said, and the throwaway
     AnnData of the held-out cells raised anndata's own warning."""
     sentences.obs_names = [f"cell{i % 150}" for i in range(sentences.n_obs)]
-    path = sc_c2s.tl.finetune(
-        sentences,
-        label_key="cell_type",
-        base_model="scratch",
-        output_dir=tmp_path / "m",
-        tasks=("cell_type_prediction",),
-        n_genes=8,
-        max_steps=1,
+    path = one_step(
+        sentences, tmp_path / "m"
     )  # without anndata's UserWarning, an error under this suite's filterwarnings
     warning = (
         "150 obs_names are shared by several cells: training['eval_obs_names'] will also name the cells that share "
