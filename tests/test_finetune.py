@@ -305,6 +305,22 @@ def train_small(model, cell_samples, **options) -> _trainer.Result:
     return _trainer.train(model, train, batch_size=8, learning_rate=1e-3, pad_id=tokenizer.pad_token_id, **options)
 
 
+@pytest.mark.skipif(torch.__version__ < "2.4", reason="AdamW's fused kernel runs on the CPU from torch 2.4")
+def test_the_fused_optimiser_trains_as_the_plain_one(cell_samples, monkeypatch):
+    """On the CPU (torch >= 2.4), AdamW's fused kernel updates the weights as its ten separate passes do."""
+    tokenizer = cell_samples[0]
+    weights = {}
+    for fused in (True, False):
+        monkeypatch.setattr(_trainer, "fused_adamw", lambda device, fused=fused: fused)
+        model = small_model(tokenizer)
+        train_small(model, cell_samples, max_steps=20)
+        weights[fused] = {name: p.detach() for name, p in model.named_parameters()}
+    before = dict(small_model(tokenizer).named_parameters())
+    for name, fused in weights[True].items():
+        assert not torch.equal(fused, before[name])
+        torch.testing.assert_close(fused, weights[False][name], rtol=1e-4, atol=1e-5)
+
+
 def test_early_stopping_stops_and_restores_the_best_weights(cell_samples, monkeypatch):
     tokenizer, _, held = cell_samples
     model = small_model(tokenizer)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sc_c2s._compat import fused_adamw
 from sc_c2s._utils._progress import progress
 
 from . import _candidates, _runtime
@@ -256,7 +257,7 @@ def train(
     rng = np.random.default_rng(random_state)
     warmup = max(1, int(_WARMUP * max_steps))
     optimizer = torch.optim.AdamW(
-        _parameter_groups(model, weight_decay), lr=learning_rate, betas=(0.9, 0.95), fused=device.type == "cuda"
+        _parameter_groups(model, weight_decay), lr=learning_rate, betas=(0.9, 0.95), fused=fused_adamw(device)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, max_steps))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
