@@ -405,6 +405,21 @@ def test_torch_thread_count_survives_the_kernels():
     assert result.stdout.split() == ["1"]
 
 
+def test_torch_threads_are_set_only_when_the_kernels_changed_them(monkeypatch):
+    """torch.set_num_threads turns MKL's dynamic threads off, which with numba's nested OpenMP slowed training 8x."""
+    torch = pytest.importorskip("torch")
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    with numba_threads():
+        pass
+    assert calls == []
+    count = torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", iter([count, count + 1]).__next__)  # as numba's first start does
+    with numba_threads():
+        pass
+    assert calls == [count]
+
+
 @pytest.mark.usefixtures("n_jobs")
 def test_thread_count_does_not_change_results():
     rng = np.random.default_rng(2)

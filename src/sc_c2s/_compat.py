@@ -24,7 +24,8 @@ def fused_adamw(device) -> bool:
     """Whether PyTorch's fused AdamW, one kernel per parameter for the whole update, runs on `device`.
 
     CUDA has it in every release allowed here, the CPU from torch 2.4. On the CPU it takes the update of a
-    from-scratch model from about 24 ms to 2 ms a step, against some ten passes over every parameter otherwise.
+    from-scratch model from about 7 ms to 4 ms a step (of 550 ms on 2 cores), in one pass over each parameter
+    instead of some ten.
     """
     import torch
 
