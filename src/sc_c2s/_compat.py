@@ -6,6 +6,10 @@ import json
 from dataclasses import fields
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @cache
@@ -20,7 +24,7 @@ def cache_name() -> str:
     return "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
-def fused_adamw(device) -> bool:
+def fused_adamw(device: torch.device) -> bool:
     """Whether PyTorch's fused AdamW, one kernel per parameter for the whole update, runs on `device`.
 
     CUDA has it in every release allowed here, the CPU from torch 2.4. On the CPU it takes the update of a
