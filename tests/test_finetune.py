@@ -968,9 +968,8 @@ def test_duplicate_obs_names_are_announced(sentences, tmp_path, scanpy_log):
     """`training["eval_obs_names"]` then names more cells than were held out; it was not said, and the throwaway
     AnnData of the held-out cells raised anndata's own warning."""
     sentences.obs_names = [f"cell{i % 150}" for i in range(sentences.n_obs)]
-    path = one_step(
-        sentences, tmp_path / "m"
-    )  # without anndata's UserWarning, an error under this suite's filterwarnings
+    # without anndata's UserWarning, an error under this suite's filterwarnings
+    path = one_step(sentences, tmp_path / "m")
     warning = (
         "150 obs_names are shared by several cells: training['eval_obs_names'] will also name the cells that share "
         "a held-out cell's name; make them unique first (`adata.obs_names_make_unique()`)"

@@ -407,7 +407,8 @@ def test_torch_thread_count_survives_the_kernels():
 
 def test_torch_threads_are_set_only_when_the_kernels_changed_them(monkeypatch):
     """torch.set_num_threads turns MKL's dynamic threads off, which with numba's nested OpenMP slowed training 8x."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
     with numba_threads():
