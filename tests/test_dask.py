@@ -10,7 +10,9 @@ import dataclasses
 import gc
 import subprocess
 import sys
+import threading
 import time
+import warnings
 import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -241,6 +243,38 @@ def test_warnings_of_several_tasks_name_their_cells():
     with pytest.warns(UserWarning) as record:
         _dask._warn_again([[empty]], offsets[:2], n_cells=13)
     assert [str(w.message) for w in record] == ["1 of 13 answers are empty"]
+
+
+def test_warnings_of_tasks_running_at_once_stay_with_their_task():
+    """Two threads of a worker: the first task ends while the second still runs (once in CI, the second's were lost).
+
+    With `warnings.catch_warnings` per task, the first task's warning went to the second's record and the second's,
+    raised after the first task restored the filters, to no one.
+    """
+    filters, showwarning = list(warnings.filters), warnings.showwarning
+    second_started, first_ended = threading.Event(), threading.Event()
+
+    def first() -> list[str]:
+        with _dask._TASK_WARNINGS.record() as caught:
+            assert second_started.wait(timeout=10)
+            warnings.warn("first", UserWarning, stacklevel=1)
+        first_ended.set()
+        return [str(w.message) for w in caught]
+
+    def second() -> list[str]:
+        with _dask._TASK_WARNINGS.record() as caught:
+            second_started.set()
+            assert first_ended.wait(timeout=10)
+            for _ in range(2):  # from one place: recorded each time, as the verb raised it again in another task
+                warnings.warn("second", UserWarning, stacklevel=1)
+        return [str(w.message) for w in caught]
+
+    with ThreadPoolExecutor(2) as pool:
+        first_task, second_task = pool.submit(first), pool.submit(second)
+        assert first_task.result() == ["first"]
+        assert second_task.result() == ["second", "second"]
+    assert warnings.filters == filters
+    assert warnings.showwarning is showwarning
 
 
 # ---- which model the tasks use --------------------------------------------------------------------------------------

@@ -12,12 +12,14 @@ it has one) and keeps the last model it loaded.
 
 from __future__ import annotations
 
+import functools
 import sys
 import threading
 import warnings
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -390,13 +392,66 @@ def _run_chunk(
     from anndata import AnnData
 
     chunk = AnnData(obs=pd.DataFrame(index=obs_names), obsm={GENES: np.asarray(genes)}, uns={C2S: shared["c2s"]})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with _TASK_WARNINGS.record() as caught:
         shared["verb"](chunk, model=worker_model(shared["model"]), **shared["kwargs"])
     results: dict[tuple[str, str], Any] = {("obs", key): chunk.obs[key] for key in chunk.obs.columns}
     results |= {("obsm", key): chunk.obsm[key] for key in chunk.obsm if key != GENES}
     results |= {("uns", key): chunk.uns[key] for key in chunk.uns if key != C2S}
     return results, [(w.category, str(w.message)) for w in caught if issubclass(w.category, UserWarning)]
+
+
+class _TaskWarnings:
+    """Record the warnings of each task apart, while the threads of a worker run several tasks at once.
+
+    :class:`warnings.catch_warnings` swaps process-wide state (before Python 3.14's context-aware warnings): a task
+    that enters it after another and leaves it last lost the other's later warnings, which reached no one. Here
+    the first task in installs one recorder that files each warning under the thread that raised it, every time
+    (``"always"``), and the last task out restores what was there. Warnings of other threads meanwhile are shown
+    as before.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tasks = 0
+        self._installed: warnings.catch_warnings | None = None
+        self._thread = threading.local()
+
+    @contextmanager
+    def record(self) -> Iterator[list[warnings.WarningMessage]]:
+        """Record the warnings this thread raises inside the block into the list it yields."""
+        if getattr(sys.flags, "context_aware_warnings", False):  # each thread has its own filters and recorder
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                yield caught
+            return
+        caught: list[warnings.WarningMessage] = []
+        with self._lock:
+            if self._tasks == 0:
+                self._installed = warnings.catch_warnings()
+                self._installed.__enter__()
+                warnings.simplefilter("always")
+                warnings.showwarning = functools.partial(self._show, warnings.showwarning)
+            self._tasks += 1
+        self._thread.caught = caught
+        try:
+            yield caught
+        finally:
+            del self._thread.caught
+            with self._lock:
+                self._tasks -= 1
+                if self._tasks == 0:
+                    self._installed.__exit__(None, None, None)
+                    self._installed = None
+
+    def _show(self, shown: Callable[..., None], message: Warning | str, category: type[Warning], *where: Any) -> None:
+        caught = getattr(self._thread, "caught", None)
+        if caught is None:
+            shown(message, category, *where)
+        else:
+            caught.append(warnings.WarningMessage(message, category, *where))
+
+
+_TASK_WARNINGS = _TaskWarnings()
 
 
 def _combine(chunks: list[dict[tuple[str, str], Any]] | tuple) -> dict[tuple[str, str], Any]:
