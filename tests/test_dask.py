@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import os
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -92,6 +94,30 @@ def test_to_sentences_on_dask_checks_values_when_computed():
     sc_c2s.pp.to_sentences(adata, n_genes=2, rank_fit=False)
     with pytest.raises(ValueError, match=r"`X` holds negative values \(first in cell 1\)"):
         adata.obsm["c2s_genes"].compute()
+
+
+def test_to_sentences_on_dask_with_numba_workqueue_threads():
+    """Dask's threads rank chunks at once: numba's workqueue layer (no OpenMP library, e.g. slim images) aborted."""
+    code = textwrap.dedent(
+        """
+        import dask.array as da, numba, scanpy as sc, sc_c2s
+        from scipy import sparse
+        adata = sc.datasets.pbmc68k_reduced().raw.to_adata()
+        adata.X = sparse.csr_matrix(adata.X)
+        lazy = adata.copy()
+        lazy.X = da.from_array(adata.X, chunks=(10, -1), asarray=False)
+        sc_c2s.pp.to_sentences(adata, n_genes=50)
+        for _ in range(3):
+            sc_c2s.pp.to_sentences(lazy, n_genes=50)
+            genes = lazy.obsm["c2s_genes"].compute(scheduler="threads", num_workers=2)
+            assert (genes == adata.obsm["c2s_genes"]).all()
+        print(numba.threading_layer())
+        """
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "workqueue"
 
 
 def test_sc_c2s_works_without_dask():
