@@ -211,9 +211,14 @@ def test_verbs_over_a_cluster_equal_in_memory(sentences, expected, demo, client)
 
     loads = client.run(lambda: (dict(_dask.LOADS), len(_dask._MODELS)))
     assert len(loads) == 2
-    for per_worker, held in loads.values():  # whatever the number of chunks and threads
-        # the demo model in float32, then "demo" in the default dtype, which then serves the demo model too
-        assert per_worker == {_dask.reference(demo, device=None): 1, _dask.reference("demo", device=None): 1}
+    # the demo model in float32, then "demo" in the default dtype, which then serves the demo model too; which
+    # worker runs which task is the scheduler's choice, so a worker may have needed only one of them
+    assert {ref for per_worker, _ in loads.values() for ref in per_worker} == {
+        _dask.reference(demo, device=None),
+        _dask.reference("demo", device=None),
+    }
+    for per_worker, held in loads.values():  # each loaded once, whatever the number of chunks and threads
+        assert set(per_worker.values()) == {1}
         assert held == 1
 
 
