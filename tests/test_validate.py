@@ -71,11 +71,14 @@ def test_key_of_the_package_or_with_a_slash(bad, match):
 
 
 def test_memory_of_a_container_is_its_control_group(tmp_path, monkeypatch):
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit, usage, stat = tmp_path / "memory.max", tmp_path / "memory.current", tmp_path / "memory.stat"
     limit.write_text("1000\n")
     usage.write_text("400\n")
-    monkeypatch.setattr(_validate, "_CGROUP_FILES", ((str(limit), str(usage)),))
-    assert _validate.available_memory() == 600
+    monkeypatch.setattr(_validate, "_CGROUP_FILES", ((str(limit), str(usage), str(stat), "inactive_file "),))
+    assert _validate.available_memory() == 600  # no statistics: all the usage counts
+    # files read are cached and counted as used; the kernel drops the inactive cache when memory is needed
+    stat.write_text("anon 100\nfile 300\nactive_file 50\ninactive_file 250\n")
+    assert _validate.available_memory() == 850
     limit.write_text("max\n")  # no limit: the machine's
     assert _validate.available_memory() > 600
     with pytest.raises(ValueError, match=r"`n` asks for 7 cells, .* about 6 cells fit\. Fewer\."):

@@ -179,9 +179,14 @@ def check_expression_dtype(X: Any, source: str) -> None:
 
 
 #: Memory limit and usage of the process's control group (cgroup v2, then v1), which a container may set.
-_CGROUP_FILES = (
-    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-    ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+_CGROUP_FILES = (  # limit, usage, and the statistics that say how much of the usage is reclaimable file cache
+    ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file "),
+    (
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+        "/sys/fs/cgroup/memory/memory.stat",
+        "total_inactive_file ",
+    ),
 )
 
 
@@ -189,7 +194,9 @@ def available_memory() -> int | None:
     """Bytes of memory available to a new allocation, or ``None`` if unknown.
 
     ``MemAvailable`` of ``/proc/meminfo`` where there is one (Linux), else the physical memory; less where the
-    control group of a container leaves less.
+    control group of a container leaves less. A control group's usage counts the cache of files read, which the
+    kernel drops when memory is needed: its inactive part is not counted as used (the working set, as Kubernetes
+    and ``docker stats`` count it).
     """
     available = _read_number("/proc/meminfo", "MemAvailable:", scale=1024)
     if available is None:
@@ -197,10 +204,11 @@ def available_memory() -> int | None:
             available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (AttributeError, OSError, ValueError):
             return None
-    for limit_file, usage_file in _CGROUP_FILES:
+    for limit_file, usage_file, stat_file, cache_key in _CGROUP_FILES:
         limit, usage = _read_number(limit_file), _read_number(usage_file)
         if limit is not None and usage is not None:
-            return max(0, min(available, limit - usage))
+            cache = _read_number(stat_file, cache_key) or 0
+            return max(0, min(available, limit - max(usage - cache, 0)))
     return available
 
 
