@@ -51,6 +51,7 @@ def env(tmp_path) -> dict[str, str]:
         _download.CACHE_ENV: str(tmp_path / "cache"),
         "CUDA_VISIBLE_DEVICES": "",
         "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
     }
 
 

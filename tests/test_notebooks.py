@@ -39,8 +39,12 @@ def test_committed_with_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_runs(path, tmp_path):
+def test_runs(path, tmp_path, monkeypatch):
     from nbclient import NotebookClient
+
+    # the kernel's idle OpenMP threads sleep rather than spin, which on a busy 2-core runner starved the working
+    # ones (as .ci/run sets it for the whole run; here for `python -m pytest` alone too)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
 
     nb = nbformat.read(path, as_version=4)
     (where,) = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
