@@ -91,7 +91,7 @@ def score(
         adata, predicted, condition_key=CONDITION, control=CONTROL, groupby=CELL_TYPE
     ).iloc[0]  # the held-out type, the only group predicted
     data = _score_perturbation.cells(adata, predicted, condition_key=CONDITION, control=CONTROL, groupby=CELL_TYPE)
-    means = _score_perturbation.contrast(data, group=held_out, perturbation=STIMULATED, control=CONTROL).means
+    means = _score_perturbation.contrast(data, group=held_out, perturbation=STIMULATED).means
     timing = {"train_s": train_seconds, "predict_s": predict_seconds, "cells_per_s": predicted.n_obs / predict_seconds}
     return scores, means.loc[IFN_GENES, ["unchanged", "real", "predicted", "mean_shift"]], timing
 
