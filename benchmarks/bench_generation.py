@@ -221,12 +221,13 @@ def speed(adata: ad.AnnData, args: argparse.Namespace) -> None:
     n_reference = min(n_cells, 256 if device.type == "cuda" else 32)
     reference = _reference_loop(model, labels, n_reference, params["max_new_tokens"])
     rows = [
-        ("sc_c2s.tl.generate", params["batch_size"], n_cells, ours, words_per_cell),
+        # no batch_size in params: batches sized to the GPU's free memory (the default on CUDA)
+        ("sc_c2s.tl.generate", params.get("batch_size", "memory"), n_cells, ours, words_per_cell),
         ("reference-style loop", 16, n_reference, reference[0], reference[1]),
     ]
     print(f"  {'method':24s} {'batch':>6s} {'cells':>6s} {'seconds':>8s} {'cells/s':>8s} {'words/cell':>10s}")
     for name, batch, cells, seconds, wpc in rows:
-        print(f"  {name:24s} {batch:6d} {cells:6d} {seconds:8.1f} {cells / seconds:8.1f} {wpc:10.1f}")
+        print(f"  {name:24s} {batch:>6} {cells:6d} {seconds:8.1f} {cells / seconds:8.1f} {wpc:10.1f}")
     print(f"  speed-up: {(n_cells / ours) / (n_reference / reference[0]):.1f}×")
 
 
