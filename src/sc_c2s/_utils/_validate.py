@@ -178,8 +178,9 @@ def check_expression_dtype(X: Any, source: str) -> None:
         raise TypeError(msg)
 
 
-#: Memory limit and usage of the process's control group (cgroup v2, then v1), which a container may set.
-_CGROUP_FILES = (  # limit, usage, and the statistics that say how much of the usage is reclaimable file cache
+#: Memory limit, usage, and the statistics' line of the inactive file cache (reclaimable, counted in the usage) of
+#: the process's control group (cgroup v2, then v1), which a container may set.
+_CGROUP_FILES = (
     ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file "),
     (
         "/sys/fs/cgroup/memory/memory.limit_in_bytes",
