@@ -55,14 +55,14 @@ CellBench, sc_c2s constrained   0.903     0.889     784      2,160 (1,680), pati
 Kang, sc_c2s constrained        0.795     0.729     1,899    2,400 (2,280), budget
 ==============================  ========  ========  =======  =====================================
 
-The same defaults and seed stopped at other steps and scored 1-3 points apart (two torch threads instead of one,
-and the fused optimiser since: sums in other orders). In that run free answers equalled the constrained ones; 10.0
+The same defaults and seed stopped at other steps and scored 1-3 points apart (two torch threads instead of one, and
+the fused optimiser since: sums in other orders). In that run free answers equalled the constrained ones; 10.0
 points below CellTypist on CellBench, 8.7 below logistic regression on Kang (the previous defaults, batches of 32
-for 300 and 504 steps, gave 0.892 and 0.743). On CellBench the gap is across protocols: a model trained the same way on the same plates (that of
-``bench_generation.py``) annotates the unseen CEL-seq2 plate p3 at 0.96 accuracy, CEL-seq2_3cl at 0.85 and
-Drop-seq_3cl at 0.66 (mostly H1975 and HCC827 taken for H838), where the baselines read all genes' normalised
-expression. CellBench again with the model selection that reads each held-out prompt once (``--threads 1``, beside
-the tissue run, load average 3-4): the same figures, 2,160 steps (best 1,680), 983 s.
+for 300 and 504 steps, gave 0.892 and 0.743). On CellBench the gap is across protocols: a model trained the same way
+on the same plates (that of ``bench_generation.py``) annotates the unseen CEL-seq2 plate p3 at 0.96 accuracy,
+CEL-seq2_3cl at 0.85 and Drop-seq_3cl at 0.66 (mostly H1975 and HCC827 taken for H838), where the baselines read all
+genes' normalised expression. CellBench again with the model selection that reads each held-out prompt once
+(``--threads 1``, beside the tissue run, load average 3-4): the same figures, 2,160 steps (best 1,680), 983 s.
 
 pbmc4k alone with ``--threads 2`` on the otherwise idle machine (load average 0.1): logistic regression accuracy
 0.889, macro-F1 0.852 (1 s); CellTypist 0.884, 0.840 (4 s); sc_c2s constrained and free 0.878, 0.840, all 2,400 steps
