@@ -30,7 +30,6 @@ import sc_c2s
 from sc_c2s import _dask
 
 da = pytest.importorskip("dask.array")
-distributed = pytest.importorskip("distributed")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -132,6 +131,38 @@ def test_sc_c2s_works_without_dask():
     assert result.stdout.strip() == "ndarray"
 
 
+def test_dask_without_distributed():
+    """dask alone, without the `distributed` of the `dask` extra: ranking and the verbs on dask arrays run here."""
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["distributed"] = None  # as if not installed
+        import anndata as ad, dask.array as da, numpy as np, scanpy as sc, sc_c2s
+        X = np.array([[0, 3, 1], [2, 0, 0]], dtype=np.float32)
+        adata = ad.AnnData(da.from_array(X, chunks=(1, -1)))
+        sc_c2s.pp.to_sentences(adata, rank_fit=False)
+        print(adata.obsm["c2s_genes"].compute().tolist())
+        cells = sc.datasets.pbmc68k_reduced()[:20].copy()
+        sc_c2s.pp.to_sentences(cells, n_genes=30)
+        lazy = cells.copy()
+        lazy.obsm["c2s_genes"] = da.from_array(cells.obsm["c2s_genes"], chunks=(8, -1))
+        sc_c2s.tl.embed(cells, model="demo", n_genes=30)
+        sc_c2s.tl.embed(lazy, model="demo", n_genes=30)
+        print(np.array_equal(lazy.obsm["X_c2s"], cells.obsm["X_c2s"]))
+        try:
+            sc_c2s.tl.embed(cells, model="demo", client=object())
+        except ImportError as error:
+            print(error)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.splitlines() == [
+        "[[1, 2], [0, -1]]",  # 3 > 1 in the first cell; -1 pads the second cell's one gene
+        "True",
+        'Running models over a Dask cluster needs the `distributed` package: `pip install "sc-c2s[dask]"`.',
+    ]
+
+
 # ---- the model verbs -----------------------------------------------------------------------------------------------
 
 
@@ -157,6 +188,7 @@ def expected(sentences, demo) -> ad.AnnData:
 
 @pytest.fixture(scope="module")
 def client():
+    distributed = pytest.importorskip("distributed")
     with (
         distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
         distributed.Client(cluster) as client,
@@ -249,6 +281,7 @@ def test_to_sentences_on_dask_has_at_most_n_vars_columns():
 
 def test_a_client_that_is_not_one_or_is_closed_is_refused(sentences, demo):
     """Used to fail inside, on `client.scheduler_info()["workers"]` (KeyError, or no such attribute)."""
+    distributed = pytest.importorskip("distributed")
     with pytest.raises(TypeError, match=r"`client` must be a `distributed.Client`, got str"):
         sc_c2s.tl.embed(sentences.copy(), model=demo, n_genes=N_GENES, client="tcp://127.0.0.1:8786")
     closed = distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)

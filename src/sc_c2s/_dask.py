@@ -335,7 +335,7 @@ def _client(client: Client | None) -> Client | None:
     The active client is the one of this context, if distributed is installed and one is running.
     """
     if client is None:
-        if "distributed" not in sys.modules:
+        if sys.modules.get("distributed") is None:  # never imported, so no client; or blocked (`None`)
             return None
         from distributed import get_client
 
