@@ -21,7 +21,8 @@ if TYPE_CHECKING:
 class C2SModel:
     """A loaded C2S checkpoint.
 
-    Pass it as ``model=`` to :func:`sc_c2s.tl.annotate`, :func:`sc_c2s.tl.generate` and :func:`sc_c2s.tl.embed`.
+    Pass it as ``model=`` to any verb of ``sc_c2s.tl`` that runs a model (:func:`~sc_c2s.tl.annotate`,
+    :func:`~sc_c2s.tl.generate`, :func:`~sc_c2s.tl.embed`, …).
     """
 
     model: PreTrainedModel

@@ -59,7 +59,8 @@ def predict_perturbation(
     Each control cell (``obs[condition_key] == control``) of `adata` is prompted, once per perturbation, with its
     top `n_genes` genes in the perturbation prompt of :func:`sc_c2s.prompts.perturbation`, and the model writes
     the perturbed cell's sentence, sampled as in :func:`sc_c2s.tl.generate` (the same `temperature`, `top_k`,
-    `top_p`, `unique_genes` and `exact_length`). The sentences become expression over ``adata.var`` through
+    `top_p`, `unique_genes` and `exact_length`; the temperature is 1.0 unless given: `finetune` chooses one for
+    cell-type generation only). The sentences become expression over ``adata.var`` through
     :func:`sc_c2s.tl.from_sentences` with the rank fit of `adata`, as in :func:`~sc_c2s.tl.generate`. Train a model
     for it with :func:`sc_c2s.tl.finetune` and ``tasks=["perturbation"]``; score the result with
     :func:`sc_c2s.tl.score_perturbation`.

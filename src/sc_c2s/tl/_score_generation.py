@@ -234,7 +234,9 @@ def score_generation(
     Returns
     -------
     A DataFrame with one row per cell type and a row ``"overall"``, and the columns ``n_real``,
-    ``n_generated`` (cells compared), then each metric beside its ``*_control``.
+    ``n_generated`` (cells compared), then the four population metrics (``knn_recovery``, ``pearson``, ``mmd``,
+    ``energy``) each beside its ``*_control``, then ``valid_rate``, ``duplicate_rate``, ``sentence_length`` and
+    ``sentence_length_real``.
 
     Raises
     ------
