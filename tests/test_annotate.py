@@ -250,6 +250,19 @@ def test_organism_and_casing_reach_the_prompt(short_sentences, tiny):
     assert _utils.cell_words(short_sentences, lower, n_genes=N_GENES, mod=None) == words
 
 
+def test_n_genes_defaults_to_the_models(short_sentences, tiny):
+    """A model trained on 12-gene sentences used to be prompted with 200 genes unless `n_genes` said otherwise."""
+    twelve = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="tiny", n_genes=N_GENES), Path("tiny"))
+    annotated = sc_c2s.tl.annotate(short_sentences, model=twelve, labels=LABELS, copy=True)
+    given = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)
+    assert annotated.uns["c2s_cell_type"]["params"]["n_genes"] == N_GENES
+    pd.testing.assert_frame_equal(annotated.obs, given.obs)
+    embedded = sc_c2s.tl.embed(short_sentences, model=twelve, copy=True)
+    given = sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, copy=True)
+    assert embedded.uns["X_c2s"]["params"]["n_genes"] == N_GENES
+    np.testing.assert_array_equal(embedded.obsm["X_c2s"], given.obsm["X_c2s"])
+
+
 def test_copy_leaves_input_untouched(short_sentences, tiny):
     before = short_sentences.copy()
     out = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LABELS, n_genes=N_GENES, copy=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -278,6 +279,17 @@ def test_same_seed_same_cells_whatever_the_batch_size(ranked, tiny):
     assert first.obs["c2s_sentence"].tolist() != other.obs["c2s_sentence"].tolist()
     # cells of one type differ from each other
     assert first.obs["c2s_sentence"].iloc[:4].nunique() == 4
+
+
+def test_n_genes_defaults_to_the_models(ranked, tiny):
+    """The prompt and the sentences' length follow the `n_genes` the model was trained on, 200 unless recorded."""
+    model = dataclasses.replace(tiny, metadata=dataclasses.replace(tiny.metadata, n_genes=15))
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types={"A549": 2})
+    given = sc_c2s.tl.generate(ranked, model=tiny, cell_types={"A549": 2}, n_genes=15)
+    assert generated.uns["c2s_generate"]["params"]["n_genes"] == 15
+    assert generated.obs["c2s_sentence"].str.split().str.len().tolist() == [15, 15]
+    pd.testing.assert_frame_equal(generated.obs, given.obs)
+    assert tiny.metadata.n_genes == 200
 
 
 def test_result_layout_and_concat(ranked, tiny, scanpy_log):

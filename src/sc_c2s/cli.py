@@ -245,7 +245,7 @@ def _parser() -> argparse.ArgumentParser:
         "--n-genes",
         type=int,
         default=_defaults(tl.annotate)["n_genes"],
-        help="genes per sentence (default: %(default)s)",
+        help="genes per sentence (default: as many as the model was trained on)",
     )
     _add_ranking(annotate)
     _add_device(annotate)
@@ -273,7 +273,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     sampling = _defaults(tl.generate)
     generate.add_argument(
-        "--n-genes", type=int, default=sampling["n_genes"], help="genes per sentence (default: %(default)s)"
+        "--n-genes",
+        type=int,
+        default=sampling["n_genes"],
+        help="genes per sentence (default: as many as the model was trained on)",
     )
     generate.add_argument(
         "--temperature",
@@ -501,11 +504,10 @@ def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
 
 def _annotate(args: argparse.Namespace) -> None:
     import sc_c2s
-    from sc_c2s._utils._validate import check_positive_int
 
     _check_out(args.out, kind=_kind(args.input))
     _check_model(args.model)
-    check_positive_int(args.n_genes, "n_genes")
+    _check_n_genes(args)
     _check_device(args)
     data = _read(args.input)
     _sentences(data, args)
@@ -541,6 +543,7 @@ def _generate(args: argparse.Namespace) -> None:
     _check_out(args.out, kind=".h5ad")
     cell_types = _cell_types(args.cell_types)
     _check_model(args.model)
+    _check_n_genes(args)
     _check_sampling_options(args)
     sampling = _sampling(args)
     check_sampling(**sampling, none_for_model=args.temperature is None)
@@ -563,6 +566,14 @@ def _generate(args: argparse.Namespace) -> None:
     )
     _done(start)
     _write(generated, args.out)
+
+
+def _check_n_genes(args: argparse.Namespace) -> None:
+    """Refuse an --n-genes that is not a positive integer (left out, it is the model's)."""
+    from sc_c2s._utils._validate import check_positive_int
+
+    if args.n_genes is not None:
+        check_positive_int(args.n_genes, "n_genes")
 
 
 def _check_sampling_options(args: argparse.Namespace) -> None:

@@ -54,7 +54,7 @@ def annotate(
     *,
     model: C2SModel | str,
     labels: Sequence[str] | Literal["model"] | None = None,
-    n_genes: int = 200,
+    n_genes: int | None = None,
     organism: prompts.Organism | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
@@ -91,7 +91,8 @@ def annotate(
         Candidate cell types for constrained annotation, ``"model"`` for the label set the checkpoint was
         trained on (``model.metadata.labels``), or ``None`` to let the model write the answer.
     n_genes
-        Genes of each cell's sentence in the prompt (the published checkpoints read 200).
+        Genes of each cell's sentence in the prompt; ``None``: as many as the model was trained on
+        (``model.metadata.n_genes``; 200 for the published checkpoints).
     {doc_organism}
     {doc_batch_size}
     {doc_device}
@@ -142,7 +143,7 @@ def annotate(
 
     start = logg.info("annotating cell types with a C2S model")
     genes = DataHandler(adata, mod).c2s()["genes"]
-    check_positive_int(n_genes, "n_genes")
+    check_positive_int(n_genes, "n_genes", none_ok=True)
     check_key(key_added, "key_added")
     check_writable(adata, copy=copy)
     candidates = None if labels is None else label_set(labels)
@@ -174,6 +175,7 @@ def annotate(
             stacklevel=2,
         )
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
+    n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     n_empty = sum(not cell for cell in words)
     if n_empty:

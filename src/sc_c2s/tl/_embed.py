@@ -36,7 +36,7 @@ def embed(
     *,
     model: C2SModel | str,
     key_added: str = _keys.EMBEDDING,
-    n_genes: int = 200,
+    n_genes: int | None = None,
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     mod: str | None = None,
@@ -58,7 +58,8 @@ def embed(
     key_added
         Key of ``obsm`` for the embedding, and of ``uns`` for its parameters.
     n_genes
-        Genes of each cell's sentence in the prompt (the published checkpoints read 200).
+        Genes of each cell's sentence in the prompt; ``None``: as many as the model was trained on
+        (``model.metadata.n_genes``; 200 for the published checkpoints).
     {doc_batch_size}
     {doc_device}
     {doc_mod}
@@ -115,6 +116,7 @@ def embed(
         )
     c2s = resolve(model, device=device)
     organism = prompts.check_organism(c2s.metadata.organism)
+    n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     n_empty = sum(not cell for cell in words)
     if n_empty:

@@ -50,7 +50,7 @@ def generate(
     cell_types: Sequence[str] | Mapping[str, int] | None = None,
     tissues: Mapping[str, int] | None = None,
     cells_per_sample: int = 5,
-    n_genes: int = 200,
+    n_genes: int | None = None,
     organism: prompts.Organism | None = None,
     temperature: float | None = None,
     top_k: int | None = 50,
@@ -105,7 +105,8 @@ def generate(
     cells_per_sample
         Cells per multi-cell prompt, with `tissues` (C2S-Scale trained on 5 to 20).
     n_genes
-        Genes per sentence to ask for; the published checkpoints were trained on 200.
+        Genes per sentence to ask for; ``None``: as many as the model was trained on (``model.metadata.n_genes``;
+        200 for the published checkpoints).
     {doc_organism}
     temperature
         Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it. ``1.0``
@@ -209,7 +210,7 @@ def generate(
             c2s=c2s_model,
             tissues=tissues,
             cells_per_sample=cells_per_sample,
-            n_genes=n_genes,
+            n_genes=c2s_model.metadata.n_genes if n_genes is None else n_genes,
             organism=prompts.check_organism(organism or c2s_model.metadata.organism),
             temperature=model_temperature(c2s_model, temperature),
             top_k=top_k,
@@ -226,6 +227,7 @@ def generate(
     _check_labels(request.types, c2s_model.metadata.labels)
     temperature = model_temperature(c2s_model, temperature)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
+    n_genes = c2s_model.metadata.n_genes if n_genes is None else n_genes
     target = target_of(adata, mod=mod, model=c2s_model)
     codes = request.codes()
     X, sentences, counts, written = write_cells(

@@ -146,9 +146,8 @@ def predict_perturbation(
     from sc_c2s.models import resolve
 
     start = logg.info("predicting perturbed cells")
-    check_positive_int(n_genes, "n_genes", none_ok=True)
     random_state = check_sampling(
-        n_genes=n_genes or 1, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
+        n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
     check_positive_int(n_cells, "n_cells", none_ok=True)
     perturbations = _perturbations(perturbations)

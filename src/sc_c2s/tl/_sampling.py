@@ -72,15 +72,18 @@ class Target:
 
 def check_sampling(
     *,
-    n_genes: int,
+    n_genes: int | None,
     temperature: float | None,
     top_k: int | None,
     top_p: float | None,
     random_state: AnyRandom,
     none_for_model: bool = False,
 ) -> int:
-    """Check the sampling arguments; return the seed. With `none_for_model`, ``temperature=None`` is valid."""
-    check_positive_int(n_genes, "n_genes")
+    """Check the sampling arguments; return the seed.
+
+    ``n_genes=None`` (the model's) is valid; with `none_for_model`, ``temperature=None`` (the model's) is too.
+    """
+    check_positive_int(n_genes, "n_genes", none_ok=True)
     check_number(temperature, "temperature", low=0, low_open=True, none_ok=none_for_model)
     check_positive_int(top_k, "top_k", none_ok=True)
     check_number(top_p, "top_p", low=0, high=1, low_open=True, none_ok=True)

@@ -128,13 +128,12 @@ def summarize(
     handler.c2s()
     groups = groups_of(handler, groupby)
     check_positive_int(n_cells, "n_cells", none_ok=True)
-    check_positive_int(n_genes, "n_genes", none_ok=True)
     check_positive_int(n_draws, "n_draws")
     check_positive_int(max_new_tokens, "max_new_tokens")
     check_key(key_added, "key_added")
     check_writable(adata, copy=copy)
     random_state = check_sampling(
-        n_genes=n_genes or 1, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
+        n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
     if organism is not None:
         prompts.check_organism(organism)
