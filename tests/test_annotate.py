@@ -340,11 +340,26 @@ def test_bad_arguments(short_sentences, tiny, kwargs, match):
 
 
 def test_warnings(short_sentences, tiny, scanpy_log):
-    ensembl = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="ids", vocabulary=["ENSG0001"]), Path("ids"))
-    sc_c2s.tl.annotate(short_sentences, model=ensembl, labels=["A549", "lymphocyte"], n_genes=N_GENES)
+    one_gene = [prompts.sentence_words(short_sentences, n_genes=N_GENES)[0][0]]  # all other words unknown
+    few = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="few", vocabulary=one_gene), Path("few"))
+    sc_c2s.tl.annotate(short_sentences, model=few, labels=["A549", "lymphocyte"], n_genes=N_GENES)
     log = scanpy_log.getvalue()
-    assert "100% of the sentence genes are not in the vocabulary of 'ids'" in log
-    assert "1 labels have words unknown to 'ids' (e.g. ['lymphocyte'])" in log
+    assert "% of the sentence genes are not in the vocabulary of 'few': do the sentences use the gene names" in log
+    assert "1 labels have words unknown to 'few' (e.g. ['lymphocyte'])" in log
+
+
+@pytest.mark.parametrize("verb", [sc_c2s.tl.annotate, sc_c2s.tl.embed])
+def test_sentences_without_a_gene_of_the_vocabulary_are_refused(short_sentences, tiny, verb):
+    """All 38 cells used to get the same confident label from prompts of unknown words, with a logged warning only."""
+    ensembl = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="ids", vocabulary=["ENSG0001"]), Path("ids"))
+    before = short_sentences.copy()
+    with pytest.raises(
+        ValueError, match=r"None of the sentence genes is in the vocabulary of 'ids' \(e\.g\. '[A-Z0-9-]+'\)"
+    ):
+        verb(short_sentences, model=ensembl, n_genes=N_GENES)
+    assert short_sentences.obs.equals(before.obs)
+    assert short_sentences.obsm.keys() == before.obsm.keys()
+    assert short_sentences.uns.keys() == before.uns.keys()
 
 
 def test_sentences_ranked_with_fewer_genes_than_n_genes_warn_once(short_sentences, tiny, scanpy_log):

@@ -533,15 +533,16 @@ def test_no_raw_ranks_x_where_raw_exists(tmp_path, checkpoint, cellbench, capsys
     cells = cells[:, :500].copy()
     cells.write_h5ad(path := tmp_path / "with_raw.h5ad")
     argv = ["annotate", str(path), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
+    argv += ["--gene-symbols", "gene_symbol"]  # the model's words
     for extra, use_raw, n_genes in (([], True, cellbench.n_vars), (["--no-raw"], False, 500)):
         assert cli.main([*argv, *extra, "--out", str(out := tmp_path / "out.h5ad")]) == cli.EXIT_OK
         c2s = ad.read_h5ad(out).uns["c2s"]
         assert c2s["params"]["use_raw"] == use_raw
         assert len(c2s["genes"]) == n_genes
-    sc_c2s.pp.to_sentences(cells)
+    sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol")
     cells.write_h5ad(path)
     assert cli.main([*argv, "--no-raw", "--out", str(out)]) == cli.EXIT_OK
-    assert "ranking genes again, with --no-raw" in capsys.readouterr().err
+    assert "ranking genes again, with --gene-symbols 'gene_symbol' and --no-raw" in capsys.readouterr().err
     assert not ad.read_h5ad(out).uns["c2s"]["params"]["use_raw"]
 
 

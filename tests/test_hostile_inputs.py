@@ -8,6 +8,7 @@ in-place call adds. The command answers a user mistake with one line on stderr a
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -810,6 +811,8 @@ def cli_files(ranked, tmp_path_factory) -> dict[str, Path]:
     for key in ("c2s",):
         del plain.uns[key]
     del plain.obsm["c2s_genes"]
+    metadata = json.loads((_registry.demo_dir() / "c2s_metadata.json").read_text())
+    plain.var_names = metadata["vocabulary"][: plain.n_vars]  # genes the demo model reads
     plain.write_h5ad(good)
     truncated = root / "truncated.h5ad"
     truncated.write_bytes(good.read_bytes()[:2000])

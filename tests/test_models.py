@@ -231,6 +231,8 @@ def test_unknown_name_lists_available_names():
         models.fetch("no-such-model")
     with pytest.raises(TypeError, match="available"):
         models.load(42)
+    with pytest.raises(ValueError, match="'' is neither a checkpoint directory"):  # not the working directory
+        models.load("")
 
 
 def test_unknown_names_list_what_the_caller_takes():

@@ -174,6 +174,59 @@ def test_predict_perturbation_samples_and_refuses(kang, trained):
         )
 
 
+OWN_COLUMNS = ("c2s_source_cell", "c2s_sentence", "n_valid_genes", "n_unknown_words", "n_duplicate_genes")
+
+
+@pytest.mark.parametrize(
+    ("keys", "match"),
+    [
+        pytest.param(
+            {"groupby": "condition", **KEYS},
+            r"`groupby` must differ from `condition_key` \('condition'\)",
+            id="groupby-is-condition_key",
+        ),
+        *(
+            pytest.param(
+                {"groupby": column, **KEYS},
+                rf"`groupby='{column}'` is the name of a column that the predicted cells' obs holds for itself",
+                id=f"groupby-{column}",
+            )
+            for column in OWN_COLUMNS
+        ),
+        pytest.param(
+            {"condition_key": "n_valid_genes", "control": "control"},
+            r"`condition_key='n_valid_genes'` is the name of a column that the predicted cells' obs holds for itself",
+            id="condition_key-n_valid_genes",
+        ),
+    ],
+)
+def test_predict_perturbation_refuses_keys_of_its_own_columns(kang, tmp_path, keys, match):
+    """A `groupby` or `condition_key` naming a column of the result failed in pandas ("cannot insert …, already
+    exists") after all the generation; it is refused up front, before the model is read (here: there is none)."""
+    data = kang.copy()
+    for name, source in (("groupby", "cell_type"), ("condition_key", "condition")):
+        if keys.get(name, "condition") not in data.obs:
+            data.obs[keys[name]] = data.obs[source]
+    before = data.obs.copy()
+    with pytest.raises(ValueError, match=match):
+        sc_c2s.tl.predict_perturbation(data, model=str(tmp_path / "no_model"), perturbations=["stimulated"], **keys)
+    pd.testing.assert_frame_equal(data.obs, before)
+
+
+def test_predict_perturbation_warns_of_control_cells_without_genes(kang, trained):
+    """Control cells expressing no gene were prompted with no gene, silently (annotate warns of them)."""
+    data = kang[(kang.obs["cell_type"] == HELD_OUT) & (kang.obs["condition"] == "control")][:6].copy()
+    data.X = sparse.diags([0.0] * 3 + [1.0] * 3) @ data.X  # the first three cells express no gene
+    sc_c2s.pp.to_sentences(data, n_genes=N_GENES)
+    with pytest.warns(
+        UserWarning, match=r"^3 control cells have empty sentences \(they express no gene\), so the cells"
+    ):
+        predicted = sc_c2s.tl.predict_perturbation(
+            data, model=trained, perturbations=["stimulated"], n_genes=N_GENES, **KEYS
+        )
+    assert predicted.n_obs == 6
+
+
 def real_as_predicted(kang: ad.AnnData, group: str) -> ad.AnnData:
     """The real stimulated cells of `group` posing as predicted ones: a perfect prediction."""
     cells = kang[(kang.obs["cell_type"] == group) & (kang.obs["condition"] == "stimulated")]
@@ -247,6 +300,28 @@ def test_score_perturbation_counts_every_predicted_cell(kang):
     row = scores.loc[("B", "stimulated")]
     assert (row["n_perturbed"], row["n_control"], row["n_predicted"]) == (67, 67, 67)
     assert row["r2_all"] == pytest.approx(1)
+
+
+def test_score_perturbation_needs_two_cells_for_the_mmd(kang):
+    """`max_cells=1` gave all-NaN MMD columns with numpy's "Mean of empty slice" warnings."""
+    with pytest.raises(ValueError, match=r"`max_cells` must be at least 2, got 1: it bounds the cells"):
+        sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), groupby="cell_type", max_cells=1, **KEYS)
+
+
+def test_score_perturbation_names_predicted_perturbations_the_real_cells_lack(kang):
+    """A perturbation named otherwise in the real cells was "left out" for too few real cells, then refused vaguely."""
+    real = kang.copy()
+    real.obs["condition"] = real.obs["condition"].astype(str).replace("stimulated", "STIMULATED")
+    predicted = real_as_predicted(kang, "B")
+    before_real, before_predicted = real.obs.copy(), predicted.obs.copy()
+    match = (
+        r"The predicted perturbations \['stimulated'\] are not values of the real cells' obs\['condition'\]; "
+        r"values: \['STIMULATED', 'control'\]"
+    )
+    with pytest.raises(ValueError, match=match):
+        sc_c2s.tl.score_perturbation(real, predicted, groupby="cell_type", **KEYS)
+    pd.testing.assert_frame_equal(real.obs, before_real)
+    pd.testing.assert_frame_equal(predicted.obs, before_predicted)
 
 
 @pytest.mark.filterwarnings("ignore:Writing zarr v2 data will no longer be the default")  # anndata 0.12 on zarr 3

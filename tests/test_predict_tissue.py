@@ -115,6 +115,30 @@ def test_constrained_tissues_average_the_log_likelihoods_of_the_draws(tissues, t
     assert back["draws"]["answer"].astype(str).tolist() == per_draw["answer"].astype(str).tolist()
 
 
+@pytest.mark.parametrize(
+    ("verb", "kwargs"),
+    [(sc_c2s.tl.predict_tissue, {"labels": TISSUES}), (sc_c2s.tl.summarize, {"max_new_tokens": 2})],
+    ids=["predict_tissue", "summarize"],
+)
+def test_groups_whose_cells_express_no_gene_warn(tissues, tiny, verb, kwargs):
+    """A sample of cells without genes used to get a confident tissue (or a summary) from the bare prompt, silently."""
+    sample = tissues.obs["sample"].iloc[0]
+    tissues.obsm["c2s_genes"][(tissues.obs["sample"] == sample).to_numpy()] = -1  # its cells' sentences are empty
+    del tissues.obs["c2s_sentence"]  # which would no longer match
+    with pytest.warns(UserWarning, match=rf"The cells drawn for 1 groups express no gene \(e\.g\. '{sample}'\)"):
+        verb(tissues, model=tiny, groupby="sample", n_cells=N_CELLS, n_genes=N_GENES, **kwargs)
+
+
+@pytest.mark.parametrize("groupby", ["sample", "sample_score"])
+def test_results_cannot_overwrite_the_groups(tissues, tiny, groupby):
+    """`key_added="sample"` wrote the tissues (or their scores) over the groups they were predicted for."""
+    tissues.obs["sample_score"] = tissues.obs["sample"]
+    before = tissues.obs.copy()
+    with pytest.raises(ValueError, match=rf"`key_added='sample'` would write the tissues over obs\['{groupby}'\]"):
+        sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby=groupby, labels=TISSUES, key_added="sample")
+    pd.testing.assert_frame_equal(tissues.obs, before)
+
+
 def test_repeated_draws_of_the_same_cells_do_not_raise_the_score(tissues, tiny):
     """The draws of a group of no more than `n_cells` cells hold the same cells; their log-likelihoods were summed,
     so the score of one-cell groups grew with `n_draws` without any new evidence."""

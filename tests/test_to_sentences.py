@@ -735,8 +735,9 @@ def test_bad_random_state(random_state):
 
 @pytest.mark.parametrize("dtype", [np.float16, np.int8, np.uint16, np.bool_])
 @pytest.mark.parametrize("fmt", ["dense", "csr"])
-def test_odd_numeric_dtypes(fmt, dtype):
-    """Dense float16 used to fail with scipy's "does not support dtype float16" in the rank fit."""
+def test_odd_numeric_dtypes(fmt, dtype, scanpy_log):
+    """Dense float16 used to fail with scipy's "does not support dtype float16" in the rank fit; booleans, which
+    carry no order, were ranked silently."""
     if fmt == "csr" and dtype == np.float16:
         pytest.skip("scipy.sparse holds no float16")
     X = HAND > 0 if dtype == np.bool_ else HAND
@@ -748,6 +749,8 @@ def test_odd_numeric_dtypes(fmt, dtype):
     fit = adata.uns["c2s"]["rank_fit"]
     assert np.isfinite([fit["slope"], fit["intercept"], fit["r2"]]).all()
     assert adata.X.dtype == dtype
+    warned = "WARNING: `X` holds booleans (expressed or not): a cell's expressed genes all tie" in scanpy_log.getvalue()
+    assert warned == (dtype == np.bool_)
 
 
 @pytest.mark.parametrize("dtype", [np.complex64, object, "U3"])

@@ -188,7 +188,7 @@ def check_name_or_path(name_or_path: str | os.PathLike[str], *, also: Iterable[s
         name_or_path in also or name_or_path == _registry.DEMO or _registry.lookup(name_or_path) is not None
     ):
         return
-    if Path(name_or_path).expanduser().is_dir():
+    if str(name_or_path).strip() and Path(name_or_path).expanduser().is_dir():  # Path("") is the working directory
         return
     msg = (
         f"{str(name_or_path)!r} is neither {''.join(f'{name!r}, ' for name in also)}a checkpoint directory nor a "

@@ -140,6 +140,11 @@ def to_sentences(
     if 0 in matrix.X.shape:
         msg = f"`{matrix.source}` is empty ({matrix.X.shape[0]} cells × {matrix.X.shape[1]} genes): nothing to rank."
         raise ValueError(msg)
+    if matrix.X.dtype.kind == "b":
+        logg.warning(
+            f"`{matrix.source}` holds booleans (expressed or not): a cell's expressed genes all tie, so its sentence is "
+            "in the seeded order of the tie-break, not of expression; rank counts or normalised values instead."
+        )
     words = gene_words(matrix, gene_symbols)
     lazy = _dask.is_dask_array(matrix.X)
     sentences = not lazy if sentences is None else sentences

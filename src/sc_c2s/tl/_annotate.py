@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
 from sc_c2s.models._scratch import join_punctuation
 
-from ._utils import cell_words, check_task, free_labels, prediction_prompts
+from ._utils import cell_words, check_task, free_labels, prediction_prompts, warn_empty_sentences
 
 if TYPE_CHECKING:
     import torch
@@ -177,14 +177,7 @@ def annotate(
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
     n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
-    n_empty = sum(not cell for cell in words)
-    if n_empty:
-        warnings.warn(
-            f"{n_empty} cells have empty sentences (they express no gene), so their cell types are guesses from the "
-            "prompt alone; remove them first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`.",
-            UserWarning,
-            stacklevel=2,
-        )
+    warn_empty_sentences(sum(not cell for cell in words), cells="cells", results="their cell types")
     ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
 

@@ -17,7 +17,7 @@ from sc_c2s.models._metadata import PERTURBATION
 from ._from_sentences import COUNTS
 from ._pairs import conditions
 from ._sampling import check_sampling, target_of, valid_share, write_cells
-from ._utils import check_task
+from ._utils import check_task, warn_empty_sentences
 
 if TYPE_CHECKING:
     import torch
@@ -119,6 +119,17 @@ def predict_perturbation(
     ``uns["c2s_predict_perturbation"]["params"]``
         The arguments, the token budget, the rank fit and the model's provenance.
 
+    Raises
+    ------
+    ValueError
+        If `groupby` is `condition_key`, or either is the name of another column of the result's ``obs``.
+
+    Warns
+    -----
+    UserWarning
+        If some control cells have empty sentences (they express no gene): their predicted cells are guesses from
+        the prompt alone.
+
     Examples
     --------
     >>> import anndata as ad
@@ -150,6 +161,7 @@ def predict_perturbation(
         n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
     check_positive_int(n_cells, "n_cells", none_ok=True)
+    _check_columns(condition_key=condition_key, groupby=groupby)
     perturbations = _perturbations(perturbations)
     handler = DataHandler(adata, mod)
     values = conditions(handler.obs, condition_key=condition_key, control=control)
@@ -162,6 +174,9 @@ def predict_perturbation(
     n_genes = c2s_model.metadata.n_genes if n_genes is None else n_genes
     target = target_of(adata, mod=mod, model=c2s_model)
     words = prompts.sentence_words(adata, n_genes=n_genes, mod=mod)
+    warn_empty_sentences(
+        sum(not words[c] for c in cells), cells="control cells", results="the cells predicted from them"
+    )
     upper = c2s_model.metadata.upper_case
     texts = [
         prompts.perturbation(words[c], perturbation_name=p, n_genes=n_genes, upper=upper)
@@ -216,6 +231,25 @@ def predict_perturbation(
     )
     logg.info("    finished", time=start, deep=f"predicted {result.n_obs} cells; {valid_share(counts)}")
     return result
+
+
+def _check_columns(*, condition_key: str, groupby: str | None) -> None:
+    """Refuse a `condition_key` or `groupby` that would name two columns of the predicted cells' ``obs`` alike."""
+    own = [_keys.SOURCE_CELL, _keys.SENTENCE, *COUNTS]
+    for name, key in (("condition_key", condition_key), ("groupby", groupby)):
+        if key in own:
+            msg = (
+                f"`{name}={key!r}` is the name of a column that the predicted cells' obs holds for itself ({own}); "
+                "copy that column of `adata.obs` under another name and pass that one."
+            )
+            raise ValueError(msg)
+    if groupby is not None and groupby == condition_key:
+        msg = (
+            f"`groupby` must differ from `condition_key` ({condition_key!r}): the predicted cells hold their "
+            f"perturbation in obs[{condition_key!r}], beside the group of their control cell; pass another `groupby`, "
+            "or none."
+        )
+        raise ValueError(msg)
 
 
 def _perturbations(perturbations: Collection[str]) -> list[str]:

@@ -25,7 +25,7 @@ from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int, ch
 from sc_c2s.models import _runtime
 
 from ._annotate import MAX_ANSWER_TOKENS, generate_answers, label_set, score_labels
-from ._utils import cell_words, check_task, free_labels, group_draws, groups_of, prompt_cells
+from ._utils import cell_words, check_task, free_labels, group_draws, groups_of, prompt_cells, warn_empty_draws
 
 if TYPE_CHECKING:
     import torch
@@ -136,6 +136,12 @@ def predict_tissue(
     check_positive_int(n_genes, "n_genes", none_ok=True)
     check_positive_int(n_draws, "n_draws")
     check_key(key_added, "key_added")
+    if groupby in (key_added, f"{key_added}_score"):
+        msg = (
+            f"`key_added={key_added!r}` would write the tissues over obs[{groupby!r}], the groups they are predicted "
+            "for; pass another `key_added`."
+        )
+        raise ValueError(msg)
     check_writable(adata, copy=copy)
     candidates = None if labels is None else label_set(labels)
     random_state = check_random_state(random_state)
@@ -150,6 +156,7 @@ def predict_tissue(
     n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)
+    warn_empty_draws(draws, words, results="tissues")
     texts = [
         prompts.tissue_prediction([words[i] for i in cells], n_genes=n_genes, organism=organism, upper=False)
         for _, cells in draws

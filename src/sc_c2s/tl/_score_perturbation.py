@@ -280,7 +280,8 @@ def score_perturbation(
     n_comps
         Principal components of the space of the MMD.
     max_cells
-        At most this many cells per side in the MMD (sampled with `random_state`).
+        At most this many cells per side in the MMD (sampled with `random_state`); at least 2, as the kernel width
+        is the median distance between real perturbed cells.
     random_state
         Seed of the subsampling and of the PCA {doc_seed}; below ``2**32``, as scanpy's PCA takes it.
     {doc_mod}
@@ -293,6 +294,12 @@ def score_perturbation(
     perturbation, whatever `max_cells`), then each metric beside its ``*_unchanged`` and ``*_mean_shift``
     baselines.
 
+    Raises
+    ------
+    ValueError
+        If a perturbation to score is not a value of the real cells' ``obs[condition_key]``, or no group of the
+        predicted cells has real perturbed and control cells to compare with.
+
     Examples
     --------
     >>> scores = sc_c2s.tl.score_perturbation(
@@ -302,13 +309,19 @@ def score_perturbation(
     start = logg.info("scoring predicted perturbed cells")
     check_positive_int(n_comps, "n_comps")
     check_positive_int(max_cells, "max_cells")
+    if max_cells < MIN_CELLS:
+        msg = (
+            f"`max_cells` must be at least {MIN_CELLS}, got {max_cells}: it bounds the cells of each side in the MMD, "
+            "whose kernel width is the median distance between real perturbed cells."
+        )
+        raise ValueError(msg)
     random_state = check_random_state(random_state, limit=LEGACY_SEED_LIMIT)
     data = cells(
         real, predicted, condition_key=condition_key, control=control, groupby=groupby, n_genes=n_genes, mod=mod
     )
     rng = np.random.default_rng(random_state)
     rows = {}
-    for p, g in _pairs_to_score(data, perturbation=perturbation):
+    for p, g in _pairs_to_score(data, condition_key=condition_key, perturbation=perturbation):
         one = contrast(data, group=g, perturbation=p)
         rows[g, p] = _scores(one, n_comps=n_comps, max_cells=max_cells, rng=rng, random_state=random_state)
     scores = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
@@ -320,14 +333,27 @@ def score_perturbation(
     return scores
 
 
-def _pairs_to_score(data: Cells, *, perturbation: Hashable | Sequence[Hashable] | None) -> list[tuple[str, str]]:
-    """Perturbation and group of every predicted cell with enough real cells, in the order of the predicted cells."""
+def _pairs_to_score(
+    data: Cells, *, condition_key: str, perturbation: Hashable | Sequence[Hashable] | None
+) -> list[tuple[str, str]]:
+    """Perturbation and group of every predicted cell with enough real cells, in the order of the predicted cells.
+
+    Raises a :class:`ValueError` if a perturbation to score is not a value of the real cells' `condition_key`.
+    """
     if perturbation is None:
         wanted = None
     else:
         wanted = {str(p) for p in (perturbation if pd.api.types.is_list_like(perturbation) else [perturbation])}
     pairs = list(dict.fromkeys(zip(data.predicted_conditions, data.predicted_groups, strict=True)))
     pairs = [(p, g) for p, g in pairs if wanted is None or p in wanted]
+    unknown = sorted({p for p, _ in pairs} - data.condition_values.keys())
+    if unknown:
+        msg = (
+            f"The predicted perturbations {unknown} are not values of the real cells' obs[{condition_key!r}]; values: "
+            f"{sorted(data.condition_values)[:20]}. Name the perturbations alike in both, or pass `perturbation=` to "
+            "score only the others."
+        )
+        raise ValueError(msg)
     few = [(p, g) for p, g in pairs if not data.compared(g, p)]
     if few:
         warnings.warn(

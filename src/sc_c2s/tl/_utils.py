@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 #: Share of words outside the genes they are read with (the model's vocabulary, the real cells' genes) above which
 #: the gene names probably do not match.
 UNKNOWN_WARNING = 0.5
+#: What to do about cells that express no gene.
+REMOVE_EMPTY = "remove such cells first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`."
 #: Cells per multi-cell prompt when the caller names none: C2S-Scale's prompts hold 5 to 20.
 DEFAULT_N_CELLS = 10
 #: Each task of ``metadata.tasks`` as warnings name it, and what a model not trained for it gives.
@@ -61,21 +63,57 @@ def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str
     """Return the genes of each cell's sentence, best first, cased as the model expects.
 
     Raises the error of :meth:`~sc_c2s._data.DataHandler.c2s` when :func:`sc_c2s.pp.to_sentences` has not run, and
-    warns when most genes are outside the model's vocabulary.
+    a :class:`ValueError` when no sentence gene is in the model's vocabulary; warns when most are outside it.
     """
     words = prompts.sentence_words(adata, n_genes=check_positive_int(n_genes, "n_genes"), mod=mod)
     case = str.upper if c2s.metadata.upper_case else str
     words = [[case(w) for w in cell] for cell in words]
     if c2s.metadata.vocabulary is not None:
         known = {case(w) for w in c2s.metadata.vocabulary}
+        n_unknown, n_words = sum(w not in known for cell in words for w in cell), sum(map(len, words))
+        names = (
+            "the gene names it was trained on (e.g. symbols, not Ensembl IDs; see `gene_symbols=` of "
+            "`sc_c2s.pp.to_sentences`)"
+        )
+        if n_words and n_unknown == n_words:
+            example = next(w for cell in words for w in cell)
+            msg = (
+                f"None of the sentence genes is in the vocabulary of {c2s.name!r} (e.g. {example!r}), so its answers "
+                f"would say nothing about the cells. Rank the genes under {names}."
+            )
+            raise ValueError(msg)
         warn_unknown(
-            sum(w not in known for cell in words for w in cell),
-            sum(map(len, words)),
+            n_unknown,
+            n_words,
             what=f"the sentence genes are not in the vocabulary of {c2s.name!r}",
-            fix="do the sentences use the gene names it was trained on (e.g. symbols, not Ensembl IDs; see "
-            "`gene_symbols=` of `sc_c2s.pp.to_sentences`)?",
+            fix=f"do the sentences use {names}?",
         )
     return words
+
+
+def warn_empty_sentences(n_empty: int, *, cells: str, results: str) -> None:
+    """Warn that `n_empty` `cells` (``"cells"``, ``"control cells"``) have empty sentences: `results` rest on nothing."""
+    if n_empty:
+        warnings.warn(
+            f"{n_empty} {cells} have empty sentences (they express no gene), so {results} are guesses from the prompt "
+            f"alone; {REMOVE_EMPTY}",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def warn_empty_draws(
+    draws: Sequence[tuple[object, np.ndarray]], words: Sequence[Sequence[str]], *, results: str
+) -> None:
+    """Warn when all the cells drawn for a prompt have empty sentences: the prompt holds no gene."""
+    empty = [str(name) for name, cells in draws if not any(words[i] for i in cells)]
+    if empty:
+        warnings.warn(
+            f"The cells drawn for {len(set(empty))} groups express no gene (e.g. {empty[0]!r}), so their {results} are "
+            f"guesses from the prompt alone; {REMOVE_EMPTY}",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def warn_unknown(n_unknown: int, n_words: int, *, what: str, fix: str) -> None:
