@@ -102,9 +102,7 @@ def warn_empty_sentences(n_empty: int, *, cells: str, results: str) -> None:
         )
 
 
-def warn_empty_draws(
-    draws: Sequence[tuple[object, np.ndarray]], words: Sequence[Sequence[str]], *, results: str
-) -> None:
+def warn_empty_draws(draws: Sequence[tuple[str, np.ndarray]], words: Sequence[Sequence[str]], *, results: str) -> None:
     """Warn when all the cells drawn for a prompt have empty sentences: the prompt holds no gene."""
     empty = [str(name) for name, cells in draws if not any(words[i] for i in cells)]
     if empty:
