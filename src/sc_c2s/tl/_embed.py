@@ -12,7 +12,7 @@ from sc_c2s._docs import doc_adata, doc_batch_size, doc_client, doc_device, doc_
 from sc_c2s._utils._validate import check_key
 from sc_c2s.models import _runtime
 
-from ._utils import cell_words, prediction_prompts
+from ._utils import cell_words, model_n_genes, prediction_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -116,7 +116,7 @@ def embed(
         )
     c2s = resolve(model, device=device)
     organism = prompts.check_organism(c2s.metadata.organism)
-    n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
+    n_genes = model_n_genes(c2s, n_genes)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     n_empty = sum(not cell for cell in words)
     if n_empty:

@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import AnyRandom
 
 from ._from_sentences import COUNTS
 from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
-from ._utils import check_task
+from ._utils import check_task, model_n_genes
 
 if TYPE_CHECKING:
     import torch
@@ -210,7 +210,7 @@ def generate(
             c2s=c2s_model,
             tissues=tissues,
             cells_per_sample=cells_per_sample,
-            n_genes=c2s_model.metadata.n_genes if n_genes is None else n_genes,
+            n_genes=model_n_genes(c2s_model, n_genes),
             organism=prompts.check_organism(organism or c2s_model.metadata.organism),
             temperature=model_temperature(c2s_model, temperature),
             top_k=top_k,
@@ -227,7 +227,7 @@ def generate(
     _check_labels(request.types, c2s_model.metadata.labels)
     temperature = model_temperature(c2s_model, temperature)
     organism = prompts.check_organism(organism or c2s_model.metadata.organism)
-    n_genes = c2s_model.metadata.n_genes if n_genes is None else n_genes
+    n_genes = model_n_genes(c2s_model, n_genes)
     target = target_of(adata, mod=mod, model=c2s_model)
     codes = request.codes()
     X, sentences, counts, written = write_cells(

@@ -17,7 +17,7 @@ from sc_c2s.models._metadata import PERTURBATION
 from ._from_sentences import COUNTS
 from ._pairs import conditions
 from ._sampling import check_sampling, target_of, valid_share, write_cells
-from ._utils import check_task, warn_empty_sentences
+from ._utils import check_task, model_n_genes, warn_empty_sentences
 
 if TYPE_CHECKING:
     import torch
@@ -171,7 +171,7 @@ def predict_perturbation(
         cells = np.sort(np.random.default_rng(random_state).choice(cells, n_cells, replace=False))
     c2s_model = resolve(model, device=device)
     _check_model(c2s_model, perturbations)
-    n_genes = c2s_model.metadata.n_genes if n_genes is None else n_genes
+    n_genes = model_n_genes(c2s_model, n_genes)
     target = target_of(adata, mod=mod, model=c2s_model)
     words = prompts.sentence_words(adata, n_genes=n_genes, mod=mod)
     warn_empty_sentences(

@@ -25,7 +25,16 @@ from sc_c2s._utils._validate import AnyRandom, check_key, check_positive_int, ch
 from sc_c2s.models import _runtime
 
 from ._annotate import MAX_ANSWER_TOKENS, generate_answers, label_set, score_labels
-from ._utils import cell_words, check_task, free_labels, group_draws, groups_of, prompt_cells, warn_empty_draws
+from ._utils import (
+    cell_words,
+    check_task,
+    free_labels,
+    group_draws,
+    groups_of,
+    model_n_genes,
+    prompt_cells,
+    warn_empty_draws,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -153,7 +162,7 @@ def predict_tissue(
     if candidates == "model":
         candidates = label_set(_model_tissues(c2s))
     organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
-    n_genes = c2s.metadata.n_genes if n_genes is None else n_genes
+    n_genes = model_n_genes(c2s, n_genes)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)
     warn_empty_draws(draws, words, results="tissues")

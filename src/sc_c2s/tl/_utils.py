@@ -59,6 +59,11 @@ def check_task(c2s: C2SModel, task: str) -> None:
         )
 
 
+def model_n_genes(c2s: C2SModel, n_genes: int | None) -> int:
+    """`n_genes`, or for ``None`` the genes per sentence the model was trained on (``metadata.n_genes``)."""
+    return c2s.metadata.n_genes if n_genes is None else n_genes
+
+
 def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str | None) -> list[list[str]]:
     """Return the genes of each cell's sentence, best first, cased as the model expects.
 
