@@ -12,7 +12,7 @@ from sc_c2s._docs import doc_adata, doc_batch_size, doc_client, doc_device, doc_
 from sc_c2s._utils._validate import check_key
 from sc_c2s.models import _runtime
 
-from ._utils import cell_words, model_n_genes, prediction_prompts
+from ._utils import REMOVE_EMPTY, cell_words, model_n_genes, prediction_prompts
 
 if TYPE_CHECKING:
     import torch
@@ -120,10 +120,7 @@ def embed(
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     n_empty = sum(not cell for cell in words)
     if n_empty:
-        msg = (
-            f"{n_empty} cells have empty sentences (they express no gene), so they have no embedding; remove them "
-            "first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`."
-        )
+        msg = f"{n_empty} cells have empty sentences (they express no gene), so they have no embedding; {REMOVE_EMPTY}"
         raise ValueError(msg)
     ids, spans = sentence_tokens(c2s, words, n_genes=n_genes, organism=organism)
     _runtime.check_context(c2s.model, ids, name=c2s.name)
