@@ -28,9 +28,10 @@ and label accuracy of each task): it shows how the scores grow with training and
 them.
 
 Knobs (``--quick`` takes the first values of each list after the default; the full sweep all of them):
-learning rate, batch size, gene dropout, label balance, width × depth of the scratch model, tasks, and the sampling
-temperature and top-p of ``tl.generate``. Not swept: genes per sentence (200), the schedule (warm-up, cosine decay),
-weight decay, dropout inside the model, the evaluation interval and patience, and any pretrained or LoRA setting.
+learning rate, batch size, gene dropout, label balance, width × depth of the scratch model, tasks, the step budget,
+genes per training sentence (the model's ``n_genes``, which annotation and generation then use), and the sampling
+temperature and top-p of ``tl.generate``. Not swept: the schedule (warm-up, cosine decay), weight decay, dropout
+inside the model, the evaluation interval and patience, and any pretrained or LoRA setting.
 
     python benchmarks/select_defaults.py --quick --datasets cellbench --threads 2   # ~1.5 h on 2 cores
     python benchmarks/select_defaults.py --curve 2400 --datasets cellbench --threads 1   # ~40 min on a busy core
@@ -71,6 +72,7 @@ KNOBS = {
     "size": [(256, 2), (64, 2), (128, 4)],
     "tasks": [("cell_type_prediction",), ("cell_type_generation",)],
     "max_steps": [1200, 3600],
+    "n_genes": [400, 100],
 }
 SAMPLING = {"temperature": [1.0, 0.7, 0.5, 0.85], "top_p": [1.0, 0.9]}
 QUICK = {
@@ -81,6 +83,7 @@ QUICK = {
     "size": 1,
     "tasks": 2,
     "max_steps": 1,
+    "n_genes": 2,
     "temperature": 3,
     "top_p": 1,
 }
@@ -131,7 +134,7 @@ def main() -> None:
             row, model = run(name, train, valid, label_key, base | change, max_time=args.max_time)
             rows.append({"dataset": name, "base": " ".join(args.base), "knob": knob, "value": value, **row})
             print(pd.DataFrame([rows[-1]]).to_string(header=len(rows) == 1, index=False), flush=True)
-            if knob == "defaults":
+            if knob == "defaults" and "cell_type_generation" in model.metadata.tasks:
                 for sampling, values in SAMPLING.items():
                     for v in values[: QUICK[sampling]] if args.quick else values:
                         scores = generation(model, train, valid, label_key, {sampling: v})
