@@ -24,7 +24,15 @@ from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _candidates, _runtime
 from sc_c2s.models._scratch import join_punctuation
 
-from ._utils import cell_words, check_task, free_labels, model_n_genes, prediction_prompts, warn_empty_sentences
+from ._utils import (
+    cell_words,
+    check_task,
+    free_labels,
+    model_n_genes,
+    model_organism,
+    prediction_prompts,
+    warn_empty_sentences,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -174,7 +182,7 @@ def annotate(
             UserWarning,
             stacklevel=2,
         )
-    organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
+    organism = model_organism(c2s, organism)
     n_genes = model_n_genes(c2s, n_genes)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     warn_empty_sentences(sum(not cell for cell in words), cells="cells", results="their cell types")

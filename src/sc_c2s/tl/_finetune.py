@@ -30,6 +30,7 @@ from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_
 from . import _pairs, _samples
 from ._annotate import annotate, check_labels
 from ._temperature import choose_temperature
+from ._utils import model_organism
 
 if TYPE_CHECKING:
     import torch
@@ -374,7 +375,7 @@ def finetune(
     elif gradient_checkpointing:
         enable_activation_checkpointing(c2s_model.model)
     upper = c2s_model.metadata.upper_case
-    organism = prompts.check_organism(organism if organism is not None else c2s_model.metadata.organism)
+    organism = model_organism(c2s_model, organism)
     tokenizer, model = c2s_model.tokenizer, c2s_model.model
     if adapter is not None:
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)

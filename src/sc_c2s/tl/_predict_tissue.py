@@ -32,6 +32,7 @@ from ._utils import (
     group_draws,
     groups_of,
     model_n_genes,
+    model_organism,
     prompt_cells,
     warn_empty_draws,
 )
@@ -161,7 +162,7 @@ def predict_tissue(
     n_cells = prompt_cells(n_cells, c2s)
     if candidates == "model":
         candidates = label_set(_model_tissues(c2s))
-    organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
+    organism = model_organism(c2s, organism)
     n_genes = model_n_genes(c2s, n_genes)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)

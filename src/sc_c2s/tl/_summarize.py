@@ -26,7 +26,16 @@ from sc_c2s.models._scratch import join_punctuation
 
 from ._generate_tissues import whole_texts
 from ._sampling import check_sampling, sample
-from ._utils import cell_words, check_task, group_draws, groups_of, model_n_genes, prompt_cells, warn_empty_draws
+from ._utils import (
+    cell_words,
+    check_task,
+    group_draws,
+    groups_of,
+    model_n_genes,
+    model_organism,
+    prompt_cells,
+    warn_empty_draws,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -140,7 +149,7 @@ def summarize(
     c2s = resolve(model, device=device)
     check_task(c2s, "summary")
     n_cells = prompt_cells(n_cells, c2s)
-    organism = prompts.check_organism(c2s.metadata.organism if organism is None else organism)
+    organism = model_organism(c2s, organism)
     n_genes = model_n_genes(c2s, n_genes)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)

@@ -64,6 +64,14 @@ def model_n_genes(c2s: C2SModel, n_genes: int | None) -> int:
     return c2s.metadata.n_genes if n_genes is None else n_genes
 
 
+def model_organism(c2s: C2SModel, organism: str | None) -> prompts.Organism:
+    """`organism`, or for ``None`` the model's (``metadata.organism``).
+
+    Checked by :func:`sc_c2s.prompts.check_organism`.
+    """
+    return prompts.check_organism(c2s.metadata.organism if organism is None else organism)
+
+
 def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str | None) -> list[list[str]]:
     """Return the genes of each cell's sentence, best first, cased as the model expects.
 
