@@ -467,6 +467,8 @@ def test_unknown_model(ranked):
         ({"cell_types": ["A549"], "device": "cuda:9"}, ValueError, "device"),
         ({"cell_types": ["A549"], "batch_size": 0}, ValueError, "batch_size"),
         ({"cell_types": ["A549"], "organism": "Danio rerio"}, ValueError, "organism"),
+        ({"cell_types": ["A549"], "organism": ""}, ValueError, "organism"),
+        ({"cell_types": ["A549"], "cells_per_sample": 3}, ValueError, "`tissues=` only"),
     ],
 )
 def test_bad_arguments(ranked, tiny, kwargs, error, match):

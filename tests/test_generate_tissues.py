@@ -79,3 +79,11 @@ def test_generate_takes_cell_types_or_tissues(_tissues, tiny):
         sc_c2s.tl.generate(_tissues, model=tiny, cell_types=["B"], tissues={"lung": 1})
     with pytest.raises(ValueError, match="either `cell_types`"):
         sc_c2s.tl.generate(_tissues, model=tiny)
+
+
+def test_samples_hold_five_cells_unless_given(_tissues, tiny):
+    generated = sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 7}, n_genes=N_GENES)
+    assert generated.obs["sample"].astype(str).tolist() == ["sample-0"] * 5 + ["sample-1"] * 2
+    assert generated.uns["c2s_generate"]["params"]["cells_per_sample"] == 5
+    with pytest.raises(ValueError, match="`organism` must be one of"):
+        sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 7}, organism="")

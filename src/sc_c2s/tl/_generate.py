@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import AnyRandom
 
 from ._from_sentences import COUNTS
 from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
-from ._utils import check_task, model_n_genes
+from ._utils import check_task, model_n_genes, model_organism
 
 if TYPE_CHECKING:
     import torch
@@ -49,7 +49,7 @@ def generate(
     model: C2SModel | str,
     cell_types: Sequence[str] | Mapping[str, int] | None = None,
     tissues: Mapping[str, int] | None = None,
-    cells_per_sample: int = 5,
+    cells_per_sample: int | None = None,
     n_genes: int | None = None,
     organism: prompts.Organism | None = None,
     temperature: float | None = None,
@@ -103,7 +103,7 @@ def generate(
         distinct where every gene is one token (models trained from scratch). The result's ``obs`` holds ``"tissue"`` and ``"sample"`` (cells written together) instead of
         ``"cell_type"``.
     cells_per_sample
-        Cells per multi-cell prompt, with `tissues` (C2S-Scale trained on 5 to 20).
+        Cells per multi-cell prompt, with `tissues` only; ``None``: 5 (C2S-Scale trained on 5 to 20).
     n_genes
         Genes per sentence to ask for; ``None``: as many as the model was trained on (``model.metadata.n_genes``;
         200 for the published checkpoints).
@@ -199,9 +199,13 @@ def generate(
     if (cell_types is None) == (tissues is None):
         msg = "Pass either `cell_types` (single cells) or `tissues` (samples of cells of a tissue), not both or none."
         raise ValueError(msg)
+    if tissues is None and cells_per_sample is not None:
+        msg = "`cells_per_sample` sets how many cells a multi-cell prompt writes; it applies with `tissues=` only."
+        raise ValueError(msg)
     if tissues is not None:
-        from ._generate_tissues import generate_tissues, requested_samples
+        from ._generate_tissues import CELLS_PER_SAMPLE, generate_tissues, requested_samples
 
+        cells_per_sample = CELLS_PER_SAMPLE if cells_per_sample is None else cells_per_sample
         requested_samples(tissues, cells_per_sample)  # checked before the model loads
         _dask.check_client(client)  # as for `cell_types`, though samples are generated in this process
         c2s_model = resolve(model, device=device)
@@ -211,7 +215,7 @@ def generate(
             tissues=tissues,
             cells_per_sample=cells_per_sample,
             n_genes=model_n_genes(c2s_model, n_genes),
-            organism=prompts.check_organism(organism or c2s_model.metadata.organism),
+            organism=model_organism(c2s_model, organism),
             temperature=model_temperature(c2s_model, temperature),
             top_k=top_k,
             top_p=top_p,
@@ -226,7 +230,7 @@ def generate(
     check_task(c2s_model, "cell_type_generation")
     _check_labels(request.types, c2s_model.metadata.labels)
     temperature = model_temperature(c2s_model, temperature)
-    organism = prompts.check_organism(organism or c2s_model.metadata.organism)
+    organism = model_organism(c2s_model, organism)
     n_genes = model_n_genes(c2s_model, n_genes)
     target = target_of(adata, mod=mod, model=c2s_model)
     codes = request.codes()

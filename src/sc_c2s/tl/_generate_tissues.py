@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 _CELL = re.compile(r"Cell\s*\d*\s*:", flags=re.IGNORECASE)
 #: Tokens of each cell's ``Cell {i}:`` line and closing period, beside its genes.
 _CELL_TOKENS = 8
+#: Cells per multi-cell prompt unless given (C2S-Scale trained on samples of 5 to 20 cells).
+CELLS_PER_SAMPLE = 5
 
 
 def requested_samples(tissues: Mapping[str, int], cells_per_sample: int) -> tuple[list[str], np.ndarray]:
