@@ -1,9 +1,10 @@
 """Speed of ``sc_c2s.tl.annotate`` (free and constrained) and ``sc_c2s.tl.embed``, beside a one-cell-at-a-time loop.
 
 Wall-clock seconds give the rates; CPU seconds of the process are printed beside them, since a shared machine can
-stretch wall-clock time. The baseline is the reference implementation's approach: one prompt at a time through Hugging Face ``generate()``
-(greedy, the same 32-token answer budget and the same stop tokens as free annotation). Models have random weights
-(speed does not depend on them) and a word-level tokenizer over the genes, so a 200-gene prompt is ~245 tokens.
+stretch wall-clock time. The baseline is the reference implementation's approach: one prompt at a time through
+Hugging Face ``generate()`` (greedy, the same 32-token answer budget and the same stop tokens as free annotation).
+Models have random weights (speed does not depend on them) and a word-level tokenizer over the genes, so a 200-gene
+prompt is ~245 tokens.
 
 - CPU (always): the small GPT-NeoX of ``sc_c2s.models._scratch`` (hidden 128, 2 layers), float32.
 - GPU (``--gpu``, measured only where CUDA is available): the Pythia-410m architecture (hidden 1024, 24 layers,
@@ -98,7 +99,8 @@ def run(c2s: C2SModel, cells: ad.AnnData, labels: list[str], *, n_loop: int, bat
     print(
         f"\n{c2s.name}: {n_params:.1f}M parameters, {str(c2s.dtype).removeprefix('torch.')} on {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-        f"vocabulary {len(c2s.tokenizer)} words, prompts of {N_GENES} genes = {n_tokens:.0f} tokens, batch {batch or 'sized to memory'}, "
+        f"vocabulary {len(c2s.tokenizer)} words, prompts of {N_GENES} genes = {n_tokens:.0f} tokens, "
+        f"batch {batch or 'sized to memory'}, "
         f"{torch.get_num_threads()} CPU threads"
     )
     methods: list[tuple[str, int, Callable[[ad.AnnData], object]]] = [

@@ -233,11 +233,9 @@ def build(base, config, cells, kang, labels, args, device, dtype, work) -> tuple
     if big:  # 27B: quantised in place on the GPU, not saved (54 GB)
         if device.type != "cuda" or not installed("bitsandbytes"):
             raise SkipError("needs a GPU and bitsandbytes")
-        room = _runtime.free_memory(device) / 2**30
-        if room < _memory.weights(shape) / 2**30 + 8:
-            raise SkipError(
-                f"building it in bfloat16 before quantising needs ~{_memory.weights(shape) / 2**30 + 8:.0f} GiB, {room:.0f} free"
-            )
+        room, needed = _runtime.free_memory(device) / 2**30, _memory.weights(shape) / 2**30 + 8
+        if room < needed:
+            raise SkipError(f"building it in bfloat16 before quantising needs ~{needed:.0f} GiB, {room:.0f} free")
     start = time.perf_counter()
     torch.manual_seed(0)
     with device if big else contextlib.nullcontext():
@@ -439,7 +437,8 @@ def end_to_end(path: Path, cells: ad.AnnData, kang: ad.AnnData, device: torch.de
                         groupby="cell_type",
                         n_genes=N_GENES,
                     )
-                line += f"; predict_perturbation {predicted.n_obs / predict_seconds():.1f} cells/s ({predicted.n_obs} cells)"
+                rate = predicted.n_obs / predict_seconds()
+                line += f"; predict_perturbation {rate:.1f} cells/s ({predicted.n_obs} cells)"
             else:
                 line += f"; held out {model.metadata.scores}, temperature {model.metadata.temperature}"
             del model

@@ -97,7 +97,7 @@ def write_synthetic(path: Path, *, n_cells: int, n_genes: int, expressed: int, c
     return path.stat().st_size / GB
 
 
-# ---- out-of-core ranking, each in its own process ---------------------------------------------------------------------
+# ---- out-of-core ranking, each in its own process --------------------------------------------------------------------
 
 RANK = """
 import json, resource, sys, time

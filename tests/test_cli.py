@@ -570,7 +570,10 @@ def too_long(tmp_path, checkpoint, small_file) -> list[str]:
     return [*argv, "--gene-symbols", "gene_symbol", "--out", str(tmp_path / "out.h5ad")]
 
 
-TOO_LONG = r"sc-c2s: error: The longest prompt and answer has \d+ tokens, but 'tiny-cli' reads at most \d+; lower --n-genes\.\n"
+TOO_LONG = (
+    r"sc-c2s: error: The longest prompt and answer has \d+ tokens, but 'tiny-cli' reads at most \d+; "
+    r"lower --n-genes\.\n"
+)
 
 
 def test_too_long_names_the_options_of_annotate(too_long, env):

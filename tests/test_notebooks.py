@@ -9,12 +9,13 @@ import pytest
 
 TUTORIALS = Path(__file__).parents[1] / "docs" / "tutorials"
 NOTEBOOKS = sorted(TUTORIALS.glob("*.ipynb"))
+DATA = Path(__file__).parent / "data"
 #: Values that replace those of each notebook's "parameters" cell here, to keep the test within CI time.
 FAST = {
     "sentences_and_annotation": "n_cells = 60",
     "finetune_and_generate": "max_steps = 4\nn_genes = 16\nn_generated = 2",
-    "tissues_and_summaries": f"epochs = 2\nn_genes = 5\ndata = {str(Path(__file__).parent / 'data' / 'tissue_mouse_300.h5ad')!r}",
-    "perturbation": f"data = {str(Path(__file__).parent / 'data' / 'kang_400.h5ad')!r}\nepochs = 1\nn_genes = 12",
+    "tissues_and_summaries": f"epochs = 2\nn_genes = 5\ndata = {str(DATA / 'tissue_mouse_300.h5ad')!r}",
+    "perturbation": f"data = {str(DATA / 'kang_400.h5ad')!r}\nepochs = 1\nn_genes = 12",
 }
 
 

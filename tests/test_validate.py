@@ -65,7 +65,7 @@ def test_key(bad):
     ],
 )
 def test_key_of_the_package_or_with_a_slash(bad, match):
-    """Such keys used to be accepted: the results replaced `uns['c2s']` or `obsm['c2s_genes']`, or could not be saved."""
+    """Such keys used to be accepted: results replaced `uns['c2s']` or `obsm['c2s_genes']`, or could not be saved."""
     with pytest.raises(ValueError, match=match):
         check_key(bad, "key_added")
 

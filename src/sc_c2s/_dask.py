@@ -62,8 +62,8 @@ def rank_lazily(X: da.Array, *, n_genes: int | None, random_state: int, source: 
     Chunks may be dense or scipy sparse; columns are joined into one chunk first. Values equal those of
     :func:`sc_c2s.pp._rank.rank_genes` on the whole matrix (the tie-break key depends on the global row number).
     With `n_genes`, the result has ``min(n_genes, n_genes_in_X)`` columns even when no cell expresses that many
-    genes, as in memory; without it, the longest row is counted first, which reads the data once more. `source` and `fix` are for the message of data that is not expression (see
-    :func:`sc_c2s.pp._rank.rank_genes`).
+    genes, as in memory; without it, the longest row is counted first, which reads the data once more. `source`
+    and `fix` are for the message of data that is not expression (see :func:`sc_c2s.pp._rank.rank_genes`).
     """
     if X.ndim != 2:
         msg = f"`{source}` must be a 2-dimensional dask array, got {X.ndim} dimensions."

@@ -359,7 +359,10 @@ def _step(message: str) -> float:
 
 
 def _check_model(name: str) -> None:
-    """Refuse a ``--model`` that cannot be loaded: an unknown name (exit code 4), a missing directory (3), a file (2)."""
+    """Refuse a ``--model`` that cannot be loaded.
+
+    Exit codes: 4 for an unknown name, 3 for a missing directory, 2 for a file.
+    """
     from sc_c2s.models._load import check_name_or_path
     from sc_c2s.models._registry import names
 
@@ -531,7 +534,10 @@ def _cell_types(items: Sequence[str]) -> dict[str, int]:
             raise ValueError(msg)
         counts[name.strip()] = counts.get(name.strip(), 0) + int(n)
     if not sum(counts.values()):
-        msg = f"--cell-types {shlex.join(items)} asks for no cells; give a TYPE=N an N of 1 or more (TYPE alone is 1 cell)."
+        msg = (
+            f"--cell-types {shlex.join(items)} asks for no cells; give a TYPE=N an N of 1 or more (TYPE alone is 1 "
+            "cell)."
+        )
         raise ValueError(msg)
     return counts
 

@@ -147,7 +147,7 @@ def check_key(value: Any, name: str) -> str:
     >>> check_key("a/b", "key_added")
     Traceback (most recent call last):
     ...
-    ValueError: `key_added='a/b'` holds a '/', which anndata will not allow in the keys of h5ad files; choose a key without it.
+    ValueError: `key_added='a/b'` holds a '/', which anndata will not allow in the keys of h5ad files; ...
     """
     if not isinstance(value, str) or not value:
         msg = f"`{name}` must be a non-empty string, got {value!r}."

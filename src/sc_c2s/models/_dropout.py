@@ -29,7 +29,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float) -> torch.Tensor:
 
 @contextlib.contextmanager
 def cpu_dropout(model: PreTrainedModel) -> Iterator[None]:
-    """While in this context, the dropout layers of `model`, if it is on the CPU, draw their masks with :func:`keep_mask`.
+    """Within this context, the dropout layers of a `model` on the CPU draw their masks with :func:`keep_mask`.
 
     Only ``torch.nn.Dropout`` layers with ``0 < p < 1`` change, and only in training mode; they are as before
     afterwards.

@@ -118,7 +118,8 @@ def _safetensors_problem(file: Path) -> str | None:
         except (UnicodeDecodeError, ValueError, TypeError, KeyError, IndexError, AttributeError):
             return "has a damaged header (not the JSON table of tensors a safetensors file starts with)"
     if 8 + n_header + end != size:
-        return f"is {'truncated' if size < 8 + n_header + end else 'too long'}: it has {size} bytes, its header says {8 + n_header + end}"
+        expected = 8 + n_header + end
+        return f"is {'truncated' if size < expected else 'too long'}: it has {size} bytes, its header says {expected}"
     return None
 
 

@@ -81,7 +81,7 @@ class C2SModel:
         return directory
 
     def provenance(self) -> dict[str, Any]:
-        """Name, revision, path and file hashes (and those of the base model of an adapter), for ``uns[key]["params"]``."""
+        """Name, revision, path and file hashes (also of an adapter's base model), for ``uns[key]["params"]``."""
         record = {"model": self.name, "path": str(self.path), "sha256": dict(self.sha256)}
         if self.revision is not None:
             record["revision"] = self.revision

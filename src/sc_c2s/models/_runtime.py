@@ -108,7 +108,7 @@ def model_device(model: PreTrainedModel) -> torch.device:
 
 
 def resolve_batch_size(batch_size: int | None, device: torch.device) -> int | None:
-    """Check `batch_size`; when it is ``None``, pick the default off a GPU, and keep ``None`` (sized to memory) on one."""
+    """Check `batch_size`; for ``None``, the default off a GPU, and ``None`` (sized to memory) on one."""
     if batch_size is None:
         return None if sizes_to_memory(device) else DEFAULT_BATCH_SIZE_CPU
     return check_positive_int(batch_size, "batch_size")
@@ -190,7 +190,7 @@ def from_pretrained(
 
 
 def quantization_config(quantization: str, dtype: torch.dtype):
-    """Bitsandbytes settings: LLM.int8 for ``"8bit"``; NF4 with double quantisation, computing in `dtype`, for ``"4bit"``."""
+    """Bitsandbytes settings: LLM.int8 for ``"8bit"``; for ``"4bit"``, NF4, double-quantised, computing in `dtype`."""
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":

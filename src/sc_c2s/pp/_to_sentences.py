@@ -142,8 +142,8 @@ def to_sentences(
         raise ValueError(msg)
     if matrix.X.dtype.kind == "b":
         logg.warning(
-            f"`{matrix.source}` holds booleans (expressed or not): a cell's expressed genes all tie, so its sentence is "
-            "in the seeded order of the tie-break, not of expression; rank counts or normalised values instead."
+            f"`{matrix.source}` holds booleans (expressed or not): a cell's expressed genes all tie, so its sentence "
+            "is in the seeded order of the tie-break, not of expression; rank counts or normalised values instead."
         )
     words = gene_words(matrix, gene_symbols)
     lazy = _dask.is_dask_array(matrix.X)
@@ -237,7 +237,8 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
         fix = (
             "adata.var_names_make_unique()"
             if gene_symbols is None
-            else f"adata.var[{gene_symbols!r}] = anndata.utils.make_index_unique(adata.var[{gene_symbols!r}].astype(str))"
+            else f"adata.var[{gene_symbols!r}] = "
+            f"anndata.utils.make_index_unique(adata.var[{gene_symbols!r}].astype(str))"
         )
         msg = (
             f"{len(duplicated)} gene names in {where} occur more than once (e.g. {', '.join(duplicated[:5])}); "

@@ -349,8 +349,9 @@ def answer_prefix(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *,
         scores[prefix] = float(logsumexp(loglik, axis=1).mean())
     chosen = "" if scores[""] > scores[" "] else " "
     c2s.metadata.answer_prefix = chosen
+    how = "without" if chosen == "" else "after"
     logg.info(
-        f"    {c2s.name!r} records no answer prefix: answers follow the prompt {'without' if chosen == '' else 'after'} "
-        f"a space (mean label-set log-likelihood {scores[' ']:.2f} with a space, {scores['']:.2f} without)"
+        f"    {c2s.name!r} records no answer prefix: answers follow the prompt {how} a space (mean label-set "
+        f"log-likelihood {scores[' ']:.2f} with a space, {scores['']:.2f} without)"
     )
     return chosen

@@ -100,8 +100,8 @@ def generate(
         :mod:`sc_c2s.prompts` (the last sample of a tissue takes the rest), and read back block by block
         (``Cell 1:``, ``Cell 2:``, …; a block the model did not write is an empty cell). The whole text is
         sampled until the end-of-sequence token, without `exact_length`; `unique_genes` keeps each cell's genes
-        distinct where every gene is one token (models trained from scratch). The result's ``obs`` holds ``"tissue"`` and ``"sample"`` (cells written together) instead of
-        ``"cell_type"``.
+        distinct where every gene is one token (models trained from scratch). The result's ``obs`` holds
+        ``"tissue"`` and ``"sample"`` (cells written together) instead of ``"cell_type"``.
     cells_per_sample
         Cells per multi-cell prompt, with `tissues` only; ``None``: 5 (C2S-Scale trained on 5 to 20).
     n_genes
@@ -328,8 +328,9 @@ def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> _Request:
     else:
         types = list(cell_types)
         if pd.api.types.infer_dtype(types, skipna=True) in _NUMBERS:
+            shown = ", ".join(map(str, types[:3])) + (", …" if len(types) > 3 else "")
             msg = (
-                f"`cell_types` holds numbers ({', '.join(map(str, types[:3]))}{', …' if len(types) > 3 else ''}), not cell types. For a number of cells per type, pass a "
+                f"`cell_types` holds numbers ({shown}), not cell types. For a number of cells per type, pass a "
                 "mapping type → count (e.g. `counts.to_dict()` of `adata.obs[key].value_counts()`); for cell types "
                 "stored as numbers, convert them to names with `.astype(str)`."
             )

@@ -555,7 +555,7 @@ def sample(
 def _generate_cells(
     c2s: C2SModel, *, codes: np.ndarray, target: Target, first_cell: int = 0, **sampling: Any
 ) -> tuple[sparse.csr_matrix, np.ndarray, np.ndarray]:
-    """Generate cells ``first_cell …`` (of types `codes`) and read them into expression, as :meth:`Collector.result`."""
+    """Generate cells ``first_cell …`` (of types `codes`); read them into expression (:meth:`Collector.result`)."""
     collector = Collector(target, n_cells=len(codes))
     sample(c2s, codes=codes, sink=collector, first_cell=first_cell, **sampling)
     return collector.result()

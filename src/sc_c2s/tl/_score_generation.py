@@ -145,7 +145,10 @@ def pca(X: sparse.csr_matrix, n_comps: int, random_state: int) -> tuple[np.ndarr
     import scanpy as sc
 
     if min(X.shape) < 2:
-        msg = f"A PCA needs at least two cells and two genes; the real cells compared here are {X.shape[0]} × {X.shape[1]}."
+        msg = (
+            "A PCA needs at least two cells and two genes; the real cells compared here are "
+            f"{X.shape[0]} × {X.shape[1]}."
+        )
         raise ValueError(msg)
     n_comps = max(1, min(n_comps, X.shape[0] - 1, X.shape[1] - 1))
     _, components, _, _ = sc.pp.pca(X, n_comps=n_comps, return_info=True, random_state=random_state)

@@ -43,7 +43,7 @@ _TASKS = {
 
 
 def check_task(c2s: C2SModel, task: str) -> None:
-    """Warn when `c2s` was not trained for `task` (a name of ``metadata.tasks``) in the prompts of :mod:`sc_c2s.prompts`.
+    """Warn when `c2s` was not trained for `task` (of ``metadata.tasks``) in the prompts of :mod:`sc_c2s.prompts`.
 
     A model trained in another prompt format (``metadata.prompt_style`` other than ``"c2s"``, e.g. the first C2S
     release's) reads these prompts as poorly as one not trained for the task.
@@ -105,7 +105,7 @@ def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str
 
 
 def warn_empty_sentences(n_empty: int, *, cells: str, results: str) -> None:
-    """Warn that `n_empty` `cells` (``"cells"``, ``"control cells"``) have empty sentences: `results` rest on nothing."""
+    """Warn that `n_empty` `cells` (e.g. ``"control cells"``) have empty sentences: `results` rest on nothing."""
     if n_empty:
         warnings.warn(
             f"{n_empty} {cells} have empty sentences (they express no gene), so {results} are guesses from the prompt "
