@@ -443,6 +443,12 @@ def test_unknown_model(ranked):
         sc_c2s.tl.generate(ranked, model="no-such-model", cell_types=["A549"])
 
 
+def test_organism_is_checked_before_the_model_loads(ranked):
+    for kwargs in ({"cell_types": ["A549"]}, {"tissues": {"lung": 2}}):
+        with pytest.raises(ValueError, match="`organism` must be one of"):
+            sc_c2s.tl.generate(ranked, model="no-such-model", organism="human", **kwargs)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -202,6 +202,8 @@ def generate(
     if tissues is None and cells_per_sample is not None:
         msg = "`cells_per_sample` sets how many cells a multi-cell prompt writes; it applies with `tissues=` only."
         raise ValueError(msg)
+    if organism is not None:
+        prompts.check_organism(organism)  # before the model loads, as the other verbs do
     if tissues is not None:
         from ._generate_tissues import CELLS_PER_SAMPLE, generate_tissues, requested_samples
 
