@@ -15,7 +15,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, _dropout, _output_loss, _trainer, load
+from sc_c2s.models import C2SMetadata, _candidates, _dropout, _output_loss, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _generate, _samples
@@ -327,18 +327,18 @@ def test_early_stopping_stops_and_restores_the_best_weights(cell_samples, monkey
     # scripted accuracies: 0.2, 0.6, 0.6 (equal: the later weights are kept), then three evaluations below
     truth = held["cell_type_prediction"].truth
     accuracies = iter([0.2, 0.6, 0.6, 0.4, 0.6 - 1 / 60, 0.2, 1.0])
-    weights = []
+    weights, right = [], {}
 
-    def losses(self, samples):
+    def losses(scored, samples, **kwargs):
         if samples is held["cell_type_prediction"].samples[0]:  # once per evaluation: a table of labels × cells
             n_right = round(next(accuracies) * len(truth))
-            self.right = np.arange(len(truth)) < n_right
-            weights.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            right["cells"] = np.arange(len(truth)) < n_right
+            weights.append({n: p.detach().clone() for n, p in scored.named_parameters()})
         label = next(i for i, s in enumerate(held["cell_type_prediction"].samples) if s is samples)
         # the true label scores 1 where the cell is right, 3 where it is wrong; every other label 2
-        return np.where(truth == label, np.where(self.right, 1.0, 3.0), 2.0)
+        return np.where(truth == label, np.where(right["cells"], 1.0, 3.0), 2.0)
 
-    monkeypatch.setattr(_trainer._Selection, "_losses", losses)
+    monkeypatch.setattr(_trainer, "answer_losses", losses)
     result = train_small(model, cell_samples, max_steps=200, held_out=held, eval_every=5, patience=3)
     assert result.stopped == "patience"
     assert [point["score"] for point in result.curve] == pytest.approx(
@@ -362,6 +362,20 @@ def test_selection_scores_the_true_label_against_the_others(cell_samples):
     cells = np.arange(len(choices.truth))
     assert point["loss"]["cell_type_prediction"] == pytest.approx(table[choices.truth, cells].mean(), abs=2e-4)
     assert point["score"] == pytest.approx(np.mean(table.argmin(0) == choices.truth), abs=1e-5)
+
+
+@pytest.mark.parametrize("rows", [None, 1], ids=["whole batches", "one sample per part"])
+def test_answer_losses_match_one_sample_at_a_time(cell_samples, monkeypatch, rows):
+    tokenizer, train, _ = cell_samples
+    model = small_model(tokenizer)
+    # long answers of 7 lengths: the prompts' last genes count as answer, as in generation samples
+    samples = _trainer.Samples(train.input_ids[:40], train.n_prompt[:40] - 3 - np.arange(40) % 7)
+    if rows is not None:  # logits of one sample's answer fit the budget, not two
+        longest = max(len(ids) - n for ids, n in zip(samples.input_ids, samples.n_prompt, strict=True))
+        monkeypatch.setattr(_candidates, "LOGIT_BUDGET", (longest + 1) * model.get_output_embeddings().out_features)
+    pad = tokenizer.pad_token_id
+    losses = _trainer.answer_losses(model, samples, batch_size=8, pad_id=pad)
+    np.testing.assert_allclose(losses, held_out_losses(model, samples, pad), rtol=1e-5)
 
 
 def test_selection_reads_each_prompt_once_for_all_labels(cell_samples):

@@ -355,13 +355,14 @@ def run_batches(
     pad_id: int,
     desc: str | None,
     room: int = 0,
+    unit: str = "cell",
 ) -> None:
     """Call `work` on the prompts in batches of similar token length, longest first (a memory error shows at once).
 
     `work` keeps the results of each batch. With `batch_size` ``None`` (on a GPU), each batch takes as many cells
     as fit into the free memory with their prompt and `room` more tokens (a generated answer). When a batch runs
     out of GPU memory, its cells are tried again in batches half as large, and the batches after it are no larger;
-    the cells of the batches before it are done. The progress bar counts cells and follows
+    the cells of the batches before it are done. The progress bar counts prompts (as `unit`) and follows
     :func:`sc_c2s._utils._progress.show_progress`; `desc` ``None`` hides it.
     """
     import torch
@@ -370,7 +371,7 @@ def run_batches(
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     order = np.argsort(-lengths, kind="stable")
     cap, start, warned = MAX_MEMORY_BATCH if batch_size is None else batch_size, 0, False
-    with progress(total=len(ids), desc=desc, unit="cell") as bar:
+    with progress(total=len(ids), desc=desc, unit=unit) as bar:
         while start < len(order):
             size = batch_size or memory_batch_size(model, int(lengths[order[start]]) + room)
             index = order[start : start + min(size, cap)]

@@ -179,6 +179,39 @@ def sample_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch
     return token_loss.sum(1) / is_target.sum(1)
 
 
+def answer_losses(
+    model: PreTrainedModel, samples: Samples, *, batch_size: int | None, pad_id: int, desc: str | None = None
+) -> np.ndarray:
+    """Mean cross-entropy of each sample's answer tokens (:func:`sample_loss`), in evaluation mode, no gradients.
+
+    Samples are batched by length as :func:`~sc_c2s.models._runtime.run_batches` batches prompts (`batch_size`
+    ``None`` sizes batches to a GPU's free memory; `desc` names the progress bar, ``None`` hides it), and each batch
+    is read in parts whose logits fit :data:`~sc_c2s.models._candidates.LOGIT_BUDGET`.
+    """
+    vocabulary = model.get_output_embeddings().out_features
+    out = np.empty(len(samples))
+
+    def score(batch: _runtime.Batch) -> None:
+        labels = _runtime.pad_left([samples.labels(i) for i in batch.index], fill=IGNORE_INDEX)
+        n_keep, _ = _answer_targets(labels)
+        rows = max(1, _candidates.LOGIT_BUDGET // (n_keep * vocabulary))
+        for begin in range(0, len(batch.index), rows):
+            part = slice(begin, begin + rows)
+            inputs = {
+                "input_ids": batch.input_ids[part],
+                "attention_mask": batch.attention_mask[part],
+                "position_ids": batch.position_ids[part],
+                "labels": labels[part].to(batch.input_ids.device),
+            }
+            out[batch.index[part]] = sample_loss(model, inputs).float().cpu().numpy()
+
+    with _runtime.inference(model):
+        _runtime.run_batches(
+            model, samples.input_ids, score, batch_size=batch_size, pad_id=pad_id, desc=desc, unit="sample"
+        )
+    return out
+
+
 def _answer_targets(labels: torch.Tensor) -> tuple[int, torch.Tensor]:
     """How many last positions predict an answer token, and the token each of them predicts.
 
@@ -380,22 +413,13 @@ class _Selection:
             )
             n_tokens = np.array([len(ids) for ids in choices.answers])
             return -loglik[cells, choices.truth] / n_tokens[choices.truth], loglik.argmax(1)
-        table = np.stack([self._losses(samples) for samples in choices.samples])  # labels × cells
+        table = np.stack(
+            [
+                answer_losses(self.model, samples, batch_size=self.batch_size, pad_id=self.pad_id)
+                for samples in choices.samples
+            ]
+        )  # labels × cells
         return table[choices.truth, cells], table.argmin(0)
-
-    def _losses(self, samples: Samples) -> np.ndarray:
-        """Answer loss of each sample, in batches of similar length."""
-        import torch
-
-        device = _runtime.model_device(self.model)
-        order = np.argsort([len(ids) for ids in samples.input_ids], kind="stable")
-        out = np.empty(len(samples))
-        with torch.no_grad():
-            for begin in range(0, len(order), self.batch_size):
-                index = order[begin : begin + self.batch_size]
-                batch = {k: v.to(device) for k, v in collate(samples, index, self.pad_id).items()}
-                out[index] = sample_loss(self.model, batch).float().cpu().numpy()
-        return out
 
     def postfix(self) -> dict[str, str]:
         """Progress-bar fields: the latest held-out label accuracy and the best one."""
