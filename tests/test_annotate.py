@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import torch
-from scipy.special import softmax
+from scipy.special import logsumexp, softmax
 
 import sc_c2s
 from sc_c2s import prompts
@@ -115,6 +115,81 @@ def test_constrained_scores_match_full_sequences(short_sentences, tiny, full_log
     np.testing.assert_allclose(short_sentences.obs["c2s_cell_type_score"], prob[np.arange(len(best)), best], rtol=1e-4)
 
 
+def full_sentence_loglik(c2s: C2SModel, words: list[list[str]], labels: list[str]) -> np.ndarray:
+    """Log-likelihood of each cell's sentence and EOS after each label's generation prompt (cells × labels): one
+    forward pass per cell and label over the unpadded prompt and answer."""
+    tokenizer, out = c2s.tokenizer, np.empty((len(words), len(labels)))
+    for i, cell in enumerate(words):
+        answer = [*tokenizer(prompts.answer(prompts.cell_sentence(cell)), add_special_tokens=False)["input_ids"]]
+        answer.append(tokenizer.eos_token_id)
+        for j, label in enumerate(labels):
+            prompt = tokenizer(prompts.cell_type_generation(label, n_genes=len(cell)))["input_ids"]
+            with torch.no_grad():
+                logp = c2s.model(input_ids=torch.as_tensor([prompt + answer])).logits[0].log_softmax(-1)
+            out[i, j] = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(answer))
+    return out
+
+
+def trained_here(c2s: C2SModel, **metadata) -> C2SModel:
+    """`c2s` with the metadata of a model :func:`sc_c2s.tl.finetune` trained (a record of its training)."""
+    fields = {"name": "finetuned", "labels": LABELS, "training": {"base_model": "scratch"}, **metadata}
+    return C2SModel(c2s.model, c2s.tokenizer, C2SMetadata(**fields), Path("finetuned"))
+
+
+def test_rerank_matches_full_sequences(short_sentences, tiny):
+    """A model finetune trained on both tasks re-ranks the prediction's top 3 labels by the generation task."""
+    prediction = full_sequence_loglik(tiny, short_sentences, LABELS)
+    words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
+    generation = full_sentence_loglik(tiny, words, LABELS)
+    logp = prediction - logsumexp(prediction, axis=1, keepdims=True)
+    expected = np.empty_like(logp)
+    for cell, (pred, gen) in enumerate(zip(logp, generation, strict=True)):
+        top = np.argsort(-pred)[:3]
+        combined = pred[top] + gen[top] - logsumexp(gen[top])
+        expected[cell] = np.exp(pred)
+        expected[cell, top] = np.exp(pred[top]).sum() * softmax(combined)
+    best, cells = expected.argmax(axis=1), np.arange(len(expected))
+    # re-ranking moves the scores of this random model by more than ten times the tolerance below
+    assert np.abs(expected[cells, best] / softmax(prediction, axis=1)[cells, best] - 1).max() > 1e-3
+
+    model = trained_here(tiny)
+    for batch_size in (1, 5):
+        sc_c2s.tl.annotate(short_sentences, model=model, labels=LABELS, n_genes=N_GENES, batch_size=batch_size)
+        np.testing.assert_array_equal(short_sentences.obs["c2s_cell_type"].to_numpy(), np.array(LABELS)[best])
+        score = short_sentences.obs["c2s_cell_type_score"]
+        np.testing.assert_allclose(score, expected[cells, best], rtol=1e-4)
+        assert short_sentences.uns["c2s_cell_type"]["params"]["rerank"] == 3
+
+
+@pytest.mark.parametrize(
+    ("metadata", "rerank", "expected"),
+    [
+        ({}, 0, 0),  # switched off
+        ({}, 1, 0),  # one label: nothing to re-rank
+        ({}, 9, 4),  # at most the label set
+        ({"training": {}}, None, 0),  # not trained by finetune: a published checkpoint
+        ({"tasks": ["cell_type_prediction"]}, None, 0),  # not trained for generation
+        ({"tasks": ["cell_type_prediction", "cell_type_generation", "summary"]}, None, 3),
+    ],
+)
+def test_labels_reranked(short_sentences, tiny, metadata, rerank, expected):
+    model = trained_here(tiny, **metadata)
+    out = sc_c2s.tl.annotate(
+        short_sentences, model=model, labels=LONG_LABELS, rerank=rerank, n_genes=N_GENES, copy=True
+    )
+    assert out.uns["c2s_cell_type"]["params"]["rerank"] == expected
+    if not expected:
+        prediction = sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, copy=True)
+        pd.testing.assert_frame_equal(out.obs, prediction.obs)
+
+
+def test_rerank_by_a_model_not_trained_for_generation_warns(short_sentences, tiny, scanpy_log):
+    model = trained_here(tiny, tasks=["cell_type_prediction"])
+    sc_c2s.tl.annotate(short_sentences, model=model, labels=LABELS, rerank=2, n_genes=N_GENES)
+    assert "'finetuned' was not trained for cell-type conditioned generation" in scanpy_log.getvalue()
+    assert short_sentences.uns["c2s_cell_type"]["params"]["rerank"] == 2
+
+
 @pytest.fixture
 def short_answers(monkeypatch):
     """Random models rarely write a period: cut their free answers after 6 tokens to keep tests fast."""
@@ -208,6 +283,7 @@ def test_results_and_params(short_sentences, tiny, container, scanpy_log):
     assert rna.uns["ct"]["params"] == {
         "mode": "constrained",
         "labels": LABELS,
+        "rerank": 0,
         "n_genes": N_GENES,
         "organism": "Homo sapiens",
         "model": "tiny",
@@ -325,6 +401,10 @@ def test_without_sentences(tiny):
         ({"n_genes": 0}, r"positive integer"),
         ({"batch_size": 0}, r"positive integer"),
         ({"organism": "Danio rerio"}, r"organism"),
+        ({"rerank": -1, "labels": LABELS}, r"`rerank` must be a number of labels \(0 to switch re-ranking off\)"),
+        ({"rerank": True, "labels": LABELS}, r"`rerank` must be a number of labels"),
+        ({"rerank": 2.0, "labels": LABELS}, r"`rerank` must be a number of labels"),
+        ({"rerank": 3}, r"`rerank=3` re-ranks candidate labels, but `labels=None` lets the model write"),
         (
             {"n_genes": 200, "labels": LABELS},
             r"reads at most 128; lower `n_genes`\.$",

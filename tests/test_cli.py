@@ -142,11 +142,25 @@ def test_generate_sampling_switches(tmp_path, checkpoint):
 def test_annotate(tmp_path, checkpoint, small_file):
     out = tmp_path / "annotated.h5ad"
     argv = ["-q", "annotate", str(small_file), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
-    assert cli.main([*argv, "--gene-symbols", "gene_symbol", "--out", str(out)]) == cli.EXIT_OK
+    assert cli.main([*argv, "--gene-symbols", "gene_symbol", "--rerank", "2", "--out", str(out)]) == cli.EXIT_OK
     cells = ad.read_h5ad(out)
     assert set(cells.obs["c2s_cell_type"]) <= set(cells.obs["cell_type"])
     assert np.all((cells.obs["c2s_cell_type_score"] > 0) & (cells.obs["c2s_cell_type_score"] <= 1))
     assert cells.uns["c2s"]["params"]["gene_symbols"] == "gene_symbol"
+    assert cells.uns["c2s_cell_type"]["params"]["rerank"] == 2
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--labels", "model", "--rerank", "-1"], "--rerank must be a whole number of labels, or 0 for no re-ranking"),
+        (["--rerank", "2"], "--rerank re-ranks the candidate labels of --labels; pass --labels"),
+    ],
+)
+def test_rerank_is_checked_before_reading(tmp_path, small_file, nothing_read, capsys, options, message):
+    argv = ["-q", "annotate", str(small_file), "--model", "demo", "--out", str(tmp_path / "out.h5ad")]
+    assert cli.main([*argv, *options]) == cli.EXIT_USAGE
+    assert f"sc-c2s: error: {message}" in capsys.readouterr().err
 
 
 def test_models_list(capsys):

@@ -247,6 +247,13 @@ def _parser() -> argparse.ArgumentParser:
         default=_defaults(tl.annotate)["n_genes"],
         help="genes per sentence (default: as many as the model was trained on)",
     )
+    annotate.add_argument(
+        "--rerank",
+        type=int,
+        metavar="N",
+        help="with --labels, how many of each cell's most likely labels the cell-type generation task re-ranks; 0 "
+        "for none (default: 3 for a model 'sc_c2s.tl.finetune' trained on both cell-type tasks, else 0)",
+    )
     _add_ranking(annotate)
     _add_device(annotate)
     annotate.set_defaults(run=_annotate)
@@ -511,13 +518,15 @@ def _annotate(args: argparse.Namespace) -> None:
     _check_out(args.out, kind=_kind(args.input))
     _check_model(args.model)
     _check_n_genes(args)
+    _check_rerank(args)
     _check_device(args)
     data = _read(args.input)
     _sentences(data, args)
     model = _model(args.model, device=args.device)
     labels = args.labels[0] if args.labels == ["model"] else args.labels
     start = _step("annotating")
-    sc_c2s.tl.annotate(data, model=model, labels=labels, n_genes=args.n_genes, batch_size=args.batch_size, mod=args.mod)
+    options = {"n_genes": args.n_genes, "rerank": args.rerank, "batch_size": args.batch_size, "mod": args.mod}
+    sc_c2s.tl.annotate(data, model=model, labels=labels, **options)
     _done(start)
     _write(data, args.out)
 
@@ -580,6 +589,18 @@ def _check_n_genes(args: argparse.Namespace) -> None:
 
     if args.n_genes is not None:
         check_positive_int(args.n_genes, "n_genes")
+
+
+def _check_rerank(args: argparse.Namespace) -> None:
+    """Refuse a negative --rerank, and one without --labels (left out, the model's metadata decides)."""
+    if args.rerank is None:
+        return
+    if args.rerank < 0:
+        msg = f"--rerank must be a whole number of labels, or 0 for no re-ranking; got {args.rerank}."
+        raise ValueError(msg)
+    if args.rerank and args.labels is None:
+        msg = "--rerank re-ranks the candidate labels of --labels; pass --labels (e.g. --labels model) too."
+        raise ValueError(msg)
 
 
 def _check_sampling_options(args: argparse.Namespace) -> None:
