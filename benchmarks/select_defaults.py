@@ -20,7 +20,10 @@ generation, 50 generated cells per label against the validation cells (``tl.scor
 recovery, MMD over its real-vs-real control, share of valid words) at the temperature ``finetune`` chose for the
 model (column ``temperature``); training seconds, steps and why training stopped. Sampling knobs (temperature,
 top-p) reuse the model trained with the package defaults: its rows at temperatures 1.0, 0.7 and 0.5 show whether
-``finetune``'s choice, made on the training cells, is the best one on the validation cells.
+``finetune``'s choice, made on the training cells, is the best one on the validation cells. The same model also
+annotates with other numbers of labels re-ranked by the generation task (``rerank`` of ``tl.annotate``; its
+``annotate s`` column is the time of annotation). ``--models DIR`` keeps the model trained with the defaults in
+``DIR/<dataset>`` (``_s<seed>`` and ``--base`` settings appended) and reuses it when a later run finds it there.
 
 ``--curve STEPS`` trains once with the defaults for STEPS steps without early stopping, keeps the weights of every
 evaluation, and scores each of them as above, beside what ``finetune`` recorded at that step (held-out answer loss
@@ -29,8 +32,8 @@ them.
 
 Knobs (``--quick`` takes the first values of each list after the default; the full sweep all of them):
 learning rate, batch size, gene dropout, label balance, width × depth of the scratch model, tasks, the step budget,
-genes per training sentence (the model's ``n_genes``, which annotation and generation then use), and the sampling
-temperature and top-p of ``tl.generate``. Not swept: the schedule (warm-up, cosine decay), weight decay, dropout
+genes per training sentence (the model's ``n_genes``, which annotation and generation then use), the sampling
+temperature and top-p of ``tl.generate``, and the labels ``tl.annotate`` re-ranks. Not swept: the schedule (warm-up, cosine decay), weight decay, dropout
 inside the model, the evaluation interval and patience, and any pretrained or LoRA setting.
 
     python benchmarks/select_defaults.py --quick --datasets cellbench --threads 2   # ~1.5 h on 2 cores
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -75,6 +79,8 @@ KNOBS = {
     "n_genes": [400, 100],
 }
 SAMPLING = {"temperature": [1.0, 0.7, 0.5, 0.85], "top_p": [1.0, 0.9]}
+#: Labels re-ranked by the generation task in constrained annotation (the default model; 3 by default).
+RERANK = [0, 2, 5, 10]
 QUICK = {
     "learning_rate": 1,
     "batch_size": 1,
@@ -86,6 +92,7 @@ QUICK = {
     "n_genes": 2,
     "temperature": 3,
     "top_p": 1,
+    "rerank": 2,
 }
 N_GENERATED = 50
 
@@ -95,7 +102,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the shared .h5ad files")
     parser.add_argument("--datasets", nargs="+", default=["cellbench", "pbmc4k"], choices=list(DATASETS))
     parser.add_argument("--quick", action="store_true", help="one or two values per knob (see QUICK)")
-    parser.add_argument("--knobs", nargs="*", default=list(KNOBS), choices=list(KNOBS), help="knobs to vary")
+    knobs = [*KNOBS, *SAMPLING, "rerank"]
+    parser.add_argument("--knobs", nargs="*", default=knobs, choices=knobs, help="knobs to vary")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run with the defaults (and sampling)")
     parser.add_argument(
         "--base",
@@ -107,6 +115,11 @@ def main() -> None:
     parser.add_argument("--max-time", type=float, help="finetune's max_time of every run, seconds")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     parser.add_argument("--curve", type=int, metavar="STEPS", help="score the weights of every evaluation instead")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        help="keep the model trained with the defaults in this folder, and reuse it where an earlier run kept it",
+    )
     args = parser.parse_args()
     sc.settings.verbosity = 0
     if args.threads is not None:
@@ -128,20 +141,29 @@ def main() -> None:
                 print(pd.DataFrame([rows[-1]]).to_string(header=len(rows) == 1, index=False), flush=True)
             continue
         runs = [] if args.no_baseline else [("defaults", None, {})]
-        for knob in args.knobs:
+        for knob in [knob for knob in args.knobs if knob in KNOBS]:
             runs += [(knob, v, {knob: v}) for v in (KNOBS[knob][: QUICK[knob]] if args.quick else KNOBS[knob])]
         for knob, value, change in runs:
-            row, model = run(name, train, valid, label_key, base | change, max_time=args.max_time)
+            keep = None if args.models is None or change else args.models / model_name(name, base)
+            row, model = run(name, train, valid, label_key, base | change, max_time=args.max_time, keep=keep)
             rows.append({"dataset": name, "base": " ".join(args.base), "knob": knob, "value": value, **row})
             print(pd.DataFrame([rows[-1]]).to_string(header=len(rows) == 1, index=False), flush=True)
             if knob == "defaults" and "cell_type_generation" in model.metadata.tasks:
                 for sampling, values in SAMPLING.items():
+                    if sampling not in args.knobs:
+                        continue
                     for v in values[: QUICK[sampling]] if args.quick else values:
                         scores = generation(model, train, valid, label_key, {sampling: v})
                         rows.append(
                             {"dataset": name, "base": " ".join(args.base), "knob": sampling, "value": v, **scores}
                         )
                         print(pd.DataFrame([rows[-1]]).to_string(header=False, index=False), flush=True)
+            both = {"cell_type_prediction", "cell_type_generation"} <= set(model.metadata.tasks)
+            if knob == "defaults" and both and "rerank" in args.knobs:
+                for v in RERANK[: QUICK["rerank"]] if args.quick else RERANK:
+                    scores = annotation(model, valid, label_key, rerank=v)
+                    rows.append({"dataset": name, "base": " ".join(args.base), "knob": "rerank", "value": v, **scores})
+                    print(pd.DataFrame([rows[-1]]).to_string(header=False, index=False), flush=True)
     table = pd.DataFrame(rows).set_index(["dataset", "base", "knob", "value"])
     with pd.option_context("display.width", 250, "display.max_columns", 30):
         print(f"\n{table.to_string(float_format=lambda x: f'{x:.3f}')}")
@@ -188,10 +210,30 @@ def cellbench(data: Path) -> tuple[ad.AnnData, ad.AnnData, str]:
 DATASETS = {"cellbench": cellbench, "pbmc4k": pbmc4k, "kang": kang, "tissue": tissue}
 
 
+def model_name(name: str, base: dict) -> str:
+    """Folder name of the model trained on dataset `name` with the defaults and `base` (its seed, if not SEED)."""
+    seed = base.get("random_state", SEED)
+    rest = {k: v for k, v in base.items() if k != "random_state"}
+    return "_".join([name, *([f"s{seed}"] if seed != SEED else []), *(f"{k}={v}" for k, v in sorted(rest.items()))])
+
+
 def run(
-    name: str, train: ad.AnnData, valid: ad.AnnData, label_key: str, change: dict, *, max_time: float | None
+    name: str,
+    train: ad.AnnData,
+    valid: ad.AnnData,
+    label_key: str,
+    change: dict,
+    *,
+    max_time: float | None,
+    keep: Path | None = None,
 ) -> tuple[dict, sc_c2s.models.C2SModel]:
-    """Train with the defaults but for `change`; score annotation (and generation) of the validation cells."""
+    """Train with the defaults but for `change`; score annotation (and generation) of the validation cells.
+
+    `keep`: where the model is kept, and read from instead of training where an earlier run kept it.
+    """
+    if keep is not None and keep.is_dir():
+        model = sc_c2s.models.load(keep)
+        return model_scores(model, model.metadata.training["train_seconds"], train, valid, label_key), model
     change = dict(change)
     size = change.pop("size", None)
     scratch_size = _scratch.scratch_size
@@ -209,7 +251,14 @@ def run(
             **({"random_state": SEED} | change),
         )
         seconds = time.perf_counter() - start
+        if keep is not None:
+            shutil.copytree(path, keep)
         model = sc_c2s.models.load(path)
+    return model_scores(model, seconds, train, valid, label_key), model
+
+
+def model_scores(model, seconds: float, train: ad.AnnData, valid: ad.AnnData, label_key: str) -> dict:
+    """Training figures of `model`, and its annotation (and generation) of the validation cells."""
     training = model.metadata.training
     row = {
         "train s": seconds,
@@ -222,7 +271,7 @@ def run(
         row |= annotation(model, valid, label_key)
     if "cell_type_generation" in model.metadata.tasks:
         row |= generation(model, train, valid, label_key, {})
-    return row, model
+    return row
 
 
 def curve(name: str, train: ad.AnnData, valid: ad.AnnData, label_key: str, base: dict, *, steps: int) -> list[dict]:
@@ -262,12 +311,18 @@ def curve(name: str, train: ad.AnnData, valid: ad.AnnData, label_key: str, base:
     return rows
 
 
-def annotation(model, valid: ad.AnnData, label_key: str) -> dict:
-    """Accuracy and macro-F1 of constrained annotation of the validation cells."""
+def annotation(model, valid: ad.AnnData, label_key: str, **options) -> dict:
+    """Accuracy, macro-F1 and seconds of constrained annotation of the validation cells."""
     cells = valid.copy()
-    sc_c2s.tl.annotate(cells, model=model, labels="model")
+    start = time.perf_counter()
+    sc_c2s.tl.annotate(cells, model=model, labels="model", **options)
+    seconds = time.perf_counter() - start
     truth, predicted = cells.obs[label_key].astype(str), cells.obs["c2s_cell_type"].astype(str)
-    return {"accuracy": accuracy_score(truth, predicted), "macro-F1": f1_score(truth, predicted, average="macro")}
+    return {
+        "accuracy": accuracy_score(truth, predicted),
+        "macro-F1": f1_score(truth, predicted, average="macro"),
+        "annotate s": seconds,
+    }
 
 
 def generation(model, train: ad.AnnData, valid: ad.AnnData, label_key: str, sampling: dict) -> dict:
