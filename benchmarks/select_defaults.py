@@ -33,8 +33,9 @@ them.
 Knobs (``--quick`` takes the first values of each list after the default; the full sweep all of them):
 learning rate, batch size, gene dropout, label balance, width × depth of the scratch model, tasks, the step budget,
 genes per training sentence (the model's ``n_genes``, which annotation and generation then use), the sampling
-temperature and top-p of ``tl.generate``, and the labels ``tl.annotate`` re-ranks. Not swept: the schedule (warm-up, cosine decay), weight decay, dropout
-inside the model, the evaluation interval and patience, and any pretrained or LoRA setting.
+temperature and top-p of ``tl.generate``, and the labels ``tl.annotate`` re-ranks. Not swept: the schedule
+(warm-up, cosine decay), weight decay, dropout inside the model, the evaluation interval and patience, and any
+pretrained or LoRA setting.
 
     python benchmarks/select_defaults.py --quick --datasets cellbench --threads 2   # ~1.5 h on 2 cores
     python benchmarks/select_defaults.py --curve 2400 --datasets cellbench --threads 1   # ~40 min on a busy core

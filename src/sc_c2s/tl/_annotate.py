@@ -207,8 +207,12 @@ def annotate(
     ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
 
-    params = {"mode": "free" if candidates is None else "constrained", "rerank": 0}
-    params |= {"n_genes": n_genes, "organism": organism}
+    params = {
+        "mode": "free" if candidates is None else "constrained",
+        "rerank": 0,
+        "n_genes": n_genes,
+        "organism": organism,
+    }
     if candidates is None:
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         answers, score = generate_answers(c2s, ids, batch_size=batch_size)

@@ -105,14 +105,13 @@ def finetune(
     ``training["best_step"]``, ``training["stopped"]``). After training, a model trained for
     ``"cell_type_prediction"`` annotates the held-out cells with :func:`sc_c2s.tl.annotate` constrained to the
     training labels, with its defaults (re-ranked by the generation task where both tasks were trained), and the
-    accuracy and macro-F1 go into the metadata (``scores``, with the labels re-ranked per cell; empty for a model
-    not trained to annotate) beside the held-out cells' names. A model trained for ``"cell_type_generation"`` then generates 200
-    cells of as many genes as its training sentences at each of the temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a
-    CPU for models from scratch) and keeps the
-    one whose cells come closest to the cells of `adata` by MMD (:func:`sc_c2s.tl.score_generation`) as
-    ``metadata.temperature``, the temperature :func:`sc_c2s.tl.generate` samples at with it by default: a lower
-    one suits well-separated types (cell lines), the model's own distribution closely related ones (see
-    :doc:`/method`).
+    accuracy and macro-F1 go into the metadata (``scores``, with ``rerank``, the labels re-ranked per cell; empty
+    for a model not trained to annotate) beside the held-out cells' names. A model trained for
+    ``"cell_type_generation"`` then generates 200 cells of as many genes as its training sentences at each of the
+    temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a CPU for models from scratch) and keeps the one whose cells come
+    closest to the cells of `adata` by MMD (:func:`sc_c2s.tl.score_generation`) as ``metadata.temperature``, the
+    temperature :func:`sc_c2s.tl.generate` samples at with it by default: a lower one suits well-separated types
+    (cell lines), the model's own distribution closely related ones (see :doc:`/method`).
 
     The budget: from scratch, 2,400 optimiser steps of 16 samples whatever the number of cells (the learning
     rate decays over them; generation needs that many even for a few hundred cells, and they take about 9
@@ -831,7 +830,7 @@ def _evaluate(
     *,
     n_genes: int,
 ) -> dict[str, float]:
-    """Accuracy and macro-F1 of constrained annotation of the held-out `cells`, with the labels re-ranked per cell."""
+    """Accuracy and macro-F1 of constrained annotation of the held-out `cells`, and the labels it re-ranked per cell."""
     if not len(cells):
         return {}
     held_out = AnnData(
