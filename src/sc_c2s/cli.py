@@ -252,7 +252,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="with --labels, how many of each cell's most likely labels the cell-type generation task re-ranks; 0 "
-        "for none (default: 3 for a model 'sc_c2s.tl.finetune' trained on both cell-type tasks, else 0)",
+        "for none (default: 3 for a model that sc_c2s.tl.finetune trained on both cell-type tasks, else 0)",
     )
     _add_ranking(annotate)
     _add_device(annotate)
