@@ -84,8 +84,9 @@ def rerank_labels(
     generation = sentence_loglik(
         c2s, words, np.asarray(labels, dtype=object)[top], organism=organism, batch_size=batch_size
     )
-    combined = np.take_along_axis(logp, top, axis=1) + log_softmax(generation, axis=1)
-    mass = logsumexp(np.take_along_axis(logp, top, axis=1), axis=1, keepdims=True)
+    top_logp = np.take_along_axis(logp, top, axis=1)
+    combined = top_logp + log_softmax(generation, axis=1)
+    mass = logsumexp(top_logp, axis=1, keepdims=True)
     out = logp.copy()
     np.put_along_axis(out, top, mass + log_softmax(combined, axis=1), axis=1)
     return out
