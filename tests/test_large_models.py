@@ -16,7 +16,7 @@ import sc_c2s
 from sc_c2s.models import _load, _lora, _memory, _registry, _runtime
 from sc_c2s.tl import _finetune
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "few_temperature_cells")
 N_GENES = 8
 
 

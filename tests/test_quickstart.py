@@ -25,7 +25,7 @@ def test_finds_the_blocks():
     ]
 
 
-@pytest.mark.usefixtures("one_torch_thread")
+@pytest.mark.usefixtures("one_torch_thread", "few_temperature_cells")
 def test_runs(tmp_path, monkeypatch):
     from sc_c2s.models import _trainer
 
@@ -33,8 +33,10 @@ def test_runs(tmp_path, monkeypatch):
     assert len(blocks) >= 7
     assert any("finetune(" in block for block in blocks)
     monkeypatch.chdir(tmp_path)  # the fine-tuned model goes to ./my_model
-    # 10 steps instead of the default budget, to stay within the test budget; the call is the page's own
+    # finetune is the page's own call, on a smaller budget to stay within the test budget: 10 steps instead of the
+    # default, scored once at the end instead of at every step
     monkeypatch.setattr(_trainer, "SCRATCH_STEPS", 10)
+    monkeypatch.setattr(_trainer, "N_EVALUATIONS", 1)
     autoshow, sc.settings.autoshow = sc.settings.autoshow, False
     try:
         with mpl.rc_context({"backend": "agg"}):
