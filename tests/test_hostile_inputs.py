@@ -333,7 +333,9 @@ def expression_cases(draw) -> tuple[Any, dict[str, Any], Expect, np.ndarray, lis
     if where == "layer":
         kwargs["layer"] = "counts"
 
-    misuse, _ = pick(draw, [None], ["missing-layer", "raw-without-raw", "layer-and-raw"], clean=clean)
+    misuse, _ = pick(
+        draw, [None], ["missing-layer", "raw-without-raw", "layer-and-raw", "use_raw-as-text"], clean=clean
+    )
     if misuse == "missing-layer":
         kwargs["layer"] = "missing"
         kwargs.pop("use_raw", None)
@@ -345,6 +347,9 @@ def expression_cases(draw) -> tuple[Any, dict[str, Any], Expect, np.ndarray, lis
     elif misuse == "layer-and-raw":
         kwargs = {**kwargs, "layer": "counts", "use_raw": True}
         expect.bad("layer", "use_raw")
+    elif misuse == "use_raw-as-text":  # truthy: it would read `.raw`
+        kwargs["use_raw"] = "False"
+        expect.bad("use_raw")
 
     kwargs["n_genes"], bad = pick(draw, [None, 1, 2, 10**9], [0, -1, 1.5, "3", True], clean=clean)
     if bad:
@@ -658,7 +663,8 @@ def test_generate(ranked, tiny, data, monkeypatch):
         data.draw, kwargs, expect, "random_state", ["0", "None", "Generator"], ["-1", "2**63", "'0'"], clean=clean
     )
     kwargs["random_state"] = SEEDS[seed]()
-    kwargs["unique_genes"], kwargs["exact_length"] = data.draw(st.booleans()), data.draw(st.booleans())
+    argument(data.draw, kwargs, expect, "unique_genes", [True, False, np.False_], ["False", 0], clean=clean)
+    argument(data.draw, kwargs, expect, "exact_length", [True, False], ["True", None], clean=clean)
     before = None if adata is None else snapshot(adata)
     result = outcome(lambda: sc_c2s.tl.generate(adata, **kwargs), expect, (ValueError, KeyError, TypeError))
     if before is not None:
@@ -746,6 +752,8 @@ def test_finetune_refuses_bad_arguments(ranked, data, tmp_path_factory, monkeypa
                 ("random_state", -1),
                 ("organism", "human"),
                 ("device", "cuda"),
+                ("paraphrase", "no"),
+                ("gradient_checkpointing", 1),
             ]
         )
     )
@@ -757,6 +765,33 @@ def test_finetune_refuses_bad_arguments(ranked, data, tmp_path_factory, monkeypa
     before = snapshot(adata)
     result = outcome(lambda: sc_c2s.tl.finetune(adata, **kwargs), expect, (ValueError, KeyError, TypeError))
     assert result is FAILED
+    assert_unchanged(adata, before)
+    assert not output_dir.exists()
+
+
+def test_flags_take_true_or_false_only(ranked, tiny, tmp_path):
+    """Each flag refuses what is not a bool, and the data stays untouched.
+
+    A string is truthy: `unique_genes="False"` kept genes unique. The draws above meet such values too rarely to be
+    sure of each flag.
+    """
+    adata = ranked.copy()
+    before = snapshot(adata)
+    output_dir = tmp_path / "model"
+    train = {"label_key": "label", "base_model": "scratch", "output_dir": output_dir, "epochs": 1}
+    generate = {"model": tiny, "cell_types": ["alpha"]}
+    perturbation = {"model": tiny, "perturbations": ["x"], "condition_key": "label", "control": "alpha"}
+    calls = {
+        "use_raw": lambda: sc_c2s.pp.to_sentences(adata, use_raw="False"),
+        "unique_genes": lambda: sc_c2s.tl.generate(adata, **generate, unique_genes="False"),
+        "exact_length": lambda: sc_c2s.tl.predict_perturbation(adata, **perturbation, exact_length=0),
+        "paraphrase": lambda: sc_c2s.tl.finetune(adata, **train, paraphrase="no"),
+        "gradient_checkpointing": lambda: sc_c2s.tl.finetune(adata, **train, gradient_checkpointing=1),
+        "merge": lambda: sc_c2s.models.load("demo", merge="False"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=rf"^`{name}` must be True(, False or None| or False), got "):
+            call()
     assert_unchanged(adata, before)
     assert not output_dir.exists()
 

@@ -240,7 +240,7 @@ def gpu(monkeypatch, free_gib: float = 80):
     monkeypatch.setattr(_memory, "capacity", lambda device: int(free_gib * 2**30) if device.type == "cuda" else None)
 
 
-def test_quantization_and_flash_attention_need_a_gpu(bases):
+def test_load_options_are_checked(bases):
     with pytest.raises(ValueError, match=r"runs on a CUDA GPU \(bitsandbytes\), not on cpu.*sc-c2s\[quantization\]"):
         sc_c2s.models.load(bases["pythia"], device="cpu", quantization="4bit")
     with pytest.raises(ValueError, match="must be None, '8bit' or '4bit'"):
@@ -249,6 +249,8 @@ def test_quantization_and_flash_attention_need_a_gpu(bases):
         sc_c2s.models.load(bases["pythia"], device="cpu", attn_implementation="flash_attention_2")
     with pytest.raises(ValueError, match="`attn_implementation` must be None or one of"):
         sc_c2s.models.load(bases["pythia"], device="cpu", attn_implementation="flex")
+    with pytest.raises(ValueError, match="`merge` must be True or False, got 'no'"):
+        sc_c2s.models.load(bases["pythia"], device="cpu", merge="no")
 
 
 def test_attention_kernels(bases):

@@ -39,6 +39,28 @@ def check_positive_int(value: Any, name: str, *, none_ok: bool = False) -> int |
     return int(value)
 
 
+def check_flag(value: Any, name: str, *, none_ok: bool = False) -> bool | None:
+    """Return `value` as a ``bool`` if it is one (Python or NumPy; or ``None`` when `none_ok`), else raise.
+
+    Anything else is refused rather than read as true or false: the string ``"False"`` is truthy.
+
+    Examples
+    --------
+    >>> check_flag(np.True_, "unique_genes")
+    True
+    >>> check_flag("False", "unique_genes")
+    Traceback (most recent call last):
+    ...
+    ValueError: `unique_genes` must be True or False, got 'False'.
+    """
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, bool | np.bool_):
+        msg = f"`{name}` must be True{', False or None' if none_ok else ' or False'}, got {value!r}."
+        raise ValueError(msg)
+    return bool(value)
+
+
 def check_obs_column(obs: pd.DataFrame, key: str, *, arg: str, where: str = "obs") -> pd.Series:
     """Return ``obs[key]``, or raise a :class:`KeyError` naming the argument `arg` and the columns there are."""
     if key not in obs.columns:

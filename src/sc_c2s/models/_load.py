@@ -13,6 +13,7 @@ import pooch
 from scanpy import logging as logg
 
 from sc_c2s._utils._optional import import_optional
+from sc_c2s._utils._validate import check_flag
 
 from . import _download, _files, _lora, _memory, _registry, _runtime
 from ._metadata import METADATA_FILE, C2SMetadata
@@ -213,6 +214,7 @@ class _Options:
         """Check the options before anything is downloaded or read."""
         import torch
 
+        merge = check_flag(merge, "merge")
         dtype_given = dtype is not None
         device, dtype = _runtime.device_and_dtype(device, dtype)
         quantization = _memory.check_quantization(quantization)

@@ -15,6 +15,7 @@ from sc_c2s._docs import doc_adata, doc_mod, doc_params, doc_seed
 from sc_c2s._utils._numba import numba_threads
 from sc_c2s._utils._validate import (
     AnyRandom,
+    check_flag,
     check_obs_column,
     check_positive_int,
     check_random_state,
@@ -131,6 +132,7 @@ def to_sentences(
     if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)
+    use_raw = check_flag(use_raw, "use_raw", none_ok=True)
     if sentences is not None and not isinstance(sentences, bool):
         msg = f"`sentences` must be True, False or None (strings unless the matrix is a dask array), got {sentences!r}."
         raise ValueError(msg)

@@ -19,6 +19,7 @@ from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_mod, doc_organism, doc_params, doc_seed
 from sc_c2s._utils._validate import (
     AnyRandom,
+    check_flag,
     check_number,
     check_positive_int,
     check_random_state,
@@ -290,6 +291,8 @@ def finetune(
     check_positive_int(patience, "patience", none_ok=True)
     check_positive_int(eval_every, "eval_every", none_ok=True)
     check_positive_int(batch_size, "batch_size", none_ok=True)
+    paraphrase = check_flag(paraphrase, "paraphrase")
+    gradient_checkpointing = check_flag(gradient_checkpointing, "gradient_checkpointing", none_ok=True)
     check_number(learning_rate, "learning_rate", low=0, low_open=True, none_ok=True)
     random_state = check_random_state(random_state)
     if organism is not None:

@@ -20,7 +20,7 @@ from sc_c2s._docs import (
     doc_params,
     doc_seed,
 )
-from sc_c2s._utils._validate import AnyRandom
+from sc_c2s._utils._validate import AnyRandom, check_flag
 
 from ._from_sentences import COUNTS
 from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
@@ -196,6 +196,8 @@ def generate(
         random_state=random_state,
         none_for_model=True,
     )
+    unique_genes = check_flag(unique_genes, "unique_genes")
+    exact_length = check_flag(exact_length, "exact_length")
     if (cell_types is None) == (tissues is None):
         msg = "Pass either `cell_types` (single cells) or `tissues` (samples of cells of a tissue), not both or none."
         raise ValueError(msg)

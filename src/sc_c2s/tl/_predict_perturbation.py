@@ -11,7 +11,7 @@ from scanpy import logging as logg
 from sc_c2s import _keys, prompts
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_model, doc_params, doc_seed
-from sc_c2s._utils._validate import AnyRandom, check_obs_column, check_positive_int
+from sc_c2s._utils._validate import AnyRandom, check_flag, check_obs_column, check_positive_int
 from sc_c2s.models._metadata import PERTURBATION
 
 from ._from_sentences import COUNTS
@@ -160,6 +160,8 @@ def predict_perturbation(
     random_state = check_sampling(
         n_genes=n_genes, temperature=temperature, top_k=top_k, top_p=top_p, random_state=random_state
     )
+    unique_genes = check_flag(unique_genes, "unique_genes")
+    exact_length = check_flag(exact_length, "exact_length")
     check_positive_int(n_cells, "n_cells", none_ok=True)
     _check_columns(condition_key=condition_key, groupby=groupby)
     perturbations = _perturbations(perturbations)
