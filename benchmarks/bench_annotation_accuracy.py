@@ -65,6 +65,12 @@ macro-F1 0.715). The prediction alone scored as in the run below on
 CellBench and Kang, with the same steps; on pbmc4k it stopped earlier than in the run of the last paragraph (0.844
 there).
 
+Kang and the tissues again on the idle machine (``--datasets kang tissue --threads 2``, load average 1.6 at the
+start from a timing run that had just finished; sc_c2s 62f2338): every figure of the table above the same, to the
+step; training took 566 s on Kang (within the 10 minutes) and 694 s on the tissues (over them by 94 s), annotation
+ran at 42 and 38 cells/s re-ranked (296 and 103 by the prediction alone). The run above lost a fifth to a quarter of
+its speed to the jobs beside it.
+
 The run before with the prediction alone (batches of 16, at most 2,400 steps; ``--datasets cellbench kang --threads
 2`` on the otherwise idle 2-core machine, load average 0.1 at the start; sc_c2s 5ebdd49, after the fix of the
 slowdown that numba's threads caused torch):
