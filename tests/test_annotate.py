@@ -136,11 +136,11 @@ def trained_here(c2s: C2SModel, **metadata) -> C2SModel:
     return C2SModel(c2s.model, c2s.tokenizer, C2SMetadata(**fields), Path("finetuned"))
 
 
-def test_rerank_matches_full_sequences(short_sentences, tiny):
-    """A model finetune trained on both tasks re-ranks the prediction's top 3 labels by the generation task."""
-    prediction = full_sequence_loglik(tiny, short_sentences, LABELS)
-    words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
-    generation = full_sentence_loglik(tiny, words, LABELS)
+def reranked_probabilities(c2s: C2SModel, adata: ad.AnnData) -> np.ndarray:
+    """Probabilities of `LABELS` (cells × labels) after re-ranking each cell's top 3, from full sequences."""
+    prediction = full_sequence_loglik(c2s, adata, LABELS)
+    words = _utils.cell_words(adata, c2s, n_genes=N_GENES, mod=None)
+    generation = full_sentence_loglik(c2s, words, LABELS)
     logp = prediction - logsumexp(prediction, axis=1, keepdims=True)
     expected = np.empty_like(logp)
     for cell, (pred, gen) in enumerate(zip(logp, generation, strict=True)):
@@ -148,6 +148,13 @@ def test_rerank_matches_full_sequences(short_sentences, tiny):
         combined = pred[top] + gen[top] - logsumexp(gen[top])
         expected[cell] = np.exp(pred)
         expected[cell, top] = np.exp(pred[top]).sum() * softmax(combined)
+    return expected
+
+
+def test_rerank_matches_full_sequences(short_sentences, tiny):
+    """A model finetune trained on both tasks re-ranks the prediction's top 3 labels by the generation task."""
+    prediction = full_sequence_loglik(tiny, short_sentences, LABELS)
+    expected = reranked_probabilities(tiny, short_sentences)
     best, cells = expected.argmax(axis=1), np.arange(len(expected))
     # re-ranking moves the scores of this random model by more than ten times the tolerance below
     assert np.abs(expected[cells, best] / softmax(prediction, axis=1)[cells, best] - 1).max() > 1e-3
@@ -159,6 +166,30 @@ def test_rerank_matches_full_sequences(short_sentences, tiny):
         score = short_sentences.obs["c2s_cell_type_score"]
         np.testing.assert_allclose(score, expected[cells, best], rtol=1e-4)
         assert short_sentences.uns["c2s_cell_type"]["params"]["rerank"] == 3
+        assert short_sentences.uns["c2s_cell_type"]["params"]["score_temperature"] == 1.0  # none recorded
+
+
+@pytest.mark.parametrize(("rerank", "temperature"), [(0, 1.5), (3, 2.5), (2, 1.0)])
+def test_scores_divided_by_the_temperature_of_the_labels_reranked(short_sentences, tiny, rerank, temperature):
+    """The model's temperature for that number of labels re-ranked (1 where it has none) softens the scores only."""
+    model = trained_here(tiny, score_temperatures={"0": 1.5, "3": 2.5})
+    out = sc_c2s.tl.annotate(short_sentences, model=model, labels=LABELS, rerank=rerank, n_genes=N_GENES, copy=True)
+    assert out.uns["c2s_cell_type"]["params"]["score_temperature"] == temperature
+    if rerank == 2:  # no temperature for two labels re-ranked: the scores of a model without any
+        plain = sc_c2s.tl.annotate(
+            short_sentences, model=trained_here(tiny), labels=LABELS, rerank=2, n_genes=N_GENES, copy=True
+        )
+        pd.testing.assert_frame_equal(out.obs, plain.obs)
+        return
+    if rerank:
+        prob = reranked_probabilities(tiny, short_sentences)
+    else:
+        prob = softmax(full_sequence_loglik(tiny, short_sentences, LABELS), axis=1)
+    best, cells = prob.argmax(axis=1), np.arange(len(prob))
+    np.testing.assert_array_equal(out.obs["c2s_cell_type"].to_numpy(), np.array(LABELS)[best])
+    calibrated = softmax(np.log(prob) / temperature, axis=1)
+    np.testing.assert_allclose(out.obs["c2s_cell_type_score"], calibrated[cells, best], rtol=1e-4)
+    assert (out.obs["c2s_cell_type_score"] < prob[cells, best]).all()  # softer
 
 
 @pytest.mark.parametrize(
@@ -284,6 +315,7 @@ def test_results_and_params(short_sentences, tiny, container, scanpy_log):
         "mode": "constrained",
         "labels": LABELS,
         "rerank": 0,
+        "score_temperature": 1.0,
         "n_genes": N_GENES,
         "organism": "Homo sapiens",
         "model": "tiny",

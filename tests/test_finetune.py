@@ -11,15 +11,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.special import log_softmax, softmax
 from sklearn.metrics import accuracy_score, f1_score
 
 import sc_c2s
 from sc_c2s import prompts
+from sc_c2s._data import DataHandler
 from sc_c2s.models import C2SMetadata, _candidates, _dropout, _output_loss, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _generate, _samples
-from sc_c2s.tl._finetune import scores, split
+from sc_c2s.tl import _generate, _samples, _utils
+from sc_c2s.tl._annotate import label_loglik
+from sc_c2s.tl._finetune import _evaluate, scores, split
 
 from .conftest import DATA, captured_log
 
@@ -70,6 +73,44 @@ def test_annotates_held_out_cells_far_above_chance(trained):
         "annotation": "constrained",
         "rerank": 0,  # trained for prediction only
     }
+
+
+def test_temperature_fit_on_the_held_out_cells_calibrates_their_scores(trained):
+    """One temperature for the prediction alone (no generation to re-rank by): the best for the held-out cells."""
+    adata, _, path = trained
+    model = load(path)
+    assert list(model.metadata.score_temperatures) == ["0"]
+    temperature = model.metadata.score_temperatures["0"]
+    cells = held_out(adata, model.metadata)
+    words = _utils.cell_words(cells, model, n_genes=N_GENES, mod=None)
+    kwargs = {"n_genes": N_GENES, "organism": "Homo sapiens", "rerank": None, "batch_size": 8}
+    (loglik,) = label_loglik(model, words, model.metadata.labels, **kwargs).values()
+    truth = [model.metadata.labels.index(label) for label in cells.obs["cell_type"]]
+
+    def nll(t: float) -> float:
+        return -float(log_softmax(loglik / t, axis=1)[np.arange(len(truth)), truth].mean())
+
+    # a minimum of the held-out negative log-likelihood (or the floor of 1), recorded to 4 decimals
+    assert temperature >= 1
+    assert nll(temperature) <= nll(temperature * 1.01) + 1e-9
+    assert temperature == 1 or nll(temperature) <= nll(temperature / 1.01) + 1e-9
+    # annotate applies it
+    sc_c2s.tl.annotate(cells, model=model, labels="model", n_genes=N_GENES)
+    best = loglik.argmax(axis=1)
+    calibrated = softmax(loglik / temperature, axis=1)[np.arange(len(best)), best]
+    np.testing.assert_allclose(cells.obs["c2s_cell_type_score"], calibrated, rtol=1e-5)
+
+
+def test_demo_model_records_what_finetune_computes_on_its_held_out_cells(_pbmc68k):
+    """Its scores and temperatures, recomputed rather than retrained (docs/contributing.md), are finetune's."""
+    model = load("demo")
+    adata = _pbmc68k.copy()
+    sc_c2s.pp.to_sentences(adata)
+    cells = adata.obs_names.get_indexer(model.metadata.training["eval_obs_names"])
+    labels = adata.obs["bulk_labels"]
+    scores, temperatures = _evaluate(model, DataHandler(adata), adata.uns["c2s"], cells, labels, n_genes=200)
+    assert scores == model.metadata.scores
+    assert temperatures == model.metadata.score_temperatures
 
 
 def test_reloaded_checkpoint_gives_identical_predictions(trained):

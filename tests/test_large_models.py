@@ -53,10 +53,12 @@ def trained(cells, bases, tmp_path_factory):
     evaluate = _finetune._evaluate
 
     def evaluate_and_keep(c2s_model, *args, **kwargs):
+        scores, temperatures = evaluate(c2s_model, *args, **kwargs)
+        c2s_model.metadata.score_temperatures = temperatures  # as finetune records them, calibrating the scores
         adata = cells.copy()
         sc_c2s.tl.annotate(adata, model=c2s_model, labels="model", n_genes=N_GENES)
         predictions["trained"] = adata.obs[["c2s_cell_type", "c2s_cell_type_score"]]
-        return evaluate(c2s_model, *args, **kwargs)
+        return scores, temperatures
 
     mp = pytest.MonkeyPatch()
     mp.setattr(_finetune, "_evaluate", evaluate_and_keep)

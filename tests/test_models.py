@@ -419,6 +419,10 @@ def _truncate(path: Path, keep: float) -> None:
             r"c2s_metadata\.json .* cannot be read .*'vocabulary' must be a list of strings or null, not 'CD3E'",
         ),
         (
+            lambda p: (p / "c2s_metadata.json").write_text('{"score_temperatures": {"3": 0}}'),
+            r"'score_temperatures' must be an object of positive numbers keyed by numbers of labels re-ranked",
+        ),
+        (
             lambda p: (p / "c2s_metadata.json").write_text('{"rank_fit": {"slope": "x", "intercept": 1}}'),
             r"c2s_metadata\.json .* cannot be read .*`rank_fit\['slope'\]` must be a finite number, got 'x'",
         ),
@@ -434,6 +438,7 @@ def _truncate(path: Path, keep: float) -> None:
         "tokenizer",
         "metadata",
         "metadata-field",
+        "metadata-temperatures",
         "metadata-rank-fit",
     ],
 )

@@ -56,6 +56,11 @@ class C2SMetadata:
     scores: dict[str, Any] = field(default_factory=dict)
     """Held-out scores of constrained annotation, e.g. ``{"accuracy": 0.93, "macro_f1": 0.91}``; empty for a model
     not trained for ``"cell_type_prediction"`` (or without held-out cells)."""
+    score_temperatures: dict[str, float] = field(default_factory=dict)
+    """Temperatures that calibrate the scores of constrained annotation, keyed by the number of labels re-ranked
+    (``"0"`` for the prediction prompt alone): :func:`sc_c2s.tl.annotate` divides the log-probabilities of the
+    labels by the one of its `rerank` before the softmax. :func:`sc_c2s.tl.finetune` fits them on its held-out
+    cells; without one the scores are the model's own."""
     temperature: float | None = None
     """Sampling temperature of :func:`sc_c2s.tl.generate` with this model unless one is passed, chosen by
     :func:`sc_c2s.tl.finetune` after training (``training["temperature_mmd"]`` holds what it compared);
@@ -131,6 +136,12 @@ def _expected_type(name: str, value: Any) -> str | None:
         ok, expected = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
     elif name == "temperature":
         ok, expected = number and value > 0, "a positive number"
+    elif name == "score_temperatures":
+        ok = isinstance(value, dict) and all(
+            isinstance(k, str) and k.isdigit() and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            for k, v in value.items()
+        )
+        expected = 'an object of positive numbers keyed by numbers of labels re-ranked, e.g. {"0": 2.5}'
     elif name == "upper_case":
         ok, expected = isinstance(value, bool), "true or false"
     else:

@@ -91,7 +91,10 @@ def annotate(
         log-likelihood of the cell's sentence after each one's generation prompt, as a distribution over these
         labels, is added to the prediction's log-probabilities, and they share the probability the prediction gave
         them in proportion to the exponentials of these sums. The most likely label wins, so the result is always
-        one of `labels`; the score is its probability over the label set.
+        one of `labels`; the score is its probability over the label set, calibrated for a model
+        :func:`~sc_c2s.tl.finetune` trained: the log-probabilities are divided by the temperature it fit on its
+        held-out cells for this number of labels re-ranked (``model.metadata.score_temperatures``; 1 otherwise),
+        which changes no cell's label.
 
     Cells are batched by token length with left padding; results do not depend on `batch_size` (up to
     floating-point rounding). Nothing is sampled, so results are deterministic on a given device.
@@ -129,11 +132,11 @@ def annotate(
         Categorical cell types (categories: `labels` in constrained mode, the answers otherwise; free answers that
         are empty or list genes are missing).
     ``obs[key_added + "_score"]``
-        Probability of the chosen cell type: over the label set in constrained mode, of the written answer in
-        free mode.
+        Probability of the chosen cell type: over the label set in constrained mode (calibrated where the model
+        says how), of the written answer in free mode.
     ``uns[key_added]["params"]``
         ``mode`` (``"free"`` or ``"constrained"``), ``labels``, ``rerank`` (the labels re-ranked per cell; 0 in
-        free mode), ``n_genes``, ``organism`` and the model's
+        free mode), ``score_temperature`` (constrained mode), ``n_genes``, ``organism`` and the model's
         provenance: ``model`` name, ``path``, ``revision``, ``sha256`` of its files.
 
     Raises
@@ -204,7 +207,6 @@ def annotate(
     n_genes = model_n_genes(c2s, n_genes)
     words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     warn_empty_sentences(sum(not cell for cell in words), cells="cells", results="their cell types")
-    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
 
     params = {
@@ -214,6 +216,7 @@ def annotate(
         "organism": organism,
     }
     if candidates is None:
+        ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         answers, score = generate_answers(c2s, ids, batch_size=batch_size)
         named = free_labels(answers, genes, what="cell types")
@@ -222,13 +225,13 @@ def annotate(
     else:
         from scipy.special import softmax
 
-        loglik = score_labels(c2s, ids, candidates, batch_size=batch_size)
-        params["rerank"] = n_reranked(c2s, rerank, n_labels=len(candidates))
-        if params["rerank"]:
-            loglik = rerank_labels(
-                c2s, words, loglik, candidates, k=params["rerank"], organism=organism, batch_size=batch_size
-            )
-        prob = softmax(loglik, axis=1)
+        readings = label_loglik(
+            c2s, words, candidates, n_genes=n_genes, organism=organism, rerank=rerank, batch_size=batch_size
+        )
+        params["rerank"] = max(readings)
+        loglik = readings[params["rerank"]]
+        params["score_temperature"] = c2s.metadata.score_temperatures.get(str(params["rerank"]), 1.0)
+        prob = softmax(loglik / params["score_temperature"], axis=1)
         best = loglik.argmax(axis=1)
         cell_types = pd.Categorical.from_codes(best, categories=candidates)
         score = prob[np.arange(len(best)), best]
@@ -305,6 +308,29 @@ def parse_answer(text: str) -> str:
     Punctuation joins the word before it again, as it was trained (``"T cells , CD4+"`` → ``"T cells, CD4+"``).
     """
     return join_punctuation(text.strip()).removesuffix(".").strip()
+
+
+def label_loglik(
+    c2s: C2SModel,
+    words: Sequence[Sequence[str]],
+    labels: Sequence[str],
+    *,
+    n_genes: int,
+    organism: str,
+    rerank: int | None,
+    batch_size: int | None,
+) -> dict[int, np.ndarray]:
+    """Log-likelihood of each of `labels` for each cell (cells × labels), as constrained annotation reads them.
+
+    Keyed by the number of labels re-ranked: ``0`` for the prediction prompt alone, and with re-ranking (`rerank`,
+    as :func:`n_reranked` resolves it) also that number, for the re-ranked log-probabilities.
+    """
+    ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
+    readings = {0: score_labels(c2s, ids, labels, batch_size=batch_size)}
+    k = n_reranked(c2s, rerank, n_labels=len(labels))
+    if k:
+        readings[k] = rerank_labels(c2s, words, readings[0], labels, k=k, organism=organism, batch_size=batch_size)
+    return readings
 
 
 def score_labels(
