@@ -862,10 +862,10 @@ def _evaluate(
     rerank = max(readings)
     truth = labels.iloc[cells].astype(str).to_numpy()
     predicted = np.asarray(label_set, dtype=object)[readings[rerank].argmax(axis=1)]
-    known = np.isin(truth, label_set)  # a label with a single cell may be held out only
-    codes = np.searchsorted(label_set, truth[known])  # the label set is sorted
+    codes = pd.Index(label_set).get_indexer(truth)
+    known = codes >= 0  # a label with a single cell may be held out only
     temperatures = (
-        {str(k): round(fit_temperature(loglik[known], codes), 4) for k, loglik in readings.items()}
+        {str(k): round(fit_temperature(loglik[known], codes[known]), 4) for k, loglik in readings.items()}
         if known.any()
         else {}
     )
