@@ -280,6 +280,28 @@ def test_the_temperature_is_chosen_on_cells_as_long_as_the_training_sentences(ge
     assert "n_genes" not in log
 
 
+def test_prompts_ask_about_the_genes_the_sentences_hold(sentences, tmp_path, monkeypatch):
+    """8-gene sentences, finetune's `n_genes` left at 200: training and the held-out scores and temperatures asked
+    about 200 genes, while annotate asks the model about its `n_genes`, 8."""
+    asked, prediction = [], prompts.cell_type_prediction
+
+    def record(*args, **kwargs):
+        asked.append(kwargs["n_genes"])
+        return prediction(*args, **kwargs)
+
+    monkeypatch.setattr(prompts, "cell_type_prediction", record)
+    path = sc_c2s.tl.finetune(
+        sentences,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=tmp_path / "m",
+        tasks=("cell_type_prediction",),
+        max_steps=1,
+    )
+    assert load(path).metadata.n_genes == 8
+    assert set(asked) == {8}
+
+
 # --- model selection on the held-out cells
 
 
@@ -999,16 +1021,19 @@ def test_cells_without_a_tissue_or_group_are_refused(donors, tmp_path, key, what
         ),
         (
             0.03,
-            "`eval_fraction=0.03` holds out 9 cells: fewer than 10 select the model on noise; pass a larger "
-            "`eval_fraction`, or 0 to train the whole budget without selection",
+            "`eval_fraction=0.03` holds out 9 cells: fewer than 10 select the model on noise (and leave its scores "
+            "uncalibrated); pass a larger `eval_fraction`, or 0 to train the whole budget without selection",
         ),
         (0.04, None),  # 12 cells
     ],
 )
 def test_too_few_held_out_cells_are_announced(sentences, tmp_path, scanpy_log, eval_fraction, expected):
-    """An `eval_fraction` too small for the labels held out no cell (no selection) or one, without a word."""
+    """An `eval_fraction` too small for the labels held out no cell (no selection) or one, without a word; and
+    fewer than 10 cells fitted a temperature anyway, up to its bound of 100 where one of a few was wrong."""
     path = one_step(sentences, tmp_path / "m", eval_fraction=eval_fraction)
-    n_held_out = len(load(path).metadata.training["eval_obs_names"])
+    metadata = load(path).metadata
+    n_held_out = len(metadata.training["eval_obs_names"])
+    assert list(metadata.score_temperatures) == (["0"] if n_held_out >= 10 else [])
     labels = sentences.obs["cell_type"].astype(str)
     assert n_held_out == split(labels, eval_fraction=eval_fraction).sum()  # the split is unchanged
     log = scanpy_log.getvalue()

@@ -13,6 +13,7 @@ import socket
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -422,6 +423,14 @@ def _truncate(path: Path, keep: float) -> None:
             lambda p: (p / "c2s_metadata.json").write_text('{"score_temperatures": {"3": 0}}'),
             r"'score_temperatures' must be an object of positive numbers keyed by numbers of labels re-ranked",
         ),
+        (  # every score 1 / n_labels
+            lambda p: (p / "c2s_metadata.json").write_text('{"score_temperatures": {"0": Infinity}}'),
+            r"'score_temperatures' must be an object of positive numbers",
+        ),
+        (  # never looked up: annotate asks for "3"
+            lambda p: (p / "c2s_metadata.json").write_text('{"score_temperatures": {"03": 2.0}}'),
+            r"'score_temperatures' must be an object of positive numbers",
+        ),
         (
             lambda p: (p / "c2s_metadata.json").write_text('{"rank_fit": {"slope": "x", "intercept": 1}}'),
             r"c2s_metadata\.json .* cannot be read .*`rank_fit\['slope'\]` must be a finite number, got 'x'",
@@ -439,6 +448,8 @@ def _truncate(path: Path, keep: float) -> None:
         "metadata",
         "metadata-field",
         "metadata-temperatures",
+        "metadata-temperature-infinite",
+        "metadata-temperature-key",
         "metadata-rank-fit",
     ],
 )
@@ -453,6 +464,15 @@ def test_broken_checkpoint_names_the_file(checkpoints, tmp_path, break_it, match
     assert isinstance(error.value, models.BrokenCheckpointError)
     assert str(path) in str(error.value)
     assert "save the checkpoint there again" in str(error.value)
+
+
+def test_metadata_that_would_not_load_is_not_written(tmp_path):
+    """`save` wrote what `load` then refused as broken."""
+    with pytest.raises(TypeError, match=r"'score_temperatures' must be an object of positive numbers"):
+        C2SMetadata(score_temperatures={"0": 0.0}).write(tmp_path)
+    assert not (tmp_path / "c2s_metadata.json").exists()
+    C2SMetadata(score_temperatures={"0": np.float32(2.5)}).write(tmp_path)  # numpy numbers are written as numbers
+    assert C2SMetadata.read(tmp_path).score_temperatures == {"0": 2.5}
 
 
 def test_broken_cached_download_says_how_to_fetch_it_again(hub, checkpoints, cache, no_gpu):

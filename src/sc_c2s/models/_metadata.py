@@ -7,6 +7,7 @@ the same fields from the registry.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -86,17 +87,9 @@ class C2SMetadata:
         ValueError
             If the rank fit is not one (see :meth:`sc_c2s.RankFit.from_dict`).
         """
-        from sc_c2s._rank_model import RankFit
-
         names = {f.name for f in fields(cls)}
         known = {k: v for k, v in d.items() if k in names}
-        for name, value in known.items():
-            expected = _expected_type(name, value)
-            if expected is not None:
-                msg = f"the field {name!r} must be {expected}, not {value!r}"
-                raise TypeError(msg)
-        if known.get("rank_fit") is not None:
-            RankFit.from_dict(known["rank_fit"])
+        _check_fields(known)
         return cls(**known)
 
     def to_dict(self) -> dict[str, Any]:
@@ -109,9 +102,17 @@ class C2SMetadata:
         return cls.from_dict(json.loads((Path(directory) / METADATA_FILE).read_text()))
 
     def write(self, directory: str | Path) -> Path:
-        """Write ``c2s_metadata.json`` into a checkpoint directory and return its path."""
+        """Write ``c2s_metadata.json`` into a checkpoint directory and return its path.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`from_dict` would on reading the file back; nothing is written then.
+        """
+        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+        _check_fields(json.loads(text))
         path = Path(directory) / METADATA_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n")
+        path.write_text(text + "\n")
         return path
 
 
@@ -123,11 +124,23 @@ _NULLABLE = frozenset(
 )
 
 
+def _check_fields(d: dict[str, Any]) -> None:
+    """Raise if a field of `d` (metadata as read from JSON) does not hold what it must."""
+    from sc_c2s._rank_model import RankFit
+
+    for name, value in d.items():
+        expected = _expected_type(name, value)
+        if expected is not None:
+            msg = f"the field {name!r} must be {expected}, not {value!r}"
+            raise TypeError(msg)
+    if d.get("rank_fit") is not None:
+        RankFit.from_dict(d["rank_fit"])
+
+
 def _expected_type(name: str, value: Any) -> str | None:
     """Return what the metadata field `name` must hold if `value` is not that, else ``None``."""
     if value is None and name in _NULLABLE:
         return None
-    number = isinstance(value, int | float) and not isinstance(value, bool)
     if name in _STRING_LISTS:
         ok, expected = isinstance(value, list) and all(isinstance(v, str) for v in value), "a list of strings"
     elif name in _OBJECTS:
@@ -135,10 +148,10 @@ def _expected_type(name: str, value: Any) -> str | None:
     elif name == "n_genes":
         ok, expected = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
     elif name == "temperature":
-        ok, expected = number and value > 0, "a positive number"
+        ok, expected = _positive(value), "a positive number"
     elif name == "score_temperatures":
         ok = isinstance(value, dict) and all(
-            isinstance(k, str) and k.isdigit() and isinstance(v, int | float) and not isinstance(v, bool) and v > 0
+            isinstance(k, str) and k.isascii() and k.isdigit() and k == str(int(k)) and _positive(v)
             for k, v in value.items()
         )
         expected = 'an object of positive numbers keyed by numbers of labels re-ranked, e.g. {"0": 2.5}'
@@ -147,6 +160,11 @@ def _expected_type(name: str, value: Any) -> str | None:
     else:
         ok, expected = isinstance(value, str), "a string"
     return None if ok else f"{expected}{' or null' if name in _NULLABLE else ''}"
+
+
+def _positive(value: Any) -> bool:
+    """Whether `value` is a positive finite number (not a bool)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def _json_default(o: Any) -> Any:

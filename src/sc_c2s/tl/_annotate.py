@@ -135,8 +135,8 @@ def annotate(
         Probability of the chosen cell type: over the label set in constrained mode (calibrated where the model
         says how), of the written answer in free mode.
     ``uns[key_added]["params"]``
-        ``mode`` (``"free"`` or ``"constrained"``), ``labels``, ``rerank`` (the labels re-ranked per cell; 0 in
-        free mode), ``score_temperature`` (constrained mode), ``n_genes``, ``organism`` and the model's
+        ``mode`` (``"free"`` or ``"constrained"``), ``labels`` and ``score_temperature`` (constrained mode),
+        ``rerank`` (the labels re-ranked per cell; 0 in free mode), ``n_genes``, ``organism`` and the model's
         provenance: ``model`` name, ``path``, ``revision``, ``sha256`` of its files.
 
     Raises

@@ -210,8 +210,9 @@ def finetune(
         Share of the cells of each label held out of training to score the model (``0``: none); with the
         cell-type tasks only (a model trained on tissues, summaries or perturbations alone holds out no cells).
         A label of ``n`` cells gives ``round(eval_fraction * n)`` of them, keeping one for training. Fewer than 10
-        held-out cells in all select the model on noise: a warning says so, and another one when none is held out
-        (training then runs its whole budget without model selection).
+        held-out cells in all select the model on noise and do not calibrate its scores (no
+        ``score_temperatures``): a warning says so, and another one when none is held out (training then runs its
+        whole budget without model selection).
     random_state
         Seed of the held-out split, the initial weights, the order of the samples {doc_seed}. The seed used is
         recorded in the checkpoint's metadata (``training["random_state"]``).
@@ -312,6 +313,7 @@ def finetune(
     )
 
     ranked = np.asarray(handler.obsm[_keys.GENES][:, :n_genes])
+    n_genes = ranked.shape[1]  # the prompts say how many genes the sentences hold, as annotate's will
     genes = np.asarray(c2s["genes"], dtype=object)
     expressed = (ranked >= 0).any(axis=1)
     if not expressed.all():
@@ -477,7 +479,7 @@ def finetune(
     metadata.tasks = list(tasks)
     metadata.organism = organism
     metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
-    metadata.n_genes = int(ranked.shape[1])
+    metadata.n_genes = int(n_genes)
     metadata.vocabulary = vocabulary
     metadata.labels = label_set or None
     metadata.tissues = units.tissues or None
@@ -615,7 +617,8 @@ def _warn_few_held_out(labels: pd.Series, *, eval_fraction: float, n_held_out: i
     if n_held_out:
         logg.warning(
             f"`eval_fraction={eval_fraction}` holds out {n_held_out} cells: fewer than {MIN_EVAL_CELLS} select the "
-            "model on noise; pass a larger `eval_fraction`, or 0 to train the whole budget without selection"
+            "model on noise (and leave its scores uncalibrated); pass a larger `eval_fraction`, or 0 to train the "
+            "whole budget without selection"
         )
         return
     smallest = min((n for n in labels.value_counts() if n > 1), default=2)
@@ -840,7 +843,8 @@ def _evaluate(
 
     Returns accuracy and macro-F1 with the labels re-ranked per cell (as ``metadata.scores``), and the temperature
     of :func:`~sc_c2s.tl._calibration.fit_temperature` for the prediction alone and for the re-ranked labels,
-    keyed by the number re-ranked (as ``metadata.score_temperatures``).
+    keyed by the number re-ranked (as ``metadata.score_temperatures``; none from fewer than
+    :data:`MIN_EVAL_CELLS` cells of the model's labels).
     """
     if not len(cells):
         return {}, {}
@@ -866,7 +870,7 @@ def _evaluate(
     known = codes >= 0  # a label with a single cell may be held out only
     temperatures = (
         {str(k): round(fit_temperature(loglik[known], codes[known]), 4) for k, loglik in readings.items()}
-        if known.any()
+        if known.sum() >= MIN_EVAL_CELLS  # one wrong cell of a few drives the fit to its upper bound
         else {}
     )
     return {
