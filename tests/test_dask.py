@@ -86,6 +86,48 @@ def test_to_sentences_on_dask_keeps_n_genes_columns():
     np.testing.assert_array_equal(adata.obsm["c2s_genes"].compute(), [[1, 2, -1], [0, -1, -1]])
 
 
+def test_to_sentences_on_dask_counts_genes_as_in_memory():
+    """Without `n_genes`, as many columns as the longest sentence: stored zeros and a gene stored twice used to count
+    as entries, padding every row with -1."""
+    zeros = sparse.csr_matrix(([3, 0, 2], [1, 2, 0], [0, 2, 3]), shape=(2, 4), dtype=np.float32)
+    twice = sparse.csr_matrix(([1, 1, 2], [1, 1, 0], [0, 2, 3]), shape=(2, 4), dtype=np.float32)
+    for X in (zeros, twice):
+        expected, adata = ad.AnnData(X.copy()), ad.AnnData(da.from_array(X, chunks=(1, -1), asarray=False))
+        sc_c2s.pp.to_sentences(expected, rank_fit=False)
+        sc_c2s.pp.to_sentences(adata, rank_fit=False)
+        assert expected.obsm["c2s_genes"].tolist() == [[1], [0]]
+        np.testing.assert_array_equal(adata.obsm["c2s_genes"].compute(), expected.obsm["c2s_genes"])
+
+
+def test_the_rank_fit_samples_rows_of_coo_chunks(pbmc4k):
+    """The ranking read COO chunks, the fit's sample of rows failed on them: 'coo_matrix' is not subscriptable."""
+    expected = pbmc4k.copy()
+    sc_c2s.pp.to_sentences(expected, n_genes=10, rank_fit=100)
+    adata = lazy(pbmc4k)
+    adata.X = adata.X.map_blocks(sparse.coo_matrix, dtype=adata.X.dtype)
+    sc_c2s.pp.to_sentences(adata, n_genes=10, rank_fit=100)
+    assert adata.uns["c2s"]["rank_fit"] == expected.uns["c2s"]["rank_fit"]
+    np.testing.assert_array_equal(adata.obsm["c2s_genes"].compute(), expected.obsm["c2s_genes"])
+
+
+def test_gene_indices_ranked_with_strings_outlive_the_client(pbmc4k):
+    """They were persisted on the client's workers: computing them (or writing the h5ad) after it closed failed."""
+    distributed = pytest.importorskip("distributed")
+    expected = pbmc4k[:200].copy()
+    sc_c2s.pp.to_sentences(expected, n_genes=10, rank_fit=False)
+    adata = lazy(pbmc4k[:200])
+    with (
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+        distributed.Client(cluster),
+    ):
+        sc_c2s.pp.to_sentences(adata, n_genes=10, sentences=True, rank_fit=False)
+    genes = adata.obsm["c2s_genes"]
+    assert _dask.is_dask_array(genes)
+    assert genes.chunks[0] == (120, 80)
+    np.testing.assert_array_equal(genes.compute(), expected.obsm["c2s_genes"])
+    pd.testing.assert_series_equal(adata.obs["c2s_sentence"], expected.obs["c2s_sentence"])
+
+
 def test_to_sentences_on_dask_checks_values_when_computed():
     X = np.array([[1, 2], [-1, 0]], dtype=np.float32)
     adata = ad.AnnData(X)

@@ -87,10 +87,40 @@ def rank_lazily(X: da.Array, *, n_genes: int | None, random_state: int, source: 
     )
 
 
-def _longest_row(block: Any) -> np.ndarray:
-    from .pp._rank import _max_expressed
+def held_here(X: da.Array) -> tuple[np.ndarray, da.Array]:
+    """Compute `X` once; return its values and a dask array of them, chunked alike, held in this process.
 
-    return np.array([[_max_expressed(block)]], dtype=np.int64)
+    Unlike :meth:`~dask.array.Array.persist`, whose result lives on the active client's workers and fails once the
+    client closes.
+    """
+    values = X.compute()
+    return values, _dask_array().from_array(values, chunks=X.chunks)
+
+
+def _longest_row(block: Any) -> np.ndarray:
+    """Most expressed genes in a row of one chunk, counted as the ranking counts them.
+
+    Stored zeros are left out, and a gene stored twice in a row counts once.
+    """
+    from scipy import sparse
+
+    from .pp._rank import _max_expressed, canonical
+
+    if not sparse.issparse(block):
+        return np.array([[_max_expressed(block)]], dtype=np.int64)
+    rows = canonical(sparse.csr_matrix(block))
+    row_of_entry = np.repeat(np.arange(rows.shape[0]), np.diff(rows.indptr))
+    return np.array([[np.bincount(row_of_entry[rows.data != 0]).max(initial=0)]], dtype=np.int64)
+
+
+def with_row_chunks(X: da.Array) -> da.Array:
+    """`X` with chunks whose rows can be taken (``X[rows]``): COO and other sparse chunks converted to CSR."""
+    from scipy import sparse
+
+    def indexable(block: Any) -> Any:
+        return sparse.csr_matrix(block) if sparse.issparse(block) and block.format not in ("csr", "csc") else block
+
+    return X.map_blocks(indexable, dtype=X.dtype)
 
 
 def _rank_block(

@@ -19,6 +19,7 @@ import numpy as np
 from numba import njit, prange
 from scipy import sparse
 
+from . import _dask
 from ._utils._numba import numba_threads
 from ._utils._validate import check_number
 from .pp import _kernels
@@ -232,8 +233,10 @@ def read_rows(X, cells: np.ndarray, *, summed: bool = False) -> sparse.csr_matri
     In-memory, backed and dask matrices alike: a dask array computes only the chunks that hold those rows. A gene
     stored twice in a row is read as the sum, as in the sentences, unless `summed` says ``X`` holds none.
     """
+    if _dask.is_dask_array(X):
+        X = _dask.with_row_chunks(X)
     rows = X if len(cells) == X.shape[0] and sparse.issparse(X) and X.format == "csr" else X[cells]
-    if hasattr(rows, "compute"):  # a dask array
+    if _dask.is_dask_array(rows):
         rows = rows.compute()
     if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
         rows = rows.astype(np.float32)

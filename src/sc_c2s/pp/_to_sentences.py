@@ -183,8 +183,8 @@ def to_sentences(
         uns["rank_fit"] = fit.to_dict()
     results = {("obsm", _keys.GENES): genes}
     if sentences:
-        if lazy:
-            genes = results[("obsm", _keys.GENES)] = genes.persist()  # computed once, for the strings and obsm
+        if lazy:  # computed once, for the strings and obsm
+            genes, results[("obsm", _keys.GENES)] = _dask.held_here(genes)
         results[("obs", _keys.SENTENCE)] = join_sentences(np.asarray(genes), words)
     results[("uns", _keys.C2S)] = uns
 
