@@ -249,6 +249,15 @@ def test_score_perturbation_of_a_perfect_prediction(kang):
     assert row["mmd_mean_shift"] < row["mmd_unchanged"]
 
 
+def test_a_single_group_has_no_mean_shift(kang):
+    """The other groups make the mean shift: without them its figures are missing, and its direction read 0."""
+    real = kang[kang.obs["cell_type"] == "B"].copy()
+    scores = sc_c2s.tl.score_perturbation(real, real_as_predicted(kang, "B"), groupby="cell_type", **KEYS)
+    row = scores.loc[("B", "stimulated")]
+    assert row[[c for c in scores.columns if c.endswith("_mean_shift")]].isna().all()
+    assert row["direction_top20"] == 1 and row["direction_top20_unchanged"] == 0
+
+
 def test_score_perturbation_leaves_out_cells_without_a_group_and_reads_numeric_conditions(kang):
     """Cells without a group were scored as a group "nan"; `control=0` did not find the 0s of a numeric column."""
     real = kang.copy()
@@ -398,8 +407,12 @@ def test_score_perturbation_of_the_model(kang, predicted, container):
     row = scores.iloc[0]
     assert 0 <= row["r2_all"] <= 1 and 0 <= row["direction_top20"] <= 1 and row["mmd"] > 0
     pd.testing.assert_frame_equal(container.rna(data).obs, before.obs)
-    with pytest.raises(ValueError, match="No predicted perturbation and group"):
+    # a name of neither: it was refused as one without enough real cells
+    match = r"`perturbation` names \['LPS'\], not values of the real cells' obs\['condition'\]: \['control', 'stim"
+    with pytest.raises(ValueError, match=match):
         sc_c2s.tl.score_perturbation(data, predicted, groupby="cell_type", perturbation="LPS", **KEYS)
+    with pytest.raises(ValueError, match=r"names \['control'\], not perturbations of any predicted cell: \['stimu"):
+        sc_c2s.tl.score_perturbation(data, predicted, groupby="cell_type", perturbation="control", **KEYS)
 
 
 def test_pl_perturbation(kang, predicted):

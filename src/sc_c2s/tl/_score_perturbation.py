@@ -297,8 +297,9 @@ def score_perturbation(
     Raises
     ------
     ValueError
-        If a perturbation to score is not a value of the real cells' ``obs[condition_key]``, or no group of the
-        predicted cells has real perturbed and control cells to compare with.
+        If a perturbation to score is not a value of the real cells' ``obs[condition_key]``, one that
+        `perturbation` names is not predicted, or no group of the predicted cells has real perturbed and control
+        cells to compare with.
 
     Examples
     --------
@@ -338,12 +339,24 @@ def _pairs_to_score(
 ) -> list[tuple[str, str]]:
     """Perturbation and group of every predicted cell with enough real cells, in the order of the predicted cells.
 
-    Raises a :class:`ValueError` if a perturbation to score is not a value of the real cells' `condition_key`.
+    Raises a :class:`ValueError` if a perturbation to score is not a value of the real cells' `condition_key`, or
+    one `perturbation` names is not that of any predicted cell.
     """
     if perturbation is None:
         wanted = None
     else:
         wanted = {str(p) for p in (perturbation if pd.api.types.is_list_like(perturbation) else [perturbation])}
+        for missing, where, values in [
+            (
+                wanted - data.condition_values.keys(),
+                f"values of the real cells' obs[{condition_key!r}]",
+                data.condition_values,
+            ),
+            (wanted - set(data.predicted_conditions), "perturbations of any predicted cell", data.predicted_conditions),
+        ]:
+            if missing:
+                msg = f"`perturbation` names {sorted(missing)}, not {where}: {sorted(set(values))[:20]}."
+                raise ValueError(msg)
     pairs = list(dict.fromkeys(zip(data.predicted_conditions, data.predicted_groups, strict=True)))
     pairs = [(p, g) for p, g in pairs if wanted is None or p in wanted]
     unknown = sorted({p for p, _ in pairs} - data.condition_values.keys())
@@ -398,7 +411,9 @@ def _scores(
         row["r2_all" + suffix] = _r2(means[source], means["real"])
         row[f"r2_top{N_TOP_R2}" + suffix] = _r2(top_r2[source], top_r2["real"])
         moves = np.sign(top_direction[source] - top_direction["unchanged"])
-        row[f"direction_top{N_TOP_DIRECTION}" + suffix] = float(np.mean(moves == real_moves))
+        row[f"direction_top{N_TOP_DIRECTION}" + suffix] = (
+            np.nan if np.isnan(moves).any() else float(np.mean(moves == real_moves))  # no mean shift to take
+        )
         pcs = compared[source]
         row["mmd" + suffix] = np.nan if np.isnan(pcs).any() else mmd(pcs, reference, bandwidth)
     return row
