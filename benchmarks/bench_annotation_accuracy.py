@@ -71,6 +71,12 @@ step; training took 566 s on Kang (within the 10 minutes) and 694 s on the tissu
 ran at 42 and 38 cells/s re-ranked (296 and 103 by the prediction alone). The run above lost a fifth to a quarter of
 its speed to the jobs beside it.
 
+The tissues' training once more, on another machine of the same kind, idle (this script's ``to_sentences`` and
+``finetune`` calls in an ad-hoc script, 2 torch threads; sc_c2s 36b4eac): the same 2,400 steps, best step 1,920,
+held-out accuracy 0.776 and macro-F1 0.456, in 519 s: 485 s of training loop (all 20 evaluations included), 24 s
+choosing the temperature, the rest scoring the held-out cells and writing the model. Within the 10 minutes there;
+the time target depends on the machine by a third.
+
 The run before with the prediction alone (batches of 16, at most 2,400 steps; ``--datasets cellbench kang --threads
 2`` on the otherwise idle 2-core machine, load average 0.1 at the start; sc_c2s 5ebdd49, after the fix of the
 slowdown that numba's threads caused torch):
