@@ -174,7 +174,8 @@ def finetune(
         (:data:`sc_c2s.prompts.SUMMARY_PARAPHRASES`), so the model learns the task rather than one wording;
         :func:`sc_c2s.tl.summarize` prompts with the published one.
     n_genes
-        Genes per cell sentence, best first. The model records the length it trained on as its ``n_genes``, which
+        Genes per cell sentence, best first: at most as many as :func:`sc_c2s.pp.to_sentences` kept, which the
+        prompts then name. The model records the length it trained on as its ``n_genes``, which
         :func:`sc_c2s.tl.annotate`, :func:`sc_c2s.tl.embed` and :func:`sc_c2s.tl.generate` use unless told
         otherwise. From scratch, 400 annotated many fine-grained types from several sources better than 200, and
         PBMC types worse (see :doc:`/method`).
