@@ -83,7 +83,8 @@ def to_sentences(
     sentences
         Also store the sentences as strings in ``obs["c2s_sentence"]``; ``False`` for very large data, where
         ``obsm["c2s_genes"]`` holds the same information compactly. ``None`` means ``True`` for in-memory and
-        backed data and ``False`` for a dask array (``True`` computes the ranking there, to write the strings).
+        backed data and ``False`` for a dask array (``True`` computes the ranking there, to write the strings,
+        and keeps the computed gene indices in this session).
     rank_fit
         Fit the rank → expression model used to turn generated sentences back into expression, on up to
         2,000 sampled cells (an integer sets the number of cells); ``False`` skips it.
