@@ -110,7 +110,7 @@ def test_constrained_scores_match_full_sequences(short_sentences, tiny, full_log
     sc_c2s.tl.annotate(short_sentences, model=tiny, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
     prob = softmax(full_loglik, axis=1)
     best = full_loglik.argmax(axis=1)
-    assert short_sentences.obs["c2s_cell_type"].cat.categories.tolist() == LONG_LABELS
+    assert short_sentences.obs["c2s_cell_type"].cat.categories.tolist() == sorted(set(np.array(LONG_LABELS)[best]))
     np.testing.assert_array_equal(short_sentences.obs["c2s_cell_type"].to_numpy(), np.array(LONG_LABELS)[best])
     np.testing.assert_allclose(short_sentences.obs["c2s_cell_type_score"], prob[np.arange(len(best)), best], rtol=1e-4)
 

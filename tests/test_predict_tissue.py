@@ -91,7 +91,7 @@ def test_constrained_tissues_average_the_log_likelihoods_of_the_draws(tissues, t
     assert table["n_cells"].tolist() == before.obs["sample"].value_counts().reindex(table.index).tolist()
     expected = table["tissue"].astype(str).reindex(before.obs["sample"].astype(str)).to_numpy()
     np.testing.assert_array_equal(adata.obs["c2s_tissue"].astype(str), expected)
-    assert adata.obs["c2s_tissue"].cat.categories.tolist() == TISSUES
+    assert adata.obs["c2s_tissue"].cat.categories.tolist() == sorted(set(expected))  # those given, for scanpy
     per_draw = adata.uns["c2s_tissue"]["draws"]
     assert len(per_draw) == len(draws) and per_draw["answer"].astype(str).tolist() == [
         TISSUES[k] for k in loglik.argmax(1)

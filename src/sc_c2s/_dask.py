@@ -487,8 +487,7 @@ _TASK_WARNINGS = _TaskWarnings()
 def _combine(chunks: list[dict[tuple[str, str], Any]] | tuple) -> dict[tuple[str, str], Any]:
     """Join the chunks' results in cell order; categories of ``obs`` columns are joined as the verb makes them.
 
-    A categorical column keeps the chunks' categories when they all agree (a fixed label set), else takes their
-    sorted union (free answers, whose categories the verb sorts).
+    A categorical column takes the sorted union of the chunks' categories, as the verb sorts those it gives.
     """
     results: dict[tuple[str, str], Any] = {}
     for attr, key in chunks[0]:
@@ -498,11 +497,9 @@ def _combine(chunks: list[dict[tuple[str, str], Any]] | tuple) -> dict[tuple[str
         elif attr == "obsm":
             results[attr, key] = np.concatenate([np.asarray(v) for v in values])
         elif isinstance(values[0].dtype, pd.CategoricalDtype):
-            categories = [list(v.cat.categories) for v in values]
-            same = all(c == categories[0] for c in categories)
             joined = np.concatenate([v.astype(object).to_numpy() for v in values])
             results[attr, key] = pd.Categorical(
-                joined, categories=categories[0] if same else sorted({c for cs in categories for c in cs})
+                joined, categories=sorted({c for v in values for c in v.cat.categories})
             )
         else:
             results[attr, key] = np.concatenate([v.to_numpy() for v in values])

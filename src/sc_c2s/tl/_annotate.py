@@ -129,8 +129,8 @@ def annotate(
     ``None``, or a copy of `adata` if ``copy=True``, with
 
     ``obs[key_added]``
-        Categorical cell types (categories: `labels` in constrained mode, the answers otherwise; free answers that
-        are empty or list genes are missing).
+        Categorical cell types, whose categories are the labels given, sorted, as scanpy's ``groupby`` plots and
+        tests need (the whole label set is in ``params``); free answers that are empty or list genes are missing.
     ``obs[key_added + "_score"]``
         Probability of the chosen cell type: over the label set in constrained mode (calibrated where the model
         says how), of the written answer in free mode.
@@ -233,7 +233,8 @@ def annotate(
         params["score_temperature"] = c2s.metadata.score_temperatures.get(str(params["rerank"]), 1.0)
         prob = softmax(loglik / params["score_temperature"], axis=1)
         best = loglik.argmax(axis=1)
-        cell_types = pd.Categorical.from_codes(best, categories=candidates)
+        chosen = np.asarray(candidates, dtype=object)[best]
+        cell_types = pd.Categorical(chosen, categories=sorted(set(chosen)))  # scanpy's `groupby` needs each one
         score = prob[np.arange(len(best)), best]
         params["labels"] = candidates
 

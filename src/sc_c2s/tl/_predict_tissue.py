@@ -121,7 +121,7 @@ def predict_tissue(
 
     ``obs[key_added]``
         Categorical: the tissue of each cell's group (missing for cells without a group, and in free mode for
-        groups whose every answer was a gene list).
+        groups whose every answer was a gene list); its categories are the tissues given, sorted.
     ``obs[key_added + "_score"]``
         The score of that tissue (see above).
     ``uns[key_added]``
@@ -182,7 +182,7 @@ def predict_tissue(
     names = groups.astype(str).where(groups.notna())
     table["n_cells"] = names.value_counts().reindex(table.index).to_numpy()
     codes = table.index.get_indexer(names)  # -1: no group
-    categories = candidates if candidates is not None else sorted(table["tissue"].dropna().unique())
+    categories = sorted(table["tissue"].dropna().unique())  # those given: scanpy's `groupby` plots need each one
     tissue = pd.Categorical(
         pd.Series(table["tissue"].to_numpy()[codes], dtype=object).where(codes >= 0), categories=categories
     )
