@@ -187,9 +187,37 @@ def test_base_model_must_know_the_labels(trained, tmp_path):
     adata, _, path = trained
     adata = adata.copy()
     adata.obs["renamed"] = "line " + adata.obs["cell_type"].astype(str)
-    with pytest.raises(ValueError, match="does not know some words of the labels"):
+    with pytest.raises(ValueError, match=r"has no words for the labels \['line A549', 'line H1975', "):
         sc_c2s.tl.finetune(adata, label_key="renamed", base_model=path, output_dir=tmp_path / "m", n_genes=N_GENES)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_checkpoint_trained_further_lists_the_genes_it_can_write(sentences, tmp_path, monkeypatch):
+    """Its vocabulary listed the new data's genes, also those its tokenizer of whole words cannot write, so annotate
+    never warned of them; it now keeps the genes it knew beside the new ones it spells. The record names the base
+    by its full path, the folder "." by its name, and the evaluation interval."""
+    base = one_step(sentences, tmp_path / "base")
+    known = load(base).metadata.vocabulary
+    adata = sentences.copy()
+    adata.var["gene_symbol"] = adata.var["gene_symbol"].replace({known[0]: "NOVEL1"})
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
+    assert "NOVEL1" in set(adata.uns["c2s"]["genes"][np.unique(adata.obsm["c2s_genes"])])
+    (tmp_path / "further").mkdir()
+    monkeypatch.chdir(tmp_path / "further")
+    path = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_type",
+        base_model=os.path.relpath(base),
+        output_dir=".",
+        tasks=("cell_type_prediction",),
+        max_steps=2,
+        eval_every=1,
+    )
+    metadata = load(path).metadata
+    assert metadata.vocabulary == known  # known[0] is still a word of the tokenizer
+    assert (metadata.name, metadata.training["base_model"]) == ("further", str(base.resolve()))
+    assert metadata.training["eval_every"] == 1
+    assert [point["step"] for point in metadata.training["curve"]] == [1, 2]
 
 
 def test_mudata(_cellbench, tmp_path):
@@ -278,6 +306,25 @@ def test_the_temperature_is_chosen_on_cells_as_long_as_the_training_sentences(ge
     assert load(path).metadata.n_genes == 8
     assert calls == [8, 8, 8]
     assert "n_genes" not in log
+
+
+def test_a_generator_trains_with_any_seed_finetune_takes(_cellbench, tmp_path):
+    """Seeds from 2**32 on (those `random_state=None` and Generators draw, nearly always) failed after training,
+    where the temperature's cells were scored, and no checkpoint was written."""
+    adata = _cellbench[:60].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
+    path = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=tmp_path / "m",
+        tasks=["cell_type_generation"],
+        max_steps=1,
+        random_state=2**40,
+    )
+    training = load(path).metadata.training
+    assert training["random_state"] == 2**40
+    assert list(training["temperature_mmd"]) == ["1.0", "0.7", "0.5"]
 
 
 def test_prompts_ask_about_the_genes_the_sentences_hold(sentences, tmp_path, monkeypatch):

@@ -140,7 +140,10 @@ def finetune(
     label_key
         Column of ``obs`` with the cell types to learn; needed by the cell-type tasks only.
     base_model
-        ``"scratch"``, a name from :func:`sc_c2s.models.available`, or a checkpoint directory.
+        ``"scratch"``, a name from :func:`sc_c2s.models.available`, or a checkpoint directory. Training a
+        checkpoint this function wrote goes on with the labels of this data, which its metadata then lists (the
+        candidates of ``annotate(labels="model")``), and its genes beside those it knew; a model from scratch
+        spells only the words of the data it was built for, so new labels need their words among those.
     output_dir
         Directory to write the checkpoint to; created if needed, and it must be empty.
     tasks
@@ -433,7 +436,7 @@ def finetune(
     is_label[: len(train_words) * len(single_cell)] = np.tile(
         [t == "cell_type_prediction" for t in single_cell], len(train_words)
     )
-    _check_unknown(tokenizer, samples, is_label)
+    _check_unknown(tokenizer, samples, is_label, labels=label_set)
     check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
     held_out = _held_out(
         tokenizer,
@@ -476,19 +479,21 @@ def finetune(
     train_seconds = time.perf_counter() - train_start
 
     metadata = c2s_model.metadata
-    metadata.name = output_dir.name
+    metadata.name = output_dir.resolve().name  # "." names the folder
     metadata.tasks = list(tasks)
     metadata.organism = organism
     metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
     metadata.n_genes = int(n_genes)
-    metadata.vocabulary = vocabulary
+    metadata.vocabulary = _vocabulary(tokenizer, vocabulary, base=metadata.vocabulary, upper=upper)
     metadata.labels = label_set or None
     metadata.tissues = units.tissues or None
     metadata.perturbations = perturbation_set or None
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
     metadata.training = {
-        "base_model": str(base_model),
+        "base_model": str(Path(base_model).expanduser().resolve())
+        if Path(base_model).expanduser().is_dir()
+        else str(base_model),
         "label_key": label_key,
         **(
             {"tissue_key": tissue_key, "groupby": groupby, "n_cells": list(units.n_cells), "paraphrase": paraphrase}
@@ -499,6 +504,7 @@ def finetune(
         "max_steps": max_steps,
         "max_time": max_time,
         "patience": patience,
+        "eval_every": eval_every,
         "batch_size": batch_size,
         "learning_rate": learning_rate,
         "gene_dropout": gene_dropout,
@@ -806,7 +812,22 @@ def _base(
     return C2SModel(model=model.to(device), tokenizer=tokenizer, metadata=metadata, path=Path(SCRATCH))
 
 
-def _check_unknown(tokenizer, samples: _trainer.Samples, is_label: np.ndarray) -> None:
+def _vocabulary(tokenizer, genes: list[str], *, base: list[str] | None, upper: bool) -> list[str]:
+    """Return the genes the trained model can write: the base model's vocabulary, and those of `genes` it spells.
+
+    A model from scratch (no `base`) was built for `genes`, and a published model (no `base` either) spells any
+    gene; a tokenizer of whole gene words, that of a model trained from scratch before, spells its own only.
+    """
+    if base is None:
+        return genes
+    unk = tokenizer.unk_token_id
+    if unk is not None:
+        ids = tokenizer([" " + (gene.upper() if upper else gene) for gene in genes], add_special_tokens=False)
+        genes = [gene for gene, gene_ids in zip(genes, ids["input_ids"], strict=True) if unk not in gene_ids]
+    return list(dict.fromkeys([*base, *genes]))
+
+
+def _check_unknown(tokenizer, samples: _trainer.Samples, is_label: np.ndarray, *, labels: Sequence[str]) -> None:
     """Refuse labels the tokenizer cannot spell (in the answers of samples `is_label`); warn about unknown words."""
     unk = tokenizer.unk_token_id
     if unk is None:
@@ -819,9 +840,13 @@ def _check_unknown(tokenizer, samples: _trainer.Samples, is_label: np.ndarray) -
         n_unknown += int(is_unknown.sum())
         n_tokens += len(ids)
     if label_unknown:
+        unspelled = [
+            label for label, ids in zip(labels, _candidates.label_answers(tokenizer, labels), strict=True) if unk in ids
+        ]
         msg = (
-            "The base model's tokenizer does not know some words of the labels; train from "
-            '`base_model="scratch"`, which builds a vocabulary for this data.'
+            f"The base model's tokenizer has no words for the labels {unspelled[:10]}: a model trained from "
+            "scratch knows only the words of the data it was built for. Continue training on labels it can spell, "
+            'or train from `base_model="scratch"`, which builds a vocabulary for this data.'
         )
         raise ValueError(msg)
     if n_unknown:

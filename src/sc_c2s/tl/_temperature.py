@@ -33,15 +33,18 @@ def choose_temperature(
 
     At each temperature, :data:`N_CELLS` cells are generated (same seed), shared among the types of `labels`
     (the cells `adata` trained on, with their held-out ones; in the order of the types' names) in proportion to
-    their cells; :func:`sc_c2s.tl.score_generation` compares them with the real cells of `adata`, and the lowest
-    MMD, averaged over types, wins. Types with fewer real cells than it scores (``MIN_REAL_CELLS``) are left out,
-    and each other type gets at least that many generated cells.
+    their cells; :func:`sc_c2s.tl.score_generation` compares them with the real cells of `adata` (seeded with
+    `random_state` modulo ``2**32``, the range of scikit-learn's seeds), and the lowest MMD, averaged over types,
+    wins. Types with fewer real cells than it scores (``MIN_REAL_CELLS``) are left out, and each other type gets at
+    least that many generated cells.
 
     Returns
     -------
     The temperature and the MMD of each (keyed by the temperature as a string), or ``None`` when no type has
     enough cells.
     """
+    from sc_c2s._utils._validate import LEGACY_SEED_LIMIT
+
     from ._generate import generate
     from ._score_generation import MIN_REAL_CELLS, score_generation
 
@@ -65,7 +68,9 @@ def choose_temperature(
             random_state=random_state,
             mod=mod,
         )
-        table = score_generation(adata, generated, label_key=label_key, random_state=random_state, mod=mod)
+        table = score_generation(
+            adata, generated, label_key=label_key, random_state=random_state % LEGACY_SEED_LIMIT, mod=mod
+        )
         mmd[str(temperature)] = round(float(table.loc["overall", "mmd"]), 5)
     chosen = min(TEMPERATURES, key=lambda t: mmd[str(t)])
     logg.info(f"    temperature {chosen} (MMD to the real cells: {mmd})", time=start)
