@@ -57,7 +57,7 @@ def env(tmp_path) -> dict[str, str]:
 
 def sc_c2s_command(*args: str | Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "sc_c2s.cli", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-m", "sc_c2s", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
     )
 
 
@@ -211,6 +211,8 @@ def test_usage_errors_exit_2(capsys):
 def test_cell_types_parsing():
     assert cli._cell_types(["B cell=3", "NK", "B cell=2", "CD4+ T=1"]) == {"B cell": 5, "NK": 1, "CD4+ T": 1}
     assert cli._cell_types(["B cell=0", "NK=2"]) == {"B cell": 0, "NK": 2}
+    with pytest.raises(ValueError, match=r"with N a number of cells \(0, 1, 2, …\), got 'B=-1'"):
+        cli._cell_types(["B=-1"])  # "a whole number N" read wrong: -1 is one
     with pytest.raises(ValueError, match="TYPE=N"):
         cli._cell_types(["=3"])
 
@@ -322,7 +324,7 @@ def test_user_errors_in_a_subprocess(user_errors, case, env, tmp_path):
     argv, code, message = user_errors[case]
     env["PYTHONPATH"] = os.pathsep.join([str(Path(sc_c2s.__file__).parents[1]), env.get("PYTHONPATH", "")])
     result = subprocess.run(
-        [sys.executable, "-m", "sc_c2s.cli", *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
+        [sys.executable, "-m", "sc_c2s", *argv], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600
     )
     assert result.returncode == code
     assert result.stderr.count("\n") == 1, result.stderr

@@ -172,6 +172,13 @@ def test_a_mapping_is_refused():
     assert counts(cells) == [[2, 0, 0], [1, 0, 0]]
 
 
+def test_a_data_frame_is_refused():
+    """It was iterated over its column names: one cell of the unknown word "c2s_sentence"."""
+    frame = pd.DataFrame({"c2s_sentence": ["CD4 CD3D", "CD3E"]})
+    with pytest.raises(TypeError, match=r"a DataFrame, whose iteration gives its column names \('c2s_sentence'\)"):
+        sc_c2s.tl.from_sentences(frame, genes=GENES, rank_fit=FIT)
+
+
 def test_words_that_are_mostly_not_genes_warn(cellbench, scanpy_log):
     """Sentences written with gene symbols read over `var_names` (Ensembl IDs) used to give silently empty cells."""
     sc_c2s.pp.to_sentences(cellbench, gene_symbols="gene_symbol")

@@ -469,6 +469,9 @@ def test_organism_is_checked_before_the_model_loads(ranked):
         ({"cell_types": {"A549": 2.0}}, ValueError, "non-negative integers"),
         ({"cell_types": ["A549", ""]}, ValueError, "empty or multi-line"),
         ({"cell_types": ["A549\nH838"]}, ValueError, "empty or multi-line"),
+        # unannotated cells: prompts of cell type "nan", refused only by a model with a label set, as unknown
+        ({"cell_types": pd.Series(["A549", np.nan])}, ValueError, r"has 1 missing names \(None or NaN\)"),
+        ({"cell_types": {None: 2, "A549": 1}}, ValueError, r"has 1 missing names \(None or NaN\)"),
         ({"cell_types": 3}, TypeError, "must be a list or a mapping"),
         ({"cell_types": ["A549"], "device": "cuda:9"}, ValueError, "device"),
         ({"cell_types": ["A549"], "batch_size": 0}, ValueError, "batch_size"),

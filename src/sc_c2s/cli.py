@@ -539,7 +539,7 @@ def _cell_types(items: Sequence[str]) -> dict[str, int]:
         if not sep:
             name, n = item, "1"
         if not name.strip() or not n.strip().isdigit():
-            msg = f"--cell-types takes TYPE or TYPE=N with a whole number N, got {item!r}."
+            msg = f"--cell-types takes TYPE or TYPE=N with N a number of cells (0, 1, 2, …), got {item!r}."
             raise ValueError(msg)
         counts[name.strip()] = counts.get(name.strip(), 0) + int(n)
     if not sum(counts.values()):
@@ -757,7 +757,3 @@ def _report(adata, generated, *, model, accuracy: float, scores, label_key: str)
             "",
         ]
     )
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -103,6 +103,13 @@ def reconstruct(
             "a Series, `pd.Series(sentences)`, whose index names the cells."
         )
         raise TypeError(msg)
+    if isinstance(sentences, pd.DataFrame):
+        columns = ", ".join(map(repr, sentences.columns[:3]))
+        msg = (
+            f"`sentences` is a DataFrame, whose iteration gives its column names ({columns}), not sentences: pass "
+            'the column of sentences, e.g. `df["c2s_sentence"]`.'
+        )
+        raise TypeError(msg)
     if isinstance(sentences, str) or not isinstance(sentences, Iterable):
         what = "one string; wrap it in a list" if isinstance(sentences, str) else f"a {type(sentences).__name__}"
         msg = f"`sentences` must be a list of sentences, not {what}."

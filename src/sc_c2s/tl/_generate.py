@@ -307,7 +307,7 @@ class _Request:
 
 
 def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> _Request:
-    """Read the cells asked for, checked: counts are whole numbers, type names are one line of text, not numbers.
+    """Read the cells asked for, checked: counts are whole numbers, type names one line of text (not numbers, none).
 
     A list-like of numbers (a :class:`~pandas.Series` of counts from ``value_counts()``, say) is refused rather than
     read as the names ``"8"``, ``"3"``, ….
@@ -317,6 +317,14 @@ def _requested_types(cell_types: Sequence[str] | Mapping[str, int]) -> _Request:
         what = f"one string; use [{cell_types!r}]" if isinstance(cell_types, str) else f"a {type(cell_types).__name__}"
         msg = f"`cell_types` must be a list or a mapping of type → count, not {what}."
         raise TypeError(msg)
+    names = list(cell_types.keys() if isinstance(cell_types, Mapping) else cell_types)
+    n_missing = sum(bool(pd.api.types.is_scalar(t) and pd.isna(t)) for t in names)
+    if n_missing:
+        msg = (
+            f"`cell_types` has {n_missing} missing names (None or NaN), e.g. of cells left unannotated; drop them "
+            "(`.dropna()`) or name them."
+        )
+        raise ValueError(msg)
     if isinstance(cell_types, Mapping):
         bad = {
             t: n for t, n in cell_types.items() if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 0
