@@ -85,6 +85,14 @@ def test_bad_gridsize(pbmc4k, gridsize):
         sc_c2s.pl.rank_fit(pbmc4k, gridsize=gridsize, show=False)
 
 
+def test_a_bad_colour_map_leaves_no_figure_open(pbmc4k):
+    """The figure was made before matplotlib refused the name: a notebook then showed it empty."""
+    sc_c2s.pp.to_sentences(pbmc4k)
+    with pytest.raises(ValueError, match="'nope' is not a valid value for cmap"):
+        sc_c2s.pl.rank_fit(pbmc4k, cmap="nope", show=False)
+    assert plt.get_fignums() == []
+
+
 def test_data_changed_since_the_fit(pbmc68k):
     """The errors used to ask for `use_raw=` or `layer=`, which `pl.rank_fit` does not take, and to name `X` always."""
     sc_c2s.pp.to_sentences(pbmc68k)  # ranks `.raw`

@@ -56,6 +56,40 @@ def test_summary_is_the_published_template_without_a_cell_sentences_line():
     )
 
 
+def test_sentences_longer_than_n_genes_are_cut_to_it():
+    """DESIGN: the sentence is truncated to `n_genes` when prompting; the prompt said 1 gene over 3."""
+    assert "Cell sentence: CD3D.\n" in prompts.cell_type_prediction(["cd3d", "il7r", "ms4a1"], n_genes=1)
+    assert "Control cell sentence: CD3D IL7R.\n" in prompts.perturbation(
+        ["cd3d", "il7r", "ms4a1"], perturbation_name="IFN-beta", n_genes=2
+    )
+    assert "Cell 1:\nCD3D.\nCell 2:\nMS4A1.\n" in prompts.tissue_prediction(CELLS, n_genes=1)
+    assert "Cell 1:\nCD3D.\nCell 2:\nMS4A1.\n" in prompts.summary(CELLS, n_genes=1)
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        # the package's own `obs["c2s_sentence"]` was written letter by letter
+        (lambda: prompts.cell_type_prediction("FTL CD74"), TypeError, r"not one string: split a sentence"),
+        (lambda: prompts.tissue_prediction(["FTL CD74"], n_genes=2), TypeError, "not one string"),
+        (lambda: prompts.cell_type_prediction(["HLA A", "CD3D"]), ValueError, r"single words .*, got 'HLA A'"),
+        (lambda: prompts.cell_sentence(["", "CD3D"]), ValueError, r"single words .*, got ''"),
+        (lambda: prompts.cell_sentence(["CD3D", float("nan")]), TypeError, r"must be strings, got nan"),
+        (lambda: prompts.cell_type_generation("T", n_genes=None), ValueError, "`n_genes` must be a positive"),
+        (lambda: prompts.cell_type_prediction(["CD3D"], n_genes=0), ValueError, "`n_genes` must be a positive"),
+        (lambda: prompts.tissue_generation("lung", n_cells=0, n_genes=3), ValueError, "`n_cells` must be a pos"),
+        (lambda: prompts.tissue_prediction([], n_genes=3), ValueError, "`cells` must be a non-empty list"),
+        (lambda: prompts.cell_type_generation("T\ncell", n_genes=3), ValueError, "`cell_type` must be a non-emp"),
+        (lambda: prompts.tissue_generation(" ", n_cells=2, n_genes=3), ValueError, "`tissue` must be a non-empty"),
+        (lambda: prompts.perturbation(["A"], perturbation_name=None), ValueError, "`perturbation_name` must be"),
+        (lambda: prompts.summary(CELLS, n_genes=2, template="{foo}"), ValueError, r"placeholders \{num_genes\}"),
+    ],
+)
+def test_prompts_refuse_what_would_break_their_layout(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
 def test_multi_cell_prompts_refuse_an_unknown_organism():
     with pytest.raises(ValueError, match="`organism` must be one of"):
         prompts.tissue_prediction(CELLS, n_genes=2, organism="Danio rerio")

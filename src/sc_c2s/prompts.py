@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from ._utils._validate import check_positive_int
+
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
@@ -136,9 +138,44 @@ def check_organism(organism: str) -> str:
 
 
 def cell_sentence(words: Sequence[str], *, upper: bool = True) -> str:
-    """Join gene names into a sentence, upper-cased as the published checkpoints expect by default."""
-    sentence = " ".join(words)
+    """Join gene names into a sentence, upper-cased as the published checkpoints expect by default.
+
+    Each name must be one word: a name with a space, an empty or a missing one would be read back as other genes.
+    A cell without genes gives an empty sentence.
+    """
+    if isinstance(words, str):
+        msg = (
+            "`words` must be a list of gene names, not one string: split a sentence with `sentence.split()`, or take "
+            "the words of ranked cells with `sc_c2s.prompts.sentence_words(adata)`."
+        )
+        raise TypeError(msg)
+    try:
+        sentence = " ".join(words)
+    except TypeError:
+        bad = next(word for word in words if not isinstance(word, str))
+        msg = f"Gene names must be strings, got {bad!r} (a missing name?); drop it, or name the gene."
+        raise TypeError(msg) from None
+    if sentence.split() != list(words):
+        bad = next(word for word in words if word.split() != [word])
+        msg = f"Gene names must be single words (no spaces, not empty), got {bad!r}; rename the gene."
+        raise ValueError(msg)
     return sentence.upper() if upper else sentence
+
+
+def _one_line(text: str, name: str) -> str:
+    """Return `text` if it is a non-empty string of one line (a prompt names it in a sentence of its own), else raise."""
+    if not isinstance(text, str) or not text.strip() or "\n" in text:
+        msg = f"`{name}` must be a non-empty string of one line, got {text!r}."
+        raise ValueError(msg)
+    return text
+
+
+def _cells(cells: Sequence[Sequence[str]], n_genes: int) -> list[Sequence[str]]:
+    """Return the words of a group of cells, each cut to `n_genes`; refuse a group without cells."""
+    if isinstance(cells, str) or not len(cells):
+        msg = f"`cells` must be a non-empty list of cells, each a list of gene names, got {cells!r}."
+        raise ValueError(msg)
+    return [words[:n_genes] for words in cells]
 
 
 def cell_type_prediction(
@@ -147,18 +184,28 @@ def cell_type_prediction(
     """Prompt asking for the cell type of the cell whose ranked genes are `words`.
 
     ``{num_genes}`` in the template is `n_genes`, the number of genes asked for, as the published code formats it
-    (a cell expressing fewer genes has a shorter sentence); ``None`` takes ``len(words)``.
+    (a cell expressing fewer genes has a shorter sentence; a longer one is cut to `n_genes`); ``None`` takes
+    ``len(words)``.
     """
+    check_positive_int(n_genes, "n_genes", none_ok=True)
     return CELL_TYPE_PREDICTION.format(
         num_genes=len(words) if n_genes is None else n_genes,
         organism=check_organism(organism),
-        cell_sentence=cell_sentence(words, upper=upper),
+        cell_sentence=cell_sentence(words[:n_genes], upper=upper),
     )
 
 
 def cell_type_generation(cell_type: str, *, n_genes: int, organism: Organism = "Homo sapiens") -> str:
-    """Prompt asking for a cell sentence of `n_genes` genes for a cell of `cell_type`."""
-    return CELL_TYPE_GENERATION.format(num_genes=n_genes, organism=check_organism(organism), cell_type=cell_type)
+    """Prompt asking for a cell sentence of `n_genes` genes for a cell of `cell_type`.
+
+    `n_genes` may be 0 where the answer is the empty sentence of a cell that expresses no gene.
+    """
+    empty = type(n_genes) is int and n_genes == 0
+    return CELL_TYPE_GENERATION.format(
+        num_genes=n_genes if empty else check_positive_int(n_genes, "n_genes"),
+        organism=check_organism(organism),
+        cell_type=_one_line(cell_type, "cell_type"),
+    )
 
 
 def perturbation(
@@ -167,13 +214,14 @@ def perturbation(
     """Prompt asking for the sentence of the cell whose basal state is `control_words` after `perturbation_name`.
 
     ``{num_genes}`` in the template is `n_genes`, the number of genes asked for, as in the other templates (a cell
-    expressing fewer genes has a shorter sentence); ``None`` takes ``len(control_words)``. The answer is the
-    perturbed cell's sentence (:func:`answer` of :func:`cell_sentence`).
+    expressing fewer genes has a shorter sentence; a longer one is cut to `n_genes`); ``None`` takes
+    ``len(control_words)``. The answer is the perturbed cell's sentence (:func:`answer` of :func:`cell_sentence`).
     """
+    check_positive_int(n_genes, "n_genes", none_ok=True)
     return PERTURBATION.format(
         num_genes=len(control_words) if n_genes is None else n_genes,
-        perturbation_name=perturbation_name,
-        control_cell_sentence=cell_sentence(control_words, upper=upper),
+        perturbation_name=_one_line(perturbation_name, "perturbation_name"),
+        control_cell_sentence=cell_sentence(control_words[:n_genes], upper=upper),
     )
 
 
@@ -193,7 +241,11 @@ def multi_cell_sentences(cells: Sequence[Sequence[str]], *, upper: bool = True) 
 def tissue_prediction(
     cells: Sequence[Sequence[str]], *, n_genes: int, organism: Organism = "Homo sapiens", upper: bool = True
 ) -> str:
-    """Prompt asking for the tissue of a group of cells whose ranked genes are `cells` (one list per cell)."""
+    """Prompt asking for the tissue of a group of cells whose ranked genes are `cells` (one list per cell).
+
+    Each cell is cut to `n_genes`, the number of genes the prompt names.
+    """
+    cells = _cells(cells, check_positive_int(n_genes, "n_genes"))
     return TISSUE_PREDICTION.format(
         num_genes=n_genes,
         num_cells=len(cells),
@@ -205,7 +257,10 @@ def tissue_prediction(
 def tissue_generation(tissue: str, *, n_cells: int, n_genes: int, organism: Organism = "Homo sapiens") -> str:
     """Prompt asking for `n_cells` cell sentences of `n_genes` genes each, of cells from `tissue`."""
     return TISSUE_GENERATION.format(
-        num_genes=n_genes, num_cells=n_cells, organism=check_organism(organism), tissue=tissue
+        num_genes=check_positive_int(n_genes, "n_genes"),
+        num_cells=check_positive_int(n_cells, "n_cells"),
+        organism=check_organism(organism),
+        tissue=_one_line(tissue, "tissue"),
     )
 
 
@@ -219,15 +274,23 @@ def summary(
 ) -> str:
     """Prompt asking for an abstract summary of a group of cells whose ranked genes are `cells`.
 
-    `template` may be one of :data:`~sc_c2s.prompts.SUMMARY_PARAPHRASES` instead of the published
-    :data:`~sc_c2s.prompts.SUMMARY`.
+    Each cell is cut to `n_genes`, the number of genes the prompt names. `template` may be one of
+    :data:`~sc_c2s.prompts.SUMMARY_PARAPHRASES` instead of the published :data:`~sc_c2s.prompts.SUMMARY`, or another
+    text with the same placeholders.
     """
-    return template.format(
-        num_genes=n_genes,
-        num_cells=len(cells),
-        organism=check_organism(organism),
-        multi_cell_sentences=multi_cell_sentences(cells, upper=upper),
-    )
+    cells = _cells(cells, check_positive_int(n_genes, "n_genes"))
+    fields = {
+        "num_genes": n_genes,
+        "num_cells": len(cells),
+        "organism": check_organism(organism),
+        "multi_cell_sentences": multi_cell_sentences(cells, upper=upper),
+    }
+    try:
+        return template.format(**fields)
+    except (KeyError, IndexError) as error:
+        placeholders = ", ".join(f"{{{name}}}" for name in fields)
+        msg = f"`template` may use the placeholders {placeholders} only, not {error}."
+        raise ValueError(msg) from None
 
 
 def answer(text: str, *, prefix: str = " ") -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 import warnings
 from typing import TYPE_CHECKING
 
+import matplotlib
 import numpy as np
 from matplotlib import pyplot as plt
 
@@ -72,6 +73,7 @@ def rank_fit(
     >>> ax = sc_c2s.pl.rank_fit(adata, show=False)
     """
     check_positive_int(gridsize, "gridsize")
+    cmap = matplotlib.colormaps.get_cmap(cmap)  # a bad name raises here, before a figure is left open
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
     fit = _rank_model.RankFit.from_dict(check_rank_fit(c2s))
