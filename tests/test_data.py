@@ -202,3 +202,38 @@ def test_prepare(tmp_path, pbmc4k):
     assert prepare(mview) is mview
     assert not mview.is_view
     assert mview.mod["rna"].n_obs == 7
+
+
+def test_a_backed_mudata_takes_results_in_place_only(tmp_path, pbmc4k):
+    """A copy, or a view, of it failed in mudata ("pass a filename") once the verb's work was done."""
+    sc_c2s.pp.to_sentences(pbmc4k, n_genes=10)
+    md.MuData({"rna": pbmc4k}).write(tmp_path / "x.h5mu")
+    backed = md.read_h5mu(tmp_path / "x.h5mu", backed=True)
+    for data, copy in [(backed, True), (backed[:5], False), (backed[:5], True)]:
+        with pytest.raises(ValueError, match=r"backed by its \.h5mu file .* write the results into it in place"):
+            sc_c2s.tl.embed(data, model="no-such-model", copy=copy)  # refused before the model is looked up
+    assert prepare(backed) is backed
+
+
+def test_a_mudata_naming_cells_twice_is_refused_before_any_work(pbmc4k):
+    """Its results were written into the modality, then copying them into `mdata.obs` by name failed midway."""
+    rna = pbmc4k[:6].copy()
+    rna.obs_names = ["a", "a", *rna.obs_names[2:]]
+    with pytest.warns(UserWarning, match="not unique"):
+        mdata = md.MuData({"rna": rna})
+    with pytest.raises(ValueError, match=r"The 'rna' modality names cells twice \(e\.g\. 'a'\).*obs_names_make_unique"):
+        sc_c2s.pp.to_sentences(mdata)
+    assert "c2s" not in mdata.mod["rna"].uns and "c2s_genes" not in mdata.mod["rna"].obsm
+
+
+def test_columns_of_mdata_obs_only_and_sentences_of_another_modality_are_named(pbmc4k):
+    """Both errors used to say "obs" or "run to_sentences", where the column or the sentences were elsewhere."""
+    counts = np.random.default_rng(0).poisson(3, size=(pbmc4k.n_obs, 5)).astype(np.float32)
+    prot = ad.AnnData(counts, obs=pd.DataFrame(index=pbmc4k.obs_names))
+    mdata = md.MuData({"rna": pbmc4k, "prot": prot})
+    mdata.obs["joint_leiden"] = "0"
+    sc_c2s.pp.to_sentences(mdata, mod="prot")
+    with pytest.raises(KeyError, match=r"The 'prot' modality holds them: pass `mod='prot'`"):
+        sc_c2s.tl.embed(mdata, model="demo")
+    with pytest.raises(KeyError, match=r"is a column of `mdata\.obs`.*`mdata\.mod\['prot'\]\.obs\['joint_leiden'\] ="):
+        sc_c2s.tl.predict_tissue(mdata, model="demo", groupby="joint_leiden", mod="prot")

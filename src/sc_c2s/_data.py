@@ -16,6 +16,8 @@ from ._utils._numba import numba_threads
 from ._utils._validate import check_expression_dtype
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from mudata import MuData
 
 DEFAULT_MOD = "rna"
@@ -103,6 +105,14 @@ class DataHandler:
             if mod not in data.mod:
                 msg = f"MuData has no modality {mod!r}; pass `mod=` with one of {list(data.mod)}."
                 raise KeyError(msg)
+            names = data.mod[mod].obs_names
+            if not names.is_unique:  # results are copied into `mdata.obs` by cell name
+                msg = (
+                    f"The {mod!r} modality names cells twice (e.g. {names[names.duplicated()][0]!r}), so its results "
+                    f"cannot be copied into `mdata.obs` by name: make the names unique first, with "
+                    f"`mdata.mod[{mod!r}].obs_names_make_unique()` and `mdata.update()`."
+                )
+                raise ValueError(msg)
             self.data = data
             self.adata: AnnData = data.mod[mod]
             self.mod: str | None = mod
@@ -199,10 +209,13 @@ class DataHandler:
                     f"`anndata.concat` leaves out unless `uns_merge=` keeps it. {again}."
                 )
                 raise KeyError(msg)
-            msg = (
-                f"No cell sentences found in {where} (`uns[{C2S!r}]` and `obsm[{GENES!r}]`). "
-                "Run `sc_c2s.pp.to_sentences(adata)` first."
+            ranked = [m for m, modality in self.data.mod.items() if C2S in modality.uns] if self.is_mudata else []
+            fix = (
+                f"The {ranked[0]!r} modality holds them: pass `mod={ranked[0]!r}`."
+                if ranked
+                else "Run `sc_c2s.pp.to_sentences(adata)` first."
             )
+            msg = f"No cell sentences found in {where} (`uns[{C2S!r}]` and `obsm[{GENES!r}]`). {fix}"
             raise KeyError(msg)
         c2s = self.uns[C2S]
         if "genes" not in c2s:
@@ -215,6 +228,22 @@ class DataHandler:
         if not is_dask_array(ranked):
             _check_ranked(np.asarray(ranked), np.asarray(c2s["genes"], dtype=object), self.obs, again)
         return c2s
+
+    def check_columns(self, **keys: str | Sequence[str] | None) -> None:
+        """Refuse, saying how to copy it, a column the verb reads that only ``mdata.obs`` holds, not the modality.
+
+        Each keyword names an argument and its column (or columns, or ``None``).
+        """
+        if not self.is_mudata:
+            return
+        for arg, value in keys.items():
+            for key in [value] if isinstance(value, str) else value or []:
+                if key not in self.adata.obs and key in self.data.obs:
+                    msg = (
+                        f"`{arg}={key!r}` is a column of `mdata.obs`, while sc_c2s reads the obs of the {self.mod!r} "
+                        f"modality: copy it there, `mdata.mod[{self.mod!r}].obs[{key!r}] = mdata.obs[{key!r}]`."
+                    )
+                    raise KeyError(msg)
 
     def save(self, attr: str, key: str, value: Any) -> None:
         """Write one result into ``obs``, ``obsm`` or ``uns``; ``obs`` columns are mirrored into ``mdata.obs``."""
@@ -251,15 +280,23 @@ def _checked(matrix: Matrix) -> Matrix:
 
 
 def check_writable(data: AnnData | MuData, *, copy: bool) -> None:
-    """Refuse to write into a view of a backed AnnData, which anndata cannot make an object of its own in memory.
+    """Refuse to write into a view of a backed AnnData, or a copy or view of a backed MuData.
 
-    Verbs call it before their work, so that the error comes at once; :func:`prepare` calls it too.
+    anndata cannot make such a view an object of its own in memory, and mudata copies a backed MuData only into
+    another file. Verbs call it before their work, so that the error comes at once; :func:`prepare` calls it too.
     """
     if not copy and isinstance(data, AnnData) and data.is_view and data.isbacked:
         msg = (
             "This is a view of a backed AnnData (e.g. `adata[:100]` of `read_h5ad(..., backed='r')`), which cannot "
             "hold results: pass `copy=True` to get them in an in-memory copy, or load the cells first with "
             "`adata = adata.to_memory()`."
+        )
+        raise ValueError(msg)
+    if _is_mudata(data) and data.isbacked and (copy or data.is_view):
+        msg = (
+            "This MuData is backed by its .h5mu file (`read_h5mu(..., backed=True)`), and mudata copies it, or a view "
+            "of it, only into another file: write the results into it in place (`copy=False`, not on a view), or "
+            "load it into memory first with `mudata.read_h5mu(path)`."
         )
         raise ValueError(msg)
 

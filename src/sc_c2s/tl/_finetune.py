@@ -276,6 +276,14 @@ def finetune(
     tasks = _check_tasks(tasks)
     start = logg.info(f"fine-tuning {base_model!r} for {', '.join(tasks)}")
     handler = DataHandler(adata, mod)
+    handler.check_columns(
+        label_key=label_key,
+        tissue_key=tissue_key,
+        groupby=groupby,
+        summaries=summaries if isinstance(summaries, str) else None,
+        condition_key=condition_key,
+        pair_by=pair_by,
+    )
     c2s = handler.c2s()
     single_cell = tuple(t for t in tasks if t in SINGLE_CELL_TASKS)
     labels = _labels(handler, label_key, tasks=single_cell) if single_cell else None

@@ -166,6 +166,7 @@ def predict_perturbation(
     _check_columns(condition_key=condition_key, groupby=groupby)
     perturbations = _perturbations(perturbations)
     handler = DataHandler(adata, mod)
+    handler.check_columns(condition_key=condition_key, groupby=groupby)
     values = conditions(handler.obs, condition_key=condition_key, control=control)
     groups = None if groupby is None else check_obs_column(handler.obs, groupby, arg="groupby")
     cells = np.flatnonzero((values == str(control)).to_numpy())

@@ -141,6 +141,7 @@ def predict_tissue(
     start = logg.info("predicting tissues of groups of cells with a C2S model")
     handler = DataHandler(adata, mod)
     genes = handler.c2s()["genes"]
+    handler.check_columns(groupby=groupby)
     groups = groups_of(handler, groupby)
     check_positive_int(n_cells, "n_cells", none_ok=True)
     check_positive_int(n_genes, "n_genes", none_ok=True)

@@ -81,6 +81,7 @@ def comparison(
     handler = DataHandler(real, mod)
     check_real(handler)
     c2s = handler.c2s()
+    handler.check_columns(label_key=label_key)
     check_obs_column(handler.obs, label_key, arg="label_key", where="the real cells' obs")
     for key in (_keys.SENTENCE, generated_key):
         if key not in generated.obs.columns:

@@ -109,6 +109,7 @@ def cells(
     """Put real and predicted cells on the same scale (see :func:`score_perturbation`)."""
     handler = DataHandler(real, mod)
     c2s = handler.c2s()
+    handler.check_columns(condition_key=condition_key, groupby=groupby)
     real_conditions = conditions(handler.obs, condition_key=condition_key, control=control).to_numpy()
     real_groups = check_obs_column(handler.obs, groupby, arg="groupby", where="the real cells' obs")
     for key in (_keys.SENTENCE, condition_key, groupby):

@@ -135,6 +135,7 @@ def summarize(
     start = logg.info("summarising groups of cells with a C2S model")
     handler = DataHandler(adata, mod)
     handler.c2s()
+    handler.check_columns(groupby=groupby)
     groups = groups_of(handler, groupby)
     check_positive_int(n_cells, "n_cells", none_ok=True)
     check_positive_int(n_draws, "n_draws")
