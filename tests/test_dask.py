@@ -349,6 +349,17 @@ def test_warnings_of_several_tasks_name_their_cells():
     with pytest.warns(UserWarning) as record:
         _dask._warn_again([[empty]], offsets[:2], n_cells=13)
     assert [str(w.message) for w in record] == ["1 of 13 answers are empty"]
+    with pytest.warns(UserWarning) as record:  # one every task gave is about the call, not some of its cells
+        _dask._warn_again([[empty], [empty], [empty]], offsets, n_cells=39)
+    assert [str(w.message) for w in record] == ["1 of 13 answers are empty"]
+
+
+def test_warnings_the_verb_logs_reach_the_session_once(sentences, demo, scanpy_log):
+    """Warnings logged through scanpy stayed in each task's log (a worker's, which a notebook does not show)."""
+    adata = lazy_genes(sentences[:40], chunks=10)
+    sc_c2s.tl.annotate(adata, model=demo, labels="model", n_genes=2 * N_GENES)
+    log = scanpy_log.getvalue()
+    assert log.count(f"The sentences were ranked with `n_genes={N_GENES}`, fewer than the {2 * N_GENES}") == 1
 
 
 def test_warnings_of_tasks_running_at_once_stay_with_their_task():

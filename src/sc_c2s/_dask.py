@@ -13,6 +13,7 @@ it has one) and keeps the last model it loaded.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 import threading
 import warnings
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from scanpy import logging as logg
 
 from ._keys import C2S, GENES
 from ._utils._optional import import_optional
@@ -280,9 +282,9 @@ def map_verb(
     Each task calls `verb` on an AnnData of its cells (their gene indices and ``uns["c2s"]``) with the model its
     worker loaded once (empty chunks are skipped); the values are those of `verb` on the whole data. `start` is
     the time the verb logged its start at. Tasks run on `client`, else on the active client, else one after
-    another in this process. Nothing is written until all have finished. The verb's warnings in the tasks are
-    raised again here, each text once, naming the cells of the tasks that gave it when there are several (their
-    counts are per task).
+    another in this process. Nothing is written until all have finished. The verb's warnings in the tasks, and
+    those it logged through scanpy, are given again here, each text once, naming the cells of the tasks that gave
+    it when some tasks did not (their counts are per task).
     """
     from ._data import DataHandler, prepare
 
@@ -386,19 +388,23 @@ def _client(client: Client | None) -> Client | None:
     return client
 
 
-def _warn_again(caught: list[list[tuple[type[Warning], str]]], offsets: np.ndarray, *, n_cells: int) -> None:
-    """Raise the warnings of the tasks here, each text once, after the cells of the tasks that gave it.
+def _warn_again(caught: list[list[tuple[type[Warning] | None, str]]], offsets: np.ndarray, *, n_cells: int) -> None:
+    """Give the warnings of the tasks here, each text once, after the cells of the tasks that gave it.
 
-    A warning that counts something (e.g. empty answers) counts it in its task's cells only, so the cells say of
-    which part of the data it speaks.
+    A category of ``None`` is a warning logged through scanpy, logged again. A warning that counts something (e.g.
+    empty answers) counts it in its task's cells only, so the cells say of which part of the data it speaks; one
+    that every task gave (about the arguments or the model, say) names no cells.
     """
-    tasks: dict[tuple[type[Warning], str], list[str]] = {}
+    tasks: dict[tuple[type[Warning] | None, str], list[str]] = {}
     for i, task_warnings in enumerate(caught):
         for warning in dict.fromkeys(task_warnings):
             tasks.setdefault(warning, []).append(f"{offsets[i]}–{offsets[i + 1] - 1}")
     for (category, message), cells in tasks.items():
-        where = f"In cells {', '.join(cells)} of {n_cells} (one Dask task each): " if len(caught) > 1 else ""
-        warnings.warn(where + message, category, stacklevel=4)
+        where = f"In cells {', '.join(cells)} of {n_cells} (one Dask task each): " if len(cells) < len(caught) else ""
+        if category is None:
+            logg.warning(where + message)
+        else:
+            warnings.warn(where + message, category, stacklevel=4)
 
 
 def _row_chunks(genes: Any, client: Client | None) -> da.Array:
@@ -417,17 +423,47 @@ def _run_chunk(
 ) -> tuple[dict[tuple[str, str], Any], list[tuple[type[Warning], str]]]:
     """Run the verb on one chunk of cells; return what it added, keyed by ``(attribute, key)``, and its warnings.
 
-    Warnings on a worker would reach no one, so the verb's user warnings travel back with the results.
+    Warnings on a worker would reach no one, so the verb's user warnings, and the warnings it logs through scanpy
+    (category ``None``), travel back with the results.
     """
     from anndata import AnnData
 
     chunk = AnnData(obs=pd.DataFrame(index=obs_names), obsm={GENES: np.asarray(genes)}, uns={C2S: shared["c2s"]})
-    with _TASK_WARNINGS.record() as caught:
+    with _TASK_WARNINGS.record() as caught, _logged_warnings() as logged:
         shared["verb"](chunk, model=worker_model(shared["model"]), **shared["kwargs"])
     results: dict[tuple[str, str], Any] = {("obs", key): chunk.obs[key] for key in chunk.obs.columns}
     results |= {("obsm", key): chunk.obsm[key] for key in chunk.obsm if key != GENES}
     results |= {("uns", key): chunk.uns[key] for key in chunk.uns if key != C2S}
-    return results, [(w.category, str(w.message)) for w in caught if issubclass(w.category, UserWarning)]
+    raised = [(w.category, str(w.message)) for w in caught if issubclass(w.category, UserWarning)]
+    return results, raised + [(None, text) for text in logged]
+
+
+@contextmanager
+def _logged_warnings() -> Iterator[list[str]]:
+    """Take the warnings this thread logs through scanpy inside the block, into the list it yields, unwritten."""
+    from scanpy import settings
+
+    recorder = _ThreadRecorder()
+    settings._root_logger.addFilter(recorder)  # the logger `scanpy.logging.warning` writes to
+    try:
+        yield recorder.messages
+    finally:
+        settings._root_logger.removeFilter(recorder)
+
+
+class _ThreadRecorder(logging.Filter):
+    """Keep, and hold back, the warnings that the thread which made it logs (a worker's threads share a logger)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.thread = threading.get_ident()
+        self.messages: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.thread != self.thread or record.levelno < logging.WARNING:
+            return True
+        self.messages.append(record.getMessage())
+        return False
 
 
 class _TaskWarnings:
