@@ -253,3 +253,32 @@ def test_from_dict_takes_0d_arrays():
     assert (fit.slope, fit.intercept, fit.n_cells) == (-0.5, 2.0, 7)
     assert np.isnan(fit.r2)
     assert (type(fit.slope), type(fit.intercept), type(fit.n_cells)) == (float, float, int)
+
+
+def test_the_log_base_is_found_where_the_data_does_not_record_it(pbmc4k, scanpy_log):
+    """`anndata.concat` drops `uns["log1p"]`: log2 values were undone as natural logs, fitted to 1.5e5 counts."""
+    sc.pp.normalize_total(pbmc4k, target_sum=1e4)
+    sc.pp.log1p(pbmc4k, base=2)
+    recorded = _rank_model.fit(pbmc4k.X, log1p_base=2)
+    found = _rank_model.fit(pbmc4k.X)
+    assert found == recorded
+    assert (found.input, found.target_sum) == ("log1p", pytest.approx(1e4))
+    assert "the values of `X` undo as log1p of base 2 (`uns['log1p']` does not say)" in scanpy_log.getvalue()
+
+
+def test_small_values_that_do_not_undo_into_counts_are_announced(pbmc4k, scanpy_log):
+    """A square root of counts (or ambient-corrected counts below 30) was taken for log1p without a word."""
+    fit = _rank_model.fit(pbmc4k.X.sqrt())
+    assert fit.input == "log1p"  # as before: the values cannot say what they are
+    assert "WARNING: The values of `X` are small and not whole numbers" in scanpy_log.getvalue()
+    sc.pp.normalize_total(pbmc4k, target_sum=1e4)
+    sc.pp.log1p(pbmc4k)
+    assert _rank_model.fit(pbmc4k.X).input == "log1p"
+    assert scanpy_log.getvalue().count("WARNING") == 1  # log-normalised counts undo into counts: no warning
+
+
+def test_binarised_data_is_refused():
+    """Every cell's values tie: the old check compared values across cells, which normalisation sets apart."""
+    X = sparse.csr_matrix(np.array([[1, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 1]], dtype=np.float32))
+    with pytest.raises(ValueError, match=r"Every cell's expressed values are equal \(binarised data\?\)"):
+        _rank_model.fit(X)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -84,7 +86,8 @@ class Matrix:
     source: str
     """Where it came from, for messages: ``"X"``, ``"layers['counts']"`` or ``"raw.X"``."""
     log1p_base: float | None
-    """Base of ``log1p`` recorded by :func:`scanpy.pp.log1p` for this source, ``None`` if unknown."""
+    """Base of ``log1p`` recorded by :func:`scanpy.pp.log1p` (:data:`math.e` for its natural logarithm), ``None``
+    where ``uns["log1p"]`` does not say."""
 
 
 class DataHandler:
@@ -145,8 +148,8 @@ class DataHandler:
             raise ValueError(msg)
         if use_raw is None:
             use_raw = layer is None and adata.raw is not None
-        log1p = adata.uns.get("log1p", {})
-        base = log1p.get("base", None) if isinstance(log1p, dict) else None
+        log1p = adata.uns.get("log1p")  # {"base": None} is scanpy's natural logarithm
+        base = (log1p.get("base") or math.e) if isinstance(log1p, Mapping) else None
         if use_raw:
             if adata.raw is None:
                 msg = "`use_raw=True` but the AnnData has no `.raw`; pass `use_raw=False` or a `layer=`."

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from numba import njit, prange
+from scanpy import logging as logg
 from scipy import sparse
 
 from . import _dask
@@ -30,13 +31,16 @@ MAX_RANK = 999
 #: Cells sampled for the fit unless the user asks for another number.
 DEFAULT_N_CELLS = 2_000
 #: Non-integer input whose largest value is at most this is taken as log-transformed (unless it looks normalised:
-#: :func:`_one_total`, :func:`_scaled_counts`).
+#: :func:`_input_kind`).
 _LOG_MAX = 30.0
 #: How far from a whole number a ratio ``r`` of :func:`_whole_multiples` may be: ``1e-3`` plus ``1e-6 · r`` for the
 #: rounding of float32 values (about ``1.2e-7 · r``, more after ``expm1``).
 _WHOLE_TOLERANCE = (1e-3, 1e-6)
-#: Cells of the fit's sample that :func:`_scaled_counts` reads.
+#: Cells of the fit's sample that :func:`_input_kind` reads.
 _WHOLE_CELLS = 200
+#: Bases tried, in this order, for log-transformed values whose base the data does not record (``uns["log1p"]``
+#: lost, e.g. by ``anndata.concat``): the natural logarithm, scanpy's default, then 2 and 10.
+_LOG_BASES = (math.e, 2.0, 10.0)
 #: Values checked for being integers: blocks of :data:`_LOG_BLOCK` consecutive ones, evenly spaced.
 _LOG_SAMPLE = 100_000
 _LOG_BLOCK = 1_000
@@ -174,19 +178,36 @@ def _one_total(rows: sparse.csr_matrix) -> bool:
     return totals.size > 1 and np.ptp(totals) <= 1e-3 * totals.max()
 
 
-def _scaled_counts(rows: sparse.csr_matrix, log_scale: float) -> bool:
-    """Whether the cells are surely counts scaled per cell (e.g. ``normalize_total``), not log-transformed ones.
+def _input_kind(rows: sparse.csr_matrix, log1p_base: float | None, source: str) -> tuple[str, float]:
+    """Return what the values of `rows` are, ``"linear"`` or ``"log1p"``, and the natural log of the base to undo.
 
-    In such a cell every value is a whole multiple of its smallest, as most cells hold a gene counted once; after
-    ``log1p`` (natural logarithm times `log_scale`) that holds for ``expm1`` of the values instead. Surely: most
-    cells (of those whose values are not all equal) pass the first test, and fewer than half the second; other
-    data (log-normalised values rounded when stored, say) is left to :func:`is_log_transformed`. At most
-    :data:`_WHOLE_CELLS` cells, evenly spaced, are read: the rule asks about most cells, not every one.
+    Large values or whole numbers are linear (counts, normalised counts), and so are cells that all sum alike
+    (:func:`_one_total`). Other values are log-transformed when ``expm1`` (of base `log1p_base`, or where the data
+    does not record it the first of :data:`_LOG_BASES` that fits) makes most cells' values whole multiples of their
+    smallest, as counts and scaled counts are, since most cells hold a gene counted once; they are counts scaled
+    per cell (e.g. by size factors) when they are such multiples themselves. Values that are neither are taken as
+    log-transformed with a warning: log-normalised values rounded when stored are, but ambient-corrected counts or
+    a square root would be fitted wrongly. At most :data:`_WHOLE_CELLS` cells, evenly spaced, are read: the rule
+    asks about most cells, not every one. The base is ``0`` for linear values.
     """
+    if not is_log_transformed(rows.data) or _one_total(rows):
+        return "linear", 0.0
     rows = rows[:: -(-rows.shape[0] // _WHOLE_CELLS)] if rows.shape[0] > _WHOLE_CELLS else rows
-    if _whole_multiples(rows.indptr, rows.data, 0.0) <= 0.5:
-        return False
-    return _whole_multiples(rows.indptr, rows.data, log_scale) < 0.5
+    for base in (log1p_base,) if log1p_base else _LOG_BASES:
+        if _whole_multiples(rows.indptr, rows.data, np.log(base)) >= 0.5:
+            if not log1p_base and base != math.e:
+                logg.info(f"    the values of `{source}` undo as log1p of base {base:g} (`uns['log1p']` does not say)")
+            return "log1p", float(np.log(base))
+    if _whole_multiples(rows.indptr, rows.data, 0.0) > 0.5:
+        return "linear", 0.0
+    logg.warning(
+        f"The values of `{source}` are small and not whole numbers, so the rank fit undoes them as log1p, but neither "
+        "they nor their expm1 are whole multiples of each cell's smallest value, as counts and log-normalised "
+        "counts are: ambient-corrected counts, a square root or scaled values would be fitted wrongly (log values "
+        "rounded when stored are fine). If they are such, rank a layer of counts (`layer=`), or pass "
+        "`rank_fit=False`."
+    )
+    return "log1p", float(np.log(log1p_base or math.e))
 
 
 def _whole_multiples(indptr: np.ndarray, data: np.ndarray, log_scale: float) -> float:
@@ -272,10 +293,7 @@ def _sample(X, cells: np.ndarray, *, log1p_base: float | None, source: str, fix:
     normalise (a cell's total or a normalised value beyond the floating-point range), a :class:`ValueError`.
     """
     rows = read_rows(X, cells, summed=summed)
-    log_scale = np.log(log1p_base) if log1p_base else 1.0
-    logged = is_log_transformed(rows.data) and not _one_total(rows) and not _scaled_counts(rows, log_scale)
-    kind = "log1p" if logged else "linear"
-    log_scale = log_scale if logged else 0.0
+    kind, log_scale = _input_kind(rows, log1p_base, source)
     n_rows = rows.shape[0]
     width = min(MAX_RANK, int(np.diff(rows.indptr).max(initial=0)))
     run_y = np.empty((n_rows, width))
@@ -465,6 +483,13 @@ def fit(
         msg = (
             "Too few expressed genes, or expressed values all equal, to fit the rank → expression model; pass "
             "`rank_fit=False`."
+        )
+        raise ValueError(msg)
+    if (sample.n_runs[expressing] == 1).all():
+        msg = (
+            "Every cell's expressed values are equal (binarised data?), so their order is the tie-break's, not "
+            "expression's, and no rank → expression line can be fitted. Rank counts or normalised values "
+            "(`layer=`, `use_raw=`), or pass `rank_fit=False`."
         )
         raise ValueError(msg)
     slope, intercept, pearson, spearman, n_points = _statistics(sample)
