@@ -125,6 +125,29 @@ def test_finetune_from_an_adapter(trained, cells, tmp_path):
     assert (whole / "model.safetensors").is_file()
 
 
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda p: (p / "adapter_model.safetensors").unlink(), r"is incomplete: it has no adapter_model\.safetensors"),
+        (lambda p: _truncate(p / "adapter_model.safetensors"), r"adapter_model\.safetensors .* is truncated"),
+        (lambda p: (p / "adapter_config.json").write_text("{"), r"adapter_config\.json .* is not valid JSON"),
+        (lambda p: (p / "c2s_metadata.json").write_text("{"), r"c2s_metadata\.json .* is not valid JSON"),
+    ],
+    ids=["no weights", "truncated weights", "config", "metadata"],
+)
+def test_a_broken_adapter_is_named_before_its_base_loads(trained, tmp_path, monkeypatch, damage, match):
+    """They failed in huggingface_hub ("Repo id must be a string"), safetensors or json, after the base had loaded."""
+    adapter = shutil.copytree(trained[0], tmp_path / "adapter")
+    damage(adapter)
+    monkeypatch.setattr(_load, "load", lambda *args, **kwargs: pytest.fail("the base model was loaded"))
+    with pytest.raises(sc_c2s.models.BrokenCheckpointError, match=match):
+        sc_c2s.models.load(adapter, device="cpu")  # the function itself: `_load.load` is what loads the base
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 def test_adapter_refuses_a_base_that_changed_or_moved(trained, bases, tmp_path):
     path, _ = trained
     adapter = shutil.copytree(path, tmp_path / "adapter")
@@ -331,8 +354,11 @@ def test_load_refuses_what_the_device_cannot_hold_before_downloading(monkeypatch
     assert not cache.exists()
 
     monkeypatch.setattr(_memory, "capacity", lambda device: 2**30)
-    with pytest.raises(MemoryError, match="needs at least .* on cpu in float32"):
-        sc_c2s.models.load("C2S-Scale-Gemma-2-2B", device="cpu")
+    for keep in (None, "0", "false"):  # "0" turned the check off
+        if keep is not None:
+            monkeypatch.setenv("SC_C2S_SKIP_MEMORY_CHECK", keep)
+        with pytest.raises(MemoryError, match="needs at least .* on cpu in float32"):
+            sc_c2s.models.load("C2S-Scale-Gemma-2-2B", device="cpu")
     monkeypatch.setenv("SC_C2S_SKIP_MEMORY_CHECK", "1")
     with pytest.raises(ConnectionError):  # checked no more: the download starts (and fails, it is not served)
         sc_c2s.models.load("C2S-Scale-Gemma-2-2B", device="cpu")

@@ -121,6 +121,65 @@ def test_known_hash_mismatch_is_an_error(hub, checkpoints, cache, monkeypatch):
     assert _download.recorded_hashes(path) == {p.name: sha256(p) for p in checkpoints["tiny"].iterdir()}
 
 
+def test_a_file_the_server_changed_is_discarded_with_what_to_do(hub, cache):
+    """A revision moved upstream: the error's advice (`rm` the file, fetch again) downloaded the new file, which
+    failed against the hash of the first download and stayed in the cache: every later call failed alike."""
+    path = models.fetch("tiny", progressbar=False)
+    (path / "tokenizer_config.json").unlink()
+    served = hub.root / "test" / "tiny" / "resolve" / "rev1" / "tokenizer_config.json"
+    served.write_text(served.read_text().replace("}", ', "changed": true}', 1))
+    with pytest.raises(ValueError, match=r"differs from the file first downloaded here .* `rm -r '") as error:
+        models.fetch("tiny", progressbar=False)
+    assert "The download was discarded" in str(error.value)
+    assert not (path / "tokenizer_config.json").exists()
+    shutil.rmtree(path)  # the advice
+    assert (models.fetch("tiny", progressbar=False) / "tokenizer_config.json").read_bytes() == served.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), r"is truncated: it has \d+ bytes"),
+        (lambda p: p.write_text("<html>Rate limited</html>"), r"is truncated: .* header alone says"),
+    ],
+    ids=["truncated", "error page"],
+)
+def test_a_damaged_download_is_discarded(hub, cache, damage, match):
+    """Served without a Content-Length, or as a mirror's error page: accepted, and its hash recorded as trusted."""
+    damage(hub.root / "test" / "tiny" / "resolve" / "rev1" / "model.safetensors")
+    with pytest.raises(ValueError, match=rf"model\.safetensors downloaded from .* {match}.*The download was discarded"):
+        models.fetch("tiny", progressbar=False)
+    path = cache / "test" / "tiny" / "rev1"
+    assert not (path / "model.safetensors").exists()
+    assert "model.safetensors" not in _download.recorded_hashes(path)
+
+
+@pytest.mark.parametrize(
+    ("index", "match"),
+    [
+        ("<html>Rate limited</html>", r"model\.safetensors\.index\.json downloaded from .* is not valid JSON"),
+        ('{"weight_map": {"w": "../../../../escaped.safetensors"}}', r"names weight files outside its folder"),
+        ('{"metadata": {}}', r"is not the index of a sharded checkpoint"),
+    ],
+    ids=["error page", "outside the cache", "no weight map"],
+)
+def test_a_bad_shard_index_is_refused(hub, cache, index, match):
+    """A mirror's error page gave a bare JSONDecodeError, also offline; a shard named `../…` was written outside."""
+    (hub.root / "test" / "tiny-sharded" / "resolve" / "rev1" / "model.safetensors.index.json").write_text(index)
+    with pytest.raises(ValueError, match=match):
+        models.fetch("tiny-sharded", progressbar=False)
+    assert not list(cache.parent.glob("**/escaped.safetensors"))
+
+
+def test_a_relative_cache_gives_absolute_paths(hub, tmp_path, monkeypatch):
+    """`SC_C2S_CACHE=relcache` gave a model whose path and provenance were relative to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv(_download.CACHE_ENV, "relcache")
+    model = models.load("tiny", device="cpu")
+    assert model.path == tmp_path / "relcache" / "test" / "tiny" / "rev1"
+    assert Path(model.provenance()["path"]).is_absolute()
+
+
 def test_file_changed_since_first_download_is_an_error(hub, checkpoints):
     path = models.fetch("tiny", progressbar=False)
     changed = path / "tokenizer.json"

@@ -13,7 +13,7 @@ from scanpy import logging as logg
 
 from sc_c2s._utils._progress import show_progress
 
-from . import _registry
+from . import _files, _registry
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -32,7 +32,7 @@ RETRIES = 3
 
 def cache_dir() -> Path:
     """Folder that holds downloaded checkpoints: ``$SC_C2S_CACHE``, else the user cache of the OS."""
-    return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("sc_c2s")).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("sc_c2s")).expanduser().absolute()
 
 
 def file_url(base_url: str, repo: str, revision: str, file: str) -> str:
@@ -123,8 +123,17 @@ def recorded_hashes(directory: Path) -> dict[str, str]:
 
 
 def _shards(index: Path) -> list[str]:
-    """List the weight files that the ``*.index.json`` of a sharded checkpoint names."""
-    return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    """List the weight files that the ``*.index.json`` of a sharded checkpoint names: files beside it."""
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        why = f"is not the index of a sharded checkpoint (a `weight_map` of tensors to files): {e!r}"
+        raise _files.BrokenCheckpointError(_files.broken_message(index, why)) from e
+    outside = sorted(str(n) for n in names if not isinstance(n, str) or Path(n).name != n or n in {"", ".", ".."})
+    if outside:
+        why = f"names weight files outside its folder: {outside[:3]}"
+        raise _files.BrokenCheckpointError(_files.broken_message(index, why))
+    return sorted(names)
 
 
 class _Download:
@@ -164,10 +173,25 @@ class _Download:
             msg = (
                 f"{file} downloaded from {url} does not match the sha256 the registry pins for {self.entry.name} "
                 f"at {self.revision}: {e}\nThe download was discarded. The server may hold another revision of "
-                "the file; check the mirror set by `base_url` or $SC_C2S_BASE_URL."
+                f"the file; check the mirror set by `base_url` or ${BASE_URL_ENV}."
             )
             raise ValueError(msg) from e
-        self._check(file, pooch.file_hash(str(path)))
+        why = _files.file_problem(path)
+        recorded = self.hashes.get(file)
+        actual = pooch.file_hash(str(path))
+        if why is not None or (file not in self.known and recorded is not None and actual != recorded):
+            path.unlink()
+            reason = (
+                f"{why} (a server's error page, or a transfer cut short?)"
+                if why is not None
+                else f"differs from the file first downloaded here (sha256 {recorded}, recorded in "
+                f"{self.directory / HASHES_FILE}): the revision {self.revision!r} moved, or the mirror serves "
+                f"another one. To take the new files, delete what was fetched, `rm -r '{self.directory}'`, and "
+                "fetch again; to keep the old ones, restore this file from a copy"
+            )
+            msg = f"{file} downloaded from {url} {reason}. The download was discarded."
+            raise ValueError(msg)
+        self._check(file, actual)
 
     def _check(self, file: str, actual: str) -> None:
         """Compare a file's hash with the known or recorded one, and record it."""
@@ -194,9 +218,9 @@ class _Download:
     def _offline_message(self, error: Exception) -> str:
         files, indexes_missing = list(self.entry.files), False
         for index in (f for f in self.entry.files if f.endswith(".index.json")):
-            if (self.directory / index).is_file():
+            try:
                 files += _shards(self.directory / index)
-            else:
+            except (OSError, _files.BrokenCheckpointError):  # missing, or damaged: fetched again with its shards
                 indexes_missing = True
         missing = [f for f in files if not (self.directory / f).is_file()]
         urls = "\n".join(f"    {file_url(self.base_url, self.entry.repo, self.revision, f)}  ->  {f}" for f in missing)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from . import _download, _registry
+from ._lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from ._metadata import METADATA_FILE
 
 #: Files that hold the weights; any one of them makes a checkpoint's weights.
@@ -73,16 +74,35 @@ def diagnose(path: Path) -> str | None:
     missing = _missing(path)
     if missing is not None:
         return missing
-    for file in [*(path / name for name in _JSON_FILES), *sorted(path.glob("*.index.json"))]:
-        if file.is_file():
-            try:
-                json.loads(file.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, ValueError) as e:
-                return broken_message(file, f"is not valid JSON ({e})")
-    for file in sorted(path.glob("*.safetensors")):
-        why = _safetensors_problem(file)
+    json_files = [*(path / name for name in _JSON_FILES), *sorted(path.glob("*.index.json"))]
+    for file in [*json_files, *sorted(path.glob("*.safetensors"))]:
+        why = file_problem(file) if file.is_file() else None
         if why is not None:
             return broken_message(file, why)
+    return None
+
+
+def diagnose_adapter(path: Path) -> str | None:
+    """Say which file of the LoRA adapter at `path` is missing or cannot be read, and what to do; ``None`` if none."""
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, METADATA_FILE):
+        file = path / name
+        if not file.is_file():
+            return f"The adapter at {path} is incomplete: it has no {name}. {_fix(path)}"
+        why = file_problem(file)
+        if why is not None:
+            return broken_message(file, why)
+    return None
+
+
+def file_problem(file: Path) -> str | None:
+    """Why a JSON or safetensors file cannot be read, or ``None`` (files of other kinds are not checked)."""
+    if file.suffix == ".json":
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return f"is not valid JSON ({e})"
+    elif file.suffix == ".safetensors":
+        return _safetensors_problem(file)
     return None
 
 

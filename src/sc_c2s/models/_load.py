@@ -337,14 +337,23 @@ def _open(
 
 
 def _open_adapter(path: Path, *, options: _Options) -> C2SModel:
-    """Load the base model an adapter names, check it is the one it was trained on, and apply the adapter."""
-    metadata = C2SMetadata.read(path) if (path / METADATA_FILE).is_file() else None
-    base = (metadata.adapter or {}).get("base") if metadata is not None else None
-    if base is None:
+    """Load the base model an adapter names, check it is the one it was trained on, and apply the adapter.
+
+    The adapter's files are checked first, before its base model is read or downloaded.
+    """
+    if not (path / METADATA_FILE).is_file():
         msg = (
             f"{path} holds an adapter but no {METADATA_FILE} naming its base model; sc_c2s opens the adapters that "
             "`sc_c2s.tl.finetune(..., adapter='lora')` writes."
         )
+        raise ValueError(msg)
+    problem = _files.diagnose_adapter(path)
+    if problem is not None:
+        raise _files.BrokenCheckpointError(problem)
+    metadata = C2SMetadata.read(path)
+    base = (metadata.adapter or {}).get("base")
+    if base is None:
+        msg = f"The {METADATA_FILE} of the adapter in {path} names no base model (its `adapter` field is empty)."
         raise ValueError(msg)
     _lora.peft()  # before the base model is downloaded or read
     source = _base_source(base, path)

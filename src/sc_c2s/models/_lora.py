@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 #: File that marks an adapter checkpoint (written by peft).
 ADAPTER_CONFIG = "adapter_config.json"
+#: The adapter's weights (written by peft).
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: Linear layers LoRA adapts by default, per architecture (``model_type``): every projection of attention and MLP.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),

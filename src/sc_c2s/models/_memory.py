@@ -264,9 +264,10 @@ def check_fits(
 ) -> None:
     """Refuse a model that cannot fit on `device`, even for one cell at a time, with what would fit instead.
 
-    ``SC_C2S_SKIP_MEMORY_CHECK=1`` skips the check (for devices whose free memory is misreported).
+    ``SC_C2S_SKIP_MEMORY_CHECK=1`` (or ``true``, ``yes``, ``on``) skips the check, for devices whose free memory is
+    misreported; ``0`` keeps it.
     """
-    if s is None or os.environ.get("SC_C2S_SKIP_MEMORY_CHECK"):
+    if s is None or os.environ.get("SC_C2S_SKIP_MEMORY_CHECK", "").strip().lower() in {"1", "true", "yes", "on"}:
         return
     free = capacity(device)
     if free is None:
