@@ -171,6 +171,29 @@ def test_a_bad_shard_index_is_refused(hub, cache, index, match):
     assert not list(cache.parent.glob("**/escaped.safetensors"))
 
 
+def test_damaged_recorded_hashes_are_named(hub):
+    """A `sha256.json` damaged from outside made every fetch and load fail with a bare JSONDecodeError."""
+    path = models.fetch("tiny", progressbar=False)
+    (path / _download.HASHES_FILE).write_text("{")
+    with pytest.raises(models.BrokenCheckpointError, match=r"sha256\.json, the hashes of the files .* `rm '"):
+        models.load("tiny", device="cpu")
+    (path / _download.HASHES_FILE).unlink()  # the advice
+    files = {p.name: sha256(p) for p in path.iterdir()}
+    assert models.load("tiny", device="cpu").sha256 == files
+
+
+def test_merge_of_a_whole_model_is_announced(checkpoints, scanpy_log):
+    """`merge=True` is for adapters: on a whole model it was ignored without a word."""
+    models.load(checkpoints["tiny"], device="cpu", merge=True)
+    assert "`merge=True` folds a LoRA adapter into its base;" in scanpy_log.getvalue()
+
+
+def test_an_adapter_of_the_demo_finds_the_demo_of_this_installation():
+    """Trained in another environment, it named a demo folder that is not here, and could not be opened."""
+    base = {"model": "demo", "path": "/elsewhere/site-packages/sc_c2s/models/demo", "revision": None, "sha256": {}}
+    assert _load._base_source(base, Path("adapter")) == "demo"
+
+
 def test_a_relative_cache_gives_absolute_paths(hub, tmp_path, monkeypatch):
     """`SC_C2S_CACHE=relcache` gave a model whose path and provenance were relative to the working directory."""
     monkeypatch.chdir(tmp_path)

@@ -119,7 +119,16 @@ def fetch(
 def recorded_hashes(directory: Path) -> dict[str, str]:
     """Read the sha256 of each file of a fetched checkpoint from its ``sha256.json``."""
     path = directory / HASHES_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    why = _files.file_problem(path)
+    if why is not None:
+        msg = (
+            f"{path}, the hashes of the files fetched there, {why}. Delete it, `rm '{path}'`: the files are "
+            "checked against the registry or recorded again at the next fetch."
+        )
+        raise _files.BrokenCheckpointError(msg)
+    return json.loads(path.read_text())
 
 
 def _shards(index: Path) -> list[str]:

@@ -70,7 +70,8 @@ def load(
         transformers choose: SDPA where the model supports it, eager for Gemma 2, whose soft-capping of the
         attention logits SDPA cannot do.
     merge
-        For an adapter: fold it into the base model's weights (faster inference; not with `quantization`).
+        For an adapter: fold it into the base model's weights (faster inference; not with `quantization`). A
+        whole model is loaded as it is, with a warning.
 
     Returns
     -------
@@ -315,6 +316,8 @@ def _check_tokenizer_files(files: Iterable[str]) -> None:
 def _open(
     path: Path, *, metadata: C2SMetadata, revision: str | None, sha256: dict[str, str], options: _Options
 ) -> C2SModel:
+    if options.merge:
+        logg.warning(f"`merge=True` folds a LoRA adapter into its base; {metadata.name or path.name} is a whole model")
     with _files.diagnosed(path):
         options = options.for_model(path)
     device, dtype = options.device, options.dtype
@@ -383,12 +386,15 @@ def _base_source(base: dict, path: Path) -> str | Path:
     """Where to load an adapter's base model from.
 
     A base loaded from the registry (recorded with its revision) comes from the registry by name, the rest from the
-    directory it was trained from, even when a registry checkpoint has the same name.
+    directory it was trained from, even when a registry checkpoint has the same name; the demo model, from that
+    directory or else from this installation (the hashes of its files are checked after).
     """
     if base.get("revision") is not None and _registry.lookup(base["model"]) is not None:
         return base["model"]
     if base.get("path") and Path(base["path"]).is_dir():
         return Path(base["path"])
+    if base["model"] == _registry.DEMO:  # trained in another environment, whose copy of the demo is elsewhere
+        return _registry.DEMO
     msg = (
         f"The base model of the adapter in {path}, {base['model']!r}, is neither in the registry nor at "
         f"{base.get('path')!r}. Put it back there, or write its directory into the adapter's {METADATA_FILE} "
