@@ -266,17 +266,6 @@ def test_the_log_base_is_found_where_the_data_does_not_record_it(pbmc4k, scanpy_
     assert "the values of `X` undo as log1p of base 2 (`uns['log1p']` does not say)" in scanpy_log.getvalue()
 
 
-def test_small_values_that_do_not_undo_into_counts_are_announced(pbmc4k, scanpy_log):
-    """A square root of counts (or ambient-corrected counts below 30) was taken for log1p without a word."""
-    fit = _rank_model.fit(pbmc4k.X.sqrt())
-    assert fit.input == "log1p"  # as before: the values cannot say what they are
-    assert "WARNING: The values of `X` are small and not whole numbers" in scanpy_log.getvalue()
-    sc.pp.normalize_total(pbmc4k, target_sum=1e4)
-    sc.pp.log1p(pbmc4k)
-    assert _rank_model.fit(pbmc4k.X).input == "log1p"
-    assert scanpy_log.getvalue().count("WARNING") == 1  # log-normalised counts undo into counts: no warning
-
-
 def test_binarised_data_is_refused():
     """Every cell's values tie: the old check compared values across cells, which normalisation sets apart."""
     X = sparse.csr_matrix(np.array([[1, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 1]], dtype=np.float32))

@@ -186,9 +186,9 @@ def _input_kind(rows: sparse.csr_matrix, log1p_base: float | None, source: str) 
     does not record it the first of :data:`_LOG_BASES` that fits) makes most cells' values whole multiples of their
     smallest, as counts and scaled counts are, since most cells hold a gene counted once; they are counts scaled
     per cell (e.g. by size factors) when they are such multiples themselves. Values that are neither are taken as
-    log-transformed with a warning: log-normalised values rounded when stored are, but ambient-corrected counts or
-    a square root would be fitted wrongly. At most :data:`_WHOLE_CELLS` cells, evenly spaced, are read: the rule
-    asks about most cells, not every one. The base is ``0`` for linear values.
+    log-transformed (of base `log1p_base`, else e): log-normalised values rounded when stored fail both tests, as
+    ``pbmc68k_reduced().raw`` does. At most :data:`_WHOLE_CELLS` cells, evenly spaced, are read: the rule asks about
+    most cells, not every one. The base is ``0`` for linear values.
     """
     if not is_log_transformed(rows.data) or _one_total(rows):
         return "linear", 0.0
@@ -200,13 +200,6 @@ def _input_kind(rows: sparse.csr_matrix, log1p_base: float | None, source: str) 
             return "log1p", float(np.log(base))
     if _whole_multiples(rows.indptr, rows.data, 0.0) > 0.5:
         return "linear", 0.0
-    logg.warning(
-        f"The values of `{source}` are small and not whole numbers, so the rank fit undoes them as log1p, but neither "
-        "they nor their expm1 are whole multiples of each cell's smallest value, as counts and log-normalised "
-        "counts are: ambient-corrected counts, a square root or scaled values would be fitted wrongly (log values "
-        "rounded when stored are fine). If they are such, rank a layer of counts (`layer=`), or pass "
-        "`rank_fit=False`."
-    )
     return "log1p", float(np.log(log1p_base or math.e))
 
 
