@@ -354,6 +354,13 @@ def test_warnings_of_several_tasks_name_their_cells():
     assert [str(w.message) for w in record] == ["1 of 13 answers are empty"]
 
 
+def test_labels_given_as_an_iterator_reach_the_tasks(sentences, expected, demo):
+    """The check spent the iterator, and the tasks refused the rest as "an empty list"."""
+    adata = lazy_genes(sentences, chunks=40)
+    sc_c2s.tl.annotate(adata, model=demo, labels=iter(demo.metadata.labels), n_genes=N_GENES)
+    pd.testing.assert_series_equal(adata.obs["c2s_cell_type"], expected.obs["c2s_cell_type"])
+
+
 def test_warnings_the_verb_logs_reach_the_session_once(sentences, demo, scanpy_log):
     """Warnings logged through scanpy stayed in each task's log (a worker's, which a notebook does not show)."""
     adata = lazy_genes(sentences[:40], chunks=10)

@@ -79,6 +79,12 @@ def test_results_params_and_neighbors(short_sentences, tiny, container, scanpy_l
     assert rna.obsp["connectivities"].shape == (short_sentences.n_obs, short_sentences.n_obs)
 
 
+def test_no_cells_give_an_empty_embedding(short_sentences, tiny):
+    """As `annotate` gives empty columns: `embed` failed inside the tokenizer ("list index out of range")."""
+    result = sc_c2s.tl.embed(short_sentences[:0].copy(), model=tiny, copy=True)
+    assert result.obsm["X_c2s"].shape == (0, tiny.model.config.hidden_size)
+
+
 def test_deterministic(short_sentences, tiny):
     a = sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, copy=True).obsm["X_c2s"]
     b = sc_c2s.tl.embed(short_sentences, model=tiny, n_genes=N_GENES, batch_size=1, copy=True).obsm["X_c2s"]

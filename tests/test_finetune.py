@@ -1057,6 +1057,55 @@ def test_cells_without_a_tissue_or_group_are_refused(donors, tmp_path, key, what
     assert not (tmp_path / "m").exists()
 
 
+@pytest.mark.parametrize("tissue", ["", "kid\nney"])
+def test_tissues_of_no_line_or_several_are_refused(donors, tmp_path, tissue):
+    """They trained silently: an empty answer, a multi-line one kept in `metadata.tissues`."""
+    donors.obs["tissue"] = donors.obs["tissue"].astype(str).replace({donors.obs["tissue"].iloc[0]: tissue})
+    with pytest.raises(ValueError, match=r"obs\['tissue'\] has empty or multi-line tissues"):
+        sc_c2s.tl.finetune(
+            donors, base_model="scratch", output_dir=tmp_path / "m", tasks=["tissue_prediction"], tissue_key="tissue"
+        )
+
+
+def test_multi_cell_records_follow_the_tasks_trained(donors, tmp_path):
+    """A summary model listed the tissues it never learnt (`predict_tissue` candidates) and `paraphrase` was
+    recorded for tissue tasks; `n_cells` went unchecked without a multi-cell task, and above every group's size
+    unannounced."""
+    texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()}
+    path = sc_c2s.tl.finetune(
+        donors,
+        base_model="scratch",
+        output_dir=tmp_path / "summary",
+        tasks=["summary"],
+        tissue_key="tissue",
+        groupby="donor",
+        summaries=texts,
+        n_cells=(2, 3),
+        n_genes=10,
+        max_steps=1,
+    )
+    metadata = load(path).metadata
+    assert metadata.tissues is None and metadata.training["paraphrase"] is False
+    largest = donors.obs.groupby(["tissue", "donor"], observed=True).size().max()
+    with pytest.warns(UserWarning, match=rf"at least 50 cells, but the largest group .* has {largest}"):
+        path = sc_c2s.tl.finetune(
+            donors,
+            base_model="scratch",
+            output_dir=tmp_path / "tissues",
+            tasks=["tissue_prediction"],
+            tissue_key="tissue",
+            groupby="donor",
+            n_cells=(50, 60),
+            n_genes=10,
+            max_steps=1,
+        )
+    assert "paraphrase" not in load(path).metadata.training
+    with pytest.raises(ValueError, match=r"`n_cells` must be \(fewest, most\) cells per multi-cell sample"):
+        sc_c2s.tl.finetune(
+            donors, label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m", n_cells=(0, -3)
+        )
+
+
 @pytest.mark.parametrize(
     ("eval_fraction", "expected"),
     [

@@ -267,8 +267,10 @@ def tokenize_spans(
             f"{type(tokenizer).__name__}."
         )
         raise TypeError(msg)
-    encoded = tokenizer(list(texts), return_offsets_mapping=True)
     spans = np.empty((len(texts), 2), dtype=np.int64)
+    if not texts:  # the tokenizer fails on no text
+        return [], spans
+    encoded = tokenizer(list(texts), return_offsets_mapping=True)
     for i, (offsets, (start, end)) in enumerate(zip(encoded["offset_mapping"], char_spans, strict=True)):
         offsets = np.asarray(offsets).reshape(-1, 2)
         covers = np.flatnonzero((offsets[:, 1] > offsets[:, 0]) & (offsets[:, 0] < end) & (offsets[:, 1] > start))

@@ -174,7 +174,7 @@ def annotate(
         prompts.check_organism(organism)
     if _dask.wanted(adata, mod, client):
         kwargs = {
-            "labels": labels,
+            "labels": candidates,  # checked, and a list: an iterator given would reach the tasks spent
             "rerank": rerank,
             "n_genes": n_genes,
             "organism": organism,

@@ -494,7 +494,7 @@ def finetune(
     metadata.n_genes = int(n_genes)
     metadata.vocabulary = _vocabulary(tokenizer, vocabulary, base=metadata.vocabulary, upper=upper)
     metadata.labels = label_set or None
-    metadata.tissues = units.tissues or None
+    metadata.tissues = (units.tissues or None) if {"tissue_prediction", "tissue_generation"} & set(tasks) else None
     metadata.perturbations = perturbation_set or None
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
@@ -504,7 +504,12 @@ def finetune(
         else str(base_model),
         "label_key": label_key,
         **(
-            {"tissue_key": tissue_key, "groupby": groupby, "n_cells": list(units.n_cells), "paraphrase": paraphrase}
+            {
+                "tissue_key": tissue_key,
+                "groupby": groupby,
+                "n_cells": list(units.n_cells),
+                **({"paraphrase": paraphrase} if "summary" in tasks else {}),
+            }
             if units.tasks
             else {}
         ),

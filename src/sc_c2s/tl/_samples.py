@@ -374,10 +374,14 @@ def units(
     summaries: Mapping[Hashable, str] | str | None,
     n_cells: tuple[int, int],
 ) -> Units:
-    """Check the multi-cell arguments of :func:`sc_c2s.tl.finetune` and group the cells into units."""
+    """Check the multi-cell arguments of :func:`sc_c2s.tl.finetune` and group the cells into units.
+
+    Tissues must be one line of text each (answers and prompts name them); without a multi-cell task only `n_cells`
+    is checked, and no unit is made.
+    """
+    n_cells = _check_n_cells(n_cells)
     if not tasks:
         return Units((), np.full(len(obs), -1), [], [], n_cells)
-    n_cells = _check_n_cells(n_cells)
     needs_tissue = [t for t in tasks if t != "summary"]
     if needs_tissue and tissue_key is None:
         msg = f"The tasks {needs_tissue} learn tissues: pass `tissue_key=` with the column of `obs` that holds them."
@@ -385,6 +389,11 @@ def units(
     columns = {}
     if tissue_key is not None:
         columns["tissue"] = complete_column(obs, tissue_key, arg="tissue_key", what="tissue")
+        tissues = columns["tissue"].astype(str)
+        bad = tissues[~tissues.str.fullmatch(r"[^\n]*\S[^\n]*")]
+        if len(bad):
+            msg = f"obs[{tissue_key!r}] has empty or multi-line tissues (e.g. {bad.iloc[0]!r}); rename them."
+            raise ValueError(msg)
     if groupby is not None:
         columns["group"] = complete_column(obs, groupby, arg="groupby", what="group")
     if "summary" in tasks and (summaries is None or groupby is None):
@@ -396,6 +405,16 @@ def units(
     keys = pd.DataFrame({k: v.astype(str) for k, v in columns.items()}, index=obs.index)
     name = keys.agg("\t".join, axis=1)
     codes, names = pd.factorize(name, sort=True)
+    largest = int(np.bincount(codes).max())
+    if n_cells[0] > largest:
+        warnings.warn(
+            f"`n_cells={n_cells}` asks for samples of at least {n_cells[0]} cells, but the largest group of cells (of "
+            f"one tissue and group) has {largest}: each sample holds all the cells of its group. Pass `n_cells` "
+            "within the groups' sizes, so that the model learns, and is later prompted with, samples as large as it "
+            "will see.",
+            UserWarning,
+            stacklevel=3,
+        )
     first = keys.groupby(name, sort=True).first()
     tissues_of = first["tissue"].tolist() if "tissue" in first else [""] * len(names)
     texts = _summaries(obs, groupby, first["group"] if "group" in first else None, summaries, n_units=len(first))
