@@ -989,19 +989,20 @@ def donors() -> ad.AnnData:
     return adata
 
 
-def train_summaries(donors: ad.AnnData, texts: dict, output_dir: Path) -> Path:
+def train_summaries(donors: ad.AnnData, texts: dict, output_dir: Path, **kwargs) -> Path:
     """One step of the summary task on the donors, grouped by donor."""
-    return sc_c2s.tl.finetune(
-        donors,
-        base_model="scratch",
-        output_dir=output_dir,
-        tasks=["summary"],
-        groupby="donor",
-        summaries=texts,
-        n_cells=(2, 3),
-        n_genes=10,
-        max_steps=1,
-    )
+    return one_multi_cell_step(donors, output_dir, tasks=["summary"], summaries=texts, **kwargs)
+
+
+def train_tissues(donors: ad.AnnData, output_dir: Path, **kwargs) -> Path:
+    """One step of tissue prediction on the donors, grouped by donor."""
+    return one_multi_cell_step(donors, output_dir, tasks=["tissue_prediction"], tissue_key="tissue", **kwargs)
+
+
+def one_multi_cell_step(donors: ad.AnnData, output_dir: Path, **kwargs) -> Path:
+    """One step of multi-cell tasks on the donors' 10-gene sentences, grouped by donor, 2 or 3 cells a sample."""
+    options = {"groupby": "donor", "n_cells": (2, 3), **kwargs}
+    return sc_c2s.tl.finetune(donors, base_model="scratch", output_dir=output_dir, n_genes=10, max_steps=1, **options)
 
 
 def test_summaries_are_keyed_by_the_groups_values(donors, tmp_path):
@@ -1043,17 +1044,7 @@ def test_cells_without_a_tissue_or_group_are_refused(donors, tmp_path, key, what
     donors.obs[key] = donors.obs[key].astype(object)
     donors.obs.loc[donors.obs_names[[0, 5, 7]], key] = np.nan
     with pytest.raises(ValueError, match=rf"obs\['{key}'\] has 3 missing {what}s; drop those cells"):
-        sc_c2s.tl.finetune(
-            donors,
-            base_model="scratch",
-            output_dir=tmp_path / "m",
-            tasks=["tissue_prediction"],
-            tissue_key="tissue",
-            groupby="donor",
-            n_cells=(2, 3),
-            n_genes=10,
-            max_steps=1,
-        )
+        train_tissues(donors, tmp_path / "m")
     assert not (tmp_path / "m").exists()
 
 
@@ -1072,33 +1063,11 @@ def test_multi_cell_records_follow_the_tasks_trained(donors, tmp_path):
     recorded for tissue tasks; `n_cells` went unchecked without a multi-cell task, and above every group's size
     unannounced."""
     texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()}
-    path = sc_c2s.tl.finetune(
-        donors,
-        base_model="scratch",
-        output_dir=tmp_path / "summary",
-        tasks=["summary"],
-        tissue_key="tissue",
-        groupby="donor",
-        summaries=texts,
-        n_cells=(2, 3),
-        n_genes=10,
-        max_steps=1,
-    )
-    metadata = load(path).metadata
+    metadata = load(train_summaries(donors, texts, tmp_path / "summary", tissue_key="tissue")).metadata
     assert metadata.tissues is None and metadata.training["paraphrase"] is False
     largest = donors.obs.groupby(["tissue", "donor"], observed=True).size().max()
     with pytest.warns(UserWarning, match=rf"at least 50 cells, but the largest group .* has {largest}"):
-        path = sc_c2s.tl.finetune(
-            donors,
-            base_model="scratch",
-            output_dir=tmp_path / "tissues",
-            tasks=["tissue_prediction"],
-            tissue_key="tissue",
-            groupby="donor",
-            n_cells=(50, 60),
-            n_genes=10,
-            max_steps=1,
-        )
+        path = train_tissues(donors, tmp_path / "tissues", n_cells=(50, 60))
     assert "paraphrase" not in load(path).metadata.training
     with pytest.raises(ValueError, match=r"`n_cells` must be \(fewest, most\) cells per multi-cell sample"):
         sc_c2s.tl.finetune(

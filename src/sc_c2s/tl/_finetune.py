@@ -619,11 +619,7 @@ def _labels(handler: DataHandler, label_key: str | None, *, tasks: Sequence[str]
     if label_key is None:
         msg = f"The tasks {list(tasks)} learn cell types: pass `label_key=` with the column of `obs` that holds them."
         raise ValueError(msg)
-    labels = _samples.complete_column(handler.obs, label_key, arg="label_key", what="label").astype(str)
-    bad = labels[~labels.str.fullmatch(r"[^\n]*\S[^\n]*")]
-    if len(bad):
-        msg = f"obs[{label_key!r}] has empty or multi-line labels (e.g. {bad.iloc[0]!r}); rename them."
-        raise ValueError(msg)
+    labels = _samples.text_column(handler.obs, label_key, arg="label_key", what="label")
     if labels.nunique() < 2:
         msg = f"obs[{label_key!r}] has a single label ({labels.iloc[0]!r}); a classifier needs at least two."
         raise ValueError(msg)

@@ -388,12 +388,7 @@ def units(
         raise ValueError(msg)
     columns = {}
     if tissue_key is not None:
-        columns["tissue"] = complete_column(obs, tissue_key, arg="tissue_key", what="tissue")
-        tissues = columns["tissue"].astype(str)
-        bad = tissues[~tissues.str.fullmatch(r"[^\n]*\S[^\n]*")]
-        if len(bad):
-            msg = f"obs[{tissue_key!r}] has empty or multi-line tissues (e.g. {bad.iloc[0]!r}); rename them."
-            raise ValueError(msg)
+        columns["tissue"] = text_column(obs, tissue_key, arg="tissue_key", what="tissue")
     if groupby is not None:
         columns["group"] = complete_column(obs, groupby, arg="groupby", what="group")
     if "summary" in tasks and (summaries is None or groupby is None):
@@ -429,6 +424,16 @@ def complete_column(obs: pd.DataFrame, key: str, *, arg: str, what: str) -> pd.S
             f"obs[{key!r}] has {int(values.isna().sum())} missing {what}s; drop those cells "
             f"(`adata[adata.obs[{key!r}].notna()].copy()`) or give them a {what}."
         )
+        raise ValueError(msg)
+    return values
+
+
+def text_column(obs: pd.DataFrame, key: str, *, arg: str, what: str) -> pd.Series:
+    """Return :func:`complete_column` as strings, refusing values that are empty or span lines (prompts name them)."""
+    values = complete_column(obs, key, arg=arg, what=what).astype(str)
+    bad = values[~values.str.fullmatch(r"[^\n]*\S[^\n]*")]
+    if len(bad):
+        msg = f"obs[{key!r}] has empty or multi-line {what}s (e.g. {bad.iloc[0]!r}); rename them."
         raise ValueError(msg)
     return values
 
