@@ -19,9 +19,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sc_c2s import models
-from sc_c2s.models import C2SMetadata, C2SModel, _download, _load, _registry
+from sc_c2s.models import C2SMetadata, C2SModel, _download, _files, _load, _registry
 from sc_c2s.models._metadata import TASKS
 from sc_c2s.models._scratch import build_model, build_tokenizer
+
+from .conftest import registry_entry
 
 GENES = [f"GENE{i}" for i in range(40)]
 LABELS = ["T cell", "B cell"]
@@ -569,6 +571,15 @@ def test_broken_cached_download_says_how_to_fetch_it_again(hub, checkpoints, cac
     for file in (path / "model.safetensors", path / _download.HASHES_FILE):
         file.unlink()
     assert models.load("tiny").model is not None  # the advice works
+
+
+def test_broken_download_of_a_revision_with_slashes_says_how_to_fetch_it_again(cache, monkeypatch):
+    """A revision such as ``refs/pr/1`` is three folders of the cache; the advice named ``1`` as the revision."""
+    monkeypatch.setitem(_registry.REGISTRY, "tiny", registry_entry("tiny", ["model.safetensors"]))
+    folder = cache / "test" / "tiny" / "refs" / "pr" / "1"
+    message = _files.broken_message(folder / "model.safetensors", "is truncated")
+    assert "sc_c2s.models.fetch('tiny', revision='refs/pr/1')" in message
+    assert "sc-c2s models fetch tiny --revision refs/pr/1" in message
 
 
 @pytest.mark.parametrize(

@@ -154,10 +154,13 @@ def _fix(path: Path, file: Path | None = None) -> str:
         return "The demo checkpoint of this installation is damaged; reinstall sc_c2s."
     cache = _download.cache_dir().resolve()
     if path.resolve().is_relative_to(cache):
-        parts = path.resolve().relative_to(cache).parts
-        repo, revision = "/".join(parts[:-1]), parts[-1] if parts else ""
-        entry = next((e for e in _registry.REGISTRY.values() if e.repo == repo), None)
-        name = entry.name if entry is not None else repo
+        relative = path.resolve().relative_to(cache).as_posix()
+        # the folders below the repository's name the revision, which may hold "/" ("refs/pr/1")
+        entry = next((e for e in _registry.REGISTRY.values() if relative.startswith(f"{e.repo}/")), None)
+        if entry is None:
+            name, _, revision = relative.rpartition("/")
+        else:
+            name, revision = entry.name, relative.removeprefix(f"{entry.repo}/")
         target = f"'{file}' '{path / _download.HASHES_FILE}'" if file is not None else f"-r '{path}'"
         return (
             f"It is a download in the cache of sc_c2s; delete it and fetch it again: `rm {target}`, then "
