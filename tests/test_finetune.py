@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
 import anndata as ad
@@ -1014,6 +1015,21 @@ def test_summaries_are_keyed_by_the_groups_values(donors, tmp_path):
             donors.obs, tasks=("summary",), tissue_key=None, groupby="donor", summaries=keys, n_cells=(2, 3)
         )
         assert units.summaries == [texts[int(d)] for d in sorted(map(str, texts))]  # units in sorted strings
+
+
+def test_summaries_keyed_by_a_group_and_its_string(donors):
+    """Keys ``1`` and ``"1"`` of one group: one text was dropped, and its key called no group."""
+    texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()}
+    first = next(iter(texts))
+    options = {"tasks": ("summary",), "tissue_key": None, "groupby": "donor", "n_cells": (2, 3)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same text twice is no conflict, and no key is left out
+        units = _samples.units(donors.obs, summaries=texts | {str(first): texts[first]}, **options)
+    assert set(units.summaries) == set(texts.values())
+    with pytest.raises(
+        ValueError, match=rf"two texts for the group {first} of obs\['donor'\], keyed {first} and '{first}'"
+    ):
+        _samples.units(donors.obs, summaries=texts | {str(first): "another text"}, **options)
 
 
 def test_summaries_that_are_no_group_are_named(donors, tmp_path):

@@ -460,8 +460,8 @@ def _summaries(
 ) -> list[str | None]:
     """Return the summary of each unit's group (`groups`: as strings): from a mapping or an ``obs`` column.
 
-    A mapping's keys are groups: values of ``obs[groupby]`` (``1`` of an integer column) or their strings (``"1"``);
-    keys that are no group are left out with a warning. A column must give the cells of a group one text (cells
+    A mapping's keys are groups: values of ``obs[groupby]`` (``1`` of an integer column) or their strings (``"1"``),
+    not both with different texts; keys that are no group are left out with a warning. A column must give the cells of a group one text (cells
     without one are passed over): a group whose cells hold different texts is refused.
     """
     if groups is None or summaries is None:
@@ -474,10 +474,16 @@ def _summaries(
     values = obs[groupby].dropna().drop_duplicates()
     by_name, used = {}, set()
     for name, value in zip(values.astype(str), values, strict=True):
-        key = value if value in summaries else name if name in summaries else None
-        if key is not None:
-            by_name[name] = summaries[key]
-            used.add(key)
+        keys = [key for key in dict.fromkeys((value, name)) if key in summaries]
+        if len(keys) == 2 and summaries[value] != summaries[name]:
+            msg = (
+                f"`summaries` holds two texts for the group {value!r} of obs[{groupby!r}], keyed {value!r} and "
+                f"{name!r}; keep one of them."
+            )
+            raise ValueError(msg)
+        if keys:
+            by_name[name] = summaries[keys[0]]
+            used.update(keys)
     unknown = [key for key in summaries if key not in used]
     if unknown:
         warnings.warn(
