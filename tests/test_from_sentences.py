@@ -64,6 +64,16 @@ def test_genes_that_begin_or_end_with_punctuation():
     assert counts(cells) == [[6, 0, 0], [6, 0, 0], [4, 1, 0]]
 
 
+def test_genes_whose_names_end_in_punctuation_read_back():
+    """``B.`` lost its period, so its position went to ``B``, and ``GENE.`` was an unknown word."""
+    adata = ad.AnnData(np.array([[4, 3, 2, 1]], dtype=np.float32))
+    adata.var_names = ["GENE.", "B.", "B", "X:"]
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    cells = sc_c2s.tl.from_sentences(adata.obs["c2s_sentence"], genes=adata.uns["c2s"]["genes"], rank_fit=FIT)
+    np.testing.assert_allclose(dense(cells)[0], [expression(p) for p in range(4)], rtol=1e-6)
+    assert counts(cells) == [[4, 0, 0]]
+
+
 def test_unknown_words_are_dropped_and_counted():
     """Unknown words do not take a position; words that are only punctuation are not words."""
     cells = sc_c2s.tl.from_sentences(["FOO CD3D - bar ... CD3E XIST."], genes=GENES, rank_fit=FIT)

@@ -781,15 +781,22 @@ def test_flags_take_true_or_false_only(ranked, tiny, tmp_path):
     train = {"label_key": "label", "base_model": "scratch", "output_dir": output_dir, "epochs": 1}
     generate = {"model": tiny, "cell_types": ["alpha"]}
     perturbation = {"model": tiny, "perturbations": ["x"], "condition_key": "label", "control": "alpha"}
-    calls = {
-        "use_raw": lambda: sc_c2s.pp.to_sentences(adata, use_raw="False"),
-        "unique_genes": lambda: sc_c2s.tl.generate(adata, **generate, unique_genes="False"),
-        "exact_length": lambda: sc_c2s.tl.predict_perturbation(adata, **perturbation, exact_length=0),
-        "paraphrase": lambda: sc_c2s.tl.finetune(adata, **train, paraphrase="no"),
-        "gradient_checkpointing": lambda: sc_c2s.tl.finetune(adata, **train, gradient_checkpointing=1),
-        "merge": lambda: sc_c2s.models.load("demo", merge="False"),
-    }
-    for name, call in calls.items():
+    groups = {"model": tiny, "groupby": "label"}
+    calls = [
+        ("use_raw", lambda: sc_c2s.pp.to_sentences(adata, use_raw="False")),
+        ("unique_genes", lambda: sc_c2s.tl.generate(adata, **generate, unique_genes="False")),
+        ("exact_length", lambda: sc_c2s.tl.predict_perturbation(adata, **perturbation, exact_length=0)),
+        ("paraphrase", lambda: sc_c2s.tl.finetune(adata, **train, paraphrase="no")),
+        ("gradient_checkpointing", lambda: sc_c2s.tl.finetune(adata, **train, gradient_checkpointing=1)),
+        ("merge", lambda: sc_c2s.models.load("demo", merge="False")),
+        # a truthy copy="False" returned a copy and wrote nothing into `adata`
+        ("copy", lambda: sc_c2s.pp.to_sentences(adata, copy="False")),
+        ("copy", lambda: sc_c2s.tl.annotate(adata, model=tiny, copy="False")),
+        ("copy", lambda: sc_c2s.tl.embed(adata, model=tiny, copy=1)),
+        ("copy", lambda: sc_c2s.tl.predict_tissue(adata, **groups, copy="False")),
+        ("copy", lambda: sc_c2s.tl.summarize(adata, **groups, copy="False")),
+    ]
+    for name, call in calls:
         with pytest.raises(ValueError, match=rf"^`{name}` must be True(, False or None| or False), got "):
             call()
     assert_unchanged(adata, before)

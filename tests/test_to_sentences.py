@@ -733,11 +733,11 @@ def test_bad_random_state(random_state):
     assert "c2s" not in adata.uns
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.int8, np.uint16, np.bool_])
+@pytest.mark.parametrize("dtype", [np.float16, np.int8, np.uint16, np.longdouble, np.bool_])
 @pytest.mark.parametrize("fmt", ["dense", "csr"])
 def test_odd_numeric_dtypes(fmt, dtype, scanpy_log):
-    """Dense float16 used to fail with scipy's "does not support dtype float16" in the rank fit; booleans, which
-    carry no order, were ranked silently, and fitted a line through their ties."""
+    """Dense float16 used to fail with scipy's "does not support dtype float16" in the rank fit, and longdouble in
+    numba; booleans, which carry no order, were ranked silently, and fitted a line through their ties."""
     if fmt == "csr" and dtype == np.float16:
         pytest.skip("scipy.sparse holds no float16")
     X = HAND > 0 if dtype == np.bool_ else HAND

@@ -15,7 +15,7 @@ from scanpy import logging as logg
 from ._dask import is_dask_array
 from ._keys import C2S, GENES, SENTENCE
 from ._utils._numba import numba_threads
-from ._utils._validate import check_expression_dtype
+from ._utils._validate import check_expression_dtype, check_flag
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -287,7 +287,9 @@ def check_writable(data: AnnData | MuData, *, copy: bool) -> None:
 
     anndata cannot make such a view an object of its own in memory, and mudata copies a backed MuData only into
     another file. Verbs call it before their work, so that the error comes at once; :func:`prepare` calls it too.
+    `copy` itself must be a boolean: ``copy="False"`` would return a copy and leave `data` without results.
     """
+    check_flag(copy, "copy")
     if not copy and isinstance(data, AnnData) and data.is_view and data.isbacked:
         msg = (
             "This is a view of a backed AnnData (e.g. `adata[:100]` of `read_h5ad(..., backed='r')`), which cannot "

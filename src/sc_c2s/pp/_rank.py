@@ -14,7 +14,7 @@ from sc_c2s._utils._numba import numba_threads
 from . import _kernels
 
 #: Dtypes the kernels are compiled for; others are converted block by block.
-_KERNEL_DTYPES = (np.float32, np.float64, np.int32, np.int64)
+KERNEL_DTYPES = (np.float32, np.float64, np.int32, np.int64)
 #: Target size of one row block of a dense or CSC matrix.
 _BLOCK_BYTES = 64 * 2**20
 #: What to do about data that is not expression, when the caller has nothing more specific to say.
@@ -39,7 +39,7 @@ class Ranking:
 
 
 def _as_kernel_dtype(a: np.ndarray) -> np.ndarray:
-    return a if a.dtype.type in _KERNEL_DTYPES else a.astype(np.float64)
+    return a if a.dtype.type in KERNEL_DTYPES else a.astype(np.float64)
 
 
 def canonical(block: sparse.csr_matrix) -> sparse.csr_matrix:

@@ -130,11 +130,13 @@ def to_sentences(
         )
         raise ValueError(msg)
     random_state = check_random_state(random_state)
-    if not isinstance(rank_fit, bool) and not is_positive_int(rank_fit):
+    if isinstance(rank_fit, bool | np.bool_):
+        rank_fit = bool(rank_fit)
+    elif not is_positive_int(rank_fit):
         msg = f"`rank_fit` must be True, False or a positive number of cells to fit on, got {rank_fit!r}."
         raise ValueError(msg)
     use_raw = check_flag(use_raw, "use_raw", none_ok=True)
-    if sentences is not None and not isinstance(sentences, bool):
+    if sentences is not None and not isinstance(sentences, bool | np.bool_):
         msg = f"`sentences` must be True, False or None (strings unless the matrix is a dask array), got {sentences!r}."
         raise ValueError(msg)
     check_writable(adata, copy=copy)

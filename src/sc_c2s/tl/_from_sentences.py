@@ -18,7 +18,8 @@ COUNTS = ["n_valid_genes", "n_unknown_words", "n_duplicate_genes"]
 #: Characters stripped from both ends of a word that is no gene as it stands; those inside gene names (``-``, ``.``,
 #: ``_``) stay inside.
 _PUNCTUATION = ",;:.!?\"'`()[]{}<>*-–—"
-#: Punctuation that closes a word in a sentence (the tokenizer conventions split it off): removed before anything else.
+#: Punctuation that closes a word in a sentence (the tokenizer conventions split it off): removed from a word that is no
+#: gene as it stands.
 _CLOSING = ".,:"
 
 
@@ -31,9 +32,9 @@ def from_sentences(
     """Turn cell sentences back into expression with the rank → expression model.
 
     Works on any text: sentences made by a C2S model, by another language model or by
-    :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; a word is looked up as it stands (less a
-    closing period, comma or colon, so that genes such as ``Su(H)`` or ``l(2)gl`` are found), else with the
-    punctuation around it stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
+    :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; a word is looked up as it stands, then
+    less a closing period, comma or colon (so that genes such as ``Su(H)`` or ``l(2)gl`` are found at the end of a
+    sentence), else with the punctuation around it stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
     bytes (as h5py hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case, so
     genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word, which goes to the first of them
     (the others get no expression); unknown words are dropped, and a gene named twice keeps its first position.
@@ -182,14 +183,15 @@ def read(
 def _column(word: str, words: Mapping[str, int]) -> int | None:
     """Column of an upper-cased word: ``-1`` for no gene, ``None`` for no word (punctuation alone).
 
-    The word is looked up as it stands, less a closing period, comma or colon, so that genes whose names begin or
-    end with punctuation (Drosophila ``Su(H)``, ``l(2)gl``) are found; only then with punctuation stripped from
-    both ends (``"(CD3D)"`` is ``CD3D``).
+    The word is looked up as it stands (gene names may end in punctuation: ``l(2)gl.``), then less a closing
+    period, comma or colon, so that genes whose names begin or end with punctuation (Drosophila ``Su(H)``,
+    ``l(2)gl``) are found at the end of a sentence; only then with punctuation stripped from both ends
+    (``"(CD3D)"`` is ``CD3D``).
     """
-    bare = word[:-1] if word[-1] in _CLOSING else word
-    column = words.get(bare, -1)
-    if column >= 0:
-        return column
+    for candidate in (word, word[:-1] if word[-1] in _CLOSING else None):
+        column = words.get(candidate, -1)
+        if column >= 0:
+            return column
     stripped = word.strip(_PUNCTUATION)
     return words.get(stripped, -1) if stripped else None
 
