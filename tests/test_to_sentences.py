@@ -758,6 +758,17 @@ def test_odd_numeric_dtypes(fmt, dtype, scanpy_log):
     assert warned == (dtype == np.bool_)
 
 
+def test_numpy_booleans_are_flags():
+    """``rank_fit=np.True_`` (a value read from a config array) was refused as no number of cells."""
+    adata = hand_adata()
+    sc_c2s.pp.to_sentences(adata, rank_fit=np.True_, sentences=np.False_)
+    assert "rank_fit" in adata.uns["c2s"]
+    assert "c2s_sentence" not in adata.obs
+    sc_c2s.pp.to_sentences(adata, rank_fit=np.False_, sentences=np.True_)
+    assert "rank_fit" not in adata.uns["c2s"]
+    assert "c2s_sentence" in adata.obs
+
+
 @pytest.mark.parametrize("dtype", [np.complex64, object, "U3"])
 def test_non_numeric_dtypes_are_refused(dtype):
     adata = ad.AnnData(HAND.astype(dtype), var=pd.DataFrame(index=GENES))
