@@ -590,11 +590,13 @@ def test_broken_download_of_a_revision_with_slashes_says_how_to_fetch_it_again(c
         ("gpu", r"`device='gpu'` is not a torch device; pass e\.g\. 'cpu', 'cuda'"),
         (1.5, r"`device=1.5` is not a torch device"),
         ("meta", r"`device='meta'` holds no weights .*; pass 'cpu' or 'cuda'; `device=None` picks cpu here"),
+        ("xpu", r"`device='xpu'` but torch .* cannot run on 'xpu' devices here; pass 'cpu', 'cuda' or 'mps'"),
+        ("lazy", r"`device='lazy'` but torch .* cannot run on 'lazy' devices here"),
     ],
 )
 def test_device_that_torch_cannot_use(checkpoints, no_gpu, device, match):
     """`device="cuda"` without CUDA used to fail with torch's AssertionError; `device="meta"` used to leave the model
-    without weights ("Cannot copy out of meta tensor")."""
+    without weights ("Cannot copy out of meta tensor"); `device="xpu"` failed in torch once the weights were read."""
     with pytest.raises(ValueError, match=match):
         models.load(checkpoints["tiny"], device=device)
     model = models.load(checkpoints["tiny"], device="cpu")

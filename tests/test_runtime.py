@@ -114,3 +114,27 @@ def test_device_and_dtype_choice(monkeypatch):
     for bad in ("int8", "nonsense", torch.int64, torch.float8_e4m3fn, "float8_e5m2", "finfo", [1]):
         with pytest.raises(ValueError, match="floating-point torch dtype"):
             device_and_dtype("cpu", bad)
+
+
+def test_batch_size_is_checked_before_the_model_loads(pbmc68k):
+    """A bad `batch_size` was refused only once the model had loaded: after a download of several GB."""
+    sc_c2s.pp.to_sentences(pbmc68k, n_genes=20)
+    pbmc68k.obs["condition"] = "control"
+    missing = "no-such-checkpoint"  # the model's name is checked when it loads: this error must come first
+    calls = [
+        lambda b: sc_c2s.tl.annotate(pbmc68k, model=missing, batch_size=b),
+        lambda b: sc_c2s.tl.embed(pbmc68k, model=missing, batch_size=b),
+        lambda b: sc_c2s.tl.generate(pbmc68k, model=missing, cell_types=["B"], batch_size=b),
+        lambda b: sc_c2s.tl.generate(pbmc68k, model=missing, tissues={"lung": 5}, batch_size=b),
+        lambda b: sc_c2s.tl.predict_tissue(pbmc68k, model=missing, groupby="bulk_labels", batch_size=b),
+        lambda b: sc_c2s.tl.summarize(pbmc68k, model=missing, groupby="bulk_labels", batch_size=b),
+        lambda b: sc_c2s.tl.predict_perturbation(
+            pbmc68k, model=missing, perturbations=["x"], condition_key="condition", control="control", batch_size=b
+        ),
+    ]
+    for call in calls:
+        for bad in (0, -1, 2.5, "4"):
+            with pytest.raises(ValueError, match=r"`batch_size` must be a positive integer"):
+                call(bad)
+        with pytest.raises(ValueError, match=r"is neither a checkpoint directory nor a name from"):
+            call(4)

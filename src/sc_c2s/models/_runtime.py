@@ -52,8 +52,8 @@ def default_device() -> torch.device:
 def check_device(device: str | int | torch.device) -> torch.device:
     """Return `device` as a :class:`torch.device`, or raise a :class:`ValueError` if torch cannot run there.
 
-    The message says what is wrong (not a device, the meta device, no CUDA or MPS, no such GPU) and what
-    ``device=None`` picks.
+    The message says what is wrong (not a device, the meta device, no CUDA or MPS, no such GPU, another accelerator
+    that torch cannot use here, such as ``"xpu"`` without Intel GPUs) and what ``device=None`` picks.
     """
     import torch
 
@@ -73,10 +73,20 @@ def check_device(device: str | int | torch.device) -> torch.device:
         why = f"but torch sees {torch.cuda.device_count()} CUDA device(s), numbered from 0"
     elif resolved.type == "mps" and not torch.backends.mps.is_available():
         why = "but MPS (Apple GPUs) is not available"
+    elif resolved.type not in ("cpu", "cuda", "mps") and not _backend_available(resolved.type):
+        why = f"but torch {torch.__version__} cannot run on {resolved.type!r} devices here; pass 'cpu', 'cuda' or 'mps'"
     else:
         return resolved
     msg = f"`device={device!r}` {why}; `device=None` picks {default_device()} here."
     raise ValueError(msg)
+
+
+def _backend_available(device_type: str) -> bool:
+    """Whether torch has a backend module for `device_type` (``torch.xpu``) that says it is available."""
+    import torch
+
+    is_available = getattr(getattr(torch, device_type, None), "is_available", None)
+    return callable(is_available) and bool(is_available())
 
 
 def device_and_dtype(

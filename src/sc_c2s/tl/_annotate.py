@@ -167,6 +167,7 @@ def annotate(
     genes = DataHandler(adata, mod).c2s()["genes"]
     check_positive_int(n_genes, "n_genes", none_ok=True)
     check_key(key_added, "key_added")
+    check_positive_int(batch_size, "batch_size", none_ok=True)  # before the model loads (or downloads)
     check_writable(adata, copy=copy)
     candidates = None if labels is None else label_set(labels)
     rerank = check_rerank(rerank, constrained=candidates is not None)

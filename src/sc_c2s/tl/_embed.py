@@ -9,7 +9,7 @@ from scanpy import logging as logg
 from sc_c2s import _dask, _keys, prompts
 from sc_c2s._data import DataHandler, check_writable, prepare
 from sc_c2s._docs import doc_adata, doc_batch_size, doc_client, doc_device, doc_mod, doc_model, doc_params
-from sc_c2s._utils._validate import check_key
+from sc_c2s._utils._validate import check_key, check_positive_int
 from sc_c2s.models import _runtime
 
 from ._utils import REMOVE_EMPTY, cell_words, model_n_genes, prediction_prompts
@@ -99,6 +99,7 @@ def embed(
     start = logg.info("embedding cells with a C2S model")
     DataHandler(adata, mod).c2s()
     check_key(key_added, "key_added")
+    check_positive_int(batch_size, "batch_size", none_ok=True)  # before the model loads (or downloads)
     check_writable(adata, copy=copy)
     if _dask.wanted(adata, mod, client):
         return _dask.map_verb(

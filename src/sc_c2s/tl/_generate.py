@@ -20,7 +20,7 @@ from sc_c2s._docs import (
     doc_params,
     doc_seed,
 )
-from sc_c2s._utils._validate import AnyRandom, check_flag
+from sc_c2s._utils._validate import AnyRandom, check_flag, check_positive_int
 
 from ._from_sentences import COUNTS
 from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
@@ -198,6 +198,7 @@ def generate(
     )
     unique_genes = check_flag(unique_genes, "unique_genes")
     exact_length = check_flag(exact_length, "exact_length")
+    check_positive_int(batch_size, "batch_size", none_ok=True)  # before the model loads (or downloads)
     if (cell_types is None) == (tissues is None):
         msg = "Pass either `cell_types` (single cells) or `tissues` (samples of cells of a tissue), not both or none."
         raise ValueError(msg)

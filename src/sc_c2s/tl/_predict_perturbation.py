@@ -163,6 +163,7 @@ def predict_perturbation(
     unique_genes = check_flag(unique_genes, "unique_genes")
     exact_length = check_flag(exact_length, "exact_length")
     check_positive_int(n_cells, "n_cells", none_ok=True)
+    check_positive_int(batch_size, "batch_size", none_ok=True)  # before the model loads (or downloads)
     _check_columns(condition_key=condition_key, groupby=groupby)
     perturbations = _perturbations(perturbations)
     handler = DataHandler(adata, mod)

@@ -144,6 +144,7 @@ def predict_tissue(
     handler.check_columns(groupby=groupby)
     groups = groups_of(handler, groupby)
     check_positive_int(n_cells, "n_cells", none_ok=True)
+    check_positive_int(batch_size, "batch_size", none_ok=True)  # before the model loads (or downloads)
     check_positive_int(n_genes, "n_genes", none_ok=True)
     check_positive_int(n_draws, "n_draws")
     check_key(key_added, "key_added")

@@ -140,6 +140,7 @@ def summarize(
     check_positive_int(n_cells, "n_cells", none_ok=True)
     check_positive_int(n_draws, "n_draws")
     check_positive_int(max_new_tokens, "max_new_tokens")
+    check_positive_int(batch_size, "batch_size", none_ok=True)  # before the model loads (or downloads)
     check_key(key_added, "key_added")
     check_writable(adata, copy=copy)
     random_state = check_sampling(
