@@ -582,6 +582,30 @@ def test_broken_download_of_a_revision_with_slashes_says_how_to_fetch_it_again(c
     assert "sc-c2s models fetch tiny --revision refs/pr/1" in message
 
 
+def test_fetch_refuses_revisions_urls_and_caches_it_cannot_use(cache, monkeypatch, tmp_path):
+    """A revision ``../x`` (also from an adapter's metadata) wrote outside the cache; a template field ``{owner}``
+    gave a bare KeyError; a cache that is a file gave NotADirectoryError from inside pooch."""
+    monkeypatch.setitem(_registry.REGISTRY, "tiny", registry_entry("tiny", ["config.json"]))
+    for revision in ("../../escape", "/etc", "refs//1", "a\\..\\b", ""):
+        with pytest.raises(ValueError, match=r"`revision` must be a commit, branch or tag"):
+            models.fetch("tiny", revision=revision, base_url="http://127.0.0.1:9/{repo}/{revision}/{file}")
+    assert not any(cache.parent.glob("escape")) and not cache.exists()
+    with pytest.raises(ValueError, match=r"`base_url` 'http://h/\{owner\}/\{file\}' has the fields \['owner'\]"):
+        models.fetch("tiny", base_url="http://h/{owner}/{file}")
+    monkeypatch.setenv(_download.BASE_URL_ENV, "http://h/{repo}/{file")
+    with pytest.raises(ValueError, match=r"\$SC_C2S_BASE_URL 'http://h/\{repo\}/\{file' has the fields"):
+        models.fetch("tiny")
+    monkeypatch.delenv(_download.BASE_URL_ENV)
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(_download.CACHE_ENV, str(tmp_path / "a_file"))
+    with pytest.raises(
+        OSError,
+        match=r"Cannot make the folder for the download of tiny, .*a_file/test/tiny/rev1: .*"
+        r"Point \$SC_C2S_CACHE at a folder you can write to",
+    ):
+        models.fetch("tiny")
+
+
 @pytest.mark.parametrize(
     ("device", "match"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,37 @@ def file_url(base_url: str, repo: str, revision: str, file: str) -> str:
     return template.format(repo=repo, revision=revision, file=file)
 
 
+def check_base_url(base_url: str, source: str) -> str:
+    """Return `base_url` if :func:`file_url` can fill it in, else raise naming `source` (the argument or variable)."""
+    if not isinstance(base_url, str):
+        msg = f"{source} must be a URL (a string), got a {type(base_url).__name__}."
+        raise TypeError(msg)
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(base_url) if field is not None}
+    except ValueError as e:  # an unmatched brace
+        fields = {f"<{e}>"}
+    unknown = sorted(fields - {"repo", "revision", "file"})
+    if unknown:
+        msg = (
+            f"{source} {base_url!r} has the fields {unknown}; a template may hold only {{repo}}, {{revision}} and "
+            "{file} (e.g. 'https://mirror.example.org/{repo}/resolve/{revision}/{file}'), and a mirror's root none."
+        )
+        raise ValueError(msg)
+    return base_url
+
+
+def check_revision(revision: str) -> str:
+    """Return `revision` if it names a folder inside the checkpoint's (``refs/pr/1`` does), else raise."""
+    parts = revision.split("/") if isinstance(revision, str) else None
+    if not parts or any(part in {"", ".", ".."} or "\\" in part for part in parts):
+        msg = (
+            f"`revision` must be a commit, branch or tag of the checkpoint's repository (e.g. 'main' or a commit "
+            f"hash), got {revision!r}."
+        )
+        raise ValueError(msg)
+    return revision
+
+
 def fetch(
     name: str, *, revision: str | None = None, base_url: str | None = None, progressbar: bool | None = None
 ) -> Path:
@@ -82,7 +114,11 @@ def fetch(
         When a file cannot be downloaded. The message lists the missing files, their URLs and the folder where
         they can be put by hand.
     ValueError
-        When a file does not match its sha256: the registry's, or the one recorded at its first download.
+        When a file does not match its sha256: the registry's, or the one recorded at its first download; when
+        `revision` is no folder name inside the checkpoint's (``".."``), or `base_url` has fields other than those
+        above.
+    OSError
+        When the cache cannot hold the checkpoint's folder (it is a file, or not writable).
 
     Examples
     --------
@@ -100,10 +136,13 @@ def fetch(
         msg = f"{name!r} comes with the package; there is nothing to download. Open it with `load({name!r})`."
         raise ValueError(msg)
     entry = _registry.get(name)
+    source = "`base_url`"
+    if not base_url:
+        base_url, source = os.environ.get(BASE_URL_ENV) or HF_URL, f"${BASE_URL_ENV}"
     download = _Download(
         entry=entry,
-        revision=revision or entry.revision,
-        base_url=base_url or os.environ.get(BASE_URL_ENV) or HF_URL,
+        revision=entry.revision if revision is None else check_revision(revision),
+        base_url=check_base_url(base_url, source),
         progressbar=show_progress() if progressbar is None else progressbar,
     )
     for file in entry.files:
@@ -151,6 +190,14 @@ class _Download:
     def __init__(self, *, entry: _registry.RegistryEntry, revision: str, base_url: str, progressbar: bool):
         self.entry, self.revision, self.base_url, self.progressbar = entry, revision, base_url, progressbar
         self.directory = cache_dir() / entry.repo / revision
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            msg = (
+                f"Cannot make the folder for the download of {entry.name}, {self.directory}: {e}. Point "
+                f"${CACHE_ENV} at a folder you can write to (e.g. `export {CACHE_ENV}=~/sc_c2s_cache`)."
+            )
+            raise OSError(msg) from e
         self.known = entry.sha256 if revision == entry.revision else {}
         self.hashes = recorded_hashes(self.directory)
         self.start: datetime | None = None
