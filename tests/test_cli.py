@@ -663,3 +663,22 @@ def test_models_list_marks_unconfirmed_licences(capsys):
             assert lines[name].endswith(f"{entry['license']} (unconfirmed)")
         else:
             assert lines[name].endswith(entry["license"])
+
+
+@pytest.mark.parametrize(("verbosity", "level"), [(None, logging.WARNING), ("info", logging.INFO)])
+def test_quiet_gives_transformers_its_own_level_when_it_imported_it(verbosity, level):
+    """`main(["-q", ...])` in a Python session that had not imported transformers left its log at NOTSET: the
+    session's root level (INFO in a notebook's `basicConfig`) then let transformers' information through."""
+    code = (
+        "import logging, sys\n"
+        "from sc_c2s import cli\n"
+        "assert 'transformers' not in sys.modules\n"
+        "with cli._transformers_errors_only():\n"
+        "    import transformers\n"
+        "print(logging.getLogger('transformers').level)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != cli.TRANSFORMERS_VERBOSITY}
+    if verbosity is not None:
+        env[cli.TRANSFORMERS_VERBOSITY] = verbosity
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert int(result.stdout) == level

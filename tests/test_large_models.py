@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
 import sc_c2s
@@ -469,3 +470,20 @@ def test_verbs_finish_every_cell_when_out_of_memory(bases, cells, memory_sized, 
     np.testing.assert_allclose(adata.obs["c2s_cell_type_score"], one.obs["c2s_cell_type_score"], rtol=1e-4)
     np.testing.assert_allclose(adata.obsm["X_c2s"], one.obsm["X_c2s"], atol=1e-5)
     assert generated.obs["c2s_sentence"].tolist() == generated_one.obs["c2s_sentence"].tolist()
+
+
+def test_finetune_is_seeded_and_keeps_the_callers_random_state(cells, bases, tmp_path):
+    """An adapter's initial weights came from torch's unseeded generator: a `random_state` gave another adapter in
+    every process; and finetune left torch's global generator seeded with `random_state`."""
+    kwargs = {"label_key": "line", "base_model": bases["pythia"], "adapter": "lora", "lora_rank": 2, "n_genes": N_GENES}
+    kwargs |= {"max_steps": 1, "eval_fraction": 0, "device": "cpu", "random_state": 3}
+    weights = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        expected = torch.rand(3, generator=torch.Generator().manual_seed(seed))  # the caller's next draw
+        path = sc_c2s.tl.finetune(cells[:24], output_dir=tmp_path / str(seed), **kwargs)
+        torch.testing.assert_close(torch.rand(3), expected)
+        weights.append(load_file(path / _lora.ADAPTER_WEIGHTS))
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=0, atol=0)

@@ -627,3 +627,10 @@ def test_device_that_torch_cannot_use(checkpoints, no_gpu, device, match):
     with pytest.raises(ValueError, match=match):
         models.resolve(model, device=device)
     assert model.device == torch.device("cpu")
+
+
+def test_save_shows_no_progress_bar_of_transformers(tmp_path, capsys):
+    """`save` showed transformers' "Writing model shards" bar, also at verbosity 0, as loading does not."""
+    models.load("demo").save(tmp_path / "model")
+    assert "Writing model shards" not in capsys.readouterr().err
+    assert models.load(tmp_path / "model").metadata.name == "demo"

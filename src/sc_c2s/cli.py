@@ -117,16 +117,20 @@ def _transformers_errors_only() -> Iterator[None]:
     """Raise the level of transformers' log to errors, and put it back after, without importing transformers.
 
     Its logger takes the level (imported already), and the environment the level that transformers gives it when
-    it is first imported.
+    it is first imported. Imported in between, the logger gets back the level the environment gave it before.
     """
     logger = logging.getLogger("transformers")
+    imported = "transformers" in sys.modules
     level, verbosity = logger.level, os.environ.get(TRANSFORMERS_VERBOSITY)
     logger.setLevel(logging.ERROR)
     os.environ[TRANSFORMERS_VERBOSITY] = "error"
     try:
         yield
     finally:
-        logger.setLevel(level)
+        if imported or "transformers" not in sys.modules:
+            logger.setLevel(level)
+        else:  # transformers' own default: its variable's level, else warnings
+            logger.setLevel(logging.getLevelNamesMapping().get((verbosity or "").upper(), logging.WARNING))
         if verbosity is None:
             os.environ.pop(TRANSFORMERS_VERBOSITY, None)
         else:

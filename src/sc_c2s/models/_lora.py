@@ -69,12 +69,16 @@ def add_lora(
     target_modules: Sequence[str] | None,
     gradient_checkpointing: bool,
     quantized: bool,
+    seed: int,
 ):
     """Wrap `model` in a LoRA adapter to train: its own weights frozen, the adapter's in float32.
 
-    The scale ``alpha`` is twice the rank, dropout 0.05. A quantised base (QLoRA) is prepared as peft
-    recommends (norms in float32, inputs that carry gradients).
+    The scale ``alpha`` is twice the rank, dropout 0.05. The adapter's initial weights are drawn from torch's
+    global generator seeded with `seed`. A quantised base (QLoRA) is prepared as peft recommends (norms in
+    float32, inputs that carry gradients).
     """
+    import torch
+
     lib = peft()
     if quantized:  # norms in float32, frozen weights; checkpointing is ours, non-reentrant
         model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -84,6 +88,7 @@ def add_lora(
     config = lib.LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )
+    torch.manual_seed(seed)
     with _peft_warnings():
         return lib.get_peft_model(model, config, autocast_adapter_dtype=True)
 

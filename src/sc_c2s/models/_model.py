@@ -10,7 +10,7 @@ from sc_c2s._compat import portable_tokenizer_config
 
 from ._lora import is_adapted, save_adapter
 from ._metadata import C2SMetadata
-from ._runtime import model_device
+from ._runtime import model_device, no_transformers_bars
 
 if TYPE_CHECKING:
     import torch
@@ -71,11 +71,12 @@ class C2SModel:
         """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        if is_adapted(self.model):
-            save_adapter(self.model, directory)
-        else:
-            self.model.save_pretrained(directory)
-            self.tokenizer.save_pretrained(directory)
+        with no_transformers_bars():
+            if is_adapted(self.model):
+                save_adapter(self.model, directory)
+            else:
+                self.model.save_pretrained(directory)
+                self.tokenizer.save_pretrained(directory)
         portable_tokenizer_config(directory)
         self.metadata.write(directory)
         return directory

@@ -42,6 +42,20 @@ MEMORY_SHARE = 0.7
 # --- device and dtype ---------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def keep_random_state() -> Iterator[None]:
+    """Give torch's global random state back as it was: on the CPU, and on the CUDA devices already in use.
+
+    Training seeds torch's global generators (CPU dropout and initial weights draw from them); a caller's own draws
+    after it must not depend on our seed. Also a decorator.
+    """
+    import torch
+
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
 def default_device() -> torch.device:
     """CUDA when torch sees a GPU, else the CPU (never MPS unless asked for)."""
     import torch
@@ -177,7 +191,6 @@ def from_pretrained(
     supports it).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     options = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
     if quantization is not None:
@@ -185,18 +198,26 @@ def from_pretrained(
 
         index = device.index if device.index is not None else torch.cuda.current_device()
         options |= {"quantization_config": quantization_config(quantization, dtype), "device_map": {"": index}}
-    # transformers' own progress bars while loading weights say nothing a user needs
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
+    with no_transformers_bars():
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, local_files_only=True, trust_remote_code=False, **options
         )
+    return tokenizer, model
+
+
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """Hide transformers' own progress bars (loading and writing weights), which say nothing a user needs."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-    return tokenizer, model
 
 
 def quantization_config(quantization: str, dtype: torch.dtype):

@@ -52,6 +52,7 @@ MIN_EVAL_CELLS = 10
 
 
 @doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_organism=doc_organism, doc_seed=doc_seed)
+@_runtime.keep_random_state()
 def finetune(
     adata: AnnData | MuData,
     *,
@@ -218,8 +219,9 @@ def finetune(
         ``score_temperatures``): a warning says so, and another one when none is held out (training then runs its
         whole budget without model selection).
     random_state
-        Seed of the held-out split, the initial weights, the order of the samples {doc_seed}. The seed used is
-        recorded in the checkpoint's metadata (``training["random_state"]``).
+        Seed of the held-out split, the initial weights (of a scratch model or a LoRA adapter), the order of the
+        samples {doc_seed}. The seed used is recorded in the checkpoint's metadata (``training["random_state"]``).
+        Torch's global random state, which training seeds, is given back as it was.
     device
         Torch device to train on; ``None`` picks CUDA when available, else the CPU.
     adapter
@@ -391,6 +393,7 @@ def finetune(
             target_modules=target_modules,
             gradient_checkpointing=gradient_checkpointing,
             quantized=quantization is not None,
+            seed=random_state,
         )
     elif gradient_checkpointing:
         enable_activation_checkpointing(c2s_model.model)
