@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import anndata as ad
@@ -608,7 +609,7 @@ def test_bad_rank_fit(rank_fit):
         sc_c2s.pp.to_sentences(adata, rank_fit=rank_fit)
 
 
-@pytest.mark.parametrize("sentences", [1, "yes", np.bool_(True)])
+@pytest.mark.parametrize("sentences", [1, "yes", np.array([True])])
 def test_bad_sentences(sentences):
     """Any truthy value used to mean strings, recorded as given."""
     adata = hand_adata()
@@ -840,21 +841,39 @@ def test_ties_follow_the_row_not_the_cell():
 
 
 def test_gene_symbols_of_raw_are_read_from_raw_var(pbmc68k):
-    """The error used to say "not a column of var" and list the columns of `raw.var`, which is where it looked."""
-    pbmc68k.var["sym"] = pbmc68k.var_names
+    """The error used to say "not a column of var" and list the columns of `raw.var`, which is where it looked; its
+    copy of the column left the genes that only `.raw` holds (`X` a subset of them) without a name."""
+    adata = pbmc68k[:, pbmc68k.var_names != "CD74"].copy()
+    adata.var["sym"] = pd.Categorical("sym-" + adata.var_names)
     with pytest.raises(KeyError, match=r"`gene_symbols='sym'` is not a column of raw\.var.*columns: \[\]") as error:
-        sc_c2s.pp.to_sentences(pbmc68k, gene_symbols="sym")
-    fix = "adata.raw.var['sym'] = adata.var['sym'].reindex(adata.raw.var_names)"
+        sc_c2s.pp.to_sentences(adata, gene_symbols="sym")
     assert "Pass `use_raw=False` to rank `X` and read `var`" in error.value.args[0]
-    assert fix in error.value.args[0]
-    assert "c2s" not in pbmc68k.uns
-    adata = pbmc68k
-    adata.raw.var["sym"] = adata.var["sym"].reindex(adata.raw.var_names)  # the suggested fix
+    assert "c2s" not in adata.uns
+    (fix,) = re.findall(r"or copy the column, .*: `(.*)`\.$", error.value.args[0])
+    exec(fix, {"adata": adata})  # the suggested fix
     sc_c2s.pp.to_sentences(adata, gene_symbols="sym", rank_fit=False)
-    assert adata.obs["c2s_sentence"].iloc[0].split()[:3] == ["FTL", "CD74", "HLA-DPA1"]
+    assert adata.obs["c2s_sentence"].iloc[0].split()[:3] == ["sym-FTL", "CD74", "sym-HLA-DPA1"]
     adata.raw.var.loc["FTL", "sym"] = "CD74"
     with pytest.raises(ValueError, match=r"1 gene names in raw\.var\['sym'\] occur more than once"):
         sc_c2s.pp.to_sentences(adata, gene_symbols="sym")
+
+
+def test_duplicated_names_of_raw_are_named_with_a_fix_for_raw(pbmc68k):
+    """The error named `var_names` and offered `adata.var_names_make_unique()`, which leaves `.raw` as it is."""
+    raw = pbmc68k.raw.to_adata()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Variable names are not unique", UserWarning)  # anndata's, as a user sees
+        raw.var_names = ["FTL", *raw.var_names[1:-1], "FTL"]
+        pbmc68k.raw = raw
+    with pytest.raises(
+        ValueError, match=r"^1 gene names in raw\.var_names occur more than once \(e\.g\. FTL\)"
+    ) as error:
+        sc_c2s.pp.to_sentences(pbmc68k)
+    (fix,) = re.findall(r"Make them unique with `(.*)`, or sum", error.value.args[0])
+    exec(fix, {"adata": pbmc68k, "anndata": ad})
+    sc_c2s.pp.to_sentences(pbmc68k, rank_fit=False)
+    assert pbmc68k.raw.var_names.is_unique
+    assert pbmc68k.raw.var_names[-1].startswith("FTL-")
 
 
 @pytest.mark.parametrize("names", [range(5), [0, 1, "IL7R", 3.5, "NKG7"]], ids=["integers", "mixed"])

@@ -219,14 +219,17 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
     The checks run on a :class:`pandas.Index`, which keeps the answers about missing and duplicated names, so
     ranking the same data again does not check its ``var_names`` again.
     """
-    var = "raw.var" if matrix.source == "raw.X" else "var"
+    raw = matrix.source == "raw.X"
+    var = "raw.var" if raw else "var"
     if gene_symbols is None:
-        names, where = matrix.var_names, "var_names"
-    elif var == "raw.var" and gene_symbols not in matrix.var.columns:
+        names, where = matrix.var_names, "raw.var_names" if raw else "var_names"
+    elif raw and gene_symbols not in matrix.var.columns:
         msg = (
             f"`gene_symbols={gene_symbols!r}` is not a column of raw.var, which names the genes of `.raw`, the matrix "
             f"ranked; columns: {list(matrix.var.columns)}. Pass `use_raw=False` to rank `X` and read `var`, or copy "
-            f"the column: `adata.raw.var[{gene_symbols!r}] = adata.var[{gene_symbols!r}].reindex(adata.raw.var_names)`."
+            "the column, naming the genes that only `.raw` holds by their var_names: "
+            f"`adata.raw.var[{gene_symbols!r}] = adata.var[{gene_symbols!r}].astype(object)"
+            ".reindex(adata.raw.var_names).fillna(adata.raw.var_names.to_series())`."
         )
         raise KeyError(msg)
     else:
@@ -239,12 +242,13 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
         names = names.astype(str)  # as anndata writes var_names that are not strings (e.g. integers) to h5ad
     if not names.is_unique:
         duplicated = names[names.duplicated()].unique()
-        fix = (
-            "adata.var_names_make_unique()"
-            if gene_symbols is None
-            else f"adata.var[{gene_symbols!r}] = "
-            f"anndata.utils.make_index_unique(adata.var[{gene_symbols!r}].astype(str))"
-        )
+        if gene_symbols is not None:
+            column = f"adata.{var}[{gene_symbols!r}]"
+            fix = f"{column} = anndata.utils.make_index_unique({column}.astype(str))"
+        elif raw:  # `.raw` has no var_names_make_unique
+            fix = "adata.raw.var.index = anndata.utils.make_index_unique(adata.raw.var_names)"
+        else:
+            fix = "adata.var_names_make_unique()"
         msg = (
             f"{len(duplicated)} gene names in {where} occur more than once (e.g. {', '.join(duplicated[:5])}); "
             f"a sentence needs one word per gene. Make them unique with `{fix}`, or sum duplicated genes first."
