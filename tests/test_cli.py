@@ -440,6 +440,56 @@ def test_an_unwritable_output_folder_is_refused_first(tmp_path, small_file, noth
     assert "may not write into the folder" in capsys.readouterr().err
 
 
+def test_demo_into_an_existing_unwritable_folder_is_refused_first(tmp_path, nothing_read, monkeypatch, capsys):
+    """An existing --out folder was never checked, only the folder above it: the demo failed with a traceback after
+    its work."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and access(path, mode, **kw))
+    assert cli.main(["-q", "demo", "--out", str(locked)]) == cli.EXIT_USAGE
+    assert f"you may not write into the folder {str(locked)!r}" in capsys.readouterr().err
+
+
+def test_a_write_that_fails_is_a_user_error_that_keeps_the_old_file(tmp_path):
+    """The demo's plots, scores and report were written without the care of its .h5ad files: a folder in the way
+    (or a full disk) ended in a traceback."""
+    in_the_way = tmp_path / "rank_fit.png"
+    in_the_way.mkdir()
+    with pytest.raises(ValueError, match=rf"^Cannot write {re.escape(repr(str(in_the_way)))}: .*Is a directory"):
+        with cli._writing(in_the_way) as partial:
+            partial.write_text("plot")
+    report = tmp_path / "report.txt"
+    report.write_text("old")
+    with pytest.raises(ValueError, match=r"^Cannot write .*report\.txt'"):
+        with cli._writing(report) as partial:
+            partial.write_text("new, cut short")
+            raise OSError(28, "No space left on device")
+    assert report.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_fit.png", "report.txt"]
+
+
+def test_model_among_other_labels_is_refused(tmp_path, small_file, nothing_read, capsys):
+    """`--labels model "CD19+ B"` annotated cells as a cell type called "model"."""
+    argv = ["-q", "annotate", str(small_file), "--model", "demo", "--out", str(tmp_path / "out.h5ad")]
+    assert cli.main([*argv, "--labels", "model", "CD19+ B"]) == cli.EXIT_USAGE
+    assert "--labels model stands for the model's label set, alone" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_is_no_network_failure(env):
+    """`sc-c2s models list | head -1` exited 5, "no network", with "[Errno 32] Broken pipe" on stderr."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sc_c2s", "models", "list"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    process.stdout.close()  # before the command writes: it takes a second to start
+    assert process.wait(timeout=600) == cli.EXIT_BROKEN_PIPE
+    assert process.stderr.read() == b""
+    process.stderr.close()
+
+
 @pytest.mark.parametrize("options", [["--n-cells", "0"], ["--n-cells", "-1"], ["--batch-size", "0"], ["--device", "x"]])
 def test_demo_checks_its_arguments_first(tmp_path, nothing_read, capsys, options):
     """The demo failed after minutes of work, leaving a folder with rank_fit.png only."""

@@ -13,6 +13,7 @@ code  meaning
 3     a file or folder that was named does not exist
 4     unknown model name
 5     no network: a checkpoint could not be downloaded
+141   the reader of the output went away (``sc-c2s models list | head -1``), as a shell reports SIGPIPE
 ====  ==========================================================
 """
 
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
 #: Exit codes; bad input (and a model too big for the device) shares the status of a bad command line, so that 1
 #: (Python's status after a traceback) means a bug.
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_UNKNOWN_MODEL, EXIT_NO_NETWORK = 0, 1, 2, 3, 4, 5
+#: Exit code when the output's reader has gone, as a shell gives a command that SIGPIPE ends (128 + 13).
+EXIT_BROKEN_PIPE = 141
 #: Folder the demo writes into unless told otherwise.
 DEMO_DIR = "sc_c2s_demo"
 #: Cells the demo generates per cell type.
@@ -69,6 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _warnings(quiet=args.quiet, options=options):
             args.run(args)
+    except BrokenPipeError:  # the reader of our output left (`sc-c2s models list | head -1`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that Python's exit flush cannot fail
+        return EXIT_BROKEN_PIPE
     except FileNotFoundError as e:
         return _fail(e, EXIT_MISSING, options)
     except UnknownModelError as e:
@@ -203,7 +209,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="sc-c2s",
         description="Cell2Sentence for Scanpy: annotate and generate cells with language models.",
         epilog="Exit codes: 0 success, 1 a bug (with a traceback), 2 bad command line, bad input or a model too big "
-        "for the device, 3 missing file, 4 unknown model, 5 no network.",
+        "for the device, 3 missing file, 4 unknown model, 5 no network, 141 output closed (| head).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     loudness = parser.add_mutually_exclusive_group()
@@ -452,14 +458,15 @@ def _check_out(path: Path, *, kind: str) -> None:
     a path under a file or in a folder that may not be written to, a folder where a file goes or the other way
     round, a file name of the other kind.
     """
-    above = next(p for p in path.absolute().parents if p.exists())
+    folder = kind == "folder"
+    existing = [path.absolute()] if folder and path.is_dir() else []  # a folder written into; a file's is replaced
+    above = next(p for p in [*existing, *path.absolute().parents] if p.exists())
     if not above.is_dir():
         msg = f"Cannot write {str(path)!r}: {str(above)!r} is a file, not a folder."
         raise ValueError(msg)
     if not os.access(above, os.W_OK | os.X_OK):
         msg = f"Cannot write {str(path)!r}: you may not write into the folder {str(above)!r}; name another path."
         raise ValueError(msg)
-    folder = kind == "folder"
     if path.exists() and path.is_dir() != folder:
         what = "a file, not a folder" if path.is_file() else "a folder; name a file to write, e.g. result.h5ad"
         msg = f"Cannot write {str(path)!r}: it is {what}."
@@ -476,24 +483,32 @@ def _kind(path: Path) -> str:
 
 
 def _write(data: AnnData | MuData, path: Path) -> None:
-    """Write `data` to `path` whole or not at all: into a temporary file beside it, then renamed onto it.
-
-    A failed write (a full disk) leaves neither a half-written file nor a damaged earlier result at `path`.
-    """
-    partial = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` to `path` whole or not at all (see :func:`_writing`)."""
+    with _writing(path) as partial:
         if path.suffix == ".h5mu":
             data.write_h5mu(partial)
         else:
             data.write_h5ad(partial)
+    _say(f"wrote {path}")
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[Path]:
+    """Give a temporary path beside `path` to write, and rename it onto `path` once written.
+
+    A failed write (a full disk, a folder in the way) leaves neither a half-written file nor a damaged earlier
+    result at `path`, and is a user error that names `path`. The temporary path keeps the suffix of `path`.
+    """
+    partial = path.with_name(f".{path.stem}.{secrets.token_hex(4)}.partial{path.suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield partial
         os.replace(partial, path)
     except OSError as e:
         msg = f"Cannot write {str(path)!r}: {e}"
         raise ValueError(msg) from e
     finally:
         partial.unlink(missing_ok=True)
-    _say(f"wrote {path}")
 
 
 def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
@@ -522,7 +537,7 @@ def _annotate(args: argparse.Namespace) -> None:
     _check_out(args.out, kind=_kind(args.input))
     _check_model(args.model)
     _check_n_genes(args)
-    _check_rerank(args)
+    _check_labels(args)
     _check_device(args)
     data = _read(args.input)
     _sentences(data, args)
@@ -595,8 +610,14 @@ def _check_n_genes(args: argparse.Namespace) -> None:
         check_positive_int(args.n_genes, "n_genes")
 
 
-def _check_rerank(args: argparse.Namespace) -> None:
-    """Refuse a negative --rerank, and one without --labels (left out, the model's metadata decides)."""
+def _check_labels(args: argparse.Namespace) -> None:
+    """Refuse 'model' among other --labels, a negative --rerank, and --rerank without --labels.
+
+    Without --labels, the model's metadata decides whether to re-rank.
+    """
+    if args.labels is not None and "model" in args.labels and len(args.labels) > 1:
+        msg = "--labels model stands for the model's label set, alone; give it alone, or list the cell types."
+        raise ValueError(msg)
     if args.rerank is None:
         return
     if args.rerank < 0:
@@ -689,7 +710,8 @@ def _demo(args: argparse.Namespace) -> None:
 
     start = _step("[2/6] plotting the rank → expression fit")
     ax = sc_c2s.pl.rank_fit(adata, show=False)
-    ax.figure.savefig(out / "rank_fit.png", dpi=120, bbox_inches="tight")
+    with _writing(out / "rank_fit.png") as partial:
+        ax.figure.savefig(partial, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)
     _done(start)
 
@@ -709,16 +731,19 @@ def _demo(args: argparse.Namespace) -> None:
     start = _step("[5/6] scoring generated cells against real ones and plotting them together")
     scores = sc_c2s.tl.score_generation(adata, generated, label_key=label_key)
     ax = sc_c2s.pl.generation(adata, generated, label_key=label_key, basis="umap", show=False)
-    ax.figure.savefig(out / "generation.png", dpi=120, bbox_inches="tight")
+    with _writing(out / "generation.png") as partial:
+        ax.figure.savefig(partial, dpi=120, bbox_inches="tight")
     plt.close(ax.figure)
     _done(start)
 
     start = _step("[6/6] writing results")
     _write(adata, out / "pbmc68k_c2s.h5ad")
     _write(generated, out / "generated.h5ad")
-    scores.to_csv(out / "generation_scores.csv")
+    with _writing(out / "generation_scores.csv") as partial:
+        scores.to_csv(partial)
     report = _report(adata, generated, model=model, accuracy=accuracy, scores=scores, label_key=label_key)
-    (out / "report.txt").write_text(report)
+    with _writing(out / "report.txt") as partial:
+        partial.write_text(report)
     _done(start)
     print(report)
 
