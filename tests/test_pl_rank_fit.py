@@ -77,19 +77,30 @@ def test_needs_sentences_and_a_fit(container, pbmc4k):
         sc_c2s.pl.rank_fit(data, show=False)
 
 
-@pytest.mark.parametrize("gridsize", [0, -3, 2.5])
-def test_bad_gridsize(pbmc4k, gridsize):
-    """A gridsize of 0 used to fail inside matplotlib's hexbin."""
+@pytest.mark.parametrize(
+    ("gridsize", "match"),
+    [(0, "a positive integer"), (-3, "a positive integer"), (2.5, "a positive integer"), (1, "at least 2 hexagons")],
+)
+def test_bad_gridsize(pbmc4k, gridsize, match):
+    """A gridsize of 0 used to fail inside matplotlib's hexbin, and 1 with a ZeroDivisionError, leaving a figure."""
     sc_c2s.pp.to_sentences(pbmc4k)
-    with pytest.raises(ValueError, match="`gridsize` must be a positive integer"):
+    with pytest.raises(ValueError, match=rf"`gridsize` must be {match}"):
         sc_c2s.pl.rank_fit(pbmc4k, gridsize=gridsize, show=False)
+    assert plt.get_fignums() == []
 
 
-def test_a_bad_colour_map_leaves_no_figure_open(pbmc4k):
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cmap": "nope"}, "'nope' is not a valid value for cmap"),
+        ({"line_color": "notacolor"}, r"`line_color` must be a matplotlib colour .*, got 'notacolor'"),
+    ],
+)
+def test_a_bad_colour_leaves_no_figure_open(pbmc4k, kwargs, match):
     """The figure was made before matplotlib refused the name: a notebook then showed it empty."""
     sc_c2s.pp.to_sentences(pbmc4k)
-    with pytest.raises(ValueError, match="'nope' is not a valid value for cmap"):
-        sc_c2s.pl.rank_fit(pbmc4k, cmap="nope", show=False)
+    with pytest.raises(ValueError, match=match):
+        sc_c2s.pl.rank_fit(pbmc4k, show=False, **kwargs)
     assert plt.get_fignums() == []
 
 

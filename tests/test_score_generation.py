@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import scanpy as sc
 from cycler import cycler
+from matplotlib import pyplot as plt
 from scipy import stats
 
 import sc_c2s
@@ -182,6 +183,12 @@ def test_plot_errors(halves):
         sc_c2s.pl.generation(real, fake, label_key="cell_type", palette={"A549": "red"}, show=False)
     with pytest.raises(KeyError, match=r"no colour for \['"):
         sc_c2s.pl.generation(real, fake, label_key="cell_type", palette={}, show=False)
+    for size in ("big", None, 0):  # matplotlib refused them with a figure made
+        with pytest.raises((TypeError, ValueError), match=r"`size` must be"):
+            sc_c2s.pl.generation(real, fake, label_key="cell_type", size=size, show=False)
+    with pytest.raises(ValueError, match=r"span one principal component only \(2 cells × .* or `basis='umap'`"):
+        sc_c2s.pl.generation(real[:2].copy(), fake, label_key="cell_type", show=False)  # failed in matplotlib
+    assert plt.get_fignums() == []
 
 
 def test_plot_palettes(halves):

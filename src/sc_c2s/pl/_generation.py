@@ -11,7 +11,13 @@ from matplotlib.lines import Line2D
 from sc_c2s import _keys
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_mod, doc_params, doc_seed, doc_show_ax
-from sc_c2s._utils._validate import LEGACY_SEED_LIMIT, AnyRandom, check_positive_int, check_random_state
+from sc_c2s._utils._validate import (
+    LEGACY_SEED_LIMIT,
+    AnyRandom,
+    check_number,
+    check_positive_int,
+    check_random_state,
+)
 from sc_c2s.tl._score_generation import comparison, pca, project
 
 from ._utils import finish
@@ -103,9 +109,16 @@ def generation(
         msg = f"`basis` must be 'pca' or 'umap', got {basis!r}."
         raise ValueError(msg)
     check_positive_int(n_comps, "n_comps")
+    check_number(size, "size", low=0, low_open=True)
     random_state = check_random_state(random_state, limit=LEGACY_SEED_LIMIT)
     data = comparison(real, generated, label_key=label_key, generated_key=generated_key, n_genes=n_genes, mod=mod)
     mean, components = pca(data.real, 2 if basis == "pca" else n_comps, random_state)
+    if basis == "pca" and len(components) < 2:
+        msg = (
+            f"The real cells span one principal component only ({data.real.shape[0]} cells × {data.real.shape[1]} "
+            "genes): plot at least 3 cells that express at least 3 genes between them, or `basis='umap'`."
+        )
+        raise ValueError(msg)
     coords = np.vstack([project(data.real, mean, components), project(data.generated, mean, components)])
     if basis == "umap":
         coords = _umap(coords, random_state)

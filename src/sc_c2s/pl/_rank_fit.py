@@ -72,8 +72,14 @@ def rank_fit(
     >>> sc_c2s.pp.to_sentences(adata)
     >>> ax = sc_c2s.pl.rank_fit(adata, show=False)
     """
-    check_positive_int(gridsize, "gridsize")
-    cmap = matplotlib.colormaps.get_cmap(cmap)  # a bad name raises here, before a figure is left open
+    if check_positive_int(gridsize, "gridsize") < 2:  # matplotlib divides by zero for 1
+        msg = f"`gridsize` must be at least 2 hexagons across, got {gridsize}."
+        raise ValueError(msg)
+    # bad colours raise here, before a figure is left open
+    cmap = matplotlib.colormaps.get_cmap(cmap)
+    if not matplotlib.colors.is_color_like(line_color):
+        msg = f"`line_color` must be a matplotlib colour (e.g. 'red', '#d62728'), got {line_color!r}."
+        raise ValueError(msg)
     handler = DataHandler(adata, mod)
     c2s = handler.c2s()
     fit = _rank_model.RankFit.from_dict(check_rank_fit(c2s))
