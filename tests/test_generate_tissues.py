@@ -87,3 +87,9 @@ def test_samples_hold_five_cells_unless_given(_tissues, tiny):
     assert generated.uns["c2s_generate"]["params"]["cells_per_sample"] == 5
     with pytest.raises(ValueError, match="`organism` must be one of"):
         sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 7}, organism="")
+
+
+def test_samples_too_long_for_the_model_name_cells_per_sample(_tissues, tiny):
+    """The message offered `n_cells`, an argument of the other multi-cell verbs."""
+    with pytest.raises(ValueError, match=r"lower `n_genes` \(or `cells_per_sample`, the cells of a group\)\.$"):
+        sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 1000}, cells_per_sample=1000, n_genes=N_GENES)

@@ -174,7 +174,7 @@ def test_model_tissues_and_errors(tissues, tiny):
     with pytest.raises(ValueError, match="`n_draws` must be a positive integer"):
         sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby="sample", labels=TISSUES, n_draws=0)
     tissues.obs["everyone"] = "one group"
-    with pytest.raises(ValueError, match=r"reads at most 256; lower `n_genes` \(or `n_cells`, for groups of cells\)"):
+    with pytest.raises(ValueError, match=r"reads at most 256; lower `n_genes` \(or `n_cells`, the cells of a group\)"):
         sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby="everyone", labels=TISSUES, n_cells=40, n_draws=1)
     assert "c2s_tissue" not in tissues.obs
 

@@ -106,4 +106,6 @@ def test_summarize_checks_arguments(summarizer):
         sc_c2s.tl.summarize(adata, model=model, groupby="donor")
     with pytest.raises(ValueError, match="`max_new_tokens` must be a positive integer"):
         sc_c2s.tl.summarize(adata, model=model, groupby="tissue", max_new_tokens=0)
+    with pytest.raises(ValueError, match=r"lower `n_genes` \(or `n_cells`, the cells of a group\)\.$"):
+        sc_c2s.tl.summarize(adata, model=model, groupby="tissue", n_cells=50)  # offered `n_genes` only
     assert "c2s_summary" not in adata.uns

@@ -319,19 +319,19 @@ def context_length(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 def check_context(
-    model: PreTrainedModel, ids: Sequence[Sequence[int]], *, name: str, room: int = 0, groups: bool = False
+    model: PreTrainedModel, ids: Sequence[Sequence[int]], *, name: str, room: int = 0, cells: str | None = None
 ) -> None:
     """Refuse prompts longer than the model reads.
 
-    `room` is the number of tokens that follow them (an answer); `groups` says the prompts hold groups of cells,
-    whose number the message then offers to lower too.
+    `room` is the number of tokens that follow them (an answer); `cells` names the argument that sets how many
+    cells a prompt or answer holds (``"n_cells"``), which the message then offers to lower too.
     """
     longest = max(map(len, ids), default=0) + room
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and longest > limit:
         msg = (
             f"The longest prompt{' and answer' if room else ''} has {longest} tokens, but {name!r} reads at "
-            f"most {limit}; lower `n_genes`{' (or `n_cells`, for groups of cells)' if groups else ''}."
+            f"most {limit}; lower `n_genes`{f' (or `{cells}`, the cells of a group)' if cells else ''}."
         )
         raise ValueError(msg)
 

@@ -342,17 +342,18 @@ def score_labels(
     *,
     batch_size: int | None,
     desc: str = "annotating",
-    groups: bool = False,
+    cells: str | None = None,
 ) -> np.ndarray:
     """Score the log-likelihood of each label's answer after each prompt (prompts × labels).
 
-    Answers follow the prompt with the checkpoint's answer prefix (see :func:`answer_prefix`). `groups`: the
-    prompts hold groups of cells (for the message of :func:`~sc_c2s.models._runtime.check_context`).
+    Answers follow the prompt with the checkpoint's answer prefix (see :func:`answer_prefix`). `cells`: the
+    argument that sets the cells of a prompt's group, for the message of
+    :func:`~sc_c2s.models._runtime.check_context`.
     """
     prefix = answer_prefix(c2s, ids, labels, batch_size=batch_size)
     answer_ids = _candidates.label_answers(c2s.tokenizer, labels, prefix=prefix)
     check_labels(c2s, labels, answer_ids)
-    _runtime.check_context(c2s.model, ids, name=c2s.name, room=max(map(len, answer_ids)), groups=groups)
+    _runtime.check_context(c2s.model, ids, name=c2s.name, room=max(map(len, answer_ids)), cells=cells)
     pad = _runtime.pad_id(c2s.tokenizer)
     return _candidates.score_answers(c2s.model, ids, answer_ids, batch_size=batch_size, pad_id=pad, desc=desc)
 

@@ -135,6 +135,7 @@ def generate_tissues(
         sink=sink,
         decode=whole_texts,
         reset_ids=_runtime.period_ids(c2s.tokenizer),
+        cells="cells_per_sample",
     )
     X, sentences, counts = collector.result()
     n = len(sentences)

@@ -177,7 +177,7 @@ def predict_tissue(
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
     draw_groups = np.array([name for name, _ in draws], dtype=object)
     if candidates is None:
-        _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS, groups=True)
+        _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS, cells="n_cells")
         table, per_draw = _majority(c2s, ids, draw_groups, batch_size=batch_size, genes=genes)
     else:
         table, per_draw = _averaged(c2s, ids, draw_groups, candidates, batch_size=batch_size)
@@ -234,7 +234,7 @@ def _averaged(
     """Label log-likelihoods of each draw; per group the label of the largest mean and its softmax probability."""
     from scipy.special import softmax
 
-    loglik = score_labels(c2s, ids, labels, batch_size=batch_size, desc="predicting tissues", groups=True)
+    loglik = score_labels(c2s, ids, labels, batch_size=batch_size, desc="predicting tissues", cells="n_cells")
     names = pd.unique(draw_groups)
     codes = pd.Index(names).get_indexer(draw_groups)
     mean = np.zeros((len(names), len(labels)))

@@ -493,6 +493,7 @@ def sample(
     decode: Callable[[Any, np.ndarray, list[int]], list[str]] | None = None,
     reset_ids: list[int] | None = None,
     first_cell: int = 0,
+    cells: str | None = None,
 ) -> None:
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
@@ -502,11 +503,13 @@ def sample(
     tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
     text, after which `gene_ids` may be written again; without them, a sentence of `gene_ids` is written from
     those tokens and `stop_ids` only, as one of `gene_tokens` is from the genes' spellings. Cell ``i`` draws the
-    random numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all cells.
+    random numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all cells. `cells`
+    names the argument that sets how many cells a multi-cell prompt or answer holds, for the message of a text
+    too long.
     """
     import torch
 
-    _runtime.check_context(c2s.model, prompt_ids, name=c2s.name, room=max_new_tokens, groups=reset_ids is not None)
+    _runtime.check_context(c2s.model, prompt_ids, name=c2s.name, room=max_new_tokens, cells=cells)
     ids = [prompt_ids[code] for code in codes.tolist()]  # shared lists: one per cell type
     pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)

@@ -184,6 +184,7 @@ def summarize(
         batch_size=batch_size,
         sink=sink,
         decode=whole_texts,
+        cells="n_cells",
     )
     table = pd.DataFrame(
         {
