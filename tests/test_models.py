@@ -461,6 +461,26 @@ def test_tokenizer_that_does_not_fit_the_model_is_an_error(checkpoints, tmp_path
         models.load(path, device="cpu")
 
 
+def test_tokenizer_files_that_are_missing_or_no_tokenizer_are_named(checkpoints, tmp_path):
+    """Without tokenizer_config.json the message blamed a SentencePiece tokenizer (a Gemma one) that was not there;
+    a tokenizer.json that is JSON but no tokenizer failed with transformers' KeyError 'added_tokens'."""
+    path = tmp_path / "no-config"
+    shutil.copytree(checkpoints["tiny"], path)
+    (path / "tokenizer_config.json").unlink()
+    with pytest.raises(
+        ValueError, match=r"tokens but the model embeds \d+: tokenizer_config\.json is missing"
+    ) as error:
+        models.load(path, device="cpu")
+    assert "sentencepiece" not in str(error.value)
+    path = tmp_path / "empty-tokenizer"
+    shutil.copytree(checkpoints["tiny"], path)
+    (path / "tokenizer.json").write_text("{}")
+    with pytest.raises(
+        models.BrokenCheckpointError, match=r"tokenizer\.json of the checkpoint at .* is not a tokenizer"
+    ):
+        models.load(path, device="cpu")
+
+
 def test_code_shipped_with_a_checkpoint_never_runs(checkpoints, tmp_path):
     path = tmp_path / "remote-code"
     shutil.copytree(checkpoints["tiny"], path)

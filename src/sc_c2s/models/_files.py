@@ -98,9 +98,11 @@ def file_problem(file: Path) -> str | None:
     """Why a JSON or safetensors file cannot be read, or ``None`` (files of other kinds are not checked)."""
     if file.suffix == ".json":
         try:
-            json.loads(file.read_text(encoding="utf-8"))
+            content = json.loads(file.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, ValueError) as e:
             return f"is not valid JSON ({e})"
+        if file.name == "tokenizer.json" and not (isinstance(content, dict) and "model" in content):
+            return "is not a tokenizer: it has no `model` field (the vocabulary and how words split into tokens)"
     elif file.suffix == ".safetensors":
         return _safetensors_problem(file)
     return None

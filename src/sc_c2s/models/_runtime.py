@@ -235,11 +235,16 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel
     """Pad on the left with a padding token the model knows, and check the tokenizer fits the model."""
     n_tokens, n_rows = len(tokenizer), model.get_input_embeddings().num_embeddings
     if not n_rows // 2 <= n_tokens <= n_rows:
-        msg = (
-            f"The tokenizer of {path} has {n_tokens} tokens but the model embeds {n_rows}: they do not belong "
-            "together, or the tokenizer was not read correctly (a SentencePiece `tokenizer.model`, as Gemma "
-            'checkpoints have, needs `pip install "sc-c2s[gemma]"`: sentencepiece and protobuf).'
-        )
+        if not (path / "tokenizer_config.json").is_file():  # transformers then guesses the tokenizer's settings
+            why = "tokenizer_config.json is missing, without which transformers guesses the tokenizer's settings"
+        elif (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+            why = (
+                'a SentencePiece `tokenizer.model`, as Gemma checkpoints have, needs `pip install "sc-c2s[gemma]"` '
+                "(sentencepiece and protobuf)"
+            )
+        else:
+            why = "they do not belong together"
+        msg = f"The tokenizer of {path} has {n_tokens} tokens but the model embeds {n_rows}: {why}."
         raise ValueError(msg)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
