@@ -422,7 +422,8 @@ def finetune(
         def draw(rng: np.random.Generator, *, dropout: float = 0.0, balance: float = 0.0) -> _trainer.Samples:
             """One epoch's samples: single-cell, multi-cell, perturbation pairs.
 
-            Single-cell samples are drawn at `balance` (see :func:`_samples.balanced`), their genes dropped at `dropout`.
+            Single-cell samples are drawn at `balance` (see :func:`_samples.balanced`), their genes dropped at
+            `dropout`.
             """
             cells = (
                 _samples.balanced(train_labels, balance=balance, rng=rng)

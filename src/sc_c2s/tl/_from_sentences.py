@@ -34,10 +34,11 @@ def from_sentences(
     Works on any text: sentences made by a C2S model, by another language model or by
     :func:`sc_c2s.pp.to_sentences`. Each sentence is split on whitespace; a word is looked up as it stands, then
     less a closing period, comma or colon (so that genes such as ``Su(H)`` or ``l(2)gl`` are found at the end of a
-    sentence), else with the punctuation around it stripped; a missing sentence (``None`` or NaN) is empty. Sentences and gene names given as
-    bytes (as h5py hands out strings) are decoded as UTF-8. Words are matched to `genes` ignoring case, so
-    genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word, which goes to the first of them
-    (the others get no expression); unknown words are dropped, and a gene named twice keeps its first position.
+    sentence), else with the punctuation around it stripped; a missing sentence (``None`` or NaN) is empty.
+    Sentences and gene names given as bytes (as h5py hands out strings) are decoded as UTF-8. Words are matched to
+    `genes` ignoring case, so genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word, which
+    goes to the first of them (the others get no expression); unknown words are dropped, and a gene named twice keeps
+    its first position.
     The gene at 0-based position ``p`` among the kept words gets ``intercept + slope * log10(1 + p)``, clipped at 0.
 
     Parameters

@@ -461,8 +461,8 @@ def _summaries(
     """Return the summary of each unit's group (`groups`: as strings): from a mapping or an ``obs`` column.
 
     A mapping's keys are groups: values of ``obs[groupby]`` (``1`` of an integer column) or their strings (``"1"``),
-    not both with different texts; keys that are no group are left out with a warning. A column must give the cells of a group one text (cells
-    without one are passed over): a group whose cells hold different texts is refused.
+    not both with different texts; keys that are no group are left out with a warning. A column must give the cells
+    of a group one text (cells without one are passed over): a group whose cells hold different texts is refused.
     """
     if groups is None or summaries is None:
         return [None] * n_units
