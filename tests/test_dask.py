@@ -34,6 +34,9 @@ da = pytest.importorskip("dask.array")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 N_GENES = 30
+#: Genes of the free annotation: the demo model, asked about fewer genes than it was trained on (200), continues some
+#: of these sentences instead of naming a type (6 of the 100 cells), so its warning comes from the workers' tasks.
+FREE_N_GENES = 12
 
 
 def lazy(adata: ad.AnnData, *, dense: bool = False, rows: int = 120) -> ad.AnnData:
@@ -257,11 +260,8 @@ def assert_same_results(result: ad.AnnData, expected: ad.AnnData) -> None:
 
 def run_verbs(adata: ad.AnnData, model, **kwargs) -> None:
     sc_c2s.tl.annotate(adata, model=model, labels="model", n_genes=N_GENES, **kwargs)
-    with (  # the demo model's free answers, here or on a worker
-        pytest.warns(UserWarning, match="answers are lists of genes"),
-        pytest.warns(UserWarning, match="answers are empty"),
-    ):
-        sc_c2s.tl.annotate(adata, model=model, n_genes=N_GENES, key_added="free", **kwargs)
+    with pytest.warns(UserWarning, match="answers are lists of genes"):  # here or on a worker
+        sc_c2s.tl.annotate(adata, model=model, n_genes=FREE_N_GENES, key_added="free", **kwargs)
     sc_c2s.tl.embed(adata, model=model, n_genes=N_GENES, **kwargs)
 
 
