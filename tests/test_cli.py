@@ -469,6 +469,23 @@ def test_a_write_that_fails_is_a_user_error_that_keeps_the_old_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_fit.png", "report.txt"]
 
 
+def test_a_missing_optional_package_is_one_line_with_its_own_status(tmp_path, small_file, monkeypatch, capsys):
+    """A Gemma checkpoint without sentencepiece, or an adapter without peft, ended in a traceback and status 1, "a
+    bug"."""
+    from sc_c2s._utils._optional import import_optional
+
+    def load(*args, **kwargs):
+        import_optional("no_such_package", extra="gemma", purpose="Reading a SentencePiece tokenizer.model")
+
+    monkeypatch.setattr(cli, "_model", load)
+    argv = ["annotate", str(small_file), "--model", "demo", "--out", str(tmp_path / "out.h5ad")]
+    assert cli.main(argv) == cli.EXIT_MISSING_PACKAGE
+    assert capsys.readouterr().err.endswith(
+        "sc-c2s: error: Reading a SentencePiece tokenizer.model needs the `no_such_package` package: "
+        '`pip install "sc-c2s[gemma]"`.\n'
+    )
+
+
 def test_model_among_other_labels_is_refused(tmp_path, small_file, nothing_read, capsys):
     """`--labels model "CD19+ B"` annotated cells as a cell type called "model"."""
     argv = ["-q", "annotate", str(small_file), "--model", "demo", "--out", str(tmp_path / "out.h5ad")]

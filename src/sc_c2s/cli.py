@@ -13,6 +13,7 @@ code  meaning
 3     a file or folder that was named does not exist
 4     unknown model name
 5     no network: a checkpoint could not be downloaded
+6     an optional package is missing (the message names the extra that installs it, e.g. ``sc-c2s[gemma]``)
 141   the reader of the output went away (``sc-c2s models list | head -1``), as a shell reports SIGPIPE
 ====  ==========================================================
 """
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sc_c2s import _keys
+from sc_c2s._utils._optional import MissingPackageError
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -44,6 +46,8 @@ if TYPE_CHECKING:
 #: Exit codes; bad input (and a model too big for the device) shares the status of a bad command line, so that 1
 #: (Python's status after a traceback) means a bug.
 EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_MISSING, EXIT_UNKNOWN_MODEL, EXIT_NO_NETWORK = 0, 1, 2, 3, 4, 5
+#: Exit code when an optional package the command needs is not installed (the message names the extra).
+EXIT_MISSING_PACKAGE = 6
 #: Exit code when the output's reader has gone, as a shell gives a command that SIGPIPE ends (128 + 13).
 EXIT_BROKEN_PIPE = 141
 #: Folder the demo writes into unless told otherwise.
@@ -79,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, EXIT_MISSING, options)
     except UnknownModelError as e:
         return _fail(e, EXIT_UNKNOWN_MODEL, options)
+    except MissingPackageError as e:
+        return _fail(e, EXIT_MISSING_PACKAGE, options)
     except ConnectionError as e:
         return _fail(e, EXIT_NO_NETWORK, options)
     except (ValueError, KeyError, TypeError, MemoryError) as e:
@@ -209,7 +215,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="sc-c2s",
         description="Cell2Sentence for Scanpy: annotate and generate cells with language models.",
         epilog="Exit codes: 0 success, 1 a bug (with a traceback), 2 bad command line, bad input or a model too big "
-        "for the device, 3 missing file, 4 unknown model, 5 no network, 141 output closed (| head).",
+        "for the device, 3 missing file, 4 unknown model, 5 no network, 6 missing optional package, 141 output closed "
+        "(| head).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     loudness = parser.add_mutually_exclusive_group()

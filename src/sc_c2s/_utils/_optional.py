@@ -6,21 +6,25 @@ import importlib
 from types import ModuleType
 
 
+class MissingPackageError(ImportError):
+    """An optional package a feature needs is not installed; the message says how to install it."""
+
+
 def import_optional(module: str, *, extra: str | None, purpose: str, install: str | None = None) -> ModuleType:
-    """Import `module`, or raise an :class:`ImportError` naming the extra of sc-c2s (or the command) that installs it.
+    """Import `module`, or raise a :class:`MissingPackageError` naming the extra of sc-c2s (or the command) to install.
 
     Examples
     --------
     >>> import_optional("json", extra="lora", purpose="Reading JSON").__name__
     'json'
-    >>> import_optional("no_such_module", extra="lora", purpose="LoRA fine-tuning")
+    >>> import_optional("no_such_module", extra="lora", purpose="LoRA fine-tuning")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ImportError: LoRA fine-tuning needs the `no_such_module` package: `pip install "sc-c2s[lora]"`.
+    sc_c2s...MissingPackageError: LoRA fine-tuning needs the `no_such_module` package: `pip install "sc-c2s[lora]"`.
     """
     try:
         return importlib.import_module(module)
     except ImportError as error:
         command = install or f'pip install "sc-c2s[{extra}]"'
         msg = f"{purpose} needs the `{module}` package: `{command}`."
-        raise ImportError(msg) from error
+        raise MissingPackageError(msg) from error
