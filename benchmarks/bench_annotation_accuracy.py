@@ -327,7 +327,10 @@ def celltypist(name: str, train: ad.AnnData, test: ad.AnnData, label_key: str, p
             out = features(adata)
             out.obs["label"] = adata.obs[label_key].astype(str).to_numpy()
             out.write_h5ad(Path(tmp) / f"{part}.h5ad")
-        subprocess.run([str(python), "-c", CELLTYPIST, tmp], check=True, capture_output=True)
+        done = subprocess.run([str(python), "-c", CELLTYPIST, tmp], capture_output=True, text=True)
+        if done.returncode:
+            msg = f"CellTypist failed in {python} (status {done.returncode}):\n{done.stderr}"
+            raise RuntimeError(msg)
         result = json.loads((Path(tmp) / "out.json").read_text())
     truth = test.obs[label_key].astype(str).to_numpy()
     predicted = np.asarray(result["predicted"], dtype=object)

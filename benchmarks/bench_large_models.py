@@ -13,7 +13,9 @@ their control cells), each for a few steps and with its training tokens/s and th
 ``load(..., quantization="8bit" | "4bit")`` through bitsandbytes and ``attn_implementation="flash_attention_2"``
 (each where its package is installed); ``tl.annotate`` on a one-worker Dask ``LocalCluster`` that loads the model
 onto its own GPU (where ``distributed`` is installed), against the same call in this process; and that the
-packed scoring of candidates under a 4-D mask gives the scores of one candidate at a time on this GPU.
+packed scoring of candidates under a 4-D mask gives the scores of one candidate at a time on this GPU, with the
+cells/s of both (one candidate at a time is the baseline of the constrained annotation's cells/s; for the other
+speeds, ``bench_annotate.py`` and ``bench_generation.py`` run their loop baselines on a GPU too).
 
 Prompts: the 300 CellBench cells of ``tests/data/cellbench_300.h5ad`` (repeated as needed), their top 200 genes.
 The tokenizer is a byte-level BPE trained on the gene names and the templates, as Pythia's splits genes into a
@@ -99,7 +101,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, to check the script")
     parser.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe")
-    parser.add_argument("--only", nargs="*", help="architectures to run, e.g. EleutherAI/pythia-410m")
+    parser.add_argument(
+        "--only", nargs="*", choices=[base for base, *_ in PLAN], help="architectures to run (default: all)"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="an eighth of the cells, and full fine-tuning at batch 8 only"
     )
@@ -334,7 +338,9 @@ def lora_rate(c2s: C2SModel, cells: ad.AnnData, *, n_steps: int) -> float:
         return float("nan")
     big = sum(p.numel() for p in c2s.model.parameters()) >= _lora.CHECKPOINTING_FROM
     quantized = any(type(m).__name__ == "Linear4bit" for m in c2s.model.modules())
-    model = _lora.add_lora(c2s.model, rank=16, target_modules=None, gradient_checkpointing=big, quantized=quantized)
+    model = _lora.add_lora(
+        c2s.model, rank=16, target_modules=None, gradient_checkpointing=big, quantized=quantized, seed=0
+    )
     samples = training_samples(c2s, cells, n_steps * 4)
     with timed(c2s.device) as seconds:
         result = _trainer.train(
@@ -459,11 +465,13 @@ def gpu_paths(base, c2s, cells, labels, path, device, *, dask: bool) -> list[str
     words = prompts.sentence_words(subset, n_genes=N_GENES)
     ids = _runtime.tokenize(c2s.tokenizer, [prompts.cell_type_prediction(w) for w in words])
     with _runtime.inference(c2s.model):
-        packed = _annotate.score_labels(c2s, ids, labels, batch_size=8)
-        with one_at_a_time():
+        with timed(device) as packed_seconds:
+            packed = _annotate.score_labels(c2s, ids, labels, batch_size=8)
+        with one_at_a_time(), timed(device) as single_seconds:  # the baseline of the constrained cells/s
             single = _annotate.score_labels(c2s, ids, labels, batch_size=8)
     lines.append(
-        f"{base}: packed vs one-at-a-time candidate log-likelihoods, max |Δ| = {np.abs(packed - single).max():.3g}"
+        f"{base}: packed vs one-at-a-time candidate log-likelihoods, max |Δ| = {np.abs(packed - single).max():.3g}; "
+        f"{len(ids) / packed_seconds():.1f} against {len(ids) / single_seconds():.1f} cells/s ({len(ids)} cells)"
     )
     print(lines[-1], flush=True)
     if dask and path is not None and installed("distributed"):

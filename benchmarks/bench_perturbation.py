@@ -174,7 +174,9 @@ def has_pertpy() -> bool:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=Path(__file__).parent / "data" / "kang_scgen_valid.h5ad")
+    parser.add_argument(
+        "--data", type=Path, default=Path(__file__).parents[2] / "shared" / "data" / "kang_scgen_valid.h5ad"
+    )
     parser.add_argument("--held-out", nargs="+", default=HELD_OUT)
     parser.add_argument("--methods", nargs="+", choices=["sc_c2s", "scgen"], default=["sc_c2s", "scgen"])
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the package's)")

@@ -148,7 +148,9 @@ def annotate(path: Path, n_cells: int, n_workers: int) -> list[dict]:
 
     sc.settings.verbosity = 0
     adata = ad.read_h5ad(path, backed="r")[:n_cells].to_memory()
-    sc_c2s.pp.to_sentences(adata, n_genes=200, rank_fit=False)
+    n_cells = adata.n_obs  # the file may hold fewer
+    # no sentence strings: the gene list is replaced below, and strings of the old one would no longer match
+    sc_c2s.pp.to_sentences(adata, n_genes=200, rank_fit=False, sentences=False)
     model = sc_c2s.models.load("demo")
     # the demo model knows its own genes, not the synthetic ones: the work per cell is what matters here
     adata.uns["c2s"]["genes"] = np.resize(np.asarray(model.metadata.vocabulary, dtype=object), adata.n_vars)

@@ -145,7 +145,8 @@ def main() -> None:
         for knob in [knob for knob in args.knobs if knob in KNOBS]:
             runs += [(knob, v, {knob: v}) for v in (KNOBS[knob][: QUICK[knob]] if args.quick else KNOBS[knob])]
         for knob, value, change in runs:
-            keep = None if args.models is None or change else args.models / model_name(name, base)
+            # a time-limited run is not the defaults' model, which later runs (and bench_calibration) read
+            keep = None if args.models is None or change or args.max_time else args.models / model_name(name, base)
             row, model = run(name, train, valid, label_key, base | change, max_time=args.max_time, keep=keep)
             rows.append({"dataset": name, "base": " ".join(args.base), "knob": knob, "value": value, **row})
             print(pd.DataFrame([rows[-1]]).to_string(header=len(rows) == 1, index=False), flush=True)
@@ -209,6 +210,8 @@ def cellbench(data: Path) -> tuple[ad.AnnData, ad.AnnData, str]:
 
 
 DATASETS = {"cellbench": cellbench, "pbmc4k": pbmc4k, "kang": kang, "tissue": tissue}
+#: File beside a kept model with the seconds of the `finetune` call that trained it ("train s" of a fresh run).
+SECONDS_FILE = "finetune_seconds.txt"
 
 
 def model_name(name: str, base: dict) -> str:
@@ -230,11 +233,12 @@ def run(
 ) -> tuple[dict, sc_c2s.models.C2SModel]:
     """Train with the defaults but for `change`; score annotation (and generation) of the validation cells.
 
-    `keep`: where the model is kept, and read from instead of training where an earlier run kept it.
+    `keep`: where the model is kept, and read from instead of training where an earlier run kept it, with the
+    seconds its `finetune` call took (:data:`SECONDS_FILE`).
     """
     if keep is not None and keep.is_dir():
         model = sc_c2s.models.load(keep)
-        return model_scores(model, model.metadata.training["train_seconds"], train, valid, label_key), model
+        return model_scores(model, float((keep / SECONDS_FILE).read_text()), train, valid, label_key), model
     change = dict(change)
     size = change.pop("size", None)
     scratch_size = _scratch.scratch_size
@@ -254,6 +258,7 @@ def run(
         seconds = time.perf_counter() - start
         if keep is not None:
             shutil.copytree(path, keep)
+            (keep / SECONDS_FILE).write_text(f"{seconds:.1f}")
         model = sc_c2s.models.load(path)
     return model_scores(model, seconds, train, valid, label_key), model
 

@@ -21,12 +21,13 @@ OUT = Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def stratified_sample(labels: pd.Series, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Positions of ``n`` cells drawn without replacement, allocated to each stratum in proportion (at least 1)."""
+    """Positions of ``n`` cells drawn without replacement, allocated to each stratum in proportion (at least 1, so
+    more than ``n`` where there are more strata)."""
     codes, uniques = pd.factorize(labels, sort=True)
     counts = np.bincount(codes, minlength=len(uniques))
     quota = np.maximum(1, np.floor(counts / counts.sum() * n)).astype(int)
     # hand the remainder to the largest strata, one cell each
-    for i in np.argsort(-counts, kind="stable")[: n - quota.sum()]:
+    for i in np.argsort(-counts, kind="stable")[: max(0, n - quota.sum())]:
         quota[i] += 1
     picks = [
         rng.choice(np.flatnonzero(codes == i), size=min(q, c), replace=False)
