@@ -486,6 +486,16 @@ def test_a_missing_optional_package_is_one_line_with_its_own_status(tmp_path, sm
     )
 
 
+def test_a_cache_that_cannot_hold_the_download_is_one_line(tmp_path, monkeypatch, capsys):
+    """An OSError (a cache folder that is a file) ended in a traceback and status 1, "a bug"."""
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv(_download.CACHE_ENV, str(tmp_path / "a_file"))
+    assert cli.main(["models", "fetch", "C2S-Pythia-410m-cell-type-prediction"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("sc-c2s: error: Cannot make the folder for the download of C2S-Pythia-410m-cell-type-")
+    assert "Point $SC_C2S_CACHE at a folder you can write to" in err
+
+
 def test_model_among_other_labels_is_refused(tmp_path, small_file, nothing_read, capsys):
     """`--labels model "CD19+ B"` annotated cells as a cell type called "model"."""
     argv = ["-q", "annotate", str(small_file), "--model", "demo", "--out", str(tmp_path / "out.h5ad")]

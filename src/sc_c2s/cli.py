@@ -9,7 +9,8 @@ code  meaning
 ====  ==========================================================
 0     success
 1     a bug: the traceback says where (please report it)
-2     bad command line, bad input, or a model too big for the device (the message says what to change)
+2     bad command line, bad input, a file or folder that cannot be used, or a model too big for the device (the
+      message says what to change)
 3     a file or folder that was named does not exist
 4     unknown model name
 5     no network: a checkpoint could not be downloaded
@@ -87,7 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(e, EXIT_MISSING_PACKAGE, options)
     except ConnectionError as e:
         return _fail(e, EXIT_NO_NETWORK, options)
-    except (ValueError, KeyError, TypeError, MemoryError) as e:
+    except (ValueError, KeyError, TypeError, MemoryError, OSError) as e:  # OSError: a cache or file we cannot use
         return _fail(e, EXIT_USAGE, options)
     finally:
         sc.settings.verbosity = verbosity
