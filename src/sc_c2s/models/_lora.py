@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 from sc_c2s._compat import enable_activation_checkpointing
 from sc_c2s._utils._optional import import_optional
 
+from ._runtime import keep_random_state
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -62,6 +64,7 @@ def default_targets(model: PreTrainedModel) -> list[str] | str:
     return list(targets) if targets is not None else "all-linear"
 
 
+@keep_random_state()
 def add_lora(
     model: PreTrainedModel,
     *,
@@ -74,7 +77,7 @@ def add_lora(
     """Wrap `model` in a LoRA adapter to train: its own weights frozen, the adapter's in float32.
 
     The scale ``alpha`` is twice the rank, dropout 0.05. The adapter's initial weights are drawn from torch's
-    global generator seeded with `seed`. A quantised base (QLoRA) is prepared as peft recommends (norms in
+    global generator seeded with `seed` (the caller's random state is given back after). A quantised base (QLoRA) is prepared as peft recommends (norms in
     float32, inputs that carry gradients).
     """
     import torch

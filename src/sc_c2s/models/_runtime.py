@@ -47,7 +47,7 @@ def keep_random_state() -> Iterator[None]:
     """Give torch's global random state back as it was: on the CPU, and on the CUDA devices already in use.
 
     Training seeds torch's global generators (CPU dropout and initial weights draw from them); a caller's own draws
-    after it must not depend on our seed.
+    after it must not depend on our seed. Also a decorator, of the functions that seed them.
     """
     import torch
 

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 from sc_c2s.prompts import TEMPLATE_WORDS
 
+from ._runtime import keep_random_state
+
 if TYPE_CHECKING:
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
@@ -79,6 +81,7 @@ def build_tokenizer(
     )
 
 
+@keep_random_state()
 def build_model(
     tokenizer: PreTrainedTokenizerFast,
     *,
@@ -95,7 +98,8 @@ def build_model(
     `dropout` applies to hidden states in training: with a few thousand cells, a model trained from nothing
     overfits without it. `attention_dropout` applies to attention weights; it is off by default because it makes
     PyTorch's attention draw a random mask over every batch × head × position² weight outside its fused kernels,
-    which about doubles the time of a training step on a CPU.
+    which about doubles the time of a training step on a CPU. The weights are drawn from torch's global generator
+    seeded with `seed`; the caller's random state is given back after.
     """
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM

@@ -252,6 +252,7 @@ def shuffled_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Genera
     return [out[i] for i in rng.permutation(len(out))]
 
 
+@_runtime.keep_random_state()
 def train(
     model: PreTrainedModel,
     samples: Samples,
@@ -281,7 +282,8 @@ def train(
     (``None``: :data:`N_EVALUATIONS` times over `max_steps`) and at the last step; the weights with the highest mean
     accuracy over tasks (the latest among equals) are kept in memory and restored at the end. Training stops early
     after `patience` evaluations in a row below the best (``None``: never). `max_time` (seconds) stops training
-    after the step that exceeds it.
+    after the step that exceeds it. Torch's global generator (CPU dropout) is seeded with `random_state` for the run
+    and given back as it was after.
     """
     import torch
 

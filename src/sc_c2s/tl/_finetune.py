@@ -363,235 +363,232 @@ def finetune(
     perturbation_set = sorted(set(design.perturbations)) if design is not None else []
     vocabulary = genes[np.unique(ranked[ranked >= 0])].tolist()
 
-    with _runtime.keep_random_state():  # training seeds torch's global generators; the caller's are given back
-        c2s_model = _base(
-            base_model,
-            vocabulary,
-            [
-                *label_set,
-                *units.words(),
-                *perturbation_set,
-                *([" ".join(prompts.PERTURBATION_WORDS)] if design is not None else []),
-            ],
-            n_genes=n_genes,
-            n_cells=len(train_cells),
-            max_cells=units.n_cells[1] if units.tasks else 0,
-            max_length=units.max_length(n_genes) if units.tasks else None,
-            device=device,
+    c2s_model = _base(
+        base_model,
+        vocabulary,
+        [
+            *label_set,
+            *units.words(),
+            *perturbation_set,
+            *([" ".join(prompts.PERTURBATION_WORDS)] if design is not None else []),
+        ],
+        n_genes=n_genes,
+        n_cells=len(train_cells),
+        max_cells=units.n_cells[1] if units.tasks else 0,
+        max_length=units.max_length(n_genes) if units.tasks else None,
+        device=device,
+        seed=random_state,
+        adapter=adapter is not None,
+        quantization=quantization,
+    )
+    base_record = c2s_model.provenance()
+    n_parameters = sum(p.numel() for p in c2s_model.model.parameters())
+    if gradient_checkpointing is None:
+        gradient_checkpointing = not scratch and n_parameters >= _lora.CHECKPOINTING_FROM
+    if adapter is not None:
+        c2s_model.model = _lora.add_lora(
+            c2s_model.model,
+            rank=lora_rank,
+            target_modules=target_modules,
+            gradient_checkpointing=gradient_checkpointing,
+            quantized=quantization is not None,
             seed=random_state,
-            adapter=adapter is not None,
-            quantization=quantization,
         )
-        base_record = c2s_model.provenance()
-        n_parameters = sum(p.numel() for p in c2s_model.model.parameters())
-        if gradient_checkpointing is None:
-            gradient_checkpointing = not scratch and n_parameters >= _lora.CHECKPOINTING_FROM
-        if adapter is not None:
-            c2s_model.model = _lora.add_lora(
-                c2s_model.model,
-                rank=lora_rank,
-                target_modules=target_modules,
-                gradient_checkpointing=gradient_checkpointing,
-                quantized=quantization is not None,
-                seed=random_state,
-            )
-        elif gradient_checkpointing:
-            enable_activation_checkpointing(c2s_model.model)
-        upper = c2s_model.metadata.upper_case
-        organism = model_organism(c2s_model, organism)
-        tokenizer, model = c2s_model.tokenizer, c2s_model.model
-        if adapter is not None:
-            n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            logg.info(f"    LoRA adapter of rank {lora_rank}: {n_trained:,} of {n_parameters:,} parameters trained")
-        words = [genes[row[row >= 0]].tolist() for row in ranked]
-        train_words = [words[i] for i in train_cells]
-        max_length = _runtime.context_length(model, tokenizer)
-        train_labels = labels.iloc[train_cells].tolist() if single_cell else []
-        encode = partial(
-            _samples.encode,
-            tokenizer,
-            tasks=single_cell,
-            organism=organism,
-            upper=upper,
-            max_length=max_length,
-            n_genes=n_genes,
+    elif gradient_checkpointing:
+        enable_activation_checkpointing(c2s_model.model)
+    upper = c2s_model.metadata.upper_case
+    organism = model_organism(c2s_model, organism)
+    tokenizer, model = c2s_model.tokenizer, c2s_model.model
+    if adapter is not None:
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logg.info(f"    LoRA adapter of rank {lora_rank}: {n_trained:,} of {n_parameters:,} parameters trained")
+    words = [genes[row[row >= 0]].tolist() for row in ranked]
+    train_words = [words[i] for i in train_cells]
+    max_length = _runtime.context_length(model, tokenizer)
+    train_labels = labels.iloc[train_cells].tolist() if single_cell else []
+    encode = partial(
+        _samples.encode,
+        tokenizer,
+        tasks=single_cell,
+        organism=organism,
+        upper=upper,
+        max_length=max_length,
+        n_genes=n_genes,
+    )
+    multi_cell = units.spec(train_words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
+    pairs = partial(_pair_samples, tokenizer, words, design, n_genes=n_genes, upper=upper, max_length=max_length)
+
+    def draw(rng: np.random.Generator, *, dropout: float = 0.0, balance: float = 0.0) -> _trainer.Samples:
+        """One epoch's samples: single-cell, multi-cell, perturbation pairs.
+
+        Single-cell samples are drawn at `balance` (see :func:`_samples.balanced`), their genes dropped at
+        `dropout`.
+        """
+        cells = (
+            _samples.balanced(train_labels, balance=balance, rng=rng)
+            if balance and train_labels
+            else range(len(train_labels))
         )
-        multi_cell = units.spec(train_words, train_cells, n_genes=n_genes, paraphrase=paraphrase)
-        pairs = partial(_pair_samples, tokenizer, words, design, n_genes=n_genes, upper=upper, max_length=max_length)
-
-        def draw(rng: np.random.Generator, *, dropout: float = 0.0, balance: float = 0.0) -> _trainer.Samples:
-            """One epoch's samples: single-cell, multi-cell, perturbation pairs.
-
-            Single-cell samples are drawn at `balance` (see :func:`_samples.balanced`), their genes dropped at
-            `dropout`.
-            """
-            cells = (
-                _samples.balanced(train_labels, balance=balance, rng=rng)
-                if balance and train_labels
-                else range(len(train_labels))
-            )
-            parts = [
-                encode([train_words[i] for i in cells], [train_labels[i] for i in cells], gene_dropout=dropout, rng=rng)
-            ]
-            if multi_cell is not None:
-                parts.append(
-                    _samples.encode_multi_cell(
-                        tokenizer, multi_cell, organism=organism, upper=upper, max_length=max_length, rng=rng
-                    )
+        parts = [
+            encode([train_words[i] for i in cells], [train_labels[i] for i in cells], gene_dropout=dropout, rng=rng)
+        ]
+        if multi_cell is not None:
+            parts.append(
+                _samples.encode_multi_cell(
+                    tokenizer, multi_cell, organism=organism, upper=upper, max_length=max_length, rng=rng
                 )
-            if design is not None:
-                parts.append(pairs(rng))
-            return _samples.concat(*parts)
-
-        samples = draw(np.random.default_rng(random_state))
-        is_label = np.zeros(len(samples), dtype=bool)  # samples whose answer is a cell type: cells first, then tasks
-        is_label[: len(train_words) * len(single_cell)] = np.tile(
-            [t == "cell_type_prediction" for t in single_cell], len(train_words)
-        )
-        _check_unknown(tokenizer, samples, is_label, labels=label_set)
-        check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
-        held_out = _held_out(
-            tokenizer,
-            [words[i] for i in eval_cells],
-            labels.iloc[eval_cells].tolist() if single_cell else [],
-            label_set,
-            tasks=single_cell,
-            organism=organism,
-            upper=upper,
-            max_length=max_length,
-            n_genes=n_genes,
-            random_state=random_state,
-        )
-        if samples.n_truncated:
-            logg.warning(
-                f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut"
             )
-        logg.info(
-            f"    {len(train_cells)} cells, {len(tasks)} tasks: {len(samples)} samples "
-            f"({int(sum(len(ids) for ids in samples.input_ids))} tokens), {len(eval_cells)} cells held out"
-        )
-        max_steps = _trainer.budget(len(samples), batch_size, epochs=epochs, max_steps=max_steps, scratch=scratch)
-        train_start = time.perf_counter()
-        result = _trainer.train(
-            model,
-            samples,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            pad_id=_runtime.pad_id(tokenizer),
-            random_state=random_state,
-            resample=(
-                (lambda rng: draw(rng, dropout=gene_dropout, balance=balance_labels))
-                if gene_dropout or balance_labels or multi_cell or design
-                else None
-            ),
-            held_out=held_out,
-            eval_every=eval_every,
-            patience=patience,
-            max_time=max_time,
-        )
-        train_seconds = time.perf_counter() - train_start
+        if design is not None:
+            parts.append(pairs(rng))
+        return _samples.concat(*parts)
 
-        metadata = c2s_model.metadata
-        metadata.name = output_dir.resolve().name  # "." names the folder
-        metadata.tasks = list(tasks)
-        metadata.organism = organism
-        metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
-        metadata.n_genes = int(n_genes)
-        metadata.vocabulary = _vocabulary(tokenizer, vocabulary, base=metadata.vocabulary, upper=upper)
-        metadata.labels = label_set or None
-        metadata.tissues = (units.tissues or None) if {"tissue_prediction", "tissue_generation"} & set(tasks) else None
-        metadata.perturbations = perturbation_set or None
-        metadata.rank_fit = c2s.get("rank_fit")
-        metadata.adapter = None  # a whole model, even when trained from an adapter's weights
-        metadata.training = {
-            "base_model": str(Path(base_model).expanduser().resolve())
-            if Path(base_model).expanduser().is_dir()
-            else str(base_model),
-            "label_key": label_key,
-            **(
-                {
-                    "tissue_key": tissue_key,
-                    "groupby": groupby,
-                    "n_cells": list(units.n_cells),
-                    **({"paraphrase": paraphrase} if "summary" in tasks else {}),
-                }
-                if units.tasks
-                else {}
-            ),
-            "epochs": epochs,
-            "max_steps": max_steps,
-            "max_time": max_time,
-            "patience": patience,
-            "eval_every": eval_every,
-            "batch_size": batch_size,
-            "learning_rate": learning_rate,
-            "gene_dropout": gene_dropout,
-            "balance_labels": balance_labels,
-            "eval_fraction": eval_fraction,
-            "random_state": random_state,
-            "n_train_cells": len(train_cells),
-            "n_samples": len(samples),
-            "n_truncated": samples.n_truncated,
-            "loss": [round(x, 5) for x in result.loss],
-            "steps": result.steps,
-            "stopped": result.stopped,
-            "best_step": result.best_step,
-            "curve": result.curve,
-            "train_seconds": round(train_seconds, 1),
-            "n_tokens": result.n_tokens,
-            "device": str(c2s_model.device),
-            "gradient_checkpointing": bool(gradient_checkpointing),
-            **(
-                {
-                    "condition_key": condition_key,
-                    "control": control,
-                    "pair_by": pair_by,
-                    "n_perturbed_cells": len(design.perturbed),
-                }
-                if design is not None
-                else {}
-            ),
-            "eval_obs_names": handler.obs_names[eval_cells].tolist(),
-            "sc_c2s": version("sc-c2s"),
-        }
-        if adapter is not None:
-            metadata.training |= {"adapter": adapter, "lora_rank": lora_rank, "quantization": quantization}
-            metadata.adapter = {
-                "method": adapter,
-                "rank": lora_rank,
-                "alpha": 2 * lora_rank,
-                "target_modules": _lora.targets(model),
-                "quantization": quantization,
-                "base": {
-                    "model": base_record["model"],
-                    "path": str(Path(base_record["path"]).resolve()),
-                    "revision": base_record.get("revision"),
-                    "sha256": base_record["sha256"],
-                },
+    samples = draw(np.random.default_rng(random_state))
+    is_label = np.zeros(len(samples), dtype=bool)  # samples whose answer is a cell type: cells first, then tasks
+    is_label[: len(train_words) * len(single_cell)] = np.tile(
+        [t == "cell_type_prediction" for t in single_cell], len(train_words)
+    )
+    _check_unknown(tokenizer, samples, is_label, labels=label_set)
+    check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
+    held_out = _held_out(
+        tokenizer,
+        [words[i] for i in eval_cells],
+        labels.iloc[eval_cells].tolist() if single_cell else [],
+        label_set,
+        tasks=single_cell,
+        organism=organism,
+        upper=upper,
+        max_length=max_length,
+        n_genes=n_genes,
+        random_state=random_state,
+    )
+    if samples.n_truncated:
+        logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
+    logg.info(
+        f"    {len(train_cells)} cells, {len(tasks)} tasks: {len(samples)} samples "
+        f"({int(sum(len(ids) for ids in samples.input_ids))} tokens), {len(eval_cells)} cells held out"
+    )
+    max_steps = _trainer.budget(len(samples), batch_size, epochs=epochs, max_steps=max_steps, scratch=scratch)
+    train_start = time.perf_counter()
+    result = _trainer.train(
+        model,
+        samples,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        learning_rate=learning_rate,
+        pad_id=_runtime.pad_id(tokenizer),
+        random_state=random_state,
+        resample=(
+            (lambda rng: draw(rng, dropout=gene_dropout, balance=balance_labels))
+            if gene_dropout or balance_labels or multi_cell or design
+            else None
+        ),
+        held_out=held_out,
+        eval_every=eval_every,
+        patience=patience,
+        max_time=max_time,
+    )
+    train_seconds = time.perf_counter() - train_start
+
+    metadata = c2s_model.metadata
+    metadata.name = output_dir.resolve().name  # "." names the folder
+    metadata.tasks = list(tasks)
+    metadata.organism = organism
+    metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
+    metadata.n_genes = int(n_genes)
+    metadata.vocabulary = _vocabulary(tokenizer, vocabulary, base=metadata.vocabulary, upper=upper)
+    metadata.labels = label_set or None
+    metadata.tissues = (units.tissues or None) if {"tissue_prediction", "tissue_generation"} & set(tasks) else None
+    metadata.perturbations = perturbation_set or None
+    metadata.rank_fit = c2s.get("rank_fit")
+    metadata.adapter = None  # a whole model, even when trained from an adapter's weights
+    metadata.training = {
+        "base_model": str(Path(base_model).expanduser().resolve())
+        if Path(base_model).expanduser().is_dir()
+        else str(base_model),
+        "label_key": label_key,
+        **(
+            {
+                "tissue_key": tissue_key,
+                "groupby": groupby,
+                "n_cells": list(units.n_cells),
+                **({"paraphrase": paraphrase} if "summary" in tasks else {}),
             }
-        c2s_model.path = output_dir
-        metadata.scores, metadata.score_temperatures = (
-            _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
-            if "cell_type_prediction" in tasks
-            else ({}, {})
+            if units.tasks
+            else {}
+        ),
+        "epochs": epochs,
+        "max_steps": max_steps,
+        "max_time": max_time,
+        "patience": patience,
+        "eval_every": eval_every,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "gene_dropout": gene_dropout,
+        "balance_labels": balance_labels,
+        "eval_fraction": eval_fraction,
+        "random_state": random_state,
+        "n_train_cells": len(train_cells),
+        "n_samples": len(samples),
+        "n_truncated": samples.n_truncated,
+        "loss": [round(x, 5) for x in result.loss],
+        "steps": result.steps,
+        "stopped": result.stopped,
+        "best_step": result.best_step,
+        "curve": result.curve,
+        "train_seconds": round(train_seconds, 1),
+        "n_tokens": result.n_tokens,
+        "device": str(c2s_model.device),
+        "gradient_checkpointing": bool(gradient_checkpointing),
+        **(
+            {
+                "condition_key": condition_key,
+                "control": control,
+                "pair_by": pair_by,
+                "n_perturbed_cells": len(design.perturbed),
+            }
+            if design is not None
+            else {}
+        ),
+        "eval_obs_names": handler.obs_names[eval_cells].tolist(),
+        "sc_c2s": version("sc-c2s"),
+    }
+    if adapter is not None:
+        metadata.training |= {"adapter": adapter, "lora_rank": lora_rank, "quantization": quantization}
+        metadata.adapter = {
+            "method": adapter,
+            "rank": lora_rank,
+            "alpha": 2 * lora_rank,
+            "target_modules": _lora.targets(model),
+            "quantization": quantization,
+            "base": {
+                "model": base_record["model"],
+                "path": str(Path(base_record["path"]).resolve()),
+                "revision": base_record.get("revision"),
+                "sha256": base_record["sha256"],
+            },
+        }
+    c2s_model.path = output_dir
+    metadata.scores, metadata.score_temperatures = (
+        _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
+        if "cell_type_prediction" in tasks
+        else ({}, {})
+    )
+    if "cell_type_generation" in tasks and c2s.get("rank_fit") is not None:
+        chosen = choose_temperature(
+            adata,
+            c2s_model,
+            labels=labels[expressed],
+            label_key=label_key,
+            n_genes=metadata.n_genes,
+            random_state=random_state,
+            mod=mod,
         )
-        if "cell_type_generation" in tasks and c2s.get("rank_fit") is not None:
-            chosen = choose_temperature(
-                adata,
-                c2s_model,
-                labels=labels[expressed],
-                label_key=label_key,
-                n_genes=metadata.n_genes,
-                random_state=random_state,
-                mod=mod,
-            )
-            if chosen is not None:
-                metadata.temperature, metadata.training["temperature_mmd"] = chosen
-        c2s_model.save(output_dir)
-        scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
-        logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
-        return output_dir
+        if chosen is not None:
+            metadata.temperature, metadata.training["temperature_mmd"] = chosen
+    c2s_model.save(output_dir)
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
+    logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
+    return output_dir
 
 
 def split(labels: pd.Series, *, eval_fraction: float, random_state: int = 0) -> np.ndarray:
