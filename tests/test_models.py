@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sc_c2s import models
-from sc_c2s.models import C2SMetadata, C2SModel, _download, _files, _load, _registry
+from sc_c2s.models import C2SMetadata, C2SModel, _download, _files, _load, _registry, _runtime
 from sc_c2s.models._metadata import TASKS
 from sc_c2s.models._scratch import build_model, build_tokenizer
 
@@ -462,15 +462,18 @@ def test_tokenizer_that_does_not_fit_the_model_is_an_error(checkpoints, tmp_path
 
 
 def test_tokenizer_files_that_are_missing_or_no_tokenizer_are_named(checkpoints, tmp_path):
-    """Without tokenizer_config.json the message blamed a SentencePiece tokenizer (a Gemma one) that was not there;
-    a tokenizer.json that is JSON but no tokenizer failed with transformers' KeyError 'added_tokens'."""
+    """A tokenizer that did not fit its model, read without tokenizer_config.json (transformers then guesses its
+    special tokens, as some releases do), was blamed on a SentencePiece tokenizer that was not there; a
+    tokenizer.json that is JSON but no tokenizer failed with transformers' KeyError 'added_tokens'."""
+    model = models.load(checkpoints["tiny"], device="cpu").model
+    other = build_tokenizer([f"OTHER{i}" for i in range(500)], max_genes=20)
     path = tmp_path / "no-config"
     shutil.copytree(checkpoints["tiny"], path)
     (path / "tokenizer_config.json").unlink()
     with pytest.raises(
         ValueError, match=r"tokens but the model embeds \d+: tokenizer_config\.json is missing"
     ) as error:
-        models.load(path, device="cpu")
+        _runtime.prepare_tokenizer(other, model, path)
     assert "sentencepiece" not in str(error.value)
     path = tmp_path / "empty-tokenizer"
     shutil.copytree(checkpoints["tiny"], path)
