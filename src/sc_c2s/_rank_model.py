@@ -24,7 +24,7 @@ from . import _dask
 from ._utils._numba import numba_threads
 from ._utils._validate import check_number
 from .pp import _kernels
-from .pp._rank import KERNEL_DTYPES, NOT_EXPRESSION_FIX, canonical, raise_if_not_expression
+from .pp._rank import NOT_EXPRESSION_FIX, as_kernel_dtype, canonical, raise_if_not_expression
 
 #: Only the first this many ranks enter the fit.
 MAX_RANK = 999
@@ -254,9 +254,7 @@ def read_rows(X, cells: np.ndarray, *, summed: bool = False) -> sparse.csr_matri
         rows = rows.compute()
     if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
         rows = rows.astype(np.float32)
-    elif rows.dtype.type not in KERNEL_DTYPES:  # e.g. longdouble, which numba does not compile
-        rows = rows.astype(np.float64)
-    rows = sparse.csr_matrix(rows)
+    rows = sparse.csr_matrix(as_kernel_dtype(rows))
     return rows if summed else canonical(rows)
 
 

@@ -14,7 +14,7 @@ from sc_c2s._utils._numba import numba_threads
 from . import _kernels
 
 #: Dtypes the kernels are compiled for; others are converted block by block.
-KERNEL_DTYPES = (np.float32, np.float64, np.int32, np.int64)
+_KERNEL_DTYPES = (np.float32, np.float64, np.int32, np.int64)
 #: Target size of one row block of a dense or CSC matrix.
 _BLOCK_BYTES = 64 * 2**20
 #: What to do about data that is not expression, when the caller has nothing more specific to say.
@@ -38,8 +38,9 @@ class Ranking:
     """Number of expressed genes per cell (also those beyond ``width``)."""
 
 
-def _as_kernel_dtype(a: np.ndarray) -> np.ndarray:
-    return a if a.dtype.type in KERNEL_DTYPES else a.astype(np.float64)
+def as_kernel_dtype(a: np.ndarray) -> np.ndarray:
+    """Return `a`, or a float64 copy where numba's kernels are not compiled for its dtype (int8, longdouble, …)."""
+    return a if a.dtype.type in _KERNEL_DTYPES else a.astype(np.float64)
 
 
 def canonical(block: sparse.csr_matrix) -> sparse.csr_matrix:
@@ -113,7 +114,7 @@ def _max_expressed(X) -> int:
         if sparse.issparse(block):
             best = max(best, int(np.diff(block.indptr).max(initial=0)))
         else:
-            best = max(best, int(_kernels.count_nonzero_dense(_as_kernel_dtype(block))))
+            best = max(best, int(_kernels.count_nonzero_dense(as_kernel_dtype(block))))
     return best
 
 
@@ -173,10 +174,10 @@ def rank_genes(
             args = (cells[start:stop], width, seed, n_chunks, genes[start:stop], block_values)
             outs = (n_expressed[start:stop], status[start:stop])
             if sparse.issparse(block):
-                data = _as_kernel_dtype(np.asarray(block.data))
+                data = as_kernel_dtype(np.asarray(block.data))
                 _kernels.rank_csr(np.asarray(block.indptr), np.asarray(block.indices), data, *args, *outs)
             else:
-                _kernels.rank_dense(_as_kernel_dtype(np.asarray(block)), *args, *outs)
+                _kernels.rank_dense(as_kernel_dtype(np.asarray(block)), *args, *outs)
             raise_if_not_expression(status[start:stop], cells[start:stop], source, fix)
     longest = int(n_expressed.max(initial=0))
     if n_genes is None and longest < width:
