@@ -334,7 +334,7 @@ def test_user_errors_in_a_subprocess(user_errors, case, env, tmp_path):
 
 
 def test_a_bug_still_shows_its_traceback(tmp_path, small_file, monkeypatch):
-    monkeypatch.setattr(cli, "_sentences", lambda data, args: 1 / 0)
+    monkeypatch.setattr(cli, "_sentences", lambda data, args, **kwargs: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         cli.main(["-q", "annotate", str(small_file), "--model", "demo", "--out", str(tmp_path / "out.h5ad")])
 
@@ -646,6 +646,41 @@ def test_sentences_of_the_input_are_kept_without_ranking_options(tmp_path, check
     argv = ["annotate", str(path), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
     assert cli.main([*argv, "--out", str(tmp_path / "out.h5ad")]) == cli.EXIT_OK
     assert "ranking" not in capsys.readouterr().err
+
+
+def test_no_rank_fit_annotates_binarised_data(tmp_path, checkpoint, cellbench, capsys):
+    """Annotation does not use the rank fit, but the command fitted it always: binarised data could not be annotated,
+    and the error said to pass `rank_fit=False`, which the command had no option for."""
+    cells = cellbench[::10].copy()
+    cells.X = (cells.X > 0).astype(np.float32)
+    cells.write_h5ad(path := tmp_path / "binary.h5ad")
+    argv = ["annotate", str(path), "--model", str(checkpoint), "--labels", "model", "--n-genes", "10"]
+    argv += ["--gene-symbols", "gene_symbol", "--out", str(out := tmp_path / "out.h5ad")]
+    assert cli.main(argv) == cli.EXIT_USAGE
+    assert (
+        capsys.readouterr()
+        .err.rstrip()
+        .endswith("Rank counts or normalised values (--layer, --no-raw), or pass --no-rank-fit.")
+    )
+    assert cli.main([*argv, "--no-rank-fit"]) == cli.EXIT_OK
+    annotated = ad.read_h5ad(out)
+    assert "rank_fit" not in annotated.uns["c2s"]
+    assert annotated.obs["c2s_cell_type"].isin(cellbench.obs["cell_type"]).all()
+
+
+def test_generate_ranks_data_without_rank_fit_again(tmp_path, checkpoint, cellbench, capsys):
+    """Generated cells are reconstructed through the rank fit of --data; sentences made with `rank_fit=False` made
+    the command fail, telling to run `sc_c2s.pp.to_sentences` in Python."""
+    cells = cellbench[::10].copy()
+    sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol", rank_fit=False)
+    cells.write_h5ad(path := tmp_path / "no_fit.h5ad")
+    argv = ["generate", "--model", str(checkpoint), "--cell-types", "A549=2", "--n-genes", "5", "--data", str(path)]
+    assert cli.main([*argv, "--out", str(out := tmp_path / "out.h5ad")]) == cli.EXIT_OK
+    err = capsys.readouterr().err
+    assert "the input has cell sentences without their rank → expression fit; ranking them again" in err
+    expected = sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol", copy=True).uns["c2s"]["rank_fit"]
+    fit = ad.read_h5ad(out).uns["c2s_generate"]["params"]["rank_fit"]
+    assert (fit["slope"], fit["intercept"]) == (expected["slope"], expected["intercept"])
 
 
 @pytest.mark.filterwarnings("always::UserWarning")

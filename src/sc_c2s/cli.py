@@ -273,6 +273,13 @@ def _parser() -> argparse.ArgumentParser:
         "for none (default: 3 for a model that sc_c2s.tl.finetune trained on both cell-type tasks, else 0)",
     )
     _add_ranking(annotate)
+    annotate.add_argument(
+        "--no-rank-fit",
+        dest="rank_fit",
+        action="store_false",
+        help="rank without fitting the rank → expression line, which annotation does not use (e.g. for binarised "
+        "data, where it cannot be fitted)",
+    )
     _add_device(annotate)
     annotate.set_defaults(run=_annotate)
 
@@ -519,12 +526,19 @@ def _writing(path: Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
-def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
-    """Rank genes into sentences unless the data already has them and no ranking option (--layer …) is given."""
+def _sentences(
+    data: AnnData | MuData, args: argparse.Namespace, *, rank_fit: bool = True, fit_needed: bool = False
+) -> None:
+    """Rank genes into sentences unless the data already has them and no ranking option (--layer …) is given.
+
+    `rank_fit` says whether ranking also fits the rank → expression line. With `fit_needed`, an input whose
+    sentences lack that fit is ranked again.
+    """
     import sc_c2s
     from sc_c2s._data import DataHandler
 
     handler = DataHandler(data, args.mod)
+    ranking = {"layer": args.layer, "gene_symbols": args.gene_symbols, "use_raw": args.use_raw}
     options = {"--layer": args.layer, "--gene-symbols": args.gene_symbols}
     given = [f"{option} {value!r}" for option, value in options.items() if value is not None]
     if args.use_raw is False:
@@ -533,9 +547,12 @@ def _sentences(data: AnnData | MuData, args: argparse.Namespace) -> None:
         start = _step("ranking genes into cell sentences")
     elif given:
         start = _step(f"the input has cell sentences; ranking genes again, with {' and '.join(given)}")
+    elif fit_needed and "rank_fit" not in handler.uns[_keys.C2S]:
+        start = _step("the input has cell sentences without their rank → expression fit; ranking them again to fit it")
+        ranking = handler.uns[_keys.C2S]["params"]  # as they were ranked
     else:
         return
-    sc_c2s.pp.to_sentences(data, gene_symbols=args.gene_symbols, layer=args.layer, use_raw=args.use_raw, mod=args.mod)
+    sc_c2s.pp.to_sentences(data, **{**ranking, "rank_fit": rank_fit, "mod": args.mod})
     _done(start)
 
 
@@ -548,7 +565,7 @@ def _annotate(args: argparse.Namespace) -> None:
     _check_labels(args)
     _check_device(args)
     data = _read(args.input)
-    _sentences(data, args)
+    _sentences(data, args, rank_fit=args.rank_fit)
     model = _model(args.model, device=args.device)
     labels = args.labels[0] if args.labels == ["model"] else args.labels
     start = _step("annotating")
@@ -593,7 +610,7 @@ def _generate(args: argparse.Namespace) -> None:
     data = None
     if args.data is not None:
         data = _read(args.data)
-        _sentences(data, args)
+        _sentences(data, args, fit_needed=True)
     model = _model(args.model, device=args.device)
     start = _step(f"generating {sum(cell_types.values())} cells")
     generated = sc_c2s.tl.generate(

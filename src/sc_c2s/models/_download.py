@@ -133,7 +133,10 @@ def fetch(
     >>> os.environ["SC_C2S_BASE_URL"] = "https://hf-mirror.example.org"  # doctest: +SKIP
     """
     if name == _registry.DEMO:
-        msg = f"{name!r} comes with the package; there is nothing to download. Open it with `load({name!r})`."
+        msg = (
+            f"{name!r} comes with the package; there is nothing to download. Open it by its name: `load({name!r})`, "
+            f"or `--model {name}` in the sc-c2s command."
+        )
         raise ValueError(msg)
     entry = _registry.get(name)
     source = "`base_url`"
