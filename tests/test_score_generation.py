@@ -94,6 +94,19 @@ def test_random_cells_score_clearly_worse(halves):
     assert overall["energy"] > 1.5 * overall["energy_control"]
 
 
+def test_one_generated_type_is_told_from_the_other_real_types(halves):
+    """The classifier was fit on the generated types only: cells of another line generated as A549, alone, were
+    all "recovered" as A549, and so was the control."""
+    real, fake = halves
+    wrong = fake[fake.obs["cell_type"] == "H1975"].copy()
+    wrong.obs["cell_type"] = "A549"
+    scores = score(real, wrong)
+    assert scores.loc["A549", "knn_recovery"] < 0.1
+    assert scores.loc["A549", "knn_recovery_control"] > 0.9
+    right = score(real, fake[fake.obs["cell_type"] == "A549"].copy())
+    assert right.loc["A549", "knn_recovery"] > 0.9
+
+
 def test_validity_rates_count_words(halves):
     real, fake = halves
     odd = fake[:4].copy()

@@ -186,13 +186,15 @@ def score_generation(
     **Control.** The real cells of each type are split at random into halves: a reference half R and a control
     half C. Every metric compares the reference half with the generated cells G and, computed the same way, with
     C. The distributional metrics use the same number of cells on both sides (the smaller of C and G), so
-    their sample-size bias is the same.
+    their sample-size bias is the same. Every real type with at least four cells has its reference half, whether
+    or not it was generated: the PCA space, the kernel width and the classifier below are fit on all of them, so
+    they do not depend on which types were generated.
 
     Metrics per cell type:
 
     ``knn_recovery``
-        Share of G whose label a k-nearest-neighbour classifier, fit on R of all types in a PCA space fit on R,
-        predicts as their requested type (control: the share of C).
+        Share of G whose label a k-nearest-neighbour classifier, fit on R of all real types in a PCA space fit on
+        R, predicts as their requested type (control: the share of C).
     ``pearson``
         Pearson correlation over genes between the mean expression of G and of R (control: C and R).
     ``mmd``
@@ -279,7 +281,8 @@ def score_generation(
 
     halves = {t: _split(np.flatnonzero(data.real_labels == t), max_cells, rng) for t in types}
     gen = {t: rng.permutation(np.flatnonzero(data.generated_labels == t))[:max_cells] for t in types}
-    reference = np.concatenate([halves[t][0] for t in types])
+    others = [_split(np.flatnonzero(data.real_labels == t), max_cells, rng)[0] for t in _other_types(data, types)]
+    reference = np.concatenate([halves[t][0] for t in types] + others)
     mean, components = pca(data.real[reference], n_comps, random_state)
     real_pcs = project(data.real, mean, components)
     gen_pcs = project(data.generated, mean, components)
@@ -341,6 +344,12 @@ def _types(data: Comparison) -> list[str]:
         )
         raise ValueError(msg)
     return types
+
+
+def _other_types(data: Comparison, types: list[str]) -> list[str]:
+    """Real types with enough cells that were not generated, sorted: the classifier chooses among them too."""
+    real = pd.Series(data.real_labels).value_counts()
+    return sorted(t for t, n in real.items() if n >= MIN_REAL_CELLS and t not in types)
 
 
 def _split(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
