@@ -232,7 +232,10 @@ def real_as_predicted(kang: ad.AnnData, group: str) -> ad.AnnData:
     cells = kang[(kang.obs["cell_type"] == group) & (kang.obs["condition"] == "stimulated")]
     words = sc_c2s.prompts.sentence_words(cells, n_genes=N_GENES)
     obs = cells.obs[["cell_type", "condition"]].astype(str).assign(c2s_sentence=[" ".join(w) for w in words])
-    return ad.AnnData(sparse.csr_matrix((cells.n_obs, 0)), obs=obs)
+    params = {"n_genes": N_GENES}  # as `predict_perturbation` records it
+    return ad.AnnData(
+        sparse.csr_matrix((cells.n_obs, 0)), obs=obs, uns={"c2s_predict_perturbation": {"params": params}}
+    )
 
 
 def test_score_perturbation_of_a_perfect_prediction(kang):
@@ -395,6 +398,20 @@ def test_de_genes_without_spread_lead():
     t = _score_perturbation._welch_t(perturbed, control)
     np.testing.assert_array_equal(t[[0, 2, 3]], [np.inf, 0.0, -np.inf])
     np.testing.assert_allclose(t[1], 0.5 / np.sqrt(2.0 / 2 + 0.5 / 2))
+
+
+def test_score_perturbation_of_joined_predictions(kang, predicted):
+    """Predictions joined by `anndata.concat` lose `uns`: the real cells were read through 200 genes, not the
+    prediction's 20, and every figure moved, silently."""
+    real = sc_c2s.pp.to_sentences(kang, copy=True)  # every expressed gene ranked
+    expected = sc_c2s.tl.score_perturbation(real, predicted, groupby="cell_type", **KEYS)
+    joined = ad.concat([predicted[:30], predicted[30:]])
+    assert not joined.uns
+    with pytest.warns(UserWarning, match=rf"real cells are read through {N_GENES} genes, as many as the longest"):
+        scores = sc_c2s.tl.score_perturbation(real, joined, groupby="cell_type", **KEYS)
+    pd.testing.assert_frame_equal(scores, expected)
+    scores = sc_c2s.tl.score_perturbation(real, joined, groupby="cell_type", n_genes=200, **KEYS)
+    assert scores.loc[("B", "stimulated"), "r2_all"] != expected.loc[("B", "stimulated"), "r2_all"]
 
 
 def test_score_perturbation_of_the_model(kang, predicted, container):

@@ -34,7 +34,8 @@ def halves(_cellbench) -> tuple[ad.AnnData, ad.AnnData]:
                 "c2s_sentence": other.obs["c2s_sentence"].to_numpy(),
             },
             index=[f"generated-{i}" for i in range(other.n_obs)],
-        )
+        ),
+        uns={"c2s_generate": {"params": {"n_genes": 200}}},  # as `generate` records it
     )
     return real, fake
 
@@ -105,6 +106,24 @@ def test_one_generated_type_is_told_from_the_other_real_types(halves):
     assert scores.loc["A549", "knn_recovery_control"] > 0.9
     right = score(real, fake[fake.obs["cell_type"] == "A549"].copy())
     assert right.loc["A549", "knn_recovery"] > 0.9
+
+
+def test_cells_without_their_record_are_read_through_their_longest_sentence(halves):
+    """Generated cells joined by `anndata.concat` lose `uns`: the real cells were read through 200 genes whatever
+    the generated sentences' length, silently."""
+    real, fake = halves
+    short = fake.copy()
+    lengths = [40] + [30] * (fake.n_obs - 1)
+    short.obs["c2s_sentence"] = [
+        " ".join(s.split()[:n]) for s, n in zip(fake.obs["c2s_sentence"], lengths, strict=True)
+    ]
+    expected = score(real, short, n_genes=40)
+    joined = ad.concat([short[:100], short[100:]])
+    assert not joined.uns
+    with pytest.warns(UserWarning, match=r"real cells are read through 40 genes, as many as the longest written sen"):
+        pd.testing.assert_frame_equal(score(real, joined), expected)
+    assert expected.loc["overall", "sentence_length_real"] == 40
+    assert score(real, short).loc["overall", "sentence_length_real"] == 200  # the record kept, as generate wrote it
 
 
 def test_validity_rates_count_words(halves):

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
-#: Genes per sentence when `generated` does not record how many it asked for.
-_DEFAULT_N_GENES = 200
 #: Real cells a type needs to be scored: two per half, so that each half has a spread to compare against.
 MIN_REAL_CELLS = 4
 #: Cells sampled to pick the RBF bandwidth (median pairwise distance).
@@ -90,7 +88,7 @@ def comparison(
             )
             raise KeyError(msg)
     params = generated.uns.get(_keys.GENERATE, {}).get("params", {})
-    n_genes = check_positive_int(n_genes, "n_genes", none_ok=True) or int(params.get("n_genes", _DEFAULT_N_GENES))
+    n_genes = compared_genes(n_genes, params, generated.obs[_keys.SENTENCE], key=_keys.GENERATE)
     fit = params.get("rank_fit", c2s.get("rank_fit"))
     if fit is None:
         msg = "No rank fit in the generated cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
@@ -109,6 +107,28 @@ def comparison(
         real_lengths=np.array([len(w) for w in real_words]),
         n_genes=n_genes,
     )
+
+
+def compared_genes(n_genes: int | None, params: dict, sentences: pd.Series, *, key: str) -> int:
+    """Genes per real sentence: `n_genes`, else the number the written cells record in their `params`.
+
+    Cells that lost their record (``uns[key]``, e.g. in :func:`anndata.concat`) are compared through as many genes
+    as their longest sentence, with a warning.
+    """
+    n_genes = check_positive_int(n_genes, "n_genes", none_ok=True)
+    if n_genes is not None:
+        return n_genes
+    if "n_genes" in params:
+        return int(params["n_genes"])
+    longest = max((len(_text(sentence).split()) for sentence in sentences), default=0)
+    warnings.warn(
+        f"The cells to score do not record how many genes they were written with (`uns[{key!r}]`, which "
+        f"`anndata.concat` drops); real cells are read through {max(longest, 1)} genes, as many as the longest "
+        "written sentence. Pass `n_genes=` to set it.",
+        UserWarning,
+        stacklevel=4,
+    )
+    return max(longest, 1)
 
 
 def check_real(handler: DataHandler) -> None:
@@ -224,7 +244,9 @@ def score_generation(
     generated_key
         Column of the generated cells' ``obs`` with their types.
     n_genes
-        Genes per real sentence; ``None`` takes the `n_genes` that :func:`~sc_c2s.tl.generate` asked for.
+        Genes per real sentence; ``None`` takes the `n_genes` that :func:`~sc_c2s.tl.generate` asked for, or for
+        generated cells that lost that record (``uns["c2s_generate"]``, e.g. in :func:`anndata.concat`) the length
+        of their longest sentence, with a warning.
     n_comps
         Principal components of the space of the kNN classifier, MMD and energy distance.
     n_neighbors

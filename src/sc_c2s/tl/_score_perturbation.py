@@ -24,15 +24,13 @@ from sc_c2s._utils._validate import (
 
 from ._from_sentences import reconstruct
 from ._pairs import conditions
-from ._score_generation import check_shared_genes, mmd, pca, project
+from ._score_generation import check_shared_genes, compared_genes, mmd, pca, project
 from ._utils import UNKNOWN_WARNING
 
 if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
-#: Genes per sentence when `predicted` does not record how many it asked for.
-_DEFAULT_N_GENES = 200
 #: Top differentially expressed genes of the R² and of the direction agreement.
 N_TOP_R2, N_TOP_DIRECTION = 100, 20
 #: Real cells a group needs on each side (perturbed, control) to be scored.
@@ -120,7 +118,7 @@ def cells(
             )
             raise KeyError(msg)
     params = predicted.uns.get(_keys.PREDICT_PERTURBATION, {}).get("params", {})
-    n_genes = check_positive_int(n_genes, "n_genes", none_ok=True) or int(params.get("n_genes", _DEFAULT_N_GENES))
+    n_genes = compared_genes(n_genes, params, predicted.obs[_keys.SENTENCE], key=_keys.PREDICT_PERTURBATION)
     fit = params.get("rank_fit", c2s.get("rank_fit"))
     if fit is None:
         msg = "No rank fit in the predicted cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
@@ -277,7 +275,9 @@ def score_perturbation(
         ``1`` finds the perturbation ``"1"`` that :func:`~sc_c2s.tl.predict_perturbation` names); ``None``: every
         perturbation of the predicted cells.
     n_genes
-        Genes per real sentence; ``None`` takes the `n_genes` of the prediction.
+        Genes per real sentence; ``None`` takes the `n_genes` of the prediction, or for predicted cells that lost
+        that record (``uns["c2s_predict_perturbation"]``, e.g. in :func:`anndata.concat`) the length of their
+        longest sentence, with a warning.
     n_comps
         Principal components of the space of the MMD.
     max_cells
