@@ -164,7 +164,8 @@ def test_training_leaves_the_data_untouched(trained):
     assert (adata.X != before.X).nnz == 0
 
 
-def test_finetune_a_checkpoint_further(trained, tmp_path):
+def test_finetune_a_checkpoint_further(trained, tmp_path, scanpy_log):
+    """It also warned that `merge=True`, which the user never passed, folds adapters, not whole models."""
     adata, _, path = trained
     out = sc_c2s.tl.finetune(
         adata,
@@ -177,6 +178,7 @@ def test_finetune_a_checkpoint_further(trained, tmp_path):
         eval_fraction=EVAL_FRACTION,
         random_state=1,
     )
+    assert "merge" not in scanpy_log.getvalue()
     metadata = load(out).metadata
     assert metadata.training["base_model"] == str(path)
     assert metadata.training["learning_rate"] == 5e-5
@@ -188,7 +190,7 @@ def test_base_model_must_know_the_labels(trained, tmp_path):
     adata, _, path = trained
     adata = adata.copy()
     adata.obs["renamed"] = "line " + adata.obs["cell_type"].astype(str)
-    with pytest.raises(ValueError, match=r"has no words for the labels \['line A549', 'line H1975', "):
+    with pytest.raises(ValueError, match=r"has no words for the names \['line A549', 'line H1975', "):
         sc_c2s.tl.finetune(adata, label_key="renamed", base_model=path, output_dir=tmp_path / "m", n_genes=N_GENES)
     assert not (tmp_path / "m").exists()
 
@@ -1002,8 +1004,8 @@ def train_tissues(donors: ad.AnnData, output_dir: Path, **kwargs) -> Path:
 
 def one_multi_cell_step(donors: ad.AnnData, output_dir: Path, **kwargs) -> Path:
     """One step of multi-cell tasks on the donors' 10-gene sentences, grouped by donor, 2 or 3 cells a sample."""
-    options = {"groupby": "donor", "n_cells": (2, 3), **kwargs}
-    return sc_c2s.tl.finetune(donors, base_model="scratch", output_dir=output_dir, n_genes=10, max_steps=1, **options)
+    options = {"base_model": "scratch", "groupby": "donor", "n_cells": (2, 3), **kwargs}
+    return sc_c2s.tl.finetune(donors, output_dir=output_dir, n_genes=10, max_steps=1, **options)
 
 
 def test_summaries_are_keyed_by_the_groups_values(donors, tmp_path):
@@ -1062,6 +1064,18 @@ def test_cells_without_a_tissue_or_group_are_refused(donors, tmp_path, key, what
     with pytest.raises(ValueError, match=rf"obs\['{key}'\] has 3 missing {what}s; drop those cells"):
         train_tissues(donors, tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_base_model_must_know_the_tissues(donors, tmp_path):
+    """Tissues a scratch checkpoint has no word for trained it to answer [UNK]; `predict_tissue` then refused the
+    tissues of the model's own metadata."""
+    base = train_tissues(donors, tmp_path / "base")
+    donors.obs["tissue"] = donors.obs["tissue"].astype(str).replace({"kidney": "liver"})
+    with pytest.raises(ValueError, match=r"has no words for the names \['liver'\] \(cell types, tissues or pert"):
+        train_tissues(donors, tmp_path / "m", base_model=base)
+    assert not (tmp_path / "m").exists()
+    summaries = {0: "kidney"}  # tissues are no answer of the summary task
+    train_summaries(donors, summaries, tmp_path / "m", base_model=base, tissue_key="tissue")
 
 
 @pytest.mark.parametrize("tissue", ["", "kid\nney"])

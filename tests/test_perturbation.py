@@ -89,6 +89,20 @@ def test_finetune_checks_its_keys(kang, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
+def test_base_model_must_know_the_perturbations(kang, trained, tmp_path):
+    """A scratch checkpoint trained further on perturbations it has no word for read them all as [UNK]: different
+    perturbations got the same prompt, and `metadata.perturbations` listed them as learnt."""
+    data = kang.copy()
+    stimulated = data.obs["condition"] == "stimulated"
+    data.obs["condition"] = np.where(stimulated, np.where(np.arange(data.n_obs) % 2, "IFNg", "TNF"), "control")
+    with pytest.raises(ValueError, match=r"has no words for the names \['IFNg', 'TNF'\]"):
+        sc_c2s.tl.finetune(
+            data, base_model=trained.path, output_dir=tmp_path / "m", tasks=["perturbation"], pair_by="cell_type",
+            n_genes=N_GENES, max_steps=1, **KEYS,
+        )  # fmt: skip
+    assert not (tmp_path / "m").exists()
+
+
 def test_predict_perturbation(kang, predicted, tmp_path):
     control_b = kang.obs_names[(kang.obs["cell_type"] == HELD_OUT) & (kang.obs["condition"] == "control")]
     assert predicted.n_obs == len(control_b) == 67

@@ -299,6 +299,7 @@ def finetune(
         summaries=summaries,
         n_cells=n_cells,
     )
+    tissue_set = units.tissues if {"tissue_prediction", "tissue_generation"} & set(tasks) else []
     check_number(gene_dropout, "gene_dropout", low=0, high=1, high_open=True)
     check_number(balance_labels, "balance_labels", low=0, high=1)
     check_number(eval_fraction, "eval_fraction", low=0, high=1, high_open=True)
@@ -443,11 +444,7 @@ def finetune(
         return _samples.concat(*parts)
 
     samples = draw(np.random.default_rng(random_state))
-    is_label = np.zeros(len(samples), dtype=bool)  # samples whose answer is a cell type: cells first, then tasks
-    is_label[: len(train_words) * len(single_cell)] = np.tile(
-        [t == "cell_type_prediction" for t in single_cell], len(train_words)
-    )
-    _check_unknown(tokenizer, samples, is_label, labels=label_set)
+    _check_unknown(tokenizer, samples, names=[*label_set, *tissue_set, *perturbation_set])
     check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
     held_out = _held_out(
         tokenizer,
@@ -497,7 +494,7 @@ def finetune(
     metadata.n_genes = int(n_genes)
     metadata.vocabulary = _vocabulary(tokenizer, vocabulary, base=metadata.vocabulary, upper=upper)
     metadata.labels = label_set or None
-    metadata.tissues = (units.tissues or None) if {"tissue_prediction", "tissue_generation"} & set(tasks) else None
+    metadata.tissues = tissue_set or None
     metadata.perturbations = perturbation_set or None
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
@@ -813,7 +810,8 @@ def _base(
 
         if adapter:  # frozen: in bfloat16 on a GPU, or quantised
             return load(base_model, device=device, quantization=quantization)
-        c2s_model = load(base_model, device=device, dtype="float32", merge=True)  # an adapter's weights folded in
+        # an adapter's weights folded in (registry names are whole models)
+        c2s_model = load(base_model, device=device, dtype="float32", merge=_lora.is_adapter_dir(Path(base_model)))
         c2s_model.model.requires_grad_(True)  # all of them, also those an adapter had frozen
         return c2s_model
     metadata = C2SMetadata()
@@ -839,32 +837,29 @@ def _vocabulary(tokenizer, genes: list[str], *, base: list[str] | None, upper: b
     return list(dict.fromkeys([*base, *genes]))
 
 
-def _check_unknown(tokenizer, samples: _trainer.Samples, is_label: np.ndarray, *, labels: Sequence[str]) -> None:
-    """Refuse labels the tokenizer cannot spell (in the answers of samples `is_label`); warn about unknown words."""
+def _check_unknown(tokenizer, samples: _trainer.Samples, *, names: Sequence[str]) -> None:
+    """Refuse names (labels, tissues, perturbations) the tokenizer cannot spell; warn about other unknown words."""
     unk = tokenizer.unk_token_id
     if unk is None:
         return
-    label_unknown, n_unknown, n_tokens = False, 0, 0
-    for i, (ids, n_prompt) in enumerate(zip(samples.input_ids, samples.n_prompt, strict=True)):
-        is_unknown = ids[:-1] == unk  # not the EOS that ends every sample, which is Pythia's unknown token too
-        if is_label[i]:
-            label_unknown |= bool(is_unknown[n_prompt:].any())
-        n_unknown += int(is_unknown.sum())
-        n_tokens += len(ids)
-    if label_unknown:
-        unspelled = [
-            label for label, ids in zip(labels, _candidates.label_answers(tokenizer, labels), strict=True) if unk in ids
-        ]
+    unspelled = [
+        name for name, ids in zip(names, _candidates.label_answers(tokenizer, names), strict=True) if unk in ids
+    ]
+    if unspelled:
         msg = (
-            f"The base model's tokenizer has no words for the labels {unspelled[:10]}: a model trained from "
-            "scratch knows only the words of the data it was built for. Continue training on labels it can spell, "
-            'or train from `base_model="scratch"`, which builds a vocabulary for this data.'
+            f"The base model's tokenizer has no words for the names {unspelled[:10]} (cell types, tissues or "
+            "perturbations): a model trained from scratch knows only the words of the data it was built for. Continue "
+            'training on names it can spell, or train from `base_model="scratch"`, which builds a vocabulary for '
+            "this data."
         )
         raise ValueError(msg)
+    # not the EOS that ends every sample, which is Pythia's unknown token too
+    n_unknown = sum(int((ids[:-1] == unk).sum()) for ids in samples.input_ids)
     if n_unknown:
+        n_tokens = sum(len(ids) for ids in samples.input_ids)
         logg.warning(
-            f"{n_unknown / n_tokens:.1%} of the tokens are unknown to the base model's tokenizer (genes it has no "
-            "word for); training from scratch builds a vocabulary for this data"
+            f"{n_unknown / n_tokens:.1%} of the tokens are unknown to the base model's tokenizer (genes, or words of "
+            "summaries, it has no word for); training from scratch builds a vocabulary for this data"
         )
 
 
