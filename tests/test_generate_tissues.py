@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 
 import anndata as ad
@@ -39,6 +41,9 @@ def test_requested_samples_split_each_tissue():
         requested_samples({"lung": -1}, 5)
     with pytest.raises(TypeError, match="`tissues` must be a mapping"):
         requested_samples(["lung"], 5)
+    for missing in (np.nan, None):  # became the tissue "nan" (or "None") of every prompt
+        with pytest.raises(ValueError, match="`tissues` must map one-line tissue names"):
+            requested_samples({"lung": 1, missing: 2}, 5)
 
 
 def test_split_cells_reads_blocks_in_order():
@@ -85,8 +90,21 @@ def test_samples_hold_five_cells_unless_given(_tissues, tiny):
     generated = sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 7}, n_genes=N_GENES)
     assert generated.obs["sample"].astype(str).tolist() == ["sample-0"] * 5 + ["sample-1"] * 2
     assert generated.uns["c2s_generate"]["params"]["cells_per_sample"] == 5
+    many = sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 11}, cells_per_sample=1, n_genes=N_GENES)
+    # in the order written (they were sorted as text: sample-10 before sample-2)
+    assert many.obs["sample"].cat.categories.tolist() == [f"sample-{i}" for i in range(11)]
     with pytest.raises(ValueError, match="`organism` must be one of"):
         sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 7}, organism="")
+
+
+@pytest.mark.parametrize(("trained", "expected"), [([2, 3], 3), ([8, 12], 8), ([1, 20], 5)])
+def test_samples_hold_as_many_cells_as_the_model_learnt(_tissues, tiny, trained, expected):
+    """The default of 5 ignored the cells per sample the model was trained on: a model of 2 to 3 cells wrote 3 and
+    left the other 2 cells of each sample empty."""
+    model = copy.copy(tiny)
+    model.metadata = dataclasses.replace(tiny.metadata, training={"n_cells": trained})
+    generated = sc_c2s.tl.generate(_tissues, model=model, tissues={"lung": 3}, n_genes=N_GENES)
+    assert generated.uns["c2s_generate"]["params"]["cells_per_sample"] == expected
 
 
 def test_samples_too_long_for_the_model_name_cells_per_sample(_tissues, tiny):

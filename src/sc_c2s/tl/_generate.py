@@ -24,7 +24,7 @@ from sc_c2s._utils._validate import AnyRandom, check_flag, check_positive_int
 
 from ._from_sentences import COUNTS
 from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
-from ._utils import check_task, model_n_genes, model_organism
+from ._utils import check_task, model_n_genes, model_organism, prompt_cells
 
 if TYPE_CHECKING:
     import torch
@@ -103,7 +103,8 @@ def generate(
         distinct where every gene is one token (models trained from scratch). The result's ``obs`` holds
         ``"tissue"`` and ``"sample"`` (cells written together) instead of ``"cell_type"``.
     cells_per_sample
-        Cells per multi-cell prompt, with `tissues` only; ``None``: 5 (C2S-Scale trained on 5 to 20).
+        Cells per multi-cell prompt, with `tissues` only; ``None``: 5 (C2S-Scale trained on 5 to 20), or the
+        nearest number of cells per sample the model was trained on (``training["n_cells"]``).
     n_genes
         Genes per sentence to ask for; ``None``: as many as the model was trained on (``model.metadata.n_genes``;
         200 for the published checkpoints).
@@ -210,15 +211,15 @@ def generate(
     if tissues is not None:
         from ._generate_tissues import CELLS_PER_SAMPLE, generate_tissues, requested_samples
 
-        cells_per_sample = CELLS_PER_SAMPLE if cells_per_sample is None else cells_per_sample
-        requested_samples(tissues, cells_per_sample)  # checked before the model loads
+        # checked before the model loads, which may narrow the default
+        requested_samples(tissues, CELLS_PER_SAMPLE if cells_per_sample is None else cells_per_sample)
         _dask.check_client(client)  # as for `cell_types`, though samples are generated in this process
         c2s_model = resolve(model, device=device)
         return generate_tissues(
             adata,
             c2s=c2s_model,
             tissues=tissues,
-            cells_per_sample=cells_per_sample,
+            cells_per_sample=prompt_cells(cells_per_sample, c2s_model, default=CELLS_PER_SAMPLE),
             n_genes=model_n_genes(c2s_model, n_genes),
             organism=model_organism(c2s_model, organism),
             temperature=model_temperature(c2s_model, temperature),

@@ -39,8 +39,9 @@ def requested_samples(tissues: Mapping[str, int], cells_per_sample: int) -> tupl
         msg = f'`tissues` must be a mapping of tissue to number of cells, e.g. {{"lung": 10}}; got {tissues!r}.'
         raise TypeError(msg)
     bad = {t: n for t, n in tissues.items() if not isinstance(n, int | np.integer) or isinstance(n, bool) or n < 0}
+    missing = [t for t in tissues if pd.api.types.is_scalar(t) and pd.isna(t)]  # None, NaN: no tissue to name
     names = [str(t) for t in tissues]
-    if bad or any(not t.strip() or "\n" in t for t in names) or not sum(tissues.values()):
+    if bad or missing or any(not t.strip() or "\n" in t for t in names) or not sum(tissues.values()):
         msg = (
             "`tissues` must map one-line tissue names to numbers of cells, at least one of them positive; "
             f"got {tissues!r}."
@@ -144,7 +145,8 @@ def generate_tissues(
     names = list(dict.fromkeys(sample_tissues))
     tissue_codes = np.asarray([names.index(t) for t in sample_tissues])[sample_of_cell]
     obs.insert(0, _keys.GENERATED_TISSUE, pd.Categorical.from_codes(tissue_codes, categories=names))
-    obs.insert(1, _keys.GENERATED_SAMPLE, pd.Categorical([f"sample-{s}" for s in sample_of_cell]))
+    samples = [f"sample-{s}" for s in range(len(sizes))]  # in order, not as text (sample-10 after sample-9)
+    obs.insert(1, _keys.GENERATED_SAMPLE, pd.Categorical.from_codes(sample_of_cell, categories=samples))
     obs.insert(2, _keys.SENTENCE, sentences)
     params = {
         "tissues": names,

@@ -145,19 +145,19 @@ def prediction_prompts(words: Sequence[Sequence[str]], *, n_genes: int, organism
     return [prompts.cell_type_prediction(cell, n_genes=n_genes, organism=organism, upper=False) for cell in words]
 
 
-def prompt_cells(n_cells: int | None, c2s: C2SModel) -> int:
+def prompt_cells(n_cells: int | None, c2s: C2SModel, *, default: int = DEFAULT_N_CELLS) -> int:
     """Return the cells per multi-cell prompt: `n_cells`, or a default for ``None``.
 
-    The default is :data:`DEFAULT_N_CELLS`, clipped into the range the model was trained on where its metadata
-    records one (``training["n_cells"]``: fewest and most).
+    The default is `default`, clipped into the range the model was trained on where its metadata records one
+    (``training["n_cells"]``: fewest and most).
     """
     if n_cells is not None:
         return n_cells
     trained = c2s.metadata.training.get("n_cells")
     if trained is None:
-        return DEFAULT_N_CELLS
+        return default
     fewest, most = trained
-    return int(min(max(DEFAULT_N_CELLS, fewest), most))
+    return int(min(max(default, fewest), most))
 
 
 def group_draws(groups: pd.Series, *, n_cells: int, n_draws: int, random_state: int) -> list[tuple[str, np.ndarray]]:
