@@ -103,6 +103,18 @@ def test_base_model_must_know_the_perturbations(kang, trained, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
+def test_context_of_small_multi_cell_samples_holds_perturbations(kang, tmp_path):
+    """Samples of one cell set the scratch model's context below what a perturbation sample needs: 2 of 3 were cut."""
+    data = kang[::3].copy()
+    path = sc_c2s.tl.finetune(
+        data, base_model="scratch", output_dir=tmp_path / "m", tasks=["tissue_prediction", "perturbation"],
+        tissue_key="cell_type", n_cells=(1, 1), pair_by="cell_type", n_genes=N_GENES, max_steps=1, **KEYS,
+    )  # fmt: skip
+    model = load(path)
+    assert model.tokenizer.model_max_length == 2 * N_GENES + 128
+    assert model.metadata.training["n_truncated"] == 0
+
+
 def test_predict_perturbation(kang, predicted, tmp_path):
     control_b = kang.obs_names[(kang.obs["cell_type"] == HELD_OUT) & (kang.obs["condition"] == "control")]
     assert predicted.n_obs == len(control_b) == 67

@@ -50,7 +50,8 @@ def build_tokenizer(
     """Build a word-level tokenizer over `genes`, the words of `labels`, the template words and gene counts.
 
     Numbers up to `max_genes` and `max_cells` are words (counts in prompts, cells of multi-cell samples). The
-    longest sequence is `max_length` tokens, by default room for prompt and answer of `max_genes` genes each.
+    longest sequence has room for prompt and answer of `max_genes` genes each, or `max_length` tokens where that is
+    more (multi-cell samples).
 
     Words are split on whitespace; a trailing ``.``, ``:`` or ``,`` becomes its own token, so gene names with
     inner dots (``RP11-34P13.3``) stay whole. The tokenizer pads on the left, for batched generation.
@@ -77,7 +78,7 @@ def build_tokenizer(
         eos_token=EOS,
         bos_token=EOS,
         padding_side="left",
-        model_max_length=max_length or max_genes * 2 + 128,
+        model_max_length=max(max_length or 0, max_genes * 2 + 128),
     )
 
 
