@@ -1034,6 +1034,20 @@ def test_summaries_keyed_by_a_group_and_its_string(donors):
         _samples.units(donors.obs, summaries=texts | {str(first): "another text"}, **options)
 
 
+def test_summaries_missing_for_some_groups(donors):
+    """NaN for a group without a text, as `df.set_index(group)[column].to_dict()` gives it, was refused as if no
+    group had a text; None worked."""
+    donors_ = sorted(donors.obs["donor"].unique())
+    options = {"tasks": ("summary",), "tissue_key": None, "groupby": "donor", "n_cells": (2, 3)}
+    for missing in (np.nan, None):
+        texts = {d: f"cells of donor {d}" if i % 2 else missing for i, d in enumerate(donors_)}
+        units = _samples.units(donors.obs, summaries=texts, **options)
+        expected = [texts[int(d)] if int(d) in donors_[1::2] else None for d in sorted(map(str, donors_))]
+        assert units.summaries == expected
+        with pytest.raises(ValueError, match="must hold a non-empty text for at least one group"):
+            _samples.units(donors.obs, summaries=dict.fromkeys(donors_, missing), **options)
+
+
 def test_summaries_that_are_no_group_are_named(donors, tmp_path):
     """Keys that match no group (a typo) were dropped without a word."""
     texts = {d: f"cells of donor {d}" for d in donors.obs["donor"].unique()} | {99: "no such donor"}

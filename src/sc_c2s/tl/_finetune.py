@@ -167,9 +167,9 @@ def finetune(
         ``None``: groups are the tissues.
     summaries
         For ``"summary"``: a text per group of `groupby` (a mapping from group to text, or a column of ``obs``
-        holding each cell's group's text); groups without one give no summary sample. The published
-        instruction is the prompt. Keys are values of ``obs[groupby]`` (or their strings); keys that are no group
-        are left out with a warning, and a column must give all cells of a group the same text.
+        holding each cell's group's text); groups without one (or with ``None`` or NaN) give no summary sample.
+        The published instruction is the prompt. Keys are values of ``obs[groupby]`` (or their strings); keys
+        that are no group are left out with a warning, and a column must give all cells of a group the same text.
     n_cells
         Fewest and most cells of a multi-cell sample (C2S-Scale drew 5 to 20).
     paraphrase

@@ -475,14 +475,14 @@ def _summaries(
     by_name, used = {}, set()
     for name, value in zip(values.astype(str), values, strict=True):
         keys = [key for key in dict.fromkeys((value, name)) if key in summaries]
-        if len(keys) == 2 and summaries[value] != summaries[name]:
+        if len(keys) == 2 and _text_or_none(summaries[value]) != _text_or_none(summaries[name]):
             msg = (
                 f"`summaries` holds two texts for the group {value!r} of obs[{groupby!r}], keyed {value!r} and "
                 f"{name!r}; keep one of them."
             )
             raise ValueError(msg)
         if keys:
-            by_name[name] = summaries[keys[0]]
+            by_name[name] = _text_or_none(summaries[keys[0]])
             used.update(keys)
     unknown = [key for key in summaries if key not in used]
     if unknown:
@@ -519,6 +519,11 @@ def _column_texts(obs: pd.DataFrame, groupby: str, key: str) -> dict[Hashable, s
         )
         raise ValueError(msg)
     return by_group["text"].first().to_dict()
+
+
+def _text_or_none(text: object) -> object:
+    """`text`, or ``None`` for a missing one (NaN, as ``df.set_index(group)[column].to_dict()`` gives it)."""
+    return None if pd.api.types.is_scalar(text) and pd.isna(text) else text
 
 
 def _one_text(text: str) -> str:
