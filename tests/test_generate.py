@@ -365,6 +365,20 @@ def test_genes_reordered_or_left_out_of_var_after_ranking_keep_their_columns(ran
         sc_c2s.tl.generate(subset, **kwargs)
 
 
+def test_integer_var_names(ranked, tiny):
+    """`to_sentences` takes var_names of integers as their strings; `generate` found none of them in `var`."""
+    model = scripted(tiny, ["CD99", "DPM1", "LASP1", "."])
+    kwargs = {"model": model, "cell_types": ["A549"], "n_genes": 20, "unique_genes": False, "exact_length": False}
+    expected = sc_c2s.tl.generate(ranked, **kwargs)
+    ranked.var_names = pd.RangeIndex(ranked.n_vars)
+    assert ranked.var_names.dtype == np.int64
+    sc_c2s.pp.to_sentences(ranked, gene_symbols="gene_symbol")
+    generated = sc_c2s.tl.generate(ranked, **kwargs)
+    assert generated.var_names.tolist() == [str(i) for i in range(ranked.n_vars)]
+    np.testing.assert_array_equal(generated.X.toarray(), expected.X.toarray())
+    assert generated.X.nnz == 3
+
+
 def test_genes_renamed_after_ranking_are_refused(ranked, tiny):
     """After renaming var_names, no generated gene had a column: X was all zeros, without a word."""
     ranked.var_names = ranked.var.pop("gene_symbol").to_numpy()

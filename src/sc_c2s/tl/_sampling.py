@@ -248,7 +248,7 @@ def target_of(adata: AnnData | MuData | None, *, mod: str | None, model: C2SMode
     rank_fit = check_rank_fit(c2s)
     params = c2s["params"]
     words = np.asarray(c2s["genes"], dtype=object)
-    var = pd.DataFrame(index=handler.adata.var_names.copy())
+    var = pd.DataFrame(index=handler.adata.var_names.astype(str))  # as AnnData makes names of other types
     symbols = params.get("gene_symbols")
     if symbols is not None and symbols in handler.adata.var.columns:
         var[symbols] = handler.adata.var[symbols].to_numpy()
@@ -286,11 +286,11 @@ def _columns(adata: AnnData, words: np.ndarray, params: dict[str, Any]) -> np.nd
             msg = f"var[{symbols!r}] holds duplicated names since `sc_c2s.pp.to_sentences`; run it again."
             raise ValueError(msg)
         at = by_symbol.get_indexer(names)
-        names = pd.Index(np.where(at >= 0, ranked.var_names[at], None))
+        names = pd.Index(np.where(at >= 0, ranked.var_names.astype(str)[at], None))
     if not adata.var_names.is_unique:
         msg = "var_names are not unique; make them unique (`adata.var_names_make_unique()`) before generating."
         raise ValueError(msg)
-    return adata.var_names.get_indexer(names)
+    return adata.var_names.astype(str).get_indexer(names)  # words are strings, as names of other types became
 
 
 def _selection(columns: np.ndarray, n_columns: int) -> sparse.csr_matrix:
