@@ -187,7 +187,8 @@ def test_prepare(tmp_path, pbmc4k):
     assert prepare(pbmc4k) is pbmc4k
 
     view = pbmc4k[:5]
-    assert prepare(view) is view
+    with pytest.warns(UserWarning, match="Received a view of an AnnData. Making a copy."):
+        assert prepare(view) is view
     assert not view.is_view
     assert view.n_obs == 5
 
@@ -199,7 +200,8 @@ def test_prepare(tmp_path, pbmc4k):
 
     with md.set_options(pull_on_update=False):
         mview = md.MuData({"rna": pbmc4k})[:7]
-    assert prepare(mview) is mview
+    with pytest.warns(UserWarning, match="Received a view of a MuData. Making a copy."):
+        assert prepare(mview) is mview
     assert not mview.is_view
     assert mview.mod["rna"].n_obs == 7
 

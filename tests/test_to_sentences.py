@@ -236,7 +236,9 @@ def test_anndata_view(pbmc4k):
     view = pbmc4k[100:160, 500:]
     expected = view.copy()
     sc_c2s.pp.to_sentences(expected, n_genes=30)
-    sc_c2s.pp.to_sentences(view, n_genes=30)
+    with pytest.warns(UserWarning, match=r"^Received a view of an AnnData\. Making a copy\.$") as record:
+        sc_c2s.pp.to_sentences(view, n_genes=30)
+    assert record[0].filename == __file__  # as scanpy's verbs warn: the results are not in pbmc4k
     assert not view.is_view
     np.testing.assert_array_equal(view.obsm["c2s_genes"], expected.obsm["c2s_genes"])
     pd.testing.assert_series_equal(view.obs["c2s_sentence"], expected.obs["c2s_sentence"])
@@ -251,7 +253,8 @@ def test_mudata_view(pbmc4k):
     view = mdata[:40]
     expected = pbmc4k[:40].copy()
     sc_c2s.pp.to_sentences(expected, rank_fit=False)
-    sc_c2s.pp.to_sentences(view, rank_fit=False)
+    with pytest.warns(UserWarning, match=r"^Received a view of a MuData\. Making a copy\.$"):
+        sc_c2s.pp.to_sentences(view, rank_fit=False)
     assert not view.is_view
     assert view.obs["rna:c2s_sentence"].tolist() == expected.obs["c2s_sentence"].tolist()
     assert "c2s_genes" not in mdata.mod["rna"].obsm

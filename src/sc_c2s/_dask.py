@@ -312,7 +312,7 @@ def map_verb(
     chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
     _warn_again([caught for _, caught in chunks], offsets, n_cells=len(names))
     results = _combine([chunk for chunk, _ in chunks])
-    adata = prepare(adata, copy=copy)
+    adata = prepare(adata, copy=copy, stacklevel=4)  # the caller of the verb that called this
     DataHandler(adata, mod).save_all(results, start=start)
     return adata if copy else None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -306,14 +307,18 @@ def check_writable(data: AnnData | MuData, *, copy: bool) -> None:
         raise ValueError(msg)
 
 
-def prepare(data: AnnData | MuData, *, copy: bool = False) -> AnnData | MuData:
-    """Return the object to write into: a copy when asked, otherwise the user's object (views are actualised).
+def prepare(data: AnnData | MuData, *, copy: bool = False, stacklevel: int = 3) -> AnnData | MuData:
+    """Return the object to write into: a copy when asked, otherwise the user's object.
 
-    The copy of a backed AnnData is loaded into memory; the file is not touched.
+    A view is made an object of its own first, with scanpy's warning (at `stacklevel`: the caller of the verb):
+    the results go into it, not into the object it views. The copy of a backed AnnData is loaded into memory; the
+    file is not touched.
     """
     check_writable(data, copy=copy)
     if copy:
         return data.to_memory() if isinstance(data, AnnData) and data.isbacked else data.copy()
     if data.is_view:
+        kind = "an AnnData" if isinstance(data, AnnData) else "a MuData"
+        warnings.warn(f"Received a view of {kind}. Making a copy.", UserWarning, stacklevel=stacklevel)
         data._init_as_actual(data.copy())
     return data
