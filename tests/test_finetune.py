@@ -909,6 +909,9 @@ def sentences(cellbench):
         (None, {"random_state": -1}, ValueError, "random_state"),
         (None, {"device": "cuda:9"}, ValueError, "device"),
         (None, {"base_model": "scrach"}, ValueError, r"'scrach' is neither 'scratch', a checkpoint directory"),
+        # data ranked apart and joined by `anndata.concat(uns_merge="same")`: refused once trained, a checkpoint
+        # without metadata left behind
+        ("joined", {"tasks": ("cell_type_prediction",), "max_steps": 1}, ValueError, r"A rank fit needs 'slope' a"),
     ],
 )
 def test_bad_input(sentences, container, tmp_path, change, kwargs, error, match):
@@ -922,6 +925,8 @@ def test_bad_input(sentences, container, tmp_path, change, kwargs, error, match)
         labels = sentences.obs["cell_type"].astype(str).to_numpy()
         labels[np.flatnonzero(labels == "A549")[::2]] = "A549 "
         sentences.obs["cell_type"] = labels
+    elif change == "joined":
+        sentences.uns["c2s"]["rank_fit"] = {"n_cells": 60, "n_points": 59940, "input": "linear"}
     data = container.wrap(sentences)
     before = sentences.obs.copy()
     args = {"label_key": "cell_type", "base_model": "scratch", "output_dir": tmp_path / "m", **kwargs}

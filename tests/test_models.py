@@ -652,6 +652,16 @@ def test_device_that_torch_cannot_use(checkpoints, no_gpu, device, match):
     assert model.device == torch.device("cpu")
 
 
+def test_save_writes_nothing_for_metadata_that_cannot_be_read_back(tmp_path):
+    """The weights and tokenizer were written before the metadata was refused: a folder that `load` opened as a
+    checkpoint without labels, vocabulary or `n_genes`."""
+    model = models.load("demo")
+    model.metadata.rank_fit = {"n_cells": 60, "input": "linear"}  # as `anndata.concat(uns_merge="same")` leaves it
+    with pytest.raises(ValueError, match="A rank fit needs 'slope' and 'intercept'"):
+        model.save(tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+
+
 def test_save_shows_no_progress_bar_of_transformers(tmp_path, capsys):
     """`save` showed transformers' "Writing model shards" bar, also at verbosity 0, as loading does not."""
     models.load("demo").save(tmp_path / "model")

@@ -101,6 +101,18 @@ class C2SMetadata:
         """Read ``c2s_metadata.json`` from a checkpoint directory."""
         return cls.from_dict(json.loads((Path(directory) / METADATA_FILE).read_text()))
 
+    def to_json(self) -> str:
+        """Return the text of ``c2s_metadata.json``.
+
+        Raises
+        ------
+        TypeError, ValueError
+            As :meth:`from_dict` would on reading the text back.
+        """
+        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
+        _check_fields(json.loads(text))
+        return text
+
     def write(self, directory: str | Path) -> Path:
         """Write ``c2s_metadata.json`` into a checkpoint directory and return its path.
 
@@ -109,8 +121,7 @@ class C2SMetadata:
         TypeError, ValueError
             As :meth:`from_dict` would on reading the file back; nothing is written then.
         """
-        text = json.dumps(self.to_dict(), indent=2, default=_json_default)
-        _check_fields(json.loads(text))
+        text = self.to_json()
         path = Path(directory) / METADATA_FILE
         path.write_text(text + "\n")
         return path

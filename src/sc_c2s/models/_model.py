@@ -68,7 +68,13 @@ class C2SModel:
         Returns
         -------
         The directory.
+
+        Raises
+        ------
+        TypeError, ValueError
+            If the metadata could not be read back (see :meth:`C2SMetadata.to_json`); nothing is written then.
         """
+        self.metadata.to_json()  # metadata that cannot be read back is refused before any file is written
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         with no_transformers_bars():

@@ -17,6 +17,7 @@ from sc_c2s import _keys, prompts
 from sc_c2s._compat import enable_activation_checkpointing
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_adata, doc_mod, doc_organism, doc_params, doc_seed
+from sc_c2s._rank_model import RankFit
 from sc_c2s._utils._validate import (
     AnyRandom,
     check_flag,
@@ -286,6 +287,8 @@ def finetune(
         pair_by=pair_by,
     )
     c2s = handler.c2s()
+    if c2s.get("rank_fit") is not None:  # the model records it: refused now, not after training
+        RankFit.from_dict(c2s["rank_fit"])
     single_cell = tuple(t for t in tasks if t in SINGLE_CELL_TASKS)
     labels = _labels(handler, label_key, tasks=single_cell) if single_cell else None
     if PERTURBATION in tasks:
