@@ -19,7 +19,7 @@ from scipy.special import logsumexp, softmax
 
 import sc_c2s
 from sc_c2s import prompts
-from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _memory, _runtime
+from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _files, _memory, _runtime
 from sc_c2s.models._words import WordConstraint, WordTrie
 from sc_c2s.tl import _annotate, _embed, _samples, _utils
 
@@ -290,6 +290,14 @@ def test_sentencepiece_tokenizer_model_alone(
     assert _runtime.tokenize(c2s.tokenizer, [prompt])[0] == [2, *reference.encode(prompt)]  # <bos>, then the same
     sc_c2s.tl.annotate(short_sentences, model=c2s, labels=LONG_LABELS, n_genes=N_GENES)
     sc_c2s.tl.embed(short_sentences, model=c2s, n_genes=N_GENES)
+
+    # a download cut short, or an empty file: transformers asked for tiktoken; fetch kept it as good
+    for broken in (spm[: len(spm) // 2], b""):
+        (path / "tokenizer.model").write_bytes(broken)
+        assert _files.file_problem(path / "tokenizer.model") == "is not a SentencePiece model"
+        with pytest.raises(sc_c2s.models.BrokenCheckpointError, match=r"tokenizer\.model .*is not a SentencePiece"):
+            sc_c2s.models.load(path, device="cpu")
+    (path / "tokenizer.model").write_bytes(spm)
 
     monkeypatch.setitem(sys.modules, "sentencepiece", None)  # not installed: say how, before reading anything
     with pytest.raises(

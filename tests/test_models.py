@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -580,6 +581,21 @@ def test_metadata_that_would_not_load_is_not_written(tmp_path):
     assert not (tmp_path / "c2s_metadata.json").exists()
     C2SMetadata(score_temperatures={"0": np.float32(2.5)}).write(tmp_path)  # numpy numbers are written as numbers
     assert C2SMetadata.read(tmp_path).score_temperatures == {"0": 2.5}
+
+
+def test_checkpoint_put_into_a_read_only_cache_by_hand_loads(hub, cache, no_gpu, monkeypatch, scanpy_log):
+    """Recording the hashes of files put there by hand failed with a bare OSError: the checkpoint could not load."""
+    path = models.fetch("tiny", progressbar=False)
+    (path / _download.HASHES_FILE).unlink()  # put there by hand
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(_download.tempfile, "NamedTemporaryFile", read_only)
+    assert models.load("tiny").model is not None
+    assert f"could not record the sha256 of config.json in {path / _download.HASHES_FILE}" in scanpy_log.getvalue()
+    assert "which the registry does not pin, will go unnoticed" in scanpy_log.getvalue()
+    assert not (path / _download.HASHES_FILE).exists()
 
 
 def test_broken_cached_download_says_how_to_fetch_it_again(hub, checkpoints, cache, no_gpu):

@@ -265,14 +265,27 @@ class _Download:
             )
             raise ValueError(msg)
         if self.hashes.get(file) != actual:
-            # other processes (Dask workers) may be fetching the same checkpoint: keep what they recorded, and write
-            # through a temporary file of this process's own
+            # other processes (Dask workers) may be fetching the same checkpoint: keep what they recorded
             self.hashes = {**recorded_hashes(self.directory), **self.hashes, file: actual}
-            with tempfile.NamedTemporaryFile(
-                "w", dir=self.directory, prefix=f".{HASHES_FILE}.", suffix=".tmp", delete=False
-            ) as tmp:
-                tmp.write(json.dumps(self.hashes, indent=2, sort_keys=True) + "\n")
+            try:
+                self._record()
+            except OSError as error:  # a read-only cache the files were put into by hand: loading goes on
+                if file not in self.known:  # pinned files are checked against the registry whatever is recorded
+                    logg.warning(
+                        f"could not record the sha256 of {file} in {self.directory / HASHES_FILE} ({error}): a "
+                        "later change of this file, which the registry does not pin, will go unnoticed"
+                    )
+
+    def _record(self) -> None:
+        """Write the hashes into the hashes file, through a temporary file of this process's own."""
+        with tempfile.NamedTemporaryFile(
+            "w", dir=self.directory, prefix=f".{HASHES_FILE}.", suffix=".tmp", delete=False
+        ) as tmp:
+            tmp.write(json.dumps(self.hashes, indent=2, sort_keys=True) + "\n")
+        try:
             Path(tmp.name).replace(self.directory / HASHES_FILE)
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
 
     def _offline_message(self, error: Exception) -> str:
         files, indexes_missing = list(self.entry.files), False

@@ -25,8 +25,10 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+#: The SentencePiece model of a tokenizer (as Gemma checkpoints have).
+SENTENCEPIECE_FILE = "tokenizer.model"
 #: Files a tokenizer is built from; any one of them makes a checkpoint's tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+TOKENIZER_FILES = ("tokenizer.json", SENTENCEPIECE_FILE, "vocab.json", "vocab.txt", "spiece.model")
 #: JSON files of a checkpoint that must parse.
 _JSON_FILES = (
     "config.json",
@@ -68,14 +70,14 @@ def diagnosed(path: Path) -> Iterator[None]:
 def diagnose(path: Path) -> str | None:
     """Say which file of the checkpoint at `path` is missing or cannot be read, and what to do; ``None`` if none.
 
-    Checks that the files every checkpoint has are there, that its JSON files parse and that each safetensors
-    file is as long as its header says.
+    Checks that the files every checkpoint has are there, that its JSON files parse, that each safetensors
+    file is as long as its header says and that a SentencePiece model reads.
     """
     missing = _missing(path)
     if missing is not None:
         return missing
     json_files = [*(path / name for name in _JSON_FILES), *sorted(path.glob("*.index.json"))]
-    for file in [*json_files, *sorted(path.glob("*.safetensors"))]:
+    for file in [*json_files, *sorted(path.glob("*.safetensors")), path / SENTENCEPIECE_FILE]:
         why = file_problem(file) if file.is_file() else None
         if why is not None:
             return broken_message(file, why)
@@ -95,7 +97,7 @@ def diagnose_adapter(path: Path) -> str | None:
 
 
 def file_problem(file: Path) -> str | None:
-    """Why a JSON or safetensors file cannot be read, or ``None`` (files of other kinds are not checked)."""
+    """Why a JSON, safetensors or SentencePiece file cannot be read, or ``None`` (other files are not checked)."""
     if file.suffix == ".json":
         try:
             content = json.loads(file.read_text(encoding="utf-8"))
@@ -105,7 +107,22 @@ def file_problem(file: Path) -> str | None:
             return "is not a tokenizer: it has no `model` field (the vocabulary and how words split into tokens)"
     elif file.suffix == ".safetensors":
         return _safetensors_problem(file)
+    elif file.name == SENTENCEPIECE_FILE:
+        return _sentencepiece_problem(file)
     return None
+
+
+def _sentencepiece_problem(file: Path) -> str | None:
+    """Why a SentencePiece model cannot be read, or ``None`` (also without sentencepiece, which loading asks for)."""
+    try:
+        import sentencepiece
+    except ImportError:
+        return None
+    try:
+        n_pieces = sentencepiece.SentencePieceProcessor(model_proto=file.read_bytes()).get_piece_size()
+    except RuntimeError:  # not a model: sentencepiece names no more than its parser
+        n_pieces = 0
+    return None if n_pieces else "is not a SentencePiece model"
 
 
 def _missing(path: Path) -> str | None:

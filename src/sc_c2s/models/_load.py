@@ -307,7 +307,7 @@ def _check_tokenizer_files(files: Iterable[str]) -> None:
     It needs sentencepiece and protobuf: say so before downloading, not with transformers' misleading error after.
     """
     files = set(files)
-    if "tokenizer.model" in files and "tokenizer.json" not in files:
+    if _files.SENTENCEPIECE_FILE in files and "tokenizer.json" not in files:
         purpose = "Reading a SentencePiece tokenizer.model (as the Gemma-2 checkpoints have)"
         for module in ("sentencepiece", "google.protobuf"):
             import_optional(module, extra="gemma", purpose=purpose)
@@ -331,7 +331,7 @@ def _open(
             quantization=options.quantization,
             attn_implementation=options.attn_implementation,
         )
-    _runtime.prepare_tokenizer(tokenizer, model, path)
+        _runtime.prepare_tokenizer(tokenizer, model, path)  # a tokenizer that does not fit: a damaged file?
     if options.quantization is None:
         model.to(device)
     model.eval()
