@@ -5,6 +5,7 @@ import math
 import os
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import mudata as md
@@ -463,6 +464,18 @@ def test_early_stopping_stops_and_restores_the_best_weights(cell_samples, monkey
         torch.testing.assert_close(p.detach(), weights[2][name], rtol=0, atol=0)
     assert not torch.equal(weights[1]["gpt_neox.embed_in.weight"], weights[2]["gpt_neox.embed_in.weight"])
     assert model.training is False
+
+
+def test_selection_takes_equal_scores_as_equal(monkeypatch):
+    """Two tasks' accuracies averaged: the same number of cells right, split otherwise between the tasks, scored an
+    ulp below the best (1/30 + 5/30 against 0 + 6/30), so older weights were kept and patience counted."""
+    held = {task: SimpleNamespace(truth=np.zeros(30, dtype=int)) for task in ("prediction", "generation")}
+    selection = _trainer._Selection(torch.nn.Linear(2, 2), held, batch_size=1, pad_id=0)
+    n_right = iter([0, 6, 1, 5, 5, 1])
+    monkeypatch.setattr(selection, "_scores", lambda _: (np.zeros(30), np.arange(30) >= next(n_right)))
+    for step in (5, 10, 15):
+        selection.evaluate(step, start=0.0)
+    assert (selection.best_step, selection.since_best) == (15, 0)
 
 
 def test_selection_scores_the_true_label_against_the_others(cell_samples):
