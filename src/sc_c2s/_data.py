@@ -133,11 +133,6 @@ class DataHandler:
         """Whether the user passed a :class:`~mudata.MuData`."""
         return self.mod is not None
 
-    @property
-    def is_view(self) -> bool:
-        """Whether the AnnData holding the results is a view."""
-        return self.adata.is_view
-
     def matrix(self, *, layer: str | None = None, use_raw: bool | None = None) -> Matrix:
         """Select the expression matrix the way scanpy does.
 

@@ -311,7 +311,6 @@ def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: s
 
     from ._data import DataHandler
     from ._keys import GENES
-    from ._utils._validate import check_positive_int
 
     check_positive_int(n_genes, "n_genes", none_ok=True)
     handler = DataHandler(adata, mod)

@@ -357,7 +357,7 @@ class Batch(NamedTuple):
     """Position of each token within its own prompt (padding gets 0)."""
 
 
-def pad_left(sequences: Sequence[Sequence[int] | np.ndarray], *, fill: int) -> torch.Tensor:
+def stack_right_aligned(sequences: Sequence[Sequence[int] | np.ndarray], *, fill: int) -> torch.Tensor:
     """Stack sequences into a batch × longest tensor, each right-aligned, `fill` before it."""
     import torch
 
@@ -376,8 +376,8 @@ def left_pad(
 
     Position ids count from each sequence's first token, so padding changes nothing.
     """
-    input_ids = pad_left(ids, fill=pad_id)
-    mask = pad_left([np.ones(len(seq), dtype=np.int64) for seq in ids], fill=0)
+    input_ids = stack_right_aligned(ids, fill=pad_id)
+    mask = stack_right_aligned([np.ones(len(seq), dtype=np.int64) for seq in ids], fill=0)
     positions = (mask.cumsum(1) - 1).clamp(min=0)
     if device is None:
         return input_ids, mask, positions

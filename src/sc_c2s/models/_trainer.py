@@ -77,7 +77,7 @@ class Samples:
 def collate(samples: Samples, index: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Batch the samples at `index`, padded on the left as at inference, with the loss mask in ``labels``."""
     input_ids, attention_mask, position_ids = _runtime.left_pad([samples.input_ids[i] for i in index], pad_id=pad_id)
-    labels = _runtime.pad_left([samples.labels(i) for i in index], fill=IGNORE_INDEX)
+    labels = _runtime.stack_right_aligned([samples.labels(i) for i in index], fill=IGNORE_INDEX)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids, "labels": labels}
 
 
@@ -192,7 +192,7 @@ def answer_losses(
     out = np.empty(len(samples))
 
     def score(batch: _runtime.Batch) -> None:
-        labels = _runtime.pad_left([samples.labels(i) for i in batch.index], fill=IGNORE_INDEX)
+        labels = _runtime.stack_right_aligned([samples.labels(i) for i in batch.index], fill=IGNORE_INDEX)
         n_keep, _ = _answer_targets(labels)
         rows = max(1, _candidates.LOGIT_BUDGET // (n_keep * vocabulary))
         for begin in range(0, len(batch.index), rows):

@@ -701,11 +701,11 @@ def _float32_bits(v):
 
 
 @njit(cache=True)
-def _top_values(values, m, histogram, low, high, offsets, scratch, out):
+def _top_values(values, m, histogram, high, offsets, scratch, out):
     """Write the ``m`` largest non-zero ``values`` of one row into ``out``, descending, given their histogram.
 
-    ``histogram`` counts the expressed values by their leading :data:`_FINE_SHIFT` bits as a float32, from bin
-    ``low`` to ``high``. Walking down from ``high`` finds the floor bin that holds the ``m``-th largest value; one
+    ``histogram`` counts the expressed values by their leading :data:`_FINE_SHIFT` bits as a float32, up to bin
+    ``high``. Walking down from ``high`` finds the floor bin that holds the ``m``-th largest value; one
     pass without branches gathers the values from that bin up, those of higher bins are placed bin by bin (a
     counting sort), the largest of the floor bin are chosen by a quickselect, and each bin's values are sorted.
     ``offsets`` is as long as ``histogram``, ``scratch`` at least as long as the row.
@@ -960,7 +960,7 @@ def _top_runs_row(
     n, low, high = _fine_histogram(values, histogram)
     m = min(n, k)
     if m > 0:
-        _top_values(values, m, histogram, low, high, offsets, scratch, sorted_values)
+        _top_values(values, m, histogram, high, offsets, scratch, sorted_values)
         for x in range(m):
             n_runs = _add_run(sorted_values[x], 1, run_values, run_counts, n_runs)
         for b in range(low, high + 1):

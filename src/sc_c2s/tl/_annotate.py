@@ -279,8 +279,13 @@ def model_labels(c2s: C2SModel) -> list[str]:
     return list(c2s.metadata.labels)
 
 
-def generate_answers(c2s: C2SModel, ids: list[list[int]], *, batch_size: int | None) -> tuple[list[str], np.ndarray]:
-    """Write the greedy answer to each prompt of `ids`; return the answers and the model's probability of each."""
+def generate_answers(
+    c2s: C2SModel, ids: list[list[int]], *, batch_size: int | None, desc: str = "annotating"
+) -> tuple[list[str], np.ndarray]:
+    """Write the greedy answer to each prompt of `ids`; return the answers and the model's probability of each.
+
+    `desc` names the progress bar.
+    """
     tokenizer = c2s.tokenizer
     stop_ids, pad = _runtime.period_ids(tokenizer), _runtime.pad_id(tokenizer)
     answers: list[str] = [""] * len(ids)
@@ -299,7 +304,7 @@ def generate_answers(c2s: C2SModel, ids: list[list[int]], *, batch_size: int | N
 
     with _runtime.inference(c2s.model):
         _runtime.run_batches(
-            c2s.model, ids, answer, batch_size=batch_size, pad_id=pad, desc="annotating", room=MAX_ANSWER_TOKENS
+            c2s.model, ids, answer, batch_size=batch_size, pad_id=pad, desc=desc, room=MAX_ANSWER_TOKENS
         )
     return answers, prob
 

@@ -215,7 +215,7 @@ def _majority(
     c2s: C2SModel, ids: list[list[int]], draw_groups: np.ndarray, *, batch_size: int | None, genes: Sequence[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Free answers of each draw; per group the most frequent one and the share of draws that gave it."""
-    answers, prob = generate_answers(c2s, ids, batch_size=batch_size)
+    answers, prob = generate_answers(c2s, ids, batch_size=batch_size, desc="predicting tissues")
     answers = pd.Series(free_labels(answers, genes, what="tissues", stacklevel=4), dtype=object)
     per_draw = pd.DataFrame({"group": draw_groups, "answer": answers.to_numpy(), "score": prob})
     rows = {}

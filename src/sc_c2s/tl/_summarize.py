@@ -161,8 +161,6 @@ def summarize(
         for _, cells in draws
     ]
     ids = _runtime.tokenize(c2s.tokenizer, texts)
-    if batch_size is None and not _runtime.sizes_to_memory(c2s.device):
-        batch_size = 8
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
     summaries = np.empty(len(draws), dtype=object)
 
