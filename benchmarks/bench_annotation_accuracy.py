@@ -189,8 +189,15 @@ CELLTYPIST = textwrap.dedent(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the shared .h5ad files")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
-    parser.add_argument("--celltypist-python", type=Path, default=CELLTYPIST_PYTHON)
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="datasets to run (default: all)"
+    )
+    parser.add_argument(
+        "--celltypist-python",
+        type=Path,
+        default=CELLTYPIST_PYTHON,
+        help="Python of a venv with celltypist 1.7.1 and scikit-learn < 1.8 (default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     parser.add_argument("--device", help="torch device (default: CUDA if available, else CPU)")
     args = parser.parse_args()

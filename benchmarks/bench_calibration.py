@@ -55,7 +55,9 @@ N_BINS = 10
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the shared .h5ad files")
-    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
+    parser.add_argument(
+        "--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS), help="datasets to run (default: all)"
+    )
     parser.add_argument("--models", type=Path, required=True, help="the --models folder of select_defaults.py")
     parser.add_argument("--seed", type=int, default=0, help="training seed of the models (select_defaults --base)")
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")

@@ -73,7 +73,12 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=HERE.parents[1] / "shared" / "data" / "cellbench_5cl_counts.h5ad")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=HERE.parents[1] / "shared" / "data" / "cellbench_5cl_counts.h5ad",
+        help="CellBench's 5 cell lines, counts (default: the shared copy)",
+    )
     parser.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's choice)")
     parser.add_argument("--model", type=Path, help="a checkpoint from an earlier run, instead of training one")
     parser.add_argument("--out", type=Path, default=HERE / "out" / "generation", help="checkpoint, cells, plot")
@@ -82,7 +87,7 @@ def main() -> None:
     parser.add_argument(
         "--speed-arch", choices=["410m", "tiny"], default="410m", help="'tiny' checks the speed code on a CPU"
     )
-    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true", help="the speed figures only")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)

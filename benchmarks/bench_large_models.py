@@ -100,7 +100,9 @@ SMOKE = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU, to check the script")
-    parser.add_argument("--tokenizer", choices=["bpe", "word"], default="bpe")
+    parser.add_argument(
+        "--tokenizer", choices=["bpe", "word"], default="bpe", help="sub-word BPE as Pythia's, or one token per gene"
+    )
     parser.add_argument(
         "--only", nargs="*", choices=[base for base, *_ in PLAN], help="architectures to run (default: all)"
     )

@@ -89,7 +89,10 @@ def mean_by_sample(adata: ad.AnnData) -> tuple[np.ndarray, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
-        "--data", type=Path, default=HERE.parents[1] / "shared" / "data" / "tissue_mouse_assembled_common.h5ad"
+        "--data",
+        type=Path,
+        default=HERE.parents[1] / "shared" / "data" / "tissue_mouse_assembled_common.h5ad",
+        help="the six mouse tissues (default: the shared copy)",
     )
     parser.add_argument("--model", type=Path, help="a checkpoint from an earlier run, instead of training one")
     args = parser.parse_args()

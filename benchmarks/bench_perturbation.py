@@ -175,10 +175,17 @@ def has_pertpy() -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--data", type=Path, default=Path(__file__).parents[2] / "shared" / "data" / "kang_scgen_valid.h5ad"
+        "--data",
+        type=Path,
+        default=Path(__file__).parents[2] / "shared" / "data" / "kang_scgen_valid.h5ad",
+        help="Kang et al.'s IFN-β PBMCs (default: the shared copy)",
     )
-    parser.add_argument("--held-out", nargs="+", default=HELD_OUT)
-    parser.add_argument("--methods", nargs="+", choices=["sc_c2s", "scgen"], default=["sc_c2s", "scgen"])
+    parser.add_argument(
+        "--held-out", nargs="+", default=HELD_OUT, help="cell types held out in turn (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=["sc_c2s", "scgen"], default=["sc_c2s", "scgen"], help="methods to run"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default: the package's)")
     parser.add_argument("--n-genes", type=int, default=200, help="genes per sentence (default: the package's)")
     args = parser.parse_args()

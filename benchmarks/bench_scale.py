@@ -34,6 +34,7 @@ The annotation part was not run at that size (see docs/scaling.md for one proces
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -177,14 +178,20 @@ def annotate(path: Path, n_cells: int, n_workers: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-cells", type=int, default=1_000_000)
-    parser.add_argument("--n-genes", type=int, default=20_000)
-    parser.add_argument("--expressed", type=int, default=1_000)
+    parser.add_argument("--n-cells", type=int, default=1_000_000, help="cells of the synthetic data")
+    parser.add_argument("--n-genes", type=int, default=20_000, help="genes of the synthetic data")
+    parser.add_argument("--expressed", type=int, default=1_000, help="about how many genes each cell expresses")
     parser.add_argument("--chunk", type=int, default=10_000, help="rows per chunk when writing")
     parser.add_argument("--annotate-cells", type=int, default=20_000, help="0: skip the annotation part")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="Dask worker processes of the annotation part")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the data (default: a temporary one)")
     args = parser.parse_args()
+    needed = {"xarray": "read_lazy of step 2", "dask": "step 2", "distributed": "the cluster of step 3"}
+    if not args.annotate_cells:
+        del needed["distributed"]
+    missing = [f"{module} ({why})" for module, why in needed.items() if importlib.util.find_spec(module) is None]
+    if missing:  # before writing gigabytes of data
+        parser.error(f'missing {", ".join(missing)}: pip install xarray "sc-c2s[dask]"')
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         path = Path(tmp) / "synthetic.h5ad"

@@ -328,17 +328,22 @@ def compare_kernels(revision: str, cells: ad.AnnData | None, args: argparse.Name
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cellbench_5cl_counts.h5ad")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=ROOT.parent / "shared" / "data" / "cellbench_5cl_counts.h5ad",
+        help="CellBench counts, tiled for the first table (default: the shared copy)",
+    )
     parser.add_argument(
         "--tiled-cells", type=int, default=50_000, help="CellBench tiled to about this many cells; 0: skip"
     )
-    parser.add_argument("--n-cells", type=int, default=100_000)
-    parser.add_argument("--n-genes", type=int, default=20_000)
-    parser.add_argument("--expressed", type=int, default=2_000)
+    parser.add_argument("--n-cells", type=int, default=100_000, help="cells of the synthetic data")
+    parser.add_argument("--n-genes", type=int, default=20_000, help="genes of the synthetic data")
+    parser.add_argument("--expressed", type=int, default=2_000, help="genes expressed per synthetic cell")
     parser.add_argument("--baseline-cells", type=int, default=5_000, help="cells for the numpy and reference runs")
     parser.add_argument("--full-cells", type=int, default=20_000, help="cells for full sentences as strings")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--n-jobs", type=int, default=-1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each run, at least")
+    parser.add_argument("--n-jobs", type=int, default=-1, help="scanpy.settings.n_jobs (-1: all cores)")
     parser.add_argument("--previous", metavar="REV", help="compare with the ranking kernels of this git revision")
     args = parser.parse_args()
 

@@ -101,7 +101,13 @@ N_GENERATED = 50
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=DATA, help="folder with the shared .h5ad files")
-    parser.add_argument("--datasets", nargs="+", default=["cellbench", "pbmc4k"], choices=list(DATASETS))
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["cellbench", "pbmc4k"],
+        choices=list(DATASETS),
+        help="validation splits to run (default: %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="one or two values per knob (see QUICK)")
     knobs = [*KNOBS, *SAMPLING, "rerank"]
     parser.add_argument("--knobs", nargs="*", default=knobs, choices=knobs, help="knobs to vary")

@@ -107,7 +107,9 @@ def rows(name: str, adata: ad.AnnData, draws: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument(
+        "--data", type=Path, default=ROOT.parent / "shared" / "data", help="folder with the shared .h5ad files"
+    )
     parser.add_argument("--draws", type=int, default=30, help="seeded samples per size (default: %(default)s)")
     args = parser.parse_args()
     table = []

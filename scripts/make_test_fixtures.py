@@ -140,7 +140,12 @@ def kang(source: Path, rng: np.random.Generator) -> ad.AnnData:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--source", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument(
+        "--source",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared" / "data",
+        help="folder with the shared .h5ad files",
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     fixtures = [
