@@ -278,13 +278,14 @@ class _Download:
 
     def _record(self) -> None:
         """Write the hashes into the hashes file, through a temporary file of this process's own."""
-        with tempfile.NamedTemporaryFile(
+        tmp = tempfile.NamedTemporaryFile(
             "w", dir=self.directory, prefix=f".{HASHES_FILE}.", suffix=".tmp", delete=False
-        ) as tmp:
-            tmp.write(json.dumps(self.hashes, indent=2, sort_keys=True) + "\n")
+        )
         try:
+            with tmp:
+                tmp.write(json.dumps(self.hashes, indent=2, sort_keys=True) + "\n")
             Path(tmp.name).replace(self.directory / HASHES_FILE)
-        finally:
+        finally:  # written or not, no temporary file is left behind
             Path(tmp.name).unlink(missing_ok=True)
 
     def _offline_message(self, error: Exception) -> str:
