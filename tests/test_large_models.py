@@ -113,10 +113,12 @@ def test_lora_adapter_loads_back_and_reproduces_the_trained_model(trained, bases
         assert np.isfinite(adata.obsm["X_c2s"]).all()
 
 
-def test_finetune_from_an_adapter(trained, cells, tmp_path):
-    """All weights train from the adapter folded into its base; an adapter on an adapter is refused."""
+def test_finetune_from_an_adapter(trained, cells, tmp_path, monkeypatch):
+    """All weights train from the adapter folded into its base; an adapter on an adapter is refused. Named from the
+    home folder (`~/...`), it was not folded in and the trained weights were saved as an adapter of no base."""
     path, _ = trained
-    kwargs = {"label_key": "line", "base_model": path, "n_genes": N_GENES, "device": "cpu"}
+    monkeypatch.setenv("HOME", str(path.parent))
+    kwargs = {"label_key": "line", "base_model": f"~/{path.name}", "n_genes": N_GENES, "device": "cpu"}
     with pytest.raises(ValueError, match="is itself a LoRA adapter"):
         sc_c2s.tl.finetune(cells, output_dir=tmp_path / "lora", adapter="lora", **kwargs)
     whole = sc_c2s.tl.finetune(cells[:24], output_dir=tmp_path / "whole", epochs=1, eval_fraction=0, **kwargs)

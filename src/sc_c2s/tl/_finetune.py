@@ -750,7 +750,7 @@ def _check_adapter(
     if scratch:
         msg = 'A LoRA adapter adapts a pretrained model; pass a `base_model` other than "scratch", or `adapter=None`.'
         raise ValueError(msg)
-    if _lora.is_adapter_dir(Path(base_model)):
+    if _lora.is_adapter_dir(Path(base_model).expanduser()):
         msg = (
             f"{str(base_model)!r} is itself a LoRA adapter. Fold it into its base and save that "
             "(`sc_c2s.models.load(path, merge=True).save(new_path)`), then train an adapter on `new_path`; or "
@@ -814,7 +814,9 @@ def _base(
         if adapter:  # frozen: in bfloat16 on a GPU, or quantised
             return load(base_model, device=device, quantization=quantization)
         # an adapter's weights folded in (registry names are whole models)
-        c2s_model = load(base_model, device=device, dtype="float32", merge=_lora.is_adapter_dir(Path(base_model)))
+        c2s_model = load(
+            base_model, device=device, dtype="float32", merge=_lora.is_adapter_dir(Path(base_model).expanduser())
+        )
         c2s_model.model.requires_grad_(True)  # all of them, also those an adapter had frozen
         return c2s_model
     metadata = C2SMetadata()
