@@ -108,6 +108,18 @@ def test_one_generated_type_is_told_from_the_other_real_types(halves):
     assert right.loc["A549", "knn_recovery"] > 0.9
 
 
+def test_real_cells_without_a_label_belong_to_no_type(halves):
+    """Since every real type takes part in the classifier, cells without a label made a type "nan" of their own."""
+    real, fake = halves
+    real = real.copy()
+    real.obs["cell_type"] = real.obs["cell_type"].astype(object)
+    real.obs.loc[real.obs_names[::3], "cell_type"] = np.nan
+    data = _score_generation.comparison(real, fake, label_key="cell_type")
+    assert _score_generation._other_types(data, ["A549"]) == ["H1975", "H2228", "H838", "HCC827"]
+    scores = score(real, fake[fake.obs["cell_type"] == "A549"].copy())
+    assert scores.loc["A549", "n_real"] == (real.obs["cell_type"] == "A549").sum()
+
+
 def test_cells_without_their_record_are_read_through_their_longest_sentence(halves):
     """Generated cells joined by `anndata.concat` lose `uns`: the real cells were read through 200 genes whatever
     the generated sentences' length, silently."""
@@ -401,6 +413,10 @@ def test_generated_cells_without_a_shared_gene_are_an_error(halves):
     other.obs["c2s_sentence"] = [""] * other.n_obs
     with pytest.raises(ValueError, match="hold no words"):
         score(real, other)
+    unrecorded = other.copy()
+    del unrecorded.uns["c2s_generate"]  # nor a warning before it about reading real cells through the longest of them
+    with pytest.raises(ValueError, match="hold no words"):
+        score(real, unrecorded)
     with pytest.raises(ValueError, match="is a gene of the real"):
         sc_c2s.pl.generation(real, _with(other, "NOTAGENE"), label_key="cell_type", show=False)
 

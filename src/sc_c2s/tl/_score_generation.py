@@ -101,12 +101,17 @@ def comparison(
     return Comparison(
         real=real_cells.X,
         generated=generated_cells.X,
-        real_labels=handler.obs[label_key].astype(str).to_numpy(),
+        real_labels=_labels(handler.obs[label_key]),
         generated_labels=generated.obs[generated_key].astype(str).to_numpy(),
         generated_counts=generated_cells.obs,
         real_lengths=np.array([len(w) for w in real_words]),
         n_genes=n_genes,
     )
+
+
+def _labels(column: pd.Series) -> np.ndarray:
+    """Return the labels as strings, ``None`` for cells without one (which then belong to no type)."""
+    return np.where(column.notna().to_numpy(), column.astype(str).to_numpy(), None)
 
 
 def compared_genes(n_genes: int | None, params: dict, sentences: pd.Series, *, key: str) -> int:
@@ -121,14 +126,16 @@ def compared_genes(n_genes: int | None, params: dict, sentences: pd.Series, *, k
     if "n_genes" in params:
         return int(params["n_genes"])
     longest = max((len(_text(sentence).split()) for sentence in sentences), default=0)
+    if not longest:  # nothing to compare: refused with its own message
+        return 1
     warnings.warn(
         f"The cells to score do not record how many genes they were written with (`uns[{key!r}]`, which "
-        f"`anndata.concat` drops); real cells are read through {max(longest, 1)} genes, as many as the longest "
+        f"`anndata.concat` drops); real cells are read through {longest} genes, as many as the longest "
         "written sentence. Pass `n_genes=` to set it.",
         UserWarning,
         stacklevel=4,
     )
-    return max(longest, 1)
+    return longest
 
 
 def check_real(handler: DataHandler) -> None:
@@ -231,7 +238,7 @@ def score_generation(
         Mean words per generated sentence, and mean genes per real sentence (at most `n_genes`).
 
     Types of G absent from the real cells, and types with fewer than four real cells (two per half), are left out
-    with a warning. The row ``"overall"`` holds the sums of the counts and the means over types of the rest.
+    with a warning; real cells without a label belong to no type. The row ``"overall"`` holds the sums of the counts and the means over types of the rest.
 
     Parameters
     ----------
