@@ -32,13 +32,14 @@ def texts(
 ) -> tuple[str, str]:
     """Prompt and answer of one training sample of `task` for a cell with ranked genes `words`.
 
-    A cell-type prediction prompt asks about `n_genes` genes, as at inference (``None``: ``len(words)``).
+    The prompt names `n_genes` genes, the number asked for at inference, also over a cell that expresses fewer, as
+    the published checkpoints were trained (``None``: ``len(words)``).
     """
     if task == "cell_type_prediction":
         prompt = prompts.cell_type_prediction(words, n_genes=n_genes, organism=organism, upper=upper)
         return prompt, prompts.answer(label)
     if task == "cell_type_generation":
-        prompt = prompts.cell_type_generation(label, n_genes=len(words), organism=organism)
+        prompt = prompts.cell_type_generation(label, n_genes=n_genes or len(words), organism=organism)
         return prompt, prompts.answer(prompts.cell_sentence(words, upper=upper))
     msg = f"Unknown task {task!r}."
     raise ValueError(msg)
@@ -60,8 +61,7 @@ def encode(
     """Tokenise one sample per cell and task, cells first: ``[cell 0 task 0, cell 0 task 1, cell 1 task 0, …]``.
 
     The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), the answer
-    without, and EOS follows the answer. Cell-type prediction prompts ask about `n_genes` genes (see
-    :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's
+    without, and EOS follows the answer. Prompts name `n_genes` genes (see :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's
     sentence is left out with that probability (drawn from `rng`; at least one gene stays), the order of the
     others kept; generation samples keep their whole sentence.
     """
@@ -76,7 +76,9 @@ def encode(
     n_truncated = 0
     for i, (prompt_ids, answer_ids) in enumerate(ids):
         if len(prompt_ids) + len(answer_ids) > max_length:
-            ids[i] = _truncate(tokenizer, *jobs[i], organism=organism, upper=upper, max_length=max_length, eos=eos)
+            ids[i] = _truncate(
+                tokenizer, *jobs[i], organism=organism, upper=upper, n_genes=n_genes, max_length=max_length, eos=eos
+            )
             n_truncated += 1
     return Samples(
         input_ids=[np.asarray(p + a, dtype=np.int64) for p, a in ids],
@@ -133,6 +135,7 @@ def _truncate(
     *,
     organism: str,
     upper: bool,
+    n_genes: int | None,
     max_length: int,
     eos: int,
 ) -> tuple[list[int], list[int]]:
@@ -142,7 +145,7 @@ def _truncate(
     n_words = len(words)
     while True:
         (prompt_ids, answer_ids), *_ = _tokenize(
-            tokenizer, [texts(task, words[:n_words], label, organism=organism, upper=upper)], eos
+            tokenizer, [texts(task, words[:n_words], label, organism=organism, upper=upper, n_genes=n_genes)], eos
         )
         excess = len(prompt_ids) + len(answer_ids) - max_length
         if excess <= 0:
