@@ -122,7 +122,8 @@ def finetune(
     rate decays over them; generation needs that many even for a few hundred cells, and they take about 9
     minutes on 2 CPU cores); a pretrained model gets 3 passes over the training samples. `epochs` and
     `max_steps` replace that maximum (the smaller of the two where both are given: ``max_steps=5000`` trains
-    longer), `max_time` bounds the wall time, and early stopping can end training before it. The progress bar shows the latest and best held-out label accuracy and the time left.
+    longer), `max_time` bounds the wall time, and early stopping can end training before it. The progress bar
+    shows the latest and best held-out label accuracy and the time left.
 
     With ``base_model="scratch"`` the model is a small GPT-NeoX (the Pythia architecture) with one token per
     gene, label word and template word, sized to the data: a few thousand cells train in minutes on a CPU. Any

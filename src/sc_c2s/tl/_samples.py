@@ -61,9 +61,9 @@ def encode(
     """Tokenise one sample per cell and task, cells first: ``[cell 0 task 0, cell 0 task 1, cell 1 task 0, …]``.
 
     The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), the answer
-    without, and EOS follows the answer. Prompts name `n_genes` genes (see :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's
-    sentence is left out with that probability (drawn from `rng`; at least one gene stays), the order of the
-    others kept; generation samples keep their whole sentence.
+    without, and EOS follows the answer. Prompts name `n_genes` genes (see :func:`texts`). With `gene_dropout`,
+    each gene of a cell-type prediction sample's sentence is left out with that probability (drawn from `rng`; at
+    least one gene stays), the order of the others kept; generation samples keep their whole sentence.
     """
     eos = _runtime.eos_id(tokenizer)
     jobs = [

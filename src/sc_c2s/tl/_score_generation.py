@@ -238,7 +238,8 @@ def score_generation(
         Mean words per generated sentence, and mean genes per real sentence (at most `n_genes`).
 
     Types of G absent from the real cells, and types with fewer than four real cells (two per half), are left out
-    with a warning; real cells without a label belong to no type. The row ``"overall"`` holds the sums of the counts and the means over types of the rest.
+    with a warning; real cells without a label belong to no type. The row ``"overall"`` holds the sums of the
+    counts and the means over types of the rest.
 
     Parameters
     ----------
