@@ -123,7 +123,7 @@ def full_sentence_loglik(c2s: C2SModel, words: list[list[str]], labels: list[str
         answer = [*tokenizer(prompts.answer(prompts.cell_sentence(cell)), add_special_tokens=False)["input_ids"]]
         answer.append(tokenizer.eos_token_id)
         for j, label in enumerate(labels):
-            prompt = tokenizer(prompts.cell_type_generation(label, n_genes=N_GENES))["input_ids"]
+            prompt = tokenizer(prompts.cell_type_generation(label, n_genes=len(cell)))["input_ids"]
             with torch.no_grad():
                 logp = c2s.model(input_ids=torch.as_tensor([prompt + answer])).logits[0].log_softmax(-1)
             out[i, j] = sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(answer))

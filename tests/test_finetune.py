@@ -728,23 +728,6 @@ def test_the_fused_training_loss_has_the_gradient_of_the_mean_answer_loss(tokeni
         torch.testing.assert_close(gradients[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_generation_prompts_name_the_genes_asked_for(tokenizer):
-    """They named the genes of each cell's sentence, so a cell expressing fewer than `n_genes` was asked for fewer:
-    the prompt `generate` sends was trained on the cells expressing at least `n_genes` alone (2 of 152 cells of a
-    pbmc4k cluster), unlike the published checkpoints."""
-    words = [["CD3D", "IL7R", "LTB"], ["MS4A1", "CD79A"]]
-    kwargs = {"tasks": ("cell_type_generation",), "organism": "Homo sapiens", "upper": True, "n_genes": 10}
-    samples = _samples.encode(tokenizer, words, ["T cell", "B cell"], max_length=200, **kwargs)
-    (cut,) = _samples.encode(
-        tokenizer, words[:1], ["T cell"], max_length=len(samples.input_ids[0]) - 1, **kwargs
-    ).input_ids
-    for ids, n_prompt, label in zip(samples.input_ids, samples.n_prompt, ["T cell", "B cell"], strict=True):
-        expected = tokenizer(prompts.cell_type_generation(label, n_genes=10, organism="Homo sapiens"))["input_ids"]
-        assert ids[:n_prompt].tolist() == expected
-    assert cut[: samples.n_prompt[0]].tolist() == samples.input_ids[0][: samples.n_prompt[0]].tolist()  # also cut
-    assert tokens(tokenizer, cut[samples.n_prompt[0] :]) == ["CD3D", "IL7R", ".", "[EOS]"]
-
-
 @pytest.mark.parametrize("task", ["cell_type_prediction", "cell_type_generation"])
 def test_long_samples_lose_genes_never_the_answer(tokenizer, task):
     words = ["CD3D", "IL7R", "LTB", "MS4A1", "CD79A"]

@@ -336,9 +336,7 @@ def label_loglik(
     readings = {0: score_labels(c2s, ids, labels, batch_size=batch_size)}
     k = n_reranked(c2s, rerank, n_labels=len(labels))
     if k:
-        readings[k] = rerank_labels(
-            c2s, words, readings[0], labels, k=k, n_genes=n_genes, organism=organism, batch_size=batch_size
-        )
+        readings[k] = rerank_labels(c2s, words, readings[0], labels, k=k, organism=organism, batch_size=batch_size)
     return readings
 
 

@@ -66,7 +66,6 @@ def rerank_labels(
     labels: Sequence[str],
     *,
     k: int,
-    n_genes: int,
     organism: str,
     batch_size: int | None,
 ) -> np.ndarray:
@@ -83,7 +82,7 @@ def rerank_labels(
     logp = log_softmax(loglik, axis=1)
     top = np.argsort(-logp, axis=1, kind="stable")[:, :k]
     generation = sentence_loglik(
-        c2s, words, np.asarray(labels, dtype=object)[top], n_genes=n_genes, organism=organism, batch_size=batch_size
+        c2s, words, np.asarray(labels, dtype=object)[top], organism=organism, batch_size=batch_size
     )
     top_logp = np.take_along_axis(logp, top, axis=1)
     combined = top_logp + log_softmax(generation, axis=1)
@@ -98,14 +97,13 @@ def sentence_loglik(
     words: Sequence[Sequence[str]],
     labels: np.ndarray,
     *,
-    n_genes: int,
     organism: str,
     batch_size: int | None,
 ) -> np.ndarray:
     """Log-likelihood of each cell's sentence after the generation prompt of each of its `labels` (cells × labels).
 
-    Samples are those :func:`sc_c2s.tl.finetune` trains generation on: the prompt asks for `n_genes` genes, the
-    answer is the sentence (at most that long) and EOS.
+    Samples are those :func:`sc_c2s.tl.finetune` trains generation on: the prompt asks for as many genes as the
+    sentence has, the answer is the sentence and EOS.
     """
     n_cells, k = labels.shape
     samples = _samples.encode(
@@ -115,7 +113,6 @@ def sentence_loglik(
         tasks=["cell_type_generation"],
         organism=organism,
         upper=c2s.metadata.upper_case,
-        n_genes=n_genes,
         max_length=np.iinfo(np.int64).max,  # nothing cut: a sample longer than the model reads is refused below
     )
     _runtime.check_context(c2s.model, samples.input_ids, name=c2s.name)

@@ -32,14 +32,15 @@ def texts(
 ) -> tuple[str, str]:
     """Prompt and answer of one training sample of `task` for a cell with ranked genes `words`.
 
-    The prompt names `n_genes` genes, the number asked for at inference, also over a cell that expresses fewer, as
-    the published checkpoints were trained (``None``: ``len(words)``).
+    A cell-type prediction prompt asks about `n_genes` genes, as at inference (``None``: ``len(words)``). A
+    generation prompt asks for as many genes as the cell's sentence holds, a departure from the published format
+    chosen on validation cells (see the method page, "Prompts").
     """
     if task == "cell_type_prediction":
         prompt = prompts.cell_type_prediction(words, n_genes=n_genes, organism=organism, upper=upper)
         return prompt, prompts.answer(label)
     if task == "cell_type_generation":
-        prompt = prompts.cell_type_generation(label, n_genes=n_genes or len(words), organism=organism)
+        prompt = prompts.cell_type_generation(label, n_genes=len(words), organism=organism)
         return prompt, prompts.answer(prompts.cell_sentence(words, upper=upper))
     msg = f"Unknown task {task!r}."
     raise ValueError(msg)
@@ -61,9 +62,10 @@ def encode(
     """Tokenise one sample per cell and task, cells first: ``[cell 0 task 0, cell 0 task 1, cell 1 task 0, …]``.
 
     The prompt is tokenised with the tokenizer's special tokens (a BOS where the model uses one), the answer
-    without, and EOS follows the answer. Prompts name `n_genes` genes (see :func:`texts`). With `gene_dropout`,
-    each gene of a cell-type prediction sample's sentence is left out with that probability (drawn from `rng`; at
-    least one gene stays), the order of the others kept; generation samples keep their whole sentence.
+    without, and EOS follows the answer. Cell-type prediction prompts ask about `n_genes` genes (see
+    :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's sentence is left out with that
+    probability (drawn from `rng`; at least one gene stays), the order of the others kept; generation samples keep
+    their whole sentence.
     """
     eos = _runtime.eos_id(tokenizer)
     jobs = [
@@ -76,9 +78,7 @@ def encode(
     n_truncated = 0
     for i, (prompt_ids, answer_ids) in enumerate(ids):
         if len(prompt_ids) + len(answer_ids) > max_length:
-            ids[i] = _truncate(
-                tokenizer, *jobs[i], organism=organism, upper=upper, n_genes=n_genes, max_length=max_length, eos=eos
-            )
+            ids[i] = _truncate(tokenizer, *jobs[i], organism=organism, upper=upper, max_length=max_length, eos=eos)
             n_truncated += 1
     return Samples(
         input_ids=[np.asarray(p + a, dtype=np.int64) for p, a in ids],
@@ -135,7 +135,6 @@ def _truncate(
     *,
     organism: str,
     upper: bool,
-    n_genes: int | None,
     max_length: int,
     eos: int,
 ) -> tuple[list[int], list[int]]:
@@ -145,7 +144,7 @@ def _truncate(
     n_words = len(words)
     while True:
         (prompt_ids, answer_ids), *_ = _tokenize(
-            tokenizer, [texts(task, words[:n_words], label, organism=organism, upper=upper, n_genes=n_genes)], eos
+            tokenizer, [texts(task, words[:n_words], label, organism=organism, upper=upper)], eos
         )
         excess = len(prompt_ids) + len(answer_ids) - max_length
         if excess <= 0:
