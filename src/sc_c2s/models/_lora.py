@@ -77,8 +77,8 @@ def add_lora(
     """Wrap `model` in a LoRA adapter to train: its own weights frozen, the adapter's in float32.
 
     The scale ``alpha`` is twice the rank, dropout 0.05. The adapter's initial weights are drawn from torch's
-    global generator seeded with `seed` (the caller's random state is given back after). A quantised base (QLoRA) is prepared as peft recommends (norms in
-    float32, inputs that carry gradients).
+    global generator seeded with `seed` (the caller's random state is given back after). A quantised base (QLoRA)
+    is prepared as peft recommends (norms in float32, inputs that carry gradients).
     """
     import torch
 
