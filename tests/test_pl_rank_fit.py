@@ -53,6 +53,14 @@ def test_given_axes_and_return_fig(pbmc4k):
     assert isinstance(fig, Figure)
 
 
+def test_return_fig_from_a_subfigure(pbmc4k):
+    """Axes in a subfigure returned the subfigure, which has no `savefig`."""
+    sc_c2s.pp.to_sentences(pbmc4k, rank_fit=100)
+    fig = plt.figure()
+    ax = fig.subfigures(1, 2)[1].subplots()
+    assert sc_c2s.pl.rank_fit(pbmc4k, ax=ax, return_fig=True) is fig
+
+
 def test_show(monkeypatch, pbmc4k):
     shown = []
     monkeypatch.setattr(plt, "show", lambda: shown.append(True))

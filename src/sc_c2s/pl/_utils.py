@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 def finish(ax: Axes, *, show: bool | None, return_fig: bool) -> Axes | Figure | None:
     """Return the figure or the axes, or show the plot and return ``None``, as scanpy's plots do."""
-    if return_fig:
-        return ax.figure
+    if return_fig:  # the whole figure, also for axes inside a subfigure (which cannot be saved on its own)
+        return ax.figure.figure
     if settings.autoshow if show is None else show:
         plt.show()
         return None
