@@ -33,6 +33,8 @@ from ._keys import C2S, GENES
 from ._utils._optional import import_optional
 
 if TYPE_CHECKING:
+    import os
+
     import dask.array as da
     import torch
     from anndata import AnnData
@@ -167,7 +169,7 @@ LOADS: Counter[ModelReference] = Counter()
 _LOADING = threading.Lock()
 
 
-def reference(model: C2SModel | str, *, device: str | torch.device | None) -> ModelReference:
+def reference(model: C2SModel | str | os.PathLike[str], *, device: str | torch.device | None) -> ModelReference:
     """Refer to `model` by name or path, so that workers load it themselves instead of receiving its weights.
 
     A loaded registry model is sent as its name and revision, any other loaded model as the absolute path of the
@@ -269,7 +271,7 @@ def map_verb(
     verb: Callable[..., Any],
     adata: AnnData | MuData,
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     device: str | torch.device | None,
     mod: str | None,
     client: Client | None,
@@ -320,7 +322,7 @@ def map_verb(
 def map_cells(
     fn: Callable[..., tuple],
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     device: str | torch.device | None,
     client: Client | None,
     sliced: dict[str, np.ndarray],

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import njit, prange
@@ -25,6 +25,9 @@ from ._utils._numba import numba_threads
 from ._utils._validate import check_number
 from .pp import _kernels
 from .pp._rank import NOT_EXPRESSION_FIX, as_kernel_dtype, canonical, raise_if_not_expression
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 #: Only the first this many ranks enter the fit.
 MAX_RANK = 999
@@ -89,8 +92,11 @@ class RankFit:
     target_sum: float = float("nan")
     """Median library size the sampled cells were normalised to."""
 
-    def predict(self, position: np.ndarray | int) -> np.ndarray:
-        """Expression, as ``log10(1 + x)`` of normalised counts, of the gene at 0-based ``position`` (``>= 0``)."""
+    def predict(self, position: ArrayLike) -> np.ndarray | float:
+        """Expression, as ``log10(1 + x)`` of normalised counts, of the gene at 0-based ``position`` (``>= 0``).
+
+        An array of positions gives an array of the same shape, a single position a number.
+        """
         position = np.asarray(position, dtype=np.float64)
         if not np.all(position >= 0):  # NaN too
             bad = float(position[~(position >= 0)].flat[0])

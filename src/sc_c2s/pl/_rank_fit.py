@@ -17,6 +17,7 @@ from ._utils import finish
 if TYPE_CHECKING:
     from anndata import AnnData
     from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
     from mudata import MuData
 
@@ -33,7 +34,7 @@ def rank_fit(
     *,
     mod: str | None = None,
     gridsize: int = 60,
-    cmap: str = "viridis",
+    cmap: str | Colormap = "viridis",
     line_color: str = "crimson",
     ax: Axes | None = None,
     show: bool | None = None,
@@ -55,7 +56,7 @@ def rank_fit(
     gridsize
         Number of hexagons across the x axis.
     cmap
-        Colour map of the point density (log scale).
+        Colour map of the point density (log scale): a name or a :class:`~matplotlib.colors.Colormap`.
     line_color
         Colour of the fitted line.
     {doc_show_ax}
@@ -76,7 +77,7 @@ def rank_fit(
         msg = f"`gridsize` must be at least 2 hexagons across, got {gridsize}."
         raise ValueError(msg)
     # bad colours raise here, before a figure is left open
-    cmap = matplotlib.colormaps.get_cmap(cmap)
+    colormap = matplotlib.colormaps.get_cmap(cmap)
     if not matplotlib.colors.is_color_like(line_color):
         msg = f"`line_color` must be a matplotlib colour (e.g. 'red', '#d62728'), got {line_color!r}."
         raise ValueError(msg)
@@ -106,7 +107,7 @@ def rank_fit(
 
     if ax is None:
         _, ax = plt.subplots(figsize=(5, 4))
-    hexbin = ax.hexbin(x, y, gridsize=gridsize, bins="log", mincnt=1, cmap=cmap, linewidths=0)
+    hexbin = ax.hexbin(x, y, gridsize=gridsize, bins="log", mincnt=1, cmap=colormap, linewidths=0)
     ax.figure.colorbar(hexbin, ax=ax, label="genes × cells")
     line_x = np.linspace(0, x.max(), 100)  # over the ranks the data reach
     ax.plot(line_x, fit.intercept + fit.slope * line_x, color=line_color, lw=2)

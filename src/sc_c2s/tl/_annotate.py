@@ -36,6 +36,8 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
+    import os
+
     import torch
     from anndata import AnnData
     from distributed import Client
@@ -61,7 +63,7 @@ PREFIX_PROMPTS = 8
 def annotate(
     adata: AnnData | MuData,
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     labels: Sequence[str] | Literal["model"] | None = None,
     rerank: int | None = None,
     n_genes: int | None = None,

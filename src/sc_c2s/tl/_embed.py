@@ -15,6 +15,8 @@ from sc_c2s.models import _runtime
 from ._utils import REMOVE_EMPTY, cell_words, model_n_genes, prediction_prompts
 
 if TYPE_CHECKING:
+    import os
+
     import torch
     from anndata import AnnData
     from distributed import Client
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
 def embed(
     adata: AnnData | MuData,
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     key_added: str = _keys.EMBEDDING,
     n_genes: int | None = None,
     batch_size: int | None = None,

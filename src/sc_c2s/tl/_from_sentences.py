@@ -26,7 +26,7 @@ _CLOSING = ".,:"
 def from_sentences(
     sentences: Iterable[str],
     *,
-    genes: Sequence[str] | pd.Index,
+    genes: Sequence[str] | pd.Index | np.ndarray,
     rank_fit: Mapping[str, Any] | RankFit,
 ) -> AnnData:
     """Turn cell sentences back into expression with the rank → expression model.
@@ -91,7 +91,7 @@ def from_sentences(
 
 
 def reconstruct(
-    sentences: Iterable[str], *, genes: Sequence[str] | pd.Index, rank_fit: Mapping[str, Any] | RankFit
+    sentences: Iterable[str], *, genes: Sequence[str] | pd.Index | np.ndarray, rank_fit: Mapping[str, Any] | RankFit
 ) -> AnnData:
     """Do what :func:`from_sentences` does without its warning about unknown words.
 
@@ -127,7 +127,7 @@ def reconstruct(
     return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={_keys.FROM_SENTENCES_RANK_FIT: fit.to_dict()})
 
 
-def gene_index(genes: Sequence[str] | pd.Index) -> pd.Index:
+def gene_index(genes: Sequence[str] | pd.Index | np.ndarray) -> pd.Index:
     """Return the vocabulary as an index of strings, checked: a list of unique names, none missing."""
     if isinstance(genes, str) or not pd.api.types.is_list_like(genes):
         msg = f"`genes` must be a list of gene names, got {genes!r}."

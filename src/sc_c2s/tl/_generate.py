@@ -27,6 +27,8 @@ from ._sampling import check_sampling, model_temperature, target_of, valid_share
 from ._utils import check_task, model_n_genes, model_organism, prompt_cells
 
 if TYPE_CHECKING:
+    import os
+
     import torch
     from distributed import Client
     from mudata import MuData
@@ -46,7 +48,7 @@ if TYPE_CHECKING:
 def generate(
     adata: AnnData | MuData | None = None,
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     cell_types: Sequence[str] | Mapping[str, int] | None = None,
     tissues: Mapping[str, int] | None = None,
     cells_per_sample: int | None = None,

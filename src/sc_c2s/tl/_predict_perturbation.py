@@ -20,6 +20,8 @@ from ._sampling import check_sampling, target_of, valid_share, write_cells
 from ._utils import check_task, model_n_genes, warn_empty_sentences
 
 if TYPE_CHECKING:
+    import os
+
     import torch
     from mudata import MuData
 
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 def predict_perturbation(
     adata: AnnData | MuData,
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     perturbations: Collection[str],
     condition_key: str,
     control: str,

@@ -38,6 +38,8 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
+    import os
+
     import torch
     from anndata import AnnData
     from mudata import MuData
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
 def predict_tissue(
     adata: AnnData | MuData,
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     groupby: str,
     labels: Sequence[str] | Literal["model"] | None = None,
     n_cells: int | None = None,

@@ -38,6 +38,8 @@ from ._utils import (
 )
 
 if TYPE_CHECKING:
+    import os
+
     import torch
     from anndata import AnnData
     from mudata import MuData
@@ -59,7 +61,7 @@ if TYPE_CHECKING:
 def summarize(
     adata: AnnData | MuData,
     *,
-    model: C2SModel | str,
+    model: C2SModel | str | os.PathLike[str],
     groupby: str,
     n_cells: int | None = None,
     n_genes: int | None = None,
