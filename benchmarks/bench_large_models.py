@@ -512,7 +512,7 @@ def on_dask(c2s: C2SModel, cells: ad.AnnData, labels: list[str]) -> str:
     here, there = cells.copy(), cells.copy()
     sc_c2s.tl.annotate(here, model=c2s, labels=labels)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         sc_c2s.tl.annotate(there, model=c2s, labels=labels, client=client)

@@ -163,7 +163,7 @@ def annotate(path: Path, n_cells: int, n_workers: int) -> list[dict]:
     rows.append({"run": f"one process ({n_workers} torch threads)", "cells": n_cells, "seconds": one})
     expected = adata.obs["c2s_cell_type"].copy()
     with (
-        LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         client.run(lambda: __import__("sc_c2s") and __import__("torch").set_num_threads(1))  # imports, not timed

@@ -32,6 +32,8 @@ from sc_c2s import _dask
 da = pytest.importorskip("dask.array")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# Clusters here serve their dashboard on any free port (`dashboard_address=":0"`): `None` takes 8787, and warns (an
+# error in these tests) when another cluster on the machine holds it.
 
 N_GENES = 30
 #: Genes of the free annotation: the demo model, asked about fewer genes than it was trained on (200), continues some
@@ -120,7 +122,7 @@ def test_gene_indices_ranked_with_strings_outlive_the_client(pbmc4k):
     sc_c2s.pp.to_sentences(expected, n_genes=10, rank_fit=False)
     adata = lazy(pbmc4k[:200])
     with (
-        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+        distributed.LocalCluster(n_workers=1, processes=False, dashboard_address=":0") as cluster,
         distributed.Client(cluster),
     ):
         sc_c2s.pp.to_sentences(adata, n_genes=10, sentences=True, rank_fit=False)
@@ -235,7 +237,7 @@ def expected(sentences, demo) -> ad.AnnData:
 def client():
     distributed = pytest.importorskip("distributed")
     with (
-        distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
+        distributed.LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster,
         distributed.Client(cluster) as client,
     ):
         yield client
@@ -326,7 +328,7 @@ def test_a_client_that_is_not_one_or_is_closed_is_refused(sentences, demo):
     distributed = pytest.importorskip("distributed")
     with pytest.raises(TypeError, match=r"`client` must be a `distributed.Client`, got str"):
         sc_c2s.tl.embed(sentences.copy(), model=demo, n_genes=N_GENES, client="tcp://127.0.0.1:8786")
-    closed = distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None)
+    closed = distributed.Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=":0")
     closed.close()
     with pytest.raises(ValueError, match=r"The Dask client is closed; start a new one"):
         sc_c2s.tl.embed(sentences.copy(), model=demo, n_genes=N_GENES, client=closed)
