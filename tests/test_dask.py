@@ -133,6 +133,30 @@ def test_gene_indices_ranked_with_strings_outlive_the_client(pbmc4k):
     pd.testing.assert_series_equal(adata.obs["c2s_sentence"], expected.obs["c2s_sentence"])
 
 
+def test_a_failing_job_cancels_its_other_tasks(tmp_path):
+    """After one task failed (or Ctrl-C), the cluster went on with the rest, whose results nobody would read."""
+    dask = pytest.importorskip("dask")
+    distributed = pytest.importorskip("distributed")
+    ran = tmp_path / "ran"
+
+    def chunk(i: int) -> None:
+        with ran.open("a") as f:
+            f.write(f"{i}\n")
+        time.sleep(0.3)
+        msg = f"chunk {i} failed"
+        raise RuntimeError(msg)
+
+    tasks = [dask.delayed(chunk, pure=False)(i) for i in range(8)]
+    with (
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        with pytest.raises(RuntimeError, match="failed"):
+            _dask._compute(tasks, client)
+        time.sleep(3)  # the other seven chunks, had they gone on, would have run meanwhile
+    assert len(ran.read_text().split()) <= 3  # the failing one, and those the worker started before the cancel
+
+
 def test_to_sentences_on_dask_checks_values_when_computed():
     X = np.array([[1, 2], [-1, 0]], dtype=np.float32)
     adata = ad.AnnData(X)

@@ -311,7 +311,7 @@ def map_verb(
         dask.delayed(_run_chunk, pure=True)(shared, block, names[offsets[i] : offsets[i + 1]])
         for i, block in enumerate(blocks)
     ]
-    chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
+    chunks = _compute(tasks, client)
     _warn_again([caught for _, caught in chunks], offsets, n_cells=len(names))
     results = _combine([chunk for chunk, _ in chunks])
     adata = prepare(adata, copy=copy, stacklevel=4)  # the caller of the verb that called this
@@ -346,11 +346,29 @@ def map_cells(
         dask.delayed(_run_cells, pure=True)(common, start, {k: v[start : start + step] for k, v in sliced.items()})
         for start in range(0, n_cells, step)
     ]
-    chunks = client.gather(client.compute(tasks)) if client is not None else dask.compute(*tasks, scheduler="sync")
+    chunks = _compute(tasks, client)
     return tuple(
         sparse.vstack(parts, format="csr") if sparse.issparse(parts[0]) else np.concatenate(parts)
         for parts in zip(*chunks, strict=True)
     )
+
+
+def _compute(tasks: list, client: Client | None) -> list:
+    """Compute `tasks` on `client`, else in this process, in order.
+
+    A task that fails, or an interrupt (Ctrl-C), cancels the tasks not yet done: the cluster does not go on with a
+    job whose results nobody will read, while the next call waits behind it.
+    """
+    if client is None:
+        import dask
+
+        return list(dask.compute(*tasks, scheduler="sync"))
+    futures = client.compute(tasks)
+    try:
+        return client.gather(futures)
+    except BaseException:
+        client.cancel(futures)
+        raise
 
 
 def _run_cells(common: dict[str, Any], first_cell: int, sliced: dict[str, np.ndarray]) -> tuple:
