@@ -331,6 +331,33 @@ def test_a_generator_trains_with_any_seed_finetune_takes(_cellbench, tmp_path):
     assert list(training["temperature_mmd"]) == ["1.0", "0.7", "0.5"]
 
 
+@pytest.mark.parametrize("made_before", [False, True], ids=["new folder", "empty folder"])
+def test_a_failed_save_leaves_no_half_checkpoint(sentences, tmp_path, monkeypatch, made_before):
+    """A full disk (or Ctrl-C) while saving left weights without metadata: they loaded with the defaults, and the
+    same call again refused the folder, no longer empty."""
+    output_dir = tmp_path / "m"
+    if made_before:
+        output_dir.mkdir()
+
+    def full_disk(self, directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(C2SMetadata, "write", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        sc_c2s.tl.finetune(
+            sentences,
+            label_key="cell_type",
+            base_model="scratch",
+            output_dir=output_dir,
+            tasks=("cell_type_prediction",),
+            max_steps=1,
+        )
+    if made_before:
+        assert list(output_dir.iterdir()) == []
+    else:
+        assert not output_dir.exists()
+
+
 def test_prompts_ask_about_the_genes_the_sentences_hold(sentences, tmp_path, monkeypatch):
     """8-gene sentences, finetune's `n_genes` left at 200: training and the held-out scores and temperatures asked
     about 200 genes, while annotate asks the model about its `n_genes`, 8."""

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Hashable, Iterable, Mapping, Sequence
+from contextlib import suppress
 from functools import partial
 from importlib.metadata import version
 from pathlib import Path
@@ -147,7 +149,8 @@ def finetune(
         candidates of ``annotate(labels="model")``), and its genes beside those it knew; a model from scratch
         spells only the words of the data it was built for, so new labels need their words among those.
     output_dir
-        Directory to write the checkpoint to; created if needed, and it must be empty.
+        Directory to write the checkpoint to; created if needed, and it must be empty. A save that fails (a full
+        disk) or is interrupted leaves it as it was.
     tasks
         Tasks to train, any of ``"cell_type_prediction"`` and ``"cell_type_generation"`` (one sample per cell),
         the multi-cell tasks of C2S-Scale ``"tissue_prediction"``, ``"tissue_generation"`` and ``"summary"``, and
@@ -586,10 +589,32 @@ def finetune(
         )
         if chosen is not None:
             metadata.temperature, metadata.training["temperature_mmd"] = chosen
-    c2s_model.save(output_dir)
+    _save(c2s_model, output_dir)
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
     logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
     return output_dir
+
+
+def _save(c2s_model: C2SModel, output_dir: Path) -> None:
+    """Write the checkpoint; a save that fails or is interrupted (a full disk, Ctrl-C) takes away what it wrote.
+
+    Half a checkpoint would load as a model without its metadata, with the defaults, and would make the same call
+    fail again, its folder no longer empty.
+    """
+    existed = output_dir.exists()  # and empty: `_check_output_dir`
+    try:
+        c2s_model.save(output_dir)
+    except BaseException:
+        with suppress(OSError):  # the error to show is the save's
+            if not existed:
+                shutil.rmtree(output_dir)
+            else:
+                for path in output_dir.iterdir():
+                    if path.is_dir() and not path.is_symlink():
+                        shutil.rmtree(path)
+                    else:
+                        path.unlink()
+        raise
 
 
 def split(labels: pd.Series, *, eval_fraction: float, random_state: int = 0) -> np.ndarray:
