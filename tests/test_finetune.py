@@ -331,6 +331,27 @@ def test_a_generator_trains_with_any_seed_finetune_takes(_cellbench, tmp_path):
     assert list(training["temperature_mmd"]) == ["1.0", "0.7", "0.5"]
 
 
+def test_training_on_the_cpu_seeds_no_other_device(sentences, tmp_path, monkeypatch):
+    """`torch.manual_seed` queued our seed for CUDA, replacing the caller's, and seeded MPS; neither was given back."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("cuda", seed)))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: seeded.append(("mps", seed)))
+    torch.manual_seed(5)  # the caller's
+    seeded.clear()
+    expected = torch.rand(3, generator=torch.Generator().manual_seed(5))  # the caller's next draw
+    sc_c2s.tl.finetune(
+        sentences,
+        label_key="cell_type",
+        base_model="scratch",
+        output_dir=tmp_path / "m",
+        tasks=("cell_type_prediction",),
+        max_steps=1,
+        device="cpu",
+    )
+    assert seeded == []
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 @pytest.mark.parametrize("made_before", [False, True], ids=["new folder", "empty folder"])
 def test_a_failed_save_leaves_no_half_checkpoint(sentences, tmp_path, monkeypatch, made_before):
     """A full disk (or Ctrl-C) while saving left weights without metadata: they loaded with the defaults, and the

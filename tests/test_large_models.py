@@ -474,9 +474,13 @@ def test_verbs_finish_every_cell_when_out_of_memory(bases, cells, memory_sized, 
     assert generated.obs["c2s_sentence"].tolist() == generated_one.obs["c2s_sentence"].tolist()
 
 
-def test_finetune_is_seeded_and_keeps_the_callers_random_state(cells, bases, tmp_path):
+def test_finetune_is_seeded_and_keeps_the_callers_random_state(cells, bases, tmp_path, monkeypatch):
     """An adapter's initial weights came from torch's unseeded generator: a `random_state` gave another adapter in
-    every process; and finetune left torch's global generator seeded with `random_state`."""
+    every process; and finetune left torch's global generator seeded with `random_state`, and seeded CUDA's and
+    MPS's for good."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(("cuda", seed)))
+    monkeypatch.setattr(torch.mps, "manual_seed", lambda seed: seeded.append(("mps", seed)))
     kwargs = {"label_key": "line", "base_model": bases["pythia"], "adapter": "lora", "lora_rank": 2, "n_genes": N_GENES}
     kwargs |= {"max_steps": 1, "eval_fraction": 0, "device": "cpu", "random_state": 3}
     weights = []
@@ -485,6 +489,8 @@ def test_finetune_is_seeded_and_keeps_the_callers_random_state(cells, bases, tmp
         expected = torch.rand(3, generator=torch.Generator().manual_seed(seed))  # the caller's next draw
         path = sc_c2s.tl.finetune(cells[:24], output_dir=tmp_path / str(seed), **kwargs)
         torch.testing.assert_close(torch.rand(3), expected)
+        assert seeded == [("cuda", seed), ("mps", seed)]  # the caller's own seeding only
+        seeded.clear()
         weights.append(load_file(path / _lora.ADAPTER_WEIGHTS))
     assert weights[0].keys() == weights[1].keys()
     for name in weights[0]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from sc_c2s._compat import enable_activation_checkpointing
 from sc_c2s._utils._optional import import_optional
 
-from ._runtime import keep_random_state
+from ._runtime import keep_random_state, model_device, seed_torch
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -80,8 +80,6 @@ def add_lora(
     global generator seeded with `seed` (the caller's random state is given back after). A quantised base (QLoRA)
     is prepared as peft recommends (norms in float32, inputs that carry gradients).
     """
-    import torch
-
     lib = peft()
     if quantized:  # norms in float32, frozen weights; checkpointing is ours, non-reentrant
         model = lib.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -91,7 +89,7 @@ def add_lora(
     config = lib.LoraConfig(
         r=rank, lora_alpha=2 * rank, lora_dropout=0.05, target_modules=targets, bias="none", task_type="CAUSAL_LM"
     )
-    torch.manual_seed(seed)
+    seed_torch(seed, model_device(model))
     with _peft_warnings():
         return lib.get_peft_model(model, config, autocast_adapter_dtype=True)
 

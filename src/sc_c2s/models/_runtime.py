@@ -56,6 +56,21 @@ def keep_random_state() -> Iterator[None]:
         yield
 
 
+def seed_torch(seed: int, device: torch.device) -> None:
+    """Seed torch's global generators of the CPU and of `device`, and no others.
+
+    :func:`torch.manual_seed` also seeds every other device, and queues a seed for a CUDA that has not started yet,
+    which :func:`keep_random_state` cannot give back: the caller's own ``torch.manual_seed`` would be lost.
+    """
+    import torch
+
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
+    elif device.type == "mps":
+        torch.mps.manual_seed(seed)
+
+
 def default_device() -> torch.device:
     """CUDA when torch sees a GPU, else the CPU (never MPS unless asked for)."""
     import torch

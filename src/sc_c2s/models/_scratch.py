@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sc_c2s.prompts import TEMPLATE_WORDS
 
-from ._runtime import keep_random_state
+from ._runtime import keep_random_state, seed_torch
 
 if TYPE_CHECKING:
     from transformers import GPTNeoXForCausalLM, PreTrainedTokenizerFast
@@ -121,7 +121,7 @@ def build_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
+    seed_torch(seed, torch.device("cpu"))  # the weights are drawn on the CPU
     return GPTNeoXForCausalLM(config)
 
 

@@ -288,7 +288,7 @@ def train(
     import torch
 
     device = _runtime.model_device(model)
-    torch.manual_seed(random_state)
+    _runtime.seed_torch(random_state, device)
     rng = np.random.default_rng(random_state)
     warmup = max(1, int(_WARMUP * max_steps))
     optimizer = torch.optim.AdamW(
