@@ -9,6 +9,7 @@ import pytest
 
 import sc_c2s
 from sc_c2s._rank_model import RankFit
+from sc_c2s.tl import _from_sentences
 
 GENES = ["CD3D", "CD3E", "HLA-A", "RP11-34P13.7", "IL7R", "Cd4"]
 FIT = {"slope": -1.0, "intercept": 2.0}
@@ -162,6 +163,20 @@ def test_round_trip_from_to_sentences(pbmc68k):
         row = genes[cell][genes[cell] >= 0]
         np.testing.assert_allclose(X[cell, row], fit.predict(np.arange(len(row))), rtol=1e-6)
         assert np.count_nonzero(X[cell]) == np.count_nonzero(fit.predict(np.arange(len(row))))
+
+
+@pytest.mark.parametrize("genes", [GENES, ["CD4", "IL7R", "cd4", "Cd4", "CD3D"]], ids=["distinct", "alike by case"])
+def test_indices_read_as_the_sentences_they_spell(genes):
+    """The scores read real cells from their gene indices: what reading their sentences written out gives."""
+    ranked = np.array([[4, 0, 2, -1], [3, 1, 2, 0], [-1, -1, -1, -1], [2, 3, 0, 1]])
+    fit = {"slope": -1.0, "intercept": 0.5}  # 0 from position 3 on: such genes are not stored
+    genes_of = np.asarray(genes, dtype=object)
+    sentences = [" ".join(genes_of[row[row >= 0]]) for row in ranked]
+    X = _from_sentences.reconstruct_ranked(ranked, genes=genes, rank_fit=fit)
+    expected = sc_c2s.tl.from_sentences(sentences, genes=genes, rank_fit=fit).X
+    assert X.dtype == np.float32
+    assert (X != expected).nnz == 0
+    np.testing.assert_array_equal(X.indptr, expected.indptr)
 
 
 def test_one_string_is_refused():

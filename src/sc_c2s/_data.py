@@ -228,6 +228,26 @@ class DataHandler:
             _check_ranked(np.asarray(ranked), np.asarray(c2s["genes"], dtype=object), self.obs, again)
         return c2s
 
+    def ranked(self, n_genes: int | None, *, cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Return the sentence genes and each cell's indices into them, best first, cut to `n_genes`.
+
+        Indices of ``-1`` lie past the end of a shorter sentence. With `cells` (positions), only their rows, in
+        that order; a lazy ``obsm`` computes no others. Warns when the sentences were ranked with fewer genes than
+        `n_genes` (``to_sentences(n_genes=...)``): prompts would then say `n_genes` genes over shorter sentences.
+        """
+        c2s = self.c2s()
+        ranked_with = c2s.get("params", {}).get("n_genes")
+        if n_genes is not None and ranked_with is not None and ranked_with < n_genes:
+            logg.warning(
+                f"The sentences were ranked with `n_genes={ranked_with}`, fewer than the {n_genes} genes asked for "
+                f"here: each cell gives at most {ranked_with} genes, though prompts say {n_genes}. Rank them again "
+                f"with `sc_c2s.pp.to_sentences(adata, n_genes={n_genes})`, or pass `n_genes={ranked_with}` here."
+            )
+        ranked = self.obsm[GENES][:, :n_genes]
+        if cells is not None:
+            ranked = ranked[cells]
+        return np.asarray(c2s["genes"], dtype=object), np.asarray(ranked)
+
     def check_columns(self, **keys: str | Sequence[str] | None) -> None:
         """Refuse, saying how to copy it, a column the verb reads that only ``mdata.obs`` holds, not the modality.
 

@@ -27,8 +27,6 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-import numpy as np
-
 from ._utils._validate import check_positive_int
 
 if TYPE_CHECKING:
@@ -307,23 +305,10 @@ def sentence_words(adata: AnnData | MuData, *, n_genes: int | None = 200, mod: s
     Warns when the sentences were ranked with fewer genes than `n_genes` (``to_sentences(n_genes=...)``): prompts
     would then say `n_genes` genes over shorter sentences.
     """
-    from scanpy import logging as logg
-
     from ._data import DataHandler
-    from ._keys import GENES
 
     check_positive_int(n_genes, "n_genes", none_ok=True)
-    handler = DataHandler(adata, mod)
-    c2s = handler.c2s()
-    ranked_with = c2s.get("params", {}).get("n_genes")
-    if n_genes is not None and ranked_with is not None and ranked_with < n_genes:
-        logg.warning(
-            f"The sentences were ranked with `n_genes={ranked_with}`, fewer than the {n_genes} genes asked for here: "
-            f"each cell gives at most {ranked_with} genes, though prompts say {n_genes}. Rank them again with "
-            f"`sc_c2s.pp.to_sentences(adata, n_genes={n_genes})`, or pass `n_genes={ranked_with}` here."
-        )
-    genes = np.asarray(c2s["genes"], dtype=object)
-    ranked = np.asarray(handler.obsm[GENES][:, :n_genes])  # a lazy obsm computes only these columns
+    genes, ranked = DataHandler(adata, mod).ranked(n_genes)
     return [genes[row[row >= 0]].tolist() for row in ranked]
 
 

@@ -171,6 +171,32 @@ def read(
         indptr.append(len(indices))
         counts.append((len(kept), len(hits) - len(known), len(known) - len(kept)))
 
+    return _expression(indices, indptr, fit, n_genes=n_genes), np.asarray(counts, dtype=np.int32).reshape(-1, 3)
+
+
+def reconstruct_ranked(
+    ranked: np.ndarray, *, genes: Sequence[str] | pd.Index | np.ndarray, rank_fit: Mapping[str, Any] | RankFit
+) -> sparse.csr_matrix:
+    """Read sentences given as indices into `genes` (rows of ``obsm["c2s_genes"]``; ``-1``: no gene) over `genes`.
+
+    The expression is that of :func:`reconstruct` on the same sentences written out, without writing and parsing
+    them: each gene goes to the column of the first gene of its name up to case, and a row keeps the first of its
+    genes that share a column.
+    """
+    fit, genes, ranked = RankFit.from_dict(rank_fit), gene_index(genes), np.asarray(ranked)
+    words = vocabulary(genes)
+    column = np.array([words[gene] for gene in genes.str.upper()], dtype=np.int64)
+    if np.array_equal(column, np.arange(len(genes))):  # no two names alike up to case: each gene its own column
+        keep = ranked >= 0
+        indices, lengths = ranked[keep], keep.sum(axis=1)
+    else:
+        rows = [list(dict.fromkeys(column[row[row >= 0]].tolist())) for row in ranked]
+        indices, lengths = [i for row in rows for i in row], [len(row) for row in rows]
+    return _expression(indices, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]), fit, n_genes=len(genes))
+
+
+def _expression(indices: Sequence[int], indptr: Sequence[int], fit: RankFit, *, n_genes: int) -> sparse.csr_matrix:
+    """Expression (CSR, float32) of sentences whose genes, best first, are the columns `indices` (rows: `indptr`)."""
     indptr = np.asarray(indptr, dtype=np.int64)
     positions = np.arange(len(indices)) - np.repeat(indptr[:-1], np.diff(indptr))
     X = sparse.csr_matrix(
@@ -178,7 +204,7 @@ def read(
         shape=(len(indptr) - 1, n_genes),
     )
     X.eliminate_zeros()
-    return X, np.asarray(counts, dtype=np.int32).reshape(-1, 3)
+    return X
 
 
 def _column(word: str, words: Mapping[str, int]) -> int | None:

@@ -10,7 +10,7 @@ from scanpy import logging as logg
 from scipy import sparse
 from scipy.spatial.distance import cdist, pdist
 
-from sc_c2s import _keys, prompts
+from sc_c2s import _keys
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_mod, doc_params, doc_seed
 from sc_c2s._utils._validate import (
@@ -20,7 +20,7 @@ from sc_c2s._utils._validate import (
     check_positive_int,
     check_random_state,
 )
-from sc_c2s.tl._from_sentences import _text, reconstruct
+from sc_c2s.tl._from_sentences import _text, reconstruct, reconstruct_ranked
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -93,18 +93,16 @@ def comparison(
     if fit is None:
         msg = "No rank fit in the generated cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
         raise KeyError(msg)
-    words = np.asarray(c2s["genes"], dtype=object)  # zarr gives a StringDType array, which does not cast to str
-    real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
-    real_cells = reconstruct([" ".join(w) for w in real_words], genes=words, rank_fit=fit)
-    generated_cells = reconstruct(generated.obs[_keys.SENTENCE].tolist(), genes=words, rank_fit=fit)
+    genes, ranked = handler.ranked(n_genes)
+    generated_cells = reconstruct(generated.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
     check_shared_genes(generated_cells.obs, generated.obs[_keys.SENTENCE])
     return Comparison(
-        real=real_cells.X,
+        real=reconstruct_ranked(ranked, genes=genes, rank_fit=fit),
         generated=generated_cells.X,
         real_labels=_labels(handler.obs[label_key]),
         generated_labels=generated.obs[generated_key].astype(str).to_numpy(),
         generated_counts=generated_cells.obs,
-        real_lengths=np.array([len(w) for w in real_words]),
+        real_lengths=(ranked >= 0).sum(axis=1),
         n_genes=n_genes,
     )
 

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -11,7 +12,7 @@ from scanpy import logging as logg
 from scipy import sparse
 from scipy.spatial.distance import pdist
 
-from sc_c2s import _keys, prompts
+from sc_c2s import _keys
 from sc_c2s._data import DataHandler
 from sc_c2s._docs import doc_mod, doc_params, doc_seed
 from sc_c2s._utils._validate import (
@@ -22,7 +23,7 @@ from sc_c2s._utils._validate import (
     check_random_state,
 )
 
-from ._from_sentences import reconstruct
+from ._from_sentences import reconstruct, reconstruct_ranked
 from ._pairs import conditions
 from ._score_generation import check_shared_genes, compared_genes, mmd, pca, project
 from ._utils import UNKNOWN_WARNING
@@ -62,10 +63,37 @@ class Cells:
     """The real cells' own value of each group, by its string."""
     condition_values: dict[str, Any]
     """The real cells' own value of each condition, by its string."""
+    _real_rows: dict[tuple[str, str], np.ndarray] = field(init=False, repr=False)
+    _predicted_rows: dict[tuple[str, str], np.ndarray] = field(init=False, repr=False)
+    _means: dict[tuple[str, str], np.ndarray] = field(init=False, repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # the cells of each group and condition, found once: every pair scored looks up those of all groups
+        self._real_rows = _rows(self.real_groups, self.real_conditions)
+        self._predicted_rows = _rows(self.predicted_groups, self.predicted_conditions)
+
+    @cached_property
+    def groups(self) -> np.ndarray:
+        """The groups of the real cells, sorted."""
+        return np.unique(self.real_groups)
+
+    def real_cells(self, group: str, condition: str) -> sparse.csr_matrix:
+        """Real cells of `group` in `condition`."""
+        return self.real[self._real_rows.get((group, condition), np.empty(0, dtype=np.intp))]
+
+    def predicted_cells(self, group: str, condition: str) -> sparse.csr_matrix:
+        """Predicted cells of `group` in `condition`."""
+        return self.predicted[self._predicted_rows.get((group, condition), np.empty(0, dtype=np.intp))]
+
+    def real_mean(self, group: str, condition: str) -> np.ndarray:
+        """Mean expression of the real cells of `group` in `condition` (``nan`` for none), computed once."""
+        if (group, condition) not in self._means:
+            self._means[group, condition] = _mean(self.real_cells(group, condition))
+        return self._means[group, condition]
 
     def n_real(self, group: str, condition: str) -> int:
         """Real cells of `group` in `condition`."""
-        return int(np.count_nonzero((self.real_groups == group) & (self.real_conditions == condition)))
+        return len(self._real_rows.get((group, condition), ()))
 
     def compared(self, group: str, perturbation: str) -> bool:
         """Whether `group` has the real perturbed and control cells to compare: :data:`MIN_CELLS` of each."""
@@ -123,9 +151,8 @@ def cells(
     if fit is None:
         msg = "No rank fit in the predicted cells' params nor in the real cells' `uns['c2s']`; run `to_sentences`."
         raise KeyError(msg)
-    genes = np.asarray(c2s["genes"], dtype=object)
-    real_words = prompts.sentence_words(real, n_genes=n_genes, mod=mod)
-    real_cells = reconstruct([" ".join(w) for w in real_words], genes=genes, rank_fit=fit)
+    genes, ranked = handler.ranked(n_genes)
+    real_cells = reconstruct_ranked(ranked, genes=genes, rank_fit=fit)
     predicted_cells = reconstruct(predicted.obs[_keys.SENTENCE].tolist(), genes=genes, rank_fit=fit)
     check_shared_genes(predicted_cells.obs, predicted.obs[_keys.SENTENCE])
     _warn_unknown_words(predicted_cells.obs)
@@ -139,7 +166,7 @@ def cells(
             stacklevel=3,
         )
     return Cells(
-        real=sparse.csr_matrix(real_cells.X)[real_kept],
+        real=real_cells[real_kept],
         predicted=sparse.csr_matrix(predicted_cells.X)[predicted_kept],
         real_groups=real_groups[real_kept].astype(str).to_numpy(),
         real_conditions=real_conditions[real_kept],
@@ -184,26 +211,21 @@ def contrast(data: Cells, *, group: str, perturbation: str) -> Contrast:
             "needed. Pass both conditions' real cells, or pick another group or perturbation."
         )
         raise ValueError(msg)
-    is_perturbed = data.real_conditions == perturbation
-    is_control = data.real_conditions == data.control
-    perturbed = data.real[np.flatnonzero(is_perturbed & (data.real_groups == group))]
-    control_cells = data.real[np.flatnonzero(is_control & (data.real_groups == group))]
-    predicted = data.predicted[
-        np.flatnonzero((data.predicted_conditions == perturbation) & (data.predicted_groups == group))
-    ]
+    perturbed = data.real_cells(group, perturbation)
+    control_cells = data.real_cells(group, data.control)
+    predicted = data.predicted_cells(group, perturbation)
     differences = [
-        _mean(data.real[np.flatnonzero(is_perturbed & (data.real_groups == g))])
-        - _mean(data.real[np.flatnonzero(is_control & (data.real_groups == g))])
-        for g in np.unique(data.real_groups)
+        data.real_mean(g, perturbation) - data.real_mean(g, data.control)
+        for g in data.groups
         if g != group and data.compared(g, perturbation)
     ]
     shift = np.mean(differences, axis=0) if differences else np.full(len(data.genes), np.nan)
     means = pd.DataFrame(
         {
-            "real": _mean(perturbed),
+            "real": data.real_mean(group, perturbation),
             "predicted": _mean(predicted),
-            "unchanged": _mean(control_cells),
-            "mean_shift": _mean(control_cells) + shift,
+            "unchanged": data.real_mean(group, data.control),
+            "mean_shift": data.real_mean(group, data.control) + shift,
             "t": _welch_t(perturbed, control_cells),
         },
         index=pd.Index(data.genes, name="gene"),
@@ -418,6 +440,12 @@ def _scores(
         pcs = compared[source]
         row["mmd" + suffix] = np.nan if np.isnan(pcs).any() else mmd(pcs, reference, bandwidth)
     return row
+
+
+def _rows(groups: np.ndarray, conditions: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """Rows of each (group, condition), in order."""
+    table = pd.DataFrame({"group": groups, "condition": conditions})
+    return {key: np.asarray(rows) for key, rows in table.groupby(["group", "condition"], sort=False).indices.items()}
 
 
 def _mean(X: sparse.csr_matrix) -> np.ndarray:
