@@ -26,8 +26,8 @@ from sc_c2s.models import _runtime
 
 from ._annotate import MAX_ANSWER_TOKENS, generate_answers, label_set, score_labels
 from ._utils import (
-    cell_words,
     check_task,
+    drawn_words,
     free_labels,
     group_draws,
     groups_of,
@@ -168,8 +168,8 @@ def predict_tissue(
         candidates = label_set(_model_tissues(c2s))
     organism = model_organism(c2s, organism)
     n_genes = model_n_genes(c2s, n_genes)
-    words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)
+    words = drawn_words(adata, c2s, draws, n_genes=n_genes, mod=mod)
     warn_empty_draws(draws, words, results="tissues")
     texts = [
         prompts.tissue_prediction([words[i] for i in cells], n_genes=n_genes, organism=organism, upper=False)

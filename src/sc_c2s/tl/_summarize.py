@@ -27,8 +27,8 @@ from sc_c2s.models._scratch import join_punctuation
 from ._generate_tissues import whole_texts
 from ._sampling import check_sampling, sample
 from ._utils import (
-    cell_words,
     check_task,
+    drawn_words,
     group_draws,
     groups_of,
     model_n_genes,
@@ -155,8 +155,8 @@ def summarize(
     n_cells = prompt_cells(n_cells, c2s)
     organism = model_organism(c2s, organism)
     n_genes = model_n_genes(c2s, n_genes)
-    words = cell_words(adata, c2s, n_genes=n_genes, mod=mod)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)
+    words = drawn_words(adata, c2s, draws, n_genes=n_genes, mod=mod)
     warn_empty_draws(draws, words, results="summaries")
     texts = [
         prompts.summary([words[i] for i in cells], n_genes=n_genes, organism=organism, upper=False)

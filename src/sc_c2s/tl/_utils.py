@@ -6,7 +6,7 @@ The genes of each cell as the model spells them, draws of groups of cells, and t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -14,6 +14,7 @@ import pandas as pd
 from scanpy import logging as logg
 
 from sc_c2s import prompts
+from sc_c2s._data import DataHandler
 from sc_c2s._utils._validate import check_obs_column, check_positive_int
 from sc_c2s.models._metadata import PERTURBATION
 
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
-    from sc_c2s._data import DataHandler
     from sc_c2s.models import C2SModel
 
 #: Share of words outside the genes they are read with (the model's vocabulary, the real cells' genes) above which
@@ -72,24 +72,29 @@ def model_organism(c2s: C2SModel, organism: str | None) -> prompts.Organism:
     return prompts.check_organism(c2s.metadata.organism if organism is None else organism)
 
 
-def cell_words(adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str | None) -> list[list[str]]:
-    """Return the genes of each cell's sentence, best first, cased as the model expects.
+def cell_words(
+    adata: AnnData | MuData, c2s: C2SModel, *, n_genes: int, mod: str | None, cells: np.ndarray | None = None
+) -> list[list[str]]:
+    """Return the genes of each cell's sentence, best first, cased as the model expects; of `cells` only (positions).
 
     Raises the error of :meth:`~sc_c2s._data.DataHandler.c2s` when :func:`sc_c2s.pp.to_sentences` has not run, and
     a :class:`ValueError` when no sentence gene is in the model's vocabulary; warns when most are outside it.
     """
-    words = prompts.sentence_words(adata, n_genes=check_positive_int(n_genes, "n_genes"), mod=mod)
+    genes, ranked = DataHandler(adata, mod).ranked(check_positive_int(n_genes, "n_genes"), cells=cells)
     case = str.upper if c2s.metadata.upper_case else str
-    words = [[case(w) for w in cell] for cell in words]
+    cased = np.array([case(gene) for gene in genes], dtype=object)  # one string per gene, which all cells share
+    words = [cased[row[row >= 0]].tolist() for row in ranked]
     if c2s.metadata.vocabulary is not None:
         known = {case(w) for w in c2s.metadata.vocabulary}
-        n_unknown, n_words = sum(w not in known for cell in words for w in cell), sum(map(len, words))
+        used = ranked[ranked >= 0]
+        is_known = np.array([word in known for word in cased], dtype=bool)
+        n_unknown, n_words = int(np.count_nonzero(~is_known[used])), used.size
         names = (
             "the gene names it was trained on (e.g. symbols, not Ensembl IDs; see `gene_symbols=` of "
             "`sc_c2s.pp.to_sentences`)"
         )
         if n_words and n_unknown == n_words:
-            example = next(w for cell in words for w in cell)
+            example = cased[used[0]]
             msg = (
                 f"None of the sentence genes is in the vocabulary of {c2s.name!r} (e.g. {example!r}), so its answers "
                 f"would say nothing about the cells. Rank the genes under {names}."
@@ -115,7 +120,17 @@ def warn_empty_sentences(n_empty: int, *, cells: str, results: str) -> None:
         )
 
 
-def warn_empty_draws(draws: Sequence[tuple[str, np.ndarray]], words: Sequence[Sequence[str]], *, results: str) -> None:
+def drawn_words(
+    adata: AnnData | MuData, c2s: C2SModel, draws: Sequence[tuple[str, np.ndarray]], *, n_genes: int, mod: str | None
+) -> dict[int, list[str]]:
+    """Return :func:`cell_words` of the cells of `draws` (of :func:`group_draws`) by position; of no others."""
+    cells = np.unique(np.concatenate([cells for _, cells in draws]))
+    return dict(zip(cells.tolist(), cell_words(adata, c2s, n_genes=n_genes, mod=mod, cells=cells), strict=True))
+
+
+def warn_empty_draws(
+    draws: Sequence[tuple[str, np.ndarray]], words: Mapping[int, Sequence[str]], *, results: str
+) -> None:
     """Warn when all the cells drawn for a prompt have empty sentences: the prompt holds no gene."""
     empty = [str(name) for name, cells in draws if not any(words[i] for i in cells)]
     if empty:
