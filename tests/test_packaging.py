@@ -101,3 +101,12 @@ def test_wheel_runs_the_demo_in_a_fresh_venv(dist, tmp_path):
         assert "Annotation with the model's" in (out / "report.txt").read_text()
     finally:
         shutil.rmtree(venv)
+
+
+def test_import_leaves_heavy_and_optional_dependencies_unloaded():
+    """`import sc_c2s` stays light: the model stack and the download and cluster libraries load when a verb needs
+    them (pooch and its dependencies once took a fifth of the import time)."""
+    heavy = ["torch", "transformers", "peft", "bitsandbytes", "pooch", "requests", "distributed"]  # anndata loads dask
+    code = f"import sys, sc_c2s; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == []

@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import pooch
 from scanpy import logging as logg
 
 from sc_c2s._utils._progress import show_progress
@@ -33,6 +32,8 @@ RETRIES = 3
 
 def cache_dir() -> Path:
     """Folder that holds downloaded checkpoints: ``$SC_C2S_CACHE``, else the user cache of the OS."""
+    import pooch  # here, not at import: it adds a fifth to the time `import sc_c2s` takes
+
     return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("sc_c2s")).expanduser().absolute()
 
 
@@ -206,6 +207,7 @@ class _Download:
         self.start: datetime | None = None
 
     def get(self, file: str) -> None:
+        import pooch
         import requests
 
         path = self.directory / file

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-import pooch
 from scanpy import logging as logg
 
 from sc_c2s._utils._optional import import_optional
@@ -427,6 +426,8 @@ def _metadata(path: Path) -> C2SMetadata:
 
 def _hash_files(path: Path) -> dict[str, str]:
     """sha256 of the configuration, weight and tokenizer files of a checkpoint directory."""
+    import pooch
+
     return {
         p.name: pooch.file_hash(str(p))
         for p in sorted(path.iterdir())
