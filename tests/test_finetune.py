@@ -339,15 +339,7 @@ def test_training_on_the_cpu_seeds_no_other_device(sentences, tmp_path, monkeypa
     torch.manual_seed(5)  # the caller's
     seeded.clear()
     expected = torch.rand(3, generator=torch.Generator().manual_seed(5))  # the caller's next draw
-    sc_c2s.tl.finetune(
-        sentences,
-        label_key="cell_type",
-        base_model="scratch",
-        output_dir=tmp_path / "m",
-        tasks=("cell_type_prediction",),
-        max_steps=1,
-        device="cpu",
-    )
+    one_step(sentences, tmp_path / "m", device="cpu")
     assert seeded == []
     torch.testing.assert_close(torch.rand(3), expected)
 
@@ -365,14 +357,7 @@ def test_a_failed_save_leaves_no_half_checkpoint(sentences, tmp_path, monkeypatc
 
     monkeypatch.setattr(C2SMetadata, "write", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        sc_c2s.tl.finetune(
-            sentences,
-            label_key="cell_type",
-            base_model="scratch",
-            output_dir=output_dir,
-            tasks=("cell_type_prediction",),
-            max_steps=1,
-        )
+        one_step(sentences, output_dir)
     if made_before:
         assert list(output_dir.iterdir()) == []
     else:
