@@ -157,6 +157,23 @@ def test_a_failing_job_cancels_its_other_tasks(tmp_path):
     assert len(ran.read_text().split()) <= 3  # the failing one, and those the worker started before the cancel
 
 
+def test_a_client_that_cannot_cancel_shows_the_jobs_error():
+    """A cluster that died with the job: the error of the cancel hid the job's."""
+
+    class DeadClient:
+        def compute(self, tasks):
+            return tasks
+
+        def gather(self, futures):
+            raise RuntimeError("the job failed")
+
+        def cancel(self, futures):
+            raise ConnectionError("Client is closed")
+
+    with pytest.raises(RuntimeError, match="the job failed"):
+        _dask._compute([1, 2], DeadClient())
+
+
 def test_to_sentences_on_dask_checks_values_when_computed():
     X = np.array([[1, 2], [-1, 0]], dtype=np.float32)
     adata = ad.AnnData(X)

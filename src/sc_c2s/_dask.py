@@ -20,7 +20,7 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -367,7 +367,8 @@ def _compute(tasks: list, client: Client | None) -> list:
     try:
         return client.gather(futures)
     except BaseException:
-        client.cancel(futures)
+        with suppress(Exception):  # a client that died with the job cannot cancel; the error to show is the job's
+            client.cancel(futures)
         raise
 
 
