@@ -19,7 +19,7 @@ from sklearn.metrics import accuracy_score, f1_score
 import sc_c2s
 from sc_c2s import prompts
 from sc_c2s._data import DataHandler
-from sc_c2s.models import C2SMetadata, _candidates, _dropout, _output_loss, _trainer, load
+from sc_c2s.models import C2SMetadata, _candidates, _dropout, _output_loss, _runtime, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _generate, _samples, _utils
@@ -344,13 +344,25 @@ def test_training_on_the_cpu_seeds_no_other_device(sentences, tmp_path, monkeypa
     torch.testing.assert_close(torch.rand(3), expected)
 
 
-@pytest.mark.parametrize("made_before", [False, True], ids=["new folder", "empty folder"])
+@pytest.mark.parametrize("device", ["cuda", "mps", "xpu"])
+def test_training_seeds_the_device_it_runs_on(monkeypatch, device):
+    """Seeding only the CPU and CUDA left the dropout of training on other accelerators unseeded."""
+    seeded = []
+    backend = getattr(torch, device)
+    name = "manual_seed_all" if hasattr(backend, "manual_seed_all") else "manual_seed"
+    monkeypatch.setattr(backend, name, seeded.append)
+    _runtime.seed_torch(7, torch.device(device))
+    assert seeded == [7]
+    torch.testing.assert_close(torch.rand(2), torch.rand(2, generator=torch.Generator().manual_seed(7)))
+
+
+@pytest.mark.parametrize("made_before", [False, True], ids=["new folders", "empty folder"])
 def test_a_failed_save_leaves_no_half_checkpoint(sentences, tmp_path, monkeypatch, made_before):
     """A full disk (or Ctrl-C) while saving left weights without metadata: they loaded with the defaults, and the
     same call again refused the folder, no longer empty."""
-    output_dir = tmp_path / "m"
+    output_dir = tmp_path / "runs" / "m"
     if made_before:
-        output_dir.mkdir()
+        output_dir.mkdir(parents=True)
 
     def full_disk(self, directory):
         raise OSError(28, "No space left on device")
@@ -361,7 +373,7 @@ def test_a_failed_save_leaves_no_half_checkpoint(sentences, tmp_path, monkeypatc
     if made_before:
         assert list(output_dir.iterdir()) == []
     else:
-        assert not output_dir.exists()
+        assert not (tmp_path / "runs").exists()  # nor the folder made for it
 
 
 def test_prompts_ask_about_the_genes_the_sentences_hold(sentences, tmp_path, monkeypatch):

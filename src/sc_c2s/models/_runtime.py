@@ -65,10 +65,10 @@ def seed_torch(seed: int, device: torch.device) -> None:
     import torch
 
     torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.manual_seed_all(seed)
-    elif device.type == "mps":
-        torch.mps.manual_seed(seed)
+    backend = getattr(torch, device.type, None) if device.type != "cpu" else None  # torch.cuda, torch.mps, torch.xpu …
+    seed_device = getattr(backend, "manual_seed_all", None) or getattr(backend, "manual_seed", None)
+    if seed_device is not None:
+        seed_device(seed)
 
 
 def default_device() -> torch.device:

@@ -601,14 +601,14 @@ def _save(c2s_model: C2SModel, output_dir: Path) -> None:
     Half a checkpoint would load as a model without its metadata, with the defaults, and would make the same call
     fail again, its folder no longer empty.
     """
-    existed = output_dir.exists()  # and empty: `_check_output_dir`
+    created = [folder for folder in (output_dir, *output_dir.absolute().parents) if not folder.exists()]
     try:
         c2s_model.save(output_dir)
     except BaseException:
         with suppress(OSError):  # the error to show is the save's
-            if not existed:
-                shutil.rmtree(output_dir)
-            else:
+            if created:  # the folders the save made, the checkpoint's and those above it
+                shutil.rmtree(created[-1])
+            else:  # empty before: `_check_output_dir`
                 for path in output_dir.iterdir():
                     if path.is_dir() and not path.is_symlink():
                         shutil.rmtree(path)
