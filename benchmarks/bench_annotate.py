@@ -66,7 +66,7 @@ def main() -> None:
     tokenizer = build_tokenizer(list(cells.uns["c2s"]["genes"]), [*labels, *MANY_LABELS], max_genes=N_GENES)
     network = build_model(tokenizer).eval()
     tiny = C2SModel(network, tokenizer, C2SMetadata(name="scratch-tiny-random", labels=labels), Path("tiny"))
-    run(tiny, cells[: args.cpu_cells].copy(), labels, n_loop=16, batch_size=args.batch_size)
+    run(tiny, cells[: args.cpu_cells].copy(), labels, n_loop=min(16, args.cpu_cells), batch_size=args.batch_size)
 
     if not args.gpu:
         return
@@ -75,7 +75,7 @@ def main() -> None:
         return
     network = build_model(tokenizer, **PYTHIA_410M).to("cuda", torch.bfloat16).eval()
     big = C2SModel(network, tokenizer, C2SMetadata(name="pythia-410m-random", labels=labels), Path("pythia-410m"))
-    run(big, cells[: args.gpu_cells].copy(), labels, n_loop=64, batch_size=args.batch_size)
+    run(big, cells[: args.gpu_cells].copy(), labels, n_loop=min(64, args.gpu_cells), batch_size=args.batch_size)
 
 
 def load_cells(n_cells: int) -> ad.AnnData:

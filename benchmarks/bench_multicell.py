@@ -160,7 +160,7 @@ def main() -> None:
     scores = sc_c2s.tl.score_generation(test, generated, label_key="tissue", generated_key="tissue")
     print("Generated cells' tissue recognised by kNN on real held-out cells (target >= 0.90), beside real vs real")
     columns = ["n_real", "n_generated", "knn_recovery", "knn_recovery_control", "valid_rate", "sentence_length"]
-    print(scores[columns].to_string())
+    print(scores[columns].rename_axis("tissue").to_string())
 
 
 if __name__ == "__main__":

@@ -97,13 +97,22 @@ def training_split(adata: ad.AnnData, held_out: str) -> ad.AnnData:
 
 
 def score(
-    adata: ad.AnnData, predicted: ad.AnnData, held_out: str, *, train_seconds: float, predict_seconds: float
+    adata: ad.AnnData,
+    predicted: ad.AnnData,
+    held_out: str,
+    *,
+    n_genes: int,
+    train_seconds: float,
+    predict_seconds: float,
 ) -> tuple[pd.Series, pd.DataFrame, dict[str, float]]:
-    """Figures of the held-out type beside the baselines, the IFN-response genes' means, and the timing."""
-    scores = sc_c2s.tl.score_perturbation(
-        adata, predicted, condition_key=CONDITION, control=CONTROL, groupby=CELL_TYPE
-    ).iloc[0]  # the held-out type, the only group predicted
-    data = _score_perturbation.cells(adata, predicted, condition_key=CONDITION, control=CONTROL, groupby=CELL_TYPE)
+    """Figures of the held-out type beside the baselines, the IFN-response genes' means, and the timing.
+
+    Real cells are read through `n_genes` genes, as many as the predictions hold (scGen's, ranked here, do not
+    record it as those of `predict_perturbation` do).
+    """
+    keys = {"condition_key": CONDITION, "control": CONTROL, "groupby": CELL_TYPE, "n_genes": n_genes}
+    scores = sc_c2s.tl.score_perturbation(adata, predicted, **keys).iloc[0]  # the held-out type, the only one predicted
+    data = _score_perturbation.cells(adata, predicted, **keys)
     means = _score_perturbation.contrast(data, group=held_out, perturbation=STIMULATED).means
     timing = {"train_s": train_seconds, "predict_s": predict_seconds, "cells_per_s": predicted.n_obs / predict_seconds}
     return scores, means.loc[IFN_GENES, ["unchanged", "real", "predicted", "mean_shift"]], timing
@@ -138,7 +147,9 @@ def run_c2s(
         n_genes=n_genes,
     )
     predict_seconds = time.perf_counter() - start
-    return score(adata, predicted, held_out, train_seconds=train_seconds, predict_seconds=predict_seconds)
+    return score(
+        adata, predicted, held_out, n_genes=n_genes, train_seconds=train_seconds, predict_seconds=predict_seconds
+    )
 
 
 def run_scgen(adata: ad.AnnData, held_out: str, *, n_genes: int) -> tuple[pd.Series, pd.DataFrame, dict[str, float]]:
@@ -161,7 +172,9 @@ def run_scgen(adata: ad.AnnData, held_out: str, *, n_genes: int) -> tuple[pd.Ser
         var=pd.DataFrame(index=adata.var_names),
     )
     sc_c2s.pp.to_sentences(predicted, n_genes=n_genes, rank_fit=False)
-    return score(adata, predicted, held_out, train_seconds=train_seconds, predict_seconds=predict_seconds)
+    return score(
+        adata, predicted, held_out, n_genes=n_genes, train_seconds=train_seconds, predict_seconds=predict_seconds
+    )
 
 
 def has_pertpy() -> bool:

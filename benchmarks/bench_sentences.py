@@ -385,7 +385,8 @@ def main() -> None:
 
     table = pd.DataFrame(rows)
     table["× numpy"] = np.nan
-    table["× cell2sentence"] = np.nan
+    if has_reference:
+        table["× cell2sentence"] = np.nan
     for (name, _, strings), group in table.groupby(["data", "genes", "strings"], sort=False):
         numpy_rate = group.loc[group["method"] == "numpy argsort per row", "cells/s"]
         ref = table.loc[(table["data"] == name) & (table["method"] == "cell2sentence"), "cells/s"]
@@ -396,12 +397,12 @@ def main() -> None:
     table["peak - output MiB"] = table["peak MiB"] - table["output MiB"]
 
     def number(digits: int) -> Callable[[float], str]:
-        return lambda v: "" if np.isnan(v) else f"{v:,.{digits}f}"
+        return lambda v: f"{v:,.{digits}f}"  # pandas prints `na_rep` for NaN without calling the formatter
 
     formatters = {"cells": "{:,}".format, "× numpy": number(1), "× cell2sentence": number(1)}
     formatters |= {key: number(0) for key in ["cells/s", "cells/CPU-s", "peak MiB", "output MiB", "peak - output MiB"]}
     print()
-    print(table.to_string(index=False, formatters=formatters))
+    print(table.to_string(index=False, formatters=formatters, na_rep=""))
     print(
         "\ncells/s: wall clock; cells/CPU-s: per second of CPU time summed over threads (steady under load: on an idle"
         " machine, n cores give about n times it); × numpy, × cell2sentence: ratios of wall-clock cells/s (the"
