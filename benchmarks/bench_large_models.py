@@ -36,7 +36,8 @@ left to start CUDA (this process's allocator held it; the check now empties that
 
 One architecture per command fits a device command of 10 minutes (``--only``); ``--quick`` measures an eighth
 of the cells and full fine-tuning at batch 8 only. ``--smoke`` runs tiny models of the same architectures (but
-the real vocabularies) on the CPU with 20-gene prompts, to check the script itself in a few minutes.
+the real vocabularies) on the CPU with 20-gene prompts, to check the script itself: 15 to 20 minutes on 2
+cores, most of it in the two Gemma models' 256k-token output layers (``--only`` shortens it).
 
     python benchmarks/bench_large_models.py            # on a GPU
     python benchmarks/bench_large_models.py --smoke    # anywhere
