@@ -33,41 +33,56 @@ def tiny(_short_sentences) -> C2SModel:
     return C2SModel(model.eval(), tokenizer, C2SMetadata(name="tiny", labels=LABELS), Path("tiny"))
 
 
+def train_namer(adata: ad.AnnData, labels: list[str], answers: pd.Series, *, name: str, steps: int = 60) -> C2SModel:
+    """A 1-layer model trained for `steps` batches (60: a second) to write each cell's answer (and EOS, as finetune
+    trains) after its prediction prompt of 8 genes; `labels` are the answers, which the tokenizer learns as words."""
+    tokenizer = build_tokenizer([g.upper() for g in adata.uns["c2s"]["genes"]], labels)
+    model = build_model(tokenizer, hidden_size=32, n_layers=1, n_heads=2, max_length=128)
+    words = prompts.sentence_words(adata, n_genes=8)
+    prompt_ids = tokenizer([prompts.cell_type_prediction(w) for w in words])["input_ids"]
+    answer_ids = [
+        [*a, tokenizer.eos_token_id]
+        for a in tokenizer([prompts.answer(a) for a in answers], add_special_tokens=False)["input_ids"]
+    ]
+    ids = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
+    input_ids, mask, positions = _runtime.left_pad(ids, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
+    targets = torch.full_like(input_ids, -100)  # learn the answers only
+    for row, answer in enumerate(answer_ids):
+        targets[row, -len(answer) :] = torch.as_tensor(answer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)  # dropout
+        for _ in range(steps):
+            batch = torch.as_tensor(rng.choice(len(ids), 32, replace=False))
+            loss = model(
+                input_ids=input_ids[batch],
+                attention_mask=mask[batch],
+                position_ids=positions[batch],
+                labels=targets[batch],
+            ).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return C2SModel(model.eval(), tokenizer, C2SMetadata(name=name, labels=labels), Path(name))
+
+
 @pytest.fixture(scope="module")
-def trained(_cellbench, one_torch_thread) -> tuple[C2SModel, ad.AnnData, np.ndarray]:
-    """A 1-layer model trained for a second to name the cell line of 200 CellBench cells from their top 8 of 200
-    highly variable genes; the 300 cells; which of them are held out."""
+def _namer_cells(_cellbench) -> tuple[ad.AnnData, np.ndarray]:
+    """300 CellBench cells ranked by their top 8 of 200 highly variable genes; which of them are held out."""
     adata = _cellbench
     lognorm = sc.pp.log1p(sc.pp.normalize_total(adata, copy=True), copy=True)
     adata = adata[:, sc.pp.highly_variable_genes(lognorm, n_top_genes=200, inplace=False)["highly_variable"]].copy()
     sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8, rank_fit=False)
-    tokenizer = build_tokenizer([g.upper() for g in adata.uns["c2s"]["genes"]], LABELS)
-    model = build_model(tokenizer, hidden_size=32, n_layers=1, n_heads=2, max_length=128)
-    held_out = np.arange(adata.n_obs) % 3 == 0
-    words = prompts.sentence_words(adata[~held_out], n_genes=8)
-    prompt_ids = tokenizer([prompts.cell_type_prediction(w) for w in words])["input_ids"]
+    return adata, np.arange(adata.n_obs) % 3 == 0
+
+
+@pytest.fixture(scope="module")
+def trained(_namer_cells, one_torch_thread) -> tuple[C2SModel, ad.AnnData, np.ndarray]:
+    """A model trained to name the cell line of 200 CellBench cells; the 300 cells; which of them are held out."""
+    adata, held_out = _namer_cells
     answers = adata.obs["cell_type"][~held_out].astype(str)
-    answer_ids = tokenizer([prompts.answer(a) for a in answers], add_special_tokens=False)["input_ids"]
-    ids = [p + a for p, a in zip(prompt_ids, answer_ids, strict=True)]
-    input_ids, mask, positions = _runtime.left_pad(ids, pad_id=tokenizer.pad_token_id, device=torch.device("cpu"))
-    labels = torch.full_like(input_ids, -100)  # learn the answers only
-    for row, answer in enumerate(answer_ids):
-        labels[row, -len(answer) :] = torch.as_tensor(answer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        batch = torch.as_tensor(rng.choice(len(ids), 32, replace=False))
-        loss = model(
-            input_ids=input_ids[batch],
-            attention_mask=mask[batch],
-            position_ids=positions[batch],
-            labels=labels[batch],
-        ).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    c2s = C2SModel(model.eval(), tokenizer, C2SMetadata(name="trained", labels=LABELS), Path("trained"))
-    return c2s, adata, held_out
+    return train_namer(adata[~held_out], LABELS, answers, name="trained"), adata, held_out
 
 
 def full_sequence_loglik(c2s: C2SModel, adata: ad.AnnData, labels: list[str]) -> np.ndarray:
@@ -239,8 +254,8 @@ def test_batch_size_does_not_change_results(short_sentences, tiny):
 def test_free_answers_do_not_depend_on_batch_size(short_sentences, tiny, short_answers):
     words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
     ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
-    one, one_prob = _annotate.generate_answers(tiny, ids, batch_size=1)
-    seven, seven_prob = _annotate.generate_answers(tiny, ids, batch_size=7)
+    one, one_prob = _annotate.generate_answers(tiny, ids, known=None, batch_size=1)
+    seven, seven_prob = _annotate.generate_answers(tiny, ids, known=None, batch_size=7)
     assert one == seven
     np.testing.assert_allclose(one_prob, seven_prob, rtol=1e-4)
 
@@ -249,7 +264,7 @@ def test_free_answers_match_one_cell_at_a_time_generate(short_sentences, tiny, s
     short_sentences = short_sentences[:16].copy()
     words = _utils.cell_words(short_sentences, tiny, n_genes=N_GENES, mod=None)
     ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, n_genes=N_GENES, organism="Homo sapiens"))
-    answers, _ = _annotate.generate_answers(tiny, ids, batch_size=8)
+    answers, _ = _annotate.generate_answers(tiny, ids, known=None, batch_size=8)
 
     stop = _runtime.period_ids(tiny.tokenizer)
     assert tiny.tokenizer.convert_tokens_to_ids(".") in stop
@@ -287,6 +302,39 @@ def test_free_answers_that_list_genes_or_are_empty_are_missing(short_sentences, 
     np.testing.assert_array_equal(adata.obs["c2s_cell_type_score"], [0.5, 0.5, np.nan, 0.5, np.nan, np.nan])
 
 
+def test_free_answers_that_are_labels_of_the_model_are_kept(short_sentences, tiny, monkeypatch):
+    """A label named after marker genes is a label of the model, not a cell sentence continued."""
+    adata = short_sentences[:2].copy()
+    a, b = (g.upper() for g in adata.uns["c2s"]["genes"][:2])
+    answers = [f"{a} {b} Mono", f"{b} {a} Mono"]
+    monkeypatch.setattr(_annotate, "generate_answers", lambda *_, **__: (answers, np.full(2, 0.5)))
+    with pytest.warns(UserWarning, match=r"^1 of 2 answers are lists of genes"):
+        sc_c2s.tl.annotate(adata, model=trained_here(tiny, labels=[*LABELS, f"{a} {b} Mono"]), n_genes=N_GENES)
+    assert adata.obs["c2s_cell_type"].tolist() == [f"{a} {b} Mono", np.nan]
+
+
+@pytest.mark.parametrize(
+    ("written", "known", "expected"),
+    [
+        (" Ex. neuron. H838.", True, 4),  # Ex . neuron .
+        (" Ex. neuron. H838.", False, 2),  # Ex .
+        (" B cell.. H838.", True, 3),  # B cell. .
+        (" H838. Ex.", True, 2),  # H838 .
+        (" Ex. H838. neuron.", True, 4),  # Ex . H838 .: the start of no known answer
+        (" Ex. neuron", True, 3),  # cut by `max_new_tokens`
+    ],
+)
+def test_answer_length_passes_the_periods_inside_known_answers(written, known, expected):
+    labels = ["Ex. neuron", "B cell.", "H838"]
+    tokenizer = build_tokenizer(["CD3D"], labels)
+    tokens = np.array(tokenizer(written, add_special_tokens=False)["input_ids"])
+    answers = {prompts.answer(label, prefix="") for label in labels} if known else set()
+    periods = _runtime.period_ids(tokenizer)
+    assert _annotate.answer_length(tokenizer, tokens, periods=periods, known=answers) == expected
+    with_eos = np.array([*tokenizer(" Ex.", add_special_tokens=False)["input_ids"], tokenizer.eos_token_id, 0])
+    assert _annotate.answer_length(tokenizer, with_eos, periods=periods, known=answers) == (3 if known else 2)
+
+
 def test_trained_model_names_cell_lines(trained):
     c2s, adata, held_out = trained
     adata = adata[held_out].copy()
@@ -300,6 +348,36 @@ def test_trained_model_names_cell_lines(trained):
     assert (constrained == truth).mean() > 0.7  # largest class: 24 %
     assert adata.uns["constrained"]["params"]["labels"] == LABELS
     assert ((adata.obs["free_score"] > 0) & (adata.obs["free_score"] <= 1)).all()
+
+
+def test_trained_labels_with_periods_or_genes_are_written_whole(_namer_cells, one_torch_thread):
+    """Free answers were cut at a label's own period ("Ex. A549" → "Ex", "H1975 cell." → "H1975 cell"), and a label
+    named after genes was dropped as a list of genes. With such labels the model now writes on to its end of
+    sequence, and the answer ends at the first period that ends a label or the start of none."""
+    adata, held_out = _namer_cells
+    a, b = (g.upper() for g in adata.uns["c2s"]["genes"][:2])
+    renamed = {"A549": "Ex. A549", "H838": "In. H838", "H1975": "H1975 cell.", "H2228": f"{a} {b} H2228"}
+    labels = [renamed.get(label, label) for label in LABELS]
+    truth = adata.obs["cell_type"].astype(str).map(lambda label: renamed.get(label, label))
+    c2s = train_namer(adata[~held_out], labels, truth[~held_out], name="renamed", steps=100)
+    tokenizer = c2s.tokenizer
+    assert tokenizer.tokenize(" Ex. A549.") == ["Ex", ".", "A549", "."]  # the label's own period is a token
+
+    adata = adata[held_out].copy()
+    sc_c2s.tl.annotate(adata, model=c2s, labels="model", n_genes=8, key_added="constrained")
+    sc_c2s.tl.annotate(adata, model=c2s, n_genes=8, key_added="free")  # no warning of lists of genes
+    constrained, free = adata.obs["constrained"].astype(str), adata.obs["free"].astype(str)
+    assert set(renamed.values()) <= set(free)
+    assert (free == constrained).mean() > 0.9
+    assert (constrained == truth[held_out]).mean() > 0.7
+
+    for words, answer in zip(prompts.sentence_words(adata[:30], n_genes=8), free, strict=False):
+        prompt = tokenizer(prompts.cell_type_prediction(words, n_genes=8), return_tensors="pt")
+        out = c2s.model.generate(
+            **prompt, max_new_tokens=32, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0
+        )
+        written = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
+        assert answer == _annotate.parse_answer(written)  # one label and its period, then EOS
 
 
 def test_results_and_params(short_sentences, tiny, container, scanpy_log):
@@ -428,7 +506,10 @@ def test_without_sentences(tiny):
         ({"labels": []}, r"non-empty"),
         ({"labels": ["A549", " "]}, r"non-empty"),
         ({"labels": ["A549", "H1975", "A549"]}, r"more than once"),
-        ({"labels": ["A549", "H1975", "H1975 "]}, r"'H1975' and 'H1975 ' are the same tokens"),
+        ({"labels": ["A549", "H1975", "H1975 "]}, r"without a space at either end; got \['H1975 '\]"),
+        # accepted without re-ranking, and refused by the prompt for re-ranking as `cell_type`, after the scoring
+        ({"labels": ["A549", "CD19+\nB"]}, r"`labels` must be non-empty strings of one line"),
+        ({"labels": ["A549", "CD19+\rB"]}, r"`labels` must be non-empty strings of one line"),
         ({"labels": ["A549", "lymphocyte", "monocyte"]}, r"'lymphocyte' and 'monocyte' have words unknown to 'tiny'"),
         ({"n_genes": 0}, r"positive integer"),
         ({"batch_size": 0}, r"positive integer"),

@@ -12,7 +12,7 @@ import sc_c2s
 from sc_c2s import prompts
 from sc_c2s.models import C2SMetadata, C2SModel, _runtime
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _annotate, _samples, _utils
+from sc_c2s.tl import _annotate, _predict_tissue, _samples, _utils
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DATA = Path(__file__).parent / "data"
@@ -164,6 +164,18 @@ def test_free_answers_that_are_gene_lists_are_missing(tissues, tiny, monkeypatch
         sc_c2s.tl.predict_tissue(tissues, model=tiny, groupby="sample", n_cells=N_CELLS, n_genes=N_GENES, n_draws=1)
     assert tissues.obs["c2s_tissue"].isna().all() and tissues.obs["c2s_tissue_score"].isna().all()
     assert tissues.uns["c2s_tissue"]["params"]["mode"] == "free"
+
+
+def test_free_answers_that_are_tissues_of_the_model_are_kept(tissues, tiny, monkeypatch):
+    """A tissue the model was trained on is a tissue, whatever its words."""
+    a, b = (g.upper() for g in tissues.uns["c2s"]["genes"][:2])
+    n_samples = tissues.obs["sample"].nunique()
+    written = [f"{a} {b} niche"] * n_samples
+    monkeypatch.setattr(_predict_tissue, "generate_answers", lambda *_, **__: (written, np.full(n_samples, 0.5)))
+    metadata = C2SMetadata(name="niches", organism="Mus musculus", tissues=[*TISSUES, f"{a} {b} niche"])
+    model = C2SModel(tiny.model, tiny.tokenizer, metadata, Path("niches"))
+    sc_c2s.tl.predict_tissue(tissues, model=model, groupby="sample", n_cells=N_CELLS, n_genes=N_GENES, n_draws=1)
+    assert (tissues.obs["c2s_tissue"] == f"{a} {b} niche").all()
 
 
 def test_model_tissues_and_errors(tissues, tiny):

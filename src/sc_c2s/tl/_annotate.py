@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
@@ -25,6 +26,7 @@ from sc_c2s.models import _candidates, _runtime
 from sc_c2s.models._scratch import join_punctuation
 
 from ._rerank import check_rerank, n_reranked, rerank_labels
+from ._samples import ANSWER_TEXT
 from ._utils import (
     cell_words,
     check_task,
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from distributed import Client
     from mudata import MuData
+    from transformers import PreTrainedTokenizerBase
 
     from sc_c2s.models import C2SModel
 
@@ -81,10 +84,12 @@ def annotate(
     :mod:`sc_c2s.prompts` (upper-cased if the model was trained so). Two modes:
 
     free (``labels=None``)
-        The model writes the answer greedily, up to 32 tokens, stopping at the first period or end of sequence.
-        The answer is decoded from the new tokens only; surrounding whitespace and the final period are stripped.
-        The score is the model's probability of that answer. An answer of two words or more, most of them genes of
-        `adata`, is a continued cell sentence rather than a cell type (a failure of some published checkpoints):
+        The model writes the answer greedily, up to 32 tokens, stopping at the first period or end of sequence;
+        past a period inside one of the model's own labels (``model.metadata.labels``, e.g. ``"Ex. neuron"``), at
+        the first that closes one or leaves the start of all of them. The answer is decoded from the new tokens
+        only; surrounding whitespace and the final period are stripped. The score is the model's probability of
+        that answer. An answer of two words or more, most of them genes of `adata`, is a continued cell sentence
+        rather than a cell type (a failure of some published checkpoints): unless it is one of the model's labels,
         it is missing (NaN), and such answers are counted in a warning.
     constrained (``labels=[...]`` or ``labels="model"``)
         The log-likelihood of each candidate answer (``" {{label}}."``, summed over its tokens) is scored after
@@ -221,8 +226,8 @@ def annotate(
     if candidates is None:
         ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
-        answers, score = generate_answers(c2s, ids, batch_size=batch_size)
-        named = free_labels(answers, genes, what="cell types")
+        answers, score = generate_answers(c2s, ids, known=c2s.metadata.labels, batch_size=batch_size)
+        named = free_labels(answers, genes, known=c2s.metadata.labels, what="cell types")
         cell_types = pd.Categorical(named, categories=sorted({name for name in named if name is not None}))
         score = np.where(cell_types.isna(), np.nan, score)
     else:
@@ -259,9 +264,12 @@ def label_set(labels: Sequence[str] | str) -> list[str] | Literal["model"]:
             raise ValueError(msg)
         return labels
     labels = list(labels)
-    bad = [label for label in labels if not isinstance(label, str) or not label.strip()]
+    bad = [label for label in labels if not isinstance(label, str) or not re.fullmatch(ANSWER_TEXT, label)]
     if not labels or bad:
-        msg = f"`labels` must be non-empty strings; got {bad[:5] if bad else 'an empty list'}."
+        msg = (
+            "`labels` must be non-empty strings of one line, without a space at either end; got "
+            f"{bad[:5] if bad else 'an empty list'}."
+        )
         raise ValueError(msg)
     duplicated = sorted({label for label in labels if labels.count(label) > 1})
     if duplicated:
@@ -282,14 +290,24 @@ def model_labels(c2s: C2SModel) -> list[str]:
 
 
 def generate_answers(
-    c2s: C2SModel, ids: list[list[int]], *, batch_size: int | None, desc: str = "annotating"
+    c2s: C2SModel,
+    ids: list[list[int]],
+    *,
+    known: Sequence[str] | None,
+    batch_size: int | None,
+    desc: str = "annotating",
 ) -> tuple[list[str], np.ndarray]:
     """Write the greedy answer to each prompt of `ids`; return the answers and the model's probability of each.
 
-    `desc` names the progress bar.
+    An answer ends at its first period, unless one of the answers the model was trained on (`known`: its labels
+    or tissues) goes on past it (:func:`answer_length`). `desc` names the progress bar.
     """
     tokenizer = c2s.tokenizer
-    stop_ids, pad = _runtime.period_ids(tokenizer), _runtime.pad_id(tokenizer)
+    periods, pad = _runtime.period_ids(tokenizer), _runtime.pad_id(tokenizer)
+    trained = {prompts.answer(label, prefix="") for label in known or ()}
+    # past a period inside an answer ("Ex. neuron"), the model writes on to its end of sequence, which ends every
+    # answer finetune trains
+    stop_ids = [_runtime.eos_id(tokenizer)] if any("." in answer[:-1] for answer in trained) else periods
     answers: list[str] = [""] * len(ids)
     prob = np.empty(len(ids))
 
@@ -297,18 +315,35 @@ def generate_answers(
         tokens, logp = _runtime.decode(
             c2s.model, batch, max_new_tokens=MAX_ANSWER_TOKENS, stop_ids=stop_ids, pad_id=pad
         )
-        tokens = tokens.cpu().numpy()
-        is_stop = np.isin(tokens, stop_ids)
-        ends = np.where(is_stop.any(axis=1), is_stop.argmax(axis=1) + 1, tokens.shape[1])
-        for i, row, end in zip(batch.index, tokens, ends, strict=True):
+        tokens, logp = tokens.cpu().numpy(), logp.float().cpu().numpy()  # MPS has no float64
+        for i, row, row_logp in zip(batch.index, tokens, logp, strict=True):
+            end = answer_length(tokenizer, row, periods=periods, known=trained)
             answers[i] = parse_answer(tokenizer.decode(row[:end], skip_special_tokens=True))
-        prob[batch.index] = logp.sum(1).exp().double().cpu().numpy()
+            prob[i] = np.exp(row_logp[:end].sum(dtype=np.float64))
 
     with _runtime.inference(c2s.model):
         _runtime.run_batches(
             c2s.model, ids, answer, batch_size=batch_size, pad_id=pad, desc=desc, room=MAX_ANSWER_TOKENS
         )
     return answers, prob
+
+
+def answer_length(
+    tokenizer: PreTrainedTokenizerBase, tokens: np.ndarray, *, periods: Sequence[int], known: set[str]
+) -> int:
+    """Count the tokens of the answer that `tokens` begin with.
+
+    It ends at the first of `periods` (tokens ending with a period, and the end of sequence) where the text so far
+    is one of the `known` answers (each with its final period) or the start of none: ``"Ex."`` goes on where
+    ``"Ex. neuron."`` is known. Without known answers, the first period ends it.
+    """
+    for j in np.flatnonzero(np.isin(tokens, periods)):
+        if tokens[j] == tokenizer.eos_token_id or not known:
+            return int(j) + 1
+        head = join_punctuation(tokenizer.decode(tokens[: j + 1], skip_special_tokens=True).strip())
+        if head in known or not any(answer.startswith(head) for answer in known):
+            return int(j) + 1
+    return len(tokens)
 
 
 def parse_answer(text: str) -> str:

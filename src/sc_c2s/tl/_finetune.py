@@ -142,7 +142,9 @@ def finetune(
     ----------
     {doc_adata}
     label_key
-        Column of ``obs`` with the cell types to learn; needed by the cell-type tasks only.
+        Column of ``obs`` with the cell types to learn; needed by the cell-type tasks only. The labels are read
+        as text (``1`` and ``True`` become ``"1"`` and ``"True"``, as :func:`~sc_c2s.tl.annotate` writes them
+        back), one line each, without a space at either end.
     base_model
         ``"scratch"``, a name from :func:`sc_c2s.models.available`, or a checkpoint directory. Training a
         checkpoint this function wrote goes on with the labels of this data, which its metadata then lists (the

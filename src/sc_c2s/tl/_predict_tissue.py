@@ -85,7 +85,8 @@ def predict_tissue(
         The model writes each draw's answer greedily; the group's tissue is the most frequent answer of its
         draws (ties: the first drawn), its score the share of draws that gave it. Answers that are lists of
         genes rather than a tissue (a failure of some published checkpoints) are missing, and counted in a
-        warning.
+        warning, unless they are tissues of the model (``model.metadata.tissues``), which are also read past a
+        period of their own, as :func:`~sc_c2s.tl.annotate` reads its labels.
     constrained (``labels=[...]`` or ``"model"``)
         Each draw scores the log-likelihood of every label's answer; the group's tissue is the label with the
         largest mean over its draws, its score that label's softmax probability of the means. The mean, not the
@@ -217,8 +218,9 @@ def _majority(
     c2s: C2SModel, ids: list[list[int]], draw_groups: np.ndarray, *, batch_size: int | None, genes: Sequence[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Free answers of each draw; per group the most frequent one and the share of draws that gave it."""
-    answers, prob = generate_answers(c2s, ids, batch_size=batch_size, desc="predicting tissues")
-    answers = pd.Series(free_labels(answers, genes, what="tissues", stacklevel=4), dtype=object)
+    known = c2s.metadata.tissues
+    answers, prob = generate_answers(c2s, ids, known=known, batch_size=batch_size, desc="predicting tissues")
+    answers = pd.Series(free_labels(answers, genes, known=known, what="tissues", stacklevel=4), dtype=object)
     per_draw = pd.DataFrame({"group": draw_groups, "answer": answers.to_numpy(), "score": prob})
     rows = {}
     for group, draws in per_draw.groupby("group", sort=False):

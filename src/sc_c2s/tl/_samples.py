@@ -430,12 +430,20 @@ def complete_column(obs: pd.DataFrame, key: str, *, arg: str, what: str) -> pd.S
     return values
 
 
+#: what a label or tissue may be: one line, no space at either end (a model's answer is stripped of them)
+ANSWER_TEXT = r"\S(?:[^\n\r]*\S)?"
+
+
 def text_column(obs: pd.DataFrame, key: str, *, arg: str, what: str) -> pd.Series:
-    """Return :func:`complete_column` as strings, refusing values that are empty or span lines (prompts name them)."""
+    """Return :func:`complete_column` as strings, refusing values a model could not write back (:data:`ANSWER_TEXT`)."""
     values = complete_column(obs, key, arg=arg, what=what).astype(str)
-    bad = values[~values.str.fullmatch(r"[^\n]*\S[^\n]*")]
+    bad = values[~values.str.fullmatch(ANSWER_TEXT)]
     if len(bad):
-        msg = f"obs[{key!r}] has empty or multi-line {what}s (e.g. {bad.iloc[0]!r}); rename them."
+        msg = (
+            f"obs[{key!r}] has {what}s that are empty, span several lines, or start or end with a space (e.g. "
+            f"{bad.iloc[0]!r}); a model's answer is one line without them. Rename them, e.g. "
+            f"`adata.obs[{key!r}] = adata.obs[{key!r}].astype(str).str.strip()`."
+        )
         raise ValueError(msg)
     return values
 

@@ -213,13 +213,17 @@ def gene_lists(answers: Sequence[str | None], genes: Sequence[str]) -> np.ndarra
     return out
 
 
-def free_labels(answers: Sequence[str], genes: Sequence[str], *, what: str, stacklevel: int = 3) -> list[str | None]:
+def free_labels(
+    answers: Sequence[str], genes: Sequence[str], *, known: Sequence[str] | None, what: str, stacklevel: int = 3
+) -> list[str | None]:
     """Return the free-text answers as labels: empty answers and lists of genes (:func:`gene_lists`) are ``None``.
 
-    Each kind is counted in a warning; `what` names the labels asked for, and `stacklevel` counts from this
-    function (3 points at the caller of the verb that calls it).
+    Answers the model was trained on (`known`, e.g. ``"S100A8 S100A9 Mono"``) are labels whatever their words.
+    Each kind dropped is counted in a warning; `what` names the labels asked for, and `stacklevel` counts from
+    this function (3 points at the caller of the verb that calls it).
     """
-    is_genes = gene_lists(answers, genes)
+    trained = set(known or ())
+    is_genes = gene_lists(answers, genes) & np.array([answer not in trained for answer in answers], dtype=bool)
     is_empty = np.array([not answer for answer in answers], dtype=bool)
     n = len(answers)
     if is_genes.any():
