@@ -86,8 +86,9 @@ def test_demo_writes_its_files(tmp_path, env):
     assert {"c2s_sentence", "c2s_cell_type", "c2s_cell_type_score"} <= set(real.obs.columns)
     assert generated.var_names.equals(real.var_names)
     assert generated.obs["cell_type"].value_counts().eq(3).all()
-    report = (out / "report.txt").read_text()
-    assert "Rank → expression fit" in report
+    report = (out / "report.txt").read_text(encoding="utf-8")
+    assert report.isascii()  # printed too: a redirected stdout on Windows encodes it in the locale's code page
+    assert "Rank -> expression fit" in report
     assert "knn_recovery" in report
     assert report in result.stdout
     assert (out / "rank_fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -211,7 +212,7 @@ def test_usage_errors_exit_2(capsys):
 def test_cell_types_parsing():
     assert cli._cell_types(["B cell=3", "NK", "B cell=2", "CD4+ T=1"]) == {"B cell": 5, "NK": 1, "CD4+ T": 1}
     assert cli._cell_types(["B cell=0", "NK=2"]) == {"B cell": 0, "NK": 2}
-    with pytest.raises(ValueError, match=r"with N a number of cells \(0, 1, 2, …\), got 'B=-1'"):
+    with pytest.raises(ValueError, match=r"with N a number of cells \(0, 1, 2, \.\.\.\), got 'B=-1'"):
         cli._cell_types(["B=-1"])  # "a whole number N" read wrong: -1 is one
     with pytest.raises(ValueError, match="TYPE=N"):
         cli._cell_types(["=3"])
@@ -677,7 +678,7 @@ def test_generate_ranks_data_without_rank_fit_again(tmp_path, checkpoint, cellbe
     argv = ["generate", "--model", str(checkpoint), "--cell-types", "A549=2", "--n-genes", "5", "--data", str(path)]
     assert cli.main([*argv, "--out", str(out := tmp_path / "out.h5ad")]) == cli.EXIT_OK
     err = capsys.readouterr().err
-    assert "the input has cell sentences without their rank → expression fit; ranking them again" in err
+    assert "the input has cell sentences without their rank -> expression fit; ranking them again" in err
     expected = sc_c2s.pp.to_sentences(cells, gene_symbols="gene_symbol", copy=True).uns["c2s"]["rank_fit"]
     fit = ad.read_h5ad(out).uns["c2s_generate"]["params"]["rank_fit"]
     assert (fit["slope"], fit["intercept"]) == (expected["slope"], expected["intercept"])
@@ -760,6 +761,17 @@ def test_help_says_what_the_defaults_are(capsys):
     assert "None" not in text
     assert "sampling temperature (default: the one recorded with the model, else 1.0)" in text
     assert "[--seed SEED]" in text
+
+
+def test_help_is_ascii(capsys):
+    """`sc-c2s demo --help > file` failed on Windows: a redirected stdout encodes in the locale's code page
+    (cp1252), which has no "→"."""
+    commands = [[], ["demo"], ["annotate"], ["generate"], ["models"], ["models", "list"], ["models", "fetch"]]
+    for command in commands:
+        with pytest.raises(SystemExit):
+            cli.main([*command, "--help"])
+        out = capsys.readouterr().out
+        assert out.isascii(), (command, [c for c in out if not c.isascii()])
 
 
 def test_models_list_marks_unconfirmed_licences(capsys):

@@ -356,6 +356,27 @@ def test_training_seeds_the_device_it_runs_on(monkeypatch, device):
     torch.testing.assert_close(torch.rand(2), torch.rand(2, generator=torch.Generator().manual_seed(7)))
 
 
+@pytest.mark.parametrize("device", ["mps", "xpu"])
+def test_training_gives_the_random_state_of_mps_and_xpu_back(monkeypatch, device):
+    """Only the CPU's and CUDA's were given back: training on MPS left the caller's MPS generator at our seed."""
+    state = {"seed": 5}  # the caller's, on a stand-in for the device's generator
+    backend = getattr(torch, device)
+    if device == "mps":
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+        monkeypatch.setattr(backend, "get_rng_state", lambda: dict(state))
+        monkeypatch.setattr(backend, "set_rng_state", lambda saved: state.update(saved))
+        monkeypatch.setattr(backend, "manual_seed", lambda seed: state.update(seed=seed))
+    else:
+        monkeypatch.setattr(backend, "is_initialized", lambda: True)
+        monkeypatch.setattr(backend, "get_rng_state_all", lambda: dict(state))
+        monkeypatch.setattr(backend, "set_rng_state_all", lambda saved: state.update(saved))
+        monkeypatch.setattr(backend, "manual_seed_all", lambda seed: state.update(seed=seed))
+    with _runtime.keep_random_state():
+        _runtime.seed_torch(7, torch.device(device))
+        assert state == {"seed": 7}
+    assert state == {"seed": 5}
+
+
 @pytest.mark.parametrize("made_before", [False, True], ids=["new folders", "empty folder"])
 def test_a_failed_save_leaves_no_half_checkpoint(sentences, tmp_path, monkeypatch, made_before):
     """A full disk (or Ctrl-C) while saving left weights without metadata: they loaded with the defaults, and the

@@ -11,6 +11,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -683,3 +685,20 @@ def test_save_shows_no_progress_bar_of_transformers(tmp_path, capsys):
     models.load("demo").save(tmp_path / "model")
     assert "Writing model shards" not in capsys.readouterr().err
     assert models.load(tmp_path / "model").metadata.name == "demo"
+
+
+def test_checkpoint_files_are_read_and_written_as_utf_8(tmp_path):
+    """Files opened without `encoding=` are read and written in the locale's encoding, cp1252 on Windows, where a
+    tokenizer config in UTF-8 with non-ASCII text failed the save of a checkpoint (and so its whole training) and
+    metadata written by another tool read back garbled."""
+    code = (
+        "import sys, warnings\n"
+        "warnings.filterwarnings('error', category=EncodingWarning, module='sc_c2s')\n"
+        "import sc_c2s\n"
+        "sc_c2s.models.available()\n"
+        "sc_c2s.models.load('demo').save(sys.argv[1])\n"
+        "sc_c2s.models.load(sys.argv[1])\n"
+    )
+    command = [sys.executable, "-X", "warn_default_encoding", "-c", code, str(tmp_path / "copy")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -111,6 +111,9 @@ def test_device_and_dtype_choice(monkeypatch):
     assert device_and_dtype(cpu, "bfloat16") == (cpu, torch.bfloat16)
     assert device_and_dtype("cpu", torch.float16) == (cpu, torch.float16)
     assert device_and_dtype("cpu", "float64") == (cpu, torch.float64)
+    assert device_and_dtype("mps", "float32") == (torch.device("mps"), torch.float32)
+    with pytest.raises(ValueError, match=r"MPS has no float64; pass `dtype='float32'`"):
+        device_and_dtype("mps", torch.float64)
     for bad in ("int8", "nonsense", torch.int64, torch.float8_e4m3fn, "float8_e5m2", "finfo", [1]):
         with pytest.raises(ValueError, match="floating-point torch dtype"):
             device_and_dtype("cpu", bad)

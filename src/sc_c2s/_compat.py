@@ -58,7 +58,7 @@ def portable_tokenizer_config(directory: Path) -> None:
     path = Path(directory) / "tokenizer_config.json"
     if not path.is_file():
         return
-    config = json.loads(path.read_text())
+    config = json.loads(path.read_text(encoding="utf-8"))
     if config.get("tokenizer_class") == "TokenizersBackend":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

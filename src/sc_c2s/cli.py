@@ -230,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="the whole job on scanpy's bundled PBMCs with the bundled demo model",
-        description="Rank genes into cell sentences, fit and plot the rank → expression model, annotate cell "
+        description="Rank genes into cell sentences, fit and plot the rank -> expression model, annotate cell "
         "types, generate cells and score them, all offline on scanpy's pbmc68k_reduced with the demo model. "
         "Writes .h5ad files, PNG plots and report.txt into the output folder.",
     )
@@ -277,7 +277,7 @@ def _parser() -> argparse.ArgumentParser:
         "--no-rank-fit",
         dest="rank_fit",
         action="store_false",
-        help="rank without fitting the rank → expression line, which annotation does not use (e.g. for binarised "
+        help="rank without fitting the rank -> expression line, which annotation does not use (e.g. for binarised "
         "data, where it cannot be fitted)",
     )
     _add_device(annotate)
@@ -548,7 +548,7 @@ def _sentences(
     elif given:
         start = _step(f"the input has cell sentences; ranking genes again, with {' and '.join(given)}")
     elif fit_needed and "rank_fit" not in handler.uns[_keys.C2S]:
-        start = _step("the input has cell sentences without their rank → expression fit; ranking them again to fit it")
+        start = _step("the input has cell sentences without their rank -> expression fit; ranking them again to fit it")
         ranking = handler.uns[_keys.C2S]["params"]  # as they were ranked
     else:
         return
@@ -583,7 +583,7 @@ def _cell_types(items: Sequence[str]) -> dict[str, int]:
         if not sep:
             name, n = item, "1"
         if not name.strip() or not n.strip().isdigit():
-            msg = f"--cell-types takes TYPE or TYPE=N with N a number of cells (0, 1, 2, …), got {item!r}."
+            msg = f"--cell-types takes TYPE or TYPE=N with N a number of cells (0, 1, 2, ...), got {item!r}."
             raise ValueError(msg)
         counts[name.strip()] = counts.get(name.strip(), 0) + int(n)
     if not sum(counts.values()):
@@ -733,7 +733,7 @@ def _demo(args: argparse.Namespace) -> None:
     sc_c2s.pp.to_sentences(adata)
     _done(start)
 
-    start = _step("[2/6] plotting the rank → expression fit")
+    start = _step("[2/6] plotting the rank -> expression fit")
     ax = sc_c2s.pl.rank_fit(adata, show=False)
     with _writing(out / "rank_fit.png") as partial:
         ax.figure.savefig(partial, dpi=120, bbox_inches="tight")
@@ -768,7 +768,7 @@ def _demo(args: argparse.Namespace) -> None:
         scores.to_csv(partial)
     report = _report(adata, generated, model=model, accuracy=accuracy, scores=scores, label_key=label_key)
     with _writing(out / "report.txt") as partial:
-        partial.write_text(report)
+        partial.write_text(report, encoding="utf-8")
     _done(start)
     print(report)
 
@@ -794,8 +794,8 @@ def _report(adata, generated, *, model, accuracy: float, scores, label_key: str)
             "",
             f"Data: scanpy's pbmc68k_reduced, {adata.n_obs} cells, {adata.obs[label_key].nunique()} cell types "
             f"in obs[{label_key!r}]; sentences of the {adata.raw.n_vars} genes of .raw.",
-            f"Rank → expression fit: slope {fit['slope']:.3f}, intercept {fit['intercept']:.3f}, "
-            f"R² {fit['r2']:.3f} ({fit['n_cells']} cells).  Plot: rank_fit.png",
+            f"Rank -> expression fit: slope {fit['slope']:.3f}, intercept {fit['intercept']:.3f}, "
+            f"R^2 {fit['r2']:.3f} ({fit['n_cells']} cells).  Plot: rank_fit.png",
             "",
             f"Annotation with the model's {len(model.metadata.labels or [])} labels: accuracy {accuracy:.3f} "
             "against obs['bulk_labels'] (the demo model was trained on most of these cells; its held-out scores: "

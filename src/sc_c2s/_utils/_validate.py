@@ -238,7 +238,7 @@ def available_memory() -> int | None:
 def _read_number(path: str, key: str | None = None, *, scale: int = 1) -> int | None:
     """Read the number in a file of ``/proc`` or ``/sys`` (on the line starting with `key`); ``None`` if none."""
     try:
-        with open(path) as file:
+        with open(path, encoding="ascii") as file:
             for line in file:
                 if key is None or line.startswith(key):
                     return int(line.split()[1 if key else 0]) * scale

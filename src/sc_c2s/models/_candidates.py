@@ -82,7 +82,7 @@ def score_answers(
         max_packed = max(1, LOGIT_BUDGET // (len(batch.index) * vocabulary))
         if max_packed not in groups:
             groups[max_packed] = pack_candidates(answer_ids, pad_id=pad_id, device=device, max_packed=max_packed)
-        loglik[batch.index] = score_batch(model, batch, groups[max_packed]).double().cpu().numpy()
+        loglik[batch.index] = score_batch(model, batch, groups[max_packed]).cpu().double().numpy()
 
     room = len(answer_ids) * (max(map(len, answer_ids)) - 1) + 1  # the packed candidates, in the cache
     with _runtime.inference(model):

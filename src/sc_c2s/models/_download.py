@@ -171,13 +171,13 @@ def recorded_hashes(directory: Path) -> dict[str, str]:
             "checked against the registry or recorded again at the next fetch."
         )
         raise _files.BrokenCheckpointError(msg)
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _shards(index: Path) -> list[str]:
     """List the weight files that the ``*.index.json`` of a sharded checkpoint names: files beside it."""
     try:
-        names = set(json.loads(index.read_text())["weight_map"].values())
+        names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         why = f"is not the index of a sharded checkpoint (a `weight_map` of tensors to files): {e!r}"
         raise _files.BrokenCheckpointError(_files.broken_message(index, why)) from e
@@ -281,7 +281,7 @@ class _Download:
     def _record(self) -> None:
         """Write the hashes into the hashes file, through a temporary file of this process's own."""
         tmp = tempfile.NamedTemporaryFile(
-            "w", dir=self.directory, prefix=f".{HASHES_FILE}.", suffix=".tmp", delete=False
+            "w", encoding="utf-8", dir=self.directory, prefix=f".{HASHES_FILE}.", suffix=".tmp", delete=False
         )
         try:
             with tmp:

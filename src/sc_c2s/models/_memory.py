@@ -249,7 +249,7 @@ def capacity(device: torch.device) -> int | None:
         meminfo = Path("/proc/meminfo")
         if not meminfo.is_file():
             return None
-        lines = dict(line.split(":", 1) for line in meminfo.read_text().splitlines() if ":" in line)
+        lines = dict(line.split(":", 1) for line in meminfo.read_text(encoding="ascii").splitlines() if ":" in line)
         return int(lines["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in lines else None
     return int(psutil.virtual_memory().available)
 

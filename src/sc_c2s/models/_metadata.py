@@ -99,7 +99,7 @@ class C2SMetadata:
     @classmethod
     def read(cls, directory: str | Path) -> C2SMetadata:
         """Read ``c2s_metadata.json`` from a checkpoint directory."""
-        return cls.from_dict(json.loads((Path(directory) / METADATA_FILE).read_text()))
+        return cls.from_dict(json.loads((Path(directory) / METADATA_FILE).read_text(encoding="utf-8")))
 
     def to_json(self) -> str:
         """Return the text of ``c2s_metadata.json``.
@@ -123,7 +123,7 @@ class C2SMetadata:
         """
         text = self.to_json()
         path = Path(directory) / METADATA_FILE
-        path.write_text(text + "\n")
+        path.write_text(text + "\n", encoding="utf-8")
         return path
 
 

@@ -44,16 +44,25 @@ MEMORY_SHARE = 0.7
 
 @contextmanager
 def keep_random_state() -> Iterator[None]:
-    """Give torch's global random state back as it was: on the CPU, and on the CUDA devices already in use.
+    """Give torch's global random state back as it was: CPU, CUDA and XPU devices in use, and MPS where there is one.
 
     Training seeds torch's global generators (CPU dropout and initial weights draw from them); a caller's own draws
     after it must not depend on our seed. Also a decorator, of the functions that seed them.
     """
     import torch
 
+    saved = []  # (how to set it back, state) of the generators fork_rng leaves alone
+    if torch.backends.mps.is_available():
+        saved.append((torch.mps.set_rng_state, torch.mps.get_rng_state()))
+    if torch.xpu.is_initialized():
+        saved.append((torch.xpu.set_rng_state_all, torch.xpu.get_rng_state_all()))
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
-        yield
+        try:
+            yield
+        finally:
+            for set_state, state in saved:
+                set_state(state)
 
 
 def seed_torch(seed: int, device: torch.device) -> None:
@@ -137,6 +146,9 @@ def device_and_dtype(
     resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if resolved not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         msg = f"`dtype` must be a floating-point torch dtype such as torch.bfloat16 or 'float32', got {dtype!r}."
+        raise ValueError(msg)
+    if device.type == "mps" and resolved == torch.float64:
+        msg = "MPS has no float64; pass `dtype='float32'` (or leave it out), or `device='cpu'`."
         raise ValueError(msg)
     return device, resolved
 

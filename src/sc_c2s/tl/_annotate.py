@@ -315,7 +315,7 @@ def generate_answers(
         tokens, logp = _runtime.decode(
             c2s.model, batch, max_new_tokens=MAX_ANSWER_TOKENS, stop_ids=stop_ids, pad_id=pad
         )
-        tokens, logp = tokens.cpu().numpy(), logp.float().cpu().numpy()  # MPS has no float64
+        tokens, logp = tokens.cpu().numpy(), logp.cpu().numpy()  # summed on the CPU: MPS has no float64
         for i, row, row_logp in zip(batch.index, tokens, logp, strict=True):
             end = answer_length(tokenizer, row, periods=periods, known=trained)
             answers[i] = parse_answer(tokenizer.decode(row[:end], skip_special_tokens=True))
