@@ -169,6 +169,15 @@ def test_genes_in_another_order_are_refused(pbmc4k):
         sc_c2s.RankFit.from_dict(merged.uns["c2s"]["rank_fit"])
 
 
+def test_ranking_without_its_params_is_refused(pbmc4k):
+    """`generate` and `pl.rank_fit` failed with a bare `KeyError: 'params'`."""
+    adata = pbmc4k[:20].copy()
+    sc_c2s.pp.to_sentences(adata, n_genes=10)
+    del adata.uns["c2s"]["params"]
+    with pytest.raises(KeyError, match=r"lacks `uns\['c2s'\]\['params'\]`.*Run `sc_c2s.pp.to_sentences` on"):
+        sc_c2s.pl.rank_fit(adata, show=False)
+
+
 def test_sentences_are_compared_in_characters_and_any_case(pbmc4k):
     """Gene names beyond ASCII and sentences upper-cased since ranking still match their gene indices."""
     adata = pbmc4k[:50].copy()

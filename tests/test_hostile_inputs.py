@@ -803,6 +803,45 @@ def test_flags_take_true_or_false_only(ranked, tiny, tmp_path):
     assert not output_dir.exists()
 
 
+def test_one_name_arguments_refuse_lists(ranked, tiny):
+    """A list where one name is expected failed with `TypeError: unhashable type: 'list'` (`pair_by` takes a list)."""
+    adata = ranked.copy()
+    before = snapshot(adata)
+    mudata = quietly(lambda: md.MuData({"rna": adata}))
+    calls = [
+        ("groupby", "column of obs", lambda: sc_c2s.tl.predict_tissue(adata, model=tiny, groupby=["label"])),
+        (
+            "label_key",
+            "column of the real cells' obs",
+            lambda: sc_c2s.tl.score_generation(adata, adata, label_key=["label"]),
+        ),
+        ("layer", "layer", lambda: sc_c2s.pp.to_sentences(adata, layer=["counts"])),
+        ("gene_symbols", "column of var", lambda: sc_c2s.pp.to_sentences(adata, gene_symbols=["symbol"])),
+        ("mod", "modality", lambda: sc_c2s.tl.annotate(mudata, model=tiny, mod=["rna"])),
+    ]
+    for name, what, call in calls:
+        with pytest.raises(TypeError, match=rf"^`{name}` must be the name of one {what}, got \["):
+            call()
+    assert_unchanged(adata, before)
+
+
+def test_things_that_are_not_what_a_verb_reads(ranked):
+    """A matrix for the generated cells, strings for cells and a DataFrame for the gene indices met attribute and
+    key errors of other packages; `upper="False"` upper-cased."""
+    adata = ranked.copy()
+    with pytest.raises(TypeError, match=r"^`generated` must be the AnnData returned by `sc_c2s.tl.generate`, got csr"):
+        sc_c2s.tl.score_generation(adata, sparse.csr_matrix((2, 2)), label_key="label")
+    with pytest.raises(TypeError, match=r"^`predicted` must be the AnnData returned by .* got DataFrame"):
+        sc_c2s.tl.score_perturbation(adata, adata.obs, condition_key="label", control="alpha", groupby="label")
+    with pytest.raises(TypeError, match=r"^`cells` must be a list of cells, each a list of gene names, got strings"):
+        sc_c2s.prompts.tissue_prediction(["CD3E CD4", "MS4A1"], n_genes=2)
+    with pytest.raises(ValueError, match=r"^`upper` must be True or False, got 'False'"):
+        sc_c2s.prompts.cell_sentence(["cd3e"], upper="False")
+    adata.obsm["c2s_genes"] = pd.DataFrame(adata.obsm["c2s_genes"], index=adata.obs_names)
+    with pytest.raises(TypeError, match=r"^`obsm\['c2s_genes'\]` holds a DataFrame, not the array of gene indices"):
+        sc_c2s.pl.rank_fit(adata, show=False)
+
+
 CHECKPOINT_FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "c2s_metadata.json"]
 
 

@@ -231,6 +231,10 @@ def test_lora_on_a_registry_base_with_gradient_checkpointing(cells, bases, publi
         ({"adapter": "lora", "quantization": "8bit"}, ValueError, '`quantization` must be "4bit"'),
         ({"adapter": "lora", "lora_rank": 0}, ValueError, "`lora_rank` must be a positive integer"),
         ({"adapter": "lora", "quantization": "4bit"}, ValueError, "runs on a CUDA GPU"),
+        # a string was split into its letters: "Target modules {'y', '_', 'q', ...} not found", from peft
+        ({"adapter": "lora", "target_modules": "query_key_value"}, ValueError, r"must be a list of module names"),
+        ({"adapter": "lora", "target_modules": []}, ValueError, r"must be a list of module names"),
+        ({"target_modules": ["dense"]}, ValueError, r'a LoRA adapter adapts; pass `adapter="lora"`'),  # was ignored
     ],
 )
 def test_finetune_refuses_adapter_settings_that_cannot_train(cells, bases, tmp_path, kwargs, error, match):

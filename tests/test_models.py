@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+import sc_c2s
 from sc_c2s import models
 from sc_c2s.models import C2SMetadata, C2SModel, _download, _files, _load, _registry, _runtime
 from sc_c2s.models._metadata import TASKS
@@ -321,6 +322,19 @@ def test_unknown_name_lists_available_names():
         models.load(42)
     with pytest.raises(ValueError, match="'' is neither a checkpoint directory"):  # not the working directory
         models.load("")
+
+
+def test_a_model_that_is_not_a_checkpoint_says_what_it_is(tmp_path, pbmc68k):
+    """A file was "neither a checkpoint directory nor a name"; `model=None` or a transformers model named
+    `name_or_path`, an argument of `load` that the caller of a verb never passed."""
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"'.*model.safetensors' is a file, not a checkpoint directory; pass the"):
+        models.load(weights)
+    sc_c2s.pp.to_sentences(pbmc68k, n_genes=10)
+    for model in (None, build_model(build_tokenizer(["CD3D"]), hidden_size=8, n_layers=1, n_heads=2)):
+        with pytest.raises(TypeError, match=r"`model` must be a model from `sc_c2s.models.load`, a name .* got a"):
+            sc_c2s.tl.annotate(pbmc68k, model=model)
 
 
 def test_unknown_names_list_what_the_caller_takes():

@@ -16,7 +16,7 @@ from scanpy import logging as logg
 from ._dask import is_dask_array
 from ._keys import C2S, GENES, SENTENCE
 from ._utils._numba import numba_threads
-from ._utils._validate import check_expression_dtype, check_flag
+from ._utils._validate import check_expression_dtype, check_flag, check_name
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -105,7 +105,7 @@ class DataHandler:
 
     def __init__(self, data: AnnData | MuData, mod: str | None = None) -> None:
         if _is_mudata(data):
-            mod = DEFAULT_MOD if mod is None else mod
+            mod = DEFAULT_MOD if mod is None else check_name(mod, "mod", what="modality")
             if mod not in data.mod:
                 msg = f"MuData has no modality {mod!r}; pass `mod=` with one of {list(data.mod)}."
                 raise KeyError(msg)
@@ -153,7 +153,7 @@ class DataHandler:
             raw = adata.raw
             return _checked(Matrix(raw.X, raw.var_names, raw.var, "raw.X", base))
         if layer is not None:
-            if layer not in adata.layers:
+            if check_name(layer, "layer", what="layer") not in adata.layers:
                 msg = f"No layer {layer!r}; available layers: {list(adata.layers)}."
                 raise KeyError(msg)
             return _checked(Matrix(adata.layers[layer], adata.var_names, adata.var, f"layers[{layer!r}]", base))
@@ -217,15 +217,22 @@ class DataHandler:
             msg = f"No cell sentences found in {where} (`uns[{C2S!r}]` and `obsm[{GENES!r}]`). {fix}"
             raise KeyError(msg)
         c2s = self.uns[C2S]
-        if "genes" not in c2s:
+        missing = [key for key in ("genes", "params") if key not in c2s]
+        if missing:
             msg = (
-                f"{subject} lacks `uns[{C2S!r}]['genes']`: combined from data ranked with other "
-                f"genes (`anndata.concat(uns_merge=...)` keeps only what all parts share)? {again}."
+                f"{subject} lacks `uns[{C2S!r}][{missing[0]!r}]`: combined from data ranked with other "
+                f"genes or settings (`anndata.concat(uns_merge=...)` keeps only what all parts share)? {again}."
             )
             raise KeyError(msg)
         ranked = self.obsm[GENES]
+        if not isinstance(ranked, np.ndarray) and not is_dask_array(ranked):
+            msg = (
+                f"`obsm[{GENES!r}]` holds a {type(ranked).__name__}, not the array of gene indices that "
+                f"`sc_c2s.pp.to_sentences` writes. {again}."
+            )
+            raise TypeError(msg)
         if not is_dask_array(ranked):
-            _check_ranked(np.asarray(ranked), np.asarray(c2s["genes"], dtype=object), self.obs, again)
+            _check_ranked(ranked, np.asarray(c2s["genes"], dtype=object), self.obs, again)
         return c2s
 
     def ranked(self, n_genes: int | None, *, cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

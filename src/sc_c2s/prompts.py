@@ -27,7 +27,7 @@ import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-from ._utils._validate import check_positive_int
+from ._utils._validate import check_flag, check_positive_int
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -141,6 +141,7 @@ def cell_sentence(words: Sequence[str], *, upper: bool = True) -> str:
     Each name must be one word: a name with a space, an empty or a missing one would be read back as other genes.
     A cell without genes gives an empty sentence.
     """
+    check_flag(upper, "upper")
     if isinstance(words, str):
         msg = (
             "`words` must be a list of gene names, not one string: split a sentence with `sentence.split()`, or take "
@@ -233,6 +234,12 @@ def multi_cell_sentences(cells: Sequence[Sequence[str]], *, upper: bool = True) 
     >>> multi_cell_sentences([["CD3D", "IL7R"], ["MS4A1"]])
     'Cell 1:\nCD3D IL7R.\nCell 2:\nMS4A1.\n'
     """
+    if isinstance(cells, str) or any(isinstance(words, str) for words in cells):
+        msg = (
+            "`cells` must be a list of cells, each a list of gene names, got strings: split each sentence with "
+            "`sentence.split()`."
+        )
+        raise TypeError(msg)
     return "".join(f"Cell {i}:\n{cell_sentence(words, upper=upper)}.\n" for i, words in enumerate(cells, start=1))
 
 

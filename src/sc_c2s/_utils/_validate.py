@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -61,9 +62,20 @@ def check_flag(value: Any, name: str, *, none_ok: bool = False) -> bool | None:
     return bool(value)
 
 
+def check_name(value: Any, arg: str, *, what: str) -> Any:
+    """Return `value` if it can name one `what` (a column, a layer, a modality), else raise a :class:`TypeError`.
+
+    A list names several, which an argument taking one name cannot use.
+    """
+    if not isinstance(value, Hashable):
+        msg = f"`{arg}` must be the name of one {what}, got {value!r}."
+        raise TypeError(msg)
+    return value
+
+
 def check_obs_column(obs: pd.DataFrame, key: str, *, arg: str, where: str = "obs") -> pd.Series:
     """Return ``obs[key]``, or raise a :class:`KeyError` naming the argument `arg` and the columns there are."""
-    if key not in obs.columns:
+    if check_name(key, arg, what=f"column of {where}") not in obs.columns:
         msg = f"`{arg}={key!r}` is not a column of {where}; columns: {list(obs.columns)}."
         raise KeyError(msg)
     return obs[key]

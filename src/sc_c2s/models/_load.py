@@ -171,6 +171,12 @@ def resolve(model: C2SModel | str | os.PathLike[str], *, device: str | torch.dev
         if device is not None:
             model.model.to(_runtime.check_device(device))
         return model
+    if not isinstance(model, str | os.PathLike):
+        msg = (
+            "`model` must be a model from `sc_c2s.models.load`, a name from `sc_c2s.models.available()`, 'demo' or "
+            f"a checkpoint directory, got a {type(model).__name__}."
+        )
+        raise TypeError(msg)
     return load(model, device=device)
 
 
@@ -191,6 +197,12 @@ def check_name_or_path(name_or_path: str | os.PathLike[str], *, also: Iterable[s
         return
     if str(name_or_path).strip() and Path(name_or_path).expanduser().is_dir():  # Path("") is the working directory
         return
+    if str(name_or_path).strip() and Path(name_or_path).expanduser().exists():
+        msg = (
+            f"{str(name_or_path)!r} is a file, not a checkpoint directory; pass the folder that holds the model's "
+            "config.json and weights."
+        )
+        raise ValueError(msg)
     msg = (
         f"{str(name_or_path)!r} is neither {''.join(f'{name!r}, ' for name in also)}a checkpoint directory nor a "
         f"name from `sc_c2s.models.available()`: {', '.join(map(repr, _registry.names()))}."

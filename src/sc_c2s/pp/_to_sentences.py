@@ -16,6 +16,7 @@ from sc_c2s._utils._numba import numba_threads
 from sc_c2s._utils._validate import (
     AnyRandom,
     check_flag,
+    check_name,
     check_obs_column,
     check_positive_int,
     check_random_state,
@@ -223,7 +224,7 @@ def gene_words(matrix: Matrix, gene_symbols: str | None) -> np.ndarray:
     var = "raw.var" if raw else "var"
     if gene_symbols is None:
         names, where = matrix.var_names, "raw.var_names" if raw else "var_names"
-    elif raw and gene_symbols not in matrix.var.columns:
+    elif raw and check_name(gene_symbols, "gene_symbols", what="column of raw.var") not in matrix.var.columns:
         msg = (
             f"`gene_symbols={gene_symbols!r}` is not a column of raw.var, which names the genes of `.raw`, the matrix "
             f"ranked; columns: {list(matrix.var.columns)}. Pass `use_raw=False` to rank `X` and read `var`, or copy "

@@ -329,7 +329,14 @@ def finetune(
     output_dir = _check_output_dir(output_dir)
     scratch = str(base_model) == SCRATCH
     check_name_or_path(base_model, also=[SCRATCH])
-    _check_adapter(adapter, base_model=base_model, scratch=scratch, quantization=quantization, lora_rank=lora_rank)
+    target_modules = _check_adapter(
+        adapter,
+        base_model=base_model,
+        scratch=scratch,
+        quantization=quantization,
+        lora_rank=lora_rank,
+        target_modules=target_modules,
+    )
     batch_size = _default(batch_size, _BATCH_SIZE, scratch)
     learning_rate = _default(
         learning_rate, (_LEARNING_RATE[0], _LORA_LEARNING_RATE if adapter else _LEARNING_RATE[1]), scratch
@@ -761,20 +768,35 @@ def _held_out(
 
 
 def _check_adapter(
-    adapter: str | None, *, base_model: str | Path, scratch: bool, quantization: str | None, lora_rank: int
-) -> None:
-    """Refuse adapter settings that cannot train, before any model is loaded."""
+    adapter: str | None,
+    *,
+    base_model: str | Path,
+    scratch: bool,
+    quantization: str | None,
+    lora_rank: int,
+    target_modules: Sequence[str] | None,
+) -> list[str] | None:
+    """Refuse adapter settings that cannot train, before any model is loaded; return the `target_modules` as a list."""
     if adapter not in {None, "lora"}:
         msg = f'`adapter` must be "lora" or None, got {adapter!r}.'
         raise ValueError(msg)
     if quantization not in {None, "4bit"}:
         msg = f'`quantization` must be "4bit" (QLoRA) or None, got {quantization!r}.'
         raise ValueError(msg)
+    if target_modules is not None:
+        modules = [] if isinstance(target_modules, str) else list(target_modules)
+        if not modules or not all(isinstance(m, str) and m for m in modules):
+            msg = f'`target_modules` must be a list of module names, e.g. ["query_key_value"]; got {target_modules!r}.'
+            raise ValueError(msg)
+        target_modules = modules
     if adapter is None:
         if quantization is not None:
             msg = 'Quantised weights cannot be trained; pass `adapter="lora"` to train an adapter on them (QLoRA).'
             raise ValueError(msg)
-        return
+        if target_modules is not None:
+            msg = '`target_modules` are the layers a LoRA adapter adapts; pass `adapter="lora"`, or leave them out.'
+            raise ValueError(msg)
+        return None
     if scratch:
         msg = 'A LoRA adapter adapts a pretrained model; pass a `base_model` other than "scratch", or `adapter=None`.'
         raise ValueError(msg)
@@ -787,6 +809,7 @@ def _check_adapter(
         raise ValueError(msg)
     check_positive_int(lora_rank, "lora_rank")
     _lora.peft()
+    return target_modules
 
 
 def _check_output_dir(output_dir: str | Path) -> Path:
@@ -917,7 +940,7 @@ def _evaluate(
     held_out = AnnData(
         obs=pd.DataFrame(index=np.arange(len(cells)).astype(str)),  # positions: obs_names may repeat
         obsm={_keys.GENES: np.asarray(handler.obsm[_keys.GENES])[cells]},
-        uns={_keys.C2S: {"genes": c2s["genes"]}},
+        uns={_keys.C2S: {"genes": c2s["genes"], "params": c2s["params"]}},
     )
     label_set = list(c2s_model.metadata.labels)
     readings = label_loglik(

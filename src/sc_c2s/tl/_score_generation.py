@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+from anndata import AnnData
 from scanpy import logging as logg
 from scipy import sparse
 from scipy.spatial.distance import cdist, pdist
@@ -23,7 +24,6 @@ from sc_c2s._utils._validate import (
 from sc_c2s.tl._from_sentences import _text, reconstruct, reconstruct_ranked
 
 if TYPE_CHECKING:
-    from anndata import AnnData
     from mudata import MuData
 
 #: Real cells a type needs to be scored: two per half, so that each half has a spread to compare against.
@@ -81,6 +81,9 @@ def comparison(
     c2s = handler.c2s()
     handler.check_columns(label_key=label_key)
     check_obs_column(handler.obs, label_key, arg="label_key", where="the real cells' obs")
+    if not isinstance(generated, AnnData):
+        msg = f"`generated` must be the AnnData returned by `sc_c2s.tl.generate`, got {type(generated).__name__}."
+        raise TypeError(msg)
     for key in (_keys.SENTENCE, generated_key):
         if key not in generated.obs.columns:
             msg = f"The generated cells have no obs[{key!r}]; pass the AnnData returned by `sc_c2s.tl.generate`" + (
