@@ -335,6 +335,18 @@ def test_answer_length_passes_the_periods_inside_known_answers(written, known, e
     assert _annotate.answer_length(tokenizer, with_eos, periods=periods, known=answers) == (3 if known else 2)
 
 
+def test_a_word_level_tokenizer_keeps_the_space_on_a_tie(short_sentences, tiny):
+    """Both forms of the answer read alike to a word-level tokenizer: the tie goes to the space, as documented."""
+    undetected = C2SModel(
+        tiny.model, tiny.tokenizer, C2SMetadata(name="undetected", labels=LABELS, answer_prefix=None), Path("u")
+    )
+    assert undetected.metadata.answer_prefix is None
+    words = _utils.cell_words(short_sentences, undetected, n_genes=8, mod=None)
+    ids = _runtime.tokenize(tiny.tokenizer, _utils.prediction_prompts(words, n_genes=8, organism="Homo sapiens"))
+    _annotate.score_labels(undetected, ids, LABELS, batch_size=4)
+    assert undetected.metadata.answer_prefix == " "
+
+
 def test_trained_model_names_cell_lines(trained):
     c2s, adata, held_out = trained
     adata = adata[held_out].copy()

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sc_c2s.tl import _pairs
+from sc_c2s.tl import _finetune, _pairs
 
 
 @pytest.fixture
@@ -48,6 +48,32 @@ def test_draws_cover_every_control_of_the_group(obs):
     drawn = np.concatenate([design.pairs.draw(rng) for _ in range(50)])
     is_control = (obs["condition"] == "ctrl").to_numpy()
     assert set(drawn) == set(np.flatnonzero(is_control))
+
+
+def test_only_usable_cells_are_paired(obs):
+    """Held-out cells and cells without genes (`usable` False) are neither trained on nor drawn as controls."""
+    usable = np.random.default_rng(2).random(len(obs)) < 0.6
+    design = _pairs.design(obs, condition_key="condition", control="ctrl", pair_by="cell_type", usable=usable)
+    assert usable[design.perturbed].all()
+    drawn = np.concatenate([design.pairs.draw(np.random.default_rng(seed)) for seed in range(20)])
+    assert usable[drawn].all()
+
+
+def test_training_pairs_are_drawn_from_the_seeded_stream(obs, monkeypatch):
+    """The control of each perturbed cell comes from finetune's seeded stream: the same seed, the same pairs."""
+    monkeypatch.setattr(_finetune._samples, "encode_perturbation", lambda tokenizer, controls, *_, **__: controls)
+    design = _pairs.design(
+        obs, condition_key="condition", control="ctrl", pair_by="cell_type", usable=np.ones(300, bool)
+    )
+    words = [[f"cell{i}"] for i in range(len(obs))]
+
+    def pairs(seed):
+        rng = np.random.default_rng(seed)
+        return _finetune._pair_samples(None, words, design, rng, n_genes=1, upper=True, max_length=64)
+
+    expected = [words[i] for i in design.pairs.draw(np.random.default_rng(0))]
+    assert pairs(0) == pairs(0) == expected
+    assert pairs(1) != expected
 
 
 def test_groups_without_controls_are_left_out(obs):

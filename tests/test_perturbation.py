@@ -287,6 +287,49 @@ def test_a_single_group_has_no_mean_shift(kang):
     assert row["direction_top20"] == 1 and row["direction_top20_unchanged"] == 0
 
 
+def test_top_de_genes_are_ranked_by_absolute_t():
+    """A gene that goes down strongly is as differentially expressed as one that goes up."""
+    perturbed = sparse.csr_matrix([[2.0, 1.0, 1.0, 0.0], [2.0, 3.0, 1.0, 0.0]])
+    control = sparse.csr_matrix([[0.0, 1.0, 1.0, 5.0], [0.0, 2.0, 1.0, 5.0]])
+    t = _score_perturbation._welch_t(perturbed, control)
+    means = pd.DataFrame({"t": t}, index=pd.Index(["up", "mild", "flat", "down"], name="gene"))
+    contrast = _score_perturbation.Contrast(perturbed, control, perturbed, np.zeros(4), means)
+    assert set(contrast.top(2).index) == {"up", "down"}
+    assert contrast.top(4).index[-1] == "flat"
+
+
+def test_welch_t_matches_scipy_for_groups_of_different_sizes():
+    from scipy.stats import ttest_ind
+
+    rng = np.random.default_rng(0)
+    a = rng.poisson(3.0, size=(5, 6)).astype(float)
+    b = rng.poisson(1.0, size=(40, 6)).astype(float) * rng.uniform(0.5, 3, size=6)
+    t = _score_perturbation._welch_t(sparse.csr_matrix(a), sparse.csr_matrix(b))
+    np.testing.assert_allclose(t, ttest_ind(a, b, equal_var=False).statistic, rtol=1e-10)
+
+
+def test_r2_is_the_squared_pearson_correlation():
+    assert _score_perturbation._r2(pd.Series([1.0, 2.0, 3.0]), pd.Series([1.0, 3.0, 2.0])) == 0.25
+
+
+def test_figures_of_an_imperfect_prediction_by_hand(kang):
+    """The top-100 R² is over the 100 top DE genes, and the baselines are scored in a space fitted on real cells
+    only: another prediction changes its own MMD, not theirs."""
+    good = real_as_predicted(kang, "B")
+    reversed_ = good.copy()  # the same genes, in the reverse order
+    reversed_.obs["c2s_sentence"] = [" ".join(s.split()[::-1]) for s in good.obs["c2s_sentence"]]
+    data = _score_perturbation.cells(kang, reversed_, groupby="cell_type", **KEYS)
+    top = _score_perturbation.contrast(data, group="B", perturbation="stimulated").top(100)
+    assert len(top) == 100
+    a, b = (sc_c2s.tl.score_perturbation(kang, p, groupby="cell_type", **KEYS) for p in (good, reversed_))
+    row = b.loc[("B", "stimulated")]
+    assert row["r2_top100"] == pytest.approx(np.corrcoef(top["predicted"], top["real"])[0, 1] ** 2, rel=1e-9)
+    assert row["r2_top100_unchanged"] == pytest.approx(np.corrcoef(top["unchanged"], top["real"])[0, 1] ** 2)
+    assert a.loc[("B", "stimulated"), "mmd"] != row["mmd"]
+    baselines = [c for c in a.columns if c.endswith(("_unchanged", "_mean_shift"))]
+    pd.testing.assert_frame_equal(a[baselines], b[baselines])
+
+
 def test_score_perturbation_leaves_out_cells_without_a_group_and_reads_numeric_conditions(kang):
     """Cells without a group were scored as a group "nan"; `control=0` did not find the 0s of a numeric column."""
     real = kang.copy()

@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import anndata as ad
+import numpy as np
+import pandas as pd
 import pytest
 
+import sc_c2s
 from sc_c2s import prompts
 from sc_c2s.models._scratch import build_tokenizer
 
@@ -71,7 +75,11 @@ def test_sentences_longer_than_n_genes_are_cut_to_it():
     [
         # the package's own `obs["c2s_sentence"]` was written letter by letter
         (lambda: prompts.cell_type_prediction("FTL CD74"), TypeError, r"not one string: split a sentence"),
-        (lambda: prompts.tissue_prediction(["FTL CD74"], n_genes=2), TypeError, "not one string"),
+        (
+            lambda: prompts.tissue_prediction(["FTL CD74"], n_genes=2),
+            TypeError,
+            r"`cells` must be a list of cells, each a list of gene names, got strings",
+        ),
         (lambda: prompts.cell_type_prediction(["HLA A", "CD3D"]), ValueError, r"single words .*, got 'HLA A'"),
         (lambda: prompts.cell_sentence(["", "CD3D"]), ValueError, r"single words .*, got ''"),
         (lambda: prompts.cell_sentence(["CD3D", float("nan")]), TypeError, r"must be strings, got nan"),
@@ -108,3 +116,13 @@ def test_word_level_tokenizers_know_every_template_word(text):
     tokenizer = build_tokenizer(["CD3D", "IL7R", "MS4A1"], ["lung"], max_genes=20)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tokenizer.unk_token_id not in ids
+
+
+def test_sentence_words_keep_the_first_gene_and_spell_the_sentences(pbmc68k):
+    """Index 0 names a gene (the first of `uns["c2s"]["genes"]`); only -1 is past the end of a sentence."""
+    adata = ad.AnnData(np.array([[5.0, 1.0, 0.0], [0.0, 2.0, 3.0]]), var=pd.DataFrame(index=["G0", "G1", "G2"]))
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    assert prompts.sentence_words(adata) == [["G0", "G1"], ["G2", "G1"]]
+    sc_c2s.pp.to_sentences(pbmc68k, rank_fit=False)
+    words = prompts.sentence_words(pbmc68k, n_genes=None)
+    assert [" ".join(w) for w in words] == pbmc68k.obs["c2s_sentence"].tolist()

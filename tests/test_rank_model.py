@@ -18,6 +18,14 @@ def test_predict_is_the_line_clipped_at_zero():
     np.testing.assert_allclose(RankFit(slope=-0.68, intercept=2.24).predict(np.array([1])), [2.24 - 0.68 * np.log10(2)])
 
 
+def test_fit_normalises_to_the_median_library_size():
+    """Totals 10, 20 and 60: the median (20), not the mean (30), is the target; every cell then reads [12, 8]."""
+    fit = _rank_model.fit(np.array([[6.0, 4.0], [12.0, 8.0], [36.0, 24.0]]), n_cells=10)
+    assert fit.target_sum == 20.0
+    assert fit.intercept == pytest.approx(np.log10(13))
+    assert fit.slope == pytest.approx((np.log10(9) - np.log10(13)) / np.log10(2))
+
+
 def test_dict_round_trip():
     fit = RankFit(slope=-0.7, intercept=2.2, r2=0.8, pearson_r=-0.89, spearman_rho=-0.9, n_cells=10, n_points=99)
     d = fit.to_dict()

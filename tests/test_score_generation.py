@@ -63,6 +63,46 @@ def test_real_cells_score_like_the_control(halves):
 
 
 @pytest.mark.filterwarnings("ignore:Writing zarr v2 data will no longer be the default")
+def test_copies_of_the_control_half_score_as_the_control(halves, monkeypatch):
+    """Generated cells that are the control half's own sentences score exactly as the control on every figure: each
+    figure compares both with the same reference half, in a space fitted on the reference halves only."""
+
+    def alternate(cells, max_cells, rng):  # even positions the reference half, odd ones the control half
+        cells = np.sort(cells)
+        return cells[::2][:max_cells], cells[1::2][:max_cells]
+
+    monkeypatch.setattr(_score_generation, "_split", alternate)
+    real = halves[0]
+    labels = real.obs["cell_type"].astype(str).to_numpy()
+    control = np.concatenate([np.flatnonzero(labels == label)[1::2] for label in pd.unique(labels)])
+    copies = ad.AnnData(
+        obs=pd.DataFrame(
+            {"cell_type": labels[control], "c2s_sentence": real.obs["c2s_sentence"].to_numpy()[control]},
+            index=[f"generated-{i}" for i in range(len(control))],
+        ),
+        uns={"c2s_generate": {"params": {"n_genes": 200}}},
+    )
+    scores = score(real, copies)
+    for metric in ["knn_recovery", "pearson", "mmd", "energy"]:
+        np.testing.assert_allclose(scores[metric], scores[f"{metric}_control"], rtol=1e-5, err_msg=metric)
+    assert (scores["pearson"] < 0.9999).all()  # the halves differ: a copy is not compared with itself
+
+
+def test_overall_is_the_mean_over_types_and_the_space_is_fitted_on_the_reference_halves(halves, monkeypatch):
+    real, generated = halves
+    fitted = []
+    pca = _score_generation.pca
+    monkeypatch.setattr(_score_generation, "pca", lambda X, *args: fitted.append(X.shape[0]) or pca(X, *args))
+    scores = score(real, generated)
+    types = scores.drop(index="overall")
+    assert len(types) == 5
+    means = [c for c in scores.columns if c not in ("n_real", "n_generated")]
+    np.testing.assert_allclose(scores.loc["overall", means].astype(float), types[means].mean(), rtol=1e-12)
+    assert scores.loc["overall", "n_generated"] == types["n_generated"].sum() == generated.n_obs
+    sizes = real.obs["cell_type"].value_counts()
+    assert fitted == [sum((n + 1) // 2 for n in sizes if n >= _score_generation.MIN_REAL_CELLS)]
+
+
 def test_real_cells_read_back_from_zarr(halves, tmp_path):
     """zarr gives the gene list back as a NumPy StringDType array, which failed to cast to `str`."""
     pytest.importorskip("zarr", reason="zarr is optional for anndata 0.11")
