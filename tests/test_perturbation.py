@@ -177,6 +177,19 @@ def test_predict_perturbation_warns_of_sentences_ranked_with_fewer_genes(kang, t
     assert scanpy_log.getvalue().count(warning) == 1
 
 
+def test_predict_perturbation_warns_of_control_cells_sharing_a_name(kang, trained, scanpy_log):
+    """Only anndata's generic warning, at the end, said that the predicted cells' names repeat."""
+    controls = kang[kang.obs["condition"] == "control"][:3].copy()
+    controls.obs_names = ["cell", "cell", "other"]
+    with pytest.warns(UserWarning, match="Observation names are not unique"):  # anndata's, for the result
+        predicted = sc_c2s.tl.predict_perturbation(controls, model=trained, perturbations=["stimulated"], **KEYS)
+    assert predicted.obs["c2s_source_cell"].tolist() == ["cell", "cell", "other"]
+    assert (
+        "WARNING: 1 obs_names are shared by several control cells: the names of the cells predicted from them and "
+        "their obs['c2s_source_cell'] will not tell them apart; make them unique first"
+    ) in scanpy_log.getvalue()
+
+
 def test_predict_perturbation_samples_and_refuses(kang, trained):
     sample = sc_c2s.tl.predict_perturbation(
         kang, model=trained, perturbations=["stimulated"], n_genes=5, n_cells=7, random_state=3, **KEYS

@@ -175,6 +175,13 @@ def predict_perturbation(
     cells = np.flatnonzero((values == str(control)).to_numpy())
     if n_cells is not None and n_cells < len(cells):
         cells = np.sort(np.random.default_rng(random_state).choice(cells, n_cells, replace=False))
+    source_names = handler.obs_names[cells]
+    if not source_names.is_unique:
+        logg.warning(
+            f"{source_names[source_names.duplicated()].nunique()} obs_names are shared by several control cells: "
+            f"the names of the cells predicted from them and their obs[{_keys.SOURCE_CELL!r}] will not tell them "
+            "apart; make them unique first (`adata.obs_names_make_unique()`)"
+        )
     c2s_model = resolve(model, device=device)
     _check_model(c2s_model, perturbations)
     n_genes = model_n_genes(c2s_model, n_genes)
