@@ -648,7 +648,7 @@ def test_fetch_refuses_revisions_urls_and_caches_it_cannot_use(cache, monkeypatc
     with pytest.raises(ValueError, match=r"`base_url` 'http://h/\{owner\}/\{file\}' has the fields \['owner'\]"):
         models.fetch("tiny", base_url="http://h/{owner}/{file}")
     monkeypatch.setenv(_download.BASE_URL_ENV, "http://h/{repo}/{file")
-    with pytest.raises(ValueError, match=r"\$SC_C2S_BASE_URL 'http://h/\{repo\}/\{file' has the fields"):
+    with pytest.raises(ValueError, match=r"\$SC_C2S_BASE_URL 'http://h/\{repo\}/\{file' has an unmatched brace \("):
         models.fetch("tiny")
     monkeypatch.delenv(_download.BASE_URL_ENV)
     (tmp_path / "a_file").write_text("")

@@ -52,15 +52,17 @@ def check_base_url(base_url: str, source: str) -> str:
     if not isinstance(base_url, str):
         msg = f"{source} must be a URL (a string), got a {type(base_url).__name__}."
         raise TypeError(msg)
+    example = "e.g. 'https://mirror.example.org/{repo}/resolve/{revision}/{file}'"
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(base_url) if field is not None}
-    except ValueError as e:  # an unmatched brace
-        fields = {f"<{e}>"}
+    except ValueError as e:
+        msg = f"{source} {base_url!r} has an unmatched brace ({e}); a template's fields are {{repo}}, {{revision}} and {{file}} ({example})."
+        raise ValueError(msg) from None
     unknown = sorted(fields - {"repo", "revision", "file"})
     if unknown:
         msg = (
             f"{source} {base_url!r} has the fields {unknown}; a template may hold only {{repo}}, {{revision}} and "
-            "{file} (e.g. 'https://mirror.example.org/{repo}/resolve/{revision}/{file}'), and a mirror's root none."
+            f"{{file}} ({example}), and a mirror's root none."
         )
         raise ValueError(msg)
     return base_url
