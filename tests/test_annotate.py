@@ -302,6 +302,15 @@ def test_free_answers_that_list_genes_or_are_empty_are_missing(short_sentences, 
     np.testing.assert_array_equal(adata.obs["c2s_cell_type_score"], [0.5, 0.5, np.nan, 0.5, np.nan, np.nan])
 
 
+def test_labels_of_the_model_are_taken_as_they_were_trained(short_sentences, tiny):
+    """A model trained before labels with a space at an end were refused still annotates with its labels."""
+    older = trained_here(tiny, labels=["A549 ", *LABELS[1:]])
+    sc_c2s.tl.annotate(short_sentences, model=older, labels="model", n_genes=N_GENES)
+    assert set(short_sentences.obs["c2s_cell_type"]) <= {"A549 ", *LABELS[1:]}
+    with pytest.raises(ValueError, match=r"without a space at either end; got \['A549 '\]"):
+        sc_c2s.tl.annotate(short_sentences, model=older, labels=["A549 ", *LABELS[1:]], n_genes=N_GENES)
+
+
 def test_free_answers_that_are_labels_of_the_model_are_kept(short_sentences, tiny, monkeypatch):
     """A label named after marker genes is a label of the model, not a cell sentence continued."""
     adata = short_sentences[:2].copy()
@@ -322,10 +331,12 @@ def test_free_answers_that_are_labels_of_the_model_are_kept(short_sentences, tin
         (" H838. Ex.", True, 2),  # H838 .
         (" Ex. H838. neuron.", True, 4),  # Ex . H838 .: the start of no known answer
         (" Ex. neuron", True, 3),  # cut by `max_new_tokens`
+        (" In. In. neuron.", True, 2),  # In .: the longest known answer passed, not the first
+        (" In. neuron. H838.", True, 4),  # In . neuron .
     ],
 )
 def test_answer_length_passes_the_periods_inside_known_answers(written, known, expected):
-    labels = ["Ex. neuron", "B cell.", "H838"]
+    labels = ["Ex. neuron", "B cell.", "H838", "In", "In. neuron"]
     tokenizer = build_tokenizer(["CD3D"], labels)
     tokens = np.array(tokenizer(written, add_special_tokens=False)["input_ids"])
     answers = {prompts.answer(label, prefix="") for label in labels} if known else set()
@@ -522,6 +533,8 @@ def test_without_sentences(tiny):
         # accepted without re-ranking, and refused by the prompt for re-ranking as `cell_type`, after the scoring
         ({"labels": ["A549", "CD19+\nB"]}, r"`labels` must be non-empty strings of one line"),
         ({"labels": ["A549", "CD19+\rB"]}, r"`labels` must be non-empty strings of one line"),
+        # the longer answer's likelihood is the shorter one's times that of what follows: it could never win
+        ({"labels": ["A549. H1975", "A549"]}, r"The answer to 'A549' begins the answer to 'A549. H1975' for 'tiny'"),
         ({"labels": ["A549", "lymphocyte", "monocyte"]}, r"'lymphocyte' and 'monocyte' have words unknown to 'tiny'"),
         ({"n_genes": 0}, r"positive integer"),
         ({"batch_size": 0}, r"positive integer"),

@@ -178,6 +178,19 @@ def test_ranking_without_its_params_is_refused(pbmc4k):
         sc_c2s.pl.rank_fit(adata, show=False)
 
 
+def test_columns_only_mudata_obs_holds_are_named_whatever_their_key(pbmc4k):
+    """An integer column name failed with "'int' object is not iterable", and 0 was skipped."""
+    adata = pbmc4k[:5].copy()
+    adata.obs[0] = 1
+    mdata = md.MuData({"rna": adata})
+    mdata.obs[5] = 1  # not in the modality
+    handler = DataHandler(mdata, "rna")
+    handler.check_columns(groupby=0, pair_by=[0], label_key=None)
+    for value in (5, [5]):
+        with pytest.raises(KeyError, match=r"`groupby=5` is a column of `mdata.obs`, while sc_c2s reads the obs of"):
+            handler.check_columns(groupby=value)
+
+
 def test_sentences_are_compared_in_characters_and_any_case(pbmc4k):
     """Gene names beyond ASCII and sentences upper-cased since ranking still match their gene indices."""
     adata = pbmc4k[:50].copy()

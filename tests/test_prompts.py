@@ -126,3 +126,9 @@ def test_sentence_words_keep_the_first_gene_and_spell_the_sentences(pbmc68k):
     sc_c2s.pp.to_sentences(pbmc68k, rank_fit=False)
     words = prompts.sentence_words(pbmc68k, n_genes=None)
     assert [" ".join(w) for w in words] == pbmc68k.obs["c2s_sentence"].tolist()
+
+
+def test_multi_cell_sentences_take_any_iterable_of_cells():
+    """A generator of cells was spent by the check for strings, and the text was empty."""
+    cells = [["CD3D", "IL7R"], ["MS4A1"]]
+    assert prompts.multi_cell_sentences(iter(cells)) == prompts.multi_cell_sentences(cells) != ""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -263,8 +263,8 @@ class DataHandler:
         if not self.is_mudata:
             return
         for arg, value in keys.items():
-            for key in [value] if isinstance(value, str) else value or []:
-                if key not in self.adata.obs and key in self.data.obs:
+            for key in [] if value is None else [value] if isinstance(value, Hashable) else value:
+                if isinstance(key, Hashable) and key not in self.adata.obs and key in self.data.obs:
                     msg = (
                         f"`{arg}={key!r}` is a column of `mdata.obs`, while sc_c2s reads the obs of the {self.mod!r} "
                         f"modality: copy it there, `mdata.mod[{self.mod!r}].obs[{key!r}] = mdata.obs[{key!r}]`."

@@ -163,7 +163,7 @@ def cell_sentence(words: Sequence[str], *, upper: bool = True) -> str:
 
 def _one_line(text: str, name: str) -> str:
     """Return `text` if it is a non-empty string of one line (a prompt names it in a sentence of its own), else raise."""
-    if not isinstance(text, str) or not text.strip() or "\n" in text:
+    if not isinstance(text, str) or not text.strip() or "\n" in text or "\r" in text:
         msg = f"`{name}` must be a non-empty string of one line, got {text!r}."
         raise ValueError(msg)
     return text
@@ -234,7 +234,8 @@ def multi_cell_sentences(cells: Sequence[Sequence[str]], *, upper: bool = True) 
     >>> multi_cell_sentences([["CD3D", "IL7R"], ["MS4A1"]])
     'Cell 1:\nCD3D IL7R.\nCell 2:\nMS4A1.\n'
     """
-    if isinstance(cells, str) or any(isinstance(words, str) for words in cells):
+    cells = [cells] if isinstance(cells, str) else list(cells)
+    if any(isinstance(words, str) for words in cells):
         msg = (
             "`cells` must be a list of cells, each a list of gene names, got strings: split each sentence with "
             "`sentence.split()`."

@@ -85,8 +85,9 @@ def annotate(
 
     free (``labels=None``)
         The model writes the answer greedily, up to 32 tokens, stopping at the first period or end of sequence;
-        past a period inside one of the model's own labels (``model.metadata.labels``, e.g. ``"Ex. neuron"``), at
-        the first that closes one or leaves the start of all of them. The answer is decoded from the new tokens
+        past a period inside one of the model's own labels (``model.metadata.labels``, e.g. ``"Ex. neuron"``): the
+        answer is then the longest of them it wrote, else what it wrote up to the period where it left the start of
+        all of them. The answer is decoded from the new tokens
         only; surrounding whitespace and the final period are stripped. The score is the model's probability of
         that answer. An answer of two words or more, most of them genes of `adata`, is a continued cell sentence
         rather than a cell type (a failure of some published checkpoints): unless it is one of the model's labels,
@@ -203,7 +204,7 @@ def annotate(
     c2s = resolve(model, device=device)
     check_task(c2s, "cell_type_prediction")
     if candidates == "model":
-        candidates = label_set(model_labels(c2s))
+        candidates = model_labels(c2s)  # checked when trained, by the rules of then
     if candidates is not None and len(candidates) == 1:
         warnings.warn(
             f"`labels` holds a single label, so every cell is labelled {candidates[0]!r} with score 1; pass the "
@@ -303,8 +304,8 @@ def generate_answers(
     or tissues) goes on past it (:func:`answer_length`). `desc` names the progress bar.
     """
     tokenizer = c2s.tokenizer
-    periods, pad = _runtime.period_ids(tokenizer), _runtime.pad_id(tokenizer)
-    trained = {prompts.answer(label, prefix="") for label in known or ()}
+    periods, pad = np.asarray(_runtime.period_ids(tokenizer)), _runtime.pad_id(tokenizer)
+    trained = {join_punctuation(prompts.answer(label, prefix="")) for label in known or ()}  # as answers decode
     # past a period inside an answer ("Ex. neuron"), the model writes on to its end of sequence, which ends every
     # answer finetune trains
     stop_ids = [_runtime.eos_id(tokenizer)] if any("." in answer[:-1] for answer in trained) else periods
@@ -333,17 +334,22 @@ def answer_length(
 ) -> int:
     """Count the tokens of the answer that `tokens` begin with.
 
-    It ends at the first of `periods` (tokens ending with a period, and the end of sequence) where the text so far
-    is one of the `known` answers (each with its final period) or the start of none: ``"Ex."`` goes on where
-    ``"Ex. neuron."`` is known. Without known answers, the first period ends it.
+    Without `known` answers (each with its final period), the first of `periods` (tokens ending with a period, and
+    the end of sequence) ends it. With them, the text goes on past a period while it is the start of a longer known
+    answer (``"Ex."`` of ``"Ex. neuron."``), and the answer is the longest known one it passed (``"B.1."`` rather
+    than ``"B."``), else the text up to where it left them all or ended.
     """
+    closed = 0  # tokens of the longest known answer passed
     for j in np.flatnonzero(np.isin(tokens, periods)):
+        end = int(j) + 1
         if tokens[j] == tokenizer.eos_token_id or not known:
-            return int(j) + 1
-        head = join_punctuation(tokenizer.decode(tokens[: j + 1], skip_special_tokens=True).strip())
-        if head in known or not any(answer.startswith(head) for answer in known):
-            return int(j) + 1
-    return len(tokens)
+            return closed or end
+        head = join_punctuation(tokenizer.decode(tokens[:end], skip_special_tokens=True).strip())
+        if head in known:
+            closed = end
+        if not any(answer.startswith(head) and answer != head for answer in known):
+            return closed or end
+    return closed or len(tokens)
 
 
 def parse_answer(text: str) -> str:
@@ -418,6 +424,14 @@ def check_labels(c2s: C2SModel, labels: Sequence[str], answer_ids: Sequence[Sequ
             msg = f"The labels {first!r} and {label!r} {why}"
             raise ValueError(msg)
         seen[tuple(ids)] = label
+    ordered = sorted(seen)  # a label's tokens come just before those that begin with them
+    for short, long in zip(ordered, ordered[1:], strict=False):
+        if long[: len(short)] == short:
+            msg = (
+                f"The answer to {seen[short]!r} begins the answer to {seen[long]!r} for {c2s.name!r}: scored by the "
+                f"likelihood of its tokens, {seen[long]!r} can never score above {seen[short]!r}; rename one of them."
+            )
+            raise ValueError(msg)
     if unknown:
         examples = [label for label in labels if label in unknown][:3]
         logg.warning(

@@ -166,7 +166,7 @@ def predict_tissue(
     check_task(c2s, "tissue_prediction")
     n_cells = prompt_cells(n_cells, c2s)
     if candidates == "model":
-        candidates = label_set(_model_tissues(c2s))
+        candidates = _model_tissues(c2s)  # checked when trained, by the rules of then
     organism = model_organism(c2s, organism)
     n_genes = model_n_genes(c2s, n_genes)
     draws = group_draws(groups, n_cells=n_cells, n_draws=n_draws, random_state=random_state)
