@@ -815,6 +815,11 @@ def test_one_name_arguments_refuse_lists(ranked, tiny):
             "column of the real cells' obs",
             lambda: sc_c2s.tl.score_generation(adata, adata, label_key=["label"]),
         ),
+        (
+            "generated_key",
+            "column of the generated cells' obs",
+            lambda: sc_c2s.tl.score_generation(adata, adata, label_key="label", generated_key=["label"]),
+        ),
         ("layer", "layer", lambda: sc_c2s.pp.to_sentences(adata, layer=["counts"])),
         ("gene_symbols", "column of var", lambda: sc_c2s.pp.to_sentences(adata, gene_symbols=["symbol"])),
         ("mod", "modality", lambda: sc_c2s.tl.annotate(mudata, model=tiny, mod=["rna"])),

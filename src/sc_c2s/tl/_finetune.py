@@ -236,9 +236,10 @@ def finetune(
     lora_rank
         Rank of the LoRA matrices (their scale alpha is twice the rank).
     target_modules
-        Names of the linear layers LoRA adapts; ``None``: every projection of attention and MLP of the
-        architecture (``query_key_value``, ``dense``, ``dense_h_to_4h``, ``dense_4h_to_h`` for GPT-NeoX;
-        ``q_proj`` … ``down_proj`` for Gemma, Llama and the like; all linear layers otherwise).
+        List of the names of the linear layers LoRA adapts (with ``adapter="lora"``); ``None``: every projection
+        of attention and MLP of the architecture (``query_key_value``, ``dense``, ``dense_h_to_4h``,
+        ``dense_4h_to_h`` for GPT-NeoX; ``q_proj`` … ``down_proj`` for Gemma, Llama and the like; all linear layers
+        otherwise).
     quantization
         ``"4bit"`` loads the base model in NF4 to train the adapter on it (QLoRA); on a CUDA GPU, with
         bitsandbytes (``pip install "sc-c2s[quantization]"``).

@@ -17,6 +17,7 @@ from sc_c2s._docs import doc_mod, doc_params, doc_seed
 from sc_c2s._utils._validate import (
     LEGACY_SEED_LIMIT,
     AnyRandom,
+    check_name,
     check_obs_column,
     check_positive_int,
     check_random_state,
@@ -84,6 +85,7 @@ def comparison(
     if not isinstance(generated, AnnData):
         msg = f"`generated` must be the AnnData returned by `sc_c2s.tl.generate`, got {type(generated).__name__}."
         raise TypeError(msg)
+    check_name(generated_key, "generated_key", what="column of the generated cells' obs")
     for key in (_keys.SENTENCE, generated_key):
         if key not in generated.obs.columns:
             msg = f"The generated cells have no obs[{key!r}]; pass the AnnData returned by `sc_c2s.tl.generate`" + (
