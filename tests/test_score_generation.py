@@ -62,7 +62,6 @@ def test_real_cells_score_like_the_control(halves):
     assert overall["sentence_length"] == pytest.approx(overall["sentence_length_real"], abs=5)
 
 
-@pytest.mark.filterwarnings("ignore:Writing zarr v2 data will no longer be the default")
 def test_copies_of_the_control_half_score_as_the_control(halves, monkeypatch):
     """Generated cells that are the control half's own sentences score exactly as the control on every figure: each
     figure compares both with the same reference half, in a space fitted on the reference halves only."""
@@ -103,6 +102,7 @@ def test_overall_is_the_mean_over_types_and_the_space_is_fitted_on_the_reference
     assert fitted == [sum((n + 1) // 2 for n in sizes if n >= _score_generation.MIN_REAL_CELLS)]
 
 
+@pytest.mark.filterwarnings("ignore:Writing zarr v2 data will no longer be the default")
 def test_real_cells_read_back_from_zarr(halves, tmp_path):
     """zarr gives the gene list back as a NumPy StringDType array, which failed to cast to `str`."""
     pytest.importorskip("zarr", reason="zarr is optional for anndata 0.11")
