@@ -562,3 +562,16 @@ def test_empty_chunks_are_skipped(sentences, expected, demo):
     adata.obsm["c2s_genes"] = da.from_array(sentences.obsm["c2s_genes"], chunks=((50, 0, 50), -1))
     sc_c2s.tl.embed(adata, model=demo, n_genes=N_GENES)
     np.testing.assert_allclose(adata.obsm["X_c2s"], expected.obsm["X_c2s"], **FLOAT32_OUTPUTS)
+
+
+def test_generate_over_dask_chunks_without_a_cluster_equals_in_memory(sentences, demo):
+    """Cells split over four chunks (3 + 3 + 3 + 1) give the cells of one run: chunk k starts at its first cell."""
+    adata = sentences.copy()
+    adata.obsm["c2s_genes"] = da.from_array(sentences.obsm["c2s_genes"], chunks=(64, -1))
+    request = {"model": demo, "cell_types": {"CD14+ Monocyte": 5, "CD19+ B": 5}, "n_genes": 10}
+    over_dask = sc_c2s.tl.generate(adata, **request)
+    in_memory = sc_c2s.tl.generate(sentences, **request)
+    pd.testing.assert_frame_equal(over_dask.obs, in_memory.obs)
+    assert (over_dask.X != in_memory.X).nnz == 0
+    # cells of one type, in different chunks, differ
+    assert over_dask.obs["c2s_sentence"].iloc[:5].nunique() == 5

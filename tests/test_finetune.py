@@ -1254,3 +1254,60 @@ def test_duplicate_obs_names_are_announced(sentences, tmp_path, scanpy_log):
     is_eval = split(sentences.obs["cell_type"].astype(str), eval_fraction=0.1)
     assert metadata.training["eval_obs_names"] == sentences.obs_names[is_eval].tolist()
     assert metadata.scores["n_cells"] == is_eval.sum() == 30
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_a_tenth():
+    # 5 warm-up steps of 105: 1/5, 2/5, … 1, then a cosine from 1 to 0.1 over the other 100 steps
+    factors = [_trainer._lr_factor(step, 5, 105) for step in (0, 1, 4, 5, 55, 105, 200)]
+    assert factors == pytest.approx([0.2, 0.4, 1.0, 1.0, 0.55, 0.1, 0.1])
+
+
+def test_weight_decay_on_matrices_only(cell_samples):
+    model = small_model(cell_samples[0])
+    decay, no_decay = _trainer._parameter_groups(model, 0.01)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
+    assert decay["params"] and all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["params"] and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_the_last_step_is_evaluated_off_the_interval(cell_samples, monkeypatch):
+    monkeypatch.setattr(_trainer._Selection, "_scores", lambda self, choices: (np.zeros(60), choices.truth))
+    result = train_small(
+        small_model(cell_samples[0]), cell_samples, max_steps=7, held_out=cell_samples[2], eval_every=5
+    )
+    assert [point["step"] for point in result.curve] == [5, 7]
+
+
+def test_default_interval_evaluates_twenty_times(cell_samples, monkeypatch):
+    monkeypatch.setattr(_trainer._Selection, "_scores", lambda self, choices: (np.zeros(60), choices.truth))
+    result = train_small(small_model(cell_samples[0]), cell_samples, max_steps=40, held_out=cell_samples[2])
+    assert [point["step"] for point in result.curve] == list(range(2, 41, 2))
+
+
+def test_batches_are_buckets_of_similar_length_in_random_order():
+    lengths = np.arange(100)[::-1].copy()  # sample i has length 99 - i
+    batches = _trainer.shuffled_batches(lengths, 10, np.random.default_rng(0))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(100))  # each sample once
+    # one chunk of 500 sorted by length: every batch holds ten consecutive lengths
+    assert sorted(tuple(sorted(lengths[b])) for b in batches) == [tuple(range(i, i + 10)) for i in range(0, 100, 10)]
+    # the batches come in a random order, not by length
+    firsts = [int(lengths[b].min()) for b in batches]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+
+
+def test_cpu_dropout_drops_the_share_asked_for_and_keeps_the_mean():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.25))
+    x = torch.ones(100_000, 4)
+    with torch.random.fork_rng(), _dropout.cpu_dropout(model):
+        torch.manual_seed(0)
+        model.train()
+        out = model[1](x)
+    assert (out == 0).float().mean().item() == pytest.approx(0.25, abs=0.005)  # 4e5 draws: s.e. below 1e-3
+    assert out.mean().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_gene_dropout_keeps_at_least_one_gene():
+    for seed in range(20):  # at 0.999, most draws drop every gene: one is put back
+        kept = _samples._drop(["A", "B", "C"], 0.999, np.random.default_rng(seed))
+        assert len(kept) == 1 and kept[0] in {"A", "B", "C"}

@@ -559,3 +559,49 @@ def test_batches_are_assembled_in_cell_order():
     assert assembled.dtype == np.float32
     assert (assembled != full).nnz == 0
     np.testing.assert_array_equal(assembled.indptr, full.indptr)
+
+
+def test_uniforms_of_the_cells_are_disjoint_blocks_of_one_stream():
+    """Cell c reads the c-th block of `width` numbers of the seed's Philox stream: no two cells share a number."""
+    whole = np.random.Generator(np.random.Philox(key=7)).random(3 * 8)  # 7 steps take blocks of 8 numbers
+    for cell in range(3):
+        np.testing.assert_array_equal(_sampling._uniforms(7, cell, 7), whole[8 * cell : 8 * cell + 7])
+    assert not np.intersect1d(_sampling._uniforms(0, 0, 8), _sampling._uniforms(0, 1, 8)).size
+
+
+def test_budget_of_distinct_genes_has_room_for_the_longest():
+    # 1 gene asked for: the mean (1.5 tokens per gene, 2 genes with the slack) gives 3 + 2 = 5 tokens, but the
+    # longest distinct gene takes 6 tokens and its period one more
+    assert _sampling._new_tokens(1.5, [[1], [2], [3, 4, 5, 6, 7, 8]], 1, 3) == 7
+    # the two longest: 6 + 1 tokens and the period
+    assert _sampling._new_tokens(1.5, [[1], [2, 9], [3, 4, 5, 6, 7, 8]], 2, 3) == 9
+
+
+def test_exact_length_of_as_many_genes_as_there_are_does_not_warn(ranked, tiny, scanpy_log):
+    few = ranked[:, ranked.var["gene_symbol"].isin(["CD99", "DPM1", "LASP1", "AK2", "FKBP4"])].copy()
+    sc_c2s.pp.to_sentences(few, gene_symbols="gene_symbol")
+    generated = sc_c2s.tl.generate(few, model=tiny, cell_types={"A549": 2}, n_genes=5)
+    for sentence in generated.obs["c2s_sentence"]:
+        assert sorted(sentence.split()) == ["AK2", "CD99", "DPM1", "FKBP4", "LASP1"]
+    assert "can hold only" not in scanpy_log.getvalue()
+
+
+def test_a_reset_token_lets_a_row_write_its_genes_again():
+    """Multi-cell texts: genes 0 and 1 are blocked once used, until token 3 (a new cell) frees them."""
+    sampler = _sampling._Sampler(
+        torch.rand(1, 5),
+        temperature=1.0,
+        top_k=1,  # greedy: the most likely token not blocked
+        top_p=None,
+        gene_ids=torch.tensor([0, 1]),
+        length=None,
+        reset_ids=torch.tensor([3]),
+    )
+    logits = torch.tensor([[5.0, 4.0, 0.0, 3.0]])
+    assert [sampler(logits).item() for _ in range(5)] == [0, 1, 3, 0, 1]
+
+
+def test_token_budget_spares_a_tenth_more_genes_and_two_tokens():
+    assert _sampling._new_tokens(1.0, None, 10, None) == 13  # 11 genes of one token, and 2
+    assert _sampling._new_tokens(1.5, None, 10, None) == 19  # ceil(1.5 * 11) + 2
+    assert _sampling._new_tokens(1.0, None, 25, None) == 30  # ceil(27.5) = 28 genes, and 2

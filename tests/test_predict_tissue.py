@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import anndata as ad
 import numpy as np
@@ -271,3 +272,28 @@ def test_finetune_without_single_cell_tasks_needs_no_label_key(tissues, tmp_path
     sc_c2s.tl.predict_tissue(tissues, model=model, groupby="sample", labels="model", n_draws=1)
     assert set(tissues.obs["c2s_tissue"].astype(str)) <= set(TISSUES)
     assert tissues.uns["c2s_tissue"]["params"]["n_genes"] == N_GENES
+
+
+def test_group_draws_are_random_subsets_not_the_first_cells():
+    groups = pd.Series(["a"] * 10, dtype="category")
+    draws = _utils.group_draws(groups, n_cells=3, n_draws=20, random_state=0)
+    drawn = [cells.tolist() for _, cells in draws]
+    # 20 draws of 3 of 10 cells without replacement: all cells come up, and the draws are not all alike
+    assert sorted({c for cells in drawn for c in cells}) == list(range(10))
+    assert len({tuple(sorted(cells)) for cells in drawn}) > 1
+    assert all(len(set(cells)) == 3 for cells in drawn)
+    # a group smaller than n_cells gives all of its cells, in a random order
+    orders = {tuple(c.tolist()) for _, c in _utils.group_draws(groups, n_cells=20, n_draws=10, random_state=0)}
+    assert all(sorted(o) == list(range(10)) for o in orders) and len(orders) > 1
+
+
+def test_free_score_is_the_share_of_all_draws_missing_answers_included(monkeypatch):
+    """Group g: draws answer lung, lung, (a gene list: no answer), kidney: lung, in 2 of the 4 draws, 0.5."""
+    answers = ["lung", "lung", "CD3E CD8A", "kidney", "kidney"]
+    monkeypatch.setattr(_predict_tissue, "generate_answers", lambda c2s, ids, **kw: (answers, np.ones(len(ids))))
+    monkeypatch.setattr(_predict_tissue, "free_labels", lambda a, genes, **kw: [None if " " in x else x for x in a])
+    c2s = SimpleNamespace(metadata=SimpleNamespace(tissues=None))
+    groups = np.array(["g", "g", "g", "g", "h"], dtype=object)
+    table, per_draw = _predict_tissue._majority(c2s, [[0]] * 5, groups, batch_size=1, genes=["CD3E", "CD8A"])
+    assert table.loc["g"].tolist() == ["lung", 0.5]
+    assert table.loc["h"].tolist() == ["kidney", 1.0]

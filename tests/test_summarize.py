@@ -11,6 +11,7 @@ import pytest
 import sc_c2s
 from sc_c2s import prompts
 from sc_c2s.models import C2SModel
+from sc_c2s.tl import _summarize, _utils
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DATA = Path(__file__).parent / "data"
@@ -109,3 +110,17 @@ def test_summarize_checks_arguments(summarizer):
     with pytest.raises(ValueError, match=r"lower `n_genes` \(or `n_cells`, the cells of a group\)\.$"):
         sc_c2s.tl.summarize(adata, model=model, groupby="tissue", n_cells=50)  # offered `n_genes` only
     assert "c2s_summary" not in adata.uns
+
+
+def test_the_seed_sets_the_sampling_of_the_same_cells(summarizer, monkeypatch):
+    adata, model = summarizer
+    # the same cells whatever the seed: only the sampling can tell the seeds apart
+    monkeypatch.setattr(
+        _summarize, "group_draws", lambda groups, **kw: _utils.group_draws(groups, **{**kw, "random_state": 0})
+    )
+    kwargs = {"model": model, "groupby": "tissue", "n_cells": 3, "temperature": 5.0, "max_new_tokens": 12, "copy": True}
+    texts = [
+        sc_c2s.tl.summarize(adata.copy(), random_state=seed, **kwargs).uns["c2s_summary"]["summary"].tolist()
+        for seed in (0, 1)
+    ]
+    assert texts[0] != texts[1]
