@@ -56,7 +56,10 @@ def check_base_url(base_url: str, source: str) -> str:
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(base_url) if field is not None}
     except ValueError as e:
-        msg = f"{source} {base_url!r} has an unmatched brace ({e}); a template's fields are {{repo}}, {{revision}} and {{file}} ({example})."
+        msg = (
+            f"{source} {base_url!r} has an unmatched brace ({e}); a template's fields are {{repo}}, {{revision}} "
+            f"and {{file}} ({example})."
+        )
         raise ValueError(msg) from None
     unknown = sorted(fields - {"repo", "revision", "file"})
     if unknown:
