@@ -87,11 +87,11 @@ def annotate(
         The model writes the answer greedily, up to 32 tokens, stopping at the first period or end of sequence;
         past a period inside one of the model's own labels (``model.metadata.labels``, e.g. ``"Ex. neuron"``): the
         answer is then the longest of them it wrote, else what it wrote up to the period where it left the start of
-        all of them. The answer is decoded from the new tokens
-        only; surrounding whitespace and the final period are stripped. The score is the model's probability of
-        that answer. An answer of two words or more, most of them genes of `adata`, is a continued cell sentence
-        rather than a cell type (a failure of some published checkpoints): unless it is one of the model's labels,
-        it is missing (NaN), and such answers are counted in a warning.
+        all of them. The answer is decoded from the new tokens only; surrounding whitespace and the final period
+        are stripped. The score is the model's probability of that answer. An answer of two words or more, most of
+        them genes of `adata`, is a continued cell sentence rather than a cell type (a failure of some published
+        checkpoints): unless it is one of the model's labels, it is missing (NaN), and such answers are counted in
+        a warning.
     constrained (``labels=[...]`` or ``labels="model"``)
         The log-likelihood of each candidate answer (``" {{label}}."``, summed over its tokens) is scored after
         the prompt; the prompt is read once per cell and its KV cache serves all candidates in one forward
