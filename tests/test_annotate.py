@@ -397,7 +397,12 @@ def test_trained_labels_with_periods_or_genes_are_written_whole(_namer_cells, on
     for words, answer in zip(prompts.sentence_words(adata[:30], n_genes=8), free, strict=False):
         prompt = tokenizer(prompts.cell_type_prediction(words, n_genes=8), return_tensors="pt")
         out = c2s.model.generate(
-            **prompt, max_new_tokens=32, do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=0
+            input_ids=prompt["input_ids"],
+            attention_mask=prompt["attention_mask"],
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=0,
         )
         written = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True)
         assert answer == _annotate.parse_answer(written)  # one label and its period, then EOS
