@@ -82,9 +82,7 @@ def comparison(
     c2s = handler.c2s()
     handler.check_columns(label_key=label_key)
     check_obs_column(handler.obs, label_key, arg="label_key", where="the real cells' obs")
-    if not isinstance(generated, AnnData):
-        msg = f"`generated` must be the AnnData returned by `sc_c2s.tl.generate`, got {type(generated).__name__}."
-        raise TypeError(msg)
+    check_returned(generated, arg="generated", verb="sc_c2s.tl.generate")
     check_name(generated_key, "generated_key", what="column of the generated cells' obs")
     for key in (_keys.SENTENCE, generated_key):
         if key not in generated.obs.columns:
@@ -151,6 +149,13 @@ def check_real(handler: DataHandler) -> None:
             "`sc_c2s.tl.generate` returns them); pass the real cells first and the generated ones second."
         )
         raise ValueError(msg)
+
+
+def check_returned(cells: object, *, arg: str, verb: str) -> None:
+    """Refuse `cells` (the argument `arg`) unless it is an AnnData, as `verb`, which made the cells scored, returns."""
+    if not isinstance(cells, AnnData):
+        msg = f"`{arg}` must be the AnnData returned by `{verb}`, got {type(cells).__name__}."
+        raise TypeError(msg)
 
 
 def check_shared_genes(counts: pd.DataFrame, sentences: pd.Series) -> None:

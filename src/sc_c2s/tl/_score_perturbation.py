@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from anndata import AnnData
 from scanpy import logging as logg
 from scipy import sparse
 from scipy.spatial.distance import pdist
@@ -26,10 +25,11 @@ from sc_c2s._utils._validate import (
 
 from ._from_sentences import reconstruct, reconstruct_ranked
 from ._pairs import conditions
-from ._score_generation import check_shared_genes, compared_genes, mmd, pca, project
+from ._score_generation import check_returned, check_shared_genes, compared_genes, mmd, pca, project
 from ._utils import UNKNOWN_WARNING
 
 if TYPE_CHECKING:
+    from anndata import AnnData
     from mudata import MuData
 
 #: Top differentially expressed genes of the R² and of the direction agreement.
@@ -138,12 +138,7 @@ def cells(
     handler.check_columns(condition_key=condition_key, groupby=groupby)
     real_conditions = conditions(handler.obs, condition_key=condition_key, control=control).to_numpy()
     real_groups = check_obs_column(handler.obs, groupby, arg="groupby", where="the real cells' obs")
-    if not isinstance(predicted, AnnData):
-        msg = (
-            "`predicted` must be the AnnData returned by `sc_c2s.tl.predict_perturbation`, got "
-            f"{type(predicted).__name__}."
-        )
-        raise TypeError(msg)
+    check_returned(predicted, arg="predicted", verb="sc_c2s.tl.predict_perturbation")
     for key in (_keys.SENTENCE, condition_key, groupby):
         if key not in predicted.obs.columns:
             msg = (
