@@ -225,14 +225,15 @@ class DataHandler:
             )
             raise KeyError(msg)
         ranked = self.obsm[GENES]
-        if not isinstance(ranked, np.ndarray) and not is_dask_array(ranked):
+        if is_dask_array(ranked):  # lazy: read chunk by chunk where it is used
+            return c2s
+        if not isinstance(ranked, np.ndarray):
             msg = (
                 f"`obsm[{GENES!r}]` holds a {type(ranked).__name__}, not the array of gene indices that "
                 f"`sc_c2s.pp.to_sentences` writes. {again}."
             )
             raise TypeError(msg)
-        if not is_dask_array(ranked):
-            _check_ranked(ranked, np.asarray(c2s["genes"], dtype=object), self.obs, again)
+        _check_ranked(ranked, np.asarray(c2s["genes"], dtype=object), self.obs, again)
         return c2s
 
     def ranked(self, n_genes: int | None, *, cells: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
