@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -185,6 +186,27 @@ def test_finetune_a_checkpoint_further(trained, tmp_path, scanpy_log):
     assert metadata.training["learning_rate"] == 5e-5
     assert metadata.tasks == ["cell_type_prediction"]
     assert metadata.scores["accuracy"] >= 0.85
+
+
+@pytest.mark.parametrize("task", ["cell_type_prediction", "cell_type_generation"])
+def test_sentences_longer_than_the_base_model_reads_are_refused_before_training(trained, tmp_path, monkeypatch, task):
+    """Continuing from a model trained from scratch on shorter sentences, with finetune's default of 200 genes,
+    trained the whole budget, then failed annotating the held-out cells or choosing the sampling temperature, and
+    kept nothing. It is refused before training; the most genes it names train, one more is refused."""
+    adata, _, path = trained
+    longer = adata.copy()
+    sc_c2s.pp.to_sentences(longer, gene_symbols="gene_symbol", n_genes=200)
+    kwargs = {"label_key": "cell_type", "base_model": path, "tasks": (task,), "max_steps": 1, "patience": None}
+    with monkeypatch.context() as patch:
+        patch.setattr(_trainer, "train", lambda *args, **kwargs: pytest.fail("trained"))
+        with pytest.raises(ValueError, match=r"ask for at most `n_genes=(\d+)`") as info:
+            sc_c2s.tl.finetune(longer, output_dir=tmp_path / "m", **kwargs)
+        assert not (tmp_path / "m").exists()
+        fit = int(re.search(r"n_genes=(\d+)", str(info.value))[1])
+        assert N_GENES <= fit < 200
+        with pytest.raises(ValueError, match=r"ask for at most `n_genes="):
+            sc_c2s.tl.finetune(longer, output_dir=tmp_path / "m", n_genes=fit + 1, **kwargs)
+    assert load(sc_c2s.tl.finetune(longer, output_dir=tmp_path / "m", n_genes=fit, **kwargs)).metadata.n_genes == fit
 
 
 def test_base_model_must_know_the_labels(trained, tmp_path):
@@ -795,25 +817,21 @@ def test_the_fused_training_loss_has_the_gradient_of_the_mean_answer_loss(tokeni
 
 
 @pytest.mark.parametrize("task", ["cell_type_prediction", "cell_type_generation"])
-def test_long_samples_lose_genes_never_the_answer(tokenizer, task):
+def test_samples_longer_than_the_context_are_refused_naming_the_genes_that_fit(tokenizer, task):
+    """They were cut to fit, so the model trained, then failed where annotation or generation read sentences of as
+    many genes (see the test below)."""
     words = ["CD3D", "IL7R", "LTB", "MS4A1", "CD79A"]
-    (full,) = _samples.encode(
-        tokenizer, [words], ["T cell"], tasks=(task,), organism="Homo sapiens", upper=True, max_length=200
-    ).input_ids
-    samples = _samples.encode(
-        tokenizer, [words], ["T cell"], tasks=(task,), organism="Homo sapiens", upper=True, max_length=len(full) - 3
-    )
-    assert samples.n_truncated == 1
-    # one token per gene: three genes fewer, and the prompt counts the two left
-    text = tokens(tokenizer, samples.input_ids[0])
-    assert len(text) == len(full) - 3
-    assert text[-1] == "[EOS]"
-    if task == "cell_type_prediction":
-        assert text[-4:] == ["T", "cell", ".", "[EOS]"]
-        assert text[text.index("sentence") + 2 :][:3] == ["CD3D", "IL7R", "."]
-    else:
-        assert text[samples.n_prompt[0] :] == ["CD3D", "IL7R", ".", "[EOS]"]
-    assert "2" in text and "5" not in text
+    kwargs = {"tasks": (task,), "organism": "Homo sapiens", "upper": True}
+    (full,) = _samples.encode(tokenizer, [words, words[:2]], ["T cell"] * 2, max_length=200, **kwargs).input_ids[:1]
+    # one token per gene: three tokens fewer leave room for two genes
+    limit = len(full) - 3
+    with pytest.raises(
+        ValueError,
+        match=rf"^1 training samples .* the {limit} tokens .* has {len(full)}\); ask for at most `n_genes=2`",
+    ):
+        _samples.encode(tokenizer, [words, words[:2]], ["T cell"] * 2, max_length=limit, **kwargs)
+    (fits,) = _samples.encode(tokenizer, [words[:2]], ["T cell"], max_length=limit, **kwargs).input_ids
+    assert len(fits) == limit
 
 
 def test_gene_dropout_thins_prediction_sentences_only(tokenizer):

@@ -34,6 +34,7 @@ from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_
 from . import _pairs, _samples
 from ._annotate import check_labels, label_loglik
 from ._calibration import fit_temperature
+from ._sampling import check_room, token_budget
 from ._temperature import choose_temperature
 from ._utils import cell_words, model_organism
 
@@ -460,6 +461,8 @@ def finetune(
             parts.append(pairs(rng))
         return _samples.concat(*parts)
 
+    if "cell_type_generation" in tasks:
+        _check_generation_room(c2s_model, genes, label_set, n_genes=n_genes, organism=organism)
     samples = draw(np.random.default_rng(random_state))
     _check_unknown(tokenizer, samples, names=[*label_set, *tissue_set, *perturbation_set])
     check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
@@ -603,6 +606,20 @@ def finetune(
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
     logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
     return output_dir
+
+
+def _check_generation_room(
+    c2s_model: C2SModel, genes: np.ndarray, label_set: Sequence[str], *, n_genes: int, organism: str
+) -> None:
+    """Refuse, before training, sentences of `n_genes` genes that :func:`sc_c2s.tl.generate` could not write.
+
+    After training, the sampling temperature is chosen by generating such sentences, as the model's users will; a
+    base model whose context is too short for them (one trained from scratch with fewer genes) would fail there,
+    after the whole budget.
+    """
+    budget = token_budget(c2s_model, genes, n_genes, unique_genes=True)
+    texts = [prompts.cell_type_generation(label, n_genes=n_genes, organism=organism) for label in label_set]
+    check_room(c2s_model, _runtime.tokenize(c2s_model.tokenizer, texts), budget, n_genes=n_genes, unique_genes=True)
 
 
 def _save(c2s_model: C2SModel, output_dir: Path) -> None:

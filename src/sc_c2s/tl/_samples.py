@@ -65,7 +65,8 @@ def encode(
     without, and EOS follows the answer. Cell-type prediction prompts ask about `n_genes` genes (see
     :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's sentence is left out with that
     probability (drawn from `rng`; at least one gene stays), the order of the others kept; generation samples keep
-    their whole sentence.
+    their whole sentence. Samples longer than `max_length` tokens are refused, naming the most genes that fit:
+    annotation and generation with sentences of `n_genes` genes would not fit in the model's context either.
     """
     eos = _runtime.eos_id(tokenizer)
     jobs = [
@@ -75,15 +76,19 @@ def encode(
     ]
     pairs = [texts(task, w, label, organism=organism, upper=upper, n_genes=n_genes) for task, w, label in jobs]
     ids = _tokenize(tokenizer, pairs, eos)
-    n_truncated = 0
-    for i, (prompt_ids, answer_ids) in enumerate(ids):
-        if len(prompt_ids) + len(answer_ids) > max_length:
-            ids[i] = _truncate(tokenizer, *jobs[i], organism=organism, upper=upper, max_length=max_length, eos=eos)
-            n_truncated += 1
+    lengths = np.array([len(p) + len(a) for p, a in ids], dtype=np.int64)
+    if len(lengths) and lengths.max() > max_length:
+        longest = int(lengths.argmax())
+        task = jobs[longest][0]
+        fit = _genes_that_fit(tokenizer, *jobs[longest], organism=organism, upper=upper, max_length=max_length, eos=eos)
+        msg = (
+            f"{int((lengths > max_length).sum())} training samples are longer than the {max_length} tokens the model "
+            f"reads (the longest, a {task} sample, has {lengths[longest]}); ask for at most `n_genes={fit}`."
+        )
+        raise ValueError(msg)
     return Samples(
         input_ids=[np.asarray(p + a, dtype=np.int64) for p, a in ids],
         n_prompt=np.array([len(p) for p, _ in ids], dtype=np.int64),
-        n_truncated=n_truncated,
     )
 
 
@@ -127,7 +132,7 @@ def _tokenize(
     return [(p, [*a, eos]) for p, a in zip(prompt_ids, answer_ids, strict=True)]
 
 
-def _truncate(
+def _genes_that_fit(
     tokenizer: PreTrainedTokenizerBase,
     task: str,
     words: Sequence[str],
@@ -137,8 +142,8 @@ def _truncate(
     upper: bool,
     max_length: int,
     eos: int,
-) -> tuple[list[int], list[int]]:
-    """Tokenise the sample with the most leading genes of `words` that fits into `max_length` tokens."""
+) -> int:
+    """Return the most leading genes of `words` whose sample fits into `max_length` tokens."""
     spaced = [" " + prompts.cell_sentence([w], upper=upper) for w in words]
     per_word = [len(ids) for ids in _runtime.tokenize(tokenizer, spaced, special_tokens=False)]
     n_words = len(words)
@@ -148,7 +153,7 @@ def _truncate(
         )
         excess = len(prompt_ids) + len(answer_ids) - max_length
         if excess <= 0:
-            return prompt_ids, answer_ids
+            return n_words
         if n_words == 0:
             msg = (
                 f"A {task} sample for label {label!r} needs {max_length + excess} tokens without any gene, more than "

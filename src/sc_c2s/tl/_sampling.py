@@ -131,7 +131,7 @@ def write_cells(
     check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     prompt_ids = _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts))
-    _check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=unique_genes)
+    check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
     n_words = _sentence_length(budget, n_genes, unique_genes=unique_genes) if exact_length else None
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
@@ -171,7 +171,7 @@ def write_cells(
     return X, sentences, counts, written
 
 
-def _check_room(
+def check_room(
     c2s_model: C2SModel, prompt_ids: list[list[int]], budget: dict[str, Any], *, n_genes: int, unique_genes: bool
 ) -> None:
     """Refuse sentences that do not fit after their prompts in the model's context, naming an `n_genes` that does."""
