@@ -162,13 +162,23 @@ def test_adapter_refuses_a_base_that_changed_or_moved(trained, bases, tmp_path):
 
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-3}))
-    with pytest.raises(ValueError, match=r"not the one the adapter .* was trained on: config.json differ"):
+    with pytest.raises(ValueError, match=r"not the one the adapter .* trained on: config.json differ\. Train the"):
         sc_c2s.models.load(adapter, device="cpu")
     shutil.rmtree(base)
     with pytest.raises(FileNotFoundError, match="neither in the registry nor at"):
         sc_c2s.models.load(adapter, device="cpu")
     (adapter / "c2s_metadata.json").unlink()
     with pytest.raises(ValueError, match="no c2s_metadata.json naming its base model"):
+        sc_c2s.models.load(adapter, device="cpu")
+
+
+def test_an_adapter_of_another_releases_demo_model_says_so(trained, tmp_path):
+    """After an upgrade that retrained the bundled demo, the message named files that differ and no way out."""
+    adapter = shutil.copytree(trained[0], tmp_path / "adapter")
+    metadata = sc_c2s.models.C2SMetadata.read(adapter)
+    metadata.adapter["base"] = {"model": "demo", "path": str(tmp_path / "gone"), "sha256": {"config.json": "0" * 64}}
+    metadata.write(adapter)
+    with pytest.raises(ValueError, match=r"config.json differ\. The demo model bundled with sc_c2s has changed since"):
         sc_c2s.models.load(adapter, device="cpu")
 
 

@@ -381,9 +381,16 @@ def _open_adapter(path: Path, *, options: _Options) -> C2SModel:
     )
     changed = sorted(f for f, h in base.get("sha256", {}).items() if base_model.sha256.get(f, h) != h)
     if changed:
+        cause = (
+            " The demo model bundled with sc_c2s has changed since (another release of sc_c2s)."
+            if base["model"] == _registry.DEMO
+            else ""
+        )
         msg = (
             f"The base model {base['model']!r} at {base_model.path} is not the one the adapter in {path} was "
-            f"trained on: {', '.join(changed)} differ."
+            f"trained on: {', '.join(changed)} differ.{cause} Train the adapter again on this base, or write the "
+            f"directory of a copy of the base it was trained on into the adapter's {METADATA_FILE} "
+            "(`adapter.base.path`)."
         )
         raise ValueError(msg)
     start = logg.info(f"applying the LoRA adapter {metadata.name or path.name}{' (merged)' if options.merge else ''}")
