@@ -23,9 +23,11 @@ from sc_c2s._data import DataHandler
 from sc_c2s.models import C2SMetadata, _candidates, _dropout, _output_loss, _runtime, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _generate, _samples, _utils
+from sc_c2s.tl import _generate, _samples, _score_generation, _utils
 from sc_c2s.tl._annotate import label_loglik
+from sc_c2s.tl._calibration import fit_temperature
 from sc_c2s.tl._finetune import _evaluate, scores, split
+from sc_c2s.tl._temperature import choose_temperature
 
 from .conftest import DATA, captured_log
 
@@ -1236,6 +1238,7 @@ def test_multi_cell_records_follow_the_tasks_trained(donors, tmp_path):
             "`eval_fraction=0.03` holds out 9 cells: fewer than 10 select the model on noise (and leave its scores "
             "uncalibrated); pass a larger `eval_fraction`, or 0 to train the whole budget without selection",
         ),
+        (0.035, None),  # 10 cells, the fewest that fit a temperature
         (0.04, None),  # 12 cells
     ],
 )
@@ -1255,6 +1258,68 @@ def test_too_few_held_out_cells_are_announced(sentences, tmp_path, scanpy_log, e
         assert log.count(expected) == 1
     if n_held_out == 0:  # the fraction suggested holds out a cell of every label
         assert (pd.Series(split(labels, eval_fraction=0.02)).groupby(labels.to_numpy()).sum() >= 1).all()
+
+
+@pytest.mark.parametrize("best", [1.2, 36.41])
+def test_the_fitted_temperature_is_the_likelihoods_optimum(best):
+    """The first label is right for 3 cells of 4, `gap` nats ahead of the second: dividing by T gives it the
+    probability 1 / (1 + 3 ** (-best / T)), which is 3/4, the likelihood's optimum, at T = best. Neither near the
+    floor of 1 nor far above it is the optimum rounded to a bound."""
+    loglik = np.array([[0.0, -best * np.log(3)]] * 4)
+    assert fit_temperature(loglik, np.array([0, 0, 0, 1])) == pytest.approx(best, abs=1e-3)
+
+
+def test_every_cell_right_fits_the_floor():
+    assert fit_temperature(np.array([[0.0, -4.0], [-3.0, 0.0]]), np.array([0, 1])) == 1.0
+
+
+class _TemperatureRun:
+    """Stands in for generate and score_generation in `choose_temperature`: records what is asked, gives MMDs."""
+
+    def __init__(self, monkeypatch, mmd=(0.3, 0.2, 0.1)):
+        self.requests, self.seeds, self.mmd = [], [], list(mmd)
+        monkeypatch.setattr(_generate, "generate", self.generate)
+        monkeypatch.setattr(_score_generation, "score_generation", self.score)
+
+    def generate(self, adata, **kwargs):
+        self.requests.append(kwargs["cell_types"])
+        return kwargs["temperature"]
+
+    def score(self, real, generated, **kwargs):
+        self.seeds.append(kwargs["random_state"])
+        return pd.DataFrame({"mmd": [self.mmd.pop(0)]}, index=["overall"])
+
+    def choose(self, labels, random_state=0):
+        return choose_temperature(
+            None, None, labels=labels, label_key="x", n_genes=8, random_state=random_state, mod=None
+        )
+
+
+def test_the_temperature_is_chosen_on_cells_shared_as_the_types(monkeypatch):
+    """B (3 cells) is too small to score and left out; A (4) gets the least a type is scored on, 4 (its share of
+    200 is 3.1); C gets round(200 * 250 / 254) = 197. The lowest MMD wins."""
+    run = _TemperatureRun(monkeypatch)
+    chosen = run.choose(pd.Series(["C"] * 250 + ["B"] * 3 + ["A"] * 4))
+    assert run.requests == [{"A": 4, "C": 197}] * 3
+    assert [list(request) for request in run.requests] == [["A", "C"]] * 3
+    assert chosen == (0.5, {"1.0": 0.3, "0.7": 0.2, "0.5": 0.1})
+
+
+def test_the_temperature_stays_at_1_unless_another_does_better(monkeypatch):
+    run = _TemperatureRun(monkeypatch, mmd=(0.2, 0.2, 0.2))
+    assert run.choose(pd.Series(["A"] * 10 + ["B"] * 10))[0] == 1.0
+
+
+def test_the_temperature_is_scored_with_the_seed_given(monkeypatch):
+    run = _TemperatureRun(monkeypatch)
+    run.choose(pd.Series(["A"] * 10 + ["B"] * 10), random_state=2**40 + 7)
+    assert run.seeds == [7, 7, 7]  # score_generation takes seeds below 2**40
+
+
+def test_no_temperature_is_chosen_without_a_type_of_4_cells(monkeypatch):
+    run = _TemperatureRun(monkeypatch)
+    assert run.choose(pd.Series(["A"] * 3 + ["B"] * 3)) is None
+    assert run.requests == []
 
 
 def test_duplicate_obs_names_are_announced(sentences, tmp_path, scanpy_log):

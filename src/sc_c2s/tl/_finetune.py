@@ -951,7 +951,7 @@ def _evaluate(
     Returns accuracy and macro-F1 with the labels re-ranked per cell (as ``metadata.scores``), and the temperature
     of :func:`~sc_c2s.tl._calibration.fit_temperature` for the prediction alone and for the re-ranked labels,
     keyed by the number re-ranked (as ``metadata.score_temperatures``; none from fewer than
-    :data:`MIN_EVAL_CELLS` cells of the model's labels).
+    :data:`MIN_EVAL_CELLS` held-out cells).
     """
     if not len(cells):
         return {}, {}
@@ -973,11 +973,10 @@ def _evaluate(
     rerank = max(readings)
     truth = labels.iloc[cells].astype(str).to_numpy()
     predicted = np.asarray(label_set, dtype=object)[readings[rerank].argmax(axis=1)]
-    codes = pd.Index(label_set).get_indexer(truth)
-    known = codes >= 0  # a label with a single cell may be held out only
+    codes = pd.Index(label_set).get_indexer(truth)  # the labels of every cell, held-out ones too
     temperatures = (
-        {str(k): round(fit_temperature(loglik[known], codes[known]), 4) for k, loglik in readings.items()}
-        if known.sum() >= MIN_EVAL_CELLS  # one wrong cell of a few drives the fit to its upper bound
+        {str(k): round(fit_temperature(loglik, codes), 4) for k, loglik in readings.items()}
+        if len(cells) >= MIN_EVAL_CELLS  # one wrong cell of a few drives the fit to its upper bound
         else {}
     )
     return {

@@ -36,7 +36,8 @@ class ControlPairs:
     controls
         Positions of the control cells.
     perturbed
-        Positions of the perturbed cells; each must have a control cell in its group.
+        Positions of the perturbed cells; each must have a control cell in its group (:func:`design` keeps
+        only those).
     """
 
     def __init__(self, groups: np.ndarray, controls: np.ndarray, perturbed: np.ndarray):
@@ -45,9 +46,6 @@ class ControlPairs:
         self.controls = order
         self.start = np.searchsorted(sorted_groups, groups[perturbed], side="left")
         self.count = np.searchsorted(sorted_groups, groups[perturbed], side="right") - self.start
-        if (self.count == 0).any():
-            msg = "Every perturbed cell needs a control cell in its `pair_by` group; drop the cells of groups without."
-            raise ValueError(msg)
 
     def draw(self, rng: np.random.Generator) -> np.ndarray:
         """Draw a control cell for each perturbed cell, uniformly within its group from `rng`."""
