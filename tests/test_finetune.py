@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,6 +210,28 @@ def test_sentences_longer_than_the_base_model_reads_are_refused_before_training(
         with pytest.raises(ValueError, match=r"ask for at most `n_genes="):
             sc_c2s.tl.finetune(longer, output_dir=tmp_path / "m", n_genes=fit + 1, **kwargs)
     assert load(sc_c2s.tl.finetune(longer, output_dir=tmp_path / "m", n_genes=fit, **kwargs)).metadata.n_genes == fit
+
+
+def test_a_model_trained_further_keeps_no_sampling_temperature_or_prompt_style_of_its_base(trained, tmp_path):
+    """Both survived: generate sampled at a temperature chosen for the base's weights (without the MMDs that chose
+    it), and a base of the first C2S release's prompts left its style on a model trained in today's, so every verb
+    warned that the model was not trained for its prompts."""
+    adata, _, path = trained
+    base = shutil.copytree(path, tmp_path / "base")
+    metadata = C2SMetadata.read(base)
+    metadata.temperature, metadata.prompt_style = 0.5, "c2s-legacy"
+    metadata.write(base)
+    out = sc_c2s.tl.finetune(
+        adata,
+        label_key="cell_type",
+        base_model=base,
+        output_dir=tmp_path / "again",
+        tasks="cell_type_prediction",
+        n_genes=N_GENES,
+        max_steps=1,
+    )
+    metadata = load(out).metadata
+    assert (metadata.temperature, metadata.prompt_style) == (None, "c2s")
 
 
 def test_base_model_must_know_the_labels(trained, tmp_path):

@@ -508,6 +508,7 @@ def finetune(
 
     metadata = c2s_model.metadata
     metadata.name = output_dir.resolve().name  # "." names the folder
+    metadata.prompt_style = "c2s"  # the prompts of `sc_c2s.prompts`, whatever the base was trained on
     metadata.tasks = list(tasks)
     metadata.organism = organism
     metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
@@ -518,6 +519,7 @@ def finetune(
     metadata.perturbations = perturbation_set or None
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
+    metadata.temperature = None  # the base's was chosen for other weights; chosen again below where it can be
     metadata.training = {
         "base_model": str(Path(base_model).expanduser().resolve())
         if Path(base_model).expanduser().is_dir()
