@@ -234,6 +234,22 @@ def test_a_model_trained_further_keeps_no_sampling_temperature_or_prompt_style_o
     assert (metadata.temperature, metadata.prompt_style) == (None, "c2s")
 
 
+def test_data_of_genes_the_base_model_cannot_write_is_refused_before_training(trained, tmp_path, monkeypatch):
+    """Trained for prediction only, the model trained its whole budget on unknown words, then failed reading the
+    held-out cells and kept nothing; with generation, it was refused, in generate's words."""
+    adata, _, path = trained
+    renamed = adata.copy()
+    renamed.var["gene_symbol"] = "NEW" + renamed.var["gene_symbol"].astype(str)
+    sc_c2s.pp.to_sentences(renamed, gene_symbols="gene_symbol", n_genes=N_GENES)
+    monkeypatch.setattr(_trainer, "train", lambda *args, **kwargs: pytest.fail("trained"))
+    for tasks in ["cell_type_prediction", ("cell_type_prediction", "cell_type_generation")]:
+        with pytest.raises(ValueError, match=r"None of the genes of the sentences \(e\.g\. 'NEW.*'\) is a word of "):
+            sc_c2s.tl.finetune(
+                renamed, label_key="cell_type", base_model=path, output_dir=tmp_path / "m", tasks=tasks, n_genes=N_GENES
+            )
+        assert not (tmp_path / "m").exists()
+
+
 def test_base_model_must_know_the_labels(trained, tmp_path):
     adata, _, path = trained
     adata = adata.copy()

@@ -461,6 +461,8 @@ def finetune(
             parts.append(pairs(rng))
         return _samples.concat(*parts)
 
+    trained_vocabulary = _vocabulary(tokenizer, vocabulary, base=c2s_model.metadata.vocabulary, upper=upper)
+    _check_known_genes(c2s_model, vocabulary, trained_vocabulary, upper=upper)
     if "cell_type_generation" in tasks:
         _check_generation_room(c2s_model, genes, label_set, n_genes=n_genes, organism=organism)
     samples = draw(np.random.default_rng(random_state))
@@ -513,7 +515,7 @@ def finetune(
     metadata.organism = organism
     metadata.answer_prefix = " "  # the samples of `_samples` put a space before the answer
     metadata.n_genes = int(n_genes)
-    metadata.vocabulary = _vocabulary(tokenizer, vocabulary, base=metadata.vocabulary, upper=upper)
+    metadata.vocabulary = trained_vocabulary
     metadata.labels = label_set or None
     metadata.tissues = tissue_set or None
     metadata.perturbations = perturbation_set or None
@@ -608,6 +610,23 @@ def finetune(
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
     logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
     return output_dir
+
+
+def _check_known_genes(c2s_model: C2SModel, genes: list[str], trained_vocabulary: list[str], *, upper: bool) -> None:
+    """Refuse, before training, data of which the model will know no gene after it.
+
+    A base model trained from scratch spells the genes of its own data only; on data under other gene names it would
+    train its whole budget, then fail to read the held-out cells, as annotation would after it.
+    """
+    case = str.upper if upper else str
+    if {case(gene) for gene in genes}.isdisjoint(map(case, trained_vocabulary)):
+        msg = (
+            f"None of the genes of the sentences (e.g. {genes[0]!r}) is a word of {c2s_model.name!r}: a model trained "
+            "from scratch knows only the genes of the data it was built for. Rank the genes under the names it was "
+            "trained on (e.g. symbols, not Ensembl IDs; `gene_symbols=` of `sc_c2s.pp.to_sentences`), or train from "
+            '`base_model="scratch"`, which builds a vocabulary for this data.'
+        )
+        raise ValueError(msg)
 
 
 def _check_generation_room(
