@@ -574,9 +574,9 @@ def test_uniforms_of_the_cells_are_disjoint_blocks_of_one_stream():
 def test_budget_of_distinct_genes_has_room_for_the_longest():
     # 1 gene asked for: the mean (1.5 tokens per gene, 2 genes with the slack) gives 3 + 2 = 5 tokens, but the
     # longest distinct gene takes 6 tokens and its period one more
-    assert _sampling._new_tokens(1.5, [[1], [2], [3, 4, 5, 6, 7, 8]], 1, 3) == 7
+    assert _sampling.new_tokens(1.5, [[1], [2], [3, 4, 5, 6, 7, 8]], 1, 3) == 7
     # the two longest: 6 + 1 tokens and the period
-    assert _sampling._new_tokens(1.5, [[1], [2, 9], [3, 4, 5, 6, 7, 8]], 2, 3) == 9
+    assert _sampling.new_tokens(1.5, [[1], [2, 9], [3, 4, 5, 6, 7, 8]], 2, 3) == 9
 
 
 def test_a_reset_token_lets_a_row_write_its_genes_again():
@@ -595,6 +595,6 @@ def test_a_reset_token_lets_a_row_write_its_genes_again():
 
 
 def test_token_budget_spares_a_tenth_more_genes_and_two_tokens():
-    assert _sampling._new_tokens(1.0, None, 10, None) == 13  # 11 genes of one token, and 2
-    assert _sampling._new_tokens(1.5, None, 10, None) == 19  # ceil(1.5 * 11) + 2
-    assert _sampling._new_tokens(1.0, None, 25, None) == 30  # ceil(27.5) = 28 genes, and 2
+    assert _sampling.new_tokens(1.0, None, 10, None) == 13  # 11 genes of one token, and 2
+    assert _sampling.new_tokens(1.5, None, 10, None) == 19  # ceil(1.5 * 11) + 2
+    assert _sampling.new_tokens(1.0, None, 25, None) == 30  # ceil(27.5) = 28 genes, and 2

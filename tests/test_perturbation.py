@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import anndata as ad
 import matplotlib
 import numpy as np
@@ -9,7 +11,7 @@ from scipy import sparse
 
 import sc_c2s
 from sc_c2s.models import load
-from sc_c2s.tl import _score_perturbation
+from sc_c2s.tl import _finetune, _score_perturbation
 from sc_c2s.tl._from_sentences import from_sentences
 
 from .conftest import DATA
@@ -101,6 +103,28 @@ def test_base_model_must_know_the_perturbations(kang, trained, tmp_path):
             n_genes=N_GENES, max_steps=1, **KEYS,
         )  # fmt: skip
     assert not (tmp_path / "m").exists()
+
+
+def test_sentences_longer_than_the_base_model_reads_are_refused_before_training(kang, trained, tmp_path, monkeypatch):
+    """Continued with more genes than a scratch checkpoint's context holds, every sample was cut to fit: the whole
+    budget trained on cut sentences, and predict_perturbation refused the model at its own `n_genes`. It is refused
+    before training; the most genes it names train, one more is refused."""
+    data = kang.copy()
+    sc_c2s.pp.to_sentences(data, n_genes=200)
+    kwargs = {"base_model": trained.path, "tasks": ["perturbation"], "pair_by": "cell_type", "max_steps": 1, **KEYS}
+    with monkeypatch.context() as patch:
+        patch.setattr(_finetune._trainer, "train", lambda *args, **kwargs: pytest.fail("trained"))
+        with pytest.raises(ValueError, match=r"Perturbation prompts .* ask for at most `n_genes=\d+`") as info:
+            sc_c2s.tl.finetune(data, output_dir=tmp_path / "m", n_genes=200, **kwargs)
+        assert not (tmp_path / "m").exists()
+        fit = int(re.search(r"n_genes=(\d+)", str(info.value))[1])
+        assert N_GENES <= fit < 200
+        with pytest.raises(ValueError, match=r"ask for at most `n_genes="):
+            sc_c2s.tl.finetune(data, output_dir=tmp_path / "m", n_genes=fit + 1, **kwargs)
+    model = load(sc_c2s.tl.finetune(data, output_dir=tmp_path / "m", n_genes=fit, **kwargs))
+    assert model.metadata.n_genes == fit
+    predicted = sc_c2s.tl.predict_perturbation(data, model=model, perturbations=["stimulated"], n_cells=2, **KEYS)
+    assert predicted.uns["c2s_predict_perturbation"]["params"]["n_genes"] == fit
 
 
 def test_context_of_small_multi_cell_samples_holds_perturbations(kang, tmp_path):

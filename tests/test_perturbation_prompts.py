@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from sc_c2s import prompts
 from sc_c2s.models._scratch import build_tokenizer
 from sc_c2s.tl import _samples
@@ -27,6 +29,18 @@ def test_perturbation_prompt_asks_about_n_genes():
     )
     prompt_ids = samples.input_ids[0][: samples.n_prompt[0]]
     assert tokenizer.decode(prompt_ids).startswith("Given the following cell sentence of 5 expressed genes")
+
+
+def test_perturbation_samples_longer_than_the_context_are_refused():
+    """They lost genes from both sentences until they fitted, so the model trained on cut sentences and
+    predict_perturbation refused it at its own `n_genes`."""
+    tokenizer = build_tokenizer(["CD74", "ISG15", "IFI6"], ["stimulated", *prompts.PERTURBATION_WORDS], max_genes=5)
+    args = (tokenizer, [["CD74", "ISG15"]], [["IFI6", "CD74"]], ["stimulated"])
+    (ids,) = _samples.encode_perturbation(*args, n_genes=2, upper=True, max_length=64).input_ids
+    assert len(_samples.encode_perturbation(*args, n_genes=2, upper=True, max_length=len(ids)).input_ids[0]) == len(ids)
+    match = rf"^1 perturbation samples are longer than the {len(ids) - 1} tokens .* has {len(ids)}\); lower `n_genes`"
+    with pytest.raises(ValueError, match=match):
+        _samples.encode_perturbation(*args, n_genes=2, upper=True, max_length=len(ids) - 1)
 
 
 def test_perturbation_sample_text():

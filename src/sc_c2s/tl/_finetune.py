@@ -34,7 +34,7 @@ from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_
 from . import _pairs, _samples
 from ._annotate import check_labels, label_loglik
 from ._calibration import fit_temperature
-from ._sampling import check_room, token_budget
+from ._sampling import check_room, new_tokens, token_budget
 from ._temperature import choose_temperature
 from ._utils import cell_words, model_organism
 
@@ -96,8 +96,10 @@ def finetune(
 
     Each cell gives one training sample per task in the prompt format of :mod:`sc_c2s.prompts`: its cell
     sentence followed by its label (``"cell_type_prediction"``), or its label followed by its cell sentence
-    (``"cell_type_generation"``). The loss covers the answer and the end-of-sequence token only. A sample longer
-    than the model's context loses genes from the end of its sentence, never any of its answer.
+    (``"cell_type_generation"``). The loss covers the answer and the end-of-sequence token only. Sentences of
+    `n_genes` genes that the base model's context cannot hold, as annotation, generation and perturbation
+    prediction will read and write them, are refused before training, naming the most genes that fit; a multi-cell
+    sample longer than the context keeps fewer genes of each cell, never any of its answer.
 
     A share `eval_fraction` of the cells, drawn per label with `random_state`, is held out and selects the model:
     every `eval_every` steps each held-out cell is scored under every training label (for prediction, each
@@ -464,7 +466,10 @@ def finetune(
     trained_vocabulary = _vocabulary(tokenizer, vocabulary, base=c2s_model.metadata.vocabulary, upper=upper)
     _check_known_genes(c2s_model, vocabulary, trained_vocabulary, upper=upper)
     if "cell_type_generation" in tasks:
-        _check_generation_room(c2s_model, genes, label_set, n_genes=n_genes, organism=organism)
+        texts = [prompts.cell_type_generation(label, n_genes=n_genes, organism=organism) for label in label_set]
+        _check_sampling_room(c2s_model, genes, texts, n_genes=n_genes)
+    if design is not None:
+        _check_perturbation_room(c2s_model, genes, words, design, n_genes=n_genes, upper=upper)
     samples = draw(np.random.default_rng(random_state))
     _check_unknown(tokenizer, samples, names=[*label_set, *tissue_set, *perturbation_set])
     check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
@@ -629,9 +634,7 @@ def _check_known_genes(c2s_model: C2SModel, genes: list[str], trained_vocabulary
         raise ValueError(msg)
 
 
-def _check_generation_room(
-    c2s_model: C2SModel, genes: np.ndarray, label_set: Sequence[str], *, n_genes: int, organism: str
-) -> None:
+def _check_sampling_room(c2s_model: C2SModel, genes: np.ndarray, texts: list[str], *, n_genes: int) -> None:
     """Refuse, before training, sentences of `n_genes` genes that :func:`sc_c2s.tl.generate` could not write.
 
     After training, the sampling temperature is chosen by generating such sentences, as the model's users will; a
@@ -639,8 +642,50 @@ def _check_generation_room(
     after the whole budget.
     """
     budget = token_budget(c2s_model, genes, n_genes, unique_genes=True)
-    texts = [prompts.cell_type_generation(label, n_genes=n_genes, organism=organism) for label in label_set]
     check_room(c2s_model, _runtime.tokenize(c2s_model.tokenizer, texts), budget, n_genes=n_genes, unique_genes=True)
+
+
+def _check_perturbation_room(
+    c2s_model: C2SModel,
+    genes: np.ndarray,
+    words: list[list[str]],
+    design: _pairs.Design,
+    *,
+    n_genes: int,
+    upper: bool,
+) -> None:
+    """Refuse, before training, `n_genes` that :func:`sc_c2s.tl.predict_perturbation` could not write after.
+
+    Its prompts hold a control cell's sentence of `n_genes` genes, and the predicted sentence as many: a base model
+    whose context is too short for both (one trained from scratch with fewer genes) would train in vain. The
+    message names the most genes that fit.
+    """
+    limit = getattr(c2s_model.model.config, "max_position_embeddings", None)
+    budget = token_budget(c2s_model, genes, n_genes, unique_genes=True)
+    controls = design.pairs.controls
+    longest = sorted(controls, key=lambda i: len(words[i]), reverse=True)[:10]
+    names = sorted(set(design.perturbations))
+
+    def fits(n: int) -> bool:
+        texts = [
+            prompts.perturbation(words[i][:n], perturbation_name=name, n_genes=n, upper=upper)
+            for i in longest
+            for name in names
+        ]
+        room = new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, budget["n_distinct"])
+        return max(map(len, _runtime.tokenize(c2s_model.tokenizer, texts))) + room <= limit
+
+    if limit is None or fits(n_genes):
+        return
+    most, too_many = 0, n_genes  # prompts and sentences grow with the genes: bisect for the most that fit
+    while too_many - most > 1:
+        n = (most + too_many) // 2
+        most, too_many = (n, too_many) if fits(n) else (most, n)
+    msg = (
+        f"Perturbation prompts and predicted sentences of {n_genes} genes do not fit in the {limit} tokens "
+        f"{c2s_model.name!r} reads; ask for at most `n_genes={most}`."
+    )
+    raise ValueError(msg)
 
 
 def _save(c2s_model: C2SModel, output_dir: Path) -> None:

@@ -290,30 +290,23 @@ def encode_perturbation(
 ) -> Samples:
     """Tokenise one perturbation sample per pair: a control cell's sentence prompts, a perturbed cell's answers.
 
-    The prompt asks about `n_genes` genes, as at inference. A sample longer than `max_length` loses genes from the
-    end of both sentences, the same number from each.
+    The prompt asks about `n_genes` genes, as at inference. Samples longer than `max_length` tokens are refused:
+    :func:`sc_c2s.tl.predict_perturbation` with sentences of `n_genes` genes would not fit in the model's context
+    either (:func:`sc_c2s.tl.finetune` checks that first, naming the most genes that fit).
     """
     eos = _runtime.eos_id(tokenizer)
     jobs = list(zip(control_words, perturbed_words, perturbations, strict=True))
     ids = _tokenize(tokenizer, [_perturbation_texts(*job, n_genes=n_genes, upper=upper) for job in jobs], eos)
-    n_truncated = 0
-    for i, (prompt_ids, answer_ids) in enumerate(ids):
-        control, perturbed, name = jobs[i]
-        n_words = max(len(control), len(perturbed))
-        while len(prompt_ids) + len(answer_ids) > max_length:
-            if n_words == 0:
-                msg = f"A perturbation sample for {name!r} does not fit into the model's context of {max_length}."
-                raise ValueError(msg)
-            n_words = max(n_words - max(1, (len(prompt_ids) + len(answer_ids) - max_length) // 2), 0)
-            texts_ = _perturbation_texts(control[:n_words], perturbed[:n_words], name, n_genes=n_genes, upper=upper)
-            (prompt_ids, answer_ids), *_ = _tokenize(tokenizer, [texts_], eos)
-        if n_words < max(len(control), len(perturbed)):
-            ids[i] = prompt_ids, answer_ids
-            n_truncated += 1
+    lengths = np.array([len(p) + len(a) for p, a in ids], dtype=np.int64)
+    if len(lengths) and lengths.max() > max_length:
+        msg = (
+            f"{int((lengths > max_length).sum())} perturbation samples are longer than the {max_length} tokens the "
+            f"model reads (the longest has {lengths.max()}); lower `n_genes`."
+        )
+        raise ValueError(msg)
     return Samples(
         input_ids=[np.asarray(p + a, dtype=np.int64) for p, a in ids],
         n_prompt=np.array([len(p) for p, _ in ids], dtype=np.int64),
-        n_truncated=n_truncated,
     )
 
 

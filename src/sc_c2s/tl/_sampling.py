@@ -183,7 +183,7 @@ def check_room(
     most, too_many = 0, n_genes  # the new tokens grow with the genes: bisect for the most genes that fit
     while too_many - most > 1:
         n = (most + too_many) // 2
-        fits = longest + _new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, n_distinct) <= limit
+        fits = longest + new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, n_distinct) <= limit
         most, too_many = (n, too_many) if fits else (most, n)
     advice = f"ask for at most `n_genes={most}`" if most else "the prompts alone nearly fill it"
     msg = (
@@ -339,7 +339,7 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
         n_distinct = len(gene_ids) if gene_ids is not None else len(distinct_words(gene_tokens))
     return {
         "tokens_per_gene": round(tokens_per_gene, 3),
-        "max_new_tokens": _new_tokens(tokens_per_gene, gene_tokens, n_genes, n_distinct if unique_genes else None),
+        "max_new_tokens": new_tokens(tokens_per_gene, gene_tokens, n_genes, n_distinct if unique_genes else None),
         "stop_ids": stop_ids,
         "gene_ids": gene_ids,
         "gene_tokens": gene_tokens,
@@ -348,7 +348,7 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
     }
 
 
-def _new_tokens(
+def new_tokens(
     tokens_per_gene: float, gene_tokens: list[list[int]] | None, n_genes: int, n_distinct: int | None
 ) -> int:
     """Return the new tokens to allow for sentences of `n_genes` genes (at most `n_distinct`, if genes are unique).
