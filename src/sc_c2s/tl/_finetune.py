@@ -199,7 +199,10 @@ def finetune(
         Most optimiser steps; ``None``: the budget above. With `epochs` too, the smaller limit holds.
     max_time
         Seconds after which training stops (after the current step and an evaluation); the best weights so far
-        are kept. ``None``: no limit.
+        are kept. ``None``: no limit. A run cannot be resumed where it stopped; to train a model from scratch
+        further, pass its checkpoint as `base_model` with the learning rate and batch size of training from scratch
+        (``learning_rate=2e-3, batch_size=16``) and a `max_steps`: the defaults for a checkpoint are those of a
+        pretrained model.
     patience
         Evaluations in a row below the best held-out label accuracy after which training stops; ``None``: train
         the whole budget (and still keep the best weights).
