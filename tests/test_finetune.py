@@ -335,15 +335,16 @@ def test_finetune_chooses_the_temperature_whose_cells_come_closest_to_the_real_o
 def generator(_cellbench, tmp_path_factory, one_torch_thread):
     """A tiny model trained for generation only on 8-gene sentences (finetune's `n_genes` left at 200).
 
-    With the `n_genes` of generate's calls while finetune chose the temperature, and what scanpy logged.
+    With the genes per cell that generate asked for while finetune chose the temperature, and what scanpy logged.
     """
     adata = _cellbench[:60].copy()
     sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
     calls, generate = [], _generate.generate
 
     def record(*args, **kwargs):
-        calls.append(kwargs["n_genes"])
-        return generate(*args, **kwargs)
+        generated = generate(*args, **kwargs)
+        calls.append(generated.uns["c2s_generate"]["params"]["n_genes"])
+        return generated
 
     with pytest.MonkeyPatch.context() as patch, captured_log("info") as log:
         patch.setattr(_generate, "generate", record)
@@ -950,6 +951,22 @@ def one_step(adata: ad.AnnData, output_dir: Path | str, **kwargs) -> Path:
     )
 
 
+def test_finetune_records_each_types_median_sentence_length(cellbench, tmp_path):
+    """Of the training cells only (not the held-out ones), at most `n_genes`; generate asks each type for it."""
+    adata = cellbench[:, :60].copy()  # 60 genes: cells express 27 to 60 of them, the median cell 45 to 55
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol")
+    path = sc_c2s.tl.finetune(
+        adata, label_key="cell_type", base_model="scratch", output_dir=tmp_path / "m", n_genes=55, max_steps=1
+    )
+    metadata = load(path).metadata
+    train = ~adata.obs_names.isin(metadata.training["eval_obs_names"])
+    lengths = np.minimum((adata.obsm["c2s_genes"] >= 0).sum(axis=1), 55)[train]
+    labels = adata.obs["cell_type"].astype(str)[train]
+    expected = {label: int(np.floor(np.median(lengths[labels == label]) + 0.5)) for label in sorted(set(labels))}
+    assert metadata.sentence_lengths == expected
+    assert min(expected.values()) < max(expected.values()) == 55  # one type at the cap
+
+
 def test_finetune_draws_each_epoch_at_the_label_balance(sentences, tmp_path, monkeypatch):
     # an imbalanced training set: one cell line keeps 4 cells
     rare = sentences.obs["cell_type"].value_counts().index[-1]
@@ -1329,9 +1346,7 @@ class _TemperatureRun:
         return pd.DataFrame({"mmd": [self.mmd.pop(0)]}, index=["overall"])
 
     def choose(self, labels, random_state=0):
-        return choose_temperature(
-            None, None, labels=labels, label_key="x", n_genes=8, random_state=random_state, mod=None
-        )
+        return choose_temperature(None, None, labels=labels, label_key="x", random_state=random_state, mod=None)
 
 
 def test_the_temperature_is_chosen_on_cells_shared_as_the_types(monkeypatch):

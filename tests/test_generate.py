@@ -16,6 +16,7 @@ import torch
 from scipy import sparse
 
 import sc_c2s
+from sc_c2s import prompts
 from sc_c2s._compat import cache_name
 from sc_c2s._rank_model import RankFit
 from sc_c2s._utils import _validate
@@ -292,6 +293,30 @@ def test_n_genes_defaults_to_the_models(ranked, tiny):
     assert generated.obs["c2s_sentence"].str.split().str.len().tolist() == [15, 15]
     pd.testing.assert_frame_equal(generated.obs, given.obs)
     assert tiny.metadata.n_genes == 200
+
+
+def test_each_cell_type_is_asked_for_its_own_sentence_length(ranked, tiny, monkeypatch):
+    """Every cell was asked for the model's `n_genes`, the length of the longest sentences in training: on a
+    targeted panel, where cells hold 10 to 60 genes, every generated cell held as many genes as the densest. Types
+    are now asked for their training median; a type without one, and every type when `n_genes` is passed, for
+    `n_genes`, capped by the model's."""
+    asked = []
+    prompt = prompts.cell_type_generation
+    monkeypatch.setattr(
+        prompts, "cell_type_generation", lambda t, **kw: asked.append((t, kw["n_genes"])) or prompt(t, **kw)
+    )
+    lengths = {"A549": 4, "H1975": 7, "H2228": 300}
+    model = dataclasses.replace(tiny, metadata=dataclasses.replace(tiny.metadata, n_genes=15, sentence_lengths=lengths))
+    request = {"H1975": 2, "A549": 3, "H2228": 1, "H838": 1}
+    generated = sc_c2s.tl.generate(ranked, model=model, cell_types=request)
+    expected = {"H1975": 7, "A549": 4, "H2228": 15, "H838": 15}
+    assert asked == list(expected.items())
+    n_words = generated.obs["c2s_sentence"].str.split().str.len()
+    assert n_words.tolist() == [expected[t] for t in generated.obs["cell_type"]]
+    params = generated.uns["c2s_generate"]["params"]
+    assert (params["n_genes"], params["n_genes_by_type"]) == (15, list(expected.values()))
+    given = sc_c2s.tl.generate(ranked, model=model, cell_types=request, n_genes=5)
+    assert (given.obs["c2s_sentence"].str.split().str.len() == 5).all()
 
 
 def test_result_layout_and_concat(ranked, tiny, scanpy_log):

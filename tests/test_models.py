@@ -556,6 +556,10 @@ def _truncate(path: Path, keep: float) -> None:
             r"'score_temperatures' must be an object of positive numbers",
         ),
         (
+            lambda p: (p / "c2s_metadata.json").write_text('{"sentence_lengths": {"B": 12.5}}'),
+            r"'sentence_lengths' must be an object of positive integers keyed by cell type",
+        ),
+        (
             lambda p: (p / "c2s_metadata.json").write_text('{"rank_fit": {"slope": "x", "intercept": 1}}'),
             r"c2s_metadata\.json .* cannot be read .*`rank_fit\['slope'\]` must be a finite number, got 'x'",
         ),
@@ -574,6 +578,7 @@ def _truncate(path: Path, keep: float) -> None:
         "metadata-temperatures",
         "metadata-temperature-infinite",
         "metadata-temperature-key",
+        "metadata-sentence-lengths",
         "metadata-rank-fit",
     ],
 )

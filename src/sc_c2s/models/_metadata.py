@@ -68,6 +68,10 @@ class C2SMetadata:
     ``None``: 1.0, the model's own distribution."""
     perturbations: list[str] | None = None
     """Perturbations the model was trained to predict (task ``"perturbation"``), when known."""
+    sentence_lengths: dict[str, int] | None = None
+    """Median genes per sentence of each cell type's training cells (at most `n_genes`), recorded by
+    :func:`sc_c2s.tl.finetune` for task ``"cell_type_generation"``: :func:`sc_c2s.tl.generate` asks each type for
+    its own unless told otherwise. ``None``: `n_genes` for every type."""
     adapter: dict[str, Any] | None = None
     """The LoRA adapter of an adapter checkpoint, kept when :func:`~sc_c2s.models.load` merges it into its base
     (``merge=True``) as the record of that base; ``None`` for a model trained whole.
@@ -131,7 +135,17 @@ class C2SMetadata:
 _STRING_LISTS = frozenset({"tasks", "vocabulary", "labels", "tissues", "perturbations"})
 _OBJECTS = frozenset({"rank_fit", "training", "scores", "adapter"})
 _NULLABLE = frozenset(
-    {"answer_prefix", "vocabulary", "labels", "tissues", "rank_fit", "temperature", "perturbations", "adapter"}
+    {
+        "answer_prefix",
+        "vocabulary",
+        "labels",
+        "tissues",
+        "rank_fit",
+        "temperature",
+        "perturbations",
+        "sentence_lengths",
+        "adapter",
+    }
 )
 
 
@@ -157,7 +171,7 @@ def _expected_type(name: str, value: Any) -> str | None:
     elif name in _OBJECTS:
         ok, expected = isinstance(value, dict), "an object"
     elif name == "n_genes":
-        ok, expected = isinstance(value, int) and not isinstance(value, bool) and value > 0, "a positive integer"
+        ok, expected = _positive_int(value), "a positive integer"
     elif name == "temperature":
         ok, expected = _positive(value), "a positive number"
     elif name == "score_temperatures":
@@ -166,11 +180,19 @@ def _expected_type(name: str, value: Any) -> str | None:
             for k, v in value.items()
         )
         expected = 'an object of positive numbers keyed by numbers of labels re-ranked, e.g. {"0": 2.5}'
+    elif name == "sentence_lengths":
+        ok = isinstance(value, dict) and all(isinstance(k, str) and _positive_int(v) for k, v in value.items())
+        expected = 'an object of positive integers keyed by cell type, e.g. {"B cell": 180}'
     elif name == "upper_case":
         ok, expected = isinstance(value, bool), "true or false"
     else:
         ok, expected = isinstance(value, str), "a string"
     return None if ok else f"{expected}{' or null' if name in _NULLABLE else ''}"
+
+
+def _positive_int(value: Any) -> bool:
+    """Whether `value` is a positive integer (not a bool)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _positive(value: Any) -> bool:

@@ -117,8 +117,10 @@ def finetune(
     for a model not trained to annotate) beside the held-out cells' names. The same reading fits the temperatures
     that calibrate annotation's scores, for the prediction alone and re-ranked (``score_temperatures``: each
     minimises the negative log-likelihood of the held-out cells' labels, and is at least 1). A model trained for
-    ``"cell_type_generation"`` then generates 200 cells of as many genes as its training sentences at each of the
-    temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a CPU for models from scratch) and keeps the one whose cells come
+    ``"cell_type_generation"`` records the median genes per sentence of each label's training cells
+    (``sentence_lengths``, which :func:`sc_c2s.tl.generate` asks each type for), then generates 200 cells as
+    :func:`sc_c2s.tl.generate` does by default at each of the temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a CPU
+    for models from scratch) and keeps the one whose cells come
     closest to the cells of `adata` by MMD (:func:`sc_c2s.tl.score_generation`) as ``metadata.temperature``, the
     temperature :func:`sc_c2s.tl.generate` samples at with it by default: a lower one suits well-separated types
     (cell lines), the model's own distribution closely related ones (see :doc:`/method`).
@@ -527,6 +529,9 @@ def finetune(
     metadata.labels = label_set or None
     metadata.tissues = tissue_set or None
     metadata.perturbations = perturbation_set or None
+    metadata.sentence_lengths = (
+        _sentence_lengths(ranked[train_cells], train_labels) if "cell_type_generation" in tasks else None
+    )
     metadata.rank_fit = c2s.get("rank_fit")
     metadata.adapter = None  # a whole model, even when trained from an adapter's weights
     metadata.temperature = None  # the base's was chosen for other weights; chosen again below where it can be
@@ -608,7 +613,6 @@ def finetune(
             c2s_model,
             labels=labels[expressed],
             label_key=label_key,
-            n_genes=metadata.n_genes,
             random_state=random_state,
             mod=mod,
         )
@@ -618,6 +622,13 @@ def finetune(
     scores = ", ".join(f"{k} {v:.3f}" for k, v in metadata.scores.items() if k in {"accuracy", "macro_f1"})
     logg.info(f"    finished{f' (held out: {scores})' if scores else ''}", time=start, deep=f"wrote {output_dir}")
     return output_dir
+
+
+def _sentence_lengths(ranked: np.ndarray, labels: Sequence[str]) -> dict[str, int]:
+    """Median genes per sentence of each label's cells (rows of `ranked`), rounded half up, at least 1."""
+    lengths = pd.Series((ranked >= 0).sum(axis=1), index=pd.Index(labels, dtype=object))
+    medians = lengths.groupby(level=0).median()
+    return {str(label): max(1, int(np.floor(m + 0.5))) for label, m in medians.items()}
 
 
 def _check_known_genes(c2s_model: C2SModel, genes: list[str], trained_vocabulary: list[str], *, upper: bool) -> None:

@@ -108,8 +108,11 @@ def generate(
         Cells per multi-cell prompt, with `tissues` only; ``None``: 5 (C2S-Scale trained on 5 to 20), or the
         nearest number of cells per sample the model was trained on (``training["n_cells"]``).
     n_genes
-        Genes per sentence to ask for; ``None``: as many as the model was trained on (``model.metadata.n_genes``;
-        200 for the published checkpoints).
+        Genes per sentence to ask for; ``None``: for each cell type, the median of its training cells' sentences
+        (``model.metadata.sentence_lengths``, which :func:`sc_c2s.tl.finetune` records), else as many as the model
+        was trained on (``model.metadata.n_genes``; 200 for the published checkpoints). Cells expressing fewer
+        genes than the sentences hold (targeted panels: 10 to 60 of a few hundred) are thus generated about as
+        long as their type's cells, not as the longest cell.
     {doc_organism}
     temperature
         Softmax temperature; below 1 sharpens the distribution of the next token, above 1 flattens it. ``1.0``
@@ -239,15 +242,20 @@ def generate(
     _check_labels(request.types, c2s_model.metadata.labels)
     temperature = model_temperature(c2s_model, temperature)
     organism = model_organism(c2s_model, organism)
-    n_genes = model_n_genes(c2s_model, n_genes)
+    lengths = _type_lengths(c2s_model, request.types, n_genes)
+    n_genes = max(lengths)
     target = target_of(adata, mod=mod, model=c2s_model)
     codes = request.codes()
     X, sentences, counts, written = write_cells(
         c2s_model,
         target,
-        [prompts.cell_type_generation(t, n_genes=n_genes, organism=organism) for t in request.types],
+        [
+            prompts.cell_type_generation(t, n_genes=n, organism=organism)
+            for t, n in zip(request.types, lengths, strict=True)
+        ],
         codes,
         n_genes=n_genes,
+        lengths=lengths,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -267,6 +275,7 @@ def generate(
         "cell_types": list(request.types),
         "n_cells": np.bincount(codes, minlength=len(request.types)).tolist(),
         "n_genes": n_genes,
+        "n_genes_by_type": lengths,
         "organism": organism,
         "temperature": temperature,
         "top_k": top_k,
@@ -283,6 +292,19 @@ def generate(
     )
     logg.info("    finished", time=start, deep=f"generated {result.n_obs} cells; {valid_share(counts)}")
     return result
+
+
+def _type_lengths(c2s_model: C2SModel, types: list[str], n_genes: int | None) -> list[int]:
+    """Genes to ask each cell type for: `n_genes`, or for ``None`` the type's median length in training.
+
+    That is ``metadata.sentence_lengths``, at most the model's `n_genes`, which types without one get (as do all
+    types of a model without them: published checkpoints, models trained before they were recorded).
+    """
+    if n_genes is not None:
+        return [n_genes] * len(types)
+    most = model_n_genes(c2s_model, None)
+    trained = c2s_model.metadata.sentence_lengths or {}
+    return [min(trained.get(t, most), most) for t in types]
 
 
 #: Kinds of :func:`pandas.api.types.infer_dtype` of a list-like of numbers (some of them, for "mixed-integer").

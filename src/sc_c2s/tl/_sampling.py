@@ -116,6 +116,7 @@ def write_cells(
     random_state: int,
     batch_size: int | None,
     request_name: str = "cell_types",
+    lengths: Sequence[int] | None = None,
     distribute: bool = False,
     client: Client | None = None,
     device: str | torch.device | None = None,
@@ -126,7 +127,8 @@ def write_cells(
     :data:`COUNTS` and the decoding parameters chosen (batch size, token budget, whether genes were unique). A
     request whose result would not fit in memory is refused first, naming the argument `request_name`. With
     `distribute`, chunks of cells are generated over Dask (on `client` or the active one; workers load the model
-    on `device` or their own), with the same result.
+    on `device` or their own), with the same result. `lengths` are the genes asked for by each prompt, at most
+    `n_genes` (``None``: `n_genes` for every prompt), which `exact_length` holds the sentences to.
     """
     check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
@@ -134,6 +136,8 @@ def write_cells(
     check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
     n_words = _sentence_length(budget, n_genes, unique_genes=unique_genes) if exact_length else None
+    if n_words is not None and lengths is not None:
+        n_words = np.minimum(np.asarray(lengths, dtype=np.int64), n_words)  # the words of each prompt's sentences
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
@@ -407,7 +411,8 @@ class _Length(NamedTuple):
     would break the count of words; the padding beyond the tokenizer is among them).
     """
 
-    n_words: int
+    n_words: int | torch.Tensor
+    """Words of every row, or of each row of a batch."""
     starts: torch.Tensor
     is_stop: torch.Tensor
     breaks: torch.Tensor
@@ -485,7 +490,7 @@ def sample(
     top_k: int | None,
     top_p: float | None,
     gene_ids: np.ndarray | None,
-    length: tuple[int, np.ndarray, np.ndarray] | None,
+    length: tuple[int | np.ndarray, np.ndarray, np.ndarray] | None,
     random_state: int,
     batch_size: int | None,
     sink: Callable[[np.ndarray, list[str]], None],
@@ -498,7 +503,7 @@ def sample(
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
     Cell ``i`` is prompted with ``prompt_ids[codes[i]]``; sentences come without their closing period. `length`
-    holds the number of words and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
+    holds the number of words (one, or one per prompt) and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
     write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's new
     tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
     text, after which `gene_ids` may be written again; without them, a sentence of `gene_ids` is written from
@@ -522,25 +527,30 @@ def sample(
     if gene_tokens is not None:
         trie = WordTrie(gene_tokens, n_logits=n_logits, stop_ids=stop_ids, device=c2s.device)
     elif length is not None:
-        n_words, starts, breaks = length
+        _, starts, breaks = length
         is_start = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
         is_start[: len(starts)] = torch.as_tensor(starts, device=c2s.device)
         is_stop = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
         is_stop[stop_ids] = True
         is_break = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
         is_break[: len(breaks)] = torch.as_tensor(breaks, device=c2s.device)
-        exact = _Length(n_words, is_start, is_stop, is_break & ~is_stop)
+        exact = _Length(length[0], is_start, is_stop, is_break & ~is_stop)
 
     def write(batch: _runtime.Batch) -> None:
         uniforms = np.stack([_uniforms(random_state, first_cell + i, max_new_tokens) for i in batch.index])
+        n_words = None
+        if length is not None:
+            n_words = length[0]
+            if isinstance(n_words, np.ndarray):  # one per prompt: the rows' own
+                n_words = torch.as_tensor(n_words[codes[batch.index]], device=c2s.device)
         sampler = _Sampler(
             torch.from_numpy(uniforms).to(c2s.device, torch.float32),
             temperature=temperature,
             top_k=top_k,
             top_p=top_p,
             gene_ids=gene_tensor,
-            length=exact,
-            words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=length and length[0]),
+            length=None if exact is None else exact._replace(n_words=n_words),
+            words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=n_words),
             reset_ids=None if reset_ids is None else torch.as_tensor(reset_ids, device=c2s.device),
             blocked=blocked,
         )

@@ -25,7 +25,6 @@ def choose_temperature(
     *,
     labels: pd.Series,
     label_key: str,
-    n_genes: int,
     random_state: int,
     mod: str | None,
 ) -> tuple[float, dict[str, float]] | None:
@@ -63,7 +62,6 @@ def choose_temperature(
             adata,
             model=c2s_model,
             cell_types=request,
-            n_genes=n_genes,
             temperature=temperature,
             random_state=random_state,
             mod=mod,
