@@ -7,6 +7,7 @@ import pytest
 import scanpy as sc
 from scipy import sparse
 
+import sc_c2s
 from sc_c2s import _rank_model
 from sc_c2s._rank_model import RankFit
 
@@ -279,3 +280,29 @@ def test_binarised_data_is_refused():
     X = sparse.csr_matrix(np.array([[1, 1, 0, 1], [1, 0, 1, 0], [0, 1, 1, 1]], dtype=np.float32))
     with pytest.raises(ValueError, match=r"Every cell's expressed values are equal \(binarised data\?\)"):
         _rank_model.fit(X)
+
+
+@pytest.mark.parametrize(
+    ("change", "warns"),
+    [
+        (lambda X: X, False),  # counts: R^2 0.87
+        (lambda X: sparse.csr_matrix(X.multiply(1 / X.sum(axis=1))), True),  # proportions: the fit flattens
+        (lambda X: _nearly_binarised(X), True),  # one value of one cell stays 2
+    ],
+    ids=["counts", "proportions", "nearly-binarised"],
+)
+def test_a_fit_that_explains_little_is_announced(pbmc4k, scanpy_log, change, warns):
+    """Both gave a flat line (R^2 0.41 and 0.07 on Kang's cells) without a word, and generated cells read back
+    nearly constant; only data whose every cell ties throughout was refused."""
+    adata = pbmc4k.copy()
+    adata.X = change(sparse.csr_matrix(adata.X, dtype=np.float64))
+    sc_c2s.pp.to_sentences(adata, sentences=False)
+    r2 = adata.uns["c2s"]["rank_fit"]["r2"]
+    assert (r2 < 0.5) == warns
+    assert ("The rank fit explains little of the expression" in scanpy_log.getvalue()) == warns
+
+
+def _nearly_binarised(X: sparse.csr_matrix) -> sparse.csr_matrix:
+    X = (X > 0).astype(np.float64).tocsr()
+    X.data[0] = 2.0
+    return X
