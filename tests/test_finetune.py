@@ -24,7 +24,7 @@ from sc_c2s._data import DataHandler
 from sc_c2s.models import C2SMetadata, _candidates, _dropout, _output_loss, _runtime, _trainer, load
 from sc_c2s.models._metadata import METADATA_FILE
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _generate, _samples, _score_generation, _utils
+from sc_c2s.tl import _finetune, _generate, _samples, _score_generation, _utils
 from sc_c2s.tl._annotate import label_loglik
 from sc_c2s.tl._calibration import fit_temperature
 from sc_c2s.tl._finetune import _evaluate, scores, split
@@ -1374,6 +1374,25 @@ def test_no_temperature_is_chosen_without_a_type_of_4_cells(monkeypatch):
     run = _TemperatureRun(monkeypatch)
     assert run.choose(pd.Series(["A"] * 3 + ["B"] * 3)) is None
     assert run.requests == []
+
+
+def test_the_held_out_cells_scored_after_training_are_at_most_about_max_scored_cells(sentences, tmp_path, monkeypatch):
+    """All of them were annotated: a tenth of a million-cell atlas took about an hour on a CPU after a budget of
+    minutes. Each label keeps its share, rounded down, and at least one cell."""
+    labels = pd.Series(["A"] * 50 + ["B"] * 30 + ["C"] * 3)
+    cells = np.arange(83)
+    monkeypatch.setattr(_finetune, "MAX_SCORED_CELLS", 20)
+    scored = _finetune._scored_cells(cells, labels, random_state=0)
+    # shares 20 / 83 of 50, 30 and 3 cells: 12, 7 and 0, raised to 1
+    assert labels.iloc[scored].value_counts().to_dict() == {"A": 12, "B": 7, "C": 1}
+    assert np.array_equal(scored, np.sort(scored)) and len(set(scored)) == 20
+    assert np.array_equal(scored, _finetune._scored_cells(cells, labels, random_state=0))
+    assert np.array_equal(_finetune._scored_cells(cells[:20], labels, random_state=0), cells[:20])
+    monkeypatch.setattr(_finetune, "MAX_SCORED_CELLS", 12)
+    metadata = load(one_step(sentences, tmp_path / "m", eval_fraction=0.1)).metadata
+    held_out = sentences.obs.loc[metadata.training["eval_obs_names"], "cell_type"].value_counts()
+    assert held_out.sum() == 30
+    assert metadata.scores["n_cells"] == sum(max(1, int(12 / 30 * n)) for n in held_out)
 
 
 def test_duplicate_obs_names_are_announced(sentences, tmp_path, scanpy_log):

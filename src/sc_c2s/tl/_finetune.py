@@ -53,6 +53,8 @@ _LEARNING_RATE = (2e-3, 5e-5)
 _LORA_LEARNING_RATE = 2e-4
 #: Fewest held-out cells (in all) to select the model on; fewer are announced as noise.
 MIN_EVAL_CELLS = 10
+#: Most held-out cells annotated after training for the checkpoint's scores and calibration (drawn per label).
+MAX_SCORED_CELLS = 5000
 
 
 @doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_organism=doc_organism, doc_seed=doc_seed)
@@ -111,8 +113,8 @@ def finetune(
     it rises while the model learns what sets the cell types apart (see :doc:`/method`). The curve (step,
     seconds, answer loss and label accuracy per task) goes into the checkpoint's metadata (``training["curve"]``,
     ``training["best_step"]``, ``training["stopped"]``). After training, a model trained for
-    ``"cell_type_prediction"`` annotates the held-out cells with :func:`sc_c2s.tl.annotate` constrained to the
-    training labels, with its defaults (re-ranked by the generation task where both tasks were trained), and the
+    ``"cell_type_prediction"`` annotates the held-out cells (at most about 5,000, each label's share drawn with
+    `random_state`) with :func:`sc_c2s.tl.annotate` constrained to the training labels, with its defaults (re-ranked by the generation task where both tasks were trained), and the
     accuracy and macro-F1 go into the metadata (``scores``, with ``rerank``, the labels re-ranked per cell; empty
     for a model not trained to annotate) beside the held-out cells' names. The same reading fits the temperatures
     that calibrate annotation's scores, for the prediction alone and re-ranked (``score_temperatures``: each
@@ -603,7 +605,14 @@ def finetune(
         }
     c2s_model.path = output_dir
     metadata.scores, metadata.score_temperatures = (
-        _evaluate(c2s_model, handler, c2s, eval_cells, labels, n_genes=n_genes)
+        _evaluate(
+            c2s_model,
+            handler,
+            c2s,
+            _scored_cells(eval_cells, labels, random_state=random_state),
+            labels,
+            n_genes=n_genes,
+        )
         if "cell_type_prediction" in tasks
         else ({}, {})
     )
@@ -1015,6 +1024,21 @@ def _check_unknown(tokenizer, samples: _trainer.Samples, *, names: Sequence[str]
             f"{n_unknown / n_tokens:.1%} of the tokens are unknown to the base model's tokenizer (genes, or words of "
             "summaries, it has no word for); training from scratch builds a vocabulary for this data"
         )
+
+
+def _scored_cells(cells: np.ndarray, labels: pd.Series, *, random_state: int) -> np.ndarray:
+    """Return the held-out `cells` to score after training: all, or about :data:`MAX_SCORED_CELLS` of them.
+
+    Each label keeps its share (rounded down, at least one cell), drawn with `random_state`: annotating a tenth of
+    an atlas would take longer than the training.
+    """
+    if len(cells) <= MAX_SCORED_CELLS:
+        return cells
+    rng = np.random.default_rng(random_state)
+    share = MAX_SCORED_CELLS / len(cells)
+    of = labels.iloc[cells].to_numpy()
+    groups = [cells[of == label] for label in np.unique(of)]
+    return np.sort(np.concatenate([rng.choice(g, max(1, int(share * len(g))), replace=False) for g in groups]))
 
 
 def _evaluate(
