@@ -170,12 +170,19 @@ def test_training_leaves_the_data_untouched(trained):
 
 
 def test_finetune_a_checkpoint_further(trained, tmp_path, scanpy_log):
-    """It also warned that `merge=True`, which the user never passed, folds adapters, not whole models."""
+    """It also warned that `merge=True`, which the user never passed, folds adapters, not whole models. The base's
+    sampling temperature and prompt style survived: generate sampled at a temperature chosen for the base's weights
+    (without the MMDs that chose it), and a base of the first C2S release's prompts left its style on a model
+    trained in today's, so every verb warned that the model was not trained for its prompts."""
     adata, _, path = trained
+    base = shutil.copytree(path, tmp_path / "base")
+    metadata = C2SMetadata.read(base)
+    metadata.temperature, metadata.prompt_style = 0.5, "c2s-legacy"
+    metadata.write(base)
     out = sc_c2s.tl.finetune(
         adata,
         label_key="cell_type",
-        base_model=path,
+        base_model=base,
         output_dir=tmp_path / "again",
         tasks="cell_type_prediction",
         n_genes=N_GENES,
@@ -185,7 +192,8 @@ def test_finetune_a_checkpoint_further(trained, tmp_path, scanpy_log):
     )
     assert "merge" not in scanpy_log.getvalue()
     metadata = load(out).metadata
-    assert metadata.training["base_model"] == str(path)
+    assert metadata.training["base_model"] == str(base)
+    assert (metadata.temperature, metadata.prompt_style) == (None, "c2s")
     assert metadata.training["learning_rate"] == 5e-5
     assert metadata.tasks == ["cell_type_prediction"]
     assert metadata.scores["accuracy"] >= 0.85
@@ -210,28 +218,6 @@ def test_sentences_longer_than_the_base_model_reads_are_refused_before_training(
         with pytest.raises(ValueError, match=r"ask for at most `n_genes="):
             sc_c2s.tl.finetune(longer, output_dir=tmp_path / "m", n_genes=fit + 1, **kwargs)
     assert load(sc_c2s.tl.finetune(longer, output_dir=tmp_path / "m", n_genes=fit, **kwargs)).metadata.n_genes == fit
-
-
-def test_a_model_trained_further_keeps_no_sampling_temperature_or_prompt_style_of_its_base(trained, tmp_path):
-    """Both survived: generate sampled at a temperature chosen for the base's weights (without the MMDs that chose
-    it), and a base of the first C2S release's prompts left its style on a model trained in today's, so every verb
-    warned that the model was not trained for its prompts."""
-    adata, _, path = trained
-    base = shutil.copytree(path, tmp_path / "base")
-    metadata = C2SMetadata.read(base)
-    metadata.temperature, metadata.prompt_style = 0.5, "c2s-legacy"
-    metadata.write(base)
-    out = sc_c2s.tl.finetune(
-        adata,
-        label_key="cell_type",
-        base_model=base,
-        output_dir=tmp_path / "again",
-        tasks="cell_type_prediction",
-        n_genes=N_GENES,
-        max_steps=1,
-    )
-    metadata = load(out).metadata
-    assert (metadata.temperature, metadata.prompt_style) == (None, "c2s")
 
 
 def test_data_of_genes_the_base_model_cannot_write_is_refused_before_training(trained, tmp_path, monkeypatch):
