@@ -855,9 +855,11 @@ def test_samples_longer_than_the_context_are_refused_naming_the_genes_that_fit(t
     limit = len(full) - 3
     with pytest.raises(
         ValueError,
-        match=rf"^1 training samples .* the {limit} tokens .* has {len(full)}\); ask for at most `n_genes=2`",
+        match=rf"^1 training sample is longer than the {limit} tokens .* has {len(full)}\); .* `n_genes=2`",
     ):
         _samples.encode(tokenizer, [words, words[:2]], ["T cell"] * 2, max_length=limit, **kwargs)
+    with pytest.raises(ValueError, match=r"^2 held-out samples are longer than"):  # what finetune's selection reads
+        _samples.encode(tokenizer, [words, words], ["T cell"] * 2, max_length=limit, what="held-out", **kwargs)
     (fits,) = _samples.encode(tokenizer, [words[:2]], ["T cell"], max_length=limit, **kwargs).input_ids
     assert len(fits) == limit
 

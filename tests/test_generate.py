@@ -315,6 +315,9 @@ def test_each_cell_type_is_asked_for_its_own_sentence_length(ranked, tiny, monke
     assert n_words.tolist() == [expected[t] for t in generated.obs["cell_type"]]
     params = generated.uns["c2s_generate"]["params"]
     assert (params["n_genes"], params["n_genes_by_type"]) == (15, list(expected.values()))
+    # real cells are compared through the model's `n_genes`, not the longest type's median
+    short = sc_c2s.tl.generate(ranked, model=model, cell_types={"A549": 1, "H1975": 1})
+    assert (short.uns["c2s_generate"]["params"]["n_genes"], short.n_obs) == (15, 2)
     given = sc_c2s.tl.generate(ranked, model=model, cell_types=request, n_genes=5)
     assert (given.obs["c2s_sentence"].str.split().str.len() == 5).all()
 

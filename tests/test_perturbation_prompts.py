@@ -38,7 +38,7 @@ def test_perturbation_samples_longer_than_the_context_are_refused():
     args = (tokenizer, [["CD74", "ISG15"]], [["IFI6", "CD74"]], ["stimulated"])
     (ids,) = _samples.encode_perturbation(*args, n_genes=2, upper=True, max_length=64).input_ids
     assert len(_samples.encode_perturbation(*args, n_genes=2, upper=True, max_length=len(ids)).input_ids[0]) == len(ids)
-    match = rf"^1 perturbation samples are longer than the {len(ids) - 1} tokens .* has {len(ids)}\); lower `n_genes`"
+    match = rf"^1 perturbation sample is longer than the {len(ids) - 1} tokens .* has {len(ids)}\); lower `n_genes`"
     with pytest.raises(ValueError, match=match):
         _samples.encode_perturbation(*args, n_genes=2, upper=True, max_length=len(ids) - 1)
 

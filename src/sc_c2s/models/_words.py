@@ -73,11 +73,11 @@ class WordConstraint:
     n_rows
         Rows of the batch.
     n_words
-        With a number, a row may end its sentence only after that many words and may start no more; ``None``
-        lets it end after any complete word.
+        With a number (or one per row), a row may end its sentence only after that many words and may start no
+        more; ``None`` lets it end after any complete word.
     """
 
-    def __init__(self, trie: WordTrie, n_rows: int, *, n_words: int | None = None):
+    def __init__(self, trie: WordTrie, n_rows: int, *, n_words: int | torch.Tensor | None = None):
         import torch
 
         device = trie.tokens.device

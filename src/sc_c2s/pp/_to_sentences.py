@@ -29,9 +29,11 @@ from ._rank import canonical, rank_genes
 #: Most bytes of sentence text held at once besides the strings themselves.
 _BUFFER_BYTES = 64 * 2**20
 
-#: R² of the rank → expression fit below which `to_sentences` warns; real counts and normalised data fit at 0.8 or
-#: more (the test fixtures, four datasets, 0.84 to 0.96).
+#: R² of the rank → expression fit below which `to_sentences` warns; the test data's four datasets fit at 0.84 to 0.96
+#: as counts, 0.77 to 0.97 log-normalised.
 WEAK_FIT = 0.5
+#: Median total per cell below which a weak fit is put down to the scale of the values.
+SMALL_TOTAL = 100
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -177,12 +179,16 @@ def to_sentences(
             X, n_cells=n_cells, random_state=random_state, log1p_base=matrix.log1p_base, summed=summed, **where
         )
         if fit.r2 < WEAK_FIT:
+            cause = (
+                f"its cells sum to a median of {fit.target_sum:.3g}, a scale (proportions, values per volume) on which "
+                "log10(1 + x) is nearly a line"
+                if fit.target_sum < SMALL_TOTAL
+                else "most cells' expressed values are equal (binarised data?)"
+            )
             logg.warning(
-                f"The rank fit explains little of the expression (R^2 {fit.r2:.2f}, slope "
-                f"{fit.slope:.3g}), so `sc_c2s.tl.from_sentences` and generated cells will read sentences back "
-                f"poorly. Values on a small scale (cells summing to a median of {fit.target_sum:.3g}: proportions, "
-                "values per volume) or mostly equal (binarised) do this; rank counts, or values normalised with "
-                "`sc.pp.normalize_total(adata, target_sum=1e4)`."
+                f"The rank fit explains little of the expression (R^2 {fit.r2:.2f}, slope {fit.slope:.3g}): {cause}. "
+                "`sc_c2s.tl.from_sentences` and generated cells will read sentences back poorly; rank raw counts "
+                "(`layer=`, `use_raw=`), or values normalised with `sc.pp.normalize_total(adata, target_sum=1e4)`."
             )
 
     params = {

@@ -103,29 +103,28 @@ def finetune(
     prediction will read and write them, are refused before training, naming the most genes that fit; a multi-cell
     sample longer than the context keeps fewer genes of each cell, never any of its answer.
 
-    A share `eval_fraction` of the cells, drawn per label with `random_state`, is held out and selects the model:
-    every `eval_every` steps each held-out cell is scored under every training label (for prediction, each
-    label's answer after the cell's prompt, read once, as constrained :func:`sc_c2s.tl.annotate` scores it; for
-    generation, its sentence as answer after each label's prompt), and a task's label accuracy is the share of
-    cells whose true label fits best (highest log-likelihood, lowest answer loss). The weights with the best
-    mean label accuracy over tasks (the latest among equals) are kept, training stops after `patience` evaluations
-    below the best, and the best weights are the ones saved. The answer loss is not the criterion: for generation
-    it rises while the model learns what sets the cell types apart (see :doc:`/method`). The curve (step,
-    seconds, answer loss and label accuracy per task) goes into the checkpoint's metadata (``training["curve"]``,
-    ``training["best_step"]``, ``training["stopped"]``). After training, a model trained for
-    ``"cell_type_prediction"`` annotates the held-out cells (at most about 5,000, each label's share drawn with
-    `random_state`) with :func:`sc_c2s.tl.annotate` constrained to the training labels, with its defaults (re-ranked by the generation task where both tasks were trained), and the
-    accuracy and macro-F1 go into the metadata (``scores``, with ``rerank``, the labels re-ranked per cell; empty
-    for a model not trained to annotate) beside the held-out cells' names. The same reading fits the temperatures
-    that calibrate annotation's scores, for the prediction alone and re-ranked (``score_temperatures``: each
-    minimises the negative log-likelihood of the held-out cells' labels, and is at least 1). A model trained for
-    ``"cell_type_generation"`` records the median genes per sentence of each label's training cells
-    (``sentence_lengths``, which :func:`sc_c2s.tl.generate` asks each type for), then generates 200 cells as
-    :func:`sc_c2s.tl.generate` does by default at each of the temperatures 1.0, 0.7 and 0.5 (20 to 40 s on a CPU
-    for models from scratch) and keeps the one whose cells come
-    closest to the cells of `adata` by MMD (:func:`sc_c2s.tl.score_generation`) as ``metadata.temperature``, the
-    temperature :func:`sc_c2s.tl.generate` samples at with it by default: a lower one suits well-separated types
-    (cell lines), the model's own distribution closely related ones (see :doc:`/method`).
+    A share `eval_fraction` of the cells, drawn per label with `random_state`, is held out and selects the model: every
+    `eval_every` steps each held-out cell is scored under every training label (for prediction, each label's answer
+    after the cell's prompt, read once, as constrained :func:`sc_c2s.tl.annotate` scores it; for generation, its
+    sentence as answer after each label's prompt), and a task's label accuracy is the share of cells whose true label
+    fits best (highest log-likelihood, lowest answer loss). The weights with the best mean label accuracy over tasks
+    (the latest among equals) are kept, training stops after `patience` evaluations below the best, and the best weights
+    are the ones saved. The answer loss is not the criterion: for generation it rises while the model learns what sets
+    the cell types apart (see :doc:`/method`). The curve (step, seconds, answer loss and label accuracy per task) goes
+    into the checkpoint's metadata (``training["curve"]``, ``training["best_step"]``, ``training["stopped"]``). After
+    training, a model trained for ``"cell_type_prediction"`` annotates the held-out cells (at most about 5,000, each
+    label's share drawn with `random_state`) with :func:`sc_c2s.tl.annotate` constrained to the training labels, with
+    its defaults (re-ranked by the generation task where both tasks were trained), and the accuracy and macro-F1 go into
+    the metadata (``scores``, with ``rerank``, the labels re-ranked per cell; empty for a model not trained to annotate)
+    beside the held-out cells' names. The same reading fits the temperatures that calibrate annotation's scores, for the
+    prediction alone and re-ranked (``score_temperatures``: each minimises the negative log-likelihood of the held-out
+    cells' labels, and is at least 1). A model trained for ``"cell_type_generation"`` records the median genes per
+    sentence of each label's training cells (``sentence_lengths``, which :func:`sc_c2s.tl.generate` asks each type for),
+    then generates 200 cells as :func:`sc_c2s.tl.generate` does by default at each of the temperatures 1.0, 0.7 and 0.5
+    (20 to 40 s on a CPU for models from scratch) and keeps the one whose cells come closest to the cells of `adata` by
+    MMD (:func:`sc_c2s.tl.score_generation`) as ``metadata.temperature``, the temperature :func:`sc_c2s.tl.generate`
+    samples at with it by default: a lower one suits well-separated types (cell lines), the model's own distribution
+    closely related ones (see :doc:`/method`).
 
     The budget: from scratch, 2,400 optimiser steps of 16 samples whatever the number of cells (the learning
     rate decays over them; generation needs that many even for a few hundred cells, and they take about 9
@@ -859,14 +858,18 @@ def _held_out(
         truth = np.array([label_set.index(labels[i]) for i in keep], dtype=int)
         if task == "cell_type_prediction":
             answers = _candidates.label_answers(tokenizer, label_set)
-            longest = label_set[int(np.argmax([len(ids) for ids in answers]))]  # prompts cut to fit any answer
-            samples = _samples.encode(tokenizer, cell_words, [longest] * len(keep), tasks=(task,), **kwargs)
+            longest = label_set[int(np.argmax([len(ids) for ids in answers]))]  # a prompt it fits fits every label's
+            samples = _samples.encode(
+                tokenizer, cell_words, [longest] * len(keep), tasks=(task,), what="held-out", **kwargs
+            )
             cell_prompts = [ids[:n] for ids, n in zip(samples.input_ids, samples.n_prompt, strict=True)]
             out[task] = _trainer.Answers(cell_prompts, answers, truth)
         else:
             out[task] = _trainer.Choices(
                 [
-                    _samples.encode(tokenizer, cell_words, [label] * len(keep), tasks=(task,), **kwargs)
+                    _samples.encode(
+                        tokenizer, cell_words, [label] * len(keep), tasks=(task,), what="held-out", **kwargs
+                    )
                     for label in label_set
                 ],
                 truth,

@@ -243,7 +243,7 @@ def generate(
     temperature = model_temperature(c2s_model, temperature)
     organism = model_organism(c2s_model, organism)
     lengths = _type_lengths(c2s_model, request.types, n_genes)
-    n_genes = max(lengths)
+    n_genes = model_n_genes(c2s_model, n_genes)  # the longest a sentence may be, which real cells are compared to
     target = target_of(adata, mod=mod, model=c2s_model)
     codes = request.codes()
     X, sentences, counts, written = write_cells(
@@ -254,7 +254,7 @@ def generate(
             for t, n in zip(request.types, lengths, strict=True)
         ],
         codes,
-        n_genes=n_genes,
+        n_genes=max(lengths),
         lengths=lengths,
         temperature=temperature,
         top_k=top_k,

@@ -1,8 +1,9 @@
 """Training samples of :func:`sc_c2s.tl.finetune`: the prompt and answer of each task, tokenised.
 
-A sample is ``prompt + answer + EOS`` in the format of :mod:`sc_c2s.prompts`. Samples longer than the model's
-context lose genes from the end of their cell sentence (its least expressed genes), with ``{num_genes}`` in the
-prompt following suit, so the answer is never cut. Single-cell samples come one per cell and task; multi-cell
+A sample is ``prompt + answer + EOS`` in the format of :mod:`sc_c2s.prompts`. Single-cell and perturbation samples
+longer than the model's context are refused; multi-cell samples lose genes from the end of each cell's sentence (its
+least expressed genes), with ``{num_genes}`` in the prompt following suit, so the answer is never cut. Single-cell
+samples come one per cell and task; multi-cell
 samples (tissue prediction, tissue-conditioned generation, summary) are groups of cells of the same tissue and
 group, drawn anew every epoch.
 """
@@ -58,6 +59,7 @@ def encode(
     n_genes: int | None = None,
     gene_dropout: float = 0.0,
     rng: np.random.Generator | None = None,
+    what: str = "training",
 ) -> Samples:
     """Tokenise one sample per cell and task, cells first: ``[cell 0 task 0, cell 0 task 1, cell 1 task 0, …]``.
 
@@ -66,7 +68,8 @@ def encode(
     :func:`texts`). With `gene_dropout`, each gene of a cell-type prediction sample's sentence is left out with that
     probability (drawn from `rng`; at least one gene stays), the order of the others kept; generation samples keep
     their whole sentence. Samples longer than `max_length` tokens are refused, naming the most genes that fit:
-    annotation and generation with sentences of `n_genes` genes would not fit in the model's context either.
+    annotation and generation with sentences of `n_genes` genes would not fit in the model's context either. `what`
+    names the samples in the message (``"training"``, ``"held-out"``).
     """
     eos = _runtime.eos_id(tokenizer)
     jobs = [
@@ -82,7 +85,7 @@ def encode(
         task = jobs[longest][0]
         fit = _genes_that_fit(tokenizer, *jobs[longest], organism=organism, upper=upper, max_length=max_length, eos=eos)
         msg = (
-            f"{int((lengths > max_length).sum())} training samples are longer than the {max_length} tokens the model "
+            f"{_samples_are(int((lengths > max_length).sum()), what)} longer than the {max_length} tokens the model "
             f"reads (the longest, a {task} sample, has {lengths[longest]}); ask for at most `n_genes={fit}`."
         )
         raise ValueError(msg)
@@ -130,6 +133,11 @@ def _tokenize(
     prompt_ids = _runtime.tokenize(tokenizer, [p for p, _ in pairs])
     answer_ids = _runtime.tokenize(tokenizer, [a for _, a in pairs], special_tokens=False)
     return [(p, [*a, eos]) for p, a in zip(prompt_ids, answer_ids, strict=True)]
+
+
+def _samples_are(n: int, what: str) -> str:
+    """``"1 training sample is"``, ``"2 training samples are"``."""
+    return f"{n} {what} sample is" if n == 1 else f"{n} {what} samples are"
 
 
 def _genes_that_fit(
@@ -300,8 +308,8 @@ def encode_perturbation(
     lengths = np.array([len(p) + len(a) for p, a in ids], dtype=np.int64)
     if len(lengths) and lengths.max() > max_length:
         msg = (
-            f"{int((lengths > max_length).sum())} perturbation samples are longer than the {max_length} tokens the "
-            f"model reads (the longest has {lengths.max()}); lower `n_genes`."
+            f"{_samples_are(int((lengths > max_length).sum()), 'perturbation')} longer than the {max_length} tokens "
+            f"the model reads (the longest has {lengths.max()}); lower `n_genes`."
         )
         raise ValueError(msg)
     return Samples(

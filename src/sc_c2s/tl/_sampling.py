@@ -502,15 +502,14 @@ def sample(
 ) -> None:
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
-    Cell ``i`` is prompted with ``prompt_ids[codes[i]]``; sentences come without their closing period. `length`
-    holds the number of words (one, or one per prompt) and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each gene, to
-    write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's new
-    tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
-    text, after which `gene_ids` may be written again; without them, a sentence of `gene_ids` is written from
-    those tokens and `stop_ids` only, as one of `gene_tokens` is from the genes' spellings. Cell ``i`` draws the
-    random numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all cells. `cells`
-    names the argument that sets how many cells a multi-cell prompt or answer holds, for the message of a text
-    too long.
+    Cell ``i`` is prompted with ``prompt_ids[codes[i]]``; sentences come without their closing period. `length` holds
+    the number of words (one, or one per prompt) and the masks of :func:`_word_starts`; `gene_tokens` the tokens of each
+    gene, to write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's
+    new tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
+    text, after which `gene_ids` may be written again; without them, a sentence of `gene_ids` is written from those
+    tokens and `stop_ids` only, as one of `gene_tokens` is from the genes' spellings. Cell ``i`` draws the random
+    numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all cells. `cells` names the
+    argument that sets how many cells a multi-cell prompt or answer holds, for the message of a text too long.
     """
     import torch
 

@@ -260,7 +260,8 @@ def score_generation(
     generated_key
         Column of the generated cells' ``obs`` with their types.
     n_genes
-        Genes per real sentence; ``None`` takes the `n_genes` that :func:`~sc_c2s.tl.generate` asked for, or for
+        Genes per real sentence; ``None`` takes the `n_genes` of :func:`~sc_c2s.tl.generate` (the most it asked
+        for, the model's unless given; each cell type may have been asked for fewer), or for
         generated cells that lost that record (``uns["c2s_generate"]``, e.g. in :func:`anndata.concat`) the length
         of their longest sentence, with a warning.
     n_comps
