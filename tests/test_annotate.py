@@ -302,6 +302,18 @@ def test_free_answers_that_list_genes_or_are_empty_are_missing(short_sentences, 
     np.testing.assert_array_equal(adata.obs["c2s_cell_type_score"], [0.5, 0.5, np.nan, 0.5, np.nan, np.nan])
 
 
+def test_free_answers_that_list_genes_of_the_models_vocabulary_are_missing(short_sentences, tiny, monkeypatch):
+    """On data unlike its training data, a model continues sentences with genes of its own training data, which this
+    data lacks: such an answer became every cell's cell type, with a score, and no warning."""
+    adata = short_sentences[:2].copy()
+    answers = ["OTHER1 OTHER2 OTHER3", "A549"]
+    monkeypatch.setattr(_annotate, "generate_answers", lambda *_, **__: (answers, np.full(2, 0.5)))
+    vocabulary = [*adata.uns["c2s"]["genes"], "OTHER1", "OTHER2", "OTHER3"]  # genes this data lacks
+    with pytest.warns(UserWarning, match=r"^1 of 2 answers are lists of genes"):
+        sc_c2s.tl.annotate(adata, model=trained_here(tiny, vocabulary=vocabulary), n_genes=N_GENES)
+    assert adata.obs["c2s_cell_type"].tolist() == [np.nan, "A549"]
+
+
 def test_labels_of_the_model_are_taken_as_they_were_trained(short_sentences, tiny):
     """A model trained before labels with a space at an end were refused still annotates with its labels."""
     older = trained_here(tiny, labels=["A549 ", *LABELS[1:]])
@@ -462,6 +474,21 @@ def test_organism_and_casing_reach_the_prompt(short_sentences, tiny):
     ]
     lower = C2SModel(tiny.model, tiny.tokenizer, C2SMetadata(name="lower", upper_case=False), Path("lower"))
     assert _utils.cell_words(short_sentences, lower, n_genes=N_GENES, mod=None) == words
+
+
+def test_cells_of_which_the_model_knows_no_gene_are_announced(tiny, scanpy_log):
+    """Cells of another dataset, mixed with the model's own kind, read as the same unknown words: they got one
+    embedding and one label among them (with a higher score than any real cell's), without a word, while the share
+    of unknown words of all cells stayed under the warning's threshold."""
+    X = np.array([[5, 3, 0, 0], [0, 0, 4, 2], [0, 3, 5, 0], [1, 2, 0, 0]], dtype=np.float32)
+    adata = ad.AnnData(X, var=pd.DataFrame(index=["A", "B", "C", "D"]))
+    sc_c2s.pp.to_sentences(adata, rank_fit=False)
+    model = trained_here(tiny, vocabulary=["A", "B"])
+    words = _utils.cell_words(adata, model, n_genes=4, mod=None)
+    assert words == [["A", "B"], ["C", "D"], ["C", "B"], ["B", "A"]]
+    log = scanpy_log.getvalue()
+    assert "1 cells have no sentence gene in the vocabulary of 'finetuned'" in log
+    assert "of the sentence genes are not in the vocabulary" not in log  # 3 of 8: under the share warned of
 
 
 def test_n_genes_defaults_to_the_models(short_sentences, tiny):

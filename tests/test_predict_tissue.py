@@ -292,7 +292,7 @@ def test_free_score_is_the_share_of_all_draws_missing_answers_included(monkeypat
     answers = ["lung", "lung", "CD3E CD8A", "kidney", "kidney"]
     monkeypatch.setattr(_predict_tissue, "generate_answers", lambda c2s, ids, **kw: (answers, np.ones(len(ids))))
     monkeypatch.setattr(_predict_tissue, "free_labels", lambda a, genes, **kw: [None if " " in x else x for x in a])
-    c2s = SimpleNamespace(metadata=SimpleNamespace(tissues=None))
+    c2s = SimpleNamespace(metadata=SimpleNamespace(tissues=None, vocabulary=None))
     groups = np.array(["g", "g", "g", "g", "h"], dtype=object)
     table, per_draw = _predict_tissue._majority(c2s, [[0]] * 5, groups, batch_size=1, genes=["CD3E", "CD8A"])
     assert table.loc["g"].tolist() == ["lung", 0.5]

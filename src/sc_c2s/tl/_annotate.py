@@ -89,9 +89,9 @@ def annotate(
         answer is then the longest of them it wrote, else what it wrote up to the period where it left the start of
         all of them. The answer is decoded from the new tokens only; surrounding whitespace and the final period
         are stripped. The score is the model's probability of that answer. An answer of two words or more, most of
-        them genes of `adata`, is a continued cell sentence rather than a cell type (a failure of some published
-        checkpoints): unless it is one of the model's labels, it is missing (NaN), and such answers are counted in
-        a warning.
+        them genes of `adata` or of the model's vocabulary, is a continued cell sentence rather than a cell type (a
+        failure of some published checkpoints, and of models asked about data unlike their training data): unless
+        it is one of the model's labels, it is missing (NaN), and such answers are counted in a warning.
     constrained (``labels=[...]`` or ``labels="model"``)
         The log-likelihood of each candidate answer (``" {{label}}."``, summed over its tokens) is scored after
         the prompt; the prompt is read once per cell and its KV cache serves all candidates in one forward
@@ -228,7 +228,9 @@ def annotate(
         ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         answers, score = generate_answers(c2s, ids, known=c2s.metadata.labels, batch_size=batch_size)
-        named = free_labels(answers, genes, known=c2s.metadata.labels, what="cell types")
+        # genes of the model's training data too: on other data, it continues sentences with those
+        vocabulary = [*genes, *(c2s.metadata.vocabulary or ())]
+        named = free_labels(answers, vocabulary, known=c2s.metadata.labels, what="cell types")
         cell_types = pd.Categorical(named, categories=sorted({name for name in named if name is not None}))
         score = np.where(cell_types.isna(), np.nan, score)
     else:

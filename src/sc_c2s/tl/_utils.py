@@ -106,6 +106,13 @@ def cell_words(
             what=f"the sentence genes are not in the vocabulary of {c2s.name!r}",
             fix=f"do the sentences use {names}?",
         )
+        n_blind = sum(1 for row in ranked if (row >= 0).any() and not is_known[row[row >= 0]].any())
+        if n_blind:
+            logg.warning(
+                f"{n_blind} cells have no sentence gene in the vocabulary of {c2s.name!r}: the model reads each of "
+                "them as the same unknown words, so their results are alike and say nothing about them. Are they of "
+                f"another dataset, whose genes need {names}?"
+            )
     return words
 
 
