@@ -609,3 +609,23 @@ def test_pl_perturbation_lists_the_predicted_perturbations(kang):
         sc_c2s.pl.perturbation(
             kang, real_as_predicted(kang, "B"), groupby="cell_type", group="B", perturbation="nope", show=False, **KEYS
         )
+
+
+def test_predicted_cells_are_as_long_as_their_control_cells(kang, trained):
+    """On a targeted panel every predicted cell held the model's `n_genes` genes, those of the longest training
+    sentence, however few its control cell expressed (a 200-gene panel of Kang's cells: 139 genes each, where the
+    real stimulated B cells hold a median of 75)."""
+    data = kang[(kang.obs["cell_type"] == HELD_OUT) & (kang.obs["condition"] == "control")][:8].copy()
+    known = np.flatnonzero(data.var_names.isin(trained.metadata.vocabulary))  # genes the model can write
+    detected = np.asarray((data.X[:, known] > 0).mean(axis=0)).ravel()
+    data = data[:, known[np.argsort(-detected, kind="stable")][100:160]].copy()  # a panel of 60 of them
+    sc_c2s.pp.to_sentences(data, n_genes=N_GENES)
+    control = [len(w) for w in sc_c2s.prompts.sentence_words(data, n_genes=N_GENES)]
+    assert 0 < min(control) < N_GENES
+    predicted = sc_c2s.tl.predict_perturbation(data, model=trained, perturbations=["stimulated"], **KEYS)
+    written = predicted.obs[["n_valid_genes", "n_duplicate_genes", "n_unknown_words"]].sum(axis=1)
+    assert written.tolist() == control
+    assert predicted.uns["c2s_predict_perturbation"]["params"]["lengths"] == "control"
+    given = sc_c2s.tl.predict_perturbation(data, model=trained, perturbations=["stimulated"], n_genes=N_GENES, **KEYS)
+    assert (given.obs[["n_valid_genes", "n_duplicate_genes", "n_unknown_words"]].sum(axis=1) == N_GENES).all()
+    assert given.uns["c2s_predict_perturbation"]["params"]["lengths"] == "n_genes"

@@ -83,7 +83,10 @@ def predict_perturbation(
         Column of ``obs`` (e.g. the cell type) copied to each predicted cell from its control cell.
     n_genes
         Genes per control sentence in the prompt, and per predicted sentence; ``None``: as many as the model was
-        trained on (``model.metadata.n_genes``), which the prompt states.
+        trained on (``model.metadata.n_genes``), which the prompt states, and each predicted cell as many genes as
+        its control cell's sentence holds (up to that many). On whole-transcriptome data the two are the same; on a
+        targeted panel, where cells hold 10 to 60 genes, every predicted cell was otherwise as long as the longest
+        training sentence.
     temperature
         Softmax temperature of the sampling.
     top_k
@@ -119,7 +122,8 @@ def predict_perturbation(
     ``obs["c2s_sentence"]``, ``obs["n_valid_genes"]``, ``obs["n_unknown_words"]``, ``obs["n_duplicate_genes"]``
         The predicted sentence and its validity counts, as from :func:`~sc_c2s.tl.generate`.
     ``uns["c2s_predict_perturbation"]["params"]``
-        The arguments, the token budget, the rank fit and the model's provenance.
+        The arguments, the token budget, the rank fit and the model's provenance; ``lengths`` says what each
+        predicted cell was asked for: ``"control"``, its control cell's length, or ``"n_genes"``.
 
     Raises
     ------
@@ -184,6 +188,7 @@ def predict_perturbation(
         )
     c2s_model = resolve(model, device=device)
     _check_model(c2s_model, perturbations)
+    lengths_of = "n_genes" if n_genes is not None else "control"
     n_genes = model_n_genes(c2s_model, n_genes)
     target = target_of(adata, mod=mod, model=c2s_model)
     words = prompts.sentence_words(adata, n_genes=n_genes, mod=mod)
@@ -202,6 +207,7 @@ def predict_perturbation(
         texts,
         np.arange(len(texts)),
         n_genes=n_genes,
+        lengths=[len(words[c]) or n_genes for _ in perturbations for c in cells] if lengths_of == "control" else None,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
@@ -225,6 +231,7 @@ def predict_perturbation(
         "control": control,
         "groupby": groupby,
         "n_genes": n_genes,
+        "lengths": lengths_of,
         "n_cells": n_cells,
         "n_control_cells": len(cells),
         "temperature": temperature,
