@@ -11,6 +11,7 @@ import pytest
 import sc_c2s
 from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
+from sc_c2s.tl import _sampling
 from sc_c2s.tl._generate_tissues import requested_samples, split_cells
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -111,3 +112,21 @@ def test_samples_too_long_for_the_model_name_cells_per_sample(_tissues, tiny):
     """The message offered `n_cells`, an argument of the other multi-cell verbs."""
     with pytest.raises(ValueError, match=r"lower `n_genes` \(or `cells_per_sample`, the cells of a group\)\.$"):
         sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 1000}, cells_per_sample=1000, n_genes=N_GENES)
+
+
+def test_cells_a_model_ended_before_writing_are_announced(_tissues, tiny, monkeypatch, scanpy_log):
+    """A model that ends a text after fewer `Cell {i}:` blocks than asked left rows of zeros without a word (a third
+    of the cells of a small model trained on 2 to 4 cells per sample)."""
+    gene = _tissues.uns["c2s"]["genes"][0].upper()
+
+    def one_cell_each(c2s, prompt_ids, codes, *, sink, **kwargs):
+        sink(np.arange(len(prompt_ids)), [f"Cell 1: {gene}." for _ in prompt_ids])
+
+    monkeypatch.setattr(_sampling, "sample", one_cell_each)
+    model = dataclasses.replace(tiny, metadata=dataclasses.replace(tiny.metadata, training={"n_cells": [2, 4]}))
+    generated = sc_c2s.tl.generate(_tissues, model=model, tissues={"lung": 6}, cells_per_sample=3, n_genes=N_GENES)
+    assert (generated.obs["n_valid_genes"] > 0).tolist() == [True, False, False] * 2
+    assert (
+        "4 of 6 generated cells are empty: the model ended their samples before writing them (it was trained on 2 to 4 "
+        "cells per sample)" in scanpy_log.getvalue()
+    )

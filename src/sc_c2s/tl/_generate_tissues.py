@@ -140,6 +140,14 @@ def generate_tissues(
     )
     X, sentences, counts = collector.result()
     n = len(sentences)
+    if n_empty := sum(not sentence for sentence in sentences):
+        trained = c2s.metadata.training.get("n_cells")
+        logg.warning(
+            f"{n_empty} of {n} generated cells are empty: the model ended their samples before writing them"
+            f"{f' (it was trained on {trained[0]} to {trained[1]} cells per sample)' if trained else ''}. They are "
+            "rows of zeros: leave them out with `generated[generated.obs['n_valid_genes'] > 0]`, or ask for fewer "
+            "`cells_per_sample`."
+        )
     sample_of_cell = np.repeat(np.arange(len(sizes)), sizes)
     obs = pd.DataFrame(counts, columns=COUNTS, index=pd.Index([f"generated-{i}" for i in range(n)]))
     names = list(dict.fromkeys(sample_tissues))
