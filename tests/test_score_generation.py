@@ -461,6 +461,18 @@ def test_generated_cells_without_a_shared_gene_are_an_error(halves):
         sc_c2s.pl.generation(real, _with(other, "NOTAGENE"), label_key="cell_type", show=False)
 
 
+def test_generated_cells_mostly_of_other_genes_are_announced(halves, scanpy_log):
+    """With half the words not genes of the real cells (cells of other data, or genes left out after ranking), the
+    scores compared other genes than the cells were generated over, without a word."""
+    real, fake = halves
+    score(real, fake)
+    assert "not genes of the real cells" not in scanpy_log.getvalue()
+    other = fake.copy()
+    other.obs["c2s_sentence"] = [f"{s.split()[0]} NOTAGENE OTHERGENE" for s in fake.obs["c2s_sentence"]]
+    score(real, other)
+    assert "67% of the words of the generated sentences are not genes of the real cells" in scanpy_log.getvalue()
+
+
 def _with(generated: ad.AnnData, sentence: str) -> ad.AnnData:
     generated = generated.copy()
     generated.obs["c2s_sentence"] = sentence

@@ -23,6 +23,7 @@ from sc_c2s._utils._validate import (
     check_random_state,
 )
 from sc_c2s.tl._from_sentences import _text, reconstruct, reconstruct_ranked
+from sc_c2s.tl._utils import warn_unknown
 
 if TYPE_CHECKING:
     from mudata import MuData
@@ -159,10 +160,20 @@ def check_returned(cells: object, *, arg: str, verb: str) -> None:
 
 
 def check_shared_genes(counts: pd.DataFrame, sentences: pd.Series) -> None:
-    """Refuse generated sentences none of whose words is a gene of the real cells: there is nothing to compare."""
-    if counts["n_valid_genes"].sum() > 0:
-        return
+    """Refuse generated sentences none of whose words is a gene of the real cells: there is nothing to compare.
+
+    Warn where most are not: the scores then compare other genes than the cells were generated over.
+    """
     n_words = int(counts.to_numpy().sum())
+    if counts["n_valid_genes"].sum() > 0:
+        warn_unknown(
+            int(counts["n_unknown_words"].sum()),
+            n_words,
+            what="the words of the generated sentences are not genes of the real cells",
+            fix="score the cells against the data they were generated for, or real cells ranked with the same gene "
+            "names (see `gene_symbols=` of `sc_c2s.pp.to_sentences`)",
+        )
+        return
     if n_words == 0:
         msg = "The generated cells' sentences (obs['c2s_sentence']) hold no words; there is nothing to score."
         raise ValueError(msg)
