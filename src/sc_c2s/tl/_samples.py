@@ -3,9 +3,8 @@
 A sample is ``prompt + answer + EOS`` in the format of :mod:`sc_c2s.prompts`. Single-cell and perturbation samples
 longer than the model's context are refused; multi-cell samples lose genes from the end of each cell's sentence (its
 least expressed genes), with ``{num_genes}`` in the prompt following suit, so the answer is never cut. Single-cell
-samples come one per cell and task; multi-cell
-samples (tissue prediction, tissue-conditioned generation, summary) are groups of cells of the same tissue and
-group, drawn anew every epoch.
+samples come one per cell and task; multi-cell samples (tissue prediction, tissue-conditioned generation, summary)
+are groups of cells of the same tissue and group, drawn anew every epoch.
 """
 
 from __future__ import annotations
