@@ -34,7 +34,7 @@ from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_
 from . import _pairs, _samples
 from ._annotate import check_labels, label_loglik
 from ._calibration import fit_temperature
-from ._sampling import check_room, new_tokens, token_budget
+from ._sampling import check_room, most_that_fit, new_tokens, token_budget
 from ._temperature import choose_temperature
 from ._utils import cell_words, model_organism
 
@@ -471,11 +471,14 @@ def finetune(
 
     trained_vocabulary = _vocabulary(tokenizer, vocabulary, base=c2s_model.metadata.vocabulary, upper=upper)
     _check_known_genes(c2s_model, vocabulary, trained_vocabulary, upper=upper)
-    if "cell_type_generation" in tasks:
-        texts = [prompts.cell_type_generation(label, n_genes=n_genes, organism=organism) for label in label_set]
-        _check_sampling_room(c2s_model, genes, texts, n_genes=n_genes)
-    if design is not None:
-        _check_perturbation_room(c2s_model, genes, words, design, n_genes=n_genes, upper=upper)
+    if "cell_type_generation" in tasks or design is not None:  # what generate and predict_perturbation will write
+        budget = token_budget(c2s_model, genes, n_genes, unique_genes=True)
+        if "cell_type_generation" in tasks:
+            texts = [prompts.cell_type_generation(label, n_genes=n_genes, organism=organism) for label in label_set]
+            prompt_ids = _runtime.tokenize(tokenizer, texts)
+            check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=True)
+        if design is not None:
+            _check_perturbation_room(c2s_model, budget, words, design, n_genes=n_genes, upper=upper)
     samples = draw(np.random.default_rng(random_state))
     _check_unknown(tokenizer, samples, names=[*label_set, *tissue_set, *perturbation_set])
     check_labels(c2s_model, label_set, _candidates.label_answers(tokenizer, label_set))
@@ -656,20 +659,9 @@ def _check_known_genes(c2s_model: C2SModel, genes: list[str], trained_vocabulary
         raise ValueError(msg)
 
 
-def _check_sampling_room(c2s_model: C2SModel, genes: np.ndarray, texts: list[str], *, n_genes: int) -> None:
-    """Refuse, before training, sentences of `n_genes` genes that :func:`sc_c2s.tl.generate` could not write.
-
-    After training, the sampling temperature is chosen by generating such sentences, as the model's users will; a
-    base model whose context is too short for them (one trained from scratch with fewer genes) would fail there,
-    after the whole budget.
-    """
-    budget = token_budget(c2s_model, genes, n_genes, unique_genes=True)
-    check_room(c2s_model, _runtime.tokenize(c2s_model.tokenizer, texts), budget, n_genes=n_genes, unique_genes=True)
-
-
 def _check_perturbation_room(
     c2s_model: C2SModel,
-    genes: np.ndarray,
+    budget: dict[str, Any],
     words: list[list[str]],
     design: _pairs.Design,
     *,
@@ -678,12 +670,11 @@ def _check_perturbation_room(
 ) -> None:
     """Refuse, before training, `n_genes` that :func:`sc_c2s.tl.predict_perturbation` could not write after.
 
-    Its prompts hold a control cell's sentence of `n_genes` genes, and the predicted sentence as many: a base model
-    whose context is too short for both (one trained from scratch with fewer genes) would train in vain. The
-    message names the most genes that fit.
+    Its prompts hold a control cell's sentence of `n_genes` genes, and the predicted sentence as many (`budget`, of
+    :func:`~sc_c2s.tl._sampling.token_budget`): a base model whose context is too short for both (one trained from
+    scratch with fewer genes) would train in vain. The message names the most genes that fit.
     """
     limit = getattr(c2s_model.model.config, "max_position_embeddings", None)
-    budget = token_budget(c2s_model, genes, n_genes, unique_genes=True)
     controls = design.pairs.controls
     longest = sorted(controls, key=lambda i: len(words[i]), reverse=True)[:10]
     names = sorted(set(design.perturbations))
@@ -699,10 +690,7 @@ def _check_perturbation_room(
 
     if limit is None or fits(n_genes):
         return
-    most, too_many = 0, n_genes  # prompts and sentences grow with the genes: bisect for the most that fit
-    while too_many - most > 1:
-        n = (most + too_many) // 2
-        most, too_many = (n, too_many) if fits(n) else (most, n)
+    most = most_that_fit(n_genes, fits)  # prompts and sentences grow with the genes
     msg = (
         f"Perturbation prompts and predicted sentences of {n_genes} genes do not fit in the {limit} tokens "
         f"{c2s_model.name!r} reads; ask for at most `n_genes={most}`."

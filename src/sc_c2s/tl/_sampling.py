@@ -184,17 +184,28 @@ def check_room(
     if limit is None or longest + budget["max_new_tokens"] <= limit:
         return
     n_distinct = budget["n_distinct"] if unique_genes else None
-    most, too_many = 0, n_genes  # the new tokens grow with the genes: bisect for the most genes that fit
-    while too_many - most > 1:
-        n = (most + too_many) // 2
-        fits = longest + new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, n_distinct) <= limit
-        most, too_many = (n, too_many) if fits else (most, n)
+    most = most_that_fit(
+        n_genes,
+        lambda n: longest + new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, n_distinct) <= limit,
+    )
     advice = f"ask for at most `n_genes={most}`" if most else "the prompts alone nearly fill it"
     msg = (
         f"Prompts of up to {longest} tokens and sentences of {n_genes} genes (up to {budget['max_new_tokens']} "
         f"tokens) do not fit in the {limit} tokens {c2s_model.name!r} reads; {advice}."
     )
     raise ValueError(msg)
+
+
+def most_that_fit(n_genes: int, fits: Callable[[int], bool]) -> int:
+    """Return the most genes, below `n_genes`, for which `fits` holds (0 if none), by bisection.
+
+    `fits` must not hold for `n_genes`, and room must only grow with the genes.
+    """
+    most, too_many = 0, n_genes
+    while too_many - most > 1:
+        n = (most + too_many) // 2
+        most, too_many = (n, too_many) if fits(n) else (most, n)
+    return most
 
 
 def _sentence_length(budget: dict[str, Any], n_genes: int, *, unique_genes: bool) -> int:
