@@ -228,9 +228,9 @@ def annotate(
         ids = _runtime.tokenize(c2s.tokenizer, prediction_prompts(words, n_genes=n_genes, organism=organism))
         _runtime.check_context(c2s.model, ids, name=c2s.name, room=MAX_ANSWER_TOKENS)
         answers, score = generate_answers(c2s, ids, known=c2s.metadata.labels, batch_size=batch_size)
-        # genes of the model's training data too: on other data, it continues sentences with those
-        vocabulary = [*genes, *(c2s.metadata.vocabulary or ())]
-        named = free_labels(answers, vocabulary, known=c2s.metadata.labels, what="cell types")
+        named = free_labels(
+            answers, genes, vocabulary=c2s.metadata.vocabulary, known=c2s.metadata.labels, what="cell types"
+        )
         cell_types = pd.Categorical(named, categories=sorted({name for name in named if name is not None}))
         score = np.where(cell_types.isna(), np.nan, score)
     else:

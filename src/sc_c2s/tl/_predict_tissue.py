@@ -220,8 +220,8 @@ def _majority(
     """Free answers of each draw; per group the most frequent one and the share of draws that gave it."""
     known = c2s.metadata.tissues
     answers, prob = generate_answers(c2s, ids, known=known, batch_size=batch_size, desc="predicting tissues")
-    vocabulary = [*genes, *(c2s.metadata.vocabulary or ())]  # the model's genes too, as annotate reads them
-    answers = pd.Series(free_labels(answers, vocabulary, known=known, what="tissues", stacklevel=4), dtype=object)
+    named = free_labels(answers, genes, vocabulary=c2s.metadata.vocabulary, known=known, what="tissues", stacklevel=4)
+    answers = pd.Series(named, dtype=object)
     per_draw = pd.DataFrame({"group": draw_groups, "answer": answers.to_numpy(), "score": prob})
     rows = {}
     for group, draws in per_draw.groupby("group", sort=False):

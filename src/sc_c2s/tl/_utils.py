@@ -106,7 +106,8 @@ def cell_words(
             what=f"the sentence genes are not in the vocabulary of {c2s.name!r}",
             fix=f"do the sentences use {names}?",
         )
-        n_blind = sum(1 for row in ranked if (row >= 0).any() and not is_known[row[row >= 0]].any())
+        in_sentence = ranked >= 0
+        n_blind = int((in_sentence.any(axis=1) & ~(in_sentence & is_known[np.maximum(ranked, 0)]).any(axis=1)).sum())
         if n_blind:
             logg.warning(
                 f"{n_blind} cells have no sentence gene in the vocabulary of {c2s.name!r}: the model reads each of "
@@ -221,16 +222,25 @@ def gene_lists(answers: Sequence[str | None], genes: Sequence[str]) -> np.ndarra
 
 
 def free_labels(
-    answers: Sequence[str], genes: Sequence[str], *, known: Sequence[str] | None, what: str, stacklevel: int = 3
+    answers: Sequence[str],
+    genes: Sequence[str],
+    *,
+    vocabulary: Sequence[str] | None,
+    known: Sequence[str] | None,
+    what: str,
+    stacklevel: int = 3,
 ) -> list[str | None]:
     """Return the free-text answers as labels: empty answers and lists of genes (:func:`gene_lists`) are ``None``.
 
-    Answers the model was trained on (`known`, e.g. ``"S100A8 S100A9 Mono"``) are labels whatever their words.
-    Each kind dropped is counted in a warning; `what` names the labels asked for, and `stacklevel` counts from
-    this function (3 points at the caller of the verb that calls it).
+    Genes are those of the data (`genes`) and of the model's `vocabulary`: on data unlike its training data, a model
+    continues sentences with genes of its own. Answers the model was trained on (`known`, e.g. ``"S100A8 S100A9
+    Mono"``) are labels whatever their words. Each kind dropped is counted in a warning; `what` names the labels
+    asked for, and `stacklevel` counts from this function (3 points at the caller of the verb that calls it).
     """
     trained = set(known or ())
-    is_genes = gene_lists(answers, genes) & np.array([answer not in trained for answer in answers], dtype=bool)
+    is_genes = gene_lists(answers, [*genes, *(vocabulary or ())]) & np.array(
+        [answer not in trained for answer in answers], dtype=bool
+    )
     is_empty = np.array([not answer for answer in answers], dtype=bool)
     n = len(answers)
     if is_genes.any():
