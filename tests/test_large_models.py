@@ -83,7 +83,9 @@ def trained(cells, bases, tmp_path_factory):
     return path, predictions["trained"]
 
 
-def test_lora_adapter_loads_back_and_reproduces_the_trained_model(trained, bases, cells):
+def test_lora_adapter_loads_back_and_reproduces_the_trained_model(trained, bases, cells, scanpy_log):
+    """The base, a published layout without C2S metadata, loads without a warning that its defaults prompt it: the
+    adapter's metadata do."""
     path, expected = trained
     assert sorted(p.name for p in path.iterdir()) == [
         "adapter_config.json",
@@ -111,6 +113,7 @@ def test_lora_adapter_loads_back_and_reproduces_the_trained_model(trained, bases
         np.testing.assert_allclose(adata.obs["c2s_cell_type_score"], expected["c2s_cell_type_score"], rtol=1e-4)
         sc_c2s.tl.embed(adata, model=model, n_genes=N_GENES)  # the hidden states under the adapter
         assert np.isfinite(adata.obsm["X_c2s"]).all()
+    assert "no c2s_metadata.json" not in scanpy_log.getvalue()
 
 
 def test_finetune_from_an_adapter(trained, cells, tmp_path, monkeypatch):

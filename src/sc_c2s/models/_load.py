@@ -114,6 +114,13 @@ def load(
         )
         raise TypeError(msg)
     options = _Options.check(device, dtype, quantization, attn_implementation, merge=merge)
+    return _load(name_or_path, revision=revision, options=options)
+
+
+def _load(
+    name_or_path: str | os.PathLike[str], *, revision: str | None, options: _Options, adapter_base: bool = False
+) -> C2SModel:
+    """Load a checkpoint with checked `options`; `adapter_base`: as the base model of an adapter."""
     entry = _registry.lookup(name_or_path) if isinstance(name_or_path, str) else None
     if entry is not None:
         revision = revision or entry.revision
@@ -138,7 +145,7 @@ def load(
         path = Path(name_or_path).expanduser().absolute()  # the same folder wherever the working directory goes
     if _lora.is_adapter_dir(path):
         return _open_adapter(path, options=options)
-    metadata = _metadata(path)
+    metadata = _metadata(path, adapter_base=adapter_base)
     with _files.diagnosed(path):
         options.check_fits(_registry._read_json(path / "config.json"), path.name)
     _check_tokenizer_files(p.name for p in path.iterdir())
@@ -371,13 +378,11 @@ def _open_adapter(path: Path, *, options: _Options) -> C2SModel:
         raise ValueError(msg)
     _lora.peft()  # before the base model is downloaded or read
     source = _base_source(base, path)
-    base_model = load(
+    base_model = _load(
         source,
         revision=base.get("revision") if isinstance(source, str) else None,
-        device=options.device,
-        dtype=options.dtype if options.dtype_given else None,
-        quantization=options.quantization,
-        attn_implementation=options.attn_implementation,
+        options=dataclasses.replace(options, merge=False),
+        adapter_base=True,
     )
     changed = sorted(f for f, h in base.get("sha256", {}).items() if base_model.sha256.get(f, h) != h)
     if changed:
@@ -421,10 +426,11 @@ def _base_source(base: dict, path: Path) -> str | Path:
     raise FileNotFoundError(msg)
 
 
-def _metadata(path: Path) -> C2SMetadata:
+def _metadata(path: Path, *, adapter_base: bool = False) -> C2SMetadata:
     """Metadata of a checkpoint directory: its own file, else the registry's, else defaults (with a warning).
 
-    A directory that lacks the files every checkpoint has, or whose metadata file cannot be read, is refused.
+    A directory that lacks the files every checkpoint has, or whose metadata file cannot be read, is refused. An
+    `adapter_base` gets the defaults without the warning: the adapter's metadata, not these, say how to prompt it.
     """
     _files.check_complete(path)
     if (path / METADATA_FILE).is_file():
@@ -436,10 +442,11 @@ def _metadata(path: Path) -> C2SMetadata:
     entry = _registry.match(path)
     if entry is not None:
         return entry.metadata()
-    logg.warning(
-        f"{path} has no {METADATA_FILE} and is not a published checkpoint: prompting it with the defaults of "
-        "C2SMetadata (published prompt format, Homo sapiens, 200 genes)."
-    )
+    if not adapter_base:
+        logg.warning(
+            f"{path} has no {METADATA_FILE} and is not a published checkpoint: prompting it with the defaults of "
+            "C2SMetadata (published prompt format, Homo sapiens, 200 genes)."
+        )
     return C2SMetadata(name=path.name, answer_prefix=None)
 
 
