@@ -497,7 +497,7 @@ def finetune(
     if samples.n_truncated:
         logg.warning(f"{samples.n_truncated} samples were longer than the model's context; their sentences were cut")
     logg.info(
-        f"    {len(train_cells)} cells, {len(tasks)} tasks: {len(samples)} samples "
+        f"    {len(train_cells)} cells, {len(tasks)} task{'s' if len(tasks) > 1 else ''}: {len(samples)} samples "
         f"({int(sum(len(ids) for ids in samples.input_ids))} tokens), {len(eval_cells)} cells held out"
     )
     max_steps = _trainer.budget(len(samples), batch_size, epochs=epochs, max_steps=max_steps, scratch=scratch)
