@@ -114,6 +114,36 @@ def test_samples_too_long_for_the_model_name_cells_per_sample(_tissues, tiny):
         sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 1000}, cells_per_sample=1000, n_genes=N_GENES)
 
 
+@pytest.fixture
+def eager_to_stop(_tissues, tiny):
+    """The tiny model, made to write ``Cell : GENE .`` and then to prefer the end-of-sequence token to a next cell."""
+    ids = tiny.tokenizer.convert_tokens_to_ids(["Cell", ":", _tissues.uns["c2s"]["genes"][0].upper(), "."])
+    follows = dict(zip(ids, ids[1:] + ids[:1], strict=True))  # Cell → : → gene → . → Cell
+    eos = tiny.tokenizer.eos_token_id
+
+    def favour(module, args, kwargs, output):
+        new = kwargs["input_ids"].shape[1] == 1  # else the prompts, which end with ":"
+        for row, token in enumerate(kwargs["input_ids"][:, -1].tolist()):
+            output.logits[row, -1, follows.get(token, ids[0]) if new else ids[0]] += 30
+            if token == ids[-1]:
+                output.logits[row, -1, eos] += 50
+
+    handle = tiny.model.register_forward_hook(favour, with_kwargs=True)
+    yield tiny
+    handle.remove()
+
+
+def test_samples_hold_the_cells_their_prompt_asks_for(_tissues, eager_to_stop):
+    """The end-of-sequence token was allowed after the first cell: a model that ends a text early left the other
+    cells of each sample empty, rows of zeros."""
+    kwargs = {"model": eager_to_stop, "tissues": {"lung": 7}, "cells_per_sample": 3, "n_genes": N_GENES}
+    generated = sc_c2s.tl.generate(_tissues, **kwargs)
+    assert (generated.obs["n_valid_genes"] > 0).all()
+    assert generated.uns["c2s_generate"]["params"]["exact_length"] is True
+    free = sc_c2s.tl.generate(_tissues, exact_length=False, **kwargs)
+    assert (free.obs["n_valid_genes"] > 0).tolist() == [True, False, False] * 2 + [True]
+
+
 def test_cells_a_model_ended_before_writing_are_announced(_tissues, tiny, monkeypatch, scanpy_log):
     """A model that ends a text after fewer `Cell {i}:` blocks than asked left rows of zeros without a word (a third
     of the cells of a small model trained on 2 to 4 cells per sample)."""
@@ -124,9 +154,12 @@ def test_cells_a_model_ended_before_writing_are_announced(_tissues, tiny, monkey
 
     monkeypatch.setattr(_sampling, "sample", one_cell_each)
     model = dataclasses.replace(tiny, metadata=dataclasses.replace(tiny.metadata, training={"n_cells": [2, 4]}))
-    generated = sc_c2s.tl.generate(_tissues, model=model, tissues={"lung": 6}, cells_per_sample=3, n_genes=N_GENES)
+    kwargs = {"model": model, "tissues": {"lung": 6}, "cells_per_sample": 3, "n_genes": N_GENES}
+    generated = sc_c2s.tl.generate(_tissues, exact_length=False, **kwargs)
     assert (generated.obs["n_valid_genes"] > 0).tolist() == [True, False, False] * 2
     assert (
         "4 of 6 generated cells are empty: the model ended their samples before writing them (it was trained on 2 to 4 "
         "cells per sample)" in scanpy_log.getvalue()
     )
+    sc_c2s.tl.generate(_tissues, **kwargs)  # held to its cells, the model wrote none of them
+    assert "4 of 6 generated cells are empty: the model wrote no gene in them" in scanpy_log.getvalue()

@@ -101,7 +101,8 @@ def generate(
         written `cells_per_sample` at a time with the tissue-conditioned multi-cell prompt of
         :mod:`sc_c2s.prompts` (the last sample of a tissue takes the rest), and read back block by block
         (``Cell 1:``, ``Cell 2:``, …; a block the model did not write is an empty cell). The whole text is
-        sampled until the end-of-sequence token, without `exact_length`; `unique_genes` keeps each cell's genes
+        sampled until the end-of-sequence token, which `exact_length` holds back until the text has as many cells
+        as its prompt asks (each ends with a period), whatever their lengths; `unique_genes` keeps each cell's genes
         distinct where every gene is one token (models trained from scratch). The result's ``obs`` holds
         ``"tissue"`` and ``"sample"`` (cells written together) instead of ``"cell_type"``.
     cells_per_sample
@@ -231,6 +232,7 @@ def generate(
             top_k=top_k,
             top_p=top_p,
             unique_genes=unique_genes,
+            exact_length=exact_length,
             random_state=random_state,
             batch_size=batch_size,
             mod=mod,

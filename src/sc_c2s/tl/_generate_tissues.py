@@ -85,6 +85,7 @@ def generate_tissues(
     top_k: int | None,
     top_p: float | None,
     unique_genes: bool,
+    exact_length: bool,
     random_state: int,
     batch_size: int | None,
     mod: str | None,
@@ -136,14 +137,16 @@ def generate_tissues(
         sink=sink,
         decode=whole_texts,
         reset_ids=_runtime.period_ids(c2s.tokenizer),
+        n_cells=sizes if exact_length else None,
         cells="cells_per_sample",
     )
     X, sentences, counts = collector.result()
     n = len(sentences)
     if n_empty := sum(not sentence for sentence in sentences):
         trained = c2s.metadata.training.get("n_cells")
+        why = "wrote no gene in them" if exact_length else "ended their samples before writing them"
         logg.warning(
-            f"{n_empty} of {n} generated cells are empty: the model ended their samples before writing them"
+            f"{n_empty} of {n} generated cells are empty: the model {why}"
             f"{f' (it was trained on {trained[0]} to {trained[1]} cells per sample)' if trained else ''}. They are "
             "rows of zeros: leave them out with `generated[generated.obs['n_valid_genes'] > 0]`, or ask for fewer "
             "`cells_per_sample`."
@@ -166,6 +169,7 @@ def generate_tissues(
         "top_k": top_k,
         "top_p": top_p,
         "unique_genes": unique_genes and budget["gene_ids"] is not None,
+        "exact_length": exact_length,
         "random_state": random_state,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,

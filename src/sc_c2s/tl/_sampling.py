@@ -429,6 +429,18 @@ class _Length(NamedTuple):
     breaks: torch.Tensor
 
 
+class _Cells(NamedTuple):
+    """What holding a multi-cell text to its cells needs, made once per batch.
+
+    The cells of each row, and two masks over the model's output vocabulary: the tokens that end a cell (as 1) and
+    those that stop the text.
+    """
+
+    n_cells: torch.Tensor
+    ends: torch.Tensor
+    is_stop: torch.Tensor
+
+
 class _Sampler:
     """Chooses the next token of each row of a batch from the row's own uniform numbers, one step per call.
 
@@ -436,7 +448,8 @@ class _Sampler:
     tokens. With `length`, a row cannot stop before it has that many words, and after that it can only stop or
     continue its last word. With `words`, each row writes distinct genes of several tokens each (and an exact
     number of them if the constraint says so). With `reset_ids`, sampling one of those tokens lets a row use its
-    genes again (a new cell of a multi-cell text).
+    genes again (a new cell of a multi-cell text). With `cells`, a row cannot stop before it has ended that many
+    cells.
     """
 
     def __init__(
@@ -451,13 +464,15 @@ class _Sampler:
         words: WordConstraint | None = None,
         reset_ids: torch.Tensor | None = None,
         blocked: torch.Tensor | None = None,
+        cells: _Cells | None = None,
     ):
         import torch
 
         self.uniforms, self.temperature, self.top_k, self.top_p = uniforms, temperature, top_k, top_p
         self.gene_ids, self.used, self.reset_ids, self.blocked = gene_ids, None, reset_ids, blocked
-        self.length, self.constraint = length, words
+        self.length, self.constraint, self.cells = length, words, cells
         self.words = torch.zeros(len(uniforms), dtype=torch.long, device=uniforms.device)
+        self.ended = torch.zeros_like(self.words)
         self.step = 0
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
@@ -476,6 +491,9 @@ class _Sampler:
             logits = logits.masked_fill(blocked, -torch.inf)
         if self.constraint is not None:
             logits = logits.masked_fill(~self.constraint.allowed(), -torch.inf)
+        if self.cells is not None:
+            early = (self.ended < self.cells.n_cells)[:, None]
+            logits = logits.masked_fill(early & self.cells.is_stop, -torch.inf)
         token = _sample_token(logits, self.uniforms[:, self.step], self.temperature, self.top_k, self.top_p)
         if self.constraint is not None:
             self.constraint.advance(token)
@@ -486,6 +504,8 @@ class _Sampler:
                 self.used[torch.isin(token, self.reset_ids)] = False
         if self.length is not None:
             self.words += self.length.starts[token]
+        if self.cells is not None:
+            self.ended += self.cells.ends[token]
         self.step += 1
         return token
 
@@ -508,6 +528,7 @@ def sample(
     gene_tokens: list[list[int]] | None = None,
     decode: Callable[[Any, np.ndarray, list[int]], list[str]] | None = None,
     reset_ids: list[int] | None = None,
+    n_cells: np.ndarray | None = None,
     first_cell: int = 0,
     cells: str | None = None,
 ) -> None:
@@ -518,9 +539,11 @@ def sample(
     gene, to write distinct genes of several tokens (then it sets the length, not `length`). `decode` turns a batch's
     new tokens into texts (default: each sentence up to its closing period); `reset_ids` end a cell of a multi-cell
     text, after which `gene_ids` may be written again; without them, a sentence of `gene_ids` is written from those
-    tokens and `stop_ids` only, as one of `gene_tokens` is from the genes' spellings. Cell ``i`` draws the random
-    numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all cells. `cells` names the
-    argument that sets how many cells a multi-cell prompt or answer holds, for the message of a text too long.
+    tokens and `stop_ids` only, as one of `gene_tokens` is from the genes' spellings. `n_cells` holds, per prompt,
+    the cells its text must end (each with one of `reset_ids` that is not a stop token) before it may stop. Cell
+    ``i`` draws the random numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all
+    cells. `cells` names the argument that sets how many cells a multi-cell prompt or answer holds, for the message
+    of a text too long.
     """
     import torch
 
@@ -545,6 +568,13 @@ def sample(
         is_break = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
         is_break[: len(breaks)] = torch.as_tensor(breaks, device=c2s.device)
         exact = _Length(length[0], is_start, is_stop, is_break & ~is_stop)
+    cell_masks = None
+    if n_cells is not None:
+        ends = torch.zeros(n_logits, dtype=torch.long, device=c2s.device)
+        ends[sorted(set(reset_ids) - set(stop_ids))] = 1
+        is_stop = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
+        is_stop[stop_ids] = True
+        cell_masks = (ends, is_stop)
 
     def write(batch: _runtime.Batch) -> None:
         uniforms = np.stack([_uniforms(random_state, first_cell + i, max_new_tokens) for i in batch.index])
@@ -563,6 +593,9 @@ def sample(
             words=None if trie is None else WordConstraint(trie, len(batch.index), n_words=n_words),
             reset_ids=None if reset_ids is None else torch.as_tensor(reset_ids, device=c2s.device),
             blocked=blocked,
+            cells=None
+            if cell_masks is None
+            else _Cells(torch.as_tensor(n_cells[codes[batch.index]], device=c2s.device), *cell_masks),
         )
         tokens, _ = _runtime.decode(
             c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
