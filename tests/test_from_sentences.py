@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 
 import sc_c2s
 from sc_c2s._rank_model import RankFit
@@ -278,6 +279,19 @@ def test_documented_uns_and_case():
     assert '``uns["c2s_rank_fit"]``, the rank fit used' in doc
     assert "genes whose names differ only by case (e.g. ``CD4`` and ``Cd4``) are one word" in doc
     cells = sc_c2s.tl.from_sentences(["cd4 CD3D"], genes=["CD4", "Cd4", "CD3D"], rank_fit=FIT)
-    assert set(cells.uns) == {"c2s_rank_fit"}
+    assert set(cells.uns) == {"c2s_rank_fit", "log1p"}
     assert cells.uns["c2s_rank_fit"] == RankFit(**FIT).to_dict()
     np.testing.assert_allclose(dense(cells), [[expression(0), 0.0, expression(1)]])
+
+
+def test_scanpy_reads_the_scale_of_the_cells():
+    """Without `uns["log1p"]`, scanpy took the cells' log10(1 + x) for the natural log: the fold changes of
+    `rank_genes_groups` came out smaller by a factor of log(10) in the exponent."""
+    sentences = ["CD3D CD3E IL7R", "CD3D IL7R CD3E", "IL7R CD3E", "IL7R CD3E CD3D"]
+    cells = sc_c2s.tl.from_sentences(sentences, genes=GENES, rank_fit=FIT)
+    cells.obs["group"] = pd.Categorical(["a", "a", "b", "b"])
+    sc.tl.rank_genes_groups(cells, "group", groups=["a"], reference="b", method="t-test")
+    result = sc.get.rank_genes_groups_df(cells, group="a").set_index("names")
+    means = {g: dense(cells[cells.obs["group"] == g, "CD3D"]).mean() for g in ("a", "b")}
+    expected = np.log2((10 ** means["a"] - 1 + 1e-9) / (10 ** means["b"] - 1 + 1e-9))  # scanpy's formula, base 10
+    assert result.loc["CD3D", "logfoldchanges"] == pytest.approx(expected, rel=1e-5)

@@ -102,6 +102,7 @@ def test_result_with_slashed_cell_types_round_trips_through_h5ad(ranked, tiny, t
     back = ad.read_h5ad(tmp_path / "generated.h5ad")
     assert back.obs["cell_type"].tolist() == ["CD4+/CD25 T Reg"] * 2 + ["B"]
     assert list(back.uns["c2s_generate"]["params"]["cell_types"]) == ["CD4+/CD25 T Reg", "B"]
+    assert back.uns["log1p"] == {"base": 10}  # the rank fit's scale, for scanpy's verbs
 
 
 def test_sentence_stops_at_eos(ranked, tiny):

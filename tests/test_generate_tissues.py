@@ -69,6 +69,7 @@ def test_generated_samples_carry_tissue_and_sample(_tissues, tiny, container):
     assert generated.obs["sample"].astype(str).tolist() == ["sample-0"] * 3 + ["sample-1"] + ["sample-2"] * 3
     params = generated.uns["c2s_generate"]["params"]
     assert (params["tissues"], params["n_cells"], params["cells_per_sample"]) == (["lung", "kidney"], [4, 3], 3)
+    assert generated.uns["log1p"] == {"base": 10}
     # the cells are their sentences read back through the rank fit
     for sentence, n_valid, row in zip(
         generated.obs["c2s_sentence"], generated.obs["n_valid_genes"], generated.X, strict=True

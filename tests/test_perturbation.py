@@ -162,6 +162,7 @@ def test_predict_perturbation(kang, predicted, tmp_path):
     back = ad.read_h5ad(path)
     assert (back.obs == predicted.obs).all().all()
     assert back.uns["c2s_predict_perturbation"]["params"]["rank_fit"] == params["rank_fit"]
+    assert back.uns["log1p"] == {"base": 10}  # the rank fit's scale, for scanpy's verbs
 
 
 def test_predict_perturbation_mudata_seeded_and_untouched(kang, trained, predicted, container):

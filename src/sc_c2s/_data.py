@@ -14,7 +14,7 @@ from anndata import AnnData
 from scanpy import logging as logg
 
 from ._dask import is_dask_array
-from ._keys import C2S, GENES, SENTENCE
+from ._keys import C2S, GENES, LOG1P, SENTENCE
 from ._utils._numba import numba_threads
 from ._utils._validate import check_expression_dtype, check_flag, check_name
 
@@ -144,7 +144,7 @@ class DataHandler:
             raise ValueError(msg)
         if use_raw is None:
             use_raw = layer is None and adata.raw is not None
-        log1p = adata.uns.get("log1p")  # {"base": None} is scanpy's natural logarithm
+        log1p = adata.uns.get(LOG1P)  # {"base": None} is scanpy's natural logarithm
         base = (log1p.get("base") or math.e) if isinstance(log1p, Mapping) else None
         if use_raw:
             if adata.raw is None:

@@ -23,6 +23,9 @@ EMBEDDING = "X_c2s"
 GENERATE = "c2s_generate"
 #: ``uns`` entry of the rank fit in the cells that :func:`sc_c2s.tl.from_sentences` returns.
 FROM_SENTENCES_RANK_FIT = "c2s_rank_fit"
+#: scanpy's ``uns`` entry of the base of a ``log1p`` transform: cells read back from sentences, on the rank fit's
+#: ``log10(1 + x)`` scale, carry ``{"base": 10}``, and data ranked by :func:`sc_c2s.pp.to_sentences` is read by it.
+LOG1P = "log1p"
 #: ``obs`` column of the requested cell type of generated cells.
 GENERATED_CELL_TYPE = "cell_type"
 #: ``obs`` column of the control cell each predicted perturbed cell comes from.

@@ -66,7 +66,9 @@ def from_sentences(
     ``n_duplicate_genes``
         Repeats of a gene already in the sentence.
 
-    and ``uns["c2s_rank_fit"]``, the rank fit used, as a dict (:meth:`~sc_c2s.RankFit.to_dict`).
+    and ``uns["c2s_rank_fit"]``, the rank fit used, as a dict (:meth:`~sc_c2s.RankFit.to_dict`), and
+    ``uns["log1p"]``, ``{"base": 10}``, which tells scanpy the scale (as :func:`scanpy.pp.log1p` records its own, so
+    that e.g. the fold changes of :func:`scanpy.tl.rank_genes_groups` are right).
 
     Examples
     --------
@@ -124,7 +126,13 @@ def reconstruct(
         if isinstance(sentences, pd.Series)
         else pd.RangeIndex(X.shape[0]).astype(str),
     )
-    return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns={_keys.FROM_SENTENCES_RANK_FIT: fit.to_dict()})
+    uns = {_keys.FROM_SENTENCES_RANK_FIT: fit.to_dict(), _keys.LOG1P: log10_record()}
+    return AnnData(X, obs=obs, var=pd.DataFrame(index=genes), uns=uns)
+
+
+def log10_record() -> dict[str, int]:
+    """Return the `uns["log1p"]` of values on the rank fit's scale, ``log10(1 + x)``: scanpy's verbs read the base."""
+    return {"base": 10}
 
 
 def gene_index(genes: Sequence[str] | pd.Index | np.ndarray) -> pd.Index:

@@ -22,7 +22,7 @@ from sc_c2s._docs import (
 )
 from sc_c2s._utils._validate import AnyRandom, check_flag, check_positive_int
 
-from ._from_sentences import COUNTS
+from ._from_sentences import COUNTS, log10_record
 from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
 from ._utils import check_task, model_n_genes, model_organism, prompt_cells
 
@@ -173,6 +173,8 @@ def generate(
         Words that are genes of the vocabulary, that are not, and repeats (see :func:`sc_c2s.tl.from_sentences`).
     ``uns["c2s_generate"]["params"]``
         The arguments, the token budget, the rank fit used and the model's provenance.
+    ``uns["log1p"]``
+        ``{{"base": 10}}``: the scale of ``X``, for scanpy's verbs (as :func:`scanpy.pp.log1p` records its own).
 
     Raises
     ------
@@ -289,9 +291,8 @@ def generate(
         "rank_fit": target.rank_fit,
         **c2s_model.provenance(),
     }
-    result = AnnData(
-        X, obs=obs, var=target.var, uns={_keys.GENERATE: {"params": {k: v for k, v in params.items() if v is not None}}}
-    )
+    params = {k: v for k, v in params.items() if v is not None}
+    result = AnnData(X, obs=obs, var=target.var, uns={_keys.GENERATE: {"params": params}, _keys.LOG1P: log10_record()})
     logg.info("    finished", time=start, deep=f"generated {result.n_obs} cells; {valid_share(counts)}")
     return result
 

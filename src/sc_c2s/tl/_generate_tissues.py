@@ -17,7 +17,7 @@ from sc_c2s._utils._validate import check_positive_int
 from sc_c2s.models import _runtime
 
 from . import _sampling
-from ._from_sentences import COUNTS
+from ._from_sentences import COUNTS, log10_record
 from ._utils import check_task
 
 if TYPE_CHECKING:
@@ -178,9 +178,8 @@ def generate_tissues(
         "rank_fit": target.rank_fit,
         **c2s.provenance(),
     }
-    result = AnnData(
-        X, obs=obs, var=target.var, uns={_keys.GENERATE: {"params": {k: v for k, v in params.items() if v is not None}}}
-    )
+    params = {k: v for k, v in params.items() if v is not None}
+    result = AnnData(X, obs=obs, var=target.var, uns={_keys.GENERATE: {"params": params}, _keys.LOG1P: log10_record()})
     n_words = counts.sum()
     valid = counts[:, 0].sum() / n_words if n_words else math.nan
     logg.info(

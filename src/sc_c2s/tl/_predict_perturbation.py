@@ -14,7 +14,7 @@ from sc_c2s._docs import doc_adata, doc_batch_size, doc_device, doc_mod, doc_mod
 from sc_c2s._utils._validate import AnyRandom, check_flag, check_obs_column, check_positive_int
 from sc_c2s.models._metadata import PERTURBATION
 
-from ._from_sentences import COUNTS
+from ._from_sentences import COUNTS, log10_record
 from ._pairs import conditions
 from ._sampling import check_sampling, target_of, valid_share, write_cells
 from ._utils import check_task, model_n_genes, warn_empty_sentences
@@ -124,6 +124,8 @@ def predict_perturbation(
     ``uns["c2s_predict_perturbation"]["params"]``
         The arguments, the token budget, the rank fit and the model's provenance; ``lengths`` says what each
         predicted cell was asked for: ``"control"``, its control cell's length, or ``"n_genes"``.
+    ``uns["log1p"]``
+        ``{{"base": 10}}``: the scale of ``X``, for scanpy's verbs (as :func:`scanpy.pp.log1p` records its own).
 
     Raises
     ------
@@ -247,7 +249,10 @@ def predict_perturbation(
         X,
         obs=obs,
         var=target.var,
-        uns={_keys.PREDICT_PERTURBATION: {"params": {k: v for k, v in params.items() if v is not None}}},
+        uns={
+            _keys.PREDICT_PERTURBATION: {"params": {k: v for k, v in params.items() if v is not None}},
+            _keys.LOG1P: log10_record(),
+        },
     )
     logg.info("    finished", time=start, deep=f"predicted {result.n_obs} cells; {valid_share(counts)}")
     return result
