@@ -353,7 +353,9 @@ def test_result_layout_and_concat(ranked, tiny, scanpy_log):
     assert both.obs["cell_type"].tolist()[-5:] == ["A549"] * 3 + ["H838"] * 2
 
 
-def test_var_follows_a_subset_of_the_ranked_genes(pbmc68k, tiny):
+def test_var_follows_a_subset_of_the_ranked_genes(pbmc68k, tiny, scanpy_log):
+    """The genes left out of `X` were announced at the info level only: most of each generated cell is lost where
+    the sentences were ranked in `.raw` beside highly variable genes in `var`, scanpy's usual layout."""
     sc_c2s.pp.to_sentences(pbmc68k)  # ranks .raw: 765 genes
     subset = pbmc68k[:, ::3].copy()
     labels = list(pbmc68k.obs["bulk_labels"].cat.categories)
@@ -371,9 +373,13 @@ def test_var_follows_a_subset_of_the_ranked_genes(pbmc68k, tiny):
     assert generated.obs["n_valid_genes"].iloc[0] == 3
     assert generated.X.nnz == 1
     assert generated.X[0, subset.var_names.get_loc(words[0])] > 0
+    assert (
+        "WARNING: 510 of 765 genes of the sentences were ranked in `.raw` and are not in `var`: the cells' sentences "
+        "hold them, but their expression in `X` leaves them out. To keep them, pass `adata.raw.to_adata()`."
+    ) in scanpy_log.getvalue()
 
 
-def test_genes_reordered_or_left_out_of_var_after_ranking_keep_their_columns(ranked, tiny):
+def test_genes_reordered_or_left_out_of_var_after_ranking_keep_their_columns(ranked, tiny, scanpy_log):
     """A reordered ``var`` used to receive each word's value at the word's old position: in another gene's column."""
     genes = ["CD99", "DPM1", "LASP1"]
     model = scripted(tiny, [*genes, "."])
@@ -390,6 +396,7 @@ def test_genes_reordered_or_left_out_of_var_after_ranking_keep_their_columns(ran
     assert generated.obs["n_valid_genes"].iloc[0] == 3
     np.testing.assert_array_equal(generated.X.toarray(), expected[:, subset.var_names].X.toarray())
     assert generated.X.nnz == 2
+    assert "1 of 2000 genes of the sentences are no longer in `var`" in scanpy_log.getvalue()
     # the words are symbols: without the column they were read from, the genes cannot be found
     del subset.var["gene_symbol"]
     with pytest.raises(KeyError, match=r"var\['gene_symbol'\] \(`gene_symbols` of `sc_c2s.pp.to_sentences`\)"):

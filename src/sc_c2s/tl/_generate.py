@@ -86,7 +86,9 @@ def generate(
     {doc_adata}
         Optional: cells that went through :func:`sc_c2s.pp.to_sentences` with a rank fit. Their gene words are
         the vocabulary, their rank fit turns positions into expression and the result has their ``var_names``
-        in the same order, so ``anndata.concat([adata, generated])`` works. Without it, the checkpoint's
+        in the same order, so ``anndata.concat([adata, generated])`` works; genes of the sentences that are not in
+        ``var`` (ranked in ``.raw`` beside highly variable genes in ``var``) stay in the sentences and are left out
+        of ``X``, with a warning: pass ``adata.raw.to_adata()`` to keep them. Without `adata`, the checkpoint's
         vocabulary and rank fit are used.
     {doc_model}
     cell_types

@@ -276,7 +276,13 @@ def target_of(adata: AnnData | MuData | None, *, mod: str | None, model: C2SMode
         )
         raise ValueError(msg)
     if n_without := int((columns < 0).sum()):
-        logg.info(f"    {n_without} of {len(words)} genes of the sentences have no column of `var`; they are left out")
+        in_raw = params.get("use_raw", False) and handler.adata.raw is not None
+        logg.warning(
+            f"{n_without} of {len(words)} genes of the sentences "
+            f"{'were ranked in `.raw` and are not' if in_raw else 'are no longer'} in `var`: the cells' sentences "
+            f"hold them, but their expression in `X` leaves them out. To keep them, pass "
+            f"{'`adata.raw.to_adata()`' if in_raw else 'the data as it was ranked'}."
+        )
     return Target(words, dict(rank_fit), var, columns, "adata")
 
 
