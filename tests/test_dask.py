@@ -364,6 +364,23 @@ def test_to_sentences_on_dask_has_at_most_n_vars_columns():
         assert adata.obsm["c2s_genes"].shape == (2, width)
 
 
+class EightWorkers:
+    """A stand-in client of 8 workers whose `scheduler_info` lists 5 of them, as distributed 2025.5 to 2025.12 do."""
+
+    def nthreads(self) -> dict[str, int]:
+        return {f"tcp://127.0.0.1:{port}": 1 for port in range(8)}
+
+    def scheduler_info(self, n_workers: int = 5) -> dict:
+        return {"workers": dict(list(self.nthreads().items())[:n_workers])}
+
+
+def test_sentences_are_cut_into_chunks_for_every_worker():
+    """Counted by `scheduler_info`, a cluster of 8 workers got the chunks of 5, and 3 workers idled."""
+    genes = _dask._row_chunks(np.zeros((320, 3), dtype=np.int32), EightWorkers())
+    assert genes.numblocks == (4 * 8, 1)
+    assert _dask._row_chunks(np.zeros((320, 3), dtype=np.int32), None).numblocks == (4, 1)
+
+
 def test_a_client_that_is_not_one_or_is_closed_is_refused(sentences, demo):
     """Used to fail inside, on `client.scheduler_info()["workers"]` (KeyError, or no such attribute)."""
     distributed = pytest.importorskip("distributed")

@@ -339,8 +339,7 @@ def map_cells(
     dask = import_optional("dask", extra="dask", purpose="Running models over Dask")
     client = _client(client)
     n_cells = len(next(iter(sliced.values())))
-    n_workers = max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
-    step = max(1, -(-n_cells // (_CHUNKS_PER_WORKER * n_workers)))
+    step = max(1, -(-n_cells // (_CHUNKS_PER_WORKER * _n_workers(client))))
     common = dask.delayed({"fn": fn, "model": reference(model, device=device), "shared": shared}, pure=True)
     tasks = [
         dask.delayed(_run_cells, pure=True)(common, start, {k: v[start : start + step] for k, v in sliced.items()})
@@ -380,6 +379,14 @@ def check_client(client: Client | None) -> None:
     """Refuse a `client` that is not a running :class:`distributed.Client` (``None`` passes)."""
     if client is not None:
         _client(client)
+
+
+def _n_workers(client: Client | None) -> int:
+    """Count the workers of `client` (1 without one) by their threads.
+
+    Not by ``scheduler_info()``, which lists at most 5 of them in distributed 2025.5 to 2025.12.
+    """
+    return max(1, len(client.nthreads())) if client is not None else 1
 
 
 def _client(client: Client | None) -> Client | None:
@@ -434,8 +441,7 @@ def _row_chunks(genes: Any, client: Client | None) -> da.Array:
     if is_dask_array(genes):
         return genes.rechunk({1: -1}) if genes.numblocks[1] > 1 else genes
     genes = np.asarray(genes)
-    n_workers = max(1, len(client.scheduler_info()["workers"])) if client is not None else 1
-    rows = max(1, -(-genes.shape[0] // (_CHUNKS_PER_WORKER * n_workers)))
+    rows = max(1, -(-genes.shape[0] // (_CHUNKS_PER_WORKER * _n_workers(client))))
     return array.from_array(genes, chunks=(rows, -1))
 
 
