@@ -170,11 +170,12 @@ def test_options_off(container, pbmc4k):
     assert adata.obsm["c2s_genes"].shape[0] == pbmc4k.n_obs
 
 
-def test_pbmc68k_uses_raw_by_default(container, pbmc68k):
+def test_pbmc68k_uses_raw_by_default(container, pbmc68k, scanpy_log):
     data = container.wrap(pbmc68k)
     sc_c2s.pp.to_sentences(data, n_genes=200)
     adata = container.rna(data)
     assert adata.uns["c2s"]["params"]["use_raw"] is True
+    assert "ranking genes per cell\n    using `raw.X`: 765 genes\n" in scanpy_log.getvalue()  # said, as scanpy does
     assert adata.obs["c2s_sentence"].iloc[0].split()[:3] == ["FTL", "CD74", "HLA-DPA1"]
     assert adata.uns["c2s"]["genes"].tolist() == pbmc68k.raw.var_names.tolist()
     expressed = np.diff(pbmc68k.raw.X.indptr)

@@ -149,6 +149,7 @@ def to_sentences(
     check_writable(adata, copy=copy)
     data = DataHandler(adata, mod)
     matrix = data.matrix(layer=layer, use_raw=use_raw)
+    logg.info(f"    using `{matrix.source}`: {matrix.X.shape[1]} genes")
     if 0 in matrix.X.shape:
         msg = f"`{matrix.source}` is empty ({matrix.X.shape[0]} cells × {matrix.X.shape[1]} genes): nothing to rank."
         raise ValueError(msg)
