@@ -1092,6 +1092,9 @@ def test_refuses_a_non_empty_output_dir(sentences, tmp_path):
     with pytest.raises(FileExistsError, match="not an empty directory"):
         sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path)
     assert (tmp_path / "old.txt").read_text() == "keep me"
+    (tmp_path / ".c2s_saving").touch()  # as a killed run's save leaves it
+    with pytest.raises(FileExistsError, match="holds a checkpoint whose save stopped half-way"):
+        sc_c2s.tl.finetune(sentences, label_key="cell_type", base_model="scratch", output_dir=tmp_path)
 
 
 def test_output_dir_in_the_home_directory(sentences, tmp_path, monkeypatch):

@@ -699,6 +699,28 @@ def test_save_writes_nothing_for_metadata_that_cannot_be_read_back(tmp_path):
     assert not (tmp_path / "model").exists()
 
 
+@pytest.mark.parametrize("resave", [False, True], ids=["new directory", "over a checkpoint"])
+def test_a_save_that_stopped_half_way_is_refused(tmp_path, monkeypatch, resave):
+    """A save stopped after the weights and before the metadata (a full disk; a killed process, which no cleanup
+    reaches) left a directory that loaded with a warning only, prompted with the defaults: 200 genes, no labels."""
+    directory = tmp_path / "model"
+    if resave:
+        models.load("demo").save(directory)
+
+    def full_disk(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(C2SMetadata, "write", full_disk)
+    with pytest.raises(OSError, match="No space left on device"):
+        models.load("demo").save(directory)
+    monkeypatch.undo()
+    with pytest.raises(_files.BrokenCheckpointError, match=r"was not saved to the end: a save into it stopped"):
+        models.load(directory)
+    models.load("demo").save(directory)  # saved again, to the end
+    assert models.load(directory).metadata.labels == models.load("demo").metadata.labels
+    assert not (directory / ".c2s_saving").exists()
+
+
 def test_save_shows_no_progress_bar_of_transformers(tmp_path, capsys):
     """`save` showed transformers' "Writing model shards" bar, also at verbosity 0, as loading does not."""
     models.load("demo").save(tmp_path / "model")

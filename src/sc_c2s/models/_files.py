@@ -40,8 +40,24 @@ _JSON_FILES = (
 )
 
 
+#: Written first and removed last by :meth:`~sc_c2s.models.C2SModel.save`: a directory that holds it is a save that
+#: did not finish (a full disk, a stopped process), whose files may be partly written.
+SAVING_FILE = ".c2s_saving"
+
+
 class BrokenCheckpointError(ValueError):
     """A checkpoint directory lacks a file every checkpoint has, or holds one that cannot be read."""
+
+
+def check_saved(path: Path) -> None:
+    """Raise :class:`BrokenCheckpointError` if a save into `path` did not finish (it holds :data:`SAVING_FILE`)."""
+    if (path / SAVING_FILE).exists():
+        msg = (
+            f"The checkpoint at {path} was not saved to the end: a save into it stopped (a full disk, a stopped or "
+            f"killed process) and left {SAVING_FILE}, so its files may be partly written. Save or train the model "
+            "again, or load another one."
+        )
+        raise BrokenCheckpointError(msg)
 
 
 def check_complete(path: Path) -> None:

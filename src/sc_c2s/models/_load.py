@@ -143,6 +143,7 @@ def _load(
     else:
         check_name_or_path(name_or_path)
         path = Path(name_or_path).expanduser().absolute()  # the same folder wherever the working directory goes
+    _files.check_saved(path)
     if _lora.is_adapter_dir(path):
         return _open_adapter(path, options=options)
     metadata = _metadata(path, adapter_base=adapter_base)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from sc_c2s._compat import portable_tokenizer_config
 
+from ._files import SAVING_FILE
 from ._lora import is_adapted, save_adapter
 from ._metadata import C2SMetadata
 from ._runtime import model_device, no_transformers_bars
@@ -58,7 +59,9 @@ class C2SModel:
 
         The weights (safetensors), the tokenizer and ``c2s_metadata.json`` go into `directory`, which is created
         if needed. A model with a LoRA adapter writes the adapter's weights only, beside the metadata that names
-        its base model. :func:`sc_c2s.tl.finetune` saves its models this way.
+        its base model. :func:`sc_c2s.tl.finetune` saves its models this way. Until the last file is written,
+        `directory` holds a file ``.c2s_saving``: :func:`~sc_c2s.models.load` refuses a directory whose save
+        stopped half-way (a full disk, a killed process) rather than open its partly written files.
 
         Parameters
         ----------
@@ -77,6 +80,8 @@ class C2SModel:
         self.metadata.to_json()  # metadata that cannot be read back is refused before any file is written
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        saving = directory / SAVING_FILE
+        saving.touch()
         with no_transformers_bars():
             if is_adapted(self.model):
                 save_adapter(self.model, directory)
@@ -85,6 +90,7 @@ class C2SModel:
                 self.tokenizer.save_pretrained(directory)
         portable_tokenizer_config(directory)
         self.metadata.write(directory)
+        saving.unlink()
         return directory
 
     def provenance(self) -> dict[str, Any]:

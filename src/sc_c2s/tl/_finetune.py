@@ -27,7 +27,7 @@ from sc_c2s._utils._validate import (
     check_positive_int,
     check_random_state,
 )
-from sc_c2s.models import _candidates, _lora, _runtime, _trainer
+from sc_c2s.models import _candidates, _files, _lora, _runtime, _trainer
 from sc_c2s.models._load import check_name_or_path
 from sc_c2s.models._metadata import MULTI_CELL_TASKS, PERTURBATION, SINGLE_CELL_TASKS, TASKS, C2SMetadata
 
@@ -917,6 +917,12 @@ def _check_output_dir(output_dir: str | Path) -> Path:
     directory itself, or the ancestor it would be created in) must be a directory this process can write to.
     """
     output_dir = Path(output_dir).expanduser()
+    if (output_dir / _files.SAVING_FILE).exists():
+        msg = (
+            f"`output_dir` {str(output_dir)!r} holds a checkpoint whose save stopped half-way (a killed process); "
+            "remove the directory, or pass a new one."
+        )
+        raise FileExistsError(msg)
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         msg = f"`output_dir` {str(output_dir)!r} exists and is not an empty directory; pass a new directory."
         raise FileExistsError(msg)
