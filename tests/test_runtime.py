@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -38,6 +39,36 @@ def collect_batches(model, ids, **kwargs) -> list[_runtime.Batch]:
 def test_cache_name_follows_the_installed_transformers():
     assert cache_name() in {f.name for f in fields(CausalLMOutputWithPast)}
     assert cache_name() in {"cache", "past_key_values"}
+
+
+def test_threads_running_a_model_at_once_restore_its_training_flag_after_the_last():
+    """The first thread out of `inference` put a model passed in training mode back into it while another still ran
+    (Dask's threads in this process: those chunks ran with dropout), and the last one out left it in eval mode."""
+    model = torch.nn.Dropout(0.5).train()
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        with _runtime.inference(model):
+            first_in.set()
+            second_in.wait(10)
+        first_out.set()
+
+    def second():
+        first_in.wait(10)
+        with _runtime.inference(model):
+            second_in.set()
+            first_out.wait(10)
+            seen["training while running"] = model.training
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == {"training while running": False}
+    assert model.training
+    assert not _runtime._IN_INFERENCE
 
 
 def test_left_pad():

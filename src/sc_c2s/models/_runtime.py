@@ -14,6 +14,7 @@ caller chooses the next token (greedy by default, sampling for generation).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
@@ -459,18 +460,33 @@ def run_batches(
 # --- forward passes -----------------------------------------------------------------------------------------------
 
 
+#: Models inside :func:`inference`, by id: how many threads are, and the training flag to restore after the last.
+_IN_INFERENCE: dict[int, list] = {}
+_IN_INFERENCE_LOCK = threading.Lock()
+
+
 @contextmanager
 def inference(model: PreTrainedModel) -> Iterator[None]:
-    """Run the block in evaluation mode under :func:`torch.inference_mode`, then restore the training flag."""
+    """Run the block in evaluation mode under :func:`torch.inference_mode`, then restore the training flag.
+
+    Threads that run the same model at once (Dask's threads in this process) share its flag: it is restored when the
+    last of them leaves, so that none runs on in training mode (dropout) after another has left.
+    """
     import torch
 
-    training = model.training
-    model.eval()
+    with _IN_INFERENCE_LOCK:
+        entry = _IN_INFERENCE.setdefault(id(model), [0, model.training])
+        entry[0] += 1
+        model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.train(training)
+        with _IN_INFERENCE_LOCK:
+            entry[0] -= 1
+            if not entry[0]:
+                del _IN_INFERENCE[id(model)]
+                model.train(entry[1])
 
 
 def new_cache() -> Cache:
