@@ -117,8 +117,12 @@ class Contrast:
     (``unchanged``), control + `shift` (``mean_shift``), and Welch's t of real perturbed vs control (``t``)."""
 
     def top(self, n: int) -> pd.DataFrame:
-        """Return the `n` genes of largest ``|t|``: the top differentially expressed ones."""
-        order = np.argsort(-np.abs(self.means["t"].to_numpy()), kind="stable")[:n]
+        """Return the `n` genes of largest ``|t|``: the top differentially expressed ones.
+
+        Genes whose ``|t|`` differ by rounding only tie (every gene of a single cell has ``|t| = 1``, up to an ulp),
+        and ties go to the gene that comes first.
+        """
+        order = np.argsort(-np.round(np.abs(self.means["t"].to_numpy()), 10), kind="stable")[:n]
         return self.means.iloc[order]
 
 
@@ -454,24 +458,31 @@ def _mean(X: sparse.csr_matrix) -> np.ndarray:
 
 
 def _welch_t(a: sparse.csr_matrix, b: sparse.csr_matrix) -> np.ndarray:
-    """Welch's t of the columns of `a` against those of `b`.
+    """Welch's t of the columns of `a` against those of `b` (each with cells), in float64.
 
-    Where neither has any spread, t is its limit: ``±inf`` where the means differ (the strongest difference there
-    is, e.g. a gene in every perturbed cell at one level and in no control cell), ``0`` where they are equal.
+    Where neither has any spread (every cell at one value), t is its limit, decided on the values themselves, not
+    on means that rounding can set an ulp apart: ``±inf`` where the two values differ (the strongest difference
+    there is, e.g. a gene in every perturbed cell at one level and in no control cell), ``0`` where they are equal.
     """
+    a, b = (sparse.csr_matrix(X, dtype=np.float64) for X in (a, b))
     (mean_a, var_a), (mean_b, var_b) = (_mean_var(X) for X in (a, b))
+    (low_a, high_a), (low_b, high_b) = (
+        (X.min(axis=0).toarray().ravel(), X.max(axis=0).toarray().ravel()) for X in (a, b)
+    )
+    flat = (low_a == high_a) & (low_b == high_b)
+    limit = np.where(high_a == high_b, 0.0, np.copysign(np.inf, high_a - high_b))
     se = np.sqrt(var_a / a.shape[0] + var_b / b.shape[0])
-    limit = np.where(mean_a == mean_b, 0.0, np.copysign(np.inf, mean_a - mean_b))
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(se > 0, (mean_a - mean_b) / se, limit)
+        return np.where(flat, limit, (mean_a - mean_b) / se)
 
 
 def _mean_var(X: sparse.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """Column means and unbiased variances of `X`, without densifying it."""
+    """Column means and unbiased variances of `X` (canonical CSR), in two passes, without densifying it."""
     n = X.shape[0]
     mean = _mean(X)
-    square = np.asarray(X.multiply(X).mean(axis=0)).ravel()
-    return mean, np.maximum(square - mean**2, 0) * n / max(n - 1, 1)
+    nonzero = np.bincount(X.indices, minlength=X.shape[1])
+    squares = np.bincount(X.indices, weights=(X.data - mean[X.indices]) ** 2, minlength=X.shape[1])
+    return mean, (squares + (n - nonzero) * mean**2) / max(n - 1, 1)
 
 
 def _r2(x: pd.Series, y: pd.Series) -> float:
