@@ -201,6 +201,21 @@ def test_mmd_and_energy_match_hand_computed_values():
     assert _score_generation._energy(a[:, None], b[:, None]) == pytest.approx(stats.energy_distance(a, b))
 
 
+def test_knn_ties_go_to_the_nearest_neighbour():
+    """sklearn's classifier gave a 2-2 tie to the label first in sorted order: "a" won every tie, whichever was nearer,
+    which raised the recovery of types that sort first and lowered that of the others."""
+    from sklearn.neighbors import KNeighborsClassifier, NearestNeighbors
+
+    cells = np.array([[0.0], [1.0], [2.5], [3.0], [10.0], [11.0], [12.0]])
+    labels = np.array(["b", "a", "b", "a", "a", "a", "c"])
+    codes, names = pd.factorize(labels)
+    knn = NearestNeighbors(n_neighbors=4).fit(cells)
+    points = np.array([[0.4], [2.4], [10.9]])  # tie, nearest "b" | tie, nearest "b" | no tie: "a" 3 to 1
+    np.testing.assert_array_equal(_score_generation._vote(knn, codes, names, points), ["b", "b", "a"])
+    sklearn = KNeighborsClassifier(n_neighbors=4).fit(cells, labels).predict(points)
+    np.testing.assert_array_equal(sklearn, ["a", "a", "a"])  # what was used before
+
+
 def test_generated_types_absent_from_real_are_left_out(halves):
     real, fake = halves
     extra = fake.copy()

@@ -27,6 +27,7 @@ from sc_c2s.tl._utils import warn_unknown
 
 if TYPE_CHECKING:
     from mudata import MuData
+    from sklearn.neighbors import NearestNeighbors
 
 #: Real cells a type needs to be scored: two per half, so that each half has a spread to compare against.
 MIN_REAL_CELLS = 4
@@ -240,7 +241,9 @@ def score_generation(
 
     ``knn_recovery``
         Share of G whose label a k-nearest-neighbour classifier, fit on R of all real types in a PCA space fit on
-        R, predicts as their requested type (control: the share of C).
+        R, predicts as their requested type (control: the share of C). The classifier takes its neighbours' most
+        frequent label, and among labels equally frequent the one of the nearest neighbour, so that ties favour no
+        type.
     ``pearson``
         Pearson correlation over genes between the mean expression of G and of R (control: C and R).
     ``mmd``
@@ -313,7 +316,7 @@ def score_generation(
     >>> scores.loc["overall", ["knn_recovery", "knn_recovery_control"]].shape
     (2,)
     """
-    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.neighbors import NearestNeighbors
 
     start = logg.info("scoring generated cells")
     for value, name in ((n_comps, "n_comps"), (n_neighbors, "n_neighbors"), (max_cells, "max_cells")):
@@ -338,8 +341,8 @@ def score_generation(
     gen_pcs = project(data.generated, mean, components)
     sample = rng.permutation(reference)[:_BANDWIDTH_CELLS]
     bandwidth = float(np.median(pdist(real_pcs[sample]))) or 1.0
-    knn = KNeighborsClassifier(n_neighbors=min(n_neighbors, len(reference)))
-    knn.fit(real_pcs[reference], data.real_labels[reference])
+    knn = NearestNeighbors(n_neighbors=min(n_neighbors, len(reference))).fit(real_pcs[reference])
+    codes, names = pd.factorize(data.real_labels[reference])
 
     rows = {}
     for t in types:
@@ -351,8 +354,8 @@ def score_generation(
         rows[t] = {
             "n_real": len(ref) + len(control),
             "n_generated": len(g),
-            "knn_recovery": float(np.mean(knn.predict(gen_pcs[g]) == t)),
-            "knn_recovery_control": float(np.mean(knn.predict(real_pcs[control]) == t)),
+            "knn_recovery": float(np.mean(_vote(knn, codes, names, gen_pcs[g]) == t)),
+            "knn_recovery_control": float(np.mean(_vote(knn, codes, names, real_pcs[control]) == t)),
             "pearson": _pearson(data.generated[g], data.real[ref]),
             "pearson_control": _pearson(data.real[control], data.real[ref]),
             "mmd": mmd(gen_pcs[g[:m]], real_pcs[ref], bandwidth),
@@ -407,6 +410,18 @@ def _split(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> tuple
     cells = rng.permutation(cells)
     half = (len(cells) + 1) // 2
     return cells[:half][:max_cells], cells[half:][:max_cells]
+
+
+def _vote(knn: NearestNeighbors, codes: np.ndarray, names: pd.Index, points: np.ndarray) -> np.ndarray:
+    """Label of each point by its neighbours among the cells `knn` was fit on (whose labels are `names[codes]`).
+
+    The most frequent label wins; among labels equally frequent, the one of the nearest neighbour (sklearn's
+    classifier takes the first in sorted order, which favours some types over others).
+    """
+    neighbours = codes[knn.kneighbors(points, return_distance=False)]  # points × k, nearest first
+    votes = np.apply_along_axis(np.bincount, 1, neighbours, minlength=len(names))
+    winner = np.take_along_axis(votes, neighbours, axis=1) == votes.max(axis=1, keepdims=True)
+    return np.asarray(names)[neighbours[np.arange(len(points)), winner.argmax(axis=1)]]
 
 
 def _pearson(a: sparse.csr_matrix, b: sparse.csr_matrix) -> float:
