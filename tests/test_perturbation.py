@@ -336,6 +336,24 @@ def test_top_de_genes_are_ranked_by_absolute_t():
     assert contrast.top(4).index[-1] == "flat"
 
 
+def test_direction_counts_only_genes_that_move():
+    """With fewer than 20 genes that differ at all, the top 20 held genes that do not move, on which the unchanged
+    control cells "agreed" with the real perturbed ones: 0.75 here, for cells that do not move at all."""
+    perturbed = sparse.csr_matrix([[2.0, 1.0, 1.0, 0.0], [2.0, 3.0, 1.0, 0.0], [2.0, 2.0, 1.0, 0.0]])
+    control = sparse.csr_matrix([[0.0, 1.0, 1.0, 0.0], [0.0, 2.0, 1.0, 0.0], [0.0, 3.0, 1.0, 0.0]])
+    mean = {name: np.asarray(X.mean(axis=0)).ravel() for name, X in (("real", perturbed), ("unchanged", control))}
+    means = pd.DataFrame(
+        {**mean, "predicted": mean["real"], "mean_shift": mean["unchanged"] + 1.0},
+        index=pd.Index(["moves", "same mean", "flat", "absent"], name="gene"),
+    )
+    means["t"] = _score_perturbation._welch_t(perturbed, control)
+    assert (means["t"] != 0).sum() == 1
+    one = _score_perturbation.Contrast(perturbed, control, perturbed, np.ones(4), means)
+    row = _score_perturbation._scores(one, n_comps=2, max_cells=10, rng=np.random.default_rng(0), random_state=0)
+    assert row["direction_top20"] == 1 and row["direction_top20_unchanged"] == 0
+    assert row["direction_top20_mean_shift"] == 1  # every gene up by 1: right on the one that moves
+
+
 def test_genes_of_equal_t_rank_in_gene_order():
     """Genes each in one perturbed cell and no control cell all have |t| = 1, up to an ulp either way, which ranked
     them (short sentences have many such genes among the top 100)."""

@@ -276,7 +276,8 @@ def score_perturbation(
         cells and that of the real perturbed cells, over all genes and over the top 100 DE genes.
     ``direction_top20``
         Share of the top 20 DE genes whose mean moves from the real control cells' mean in the same direction as
-        the real perturbed cells' (never for *unchanged*, which does not move).
+        the real perturbed cells' (never for *unchanged*, which does not move), among those of the 20 that move
+        (all of them but in small groups of short sentences, where fewer than 20 genes differ at all).
     ``mmd``
         Maximum mean discrepancy (square root of the biased MMD², as in :func:`sc_c2s.tl.score_generation`)
         to the real perturbed cells, in a PCA space fit on the group's real cells, with a Gaussian kernel whose
@@ -418,6 +419,7 @@ def _scores(
     means = one.means
     top_r2, top_direction = one.top(N_TOP_R2), one.top(N_TOP_DIRECTION)
     real_moves = np.sign(top_direction["real"] - top_direction["unchanged"])
+    moving = real_moves.to_numpy() != 0
     perturbed = one.perturbed[rng.permutation(one.perturbed.shape[0])[:max_cells]]
     control = one.control[rng.permutation(one.control.shape[0])[:max_cells]]
     predicted = one.predicted[rng.permutation(one.predicted.shape[0])[:max_cells]]
@@ -440,7 +442,9 @@ def _scores(
         row[f"r2_top{N_TOP_R2}" + suffix] = _r2(top_r2[source], top_r2["real"])
         moves = np.sign(top_direction[source] - top_direction["unchanged"])
         row[f"direction_top{N_TOP_DIRECTION}" + suffix] = (
-            np.nan if np.isnan(moves).any() else float(np.mean(moves == real_moves))  # no mean shift to take
+            np.nan  # no mean shift to take, or no gene that moves
+            if np.isnan(moves).any() or not moving.any()
+            else float(np.mean((moves == real_moves)[moving]))
         )
         pcs = compared[source]
         row["mmd" + suffix] = np.nan if np.isnan(pcs).any() else mmd(pcs, reference, bandwidth)
