@@ -308,7 +308,8 @@ def _parser() -> argparse.ArgumentParser:
         "--n-genes",
         type=int,
         default=sampling["n_genes"],
-        help="genes per sentence (default: as many as the model was trained on)",
+        help="genes per sentence (default: each cell type's median length in training where the model records it, "
+        "else as many as the model was trained on)",
     )
     generate.add_argument(
         "--temperature",

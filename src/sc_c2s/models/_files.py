@@ -46,7 +46,11 @@ SAVING_FILE = ".c2s_saving"
 
 
 class BrokenCheckpointError(ValueError):
-    """A checkpoint directory lacks a file every checkpoint has, or holds one that cannot be read."""
+    """A checkpoint directory is incomplete, holds a file that cannot be read, or was not saved to the end.
+
+    Incomplete: it lacks a file every checkpoint has. Not saved to the end: it holds ``.c2s_saving``, which a save
+    that stopped half-way left.
+    """
 
 
 def check_saved(path: Path) -> None:

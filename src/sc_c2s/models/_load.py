@@ -89,7 +89,8 @@ def load(
     ValueError
         If `name_or_path` is neither a registry name nor a directory; if the checkpoint lacks config.json, its
         weights or its tokenizer, or holds a file that cannot be read (the message names the file and, for a
-        download in the cache, how to fetch it again); if torch cannot use `device` (e.g. ``"cuda"`` without
+        download in the cache, how to fetch it again), or ``.c2s_saving``, left by a save that stopped half-way
+        (:meth:`~sc_c2s.models.C2SModel.save`); if torch cannot use `device` (e.g. ``"cuda"`` without
         CUDA); if `dtype` is not a floating-point type; for `quantization` or FlashAttention-2 off a CUDA GPU,
         and for attention kernels the model does not support.
     ImportError
