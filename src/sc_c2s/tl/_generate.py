@@ -103,9 +103,10 @@ def generate(
         written `cells_per_sample` at a time with the tissue-conditioned multi-cell prompt of
         :mod:`sc_c2s.prompts` (the last sample of a tissue takes the rest), and read back block by block
         (``Cell 1:``, ``Cell 2:``, …; a block the model did not write is an empty cell). The whole text is
-        sampled until the end-of-sequence token, which `exact_length` holds back until the text has as many cells
-        as its prompt asks (each ends with a period), whatever their lengths; `unique_genes` keeps each cell's genes
-        distinct where every gene is one token (models trained from scratch). The result's ``obs`` holds
+        sampled until the end-of-sequence token. Where every gene is one token (models trained from scratch),
+        `exact_length` holds that token back until the text has as many cells as its prompt asks (each ends with a
+        period), whatever their lengths, and `unique_genes` keeps each cell's genes distinct; sub-word tokenizers
+        write periods inside gene names (``RP11-34P13.3``), and their texts end where the model ends them. The result's ``obs`` holds
         ``"tissue"`` and ``"sample"`` (cells written together) instead of ``"cell_type"``.
     cells_per_sample
         Cells per multi-cell prompt, with `tissues` only; ``None``: 5 (C2S-Scale trained on 5 to 20), or the

@@ -137,7 +137,8 @@ def generate_tissues(
         sink=sink,
         decode=whole_texts,
         reset_ids=_runtime.period_ids(c2s.tokenizer),
-        n_cells=sizes if exact_length else None,
+        # a period ends a cell where every gene is one token; sub-word tokenizers write periods inside gene names
+        n_cells=sizes if exact_length and budget["gene_ids"] is not None else None,
         cells="cells_per_sample",
     )
     X, sentences, counts = collector.result()
@@ -169,7 +170,7 @@ def generate_tissues(
         "top_k": top_k,
         "top_p": top_p,
         "unique_genes": unique_genes and budget["gene_ids"] is not None,
-        "exact_length": exact_length,
+        "exact_length": exact_length and budget["gene_ids"] is not None,
         "random_state": random_state,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
