@@ -354,6 +354,24 @@ def test_direction_counts_only_genes_that_move():
     assert row["direction_top20_mean_shift"] == 1  # every gene up by 1: right on the one that moves
 
 
+def test_a_gene_at_one_value_everywhere_does_not_move():
+    """Its float32 means in the two conditions came out an ulp apart, so it counted as moving, and a perfect
+    prediction, which keeps it at its value, scored 0.5 instead of 1."""
+    v = np.float32(2.2393)
+    perturbed = sparse.csr_matrix(np.array([[2.0, v], [3.0, v], [2.5, v]], dtype=np.float32))
+    control = sparse.csr_matrix(np.array([[0.0, v], [0.5, v], [0.2, v], [0.1, v], [0.3, v]], dtype=np.float32))
+    predicted = sparse.csr_matrix(np.array([[2.5, v]] * 5, dtype=np.float32))
+    mean = {name: _score_perturbation._mean(X) for name, X in (("real", perturbed), ("unchanged", control))}
+    means = pd.DataFrame(
+        {**mean, "predicted": _score_perturbation._mean(predicted), "mean_shift": mean["unchanged"] + 1.0},
+        index=pd.Index(["moves", "flat"], name="gene"),
+    )
+    means["t"] = _score_perturbation._welch_t(perturbed, control)
+    one = _score_perturbation.Contrast(perturbed, control, predicted, np.ones(2), means)
+    row = _score_perturbation._scores(one, n_comps=2, max_cells=10, rng=np.random.default_rng(0), random_state=0)
+    assert row["direction_top20"] == 1
+
+
 def test_genes_of_equal_t_rank_in_gene_order():
     """Genes each in one perturbed cell and no control cell all have |t| = 1, up to an ulp either way, which ranked
     them (short sentences have many such genes among the top 100)."""

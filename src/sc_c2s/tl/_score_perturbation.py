@@ -418,7 +418,7 @@ def _scores(
 ) -> dict[str, float]:
     means = one.means
     top_r2, top_direction = one.top(N_TOP_R2), one.top(N_TOP_DIRECTION)
-    real_moves = np.sign(top_direction["real"] - top_direction["unchanged"])
+    real_moves = np.sign(top_direction["t"])  # 0 exactly where nothing moves, unlike means an ulp apart
     moving = real_moves.to_numpy() != 0
     perturbed = one.perturbed[rng.permutation(one.perturbed.shape[0])[:max_cells]]
     control = one.control[rng.permutation(one.control.shape[0])[:max_cells]]
