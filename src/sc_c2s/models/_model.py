@@ -90,7 +90,7 @@ class C2SModel:
                 self.tokenizer.save_pretrained(directory)
         portable_tokenizer_config(directory)
         self.metadata.write(directory)
-        saving.unlink()
+        saving.unlink(missing_ok=True)  # another save into `directory` that finished first took it
         return directory
 
     def provenance(self) -> dict[str, Any]:
