@@ -10,22 +10,22 @@ so read it against the held-out plate as well. A last table shows what each temp
 repeat block or the exact length, changes.
 
 Last run (``python benchmarks/bench_generation.py --threads 2``, 2 otherwise idle cores): ``finetune`` with its
-defaults trained all 2,400 steps (best step 2,280) and chose its temperature in 380 s in all; it chose 0.7 (MMD to
-the training cells 0.230 at 1.0, 0.215 at 0.7, 0.220 at 0.5). Sampled at 0.7 by ``generate``'s defaults: kNN label
-recovery 0.844 (real-vs-real control 0.974), MMD 2.23× the control against the training cells and 1.79× against
-CEL-seq2_5cl_p3, valid words 100 %; held-out annotation (59 cells) accuracy 0.966, macro-F1 0.964. The kNN and MMD
-targets are not met (HCC827 is recovered for 0.60 of its cells, H1975 for 0.71, the other three for 0.94-1.00). In
-the last table the same model at temperature 1.0 gave kNN 0.802 and MMD 2.36×, at 0.5 0.822 and 2.46×: the choice,
-made on the training cells by MMD, was the best of the three here on both figures. Turning off the repeat block
-(and the genes-only rule with it) gave 0.816 and 64 % valid words, no exact length 0.838 and 2.24×. The run before
-(the previous release: temperature 1.0 always, 574 s) gave kNN 0.730 and MMD 2.26× (0.826 and 2.08× at 0.5);
-another run of those defaults on a busier machine gave 0.792 and 2.19×: the same defaults vary by about 5 points
-between training runs, so the gain of this run over that one is partly the training draw. The defaults before,
-batches of 32 for 1,200 steps, gave kNN 0.632 and MMD 3.06×; with selection on the answer loss and a 300-step floor,
-0.204 and 5.0×. The earlier per-benchmark setting (generation only, batches of 16, 40 epochs, temperature 0.6)
-reached a kNN recovery of 0.988. Generation alone with the defaults' early stopping is no way there: on validation
-cells it stopped after 840 and 1,080 steps and generated worse than both tasks (method page); 40 epochs without
-early stopping is what is left between the defaults and that figure.
+defaults trained all 2,400 steps (best step 2,160) and chose its temperature in 508 s in all; it chose 0.7 (MMD to
+the training cells 0.182 at 1.0, 0.176 at 0.7, 0.204 at 0.5). Sampled at 0.7 by ``generate``'s defaults: kNN label
+recovery 0.968 (real-vs-real control 0.970), MMD 1.87× the control against the training cells and 1.51× against
+CEL-seq2_5cl_p3, valid words 100 %; held-out annotation (59 cells) accuracy 0.983, macro-F1 0.981. The kNN target
+is met (H1975 is recovered for 0.86 of its cells, the other four for 0.99-1.00), the MMD target is not. In the last
+table the same model at temperature 1.0 gave kNN 0.952 and MMD 1.84×, at 0.5 0.988 and 2.13×. Turning off the
+repeat block (and the genes-only rule with it) gave 0.928 and 66 % valid words, no exact length 0.966 and 1.80×.
+Scored with the kNN rule of before (ties to the label first in sorted order), the same cells gave the same 0.968
+(control 0.974): the gain over the run before is the training draw. That run (380 s, best step 2,280, also all
+2,400 steps) gave kNN 0.844 and MMD 2.23× (1.79× against p3; HCC827 recovered for 0.60, H1975 for 0.71); the
+previous release's (temperature 1.0 always, 574 s) gave 0.730 and 2.26×, another run of it on a busier machine
+0.792 and 2.19×: the same defaults vary by 5 to 12 points of kNN recovery between training runs. The defaults
+before, batches of 32 for 1,200 steps, gave kNN 0.632 and MMD 3.06×; with selection on the answer loss and a
+300-step floor, 0.204 and 5.0×. The earlier per-benchmark setting (generation only, batches of 16, 40 epochs,
+temperature 0.6) reached a kNN recovery of 0.988. Generation alone with the defaults' early stopping is no way
+there: on validation cells it stopped after 840 and 1,080 steps and generated worse than both tasks (method page).
 
 Speed (only where CUDA is available): generated 200-gene cells per second with a model of the Pythia-410m
 architecture (random weights, word-level tokenizer over the CellBench genes, bf16), ``tl.generate`` beside a
