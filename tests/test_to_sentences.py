@@ -763,6 +763,25 @@ def test_odd_numeric_dtypes(fmt, dtype, scanpy_log):
     assert warned == (dtype == np.bool_)
 
 
+@pytest.mark.parametrize("dtype", [">f4", ">f8", ">i4"])
+def test_big_endian_values(dtype, tmp_path):
+    """HDF5 files written by other tools can hold big-endian values, which anndata reads as they are: numba's kernels
+    failed with "Unsupported array dtype", in memory, backed and in dask chunks."""
+    reference = ad.AnnData(HAND.astype(np.float32), var=pd.DataFrame(index=GENES))
+    sc_c2s.pp.to_sentences(reference)
+    adata = ad.AnnData(HAND.astype(dtype), var=pd.DataFrame(index=GENES))
+    adata.write_h5ad(tmp_path / "big.h5ad")
+    for data in (adata, ad.read_h5ad(tmp_path / "big.h5ad"), ad.read_h5ad(tmp_path / "big.h5ad", backed="r")):
+        assert data.X.dtype == np.dtype(dtype)
+        ranked = sc_c2s.pp.to_sentences(data, copy=True)
+        np.testing.assert_array_equal(ranked.obsm["c2s_genes"], reference.obsm["c2s_genes"])
+        assert ranked.uns["c2s"]["rank_fit"] == reference.uns["c2s"]["rank_fit"]
+    da = pytest.importorskip("dask.array")
+    lazy = ad.AnnData(da.from_array(HAND.astype(dtype), chunks=(2, -1)), var=pd.DataFrame(index=GENES))
+    sc_c2s.pp.to_sentences(lazy, rank_fit=False)
+    np.testing.assert_array_equal(np.asarray(lazy.obsm["c2s_genes"]), reference.obsm["c2s_genes"])
+
+
 def test_numpy_booleans_are_flags():
     """``rank_fit=np.True_`` (a value read from a config array) was refused as no number of cells."""
     adata = hand_adata()

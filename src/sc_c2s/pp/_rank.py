@@ -39,8 +39,14 @@ class Ranking:
 
 
 def as_kernel_dtype(a: np.ndarray) -> np.ndarray:
-    """Return `a`, or a float64 copy where numba's kernels are not compiled for its dtype (int8, longdouble, …)."""
-    return a if a.dtype.type in _KERNEL_DTYPES else a.astype(np.float64)
+    """Return `a`, or a copy numba's kernels are compiled for.
+
+    That is float64 where they take no values of its dtype (int8, longdouble, …), and its dtype in the native byte
+    order where it is big-endian (as HDF5 files written by other tools can hold, and anndata reads them).
+    """
+    if a.dtype.type not in _KERNEL_DTYPES:
+        return a.astype(np.float64)
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 def canonical(block: sparse.csr_matrix) -> sparse.csr_matrix:
