@@ -156,6 +156,21 @@ def test_fit_does_not_depend_on_storage_or_seed_when_all_cells_are_used(pbmc4k):
             assert getattr(other, key) == pytest.approx(getattr(fits[0], key), rel=1e-9), key
 
 
+def test_fit_is_exactly_the_same_whatever_the_order_of_genes_within_rows(pbmc4k):
+    """A row's total was summed in the order its genes are stored: CSR rows with their genes out of order (as in
+    `pbmc68k_reduced().raw`) fitted another line than sorted ones, CSC or dense, in the last digits."""
+    X = sparse.csr_matrix(np.log1p(pbmc4k.X.astype(np.float64)))  # sums of non-integers depend on their order
+    unsorted = X.copy()
+    for row in range(unsorted.shape[0]):  # each row's genes in reverse order
+        span = slice(unsorted.indptr[row], unsorted.indptr[row + 1])
+        unsorted.indices[span], unsorted.data[span] = unsorted.indices[span][::-1], unsorted.data[span][::-1]
+    unsorted.has_sorted_indices = False
+    assert not unsorted.has_sorted_indices
+    fits = [_rank_model.fit(M, random_state=0, log1p_base=np.e) for M in (X, unsorted, X.tocsc(), X.toarray())]
+    assert all(fit == fits[0] for fit in fits[1:])
+    assert not unsorted.has_sorted_indices  # the user's matrix is left as it is
+
+
 @pytest.mark.parametrize("dense", [False, True], ids=["csr", "dense"])
 def test_fit_does_not_modify_log_input(dense):
     rng = np.random.default_rng(0)

@@ -251,7 +251,8 @@ def read_rows(X, cells: np.ndarray, *, summed: bool = False) -> sparse.csr_matri
     """Read the rows ``cells`` (sorted) of any matrix :func:`sc_c2s.pp.to_sentences` takes as CSR, and no others.
 
     In-memory, backed and dask matrices alike: a dask array computes only the chunks that hold those rows. A gene
-    stored twice in a row is read as the sum, as in the sentences, unless `summed` says ``X`` holds none.
+    stored twice in a row is read as the sum, as in the sentences, unless `summed` says ``X`` holds none. Each row's
+    genes come in column order, so that sums over a row, and so the fit, do not depend on how ``X`` stores them.
     """
     if _dask.is_dask_array(X):
         X = _dask.with_row_chunks(X)
@@ -261,7 +262,8 @@ def read_rows(X, cells: np.ndarray, *, summed: bool = False) -> sparse.csr_matri
     if rows.dtype.kind == "b" or rows.dtype == np.float16:  # types scipy.sparse does not hold, or sums badly
         rows = rows.astype(np.float32)
     rows = sparse.csr_matrix(as_kernel_dtype(rows))
-    return rows if summed else canonical(rows)
+    rows = rows if summed else canonical(rows)
+    return rows if rows.has_sorted_indices else rows.sorted_indices()
 
 
 @dataclass(frozen=True)
