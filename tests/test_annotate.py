@@ -314,6 +314,18 @@ def test_free_answers_that_list_genes_of_the_models_vocabulary_are_missing(short
     assert adata.obs["c2s_cell_type"].tolist() == [np.nan, "A549"]
 
 
+def test_a_set_of_labels_is_taken_in_sorted_order():
+    """A set was taken in its iteration order, which changes with the hash seed: the recorded labels, and the scores'
+    last digits (labels are scored in batches in that order), changed from one session to the next."""
+
+    class ReverseSet(set):
+        def __iter__(self):
+            return iter(sorted(super().__iter__(), reverse=True))
+
+    assert _annotate.label_set(ReverseSet({"B", "A", "C"})) == ["A", "B", "C"]
+    assert _annotate.label_set(["B", "A", "C"]) == ["B", "A", "C"]  # a list keeps its order
+
+
 def test_labels_of_the_model_are_taken_as_they_were_trained(short_sentences, tiny):
     """A model trained before labels with a space at an end were refused still annotates with its labels."""
     older = trained_here(tiny, labels=["A549 ", *LABELS[1:]])

@@ -476,6 +476,34 @@ def test_score_perturbation_takes_the_columns_own_values(kang):
     assert ax.get_title() == "1: top 20 DE genes"
 
 
+def test_a_pair_scores_the_same_whatever_else_is_scored(kang):
+    """One generator served every (group, perturbation) pair in turn, so where `max_cells` subsamples a pair's
+    cells, its scores depended on the pairs scored before it; the seed drawn for `random_state=None` went unrecorded."""
+    both = ad.concat([real_as_predicted(kang, "CD4T"), real_as_predicted(kang, "B")], uns_merge="first")
+    kwargs = {"groupby": "cell_type", "max_cells": 10, **KEYS}
+    alone = sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), **kwargs)
+    together = sc_c2s.tl.score_perturbation(kang, both, **kwargs)
+    assert together.index.tolist() == [("CD4T", "stimulated"), ("B", "stimulated")]
+    pd.testing.assert_series_equal(together.loc[("B", "stimulated")], alone.loc[("B", "stimulated")])
+    drawn = sc_c2s.tl.score_perturbation(kang, both, random_state=None, **kwargs)
+    again = sc_c2s.tl.score_perturbation(kang, both, random_state=drawn.attrs["random_state"], **kwargs)
+    pd.testing.assert_frame_equal(again, drawn)
+
+
+class ReverseSet(set):
+    """A set that iterates in reverse sorted order, as a set can under some hash seed."""
+
+    def __iter__(self):
+        return iter(sorted(super().__iter__(), reverse=True))
+
+
+def test_a_set_of_perturbations_is_taken_in_sorted_order():
+    """A set was taken in its iteration order, which changes with the hash seed, and so did the cells predicted for
+    each perturbation (each cell's random stream is keyed by its position)."""
+    assert sc_c2s.tl._predict_perturbation._perturbations(ReverseSet({"b", "a", "c"})) == ["a", "b", "c"]
+    assert sc_c2s.tl._predict_perturbation._perturbations(["b", "a", "b"]) == ["b", "a"]  # a list keeps its order
+
+
 def test_score_perturbation_counts_every_predicted_cell(kang):
     """`n_predicted` counted the cells of the MMD's subsample (`max_cells`), unlike `n_perturbed` and `n_control`."""
     scores = sc_c2s.tl.score_perturbation(kang, real_as_predicted(kang, "B"), groupby="cell_type", max_cells=10, **KEYS)

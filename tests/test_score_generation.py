@@ -455,7 +455,9 @@ def test_random_state_kinds(halves):
         score(real, fake, random_state=np.random.default_rng(3)),
         score(real, fake, random_state=np.random.default_rng(3)),
     )
-    score(real, fake, random_state=None)
+    drawn = score(real, fake, random_state=None)
+    # the seed drawn is recorded (it was not), and gives the same scores again
+    pd.testing.assert_frame_equal(score(real, fake, random_state=drawn.attrs["random_state"]), drawn)
 
 
 def test_generated_cells_without_a_shared_gene_are_an_error(halves):

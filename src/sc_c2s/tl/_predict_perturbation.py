@@ -282,6 +282,8 @@ def _perturbations(perturbations: Collection[str]) -> list[str]:
     if isinstance(perturbations, str) or not pd.api.types.is_list_like(perturbations):
         msg = f"`perturbations` must be a list of names, e.g. [{perturbations!r}]."
         raise TypeError(msg)
+    if isinstance(perturbations, set | frozenset):  # in sorted order: a set's order changes with the hash seed
+        perturbations = sorted(perturbations, key=str)
     names = list(dict.fromkeys(str(p) for p in perturbations))
     bad = [p for p in names if not p.strip() or "\n" in p]
     if not names or bad:

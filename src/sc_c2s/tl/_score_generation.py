@@ -295,7 +295,7 @@ def score_generation(
     A DataFrame with one row per cell type and a row ``"overall"``, and the columns ``n_real``,
     ``n_generated`` (cells compared), then the four population metrics (``knn_recovery``, ``pearson``, ``mmd``,
     ``energy``) each beside its ``*_control``, then ``valid_rate``, ``duplicate_rate``, ``sentence_length`` and
-    ``sentence_length_real``.
+    ``sentence_length_real``. ``scores.attrs["random_state"]`` is the seed used (the one drawn for ``None``).
 
     Raises
     ------
@@ -373,6 +373,7 @@ def score_generation(
     scores.loc["overall"] = overall
     scores[["n_real", "n_generated"]] = scores[["n_real", "n_generated"]].astype(int)
     scores.index.name = "cell_type"
+    scores.attrs["random_state"] = random_state
     logg.info("    finished", time=start)
     return scores
 

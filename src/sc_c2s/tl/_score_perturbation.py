@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -321,7 +322,7 @@ def score_perturbation(
     ``obs[condition_key]`` (e.g. ``scores.loc[(1, "stimulated")]`` for an integer `groupby` column), with the
     columns ``n_perturbed``, ``n_control`` (real cells), ``n_predicted`` (all predicted cells of the group and
     perturbation, whatever `max_cells`), then each metric beside its ``*_unchanged`` and ``*_mean_shift``
-    baselines.
+    baselines. ``scores.attrs["random_state"]`` is the seed used (the one drawn for ``None``).
 
     Raises
     ------
@@ -349,16 +350,18 @@ def score_perturbation(
     data = cells(
         real, predicted, condition_key=condition_key, control=control, groupby=groupby, n_genes=n_genes, mod=mod
     )
-    rng = np.random.default_rng(random_state)
     rows = {}
     for p, g in _pairs_to_score(data, condition_key=condition_key, perturbation=perturbation):
         one = contrast(data, group=g, perturbation=p)
+        # each pair draws its cells from a stream of its own, so that its scores do not depend on the other pairs
+        rng = np.random.default_rng([random_state, *(zlib.crc32(name.encode()) for name in (g, p))])
         rows[g, p] = _scores(one, n_comps=n_comps, max_cells=max_cells, rng=rng, random_state=random_state)
     scores = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
     scores.index = pd.MultiIndex.from_tuples(
         [(data.group_values[g], data.condition_values[p]) for g, p in scores.index], names=[groupby, condition_key]
     )
     scores[COLUMNS[:3]] = scores[COLUMNS[:3]].astype(int)
+    scores.attrs["random_state"] = random_state
     logg.info("    finished", time=start)
     return scores
 
