@@ -145,7 +145,7 @@ def test_samples_hold_the_cells_their_prompt_asks_for(_tissues, eager_to_stop):
     assert (free.obs["n_valid_genes"] > 0).tolist() == [True, False, False] * 2 + [True]
 
 
-def test_sub_word_texts_end_where_the_model_ends_them(_tissues, builders):
+def test_sub_word_texts_end_where_the_model_ends_them(_tissues, builders, monkeypatch, scanpy_log):
     """A sub-word tokenizer writes the period of `RP11-34P13.3` as a token of its own: counted as the end of a cell,
     it let a text end before its cells were written, and the warning blamed the model. The hold is for models whose
     every gene is one token, and the record says when it held."""
@@ -155,8 +155,18 @@ def test_sub_word_texts_end_where_the_model_ends_them(_tissues, builders):
     model = C2SModel(
         builders.neox_model(tokenizer), tokenizer, C2SMetadata(name="sub-word", organism="Mus musculus"), Path()
     )
-    generated = sc_c2s.tl.generate(_tissues, model=model, tissues={"lung": 2}, cells_per_sample=2, n_genes=N_GENES)
+    kwargs = {"model": model, "tissues": {"lung": 2}, "cells_per_sample": 2, "n_genes": N_GENES}
+    generated = sc_c2s.tl.generate(_tissues, **kwargs)
     assert generated.uns["c2s_generate"]["params"]["exact_length"] is False
+
+    def one_cell_each(c2s, prompt_ids, codes, *, sink, **kwargs):
+        sink(np.arange(len(prompt_ids)), [f"Cell 1: {genes[0]}." for _ in prompt_ids])
+
+    monkeypatch.setattr(_sampling, "sample", one_cell_each)
+    sc_c2s.tl.generate(_tissues, **kwargs)  # not held, so the model ended the sample
+    assert (
+        "1 of 2 generated cells are empty: the model ended their samples before writing them" in scanpy_log.getvalue()
+    )
 
 
 def test_cells_a_model_ended_before_writing_are_announced(_tissues, tiny, monkeypatch, scanpy_log):

@@ -114,6 +114,8 @@ def generate_tissues(
         batch_size = _sampling.CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s.device)
     first_cell = np.concatenate([[0], np.cumsum(sizes)])
+    # a period ends a cell where every gene is one token; sub-word tokenizers write periods inside gene names
+    held = exact_length and budget["gene_ids"] is not None
     collector = _sampling.Collector(target, n_cells=int(sizes.sum()))
 
     def sink(index: np.ndarray, generated: list[str]) -> None:
@@ -137,15 +139,14 @@ def generate_tissues(
         sink=sink,
         decode=whole_texts,
         reset_ids=_runtime.period_ids(c2s.tokenizer),
-        # a period ends a cell where every gene is one token; sub-word tokenizers write periods inside gene names
-        n_cells=sizes if exact_length and budget["gene_ids"] is not None else None,
+        n_cells=sizes if held else None,
         cells="cells_per_sample",
     )
     X, sentences, counts = collector.result()
     n = len(sentences)
     if n_empty := sum(not sentence for sentence in sentences):
         trained = c2s.metadata.training.get("n_cells")
-        why = "wrote no gene in them" if exact_length else "ended their samples before writing them"
+        why = "wrote no gene in them" if held else "ended their samples before writing them"
         logg.warning(
             f"{n_empty} of {n} generated cells are empty: the model {why}"
             f"{f' (it was trained on {trained[0]} to {trained[1]} cells per sample)' if trained else ''}. They are "
@@ -170,7 +171,7 @@ def generate_tissues(
         "top_k": top_k,
         "top_p": top_p,
         "unique_genes": unique_genes and budget["gene_ids"] is not None,
-        "exact_length": exact_length and budget["gene_ids"] is not None,
+        "exact_length": held,
         "random_state": random_state,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
