@@ -423,9 +423,7 @@ def _scores(
     top_r2, top_direction = one.top(N_TOP_R2), one.top(N_TOP_DIRECTION)
     real_moves = np.sign(top_direction["t"])  # 0 exactly where nothing moves, unlike means an ulp apart
     moving = real_moves.to_numpy() != 0
-    perturbed = one.perturbed[rng.permutation(one.perturbed.shape[0])[:max_cells]]
-    control = one.control[rng.permutation(one.control.shape[0])[:max_cells]]
-    predicted = one.predicted[rng.permutation(one.predicted.shape[0])[:max_cells]]
+    perturbed, control, predicted = (_at_most(X, max_cells, rng) for X in (one.perturbed, one.control, one.predicted))
     mean, components = pca(sparse.vstack([perturbed, control]).tocsr(), n_comps, random_state)
     reference = project(perturbed, mean, components)
     bandwidth = float(np.median(pdist(reference))) or 1.0
@@ -452,6 +450,11 @@ def _scores(
         pcs = compared[source]
         row["mmd" + suffix] = np.nan if np.isnan(pcs).any() else mmd(pcs, reference, bandwidth)
     return row
+
+
+def _at_most(X: sparse.csr_matrix, max_cells: int, rng: np.random.Generator) -> sparse.csr_matrix:
+    """All the cells of `X`, in order, or a random `max_cells` of them where it has more."""
+    return X if X.shape[0] <= max_cells else X[rng.permutation(X.shape[0])[:max_cells]]
 
 
 def _rows(groups: np.ndarray, conditions: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
