@@ -558,6 +558,8 @@ def sample(
     pad_id = _runtime.pad_id(c2s.tokenizer)
     gene_tensor = None if gene_ids is None else torch.as_tensor(gene_ids, device=c2s.device)
     exact, trie, n_logits = None, None, c2s.model.config.vocab_size
+    is_stop = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
+    is_stop[stop_ids] = True
     blocked = None
     if gene_tensor is not None and reset_ids is None:
         blocked = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
@@ -569,18 +571,13 @@ def sample(
         _, starts, breaks = length
         is_start = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
         is_start[: len(starts)] = torch.as_tensor(starts, device=c2s.device)
-        is_stop = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
-        is_stop[stop_ids] = True
         is_break = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
         is_break[: len(breaks)] = torch.as_tensor(breaks, device=c2s.device)
         exact = _Length(length[0], is_start, is_stop, is_break & ~is_stop)
-    cell_masks = None
+    ends = None
     if n_cells is not None:
         ends = torch.zeros(n_logits, dtype=torch.long, device=c2s.device)
         ends[sorted(set(reset_ids) - set(stop_ids))] = 1
-        is_stop = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
-        is_stop[stop_ids] = True
-        cell_masks = (ends, is_stop)
 
     def write(batch: _runtime.Batch) -> None:
         uniforms = np.stack([_uniforms(random_state, first_cell + i, max_new_tokens) for i in batch.index])
@@ -600,8 +597,8 @@ def sample(
             reset_ids=None if reset_ids is None else torch.as_tensor(reset_ids, device=c2s.device),
             blocked=blocked,
             cells=None
-            if cell_masks is None
-            else _Cells(torch.as_tensor(n_cells[codes[batch.index]], device=c2s.device), *cell_masks),
+            if ends is None
+            else _Cells(torch.as_tensor(n_cells[codes[batch.index]], device=c2s.device), ends, is_stop),
         )
         tokens, _ = _runtime.decode(
             c2s.model, batch, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id, choose=sampler
