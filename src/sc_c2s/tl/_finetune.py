@@ -193,8 +193,9 @@ def finetune(
         Genes per cell sentence, best first: at most as many as :func:`sc_c2s.pp.to_sentences` kept, which the
         prompts then name. The model records the length it trained on as its ``n_genes``, which
         :func:`sc_c2s.tl.annotate` and :func:`sc_c2s.tl.embed` use unless told otherwise, and the median length of
-        each label's sentences, which :func:`sc_c2s.tl.generate` asks each cell type for. From scratch, 400 annotated many fine-grained types from several sources better than 200, and
-        PBMC types worse (see :doc:`/method`).
+        each label's sentences, which :func:`sc_c2s.tl.generate` asks each cell type for. From scratch, 400
+        annotated many fine-grained types from several sources better than 200, and PBMC types worse (see
+        :doc:`/method`).
     {doc_organism} From scratch, ``None`` means ``"Homo sapiens"``.
     epochs
         Most passes over the training samples; ``None``: the budget above.

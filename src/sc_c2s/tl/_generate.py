@@ -106,8 +106,8 @@ def generate(
         sampled until the end-of-sequence token. Where every gene is one token (models trained from scratch),
         `exact_length` holds that token back until the text has as many cells as its prompt asks (each ends with a
         period), whatever their lengths, and `unique_genes` keeps each cell's genes distinct; sub-word tokenizers
-        write periods inside gene names (``RP11-34P13.3``), and their texts end where the model ends them. The result's ``obs`` holds
-        ``"tissue"`` and ``"sample"`` (cells written together) instead of ``"cell_type"``.
+        write periods inside gene names (``RP11-34P13.3``), and their texts end where the model ends them. The
+        result's ``obs`` holds ``"tissue"`` and ``"sample"`` (cells written together) instead of ``"cell_type"``.
     cells_per_sample
         Cells per multi-cell prompt, with `tissues` only; ``None``: 5 (C2S-Scale trained on 5 to 20), or the
         nearest number of cells per sample the model was trained on (``training["n_cells"]``).
