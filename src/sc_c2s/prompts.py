@@ -33,6 +33,28 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from mudata import MuData
 
+__all__ = [
+    "CELL_TYPE_GENERATION",
+    "CELL_TYPE_PREDICTION",
+    "PERTURBATION",
+    "SUMMARY",
+    "SUMMARY_PARAPHRASES",
+    "TISSUE_GENERATION",
+    "TISSUE_PREDICTION",
+    "Organism",
+    "answer",
+    "cell_sentence",
+    "cell_type_generation",
+    "cell_type_prediction",
+    "cell_type_prediction_prompts",
+    "multi_cell_sentences",
+    "perturbation",
+    "sentence_words",
+    "summary",
+    "tissue_generation",
+    "tissue_prediction",
+]
+
 Organism = Literal["Homo sapiens", "Mus musculus"]
 ORGANISMS: tuple[str, ...] = ("Homo sapiens", "Mus musculus")
 

@@ -137,8 +137,9 @@ def annotate(
     ``None``, or a copy of `adata` if ``copy=True``, with
 
     ``obs[key_added]``
-        Categorical cell types, whose categories are the labels given, sorted, as scanpy's ``groupby`` plots and
-        tests need (the whole label set is in ``params``); free answers that are empty or list genes are missing.
+        Categorical cell types, whose categories are the labels given to at least one cell, sorted, as scanpy's
+        ``groupby`` plots and tests need (the whole label set is in ``params``); free answers that are empty or
+        list genes are missing.
     ``obs[key_added + "_score"]``
         Probability of the chosen cell type: over the label set in constrained mode (calibrated where the model
         says how), of the written answer in free mode.

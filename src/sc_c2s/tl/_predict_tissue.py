@@ -124,7 +124,7 @@ def predict_tissue(
 
     ``obs[key_added]``
         Categorical: the tissue of each cell's group (missing for cells without a group, and in free mode for
-        groups whose every answer was a gene list); its categories are the tissues given, sorted.
+        groups whose every answer was a gene list); its categories are the tissues given to at least one group, sorted.
     ``obs[key_added + "_score"]``
         The score of that tissue (see above).
     ``uns[key_added]``
