@@ -316,6 +316,21 @@ def test_score_perturbation_of_a_perfect_prediction(kang):
     assert row["mmd_mean_shift"] < row["mmd_unchanged"]
 
 
+def test_score_perturbation_of_cells_read_with_from_sentences(kang):
+    """Cells read back by `from_sentences` score once they carry the sentences, as the error says."""
+    perfect = real_as_predicted(kang, "B")
+    read = sc_c2s.tl.from_sentences(
+        perfect.obs["c2s_sentence"], genes=kang.var_names, rank_fit=kang.uns["c2s"]["rank_fit"]
+    )
+    read.obs[["cell_type", "condition"]] = perfect.obs[["cell_type", "condition"]]
+    with pytest.raises(KeyError, match=r"from_sentences`, set their obs\['c2s_sentence'\] to the sentences"):
+        sc_c2s.tl.score_perturbation(kang, read, groupby="cell_type", **KEYS)
+    read.obs["c2s_sentence"] = perfect.obs["c2s_sentence"]
+    scores = sc_c2s.tl.score_perturbation(kang, read, groupby="cell_type", n_genes=N_GENES, **KEYS)
+    expected = sc_c2s.tl.score_perturbation(kang, perfect, groupby="cell_type", **KEYS)
+    pd.testing.assert_frame_equal(scores, expected)
+
+
 def test_a_single_group_has_no_mean_shift(kang):
     """The other groups make the mean shift: without them its figures are missing, and its direction read 0."""
     real = kang[kang.obs["cell_type"] == "B"].copy()

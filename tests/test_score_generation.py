@@ -233,6 +233,14 @@ def test_errors(halves):
         sc_c2s.tl.score_generation(real, fake, label_key="nope")
     with pytest.raises(KeyError, match="c2s_sentence"):
         score(real, ad.AnnData(obs=fake.obs[["cell_type"]]))
+    read = sc_c2s.tl.from_sentences(
+        fake.obs["c2s_sentence"], genes=real.var_names, rank_fit=real.uns["c2s"]["rank_fit"]
+    )
+    read.obs["cell_type"] = fake.obs["cell_type"]
+    with pytest.raises(KeyError, match=r"from_sentences`, set their obs\['c2s_sentence'\] to the sentences"):
+        score(real, read)
+    read.obs["c2s_sentence"] = fake.obs["c2s_sentence"]
+    assert score(real, read, n_genes=fake.uns["c2s_generate"]["params"]["n_genes"]).equals(score(real, fake))
     with pytest.raises(KeyError, match="generated_key"):
         score(real, fake, generated_key="label")
     other = fake.copy()

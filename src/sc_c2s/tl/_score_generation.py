@@ -89,7 +89,7 @@ def comparison(
     for key in (_keys.SENTENCE, generated_key):
         if key not in generated.obs.columns:
             msg = f"The generated cells have no obs[{key!r}]; pass the AnnData returned by `sc_c2s.tl.generate`" + (
-                " (or set `generated_key=`)." if key == generated_key else "."
+                " (or set `generated_key=`)." if key == generated_key else FROM_SENTENCES_HINT
             )
             raise KeyError(msg)
     params = generated.uns.get(_keys.GENERATE, {}).get("params", {})
@@ -110,6 +110,13 @@ def comparison(
         real_lengths=(ranked >= 0).sum(axis=1),
         n_genes=n_genes,
     )
+
+
+#: How cells that `sc_c2s.tl.from_sentences` read get the column of sentences the scores read.
+FROM_SENTENCES_HINT = (
+    ", or for cells read with `sc_c2s.tl.from_sentences`, set their obs['c2s_sentence'] to the sentences they were "
+    "read from."
+)
 
 
 def _labels(column: pd.Series) -> np.ndarray:

@@ -26,7 +26,15 @@ from sc_c2s._utils._validate import (
 
 from ._from_sentences import reconstruct, reconstruct_ranked
 from ._pairs import conditions
-from ._score_generation import check_returned, check_shared_genes, compared_genes, mmd, pca, project
+from ._score_generation import (
+    FROM_SENTENCES_HINT,
+    check_returned,
+    check_shared_genes,
+    compared_genes,
+    mmd,
+    pca,
+    project,
+)
 from ._utils import UNKNOWN_WARNING
 
 if TYPE_CHECKING:
@@ -148,7 +156,8 @@ def cells(
         if key not in predicted.obs.columns:
             msg = (
                 f"The predicted cells have no obs[{key!r}]; pass the AnnData returned by "
-                "`sc_c2s.tl.predict_perturbation` with the same `condition_key` and `groupby`."
+                "`sc_c2s.tl.predict_perturbation` with the same `condition_key` and `groupby`"
+                + (FROM_SENTENCES_HINT if key == _keys.SENTENCE else ".")
             )
             raise KeyError(msg)
     params = predicted.uns.get(_keys.PREDICT_PERTURBATION, {}).get("params", {})
