@@ -160,6 +160,20 @@ def test_real_cells_without_a_label_belong_to_no_type(halves):
     assert scores.loc["A549", "n_real"] == (real.obs["cell_type"] == "A549").sum()
 
 
+def test_a_types_scores_do_not_depend_on_the_other_types_generated(halves):
+    """One generator drew every type's halves in the order of the generated cells: adding a type, or putting it
+    first, changed the reference cells of the others, and so their PCA space, classifier and scores."""
+    real, fake = halves
+
+    def of(*types):
+        cells = ad.concat([fake[fake.obs["cell_type"] == t] for t in types], uns_merge="first")
+        return score(real, cells).loc["A549"]
+
+    alone = of("A549")
+    pd.testing.assert_series_equal(of("A549", "H1975"), alone)
+    pd.testing.assert_series_equal(of("H1975", "A549"), alone)
+
+
 def test_cells_without_their_record_are_read_through_their_longest_sentence(halves):
     """Generated cells joined by `anndata.concat` lose `uns`: the real cells were read through 200 genes whatever
     the generated sentences' length, silently."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -336,17 +337,23 @@ def score_generation(
         raise ValueError(msg)
     random_state = check_random_state(random_state, limit=LEGACY_SEED_LIMIT)
     data = comparison(real, generated, label_key=label_key, generated_key=generated_key, n_genes=n_genes, mod=mod)
-    rng = np.random.default_rng(random_state)
     types = _types(data)
 
-    halves = {t: _split(np.flatnonzero(data.real_labels == t), max_cells, rng) for t in types}
-    gen = {t: rng.permutation(np.flatnonzero(data.generated_labels == t))[:max_cells] for t in types}
-    others = [_split(np.flatnonzero(data.real_labels == t), max_cells, rng)[0] for t in _other_types(data, types)]
-    reference = np.concatenate([halves[t][0] for t in types] + others)
+    # each draw from a stream of its own, so that no type's cells depend on which types were generated, or in what order
+    real_types = sorted([*types, *_other_types(data, types)])
+    halves = {
+        t: _split(np.flatnonzero(data.real_labels == t), max_cells, named_rng(random_state, "real", t))
+        for t in real_types
+    }
+    gen = {
+        t: named_rng(random_state, "generated", t).permutation(np.flatnonzero(data.generated_labels == t))[:max_cells]
+        for t in types
+    }
+    reference = np.concatenate([halves[t][0] for t in real_types])
     mean, components = pca(data.real[reference], n_comps, random_state)
     real_pcs = project(data.real, mean, components)
     gen_pcs = project(data.generated, mean, components)
-    sample = rng.permutation(reference)[:_BANDWIDTH_CELLS]
+    sample = named_rng(random_state, "bandwidth").permutation(reference)[:_BANDWIDTH_CELLS]
     bandwidth = float(np.median(pdist(real_pcs[sample]))) or 1.0
     knn = NearestNeighbors(n_neighbors=min(n_neighbors, len(reference))).fit(real_pcs[reference])
     codes, names = pd.factorize(data.real_labels[reference])
@@ -383,6 +390,11 @@ def score_generation(
     scores.attrs["random_state"] = random_state
     logg.info("    finished", time=start)
     return scores
+
+
+def named_rng(random_state: int, *names: str) -> np.random.Generator:
+    """Return a generator seeded by `random_state` and `names`: the same names draw the same, whatever else is drawn."""
+    return np.random.default_rng([random_state, *(zlib.crc32(name.encode()) for name in names)])
 
 
 def _types(data: Comparison) -> list[str]:

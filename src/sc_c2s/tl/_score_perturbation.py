@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import warnings
-import zlib
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,6 +31,7 @@ from ._score_generation import (
     check_shared_genes,
     compared_genes,
     mmd,
+    named_rng,
     pca,
     project,
 )
@@ -363,7 +363,7 @@ def score_perturbation(
     for p, g in _pairs_to_score(data, condition_key=condition_key, perturbation=perturbation):
         one = contrast(data, group=g, perturbation=p)
         # each pair draws its cells from a stream of its own, so that its scores do not depend on the other pairs
-        rng = np.random.default_rng([random_state, *(zlib.crc32(name.encode()) for name in (g, p))])
+        rng = named_rng(random_state, g, p)
         rows[g, p] = _scores(one, n_comps=n_comps, max_cells=max_cells, rng=rng, random_state=random_state)
     scores = pd.DataFrame.from_dict(rows, orient="index", columns=COLUMNS)
     scores.index = pd.MultiIndex.from_tuples(
