@@ -120,6 +120,16 @@ def test_whole_multiples_by_hand():
     assert _rank_model._whole_multiples(logged.indptr, logged.data, 0.0) == 0.0
 
 
+def test_values_too_large_to_round_tell_nothing():
+    """Scaled counts read back through a wrong base grow so large (here 2e6 times the smallest) that the tolerance of
+    rounding covers any number: every such row passed as whole multiples, and two cells of scaled counts were taken
+    for log1p of base 10."""
+    X = sparse.csr_matrix(np.array([[6.3, 12.6, 0.0], [1.1, 2.2, 0.0]]))  # 1 and 2 counts, scaled per cell
+    whole = _rank_model._whole_multiple_rows(X.indptr, X.data, np.log(10), *_rank_model._WHOLE_TOLERANCE)
+    assert whole.tolist() == [-1, 0]  # row 0 tells nothing through base 10, row 1 is no multiple
+    assert _rank_model._input_kind(X, None, "X") == ("linear", 0.0)
+
+
 def test_fit_on_a_hand_built_matrix():
     """Two cells whose values follow the line exactly: the fit recovers it."""
     slope, intercept = -1.0, np.log10(12)

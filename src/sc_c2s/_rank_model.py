@@ -222,10 +222,11 @@ def _whole_multiples(indptr: np.ndarray, data: np.ndarray, log_scale: float) -> 
 
 @njit(cache=True)
 def _whole_multiple_rows(indptr, data, log_scale, absolute, relative):
-    """For each row: 1 if its positive values are whole multiples of its smallest, 0 if not, -1 if all are equal.
+    """For each row: 1 if its positive values are whole multiples of its smallest, 0 if not, -1 if none tells.
 
-    A row stops at its first value that is not, so log-transformed rows cost little more than finding their
-    smallest value.
+    A value tells unless it is the smallest, or so large that rounding alone may move it half-way to the next
+    multiple (as ``expm1`` of a wrong base makes values). A row stops at its first value that is not a
+    multiple, so log-transformed rows cost little more than finding their smallest value.
     """
     n_rows = indptr.size - 1
     whole = np.empty(n_rows, dtype=np.int8)
@@ -235,15 +236,19 @@ def _whole_multiple_rows(indptr, data, log_scale, absolute, relative):
             v = np.expm1(log_scale * np.float64(data[k])) if log_scale > 0 else np.float64(data[k])
             if v > 0:
                 smallest, largest = min(smallest, v), max(largest, v)
-        whole[i] = 1 if largest > smallest else -1
-        if whole[i] < 0:
+        whole[i] = -1
+        if largest == smallest:
             continue
         for k in range(indptr[i], indptr[i + 1]):
             v = np.expm1(log_scale * np.float64(data[k])) if log_scale > 0 else np.float64(data[k])
             ratio = v / smallest
-            if v > 0 and abs(ratio - np.round(ratio)) > absolute + relative * ratio:
+            if v <= 0 or relative * ratio > 0.25:
+                continue
+            if abs(ratio - np.round(ratio)) > absolute + relative * ratio:
                 whole[i] = 0
                 break
+            if ratio > 1.5:
+                whole[i] = 1
     return whole
 
 
