@@ -86,3 +86,17 @@ def test_memory_of_a_container_is_its_control_group(tmp_path, monkeypatch):
         check_fits_in_memory(7, 100, name="n", unit="cells", fix="Fewer.")
     monkeypatch.setattr(_validate, "available_memory", lambda: None)
     check_fits_in_memory(10**15, 10**6, name="n", unit="cells", fix="")  # unknown: not checked
+
+
+def test_memory_a_checkpoint_may_take_on_the_cpu_is_the_containers(tmp_path, monkeypatch):
+    """`models.load` measured a checkpoint against the machine's memory (psutil or /proc/meminfo), not the
+    container's: in a container of 8 GiB it began downloading a model of 10 GiB, for the kernel to kill."""
+    import torch
+
+    from sc_c2s.models import _memory
+
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    limit.write_text("1000\n")
+    usage.write_text("400\n")
+    monkeypatch.setattr(_validate, "_CGROUP_FILES", ((str(limit), str(usage), str(tmp_path / "stat"), "x"),))
+    assert _memory.capacity(torch.device("cpu")) == 600

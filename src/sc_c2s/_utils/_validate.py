@@ -228,17 +228,23 @@ _CGROUP_FILES = (
 def available_memory() -> int | None:
     """Bytes of memory available to a new allocation, or ``None`` if unknown.
 
-    ``MemAvailable`` of ``/proc/meminfo`` where there is one (Linux), else the physical memory; less where the
-    control group of a container leaves less. A control group's usage counts the cache of files read, which the
+    ``MemAvailable`` of ``/proc/meminfo`` where there is one (Linux), else what psutil says is available (macOS,
+    Windows) where it is installed, else the physical memory; less where the control group of a container leaves
+    less. A control group's usage counts the cache of files read, which the
     kernel drops when memory is needed: its inactive part is not counted as used (the working set, as Kubernetes
     and ``docker stats`` count it).
     """
     available = _read_number("/proc/meminfo", "MemAvailable:", scale=1024)
     if available is None:
         try:
-            available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (AttributeError, OSError, ValueError):
-            return None
+            import psutil
+
+            available = int(psutil.virtual_memory().available)
+        except ImportError:
+            try:
+                available = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (AttributeError, OSError, ValueError):
+                return None
     for limit_file, usage_file, stat_file, cache_key in _CGROUP_FILES:
         limit, usage = _read_number(limit_file), _read_number(usage_file)
         if limit is not None and usage is not None:

@@ -17,8 +17,9 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
+
+from sc_c2s._utils._validate import available_memory
 
 if TYPE_CHECKING:
     import torch
@@ -226,7 +227,11 @@ def check_quantization(quantization: str | None) -> str | None:
 
 
 def capacity(device: torch.device) -> int | None:
-    """Bytes free on `device`: free GPU memory, or the available system memory for the CPU (``None``: unknown)."""
+    """Bytes free on `device`; ``None``: unknown.
+
+    Free GPU memory, or for the CPU the memory available to this process, within a container's limit
+    (:func:`~sc_c2s._utils._validate.available_memory`).
+    """
     import torch
 
     if device.type == "cuda":
@@ -243,15 +248,7 @@ def capacity(device: torch.device) -> int | None:
             raise MemoryError(msg) from error
     if device.type != "cpu":
         return None
-    try:
-        import psutil
-    except ImportError:
-        meminfo = Path("/proc/meminfo")
-        if not meminfo.is_file():
-            return None
-        lines = dict(line.split(":", 1) for line in meminfo.read_text(encoding="ascii").splitlines() if ":" in line)
-        return int(lines["MemAvailable"].split()[0]) * 1024 if "MemAvailable" in lines else None
-    return int(psutil.virtual_memory().available)
+    return available_memory()
 
 
 def check_fits(
