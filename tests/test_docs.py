@@ -12,7 +12,7 @@ import sc_c2s
 API = Path(__file__).parents[1] / "docs" / "api.md"
 
 
-@pytest.mark.parametrize("module", ["pp", "tl", "pl", "models"])
+@pytest.mark.parametrize("module", ["pp", "tl", "pl", "models", "prompts"])
 def test_api_page_lists_every_public_name(module):
     listed = set(re.findall(rf"^\s+{module}\.(\w+)$", API.read_text(), flags=re.MULTILINE))
     public = set(getattr(sc_c2s, module).__all__)

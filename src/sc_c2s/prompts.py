@@ -41,7 +41,6 @@ __all__ = [
     "SUMMARY_PARAPHRASES",
     "TISSUE_GENERATION",
     "TISSUE_PREDICTION",
-    "Organism",
     "answer",
     "cell_sentence",
     "cell_type_generation",
@@ -253,7 +252,8 @@ def multi_cell_sentences(cells: Sequence[Sequence[str]], *, upper: bool = True) 
 
     Examples
     --------
-    >>> multi_cell_sentences([["CD3D", "IL7R"], ["MS4A1"]])
+    >>> from sc_c2s import prompts
+    >>> prompts.multi_cell_sentences([["CD3D", "IL7R"], ["MS4A1"]])
     'Cell 1:\nCD3D IL7R.\nCell 2:\nMS4A1.\n'
     """
     cells = [cells] if isinstance(cells, str) else list(cells)

@@ -86,6 +86,9 @@ def perturbation(
 
     Examples
     --------
+    With `adata` and `predicted` as in the example of :func:`sc_c2s.tl.predict_perturbation`:
+
+    >>> import sc_c2s
     >>> ax = sc_c2s.pl.perturbation(
     ...     adata, predicted, condition_key="condition", control="control", groupby="cell_type", group="B", show=False
     ... )  # doctest: +SKIP

@@ -135,6 +135,10 @@ def predict_tissue(
 
     Examples
     --------
+    With `adata` ranked by :func:`sc_c2s.pp.to_sentences`, each cell's sample in ``obs["sample"]``, and `model` a
+    checkpoint trained for tissue prediction (a C2S-Scale one, or :func:`sc_c2s.tl.finetune` with
+    ``tasks=["tissue_prediction"]``):
+
     >>> import sc_c2s
     >>> sc_c2s.tl.predict_tissue(adata, model=model, groupby="sample", labels=["lung", "kidney"])  # doctest: +SKIP
     >>> adata.uns["c2s_tissue"]["groups"]  # doctest: +SKIP

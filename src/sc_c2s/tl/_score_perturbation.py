@@ -342,6 +342,9 @@ def score_perturbation(
 
     Examples
     --------
+    With `adata` and `predicted` as in the example of :func:`sc_c2s.tl.predict_perturbation`:
+
+    >>> import sc_c2s
     >>> scores = sc_c2s.tl.score_perturbation(
     ...     adata, predicted, condition_key="condition", control="control", groupby="cell_type"
     ... )  # doctest: +SKIP

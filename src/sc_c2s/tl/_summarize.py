@@ -128,6 +128,9 @@ def summarize(
 
     Examples
     --------
+    With `adata` ranked by :func:`sc_c2s.pp.to_sentences` and clustered (``obs["leiden"]``), and `model` a
+    checkpoint trained for summaries (a C2S-Scale one, or :func:`sc_c2s.tl.finetune` with ``tasks=["summary"]``):
+
     >>> import sc_c2s
     >>> sc_c2s.tl.summarize(adata, model=model, groupby="leiden")  # doctest: +SKIP
     >>> adata.uns["c2s_summary"]  # doctest: +SKIP
