@@ -287,12 +287,12 @@ class DataHandler:
             del self.data.obs[f"{self.mod}:{key}"]
         logg.info(f"    removed {key!r}, {self._where}{attr} ({why})")
 
-    def save_all(self, results: dict[tuple[str, str], Any], *, start: Any, message: str = "    finished") -> None:
+    def save_all(self, results: dict[tuple[str, str], Any], *, start: Any) -> None:
         """Write several results and log them the way scanpy does (``added`` plus where each went)."""
         for (attr, key), value in results.items():
             self.save(attr, key, value)
         added = ",\n    ".join(f"{key!r}, {self._where}{attr}" for attr, key in results)
-        logg.info(message, time=start, deep=f"added\n    {added}")
+        logg.info("    finished", time=start, deep=f"added\n    {added}")
 
     @property
     def _where(self) -> str:

@@ -194,8 +194,12 @@ def activations(s: Shape, *, tokens: int, bytes_per_value: float = 2.0, eager: b
     return cache + layer + scores + s.vocab * 4 * 2
 
 
-def lora(s: Shape, *, quantization: str | None = None, batch: int = BATCH, tokens: int = TOKENS) -> float:
-    """Bytes to train a LoRA adapter (QLoRA with `quantization`) on a 16-bit base, with gradient checkpointing."""
+def lora(s: Shape, *, quantization: str | None = None) -> float:
+    """Bytes to train a LoRA adapter (QLoRA with `quantization`) on a 16-bit base, with gradient checkpointing.
+
+    For batches of :data:`BATCH` samples of :data:`TOKENS` tokens.
+    """
+    batch, tokens = BATCH, TOKENS
     adapter = s.n_lora * (4 + 4 + 8)  # float32 weights, gradients, AdamW's two moments
     kept = s.n_layers * batch * tokens * s.hidden * 2  # the input of each layer, kept for the backward pass
     layer = 3 * batch * tokens * (4 * s.hidden + 3 * s.intermediate) * 2  # one layer recomputed, with gradients

@@ -38,6 +38,8 @@ IGNORE_INDEX = -100
 _BUCKET_BATCHES = 50
 #: Share of the optimiser steps spent warming the learning rate up.
 _WARMUP = 0.05
+#: AdamW's weight decay, on the weight matrices (embeddings included), not on biases and norms.
+_WEIGHT_DECAY = 0.01
 #: Held-out samples per task scored at each evaluation: cells × labels where each label makes its own sample
 #: (:class:`Choices`), cells where one prompt is read for all labels (:class:`Answers`); :func:`sc_c2s.tl.finetune`
 #: draws that many from larger held-out sets.
@@ -262,7 +264,6 @@ def train(
     learning_rate: float,
     pad_id: int,
     random_state: int = 0,
-    weight_decay: float = 0.01,
     resample: Callable[[np.random.Generator], Samples] | None = None,
     held_out: Mapping[str, Choices | Answers] | None = None,
     eval_every: int | None = None,
@@ -292,7 +293,7 @@ def train(
     rng = np.random.default_rng(random_state)
     warmup = max(1, int(_WARMUP * max_steps))
     optimizer = torch.optim.AdamW(
-        _parameter_groups(model, weight_decay), lr=learning_rate, betas=(0.9, 0.95), fused=fused_adamw(device)
+        _parameter_groups(model, _WEIGHT_DECAY), lr=learning_rate, betas=(0.9, 0.95), fused=fused_adamw(device)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, max_steps))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
