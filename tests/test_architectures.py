@@ -21,7 +21,7 @@ import sc_c2s
 from sc_c2s import prompts
 from sc_c2s.models import C2SMetadata, C2SModel, _candidates, _files, _memory, _runtime
 from sc_c2s.models._words import WordConstraint, WordTrie
-from sc_c2s.tl import _annotate, _embed, _samples, _utils
+from sc_c2s.tl import _annotate, _embed, _samples, _sampling, _utils
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 N_GENES = 12  # the longest sentence of the `short_sentences` cells
@@ -240,6 +240,97 @@ def test_word_constraint_writes_distinct_words_of_several_tokens():
     free = WordConstraint(trie, 1)  # any number of words: stop after any complete word
     free.advance(torch.tensor([8]))
     assert free.allowed()[0].nonzero()[:, 0].tolist() == [5, 9]
+
+
+def test_word_constraint_spells_the_first_word_its_own_way():
+    """Words 0: [5, 6], first [3, 6]; 1: [8], first [4]; token 9 ends the sentence. An answer that follows its prompt
+    without a space spells its first word otherwise, and a word is written once in either spelling."""
+    trie = WordTrie([[5, 6], [8]], n_logits=10, stop_ids=[9], device=torch.device("cpu"), opening=[[3, 6], [4]])
+    assert (len(trie), trie.n_words) == (4, 2)
+    words = WordConstraint(trie, 2, n_words=2)
+
+    def allowed() -> list[list[int]]:
+        return [row.nonzero()[:, 0].tolist() for row in words.allowed()]
+
+    assert allowed() == [[3, 4], [3, 4]]  # the first word in its own spelling only
+    words.advance(torch.tensor([3, 4]))
+    assert allowed() == [[6], [5]]  # row 1 wrote word 1 (as [4]): word 0 follows, spelt after a space, not [8]
+    words.advance(torch.tensor([6, 5]))
+    assert allowed() == [[8], [6]]  # row 0 wrote word 0 (as [3, 6]): word 1 follows, not [5, 6] again
+    words.advance(torch.tensor([8, 6]))
+    assert allowed() == [[9], [9]]
+
+    free = WordConstraint(trie, 1)
+    free.advance(torch.tensor([4]))
+    assert free.allowed()[0].nonzero()[:, 0].tolist() == [5, 9]  # word 1 written: word 0 after a space, or the end
+
+
+@pytest.fixture
+def ranked(cellbench):
+    adata = cellbench[::25].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
+    return adata
+
+
+def first_tokens(c2s: C2SModel, genes, *, space: bool) -> set[int]:
+    """The first token of each gene, spelt after a space or not."""
+    texts = [(" " if space else "") + prompts.cell_sentence([gene]) for gene in genes]
+    return {ids[0] for ids in _runtime.tokenize(c2s.tokenizer, texts, special_tokens=False)}
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_a_sentence_without_a_space_before_it_spells_its_first_gene_as_in_training(
+    ranked, in_memory, architecture, monkeypatch
+):
+    """The published fine-tuning code joins prompt and answer with nothing between: a sub-word tokenizer spells the
+    first gene of a sentence otherwise (``CD``, ``74``, not ``ĠCD``, ``74``). Generation spelt every gene as after a
+    space, and exact lengths counted a first gene spelt without one as no word."""
+    c2s = in_memory(architecture)
+    c2s.metadata.answer_prefix = ""
+    written = []
+    texts = _sampling._texts
+
+    def capture(tokenizer, tokens, stop_ids):
+        written.extend(tokens[:, 0].tolist())
+        return texts(tokenizer, tokens, stop_ids)
+
+    monkeypatch.setattr(_sampling, "_texts", capture)
+    genes = ranked.uns["c2s"]["genes"]
+    opening, spaced = first_tokens(c2s, genes, space=False), first_tokens(c2s, genes, space=True)
+    assert opening.isdisjoint(spaced)
+    generated = sc_c2s.tl.generate(ranked, model=c2s, cell_types={"A549": 4, "H838": 4}, n_genes=6, batch_size=4)
+    assert set(written) <= opening
+    words = [sentence.split() for sentence in generated.obs["c2s_sentence"]]
+    assert [len(w) for w in words] == [6] * 8
+    assert all(len(set(w)) == len(w) for w in words)  # the first gene is not written again, spelt after a space
+    assert (generated.obs["n_valid_genes"] == 6).all()
+
+    free = sc_c2s.tl.generate(ranked, model=c2s, cell_types={"A549": 8}, n_genes=6, unique_genes=False, batch_size=4)
+    lengths = [len(s.split()) for s in free.obs["c2s_sentence"]]
+    assert max(lengths) == 6  # not 7 (fewer where this random model's words use up the token budget)
+
+
+@pytest.mark.parametrize("prefix", [" ", ""])
+def test_generation_detects_the_answer_prefix_by_the_first_gene(ranked, in_memory, prefix, scanpy_log):
+    """A checkpoint without `answer_prefix` writes its first gene in the form its next token after the prompt is
+    likelier in; the choice is kept for later calls."""
+    c2s = in_memory("pythia")
+    c2s.metadata.answer_prefix = None
+    genes = ranked.uns["c2s"]["genes"]
+    likely = first_tokens(c2s, genes, space=prefix == " ")
+    with torch.no_grad():  # every position's hidden state the first unit vector: the logits its column of weights
+        norm = c2s.model.gpt_neox.final_layer_norm
+        norm.weight.zero_()
+        norm.bias.zero_()
+        norm.bias[0] = 1
+        c2s.model.get_output_embeddings().weight[:, 0] = 0
+        c2s.model.get_output_embeddings().weight[sorted(likely), 0] = 5
+    sc_c2s.tl.generate(ranked, model=c2s, cell_types={"A549": 2}, n_genes=4, batch_size=2)
+    assert c2s.metadata.answer_prefix == prefix
+    how = "without" if prefix == "" else "after"
+    assert scanpy_log.getvalue().count(f"sentences follow the prompt {how} a space") == 1
+    sc_c2s.tl.generate(ranked, model=c2s, cell_types={"A549": 2}, n_genes=4, batch_size=2)
+    assert scanpy_log.getvalue().count("records no answer prefix") == 1
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

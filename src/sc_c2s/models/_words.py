@@ -4,8 +4,10 @@ With a tokenizer that splits a gene into several tokens (``▁CD``, ``3``, ``D``
 distinct genes cannot be had by blocking tokens that were used: ``▁CD`` starts many genes. Instead, each row of
 a batch follows the token sequences of the vocabulary's words: while a word is being written only tokens that
 continue one of the words it may still become are allowed; a new word or the end of the sentence may follow
-only a complete word; a complete word is never started again. All rows advance together, vectorised over the
-vocabulary, on the model's device.
+only a complete word; a complete word is never started again. The first word may have a spelling of its own (an
+answer that follows its prompt without a space spells ``CD74`` ``CD``, ``74`` where a later word is ``ĠCD``,
+``74``); a word written in one spelling is not written again in the other. All rows advance together, vectorised
+over the vocabulary, on the model's device.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def distinct_words(sequences: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
 
 
 class WordTrie:
-    """The token sequences of a vocabulary's words, padded into a matrix (words × longest), on a device.
+    """The token sequences of a vocabulary's words, padded into a matrix (spellings × longest), on a device.
 
     Parameters
     ----------
@@ -36,28 +38,55 @@ class WordTrie:
         Tokens that end the sentence.
     device
         Where the matrices live.
+    opening
+        Tokens of each word (in the order of `sequences`) as it is written first, where that differs: at the start
+        of an answer that follows its prompt without a space. ``None``: the first word is spelt as the others.
     """
 
-    def __init__(self, sequences: Sequence[Sequence[int]], *, n_logits: int, stop_ids: Sequence[int], device):
+    def __init__(
+        self,
+        sequences: Sequence[Sequence[int]],
+        *,
+        n_logits: int,
+        stop_ids: Sequence[int],
+        device,
+        opening: Sequence[Sequence[int]] | None = None,
+    ):
         import torch
 
-        unique = distinct_words(sequences)
+        spellings = {tuple(seq): tuple(first) for seq, first in zip(sequences, opening or sequences, strict=True)}
+        unique = distinct_words(spellings)
         if not unique:
             msg = "No word of the vocabulary can be written with this tokenizer."
             raise ValueError(msg)
+        self.n_words = n_words = len(unique)
+        if opening is not None:
+            unique += [spellings[seq] for seq in unique]  # row n_words + i: word i as written first
         width = max(map(len, unique))
         self.tokens = torch.full((len(unique), width), -1, dtype=torch.long)
         for i, seq in enumerate(unique):
             self.tokens[i, : len(seq)] = torch.as_tensor(seq)
         self.tokens = self.tokens.to(device)
         self.lengths = torch.as_tensor([len(seq) for seq in unique], device=device)
+        rows = torch.arange(len(unique), device=device)
+        self.word = rows % n_words
+        """The word of each spelling."""
+        self.later = rows < n_words
+        """Spellings written after a space: all but the first word of a sentence."""
+        self.opening = rows >= n_words if opening is not None else self.later
+        """Spellings of the first word."""
         self.n_logits = n_logits
         self.is_stop = torch.zeros(n_logits, dtype=torch.bool, device=device)
         self.is_stop[list(stop_ids)] = True
         self.is_first = torch.zeros(n_logits, dtype=torch.bool, device=device)
-        self.is_first[self.tokens[:, 0]] = True
+        """Tokens that begin a word after a space."""
+        self.is_first[self.tokens[self.later, 0]] = True
+        self.opens = torch.zeros(n_logits, dtype=torch.bool, device=device)
+        """Tokens that begin the first word."""
+        self.opens[self.tokens[self.opening, 0]] = True
 
     def __len__(self) -> int:
+        """Spellings of words: one per word, two where the first word is spelt otherwise."""
         return len(self.lengths)
 
 
@@ -91,6 +120,22 @@ class WordConstraint:
         self.words = torch.zeros(n_rows, dtype=torch.long, device=device)
         """Words begun so far."""
 
+    def _in_any_spelling(self, spellings: torch.Tensor) -> torch.Tensor:
+        """Rows × spellings: every spelling of the words of which `spellings` (rows × spellings) holds one."""
+        import torch
+
+        trie = self.trie
+        if trie.n_words == len(trie):  # one spelling per word
+            return spellings
+        words = torch.zeros((len(spellings), trie.n_words), dtype=torch.int, device=spellings.device)
+        return words.index_add_(1, trie.word, spellings.int())[:, trie.word] > 0
+
+    def _spelt_here(self) -> torch.Tensor:
+        """Rows × spellings: those a new word of each row may take (the first word's, or those after a space)."""
+        import torch
+
+        return torch.where((self.words == 0)[:, None], self.trie.opening[None], self.trie.later[None])
+
     def _complete(self) -> torch.Tensor:
         """Rows × words: the word that the tokens of the current word spell in full."""
         return self.candidates & (self.trie.lengths[None] == self.position[:, None])
@@ -112,7 +157,7 @@ class WordConstraint:
         # begin a new word, never one already written
         more = self.words < self.n_words if self.n_words is not None else torch.ones_like(is_complete)
         may_begin = ((self.position == 0) | is_complete) & more
-        begins = may_begin[:, None] & ~(self.used | complete)
+        begins = may_begin[:, None] & ~(self.used | self._in_any_spelling(complete)) & self._spelt_here()
         allowed.scatter_(1, torch.where(begins, trie.tokens[:, 0][None], nowhere), True)
         allowed = allowed[:, :-1]
         # end the sentence after a complete word (and enough words); where nothing else is left, always
@@ -125,11 +170,11 @@ class WordConstraint:
         import torch
 
         trie = self.trie
-        begins = trie.is_first[token] & ~trie.is_stop[token]
-        self.used |= begins[:, None] & self._complete()
+        begins = torch.where(self.words == 0, trie.opens[token], trie.is_first[token]) & ~trie.is_stop[token]
+        self.used |= self._in_any_spelling(begins[:, None] & self._complete())  # the word just completed
         column = self.position.clamp(max=trie.tokens.shape[1] - 1)
         continued = self.candidates & (trie.tokens.T[column] == token[:, None])
-        started = (trie.tokens[:, 0][None] == token[:, None]) & ~self.used
+        started = (trie.tokens[:, 0][None] == token[:, None]) & ~self.used & self._spelt_here()
         self.candidates = torch.where(begins[:, None], started, continued)
         self.position = torch.where(begins, 1, self.position + 1)
         self.words += begins

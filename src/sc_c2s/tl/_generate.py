@@ -137,10 +137,10 @@ def generate(
         sampled, and a gene's token is blocked once used. With sub-word tokenizers (Pythia's, Gemma's), where a
         gene takes several tokens and a token may start many genes, sentences are written token by token along
         the genes' spellings, each gene at most once; the token budget then suffices for the `n_genes` longest.
-        Every gene is spelt as it is written after a space, the first one too, whatever the model's answer prefix:
-        a published checkpoint trained with nothing before its answer (see :doc:`/method`, "Prompts") spelt its
-        first gene otherwise, so with a sub-word tokenizer its first gene is drawn among spellings it learnt after
-        other genes; ``False`` lets it write the first gene its own way.
+        A model trained with nothing between prompt and answer, as the published fine-tuning code joins them
+        (``metadata.answer_prefix`` ``""``; detected once where the metadata records none, see :doc:`/method`,
+        "Prompts"), writes the first gene in its spelling at the start of an answer, and each gene once in either
+        spelling.
     exact_length
         Write `n_genes` words per sentence, as the prompt asks: the closing period and the end-of-sequence token
         are blocked until the sentence has `n_genes` words, and after that only tokens that end the sentence (or

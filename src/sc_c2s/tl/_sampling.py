@@ -135,15 +135,22 @@ def write_cells(
     prompt_ids = _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts))
     check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=unique_genes)
     starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
+    opening = None
+    if unique_genes or exact_length:
+        opening = opening_spellings(c2s_model, target.words, budget, prompt_ids, batch_size=batch_size)
     n_words = _sentence_length(budget, n_genes, unique_genes=unique_genes) if exact_length else None
     if n_words is not None and lengths is not None:
         n_words = np.minimum(np.asarray(lengths, dtype=np.int64), n_words)  # the words of each prompt's sentences
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
+    max_new_tokens = budget["max_new_tokens"]
+    if opening is not None:  # room for a first gene that takes more tokens spelt its own way
+        longer = (len(first) - len(seq) for first, seq in zip(opening, budget["gene_tokens"], strict=True))
+        max_new_tokens += max(0, *longer)
     sampling = {
         "prompt_ids": prompt_ids,
-        "max_new_tokens": budget["max_new_tokens"],
+        "max_new_tokens": max_new_tokens,
         "stop_ids": budget["stop_ids"],
         "temperature": temperature,
         "top_k": top_k,
@@ -151,6 +158,7 @@ def write_cells(
         "gene_ids": budget["gene_ids"] if unique_genes else None,
         "gene_tokens": budget["gene_tokens"] if unique_genes else None,
         "length": None if starts is None else (n_words, *starts),
+        "opening": opening,
         "random_state": random_state,
         "batch_size": batch_size,
     }
@@ -169,10 +177,84 @@ def write_cells(
     written = {
         "unique_genes": unique_genes and (budget["gene_ids"] is not None or budget["gene_tokens"] is not None),
         "batch_size": batch_size,
-        "max_new_tokens": budget["max_new_tokens"],
+        "max_new_tokens": max_new_tokens,
         "tokens_per_gene": budget["tokens_per_gene"],
     }
     return X, sentences, counts, written
+
+
+def opening_spellings(
+    c2s_model: C2SModel,
+    words: np.ndarray,
+    budget: dict[str, Any],
+    prompt_ids: list[list[int]],
+    *,
+    batch_size: int | None,
+) -> list[list[int]] | None:
+    """Return the tokens of each gene as the first word of an answer, where the model spells it otherwise; else ``None``.
+
+    A checkpoint fine-tuned with nothing between prompt and answer (``metadata.answer_prefix`` ``""``, as the
+    published fine-tuning code joins them) learnt its first gene spelt without a space, which sub-word tokenizers
+    spell with other tokens. Where the metadata records no prefix, the first :data:`PREFIX_PROMPTS` prompts decide
+    once, as for annotation: the form whose first tokens are the likelier next token wins, the space on a tie.
+    Genes are in the order of ``budget["gene_tokens"]`` (those the tokenizer spells).
+    """
+    if budget["gene_ids"] is not None:  # one token per gene: no other spelling
+        return None
+    tokenizer = c2s_model.tokenizer
+    upper = c2s_model.metadata.upper_case
+    unspaced = _runtime.tokenize(
+        tokenizer, [prompts.cell_sentence([w], upper=upper) for w in words], special_tokens=False
+    )
+    if unspaced == budget["spellings"]:
+        return None
+    prefix = c2s_model.metadata.answer_prefix
+    if prefix is None:
+        prefix = _detect_prefix(c2s_model, prompt_ids, budget["spellings"], unspaced, batch_size=batch_size)
+    if prefix != "":
+        return None
+    return [
+        first for seq, first in zip(budget["spellings"], unspaced, strict=True) if tokenizer.unk_token_id not in seq
+    ]
+
+
+def _detect_prefix(
+    c2s_model: C2SModel,
+    prompt_ids: list[list[int]],
+    spaced: list[list[int]],
+    unspaced: list[list[int]],
+    *,
+    batch_size: int | None,
+) -> str:
+    """Decide whether the model's answers follow the prompt after a space, by its next token after the prompts."""
+    from scipy.special import logsumexp
+
+    from sc_c2s.models import _candidates
+
+    from ._annotate import PREFIX_PROMPTS
+
+    firsts = {form: sorted({ids[0] for ids in spellings if ids}) for form, spellings in ((" ", spaced), ("", unspaced))}
+    tokens = sorted({*firsts[" "], *firsts[""]})
+    column = {t: i for i, t in enumerate(tokens)}
+    loglik = _candidates.score_answers(
+        c2s_model.model,
+        prompt_ids[:PREFIX_PROMPTS],
+        [[t] for t in tokens],
+        batch_size=batch_size,
+        pad_id=_runtime.pad_id(c2s_model.tokenizer),
+        desc=None,
+    )
+    scores = {
+        form: float(logsumexp(loglik[:, [column[t] for t in ids]], axis=1).mean()) for form, ids in firsts.items()
+    }
+    chosen = "" if scores[""] > scores[" "] else " "
+    c2s_model.metadata.answer_prefix = chosen
+    how = "without" if chosen == "" else "after"
+    logg.info(
+        f"    {c2s_model.name!r} records no answer prefix: sentences follow the prompt {how} a space (log-probability of "
+        f"a first gene {scores[' ']:.2f} with a space, {scores['']:.2f} without)"
+    )
+    return chosen
 
 
 def check_room(
@@ -333,7 +415,7 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
     gene the tokenizer spells without an unknown token, when some gene takes several (sentences of distinct
     genes are then written from them: see :mod:`sc_c2s.models._words`); else ``None``. With them and
     `unique_genes`, the token budget suffices for the `n_genes` longest genes. ``reference`` is the first token
-    of the first gene, which :func:`_word_starts` writes other tokens after.
+    of the first gene, which :func:`_word_starts` writes other tokens after; ``spellings`` the tokens of every gene.
     """
     tokenizer = model.tokenizer
     spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
@@ -366,6 +448,7 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
         "gene_tokens": gene_tokens,
         "n_distinct": n_distinct,
         "reference": ids[0][0],
+        "spellings": ids,
     }
 
 
@@ -433,6 +516,8 @@ class _Length(NamedTuple):
     starts: torch.Tensor
     is_stop: torch.Tensor
     breaks: torch.Tensor
+    opens: bool = False
+    """Whether the first token begins a word whatever it is (a sentence that follows its prompt without a space)."""
 
 
 class _Cells(NamedTuple):
@@ -509,7 +594,7 @@ class _Sampler:
             if self.reset_ids is not None:
                 self.used[torch.isin(token, self.reset_ids)] = False
         if self.length is not None:
-            self.words += self.length.starts[token]
+            self.words += self.length.starts[token] | (self.step == 0 and self.length.opens)
         if self.cells is not None:
             self.ended += self.cells.ends[token]
         self.step += 1
@@ -537,6 +622,7 @@ def sample(
     n_cells: np.ndarray | None = None,
     first_cell: int = 0,
     cells: str | None = None,
+    opening: list[list[int]] | None = None,
 ) -> None:
     """Generate a sentence for each cell from its cell type's prompt; hand each batch's cells and sentences to `sink`.
 
@@ -549,7 +635,9 @@ def sample(
     the cells its text must end (each with one of `reset_ids` that is not a stop token) before it may stop. Cell
     ``i`` draws the random numbers of cell ``first_cell + i``, so a chunk of cells gets what it would get among all
     cells. `cells` names the argument that sets how many cells a multi-cell prompt or answer holds, for the message
-    of a text too long.
+    of a text too long. `opening` holds the tokens of each gene of `gene_tokens` as the first word of a sentence
+    that follows its prompt without a space (:func:`opening_spellings`); with `length`, its first token then begins a
+    word whatever it is.
     """
     import torch
 
@@ -566,14 +654,14 @@ def sample(
         blocked[gene_tensor] = False
         blocked[stop_ids] = False
     if gene_tokens is not None:
-        trie = WordTrie(gene_tokens, n_logits=n_logits, stop_ids=stop_ids, device=c2s.device)
+        trie = WordTrie(gene_tokens, n_logits=n_logits, stop_ids=stop_ids, device=c2s.device, opening=opening)
     elif length is not None:
         _, starts, breaks = length
         is_start = torch.zeros(n_logits, dtype=torch.bool, device=c2s.device)
         is_start[: len(starts)] = torch.as_tensor(starts, device=c2s.device)
         is_break = torch.ones(n_logits, dtype=torch.bool, device=c2s.device)
         is_break[: len(breaks)] = torch.as_tensor(breaks, device=c2s.device)
-        exact = _Length(length[0], is_start, is_stop, is_break & ~is_stop)
+        exact = _Length(length[0], is_start, is_stop, is_break & ~is_stop, opens=opening is not None)
     ends = None
     if n_cells is not None:
         ends = torch.zeros(n_logits, dtype=torch.long, device=c2s.device)
