@@ -28,9 +28,11 @@ from sc_c2s.models._scratch import join_punctuation
 from ._rerank import check_rerank, n_reranked, rerank_labels
 from ._samples import ANSWER_TEXT
 from ._utils import (
+    PREFIX_PROMPTS,
     cell_words,
     check_task,
     free_labels,
+    keep_answer_prefix,
     model_n_genes,
     model_organism,
     prediction_prompts,
@@ -50,8 +52,6 @@ if TYPE_CHECKING:
 
 #: New tokens a free answer may take before it is cut.
 MAX_ANSWER_TOKENS = 32
-#: Prompts on which the answer prefix of a checkpoint that records none is detected.
-PREFIX_PROMPTS = 8
 
 
 @doc_params(
@@ -447,9 +447,9 @@ def check_labels(c2s: C2SModel, labels: Sequence[str], answer_ids: Sequence[Sequ
 def answer_prefix(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *, batch_size: int | None) -> str:
     """Return the checkpoint's answer prefix; detect it once where its metadata records none.
 
-    The labels are scored after the first :data:`PREFIX_PROMPTS` prompts with a space before the answer and
-    without; the form with the larger mean log-likelihood of the label set (log-sum-exp over the labels) wins,
-    the space on a tie (word-level tokenizers read both alike). The choice is kept in ``c2s.metadata`` and
+    The labels are scored after the first :data:`~sc_c2s.tl._utils.PREFIX_PROMPTS` prompts with a space before the
+    answer and without; the form with the larger mean log-likelihood of the label set (log-sum-exp over the labels)
+    wins, the space on a tie (word-level tokenizers read both alike). The choice is kept in ``c2s.metadata`` and
     logged.
     """
     if c2s.metadata.answer_prefix is not None:
@@ -464,11 +464,4 @@ def answer_prefix(c2s: C2SModel, ids: list[list[int]], labels: Sequence[str], *,
             c2s.model, prompts_ids, answer_ids, batch_size=batch_size, pad_id=pad, desc="answer prefix"
         )
         scores[prefix] = float(logsumexp(loglik, axis=1).mean())
-    chosen = "" if scores[""] > scores[" "] else " "
-    c2s.metadata.answer_prefix = chosen
-    how = "without" if chosen == "" else "after"
-    logg.info(
-        f"    {c2s.name!r} records no answer prefix: answers follow the prompt {how} a space (mean label-set "
-        f"log-likelihood {scores[' ']:.2f} with a space, {scores['']:.2f} without)"
-    )
-    return chosen
+    return keep_answer_prefix(c2s, scores, what="answers", measure="mean label-set log-likelihood")

@@ -35,6 +35,7 @@ from sc_c2s.models import _runtime
 from sc_c2s.models._words import WordConstraint, WordTrie, distinct_words
 
 from ._from_sentences import COUNTS, gene_index, read, vocabulary
+from ._utils import PREFIX_PROMPTS, keep_answer_prefix
 
 if TYPE_CHECKING:
     import torch
@@ -191,13 +192,14 @@ def opening_spellings(
     *,
     batch_size: int | None,
 ) -> list[list[int]] | None:
-    """Return the tokens of each gene as the first word of an answer, where the model spells it otherwise; else ``None``.
+    """Return the tokens of each gene as the first word of a sentence, where the model spells it otherwise.
 
     A checkpoint fine-tuned with nothing between prompt and answer (``metadata.answer_prefix`` ``""``, as the
     published fine-tuning code joins them) learnt its first gene spelt without a space, which sub-word tokenizers
-    spell with other tokens. Where the metadata records no prefix, the first :data:`PREFIX_PROMPTS` prompts decide
-    once, as for annotation: the form whose first tokens are the likelier next token wins, the space on a tie.
-    Genes are in the order of ``budget["gene_tokens"]`` (those the tokenizer spells).
+    spell with other tokens. Where the metadata records no prefix, the first
+    :data:`~sc_c2s.tl._utils.PREFIX_PROMPTS` prompts decide once, as for annotation: the form whose first tokens
+    are the likelier next token wins, the space on a tie. Genes are in the order of ``budget["gene_tokens"]``
+    (those the tokenizer spells); ``None`` where the first gene is spelt as the others.
     """
     if budget["gene_ids"] is not None:  # one token per gene: no other spelling
         return None
@@ -231,8 +233,6 @@ def _detect_prefix(
 
     from sc_c2s.models import _candidates
 
-    from ._annotate import PREFIX_PROMPTS
-
     firsts = {form: sorted({ids[0] for ids in spellings if ids}) for form, spellings in ((" ", spaced), ("", unspaced))}
     tokens = sorted({*firsts[" "], *firsts[""]})
     column = {t: i for i, t in enumerate(tokens)}
@@ -247,14 +247,7 @@ def _detect_prefix(
     scores = {
         form: float(logsumexp(loglik[:, [column[t] for t in ids]], axis=1).mean()) for form, ids in firsts.items()
     }
-    chosen = "" if scores[""] > scores[" "] else " "
-    c2s_model.metadata.answer_prefix = chosen
-    how = "without" if chosen == "" else "after"
-    logg.info(
-        f"    {c2s_model.name!r} records no answer prefix: sentences follow the prompt {how} a space (log-probability of "
-        f"a first gene {scores[' ']:.2f} with a space, {scores['']:.2f} without)"
-    )
-    return chosen
+    return keep_answer_prefix(c2s_model, scores, what="sentences", measure="log-probability of a first gene")
 
 
 def check_room(

@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 UNKNOWN_WARNING = 0.5
 #: What to do about cells that express no gene.
 REMOVE_EMPTY = "remove such cells first, e.g. with `sc.pp.filter_cells(adata, min_genes=1)`."
+#: Prompts on which the answer prefix of a checkpoint that records none is detected.
+PREFIX_PROMPTS = 8
 #: Cells per multi-cell prompt when the caller names none: C2S-Scale's prompts hold 5 to 20.
 DEFAULT_N_CELLS = 10
 #: Each task of ``metadata.tasks`` as warnings name it, and what a model not trained for it gives.
@@ -266,3 +268,18 @@ def groups_of(handler: DataHandler, groupby: str) -> pd.Series:
         msg = f"obs[{groupby!r}] is missing for every cell; pass a column that assigns cells to groups."
         raise ValueError(msg)
     return groups
+
+
+def keep_answer_prefix(c2s: C2SModel, scores: Mapping[str, float], *, what: str, measure: str) -> str:
+    """Keep the answer prefix that scored higher in the model's metadata, and log the choice.
+
+    `scores` of ``" "`` and ``""``, the space on a tie; `what` names what follows the prompt, `measure` the score.
+    """
+    chosen = "" if scores[""] > scores[" "] else " "
+    c2s.metadata.answer_prefix = chosen
+    how = "without" if chosen == "" else "after"
+    logg.info(
+        f"    {c2s.name!r} records no answer prefix: {what} follow the prompt {how} a space ({measure} "
+        f"{scores[' ']:.2f} with a space, {scores['']:.2f} without)"
+    )
+    return chosen
