@@ -11,6 +11,7 @@ import copy
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -325,12 +326,31 @@ def test_generation_detects_the_answer_prefix_by_the_first_gene(ranked, in_memor
         norm.bias[0] = 1
         c2s.model.get_output_embeddings().weight[:, 0] = 0
         c2s.model.get_output_embeddings().weight[sorted(likely), 0] = 5
-    sc_c2s.tl.generate(ranked, model=c2s, cell_types={"A549": 2}, n_genes=4, batch_size=2)
+    # the default batch size: detection asked a GPU for its free memory on the CPU, before the batch was sized
+    sc_c2s.tl.generate(ranked, model=c2s, cell_types={"A549": 2}, n_genes=4)
     assert c2s.metadata.answer_prefix == prefix
     how = "without" if prefix == "" else "after"
     assert scanpy_log.getvalue().count(f"sentences follow the prompt {how} a space") == 1
     sc_c2s.tl.generate(ranked, model=c2s, cell_types={"A549": 2}, n_genes=4, batch_size=2)
     assert scanpy_log.getvalue().count("records no answer prefix") == 1
+
+
+def test_a_first_gene_spelt_its_own_way_has_room_and_no_stop_inside():
+    """Its spelling may take more tokens, and hold a token ending in a period that ends sentences where no gene
+    spelt after a space holds it (``CM4.2`` as ``C``, ``M4.``, ``2``): the context was checked before the budget grew,
+    and a sentence stopped inside its first gene."""
+    genes = [[5], [8], [9]]  # three genes of one token each: sentences of 3 genes take up to 6 new tokens
+    budget = {"max_new_tokens": 6, "gene_tokens": genes, "stop_ids": [0, 7, 11], "extra_tokens": 0}
+    _sampling.spell_first(budget, [[3, 7], [4], [10]], eos_id=0)
+    assert (budget["max_new_tokens"], budget["extra_tokens"], budget["stop_ids"]) == (7, 1, [0, 11])
+
+    config = SimpleNamespace(max_position_embeddings=10)
+    c2s = SimpleNamespace(model=SimpleNamespace(config=config), name="tiny")
+    budget.update(tokens_per_gene=1.0, n_distinct=3)
+    _sampling.check_room(c2s, [[1, 2, 3]], budget, n_genes=3, unique_genes=True)  # 3 + 7 tokens fit in 10
+    config.max_position_embeddings = 8  # 2 genes take 5 new tokens and 1 more for the first: they do not fit
+    with pytest.raises(ValueError, match=r"up to 7 tokens\) do not fit in the 8 tokens .*`n_genes=1`"):
+        _sampling.check_room(c2s, [[1, 2, 3]], budget, n_genes=3, unique_genes=True)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)

@@ -212,8 +212,9 @@ def _input_kind(rows: sparse.csr_matrix, log1p_base: float | None, source: str) 
 def _whole_multiples(indptr: np.ndarray, data: np.ndarray, log_scale: float) -> float:
     """Share of the rows of a CSR matrix whose positive values are all whole multiples of the row's smallest.
 
-    With ``log_scale > 0`` the values are ``expm1(log_scale * value)``. Rows whose positive values are all equal
-    (or none) tell nothing and are left out; ``0`` when all are.
+    With ``log_scale > 0`` the values are ``expm1(log_scale * value)``. Rows that tell nothing (see
+    :func:`_whole_multiple_rows`: positive values all equal, or none, or the others too large to round) are left
+    out; ``0`` when all are.
     """
     whole = _whole_multiple_rows(indptr, data, log_scale, *_WHOLE_TOLERANCE)
     telling = whole >= 0

@@ -230,9 +230,8 @@ def available_memory() -> int | None:
 
     ``MemAvailable`` of ``/proc/meminfo`` where there is one (Linux), else what psutil says is available (macOS,
     Windows) where it is installed, else the physical memory; less where the control group of a container leaves
-    less. A control group's usage counts the cache of files read, which the
-    kernel drops when memory is needed: its inactive part is not counted as used (the working set, as Kubernetes
-    and ``docker stats`` count it).
+    less. A control group's usage counts the cache of files read, which the kernel drops when memory is needed: its
+    inactive part is not counted as used (the working set, as Kubernetes and ``docker stats`` count it).
     """
     available = _read_number("/proc/meminfo", "MemAvailable:", scale=1024)
     if available is None:

@@ -112,9 +112,9 @@ class WordConstraint:
         device = trie.tokens.device
         self.trie, self.n_words = trie, n_words
         self.candidates = torch.zeros((n_rows, len(trie)), dtype=torch.bool, device=device)
-        """Words the current word of each row can still become."""
+        """Spellings the current word of each row can still become."""
         self.used = torch.zeros_like(self.candidates)
-        """Words each row has written."""
+        """Spellings of the words each row has written (both spellings of each)."""
         self.position = torch.zeros(n_rows, dtype=torch.long, device=device)
         """Tokens of the current word written so far (``0``: before the first word)."""
         self.words = torch.zeros(n_rows, dtype=torch.long, device=device)
@@ -137,7 +137,7 @@ class WordConstraint:
         return torch.where((self.words == 0)[:, None], self.trie.opening[None], self.trie.later[None])
 
     def _complete(self) -> torch.Tensor:
-        """Rows × words: the word that the tokens of the current word spell in full."""
+        """Rows × spellings: the spelling that the tokens of the current word spell in full."""
         return self.candidates & (self.trie.lengths[None] == self.position[:, None])
 
     def allowed(self) -> torch.Tensor:

@@ -134,24 +134,22 @@ def write_cells(
     check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     prompt_ids = _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts))
-    check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=unique_genes)
-    starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
-    opening = None
-    if unique_genes or exact_length:
-        opening = opening_spellings(c2s_model, target.words, budget, prompt_ids, batch_size=batch_size)
-    n_words = _sentence_length(budget, n_genes, unique_genes=unique_genes) if exact_length else None
-    if n_words is not None and lengths is not None:
-        n_words = np.minimum(np.asarray(lengths, dtype=np.int64), n_words)  # the words of each prompt's sentences
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
         batch_size = CPU_BATCH
     batch_size = _runtime.resolve_batch_size(batch_size, c2s_model.device)
-    max_new_tokens = budget["max_new_tokens"]
-    if opening is not None:  # room for a first gene that takes more tokens spelt its own way
-        longer = (len(first) - len(seq) for first, seq in zip(opening, budget["gene_tokens"], strict=True))
-        max_new_tokens += max(0, *longer)
+    opening = None
+    if unique_genes or exact_length:
+        opening = opening_spellings(c2s_model, target.words, budget, prompt_ids, batch_size=batch_size)
+    if opening is not None:
+        spell_first(budget, opening, eos_id=c2s_model.tokenizer.eos_token_id)
+    check_room(c2s_model, prompt_ids, budget, n_genes=n_genes, unique_genes=unique_genes)
+    starts = _word_starts(c2s_model.tokenizer, reference=budget["reference"]) if exact_length else None
+    n_words = _sentence_length(budget, n_genes, unique_genes=unique_genes) if exact_length else None
+    if n_words is not None and lengths is not None:
+        n_words = np.minimum(np.asarray(lengths, dtype=np.int64), n_words)  # the words of each prompt's sentences
     sampling = {
         "prompt_ids": prompt_ids,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": budget["max_new_tokens"],
         "stop_ids": budget["stop_ids"],
         "temperature": temperature,
         "top_k": top_k,
@@ -178,7 +176,7 @@ def write_cells(
     written = {
         "unique_genes": unique_genes and (budget["gene_ids"] is not None or budget["gene_tokens"] is not None),
         "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": budget["max_new_tokens"],
         "tokens_per_gene": budget["tokens_per_gene"],
     }
     return X, sentences, counts, written
@@ -218,6 +216,19 @@ def opening_spellings(
     return [
         first for seq, first in zip(budget["spellings"], unspaced, strict=True) if tokenizer.unk_token_id not in seq
     ]
+
+
+def spell_first(budget: dict[str, Any], opening: list[list[int]], *, eos_id: int | None) -> None:
+    """Make `budget` (of :func:`token_budget`) hold sentences whose first gene is spelt `opening`.
+
+    Room for the tokens by which a first gene's spelling is longer (``extra_tokens``), and no stop token that is
+    part of one: a token ending in a period stops a sentence only where no gene is spelt with it.
+    """
+    longer = max(0, *(len(first) - len(seq) for first, seq in zip(opening, budget["gene_tokens"], strict=True)))
+    budget["extra_tokens"] = longer
+    budget["max_new_tokens"] += longer
+    inside = {token for first in opening for token in first}
+    budget["stop_ids"] = [t for t in budget["stop_ids"] if t == eos_id or t not in inside]
 
 
 def _detect_prefix(
@@ -261,7 +272,12 @@ def check_room(
     n_distinct = budget["n_distinct"] if unique_genes else None
     most = most_that_fit(
         n_genes,
-        lambda n: longest + new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, n_distinct) <= limit,
+        lambda n: (
+            longest
+            + new_tokens(budget["tokens_per_gene"], budget["gene_tokens"], n, n_distinct)
+            + budget["extra_tokens"]
+            <= limit
+        ),
     )
     advice = f"ask for at most `n_genes={most}`" if most else "the prompts alone nearly fill it"
     msg = (
@@ -408,7 +424,8 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
     gene the tokenizer spells without an unknown token, when some gene takes several (sentences of distinct
     genes are then written from them: see :mod:`sc_c2s.models._words`); else ``None``. With them and
     `unique_genes`, the token budget suffices for the `n_genes` longest genes. ``reference`` is the first token
-    of the first gene, which :func:`_word_starts` writes other tokens after; ``spellings`` the tokens of every gene.
+    of the first gene, which :func:`_word_starts` writes other tokens after; ``spellings`` the tokens of every gene;
+    ``extra_tokens`` the tokens :func:`spell_first` adds to ``max_new_tokens``.
     """
     tokenizer = model.tokenizer
     spaced = [" " + prompts.cell_sentence([w], upper=model.metadata.upper_case) for w in words]
@@ -442,6 +459,7 @@ def token_budget(model: C2SModel, words: np.ndarray, n_genes: int, *, unique_gen
         "n_distinct": n_distinct,
         "reference": ids[0][0],
         "spellings": ids,
+        "extra_tokens": 0,
     }
 
 
