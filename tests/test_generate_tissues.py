@@ -88,6 +88,13 @@ def test_generate_takes_cell_types_or_tissues(_tissues, tiny):
         sc_c2s.tl.generate(_tissues, model=tiny)
 
 
+def test_tissues_the_model_was_not_trained_on_are_refused(_tissues, tiny):
+    knows = copy.copy(tiny)
+    knows.metadata = dataclasses.replace(tiny.metadata, tissues=["lung", "kidney"])
+    with pytest.raises(ValueError, match=r"does not know the tissues \['liver'\]\. It was trained on: \['lung', "):
+        sc_c2s.tl.generate(_tissues, model=knows, tissues={"lung": 2, "liver": 2})
+
+
 def test_samples_hold_five_cells_unless_given(_tissues, tiny):
     generated = sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 7}, n_genes=N_GENES)
     assert generated.obs["sample"].astype(str).tolist() == ["sample-0"] * 5 + ["sample-1"] * 2

@@ -95,3 +95,25 @@ def test_bad_design_is_refused(obs):
     only_controls = obs.assign(condition="ctrl")
     with pytest.raises(ValueError, match="No perturbed cell"):
         _pairs.design(only_controls, condition_key="condition", control="ctrl", pair_by=None, usable=usable)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda o: o.assign(condition=o["condition"].where(o.index != "c3")), r"obs\['condition'\] has 1 missing"),
+        (lambda o: o.assign(condition=o["condition"].replace("LPS", " ")), "empty or multi-line conditions"),
+        (lambda o: o.assign(condition=o["condition"].replace("LPS", "L\nPS")), "empty or multi-line conditions"),
+        (lambda o: o.assign(donor=o["donor"].where(o.index != "c5")), r"obs columns \['donor'\] of `pair_by` have"),
+    ],
+    ids=["missing condition", "empty condition", "two-line condition", "missing group"],
+)
+def test_conditions_and_groups_a_prompt_cannot_name_are_refused(obs, change, match):
+    """A perturbation's name goes into one line of the prompt, and a pair into one group: no value, no pair."""
+    with pytest.raises(ValueError, match=match):
+        _pairs.design(
+            change(obs),
+            condition_key="condition",
+            control="ctrl",
+            pair_by=["cell_type", "donor"],
+            usable=np.ones(300, bool),
+        )
