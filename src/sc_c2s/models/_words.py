@@ -69,8 +69,6 @@ class WordTrie:
         self.tokens = self.tokens.to(device)
         self.lengths = torch.as_tensor([len(seq) for seq in unique], device=device)
         rows = torch.arange(len(unique), device=device)
-        self.word = rows % n_words
-        """The word of each spelling."""
         self.later = rows < n_words
         """Spellings written after a space: all but the first word of a sentence."""
         self.opening = rows >= n_words if opening is not None else self.later
@@ -124,17 +122,20 @@ class WordConstraint:
         """Rows × spellings: every spelling of the words of which `spellings` (rows × spellings) holds one."""
         import torch
 
-        trie = self.trie
-        if trie.n_words == len(trie):  # one spelling per word
+        n_words = self.trie.n_words
+        if n_words == len(self.trie):  # one spelling per word
             return spellings
-        words = torch.zeros((len(spellings), trie.n_words), dtype=torch.int, device=spellings.device)
-        return words.index_add_(1, trie.word, spellings.int())[:, trie.word] > 0
+        words = spellings[:, :n_words] | spellings[:, n_words:]  # spelling n_words + i is word i
+        return torch.cat([words, words], dim=1)
 
     def _spelt_here(self) -> torch.Tensor:
         """Rows × spellings: those a new word of each row may take (the first word's, or those after a space)."""
         import torch
 
-        return torch.where((self.words == 0)[:, None], self.trie.opening[None], self.trie.later[None])
+        trie = self.trie
+        if trie.n_words == len(trie):  # one spelling per word, for any word
+            return trie.later[None]
+        return torch.where((self.words == 0)[:, None], trie.opening[None], trie.later[None])
 
     def _complete(self) -> torch.Tensor:
         """Rows × spellings: the spelling that the tokens of the current word spell in full."""
