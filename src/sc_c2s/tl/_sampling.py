@@ -199,7 +199,8 @@ def opening_spellings(
     are the likelier next token wins, the space on a tie. Genes are in the order of ``budget["gene_tokens"]``
     (those the tokenizer spells); ``None`` where the first gene is spelt as the others.
     """
-    if budget["gene_ids"] is not None:  # one token per gene: no other spelling
+    prefix = c2s_model.metadata.answer_prefix
+    if budget["gene_ids"] is not None or prefix == " ":  # one token per gene, or genes written after a space
         return None
     tokenizer = c2s_model.tokenizer
     upper = c2s_model.metadata.upper_case
@@ -208,7 +209,6 @@ def opening_spellings(
     )
     if unspaced == budget["spellings"]:
         return None
-    prefix = c2s_model.metadata.answer_prefix
     if prefix is None:
         prefix = _detect_prefix(c2s_model, prompt_ids, budget["spellings"], unspaced, batch_size=batch_size)
     if prefix != "":
