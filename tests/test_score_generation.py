@@ -155,7 +155,7 @@ def test_real_cells_without_a_label_belong_to_no_type(halves):
     real.obs["cell_type"] = real.obs["cell_type"].astype(object)
     real.obs.loc[real.obs_names[::3], "cell_type"] = np.nan
     data = _score_generation.comparison(real, fake, label_key="cell_type")
-    assert _score_generation._other_types(data, ["A549"]) == ["H1975", "H2228", "H838", "HCC827"]
+    assert _score_generation._real_types(data) == ["A549", "H1975", "H2228", "H838", "HCC827"]
     scores = score(real, fake[fake.obs["cell_type"] == "A549"].copy())
     assert scores.loc["A549", "n_real"] == (real.obs["cell_type"] == "A549").sum()
 

@@ -340,7 +340,7 @@ def score_generation(
     types = _types(data)
 
     # each draw from a stream of its own, so that no type's cells depend on which types were generated, or in what order
-    real_types = sorted([*types, *_other_types(data, types)])
+    real_types = _real_types(data)
     halves = {
         t: _split(np.flatnonzero(data.real_labels == t), max_cells, named_rng(random_state, "real", t))
         for t in real_types
@@ -419,10 +419,10 @@ def _types(data: Comparison) -> list[str]:
     return types
 
 
-def _other_types(data: Comparison, types: list[str]) -> list[str]:
-    """Real types with enough cells that were not generated, sorted: the classifier chooses among them too."""
+def _real_types(data: Comparison) -> list[str]:
+    """Real types with enough cells, generated or not, sorted: the classifier chooses among all of them."""
     real = pd.Series(data.real_labels).value_counts()
-    return sorted(t for t, n in real.items() if n >= MIN_REAL_CELLS and t not in types)
+    return sorted(t for t, n in real.items() if n >= MIN_REAL_CELLS)
 
 
 def _split(cells: np.ndarray, max_cells: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
