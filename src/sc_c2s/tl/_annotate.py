@@ -32,6 +32,7 @@ from ._utils import (
     cell_words,
     check_task,
     free_labels,
+    in_stable_order,
     keep_answer_prefix,
     model_n_genes,
     model_organism,
@@ -267,8 +268,7 @@ def label_set(labels: Sequence[str] | str) -> list[str] | Literal["model"]:
             msg = f'`labels` must be a list of cell types, "model" or None, got the string {labels!r}.'
             raise ValueError(msg)
         return labels
-    # a set in sorted order: its own changes with the hash seed, and with it the recorded labels and the scores
-    labels = sorted(labels, key=str) if isinstance(labels, set | frozenset) else list(labels)
+    labels = in_stable_order(labels)
     bad = [label for label in labels if not isinstance(label, str) or not re.fullmatch(ANSWER_TEXT, label)]
     if not labels or bad:
         msg = (

@@ -17,7 +17,7 @@ from sc_c2s.models._metadata import PERTURBATION
 from ._from_sentences import COUNTS, log10_record
 from ._pairs import conditions
 from ._sampling import check_sampling, target_of, valid_share, write_cells
-from ._utils import check_task, model_n_genes, warn_empty_sentences
+from ._utils import check_task, in_stable_order, model_n_genes, warn_empty_sentences
 
 if TYPE_CHECKING:
     import os
@@ -282,9 +282,7 @@ def _perturbations(perturbations: Collection[str]) -> list[str]:
     if isinstance(perturbations, str) or not pd.api.types.is_list_like(perturbations):
         msg = f"`perturbations` must be a list of names, e.g. [{perturbations!r}]."
         raise TypeError(msg)
-    if isinstance(perturbations, set | frozenset):  # in sorted order: a set's order changes with the hash seed
-        perturbations = sorted(perturbations, key=str)
-    names = list(dict.fromkeys(str(p) for p in perturbations))
+    names = list(dict.fromkeys(str(p) for p in in_stable_order(perturbations)))
     bad = [p for p in names if not p.strip() or "\n" in p]
     if not names or bad:
         msg = f"`perturbations` must be a non-empty list of one-line names, got {list(perturbations)!r}."

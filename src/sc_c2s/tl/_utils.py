@@ -6,8 +6,8 @@ The genes of each cell as the model spells them, draws of groups of cells, and t
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -268,6 +268,14 @@ def groups_of(handler: DataHandler, groupby: str) -> pd.Series:
         msg = f"obs[{groupby!r}] is missing for every cell; pass a column that assigns cells to groups."
         raise ValueError(msg)
     return groups
+
+
+def in_stable_order(names: Iterable[Any]) -> list[Any]:
+    """Return `names` as a list: in their own order, or for a set in sorted order (by text).
+
+    A set's order changes with Python's hash seed, and with it what a verb records and draws for each name.
+    """
+    return sorted(names, key=str) if isinstance(names, set | frozenset) else list(names)
 
 
 def keep_answer_prefix(c2s: C2SModel, scores: Mapping[str, float], *, what: str, measure: str) -> str:
