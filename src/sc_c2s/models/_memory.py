@@ -199,12 +199,11 @@ def lora(s: Shape, *, quantization: str | None = None) -> float:
 
     For batches of :data:`BATCH` samples of :data:`TOKENS` tokens.
     """
-    batch, tokens = BATCH, TOKENS
     adapter = s.n_lora * (4 + 4 + 8)  # float32 weights, gradients, AdamW's two moments
-    kept = s.n_layers * batch * tokens * s.hidden * 2  # the input of each layer, kept for the backward pass
-    layer = 3 * batch * tokens * (4 * s.hidden + 3 * s.intermediate) * 2  # one layer recomputed, with gradients
-    scores = 3 * batch * s.n_heads * tokens**2 * 4 if s.eager else 0
-    logits = batch * tokens * _ANSWER_SHARE * s.vocab * (2 + 4 + 4)  # bf16 logits, float32 copy and gradient
+    kept = s.n_layers * BATCH * TOKENS * s.hidden * 2  # the input of each layer, kept for the backward pass
+    layer = 3 * BATCH * TOKENS * (4 * s.hidden + 3 * s.intermediate) * 2  # one layer recomputed, with gradients
+    scores = 3 * BATCH * s.n_heads * TOKENS**2 * 4 if s.eager else 0
+    logits = BATCH * TOKENS * _ANSWER_SHARE * s.vocab * (2 + 4 + 4)  # bf16 logits, float32 copy and gradient
     # peft prepares a quantised base by casting what is not quantised (embeddings, norms) to float32
     upcast = s.n_other * 2 if quantization is not None else 0
     return weights(s, quantization=quantization) + upcast + adapter + kept + layer + scores + logits
