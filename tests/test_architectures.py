@@ -76,6 +76,14 @@ def in_memory(tokenizers, build):
     return in_memory
 
 
+@pytest.fixture
+def ranked(cellbench):
+    """Every 25th CellBench cell (12), ranked."""
+    adata = cellbench[::25].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
+    return adata
+
+
 def full_sequence_loglik(c2s: C2SModel, adata, labels: list[str]) -> np.ndarray:
     """Log-likelihood of each label's answer after each prompt, from one plain forward pass per cell and label
     over the prompt (with the tokenizer's special tokens) and the answer: no padding, no cache, no custom mask."""
@@ -172,7 +180,7 @@ def test_embedding_spans_the_sentence_tokens(short_sentences, in_memory, archite
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
-def test_workflow_from_a_published_layout(cellbench, published, publish, architecture, tmp_path):
+def test_workflow_from_a_published_layout(ranked, published, publish, architecture, tmp_path):
     """Download (sharded) → load → annotate (free and constrained) → embed → generate → fine-tune → load."""
     name = f"tiny-{architecture}"
     publish(name, published[architecture], architecture=CLASSES[architecture])
@@ -184,8 +192,7 @@ def test_workflow_from_a_published_layout(cellbench, published, publish, archite
     prompt_ids = _runtime.tokenize(tokenizer, ["Cell sentence:"])[0]
     assert (prompt_ids[0] == tokenizer.bos_token_id) == (architecture == "gemma2")
 
-    adata = cellbench[::25].copy()
-    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
+    adata = ranked
     sc_c2s.tl.annotate(adata, model=c2s, n_genes=N_GENES, batch_size=5)
     assert adata.obs["c2s_cell_type_score"].between(0, 1).all()
     sc_c2s.tl.annotate(adata, model=c2s, labels=LONG_LABELS, n_genes=N_GENES, batch_size=5)
@@ -264,13 +271,6 @@ def test_word_constraint_spells_the_first_word_its_own_way():
     free = WordConstraint(trie, 1)
     free.advance(torch.tensor([4]))
     assert free.allowed()[0].nonzero()[:, 0].tolist() == [5, 9]  # word 1 written: word 0 after a space, or the end
-
-
-@pytest.fixture
-def ranked(cellbench):
-    adata = cellbench[::25].copy()
-    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=N_GENES)
-    return adata
 
 
 def first_tokens(c2s: C2SModel, genes, *, space: bool) -> set[int]:
