@@ -79,9 +79,11 @@ class WordTrie:
         self.is_first = torch.zeros(n_logits, dtype=torch.bool, device=device)
         """Tokens that begin a word after a space."""
         self.is_first[self.tokens[self.later, 0]] = True
-        self.opens = torch.zeros(n_logits, dtype=torch.bool, device=device)
+        self.opens = self.is_first
         """Tokens that begin the first word."""
-        self.opens[self.tokens[self.opening, 0]] = True
+        if opening is not None:
+            self.opens = torch.zeros(n_logits, dtype=torch.bool, device=device)
+            self.opens[self.tokens[self.opening, 0]] = True
 
     def __len__(self) -> int:
         """Spellings of words: one per word, two where the first word is spelt otherwise."""
