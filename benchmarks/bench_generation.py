@@ -7,7 +7,7 @@ those batches, and with the held-out plate CEL-seq2_5cl_p3 (so that memorised tr
 generation), each metric beside its real-vs-real split-half control. Targets: kNN label recovery ≥ 0.90, MMD ≤
 1.5× the control, ≥ 99% of generated words valid genes. The MMD ratio moves by about 0.2 with the training seed,
 so read it against the held-out plate as well. A last table shows what each temperature, or turning off the
-repeat block or the exact length, changes.
+repeat block or the exact length, changes, and how alike two cells of a line order the genes they share.
 
 Last run (``python benchmarks/bench_generation.py --threads 2``, 2 otherwise idle cores): ``finetune`` with its
 defaults trained all 2,400 steps (best step 2,160) and chose its temperature in 508 s in all; it chose 0.7 (MMD to
@@ -20,12 +20,12 @@ repeat block (and the genes-only rule with it) gave 0.928 and 66 % valid words, 
 Scored with the kNN rule of before (ties to the label first in sorted order), the same cells gave the same 0.968
 (control 0.974): the gain over the run before is the training draw. Rescored with this release's draws of
 ``score_generation`` (a stream per type; ``--model`` with that run's checkpoint, one thread): kNN 0.966, MMD 1.79×
-(1.53× against p3); at 1.0 0.954 and 1.85×, at 0.5 0.992 and 2.03×. The last table's ``order`` column shows what
-the MMD misses: two generated cells of a line order the genes they share with a Spearman correlation of 0.84 on
-average (0.80 at 1.0, 0.86 at 0.5), two real cells 0.52 (the method page, "Why MMD stays above its control"). That run (380 s, best step 2,280, also all
-2,400 steps) gave kNN 0.844 and MMD 2.23× (1.79× against p3; HCC827 recovered for 0.60, H1975 for 0.71); the
-previous release's (temperature 1.0 always, 574 s) gave 0.730 and 2.26×, another run of it on a busier machine
-0.792 and 2.19×: the same defaults vary by 5 to 12 points of kNN recovery between training runs. The defaults
+(1.53× against p3); at 1.0 0.954 and 1.85×, at 0.5 0.992 and 2.03×. The last table's ``order`` column shows one
+way the generated cells still differ from the real ones: two generated cells of a line order the genes they share
+with a Spearman correlation of 0.84 on average (0.80 at 1.0, 0.86 at 0.5), two real cells 0.52 (the method page,
+"Why MMD stays above its control"). The run before (380 s, best step 2,280, also all 2,400 steps) gave kNN
+0.844 and MMD 2.23× (1.79× against p3; HCC827 recovered for 0.60, H1975 for 0.71); the previous release's
+(temperature 1.0 always, 574 s) gave 0.730 and 2.26×, another run of it on a busier machine 0.792 and 2.19×: the same defaults vary by 5 to 12 points of kNN recovery between training runs. The defaults
 before, batches of 32 for 1,200 steps, gave kNN 0.632 and MMD 3.06×; with selection on the answer loss and a
 300-step floor, 0.204 and 5.0×. The earlier per-benchmark setting (generation only, batches of 16, 40 epochs,
 temperature 0.6) reached a kNN recovery of 0.988. Generation alone with the defaults' early stopping is no way
