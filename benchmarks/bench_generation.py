@@ -13,23 +13,24 @@ Last run (``python benchmarks/bench_generation.py --threads 2``, 2 otherwise idl
 defaults trained all 2,400 steps (best step 2,160) and chose its temperature in 508 s in all; it chose 0.7 (MMD to
 the training cells 0.182 at 1.0, 0.176 at 0.7, 0.204 at 0.5). Sampled at 0.7 by ``generate``'s defaults: kNN label
 recovery 0.968 (real-vs-real control 0.970), MMD 1.87× the control against the training cells and 1.51× against
-CEL-seq2_5cl_p3, valid words 100 %; held-out annotation (59 cells) accuracy 0.983, macro-F1 0.981. The kNN target
-is met (H1975 is recovered for 0.86 of its cells, the other four for 0.99-1.00), the MMD target is not. In the last
-table the same model at temperature 1.0 gave kNN 0.952 and MMD 1.84×, at 0.5 0.988 and 2.13×. Turning off the
-repeat block (and the genes-only rule with it) gave 0.928 and 66 % valid words, no exact length 0.966 and 1.80×.
-Scored with the kNN rule of before (ties to the label first in sorted order), the same cells gave the same 0.968
-(control 0.974): the gain over the run before is the training draw. Rescored with this release's draws of
-``score_generation`` (a stream per type; ``--model`` with that run's checkpoint, one thread): kNN 0.966, MMD 1.79×
-(1.53× against p3); at 1.0 0.954 and 1.85×, at 0.5 0.992 and 2.03×. The last table's ``order`` column shows one
-way the generated cells still differ from the real ones: two generated cells of a line order the genes they share
-with a Spearman correlation of 0.84 on average (0.80 at 1.0, 0.86 at 0.5), two real cells 0.52 (the method page,
-"Why MMD stays above its control"). The run before (380 s, best step 2,280, also all 2,400 steps) gave kNN
-0.844 and MMD 2.23× (1.79× against p3; HCC827 recovered for 0.60, H1975 for 0.71); the previous release's
-(temperature 1.0 always, 574 s) gave 0.730 and 2.26×, another run of it on a busier machine 0.792 and 2.19×: the same defaults vary by 5 to 12 points of kNN recovery between training runs. The defaults
-before, batches of 32 for 1,200 steps, gave kNN 0.632 and MMD 3.06×; with selection on the answer loss and a
-300-step floor, 0.204 and 5.0×. The earlier per-benchmark setting (generation only, batches of 16, 40 epochs,
-temperature 0.6) reached a kNN recovery of 0.988. Generation alone with the defaults' early stopping is no way
-there: on validation cells it stopped after 840 and 1,080 steps and generated worse than both tasks (method page).
+CEL-seq2_5cl_p3, valid words 100 %; held-out annotation (59 cells) accuracy 0.983, macro-F1 0.981. The kNN target is
+met (H1975 is recovered for 0.86 of its cells, the other four for 0.99-1.00), the MMD target is not. In the last
+table the same model at temperature 1.0 gave kNN 0.952 and MMD 1.84×, at 0.5 0.988 and 2.13×. Turning off the repeat
+block (and the genes-only rule with it) gave 0.928 and 66 % valid words, no exact length 0.966 and 1.80×. Scored with
+the kNN rule of before (ties to the label first in sorted order), the same cells gave the same 0.968 (control 0.974):
+the gain over the run before is the training draw. Rescored with this release's draws of ``score_generation`` (a
+stream per type; ``--model`` with that run's checkpoint, one thread): kNN 0.966, MMD 1.79× (1.53× against p3); at 1.0
+0.954 and 1.85×, at 0.5 0.992 and 2.03×. The last table's ``order`` column shows one way the generated cells still
+differ from the real ones: two generated cells of a line order the genes they share with a Spearman correlation of
+0.84 on average (0.80 at 1.0, 0.86 at 0.5), two real cells 0.52 (the method page, "Why MMD stays above its control").
+The run before (380 s, best step 2,280, also all 2,400 steps) gave kNN 0.844 and MMD 2.23× (1.79× against p3; HCC827
+recovered for 0.60, H1975 for 0.71); the previous release's (temperature 1.0 always, 574 s) gave 0.730 and 2.26×,
+another run of it on a busier machine 0.792 and 2.19×: the same defaults vary by 5 to 12 points of kNN recovery
+between training runs. The defaults before, batches of 32 for 1,200 steps, gave kNN 0.632 and MMD 3.06×; with
+selection on the answer loss and a 300-step floor, 0.204 and 5.0×. The earlier per-benchmark setting (generation
+only, batches of 16, 40 epochs, temperature 0.6) reached a kNN recovery of 0.988. Generation alone with the defaults'
+early stopping is no way there: on validation cells it stopped after 840 and 1,080 steps and generated worse than
+both tasks (method page).
 
 Speed (only where CUDA is available): generated 200-gene cells per second with a model of the Pythia-410m
 architecture (random weights, word-level tokenizer over the CellBench genes, bf16), ``tl.generate`` beside a
