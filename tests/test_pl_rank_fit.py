@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
+import scanpy as sc
 from matplotlib import pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.collections import PolyCollection
@@ -145,6 +148,26 @@ def test_subset_since_the_fit_warns(pbmc68k):
     with pytest.warns(UserWarning, match=r"The points drawn are not the fit's: it was made on 700 cells .* 50 cells"):
         ax = sc_c2s.pl.rank_fit(subset, show=False)
     assert ax.get_title() == "Rank → expression fit (700 cells)\npoints: 50 cells of the changed data"
+
+
+def test_normalised_since_the_fit_warns(pbmc4k):
+    """Counts normalised to 10,000 after ranking were drawn without a word, above the line fitted to them as they
+    were (cells summing to a median of 910): the points counted the same, so nothing seemed changed."""
+    sc_c2s.pp.to_sentences(pbmc4k)
+    target_sum = pbmc4k.uns["c2s"]["rank_fit"]["target_sum"]
+    logged = sc.pp.log1p(pbmc4k, copy=True)  # undone before drawing: the same points, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sc_c2s.pl.rank_fit(logged, show=False)
+    sc.pp.normalize_total(pbmc4k, target_sum=1e4)
+    sc.pp.log1p(pbmc4k)
+    with pytest.warns(
+        UserWarning,
+        match=rf"^The points drawn are not the fit's: the fit's cells summed to a median of {target_sum:.4g}, the "
+        r"data's now sum to 1e\+04, so it was subset or changed since",
+    ):
+        ax = sc_c2s.pl.rank_fit(pbmc4k, show=False)
+    assert ax.get_title() == "Rank → expression fit (500 cells)\npoints: 500 cells of the changed data"
 
 
 def test_emptied_since_the_fit(pbmc4k):

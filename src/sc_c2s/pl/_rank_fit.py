@@ -26,6 +26,9 @@ _CHANGED = (
     "It changed since `sc_c2s.pp.to_sentences` ranked it, so the points of the fit cannot be drawn from it: restore "
     "the data, or run `sc_c2s.pp.to_sentences` again."
 )
+#: Relative change of the cells' median total below which the points are drawn as the fit's (a scale change of 1 %
+#: moves them by 0.004 in log10).
+_SAME_SCALE = 0.01
 
 
 @doc_params(doc_adata=doc_adata, doc_mod=doc_mod, doc_show_ax=doc_show_ax)
@@ -44,8 +47,8 @@ def rank_fit(
 
     A hexbin density of ``log10(1 + normalised expression)`` against ``log10(1 + rank0)`` over the cells sampled
     for the fit by :func:`sc_c2s.pp.to_sentences`, with the fitted line, its slope, intercept and R². If the data
-    no longer gives the fit's points (cells subset or changed since), a warning says so and the title names the
-    cells drawn.
+    no longer gives the fit's points (cells subset, normalised or changed since), a warning says so and the title
+    names the cells drawn.
     A good fit (R² about 0.8 on the published immune data, 0.91 on ``pbmc68k_reduced``) means generated sentences
     translate back into realistic expression.
 
@@ -87,17 +90,27 @@ def rank_fit(
     params = c2s["params"]
     matrix = _ranked_matrix(handler, params)
     cells = _rank_model.sample_cells(handler.n_obs, fit.n_cells, params.get("random_state", 0))
-    x, y, _, _ = _rank_model.rank_points(
+    x, y, _, target_sum = _rank_model.rank_points(
         matrix.X, cells, log1p_base=matrix.log1p_base, source=matrix.source, fix=_CHANGED
     )
     if not len(x):
         msg = f"`{matrix.source}` holds no value above 0 in the {len(cells)} cells the fit was drawn from. {_CHANGED}"
         raise ValueError(msg)
     title = f"Rank → expression fit ({fit.n_cells} cells)"
+    changes = []
     if (len(cells), len(x)) != (fit.n_cells, fit.n_points):
+        changes.append(
+            f"it was made on {fit.n_cells} cells ({fit.n_points:,} points), the data now gives {len(cells)} cells "
+            f"({len(x):,} points)"
+        )
+    # normalised since (log-transforming alone gives the same points): the points move off the line
+    if np.isfinite(fit.target_sum) and not np.isclose(target_sum, fit.target_sum, rtol=_SAME_SCALE):
+        changes.append(
+            f"the fit's cells summed to a median of {fit.target_sum:.4g}, the data's now sum to {target_sum:.4g}"
+        )
+    if changes:
         warnings.warn(
-            f"The points drawn are not the fit's: it was made on {fit.n_cells} cells ({fit.n_points:,} points), the "
-            f"data now gives {len(cells)} cells ({len(x):,} points), so it was subset or changed since "
+            f"The points drawn are not the fit's: {'; '.join(changes)}, so it was subset or changed since "
             "`sc_c2s.pp.to_sentences`. The line and its figures are the fit's; run `sc_c2s.pp.to_sentences` again "
             "to fit the data as it is.",
             UserWarning,
