@@ -107,9 +107,12 @@ def to_sentences(
 
     ``obsm["c2s_genes"]``
         int32 array of cells × positions: indices into ``uns["c2s"]["genes"]``, best first, ``-1`` padding. It has
-        ``min(n_genes, n_vars)`` columns even when no cell expresses that many genes (so data ranked apart with
-        the same `n_genes` joins with :func:`anndata.concat`), or with ``n_genes=None`` as many as the longest
-        sentence.
+        ``min(n_genes, n_vars)`` columns even when no cell expresses that many genes, or with ``n_genes=None`` as
+        many as the longest sentence. Data ranked apart over the same genes with the same `n_genes` thus joins with
+        ``anndata.concat(parts, uns_merge="same")``, which keeps of ``uns["c2s"]`` what all parts share: parts
+        ranked over other genes lose ``"genes"``, and the verbs ask to rank the joined data again. With
+        ``uns_merge="first"`` every cell would read its indices into the first part's genes, which only
+        ``obs["c2s_sentence"]`` shows to be wrong.
     ``obs["c2s_sentence"]``
         The sentences: gene names joined by single spaces (if ``sentences=True``; otherwise the column of an earlier
         run is removed, so that it cannot disagree with ``obsm["c2s_genes"]``).
