@@ -116,6 +116,32 @@ def test_lora_adapter_loads_back_and_reproduces_the_trained_model(trained, bases
     assert "no c2s_metadata.json" not in scanpy_log.getvalue()
 
 
+def test_loading_keeps_the_callers_random_state(trained, bases, cells, tmp_path):
+    """peft draws an adapter's initial weights before it reads the saved ones: loading an adapter, or training from
+    one, moved torch's global generator, so the caller's next draw was not the one its own seed gives."""
+    path, _ = trained
+    loads = [
+        lambda: sc_c2s.models.load(bases["pythia"], device="cpu"),
+        lambda: sc_c2s.models.load(path, device="cpu", merge=False),
+        lambda: sc_c2s.models.load(path, device="cpu", merge=True),
+        lambda: sc_c2s.tl.finetune(
+            cells[:24],
+            label_key="line",
+            base_model=path,
+            output_dir=tmp_path / "full",
+            n_genes=N_GENES,
+            max_steps=1,
+            eval_fraction=0,
+            device="cpu",
+        ),
+    ]
+    for load in loads:
+        torch.manual_seed(0)
+        expected = torch.rand(3, generator=torch.Generator().manual_seed(0))  # the caller's next draw
+        load()
+        torch.testing.assert_close(torch.rand(3), expected)
+
+
 def test_finetune_from_an_adapter(trained, cells, tmp_path, monkeypatch):
     """All weights train from the adapter folded into its base; an adapter on an adapter is refused. Named from the
     home folder (`~/...`), it was not folded in and the trained weights were saved as an adapter of no base."""

@@ -117,8 +117,13 @@ def save_adapter(model, directory: Path) -> None:
         readme.unlink()  # peft's model card names a local path; the C2S metadata says it all
 
 
+@keep_random_state()
 def apply_adapter(model: PreTrainedModel, path: Path, *, merge: bool):
-    """Apply the adapter saved in `path` to its base `model`, for inference; `merge` folds it into the weights."""
+    """Apply the adapter saved in `path` to its base `model`, for inference; `merge` folds it into the weights.
+
+    peft draws the adapter's initial weights from torch's global generator before it reads the saved ones; the
+    caller's random state is given back after.
+    """
     with _peft_warnings():
         adapted = peft().PeftModel.from_pretrained(model, path, is_trainable=False)
     return adapted.merge_and_unload() if merge else adapted
