@@ -580,6 +580,9 @@ def test_request_that_cannot_fit_in_memory_is_refused(ranked, tiny, monkeypatch)
     assert 100_000 < fit < 10**6  # 200 genes of ~8 bytes of word and 8 bytes of matrix each, and a cell's overhead
     assert "own `random_state`" in str(error.value)
     assert "anndata.concat" in str(error.value)
+    # the type of each cell alone takes 4 PB: numpy's MemoryError came first
+    with pytest.raises(ValueError, match=r"`cell_types` asks for 1,000,000,000,000,000 cells"):
+        sc_c2s.tl.generate(ranked, model=tiny, cell_types={"A549": 10**15})
 
 
 def test_memory_is_not_checked_where_unknown(ranked, tiny, monkeypatch):

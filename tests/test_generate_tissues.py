@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import sc_c2s
+from sc_c2s._utils import _validate
 from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
-from sc_c2s.tl import _sampling
+from sc_c2s.tl import _generate_tissues, _sampling
 from sc_c2s.tl._generate_tissues import requested_samples, split_cells
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -174,6 +175,16 @@ def test_sub_word_texts_end_where_the_model_ends_them(_tissues, builders, monkey
     assert (
         "1 of 2 generated cells are empty: the model ended their samples before writing them" in scanpy_log.getvalue()
     )
+
+
+def test_request_that_cannot_fit_in_memory_is_refused_before_its_samples_are_listed(_tissues, tiny, monkeypatch):
+    """`tissues={"lung": 10**12}` listed its 2e11 samples one by one, for hours, before the memory check."""
+    monkeypatch.setattr(_validate, "available_memory", lambda: 2**30)
+    monkeypatch.setattr(_generate_tissues, "requested_samples", lambda *args: pytest.fail("samples listed"))
+    with pytest.raises(
+        ValueError, match=r"^`tissues` asks for 1,000,000,000,000 cells, about [\d.]+ GiB of results, but only 1\.0 GiB"
+    ):
+        sc_c2s.tl.generate(_tissues, model=tiny, tissues={"lung": 10**12})
 
 
 def test_cells_a_model_ended_before_writing_are_announced(_tissues, tiny, monkeypatch, scanpy_log):

@@ -23,7 +23,7 @@ from sc_c2s._docs import (
 from sc_c2s._utils._validate import AnyRandom, check_flag, check_positive_int
 
 from ._from_sentences import COUNTS, log10_record
-from ._sampling import check_sampling, model_temperature, target_of, valid_share, write_cells
+from ._sampling import check_memory, check_sampling, model_temperature, target_of, valid_share, write_cells
 from ._utils import check_task, model_n_genes, model_organism, prompt_cells
 
 if TYPE_CHECKING:
@@ -224,10 +224,10 @@ def generate(
     if organism is not None:
         prompts.check_organism(organism)  # before the model loads, as the other verbs do
     if tissues is not None:
-        from ._generate_tissues import CELLS_PER_SAMPLE, generate_tissues, requested_samples
+        from ._generate_tissues import CELLS_PER_SAMPLE, check_tissues, generate_tissues
 
         # checked before the model loads, which may narrow the default
-        requested_samples(tissues, CELLS_PER_SAMPLE if cells_per_sample is None else cells_per_sample)
+        check_tissues(tissues, CELLS_PER_SAMPLE if cells_per_sample is None else cells_per_sample)
         _dask.check_client(client)  # as for `cell_types`, though samples are generated in this process
         c2s_model = resolve(model, device=device)
         return generate_tissues(
@@ -256,6 +256,8 @@ def generate(
     lengths = _type_lengths(c2s_model, request.types, n_genes)
     n_genes = model_n_genes(c2s_model, n_genes)  # the longest a sentence may be, which real cells are compared to
     target = target_of(adata, mod=mod, model=c2s_model)
+    # before the type of each cell is written out, which alone can exceed the memory
+    check_memory(request.n_cells, n_genes=max(lengths), words=target.words, name="cell_types")
     codes = request.codes()
     X, sentences, counts, written = write_cells(
         c2s_model,

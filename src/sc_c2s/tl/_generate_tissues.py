@@ -33,8 +33,11 @@ _CELL_TOKENS = 8
 CELLS_PER_SAMPLE = 5
 
 
-def requested_samples(tissues: Mapping[str, int], cells_per_sample: int) -> tuple[list[str], np.ndarray]:
-    """Tissue and number of cells of each sample: `cells_per_sample` each, the last of a tissue takes the rest."""
+def check_tissues(tissues: Mapping[str, int], cells_per_sample: int) -> int:
+    """Check the request of `tissues` (tissue → number of cells) and `cells_per_sample`; return the cells asked for.
+
+    Nothing is built per cell or sample, so that a request too large for memory can be refused before it is.
+    """
     if not isinstance(tissues, Mapping):
         msg = f'`tissues` must be a mapping of tissue to number of cells, e.g. {{"lung": 10}}; got {tissues!r}.'
         raise TypeError(msg)
@@ -48,10 +51,16 @@ def requested_samples(tissues: Mapping[str, int], cells_per_sample: int) -> tupl
         )
         raise ValueError(msg)
     check_positive_int(cells_per_sample, "cells_per_sample")
+    return int(sum(tissues.values()))
+
+
+def requested_samples(tissues: Mapping[str, int], cells_per_sample: int) -> tuple[list[str], np.ndarray]:
+    """Tissue and number of cells of each sample: `cells_per_sample` each, the last of a tissue takes the rest."""
+    check_tissues(tissues, cells_per_sample)
     sample_tissues, sizes = [], []
-    for tissue, n in zip(names, tissues.values(), strict=True):
+    for tissue, n in tissues.items():
         for start in range(0, int(n), cells_per_sample):
-            sample_tissues.append(tissue)
+            sample_tissues.append(str(tissue))
             sizes.append(min(cells_per_sample, int(n) - start))
     return sample_tissues, np.asarray(sizes, dtype=np.int64)
 
@@ -92,15 +101,16 @@ def generate_tissues(
     start: object,
 ) -> AnnData:
     """Generate samples of cells of each tissue (see :func:`sc_c2s.tl.generate`)."""
-    sample_tissues, sizes = requested_samples(tissues, cells_per_sample)
+    n_cells = check_tissues(tissues, cells_per_sample)
     if c2s.metadata.tissues is not None:
-        unknown = sorted(set(sample_tissues) - set(c2s.metadata.tissues))
+        unknown = sorted({str(t) for t, n in tissues.items() if n} - set(c2s.metadata.tissues))
         if unknown:
             msg = f"The model does not know the tissues {unknown}. It was trained on: {c2s.metadata.tissues}."
             raise ValueError(msg)
     check_task(c2s, "tissue_generation")
     target = _sampling.target_of(adata, mod=mod, model=c2s)
-    _sampling.check_memory(int(sizes.sum()), n_genes=n_genes, words=target.words, name="tissues")
+    _sampling.check_memory(n_cells, n_genes=n_genes, words=target.words, name="tissues")
+    sample_tissues, sizes = requested_samples(tissues, cells_per_sample)
     budget = _sampling.token_budget(c2s, target.words, n_genes)
     per_cell = budget["max_new_tokens"] + _CELL_TOKENS
     max_new_tokens = int(sizes.max()) * per_cell

@@ -16,7 +16,7 @@ from sc_c2s.models._metadata import PERTURBATION
 
 from ._from_sentences import COUNTS, log10_record
 from ._pairs import conditions
-from ._sampling import check_sampling, target_of, valid_share, write_cells
+from ._sampling import check_memory, check_sampling, target_of, valid_share, write_cells
 from ._utils import check_task, in_stable_order, model_n_genes, warn_empty_sentences
 
 if TYPE_CHECKING:
@@ -193,6 +193,7 @@ def predict_perturbation(
     lengths_of = "n_genes" if n_genes is not None else "control"
     n_genes = model_n_genes(c2s_model, n_genes)
     target = target_of(adata, mod=mod, model=c2s_model)
+    check_memory(len(cells) * len(perturbations), n_genes=n_genes, words=target.words, name="n_cells")
     words = prompts.sentence_words(adata, n_genes=n_genes, mod=mod)
     warn_empty_sentences(
         sum(not words[c] for c in cells), cells="control cells", results="the cells predicted from them"
@@ -217,7 +218,6 @@ def predict_perturbation(
         exact_length=exact_length,
         random_state=random_state,
         batch_size=batch_size,
-        request_name="n_cells",
     )
     source = np.tile(handler.obs_names[cells].to_numpy(), len(perturbations))
     names = np.repeat(perturbations, len(cells))

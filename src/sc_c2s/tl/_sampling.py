@@ -116,7 +116,6 @@ def write_cells(
     exact_length: bool,
     random_state: int,
     batch_size: int | None,
-    request_name: str = "cell_types",
     lengths: Sequence[int] | None = None,
     distribute: bool = False,
     client: Client | None = None,
@@ -125,13 +124,12 @@ def write_cells(
     """Sample a sentence for each cell from its prompt and read it into expression over `target`.
 
     Cell ``i`` is prompted with ``prompt_texts[codes[i]]``. Returns the expression, the sentences, the counts of
-    :data:`COUNTS` and the decoding parameters chosen (batch size, token budget, whether genes were unique). A
-    request whose result would not fit in memory is refused first, naming the argument `request_name`. With
-    `distribute`, chunks of cells are generated over Dask (on `client` or the active one; workers load the model
-    on `device` or their own), with the same result. `lengths` are the genes asked for by each prompt, at most
-    `n_genes` (``None``: `n_genes` for every prompt), which `exact_length` holds the sentences to.
+    :data:`COUNTS` and the decoding parameters chosen (batch size, token budget, whether genes were unique); the
+    caller checks first that the result fits in memory (:func:`check_memory`). With `distribute`, chunks of cells
+    are generated over Dask (on `client` or the active one; workers load the model on `device` or their own), with
+    the same result. `lengths` are the genes asked for by each prompt, at most `n_genes` (``None``: `n_genes` for
+    every prompt), which `exact_length` holds the sentences to.
     """
-    check_memory(len(codes), n_genes=n_genes, words=target.words, name=request_name)
     budget = token_budget(c2s_model, target.words, n_genes, unique_genes=unique_genes)
     prompt_ids = _runtime.tokenize(c2s_model.tokenizer, list(prompt_texts))
     if batch_size is None and not _runtime.sizes_to_memory(c2s_model.device):
