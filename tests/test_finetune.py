@@ -381,6 +381,21 @@ def test_a_generator_trains_with_any_seed_finetune_takes(_cellbench, tmp_path):
     assert list(training["temperature_mmd"]) == ["1.0", "0.7", "0.5"]
 
 
+def test_a_generator_of_one_cell_type_trains(_cellbench, tmp_path):
+    """Generation alone was refused with a single label ("a classifier needs at least two"), though it trains no
+    classifier: a generator of one population could not be trained."""
+    adata = _cellbench[_cellbench.obs["cell_type"] == "A549"][:40].copy()
+    sc_c2s.pp.to_sentences(adata, gene_symbols="gene_symbol", n_genes=8)
+    args = {"label_key": "cell_type", "base_model": "scratch", "max_steps": 1}
+    with pytest.raises(ValueError, match=r"single label \('A549'\).*tasks=\[\"cell_type_generation\"\]`\.$"):
+        sc_c2s.tl.finetune(adata, output_dir=tmp_path / "both", **args)
+    path = sc_c2s.tl.finetune(adata, output_dir=tmp_path / "m", tasks=["cell_type_generation"], **args)
+    model = load(path)
+    assert model.metadata.labels == ["A549"]
+    generated = sc_c2s.tl.generate(adata, model=model, cell_types={"A549": 3})
+    assert generated.obs["n_valid_genes"].tolist() == [8, 8, 8]
+
+
 def test_training_on_the_cpu_seeds_no_other_device(sentences, tmp_path, monkeypatch):
     """`torch.manual_seed` queued our seed for CUDA, replacing the caller's, and seeded MPS; neither was given back."""
     seeded = []

@@ -150,7 +150,8 @@ def finetune(
     label_key
         Column of ``obs`` with the cell types to learn; needed by the cell-type tasks only. The labels are read
         as text (``1`` and ``True`` become ``"1"`` and ``"True"``, as :func:`~sc_c2s.tl.annotate` writes them
-        back), one line each, without a space at either end.
+        back), one line each, without a space at either end. Prediction needs two labels or more; generation
+        alone learns from one (a generator of a single population).
     base_model
         ``"scratch"``, a name from :func:`sc_c2s.models.available`, or a checkpoint directory. Training a
         checkpoint this function wrote goes on with the labels of this data, which its metadata then lists (the
@@ -748,13 +749,16 @@ def scores(truth: Sequence[str], predicted: Sequence[str]) -> dict[str, float]:
 
 
 def _labels(handler: DataHandler, label_key: str | None, *, tasks: Sequence[str]) -> pd.Series:
-    """Return the labels as strings, checked: present, complete, at least two, one line each."""
+    """Return the labels as strings, checked: present, complete, one line each, and at least two to predict."""
     if label_key is None:
         msg = f"The tasks {list(tasks)} learn cell types: pass `label_key=` with the column of `obs` that holds them."
         raise ValueError(msg)
     labels = _samples.text_column(handler.obs, label_key, arg="label_key", what="label")
-    if labels.nunique() < 2:
-        msg = f"obs[{label_key!r}] has a single label ({labels.iloc[0]!r}); a classifier needs at least two."
+    if "cell_type_prediction" in tasks and labels.nunique() < 2:
+        msg = (
+            f"obs[{label_key!r}] has a single label ({labels.iloc[0]!r}); a classifier needs at least two. To "
+            'generate cells of this type, train generation alone: `tasks=["cell_type_generation"]`.'
+        )
         raise ValueError(msg)
     return labels
 
