@@ -178,7 +178,7 @@ def finetune(
     groupby
         Column of ``obs`` with each cell's sample or donor (every cell needs one): multi-cell samples never mix
         groups (nor tissues).
-        ``None``: groups are the tissues.
+        ``None``: groups are the tissues; the ``"summary"`` task needs a column, whose groups its texts describe.
     summaries
         For ``"summary"``: a text per group of `groupby` (a mapping from group to text, or a column of ``obs``
         holding each cell's group's text); groups without one (or with ``None`` or NaN) give no summary sample.
