@@ -13,7 +13,7 @@ from sc_c2s._utils import _validate
 from sc_c2s.models import C2SMetadata, C2SModel
 from sc_c2s.models._scratch import build_model, build_tokenizer
 from sc_c2s.tl import _generate_tissues, _sampling
-from sc_c2s.tl._generate_tissues import requested_samples, split_cells
+from sc_c2s.tl._generate_tissues import check_tissues, requested_samples, split_cells
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 DATA = Path(__file__).parent / "data"
@@ -37,15 +37,17 @@ def tiny(_tissues) -> C2SModel:
 
 
 def test_requested_samples_split_each_tissue():
-    tissues, sizes = requested_samples({"lung": 7, "kidney": 5, "testis": 0}, 5)
+    request = {"lung": 7, "kidney": 5, "testis": 0}
+    assert check_tissues(request, 5) == 12
+    tissues, sizes = requested_samples(request, 5)
     assert (tissues, sizes.tolist()) == (["lung", "lung", "kidney"], [5, 2, 5])
     with pytest.raises(ValueError, match="`tissues` must map one-line tissue names"):
-        requested_samples({"lung": -1}, 5)
+        check_tissues({"lung": -1}, 5)
     with pytest.raises(TypeError, match="`tissues` must be a mapping"):
-        requested_samples(["lung"], 5)
+        check_tissues(["lung"], 5)
     for missing in (np.nan, None):  # became the tissue "nan" (or "None") of every prompt
         with pytest.raises(ValueError, match="`tissues` must map one-line tissue names"):
-            requested_samples({"lung": 1, missing: 2}, 5)
+            check_tissues({"lung": 1, missing: 2}, 5)
 
 
 def test_split_cells_reads_blocks_in_order():

@@ -55,8 +55,10 @@ def check_tissues(tissues: Mapping[str, int], cells_per_sample: int) -> int:
 
 
 def requested_samples(tissues: Mapping[str, int], cells_per_sample: int) -> tuple[list[str], np.ndarray]:
-    """Tissue and number of cells of each sample: `cells_per_sample` each, the last of a tissue takes the rest."""
-    check_tissues(tissues, cells_per_sample)
+    """Tissue and number of cells of each sample: `cells_per_sample` each, the last of a tissue takes the rest.
+
+    The request is one that :func:`check_tissues` accepted.
+    """
     sample_tissues, sizes = [], []
     for tissue, n in tissues.items():
         for start in range(0, int(n), cells_per_sample):
