@@ -117,10 +117,10 @@ def to_sentences(
         The sentences: gene names joined by single spaces (if ``sentences=True``; otherwise the column of an earlier
         run is removed, so that it cannot disagree with ``obsm["c2s_genes"]``).
     ``uns["c2s"]``
-        ``"params"`` (the arguments as applied, leaving out those that are ``None``: ``use_raw`` and ``sentences``
-        as decided, the modality of a MuData as ``mod``, the seed used), the ``"genes"`` the indices point into, and
-        ``"rank_fit"``: slope, intercept, R², Pearson r, Spearman ρ and the sample size of the fit (if
-        ``rank_fit``; without it, there is no ``"rank_fit"`` entry).
+        ``"params"`` (the arguments that make the sentences, as applied, leaving out those that are ``None``:
+        ``use_raw`` and ``sentences`` as decided, the modality of a MuData as ``mod``, the seed used), the
+        ``"genes"`` the indices point into, and ``"rank_fit"``: slope, intercept, R², Pearson r, Spearman ρ and the
+        sample size of the fit (if `rank_fit`; without it, there is no ``"rank_fit"`` entry).
 
     Examples
     --------
