@@ -504,6 +504,25 @@ def test_a_resaved_model_is_the_one_used(sentences, tmp_path):
 
 
 @pytest.mark.usefixtures("fresh_worker")
+def test_a_directory_given_by_its_path_is_read_as_it_is_now(sentences, tmp_path):
+    """Tasks kept the model loaded from a directory given by its path, also after new weights were saved there (say,
+    by `finetune` into the same `output_dir`): the old weights' results, without a word."""
+    directory = sc_c2s.models.load("demo").save(tmp_path / "model")
+    data = sentences[:20]
+    sc_c2s.tl.embed(lazy_genes(data, 10), model=directory, n_genes=N_GENES)
+    changed = sc_c2s.models.load(directory)
+    with torch.no_grad():
+        for weights in changed.model.parameters():
+            weights.mul_(0.5)
+    changed.save(directory)
+    in_memory, chunked = data.copy(), lazy_genes(data, 10)
+    sc_c2s.tl.embed(in_memory, model=directory, n_genes=N_GENES)
+    sc_c2s.tl.embed(chunked, model=directory, n_genes=N_GENES)
+    np.testing.assert_allclose(chunked.obsm["X_c2s"], in_memory.obsm["X_c2s"], **FLOAT32_OUTPUTS)
+    assert sorted(_dask.LOADS.values()) == [1, 1]  # once before the weights changed, once after
+
+
+@pytest.mark.usefixtures("fresh_worker")
 def test_a_worker_holds_one_model_and_its_threads_load_it_once(demo, monkeypatch):
     """Threads of a worker each loaded the model; every checkpoint and dtype stayed loaded for good."""
     calls = []

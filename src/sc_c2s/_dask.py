@@ -21,7 +21,7 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -156,6 +156,9 @@ class ModelReference:
     files: tuple[tuple[str, str], ...] | None = None
     """sha256 of each file of a loaded model (:attr:`sc_c2s.models.C2SModel.sha256`), which the worker's copy
     must match; ``None`` for a name or path given as such, which takes the files as they are."""
+    stamp: tuple[tuple[str, int, int, int], ...] | None = None
+    """Name, size, inode and modification time (ns) of each file of a directory given by its path, as the verb
+    was called: a model a worker loaded from the directory before its files were rewritten does not serve it."""
 
 
 #: The model this process loaded last for Dask tasks, by the reference it was loaded for: one at most, so that a
@@ -183,7 +186,8 @@ def reference(model: C2SModel | str | os.PathLike[str], *, device: str | torch.d
 
     device = None if device is None else str(device)
     if not isinstance(model, C2SModel):
-        return ModelReference(*_source(str(model)), device, None)
+        name_or_path, revision = _source(str(model))
+        return ModelReference(name_or_path, revision, device, None, stamp=_stamp(name_or_path))
     dtype = str(model.dtype).removeprefix("torch.")
     if model.revision is not None and model.metadata.name:  # the revision pins the files
         ref = ModelReference(model.metadata.name, model.revision, device, dtype)
@@ -212,13 +216,23 @@ def _source(name_or_path: str) -> tuple[str, str | None]:
     return (str(path.absolute()), None) if path.is_dir() else (name_or_path, None)
 
 
+def _stamp(name_or_path: str) -> tuple[tuple[str, int, int, int], ...] | None:
+    """:attr:`ModelReference.stamp` of the files of `name_or_path`, if it is an absolute directory path."""
+    path = Path(name_or_path)
+    if not (path.is_absolute() and path.is_dir()):
+        return None
+    stats = ((p.name, p.stat()) for p in sorted(path.iterdir()) if p.is_file())
+    return tuple((name, st.st_size, st.st_ino, st.st_mtime_ns) for name, st in stats)
+
+
 def worker_model(ref: ModelReference) -> C2SModel:
     """Return the model of `ref`, loaded once per process (each Dask worker is one) on the worker's own device.
 
     A model registered here by :func:`reference` is used as it is. Otherwise the process keeps the model it
     loaded last, and uses it while `ref` asks for the same checkpoint, device and dtype (a name or path asks for
-    the dtype it was loaded in by default, a loaded model for its own) and, for a loaded model, the same files;
-    else it drops it and loads `ref`. Threads of a process load one at a time.
+    the dtype it was loaded in by default, a loaded model for its own) and, for a loaded model, the same files (for
+    a path, files not rewritten since it loaded them); else it drops it and loads `ref`. Threads of a process load
+    one at a time.
     """
     given = _GIVEN.get(ref)
     if given is not None:
@@ -235,7 +249,7 @@ def worker_model(ref: ModelReference) -> C2SModel:
 
 def _serves(held: ModelReference, model: C2SModel, ref: ModelReference) -> bool:
     """Whether `model`, loaded for `held`, is what `ref` asks for."""
-    if (held.name_or_path, held.revision, held.device) != (ref.name_or_path, ref.revision, ref.device):
+    if replace(held, dtype=None, files=None) != replace(ref, dtype=None, files=None):  # checkpoint, device, stamp
         return False
     dtype = held.dtype is None if ref.dtype is None else str(model.dtype).removeprefix("torch.") == ref.dtype
     return dtype and (ref.files is None or dict(ref.files) == model.sha256)
