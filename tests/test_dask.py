@@ -349,6 +349,16 @@ def test_verbs_on_dask_sentences_without_a_cluster(sentences, expected, demo):
     assert dict(_dask.LOADS) == loads  # the loaded model was used, not loaded again
 
 
+def test_a_loaded_model_goes_to_the_device_asked_for(sentences, demo, monkeypatch):
+    """Tasks in this process ran a loaded model where it was, whatever `device=`: in memory the verb moves it there,
+    or refuses a device that does not exist."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for data in (sentences[:20].copy(), lazy_genes(sentences[:20], 10)):
+        with pytest.raises(ValueError, match=r"^`device='cuda:3'` but no CUDA device is available"):
+            sc_c2s.tl.embed(data, model=demo, n_genes=N_GENES, device="cuda:3")
+        assert "X_c2s" not in data.obsm
+
+
 def test_model_reference():
     assert _dask.reference("demo", device=None) == _dask.ModelReference("demo", None, None, None)
     assert _dask.reference("/some/dir", device="cuda:1").device == "cuda:1"

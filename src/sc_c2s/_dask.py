@@ -179,15 +179,16 @@ def reference(model: C2SModel | str | os.PathLike[str], *, device: str | torch.d
     directory it was loaded from, with its dtype (not its quantisation or attention kernel: workers load with the
     defaults of :func:`sc_c2s.models.load`) and the sha256 of its files, which a worker checks the files it loads
     against (a registry model's revision pins them). Workers load from files, so changes made to the weights in
-    memory and not saved reach no worker. A loaded model is also registered for this process (the latest for its
-    reference), so tasks that run here use it.
+    memory and not saved reach no worker. A loaded model is also moved to `device`, if given, and registered for
+    this process (the latest for its reference), so tasks that run here use it there.
     """
-    from .models import C2SModel
+    from .models import C2SModel, resolve
 
     device = None if device is None else str(device)
     if not isinstance(model, C2SModel):
         name_or_path, revision = _source(str(model))
         return ModelReference(name_or_path, revision, device, None, stamp=_stamp(name_or_path))
+    resolve(model, device=device)  # moved there (or the device refused), as the verb does in memory
     dtype = str(model.dtype).removeprefix("torch.")
     if model.revision is not None and model.metadata.name:  # the revision pins the files
         ref = ModelReference(model.metadata.name, model.revision, device, dtype)
