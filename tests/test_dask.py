@@ -18,6 +18,7 @@ import warnings
 import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -488,6 +489,15 @@ def lazy_genes(adata: ad.AnnData, chunks) -> ad.AnnData:
     return out
 
 
+def halve_the_weights(directory: Path) -> None:
+    """Save the model of `directory` into it again with its weights halved, as new training there would."""
+    changed = sc_c2s.models.load(directory)
+    with torch.no_grad():
+        for weights in changed.model.parameters():
+            weights.mul_(0.5)
+    changed.save(directory)
+
+
 @pytest.mark.usefixtures("fresh_worker")
 def test_a_resaved_model_is_the_one_used(sentences, tmp_path):
     """Tasks used the first model loaded from a directory, also after new weights were saved there and loaded."""
@@ -495,11 +505,7 @@ def test_a_resaved_model_is_the_one_used(sentences, tmp_path):
     first = sc_c2s.models.load(directory)
     data = sentences[:20]
     sc_c2s.tl.embed(lazy_genes(data, 10), model=first, n_genes=N_GENES)
-    changed = sc_c2s.models.load(directory)
-    with torch.no_grad():
-        for weights in changed.model.parameters():
-            weights.mul_(0.5)
-    changed.save(directory)
+    halve_the_weights(directory)
     latest = sc_c2s.models.load(directory)
     in_memory, chunked = data.copy(), lazy_genes(data, 10)
     sc_c2s.tl.embed(in_memory, model=latest, n_genes=N_GENES)
@@ -520,11 +526,7 @@ def test_a_directory_given_by_its_path_is_read_as_it_is_now(sentences, tmp_path)
     directory = sc_c2s.models.load("demo").save(tmp_path / "model")
     data = sentences[:20]
     sc_c2s.tl.embed(lazy_genes(data, 10), model=directory, n_genes=N_GENES)
-    changed = sc_c2s.models.load(directory)
-    with torch.no_grad():
-        for weights in changed.model.parameters():
-            weights.mul_(0.5)
-    changed.save(directory)
+    halve_the_weights(directory)
     in_memory, chunked = data.copy(), lazy_genes(data, 10)
     sc_c2s.tl.embed(in_memory, model=directory, n_genes=N_GENES)
     sc_c2s.tl.embed(chunked, model=directory, n_genes=N_GENES)
